@@ -1,0 +1,159 @@
+package store
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestPutGetDelete(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get("a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get(missing) = %v, want ErrNotFound", err)
+	}
+	for _, kv := range []struct{ k, v string }{{"a", "1"}, {"b", "2"}, {"a", "3"}} {
+		if err := s.Put(kv.k, []byte(kv.v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := s.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]byte{"a": []byte("3"), "b": []byte("2")}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("Load (-want +got):\n%s", d)
+	}
+	if err := s.Delete("a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete("a"); err != nil {
+		t.Fatalf("second Delete: %v", err)
+	}
+	keys, err := s.Keys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff([]string{"b"}, keys); d != "" {
+		t.Errorf("Keys (-want +got):\n%s", d)
+	}
+	ents, _ := os.ReadDir(s.Dir())
+	if len(ents) != 1 {
+		t.Errorf("directory holds %d entries, want 1 (no temporary files left)", len(ents))
+	}
+}
+
+func TestBadKeys(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"", "../x", "a/b", ".hidden", ".tmp-x", "-x"} {
+		if err := s.Put(k, nil); !errors.Is(err, ErrBadKey) {
+			t.Errorf("Put(%q) = %v, want ErrBadKey", k, err)
+		}
+	}
+}
+
+func TestOpenRemovesLeftovers(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, ".tmp-a-123"), []byte("half"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "a.json"), []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(map[string][]byte{"a": []byte("old")}, got); d != "" {
+		t.Errorf("Load (-want +got):\n%s", d)
+	}
+	if _, err := os.Stat(filepath.Join(dir, ".tmp-a-123")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("leftover temporary file not removed: %v", err)
+	}
+}
+
+// value returns the n-th version of the payload the writer child writes: large enough that a
+// torn write would be visible, and self-describing so the reader can check it whole.
+func value(n int) []byte {
+	line := []byte("version " + strconv.Itoa(n) + "\n")
+	return bytes.Repeat(line, 20000)
+}
+
+func checkValue(b []byte) bool {
+	if len(b) == 0 {
+		return false
+	}
+	i := bytes.IndexByte(b, '\n')
+	if i < 0 {
+		return false
+	}
+	n, err := strconv.Atoi(string(bytes.TrimPrefix(b[:i], []byte("version "))))
+	return err == nil && bytes.Equal(b, value(n))
+}
+
+// TestHelperWriter is the child of TestKill9: it rewrites one key forever.
+func TestHelperWriter(t *testing.T) {
+	dir := os.Getenv("KDP_STORE_WRITER_DIR")
+	if dir == "" {
+		t.Skip("helper process only")
+	}
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for n := 1; ; n++ {
+		if err := s.Put("state", value(n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestKill9LeavesOldOrNew(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put("state", value(0)); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestHelperWriter$")
+		cmd.Env = append(os.Environ(), "KDP_STORE_WRITER_DIR="+dir)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Duration(20+i*13) * time.Millisecond)
+		cmd.Process.Signal(syscall.SIGKILL)
+		cmd.Wait()
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := s.Get("state")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !checkValue(b) {
+			t.Fatalf("round %d: state is torn (%d bytes)", i, len(b))
+		}
+	}
+}
