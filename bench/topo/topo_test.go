@@ -1,0 +1,124 @@
+package topo_test
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/kata-dp/kata-dp/bench/topo"
+)
+
+func TestNetNSLifecycle(t *testing.T) {
+	topo.RequireRoot(t, "creates network namespaces")
+	n, err := topo.NewNetNS("kdptt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	if _, err := os.Stat(n.Path()); err != nil {
+		t.Fatalf("netns path: %v", err)
+	}
+	out, err := n.Exec("ip", "-o", "link", "show", "lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "UP"; !strings.Contains(out, want) {
+		t.Errorf("lo not up in new netns: %s", out)
+	}
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(n.Path()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("netns path after Close: %v, want not exist", err)
+	}
+	if err := n.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if _, err := n.Exec("true"); !errors.Is(err, topo.ErrClosed) {
+		t.Errorf("Exec after Close: %v, want ErrClosed", err)
+	}
+}
+
+func TestVethPingAndTCP(t *testing.T) {
+	a := topo.MustNetNS(t, "kdptt-a")
+	b := topo.MustNetNS(t, "kdptt-b")
+	if err := topo.VethPair(a, "va", b, "vb"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.AddAddr("va", "10.198.0.1/24"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.AddAddr("vb", "10.198.0.2/24"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Ping("10.198.0.2", 1, 3*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.CanDial("10.198.0.2:1", time.Second); err == nil {
+		t.Error("CanDial to a closed port succeeded")
+	}
+	if err := topo.TCPTransfer(a, b, "10.198.0.2:5001", 1<<20, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := topo.TCPTransfer(b, a, "10.198.0.1:5001", 1<<20, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSandbox(t *testing.T) {
+	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptt-", TapQueues: 2})
+	type view struct {
+		Type string
+		Up   bool
+		MTU  int
+	}
+	got := map[string]view{
+		"hostveth": {s.HostVeth.Type, s.HostVeth.Up, s.HostVeth.MTU},
+		"veth":     {s.Veth.Type, s.Veth.Up, s.Veth.MTU},
+		"tap":      {s.Tap.Type, s.Tap.Up, s.Tap.MTU},
+	}
+	want := map[string]view{
+		"hostveth": {"veth", true, 1500},
+		"veth":     {"veth", true, 1500},
+		"tap":      {"tuntap", true, 1500},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("links (-want +got):\n%s", diff)
+	}
+	if s.GuestMAC.String() != s.Veth.MAC.String() {
+		t.Errorf("guest MAC %s, want the veth's %s", s.GuestMAC, s.Veth.MAC)
+	}
+	fds, err := s.OpenTap()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fds {
+		f.Close()
+	}
+	if len(fds) != 2 {
+		t.Errorf("opened %d queues, want 2", len(fds))
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{s.Host.Path(), s.NS.Path()} {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s after Close: %v, want not exist", p, err)
+		}
+	}
+}
+
+func TestSandboxConfigInvalid(t *testing.T) {
+	for name, cfg := range map[string]topo.SandboxConfig{
+		"long tap name": {Tap: "a-very-long-tap-name"},
+		"same names":    {Veth: "x", Tap: "x"},
+		"queues":        {TapQueues: 1000},
+	} {
+		if _, err := topo.NewSandbox(cfg); err == nil {
+			t.Errorf("%s: NewSandbox succeeded", name)
+		}
+	}
+}
