@@ -1,0 +1,418 @@
+package qmp
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"strconv"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+var (
+	// ErrClosed is returned by calls on a Client or Subscription that was closed.
+	ErrClosed = errors.New("qmp client closed")
+	// ErrDisconnected is returned when the monitor connection was lost while a call was in
+	// flight or while a subscription was waiting: the command may or may not have run, and
+	// events may have been missed.
+	ErrDisconnected = errors.New("qmp monitor connection lost")
+	// ErrUnavailable is returned when the monitor cannot be reached (QEMU gone, socket
+	// missing) or does not speak QMP.
+	ErrUnavailable = errors.New("qmp monitor unavailable")
+)
+
+// Error is a QMP error reply.
+type Error struct {
+	// Class is QEMU's error class, for example "GenericError" or "DeviceNotFound".
+	Class string `json:"class"`
+	// Desc is QEMU's human-readable description.
+	Desc string `json:"desc"`
+}
+
+func (e *Error) Error() string { return e.Class + ": " + e.Desc }
+
+// Event is an asynchronous QMP event.
+type Event struct {
+	Name string          `json:"event"`
+	Data json.RawMessage `json:"data,omitempty"`
+	// Time is QEMU's timestamp of the event.
+	Time time.Time `json:"-"`
+}
+
+// DefaultDialTimeout bounds connecting and negotiating capabilities when the caller's context
+// has no earlier deadline.
+const DefaultDialTimeout = 5 * time.Second
+
+// maxQueued bounds the events queued per subscription; beyond it the oldest are dropped.
+const maxQueued = 1024
+
+// Client is a QMP client. The zero value is not usable; use New or Dial.
+type Client struct {
+	path string
+	log  *slog.Logger
+
+	mu     sync.Mutex // serialises dialing; guards conn, closed, nextID
+	conn   *conn
+	closed bool
+	nextID uint64
+
+	subMu sync.Mutex
+	subs  map[*Subscription]struct{}
+}
+
+// New returns a client for the monitor socket at path. It does not connect: the first call
+// does.
+func New(path string) *Client {
+	return &Client{
+		path: path,
+		log:  slog.Default().With("qmp", path),
+		subs: make(map[*Subscription]struct{}),
+	}
+}
+
+// Dial returns a client for the monitor socket at path, connected and past capabilities
+// negotiation.
+func Dial(ctx context.Context, path string) (*Client, error) {
+	c := New(path)
+	c.mu.Lock()
+	_, err := c.connLocked(ctx)
+	c.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Path returns the monitor socket path.
+func (c *Client) Path() string { return c.path }
+
+// Close closes the connection. Calls in flight and later calls fail with ErrClosed, and
+// subscriptions end.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	cn := c.conn
+	c.conn = nil
+	c.mu.Unlock()
+	c.subMu.Lock()
+	for s := range c.subs {
+		s.end(ErrClosed)
+	}
+	c.subs = map[*Subscription]struct{}{}
+	c.subMu.Unlock()
+	if cn != nil {
+		cn.fail(ErrClosed)
+	}
+	return nil
+}
+
+// Execute runs the QMP command cmd with the given arguments (nil for none; anything that
+// marshals to a JSON object) and returns the "return" value. A QMP error reply is a *Error.
+// When ctx ends first, Execute returns ctx's error; the command may still run in QEMU.
+func (c *Client) Execute(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
+	return c.execute(ctx, cmd, args, nil)
+}
+
+// GetFD passes f to QEMU under name (the getfd command with the descriptor attached via
+// SCM_RIGHTS). QEMU holds its own copy; the caller still owns f. The blocking mode of f is
+// left as it is.
+func (c *Client) GetFD(ctx context.Context, name string, f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("qmp getfd %s: %w", name, err)
+	}
+	var fd int
+	if err := rc.Control(func(u uintptr) { fd = int(u) }); err != nil {
+		return fmt.Errorf("qmp getfd %s: %w", name, err)
+	}
+	_, err = c.execute(ctx, "getfd", map[string]string{"fdname": name}, unix.UnixRights(fd))
+	// Keep f (and so its descriptor) alive until the message is written.
+	runtime.KeepAlive(f)
+	return err
+}
+
+func (c *Client) execute(ctx context.Context, cmd string, args any, oob []byte) (json.RawMessage, error) {
+	cn, id, err := c.connAndID(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("qmp %s: %w", cmd, err)
+	}
+	req := struct {
+		Execute   string `json:"execute"`
+		Arguments any    `json:"arguments,omitempty"`
+		ID        string `json:"id"`
+	}{cmd, args, id}
+	b, err := json.Marshal(req)
+	if err != nil {
+		return nil, fmt.Errorf("qmp %s: encode arguments: %w", cmd, err)
+	}
+	ch := make(chan reply, 1)
+	if err := cn.send(ctx, id, append(b, '\n'), oob, ch); err != nil {
+		c.drop(cn, err)
+		return nil, fmt.Errorf("qmp %s: %w", cmd, err)
+	}
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			return nil, fmt.Errorf("qmp %s: %w", cmd, r.err)
+		}
+		return r.ret, nil
+	case <-ctx.Done():
+		cn.forget(id)
+		return nil, fmt.Errorf("qmp %s: %w", cmd, ctx.Err())
+	}
+}
+
+func (c *Client) connAndID(ctx context.Context) (*conn, string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cn, err := c.connLocked(ctx)
+	if err != nil {
+		return nil, "", err
+	}
+	c.nextID++
+	return cn, "kdp-" + strconv.FormatUint(c.nextID, 10), nil
+}
+
+// connLocked returns the live connection, dialing when there is none. c.mu is held.
+func (c *Client) connLocked(ctx context.Context) (*conn, error) {
+	if c.closed {
+		return nil, ErrClosed
+	}
+	if c.conn != nil && !c.conn.isDead() {
+		return c.conn, nil
+	}
+	c.conn = nil
+	cn, err := c.dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c.conn = cn
+	go c.readLoop(cn)
+	return cn, nil
+}
+
+func (c *Client) dial(ctx context.Context) (*conn, error) {
+	dctx, cancel := context.WithTimeout(ctx, DefaultDialTimeout)
+	defer cancel()
+	var d net.Dialer
+	nc, err := d.DialContext(dctx, "unix", c.path)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w: %w", c.path, ErrUnavailable, err)
+	}
+	uc := nc.(*net.UnixConn)
+	if dl, ok := dctx.Deadline(); ok {
+		uc.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(dctx, func() { uc.SetDeadline(time.Unix(1, 0)) })
+	cn := &conn{uc: uc, dec: json.NewDecoder(bufio.NewReader(uc)), pending: map[string]chan reply{}, dead: make(chan struct{})}
+	err = cn.handshake()
+	stop()
+	if err != nil {
+		uc.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("negotiate with %s: %w", c.path, ctx.Err())
+		}
+		if dl, ok := ctx.Deadline(); ok && errors.Is(err, os.ErrDeadlineExceeded) && !time.Now().Before(dl) {
+			return nil, fmt.Errorf("negotiate with %s: %w", c.path, context.DeadlineExceeded)
+		}
+		return nil, fmt.Errorf("negotiate with %s: %w: %w", c.path, ErrUnavailable, err)
+	}
+	uc.SetDeadline(time.Time{})
+	c.log.Debug("qmp connected")
+	return cn, nil
+}
+
+// drop forgets a broken connection so that the next call redials.
+func (c *Client) drop(cn *conn, err error) {
+	cn.fail(err)
+	c.mu.Lock()
+	if c.conn == cn {
+		c.conn = nil
+	}
+	c.mu.Unlock()
+	c.subMu.Lock()
+	for s := range c.subs {
+		s.disconnected()
+	}
+	c.subMu.Unlock()
+}
+
+func (c *Client) readLoop(cn *conn) {
+	for {
+		var m message
+		if err := cn.dec.Decode(&m); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				err = ErrDisconnected
+			} else {
+				err = fmt.Errorf("%w: %w", ErrDisconnected, err)
+			}
+			c.log.Debug("qmp connection ended", "err", err)
+			c.drop(cn, err)
+			return
+		}
+		switch {
+		case m.Event != "":
+			ev := Event{Name: m.Event, Data: m.Data, Time: time.Unix(m.Timestamp.Seconds, m.Timestamp.Microseconds*1000)}
+			c.subMu.Lock()
+			for s := range c.subs {
+				s.deliver(ev)
+			}
+			c.subMu.Unlock()
+		case m.Return != nil || m.Error != nil:
+			var id string
+			if err := json.Unmarshal(m.ID, &id); err != nil || id == "" {
+				c.log.Warn("qmp reply without our id", "id", string(m.ID), "error", m.Error)
+				continue
+			}
+			r := reply{ret: m.Return}
+			if m.Error != nil {
+				r.err = m.Error
+			}
+			cn.resolve(id, r)
+		}
+	}
+}
+
+// message is any message from the monitor.
+type message struct {
+	QMP       json.RawMessage `json:"QMP"`
+	Return    json.RawMessage `json:"return"`
+	Error     *Error          `json:"error"`
+	ID        json.RawMessage `json:"id"`
+	Event     string          `json:"event"`
+	Data      json.RawMessage `json:"data"`
+	Timestamp struct {
+		Seconds      int64 `json:"seconds"`
+		Microseconds int64 `json:"microseconds"`
+	} `json:"timestamp"`
+}
+
+type reply struct {
+	ret json.RawMessage
+	err error
+}
+
+// conn is one monitor connection.
+type conn struct {
+	uc  *net.UnixConn
+	dec *json.Decoder
+
+	wmu sync.Mutex // serialises writes
+
+	mu      sync.Mutex
+	pending map[string]chan reply
+	err     error
+	dead    chan struct{}
+}
+
+func (cn *conn) handshake() error {
+	var m message
+	if err := cn.dec.Decode(&m); err != nil {
+		return fmt.Errorf("read greeting: %w", err)
+	}
+	if m.QMP == nil {
+		return errors.New("no QMP greeting")
+	}
+	if _, err := cn.uc.Write([]byte(`{"execute":"qmp_capabilities","id":"kdp-caps"}` + "\n")); err != nil {
+		return fmt.Errorf("qmp_capabilities: %w", err)
+	}
+	for {
+		m = message{}
+		if err := cn.dec.Decode(&m); err != nil {
+			return fmt.Errorf("qmp_capabilities: %w", err)
+		}
+		if m.Error != nil {
+			return fmt.Errorf("qmp_capabilities: %w", m.Error)
+		}
+		if m.Return != nil {
+			return nil
+		}
+	}
+}
+
+func (cn *conn) isDead() bool {
+	select {
+	case <-cn.dead:
+		return true
+	default:
+		return false
+	}
+}
+
+// send registers ch for the reply to id and writes the message.
+func (cn *conn) send(ctx context.Context, id string, b, oob []byte, ch chan reply) error {
+	cn.mu.Lock()
+	if cn.err != nil {
+		err := cn.err
+		cn.mu.Unlock()
+		return err
+	}
+	cn.pending[id] = ch
+	cn.mu.Unlock()
+
+	cn.wmu.Lock()
+	defer cn.wmu.Unlock()
+	if dl, ok := ctx.Deadline(); ok {
+		cn.uc.SetWriteDeadline(dl)
+	} else {
+		cn.uc.SetWriteDeadline(time.Time{})
+	}
+	var err error
+	if oob != nil {
+		var n, oobn int
+		n, oobn, err = cn.uc.WriteMsgUnix(b, oob, nil)
+		if err == nil && (n != len(b) || oobn != len(oob)) {
+			err = io.ErrShortWrite
+		}
+	} else {
+		_, err = cn.uc.Write(b)
+	}
+	if err != nil {
+		cn.forget(id)
+		return fmt.Errorf("%w: write: %w", ErrDisconnected, err)
+	}
+	return nil
+}
+
+func (cn *conn) forget(id string) {
+	cn.mu.Lock()
+	delete(cn.pending, id)
+	cn.mu.Unlock()
+}
+
+func (cn *conn) resolve(id string, r reply) {
+	cn.mu.Lock()
+	ch := cn.pending[id]
+	delete(cn.pending, id)
+	cn.mu.Unlock()
+	if ch != nil {
+		ch <- r
+	}
+}
+
+// fail closes the connection and fails every call in flight with err.
+func (cn *conn) fail(err error) {
+	cn.mu.Lock()
+	if cn.err != nil {
+		cn.mu.Unlock()
+		return
+	}
+	cn.err = err
+	pending := cn.pending
+	cn.pending = nil
+	close(cn.dead)
+	cn.mu.Unlock()
+	cn.uc.Close()
+	for _, ch := range pending {
+		ch <- reply{err: err}
+	}
+}

@@ -1,0 +1,383 @@
+package qmp_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/kata-dp/kata-dp/control/qmp"
+	"github.com/kata-dp/kata-dp/control/qmp/qmptest"
+	"golang.org/x/sys/unix"
+)
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func newClient(t *testing.T, srv *qmptest.Server) *qmp.Client {
+	c := qmp.New(srv.Path())
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestExecute(t *testing.T) {
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		switch cmd {
+		case "query-status":
+			return map[string]any{"status": "running", "running": true}, nil
+		case "echo":
+			return args, nil
+		}
+		return nil, &qmp.Error{Class: "CommandNotFound", Desc: "The command " + cmd + " has not been found"}
+	})
+	c := newClient(t, srv)
+	ctx := ctxT(t)
+
+	ret, err := c.Execute(ctx, "query-status", nil)
+	if err != nil {
+		t.Fatalf("query-status: %v", err)
+	}
+	var st struct {
+		Status  string `json:"status"`
+		Running bool   `json:"running"`
+	}
+	if err := json.Unmarshal(ret, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Status != "running" || !st.Running {
+		t.Errorf("query-status = %s", ret)
+	}
+
+	ret, err = c.Execute(ctx, "echo", map[string]any{"id": "net0", "n": 5})
+	if err != nil {
+		t.Fatalf("echo: %v", err)
+	}
+	if diff := cmp.Diff(`{"id":"net0","n":5}`, string(ret)); diff != "" {
+		t.Errorf("echo (-want +got):\n%s", diff)
+	}
+
+	_, err = c.Execute(ctx, "nope", nil)
+	var qe *qmp.Error
+	if !errors.As(err, &qe) {
+		t.Fatalf("nope: got %v, want a *qmp.Error", err)
+	}
+	if diff := cmp.Diff(&qmp.Error{Class: "CommandNotFound", Desc: "The command nope has not been found"}, qe); diff != "" {
+		t.Errorf("error (-want +got):\n%s", diff)
+	}
+	if want := "qmp nope: CommandNotFound: The command nope has not been found"; err.Error() != want {
+		t.Errorf("error text = %q, want %q", err, want)
+	}
+	if diff := cmp.Diff([]string{"query-status", "echo", "nope"}, srv.Commands()); diff != "" {
+		t.Errorf("commands (-want +got):\n%s", diff)
+	}
+	if got := srv.Accepted(); got != 1 {
+		t.Errorf("connections = %d, want 1", got)
+	}
+}
+
+func TestConcurrentIDs(t *testing.T) {
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		return args, nil
+	})
+	c := newClient(t, srv)
+	ctx := ctxT(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 50)
+	for i := range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ret, err := c.Execute(ctx, "echo", map[string]int{"i": i})
+			if err != nil {
+				errs <- err
+				return
+			}
+			if want := fmt.Sprintf(`{"i":%d}`, i); string(ret) != want {
+				errs <- fmt.Errorf("call %d got %s", i, ret)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+func TestTimeoutThenLateReply(t *testing.T) {
+	release := make(chan struct{})
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		if cmd == "slow" {
+			<-release
+			return "slow", nil
+		}
+		return "fast", nil
+	})
+	c := newClient(t, srv)
+	ctx, cancel := context.WithTimeout(ctxT(t), 50*time.Millisecond)
+	defer cancel()
+	_, err := c.Execute(ctx, "slow", nil)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("slow: got %v, want deadline exceeded", err)
+	}
+	if !strings.HasPrefix(err.Error(), "qmp slow: ") {
+		t.Errorf("error %q lacks the command", err)
+	}
+	close(release)
+	// The late reply to "slow" must not be taken for the reply to "fast".
+	ret, err := c.Execute(ctxT(t), "fast", nil)
+	if err != nil {
+		t.Fatalf("fast: %v", err)
+	}
+	if string(ret) != `"fast"` {
+		t.Errorf("fast = %s", ret)
+	}
+}
+
+func TestGetFD(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	var want unix.Stat_t
+	if err := unix.Fstat(int(w.Fd()), &want); err != nil {
+		t.Fatal(err)
+	}
+	// w.Fd() made w blocking; make it non-blocking to see that GetFD leaves the mode alone.
+	if err := unix.SetNonblock(int(w.Fd()), true); err != nil {
+		t.Fatal(err)
+	}
+	var got unix.Stat_t
+	var gotName string
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		var a struct {
+			Fdname string `json:"fdname"`
+		}
+		json.Unmarshal(args, &a)
+		gotName = a.Fdname
+		if cmd != "getfd" || len(fds) != 1 {
+			return nil, &qmp.Error{Class: "GenericError", Desc: fmt.Sprintf("%s with %d fds", cmd, len(fds))}
+		}
+		unix.Fstat(fds[0], &got)
+		unix.Write(fds[0], []byte("x"))
+		return nil, nil
+	})
+	c := newClient(t, srv)
+	if err := c.GetFD(ctxT(t), "fd-net0-0", w); err != nil {
+		t.Fatalf("getfd: %v", err)
+	}
+	if gotName != "fd-net0-0" || got.Ino != want.Ino || got.Dev != want.Dev {
+		t.Errorf("server got fd %q ino %d, want %q ino %d", gotName, got.Ino, "fd-net0-0", want.Ino)
+	}
+	b := make([]byte, 1)
+	if _, err := r.Read(b); err != nil || b[0] != 'x' {
+		t.Errorf("read through the passed fd: %q %v", b, err)
+	}
+	rc, err := w.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fl int
+	rc.Control(func(fd uintptr) { fl, err = unix.FcntlInt(fd, unix.F_GETFL, 0) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fl&unix.O_NONBLOCK == 0 {
+		t.Errorf("GetFD changed the file's blocking mode")
+	}
+	if diff := cmp.Diff([]qmptest.Call{{Cmd: "getfd", Args: json.RawMessage(`{"fdname":"fd-net0-0"}`), NumFDs: 1}}, srv.Calls()); diff != "" {
+		t.Errorf("calls (-want +got):\n%s", diff)
+	}
+}
+
+func TestEventsWhileCommandRuns(t *testing.T) {
+	srv := qmptest.Serve(t, nil)
+	srv.Handle(func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		if cmd == "device_del" {
+			// Before the reply, as QEMU may do when the guest is quick.
+			srv.Emit("NIC_RX_FILTER_CHANGED", map[string]string{"name": "net0", "path": "/machine/peripheral/net0/virtio-backend"})
+			srv.Emit("DEVICE_DELETED", map[string]string{"device": "net0", "path": "/machine/peripheral/net0"})
+		}
+		return nil, nil
+	})
+	c := newClient(t, srv)
+	ctx := ctxT(t)
+	all := c.Subscribe()
+	defer all.Close()
+	del := c.Subscribe("DEVICE_DELETED")
+	defer del.Close()
+	if _, err := c.Execute(ctx, "device_del", map[string]string{"id": "net0"}); err != nil {
+		t.Fatal(err)
+	}
+	ev, err := del.Next(ctx)
+	if err != nil {
+		t.Fatalf("next: %v", err)
+	}
+	if ev.Name != "DEVICE_DELETED" || string(ev.Data) != `{"device":"net0","path":"/machine/peripheral/net0"}` {
+		t.Errorf("event = %s %s", ev.Name, ev.Data)
+	}
+	if want := time.Unix(1, 2000); !ev.Time.Equal(want) {
+		t.Errorf("event time = %v, want %v", ev.Time, want)
+	}
+	var names []string
+	for range 2 {
+		ev, err := all.Next(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, ev.Name)
+	}
+	if diff := cmp.Diff([]string{"NIC_RX_FILTER_CHANGED", "DEVICE_DELETED"}, names); diff != "" {
+		t.Errorf("events (-want +got):\n%s", diff)
+	}
+	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if _, err := del.Next(short); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("next with nothing queued: %v, want deadline exceeded", err)
+	}
+}
+
+func TestReconnect(t *testing.T) {
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		return nil, nil
+	})
+	c := newClient(t, srv)
+	ctx := ctxT(t)
+	sub := c.Subscribe()
+	defer sub.Close()
+	if _, err := c.Execute(ctx, "a", nil); err != nil {
+		t.Fatal(err)
+	}
+	srv.Disconnect()
+	if _, err := sub.Next(ctx); !errors.Is(err, qmp.ErrDisconnected) {
+		t.Fatalf("subscription after disconnect: %v, want ErrDisconnected", err)
+	}
+	if _, err := c.Execute(ctx, "b", nil); err != nil {
+		t.Fatalf("after reconnect: %v", err)
+	}
+	if got := srv.Accepted(); got != 2 {
+		t.Errorf("connections = %d, want 2", got)
+	}
+}
+
+func TestMonitorGone(t *testing.T) {
+	srv := qmptest.Serve(t, nil)
+	srv.Handle(func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		if cmd == "die" {
+			srv.Disconnect() // QEMU dies while running the command
+		}
+		return nil, nil
+	})
+	c := newClient(t, srv)
+	ctx := ctxT(t)
+	_, err := c.Execute(ctx, "die", nil)
+	if !errors.Is(err, qmp.ErrDisconnected) {
+		t.Fatalf("in flight: %v, want ErrDisconnected", err)
+	}
+	srv.Close()
+	_, err = c.Execute(ctx, "after", nil)
+	if !errors.Is(err, qmp.ErrUnavailable) {
+		t.Fatalf("after exit: %v, want ErrUnavailable", err)
+	}
+	if !strings.Contains(err.Error(), srv.Path()) {
+		t.Errorf("error %q does not name the socket", err)
+	}
+}
+
+func TestNotQMP(t *testing.T) {
+	dir, err := os.MkdirTemp("", "kdpqmp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "s")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			cn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			cn.Write([]byte(`{"hello":"world"}` + "\n"))
+			cn.Close()
+		}
+	}()
+	_, err = qmp.Dial(ctxT(t), path)
+	if !errors.Is(err, qmp.ErrUnavailable) {
+		t.Fatalf("dial: %v, want ErrUnavailable", err)
+	}
+
+	// A monitor that never greets: the caller's deadline bounds the dial.
+	ln2, err := net.Listen("unix", path+"2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln2.Close()
+	var (
+		mu   sync.Mutex
+		held []net.Conn
+	)
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	go func() {
+		for {
+			cn, err := ln2.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, cn)
+			mu.Unlock()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(ctxT(t), 50*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = qmp.Dial(ctx, path+"2")
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("dial silent monitor: %v, want deadline exceeded", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("dial took %v", d)
+	}
+}
+
+func TestClose(t *testing.T) {
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		return nil, nil
+	})
+	c, err := qmp.Dial(ctxT(t), srv.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub := c.Subscribe("DEVICE_DELETED")
+	c.Close()
+	if _, err := c.Execute(ctxT(t), "x", nil); !errors.Is(err, qmp.ErrClosed) {
+		t.Errorf("execute after close: %v, want ErrClosed", err)
+	}
+	if _, err := sub.Next(ctxT(t)); !errors.Is(err, qmp.ErrClosed) {
+		t.Errorf("next after close: %v, want ErrClosed", err)
+	}
+}
