@@ -1,0 +1,88 @@
+//go:build ignore
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * kata-dp's datapath: one object per sandbox, joining each guest NIC's tap to its uplink (the
+ * sandbox's veth) with bpf_redirect instead of Kata's ingress qdisc + u32 + mirred, and adding
+ * anti-spoofing, strict egress and per-endpoint counters on the way.
+ *
+ *   uplink ingress --kdp_uplink_in--> tap egress   (to the guest)
+ *   tap ingress    --kdp_tap_in-----> uplink egress (from the guest)
+ *
+ * A device with no endpoint entry, or with an entry of the other role, is not ours: the frame
+ * goes on untouched (TCX_NEXT), so other tc users on the same device keep working.
+ */
+#include <linux/bpf.h>
+#include <bpf_helpers.h>
+#include <bpf_endian.h>
+
+#include "lib/ctx.h"
+#include "lib/common.h"
+#include "lib/stats.h"
+#include "lib/guard.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_MAX_ENDPOINTS * 2);
+	__type(key, __u32); /* ifindex of the device the program runs on */
+	__type(value, struct endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_endpoints SEC(".maps");
+
+/* Enough for Ethernet + a 20-byte IPv4 header + an ARP body or L4 ports. */
+#define KDP_PULL_LEN 64
+
+static __always_inline int redirect_to(__u32 ifindex, const bool xdp)
+{
+	return bpf_redirect(ifindex, 0);
+}
+
+static __always_inline int from_guest(void *ctx, const bool xdp)
+{
+	__u32 ifindex = ctx_ifindex(ctx, xdp);
+	struct endpoint *ep;
+	__u32 len;
+	int drop;
+
+	ep = bpf_map_lookup_elem(&kdp_endpoints, &ifindex);
+	if (!ep || ep->role != KDP_ROLE_TAP)
+		return ctx_next(xdp);
+
+	len = ctx_len(ctx, xdp);
+	ctx_pull(ctx, KDP_PULL_LEN, xdp);
+	drop = check_from_guest(ep, ctx_data(ctx, xdp), ctx_data_end(ctx, xdp));
+	if (drop >= 0) {
+		count_drop(ep->slot, KDP_DIR_FROM_GUEST, drop);
+		return ctx_drop(xdp);
+	}
+	count_fwd(ep->slot, KDP_DIR_FROM_GUEST, len);
+	if (!ep->peer_ifindex)
+		return ctx_next(xdp);
+	return redirect_to(ep->peer_ifindex, xdp);
+}
+
+static __always_inline int to_guest(void *ctx, const bool xdp)
+{
+	__u32 ifindex = ctx_ifindex(ctx, xdp);
+	struct endpoint *ep;
+
+	ep = bpf_map_lookup_elem(&kdp_endpoints, &ifindex);
+	if (!ep || ep->role != KDP_ROLE_UPLINK || !ep->peer_ifindex)
+		return ctx_next(xdp);
+
+	count_fwd(ep->slot, KDP_DIR_TO_GUEST, ctx_len(ctx, xdp));
+	return redirect_to(ep->peer_ifindex, xdp);
+}
+
+SEC("tc")
+int kdp_tap_in(struct __sk_buff *skb)
+{
+	return from_guest(skb, false);
+}
+
+SEC("tc")
+int kdp_uplink_in(struct __sk_buff *skb)
+{
+	return to_guest(skb, false);
+}

@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Guest-side checks, independent of the hook: anti-spoofing of frames the guest sends and the
+ * strict egress policy (destination on the NIC's subnet or covered by one of its routes).
+ * Each returns -1 to let the frame go on, or an enum kdp_drop reason.
+ */
+#ifndef __KDP_GUARD_H
+#define __KDP_GUARD_H
+
+#include <bpf_helpers.h>
+#include <bpf_endian.h>
+#include "common.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, KDP_ROUTE_SLOTS);
+	__type(key, struct route_key);
+	__type(value, struct route_val);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_routes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_config SEC(".maps");
+
+static __always_inline __u32 route_gen(void)
+{
+	__u32 zero = 0;
+	struct config *c = bpf_map_lookup_elem(&kdp_config, &zero);
+
+	return c ? c->route_gen : 0;
+}
+
+static __always_inline bool mac_equal(const __u8 *a, const __u8 *b)
+{
+	return *(const __u32 *)a == *(const __u32 *)b &&
+	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
+static __always_inline bool same_subnet(const struct endpoint *ep, __be32 addr)
+{
+	__u32 mask;
+
+	if (!(ep->flags & KDP_F_HAS_IP))
+		return false;
+	if (ep->prefixlen == 0)
+		return true;
+	mask = ep->prefixlen >= 32 ? 0xffffffff : ~((1U << (32 - ep->prefixlen)) - 1);
+	return ((bpf_ntohl(addr) ^ bpf_ntohl(ep->ip)) & mask) == 0;
+}
+
+/* egress_allowed: limited broadcast and multicast stay link-local and always pass (DHCP, ARP
+ * stand-ins, mDNS); everything else needs the subnet or a route. */
+static __always_inline bool egress_allowed(const struct endpoint *ep, __be32 daddr)
+{
+	struct route_key key = { .prefixlen = 64, .addr = daddr };
+	__u32 d = bpf_ntohl(daddr);
+
+	if (d == 0xffffffff || (d & 0xf0000000) == 0xe0000000)
+		return true;
+	if (same_subnet(ep, daddr))
+		return true;
+	key.tag = route_tag(route_gen(), ep->slot);
+	return bpf_map_lookup_elem(&kdp_routes, &key) != NULL;
+}
+
+/* check_from_guest validates a frame the guest sent on the NIC described by ep. */
+static __always_inline int check_from_guest(const struct endpoint *ep, void *data, void *data_end)
+{
+	struct ethhdr *eth = data;
+	bool spoof = ep->flags & KDP_F_ANTI_SPOOF;
+
+	if ((void *)(eth + 1) > data_end)
+		return KDP_DROP_MALFORMED;
+	if (spoof && !mac_equal(eth->h_source, ep->mac))
+		return KDP_DROP_SPOOF_MAC;
+
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		struct arp_eth *arp = (void *)(eth + 1);
+
+		if (!spoof)
+			return -1;
+		if ((void *)(arp + 1) > data_end)
+			return KDP_DROP_MALFORMED;
+		if (!mac_equal(arp->ar_sha, ep->mac))
+			return KDP_DROP_SPOOF_ARP;
+		/* 0.0.0.0 is an address probe (RFC 5227), not a claim. */
+		if ((ep->flags & KDP_F_HAS_IP) && arp->ar_sip != 0 && arp->ar_sip != ep->ip)
+			return KDP_DROP_SPOOF_ARP;
+		return -1;
+	}
+
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end)
+			return KDP_DROP_MALFORMED;
+		if (spoof && (ep->flags & KDP_F_HAS_IP) && ip->saddr != ep->ip)
+			return KDP_DROP_SPOOF_IP;
+		if ((ep->flags & KDP_F_STRICT_EGRESS) && !egress_allowed(ep, ip->daddr))
+			return KDP_DROP_EGRESS_NO_ROUTE;
+	}
+	return -1;
+}
+
+#endif

@@ -1,0 +1,265 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+const linksDir = "links"
+
+// progPrefix marks kata-dp's programs; the loader never removes a program without it.
+const progPrefix = "kdp_"
+
+// Attachment describes where a program was attached.
+type Attachment struct {
+	Ifindex int
+	Legacy  bool // clsact + bpf filter instead of a TCX link
+}
+
+// ForceLegacyTC makes Attach use clsact + bpf filters even where TCX works. For tests of the
+// fallback and for kernels whose TCX is unusable; not for normal operation.
+var ForceLegacyTC = false
+
+// Attach attaches program p at the tc ingress of device ifname in the network namespace at
+// nsPath ("" = the caller's). If kata-dp already attached a program there for this sandbox,
+// the pinned link is updated in place, without a moment with no program.
+func (s *Sandbox) Attach(nsPath, ifname string, p Program) (Attachment, error) {
+	prog, err := s.Program(p)
+	if err != nil {
+		return Attachment{}, fmt.Errorf("attach %s to %s: %w", p, ifname, err)
+	}
+	var a Attachment
+	err = inNetNS(nsPath, func() error {
+		l, err := netlink.LinkByName(ifname)
+		if err != nil {
+			return fmt.Errorf("find device: %w", err)
+		}
+		a.Ifindex = l.Attrs().Index
+		feat, err := Probe()
+		if err != nil {
+			return err
+		}
+		if !feat.TCX || ForceLegacyTC {
+			a.Legacy = true
+			return attachLegacy(a.Ifindex, prog, string(p))
+		}
+		return s.attachTCX(a.Ifindex, ifname, prog, p)
+	})
+	if err != nil {
+		return Attachment{}, fmt.Errorf("attach %s to %s: %w", p, ifname, err)
+	}
+	return a, nil
+}
+
+func (s *Sandbox) attachTCX(ifindex int, ifname string, prog *ebpf.Program, p Program) error {
+	pin := s.linkPin(ifname, p)
+	// An existing link of ours on this device (for any of our programs) is updated in place.
+	old, err := s.pinnedLinks(ifname)
+	if err != nil {
+		return err
+	}
+	for _, path := range old {
+		l, err := link.LoadPinnedLink(path, nil)
+		if err != nil {
+			os.Remove(path)
+			continue
+		}
+		info, ierr := l.Info()
+		if ierr != nil || info.TCX() == nil || int(info.TCX().Ifindex) != ifindex {
+			// Defunct (the device went away) or stale: forget it and attach afresh.
+			l.Unpin()
+			l.Close()
+			continue
+		}
+		if err := l.Update(prog); err != nil {
+			l.Close()
+			return fmt.Errorf("update link: %w", err)
+		}
+		if path != pin {
+			if err := l.Unpin(); err == nil {
+				err = l.Pin(pin)
+			}
+			if err != nil {
+				l.Close()
+				return fmt.Errorf("re-pin link: %w", err)
+			}
+		}
+		return l.Close()
+	}
+	l, err := link.AttachTCX(link.TCXOptions{
+		Interface: ifindex,
+		Program:   prog,
+		Attach:    ebpf.AttachTCXIngress,
+		Anchor:    link.Tail(),
+	})
+	if err != nil {
+		return fmt.Errorf("attach tcx: %w", err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pin link: %w", err)
+	}
+	return nil
+}
+
+// Detach removes whatever kata-dp attached for this sandbox at device ifname: its pinned TCX
+// link, and legacy bpf filters named kdp_*. A device that no longer exists is not an error.
+func (s *Sandbox) Detach(nsPath, ifname string) error {
+	paths, err := s.pinnedLinks(ifname)
+	if err != nil {
+		return fmt.Errorf("detach %s: %w", ifname, err)
+	}
+	for _, path := range paths {
+		if err := detachPinned(path); err != nil {
+			return fmt.Errorf("detach %s: %w", ifname, err)
+		}
+	}
+	err = inNetNS(nsPath, func() error {
+		l, err := netlink.LinkByName(ifname)
+		if err != nil {
+			return nil // gone: nothing of ours can be left on it
+		}
+		return detachLegacy(l.Attrs().Index)
+	})
+	if err != nil {
+		return fmt.Errorf("detach %s: %w", ifname, err)
+	}
+	return nil
+}
+
+func (s *Sandbox) linkPin(ifname string, p Program) string {
+	return filepath.Join(s.dir, linksDir, ifname+"@"+string(p))
+}
+
+func (s *Sandbox) pinnedLinks(ifname string) ([]string, error) {
+	return filepath.Glob(filepath.Join(s.dir, linksDir, ifname+"@"+progPrefix+"*"))
+}
+
+// refreshLinks moves every pinned link of the sandbox onto the programs of this load.
+func (s *Sandbox) refreshLinks() error {
+	paths, err := filepath.Glob(filepath.Join(s.dir, linksDir, "*@"+progPrefix+"*"))
+	if err != nil {
+		return err
+	}
+	for _, path := range paths {
+		name := filepath.Base(path)
+		prog, err := s.Program(Program(name[strings.LastIndexByte(name, '@')+1:]))
+		if err != nil {
+			return fmt.Errorf("refresh %s: %w", name, err)
+		}
+		l, err := link.LoadPinnedLink(path, nil)
+		if err != nil {
+			os.Remove(path)
+			continue
+		}
+		if err := l.Update(prog); err != nil {
+			if errors.Is(err, unix.ENOLINK) {
+				l.Unpin() // the device is gone
+				l.Close()
+				continue
+			}
+			l.Close()
+			return fmt.Errorf("refresh %s: %w", name, err)
+		}
+		l.Close()
+	}
+	return nil
+}
+
+func detachPinned(path string) error {
+	l, err := link.LoadPinnedLink(path, nil)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return os.Remove(path)
+	}
+	defer l.Close()
+	if err := l.Detach(); err != nil && !errors.Is(err, unix.ENOLINK) && !errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("detach link %s: %w", filepath.Base(path), err)
+	}
+	return l.Unpin()
+}
+
+func detachAll(dir string) error {
+	paths, err := filepath.Glob(filepath.Join(dir, linksDir, "*@"+progPrefix+"*"))
+	if err != nil {
+		return err
+	}
+	for _, path := range paths {
+		if err := detachPinned(path); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// attachLegacy is the pre-TCX way: a clsact qdisc (kept if it exists) and a direct-action bpf
+// filter at ingress, replaced atomically when one of ours is already there.
+func attachLegacy(ifindex int, prog *ebpf.Program, name string) error {
+	qdisc := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{
+			LinkIndex: ifindex,
+			Handle:    netlink.MakeHandle(0xffff, 0),
+			Parent:    netlink.HANDLE_CLSACT,
+		},
+		QdiscType: "clsact",
+	}
+	if err := netlink.QdiscAdd(qdisc); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("add clsact: %w", err)
+	}
+	filter := &netlink.BpfFilter{
+		FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: ifindex,
+			Parent:    netlink.HANDLE_MIN_INGRESS,
+			Handle:    1,
+			Protocol:  unix.ETH_P_ALL,
+			Priority:  1,
+		},
+		Fd:           prog.FD(),
+		Name:         name,
+		DirectAction: true,
+	}
+	if err := netlink.FilterReplace(filter); err != nil {
+		return fmt.Errorf("add bpf filter: %w", err)
+	}
+	return nil
+}
+
+// detachLegacy deletes the ingress bpf filters whose program is one of kata-dp's.
+func detachLegacy(ifindex int) error {
+	l, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
+		return nil
+	}
+	filters, err := netlink.FilterList(l, netlink.HANDLE_MIN_INGRESS)
+	if err != nil {
+		return nil // no clsact: nothing legacy was ever attached
+	}
+	for _, f := range filters {
+		bf, ok := f.(*netlink.BpfFilter)
+		if !ok || !strings.HasPrefix(bf.Name, progPrefix) {
+			continue
+		}
+		if err := netlink.FilterDel(bf); err != nil {
+			return fmt.Errorf("delete bpf filter %s: %w", bf.Name, err)
+		}
+	}
+	return nil
+}
+
+func inNetNS(path string, fn func() error) error {
+	if path == "" {
+		return fn()
+	}
+	return ns.WithNetNSPath(path, func(ns.NetNS) error { return fn() })
+}

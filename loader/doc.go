@@ -1,0 +1,17 @@
+// Package loader loads kata-dp's datapath object once per sandbox, pins it, and attaches its
+// programs to devices.
+//
+// Each sandbox gets its own collection under <root>/<sandbox>/ (root defaults to
+// /sys/fs/bpf/kata-dp): its maps are pinned by name there and its links under links/, so
+// sandboxes never see each other's state, ifindex collisions across network namespaces do not
+// matter, and removing a sandbox is removing one directory. Programs are named kdp_* and the
+// loader only ever detaches what it pinned itself.
+//
+// Attachment prefers TCX (anchored at the tail, so programs attached earlier by others run
+// first and keep working); only when the kernel lacks TCX does it fall back to a clsact qdisc
+// with a direct-action bpf filter. Reopening a sandbox whose pins exist reuses its maps and
+// swaps the new programs into the pinned links with BPF_LINK_UPDATE, so an agent restart or an
+// upgrade never leaves a gap in forwarding.
+//
+// A Sandbox is not safe for concurrent use; the control plane serialises calls per sandbox.
+package loader

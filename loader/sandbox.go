@@ -1,0 +1,149 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultRoot is where sandboxes are pinned unless the caller says otherwise.
+const DefaultRoot = "/sys/fs/bpf/kata-dp"
+
+// Program names one of the datapath's entry points.
+type Program string
+
+// The datapath's programs. Their names are what the kernel shows (bpftool, tc) and how
+// kata-dp recognises its own attachments.
+const (
+	ProgTapIn    Program = "kdp_tap_in"    // tap ingress: frames from the guest
+	ProgUplinkIn Program = "kdp_uplink_in" // uplink ingress: frames for the guest
+)
+
+// Errors callers can test for.
+var (
+	// ErrBadSandboxID is returned for an id that cannot name a pin directory.
+	ErrBadSandboxID = errors.New("bad sandbox id")
+	// ErrUnknownProgram is returned for a program name the datapath does not have.
+	ErrUnknownProgram = errors.New("unknown program")
+)
+
+var sandboxIDRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+
+// Maps are the sandbox's maps, pinned by name in its directory.
+type Maps struct {
+	Endpoints *ebpf.Map
+	Stats     *ebpf.Map
+	Routes    *ebpf.Map
+	Config    *ebpf.Map
+}
+
+// Sandbox is one sandbox's loaded datapath collection.
+type Sandbox struct {
+	ID   string
+	dir  string
+	objs datapathObjects
+}
+
+// Dir is the sandbox's pin directory.
+func (s *Sandbox) Dir() string { return s.dir }
+
+// Maps returns the sandbox's maps. They stay owned by the Sandbox.
+func (s *Sandbox) Maps() Maps {
+	return Maps{Endpoints: s.objs.KdpEndpoints, Stats: s.objs.KdpStats, Routes: s.objs.KdpRoutes, Config: s.objs.KdpConfig}
+}
+
+// Program returns the loaded program p.
+func (s *Sandbox) Program(p Program) (*ebpf.Program, error) {
+	switch p {
+	case ProgTapIn:
+		return s.objs.KdpTapIn, nil
+	case ProgUplinkIn:
+		return s.objs.KdpUplinkIn, nil
+	}
+	return nil, fmt.Errorf("%w %q", ErrUnknownProgram, p)
+}
+
+// Spec returns the datapath's collection spec (for tests that inspect its BTF).
+func Spec() (*ebpf.CollectionSpec, error) { return loadDatapath() }
+
+// Open loads the datapath for sandbox id under root, reusing the maps pinned there by an
+// earlier run, and moves every pinned link of the sandbox onto the freshly loaded programs
+// (in place: the device is never without a program). It mounts bpffs first if needed.
+func Open(root, id string) (*Sandbox, error) {
+	if !sandboxIDRe.MatchString(id) {
+		return nil, fmt.Errorf("open sandbox %q: %w", id, ErrBadSandboxID)
+	}
+	if root == "" {
+		root = DefaultRoot
+	}
+	if err := ensureBPFFS(root); err != nil {
+		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
+	}
+	dir := filepath.Join(root, id)
+	if err := os.MkdirAll(filepath.Join(dir, linksDir), 0o700); err != nil {
+		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
+	}
+	spec, err := loadDatapath()
+	if err != nil {
+		return nil, fmt.Errorf("open sandbox %s: load spec: %w", id, err)
+	}
+	s := &Sandbox{ID: id, dir: dir}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}
+	if err := spec.LoadAndAssign(&s.objs, opts); err != nil {
+		return nil, fmt.Errorf("open sandbox %s: load collection: %w", id, err)
+	}
+	if err := s.refreshLinks(); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
+	}
+	return s, nil
+}
+
+// Close releases the sandbox's file descriptors. Pins stay: the datapath keeps running.
+func (s *Sandbox) Close() error {
+	return s.objs.Close()
+}
+
+// Remove detaches every program kata-dp attached for sandbox id and deletes its pins. It is
+// idempotent: a sandbox that is already gone is not an error.
+func Remove(root, id string) error {
+	if !sandboxIDRe.MatchString(id) {
+		return fmt.Errorf("remove sandbox %q: %w", id, ErrBadSandboxID)
+	}
+	if root == "" {
+		root = DefaultRoot
+	}
+	dir := filepath.Join(root, id)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err := detachAll(dir); err != nil {
+		return fmt.Errorf("remove sandbox %s: %w", id, err)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove sandbox %s: %w", id, err)
+	}
+	return nil
+}
+
+// ensureBPFFS makes sure root lives on a bpf filesystem, mounting one at /sys/fs/bpf when the
+// machine has none there (minimal hosts and fresh containers often don't).
+func ensureBPFFS(root string) error {
+	const bpffs = "/sys/fs/bpf"
+	var st unix.Statfs_t
+	if err := unix.Statfs(bpffs, &st); err == nil && st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if err := os.MkdirAll(bpffs, 0o700); err != nil {
+		return fmt.Errorf("mount bpffs: %w", err)
+	}
+	if err := unix.Mount("bpf", bpffs, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs at %s: %w", bpffs, err)
+	}
+	return nil
+}

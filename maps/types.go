@@ -1,0 +1,210 @@
+package maps
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"structs"
+)
+
+// Limits of one sandbox's datapath (bpf/lib/common.h).
+const (
+	MaxEndpoints = 64   // NIC slots per sandbox
+	MaxRoutes    = 1024 // routes per sandbox, all NICs together
+	NumDrops     = 8    // drop reason counters per endpoint and direction
+)
+
+// Role says which side of a NIC an endpoint entry describes.
+type Role uint8
+
+// Roles (enum kdp_role).
+const (
+	RoleTap    Role = 1 // the VM's tap: frames from the guest
+	RoleUplink Role = 2 // the device joined to the tap: frames for the guest
+)
+
+func (r Role) String() string {
+	switch r {
+	case RoleTap:
+		return "tap"
+	case RoleUplink:
+		return "uplink"
+	}
+	return fmt.Sprintf("role(%d)", uint8(r))
+}
+
+// Flags switch per-endpoint features (enum kdp_ep_flags).
+type Flags uint32
+
+// Endpoint flags.
+const (
+	FlagAntiSpoof    Flags = 1 << 0
+	FlagStrictEgress Flags = 1 << 1
+	FlagHasIP        Flags = 1 << 2
+)
+
+func (f Flags) String() string {
+	var s []string
+	for _, x := range []struct {
+		f    Flags
+		name string
+	}{{FlagAntiSpoof, "anti-spoof"}, {FlagStrictEgress, "strict-egress"}, {FlagHasIP, "has-ip"}} {
+		if f&x.f != 0 {
+			s = append(s, x.name)
+		}
+	}
+	return strings.Join(s, "|")
+}
+
+// Direction of traffic relative to the guest.
+type Direction uint32
+
+// Directions (enum kdp_dir).
+const (
+	FromGuest Direction = 0
+	ToGuest   Direction = 1
+)
+
+func (d Direction) String() string {
+	if d == FromGuest {
+		return "from_guest"
+	}
+	return "to_guest"
+}
+
+// DropReason indexes Stats.Drops (enum kdp_drop).
+type DropReason int
+
+// Drop reasons.
+const (
+	DropSpoofMAC       DropReason = 0
+	DropSpoofIP        DropReason = 1
+	DropSpoofARP       DropReason = 2
+	DropEgressNoRoute  DropReason = 3
+	DropMalformed      DropReason = 4
+	DropLBNoBackend    DropReason = 5
+	numDropReasonsUsed            = 6 // 6 and 7 are reserved
+)
+
+var dropNames = [NumDrops]string{"spoof_mac", "spoof_ip", "spoof_arp", "egress_no_route", "malformed", "lb_no_backend", "reserved6", "reserved7"}
+
+func (r DropReason) String() string {
+	if r >= 0 && int(r) < len(dropNames) {
+		return dropNames[r]
+	}
+	return fmt.Sprintf("drop(%d)", int(r))
+}
+
+// DropReasons lists the reasons in use, in counter order.
+func DropReasons() []DropReason {
+	out := make([]DropReason, numDropReasonsUsed)
+	for i := range out {
+		out[i] = DropReason(i)
+	}
+	return out
+}
+
+// Endpoint is struct endpoint: one side of a guest NIC, keyed by the ifindex of the device
+// the program runs on.
+type Endpoint struct {
+	_           structs.HostLayout
+	PeerIfindex uint32  // redirect target; 0 = not joined
+	Slot        uint32  // NIC slot in the sandbox
+	IP          [4]byte // guest IPv4, network order
+	MAC         [6]byte // guest MAC
+	PrefixLen   uint8
+	Role        Role
+	Flags       Flags
+}
+
+// SetIP stores the guest's address and prefix (an invalid prefix clears them).
+func (e *Endpoint) SetIP(p netip.Prefix) {
+	if !p.IsValid() || !p.Addr().Is4() {
+		e.IP, e.PrefixLen = [4]byte{}, 0
+		e.Flags &^= FlagHasIP
+		return
+	}
+	e.IP = p.Addr().As4()
+	e.PrefixLen = uint8(p.Bits())
+	e.Flags |= FlagHasIP
+}
+
+// SetMAC stores the guest's MAC; it must be 6 bytes long.
+func (e *Endpoint) SetMAC(mac net.HardwareAddr) error {
+	if len(mac) != 6 {
+		return fmt.Errorf("mac %q: want 6 bytes", mac)
+	}
+	copy(e.MAC[:], mac)
+	return nil
+}
+
+func (e Endpoint) String() string {
+	ip := "-"
+	if e.Flags&FlagHasIP != 0 {
+		ip = netip.PrefixFrom(netip.AddrFrom4(e.IP), int(e.PrefixLen)).String()
+	}
+	return fmt.Sprintf("slot=%d role=%s mac=%s ip=%s peer=%d flags=%s",
+		e.Slot, e.Role, net.HardwareAddr(e.MAC[:]), ip, e.PeerIfindex, e.Flags)
+}
+
+// Stats is struct ep_stats: counters of one endpoint in one direction.
+type Stats struct {
+	_       structs.HostLayout
+	Packets uint64 // frames forwarded
+	Bytes   uint64
+	Drops   [NumDrops]uint64
+}
+
+// Add accumulates o into s.
+func (s *Stats) Add(o Stats) {
+	s.Packets += o.Packets
+	s.Bytes += o.Bytes
+	for i := range s.Drops {
+		s.Drops[i] += o.Drops[i]
+	}
+}
+
+// TotalDrops is the sum over all reasons.
+func (s Stats) TotalDrops() uint64 {
+	var n uint64
+	for _, d := range s.Drops {
+		n += d
+	}
+	return n
+}
+
+func (s Stats) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "packets=%d bytes=%d", s.Packets, s.Bytes)
+	for _, r := range DropReasons() {
+		if s.Drops[r] != 0 {
+			fmt.Fprintf(&b, " %s=%d", r, s.Drops[r])
+		}
+	}
+	return b.String()
+}
+
+// RouteKey is struct route_key.
+type RouteKey struct {
+	_         structs.HostLayout
+	PrefixLen uint32 // 32 (the tag) + the route's prefix length
+	Tag       uint32 // generation << 16 | slot
+	Addr      [4]byte
+}
+
+// RouteValue is struct route_val.
+type RouteValue struct {
+	_       structs.HostLayout
+	Gateway [4]byte
+	Flags   uint32
+}
+
+// Config is struct config: sandbox-wide settings.
+type Config struct {
+	_        structs.HostLayout
+	RouteGen uint32
+	Flags    uint32
+}
+
+func routeTag(gen, slot uint32) uint32 { return gen<<16 | slot&0xffff }
