@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on a Debian 12 machine (run as root).
+# Idempotent: packages already present are left alone; Go modules come from the module proxy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=/usr/local/go/bin:$PATH
+pkgs=(clang llvm iproute2 iputils-ping ethtool busybox-static qemu-system-x86 make git ca-certificates)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -q
+	apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+command -v go >/dev/null || { echo "install-deps: Go is not installed (expected at /usr/local/go)" >&2; exit 1; }
+go mod download
