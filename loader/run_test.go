@@ -51,7 +51,7 @@ func openSandbox(t testing.TB, root, id string) *loader.Sandbox {
 // set, so the program sees the frame as arriving on that device.
 type skbCtx struct {
 	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto, Priority uint32
-	IngressIfindex, Ifindex                                                                 uint32
+	IngressIfindex, Ifindex                                                               uint32
 }
 
 const (
