@@ -1,0 +1,504 @@
+package control
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kata-dp/kata-dp/control/netspec"
+)
+
+// Config holds a Controller's dependencies.
+type Config struct {
+	Dataplane Dataplane  // required
+	Taps      TapManager // required
+	Store     StateStore // required
+	// Hotplug plugs NICs into VMs; nil makes every sandbox with a QMP socket unhealthy
+	// (ErrNoHotplug).
+	Hotplug Hotplugger
+	// CheckNetNS reports whether path is a usable network namespace; nil uses IsNetNS.
+	CheckNetNS func(path string) error
+	// CheckVhostSocket reports whether path is an existing unix socket; nil uses IsUnixSocket.
+	CheckVhostSocket func(path string) error
+	// Logger; nil uses slog.Default().
+	Logger *slog.Logger
+	// RollbackTimeout bounds the undo of a failed operation; 0 means 30s.
+	RollbackTimeout time.Duration
+}
+
+// Controller is the control plane. See the package documentation for its concurrency rules.
+type Controller struct {
+	cfg Config
+	log *slog.Logger
+
+	mu        sync.Mutex        // guards sandboxes, devices, and every entry's st pointer
+	sandboxes map[string]*entry // by id
+	devices   map[string]string // tap name -> sandbox id, reserved or in use
+}
+
+// entry is one registered sandbox.
+type entry struct {
+	mu   sync.Mutex // held for a whole operation on the sandbox
+	sb   Sandbox    // immutable
+	st   *state     // replaced (under Controller.mu) only by the holder of mu
+	gone bool       // removed from the registry; guarded by mu
+}
+
+// state is what is saved of a sandbox, one store key per sandbox.
+type state struct {
+	Version int             `json:"version"`
+	Sandbox Sandbox         `json:"sandbox"`
+	NICs    []nic           `json:"nics"`
+	Routes  []netspec.Route `json:"routes"`
+}
+
+// nic is one NIC added through kata-network.
+type nic struct {
+	Spec       netspec.Interface `json:"spec"` // as printed: pciAddr and Family filled in
+	Slot       uint32            `json:"slot"`
+	Uplink     string            `json:"uplink,omitempty"`
+	TapCreated bool              `json:"tapCreated"` // created by kata-dp (deleted with the NIC)
+}
+
+const stateVersion = 1
+
+func (s *state) clone() *state {
+	c := *s
+	c.NICs = slices.Clone(s.NICs)
+	c.Routes = slices.Clone(s.Routes)
+	return &c
+}
+
+// New builds a Controller from the saved state and re-adopts each sandbox's dataplane
+// (EnsureSandbox, then Reconcile when the dataplane implements Reconciler). A sandbox whose
+// netns is gone or whose dataplane cannot be re-adopted is kept (so it can be deleted) and
+// logged; a state that cannot be read is an error.
+func New(ctx context.Context, cfg Config) (*Controller, error) {
+	if cfg.Dataplane == nil || cfg.Taps == nil || cfg.Store == nil {
+		return nil, errors.New("new controller: dataplane, taps and store are required")
+	}
+	if cfg.CheckNetNS == nil {
+		cfg.CheckNetNS = IsNetNS
+	}
+	if cfg.CheckVhostSocket == nil {
+		cfg.CheckVhostSocket = IsUnixSocket
+	}
+	if cfg.RollbackTimeout == 0 {
+		cfg.RollbackTimeout = 30 * time.Second
+	}
+	c := &Controller{
+		cfg:       cfg,
+		log:       cmp.Or(cfg.Logger, slog.Default()),
+		sandboxes: map[string]*entry{},
+		devices:   map[string]string{},
+	}
+	saved, err := cfg.Store.Load()
+	if err != nil {
+		return nil, fmt.Errorf("new controller: load state: %w", err)
+	}
+	for key, b := range saved {
+		var st state
+		if err := json.Unmarshal(b, &st); err != nil {
+			return nil, fmt.Errorf("new controller: state of %s: %w", key, err)
+		}
+		if st.Version != stateVersion || st.Sandbox.ID != key {
+			return nil, fmt.Errorf("new controller: state of %s: version %d, id %q: not a state this agent understands", key, st.Version, st.Sandbox.ID)
+		}
+		c.sandboxes[key] = &entry{sb: st.Sandbox, st: &st}
+		for _, n := range st.NICs {
+			c.devices[n.Spec.Device] = key
+		}
+	}
+	for _, id := range slices.Sorted(maps.Keys(c.sandboxes)) {
+		e := c.sandboxes[id]
+		if err := c.readopt(ctx, e); err != nil {
+			c.log.Error("re-adopt sandbox", "sandbox", id, "err", err)
+		}
+	}
+	return c, nil
+}
+
+func (c *Controller) readopt(ctx context.Context, e *entry) error {
+	if err := c.cfg.CheckNetNS(e.sb.NetNS); err != nil {
+		return fmt.Errorf("netns %s: %w", e.sb.NetNS, err)
+	}
+	if err := c.cfg.Dataplane.EnsureSandbox(ctx, e.sb.ID, e.sb.NetNS); err != nil {
+		return fmt.Errorf("ensure dataplane: %w", err)
+	}
+	if r, ok := c.cfg.Dataplane.(Reconciler); ok {
+		var eps []Endpoint
+		for _, n := range e.st.NICs {
+			eps = append(eps, e.sb.endpoint(n))
+		}
+		if err := r.Reconcile(ctx, e.sb, eps, programmed(e.st)); err != nil {
+			return fmt.Errorf("reconcile dataplane: %w", err)
+		}
+	}
+	c.log.Info("re-adopted sandbox", "sandbox", e.sb.ID, "nics", len(e.st.NICs), "routes", len(e.st.Routes))
+	return nil
+}
+
+// endpoint is the dataplane's view of a NIC of the sandbox.
+func (sb Sandbox) endpoint(n nic) Endpoint {
+	mac, _ := net.ParseMAC(n.Spec.HwAddr)
+	ep := Endpoint{
+		Sandbox: sb.ID, NetNS: sb.NetNS, Slot: n.Slot, NIC: n.Spec.Name, Tap: n.Spec.Device,
+		Uplink: n.Uplink, MAC: mac, MTU: n.Spec.MTU, Queues: max(n.Spec.Queues, 1),
+		Mode: sb.Mode, AntiSpoof: sb.AntiSpoof, StrictEgress: sb.StrictEgress,
+	}
+	if len(n.Spec.IPAddresses) > 0 {
+		if p, fam, err := netspec.ParseIPAddress(n.Spec.IPAddresses[0]); err == nil && fam == netspec.FamilyIPv4 {
+			ep.Addr = p
+		}
+	}
+	return ep
+}
+
+// programmed returns the routes of st the dataplane holds: IPv4 routes on a NIC (not "lo").
+func programmed(st *state) []Route {
+	slots := map[string]uint32{}
+	for _, n := range st.NICs {
+		slots[n.Spec.Name] = n.Slot
+	}
+	out := []Route{}
+	for _, r := range st.Routes {
+		pr, err := netspec.ValidateRoute(r)
+		if err != nil || !pr.Dest.Addr().Is4() {
+			continue
+		}
+		slot, ok := slots[r.Device]
+		if !ok {
+			continue
+		}
+		out = append(out, Route{Slot: slot, Dest: pr.Dest, Gateway: pr.Gateway})
+	}
+	return out
+}
+
+var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+
+// ValidSandboxID checks a sandbox id: 1..128 characters, letters, digits, '_', '.', '-', not
+// starting with a punctuation character (ids name files and bpffs directories).
+func ValidSandboxID(id string) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("%w: sandbox id %q must be 1..128 letters, digits, '_', '.', '-' starting with a letter or digit", ErrInvalid, id)
+	}
+	return nil
+}
+
+// AddSandbox validates and registers a sandbox and prepares its dataplane.
+func (c *Controller) AddSandbox(ctx context.Context, spec SandboxSpec) (Sandbox, error) {
+	sb, err := c.validateSandbox(spec)
+	if err != nil {
+		return Sandbox{}, fmt.Errorf("add sandbox: %w", err)
+	}
+	e := &entry{sb: sb, st: &state{Version: stateVersion, Sandbox: sb, NICs: []nic{}, Routes: []netspec.Route{}}}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	c.mu.Lock()
+	if _, ok := c.sandboxes[sb.ID]; ok {
+		c.mu.Unlock()
+		return Sandbox{}, fmt.Errorf("add sandbox: %w: sandbox %s", ErrExists, sb.ID)
+	}
+	c.sandboxes[sb.ID] = e // held locked until registered or given up
+	c.mu.Unlock()
+	giveUp := func() {
+		e.gone = true
+		c.mu.Lock()
+		delete(c.sandboxes, sb.ID)
+		c.mu.Unlock()
+	}
+	if err := c.cfg.Dataplane.EnsureSandbox(ctx, sb.ID, sb.NetNS); err != nil {
+		giveUp()
+		return Sandbox{}, fmt.Errorf("add sandbox %s: dataplane: %w", sb.ID, err)
+	}
+	if err := c.save(e.st); err != nil {
+		if rerr := c.cfg.Dataplane.RemoveSandbox(c.rollbackCtx(ctx), sb.ID); rerr != nil {
+			err = fmt.Errorf("%w (rollback: remove dataplane: %v)", err, rerr)
+		}
+		giveUp()
+		return Sandbox{}, fmt.Errorf("add sandbox %s: %w", sb.ID, err)
+	}
+	c.log.Info("sandbox added", "sandbox", sb.ID, "netns", sb.NetNS, "qmp", sb.QMP, "uplink", sb.Uplink, "mode", sb.Mode)
+	return sb, nil
+}
+
+func (c *Controller) validateSandbox(spec SandboxSpec) (Sandbox, error) {
+	if err := ValidSandboxID(spec.ID); err != nil {
+		return Sandbox{}, err
+	}
+	sb := Sandbox{
+		ID: spec.ID, NetNS: spec.NetNS, QMP: spec.QMP,
+		Uplink: cmp.Or(spec.Uplink, DefaultUplink), Mode: cmp.Or(spec.Mode, ModeTC),
+		AntiSpoof: spec.AntiSpoof == nil || *spec.AntiSpoof, StrictEgress: spec.StrictEgress == nil || *spec.StrictEgress,
+	}
+	if sb.NetNS == "" {
+		return Sandbox{}, fmt.Errorf("%w: netns path is required", ErrInvalid)
+	}
+	if !filepath.IsAbs(sb.NetNS) {
+		return Sandbox{}, fmt.Errorf("%w: netns path %q is not absolute", ErrInvalid, sb.NetNS)
+	}
+	if err := c.cfg.CheckNetNS(sb.NetNS); err != nil {
+		return Sandbox{}, fmt.Errorf("%w: netns %s: %v", ErrInvalid, sb.NetNS, err)
+	}
+	if sb.QMP != "" && !filepath.IsAbs(sb.QMP) {
+		return Sandbox{}, fmt.Errorf("%w: qmp socket path %q is not absolute", ErrInvalid, sb.QMP)
+	}
+	if err := netspec.ValidName("uplink", sb.Uplink); err != nil {
+		return Sandbox{}, err
+	}
+	if !slices.Contains(Modes, sb.Mode) {
+		return Sandbox{}, fmt.Errorf("%w: mode %q is not one of %s", ErrInvalid, sb.Mode, strings.Join(Modes, ", "))
+	}
+	return sb, nil
+}
+
+// DelSandbox removes a sandbox (exact id or unique prefix) and everything kata-dp created for
+// it: its endpoints, the taps it created, its dataplane and its state. The VM is not touched
+// (the sandbox is being torn down). When a step fails the state is kept and the call can be
+// repeated.
+func (c *Controller) DelSandbox(ctx context.Context, id string) error {
+	e, err := c.lock(id)
+	if err != nil {
+		return fmt.Errorf("del sandbox: %w", err)
+	}
+	defer e.mu.Unlock()
+	var errs []error
+	for _, n := range slices.Backward(e.st.NICs) {
+		ep := e.sb.endpoint(n)
+		if err := c.cfg.Dataplane.DelEndpoint(ctx, ep); err != nil {
+			errs = append(errs, fmt.Errorf("dataplane: del endpoint %s: %w", n.Spec.Name, err))
+		}
+		if n.TapCreated {
+			if err := c.cfg.Taps.DeleteTap(ctx, e.sb.NetNS, n.Spec.Device); err != nil {
+				errs = append(errs, fmt.Errorf("delete tap %s: %w", n.Spec.Device, err))
+			}
+		}
+	}
+	if err := c.cfg.Dataplane.RemoveSandbox(ctx, e.sb.ID); err != nil {
+		errs = append(errs, fmt.Errorf("dataplane: %w", err))
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("del sandbox %s: %w", e.sb.ID, errors.Join(errs...))
+	}
+	if err := c.cfg.Store.Delete(e.sb.ID); err != nil {
+		return fmt.Errorf("del sandbox %s: %w", e.sb.ID, err)
+	}
+	e.gone = true
+	c.mu.Lock()
+	delete(c.sandboxes, e.sb.ID)
+	for _, n := range e.st.NICs {
+		if c.devices[n.Spec.Device] == e.sb.ID {
+			delete(c.devices, n.Spec.Device)
+		}
+	}
+	c.mu.Unlock()
+	c.log.Info("sandbox deleted", "sandbox", e.sb.ID)
+	return nil
+}
+
+// Sandboxes lists the registered sandboxes by id.
+func (c *Controller) Sandboxes() []Sandbox {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]Sandbox, 0, len(c.sandboxes))
+	for _, e := range c.sandboxes {
+		out = append(out, e.sb)
+	}
+	slices.SortFunc(out, func(a, b Sandbox) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// Lookup finds a sandbox by exact id or unique id prefix.
+func (c *Controller) Lookup(id string) (Sandbox, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, err := c.find(id)
+	if err != nil {
+		return Sandbox{}, err
+	}
+	return e.sb, nil
+}
+
+// find resolves an id or a prefix; c.mu must be held.
+func (c *Controller) find(id string) (*entry, error) {
+	if e, ok := c.sandboxes[id]; ok && id != "" {
+		return e, nil
+	}
+	var found *entry
+	n := 0
+	if id != "" {
+		for k, e := range c.sandboxes {
+			if strings.HasPrefix(k, id) {
+				found = e
+				n++
+			}
+		}
+	}
+	switch {
+	case n == 0:
+		return nil, fmt.Errorf("%w (%s)", ErrNoSuchSandbox, id)
+	case n > 1:
+		return nil, fmt.Errorf("%w (%s)", ErrAmbiguous, id)
+	}
+	return found, nil
+}
+
+// lock finds a sandbox and takes its operation lock.
+func (c *Controller) lock(id string) (*entry, error) {
+	for {
+		c.mu.Lock()
+		e, err := c.find(id)
+		c.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+		e.mu.Lock()
+		if !e.gone {
+			return e, nil
+		}
+		e.mu.Unlock() // deleted (or never registered) meanwhile: look again
+	}
+}
+
+// Health checks a sandbox: its netns exists and, when it has a QMP socket, the monitor answers.
+func (c *Controller) Health(ctx context.Context, id string) (Sandbox, error) {
+	e, err := c.lock(id)
+	if err != nil {
+		return Sandbox{}, err
+	}
+	defer e.mu.Unlock()
+	return e.sb, c.health(ctx, e.sb)
+}
+
+func (c *Controller) health(ctx context.Context, sb Sandbox) error {
+	if err := c.cfg.CheckNetNS(sb.NetNS); err != nil {
+		return fmt.Errorf("%w: %s: netns %s: %v", ErrUnhealthy, sb.ID, sb.NetNS, err)
+	}
+	if sb.QMP == "" {
+		return nil
+	}
+	if c.cfg.Hotplug == nil {
+		return fmt.Errorf("%w: %s: %w", ErrUnhealthy, sb.ID, ErrNoHotplug)
+	}
+	if err := c.cfg.Hotplug.Healthy(ctx, sb); err != nil {
+		return fmt.Errorf("%w: %s: qmp %s: %v", ErrUnhealthy, sb.ID, sb.QMP, err)
+	}
+	return nil
+}
+
+// acquire finds a sandbox, locks it and checks its health: the start of every kata-network
+// operation. The caller unlocks e.mu.
+func (c *Controller) acquire(ctx context.Context, id string) (*entry, error) {
+	e, err := c.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.health(ctx, e.sb); err != nil {
+		e.mu.Unlock()
+		return nil, err
+	}
+	return e, nil
+}
+
+// save writes st durably.
+func (c *Controller) save(st *state) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	if err := c.cfg.Store.Put(st.Sandbox.ID, b); err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	return nil
+}
+
+// commit saves st and makes it the sandbox's state; e.mu must be held.
+func (c *Controller) commit(e *entry, st *state) error {
+	if err := c.save(st); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	e.st = st
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *Controller) rollbackCtx(ctx context.Context) context.Context {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.RollbackTimeout)
+	_ = cancel // released by the timer; rollbacks are short and rare
+	return ctx
+}
+
+// undo is a stack of compensating steps.
+type undo struct {
+	steps []undoStep
+}
+
+type undoStep struct {
+	what string
+	fn   func(ctx context.Context) error
+}
+
+func (u *undo) push(what string, fn func(ctx context.Context) error) {
+	u.steps = append(u.steps, undoStep{what, fn})
+}
+
+// rollback runs the steps in reverse and returns err with any failure of theirs appended.
+func (c *Controller) rollback(ctx context.Context, u *undo, err error) error {
+	rctx := c.rollbackCtx(ctx)
+	var failed []string
+	for _, s := range slices.Backward(u.steps) {
+		if rerr := s.fn(rctx); rerr != nil {
+			c.log.Error("rollback step failed", "step", s.what, "err", rerr)
+			failed = append(failed, fmt.Sprintf("%s: %v", s.what, rerr))
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("%w (rollback failed: %s)", err, strings.Join(failed, "; "))
+	}
+	return err
+}
+
+// reserveDevice claims a tap name host-wide for sandbox id.
+func (c *Controller) reserveDevice(dev, id string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if owner, ok := c.devices[dev]; ok {
+		if owner == id {
+			return fmt.Errorf("%w: device %s is already used by a NIC of this sandbox", ErrExists, dev)
+		}
+		return fmt.Errorf("%w: device %s is already used by sandbox %s", ErrExists, dev, owner)
+	}
+	c.devices[dev] = id
+	return nil
+}
+
+func (c *Controller) releaseDevice(dev, id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.devices[dev] == id {
+		delete(c.devices, dev)
+	}
+}
+
+// prefixOf returns the NIC address of n as a prefix, or the zero prefix.
+func prefixOf(n nic) netip.Prefix {
+	if len(n.Spec.IPAddresses) == 0 {
+		return netip.Prefix{}
+	}
+	p, _, _ := netspec.ParseIPAddress(n.Spec.IPAddresses[0])
+	return p
+}

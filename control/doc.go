@@ -1,0 +1,15 @@
+// Package control is kata-dp's control plane: the registry of sandboxes, the NICs and routes
+// kata-network adds to them, and the steps that turn one request into taps, dataplane entries,
+// hot-plugged devices and saved state.
+//
+// Control owns the rules (validation first, then each step with its undo; any failure rolls
+// back what was done) and depends only on small interfaces for the work below it: Dataplane
+// (BPF programs and maps, implemented in control/bpfdp), Hotplugger (QMP), TapManager (netdev)
+// and StateStore (control/store). That keeps its logic testable with fakes (see MemDataplane
+// and MemHotplugger) and its integration testable with the real parts.
+//
+// A Controller is safe for concurrent use. Operations on one sandbox are serialised (one lock
+// per sandbox, held for the whole operation including its health check); operations on
+// different sandboxes run in parallel. Host-wide rules (a tap name is used by one NIC on the
+// host) are enforced with short critical sections on the registry.
+package control

@@ -1,0 +1,572 @@
+package control
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+
+	"github.com/kata-dp/kata-dp/control/netspec"
+)
+
+// The kata-network operations.
+const (
+	OpAddIface     = "add-iface"
+	OpDelIface     = "del-iface"
+	OpUpdateIface  = "update-iface"
+	OpListIfaces   = "list-ifaces"
+	OpAddRoute     = "add-route"
+	OpDelRoute     = "del-route"
+	OpUpdateRoutes = "update-routes"
+	OpListRoutes   = "list-routes"
+)
+
+// Ops lists the kata-network operations in the order the help shows them.
+var Ops = []string{OpAddIface, OpDelIface, OpUpdateIface, OpListIfaces, OpAddRoute, OpDelRoute, OpUpdateRoutes, OpListRoutes}
+
+// TakesInput reports whether a kata-network operation reads a network file.
+func TakesInput(op string) bool { return op != OpListIfaces && op != OpListRoutes }
+
+// ErrUnknownOp is returned by KataNetwork for an operation that does not exist.
+var ErrUnknownOp = errors.New("unknown kata-network operation")
+
+// KataNetwork runs one kata-network operation on the sandbox id (exact or unique prefix) with
+// the raw network file input and returns exactly what the CLI prints on stdout, whether or
+// not the operation failed: "null" when the sandbox is missing or unhealthy, nothing for a
+// JSON decode error, otherwise the operation's success or failure output as the contract says.
+func (c *Controller) KataNetwork(ctx context.Context, id, op string, input []byte) (stdout []byte, err error) {
+	if !slices.Contains(Ops, op) {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownOp, op)
+	}
+	if len(input) > netspec.MaxFileSize {
+		return nil, netspec.ErrFileTooBig
+	}
+	e, err := c.acquire(ctx, id)
+	if err != nil {
+		return netspec.Null, err
+	}
+	defer e.mu.Unlock()
+	decode := func(v any) error {
+		if err := netspec.Decode(input, v); err != nil {
+			return fmt.Errorf("decode network file: %w", err)
+		}
+		return nil
+	}
+	switch op {
+	case OpAddIface:
+		var req netspec.AddRequest
+		if err := decode(&req); err != nil {
+			return nil, err
+		}
+		out, err := c.addIface(ctx, e, req)
+		if err != nil {
+			return netspec.Null, err
+		}
+		return netspec.Encode(out), nil
+	case OpDelIface:
+		var in netspec.Interface
+		if err := decode(&in); err != nil {
+			return nil, err
+		}
+		if err := c.delIface(ctx, e, in); err != nil {
+			return netspec.Encode(in), err
+		}
+		return netspec.Null, nil
+	case OpUpdateIface:
+		var in netspec.Interface
+		if err := decode(&in); err != nil {
+			return nil, err
+		}
+		out, err := c.updateIface(ctx, e, in)
+		if err != nil {
+			return netspec.Null, err
+		}
+		return netspec.Encode(out), nil
+	case OpListIfaces:
+		list := listIfaces(e.st)
+		if len(list) == 0 {
+			return netspec.Null, nil
+		}
+		return netspec.Encode(list), nil
+	case OpAddRoute:
+		var r netspec.Route
+		if err := decode(&r); err != nil {
+			return nil, err
+		}
+		added, err := c.addRoute(ctx, e, r)
+		if err != nil {
+			return netspec.Null, err
+		}
+		return netspec.Encode([]netspec.Route{added}), nil
+	case OpDelRoute:
+		var r netspec.Route
+		if err := decode(&r); err != nil {
+			return nil, err
+		}
+		removed, err := c.delRoute(ctx, e, r)
+		if err != nil {
+			return netspec.Null, err
+		}
+		return netspec.Encode(removed), nil
+	case OpUpdateRoutes:
+		var rs []netspec.Route
+		if err := decode(&rs); err != nil {
+			return nil, err
+		}
+		now, err := c.updateRoutes(ctx, e, rs)
+		if err != nil {
+			return netspec.Null, err
+		}
+		return netspec.Encode(now), nil
+	default: // OpListRoutes
+		list := listRoutes(e.st)
+		if len(list) == 0 {
+			return netspec.Null, nil
+		}
+		return netspec.Encode(list), nil
+	}
+}
+
+// AddIface adds a NIC to the sandbox (see the kata-network contract) and returns it as
+// configured, pciAddr and IPAddresses[].Family filled in.
+func (c *Controller) AddIface(ctx context.Context, id string, req netspec.AddRequest) (netspec.Interface, error) {
+	e, err := c.acquire(ctx, id)
+	if err != nil {
+		return netspec.Interface{}, err
+	}
+	defer e.mu.Unlock()
+	return c.addIface(ctx, e, req)
+}
+
+// DelIface removes the NIC matched by name (or, without a name, by hwAddr). An unknown NIC is
+// not an error.
+func (c *Controller) DelIface(ctx context.Context, id string, in netspec.Interface) error {
+	e, err := c.acquire(ctx, id)
+	if err != nil {
+		return err
+	}
+	defer e.mu.Unlock()
+	return c.delIface(ctx, e, in)
+}
+
+// UpdateIface changes the address of the NIC named in.Name.
+func (c *Controller) UpdateIface(ctx context.Context, id string, in netspec.Interface) (netspec.Interface, error) {
+	e, err := c.acquire(ctx, id)
+	if err != nil {
+		return netspec.Interface{}, err
+	}
+	defer e.mu.Unlock()
+	return c.updateIface(ctx, e, in)
+}
+
+// Ifaces returns the NICs added through kata-network, as configured.
+func (c *Controller) Ifaces(id string) ([]netspec.Interface, error) {
+	e, err := c.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer e.mu.Unlock()
+	var out []netspec.Interface
+	for _, n := range e.st.NICs {
+		out = append(out, n.Spec)
+	}
+	return out, nil
+}
+
+// Routes returns the sandbox's routes as they were given.
+func (c *Controller) Routes(id string) ([]netspec.Route, error) {
+	e, err := c.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer e.mu.Unlock()
+	return slices.Clone(e.st.Routes), nil
+}
+
+// AddRoute adds one route and returns it.
+func (c *Controller) AddRoute(ctx context.Context, id string, r netspec.Route) (netspec.Route, error) {
+	e, err := c.acquire(ctx, id)
+	if err != nil {
+		return netspec.Route{}, err
+	}
+	defer e.mu.Unlock()
+	return c.addRoute(ctx, e, r)
+}
+
+// DelRoute removes the routes matching r (fuzzy: empty device or gateway match any) and
+// returns them.
+func (c *Controller) DelRoute(ctx context.Context, id string, r netspec.Route) ([]netspec.Route, error) {
+	e, err := c.acquire(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	defer e.mu.Unlock()
+	return c.delRoute(ctx, e, r)
+}
+
+// UpdateRoutes replaces the sandbox's routes and returns the routes now in force.
+func (c *Controller) UpdateRoutes(ctx context.Context, id string, rs []netspec.Route) ([]netspec.Route, error) {
+	e, err := c.acquire(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	defer e.mu.Unlock()
+	return c.updateRoutes(ctx, e, rs)
+}
+
+func listIfaces(st *state) []netspec.IfaceInfo {
+	var out []netspec.IfaceInfo
+	for _, n := range st.NICs {
+		out = append(out, netspec.ListIface(n.Spec))
+	}
+	return out
+}
+
+func listRoutes(st *state) []netspec.RouteInfo {
+	var out []netspec.RouteInfo
+	for _, r := range st.Routes {
+		pr, err := netspec.ValidateRoute(r)
+		if err != nil {
+			continue
+		}
+		if info, ok := netspec.ListRoute(pr); ok {
+			out = append(out, info)
+		}
+	}
+	return out
+}
+
+func invalidf(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))
+}
+
+func freeSlot(st *state) (uint32, bool) {
+	used := make([]bool, MaxEndpoints)
+	for _, n := range st.NICs {
+		if n.Slot < MaxEndpoints {
+			used[n.Slot] = true
+		}
+	}
+	for i, u := range used {
+		if !u {
+			return uint32(i), true
+		}
+	}
+	return 0, false
+}
+
+func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequest) (netspec.Interface, error) {
+	sb, st := e.sb, e.st
+	v, err := netspec.ValidateAdd(req, c.cfg.CheckVhostSocket)
+	if err != nil {
+		return netspec.Interface{}, err
+	}
+	for _, n := range st.NICs {
+		switch {
+		case n.Spec.Name == v.Spec.Name:
+			return netspec.Interface{}, fmt.Errorf("%w: NIC name %s is already used in the sandbox", ErrExists, v.Spec.Name)
+		case n.Spec.Device == v.Spec.Device:
+			return netspec.Interface{}, fmt.Errorf("%w: device %s is already used by NIC %s", ErrExists, v.Spec.Device, n.Spec.Name)
+		case sameMAC(n.Spec.HwAddr, v.MAC):
+			return netspec.Interface{}, fmt.Errorf("%w: hwAddr %s is already used by NIC %s", ErrExists, v.Spec.HwAddr, n.Spec.Name)
+		case v.Spec.VhostUserSocket != "" && n.Spec.VhostUserSocket != "":
+			return netspec.Interface{}, invalidf("only one vhostUserSocket per sandbox (NIC %s has one)", n.Spec.Name)
+		case v.Uplink != "" && n.Uplink == v.Uplink:
+			return netspec.Interface{}, fmt.Errorf("%w: uplink %s is already joined to NIC %s", ErrExists, v.Uplink, n.Spec.Name)
+		case v.Uplink != "" && n.Spec.Device == v.Uplink:
+			return netspec.Interface{}, invalidf("uplink %s is the tap of NIC %s", v.Uplink, n.Spec.Name)
+		}
+	}
+	slot, ok := freeSlot(st)
+	if !ok {
+		return netspec.Interface{}, fmt.Errorf("%w: sandbox has %d NICs", ErrNoSlot, MaxEndpoints)
+	}
+	if v.Uplink != "" {
+		ok, err := c.cfg.Taps.LinkExists(ctx, sb.NetNS, v.Uplink)
+		if err != nil {
+			return netspec.Interface{}, fmt.Errorf("look up uplink %s: %w", v.Uplink, err)
+		}
+		if !ok {
+			return netspec.Interface{}, invalidf("uplink %s does not exist in the sandbox netns", v.Uplink)
+		}
+	}
+	if err := c.reserveDevice(v.Spec.Device, sb.ID); err != nil {
+		return netspec.Interface{}, err
+	}
+	n := nic{Spec: v.Spec, Slot: slot, Uplink: v.Uplink}
+	var u undo
+	u.push("release device "+v.Spec.Device, func(context.Context) error { c.releaseDevice(v.Spec.Device, sb.ID); return nil })
+	fail := func(err error) (netspec.Interface, error) { return netspec.Interface{}, c.rollback(ctx, &u, err) }
+
+	// 1. The tap: created, or an existing one adopted (never joined, never deleted).
+	created, err := c.cfg.Taps.EnsureTap(ctx, sb.NetNS, v.Spec.Device, TapOptions{Queues: v.Queues, MTU: max(v.Spec.MTU, 68), Vnet: true})
+	if err != nil {
+		return fail(fmt.Errorf("tap %s: %w", v.Spec.Device, err))
+	}
+	n.TapCreated = created
+	if created {
+		u.push("delete tap "+v.Spec.Device, func(ctx context.Context) error { return c.cfg.Taps.DeleteTap(ctx, sb.NetNS, v.Spec.Device) })
+	}
+	// 2. Joining: the sandbox uplink, when the tap is ours, the uplink exists and is free.
+	if n.Uplink == "" && created && !slices.ContainsFunc(st.NICs, func(o nic) bool { return o.Uplink == sb.Uplink || o.Spec.Device == sb.Uplink }) {
+		ok, err := c.cfg.Taps.LinkExists(ctx, sb.NetNS, sb.Uplink)
+		if err != nil {
+			return fail(fmt.Errorf("look up uplink %s: %w", sb.Uplink, err))
+		}
+		if ok {
+			n.Uplink = sb.Uplink
+		}
+	}
+	// 3. The dataplane.
+	ep := sb.endpoint(n)
+	if err := c.cfg.Dataplane.AddEndpoint(ctx, ep); err != nil {
+		return fail(fmt.Errorf("dataplane: add endpoint %s: %w", n.Spec.Name, err))
+	}
+	u.push("dataplane: del endpoint "+n.Spec.Name, func(ctx context.Context) error { return c.cfg.Dataplane.DelEndpoint(ctx, ep) })
+	// 4. The VM.
+	if sb.QMP != "" {
+		pci, err := c.cfg.Hotplug.Plug(ctx, sb, ep)
+		if err != nil {
+			return fail(fmt.Errorf("hot-plug %s: %w", n.Spec.Name, err))
+		}
+		n.Spec.PCIAddr = pci
+		u.push("hot-unplug "+n.Spec.Name, func(ctx context.Context) error { return c.cfg.Hotplug.Unplug(ctx, sb, ep) })
+	}
+	// 5. The state.
+	next := st.clone()
+	next.NICs = append(next.NICs, n)
+	if err := c.commit(e, next); err != nil {
+		return fail(err)
+	}
+	c.log.Info("NIC added", "sandbox", sb.ID, "nic", n.Spec.Name, "tap", n.Spec.Device, "created", created,
+		"slot", n.Slot, "uplink", n.Uplink, "pci", n.Spec.PCIAddr)
+	return n.Spec, nil
+}
+
+func sameMAC(s string, mac net.HardwareAddr) bool {
+	m, err := net.ParseMAC(s)
+	return err == nil && bytes.Equal(m, mac)
+}
+
+func findNIC(st *state, in netspec.Interface) int {
+	if in.Name != "" {
+		return slices.IndexFunc(st.NICs, func(n nic) bool { return n.Spec.Name == in.Name })
+	}
+	mac, err := net.ParseMAC(in.HwAddr)
+	if err != nil {
+		return -1
+	}
+	return slices.IndexFunc(st.NICs, func(n nic) bool { return sameMAC(n.Spec.HwAddr, mac) })
+}
+
+func (c *Controller) delIface(ctx context.Context, e *entry, in netspec.Interface) error {
+	sb, st := e.sb, e.st
+	if in.Name == "" && in.HwAddr == "" {
+		return invalidf("name is required")
+	}
+	i := findNIC(st, in)
+	if i < 0 {
+		return nil // an unknown NIC is a silent success
+	}
+	n := st.NICs[i]
+	ep := sb.endpoint(n)
+	next := st.clone()
+	next.NICs = slices.Delete(next.NICs, i, i+1)
+	next.Routes = slices.DeleteFunc(next.Routes, func(r netspec.Route) bool { return r.Device == n.Spec.Name })
+
+	var u undo
+	fail := func(err error) error { return c.rollback(ctx, &u, err) }
+	// 1. The VM.
+	if sb.QMP != "" {
+		if err := c.cfg.Hotplug.Unplug(ctx, sb, ep); err != nil {
+			return fail(fmt.Errorf("hot-unplug %s: %w", n.Spec.Name, err))
+		}
+		u.push("hot-plug "+n.Spec.Name, func(ctx context.Context) error {
+			pci, err := c.cfg.Hotplug.Plug(ctx, sb, ep)
+			if err == nil && pci != n.Spec.PCIAddr {
+				c.log.Warn("NIC re-plugged at another PCI address", "sandbox", sb.ID, "nic", n.Spec.Name, "was", n.Spec.PCIAddr, "now", pci)
+			}
+			return err
+		})
+	}
+	// 2. The routes through the NIC go with it.
+	if len(next.Routes) != len(st.Routes) {
+		if err := c.setRoutes(ctx, &u, sb, st, next); err != nil {
+			return fail(err)
+		}
+	}
+	// 3. The dataplane.
+	if err := c.cfg.Dataplane.DelEndpoint(ctx, ep); err != nil {
+		return fail(fmt.Errorf("dataplane: del endpoint %s: %w", n.Spec.Name, err))
+	}
+	u.push("dataplane: add endpoint "+n.Spec.Name, func(ctx context.Context) error { return c.cfg.Dataplane.AddEndpoint(ctx, ep) })
+	// 4. The tap, if kata-dp created it.
+	if n.TapCreated {
+		if err := c.cfg.Taps.DeleteTap(ctx, sb.NetNS, n.Spec.Device); err != nil {
+			return fail(fmt.Errorf("delete tap %s: %w", n.Spec.Device, err))
+		}
+		u.push("re-create tap "+n.Spec.Device, func(ctx context.Context) error {
+			_, err := c.cfg.Taps.EnsureTap(ctx, sb.NetNS, n.Spec.Device, TapOptions{Queues: max(n.Spec.Queues, 1), MTU: max(n.Spec.MTU, 68), Vnet: true})
+			return err
+		})
+	}
+	// 5. The state.
+	if err := c.commit(e, next); err != nil {
+		return fail(err)
+	}
+	c.releaseDevice(n.Spec.Device, sb.ID)
+	c.log.Info("NIC removed", "sandbox", sb.ID, "nic", n.Spec.Name, "tap", n.Spec.Device, "tapDeleted", n.TapCreated)
+	return nil
+}
+
+func (c *Controller) updateIface(ctx context.Context, e *entry, in netspec.Interface) (netspec.Interface, error) {
+	sb, st := e.sb, e.st
+	upd, err := netspec.ValidateUpdate(in)
+	if err != nil {
+		return netspec.Interface{}, err
+	}
+	i := slices.IndexFunc(st.NICs, func(n nic) bool { return n.Spec.Name == upd.Name })
+	if i < 0 {
+		return netspec.Interface{}, fmt.Errorf("%w: no NIC named %s in the sandbox", ErrNotFound, upd.Name)
+	}
+	old := st.NICs[i]
+	n := old
+	n.Spec.IPAddresses = upd.IPAddresses
+	next := st.clone()
+	next.NICs[i] = n
+	oldEP, newEP := sb.endpoint(old), sb.endpoint(n)
+
+	var u undo
+	fail := func(err error) (netspec.Interface, error) { return netspec.Interface{}, c.rollback(ctx, &u, err) }
+	if up, ok := c.cfg.Dataplane.(EndpointUpdater); ok {
+		if err := up.UpdateEndpoint(ctx, newEP); err != nil {
+			return fail(fmt.Errorf("dataplane: update endpoint %s: %w", n.Spec.Name, err))
+		}
+		u.push("dataplane: restore endpoint "+n.Spec.Name, func(ctx context.Context) error { return up.UpdateEndpoint(ctx, oldEP) })
+	} else {
+		if err := c.cfg.Dataplane.DelEndpoint(ctx, oldEP); err != nil {
+			return fail(fmt.Errorf("dataplane: del endpoint %s: %w", n.Spec.Name, err))
+		}
+		u.push("dataplane: add old endpoint "+n.Spec.Name, func(ctx context.Context) error { return c.cfg.Dataplane.AddEndpoint(ctx, oldEP) })
+		if err := c.cfg.Dataplane.AddEndpoint(ctx, newEP); err != nil {
+			return fail(fmt.Errorf("dataplane: add endpoint %s: %w", n.Spec.Name, err))
+		}
+		u.push("dataplane: del new endpoint "+n.Spec.Name, func(ctx context.Context) error { return c.cfg.Dataplane.DelEndpoint(ctx, newEP) })
+	}
+	if err := c.commit(e, next); err != nil {
+		return fail(err)
+	}
+	c.log.Info("NIC updated", "sandbox", sb.ID, "nic", n.Spec.Name, "addr", newEP.Addr)
+	return n.Spec, nil
+}
+
+// setRoutes programs next's routes when they differ from st's, pushing the undo.
+func (c *Controller) setRoutes(ctx context.Context, u *undo, sb Sandbox, st, next *state) error {
+	oldR, newR := programmed(st), programmed(next)
+	if slices.Equal(oldR, newR) {
+		return nil
+	}
+	if err := c.cfg.Dataplane.SetRoutes(ctx, sb.ID, newR); err != nil {
+		return fmt.Errorf("dataplane: set routes: %w", err)
+	}
+	u.push("dataplane: restore routes", func(ctx context.Context) error { return c.cfg.Dataplane.SetRoutes(ctx, sb.ID, oldR) })
+	return nil
+}
+
+// checkRoute validates a route against the sandbox: its device is a NIC or "lo".
+func checkRoute(st *state, r netspec.Route) (netspec.ParsedRoute, error) {
+	pr, err := netspec.ValidateRoute(r)
+	if err != nil {
+		return pr, err
+	}
+	if r.Device != netspec.LoopbackDevice && !slices.ContainsFunc(st.NICs, func(n nic) bool { return n.Spec.Name == r.Device }) {
+		return pr, invalidf("route device %s is not a NIC of the sandbox (nor lo)", r.Device)
+	}
+	return pr, nil
+}
+
+func (c *Controller) addRoute(ctx context.Context, e *entry, r netspec.Route) (netspec.Route, error) {
+	sb, st := e.sb, e.st
+	pr, err := checkRoute(st, r)
+	if err != nil {
+		return netspec.Route{}, err
+	}
+	for _, o := range st.Routes {
+		if opr, err := netspec.ValidateRoute(o); err == nil && opr.Dest == pr.Dest {
+			return netspec.Route{}, fmt.Errorf("%w: a route to %s (device %s) already exists", ErrExists, r.Dest, o.Device)
+		}
+	}
+	next := st.clone()
+	next.Routes = append(next.Routes, r)
+	var u undo
+	if err := c.setRoutes(ctx, &u, sb, st, next); err != nil {
+		return netspec.Route{}, err
+	}
+	if err := c.commit(e, next); err != nil {
+		return netspec.Route{}, c.rollback(ctx, &u, err)
+	}
+	c.log.Info("route added", "sandbox", sb.ID, "dest", r.Dest, "gateway", r.Gateway, "device", r.Device)
+	return r, nil
+}
+
+func (c *Controller) delRoute(ctx context.Context, e *entry, r netspec.Route) ([]netspec.Route, error) {
+	sb, st := e.sb, e.st
+	f, err := netspec.ValidateRouteFilter(r)
+	if err != nil {
+		return nil, err
+	}
+	next := st.clone()
+	var removed []netspec.Route
+	next.Routes = slices.DeleteFunc(next.Routes, func(o netspec.Route) bool {
+		pr, err := netspec.ValidateRoute(o)
+		if err == nil && f.Match(pr) {
+			removed = append(removed, o)
+			return true
+		}
+		return false
+	})
+	if len(removed) == 0 {
+		return nil, fmt.Errorf("%w: no route matches dest %s", ErrNotFound, r.Dest)
+	}
+	var u undo
+	if err := c.setRoutes(ctx, &u, sb, st, next); err != nil {
+		return nil, err
+	}
+	if err := c.commit(e, next); err != nil {
+		return nil, c.rollback(ctx, &u, err)
+	}
+	c.log.Info("routes removed", "sandbox", sb.ID, "dest", r.Dest, "count", len(removed))
+	return removed, nil
+}
+
+func (c *Controller) updateRoutes(ctx context.Context, e *entry, rs []netspec.Route) ([]netspec.Route, error) {
+	sb, st := e.sb, e.st
+	if rs == nil {
+		return nil, invalidf("update-routes needs a JSON array of routes")
+	}
+	seen := map[string]string{}
+	for _, r := range rs {
+		pr, err := checkRoute(st, r)
+		if err != nil {
+			return nil, err
+		}
+		key := pr.Dest.String()
+		if prev, ok := seen[key]; ok {
+			return nil, fmt.Errorf("%w: two routes to %s (devices %s and %s)", ErrExists, r.Dest, prev, r.Device)
+		}
+		seen[key] = r.Device
+	}
+	next := st.clone()
+	next.Routes = slices.Clone(rs)
+	var u undo
+	if err := c.setRoutes(ctx, &u, sb, st, next); err != nil {
+		return nil, err
+	}
+	if err := c.commit(e, next); err != nil {
+		return nil, c.rollback(ctx, &u, err)
+	}
+	c.log.Info("routes replaced", "sandbox", sb.ID, "count", len(rs))
+	return next.Routes, nil
+}

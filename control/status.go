@@ -1,0 +1,91 @@
+package control
+
+import (
+	"context"
+	"slices"
+	"strings"
+)
+
+// EndpointStatus is one NIC in a status report.
+type EndpointStatus struct {
+	NIC        string         `json:"nic"`
+	Tap        string         `json:"tap"`
+	TapCreated bool           `json:"tapCreated"`
+	Uplink     string         `json:"uplink,omitempty"`
+	MAC        string         `json:"mac"`
+	Addr       string         `json:"addr,omitempty"`
+	Slot       uint32         `json:"slot"`
+	PCIAddr    string         `json:"pciAddr,omitempty"`
+	Stats      *EndpointStats `json:"stats,omitempty"`
+	StatsError string         `json:"statsError,omitempty"`
+}
+
+// SandboxStatus is one sandbox in a status report.
+type SandboxStatus struct {
+	Sandbox
+	Endpoints []EndpointStatus `json:"endpoints"`
+	Routes    int              `json:"routes"`
+}
+
+// Endpoints returns a snapshot of every endpoint of every sandbox, ordered by sandbox and slot.
+// It does not wait for running operations.
+func (c *Controller) Endpoints() []Endpoint {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []Endpoint
+	for _, e := range c.sandboxes {
+		for _, n := range e.st.NICs {
+			out = append(out, e.sb.endpoint(n))
+		}
+	}
+	slices.SortFunc(out, func(a, b Endpoint) int {
+		if c := strings.Compare(a.Sandbox, b.Sandbox); c != 0 {
+			return c
+		}
+		return int(a.Slot) - int(b.Slot)
+	})
+	return out
+}
+
+// Stats returns the dataplane's counters of an endpoint.
+func (c *Controller) Stats(ctx context.Context, ep Endpoint) (EndpointStats, error) {
+	return c.cfg.Dataplane.Stats(ctx, ep)
+}
+
+// Status reports every sandbox with its endpoints and their counters. It does not wait for
+// running operations.
+func (c *Controller) Status(ctx context.Context) []SandboxStatus {
+	type snap struct {
+		sb Sandbox
+		st *state
+	}
+	c.mu.Lock()
+	var snaps []snap
+	for _, e := range c.sandboxes {
+		snaps = append(snaps, snap{e.sb, e.st})
+	}
+	c.mu.Unlock()
+	slices.SortFunc(snaps, func(a, b snap) int { return strings.Compare(a.sb.ID, b.sb.ID) })
+	out := []SandboxStatus{}
+	for _, s := range snaps {
+		ss := SandboxStatus{Sandbox: s.sb, Endpoints: []EndpointStatus{}, Routes: len(s.st.Routes)}
+		for _, n := range s.st.NICs {
+			ep := s.sb.endpoint(n)
+			es := EndpointStatus{
+				NIC: n.Spec.Name, Tap: n.Spec.Device, TapCreated: n.TapCreated, Uplink: n.Uplink,
+				MAC: n.Spec.HwAddr, Slot: n.Slot, PCIAddr: n.Spec.PCIAddr,
+			}
+			if p := prefixOf(n); p.IsValid() {
+				es.Addr = p.String()
+			}
+			if st, err := c.cfg.Dataplane.Stats(ctx, ep); err != nil {
+				es.StatsError = err.Error()
+			} else {
+				es.Stats = &st
+			}
+			ss.Endpoints = append(ss.Endpoints, es)
+		}
+		out = append(out, ss)
+	}
+	return out
+}

@@ -1,0 +1,162 @@
+package control
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+
+	"github.com/kata-dp/kata-dp/control/netspec"
+)
+
+// Endpoint is one NIC of a sandbox as the dataplane sees it.
+type Endpoint struct {
+	Sandbox      string           // sandbox id
+	NetNS        string           // sandbox netns path
+	Slot         uint32           // endpoint index 0..63 within the sandbox, allocated by control, persisted, stable
+	NIC          string           // guest NIC name ("name")
+	Tap          string           // host tap name ("device")
+	Uplink       string           // device in the sandbox netns the tap is joined to; "" = not joined
+	MAC          net.HardwareAddr // guest MAC
+	Addr         netip.Prefix     // guest IPv4/prefix; zero value when none
+	MTU, Queues  int
+	Mode         string // "tc" (default), "xdp", "tcfilter", "macvtap"
+	AntiSpoof    bool
+	StrictEgress bool
+}
+
+// Route is one entry of a sandbox's route table as the dataplane sees it.
+type Route struct {
+	Slot    uint32       // endpoint slot of the route's NIC (routes on "lo" are kept in state but not programmed)
+	Dest    netip.Prefix // 0.0.0.0/0 for "default"
+	Gateway netip.Addr   // zero when none
+}
+
+// DirStats are the counters of one direction of an endpoint.
+type DirStats struct {
+	Packets, Bytes uint64
+	Drops          map[string]uint64 // drop reason -> count
+}
+
+// EndpointStats are the counters of an endpoint.
+type EndpointStats struct{ FromGuest, ToGuest DirStats }
+
+// Dataplane programs the datapath of sandboxes. Implementations must be safe for concurrent
+// use across sandboxes; control never calls it concurrently for one sandbox.
+type Dataplane interface {
+	EnsureSandbox(ctx context.Context, id, netnsPath string) error // load or re-adopt the pinned BPF collection; idempotent
+	RemoveSandbox(ctx context.Context, id string) error            // detach all of kata-dp's programs and pins of the sandbox
+	AddEndpoint(ctx context.Context, ep Endpoint) error            // attach programs to tap (+uplink when joined), write maps; undoes its own partial work
+	DelEndpoint(ctx context.Context, ep Endpoint) error
+	SetRoutes(ctx context.Context, sandbox string, routes []Route) error // replaces the sandbox's route table atomically
+	Stats(ctx context.Context, ep Endpoint) (EndpointStats, error)
+}
+
+// EndpointUpdater is implemented by dataplanes that can rewrite an endpoint's map entries in
+// place (update-iface changes the guest address). Without it control falls back to
+// DelEndpoint + AddEndpoint.
+type EndpointUpdater interface {
+	UpdateEndpoint(ctx context.Context, ep Endpoint) error
+}
+
+// Reconciler is implemented by dataplanes that want the whole saved state of a sandbox when the
+// agent starts, after EnsureSandbox, to check pinned maps and links against it and fix what
+// differs. Without it control only calls EnsureSandbox at start.
+type Reconciler interface {
+	Reconcile(ctx context.Context, sb Sandbox, eps []Endpoint, routes []Route) error
+}
+
+// Hotplugger plugs NICs into a sandbox's VM. Sandboxes without a QMP socket skip hot-plug.
+type Hotplugger interface {
+	Plug(ctx context.Context, sb Sandbox, ep Endpoint) (pciAddr string, err error)
+	Unplug(ctx context.Context, sb Sandbox, ep Endpoint) error
+	Healthy(ctx context.Context, sb Sandbox) error // monitor answers
+}
+
+// TapOptions are the properties of a tap control creates.
+type TapOptions struct {
+	Queues int  // 1 = single queue, more = IFF_MULTI_QUEUE
+	MTU    int  // 0 = kernel default
+	Vnet   bool // IFF_VNET_HDR (always set by control)
+}
+
+// TapManager creates, adopts and deletes taps and looks up links in a sandbox's netns.
+type TapManager interface {
+	// EnsureTap creates the tap name in the netns, or adopts an existing tap of that name.
+	// created reports whether this call created it. A link of that name that is not a tap is
+	// an error wrapping ErrNotTap.
+	EnsureTap(ctx context.Context, netns, name string, o TapOptions) (created bool, err error)
+	// DeleteTap deletes the tap; a missing tap is not an error.
+	DeleteTap(ctx context.Context, netns, name string) error
+	// LinkExists reports whether a link of that name exists in the netns.
+	LinkExists(ctx context.Context, netns, name string) (bool, error)
+}
+
+// StateStore keeps one value per key durably (control/store implements it).
+type StateStore interface {
+	Put(key string, data []byte) error
+	Delete(key string) error
+	Load() (map[string][]byte, error)
+}
+
+// Dataplane modes.
+const (
+	ModeTC       = "tc"
+	ModeXDP      = "xdp"
+	ModeTCFilter = "tcfilter"
+	ModeMacvtap  = "macvtap"
+)
+
+// Modes lists the valid dataplane modes.
+var Modes = []string{ModeTC, ModeXDP, ModeTCFilter, ModeMacvtap}
+
+// DefaultUplink is the sandbox uplink when none is given (the CNI's veth).
+const DefaultUplink = "eth0"
+
+// MaxEndpoints is the number of endpoint slots per sandbox.
+const MaxEndpoints = 64
+
+// Sandbox is a registered sandbox.
+type Sandbox struct {
+	ID           string `json:"id"`
+	NetNS        string `json:"netns"`
+	QMP          string `json:"qmp,omitempty"` // QMP socket path; "" = no hot-plug
+	Uplink       string `json:"uplink"`
+	Mode         string `json:"mode"`
+	AntiSpoof    bool   `json:"antiSpoof"`
+	StrictEgress bool   `json:"strictEgress"`
+}
+
+// SandboxSpec is a request to register a sandbox. Nil booleans take their defaults (on).
+type SandboxSpec struct {
+	ID           string `json:"id"`
+	NetNS        string `json:"netns"`
+	QMP          string `json:"qmp,omitempty"`
+	Uplink       string `json:"uplink,omitempty"`
+	Mode         string `json:"mode,omitempty"`
+	AntiSpoof    *bool  `json:"antiSpoof,omitempty"`
+	StrictEgress *bool  `json:"strictEgress,omitempty"`
+}
+
+// Errors of the control plane, matched with errors.Is. The texts of ErrNoSuchSandbox and
+// ErrAmbiguous are completed with the id as the kata-network contract prints them.
+var (
+	// ErrNoSuchSandbox: no sandbox id starts with the given prefix.
+	ErrNoSuchSandbox = errors.New("no such container ID")
+	// ErrAmbiguous: several sandbox ids start with the given prefix.
+	ErrAmbiguous = errors.New("multiple containers found")
+	// ErrUnhealthy: the sandbox's netns is gone or its QMP monitor does not answer.
+	ErrUnhealthy = errors.New("sandbox not healthy")
+	// ErrExists: a sandbox, NIC, device or route is already there.
+	ErrExists = errors.New("already exists")
+	// ErrNotFound: a NIC or route the request names is not there.
+	ErrNotFound = errors.New("not found")
+	// ErrInvalid: the request is malformed (the same error as netspec.ErrInvalid).
+	ErrInvalid = netspec.ErrInvalid
+	// ErrNotTap: a link of the requested tap name exists and is not a tap.
+	ErrNotTap = errors.New("not a tap device")
+	// ErrNoSlot: the sandbox has MaxEndpoints NICs.
+	ErrNoSlot = errors.New("no free endpoint slot")
+	// ErrNoHotplug: the sandbox has a QMP socket but the agent has no hot-plugger.
+	ErrNoHotplug = errors.New("hot-plug not available")
+)
