@@ -1,0 +1,75 @@
+// Package ipvs is the unprivileged heart of kata-dp's IPVS compatibility:
+// it parses what openEuler's "kata-runtime kata-ipvs" accepts (ipvsadm 1.31's
+// grammar, restricted to the contract in spec/kata-ipvs.md), keeps a
+// sandbox's rules in a Table that behaves like the kernel's IPVS tables do
+// under ipvsadm, prints ipvsadm's listings byte for byte, and computes the
+// scheduler tables the BPF datapath enforces. It does no I/O of its own and
+// needs no privileges; the agent stores a Table (encoding/json), the
+// datapath programs its maps from it, and the CLI prints what Exec returns.
+//
+// # Model
+//
+// A Table holds virtual services (protocol, VIP:port, scheduler,
+// persistence timeout and netmask) and their real servers (address:port,
+// weight; NAT is the only forwarding method), plus the connection timeouts
+// of --set. Real servers are kept in kernel order, newest first, because
+// IPVS's schedulers walk that list and break ties in its order. Every
+// service and real server gets a uint32 id at creation, from one counter
+// that is never rewound while the table lives (Clear keeps it, the JSON
+// keeps it), so the datapath can key maps and counters by id and tell a
+// re-added server from the old one. At most MaxRules rules (services plus
+// real servers) fit.
+//
+// Commands are validated completely before the table changes: a failed
+// Exec changes nothing, and Restore applies a whole file to a scratch table
+// and switches it in only when every line succeeded.
+//
+// Errors are *Error values carrying ipvsadm's message, the offending
+// token, the restore line and ipvsadm's exit status (2 for argument
+// errors, 255 for refusals such as "Service already exists"); errors.Is
+// matches the sentinel in the var block of errors.go.
+//
+// # What is exact
+//
+//   - Parsing: popt's option syntax (long, short, clustered, attached and
+//     "=" values, -p's optional value), ipvsadm's command/option legality
+//     table, its defaults (scheduler wlc, weight 1, -p 360, mask /32, a
+//     real server without port takes the service's) and its messages.
+//     Deliberate restrictions from the contract: IPv4 dotted quads only
+//     (no host or service names, no IPv6), ports 1..65535 (no port-0
+//     services), -p 0..2678400 with 0 meaning no persistence, --set values
+//     0..1296000, NAT only (-g, -i, -f and the sync-daemon, threshold and
+//     connection-listing options are refused).
+//   - Semantics: an edit replaces every parameter, as ipvsadm sends the
+//     whole service or destination (an --edit-service without -p drops
+//     persistence, an --edit-server without -w sets weight 1); errors are
+//     checked in the kernel's order (existence before scheduler).
+//   - Output: --list, --list -t|-u service, --stats, --rate, --timeout and
+//     --save print what ipvsadm 1.31 prints against IPVS 1.2.1, including
+//     its sort (libipvs's comparison of host-order addresses as a signed
+//     32-bit difference, which wraps, run through glibc's merge sort).
+//     Where that comparison is not transitive (addresses spanning more
+//     than 2^31) the order also depends on the order the kernel dumps
+//     services in, which hashes a kernel pointer; services are fed in
+//     creation order there, real servers in kernel order (exact).
+//   - Scheduler tables: sh and dh buckets and hashes, rr order, the lc,
+//     wlc, sed and nq choices, all as in the kernel for servers without
+//     thresholds (kata-ipvs has no -x/-y, so no server is ever
+//     "overloaded" in IPVS's flag sense).
+//
+// # What is approximate
+//
+//   - rr and wrr are sequences the datapath walks with a per-service
+//     counter from index 0. The kernel keeps a cursor that survives rule
+//     changes (wrr resets it to the list head but keeps its current
+//     weight); the datapath restarts the sequence on every change.
+//   - WRRSequence scales weights whose reduced sum exceeds MaxSequence.
+//   - LBLC and LBLCR model the kernel's caches with a plain expiry; the
+//     kernel collects them lazily by timer and table size.
+//
+// # Concurrency
+//
+// A Table is not safe for concurrent use; the caller serializes access.
+// Clone gives an independent deep copy. The scheduler functions are pure;
+// LBLC and LBLCR values are not safe for concurrent use.
+package ipvs

@@ -1,0 +1,544 @@
+package ipvs
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"strings"
+)
+
+// argKind says whether an option takes a value.
+type argKind int
+
+const (
+	argNone argKind = iota
+	argRequired
+	argOptional
+)
+
+// opt indexes the options of the command/option check, in ipvsadm's
+// optnames order (restricted to the options the contract knows).
+type opt int
+
+const (
+	optNumeric opt = iota
+	optService
+	optScheduler
+	optPersistent
+	optNetmask
+	optServer
+	optForward
+	optWeight
+	optTimeout
+	optStats
+	optRate
+	numOpts
+)
+
+var optNames = [numOpts]string{
+	optNumeric:    "numeric",
+	optService:    "service-address",
+	optScheduler:  "scheduler",
+	optPersistent: "persistent",
+	optNetmask:    "netmask",
+	optServer:     "real-server",
+	optForward:    "forwarding-method",
+	optWeight:     "weight",
+	optTimeout:    "timeout",
+	optStats:      "stats",
+	optRate:       "rate",
+}
+
+// legal is ipvsadm's commands_v_options table for the commands and options
+// of the contract: '+' compulsory, 'x' illegal, '1' exclusive, ' ' optional.
+var legal = map[Op]string{
+	//              n svc s p M r fwd w tmo st rt
+	OpAddService:    "x+   xxxxxx",
+	OpEditService:   "x+   xxxxxx",
+	OpDeleteService: "x+xxxxxxxxx",
+	OpClear:         "xxxxxxxxxxx",
+	OpList:          " 1xxxxxx1  ",
+	OpAddServer:     "x+xxx+  xxx",
+	OpDeleteServer:  "x+xxx+xxxxx",
+	OpEditServer:    "x+xxx+  xxx",
+	OpSet:           "xxxxxxxxxxx",
+	OpSave:          " xxxxxxxxxx",
+}
+
+// optDef is one entry of the option table (ipvsadm's popt table).
+type optDef struct {
+	long  string
+	short byte
+	arg   argKind
+	cmd   Op  // set for commands
+	opt   opt // set for options (when cmd == OpNone)
+	// unsupported, when set, is why kata-ipvs refuses an option ipvsadm knows.
+	unsupported string
+}
+
+var optTable = []optDef{
+	{long: "add-service", short: 'A', cmd: OpAddService},
+	{long: "edit-service", short: 'E', cmd: OpEditService},
+	{long: "delete-service", short: 'D', cmd: OpDeleteService},
+	{long: "clear", short: 'C', cmd: OpClear},
+	{long: "list", short: 'L', cmd: OpList},
+	{long: "list", short: 'l', cmd: OpList},
+	{long: "add-server", short: 'a', cmd: OpAddServer},
+	{long: "edit-server", short: 'e', cmd: OpEditServer},
+	{long: "delete-server", short: 'd', cmd: OpDeleteServer},
+	{long: "set", cmd: OpSet},
+	{long: "save", short: 'S', cmd: OpSave},
+	{long: "tcp-service", short: 't', arg: argRequired, opt: optService},
+	{long: "udp-service", short: 'u', arg: argRequired, opt: optService},
+	{long: "scheduler", short: 's', arg: argRequired, opt: optScheduler},
+	{long: "persistent", short: 'p', arg: argOptional, opt: optPersistent},
+	{long: "netmask", short: 'M', arg: argRequired, opt: optNetmask},
+	{long: "real-server", short: 'r', arg: argRequired, opt: optServer},
+	{long: "masquerading", short: 'm', opt: optForward},
+	{long: "weight", short: 'w', arg: argRequired, opt: optWeight},
+	{long: "numeric", short: 'n', opt: optNumeric},
+	{long: "timeout", opt: optTimeout},
+	{long: "stats", opt: optStats},
+	{long: "rate", opt: optRate},
+
+	// Known to ipvsadm, refused here.
+	{long: "gatewaying", short: 'g', unsupported: "only masquerading (NAT) is supported"},
+	{long: "ipip", short: 'i', unsupported: "only masquerading (NAT) is supported"},
+	{long: "fwmark-service", short: 'f', arg: argRequired, unsupported: "fwmark services are not supported"},
+	{long: "zero", short: 'Z', unsupported: "zeroing counters is not supported"},
+	{long: "restore", short: 'R', unsupported: "use kata-ipvs ipvsadm --restore -"},
+	{long: "connection", short: 'c', unsupported: "listing connections is not supported"},
+	{long: "u-threshold", short: 'x', arg: argRequired, unsupported: "connection thresholds are not supported"},
+	{long: "l-threshold", short: 'y', arg: argRequired, unsupported: "connection thresholds are not supported"},
+}
+
+func lookupLong(name string) *optDef {
+	for i := range optTable {
+		if optTable[i].long == name {
+			return &optTable[i]
+		}
+	}
+	return nil
+}
+
+func lookupShort(c byte) *optDef {
+	for i := range optTable {
+		if optTable[i].short == c && c != 0 {
+			return &optTable[i]
+		}
+	}
+	return nil
+}
+
+// parser is the state of one ParseParameters call.
+type parser struct {
+	cmd        Command
+	cmdToken   string
+	seen       [numOpts]string // token of each option given
+	positional []string
+	// serverHasPort tells whether -r carried a port.
+	serverHasPort bool
+}
+
+// ParseParameters parses the argument string of "kata-ipvs ipvsadm
+// --parameters" with ipvsadm 1.31's grammar (popt: long options with
+// "--opt value" or "--opt=value", short options alone, clustered ("-Ln")
+// or with an attached value ("-w5"), -p with an optional value) and its
+// checks, and returns the command with ipvsadm's defaults filled in. An
+// empty string is a --list, as ipvsadm without arguments. Errors are
+// *Error naming the offending token.
+func ParseParameters(params string) (Command, error) {
+	args := strings.Fields(params)
+	if len(args) == 0 {
+		return Command{Op: OpList}, nil
+	}
+	var p parser
+	for i := 0; i < len(args); {
+		a := args[i]
+		i++
+		switch {
+		case a == "--":
+			p.positional = append(p.positional, args[i:]...)
+			i = len(args)
+		case strings.HasPrefix(a, "--"):
+			name, val, hasVal := strings.Cut(a[2:], "=")
+			def := lookupLong(name)
+			if def == nil {
+				return Command{}, &Error{Kind: ErrUsage, Msg: "unknown option", Token: a, Code: ExitFailed}
+			}
+			switch def.arg {
+			case argNone:
+				if hasVal {
+					return Command{}, &Error{Kind: ErrUsage, Msg: "option does not take an argument", Token: a, Code: ExitFailed}
+				}
+			case argRequired:
+				if !hasVal {
+					if i == len(args) {
+						return Command{}, &Error{Kind: ErrUsage, Msg: "missing argument", Token: a, Code: ExitFailed}
+					}
+					val, hasVal = args[i], true
+					i++
+				}
+			case argOptional:
+				if !hasVal && i < len(args) && !strings.HasPrefix(args[i], "-") {
+					val, hasVal = args[i], true
+					i++
+				}
+			}
+			if err := p.handle(def, "--"+name, val, hasVal); err != nil {
+				return Command{}, err
+			}
+		case len(a) > 1 && a[0] == '-':
+			for j := 1; j < len(a); j++ {
+				tok := "-" + string(a[j])
+				def := lookupShort(a[j])
+				if def == nil {
+					return Command{}, &Error{Kind: ErrUsage, Msg: "unknown option", Token: tok, Code: ExitFailed}
+				}
+				if def.arg == argNone {
+					if err := p.handle(def, tok, "", false); err != nil {
+						return Command{}, err
+					}
+					continue
+				}
+				val := strings.TrimPrefix(a[j+1:], "=")
+				hasVal := val != ""
+				if !hasVal {
+					switch {
+					case def.arg == argRequired && i == len(args):
+						return Command{}, &Error{Kind: ErrUsage, Msg: "missing argument", Token: tok, Code: ExitFailed}
+					case def.arg == argRequired:
+						val, hasVal = args[i], true
+						i++
+					case i < len(args) && !strings.HasPrefix(args[i], "-"):
+						val, hasVal = args[i], true
+						i++
+					}
+				}
+				if err := p.handle(def, tok, val, hasVal); err != nil {
+					return Command{}, err
+				}
+				break
+			}
+		default:
+			p.positional = append(p.positional, a)
+		}
+	}
+	return p.finish()
+}
+
+// handle applies one option, in command-line order, with ipvsadm's checks.
+func (p *parser) handle(def *optDef, tok, val string, hasVal bool) error {
+	shown := tok
+	if hasVal {
+		shown = tok + " " + val
+	}
+	if def.unsupported != "" {
+		return usageErr(tok, "%s not supported by kata-ipvs (%s)", tok, def.unsupported)
+	}
+	if p.cmd.Op == OpNone {
+		if def.cmd == OpNone {
+			// ipvsadm: the first option must be a command (tryhelp_exit).
+			return &Error{Kind: ErrUsage, Msg: "the first option must be a command", Token: tok, Code: ExitFailed}
+		}
+		p.cmd.Op = def.cmd
+		p.cmdToken = tok
+		return nil
+	}
+	if def.cmd != OpNone {
+		return usageErr(tok, "multiple commands specified")
+	}
+	if p.seen[def.opt] != "" {
+		return usageErr(shown, "multiple '%s' options specified", optNames[def.opt])
+	}
+	p.seen[def.opt] = tok
+	c := &p.cmd
+	switch def.opt {
+	case optService:
+		ap, hasPort, ok := parseAddrPort(val)
+		if !ok || !hasPort {
+			return usageErr(val, "illegal virtual server address[:port] specified")
+		}
+		c.HasService = true
+		c.Service = ServiceKey{Proto: TCP, Addr: ap}
+		if def.short == 'u' {
+			c.Service.Proto = UDP
+		}
+	case optScheduler:
+		c.Scheduler = val
+	case optPersistent:
+		c.Persistent = DefaultPersistent
+		if hasVal {
+			n, ok := cNumber(val, 0, MaxPersistent)
+			if !ok {
+				return usageErr(val, "invalid timeout value `%s' specified", val)
+			}
+			c.Persistent = uint32(n)
+		}
+	case optNetmask:
+		m, err := netip.ParseAddr(val)
+		if err != nil || !m.Is4() {
+			return usageErr(val, "illegal virtual server persistent mask specified")
+		}
+		c.Netmask = m
+	case optServer:
+		ap, hasPort, ok := parseAddrPort(val)
+		if !ok {
+			return usageErr(val, "illegal real server address[:port] specified")
+		}
+		c.Server = ap
+		p.serverHasPort = hasPort
+	case optForward:
+		// -m: masquerading, the only forwarding method, implied.
+	case optWeight:
+		n, ok := cNumber(val, 0, MaxWeight)
+		if !ok {
+			return usageErr(val, "illegal weight specified")
+		}
+		c.Weight = n
+	case optNumeric:
+		c.Numeric = true
+	case optTimeout:
+		c.Timeout = true
+	case optStats:
+		c.Stats = true
+	case optRate:
+		c.Rate = true
+	}
+	return nil
+}
+
+// finish runs ipvsadm's checks that need the whole command line and fills
+// in the defaults.
+func (p *parser) finish() (Command, error) {
+	c := &p.cmd
+	if c.Op == OpNone {
+		tok := "--"
+		if len(p.positional) > 0 {
+			tok = p.positional[0]
+		}
+		return Command{}, &Error{Kind: ErrUsage, Msg: "no command specified", Token: tok, Code: ExitFailed}
+	}
+	args := p.positional
+	if c.Op == OpSet {
+		if len(args) < 3 {
+			return Command{}, usageErr(p.cmdToken+" "+strings.Join(args, " "), "--set option requires 3 timeout values")
+		}
+		var v [3]uint32
+		for i := range v {
+			n, ok := cNumber(args[i], 0, MaxTimeout)
+			if !ok {
+				return Command{}, usageErr(args[i], "invalid timeout value `%s' specified", args[i])
+			}
+			v[i] = uint32(n)
+		}
+		c.Timeouts = Timeouts{TCP: v[0], TCPFin: v[1], UDP: v[2]}
+		args = args[3:]
+	}
+	if len(args) > 0 {
+		return Command{}, usageErr(args[0], "unexpected argument %s", args[0])
+	}
+	// generic_opt_check
+	row := legal[c.Op]
+	last := -1
+	for j := opt(0); j < numOpts; j++ {
+		tok := p.seen[j]
+		switch {
+		case tok == "" && row[j] == '+':
+			return Command{}, usageErr(p.cmdToken, "You need to supply the '%s' option for the '%s' command", optNames[j], c.Op)
+		case tok != "" && row[j] == 'x':
+			return Command{}, usageErr(tok, "Illegal '%s' option with the '%s' command", optNames[j], c.Op)
+		case tok != "" && row[j] == '1':
+			if last >= 0 {
+				return Command{}, usageErr(tok, "The option '%s' conflicts with the '%s' option in the '%s' command", optNames[j], optNames[last], c.Op)
+			}
+			last = int(j)
+		}
+	}
+	if c.Op == OpList && c.Timeout && (c.Stats || c.Rate) {
+		tok := p.seen[optStats]
+		if tok == "" {
+			tok = p.seen[optRate]
+		}
+		return Command{}, usageErr(tok, "options conflicts in the list command")
+	}
+	switch c.Op {
+	case OpAddService, OpEditService:
+		if c.Scheduler == "" {
+			c.Scheduler = DefaultScheduler
+		}
+		if !c.Netmask.IsValid() {
+			c.Netmask = hostMask
+		}
+	case OpAddServer, OpEditServer:
+		if p.seen[optWeight] == "" {
+			c.Weight = 1
+		}
+		fallthrough
+	case OpDeleteServer:
+		if !p.serverHasPort {
+			c.Server = netip.AddrPortFrom(c.Server.Addr(), c.Service.Addr.Port())
+		}
+	}
+	return *c, nil
+}
+
+var hostMask = netip.AddrFrom4([4]byte{255, 255, 255, 255})
+
+// parseAddrPort parses ipvsadm's "host[:port]" restricted to the contract:
+// a dotted-quad IPv4 address and, if present, a port 1..65535 (no host or
+// service names, no IPv6).
+func parseAddrPort(s string) (ap netip.AddrPort, hasPort, ok bool) {
+	host, port, hasPort := strings.Cut(s, ":")
+	a, err := netip.ParseAddr(host)
+	if err != nil || !a.Is4() {
+		return netip.AddrPort{}, false, false
+	}
+	var n int
+	if hasPort {
+		if n, ok = cNumber(port, 1, 65535); !ok {
+			return netip.AddrPort{}, false, false
+		}
+	}
+	return netip.AddrPortFrom(a, uint16(n)), hasPort, true
+}
+
+// cNumber is ipvsadm's string_to_number: a whole decimal integer (strtol:
+// optional sign) within [min, max].
+func cNumber(s string, min, max int) (int, bool) {
+	d := s
+	neg := false
+	if d != "" && (d[0] == '+' || d[0] == '-') {
+		neg = d[0] == '-'
+		d = d[1:]
+	}
+	if d == "" {
+		return 0, false
+	}
+	n := 0
+	for i := 0; i < len(d); i++ {
+		if d[i] < '0' || d[i] > '9' {
+			return 0, false
+		}
+		n = n*10 + int(d[i]-'0')
+		if n > 1<<40 {
+			return 0, false
+		}
+	}
+	if neg {
+		n = -n
+	}
+	if n < min || n > max {
+		return 0, false
+	}
+	return n, true
+}
+
+// ParseRestore reads ipvsadm-save lines ("-A -t 10.10.11.12:100 -s rr -p
+// 3000", "-a -t 10.10.11.12:100 -r 172.16.0.1:80 -m -w 1"), one command a
+// line; blank lines and extra blanks between tokens are allowed. Every line
+// is parsed before the result is returned; commands that do not change
+// rules (list, save) are refused. Input without any rule, or with more
+// than MaxRules add-service/add-server lines, is refused. Errors carry the
+// line number and the token.
+func ParseRestore(r io.Reader) ([]Command, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 4096), 1<<20)
+	var cmds []Command
+	adds := 0
+	line := 0
+	for sc.Scan() {
+		line++
+		text := sc.Text()
+		if strings.TrimSpace(text) == "" {
+			continue
+		}
+		cmd, err := ParseParameters(text)
+		if err != nil {
+			return nil, atLine(err, line)
+		}
+		cmd.Line = line
+		if !cmd.Op.Mutates() {
+			return nil, &Error{Kind: ErrNotInRestore, Msg: ErrNotInRestore.Error(), Token: strings.Fields(text)[0], Line: line, Code: ExitUsage}
+		}
+		if cmd.Op == OpAddService || cmd.Op == OpAddServer {
+			adds++
+			if adds > MaxRules {
+				e := failErr(ErrRuleLimit, strings.TrimSpace(text))
+				e.Line = line
+				return nil, e
+			}
+		}
+		cmds = append(cmds, cmd)
+	}
+	if err := sc.Err(); err != nil {
+		if errors.Is(err, bufio.ErrTooLong) {
+			return nil, &Error{Kind: ErrUsage, Msg: "line too long", Line: line + 1, Token: "(more than 1 MiB)", Code: ExitUsage}
+		}
+		return nil, fmt.Errorf("read restore input: %w", err)
+	}
+	if adds == 0 {
+		return nil, &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Code: ExitUsage}
+	}
+	return cmds, nil
+}
+
+// ParseCleanup parses the argument string of "kata-ipvs cleanup
+// --parameters": "--orig-dst IP --protonum tcp|udp" (conntrack's option
+// names; "--opt=value", the short forms -d and -p and the protocol numbers
+// 6 and 17 are accepted too). Both options are required.
+func ParseCleanup(params string) (Cleanup, error) {
+	args := strings.Fields(params)
+	var c Cleanup
+	var haveDst, haveProto bool
+	for i := 0; i < len(args); {
+		a := args[i]
+		i++
+		name, val, hasVal := strings.Cut(a, "=")
+		switch name {
+		case "--orig-dst", "-d", "--protonum", "-p":
+		default:
+			return Cleanup{}, usageErr(a, "unknown cleanup option")
+		}
+		if !hasVal {
+			if i == len(args) {
+				return Cleanup{}, usageErr(a, "missing argument")
+			}
+			val = args[i]
+			i++
+		}
+		switch name {
+		case "--orig-dst", "-d":
+			if haveDst {
+				return Cleanup{}, usageErr(a, "multiple '--orig-dst' options specified")
+			}
+			ip, err := netip.ParseAddr(val)
+			if err != nil || !ip.Is4() {
+				return Cleanup{}, usageErr(val, "illegal original destination address specified")
+			}
+			c.OrigDst, haveDst = ip, true
+		default:
+			if haveProto {
+				return Cleanup{}, usageErr(a, "multiple '--protonum' options specified")
+			}
+			switch val {
+			case "tcp", "TCP", "6":
+				c.Proto = TCP
+			case "udp", "UDP", "17":
+				c.Proto = UDP
+			default:
+				return Cleanup{}, usageErr(val, "illegal protocol specified (tcp or udp)")
+			}
+			haveProto = true
+		}
+	}
+	switch {
+	case !haveDst:
+		return Cleanup{}, usageErr("--orig-dst", "You need to supply the '--orig-dst' option")
+	case !haveProto:
+		return Cleanup{}, usageErr("--protonum", "You need to supply the '--protonum' option")
+	}
+	return c, nil
+}

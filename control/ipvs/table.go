@@ -1,0 +1,339 @@
+package ipvs
+
+import (
+	"net/netip"
+	"slices"
+)
+
+// Server is a real server of a virtual service.
+type Server struct {
+	// ID is assigned at creation and never reused while the table lives;
+	// the datapath keys its backend entries and counters by it.
+	ID     uint32         `json:"id"`
+	Addr   netip.AddrPort `json:"addr"`
+	Weight int            `json:"weight"`
+}
+
+// Service is a virtual service with its real servers.
+type Service struct {
+	// ID is assigned at creation and never reused while the table lives.
+	// Service and server ids come from one counter, so they never collide.
+	ID uint32 `json:"id"`
+	ServiceKey
+	Scheduler string `json:"scheduler"`
+	// Persistent is the persistence timeout in seconds, 0 for none.
+	Persistent uint32 `json:"persistent,omitempty"`
+	// Netmask is the persistence granularity: clients whose addresses
+	// agree under it share a real server (see PersistenceKey).
+	Netmask netip.Addr `json:"netmask"`
+	// Servers are in kernel order: newest first. Schedulers break ties in
+	// this order.
+	Servers []Server `json:"servers"`
+}
+
+// clone returns a deep copy of s.
+func (s *Service) clone() *Service {
+	c := *s
+	c.Servers = slices.Clone(s.Servers)
+	return &c
+}
+
+func (s *Service) server(a netip.AddrPort) int {
+	for i := range s.Servers {
+		if s.Servers[i].Addr == a {
+			return i
+		}
+	}
+	return -1
+}
+
+// Table is the IPVS rule table of one sandbox: what ipvsadm would see in
+// the kernel. It is plain data, serializable with encoding/json for the
+// agent's store; the zero value is an empty table with the default
+// timeouts. A Table is not safe for concurrent use: its owner serializes
+// calls (the agent holds a lock per sandbox).
+type Table struct {
+	// Services in creation order (the listing sorts them).
+	Services []*Service `json:"services"`
+	// Timeouts; a zero value means IPVS's default (see Timeouts method).
+	ConnTimeouts Timeouts `json:"timeouts"`
+	// LastID is the last id handed out; the next is LastID+1.
+	LastID uint32 `json:"lastID"`
+
+	index map[ServiceKey]*Service // built lazily, nil after Unmarshal/Clone
+	rules int
+}
+
+// Timeouts returns the connection timeouts in force.
+func (t *Table) Timeouts() Timeouts {
+	c := t.ConnTimeouts
+	if c.TCP == 0 {
+		c.TCP = DefaultTimeouts.TCP
+	}
+	if c.TCPFin == 0 {
+		c.TCPFin = DefaultTimeouts.TCPFin
+	}
+	if c.UDP == 0 {
+		c.UDP = DefaultTimeouts.UDP
+	}
+	return c
+}
+
+// idx returns the service index, building it (and the rule count) after
+// decoding or cloning.
+func (t *Table) idx() map[ServiceKey]*Service {
+	if t.index == nil {
+		t.index = make(map[ServiceKey]*Service, len(t.Services))
+		t.rules = 0
+		for _, s := range t.Services {
+			t.index[s.ServiceKey] = s
+			t.rules += 1 + len(s.Servers)
+			t.LastID = max(t.LastID, s.ID)
+			for _, d := range s.Servers {
+				t.LastID = max(t.LastID, d.ID)
+			}
+		}
+	}
+	return t.index
+}
+
+// Rules returns the number of rules: services plus real servers.
+func (t *Table) Rules() int {
+	t.idx()
+	return t.rules
+}
+
+// Service returns a copy of the service with key k.
+func (t *Table) Service(k ServiceKey) (Service, bool) {
+	s, ok := t.idx()[k]
+	if !ok {
+		return Service{}, false
+	}
+	return *s.clone(), true
+}
+
+// Clone returns a deep copy of t.
+func (t *Table) Clone() *Table {
+	c := &Table{ConnTimeouts: t.ConnTimeouts, LastID: t.LastID}
+	if t.Services != nil {
+		c.Services = make([]*Service, len(t.Services))
+		for i, s := range t.Services {
+			c.Services[i] = s.clone()
+		}
+	}
+	return c
+}
+
+// Clear removes every service and real server; timeouts and the id
+// counter stay.
+func (t *Table) Clear() {
+	t.Services = nil
+	t.index = map[ServiceKey]*Service{}
+	t.rules = 0
+}
+
+func (t *Table) newID() (uint32, error) {
+	if t.LastID == ^uint32(0) {
+		return 0, failErr(ErrIDSpace, "")
+	}
+	t.LastID++
+	return t.LastID, nil
+}
+
+// Apply executes one command, as ipvsadm would against the kernel, and
+// returns what ipvsadm prints on stdout (listings; nothing for changes).
+// Counts in listings are zero; use Exec to supply live counters. The
+// command is checked completely before the table changes: a failed
+// command changes nothing.
+func (t *Table) Apply(cmd Command) (stdout string, err error) {
+	return t.Exec(cmd, nil)
+}
+
+// Exec is Apply with the live counters of the datapath (nil: zeros).
+func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
+	idx := t.idx()
+	svcTok := cmd.Service.String()
+	switch cmd.Op {
+	case OpAddService:
+		if _, ok := idx[cmd.Service]; ok {
+			return "", failErr(ErrServiceExists, svcTok)
+		}
+		if err := checkService(cmd); err != nil {
+			return "", err
+		}
+		if t.rules+1 > MaxRules {
+			return "", failErr(ErrRuleLimit, svcTok)
+		}
+		id, err := t.newID()
+		if err != nil {
+			return "", err
+		}
+		s := &Service{ID: id, ServiceKey: cmd.Service, Scheduler: cmd.Scheduler,
+			Persistent: cmd.Persistent, Netmask: netmaskOf(cmd), Servers: []Server{}}
+		t.Services = append(t.Services, s)
+		idx[s.ServiceKey] = s
+		t.rules++
+	case OpEditService:
+		s, ok := idx[cmd.Service]
+		if !ok {
+			return "", failErr(ErrNoService, svcTok)
+		}
+		if err := checkService(cmd); err != nil {
+			return "", err
+		}
+		s.Scheduler, s.Persistent, s.Netmask = cmd.Scheduler, cmd.Persistent, netmaskOf(cmd)
+	case OpDeleteService:
+		s, ok := idx[cmd.Service]
+		if !ok {
+			return "", failErr(ErrNoService, svcTok)
+		}
+		i := slices.Index(t.Services, s)
+		t.Services = slices.Delete(t.Services, i, i+1)
+		delete(idx, cmd.Service)
+		t.rules -= 1 + len(s.Servers)
+	case OpAddServer:
+		s, ok := idx[cmd.Service]
+		if !ok {
+			return "", failErr(ErrServiceNotDefined, svcTok)
+		}
+		if s.server(cmd.Server) >= 0 {
+			return "", failErr(ErrDestExists, cmd.Server.String())
+		}
+		if err := checkServer(cmd); err != nil {
+			return "", err
+		}
+		if t.rules+1 > MaxRules {
+			return "", failErr(ErrRuleLimit, cmd.Server.String())
+		}
+		id, err := t.newID()
+		if err != nil {
+			return "", err
+		}
+		s.Servers = slices.Insert(s.Servers, 0, Server{ID: id, Addr: cmd.Server, Weight: cmd.Weight})
+		t.rules++
+	case OpEditServer, OpDeleteServer:
+		s, ok := idx[cmd.Service]
+		if !ok {
+			return "", failErr(ErrServiceNotDefined, svcTok)
+		}
+		i := s.server(cmd.Server)
+		if i < 0 {
+			return "", failErr(ErrNoDest, cmd.Server.String())
+		}
+		if cmd.Op == OpDeleteServer {
+			s.Servers = slices.Delete(s.Servers, i, i+1)
+			t.rules--
+			break
+		}
+		if err := checkServer(cmd); err != nil {
+			return "", err
+		}
+		s.Servers[i].Weight = cmd.Weight
+	case OpClear:
+		t.Clear()
+	case OpSet:
+		to := cmd.Timeouts
+		if to.TCP > MaxTimeout || to.TCPFin > MaxTimeout || to.UDP > MaxTimeout {
+			return "", usageErr("--set", "invalid timeout value specified")
+		}
+		cur := t.Timeouts()
+		if to.TCP != 0 {
+			cur.TCP = to.TCP
+		}
+		if to.TCPFin != 0 {
+			cur.TCPFin = to.TCPFin
+		}
+		if to.UDP != 0 {
+			cur.UDP = to.UDP
+		}
+		t.ConnTimeouts = cur
+	case OpList:
+		if cmd.Timeout {
+			return t.ListTimeout(), nil
+		}
+		if cmd.HasService {
+			return t.ListService(cmd.Service, format(cmd), c)
+		}
+		return t.List(format(cmd), c), nil
+	case OpSave:
+		return t.Save(), nil
+	default:
+		return "", usageErr(cmd.Op.String(), "unsupported command")
+	}
+	return "", nil
+}
+
+// checkService validates what the kernel checks of a service's parameters
+// (and what a hand-built Command may get wrong).
+func checkService(cmd Command) error {
+	if !knownScheduler(cmd.Scheduler) {
+		return failErr(ErrSchedulerNotFound, cmd.Scheduler)
+	}
+	if p := cmd.Service.Proto; p != TCP && p != UDP {
+		return usageErr(cmd.Service.String(), "illegal virtual server address[:port] specified")
+	}
+	if a := cmd.Service.Addr; !a.Addr().Is4() || a.Port() == 0 {
+		return usageErr(cmd.Service.String(), "illegal virtual server address[:port] specified")
+	}
+	if cmd.Persistent > MaxPersistent {
+		return usageErr("-p", "invalid timeout value `%d' specified", cmd.Persistent)
+	}
+	if m := cmd.Netmask; m.IsValid() && !m.Is4() {
+		return usageErr(m.String(), "illegal virtual server persistent mask specified")
+	}
+	return nil
+}
+
+func netmaskOf(cmd Command) netip.Addr {
+	if cmd.Netmask.IsValid() {
+		return cmd.Netmask
+	}
+	return hostMask
+}
+
+// checkServer validates a real server as the kernel does (it must be a
+// unicast address: ip_vs_new_dest refuses others with EINVAL).
+func checkServer(cmd Command) error {
+	a := cmd.Server.Addr()
+	if !a.Is4() || cmd.Server.Port() == 0 {
+		return usageErr(cmd.Server.String(), "illegal real server address[:port] specified")
+	}
+	b := a.As4()
+	if b[0] == 0 || a.IsMulticast() || a == hostMask {
+		return failErr(ErrInvalid, cmd.Server.String())
+	}
+	if cmd.Weight < 0 || cmd.Weight > MaxWeight {
+		return usageErr("-w", "illegal weight specified")
+	}
+	return nil
+}
+
+// Restore replaces the rules of an empty table with cmds (from
+// ParseRestore), all or nothing: the commands are applied to a scratch
+// table and that is switched in only if every one succeeds. Errors name
+// the line. The table must hold no rule.
+func (t *Table) Restore(cmds []Command) error {
+	if t.Rules() > 0 {
+		return failErr(ErrNotEmpty, "--restore")
+	}
+	adds := 0
+	for _, c := range cmds {
+		if c.Op == OpAddService || c.Op == OpAddServer {
+			adds++
+		}
+	}
+	if adds == 0 {
+		return &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Token: "--restore", Code: ExitUsage}
+	}
+	n := &Table{ConnTimeouts: t.ConnTimeouts, LastID: t.LastID}
+	for _, c := range cmds {
+		if !c.Op.Mutates() {
+			return atLine(&Error{Kind: ErrNotInRestore, Msg: ErrNotInRestore.Error(), Token: c.Op.String(), Code: ExitUsage}, c.Line)
+		}
+		if _, err := n.Exec(c, nil); err != nil {
+			return atLine(err, c.Line)
+		}
+	}
+	*t = *n
+	return nil
+}
