@@ -40,7 +40,9 @@ func ParseVnetHdr(b []byte) VnetHdr {
 func (h VnetHdr) NeedsCsum() bool { return h.Flags&unix.VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 }
 
 // GSO reports whether the frame is a GSO super-frame.
-func (h VnetHdr) GSO() bool { return h.GSOType&^unix.VIRTIO_NET_HDR_GSO_ECN != unix.VIRTIO_NET_HDR_GSO_NONE }
+func (h VnetHdr) GSO() bool {
+	return h.GSOType&^unix.VIRTIO_NET_HDR_GSO_ECN != unix.VIRTIO_NET_HDR_GSO_NONE
+}
 
 // Checksum results.
 const (

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"time"
 	"unsafe"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -191,6 +192,9 @@ func OpenTap(nsPath, name string, queues int, vnetHdr, nonblock bool) ([]*os.Fil
 			}
 			files = append(files, f)
 		}
+		if link.Attrs().Flags&net.FlagUp != 0 {
+			waitOperUp(name)
+		}
 		return nil
 	})
 	if err != nil {
@@ -200,6 +204,27 @@ func OpenTap(nsPath, name string, queues int, vnetHdr, nonblock bool) ([]*os.Fil
 		return nil, fmt.Errorf("open tap %s: %w", name, err)
 	}
 	return files, nil
+}
+
+// OperUpTimeout bounds how long OpenTap waits for an up tap to become
+// operationally up after its first queue is attached.
+var OperUpTimeout = 2 * time.Second
+
+// waitOperUp waits until the link name in the current netns is
+// operationally up. Attaching the first fd turns a tap's carrier on, but the
+// kernel activates its qdisc later, from the linkwatch work; until then
+// frames sent to the tap are dropped (counted as tx_dropped), which costs a
+// first ARP request a one-second retransmission. Waiting here closes that
+// window for every caller. It gives up silently after OperUpTimeout.
+func waitOperUp(name string) {
+	deadline := time.Now().Add(OperUpTimeout)
+	for delay := 100 * time.Microsecond; ; delay = min(2*delay, 20*time.Millisecond) {
+		l, err := netlink.LinkByName(name)
+		if err != nil || l.Attrs().OperState == netlink.OperUp || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(delay)
+	}
 }
 
 func openQueue(name string, mq, vnetHdr, nonblock bool) (*os.File, error) {
