@@ -196,6 +196,13 @@ func (n *NetNS) ip(args ...string) error {
 	return nil
 }
 
+// DisableIPv6 turns IPv6 off for all current and future links of the
+// namespace.
+func (n *NetNS) DisableIPv6() error {
+	_, err := n.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+	return err
+}
+
 // Up brings dev up.
 func (n *NetNS) Up(dev string) error { return n.ip("link", "set", dev, "up") }
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"testing"
 
+	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
@@ -37,6 +38,9 @@ type SandboxConfig struct {
 	// same subnet as HostAddr). The topology does not assign it anywhere:
 	// the guest (a VM or guestemu) owns it.
 	GuestAddr netip.Prefix
+	// IPv6 keeps IPv6 enabled in the namespaces. By default it is off, so
+	// router solicitations and MLD reports do not show up in frame counts.
+	IPv6 bool
 }
 
 func (c *SandboxConfig) defaults() error {
@@ -109,6 +113,9 @@ type Sandbox struct {
 	GuestMAC  net.HardwareAddr
 
 	Config SandboxConfig
+
+	guests   []*Guest
+	counters []*guestemu.Counter
 }
 
 // NewSandbox builds the topology. On failure it removes what it made. The
@@ -130,6 +137,13 @@ func NewSandbox(cfg SandboxConfig) (s *Sandbox, err error) {
 	}
 	if s.NS, err = NewNetNS(cfg.Prefix + "s"); err != nil {
 		return s, err
+	}
+	if !cfg.IPv6 {
+		for _, n := range []*NetNS{s.Host, s.NS} {
+			if err = n.DisableIPv6(); err != nil {
+				return s, err
+			}
+		}
 	}
 	if err = VethPair(s.Host, cfg.HostVeth, s.NS, cfg.Veth); err != nil {
 		return s, err
@@ -184,6 +198,12 @@ func MustSandbox(tb testing.TB, cfg SandboxConfig) *Sandbox {
 // Close deletes both namespaces and everything in them. It is idempotent.
 func (s *Sandbox) Close() error {
 	var errs []error
+	for _, g := range s.guests {
+		errs = append(errs, g.Close())
+	}
+	for _, c := range s.counters {
+		errs = append(errs, c.Close())
+	}
 	for _, n := range []*NetNS{s.NS, s.Host} {
 		if n != nil {
 			errs = append(errs, n.Close())
