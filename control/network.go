@@ -50,7 +50,7 @@ func (c *Controller) KataNetwork(ctx context.Context, id, op string, input []byt
 	defer e.mu.Unlock()
 	decode := func(v any) error {
 		if err := netspec.Decode(input, v); err != nil {
-			return fmt.Errorf("decode network file: %w", err)
+			return fmt.Errorf("%w: %w", ErrDecode, err)
 		}
 		return nil
 	}

@@ -1,0 +1,160 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+
+	"github.com/kata-dp/kata-dp/control"
+)
+
+// Client calls the agent's API over its unix socket.
+type Client struct {
+	path string
+	hc   *http.Client
+}
+
+// SocketPath returns the socket clients use: flag (when set), else $KATA_DP_SOCKET, else
+// DefaultSocket.
+func SocketPath(flag string) string {
+	if flag != "" {
+		return flag
+	}
+	if env := os.Getenv(SocketEnv); env != "" {
+		return env
+	}
+	return DefaultSocket
+}
+
+// NewClient returns a client of the agent listening on path.
+func NewClient(path string) *Client {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+		DisableCompression: true,
+	}
+	return &Client{path: path, hc: &http.Client{Transport: tr}}
+}
+
+// Do calls method on the API path (e.g. "/v1/status") with in as body (nil: none; []byte: raw;
+// anything else: JSON) and decodes a success response into out (nil: ignored). A failure
+// response is returned as *Error.
+func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	switch v := in.(type) {
+	case nil:
+	case []byte:
+		body = bytes.NewReader(v)
+	default:
+		b, err := json.Marshal(v)
+		if err != nil {
+			return fmt.Errorf("%s %s: encode: %w", method, path, err)
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://kata-dp"+path, body)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", method, path, err)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.path, unwrapURL(err))
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("%s %s: read response: %w", method, path, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		e := &Error{Status: resp.StatusCode}
+		if err := json.Unmarshal(b, e); err != nil || e.Message == "" {
+			return fmt.Errorf("%s %s: agent answered %s", method, path, resp.Status)
+		}
+		return e
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.Unmarshal(b, out); err != nil {
+		return fmt.Errorf("%s %s: decode response: %w", method, path, err)
+	}
+	return nil
+}
+
+func unwrapURL(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+// Version returns the agent's version.
+func (c *Client) Version(ctx context.Context) (string, error) {
+	var v VersionResult
+	err := c.Do(ctx, "GET", "/v1/version", nil, &v)
+	return v.Version, err
+}
+
+// Status returns the agent's status report.
+func (c *Client) Status(ctx context.Context) ([]control.SandboxStatus, error) {
+	var st []control.SandboxStatus
+	err := c.Do(ctx, "GET", "/v1/status", nil, &st)
+	return st, err
+}
+
+// Sandboxes lists the registered sandboxes.
+func (c *Client) Sandboxes(ctx context.Context) ([]control.Sandbox, error) {
+	var sbs []control.Sandbox
+	err := c.Do(ctx, "GET", "/v1/sandboxes", nil, &sbs)
+	return sbs, err
+}
+
+// AddSandbox registers a sandbox.
+func (c *Client) AddSandbox(ctx context.Context, spec control.SandboxSpec) (control.Sandbox, error) {
+	var sb control.Sandbox
+	err := c.Do(ctx, "POST", "/v1/sandboxes", spec, &sb)
+	return sb, err
+}
+
+// DelSandbox removes a sandbox (id or unique prefix) and everything kata-dp created for it.
+func (c *Client) DelSandbox(ctx context.Context, id string) error {
+	return c.Do(ctx, "DELETE", "/v1/sandboxes/"+url.PathEscape(id), nil, nil)
+}
+
+// Health resolves a sandbox id prefix and checks the sandbox's health.
+func (c *Client) Health(ctx context.Context, id string) (control.Sandbox, error) {
+	var sb control.Sandbox
+	err := c.Do(ctx, "GET", "/v1/sandboxes/"+url.PathEscape(id)+"/health", nil, &sb)
+	return sb, err
+}
+
+// KataNetwork runs a kata-network operation with the raw network file input and returns what
+// the CLI prints on stdout, on failure too (then err is an *Error or wraps ErrUnreachable).
+func (c *Client) KataNetwork(ctx context.Context, id, op string, input []byte) ([]byte, error) {
+	if input == nil {
+		input = []byte{}
+	}
+	var res KataNetworkResult
+	err := c.Do(ctx, "POST", "/v1/sandboxes/"+url.PathEscape(id)+"/kata-network/"+url.PathEscape(op), input, &res)
+	if err != nil {
+		var e *Error
+		if errors.As(err, &e) {
+			return []byte(e.Stdout), err
+		}
+		return nil, err
+	}
+	return []byte(res.Stdout), nil
+}

@@ -1,0 +1,24 @@
+// Package api is the agent's HTTP JSON API on a unix socket, its Go client, and the agent's
+// Prometheus metrics.
+//
+// The socket (default /run/kata-dp/kata-dp.sock) is created with mode 0600 and every
+// connection's peer is checked with SO_PEERCRED: only root may talk to the agent, because every
+// call can change the host's network. The CLI is a thin client of this API; kata-network calls
+// carry the raw network file to the agent and get back the exact bytes the CLI prints on stdout
+// (also on failure, where the error response carries both the message and the stdout), so the
+// compatibility rules live in one place (package control).
+//
+// Endpoints (all JSON):
+//
+//	GET    /v1/version                                 {"version": ...}
+//	GET    /v1/status                                  [control.SandboxStatus]
+//	GET    /v1/sandboxes                               [control.Sandbox]
+//	POST   /v1/sandboxes                               control.SandboxSpec -> control.Sandbox
+//	DELETE /v1/sandboxes/{id}                          (id or unique prefix)
+//	GET    /v1/sandboxes/{id}/health                   control.Sandbox, or the error
+//	POST   /v1/sandboxes/{id}/kata-network/{op}        raw network file -> {"stdout": ...}
+//
+// Errors are {"error": message, "code": kind, "stdout": what the CLI prints} with an HTTP
+// status that matches the kind. Server.Handle adds endpoints (kata-ipvs); Client.Do calls them.
+// Server and Client are safe for concurrent use.
+package api
