@@ -62,13 +62,14 @@ func UniqueName(prefix string, n int) string {
 	return prefix + hex.EncodeToString(b)[:n]
 }
 
-// NewNetNS creates a named network namespace called prefix plus 8 random hex
-// digits, with its loopback up. The caller must Close it.
+// NewNetNS creates a named network namespace called
+// "<prefix>.<pid>.<6 random hex digits>", with its loopback up. The caller
+// must Close it; SweepStale removes the ones a killed process left.
 func NewNetNS(prefix string) (*NetNS, error) {
-	if prefix == "" || strings.ContainsAny(prefix, "/ \t\n\x00") || len(prefix) > 40 {
+	if prefix == "" || strings.ContainsAny(prefix, "/. \t\n\x00") || len(prefix) > 40 {
 		return nil, fmt.Errorf("new netns: prefix %q: %w", prefix, ErrInvalid)
 	}
-	name := UniqueName(prefix, 8)
+	name := UniqueName(fmt.Sprintf("%s.%d.", prefix, os.Getpid()), 6)
 	if out, err := run("ip", "netns", "add", name); err != nil {
 		return nil, fmt.Errorf("new netns %s: %w: %s", name, err, out)
 	}
@@ -175,6 +176,43 @@ func (n *NetNS) Close() error {
 		return fmt.Errorf("close netns %s: %w", n.name, err)
 	}
 	return nil
+}
+
+// SweepStale deletes the namespaces made by NewNetNS whose names start with
+// prefix
+// whose creating process is gone (a test binary that was killed before its
+// cleanups ran) and returns their names. Namespaces of live processes are
+// left alone.
+func SweepStale(prefix string) ([]string, error) {
+	ents, err := os.ReadDir(NetnsDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sweep: %w", err)
+	}
+	var swept []string
+	var errs []error
+	for _, e := range ents {
+		f := strings.Split(e.Name(), ".")
+		if !strings.HasPrefix(e.Name(), prefix) || len(f) < 3 {
+			continue
+		}
+		pid, rnd := f[len(f)-2], f[len(f)-1]
+		if pid == "" || strings.Trim(pid, "0123456789") != "" || len(rnd) != 6 || strings.Trim(rnd, "0123456789abcdef") != "" {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join("/proc", pid)); err == nil {
+			continue
+		}
+		n := &NetNS{name: e.Name()}
+		if err := n.Close(); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		swept = append(swept, e.Name())
+	}
+	return swept, errors.Join(errs...)
 }
 
 func run(name string, args ...string) (string, error) {

@@ -15,8 +15,9 @@ import (
 // SandboxConfig describes a Kata-like sandbox topology. Zero fields take
 // the defaults noted.
 type SandboxConfig struct {
-	// Prefix starts the names of the namespaces (default "kdpt-"); the host
-	// netns is Prefix+"h"+random, the sandbox netns Prefix+"s"+random.
+	// Prefix starts the names of the namespaces (default "kdpt-"): the host
+	// netns is Prefix+"h.<pid>.<random>", the sandbox netns
+	// Prefix+"s.<pid>.<random>", a guest Prefix+"g.<pid>.<random>".
 	Prefix string
 	// HostVeth is the host end of the veth pair (default "veth0").
 	HostVeth string

@@ -3,6 +3,7 @@ package topo_test
 import (
 	"errors"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -120,5 +121,25 @@ func TestSandboxConfigInvalid(t *testing.T) {
 		if _, err := topo.NewSandbox(cfg); err == nil {
 			t.Errorf("%s: NewSandbox succeeded", name)
 		}
+	}
+}
+
+func TestSweepStale(t *testing.T) {
+	topo.RequireRoot(t, "creates network namespaces")
+	live := topo.MustNetNS(t, "kdptt-sw")
+	stale := "kdptt-sw.999999999.abcdef"
+	if out, err := exec.Command("ip", "netns", "add", stale).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", stale).Run() })
+	swept, err := topo.SweepStale("kdptt-sw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{stale}, swept); diff != "" {
+		t.Errorf("swept (-want +got):\n%s", diff)
+	}
+	if _, err := os.Stat(live.Path()); err != nil {
+		t.Errorf("live netns swept: %v", err)
 	}
 }
