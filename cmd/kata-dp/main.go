@@ -1,3 +1,155 @@
+// Command kata-dp is kata-dp's one binary: the node agent (`kata-dp agent`) and its thin
+// clients (`sandbox`, `kata-network`, `status`, `version`), which talk to the agent over its
+// unix socket.
+//
+// Each subcommand lives in its own file and runs against an env (standard streams, arguments,
+// environment, context and the agent's dependencies), so tests run every subcommand
+// in-process.
 package main
 
-func main() {}
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/spf13/pflag"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// env is what a subcommand runs against.
+type env struct {
+	ctx    context.Context
+	stdin  io.Reader
+	stdout io.Writer
+	stderr io.Writer
+	args   []string // without the program name
+	getenv func(string) string
+	// newDeps builds the agent's dataplane, hot-plugger and tap manager (see deps.go); tests
+	// replace it.
+	newDeps func(ctx context.Context, o agentOptions) (agentDeps, error)
+	// ready, when set, is called by the agent once it serves (tests).
+	ready func()
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	e := &env{ctx: ctx, stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, args: os.Args[1:],
+		getenv: os.Getenv, newDeps: newAgentDeps}
+	code := e.main()
+	stop()
+	os.Exit(code)
+}
+
+// main runs the command line and returns the exit code: the error text on stderr, exit 1.
+func (e *env) main() int {
+	if err := run(e); err != nil {
+		fmt.Fprintln(e.stderr, err)
+		return 1
+	}
+	return 0
+}
+
+var commands = []struct {
+	name, help string
+	run        func(e *env, args []string) error
+}{
+	{"agent", "run the node agent (the only process that changes state)", runAgent},
+	{"sandbox", "register, remove and list sandboxes", runSandbox},
+	{"kata-network", "manage the interfaces and routes of a sandbox (drop-in for kata-runtime kata-network)", runKataNetwork},
+	{"status", "show sandboxes, endpoints, modes and counters", runStatus},
+	{"version", "show the version and the kernel features found", runVersion},
+}
+
+const topUsage = `kata-dp: the eBPF dataplane of VM-based sandboxes
+
+Usage:
+  kata-dp <command> [arguments]
+
+Commands:
+`
+
+func usage(w io.Writer) {
+	fmt.Fprint(w, topUsage)
+	for _, c := range commands {
+		fmt.Fprintf(w, "  %-13s %s\n", c.name, c.help)
+	}
+	fmt.Fprintf(w, "\nClient commands talk to the agent's socket: --socket PATH, or $%s, or %s.\n", api.SocketEnv, api.DefaultSocket)
+	fmt.Fprint(w, "Run 'kata-dp <command> --help' for a command's options.\n")
+}
+
+func run(e *env) error {
+	if len(e.args) == 0 {
+		usage(e.stdout)
+		return nil
+	}
+	name := e.args[0]
+	if name == "help" || name == "-h" || name == "--help" {
+		usage(e.stdout)
+		return nil
+	}
+	for _, c := range commands {
+		if c.name == name {
+			if err := c.run(e, e.args[1:]); !errors.Is(err, errHelp) {
+				return err
+			}
+			return nil
+		}
+	}
+	usage(e.stderr)
+	return fmt.Errorf("unknown command %q", name)
+}
+
+// flagSet returns a FlagSet for a subcommand whose usage prints use and the flags.
+func (e *env) flagSet(name, use string) *pflag.FlagSet {
+	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	fs.Usage = func() {
+		fmt.Fprint(e.stdout, strings.TrimLeft(use, "\n"))
+		if fs.HasFlags() {
+			fmt.Fprint(e.stdout, "\nOptions:\n"+fs.FlagUsages())
+		}
+	}
+	return fs
+}
+
+// errHelp is returned by parse after --help was printed; run turns it into success.
+var errHelp = errors.New("help printed")
+
+// parse parses args; --help prints the usage on stdout and returns errHelp.
+func parse(fs *pflag.FlagSet, args []string) error {
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	if errors.Is(err, pflag.ErrHelp) {
+		fs.Usage()
+		return errHelp
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", fs.Name(), err)
+	}
+	return nil
+}
+
+// socketFlag adds --socket to fs.
+func socketFlag(fs *pflag.FlagSet) *string {
+	return fs.String("socket", "", fmt.Sprintf("agent socket (default $%s or %s)", api.SocketEnv, api.DefaultSocket))
+}
+
+// client returns the API client for the --socket flag value.
+func (e *env) client(flag string) *api.Client {
+	path := flag
+	if path == "" {
+		path = e.getenv(api.SocketEnv)
+	}
+	if path == "" {
+		path = api.DefaultSocket
+	}
+	return api.NewClient(path)
+}

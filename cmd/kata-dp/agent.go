@@ -1,0 +1,128 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/control/store"
+)
+
+// agentOptions are the agent's flags.
+type agentOptions struct {
+	socket      string
+	stateDir    string
+	bpffsRoot   string
+	metricsAddr string
+	logLevel    string
+	log         *slog.Logger
+}
+
+const agentUse = `
+Usage: kata-dp agent [options]
+
+Runs the node agent: serves the API on a unix socket (root only), keeps the state under
+--state-dir, re-adopts the pinned datapath of every saved sandbox on start, and leaves the
+datapath forwarding when it stops (SIGTERM, SIGINT).
+`
+
+func runAgent(e *env, args []string) error {
+	fs := e.flagSet("agent", agentUse)
+	o := agentOptions{}
+	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "API socket path")
+	fs.StringVar(&o.stateDir, "state-dir", store.DefaultDir, "state directory")
+	fs.StringVar(&o.bpffsRoot, "bpffs-root", "/sys/fs/bpf/kata-dp", "bpffs directory of the pinned datapath")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this HOST:PORT (off when empty)")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("agent: unexpected arguments %q", fs.Args())
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return fmt.Errorf("agent: --log-level: %w", err)
+	}
+	o.log = slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: level}))
+	return agent(e, o)
+}
+
+func agent(e *env, o agentOptions) (err error) {
+	ctx := e.ctx
+	log := o.log
+	st, err := store.Open(o.stateDir)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	deps, err := e.newDeps(ctx, o)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	defer func() {
+		if deps.Close != nil {
+			if cerr := deps.Close(); cerr != nil {
+				log.Error("close dataplane", "err", cerr)
+			}
+		}
+	}()
+	cfg := control.Config{Dataplane: deps.Dataplane, Taps: deps.Taps, Store: st, Logger: log}
+	if deps.Hotplug != nil {
+		cfg.Hotplug = deps.Hotplug
+	}
+	ctrl, err := control.New(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	metrics := api.NewMetrics(ctrl, version)
+	srv := api.NewServer(ctrl, api.ServerOptions{Version: version, Logger: log, Metrics: metrics})
+	l, err := api.Listen(o.socket)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- srv.Serve(l) }()
+	var msrv *http.Server
+	if o.metricsAddr != "" {
+		ml, err := net.Listen("tcp", o.metricsAddr)
+		if err != nil {
+			srv.Shutdown(context.Background())
+			return fmt.Errorf("agent: metrics: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", metrics.Handler())
+		msrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := msrv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("metrics: %w", err)
+			}
+		}()
+		log.Info("serving metrics", "addr", ml.Addr().String())
+	}
+	log.Info("agent started", "version", version, "socket", o.socket, "state", o.stateDir, "sandboxes", len(ctrl.Sandboxes()))
+	if e.ready != nil {
+		e.ready()
+	}
+	select {
+	case <-ctx.Done():
+		log.Info("agent stopping; the datapath keeps forwarding")
+	case err = <-errc:
+		log.Error("agent failed", "err", err)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	srv.Shutdown(sctx)
+	if msrv != nil {
+		msrv.Shutdown(sctx)
+	}
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,89 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/kata-dp/kata-dp/control"
+)
+
+const sandboxUse = `
+Usage:
+  kata-dp sandbox add <id> --netns <path> [--qmp <socket>] [--uplink <dev>] [--mode tc|xdp|tcfilter|macvtap]
+                           [--anti-spoof=true|false] [--strict-egress=true|false]
+  kata-dp sandbox del <id>
+  kata-dp sandbox list
+
+Registers a sandbox with the agent (add), removes it with everything kata-dp created for it
+(del: endpoints, the taps kata-dp created, the datapath, the state), or lists them.
+<id> may be a unique prefix for del.
+`
+
+func runSandbox(e *env, args []string) error {
+	fs := e.flagSet("sandbox", sandboxUse)
+	sock := socketFlag(fs)
+	netns := fs.String("netns", "", "sandbox network namespace path (add)")
+	qmp := fs.String("qmp", "", "QMP socket of the sandbox's VM; without it hot-plug is skipped (add)")
+	uplink := fs.String("uplink", control.DefaultUplink, "device in the netns the first NIC is joined to (add)")
+	mode := fs.String("mode", control.ModeTC, "dataplane mode: "+strings.Join(control.Modes, ", ")+" (add)")
+	antiSpoof := fs.Bool("anti-spoof", true, "drop guest frames with a foreign source MAC or IP (add)")
+	strictEgress := fs.Bool("strict-egress", true, "drop guest frames with no route on their NIC (add)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	c := e.client(*sock)
+	a := fs.Args()
+	if len(a) == 0 {
+		fs.Usage()
+		return errHelp
+	}
+	switch a[0] {
+	case "add":
+		if len(a) != 2 {
+			return fmt.Errorf("usage: kata-dp sandbox add <id> --netns <path> [options]")
+		}
+		spec := control.SandboxSpec{ID: a[1], NetNS: *netns, QMP: *qmp, Uplink: *uplink, Mode: *mode,
+			AntiSpoof: antiSpoof, StrictEgress: strictEgress}
+		sb, err := c.AddSandbox(e.ctx, spec)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(e.stdout, sb.ID)
+		return nil
+	case "del", "rm", "delete":
+		if len(a) != 2 {
+			return fmt.Errorf("usage: kata-dp sandbox del <id>")
+		}
+		return c.DelSandbox(e.ctx, a[1])
+	case "list", "ls":
+		if len(a) != 1 {
+			return fmt.Errorf("usage: kata-dp sandbox list")
+		}
+		sbs, err := c.Sandboxes(e.ctx)
+		if err != nil {
+			return err
+		}
+		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "ID\tNETNS\tQMP\tUPLINK\tMODE\tANTI-SPOOF\tSTRICT-EGRESS")
+		for _, sb := range sbs {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", sb.ID, sb.NetNS, orDash(sb.QMP), sb.Uplink, sb.Mode, onOff(sb.AntiSpoof), onOff(sb.StrictEgress))
+		}
+		return tw.Flush()
+	}
+	return fmt.Errorf("sandbox: unknown subcommand %q (want add, del or list)", a[0])
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
+}

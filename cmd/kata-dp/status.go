@@ -1,0 +1,105 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/kata-dp/kata-dp/control"
+)
+
+const statusUse = `
+Usage: kata-dp status [-o table|json]
+
+Shows every sandbox, its endpoints (NICs added through kata-network), their dataplane mode and
+their counters (packets and bytes from and to the guest, drops by reason).
+`
+
+func runStatus(e *env, args []string) error {
+	fs := e.flagSet("status", statusUse)
+	sock := socketFlag(fs)
+	output := fs.StringP("output", "o", "table", "output format: table or json")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("status: unexpected arguments %q", fs.Args())
+	}
+	if *output != "table" && *output != "json" {
+		return fmt.Errorf("status: --output %q: want table or json", *output)
+	}
+	st, err := e.client(*sock).Status(e.ctx)
+	if err != nil {
+		return err
+	}
+	if *output == "json" {
+		enc := json.NewEncoder(e.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	return statusTable(e, st)
+}
+
+func statusTable(e *env, st []control.SandboxStatus) error {
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SANDBOX\tMODE\tUPLINK\tANTI-SPOOF\tSTRICT-EGRESS\tQMP\tNICS\tROUTES\tNETNS")
+	for _, s := range st {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", s.ID, s.Mode, s.Uplink, onOff(s.AntiSpoof),
+			onOff(s.StrictEgress), orDash(s.QMP), len(s.Endpoints), s.Routes, s.NetNS)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	n := 0
+	for _, s := range st {
+		n += len(s.Endpoints)
+	}
+	if n == 0 {
+		return nil
+	}
+	fmt.Fprintln(e.stdout)
+	tw = tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SANDBOX\tNIC\tTAP\tSLOT\tUPLINK\tMAC\tADDR\tPCI\tFROM-GUEST pkts/bytes\tTO-GUEST pkts/bytes\tDROPS")
+	for _, s := range st {
+		for _, ep := range s.Endpoints {
+			from, to, drops := "-", "-", "-"
+			if ep.Stats != nil {
+				from = fmt.Sprintf("%d/%d", ep.Stats.FromGuest.Packets, ep.Stats.FromGuest.Bytes)
+				to = fmt.Sprintf("%d/%d", ep.Stats.ToGuest.Packets, ep.Stats.ToGuest.Bytes)
+				drops = formatDrops(ep.Stats)
+			} else if ep.StatsError != "" {
+				drops = "error: " + ep.StatsError
+			}
+			tap := ep.Tap
+			if !ep.TapCreated {
+				tap += " (adopted)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, ep.NIC, tap, ep.Slot,
+				orDash(ep.Uplink), ep.MAC, orDash(ep.Addr), orDash(ep.PCIAddr), from, to, drops)
+		}
+	}
+	return tw.Flush()
+}
+
+// formatDrops renders the drops of both directions as "reason=n,..." ("0" when none).
+func formatDrops(st *control.EndpointStats) string {
+	sum := map[string]uint64{}
+	for _, d := range []map[string]uint64{st.FromGuest.Drops, st.ToGuest.Drops} {
+		for r, n := range d {
+			if n > 0 {
+				sum[r] += n
+			}
+		}
+	}
+	if len(sum) == 0 {
+		return "0"
+	}
+	var parts []string
+	for _, r := range slices.Sorted(maps.Keys(sum)) {
+		parts = append(parts, fmt.Sprintf("%s=%d", r, sum[r]))
+	}
+	return strings.Join(parts, ",")
+}
