@@ -3,7 +3,10 @@
 /*
  * kata-dp's datapath: one object per sandbox, joining each guest NIC's tap to its uplink (the
  * sandbox's veth) with bpf_redirect instead of Kata's ingress qdisc + u32 + mirred, and adding
- * anti-spoofing, strict egress and per-endpoint counters on the way.
+ * anti-spoofing, IPVS-style load balancing, strict egress and per-endpoint counters on the way:
+ *
+ *   from the guest: anti-spoofing -> load balancer (DNAT) -> strict egress -> redirect
+ *   to the guest:   reverse NAT -> redirect
  *
  *   uplink ingress --kdp_uplink_in--> tap egress   (to the guest)
  *   tap ingress    --kdp_tap_in-----> uplink egress (from the guest)
@@ -18,7 +21,9 @@
 #include "lib/ctx.h"
 #include "lib/common.h"
 #include "lib/stats.h"
+#include "lib/config.h"
 #include "lib/guard.h"
+#include "lib/lb.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -30,8 +35,8 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_endpoints SEC(".maps");
 
-/* Enough for Ethernet + a 20-byte IPv4 header + an ARP body or L4 ports. */
-#define KDP_PULL_LEN 64
+/* Enough for Ethernet + an IPv4 header with options + a TCP header. */
+#define KDP_PULL_LEN 128
 
 static __always_inline int redirect_to(__u32 ifindex, const bool xdp)
 {
@@ -41,6 +46,7 @@ static __always_inline int redirect_to(__u32 ifindex, const bool xdp)
 static __always_inline int from_guest(void *ctx, const bool xdp)
 {
 	__u32 ifindex = ctx_ifindex(ctx, xdp);
+	struct config *cfg;
 	struct endpoint *ep;
 	__u32 len;
 	int drop;
@@ -48,10 +54,17 @@ static __always_inline int from_guest(void *ctx, const bool xdp)
 	ep = bpf_map_lookup_elem(&kdp_endpoints, &ifindex);
 	if (!ep || ep->role != KDP_ROLE_TAP)
 		return ctx_next(xdp);
+	cfg = config_get();
+	if (!cfg)
+		return ctx_next(xdp);
 
 	len = ctx_len(ctx, xdp);
 	ctx_pull(ctx, KDP_PULL_LEN, xdp);
-	drop = check_from_guest(ep, ctx_data(ctx, xdp), ctx_data_end(ctx, xdp));
+	drop = check_spoof(ep, ctx_data(ctx, xdp), ctx_data_end(ctx, xdp));
+	if (drop < 0)
+		drop = lb_from_guest(ctx, xdp, cfg, len);
+	if (drop < 0)
+		drop = check_egress(ep, cfg->route_gen, ctx_data(ctx, xdp), ctx_data_end(ctx, xdp));
 	if (drop >= 0) {
 		count_drop(ep->slot, KDP_DIR_FROM_GUEST, drop);
 		return ctx_drop(xdp);
@@ -65,13 +78,25 @@ static __always_inline int from_guest(void *ctx, const bool xdp)
 static __always_inline int to_guest(void *ctx, const bool xdp)
 {
 	__u32 ifindex = ctx_ifindex(ctx, xdp);
+	struct config *cfg;
 	struct endpoint *ep;
+	__u32 len;
+	int drop;
 
 	ep = bpf_map_lookup_elem(&kdp_endpoints, &ifindex);
 	if (!ep || ep->role != KDP_ROLE_UPLINK || !ep->peer_ifindex)
 		return ctx_next(xdp);
+	cfg = config_get();
+	if (!cfg)
+		return ctx_next(xdp);
 
-	count_fwd(ep->slot, KDP_DIR_TO_GUEST, ctx_len(ctx, xdp));
+	len = ctx_len(ctx, xdp);
+	drop = lb_to_guest(ctx, xdp, cfg, len);
+	if (drop >= 0) {
+		count_drop(ep->slot, KDP_DIR_TO_GUEST, drop);
+		return ctx_drop(xdp);
+	}
+	count_fwd(ep->slot, KDP_DIR_TO_GUEST, len);
 	return redirect_to(ep->peer_ifindex, xdp);
 }
 

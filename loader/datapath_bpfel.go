@@ -13,10 +13,49 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type datapathConfig struct {
+type datapathAffEntry struct {
 	_        structs.HostLayout
-	RouteGen uint32
-	Flags    uint32
+	LastSeen uint64
+	Backend  uint32
+	Pad      uint32
+}
+
+type datapathAffKey struct {
+	_    structs.HostLayout
+	Svc  uint32
+	Addr uint32
+}
+
+type datapathConfig struct {
+	_             structs.HostLayout
+	RouteGen      uint32
+	Flags         uint32
+	LbGen         uint32
+	TcpTimeout    uint32
+	TcpfinTimeout uint32
+	UdpTimeout    uint32
+}
+
+type datapathCtEntry struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Addr     uint32
+	Port     uint16
+	State    uint8
+	Flags    uint8
+	Backend  uint32
+	Svc      uint32
+}
+
+type datapathCtKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Dir   uint8
+	Pad   uint16
 }
 
 type datapathEndpoint struct {
@@ -35,6 +74,52 @@ type datapathEpStats struct {
 	Packets uint64
 	Bytes   uint64
 	Drops   [8]uint64
+}
+
+type datapathLbBackend struct {
+	_      structs.HostLayout
+	Ip     uint32
+	Port   uint16
+	Weight uint16
+}
+
+type datapathLbStats struct {
+	_        structs.HostLayout
+	Conns    uint64
+	Inpkts   uint64
+	Outpkts  uint64
+	Inbytes  uint64
+	Outbytes uint64
+	Active   int64
+	Inactive int64
+	Sched    uint64
+}
+
+type datapathLbStatsKey struct {
+	_    structs.HostLayout
+	Kind uint32
+	Id   uint32
+}
+
+type datapathLbSvc struct {
+	_       structs.HostLayout
+	Id      uint32
+	Count   uint32
+	Rev     uint32
+	Persist uint32
+	Pmask   uint32
+	Sched   uint8
+	Flags   uint8
+	Pad     uint16
+}
+
+type datapathLbSvcKey struct {
+	_     structs.HostLayout
+	Vip   uint32
+	Vport uint16
+	Proto uint8
+	Gen   uint8
+	Slot  uint32
 }
 
 type datapathRouteKey struct {
@@ -56,6 +141,11 @@ type datapathRouteVal struct {
 const (
 	datapathMapKdpConfig    = "kdp_config"
 	datapathMapKdpEndpoints = "kdp_endpoints"
+	datapathMapKdpLbAff     = "kdp_lb_aff"
+	datapathMapKdpLbBe      = "kdp_lb_be"
+	datapathMapKdpLbCt      = "kdp_lb_ct"
+	datapathMapKdpLbStats   = "kdp_lb_stats"
+	datapathMapKdpLbSvc     = "kdp_lb_svc"
 	datapathMapKdpRoutes    = "kdp_routes"
 	datapathMapKdpStats     = "kdp_stats"
 	datapathProgKdpTapIn    = "kdp_tap_in"
@@ -114,6 +204,11 @@ type datapathProgramSpecs struct {
 type datapathMapSpecs struct {
 	KdpConfig    *ebpf.MapSpec `ebpf:"kdp_config"`
 	KdpEndpoints *ebpf.MapSpec `ebpf:"kdp_endpoints"`
+	KdpLbAff     *ebpf.MapSpec `ebpf:"kdp_lb_aff"`
+	KdpLbBe      *ebpf.MapSpec `ebpf:"kdp_lb_be"`
+	KdpLbCt      *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
+	KdpLbStats   *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
+	KdpLbSvc     *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
 	KdpRoutes    *ebpf.MapSpec `ebpf:"kdp_routes"`
 	KdpStats     *ebpf.MapSpec `ebpf:"kdp_stats"`
 }
@@ -146,6 +241,11 @@ func (o *datapathObjects) Close() error {
 type datapathMaps struct {
 	KdpConfig    *ebpf.Map `ebpf:"kdp_config"`
 	KdpEndpoints *ebpf.Map `ebpf:"kdp_endpoints"`
+	KdpLbAff     *ebpf.Map `ebpf:"kdp_lb_aff"`
+	KdpLbBe      *ebpf.Map `ebpf:"kdp_lb_be"`
+	KdpLbCt      *ebpf.Map `ebpf:"kdp_lb_ct"`
+	KdpLbStats   *ebpf.Map `ebpf:"kdp_lb_stats"`
+	KdpLbSvc     *ebpf.Map `ebpf:"kdp_lb_svc"`
 	KdpRoutes    *ebpf.Map `ebpf:"kdp_routes"`
 	KdpStats     *ebpf.Map `ebpf:"kdp_stats"`
 }
@@ -154,6 +254,11 @@ func (m *datapathMaps) Close() error {
 	return _DatapathClose(
 		m.KdpConfig,
 		m.KdpEndpoints,
+		m.KdpLbAff,
+		m.KdpLbBe,
+		m.KdpLbCt,
+		m.KdpLbStats,
+		m.KdpLbSvc,
 		m.KdpRoutes,
 		m.KdpStats,
 	)

@@ -40,6 +40,18 @@ type Maps struct {
 	Stats     *ebpf.Map
 	Routes    *ebpf.Map
 	Config    *ebpf.Map
+	LBSvc     *ebpf.Map
+	LBBackend *ebpf.Map
+	LBStats   *ebpf.Map
+	LBCT      *ebpf.Map
+	LBAff     *ebpf.Map
+}
+
+// Options tune a sandbox's collection when it is first created (a pinned map keeps the size
+// it was created with).
+type Options struct {
+	// CTSize is the number of connection-table entries (two per connection); 0 = 16384.
+	CTSize uint32
 }
 
 // Sandbox is one sandbox's loaded datapath collection.
@@ -54,7 +66,11 @@ func (s *Sandbox) Dir() string { return s.dir }
 
 // Maps returns the sandbox's maps. They stay owned by the Sandbox.
 func (s *Sandbox) Maps() Maps {
-	return Maps{Endpoints: s.objs.KdpEndpoints, Stats: s.objs.KdpStats, Routes: s.objs.KdpRoutes, Config: s.objs.KdpConfig}
+	o := &s.objs
+	return Maps{
+		Endpoints: o.KdpEndpoints, Stats: o.KdpStats, Routes: o.KdpRoutes, Config: o.KdpConfig,
+		LBSvc: o.KdpLbSvc, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
+	}
 }
 
 // Program returns the loaded program p.
@@ -75,6 +91,11 @@ func Spec() (*ebpf.CollectionSpec, error) { return loadDatapath() }
 // earlier run, and moves every pinned link of the sandbox onto the freshly loaded programs
 // (in place: the device is never without a program). It mounts bpffs first if needed.
 func Open(root, id string) (*Sandbox, error) {
+	return OpenWithOptions(root, id, Options{})
+}
+
+// OpenWithOptions is Open with options for a sandbox created by this call.
+func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	if !sandboxIDRe.MatchString(id) {
 		return nil, fmt.Errorf("open sandbox %q: %w", id, ErrBadSandboxID)
 	}
@@ -91,6 +112,9 @@ func Open(root, id string) (*Sandbox, error) {
 	spec, err := loadDatapath()
 	if err != nil {
 		return nil, fmt.Errorf("open sandbox %s: load spec: %w", id, err)
+	}
+	if o.CTSize > 0 {
+		spec.Maps["kdp_lb_ct"].MaxEntries = o.CTSize
 	}
 	s := &Sandbox{ID: id, dir: dir}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}

@@ -26,6 +26,15 @@ func TestLayoutMatchesBTF(t *testing.T) {
 		{"route_key", RouteKey{}},
 		{"route_val", RouteValue{}},
 		{"config", Config{}},
+		{"lb_svc_key", SvcKey{}},
+		{"lb_svc", Svc{}},
+		{"lb_backend", Backend{}},
+		{"lb_stats_key", LBStatsKey{}},
+		{"lb_stats", LBStats{}},
+		{"ct_key", CTKey{}},
+		{"ct_entry", CTEntry{}},
+		{"aff_key", AffKey{}},
+		{"aff_entry", AffEntry{}},
 	} {
 		t.Run(tc.c, func(t *testing.T) {
 			var st *btf.Struct

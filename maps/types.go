@@ -84,10 +84,11 @@ const (
 	DropEgressNoRoute  DropReason = 3
 	DropMalformed      DropReason = 4
 	DropLBNoBackend    DropReason = 5
-	numDropReasonsUsed            = 6 // 6 and 7 are reserved
+	DropLBRewrite      DropReason = 6
+	numDropReasonsUsed            = 7 // 7 is reserved
 )
 
-var dropNames = [NumDrops]string{"spoof_mac", "spoof_ip", "spoof_arp", "egress_no_route", "malformed", "lb_no_backend", "reserved6", "reserved7"}
+var dropNames = [NumDrops]string{"spoof_mac", "spoof_ip", "spoof_arp", "egress_no_route", "malformed", "lb_no_backend", "lb_rewrite", "reserved7"}
 
 func (r DropReason) String() string {
 	if r >= 0 && int(r) < len(dropNames) {
@@ -200,11 +201,23 @@ type RouteValue struct {
 	Flags   uint32
 }
 
+// ConfigFlags are struct config's flags (enum kdp_cfg_flags).
+type ConfigFlags uint32
+
+// Config flags.
+const (
+	ConfigLB ConfigFlags = 1 << 0 // the load balancer has services or live connections
+)
+
 // Config is struct config: sandbox-wide settings.
 type Config struct {
-	_        structs.HostLayout
-	RouteGen uint32
-	Flags    uint32
+	_             structs.HostLayout
+	RouteGen      uint32
+	Flags         ConfigFlags
+	LBGen         uint32
+	TCPTimeout    uint32 // seconds
+	TCPFinTimeout uint32
+	UDPTimeout    uint32
 }
 
 func routeTag(gen, slot uint32) uint32 { return gen<<16 | slot&0xffff }

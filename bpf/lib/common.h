@@ -39,7 +39,7 @@ enum kdp_drop {
 	KDP_DROP_EGRESS_NO_ROUTE = 3,
 	KDP_DROP_MALFORMED = 4,
 	KDP_DROP_LB_NO_BACKEND = 5,
-	KDP_DROP_RESERVED6 = 6,
+	KDP_DROP_LB_REWRITE = 6,
 	KDP_DROP_RESERVED7 = 7,
 	KDP_DROP_MAX = 8,
 };
@@ -78,10 +78,18 @@ static __always_inline __u32 route_tag(__u32 gen, __u32 slot)
 	return (gen << 16) | (slot & 0xffff);
 }
 
+enum kdp_cfg_flags {
+	KDP_CFG_LB = 1 << 0, /* the load balancer has services or live connections */
+};
+
 /* Sandbox-wide settings, one array entry. */
 struct config {
-	__u32 route_gen;
-	__u32 flags;
+	__u32 route_gen;      /* live generation of kdp_routes */
+	__u32 flags;          /* enum kdp_cfg_flags */
+	__u32 lb_gen;         /* live generation of kdp_lb_svc (a restore or clear switches it) */
+	__u32 tcp_timeout;    /* seconds: idle established TCP connection */
+	__u32 tcpfin_timeout; /* seconds: TCP connection after FIN/RST */
+	__u32 udp_timeout;    /* seconds: idle UDP flow */
 };
 
 struct route_val {

@@ -20,21 +20,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_routes SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct config);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kdp_config SEC(".maps");
 
-static __always_inline __u32 route_gen(void)
-{
-	__u32 zero = 0;
-	struct config *c = bpf_map_lookup_elem(&kdp_config, &zero);
-
-	return c ? c->route_gen : 0;
-}
 
 static __always_inline bool mac_equal(const __u8 *a, const __u8 *b)
 {
@@ -56,7 +42,7 @@ static __always_inline bool same_subnet(const struct endpoint *ep, __be32 addr)
 
 /* egress_allowed: limited broadcast and multicast stay link-local and always pass (DHCP, ARP
  * stand-ins, mDNS); everything else needs the subnet or a route. */
-static __always_inline bool egress_allowed(const struct endpoint *ep, __be32 daddr)
+static __always_inline bool egress_allowed(const struct endpoint *ep, __u32 route_gen, __be32 daddr)
 {
 	struct route_key key = { .prefixlen = 64, .addr = daddr };
 	__u32 d = bpf_ntohl(daddr);
@@ -65,12 +51,12 @@ static __always_inline bool egress_allowed(const struct endpoint *ep, __be32 dad
 		return true;
 	if (same_subnet(ep, daddr))
 		return true;
-	key.tag = route_tag(route_gen(), ep->slot);
+	key.tag = route_tag(route_gen, ep->slot);
 	return bpf_map_lookup_elem(&kdp_routes, &key) != NULL;
 }
 
-/* check_from_guest validates a frame the guest sent on the NIC described by ep. */
-static __always_inline int check_from_guest(const struct endpoint *ep, void *data, void *data_end)
+/* check_spoof validates the source of a frame the guest sent on the NIC described by ep. */
+static __always_inline int check_spoof(const struct endpoint *ep, void *data, void *data_end)
 {
 	struct ethhdr *eth = data;
 	bool spoof = ep->flags & KDP_F_ANTI_SPOOF;
@@ -102,9 +88,23 @@ static __always_inline int check_from_guest(const struct endpoint *ep, void *dat
 			return KDP_DROP_MALFORMED;
 		if (spoof && (ep->flags & KDP_F_HAS_IP) && ip->saddr != ep->ip)
 			return KDP_DROP_SPOOF_IP;
-		if ((ep->flags & KDP_F_STRICT_EGRESS) && !egress_allowed(ep, ip->daddr))
-			return KDP_DROP_EGRESS_NO_ROUTE;
 	}
+	return -1;
+}
+
+/* check_egress applies the strict egress policy to an IPv4 frame from the guest, after load
+ * balancing has chosen its real destination. */
+static __always_inline int check_egress(const struct endpoint *ep, __u32 route_gen, void *data, void *data_end)
+{
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if (!(ep->flags & KDP_F_STRICT_EGRESS))
+		return -1;
+	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	if (!egress_allowed(ep, route_gen, ip->daddr))
+		return KDP_DROP_EGRESS_NO_ROUTE;
 	return -1;
 }
 

@@ -1,0 +1,556 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * IPVS NAT mode, rebuilt on maps in the style of Cilium's load balancer.
+ *
+ * kdp_lb_svc holds, per service (VIP, port, proto), a master entry (slot 0) and slot entries
+ * whose meaning depends on the scheduler: the pick sequence for rr/wrr, 256 hash buckets for
+ * sh/dh, the real servers in kernel order for the least-connection family. Slot keys carry the
+ * service's revision, so an edit writes the new slots beside the old ones and switches by
+ * rewriting the master last: the datapath never sees half a service. The whole table carries a
+ * generation (config.lb_gen), so a restore or a clear switches every service at once.
+ *
+ * kdp_lb_ct is the connection table (LRU): one entry per direction, the original one (guest ->
+ * VIP) holding the real server, the reply one (real server -> guest) holding the VIP for the
+ * reverse NAT. Connections keep their real server whatever happens to the rules, until they
+ * time out (config timeouts, shortened by FIN/RST) or are cleaned up. kdp_lb_aff holds
+ * persistence (client -> real server per service) and lblc/lblcr's destination affinity.
+ * kdp_lb_stats holds IPVS's counters per service and real server; active/inactive connection
+ * counts are kept by the datapath and re-counted by the control plane's sweeper.
+ */
+#ifndef __KDP_LB_H
+#define __KDP_LB_H
+
+#include <bpf_helpers.h>
+#include <bpf_endian.h>
+#include "common.h"
+#include "ctx.h"
+#include "csum.h"
+
+#define KDP_LB_MAX_SVC_SLOTS 262144 /* master + slot entries of all services, two revisions */
+#define KDP_LB_MAX_BACKENDS 40960   /* 20000 rules, two generations */
+#define KDP_LB_MAX_STATS 81920
+#define KDP_LB_CT_SIZE 16384        /* default; loader.Options.CTSize resizes it per sandbox */
+#define KDP_LB_AFF_SIZE 8192
+#define KDP_LB_MAX_SCAN 64          /* real servers the least-connection schedulers compare */
+#define KDP_LB_HASH_BUCKETS 256     /* sh/dh table size (IP_VS_SH_TAB_SIZE) */
+
+enum kdp_sched {
+	KDP_SCHED_RR = 1,
+	KDP_SCHED_WRR = 2,
+	KDP_SCHED_LC = 3,
+	KDP_SCHED_WLC = 4,
+	KDP_SCHED_LBLC = 5,
+	KDP_SCHED_LBLCR = 6,
+	KDP_SCHED_DH = 7,
+	KDP_SCHED_SH = 8,
+	KDP_SCHED_SED = 9,
+	KDP_SCHED_NQ = 10,
+};
+
+enum kdp_ct_state {
+	KDP_CT_UDP = 0,
+	KDP_CT_TCP_EST = 1, /* counts as active */
+	KDP_CT_TCP_FIN = 2, /* FIN or RST seen: inactive, short timeout */
+};
+
+enum kdp_lb_stats_kind {
+	KDP_LB_STATS_SVC = 1,
+	KDP_LB_STATS_BACKEND = 2,
+};
+
+struct lb_svc_key {
+	__be32 vip;
+	__be16 vport;
+	__u8 proto;
+	__u8 gen;  /* config.lb_gen the entry belongs to */
+	__u32 slot; /* 0 = master; else rev << 16 | index (1-based) */
+};
+
+struct lb_svc {
+	__u32 id;      /* master: service id (stats, affinity); slot: real server id, 0 = empty */
+	__u32 count;   /* master: number of slots */
+	__u32 rev;     /* master: revision of the live slots */
+	__u32 persist; /* master: persistence timeout in seconds, 0 = none */
+	__be32 pmask;  /* master: persistence netmask */
+	__u8 sched;    /* master: enum kdp_sched */
+	__u8 flags;
+	__u16 pad;
+};
+
+struct lb_backend {
+	__be32 ip;
+	__be16 port;
+	__u16 weight; /* 0 = quiesced: no new connections */
+};
+
+struct lb_stats_key {
+	__u32 kind; /* enum kdp_lb_stats_kind */
+	__u32 id;
+};
+
+struct lb_stats {
+	__u64 conns;
+	__u64 inpkts;
+	__u64 outpkts;
+	__u64 inbytes;
+	__u64 outbytes;
+	__s64 active;
+	__s64 inactive;
+	__u64 sched; /* rr/wrr position (services) */
+};
+
+struct ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir; /* 0 = original (guest -> VIP), 1 = reply (real server -> guest) */
+	__u16 pad;
+};
+
+struct ct_entry {
+	__u64 last_seen; /* bpf_ktime_get_ns */
+	__be32 addr;     /* original: real server; reply: VIP */
+	__be16 port;     /* original: real server port; reply: VIP port */
+	__u8 state;      /* enum kdp_ct_state */
+	__u8 flags;
+	__u32 backend; /* real server id */
+	__u32 svc;     /* service id */
+};
+
+struct aff_key {
+	__u32 svc; /* service id; high bit set for lblc/lblcr destination affinity */
+	__be32 addr;
+};
+
+struct aff_entry {
+	__u64 last_seen;
+	__u32 backend;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_LB_MAX_SVC_SLOTS);
+	__type(key, struct lb_svc_key);
+	__type(value, struct lb_svc);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_svc SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_backend);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_be SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_LB_MAX_STATS);
+	__type(key, struct lb_stats_key);
+	__type(value, struct lb_stats);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KDP_LB_CT_SIZE);
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KDP_LB_AFF_SIZE);
+	__type(key, struct aff_key);
+	__type(value, struct aff_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_aff SEC(".maps");
+
+/* The L3/L4 view of a frame the load balancer needs. Offsets are from the frame's start. */
+struct lb_tuple {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 tcpflags; /* FIN 0x01, SYN 0x02, RST 0x04 */
+	__u16 l4_off;
+};
+
+#define KDP_TCP_FIN 0x01
+#define KDP_TCP_SYN 0x02
+#define KDP_TCP_RST 0x04
+
+#define KDP_IP_OFF ETH_HLEN
+#define KDP_IP_CSUM_OFF (ETH_HLEN + 10)
+#define KDP_IP_SADDR_OFF (ETH_HLEN + 12)
+#define KDP_IP_DADDR_OFF (ETH_HLEN + 16)
+
+/* lb_parse fills t for an unfragmented IPv4 TCP or UDP frame; anything else is not ours. */
+static __always_inline bool lb_parse(void *data, void *data_end, struct lb_tuple *t)
+{
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	__u32 ihl;
+
+	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return false;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return false;
+	if (ip->frag_off & bpf_htons(0x3fff)) /* MF or an offset: fragments are not balanced */
+		return false;
+	ihl = ip->ihl * 4;
+	if (ihl < 20)
+		return false;
+	t->l4_off = ETH_HLEN + ihl;
+	t->saddr = ip->saddr;
+	t->daddr = ip->daddr;
+	t->proto = ip->protocol;
+	t->tcpflags = 0;
+	if (t->proto == IPPROTO_TCP) {
+		struct tcphdr *th = data + (t->l4_off & 0x7f);
+
+		if ((void *)(th + 1) > data_end)
+			return false;
+		t->sport = th->source;
+		t->dport = th->dest;
+		t->tcpflags = ((__u8 *)th)[13] & 0x07;
+	} else {
+		struct udphdr *uh = data + (t->l4_off & 0x7f);
+
+		if ((void *)(uh + 1) > data_end)
+			return false;
+		t->sport = uh->source;
+		t->dport = uh->dest;
+	}
+	return true;
+}
+
+static __always_inline struct lb_stats *lb_stats_of(__u32 kind, __u32 id)
+{
+	struct lb_stats_key k = { .kind = kind, .id = id };
+
+	return bpf_map_lookup_elem(&kdp_lb_stats, &k);
+}
+
+static __always_inline void lb_count(__u32 kind, __u32 id, bool in, __u32 len)
+{
+	struct lb_stats *s = lb_stats_of(kind, id);
+
+	if (!s)
+		return;
+	if (in) {
+		__sync_fetch_and_add(&s->inpkts, 1);
+		__sync_fetch_and_add(&s->inbytes, len);
+	} else {
+		__sync_fetch_and_add(&s->outpkts, 1);
+		__sync_fetch_and_add(&s->outbytes, len);
+	}
+}
+
+static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struct ct_entry *e)
+{
+	__u32 s = e->state == KDP_CT_TCP_EST ? cfg->tcp_timeout :
+		  e->state == KDP_CT_TCP_FIN ? cfg->tcpfin_timeout : cfg->udp_timeout;
+
+	return (__u64)s * 1000000000ULL;
+}
+
+/* hash8 is the kernel's hash_32(v, 8) (GOLDEN_RATIO_32), as ip_vs_sh/ip_vs_dh use it. */
+static __always_inline __u32 hash8(__be32 addr)
+{
+	return (bpf_ntohl(addr) * 0x61C88647U) >> 24;
+}
+
+static __always_inline struct lb_svc *svc_slot(const struct lb_svc_key *master, __u32 rev, __u32 idx)
+{
+	struct lb_svc_key k = *master;
+
+	k.slot = (rev << 16) | (idx & 0xffff);
+	return bpf_map_lookup_elem(&kdp_lb_svc, &k);
+}
+
+struct lc_scan {
+	struct lb_svc_key mk; /* the service's master key */
+	__u32 rev;
+	__u32 count;
+	__u8 sched;
+	__u32 best;    /* id of the best real server so far, 0 = none */
+	__u64 best_oh; /* its overhead */
+	__u32 best_w;  /* its weight */
+};
+
+/* lc_step looks at the i-th real server (bpf_loop callback: verified once, not per index). */
+static long lc_step(__u64 i, void *arg)
+{
+	struct lc_scan *s = arg;
+	struct lb_backend *be;
+	struct lb_stats *st;
+	struct lb_svc *sl;
+	__u64 oh, active;
+	__u32 w;
+
+	if (i >= s->count)
+		return 1;
+	sl = svc_slot(&s->mk, s->rev, i + 1);
+	if (!sl || !sl->id)
+		return 0;
+	be = bpf_map_lookup_elem(&kdp_lb_be, &sl->id);
+	if (!be || be->weight == 0)
+		return 0;
+	st = lb_stats_of(KDP_LB_STATS_BACKEND, sl->id);
+	active = st && st->active > 0 ? st->active : 0;
+	w = be->weight;
+	if (s->sched == KDP_SCHED_SED || s->sched == KDP_SCHED_NQ) {
+		oh = active + 1;
+		if (s->sched == KDP_SCHED_NQ && oh == 1) {
+			s->best = sl->id; /* an idle server wins at once */
+			return 1;
+		}
+	} else {
+		oh = (active << 8) + (st && st->inactive > 0 ? st->inactive : 0);
+		if (s->sched == KDP_SCHED_LC)
+			w = 1;
+	}
+	/* oh/w < best_oh/best_w, cross-multiplied as IPVS does; ties keep the earlier server,
+	 * so kernel order (newest first) breaks them. */
+	if (!s->best || oh * s->best_w < s->best_oh * w) {
+		s->best = sl->id;
+		s->best_oh = oh;
+		s->best_w = w;
+	}
+	return 0;
+}
+
+/* lb_schedule picks a real server for a new connection of service m (0 if none can take it). */
+static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const struct lb_svc *m,
+					 const struct lb_tuple *t, __u64 now)
+{
+	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = t->daddr };
+	struct lc_scan scan = { .mk = *mk, .rev = m->rev, .count = m->count, .sched = m->sched };
+	struct lb_stats *ss;
+	struct lb_svc *sl;
+	__u32 idx;
+
+	if (!m->count)
+		return 0;
+	switch (m->sched) {
+	case KDP_SCHED_RR:
+	case KDP_SCHED_WRR:
+		ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
+		if (!ss)
+			return 0;
+		idx = __sync_fetch_and_add(&ss->sched, 1) % m->count + 1;
+		sl = svc_slot(mk, m->rev, idx);
+		return sl ? sl->id : 0;
+	case KDP_SCHED_SH:
+	case KDP_SCHED_DH:
+		idx = hash8(m->sched == KDP_SCHED_SH ? t->saddr : t->daddr) + 1;
+		sl = svc_slot(mk, m->rev, idx);
+		return sl ? sl->id : 0;
+	case KDP_SCHED_LBLC:
+	case KDP_SCHED_LBLCR: {
+		struct aff_entry *ae = bpf_map_lookup_elem(&kdp_lb_aff, &ak);
+
+		if (ae) {
+			struct lb_backend *be = bpf_map_lookup_elem(&kdp_lb_be, &ae->backend);
+			struct lb_stats *st = lb_stats_of(KDP_LB_STATS_BACKEND, ae->backend);
+
+			/* Keep the locality unless the server is gone, quiesced or overloaded
+			 * (more active connections than its weight, as ip_vs_lblc does). */
+			if (be && be->weight && (!st || st->active <= be->weight)) {
+				ae->last_seen = now;
+				return ae->backend;
+			}
+		}
+		scan.sched = KDP_SCHED_WLC;
+		break;
+	}
+	}
+	bpf_loop(KDP_LB_MAX_SCAN, lc_step, &scan, 0);
+	if (scan.best && (m->sched == KDP_SCHED_LBLC || m->sched == KDP_SCHED_LBLCR)) {
+		struct aff_entry ne = { .last_seen = now, .backend = scan.best };
+
+		bpf_map_update_elem(&kdp_lb_aff, &ak, &ne, BPF_ANY);
+	}
+	return scan.best;
+}
+
+/* lb_from_guest balances a frame the guest sends: an existing connection keeps its real
+ * server, a new one to a service gets one from the scheduler (or the persistence template),
+ * and the frame is DNATed to it. Returns -1 to go on, or an enum kdp_drop reason. */
+static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len)
+{
+	void *data = ctx_data(ctx, xdp), *data_end = ctx_data_end(ctx, xdp);
+	struct lb_svc_key mk = {};
+	struct ct_key ck = {};
+	struct ct_entry *e, ne = {};
+	struct lb_tuple t;
+	struct lb_svc *m;
+	struct lb_stats *st;
+	__u64 now;
+	__u32 be_id = 0;
+	bool udp;
+
+	if (!(cfg->flags & KDP_CFG_LB))
+		return -1;
+	if (!lb_parse(data, data_end, &t))
+		return -1;
+	udp = t.proto == IPPROTO_UDP;
+	now = bpf_ktime_get_ns();
+
+	ck.saddr = t.saddr;
+	ck.daddr = t.daddr;
+	ck.sport = t.sport;
+	ck.dport = t.dport;
+	ck.proto = t.proto;
+	e = bpf_map_lookup_elem(&kdp_lb_ct, &ck);
+	if (e && now - e->last_seen <= ct_timeout_ns(cfg, e)) {
+		e->last_seen = now;
+		if (e->state == KDP_CT_TCP_EST && (t.tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
+			st = lb_stats_of(KDP_LB_STATS_BACKEND, e->backend);
+			e->state = KDP_CT_TCP_FIN;
+			if (st) {
+				__sync_fetch_and_add(&st->active, -1);
+				__sync_fetch_and_add(&st->inactive, 1);
+			}
+		}
+		ne = *e;
+		goto nat;
+	}
+
+	mk.vip = t.daddr;
+	mk.vport = t.dport;
+	mk.proto = t.proto;
+	mk.gen = cfg->lb_gen;
+	m = bpf_map_lookup_elem(&kdp_lb_svc, &mk);
+	if (!m)
+		return -1; /* not a service (and no connection): not ours */
+
+	{
+		/* Persistence: the client's template holds while its real server exists. */
+		struct aff_key ak = { .svc = m->id, .addr = t.saddr & m->pmask };
+		struct aff_entry *ae = NULL;
+
+		if (m->persist) {
+			ae = bpf_map_lookup_elem(&kdp_lb_aff, &ak);
+			if (ae && now - ae->last_seen <= (__u64)m->persist * 1000000000ULL &&
+			    bpf_map_lookup_elem(&kdp_lb_be, &ae->backend))
+				be_id = ae->backend;
+		}
+		if (!be_id)
+			be_id = lb_schedule(&mk, m, &t, now);
+		if (m->persist && be_id) {
+			struct aff_entry na = { .last_seen = now, .backend = be_id };
+
+			bpf_map_update_elem(&kdp_lb_aff, &ak, &na, BPF_ANY);
+		}
+	}
+	{
+		struct lb_backend *be = be_id ? bpf_map_lookup_elem(&kdp_lb_be, &be_id) : NULL;
+		struct ct_key rk = {};
+		struct ct_entry re = {};
+
+		if (!be)
+			return KDP_DROP_LB_NO_BACKEND;
+		ne.last_seen = now;
+		ne.addr = be->ip;
+		ne.port = be->port;
+		ne.state = udp ? KDP_CT_UDP : KDP_CT_TCP_EST;
+		if (!udp && (t.tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)))
+			ne.state = KDP_CT_TCP_FIN;
+		ne.backend = be_id;
+		ne.svc = m->id;
+
+		rk.saddr = be->ip;
+		rk.daddr = t.saddr;
+		rk.sport = be->port;
+		rk.dport = t.sport;
+		rk.proto = t.proto;
+		rk.dir = 1;
+		re = ne;
+		re.addr = t.daddr;
+		re.port = t.dport;
+		bpf_map_update_elem(&kdp_lb_ct, &rk, &re, BPF_ANY);
+		bpf_map_update_elem(&kdp_lb_ct, &ck, &ne, BPF_ANY);
+
+		st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
+		if (st) {
+			__sync_fetch_and_add(&st->conns, 1);
+			if (ne.state == KDP_CT_TCP_EST)
+				__sync_fetch_and_add(&st->active, 1);
+			else
+				__sync_fetch_and_add(&st->inactive, 1);
+		}
+		st = lb_stats_of(KDP_LB_STATS_SVC, m->id);
+		if (st)
+			__sync_fetch_and_add(&st->conns, 1);
+	}
+
+nat:
+	lb_count(KDP_LB_STATS_BACKEND, ne.backend, true, len);
+	lb_count(KDP_LB_STATS_SVC, ne.svc, true, len);
+	{
+		__u32 csum_off = t.l4_off + (udp ? 6 : 16);
+
+		if (ne.addr != t.daddr &&
+		    ctx_rewrite4(ctx, KDP_IP_DADDR_OFF, t.daddr, ne.addr, KDP_IP_CSUM_OFF, csum_off, udp, xdp))
+			return KDP_DROP_LB_REWRITE;
+		if (ne.port != t.dport && ctx_rewrite2(ctx, t.l4_off + 2, t.dport, ne.port, csum_off, udp, xdp))
+			return KDP_DROP_LB_REWRITE;
+	}
+	return -1;
+}
+
+/* lb_to_guest reverse-NATs a reply from a real server back to the VIP the guest talked to. */
+static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len)
+{
+	void *data, *data_end;
+	struct ct_key ck = {};
+	struct ct_entry *e;
+	struct lb_tuple t;
+	__be32 vip;
+	__be16 vport;
+	__u32 csum_off;
+	bool udp;
+
+	if (!(cfg->flags & KDP_CFG_LB))
+		return -1;
+	ctx_pull(ctx, 128, xdp);
+	data = ctx_data(ctx, xdp);
+	data_end = ctx_data_end(ctx, xdp);
+	if (!lb_parse(data, data_end, &t))
+		return -1;
+	ck.saddr = t.saddr;
+	ck.daddr = t.daddr;
+	ck.sport = t.sport;
+	ck.dport = t.dport;
+	ck.proto = t.proto;
+	ck.dir = 1;
+	e = bpf_map_lookup_elem(&kdp_lb_ct, &ck);
+	if (!e)
+		return -1;
+	e->last_seen = bpf_ktime_get_ns();
+	if (t.tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
+		e->state = KDP_CT_TCP_FIN;
+	vip = e->addr;
+	vport = e->port;
+	lb_count(KDP_LB_STATS_BACKEND, e->backend, false, len);
+	lb_count(KDP_LB_STATS_SVC, e->svc, false, len);
+	udp = t.proto == IPPROTO_UDP;
+	csum_off = t.l4_off + (udp ? 6 : 16);
+	if (ctx_rewrite4(ctx, KDP_IP_SADDR_OFF, t.saddr, vip, KDP_IP_CSUM_OFF, csum_off, udp, xdp))
+		return KDP_DROP_LB_REWRITE;
+	if (vport != t.sport && ctx_rewrite2(ctx, t.l4_off, t.sport, vport, csum_off, udp, xdp))
+		return KDP_DROP_LB_REWRITE;
+	return -1;
+}
+
+#endif
