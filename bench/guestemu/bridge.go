@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"time"
 
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/vishvananda/netlink"
@@ -188,6 +189,10 @@ func (b *Bridge) GuestNS() string { return b.guestNS }
 
 // GuestTap is the name of the guest tap.
 func (b *Bridge) GuestTap() string { return b.guestTap }
+
+// CPUTime is the CPU time the Bridge's worker threads have used so far
+// (from schedstat). It is only meaningful while the Bridge runs.
+func (b *Bridge) CPUTime() time.Duration { return b.r.cpuTime() }
 
 // Stats returns the counters summed over the queues.
 func (b *Bridge) Stats() Stats {

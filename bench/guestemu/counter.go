@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -157,6 +158,39 @@ func (c *Counter) Send(q int, frame []byte) error {
 	countTx(&c.c[q], len(frame))
 	return nil
 }
+
+// Flood writes frame into queue q of the tap count times (until ctx ends
+// when count <= 0), one write per frame with a zeroed virtio header, as fast
+// as the tap takes them, and returns how many were written. It runs on the
+// calling goroutine: lock and pin it to measure. Write errors are counted
+// in Stats().WriteErrors and do not stop the flood.
+func (c *Counter) Flood(ctx context.Context, q int, frame []byte, count int) (int, error) {
+	if q < 0 || q >= len(c.fds) {
+		return 0, fmt.Errorf("flood: queue %d: %w", q, ErrInvalid)
+	}
+	t := c.fds[q]
+	buf := make([]byte, t.hdrsz+len(frame))
+	copy(buf[t.hdrsz:], frame)
+	k := &c.c[q]
+	sent := 0
+	for i := 0; count <= 0 || i < count; i++ {
+		if i&1023 == 0 && ctx.Err() != nil {
+			break
+		}
+		if _, err := unix.Write(t.fd, buf); err != nil {
+			k.writeErrors.Add(1)
+			continue
+		}
+		sent++
+		countTx(k, len(frame))
+	}
+	return sent, nil
+}
+
+// CPUTime is the CPU time the Counter's worker threads have used so far
+// (from schedstat; precise, unlike tick-based accounting). It is only
+// meaningful while the Counter runs.
+func (c *Counter) CPUTime() time.Duration { return c.r.cpuTime() }
 
 // Stats returns the counters summed over the queues.
 func (c *Counter) Stats() Stats {

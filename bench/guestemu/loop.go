@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -165,6 +168,7 @@ type runner struct {
 	wg      sync.WaitGroup
 	nextCPU int
 	unwatch func() bool
+	tids    []int
 	err     error
 }
 
@@ -198,6 +202,9 @@ func (r *runner) spawn(in, out tapFd, c *counters, countOut func(c *counters, fr
 		// The thread stays locked to this goroutine and exits with it, so a
 		// pinned affinity never leaks to other goroutines.
 		runtime.LockOSThread()
+		r.mu.Lock()
+		r.tids = append(r.tids, unix.Gettid())
+		r.mu.Unlock()
 		if cpu >= 0 {
 			var set unix.CPUSet
 			set.Set(cpu)
@@ -315,6 +322,31 @@ func (r *runner) Err() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.err
+}
+
+// cpuTime sums the time the worker threads spent on a CPU, from
+// /proc/thread-self's schedstat (nanoseconds, not tick based). Threads that
+// have exited no longer count.
+func (r *runner) cpuTime() time.Duration {
+	r.mu.Lock()
+	tids := append([]int(nil), r.tids...)
+	r.mu.Unlock()
+	var total time.Duration
+	for _, tid := range tids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/self/task/%d/schedstat", tid))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b))
+		if len(f) == 0 {
+			continue
+		}
+		ns, err := strconv.ParseInt(f[0], 10, 64)
+		if err == nil {
+			total += time.Duration(ns)
+		}
+	}
+	return total
 }
 
 func closeFds(fds []tapFd) {
