@@ -235,6 +235,12 @@ func (p *parser) handle(def *optDef, tok, val string, hasVal bool) error {
 	if hasVal {
 		shown = tok + " " + val
 	}
+	// bad names the offending value, or the option when the value is
+	// empty ("--tcp-service=").
+	bad := val
+	if bad == "" {
+		bad = tok
+	}
 	if def.unsupported != "" {
 		return usageErr(tok, "%s not supported by kata-ipvs (%s)", tok, def.unsupported)
 	}
@@ -259,7 +265,7 @@ func (p *parser) handle(def *optDef, tok, val string, hasVal bool) error {
 	case optService:
 		ap, hasPort, ok := parseAddrPort(val)
 		if !ok || !hasPort {
-			return usageErr(val, "illegal virtual server address[:port] specified")
+			return usageErr(bad, "illegal virtual server address[:port] specified")
 		}
 		c.HasService = true
 		c.Service = ServiceKey{Proto: TCP, Addr: ap}
@@ -273,20 +279,20 @@ func (p *parser) handle(def *optDef, tok, val string, hasVal bool) error {
 		if hasVal {
 			n, ok := cNumber(val, 0, MaxPersistent)
 			if !ok {
-				return usageErr(val, "invalid timeout value `%s' specified", val)
+				return usageErr(bad, "invalid timeout value `%s' specified", val)
 			}
 			c.Persistent = uint32(n)
 		}
 	case optNetmask:
 		m, err := netip.ParseAddr(val)
 		if err != nil || !m.Is4() {
-			return usageErr(val, "illegal virtual server persistent mask specified")
+			return usageErr(bad, "illegal virtual server persistent mask specified")
 		}
 		c.Netmask = m
 	case optServer:
 		ap, hasPort, ok := parseAddrPort(val)
 		if !ok {
-			return usageErr(val, "illegal real server address[:port] specified")
+			return usageErr(bad, "illegal real server address[:port] specified")
 		}
 		c.Server = ap
 		p.serverHasPort = hasPort
@@ -295,7 +301,7 @@ func (p *parser) handle(def *optDef, tok, val string, hasVal bool) error {
 	case optWeight:
 		n, ok := cNumber(val, 0, MaxWeight)
 		if !ok {
-			return usageErr(val, "illegal weight specified")
+			return usageErr(bad, "illegal weight specified")
 		}
 		c.Weight = n
 	case optNumeric:
