@@ -128,8 +128,7 @@ func parse(fs *pflag.FlagSet, args []string) error {
 	fs.SetOutput(io.Discard)
 	err := fs.Parse(args)
 	if errors.Is(err, pflag.ErrHelp) {
-		fs.Usage()
-		return errHelp
+		return errHelp // pflag printed the usage
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", fs.Name(), err)
