@@ -83,6 +83,12 @@ type datapathLbBackend struct {
 	Weight uint16
 }
 
+type datapathLbConns struct {
+	_        structs.HostLayout
+	Active   int64
+	Inactive int64
+}
+
 type datapathLbStats struct {
 	_        structs.HostLayout
 	Conns    uint64
@@ -90,8 +96,6 @@ type datapathLbStats struct {
 	Outpkts  uint64
 	Inbytes  uint64
 	Outbytes uint64
-	Active   int64
-	Inactive int64
 	Sched    uint64
 }
 
@@ -143,6 +147,7 @@ const (
 	datapathMapKdpEndpoints = "kdp_endpoints"
 	datapathMapKdpLbAff     = "kdp_lb_aff"
 	datapathMapKdpLbBe      = "kdp_lb_be"
+	datapathMapKdpLbConns   = "kdp_lb_conns"
 	datapathMapKdpLbCt      = "kdp_lb_ct"
 	datapathMapKdpLbStats   = "kdp_lb_stats"
 	datapathMapKdpLbSvc     = "kdp_lb_svc"
@@ -206,6 +211,7 @@ type datapathMapSpecs struct {
 	KdpEndpoints *ebpf.MapSpec `ebpf:"kdp_endpoints"`
 	KdpLbAff     *ebpf.MapSpec `ebpf:"kdp_lb_aff"`
 	KdpLbBe      *ebpf.MapSpec `ebpf:"kdp_lb_be"`
+	KdpLbConns   *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
 	KdpLbCt      *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
 	KdpLbStats   *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
 	KdpLbSvc     *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
@@ -243,6 +249,7 @@ type datapathMaps struct {
 	KdpEndpoints *ebpf.Map `ebpf:"kdp_endpoints"`
 	KdpLbAff     *ebpf.Map `ebpf:"kdp_lb_aff"`
 	KdpLbBe      *ebpf.Map `ebpf:"kdp_lb_be"`
+	KdpLbConns   *ebpf.Map `ebpf:"kdp_lb_conns"`
 	KdpLbCt      *ebpf.Map `ebpf:"kdp_lb_ct"`
 	KdpLbStats   *ebpf.Map `ebpf:"kdp_lb_stats"`
 	KdpLbSvc     *ebpf.Map `ebpf:"kdp_lb_svc"`
@@ -256,6 +263,7 @@ func (m *datapathMaps) Close() error {
 		m.KdpEndpoints,
 		m.KdpLbAff,
 		m.KdpLbBe,
+		m.KdpLbConns,
 		m.KdpLbCt,
 		m.KdpLbStats,
 		m.KdpLbSvc,

@@ -43,6 +43,7 @@ type Maps struct {
 	LBSvc     *ebpf.Map
 	LBBackend *ebpf.Map
 	LBStats   *ebpf.Map
+	LBConns   *ebpf.Map
 	LBCT      *ebpf.Map
 	LBAff     *ebpf.Map
 }
@@ -69,7 +70,7 @@ func (s *Sandbox) Maps() Maps {
 	o := &s.objs
 	return Maps{
 		Endpoints: o.KdpEndpoints, Stats: o.KdpStats, Routes: o.KdpRoutes, Config: o.KdpConfig,
-		LBSvc: o.KdpLbSvc, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
+		LBSvc: o.KdpLbSvc, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
 	}
 }
 

@@ -31,6 +31,7 @@ func TestLayoutMatchesBTF(t *testing.T) {
 		{"lb_backend", Backend{}},
 		{"lb_stats_key", LBStatsKey{}},
 		{"lb_stats", LBStats{}},
+		{"lb_conns", LBConns{}},
 		{"ct_key", CTKey{}},
 		{"ct_entry", CTEntry{}},
 		{"aff_key", AffKey{}},

@@ -117,9 +117,14 @@ type LBStats struct {
 	OutPkts  uint64
 	InBytes  uint64
 	OutBytes uint64
+	Sched    uint64
+}
+
+// LBConns is struct lb_conns.
+type LBConns struct {
+	_        structs.HostLayout
 	Active   int64
 	Inactive int64
-	Sched    uint64
 }
 
 // CTKey is struct ct_key.
@@ -172,6 +177,7 @@ type LB struct {
 	Svc     *ebpf.Map
 	Backend *ebpf.Map
 	Stats   *ebpf.Map
+	Conns   *ebpf.Map
 	CT      *ebpf.Map
 	Aff     *ebpf.Map
 	Config  *ebpf.Map
@@ -202,4 +208,296 @@ func (l LB) ReadStats(kind, id uint32) (LBStats, error) {
 		return s, nil
 	}
 	return s, err
+}
+
+// ServiceSpec is what the datapath needs of one service.
+type ServiceSpec struct {
+	VIP     netip.AddrPort
+	Proto   uint8
+	ID      uint32
+	Sched   Scheduler
+	Persist uint32     // seconds, 0 = none
+	PMask   netip.Addr // persistence netmask (IPv4)
+	Slots   []uint32   // real server ids, meaning per scheduler; 0 = empty bucket
+}
+
+// MaxSlots bounds the slots of one service (the slot index is 16 bits).
+const MaxSlots = 65535
+
+func svcKey(gen uint8, vip netip.AddrPort, proto uint8, slot uint32) SvcKey {
+	return SvcKey{VIP: vip.Addr().As4(), VPort: Port2(vip.Port()), Proto: proto, Gen: gen, Slot: slot}
+}
+
+func slotKey(master SvcKey, rev, idx uint32) SvcKey {
+	k := master
+	k.Slot = rev<<16 | idx&0xffff
+	return k
+}
+
+func (s ServiceSpec) master(rev uint32) Svc {
+	m := Svc{ID: s.ID, Count: uint32(len(s.Slots)), Rev: rev, Persist: s.Persist, Sched: s.Sched}
+	if s.PMask.Is4() {
+		m.PMask = s.PMask.As4()
+	} else {
+		m.PMask = [4]byte{255, 255, 255, 255}
+	}
+	return m
+}
+
+func (s ServiceSpec) validate() error {
+	if !s.VIP.Addr().Is4() {
+		return fmt.Errorf("service %s: not IPv4", s.VIP)
+	}
+	if len(s.Slots) > MaxSlots {
+		return fmt.Errorf("service %s: %d slots > %d", s.VIP, len(s.Slots), MaxSlots)
+	}
+	return nil
+}
+
+// PutService installs or changes a service of generation gen without a moment where the
+// datapath could see half of it: the slots are written under the next revision beside the live
+// ones, the master entry is switched to that revision in one update, and the old slots are
+// deleted afterwards.
+func (l LB) PutService(gen uint8, s ServiceSpec) error {
+	if err := s.validate(); err != nil {
+		return fmt.Errorf("put service: %w", err)
+	}
+	mk := svcKey(gen, s.VIP, s.Proto, 0)
+	var old Svc
+	hadOld := l.Svc.Lookup(&mk, &old) == nil
+	rev := uint32(1)
+	if hadOld {
+		rev = (old.Rev + 1) & 0xffff
+		if rev == 0 {
+			rev = 1
+		}
+	}
+	keys := make([]SvcKey, 0, len(s.Slots))
+	vals := make([]Svc, 0, len(s.Slots))
+	for i, id := range s.Slots {
+		keys = append(keys, slotKey(mk, rev, uint32(i+1)))
+		vals = append(vals, Svc{ID: id})
+	}
+	if err := l.batchPut(keys, vals); err != nil {
+		return fmt.Errorf("put service %s: slots: %w", s.VIP, err)
+	}
+	if err := l.ensureStats(StatsService, s.ID); err != nil {
+		return fmt.Errorf("put service %s: %w", s.VIP, err)
+	}
+	m := s.master(rev)
+	if err := l.Svc.Update(&mk, &m, ebpf.UpdateAny); err != nil {
+		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
+		return fmt.Errorf("put service %s: master: %w", s.VIP, err)
+	}
+	if hadOld {
+		l.deleteSlots(mk, old.Rev, old.Count)
+		if old.ID != s.ID {
+			l.Stats.Delete(&LBStatsKey{Kind: StatsService, ID: old.ID})
+		}
+	}
+	return nil
+}
+
+// DeleteService removes a service: the master first (no new connection is scheduled), then
+// its slots. Established connections keep their real servers until they end.
+func (l LB) DeleteService(gen uint8, vip netip.AddrPort, proto uint8) error {
+	mk := svcKey(gen, vip, proto, 0)
+	var old Svc
+	if err := l.Svc.Lookup(&mk, &old); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		return fmt.Errorf("delete service %s: %w", vip, err)
+	}
+	if err := l.Svc.Delete(&mk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete service %s: %w", vip, err)
+	}
+	l.deleteSlots(mk, old.Rev, old.Count)
+	l.Stats.Delete(&LBStatsKey{Kind: StatsService, ID: old.ID})
+	return nil
+}
+
+func (l LB) deleteSlots(mk SvcKey, rev, count uint32) {
+	keys := make([]SvcKey, 0, count)
+	for i := uint32(1); i <= count; i++ {
+		keys = append(keys, slotKey(mk, rev, i))
+	}
+	l.batchDelete(l.Svc, keys)
+}
+
+// PutBackend installs or changes a real server.
+func (l LB) PutBackend(id uint32, addr netip.AddrPort, weight uint16) error {
+	if !addr.Addr().Is4() {
+		return fmt.Errorf("put real server %s: not IPv4", addr)
+	}
+	b := Backend{IP: addr.Addr().As4(), Port: Port2(addr.Port()), Weight: weight}
+	if err := l.ensureStats(StatsBackend, id); err != nil {
+		return fmt.Errorf("put real server %s: %w", addr, err)
+	}
+	if err := l.Conns.Update(id, &LBConns{}, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+		return fmt.Errorf("put real server %s: %w", addr, err)
+	}
+	if err := l.Backend.Update(id, &b, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("put real server %s: %w", addr, err)
+	}
+	return nil
+}
+
+// DeleteBackend removes a real server and its counters. Connections to it drain: they hold
+// its address in the connection table.
+func (l LB) DeleteBackend(id uint32) error {
+	if err := l.Backend.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete real server %d: %w", id, err)
+	}
+	l.Stats.Delete(&LBStatsKey{Kind: StatsBackend, ID: id})
+	l.Conns.Delete(id)
+	return nil
+}
+
+func (l LB) ensureStats(kind, id uint32) error {
+	err := l.Stats.Update(&LBStatsKey{Kind: kind, ID: id}, &LBStats{}, ebpf.UpdateNoExist)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+		return fmt.Errorf("create counters: %w", err)
+	}
+	return nil
+}
+
+// DeleteGeneration removes every service entry of generation gen (after a switch away from it).
+func (l LB) DeleteGeneration(gen uint8) error {
+	var (
+		k     SvcKey
+		v     Svc
+		stale []SvcKey
+	)
+	it := l.Svc.Iterate()
+	for it.Next(&k, &v) {
+		if k.Gen == gen {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("delete generation %d: %w", gen, err)
+	}
+	l.batchDelete(l.Svc, stale)
+	return nil
+}
+
+func (l LB) batchPut(keys []SvcKey, vals []Svc) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	if _, err := l.Svc.BatchUpdate(keys, vals, nil); err == nil {
+		return nil
+	} else if !errors.Is(err, ebpf.ErrNotSupported) {
+		return err
+	}
+	for i := range keys {
+		if err := l.Svc.Update(&keys[i], &vals[i], ebpf.UpdateAny); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (l LB) batchDelete(m *ebpf.Map, keys []SvcKey) {
+	if len(keys) == 0 {
+		return
+	}
+	if _, err := m.BatchDelete(keys, nil); err == nil {
+		return
+	}
+	for i := range keys {
+		m.Delete(&keys[i])
+	}
+}
+
+// Conn is one balanced connection as the control plane sees it.
+type Conn struct {
+	Key   CTKey
+	Entry CTEntry
+}
+
+// SweepResult is what one sweep found.
+type SweepResult struct {
+	Expired int
+	Live    int
+	Conns   map[uint32]LBConns // per real server, recounted
+}
+
+func ctTimeout(c Config, state uint8) uint64 {
+	s := c.UDPTimeout
+	switch state {
+	case CTTCPEst:
+		s = c.TCPTimeout
+	case CTTCPFin:
+		s = c.TCPFinTimeout
+	}
+	return uint64(s) * 1e9
+}
+
+func replyKey(k CTKey, e CTEntry) CTKey {
+	return CTKey{SAddr: e.Addr, DAddr: k.SAddr, SPort: e.Port, DPort: k.SPort, Proto: k.Proto, Dir: 1}
+}
+
+// Sweep expires connections idle past their timeout (now is CLOCK_MONOTONIC in ns, the
+// datapath's bpf_ktime_get_ns), deleting both directions, and rewrites every real server's
+// active/inactive counts from what is left. match, when not nil, selects live connections to
+// delete as well (cleanup); their number is added to Expired.
+func (l LB) Sweep(now uint64, cfg Config, match func(CTKey, CTEntry) bool) (SweepResult, error) {
+	res := SweepResult{Conns: map[uint32]LBConns{}}
+	var (
+		k    CTKey
+		e    CTEntry
+		dead []CTKey
+	)
+	replies := map[CTKey]bool{}
+	it := l.CT.Iterate()
+	for it.Next(&k, &e) {
+		if k.Dir == 1 {
+			replies[k] = true
+			continue
+		}
+		if (now > e.LastSeen && now-e.LastSeen > ctTimeout(cfg, e.State)) || (match != nil && match(k, e)) {
+			dead = append(dead, k, replyKey(k, e))
+			res.Expired++
+			continue
+		}
+		delete(replies, replyKey(k, e))
+		res.Live++
+		c := res.Conns[e.Backend]
+		if e.State == CTTCPEst {
+			c.Active++
+		} else {
+			c.Inactive++
+		}
+		res.Conns[e.Backend] = c
+	}
+	if err := it.Err(); err != nil {
+		return res, fmt.Errorf("sweep connections: %w", err)
+	}
+	// Reply entries whose original is gone (evicted by the LRU) go too, once idle.
+	for rk := range replies {
+		var re CTEntry
+		if l.CT.Lookup(&rk, &re) == nil && now > re.LastSeen && now-re.LastSeen > ctTimeout(cfg, re.State) {
+			dead = append(dead, rk)
+		}
+	}
+	for i := range dead {
+		l.CT.Delete(&dead[i])
+	}
+	var (
+		id uint32
+		b  Backend
+	)
+	bit := l.Backend.Iterate()
+	for bit.Next(&id, &b) {
+		c := res.Conns[id]
+		if err := l.Conns.Update(id, &c, ebpf.UpdateAny); err != nil {
+			return res, fmt.Errorf("sweep: write counts: %w", err)
+		}
+	}
+	if err := bit.Err(); err != nil {
+		return res, fmt.Errorf("sweep: %w", err)
+	}
+	return res, nil
 }

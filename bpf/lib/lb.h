@@ -14,8 +14,9 @@
  * reverse NAT. Connections keep their real server whatever happens to the rules, until they
  * time out (config timeouts, shortened by FIN/RST) or are cleaned up. kdp_lb_aff holds
  * persistence (client -> real server per service) and lblc/lblcr's destination affinity.
- * kdp_lb_stats holds IPVS's counters per service and real server; active/inactive connection
- * counts are kept by the datapath and re-counted by the control plane's sweeper.
+ * kdp_lb_stats holds IPVS's counters per service and real server; kdp_lb_conns the active and
+ * inactive connection counts, kept by the datapath and re-counted by the control plane's
+ * sweeper, which also expires idle connections.
  */
 #ifndef __KDP_LB_H
 #define __KDP_LB_H
@@ -94,9 +95,15 @@ struct lb_stats {
 	__u64 outpkts;
 	__u64 inbytes;
 	__u64 outbytes;
+	__u64 sched; /* rr/wrr position (services) */
+};
+
+/* Connection counts of a real server, apart from lb_stats because the control plane's sweeper
+ * rewrites them whole (it expires connections and re-counts) while the datapath keeps adding
+ * to the other counters. */
+struct lb_conns {
 	__s64 active;
 	__s64 inactive;
-	__u64 sched; /* rr/wrr position (services) */
 };
 
 struct ct_key {
@@ -156,6 +163,15 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_conns);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_conns SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -292,7 +308,7 @@ static long lc_step(__u64 i, void *arg)
 {
 	struct lc_scan *s = arg;
 	struct lb_backend *be;
-	struct lb_stats *st;
+	struct lb_conns *st;
 	struct lb_svc *sl;
 	__u64 oh, active;
 	__u32 w;
@@ -305,7 +321,7 @@ static long lc_step(__u64 i, void *arg)
 	be = bpf_map_lookup_elem(&kdp_lb_be, &sl->id);
 	if (!be || be->weight == 0)
 		return 0;
-	st = lb_stats_of(KDP_LB_STATS_BACKEND, sl->id);
+	st = bpf_map_lookup_elem(&kdp_lb_conns, &sl->id);
 	active = st && st->active > 0 ? st->active : 0;
 	w = be->weight;
 	if (s->sched == KDP_SCHED_SED || s->sched == KDP_SCHED_NQ) {
@@ -361,7 +377,7 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 
 		if (ae) {
 			struct lb_backend *be = bpf_map_lookup_elem(&kdp_lb_be, &ae->backend);
-			struct lb_stats *st = lb_stats_of(KDP_LB_STATS_BACKEND, ae->backend);
+			struct lb_conns *st = bpf_map_lookup_elem(&kdp_lb_conns, &ae->backend);
 
 			/* Keep the locality unless the server is gone, quiesced or overloaded
 			 * (more active connections than its weight, as ip_vs_lblc does). */
@@ -395,6 +411,7 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 	struct lb_tuple t;
 	struct lb_svc *m;
 	struct lb_stats *st;
+	struct lb_conns *cn;
 	__u64 now;
 	__u32 be_id = 0;
 	bool udp;
@@ -415,11 +432,11 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 	if (e && now - e->last_seen <= ct_timeout_ns(cfg, e)) {
 		e->last_seen = now;
 		if (e->state == KDP_CT_TCP_EST && (t.tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
-			st = lb_stats_of(KDP_LB_STATS_BACKEND, e->backend);
+			cn = bpf_map_lookup_elem(&kdp_lb_conns, &e->backend);
 			e->state = KDP_CT_TCP_FIN;
-			if (st) {
-				__sync_fetch_and_add(&st->active, -1);
-				__sync_fetch_and_add(&st->inactive, 1);
+			if (cn) {
+				__sync_fetch_and_add(&cn->active, -1);
+				__sync_fetch_and_add(&cn->inactive, 1);
 			}
 		}
 		ne = *e;
@@ -482,12 +499,14 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 		bpf_map_update_elem(&kdp_lb_ct, &ck, &ne, BPF_ANY);
 
 		st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
-		if (st) {
+		if (st)
 			__sync_fetch_and_add(&st->conns, 1);
+		cn = bpf_map_lookup_elem(&kdp_lb_conns, &be_id);
+		if (cn) {
 			if (ne.state == KDP_CT_TCP_EST)
-				__sync_fetch_and_add(&st->active, 1);
+				__sync_fetch_and_add(&cn->active, 1);
 			else
-				__sync_fetch_and_add(&st->inactive, 1);
+				__sync_fetch_and_add(&cn->inactive, 1);
 		}
 		st = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 		if (st)

@@ -1,0 +1,299 @@
+package loader_test
+
+import (
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
+)
+
+func csumAdd(sum uint32, b []byte) uint32 {
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(b[i:]))
+	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
+	}
+	return sum
+}
+
+func fold(sum uint32) uint16 {
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return uint16(sum)
+}
+
+// l4Checksum computes the TCP/UDP checksum of the IPv4 frame with the checksum field zeroed.
+func l4Checksum(frame []byte) uint16 {
+	ip := frame[14:]
+	ihl := int(ip[0]&0xf) * 4
+	l4 := append([]byte(nil), ip[ihl:binary.BigEndian.Uint16(ip[2:])]...)
+	off := 16
+	if ip[9] == unix.IPPROTO_UDP {
+		off = 6
+	}
+	l4[off], l4[off+1] = 0, 0
+	pseudo := make([]byte, 12)
+	copy(pseudo, ip[12:20])
+	pseudo[9] = ip[9]
+	binary.BigEndian.PutUint16(pseudo[10:], uint16(len(l4)))
+	c := ^fold(csumAdd(csumAdd(0, pseudo), l4))
+	if c == 0 && ip[9] == unix.IPPROTO_UDP {
+		c = 0xffff
+	}
+	return c
+}
+
+// l4Frame builds Ethernet + IPv4 + TCP (flags) or UDP with correct checksums.
+func l4Frame(proto uint8, src net.HardwareAddr, s, d netip.AddrPort, tcpFlags uint8, payload int) []byte {
+	l4len := 8
+	if proto == unix.IPPROTO_TCP {
+		l4len = 20
+	}
+	ip := make([]byte, 20+l4len+payload)
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:], uint16(len(ip)))
+	ip[8] = 64
+	ip[9] = proto
+	sa, da := s.Addr().As4(), d.Addr().As4()
+	copy(ip[12:], sa[:])
+	copy(ip[16:], da[:])
+	binary.BigEndian.PutUint16(ip[10:], ipChecksum(ip[:20]))
+	l4 := ip[20:]
+	binary.BigEndian.PutUint16(l4[0:], s.Port())
+	binary.BigEndian.PutUint16(l4[2:], d.Port())
+	for i := range payload {
+		l4[l4len+i] = byte(i)
+	}
+	if proto == unix.IPPROTO_TCP {
+		l4[12] = 5 << 4
+		l4[13] = tcpFlags
+		binary.BigEndian.PutUint16(l4[14:], 65535)
+	} else {
+		binary.BigEndian.PutUint16(l4[4:], uint16(l4len+payload))
+	}
+	f := append(ethHdr(net.HardwareAddr{2, 0, 0, 0, 0, 0xfe}, src, unix.ETH_P_IP), ip...)
+	off := 14 + 20 + 16
+	if proto == unix.IPPROTO_UDP {
+		off = 14 + 20 + 6
+	}
+	binary.BigEndian.PutUint16(f[off:], l4Checksum(f))
+	return f
+}
+
+type tuple struct {
+	src, dst netip.AddrPort
+}
+
+// checkFrame verifies both checksums and returns the frame's addresses.
+func checkFrame(t *testing.T, f []byte) tuple {
+	t.Helper()
+	ip := f[14:]
+	if got := ipChecksum(ip[:20]); got != 0 {
+		t.Errorf("IP checksum does not verify (residue %#04x)", got)
+	}
+	off := 14 + 20 + 16
+	if ip[9] == unix.IPPROTO_UDP {
+		off = 14 + 20 + 6
+	}
+	if got, want := binary.BigEndian.Uint16(f[off:]), l4Checksum(f); got != want && !(ip[9] == unix.IPPROTO_UDP && got == 0) {
+		t.Errorf("L4 checksum %#04x, want %#04x", got, want)
+	}
+	a := func(b []byte) netip.Addr { return netip.AddrFrom4([4]byte(b)) }
+	return tuple{
+		netip.AddrPortFrom(a(ip[12:16]), binary.BigEndian.Uint16(ip[20:])),
+		netip.AddrPortFrom(a(ip[16:20]), binary.BigEndian.Uint16(ip[22:])),
+	}
+}
+
+func runOut(t *testing.T, prog *ebpf.Program, frame []byte) (int32, []byte) {
+	t.Helper()
+	out := make([]byte, len(frame)+256)
+	ret, err := prog.Run(&ebpf.RunOptions{Data: frame, DataOut: out, Context: skbCtx{Ifindex: 1}})
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	return int32(ret), out[:len(frame)]
+}
+
+type lbRig struct {
+	lb          maps.LB
+	eps         maps.EndpointMap
+	tapIn, upIn *ebpf.Program
+}
+
+func newLBRig(t *testing.T) *lbRig {
+	sb := openSandbox(t, testRoot(t), "lb")
+	m := sb.Maps()
+	r := &lbRig{
+		lb:  maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config},
+		eps: maps.EndpointMap{Map: m.Endpoints},
+	}
+	r.tapIn, _ = sb.Program(loader.ProgTapIn)
+	r.upIn, _ = sb.Program(loader.ProgUplinkIn)
+	if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300}); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// fromGuest runs a frame through the tap's program (as the guest's), toGuest through the uplink's.
+func (r *lbRig) fromGuest(t *testing.T, f []byte) (int32, []byte) {
+	t.Helper()
+	r.eps.Put(1, tapEndpoint(0, 42, maps.FlagAntiSpoof))
+	return runOut(t, r.tapIn, f)
+}
+
+func (r *lbRig) toGuest(t *testing.T, f []byte) (int32, []byte) {
+	t.Helper()
+	r.eps.Put(1, maps.Endpoint{PeerIfindex: 42, Role: maps.RoleUplink})
+	return runOut(t, r.upIn, f)
+}
+
+var (
+	vip     = netip.MustParseAddrPort("172.17.0.7:80")
+	client  = netip.AddrPortFrom(guestIP, 40000)
+	backend = netip.MustParseAddrPort("10.0.0.10:8080")
+)
+
+// TestLBNAT: DNAT of the guest's frames to the real server and reverse NAT of the replies,
+// for TCP and UDP, with both checksums correct after the rewrite.
+func TestLBNAT(t *testing.T) {
+	needRoot(t)
+	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+		r := newLBRig(t)
+		if err := r.lb.PutBackend(7, backend, 1); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: proto, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+			t.Fatal(err)
+		}
+		for i, flags := range []uint8{0x02, 0x10, 0x18} { // SYN, ACK, PSH|ACK
+			ret, out := r.fromGuest(t, l4Frame(proto, guestMAC, client, vip, flags, 10+i*100))
+			if ret != tcxRedirect {
+				t.Fatalf("proto %d: from guest: verdict %d", proto, ret)
+			}
+			if got := checkFrame(t, out); got != (tuple{client, backend}) {
+				t.Errorf("proto %d: DNAT gave %v, want %v -> %v", proto, got, client, backend)
+			}
+			ret, out = r.toGuest(t, l4Frame(proto, otherMAC, backend, client, flags, 33+i))
+			if ret != tcxRedirect {
+				t.Fatalf("proto %d: to guest: verdict %d", proto, ret)
+			}
+			if got := checkFrame(t, out); got != (tuple{vip, client}) {
+				t.Errorf("proto %d: reverse NAT gave %v, want %v -> %v", proto, got, vip, client)
+			}
+		}
+		st, err := r.lb.ReadStats(maps.StatsBackend, 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Conns != 1 || st.InPkts != 3 || st.OutPkts != 3 {
+			t.Errorf("proto %d: real server counters %+v, want 1 conn, 3 in, 3 out", proto, st)
+		}
+		// A frame that is not for a service is untouched.
+		other := l4Frame(proto, guestMAC, client, netip.MustParseAddrPort("172.16.0.1:80"), 0x02, 0)
+		if _, out := r.fromGuest(t, append([]byte(nil), other...)); string(out) != string(other) {
+			t.Errorf("proto %d: frame to a non-service was rewritten", proto)
+		}
+	}
+}
+
+// TestLBUDPZeroChecksum: a UDP frame without checksum stays without one.
+func TestLBUDPZeroChecksum(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	r.lb.PutBackend(7, backend, 1)
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_UDP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}})
+	f := l4Frame(unix.IPPROTO_UDP, guestMAC, client, vip, 0, 20)
+	f[14+20+6], f[14+20+7] = 0, 0
+	_, out := r.fromGuest(t, f)
+	if c := binary.BigEndian.Uint16(out[14+20+6:]); c != 0 {
+		t.Errorf("UDP checksum 0 became %#04x", c)
+	}
+	checkFrame(t, out)
+}
+
+// TestLBSchedulers: the datapath follows the slot tables (rr/wrr/sh) and the least-connection
+// scan (wlc, lc, sed, nq) as IPVS would; no real server means a counted drop.
+func TestLBSchedulers(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	servers := map[uint32]netip.AddrPort{}
+	for id := uint32(1); id <= 3; id++ {
+		servers[id] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(id)}), 80)
+		if err := r.lb.PutBackend(id, servers[id], uint16(id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pick := func(sport uint16) netip.AddrPort {
+		t.Helper()
+		ret, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, sport), vip, 0x02, 0))
+		if ret != tcxRedirect {
+			t.Fatalf("verdict %d", ret)
+		}
+		return checkFrame(t, out).dst
+	}
+
+	// rr/wrr: the n-th new connection takes slot n.
+	seq := []uint32{3, 2, 1, 3, 3, 2}
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedWRR, Slots: seq})
+	for i := range 12 {
+		if got, want := pick(uint16(1000+i)), servers[seq[i%len(seq)]]; got != want {
+			t.Errorf("wrr connection %d went to %v, want %v", i, got, want)
+		}
+	}
+	// An established connection keeps its server across an edit.
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedRR, Slots: []uint32{1}})
+	if got := pick(1000); got != servers[3] {
+		t.Errorf("established connection moved to %v after an edit", got)
+	}
+	if got := pick(2000); got != servers[1] {
+		t.Errorf("new connection after the edit went to %v", got)
+	}
+
+	// wlc: overhead (active*256+inactive)/weight, least wins, kernel order breaks ties.
+	r.lb.Conns.Update(uint32(1), &maps.LBConns{Active: 1}, ebpf.UpdateAny) // 256/1
+	r.lb.Conns.Update(uint32(2), &maps.LBConns{Active: 2}, ebpf.UpdateAny) // 512/2
+	r.lb.Conns.Update(uint32(3), &maps.LBConns{Active: 2}, ebpf.UpdateAny) // 512/3
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedWLC, Slots: []uint32{3, 2, 1}})
+	if got := pick(3000); got != servers[3] {
+		t.Errorf("wlc picked %v, want %v", got, servers[3])
+	}
+	// lc ignores weights: 1 has the fewest.
+	r.lb.Conns.Update(uint32(3), &maps.LBConns{Active: 2}, ebpf.UpdateAny)
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedLC, Slots: []uint32{3, 2, 1}})
+	if got := pick(3001); got != servers[1] {
+		t.Errorf("lc picked %v, want %v", got, servers[1])
+	}
+	// nq: an idle server wins at once.
+	r.lb.Conns.Update(uint32(2), &maps.LBConns{}, ebpf.UpdateAny)
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedNQ, Slots: []uint32{3, 2, 1}})
+	if got := pick(3002); got != servers[2] {
+		t.Errorf("nq picked %v, want the idle %v", got, servers[2])
+	}
+	// Weight 0 is never picked.
+	r.lb.PutBackend(2, servers[2], 0)
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedLC, Slots: []uint32{2}})
+	ret, _ := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, 4000), vip, 0x02, 0))
+	if ret != tcxDrop {
+		t.Errorf("service with only a quiesced server: verdict %d, want drop", ret)
+	}
+	// sh: the bucket of the source address.
+	table := make([]uint32, maps.HashBuckets)
+	for i := range table {
+		table[i] = uint32(i%3) + 1
+	}
+	r.lb.PutBackend(2, servers[2], 2)
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedSH, Slots: table})
+	if got, want := pick(5000), servers[table[maps.Hash8(guestIP)]]; got != want {
+		t.Errorf("sh picked %v, want %v (bucket %d)", got, want, maps.Hash8(guestIP))
+	}
+}
