@@ -1,8 +1,6 @@
 package ipvs
 
 import (
-	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -123,6 +121,17 @@ func lookupLong(name string) *optDef {
 	return nil
 }
 
+// shortToks holds "-x" for every byte x, so naming a short option does
+// not allocate.
+var shortToks = func() (t [256]string) {
+	for i := range t {
+		t[i] = "-" + string([]byte{byte(i)})
+	}
+	return t
+}()
+
+func shortTok(c byte) string { return shortToks[c] }
+
 func lookupShort(c byte) *optDef {
 	for i := range optTable {
 		if optTable[i].short == c && c != 0 {
@@ -150,7 +159,33 @@ type parser struct {
 // empty string is a --list, as ipvsadm without arguments. Errors are
 // *Error naming the offending token.
 func ParseParameters(params string) (Command, error) {
-	args := strings.Fields(params)
+	return parseArgs(strings.Fields(params))
+}
+
+// fields is strings.Fields for ASCII blanks, appending to buf.
+func fields(s string, buf []string) []string {
+	buf = buf[:0]
+	start := -1
+	for i := 0; i < len(s); i++ {
+		switch s[i] {
+		case ' ', '\t', '\r', '\n', '\v', '\f':
+			if start >= 0 {
+				buf = append(buf, s[start:i])
+				start = -1
+			}
+		default:
+			if start < 0 {
+				start = i
+			}
+		}
+	}
+	if start >= 0 {
+		buf = append(buf, s[start:])
+	}
+	return buf
+}
+
+func parseArgs(args []string) (Command, error) {
 	if len(args) == 0 {
 		return Command{Op: OpList}, nil
 	}
@@ -187,12 +222,12 @@ func ParseParameters(params string) (Command, error) {
 					i++
 				}
 			}
-			if err := p.handle(def, "--"+name, val, hasVal); err != nil {
+			if err := p.handle(def, a[:2+len(name)], val, hasVal); err != nil {
 				return Command{}, err
 			}
 		case len(a) > 1 && a[0] == '-':
 			for j := 1; j < len(a); j++ {
-				tok := "-" + string(a[j])
+				tok := shortTok(a[j])
 				def := lookupShort(a[j])
 				if def == nil {
 					return Command{}, &Error{Kind: ErrUsage, Msg: "unknown option", Token: tok, Code: ExitFailed}
@@ -231,10 +266,6 @@ func ParseParameters(params string) (Command, error) {
 
 // handle applies one option, in command-line order, with ipvsadm's checks.
 func (p *parser) handle(def *optDef, tok, val string, hasVal bool) error {
-	shown := tok
-	if hasVal {
-		shown = tok + " " + val
-	}
 	// bad names the offending value, or the option when the value is
 	// empty ("--tcp-service=").
 	bad := val
@@ -257,6 +288,10 @@ func (p *parser) handle(def *optDef, tok, val string, hasVal bool) error {
 		return usageErr(tok, "multiple commands specified")
 	}
 	if p.seen[def.opt] != "" {
+		shown := tok
+		if hasVal {
+			shown = tok + " " + val
+		}
 		return usageErr(shown, "multiple '%s' options specified", optNames[def.opt])
 	}
 	p.seen[def.opt] = tok
@@ -442,6 +477,9 @@ func cNumber(s string, min, max int) (int, bool) {
 	return n, true
 }
 
+// maxRestoreBytes bounds a restore input (20000 rules take about 1 MiB).
+const maxRestoreBytes = 16 << 20
+
 // ParseRestore reads ipvsadm-save lines ("-A -t 10.10.11.12:100 -s rr -p
 // 3000", "-a -t 10.10.11.12:100 -r 172.16.0.1:80 -m -w 1"), one command a
 // line; blank lines and extra blanks between tokens are allowed. Every line
@@ -450,24 +488,32 @@ func cNumber(s string, min, max int) (int, bool) {
 // than MaxRules add-service/add-server lines, is refused. Errors carry the
 // line number and the token.
 func ParseRestore(r io.Reader) ([]Command, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 4096), 1<<20)
-	var cmds []Command
+	data, err := io.ReadAll(io.LimitReader(r, maxRestoreBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("read restore input: %w", err)
+	}
+	if len(data) > maxRestoreBytes {
+		return nil, &Error{Kind: ErrUsage, Msg: "restore input too large", Token: fmt.Sprintf("(more than %d bytes)", maxRestoreBytes), Code: ExitUsage}
+	}
+	rest := string(data)
+	cmds := make([]Command, 0, min(strings.Count(rest, "\n")+1, 2*MaxRules))
 	adds := 0
 	line := 0
-	for sc.Scan() {
+	var args []string
+	for rest != "" {
 		line++
-		text := sc.Text()
-		if strings.TrimSpace(text) == "" {
+		var text string
+		text, rest, _ = strings.Cut(rest, "\n")
+		if args = fields(text, args); len(args) == 0 {
 			continue
 		}
-		cmd, err := ParseParameters(text)
+		cmd, err := parseArgs(args)
 		if err != nil {
 			return nil, atLine(err, line)
 		}
 		cmd.Line = line
 		if !cmd.Op.Mutates() {
-			return nil, &Error{Kind: ErrNotInRestore, Msg: ErrNotInRestore.Error(), Token: strings.Fields(text)[0], Line: line, Code: ExitUsage}
+			return nil, &Error{Kind: ErrNotInRestore, Msg: ErrNotInRestore.Error(), Token: args[0], Line: line, Code: ExitUsage}
 		}
 		if cmd.Op == OpAddService || cmd.Op == OpAddServer {
 			adds++
@@ -478,12 +524,6 @@ func ParseRestore(r io.Reader) ([]Command, error) {
 			}
 		}
 		cmds = append(cmds, cmd)
-	}
-	if err := sc.Err(); err != nil {
-		if errors.Is(err, bufio.ErrTooLong) {
-			return nil, &Error{Kind: ErrUsage, Msg: "line too long", Line: line + 1, Token: "(more than 1 MiB)", Code: ExitUsage}
-		}
-		return nil, fmt.Errorf("read restore input: %w", err)
 	}
 	if adds == 0 {
 		return nil, &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Code: ExitUsage}

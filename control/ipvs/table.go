@@ -152,17 +152,16 @@ func (t *Table) Apply(cmd Command) (stdout string, err error) {
 // Exec is Apply with the live counters of the datapath (nil: zeros).
 func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 	idx := t.idx()
-	svcTok := cmd.Service.String()
 	switch cmd.Op {
 	case OpAddService:
 		if _, ok := idx[cmd.Service]; ok {
-			return "", failErr(ErrServiceExists, svcTok)
+			return "", failErr(ErrServiceExists, cmd.Service.String())
 		}
 		if err := checkService(cmd); err != nil {
 			return "", err
 		}
 		if t.rules+1 > MaxRules {
-			return "", failErr(ErrRuleLimit, svcTok)
+			return "", failErr(ErrRuleLimit, cmd.Service.String())
 		}
 		id, err := t.newID()
 		if err != nil {
@@ -176,7 +175,7 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 	case OpEditService:
 		s, ok := idx[cmd.Service]
 		if !ok {
-			return "", failErr(ErrNoService, svcTok)
+			return "", failErr(ErrNoService, cmd.Service.String())
 		}
 		if err := checkService(cmd); err != nil {
 			return "", err
@@ -185,7 +184,7 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 	case OpDeleteService:
 		s, ok := idx[cmd.Service]
 		if !ok {
-			return "", failErr(ErrNoService, svcTok)
+			return "", failErr(ErrNoService, cmd.Service.String())
 		}
 		i := slices.Index(t.Services, s)
 		t.Services = slices.Delete(t.Services, i, i+1)
@@ -194,7 +193,7 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 	case OpAddServer:
 		s, ok := idx[cmd.Service]
 		if !ok {
-			return "", failErr(ErrServiceNotDefined, svcTok)
+			return "", failErr(ErrServiceNotDefined, cmd.Service.String())
 		}
 		if s.server(cmd.Server) >= 0 {
 			return "", failErr(ErrDestExists, cmd.Server.String())
@@ -214,7 +213,7 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 	case OpEditServer, OpDeleteServer:
 		s, ok := idx[cmd.Service]
 		if !ok {
-			return "", failErr(ErrServiceNotDefined, svcTok)
+			return "", failErr(ErrServiceNotDefined, cmd.Service.String())
 		}
 		i := s.server(cmd.Server)
 		if i < 0 {
