@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"time"
 	"unsafe"
@@ -35,6 +36,8 @@ const MaxQueues = 256
 // after fn returns.
 func InNetNS(path string, fn func() error) error {
 	if path == "" {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
 		return fn()
 	}
 	return ns.WithNetNSPath(path, func(ns.NetNS) error { return fn() })
@@ -153,8 +156,8 @@ type ifReq struct {
 
 // OpenTap attaches to the existing tap name in the netns at nsPath and
 // returns one fd per queue (TUNSETIFF with IFF_TAP|IFF_NO_PI, IFF_VNET_HDR
-// when vnetHdr, IFF_MULTI_QUEUE when queues>1 or when the tap is
-// multi-queue). nonblock sets O_NONBLOCK, as QEMU does; the tun driver only
+// when vnetHdr, IFF_MULTI_QUEUE when the tap is multi-queue; more than one
+// queue on a single-queue tap is ErrInvalid). nonblock sets O_NONBLOCK, as QEMU does; the tun driver only
 // runs a tap's XDP program natively on frames written through a non-blocking
 // fd.
 //
@@ -176,17 +179,19 @@ func OpenTap(nsPath, name string, queues int, vnetHdr, nonblock bool) ([]*os.Fil
 			}
 			return fmt.Errorf("look up: %w", err)
 		}
-		if link.Type() != "tuntap" {
+		tt, ok := link.(*netlink.Tuntap)
+		if !ok {
 			return fmt.Errorf("%s is %s: %w", name, link.Type(), ErrNotTap)
 		}
-		mq := queues > 1
+		if tt.Mode != netlink.TUNTAP_MODE_TAP {
+			return fmt.Errorf("%s is a tun, not a tap: %w", name, ErrNotTap)
+		}
+		mq := tt.Flags&netlink.TUNTAP_MULTI_QUEUE != 0
+		if queues > 1 && !mq {
+			return fmt.Errorf("%d queues on a single-queue tap: %w", queues, ErrInvalid)
+		}
 		for i := 0; i < queues; i++ {
 			f, err := openQueue(name, mq, vnetHdr, nonblock)
-			if errors.Is(err, unix.EINVAL) && i == 0 && !mq {
-				// A multi-queue tap opened for one queue.
-				mq = true
-				f, err = openQueue(name, mq, vnetHdr, nonblock)
-			}
 			if err != nil {
 				return fmt.Errorf("queue %d: %w", i, err)
 			}
@@ -342,6 +347,60 @@ func LookupLink(nsPath, name string) (LinkInfo, error) {
 		return LinkInfo{}, fmt.Errorf("look up link %s: %w", name, err)
 	}
 	return li, nil
+}
+
+// TapInfo describes a tun/tap device.
+type TapInfo struct {
+	LinkInfo
+	// Tun is set for a tun (layer 3) device, clear for a tap.
+	Tun        bool
+	MultiQueue bool
+	VnetHdr    bool
+	NoPI       bool
+	Persistent bool
+	// Queues is the number of queues attached (open fds) now.
+	Queues int
+}
+
+// LookupTap returns the tun/tap device name in the netns at nsPath. It
+// returns an error wrapping ErrNotFound when the link does not exist and
+// ErrNotTap when it is not a tun/tap device.
+func LookupTap(nsPath, name string) (TapInfo, error) {
+	li, err := LookupLink(nsPath, name)
+	if err != nil {
+		return TapInfo{}, fmt.Errorf("look up tap: %w", err)
+	}
+	if li.Type != "tuntap" {
+		return TapInfo{}, fmt.Errorf("look up tap %s: is %s: %w", name, li.Type, ErrNotTap)
+	}
+	var ti TapInfo
+	err = InNetNS(nsPath, func() error {
+		link, err := netlink.LinkByName(name)
+		if err != nil {
+			if isNotFound(err) {
+				return ErrNotFound
+			}
+			return err
+		}
+		tt, ok := link.(*netlink.Tuntap)
+		if !ok || link.Attrs().Index != li.Index {
+			return fmt.Errorf("replaced while looking it up: %w", ErrNotFound)
+		}
+		ti = TapInfo{
+			LinkInfo:   li,
+			Tun:        tt.Mode == netlink.TUNTAP_MODE_TUN,
+			MultiQueue: tt.Flags&netlink.TUNTAP_MULTI_QUEUE != 0,
+			VnetHdr:    tt.Flags&netlink.TUNTAP_VNET_HDR != 0,
+			NoPI:       tt.Flags&netlink.TUNTAP_NO_PI != 0,
+			Persistent: !tt.NonPersist,
+			Queues:     tt.Queues,
+		}
+		return nil
+	})
+	if err != nil {
+		return TapInfo{}, fmt.Errorf("look up tap %s: %w", name, err)
+	}
+	return ti, nil
 }
 
 func isNotFound(err error) bool {

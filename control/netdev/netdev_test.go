@@ -181,8 +181,8 @@ func TestErrors(t *testing.T) {
 	if err := netdev.CreateTap(ns, "kdptap1", netdev.TapOptions{VnetHdr: true}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := netdev.OpenTap(ns, "kdptap1", 2, true, true); err == nil {
-		t.Error("OpenTap with 2 queues on a single-queue tap succeeded")
+	if _, err := netdev.OpenTap(ns, "kdptap1", 2, true, true); !errors.Is(err, netdev.ErrInvalid) {
+		t.Errorf("OpenTap with 2 queues on a single-queue tap: %v, want ErrInvalid", err)
 	}
 	if err := netdev.CreateTap("/nonexistent/netns", "kdptap0", netdev.TapOptions{}); err == nil {
 		t.Error("CreateTap in a missing netns succeeded")
@@ -263,5 +263,36 @@ func TestSetGRO(t *testing.T) {
 				t.Errorf("ethtool -k does not say %q:\n%s", want, out)
 			}
 		}
+	}
+}
+
+func TestLookupTap(t *testing.T) {
+	ns := newNS(t)
+	if err := netdev.CreateTap(ns, "kdptap0", netdev.TapOptions{Queues: 3, VnetHdr: true}); err != nil {
+		t.Fatal(err)
+	}
+	fds, err := netdev.OpenTap(ns, "kdptap0", 2, true, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, f := range fds {
+			f.Close()
+		}
+	}()
+	ti, err := netdev.LookupTap(ns, "kdptap0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ti.LinkInfo = netdev.LinkInfo{}
+	want := netdev.TapInfo{MultiQueue: true, VnetHdr: true, NoPI: true, Persistent: true, Queues: 2}
+	if diff := cmp.Diff(want, ti); diff != "" {
+		t.Errorf("LookupTap (-want +got):\n%s", diff)
+	}
+	if _, err := netdev.LookupTap(ns, "lo"); !errors.Is(err, netdev.ErrNotTap) {
+		t.Errorf("LookupTap lo: %v, want ErrNotTap", err)
+	}
+	if _, err := netdev.LookupTap(ns, "kdptap1"); !errors.Is(err, netdev.ErrNotFound) {
+		t.Errorf("LookupTap missing: %v, want ErrNotFound", err)
 	}
 }
