@@ -501,3 +501,56 @@ func (l LB) Sweep(now uint64, cfg Config, match func(CTKey, CTEntry) bool) (Swee
 	}
 	return res, nil
 }
+
+// PutServices writes many services of a generation that is not live yet (a restore), with
+// batched map updates: masters and slots together, as nothing reads the generation until the
+// caller switches to it.
+func (l LB) PutServices(gen uint8, specs []ServiceSpec) error {
+	var (
+		keys []SvcKey
+		vals []Svc
+	)
+	for _, s := range specs {
+		if err := s.validate(); err != nil {
+			return fmt.Errorf("put services: %w", err)
+		}
+		mk := svcKey(gen, s.VIP, s.Proto, 0)
+		for i, id := range s.Slots {
+			keys = append(keys, slotKey(mk, 1, uint32(i+1)))
+			vals = append(vals, Svc{ID: id})
+		}
+		keys = append(keys, mk)
+		vals = append(vals, s.master(1))
+		if err := l.ensureStats(StatsService, s.ID); err != nil {
+			return fmt.Errorf("put services: %w", err)
+		}
+	}
+	if err := l.batchPut(keys, vals); err != nil {
+		return fmt.Errorf("put services: %w", err)
+	}
+	return nil
+}
+
+// DeleteBackendsExcept removes every real server (and its counters) not in keep.
+func (l LB) DeleteBackendsExcept(keep map[uint32]Backend) error {
+	var (
+		id    uint32
+		b     Backend
+		stale []uint32
+	)
+	it := l.Backend.Iterate()
+	for it.Next(&id, &b) {
+		if _, ok := keep[id]; !ok {
+			stale = append(stale, id)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("delete real servers: %w", err)
+	}
+	for _, id := range stale {
+		if err := l.DeleteBackend(id); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
 	"github.com/kata-dp/kata-dp/maps"
@@ -33,6 +34,8 @@ type Dataplane struct {
 type sandbox struct {
 	lsb   *loader.Sandbox
 	netns string
+	lb    *lbState                       // nil until the first SetLB/RestoreLB of this process
+	rates map[maps.LBStatsKey]ipvs.Stats // set by the sweeper under Dataplane.mu
 }
 
 var (

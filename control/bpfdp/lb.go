@@ -1,0 +1,379 @@
+package bpfdp
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/maps"
+)
+
+// lbState is what this process last wrote into a sandbox's load balancer, so an edit writes
+// only what changed. It is nil after a start: the first sync rebuilds the whole table under a
+// new generation, which is also how the pinned state is reconciled after an agent restart.
+type lbState struct {
+	services map[ipvs.ServiceKey]ipvs.Service
+	backends map[uint32]maps.Backend
+	timeouts ipvs.Timeouts
+}
+
+func (sb *sandbox) lbMaps() maps.LB {
+	m := sb.lsb.Maps()
+	return maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config}
+}
+
+// serviceSpec translates a service of the rule table into what the datapath needs: the
+// scheduler's table (pick sequence for rr/wrr, buckets for sh/dh) or the real servers in kernel
+// order for the load-based schedulers.
+func serviceSpec(s ipvs.Service) (maps.ServiceSpec, error) {
+	sched, err := maps.ParseScheduler(s.Scheduler)
+	if err != nil {
+		return maps.ServiceSpec{}, err
+	}
+	spec := maps.ServiceSpec{VIP: s.Addr, Proto: uint8(s.Proto), ID: s.ID, Sched: sched, Persist: s.Persistent, PMask: s.Netmask}
+	weights := make([]int, len(s.Servers))
+	for i, d := range s.Servers {
+		weights[i] = d.Weight
+	}
+	ids := func(idx []int) []uint32 {
+		out := make([]uint32, len(idx))
+		for i, x := range idx {
+			if x >= 0 {
+				out[i] = s.Servers[x].ID
+			}
+		}
+		return out
+	}
+	switch sched {
+	case maps.SchedRR:
+		spec.Slots = ids(ipvs.RRSequence(weights))
+	case maps.SchedWRR:
+		spec.Slots = ids(ipvs.WRRSequence(weights))
+	case maps.SchedSH:
+		t := ipvs.HashTable(weights)
+		spec.Slots = ids(t[:])
+	case maps.SchedDH:
+		t := ipvs.DHTable(weights)
+		spec.Slots = ids(t[:])
+	default:
+		spec.Slots = make([]uint32, len(s.Servers))
+		for i, d := range s.Servers {
+			spec.Slots[i] = d.ID
+		}
+	}
+	return spec, nil
+}
+
+func backendOf(d ipvs.Server) maps.Backend {
+	return maps.Backend{IP: d.Addr.Addr().As4(), Port: maps.Port2(d.Addr.Port()), Weight: uint16(d.Weight)}
+}
+
+func sameService(a, b ipvs.Service) bool {
+	return a.ID == b.ID && a.Scheduler == b.Scheduler && a.Persistent == b.Persistent && a.Netmask == b.Netmask &&
+		slices.Equal(a.Servers, b.Servers)
+}
+
+// SetLB makes the sandbox's load balancer match table t, writing only what changed since the
+// last call. Established connections keep their real servers.
+func (d *Dataplane) SetLB(ctx context.Context, id string, t *ipvs.Table) error {
+	sb, err := d.get(id)
+	if err != nil {
+		return fmt.Errorf("set lb: %w", err)
+	}
+	if sb.lb == nil {
+		return d.RestoreLB(ctx, id, t)
+	}
+	lb := sb.lbMaps()
+	cfg, err := maps.ReadConfig(lb.Config)
+	if err != nil {
+		return fmt.Errorf("set lb of %s: %w", id, err)
+	}
+	gen := uint8(cfg.LBGen)
+	want := map[ipvs.ServiceKey]ipvs.Service{}
+	wantBE := map[uint32]maps.Backend{}
+	for _, s := range t.Services {
+		want[s.ServiceKey] = *s
+		for _, dst := range s.Servers {
+			wantBE[dst.ID] = backendOf(dst)
+		}
+	}
+	// Real servers first, so every slot written next points at an existing one.
+	for beID, b := range wantBE {
+		if old, ok := sb.lb.backends[beID]; ok && old == b {
+			continue
+		}
+		if err := lb.PutBackend(beID, netip.AddrPortFrom(netip.AddrFrom4(b.IP), maps.PortOf(b.Port)), b.Weight); err != nil {
+			return fmt.Errorf("set lb of %s: %w", id, err)
+		}
+		sb.lb.backends[beID] = b
+	}
+	for k, s := range want {
+		if old, ok := sb.lb.services[k]; ok && sameService(old, s) {
+			continue
+		}
+		spec, err := serviceSpec(s)
+		if err != nil {
+			return fmt.Errorf("set lb of %s: %w", id, err)
+		}
+		if err := lb.PutService(gen, spec); err != nil {
+			return fmt.Errorf("set lb of %s: %w", id, err)
+		}
+		sb.lb.services[k] = s
+	}
+	for k := range sb.lb.services {
+		if _, ok := want[k]; !ok {
+			if err := lb.DeleteService(gen, k.Addr, uint8(k.Proto)); err != nil {
+				return fmt.Errorf("set lb of %s: %w", id, err)
+			}
+			delete(sb.lb.services, k)
+		}
+	}
+	for beID := range sb.lb.backends {
+		if _, ok := wantBE[beID]; !ok {
+			if err := lb.DeleteBackend(beID); err != nil {
+				return fmt.Errorf("set lb of %s: %w", id, err)
+			}
+			delete(sb.lb.backends, beID)
+		}
+	}
+	if to := t.Timeouts(); to != sb.lb.timeouts || (len(want) > 0) != (cfg.Flags&maps.ConfigLB != 0) {
+		applyTimeouts(&cfg, to)
+		if len(want) > 0 {
+			cfg.Flags |= maps.ConfigLB
+		}
+		if err := maps.WriteConfig(lb.Config, cfg); err != nil {
+			return fmt.Errorf("set lb of %s: %w", id, err)
+		}
+		sb.lb.timeouts = to
+	}
+	return nil
+}
+
+func applyTimeouts(cfg *maps.Config, to ipvs.Timeouts) {
+	cfg.TCPTimeout, cfg.TCPFinTimeout, cfg.UDPTimeout = to.TCP, to.TCPFin, to.UDP
+}
+
+// RestoreLB installs table t as a whole: every service is written under the next generation
+// beside the live one and the datapath is switched to it with one write, so it sees either
+// none of the new rules or all of them. It is how a restore, a clear and the first sync
+// after a start are applied.
+func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) error {
+	sb, err := d.get(id)
+	if err != nil {
+		return fmt.Errorf("restore lb: %w", err)
+	}
+	lb := sb.lbMaps()
+	cfg, err := maps.ReadConfig(lb.Config)
+	if err != nil {
+		return fmt.Errorf("restore lb of %s: %w", id, err)
+	}
+	oldGen := uint8(cfg.LBGen)
+	gen := oldGen + 1
+	st := &lbState{services: map[ipvs.ServiceKey]ipvs.Service{}, backends: map[uint32]maps.Backend{}, timeouts: t.Timeouts()}
+	for _, s := range t.Services {
+		for _, dst := range s.Servers {
+			st.backends[dst.ID] = backendOf(dst)
+		}
+	}
+	if err := putBackends(lb, st.backends); err != nil {
+		return fmt.Errorf("restore lb of %s: %w", id, err)
+	}
+	specs := make([]maps.ServiceSpec, 0, len(t.Services))
+	for _, s := range t.Services {
+		spec, err := serviceSpec(*s)
+		if err != nil {
+			return fmt.Errorf("restore lb of %s: %w", id, err)
+		}
+		specs = append(specs, spec)
+		st.services[s.ServiceKey] = *s
+	}
+	if err := lb.PutServices(gen, specs); err != nil {
+		lb.DeleteGeneration(gen)
+		return fmt.Errorf("restore lb of %s: %w", id, err)
+	}
+	cfg.LBGen = uint32(gen)
+	applyTimeouts(&cfg, st.timeouts)
+	if len(specs) > 0 {
+		cfg.Flags |= maps.ConfigLB
+	}
+	if err := maps.WriteConfig(lb.Config, cfg); err != nil {
+		lb.DeleteGeneration(gen)
+		return fmt.Errorf("restore lb of %s: %w", id, err)
+	}
+	// The switch is done; what follows only frees what the datapath no longer reads.
+	lb.DeleteGeneration(oldGen)
+	lb.DeleteBackendsExcept(st.backends)
+	sb.lb = st
+	return nil
+}
+
+func putBackends(lb maps.LB, bes map[uint32]maps.Backend) error {
+	for id, b := range bes {
+		if err := lb.PutBackend(id, netip.AddrPortFrom(netip.AddrFrom4(b.IP), maps.PortOf(b.Port)), b.Weight); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// lbCounters is a snapshot of a sandbox's load-balancer counters, for the listings.
+type lbCounters struct {
+	stats map[maps.LBStatsKey]maps.LBStats
+	conns map[uint32]maps.LBConns
+	rates map[maps.LBStatsKey]ipvs.Stats
+}
+
+func (c *lbCounters) stats2(kind, id uint32) ipvs.Stats {
+	s := c.stats[maps.LBStatsKey{Kind: kind, ID: id}]
+	r := c.rates[maps.LBStatsKey{Kind: kind, ID: id}]
+	return ipvs.Stats{Conns: s.Conns, InPkts: s.InPkts, OutPkts: s.OutPkts, InBytes: s.InBytes, OutBytes: s.OutBytes,
+		CPS: r.CPS, InPPS: r.InPPS, OutPPS: r.OutPPS, InBPS: r.InBPS, OutBPS: r.OutBPS}
+}
+
+func (c *lbCounters) Service(id uint32) ipvs.ServiceCounters {
+	return ipvs.ServiceCounters{Stats: c.stats2(maps.StatsService, id)}
+}
+
+func (c *lbCounters) Server(id uint32) ipvs.ServerCounters {
+	n := c.conns[id]
+	return ipvs.ServerCounters{ActiveConn: uint32(max(n.Active, 0)), InActConn: uint32(max(n.Inactive, 0)), Stats: c.stats2(maps.StatsBackend, id)}
+}
+
+// LBCounters returns the live counters of the sandbox's load balancer. Connection counts are
+// recounted from the connection table first, so they are exact at the time of the call.
+func (d *Dataplane) LBCounters(ctx context.Context, id string) (ipvs.Counters, error) {
+	sb, err := d.get(id)
+	if err != nil {
+		return nil, fmt.Errorf("lb counters: %w", err)
+	}
+	lb := sb.lbMaps()
+	if _, err := d.sweep(sb, nil); err != nil {
+		return nil, err
+	}
+	c := &lbCounters{stats: map[maps.LBStatsKey]maps.LBStats{}, conns: map[uint32]maps.LBConns{}}
+	var (
+		k maps.LBStatsKey
+		v maps.LBStats
+	)
+	it := lb.Stats.Iterate()
+	for it.Next(&k, &v) {
+		c.stats[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("lb counters of %s: %w", id, err)
+	}
+	var (
+		bid uint32
+		n   maps.LBConns
+	)
+	cit := lb.Conns.Iterate()
+	for cit.Next(&bid, &n) {
+		c.conns[bid] = n
+	}
+	if err := cit.Err(); err != nil {
+		return nil, fmt.Errorf("lb counters of %s: %w", id, err)
+	}
+	d.mu.Lock()
+	c.rates = sb.rates
+	d.mu.Unlock()
+	return c, nil
+}
+
+// CleanupConns deletes the connection entries whose original destination (the virtual
+// service the guest addressed, or the real server it was sent to) is dst, for protocol proto,
+// so that the next packet of those flows is scheduled afresh. It returns how many it deleted.
+func (d *Dataplane) CleanupConns(ctx context.Context, id string, dst netip.Addr, proto uint8) (int, error) {
+	sb, err := d.get(id)
+	if err != nil {
+		return 0, fmt.Errorf("cleanup: %w", err)
+	}
+	a := dst.As4()
+	res, err := d.sweep(sb, func(k maps.CTKey, e maps.CTEntry) bool {
+		return k.Proto == proto && (k.DAddr == a || e.Addr == a)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("cleanup of %s: %w", id, err)
+	}
+	return res.Expired, nil
+}
+
+func monotonicNow() uint64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
+}
+
+func (d *Dataplane) sweep(sb *sandbox, match func(maps.CTKey, maps.CTEntry) bool) (maps.SweepResult, error) {
+	lb := sb.lbMaps()
+	cfg, err := maps.ReadConfig(lb.Config)
+	if err != nil {
+		return maps.SweepResult{}, err
+	}
+	if cfg.Flags&maps.ConfigLB == 0 && match == nil {
+		return maps.SweepResult{}, nil
+	}
+	return lb.Sweep(monotonicNow(), cfg, match)
+}
+
+// RunSweeper expires idle connections of every sandbox's load balancer, keeps the real
+// servers' connection counts exact, and updates the rate estimates (ipvsadm --rate), every
+// interval until ctx ends.
+func (d *Dataplane) RunSweeper(ctx context.Context, interval time.Duration) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	prev := map[string]map[maps.LBStatsKey]maps.LBStats{}
+	last := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			dt := now.Sub(last).Seconds()
+			last = now
+			d.mu.Lock()
+			sbs := make(map[string]*sandbox, len(d.sandboxes))
+			for id, sb := range d.sandboxes {
+				sbs[id] = sb
+			}
+			d.mu.Unlock()
+			for id, sb := range sbs {
+				if _, err := d.sweep(sb, nil); err != nil {
+					d.log.Warn("sweep connections", "sandbox", id, "err", err)
+					continue
+				}
+				cur := map[maps.LBStatsKey]maps.LBStats{}
+				var (
+					k maps.LBStatsKey
+					v maps.LBStats
+				)
+				it := sb.lbMaps().Stats.Iterate()
+				for it.Next(&k, &v) {
+					cur[k] = v
+				}
+				rates := map[maps.LBStatsKey]ipvs.Stats{}
+				if p, ok := prev[id]; ok && dt > 0 {
+					for k, c := range cur {
+						o := p[k]
+						r := func(a, b uint64) uint64 {
+							if a < b {
+								return 0
+							}
+							return uint64(float64(a-b) / dt)
+						}
+						rates[k] = ipvs.Stats{CPS: r(c.Conns, o.Conns), InPPS: r(c.InPkts, o.InPkts), OutPPS: r(c.OutPkts, o.OutPkts),
+							InBPS: r(c.InBytes, o.InBytes), OutBPS: r(c.OutBytes, o.OutBytes)}
+					}
+				}
+				prev[id] = cur
+				d.mu.Lock()
+				sb.rates = rates
+				d.mu.Unlock()
+			}
+		}
+	}
+}

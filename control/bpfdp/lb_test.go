@@ -1,0 +1,298 @@
+package bpfdp_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kata-dp/kata-dp/control/ipvs"
+)
+
+// lbRig adds to the standard rig real servers behind the uplink: addresses 10.199.0.11-13 on
+// the host veth, each with a TCP and a UDP server that answer with their own address, and a
+// default route in the guest so it sends service traffic to the uplink.
+type lbRig struct {
+	*rig
+	table *ipvs.Table
+}
+
+const vipAddr = "10.96.0.10"
+
+func newLBRig(t *testing.T, id string) *lbRig {
+	r := &lbRig{rig: newRig(t, id), table: &ipvs.Table{}}
+	host := r.sb.Host
+	for i := 1; i <= 3; i++ {
+		addr := fmt.Sprintf("10.199.0.1%d", i)
+		if _, err := host.Exec("ip", "addr", "add", addr+"/24", "dev", r.sb.HostVeth.Name); err != nil {
+			t.Fatal(err)
+		}
+		l, err := host.Listen("tcp", addr+":80")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					fmt.Fprintf(c, "%s\n", addr)
+					buf := make([]byte, 64<<10)
+					for {
+						if _, err := c.Read(buf); err != nil {
+							return
+						}
+					}
+				}()
+			}
+		}()
+		pc, err := host.ListenPacket("udp", addr+":53")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { pc.Close() })
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				_, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				pc.WriteTo([]byte(addr), from)
+			}
+		}()
+	}
+	if _, err := r.guest.Exec("ip", "route", "add", "default", "via", r.sb.HostAddr.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// ipvsadm applies one kata-ipvs command to the table and the datapath.
+func (r *lbRig) ipvsadm(t *testing.T, params string) {
+	t.Helper()
+	cmd, err := ipvs.ParseParameters(params)
+	if err != nil {
+		t.Fatalf("%s: %v", params, err)
+	}
+	if _, err := r.table.Apply(cmd); err != nil {
+		t.Fatalf("%s: %v", params, err)
+	}
+	if err := r.dp.SetLB(context.Background(), r.ep.Sandbox, r.table); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// dialTCP opens a connection from the guest to the VIP and returns it with the real server's
+// greeting.
+func (r *lbRig) dialTCP(t *testing.T) (net.Conn, string) {
+	t.Helper()
+	c, err := r.guest.Dial("tcp", vipAddr+":80", 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		c.Close()
+		t.Fatalf("read greeting: %v", err)
+	}
+	c.SetReadDeadline(time.Time{})
+	return c, strings.TrimSpace(line)
+}
+
+func (r *lbRig) tcpPick(t *testing.T) string {
+	c, who := r.dialTCP(t)
+	c.Close()
+	return who
+}
+
+// udpPicks sends one datagram from each of n fresh sockets and returns who answered.
+func (r *lbRig) udpPicks(t *testing.T, n int) []string {
+	t.Helper()
+	var out []string
+	for range n {
+		c, err := r.guest.Dial("udp", vipAddr+":53", time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte("q"))
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		buf := make([]byte, 64)
+		k, err := c.Read(buf)
+		c.Close()
+		if err != nil {
+			t.Fatalf("udp answer: %v", err)
+		}
+		out = append(out, string(buf[:k]))
+	}
+	return out
+}
+
+// TestLBRoundRobinTCP: rr over real servers added 1, 2, 3 picks 3, 2, 1, 3, 2, 1 (kernel order).
+func TestLBRoundRobinTCP(t *testing.T) {
+	r := newLBRig(t, "lbrr")
+	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr")
+	for i := 1; i <= 3; i++ {
+		r.ipvsadm(t, fmt.Sprintf("-a -t %s:80 -r 10.199.0.1%d:80 -m", vipAddr, i))
+	}
+	var got []string
+	for range 6 {
+		got = append(got, r.tcpPick(t))
+	}
+	want := []string{"10.199.0.13", "10.199.0.12", "10.199.0.11", "10.199.0.13", "10.199.0.12", "10.199.0.11"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("rr picks %v, want %v", got, want)
+	}
+	c, err := r.dp.LBCounters(context.Background(), "lbrr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	list := r.table.List(ipvs.FormatStats, c)
+	t.Log("\n" + list)
+	s := r.table.Services[0]
+	var conns uint64
+	for _, d := range s.Servers {
+		conns += c.Server(d.ID).Conns
+	}
+	if conns != 6 || c.Service(s.ID).Conns != 6 {
+		t.Errorf("connection counters: servers %d, service %d, want 6", conns, c.Service(s.ID).Conns)
+	}
+}
+
+// TestLBWeightedUDP: wrr with weights 1:2:3 spreads 600 flows exactly in that ratio.
+func TestLBWeightedUDP(t *testing.T) {
+	r := newLBRig(t, "lbwrr")
+	r.ipvsadm(t, "-A -u "+vipAddr+":53 -s wrr")
+	for i := 1; i <= 3; i++ {
+		r.ipvsadm(t, fmt.Sprintf("-a -u %s:53 -r 10.199.0.1%d:53 -m -w %d", vipAddr, i, i))
+	}
+	count := map[string]int{}
+	for _, who := range r.udpPicks(t, 600) {
+		count[who]++
+	}
+	for i := 1; i <= 3; i++ {
+		if got := count[fmt.Sprintf("10.199.0.1%d", i)]; got != 100*i {
+			t.Errorf("server %d (weight %d) got %d of 600 flows, want %d", i, i, got, 100*i)
+		}
+	}
+}
+
+// TestLBPersistenceAndCleanup: -p keeps a client on its real server across connections;
+// cleanup deletes its connection entries; a quiesced server gets no new connection while an
+// established one keeps working through rule edits.
+func TestLBPersistenceAndEdits(t *testing.T) {
+	r := newLBRig(t, "lbpersist")
+	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr -p 300")
+	for i := 1; i <= 3; i++ {
+		r.ipvsadm(t, fmt.Sprintf("-a -t %s:80 -r 10.199.0.1%d:80", vipAddr, i))
+	}
+	first := r.tcpPick(t)
+	for range 4 {
+		if got := r.tcpPick(t); got != first {
+			t.Fatalf("persistent client moved from %s to %s", first, got)
+		}
+	}
+
+	// An established connection survives edits, including its server being quiesced.
+	c, who := r.dialTCP(t)
+	defer c.Close()
+	r.ipvsadm(t, fmt.Sprintf("-e -t %s:80 -r %s:80 -w 0", vipAddr, who))
+	r.ipvsadm(t, "-E -t "+vipAddr+":80 -s wlc")
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		buf := make([]byte, 1<<20)
+		for range 8 {
+			if _, err := c.Write(buf); err != nil {
+				t.Errorf("established connection broken by a rule edit: %v", err)
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	// Without persistence, new connections avoid the quiesced server.
+	r.ipvsadm(t, "-E -t "+vipAddr+":80 -s rr")
+	for range 4 {
+		if got := r.tcpPick(t); got == who {
+			t.Errorf("quiesced server %s got a new connection", who)
+		}
+	}
+
+	// cleanup removes the connection entries to that server.
+	n, err := r.dp.CleanupConns(context.Background(), "lbpersist", netip.MustParseAddr(vipAddr), uint8(ipvs.TCP))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n == 0 {
+		t.Error("cleanup deleted no connection entry")
+	}
+}
+
+// TestLBTimeouts: --set shortens the UDP timeout and the sweeper expires the flow, so the next
+// datagram of the same flow is scheduled afresh (rr moves it on).
+func TestLBTimeouts(t *testing.T) {
+	r := newLBRig(t, "lbtimeout")
+	r.ipvsadm(t, "-A -u "+vipAddr+":53 -s rr")
+	for i := 1; i <= 3; i++ {
+		r.ipvsadm(t, fmt.Sprintf("-a -u %s:53 -r 10.199.0.1%d:53", vipAddr, i))
+	}
+	r.ipvsadm(t, "--set 0 0 1")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go r.dp.RunSweeper(ctx, 200*time.Millisecond)
+
+	conn, err := r.guest.Dial("udp", vipAddr+":53", time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ask := func() string {
+		conn.Write([]byte("q"))
+		conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+		buf := make([]byte, 64)
+		k, err := conn.Read(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(buf[:k])
+	}
+	a, b := ask(), ask()
+	if a != b {
+		t.Fatalf("one UDP flow answered by %s then %s", a, b)
+	}
+	c, _ := r.dp.LBCounters(ctx, "lbtimeout")
+	if got := activeAndInactive(r.table, c); got != 1 {
+		t.Errorf("%d connection entries, want 1", got)
+	}
+	time.Sleep(2500 * time.Millisecond)
+	c, _ = r.dp.LBCounters(ctx, "lbtimeout")
+	if got := activeAndInactive(r.table, c); got != 0 {
+		t.Errorf("%d connection entries after the timeout, want 0", got)
+	}
+	if got := ask(); got == a {
+		t.Errorf("flow still on %s after its entry expired (rr should move it)", got)
+	}
+}
+
+func activeAndInactive(t *ipvs.Table, c ipvs.Counters) int {
+	n := 0
+	for _, s := range t.Services {
+		for _, d := range s.Servers {
+			sc := c.Server(d.ID)
+			n += int(sc.ActiveConn + sc.InActConn)
+		}
+	}
+	return n
+}
+
