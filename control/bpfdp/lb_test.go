@@ -295,4 +295,3 @@ func activeAndInactive(t *ipvs.Table, c ipvs.Counters) int {
 	}
 	return n
 }
-
