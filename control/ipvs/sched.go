@@ -447,3 +447,46 @@ func PersistenceKey(src, netmask netip.Addr) netip.Addr {
 	}
 	return netip.AddrFrom4(s)
 }
+
+// Weights returns the weights of the service's real servers in kernel
+// order, the input of the scheduler functions.
+func (s *Service) Weights() []int {
+	w := make([]int, len(s.Servers))
+	for i, d := range s.Servers {
+		w[i] = d.Weight
+	}
+	return w
+}
+
+// Tables are the precomputed scheduler tables of a service, with indices
+// into its Servers (kernel order).
+type Tables struct {
+	// Sequence (rr, wrr): the n-th new connection goes to
+	// Servers[Sequence[n%len(Sequence)]]; empty means no destination.
+	Sequence []int
+	// Buckets (sh, dh): a new connection goes to Servers[Buckets[h]],
+	// h = SHHash(source) for sh, DHHash(destination) for dh; -1 means no
+	// destination.
+	Buckets *[TableSize]int
+}
+
+// Tables returns the service's scheduler tables: a Sequence for rr and
+// wrr, Buckets for sh and dh, nothing for the load-based schedulers (lc,
+// wlc, sed, nq, lblc, lblcr), which choose per connection from the live
+// counts (see LC, WLC, SED, NQ, LBLC, LBLCR).
+func (s *Service) Tables() Tables {
+	w := s.Weights()
+	switch s.Scheduler {
+	case "rr":
+		return Tables{Sequence: RRSequence(w)}
+	case "wrr":
+		return Tables{Sequence: WRRSequence(w)}
+	case "sh":
+		b := HashTable(w)
+		return Tables{Buckets: &b}
+	case "dh":
+		b := DHTable(w)
+		return Tables{Buckets: &b}
+	}
+	return Tables{}
+}

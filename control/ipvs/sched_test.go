@@ -351,3 +351,32 @@ func TestPersistenceKey(t *testing.T) {
 		}
 	}
 }
+
+func TestServiceTables(t *testing.T) {
+	s := Service{Servers: []Server{{Weight: 3}, {Weight: 2}, {Weight: 1}}}
+	for _, tt := range []struct {
+		sched   string
+		seq     []int
+		buckets bool
+	}{
+		{"rr", []int{0, 1, 2}, false},
+		{"wrr", []int{0, 1, 2, 0, 0, 1}, false},
+		{"sh", nil, true},
+		{"dh", nil, true},
+		{"wlc", nil, false},
+		{"lblcr", nil, false},
+	} {
+		s.Scheduler = tt.sched
+		got := s.Tables()
+		if diff := cmp.Diff(tt.seq, got.Sequence); diff != "" {
+			t.Errorf("%s: Sequence (-want +got):\n%s", tt.sched, diff)
+		}
+		if (got.Buckets != nil) != tt.buckets {
+			t.Errorf("%s: Buckets = %v", tt.sched, got.Buckets)
+		}
+	}
+	s.Scheduler = "sh"
+	if b := s.Tables().Buckets; b[0] != 0 || b[3] != 1 || b[5] != 2 || b[6] != 0 {
+		t.Errorf("sh buckets start %v", b[:8])
+	}
+}
