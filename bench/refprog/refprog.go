@@ -54,12 +54,14 @@ func (o *Objects) prog(p Prog) (*ebpf.Program, error) {
 }
 
 // SetPeer makes the redirect programs send what arrives on ifindex from to
-// ifindex to (both in the same netns).
-func (o *Objects) SetPeer(from, to uint32) error {
+// ifindex to, both in the netns at nsPath (the kernel resolves a devmap's
+// ifindex in the netns of the thread that writes it).
+func (o *Objects) SetPeer(nsPath string, from, to uint32) error {
 	if err := o.o.RefPeers.Put(from, to); err != nil {
 		return fmt.Errorf("set peer %d -> %d: %w", from, to, err)
 	}
-	if err := o.o.RefDevmap.Put(from, to); err != nil {
+	err := netdev.InNetNS(nsPath, func() error { return o.o.RefDevmap.Put(from, to) })
+	if err != nil {
 		return fmt.Errorf("set devmap peer %d -> %d: %w", from, to, err)
 	}
 	return nil

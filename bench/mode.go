@@ -1,0 +1,260 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf/link"
+	"github.com/kata-dp/kata-dp/bench/refprog"
+	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/control/macvtap"
+	"github.com/kata-dp/kata-dp/control/mirred"
+	"github.com/kata-dp/kata-dp/control/netdev"
+	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
+	"github.com/vishvananda/netlink"
+)
+
+// sink says where the frames a case delivers are counted.
+type sink int
+
+const (
+	sinkGuest   sink = iota // the guest emulator (h2g) or the host veth (g2h)
+	sinkVethIn              // the sandbox veth's ingress (drop reference, h2g)
+	sinkTapIn               // the tap's ingress (drop reference, g2h)
+	sinkXDPPeer             // the XDP drop program on the second veth (ref-xdp)
+)
+
+// modeDef is one way of joining the sandbox's veth to the guest.
+type modeDef struct {
+	name string
+	desc string
+	// ref marks reference rows (not a kata-dp mode).
+	ref bool
+	// noTap: the mode brings its own guest device (macvtap).
+	noTap bool
+	// h2gOnly: there is no guest->host path to measure.
+	h2gOnly bool
+	// noLatency: frames never come back.
+	noLatency bool
+	sink      sink
+	setup     func(e *env) error
+}
+
+// modes are all modes the harness knows, in report order.
+var modes = []modeDef{
+	{name: "tcfilter", desc: "Kata's u32 + mirred on ingress qdiscs (baseline)", setup: setupTcfilter},
+	{name: "tc", desc: "kata-dp tc datapath, all features on (anti-spoof, strict egress, counters)", setup: setupTC},
+	{name: "macvtap", desc: "Kata's macvtap in bridge mode on the veth", noTap: true, setup: setupMacvtap},
+	{name: "xdp", desc: "kata-dp XDP datapath", setup: setupXDP},
+	{name: "ref-redirect", desc: "reference: bare cls_bpf bpf_redirect, no features", ref: true, setup: setupRefRedirect},
+	{name: "ref-drop", desc: "reference: drop at veth (h2g) / tap (g2h) ingress: the ceiling", ref: true, noLatency: true, setup: setupRefDrop},
+	{name: "ref-xdp", desc: "reference: XDP veth->veth redirect into an XDP drop", ref: true, h2gOnly: true, noLatency: true, sink: sinkXDPPeer, setup: setupRefXDP},
+}
+
+// errSkipMode marks a mode that cannot run on this build or kernel.
+var errSkipMode = errors.New("mode not available")
+
+func modeByName(name string) (modeDef, bool) {
+	for _, m := range modes {
+		if m.name == name {
+			return m, true
+		}
+	}
+	return modeDef{}, false
+}
+
+// env is one run's topology with a mode installed.
+type env struct {
+	s *topo.Sandbox
+	// guest holds the guest-side fds (tap or macvtap queues).
+	guest []*os.File
+	// guestDev is the guest-side device in the sandbox netns.
+	guestDev string
+	guestMAC net.HardwareAddr
+	vnetHdr  int
+	ref      *refprog.Objects
+	sb       *loader.Sandbox
+	links    []link.Link
+	undo     []func() error
+}
+
+func (e *env) close() error {
+	var errs []error
+	for _, l := range e.links {
+		errs = append(errs, l.Close())
+	}
+	for _, f := range e.guest {
+		f.Close()
+	}
+	for i := len(e.undo) - 1; i >= 0; i-- {
+		errs = append(errs, e.undo[i]())
+	}
+	if e.ref != nil {
+		e.ref.Close()
+	}
+	return errors.Join(errs...)
+}
+
+func (e *env) openTap() error {
+	fds, err := e.s.OpenTap()
+	if err != nil {
+		return err
+	}
+	e.guest, e.guestDev, e.guestMAC = fds, e.s.Config.Tap, e.s.GuestMAC
+	return nil
+}
+
+func setupTcfilter(e *env) error {
+	ns, veth, tap := e.s.NS.Path(), e.s.Config.Veth, e.s.Config.Tap
+	if err := mirred.Join(ns, veth, tap); err != nil {
+		return err
+	}
+	e.undo = append(e.undo, func() error { return mirred.Unjoin(ns, veth, tap) })
+	return e.openTap()
+}
+
+func setupTC(e *env) error {
+	ns, veth, tap := e.s.NS.Path(), e.s.Config.Veth, e.s.Config.Tap
+	root := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptb-", 8))
+	const id = "bench"
+	sb, err := loader.Open(root, id)
+	if err != nil {
+		os.Remove(root)
+		return err
+	}
+	e.undo = append(e.undo, func() error {
+		err := errors.Join(sb.Close(), loader.Remove(root, id))
+		os.Remove(root)
+		return err
+	})
+	e.sb = sb
+	if _, err := sb.Attach(ns, veth, loader.ProgUplinkIn); err != nil {
+		return err
+	}
+	if _, err := sb.Attach(ns, tap, loader.ProgTapIn); err != nil {
+		return err
+	}
+	eps := maps.EndpointMap{Map: sb.Maps().Endpoints}
+	v, t := uint32(e.s.Veth.Index), uint32(e.s.Tap.Index)
+	if err := eps.Put(v, maps.Endpoint{PeerIfindex: t, Slot: 0, Role: maps.RoleUplink}); err != nil {
+		return err
+	}
+	ep := maps.Endpoint{PeerIfindex: v, Slot: 0, Role: maps.RoleTap, Flags: maps.FlagAntiSpoof | maps.FlagStrictEgress}
+	if err := ep.SetMAC(e.s.GuestMAC); err != nil {
+		return err
+	}
+	ep.SetIP(e.s.GuestAddr)
+	if err := eps.Put(t, ep); err != nil {
+		return err
+	}
+	return e.openTap()
+}
+
+func setupMacvtap(e *env) error {
+	ns, veth := e.s.NS.Path(), e.s.Config.Veth
+	const name = "kdpmvtap0"
+	m, err := macvtap.Create(ns, veth, name)
+	if err != nil {
+		return err
+	}
+	e.undo = append(e.undo, func() error { return macvtap.Delete(ns, veth, name) })
+	fds, err := macvtap.Open(m, 1, true)
+	if err != nil {
+		return err
+	}
+	e.guest, e.guestDev, e.guestMAC = fds, name, m.MAC
+	return nil
+}
+
+func setupXDP(e *env) error {
+	// The loader has no XDP entry points yet (only kdp_tap_in and
+	// kdp_uplink_in); the mode is reported as skipped until it does.
+	return fmt.Errorf("loader exposes no XDP programs: %w", errSkipMode)
+}
+
+func (e *env) attachRef(dev string, p refprog.Prog) error {
+	l, err := e.ref.Attach(e.s.NS.Path(), dev, p)
+	if err != nil {
+		return err
+	}
+	e.links = append(e.links, l)
+	return nil
+}
+
+func setupRefRedirect(e *env) error {
+	v, t := uint32(e.s.Veth.Index), uint32(e.s.Tap.Index)
+	if err := e.ref.SetPeer(e.s.NS.Path(), v, t); err != nil {
+		return err
+	}
+	if err := e.ref.SetPeer(e.s.NS.Path(), t, v); err != nil {
+		return err
+	}
+	if err := e.attachRef(e.s.Config.Veth, refprog.Redirect); err != nil {
+		return err
+	}
+	if err := e.attachRef(e.s.Config.Tap, refprog.Redirect); err != nil {
+		return err
+	}
+	return e.openTap()
+}
+
+func setupRefDrop(e *env) error {
+	if err := e.attachRef(e.s.Config.Veth, refprog.Drop); err != nil {
+		return err
+	}
+	if err := e.attachRef(e.s.Config.Tap, refprog.Drop); err != nil {
+		return err
+	}
+	return e.openTap()
+}
+
+// xdpPeer names the second veth pair of the ref-xdp row: XDP on the
+// sandbox veth redirects into xdpOut, whose peer xdpIn drops in XDP.
+const (
+	xdpOut = "kdpx0"
+	xdpIn  = "kdpx1"
+)
+
+func setupRefXDP(e *env) error {
+	ns := e.s.NS
+	if err := topo.VethPair(ns, xdpOut, ns, xdpIn); err != nil {
+		return err
+	}
+	out, err := ns.Link(xdpOut)
+	if err != nil {
+		return err
+	}
+	// XDP_REDIRECT into a veth needs an XDP program on its peer.
+	if err := e.attachRef(xdpIn, refprog.XDPDrop); err != nil {
+		return err
+	}
+	if err := e.ref.SetPeer(e.s.NS.Path(), uint32(e.s.Veth.Index), uint32(out.Index)); err != nil {
+		return err
+	}
+	if err := e.attachRef(e.s.Config.Veth, refprog.XDPRedirect); err != nil {
+		return err
+	}
+	return e.openTap()
+}
+
+// linkStats returns the kernel's counters of every link in the netns.
+func linkStats(nsPath string) (map[string]netlink.LinkStatistics, error) {
+	out := map[string]netlink.LinkStatistics{}
+	err := netdev.InNetNS(nsPath, func() error {
+		ls, err := netlink.LinkList()
+		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return err
+		}
+		for _, l := range ls {
+			if st := l.Attrs().Statistics; st != nil && l.Attrs().Name != "lo" {
+				out[l.Attrs().Name] = *st
+			}
+		}
+		return nil
+	})
+	return out, err
+}

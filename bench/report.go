@@ -1,0 +1,331 @@
+package bench
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// metricDef describes a reported metric.
+type metricDef struct {
+	name, title, unit string
+	// higherBetter says which way the ratio to tcfilter is good.
+	higherBetter bool
+}
+
+var metricDefs = map[string]metricDef{
+	"pps":       {"pps", "frames/s", "frames/s", true},
+	"gbps":      {"gbps", "Gbit/s", "Gbit/s", true},
+	"fwd_ns":    {"fwd_ns", "fwd CPU ns/frame", "ns", false},
+	"cpu_ns":    {"cpu_ns", "sender CPU ns/frame", "ns", false},
+	"reader_ns": {"reader_ns", "guest reader ns/frame", "ns", false},
+	"loss_pct":  {"loss_pct", "lost %", "%", false},
+	"p50_us":    {"p50_us", "p50 us", "us", false},
+	"p99_us":    {"p99_us", "p99 us", "us", false},
+}
+
+// caseMetrics are the metrics shown per case, in order.
+func caseMetrics(c caseDef) []string {
+	switch {
+	case c.dir == rr:
+		return []string{"p50_us", "p99_us"}
+	case c.dir == h2g && c.payload >= 1000:
+		return []string{"pps", "gbps", "fwd_ns", "reader_ns", "loss_pct"}
+	case c.dir == h2g:
+		return []string{"pps", "fwd_ns", "cpu_ns", "reader_ns", "loss_pct"}
+	case c.payload >= 1000:
+		return []string{"pps", "gbps", "fwd_ns", "loss_pct"}
+	default:
+		return []string{"pps", "fwd_ns", "cpu_ns", "loss_pct"}
+	}
+}
+
+func caseTitle(c caseDef) string {
+	switch c.dir {
+	case h2g:
+		return fmt.Sprintf("host -> guest, one way, %d B UDP payload", c.payload)
+	case g2h:
+		return fmt.Sprintf("guest -> host, one way, %d B UDP payload", c.payload)
+	}
+	if c.busy {
+		return fmt.Sprintf("UDP request/response, %d B, one outstanding, busy-polling client", c.payload)
+	}
+	return fmt.Sprintf("UDP request/response, %d B, one outstanding, blocking client", c.payload)
+}
+
+// Result is one metric of one case of one mode over the rounds.
+type Result struct {
+	Mode   string  `json:"mode"`
+	Case   string  `json:"case"`
+	Metric string  `json:"metric"`
+	Unit   string  `json:"unit"`
+	Min    float64 `json:"min"`
+	Median float64 `json:"median"`
+	Max    float64 `json:"max"`
+	// Ratio is Median over tcfilter's median (0 when there is none).
+	Ratio float64 `json:"ratio_to_tcfilter,omitempty"`
+	// Runs counts the samples used; Flagged those left out.
+	Runs    int `json:"runs"`
+	Flagged int `json:"flagged"`
+}
+
+// Machine describes where the benchmark ran.
+type Machine struct {
+	Kernel string `json:"kernel"`
+	CPU    string `json:"cpu"`
+	CPUs   int    `json:"cpus"`
+	Go     string `json:"go"`
+	Date   string `json:"date"`
+}
+
+// Report is a benchmark's outcome.
+type Report struct {
+	Command string   `json:"command"`
+	Machine Machine  `json:"machine"`
+	Rounds  int      `json:"rounds"`
+	Modes   []string `json:"modes"`
+	Elapsed string   `json:"elapsed"`
+	// Modes' descriptions.
+	ModeInfo map[string]string `json:"mode_info"`
+	Results  []Result          `json:"results"`
+	Samples  []Sample          `json:"samples"`
+	Notes    []string          `json:"notes,omitempty"`
+
+	cases []caseDef
+}
+
+func newReport(o Options) *Report {
+	r := &Report{
+		Command:  "kata-dp bench " + strings.Join(commandArgs(o), " "),
+		Machine:  machine(),
+		Rounds:   o.Rounds,
+		Modes:    o.Modes,
+		ModeInfo: map[string]string{},
+		cases:    o.cases,
+	}
+	for _, m := range o.Modes {
+		d, _ := modeByName(m)
+		r.ModeInfo[m] = d.desc
+	}
+	return r
+}
+
+func commandArgs(o Options) []string {
+	var a []string
+	if o.Quick {
+		a = append(a, "--quick")
+	}
+	a = append(a, fmt.Sprintf("--rounds %d", o.Rounds), fmt.Sprintf("--duration %s", o.Duration), fmt.Sprintf("--requests %d", o.Requests),
+		"--modes "+strings.Join(o.Modes, ","), fmt.Sprintf("--cpu-gen %d --cpu-guest %d", o.CPUGen, o.CPUGuest))
+	if o.Output == "json" {
+		a = append(a, "-o json")
+	}
+	return a
+}
+
+func machine() Machine {
+	m := Machine{CPUs: runtime.NumCPU(), Go: runtime.Version(), Date: time.Now().UTC().Format(time.RFC3339)}
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		m.Kernel = unix.ByteSliceToString(u.Release[:])
+	}
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	return m
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// finish derives the forward-path CPU (each sample's sender CPU per frame
+// minus the median of the drop reference's for the same case) and
+// aggregates the results.
+func (r *Report) finish() *Report {
+	base := map[string]float64{}
+	for _, c := range r.cases {
+		var v []float64
+		for _, s := range r.Samples {
+			if s.Mode == "ref-drop" && s.Case == c.name && len(s.Flags) == 0 {
+				if x, ok := s.Values["cpu_ns"]; ok {
+					v = append(v, x)
+				}
+			}
+		}
+		if len(v) > 0 {
+			base[c.name] = median(v)
+		}
+	}
+	for i := range r.Samples {
+		s := &r.Samples[i]
+		if x, ok := s.Values["cpu_ns"]; ok {
+			if b, ok := base[s.Case]; ok {
+				s.Values["fwd_ns"] = x - b
+			}
+		}
+	}
+	r.Results = nil
+	for _, c := range r.cases {
+		for _, mode := range r.Modes {
+			for _, metric := range append(caseMetrics(c), "cpu_ns", "other_cpu") {
+				if slices.ContainsFunc(r.Results, func(x Result) bool {
+					return x.Mode == mode && x.Case == c.name && x.Metric == metric
+				}) {
+					continue
+				}
+				var good, all []float64
+				for _, s := range r.Samples {
+					if s.Mode != mode || s.Case != c.name {
+						continue
+					}
+					x, ok := s.Values[metric]
+					if !ok {
+						continue
+					}
+					all = append(all, x)
+					if len(s.Flags) == 0 {
+						good = append(good, x)
+					}
+				}
+				if len(all) == 0 {
+					continue
+				}
+				use := good
+				if len(use) == 0 {
+					use = all // every sample flagged: show them, marked
+				}
+				res := Result{Mode: mode, Case: c.name, Metric: metric, Unit: metricDefs[metric].unit,
+					Min: slices.Min(use), Median: median(use), Max: slices.Max(use), Runs: len(good), Flagged: len(all) - len(good)}
+				r.Results = append(r.Results, res)
+			}
+		}
+	}
+	for i := range r.Results {
+		x := &r.Results[i]
+		for _, y := range r.Results {
+			if y.Mode == "tcfilter" && y.Case == x.Case && y.Metric == x.Metric && y.Median != 0 {
+				x.Ratio = x.Median / y.Median
+			}
+		}
+	}
+	return r
+}
+
+func (r *Report) result(mode, c, metric string) (Result, bool) {
+	for _, x := range r.Results {
+		if x.Mode == mode && x.Case == c && x.Metric == metric {
+			return x, true
+		}
+	}
+	return Result{}, false
+}
+
+// JSON writes the report as indented JSON.
+func (r *Report) JSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+func num(v float64, unit string) string {
+	switch {
+	case unit == "frames/s":
+		return fmt.Sprintf("%.0fk", v/1e3)
+	case unit == "Gbit/s":
+		return fmt.Sprintf("%.2f", v)
+	case unit == "%":
+		return fmt.Sprintf("%.1f", v)
+	case unit == "us":
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.0f", v)
+}
+
+// Markdown writes the report as Markdown tables, one per case: median
+// [min..max] of every metric and its ratio to tcfilter.
+func (r *Report) Markdown(w io.Writer) error {
+	b := &strings.Builder{}
+	fmt.Fprintf(b, "# kata-dp bench\n\n`%s`\n\n", r.Command)
+	fmt.Fprintf(b, "Machine: %s, %d CPUs (%s), kernel %s, %s. %d rounds, modes interleaved, fresh topology per run; took %s.\n\n",
+		r.Machine.CPU, r.Machine.CPUs, r.Machine.Go, r.Machine.Kernel, r.Machine.Date, r.Rounds, r.Elapsed)
+	fmt.Fprintf(b, "Cells: median [min..max] over unflagged runs; xTCF: median / tcfilter's median. fwd CPU: sender + ksoftirqd CPU per frame minus ref-drop's.\n\n")
+	for _, c := range r.cases {
+		metrics := caseMetrics(c)
+		fmt.Fprintf(b, "## %s: %s\n\n| mode |", c.name, caseTitle(c))
+		for _, m := range metrics {
+			fmt.Fprintf(b, " %s | xTCF |", metricDefs[m].title)
+		}
+		b.WriteString(" runs (flagged) |\n|---|")
+		for range metrics {
+			b.WriteString("---:|---:|")
+		}
+		b.WriteString("---:|\n")
+		for _, mode := range r.Modes {
+			any := false
+			row := &strings.Builder{}
+			fmt.Fprintf(row, "| %s |", mode)
+			runs, flagged := 0, 0
+			for _, m := range metrics {
+				x, ok := r.result(mode, c.name, m)
+				if !ok {
+					row.WriteString(" - | - |")
+					continue
+				}
+				any = true
+				runs, flagged = max(runs, x.Runs), max(flagged, x.Flagged)
+				u := metricDefs[m].unit
+				fmt.Fprintf(row, " %s [%s..%s] |", num(x.Median, u), num(x.Min, u), num(x.Max, u))
+				if x.Ratio != 0 && m != "loss_pct" {
+					fmt.Fprintf(row, " %.2f |", x.Ratio)
+				} else {
+					row.WriteString(" - |")
+				}
+			}
+			fmt.Fprintf(row, " %d (%d) |\n", runs, flagged)
+			if any {
+				b.WriteString(row.String())
+			}
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("Modes:\n\n")
+	for _, m := range r.Modes {
+		fmt.Fprintf(b, "- `%s`: %s\n", m, r.ModeInfo[m])
+	}
+	var flags []string
+	for _, s := range r.Samples {
+		if len(s.Flags) > 0 {
+			flags = append(flags, fmt.Sprintf("- round %d %s %s: %s", s.Round, s.Mode, s.Case, strings.Join(s.Flags, "; ")))
+		}
+	}
+	if len(flags) > 0 {
+		fmt.Fprintf(b, "\nFlagged samples (left out of the medians):\n\n%s\n", strings.Join(flags, "\n"))
+	}
+	if len(r.Notes) > 0 {
+		fmt.Fprintf(b, "\nNotes:\n\n- %s\n", strings.Join(r.Notes, "\n- "))
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}

@@ -1,0 +1,426 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"time"
+	"unsafe"
+
+	"github.com/kata-dp/kata-dp/bench/guestemu"
+	"github.com/kata-dp/kata-dp/bench/refprog"
+	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/control/netdev"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// direction of a case.
+type direction int
+
+const (
+	h2g direction = iota // host -> guest, one way
+	g2h                  // guest -> host, one way
+	rr                   // request/response
+)
+
+// caseDef is one measurement made in every run of a mode.
+type caseDef struct {
+	name    string
+	dir     direction
+	payload int // UDP payload bytes
+	busy    bool
+}
+
+var allCases = []caseDef{
+	{name: "h2g-64", dir: h2g, payload: 64},
+	{name: "h2g-1400", dir: h2g, payload: 1400},
+	{name: "g2h-64", dir: g2h, payload: 64},
+	{name: "g2h-1400", dir: g2h, payload: 1400},
+	{name: "lat-block", dir: rr, payload: 64},
+	{name: "lat-busy", dir: rr, payload: 64, busy: true},
+}
+
+// Sample is one case measured in one run.
+type Sample struct {
+	Mode  string `json:"mode"`
+	Case  string `json:"case"`
+	Round int    `json:"round"`
+	// Values by metric name (see metricDefs).
+	Values map[string]float64 `json:"values"`
+	// Hops are the frame counters along the path, for the loss account.
+	Hops map[string]uint64 `json:"hops,omitempty"`
+	// Flags say why the sample is left out of the medians.
+	Flags []string `json:"flags,omitempty"`
+}
+
+func (s *Sample) flag(format string, a ...any) { s.Flags = append(s.Flags, fmt.Sprintf(format, a...)) }
+
+// runner measures; one per Main.
+type runner struct {
+	o     Options
+	ksoft map[int]int
+}
+
+// runMode builds a fresh topology, installs mode m, measures every case
+// and tears everything down.
+func (r *runner) runMode(ctx context.Context, m modeDef, round int) (out []Sample, err error) {
+	s, err := topo.NewSandbox(topo.SandboxConfig{Prefix: "kdptb-", NoTap: m.noTap})
+	if err != nil {
+		return nil, err
+	}
+	defer func() { err = errors.Join(err, s.Close()) }()
+	e := &env{s: s}
+	if e.ref, err = refprog.Load(); err != nil {
+		return nil, err
+	}
+	defer func() { err = errors.Join(err, e.close()) }()
+	if err := m.setup(e); err != nil {
+		return nil, fmt.Errorf("set up %s: %w", m.name, err)
+	}
+	if err := prepareGuestFds(e); err != nil {
+		return nil, err
+	}
+	if err := s.Host.AddNeigh(s.Config.HostVeth, s.GuestAddr.Addr().String(), e.guestMAC); err != nil {
+		return nil, err
+	}
+	for _, c := range r.o.cases {
+		if ctx.Err() != nil {
+			return out, ctx.Err()
+		}
+		if (c.dir == g2h && m.h2gOnly) || (c.dir == rr && m.noLatency) {
+			continue
+		}
+		smp := Sample{Mode: m.name, Case: c.name, Round: round, Values: map[string]float64{}, Hops: map[string]uint64{}}
+		var err error
+		switch c.dir {
+		case h2g:
+			err = r.oneWayH2G(ctx, e, m, c, &smp)
+		case g2h:
+			err = r.oneWayG2H(ctx, e, m, c, &smp)
+		case rr:
+			err = r.requestResponse(ctx, e, c, &smp)
+		}
+		if err != nil {
+			return out, fmt.Errorf("%s %s: %w", m.name, c.name, err)
+		}
+		out = append(out, smp)
+	}
+	return out, nil
+}
+
+// prepareGuestFds does to the guest-side fds what QEMU does: a 12-byte
+// virtio header, and an unlimited send buffer.
+func prepareGuestFds(e *env) error {
+	for _, f := range e.guest {
+		flags, err := netdev.TapFlags(f)
+		if err != nil {
+			return err
+		}
+		fd := f.Fd()
+		if flags&unix.IFF_VNET_HDR != 0 {
+			sz := int32(guestemu.VnetHdrLen)
+			if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.TUNSETVNETHDRSZ, uintptr(unsafe.Pointer(&sz))); errno != 0 {
+				return fmt.Errorf("TUNSETVNETHDRSZ: %w", errno)
+			}
+			e.vnetHdr = guestemu.VnetHdrLen
+		}
+		sndbuf := int32(math.MaxInt32)
+		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.TUNSETSNDBUF, uintptr(unsafe.Pointer(&sndbuf))); errno != 0 {
+			return fmt.Errorf("TUNSETSNDBUF: %w", errno)
+		}
+	}
+	return nil
+}
+
+// snapshot is every counter read before and after a case.
+type snapshot struct {
+	ns, host map[string]netlink.LinkStatistics
+	tasks    map[int]uint64 // tid or pid -> CPU ns
+	ticks    ticks
+	emu      guestemu.Stats
+	xdp      uint64
+	at       time.Time
+}
+
+func (r *runner) snap(e *env, emu *guestemu.Counter, emuTids []int) (snapshot, error) {
+	var s snapshot
+	var err error
+	if s.ns, err = linkStats(e.s.NS.Path()); err != nil {
+		return s, err
+	}
+	if s.host, err = linkStats(e.s.Host.Path()); err != nil {
+		return s, err
+	}
+	s.tasks = map[int]uint64{}
+	pid := os.Getpid()
+	for _, t := range emuTids {
+		s.tasks[t] = taskNS(pid, t)
+	}
+	var ks []int
+	for _, p := range r.ksoft {
+		s.tasks[-p] = taskNS(p, p)
+		ks = append(ks, p)
+	}
+	s.ticks = readTicks(ks)
+	if emu != nil {
+		s.emu = emu.Stats()
+	}
+	s.xdp, _ = e.ref.XDPDropped()
+	s.at = time.Now()
+	return s, nil
+}
+
+func (a snapshot) ksoftNS(b snapshot) (n uint64) {
+	for k, v := range b.tasks {
+		if k < 0 {
+			n += v - a.tasks[k]
+		}
+	}
+	return n
+}
+
+func (a snapshot) emuNS(b snapshot) (n uint64) {
+	for k, v := range b.tasks {
+		if k > 0 {
+			n += v - a.tasks[k]
+		}
+	}
+	return n
+}
+
+// drops sums every drop counter of every link in both namespaces.
+func (a snapshot) drops(b snapshot) uint64 {
+	var n uint64
+	for _, m := range []struct {
+		a, b map[string]netlink.LinkStatistics
+	}{{a.ns, b.ns}, {a.host, b.host}} {
+		for name, st := range m.b {
+			o := m.a[name]
+			n += st.RxDropped - o.RxDropped + st.TxDropped - o.TxDropped
+		}
+	}
+	return n
+}
+
+// startEmu starts a guest emulator on the guest-side fds, pinned to the
+// guest CPU, and returns the ids of its worker threads.
+func (r *runner) startEmu(ctx context.Context, e *env, reflect bool) (*guestemu.Counter, []int, error) {
+	before := map[int]bool{}
+	for _, t := range pinnedTasks(r.o.CPUGuest) {
+		before[t] = true
+	}
+	c, err := guestemu.NewCounter(e.guest, guestemu.CounterOptions{Reflect: reflect, VerifyCsum: true, CPUs: []int{r.o.CPUGuest}})
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := c.Start(ctx); err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	var tids []int
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		tids = tids[:0]
+		for _, t := range pinnedTasks(r.o.CPUGuest) {
+			if !before[t] {
+				tids = append(tids, t)
+			}
+		}
+		if len(tids) >= len(e.guest) {
+			break
+		}
+	}
+	return c, tids, nil
+}
+
+// settle is how long frames in flight get to arrive after a sender stops.
+const settle = 150 * time.Millisecond
+
+func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, smp *Sample) error {
+	s := e.s
+	emu, tids, err := r.startEmu(ctx, e, false)
+	if err != nil {
+		return err
+	}
+	defer emu.Close()
+	frame := udpFrame(e.guestMAC, s.HostVeth.MAC, s.HostAddr.Addr(), s.GuestAddr.Addr(), 40000, 40001, c.payload)
+	a, err := r.snap(e, emu, tids)
+	if err != nil {
+		return err
+	}
+	t0 := time.Now()
+	sent, genNS, err := blast(ctx, s.Host.Path(), s.Config.HostVeth, r.o.CPUGen, frame, r.o.Duration)
+	elapsed := time.Since(t0)
+	if err != nil {
+		return err
+	}
+	time.Sleep(settle)
+	b, err := r.snap(e, emu, tids)
+	if err != nil {
+		return err
+	}
+	var delivered uint64
+	switch m.sink {
+	case sinkXDPPeer:
+		delivered = b.xdp - a.xdp
+	default:
+		delivered = b.emu.RxFrames - a.emu.RxFrames
+	}
+	if m.name == "ref-drop" {
+		delivered = b.ns[s.Config.Veth].RxPackets - a.ns[s.Config.Veth].RxPackets
+	}
+	smp.Hops["gen_sent"] = sent
+	r.hops(e, a, b, smp)
+	smp.Hops["emu_rx"] = b.emu.RxFrames - a.emu.RxFrames
+	smp.Hops["emu_csum_bad"] = b.emu.CsumBad - a.emu.CsumBad
+	smp.Hops["delivered"] = delivered
+	r.finish(e, m, c, smp, a, b, sent, delivered, genNS, elapsed)
+	if delivered > 0 && m.sink == sinkGuest && m.name != "ref-drop" {
+		smp.Values["reader_ns"] = float64(a.emuNS(b)) / float64(delivered)
+	}
+	if smp.Hops["emu_csum_bad"] > 0 {
+		smp.flag("%d frames with bad checksums at the guest", smp.Hops["emu_csum_bad"])
+	}
+	return nil
+}
+
+func (r *runner) oneWayG2H(ctx context.Context, e *env, m modeDef, c caseDef, smp *Sample) error {
+	s := e.s
+	// The host end drops what arrives at its ingress: the cheapest sink,
+	// the same for every mode, counted in the veth's rx counters.
+	sinkLink, err := e.ref.Attach(s.Host.Path(), s.Config.HostVeth, refprog.Drop)
+	if err != nil {
+		return err
+	}
+	defer sinkLink.Close()
+	frame := udpFrame(s.HostVeth.MAC, e.guestMAC, s.GuestAddr.Addr(), s.HostAddr.Addr(), 40001, 40000, c.payload)
+	a, err := r.snap(e, nil, nil)
+	if err != nil {
+		return err
+	}
+	t0 := time.Now()
+	written, failed, wNS, err := writeTap(ctx, e.guest[0], e.vnetHdr, r.o.CPUGuest, frame, r.o.Duration)
+	elapsed := time.Since(t0)
+	if err != nil {
+		return err
+	}
+	time.Sleep(settle)
+	b, err := r.snap(e, nil, nil)
+	if err != nil {
+		return err
+	}
+	hv := s.Config.HostVeth
+	delivered := b.host[hv].RxPackets - a.host[hv].RxPackets
+	if m.name == "ref-drop" {
+		delivered = b.ns[e.guestDev].RxPackets - a.ns[e.guestDev].RxPackets
+	}
+	smp.Hops["emu_written"] = written
+	smp.Hops["emu_write_errors"] = failed
+	r.hops(e, a, b, smp)
+	smp.Hops["delivered"] = delivered
+	r.finish(e, m, c, smp, a, b, written, delivered, wNS, elapsed)
+	return nil
+}
+
+// hops records the counters of the devices on the path.
+func (r *runner) hops(e *env, a, b snapshot, smp *Sample) {
+	hv, v := e.s.Config.HostVeth, e.s.Config.Veth
+	d := func(x, y netlink.LinkStatistics, f func(netlink.LinkStatistics) uint64) uint64 { return f(y) - f(x) }
+	rx := func(s netlink.LinkStatistics) uint64 { return s.RxPackets }
+	tx := func(s netlink.LinkStatistics) uint64 { return s.TxPackets }
+	rxd := func(s netlink.LinkStatistics) uint64 { return s.RxDropped }
+	txd := func(s netlink.LinkStatistics) uint64 { return s.TxDropped }
+	smp.Hops["hostveth_tx"] = d(a.host[hv], b.host[hv], tx)
+	smp.Hops["hostveth_tx_dropped"] = d(a.host[hv], b.host[hv], txd)
+	smp.Hops["hostveth_rx"] = d(a.host[hv], b.host[hv], rx)
+	smp.Hops["veth_rx"] = d(a.ns[v], b.ns[v], rx)
+	smp.Hops["veth_tx"] = d(a.ns[v], b.ns[v], tx)
+	smp.Hops["veth_tx_dropped"] = d(a.ns[v], b.ns[v], txd)
+	g := e.guestDev
+	smp.Hops["guestdev_rx"] = d(a.ns[g], b.ns[g], rx)
+	smp.Hops["guestdev_tx"] = d(a.ns[g], b.ns[g], tx)
+	smp.Hops["guestdev_rx_dropped"] = d(a.ns[g], b.ns[g], rxd)
+	smp.Hops["guestdev_tx_dropped"] = d(a.ns[g], b.ns[g], txd)
+	smp.Hops["all_dropped"] = a.drops(b)
+}
+
+// finish derives the rates and per-frame costs of a one-way case and
+// flags it when its counts do not add up or other processes ran.
+func (r *runner) finish(e *env, m modeDef, c caseDef, smp *Sample, a, b snapshot, sent, delivered, senderNS uint64, elapsed time.Duration) {
+	secs := elapsed.Seconds()
+	frameBytes := float64(14 + 20 + 8 + c.payload)
+	smp.Values["pps"] = float64(delivered) / secs
+	smp.Values["gbps"] = float64(delivered) * frameBytes * 8 / secs / 1e9
+	if sent > 0 {
+		smp.Values["cpu_ns"] = float64(senderNS+a.ksoftNS(b)) / float64(sent)
+		smp.Values["loss_pct"] = 100 * float64(sent-min(sent, delivered)) / float64(sent)
+	}
+	if sent == 0 || delivered == 0 {
+		smp.flag("no frames delivered (%d sent)", sent)
+	}
+	// The loss account: what was sent and not delivered must show up in
+	// some device's drop counter. (XDP redirect drops are not counted in
+	// the device counters, so ref-xdp is not checked.)
+	if m.sink != sinkXDPPeer && sent >= delivered {
+		lost, explained := sent-delivered, smp.Hops["all_dropped"]
+		diff := math.Abs(float64(lost) - float64(explained))
+		if diff > 0.01*float64(sent)+256 {
+			smp.flag("counts do not add up: %d sent, %d delivered, %d counted as dropped", sent, delivered, explained)
+		}
+	} else if sent < delivered && m.sink != sinkXDPPeer {
+		smp.flag("counts do not add up: %d sent, %d delivered", sent, delivered)
+	}
+	r.checkOthers(smp, a, b)
+}
+
+// checkOthers flags a sample during which other processes took more than
+// maxOtherShare of a CPU.
+func (r *runner) checkOthers(smp *Sample, a, b snapshot) {
+	secs := b.at.Sub(a.at).Seconds()
+	busy := float64(b.ticks.busy - a.ticks.busy)
+	ours := float64(b.ticks.ours - a.ticks.ours)
+	other := max(0, busy-ours) / clkTck / secs
+	smp.Values["other_cpu"] = other
+	smp.Values["steal_cpu"] = float64(b.ticks.steal-a.ticks.steal) / clkTck / secs
+	if other > r.o.MaxOther {
+		smp.flag("other processes used %.0f%% of a CPU", 100*other)
+	}
+}
+
+func (r *runner) requestResponse(ctx context.Context, e *env, c caseDef, smp *Sample) error {
+	s := e.s
+	emu, tids, err := r.startEmu(ctx, e, true)
+	if err != nil {
+		return err
+	}
+	defer emu.Close()
+	a, err := r.snap(e, emu, tids)
+	if err != nil {
+		return err
+	}
+	l, err := pingPong(ctx, s.Host.Path(), r.o.CPUGen, s.HostAddr.Addr().As4(), s.GuestAddr.Addr().As4(), 7007, c.payload, r.o.Requests, c.busy)
+	if err != nil {
+		return err
+	}
+	b, err := r.snap(e, emu, tids)
+	if err != nil {
+		return err
+	}
+	smp.Values["p50_us"] = float64(l.p50) / 1e3
+	smp.Values["p99_us"] = float64(l.p99) / 1e3
+	smp.Hops["requests"] = uint64(r.o.Requests)
+	smp.Hops["lost"] = uint64(l.lost)
+	smp.Hops["emu_rx"] = b.emu.RxFrames - a.emu.RxFrames
+	smp.Hops["emu_csum_ok"] = b.emu.CsumOK - a.emu.CsumOK
+	smp.Hops["emu_csum_bad"] = b.emu.CsumBad - a.emu.CsumBad
+	if l.lost > 0 {
+		smp.flag("%d of %d requests lost", l.lost, r.o.Requests)
+	}
+	if smp.Hops["emu_csum_bad"] > 0 {
+		smp.flag("%d frames with bad checksums at the guest", smp.Hops["emu_csum_bad"])
+	}
+	r.checkOthers(smp, a, b)
+	return nil
+}
