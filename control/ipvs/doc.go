@@ -67,6 +67,28 @@
 //   - LBLC and LBLCR model the kernel's caches with a plain expiry; the
 //     kernel collects them lazily by timer and table size.
 //
+// # For the datapath
+//
+// Only new connections are scheduled (a connection entry keeps its real
+// server until it ends or times out). With persistence, a client's
+// affinity entry (PersistenceKey, VIP, port) is looked up first; IPVS
+// honours it even when that server's weight is now 0 (the kernel's default
+// expire_quiescent_template=0), and drops it when the server was deleted.
+// When a scheduler finds no destination, IPVS drops the packet and sends
+// ICMP port unreachable. Per scheduler, with the servers in kernel order:
+//
+//   - rr, wrr: walk Service.Tables().Sequence with a per-service counter.
+//   - sh: Buckets[SHHash(source address)]; dh: Buckets[DHHash(destination
+//     address)], the VIP. -1: no destination (no fallback to another
+//     bucket).
+//   - lc, wlc, sed, nq: scan the servers with their live counts as LC, WLC,
+//     SED and NQ do (Overhead = active*256 + inactive; ties to the first
+//     in kernel order; 64-bit cross products). ActiveConn counts TCP
+//     connections in ESTABLISHED; InActConn every other entry (TCP in
+//     other states, all UDP); persistence entries count in neither.
+//   - lblc, lblcr: keep a per-service map from destination address (the
+//     VIP) to a server (a set of servers for lblcr) as LBLC and LBLCR do.
+//
 // # Concurrency
 //
 // A Table is not safe for concurrent use; the caller serializes access.

@@ -28,7 +28,7 @@ func checkErr(t *testing.T, in string, err error) {
 	if !errors.As(err, &e) {
 		t.Fatalf("%q: error %v is not an *Error", in, err)
 	}
-	if e.Msg == "" || (e.Token == "" && !errors.Is(err, ErrEmptyRestore)) {
+	if e.Msg == "" || e.Token == "" {
 		t.Fatalf("%q: error %q lacks a message or token", in, err)
 	}
 	if e.Code != ExitUsage && e.Code != ExitFailed && e.Code != 1 {

@@ -526,7 +526,7 @@ func ParseRestore(r io.Reader) ([]Command, error) {
 		cmds = append(cmds, cmd)
 	}
 	if adds == 0 {
-		return nil, &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Code: ExitUsage}
+		return nil, &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Token: "--restore -", Code: ExitUsage}
 	}
 	return cmds, nil
 }

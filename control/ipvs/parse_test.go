@@ -214,9 +214,9 @@ func TestParseRestoreRejects(t *testing.T) {
 		line     int
 		token    string
 	}{
-		{"empty", "", ErrEmptyRestore, 0, ""},
-		{"blank", "\n  \n", ErrEmptyRestore, 0, ""},
-		{"only set", "--set 1 2 3\n", ErrEmptyRestore, 0, ""},
+		{"empty", "", ErrEmptyRestore, 0, "--restore -"},
+		{"blank", "\n  \n", ErrEmptyRestore, 0, "--restore -"},
+		{"only set", "--set 1 2 3\n", ErrEmptyRestore, 0, "--restore -"},
 		{"bad token", "-A -t 10.0.0.1:80\n-a -t 10.0.0.1:80 -r 10.0.0.300\n", ErrUsage, 2, "10.0.0.300"},
 		{"list", "-A -t 10.0.0.1:80\n-L -n\n", ErrNotInRestore, 2, "-L"},
 		{"too many", big.String(), ErrRuleLimit, MaxRules + 1, "-A -t 10.0.0.1:20001"},

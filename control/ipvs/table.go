@@ -132,9 +132,9 @@ func (t *Table) Clear() {
 	t.rules = 0
 }
 
-func (t *Table) newID() (uint32, error) {
+func (t *Table) newID(token string) (uint32, error) {
 	if t.LastID == ^uint32(0) {
-		return 0, failErr(ErrIDSpace, "")
+		return 0, failErr(ErrIDSpace, token)
 	}
 	t.LastID++
 	return t.LastID, nil
@@ -163,7 +163,7 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 		if t.rules+1 > MaxRules {
 			return "", failErr(ErrRuleLimit, cmd.Service.String())
 		}
-		id, err := t.newID()
+		id, err := t.newID(cmd.Service.String())
 		if err != nil {
 			return "", err
 		}
@@ -204,7 +204,7 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 		if t.rules+1 > MaxRules {
 			return "", failErr(ErrRuleLimit, cmd.Server.String())
 		}
-		id, err := t.newID()
+		id, err := t.newID(cmd.Server.String())
 		if err != nil {
 			return "", err
 		}
@@ -313,7 +313,7 @@ func checkServer(cmd Command) error {
 // the line. The table must hold no rule.
 func (t *Table) Restore(cmds []Command) error {
 	if t.Rules() > 0 {
-		return failErr(ErrNotEmpty, "--restore")
+		return failErr(ErrNotEmpty, "--restore -")
 	}
 	adds := 0
 	for _, c := range cmds {
@@ -322,7 +322,7 @@ func (t *Table) Restore(cmds []Command) error {
 		}
 	}
 	if adds == 0 {
-		return &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Token: "--restore", Code: ExitUsage}
+		return &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Token: "--restore -", Code: ExitUsage}
 	}
 	n := &Table{ConnTimeouts: t.ConnTimeouts, LastID: t.LastID}
 	for _, c := range cmds {

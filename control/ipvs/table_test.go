@@ -457,3 +457,16 @@ func TestRestoreAllOrNothing(t *testing.T) {
 		t.Errorf("restore without rules: %v, want ErrEmptyRestore", err)
 	}
 }
+
+func TestIDSpaceExhausted(t *testing.T) {
+	tb := Table{LastID: ^uint32(0) - 1}
+	run(t, &tb, "-A -t 10.0.0.1:80")
+	err := try(&tb, "-a -t 10.0.0.1:80 -r 10.1.0.1")
+	var e *Error
+	if !errors.Is(err, ErrIDSpace) || !errors.As(err, &e) || e.Token != "10.1.0.1:80" {
+		t.Fatalf("add with no ids left: %v, want ErrIDSpace naming the server", err)
+	}
+	if tb.Rules() != 1 {
+		t.Errorf("failed add changed the table: %d rules", tb.Rules())
+	}
+}
