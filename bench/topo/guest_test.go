@@ -86,3 +86,43 @@ func TestSandboxCounter(t *testing.T) {
 		t.Errorf("counter stats: %+v, want %d good datagrams and an ARP reply", st, n)
 	}
 }
+
+func TestSandboxesSharingAHost(t *testing.T) {
+	node := topo.MustNetNS(t, "kdptt-node")
+	var sbs []*topo.Sandbox
+	for i := 1; i <= 2; i++ {
+		s := topo.MustSandbox(t, topo.SandboxConfig{
+			Prefix:    fmt.Sprintf("kdptt-%d", i),
+			Host:      node,
+			HostVeth:  fmt.Sprintf("veth%d", i),
+			HostAddr:  netip.MustParsePrefix(fmt.Sprintf("10.193.%d.1/24", i)),
+			GuestAddr: netip.MustParsePrefix(fmt.Sprintf("10.193.%d.2/24", i)),
+		})
+		if err := s.InstallTCFilter(); err != nil {
+			t.Fatal(err)
+		}
+		s.MustGuest(t, topo.GuestConfig{Gateway: true})
+		sbs = append(sbs, s)
+	}
+	for _, s := range sbs {
+		if err := node.Ping(s.GuestAddr.Addr().String(), 1, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := node.Stats("veth1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.TxPackets == 0 || st.RxPackets == 0 {
+		t.Errorf("veth1 counters %+v, want traffic", st)
+	}
+	if err := sbs[0].Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := node.Link("veth1"); err == nil {
+		t.Error("veth1 still in the node after its sandbox closed")
+	}
+	if err := node.Ping(sbs[1].GuestAddr.Addr().String(), 1, 5*time.Second); err != nil {
+		t.Errorf("the other sandbox broke: %v", err)
+	}
+}

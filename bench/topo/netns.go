@@ -264,6 +264,33 @@ func (n *NetNS) AddNeigh(dev, ip string, mac net.HardwareAddr) error {
 	return n.ip("neigh", "replace", ip, "lladdr", mac.String(), "dev", dev, "nud", "permanent")
 }
 
+// LinkStats are a link's kernel counters.
+type LinkStats struct {
+	RxPackets, RxBytes, RxDropped uint64
+	TxPackets, TxBytes, TxDropped uint64
+}
+
+// Stats returns dev's kernel counters.
+func (n *NetNS) Stats(dev string) (LinkStats, error) {
+	var st LinkStats
+	err := n.Do(func() error {
+		l, err := netlink.LinkByName(dev)
+		if err != nil {
+			return err
+		}
+		s := l.Attrs().Statistics
+		if s == nil {
+			return fmt.Errorf("no statistics for %s", dev)
+		}
+		st = LinkStats{s.RxPackets, s.RxBytes, s.RxDropped, s.TxPackets, s.TxBytes, s.TxDropped}
+		return nil
+	})
+	if err != nil {
+		return LinkStats{}, fmt.Errorf("stats of %s in %s: %w", dev, n.name, err)
+	}
+	return st, nil
+}
+
 // Link looks dev up.
 func (n *NetNS) Link(dev string) (netdev.LinkInfo, error) {
 	if err := n.checkOpen(); err != nil {
@@ -302,8 +329,8 @@ func VethPair(a *NetNS, nameA string, b *NetNS, nameB string) error {
 }
 
 // Ping sends count ICMP echo requests (200 ms apart) to addr from inside
-// the namespace and succeeds when at least one reply came back within
-// timeout.
+// the namespace and succeeds when count replies came back within timeout
+// (ping -c count -w timeout).
 func (n *NetNS) Ping(addr string, count int, timeout time.Duration) error {
 	if count < 1 {
 		count = 1

@@ -39,6 +39,10 @@ type SandboxConfig struct {
 	// same subnet as HostAddr). The topology does not assign it anywhere:
 	// the guest (a VM or guestemu) owns it.
 	GuestAddr netip.Prefix
+	// Host, when set, is an existing namespace to use as the host side
+	// (several sandboxes on one "node"; give each a distinct HostVeth and
+	// subnet). The sandbox does not delete it on Close.
+	Host *NetNS
 	// IPv6 keeps IPv6 enabled in the namespaces. By default it is off, so
 	// router solicitations and MLD reports do not show up in frame counts.
 	IPv6 bool
@@ -115,8 +119,9 @@ type Sandbox struct {
 
 	Config SandboxConfig
 
-	guests   []*Guest
-	counters []*guestemu.Counter
+	guests     []*Guest
+	counters   []*guestemu.Counter
+	sharedHost bool
 }
 
 // NewSandbox builds the topology. On failure it removes what it made. The
@@ -133,7 +138,12 @@ func NewSandbox(cfg SandboxConfig) (s *Sandbox, err error) {
 			err = fmt.Errorf("new sandbox: %w", err)
 		}
 	}()
-	if s.Host, err = NewNetNS(cfg.Prefix + "h"); err != nil {
+	if cfg.Host != nil {
+		if err = cfg.Host.checkOpen(); err != nil {
+			return s, err
+		}
+		s.Host, s.sharedHost = cfg.Host, true
+	} else if s.Host, err = NewNetNS(cfg.Prefix + "h"); err != nil {
 		return s, err
 	}
 	if s.NS, err = NewNetNS(cfg.Prefix + "s"); err != nil {
@@ -141,6 +151,9 @@ func NewSandbox(cfg SandboxConfig) (s *Sandbox, err error) {
 	}
 	if !cfg.IPv6 {
 		for _, n := range []*NetNS{s.Host, s.NS} {
+			if n == cfg.Host {
+				continue
+			}
 			if err = n.DisableIPv6(); err != nil {
 				return s, err
 			}
@@ -205,10 +218,13 @@ func (s *Sandbox) Close() error {
 	for _, c := range s.counters {
 		errs = append(errs, c.Close())
 	}
-	for _, n := range []*NetNS{s.NS, s.Host} {
-		if n != nil {
-			errs = append(errs, n.Close())
-		}
+	if s.NS != nil {
+		errs = append(errs, s.NS.Close())
+	}
+	// A shared host netns stays; removing the sandbox netns removed the
+	// veth pair from it.
+	if s.Host != nil && !s.sharedHost {
+		errs = append(errs, s.Host.Close())
 	}
 	return errors.Join(errs...)
 }
