@@ -1,0 +1,238 @@
+// Package ipvsctl runs kata-ipvs for the agent: it keeps each sandbox's IPVS rule table
+// (control/ipvs), persists it, and hands every change to the sandbox's BPF load balancer.
+//
+// A command is validated and applied to a copy of the table first; only when the datapath took
+// the copy and the store saved it does the copy become the table, so a failed command changes
+// nothing. A restore is validated whole and switched in at once by the dataplane. After an
+// agent restart the saved tables are loaded and pushed again (the dataplane rebuilds them under
+// a new generation and switches atomically, so the rules in force never flicker).
+//
+// A Manager is safe for concurrent use; commands for one sandbox are serialised.
+package ipvsctl
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"sync"
+
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/ipvs"
+)
+
+// LB is what the manager needs of the dataplane (control/bpfdp implements it).
+type LB interface {
+	SetLB(ctx context.Context, sandbox string, t *ipvs.Table) error
+	RestoreLB(ctx context.Context, sandbox string, t *ipvs.Table) error
+	LBCounters(ctx context.Context, sandbox string) (ipvs.Counters, error)
+	CleanupConns(ctx context.Context, sandbox string, dst netip.Addr, proto uint8) (int, error)
+}
+
+// Store persists one table per sandbox (control/store implements it).
+type Store interface {
+	Put(key string, data []byte) error
+	Delete(key string) error
+	Load() (map[string][]byte, error)
+}
+
+// Resolver finds a sandbox by id or unique id prefix and checks it is healthy (control's
+// Controller.Health).
+type Resolver func(ctx context.Context, id string) (control.Sandbox, error)
+
+// Errors callers can test for.
+var (
+	// ErrRestoreNotEmpty refuses a restore into a sandbox that has rules.
+	ErrRestoreNotEmpty = errors.New("restore refused: the sandbox has rules (run --clear first)")
+)
+
+// Manager owns the rule tables of all sandboxes.
+type Manager struct {
+	lb      LB
+	store   Store
+	resolve Resolver
+	log     *slog.Logger
+
+	mu     sync.Mutex
+	tables map[string]*ipvs.Table
+	locks  map[string]*sync.Mutex
+}
+
+// New loads the saved tables and pushes each to the dataplane (sandboxes that no longer exist
+// are forgotten).
+func New(ctx context.Context, lb LB, st Store, resolve Resolver, sandboxes []control.Sandbox, log *slog.Logger) (*Manager, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	m := &Manager{lb: lb, store: st, resolve: resolve, log: log, tables: map[string]*ipvs.Table{}, locks: map[string]*sync.Mutex{}}
+	saved, err := st.Load()
+	if err != nil {
+		return nil, fmt.Errorf("kata-ipvs: load rules: %w", err)
+	}
+	known := map[string]bool{}
+	for _, sb := range sandboxes {
+		known[sb.ID] = true
+	}
+	for id, b := range saved {
+		if !known[id] {
+			st.Delete(id)
+			continue
+		}
+		t := &ipvs.Table{}
+		if err := json.Unmarshal(b, t); err != nil {
+			return nil, fmt.Errorf("kata-ipvs: rules of %s: %w", id, err)
+		}
+		if err := lb.RestoreLB(ctx, id, t); err != nil {
+			return nil, fmt.Errorf("kata-ipvs: reinstall rules of %s: %w", id, err)
+		}
+		m.tables[id] = t
+	}
+	return m, nil
+}
+
+func (m *Manager) lock(id string) (*ipvs.Table, func()) {
+	m.mu.Lock()
+	l, ok := m.locks[id]
+	if !ok {
+		l = &sync.Mutex{}
+		m.locks[id] = l
+	}
+	m.mu.Unlock()
+	l.Lock()
+	m.mu.Lock()
+	t := m.tables[id]
+	if t == nil {
+		t = &ipvs.Table{}
+	}
+	m.mu.Unlock()
+	return t, l.Unlock
+}
+
+// commit makes next the sandbox's table: the dataplane first, then the store. If the store
+// fails, the dataplane is put back to the old table.
+func (m *Manager) commit(ctx context.Context, id string, old, next *ipvs.Table, restore bool) error {
+	push := m.lb.SetLB
+	if restore {
+		push = m.lb.RestoreLB
+	}
+	if err := push(ctx, id, next); err != nil {
+		if rerr := m.lb.RestoreLB(ctx, id, old); rerr != nil {
+			m.log.Error("kata-ipvs: could not put the old rules back", "sandbox", id, "err", rerr)
+		}
+		return err
+	}
+	b, err := json.Marshal(next)
+	if err == nil {
+		err = m.store.Put(id, b)
+	}
+	if err != nil {
+		if rerr := m.lb.RestoreLB(ctx, id, old); rerr != nil {
+			m.log.Error("kata-ipvs: could not put the old rules back", "sandbox", id, "err", rerr)
+		}
+		return fmt.Errorf("save rules: %w", err)
+	}
+	m.mu.Lock()
+	m.tables[id] = next
+	m.mu.Unlock()
+	return nil
+}
+
+// Ipvsadm runs one `kata-ipvs ipvsadm --parameters` command for sandbox id and returns what
+// ipvsadm would print.
+func (m *Manager) Ipvsadm(ctx context.Context, id, params string) (string, error) {
+	cmd, err := ipvs.ParseParameters(params)
+	if err != nil {
+		return "", err
+	}
+	sb, err := m.resolve(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	t, unlock := m.lock(sb.ID)
+	defer unlock()
+	if !cmd.Op.Mutates() {
+		c, err := m.lb.LBCounters(ctx, sb.ID)
+		if err != nil {
+			return "", err
+		}
+		return t.Exec(cmd, c)
+	}
+	next := t.Clone()
+	out, err := next.Apply(cmd)
+	if err != nil {
+		return "", err
+	}
+	if err := m.commit(ctx, sb.ID, t, next, cmd.Op == ipvs.OpClear); err != nil {
+		return "", err
+	}
+	return out, nil
+}
+
+// Restore runs `kata-ipvs ipvsadm --restore -`: every line is validated before anything is
+// applied, and the dataplane switches to the whole set at once.
+func (m *Manager) Restore(ctx context.Context, id string, r io.Reader) error {
+	cmds, err := ipvs.ParseRestore(r)
+	if err != nil {
+		return err
+	}
+	sb, err := m.resolve(ctx, id)
+	if err != nil {
+		return err
+	}
+	t, unlock := m.lock(sb.ID)
+	defer unlock()
+	if t.Rules() > 0 {
+		return ErrRestoreNotEmpty
+	}
+	next := &ipvs.Table{ConnTimeouts: t.ConnTimeouts}
+	if err := next.Restore(cmds); err != nil {
+		return err
+	}
+	return m.commit(ctx, sb.ID, t, next, true)
+}
+
+// Cleanup runs `kata-ipvs cleanup --parameters "--orig-dst IP --protonum tcp|udp"` and
+// returns a one-line summary.
+func (m *Manager) Cleanup(ctx context.Context, id, params string) (string, error) {
+	c, err := ipvs.ParseCleanup(params)
+	if err != nil {
+		return "", err
+	}
+	sb, err := m.resolve(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	_, unlock := m.lock(sb.ID)
+	defer unlock()
+	n, err := m.lb.CleanupConns(ctx, sb.ID, c.OrigDst, uint8(c.Proto))
+	if err != nil {
+		return "", err
+	}
+	m.log.Info("kata-ipvs cleanup", "sandbox", sb.ID, "orig-dst", c.OrigDst, "proto", c.Proto, "deleted", n)
+	return "", nil
+}
+
+// Forget drops a removed sandbox's rules (its dataplane is gone with it).
+func (m *Manager) Forget(id string) error {
+	m.mu.Lock()
+	delete(m.tables, id)
+	delete(m.locks, id)
+	m.mu.Unlock()
+	if err := m.store.Delete(id); err != nil {
+		return fmt.Errorf("kata-ipvs: forget %s: %w", id, err)
+	}
+	return nil
+}
+
+// Table returns a copy of the sandbox's rules.
+func (m *Manager) Table(id string) *ipvs.Table {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if t := m.tables[id]; t != nil {
+		return t.Clone()
+	}
+	return &ipvs.Table{}
+}

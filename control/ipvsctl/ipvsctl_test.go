@@ -1,0 +1,113 @@
+package ipvsctl_test
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/control/ipvsctl"
+	"github.com/kata-dp/kata-dp/control/store"
+)
+
+// fakeLB records what the dataplane was given; fail makes the next push fail.
+type fakeLB struct {
+	pushed map[string]string // sandbox -> Save() of the last table
+	fail   error
+}
+
+func (f *fakeLB) push(id string, t *ipvs.Table) error {
+	if f.fail != nil {
+		err := f.fail
+		f.fail = nil
+		return err
+	}
+	f.pushed[id] = t.Save()
+	return nil
+}
+func (f *fakeLB) SetLB(_ context.Context, id string, t *ipvs.Table) error     { return f.push(id, t) }
+func (f *fakeLB) RestoreLB(_ context.Context, id string, t *ipvs.Table) error { return f.push(id, t) }
+func (f *fakeLB) LBCounters(context.Context, string) (ipvs.Counters, error)   { return nil, nil }
+func (f *fakeLB) CleanupConns(context.Context, string, netip.Addr, uint8) (int, error) {
+	return 0, nil
+}
+
+func resolver(ids ...string) ipvsctl.Resolver {
+	return func(_ context.Context, id string) (control.Sandbox, error) {
+		var found []string
+		for _, x := range ids {
+			if strings.HasPrefix(x, id) {
+				found = append(found, x)
+			}
+		}
+		if len(found) != 1 {
+			return control.Sandbox{}, errors.New("no such container ID (" + id + ")")
+		}
+		return control.Sandbox{ID: found[0]}, nil
+	}
+}
+
+func TestCommandsPersistAndFailuresChangeNothing(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	st, err := store.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb := &fakeLB{pushed: map[string]string{}}
+	sbs := []control.Sandbox{{ID: "6ec7a98abc"}}
+	m, err := ipvsctl.New(ctx, lb, st, resolver("6ec7a98abc"), sbs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{
+		"--add-service --tcp-service 172.17.0.7:80 --scheduler rr --persistent 3000",
+		"--add-server --tcp-service 172.17.0.7:80 --real-server 172.17.0.4:80 --weight 100",
+	} {
+		if _, err := m.Ipvsadm(ctx, "6ec7", p); err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+	}
+	want := "-A -t 172.17.0.7:80 -s rr -p 3000\n-a -t 172.17.0.7:80 -r 172.17.0.4:80 -m -w 100\n"
+	if got := lb.pushed["6ec7a98abc"]; got != want {
+		t.Errorf("dataplane got %q, want %q", got, want)
+	}
+	// A bad command and a dataplane failure both leave everything as it was.
+	if _, err := m.Ipvsadm(ctx, "6ec7", "--add-service --tcp-service 172.17.0.7:80"); err == nil || !strings.Contains(err.Error(), "Service already exists") {
+		t.Errorf("duplicate service: %v", err)
+	}
+	lb.fail = errors.New("boom")
+	if _, err := m.Ipvsadm(ctx, "6ec7", "--delete-service --tcp-service 172.17.0.7:80"); err == nil {
+		t.Error("dataplane failure not reported")
+	}
+	if got := m.Table("6ec7a98abc").Save(); got != want {
+		t.Errorf("table after failures %q, want %q", got, want)
+	}
+	// Restore is refused while rules exist, accepted after --clear.
+	rules := "-A -t 10.10.11.12:100 -s rr -p  3000\n-a -t 10.10.11.12:100 -r  172.16.0.1:80 -m\n"
+	if err := m.Restore(ctx, "6ec7", strings.NewReader(rules)); !errors.Is(err, ipvsctl.ErrRestoreNotEmpty) {
+		t.Errorf("restore into a full table: %v", err)
+	}
+	if _, err := m.Ipvsadm(ctx, "6ec7", "--clear"); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Restore(ctx, "6ec7", strings.NewReader(rules)); err != nil {
+		t.Fatal(err)
+	}
+	// A new manager (agent restart) finds the rules and pushes them again.
+	lb2 := &fakeLB{pushed: map[string]string{}}
+	m2, err := ipvsctl.New(ctx, lb2, st, resolver("6ec7a98abc"), sbs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want2 := "-A -t 10.10.11.12:100 -s rr -p 3000\n-a -t 10.10.11.12:100 -r 172.16.0.1:80 -m -w 1\n"
+	if got := m2.Table("6ec7a98abc").Save(); got != want2 || lb2.pushed["6ec7a98abc"] != want2 {
+		t.Errorf("after restart: table %q, dataplane %q, want %q", got, lb2.pushed["6ec7a98abc"], want2)
+	}
+	if _, err := m.Ipvsadm(ctx, "ffff", "--list"); err == nil {
+		t.Error("unknown sandbox accepted")
+	}
+}
