@@ -54,6 +54,9 @@ type Options struct {
 	Duration time.Duration
 	Requests int
 	MaxOther float64
+	// Nice is the nice value of the generator and emulator threads: -20
+	// (the default) keeps a busy neighbour from taking their CPUs.
+	Nice int
 
 	cases []caseDef
 }
@@ -111,6 +114,7 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	fs.IntVar(&o.CPUGuest, "cpu-guest", 1, "CPU for the guest emulator")
 	fs.DurationVar(&o.Duration, "duration", 2*time.Second, "length of each one-way case (1s with --quick unless set)")
 	fs.IntVar(&o.Requests, "requests", 5000, "requests per latency case (2000 with --quick unless set)")
+	fs.IntVar(&o.Nice, "nice", -20, "nice value of the generator and guest emulator threads")
 	fs.Float64Var(&o.MaxOther, "max-other", 0.15, "flag a sample when other processes used more than this share of a CPU")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -149,6 +153,9 @@ func (o *Options) validate() error {
 	if o.Duration < 10*time.Millisecond || o.Requests < 10 {
 		return fmt.Errorf("bench: duration %s / requests %d too small", o.Duration, o.Requests)
 	}
+	if o.Nice < -20 || o.Nice > 19 {
+		return fmt.Errorf("bench: nice %d: want -20..19", o.Nice)
+	}
 	if len(o.Modes) == 0 {
 		return errors.New("bench: no modes")
 	}
@@ -186,6 +193,7 @@ func Run(ctx context.Context, o Options, log *slog.Logger) (*Report, error) {
 		return nil, err
 	}
 	r := &runner{o: o, ksoft: ksoftirqds()}
+	benchNice = o.Nice
 	rep := newReport(o)
 	skip := map[string]bool{}
 	var failed []error

@@ -18,6 +18,14 @@ import (
 // nanoseconds while fn ran. The thread is thrown away afterwards, so the
 // affinity and namespace never leak to other goroutines.
 func pinned(nsPath string, cpu int, fn func(tid int) error) (cpuNS uint64, err error) {
+	return pinnedNice(nsPath, cpu, benchNice, fn)
+}
+
+// benchNice is the nice value of the harness's measuring threads; see
+// Options.Nice.
+var benchNice = -20
+
+func pinnedNice(nsPath string, cpu, nice int, fn func(tid int) error) (cpuNS uint64, err error) {
 	type res struct {
 		ns  uint64
 		err error
@@ -30,6 +38,10 @@ func pinned(nsPath string, cpu int, fn func(tid int) error) (cpuNS uint64, err e
 		set.Set(cpu)
 		if err := unix.SchedSetaffinity(0, &set); err != nil {
 			done <- res{err: fmt.Errorf("pin to cpu %d: %w", cpu, err)}
+			return
+		}
+		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, nice); err != nil {
+			done <- res{err: fmt.Errorf("set nice %d: %w", nice, err)}
 			return
 		}
 		if nsPath != "" {

@@ -232,6 +232,12 @@ func (r *runner) startEmu(ctx context.Context, e *env, reflect bool) (*guestemu.
 			break
 		}
 	}
+	for _, t := range tids {
+		if err := unix.Setpriority(unix.PRIO_PROCESS, t, r.o.Nice); err != nil {
+			c.Close()
+			return nil, nil, fmt.Errorf("set nice of emulator thread %d: %w", t, err)
+		}
+	}
 	return c, tids, nil
 }
 
