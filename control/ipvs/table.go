@@ -152,6 +152,9 @@ func (t *Table) Apply(cmd Command) (stdout string, err error) {
 // Exec is Apply with the live counters of the datapath (nil: zeros).
 func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 	idx := t.idx()
+	if (cmd.Op == OpAddService || cmd.Op == OpEditService) && cmd.Scheduler == "" {
+		cmd.Scheduler = DefaultScheduler // as ipvsadm, for hand-built commands
+	}
 	switch cmd.Op {
 	case OpAddService:
 		if _, ok := idx[cmd.Service]; ok {

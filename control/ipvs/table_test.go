@@ -470,3 +470,39 @@ func TestIDSpaceExhausted(t *testing.T) {
 		t.Errorf("failed add changed the table: %d rules", tb.Rules())
 	}
 }
+
+// TestHandBuiltCommands: the agent may build commands without the parser;
+// the table applies ipvsadm's service defaults and validates the rest.
+func TestHandBuiltCommands(t *testing.T) {
+	var tb Table
+	k := ServiceKey{TCP, netip.MustParseAddrPort("10.0.0.1:80")}
+	if _, err := tb.Apply(Command{Op: OpAddService, Service: k}); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := tb.Service(k)
+	if s.Scheduler != "wlc" || s.Netmask != mask {
+		t.Errorf("defaults: scheduler %q, netmask %s", s.Scheduler, s.Netmask)
+	}
+	for _, c := range []Command{
+		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("10.0.0.1:0")}},
+		{Op: OpAddService, Service: ServiceKey{Proto(1), netip.MustParseAddrPort("10.0.0.1:1")}},
+		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("[::1]:1")}},
+		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("10.0.0.1:1")}, Persistent: MaxPersistent + 1},
+		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("10.0.0.1:1")}, Netmask: netip.MustParseAddr("::")},
+		{Op: OpAddServer, Service: k, Server: netip.MustParseAddrPort("10.1.0.1:0"), Weight: 1},
+		{Op: OpAddServer, Service: k, Server: netip.MustParseAddrPort("10.1.0.1:1"), Weight: -1},
+		{Op: OpAddServer, Service: k, Server: netip.MustParseAddrPort("10.1.0.1:1"), Weight: MaxWeight + 1},
+		{Op: OpSet, Timeouts: Timeouts{TCP: MaxTimeout + 1}},
+		{Op: Op(99)},
+	} {
+		before := tb.Clone()
+		_, err := tb.Apply(c)
+		var e *Error
+		if !errors.As(err, &e) || e.Token == "" {
+			t.Errorf("Apply(%+v) = %v, want an *Error naming a token", c, err)
+		}
+		if diff := cmp.Diff(before, &tb, tableOpts...); diff != "" {
+			t.Errorf("Apply(%+v) changed the table (-before +after):\n%s", c, diff)
+		}
+	}
+}
