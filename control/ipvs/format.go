@@ -168,7 +168,7 @@ func entry(b *strings.Builder, s *Service, f Format, c Counters) {
 			fmt.Fprintf(b, "  -> %-28s", dname)
 			largenum(b, dc.Conns, dc.InPkts, dc.OutPkts, dc.InBytes, dc.OutBytes)
 		case FormatRate:
-			fmt.Fprintf(b, "  -> %-28s %8d %8d %8d", dname, uint32(dc.CPS), uint32(dc.InPPS), uint32(dc.OutPPS))
+			fmt.Fprintf(b, "  -> %-28s %8d %8d %8d", dname, dc.CPS, dc.InPPS, dc.OutPPS)
 			largenum(b, dc.InBPS, dc.OutBPS)
 		default:
 			fmt.Fprintf(b, "  -> %-28s %-7s %-6d %-10d %-10d", dname, "Masq", d.Weight, dc.ActiveConn, dc.InActConn)
