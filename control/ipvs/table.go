@@ -8,7 +8,8 @@ import (
 // Server is a real server of a virtual service.
 type Server struct {
 	// ID is assigned at creation and never reused while the table lives;
-	// the datapath keys its backend entries and counters by it.
+	// the datapath keys its backend entries and counters by it. Ids start
+	// at 1: 0 is never a rule's id, so it can stand for "none".
 	ID     uint32         `json:"id"`
 	Addr   netip.AddrPort `json:"addr"`
 	Weight int            `json:"weight"`
