@@ -54,6 +54,9 @@ type entry struct {
 	sb   Sandbox    // immutable
 	st   *state     // replaced (under Controller.mu) only by the holder of mu
 	gone bool       // removed from the registry; guarded by mu
+	// ready is false while AddSandbox has not finished: the entry reserves its id but is not
+	// found by lookups. Guarded by Controller.mu.
+	ready bool
 }
 
 // state is what is saved of a sandbox, one store key per sandbox.
@@ -116,7 +119,7 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		if st.Version != stateVersion || st.Sandbox.ID != key {
 			return nil, fmt.Errorf("new controller: state of %s: version %d, id %q: not a state this agent understands", key, st.Version, st.Sandbox.ID)
 		}
-		c.sandboxes[key] = &entry{sb: st.Sandbox, st: &st}
+		c.sandboxes[key] = &entry{sb: st.Sandbox, st: &st, ready: true}
 		for _, n := range st.NICs {
 			c.devices[n.Spec.Device] = key
 		}
@@ -225,12 +228,17 @@ func (c *Controller) AddSandbox(ctx context.Context, spec SandboxSpec) (Sandbox,
 		return Sandbox{}, fmt.Errorf("add sandbox %s: dataplane: %w", sb.ID, err)
 	}
 	if err := c.save(e.st); err != nil {
-		if rerr := c.cfg.Dataplane.RemoveSandbox(c.rollbackCtx(ctx), sb.ID); rerr != nil {
+		rctx, cancel := c.rollbackCtx(ctx)
+		if rerr := c.cfg.Dataplane.RemoveSandbox(rctx, sb.ID); rerr != nil {
 			err = fmt.Errorf("%w (rollback: remove dataplane: %v)", err, rerr)
 		}
+		cancel()
 		giveUp()
 		return Sandbox{}, fmt.Errorf("add sandbox %s: %w", sb.ID, err)
 	}
+	c.mu.Lock()
+	e.ready = true
+	c.mu.Unlock()
 	c.log.Info("sandbox added", "sandbox", sb.ID, "netns", sb.NetNS, "qmp", sb.QMP, "uplink", sb.Uplink, "mode", sb.Mode)
 	return sb, nil
 }
@@ -315,7 +323,9 @@ func (c *Controller) Sandboxes() []Sandbox {
 	defer c.mu.Unlock()
 	out := make([]Sandbox, 0, len(c.sandboxes))
 	for _, e := range c.sandboxes {
-		out = append(out, e.sb)
+		if e.ready {
+			out = append(out, e.sb)
+		}
 	}
 	slices.SortFunc(out, func(a, b Sandbox) int { return strings.Compare(a.ID, b.ID) })
 	return out
@@ -334,14 +344,14 @@ func (c *Controller) Lookup(id string) (Sandbox, error) {
 
 // find resolves an id or a prefix; c.mu must be held.
 func (c *Controller) find(id string) (*entry, error) {
-	if e, ok := c.sandboxes[id]; ok && id != "" {
+	if e, ok := c.sandboxes[id]; ok && e.ready && id != "" {
 		return e, nil
 	}
 	var found *entry
 	n := 0
 	if id != "" {
 		for k, e := range c.sandboxes {
-			if strings.HasPrefix(k, id) {
+			if e.ready && strings.HasPrefix(k, id) {
 				found = e
 				n++
 			}
@@ -436,10 +446,10 @@ func (c *Controller) commit(e *entry, st *state) error {
 	return nil
 }
 
-func (c *Controller) rollbackCtx(ctx context.Context) context.Context {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.RollbackTimeout)
-	_ = cancel // released by the timer; rollbacks are short and rare
-	return ctx
+// rollbackCtx is the context of undo steps: not cancelled with the request (a client that
+// hangs up must not leave half a NIC behind), bounded by RollbackTimeout.
+func (c *Controller) rollbackCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), c.cfg.RollbackTimeout)
 }
 
 // undo is a stack of compensating steps.
@@ -458,7 +468,8 @@ func (u *undo) push(what string, fn func(ctx context.Context) error) {
 
 // rollback runs the steps in reverse and returns err with any failure of theirs appended.
 func (c *Controller) rollback(ctx context.Context, u *undo, err error) error {
-	rctx := c.rollbackCtx(ctx)
+	rctx, cancel := c.rollbackCtx(ctx)
+	defer cancel()
 	var failed []string
 	for _, s := range slices.Backward(u.steps) {
 		if rerr := s.fn(rctx); rerr != nil {

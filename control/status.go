@@ -34,6 +34,9 @@ func (c *Controller) Endpoints() []Endpoint {
 	defer c.mu.Unlock()
 	var out []Endpoint
 	for _, e := range c.sandboxes {
+		if !e.ready {
+			continue
+		}
 		for _, n := range e.st.NICs {
 			out = append(out, e.sb.endpoint(n))
 		}
@@ -62,7 +65,9 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 	c.mu.Lock()
 	var snaps []snap
 	for _, e := range c.sandboxes {
-		snaps = append(snaps, snap{e.sb, e.st})
+		if e.ready {
+			snaps = append(snaps, snap{e.sb, e.st})
+		}
 	}
 	c.mu.Unlock()
 	slices.SortFunc(snaps, func(a, b snap) int { return strings.Compare(a.sb.ID, b.sb.ID) })

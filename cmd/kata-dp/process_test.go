@@ -1,0 +1,144 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/control/api"
+)
+
+// agentProcess is the real agent binary (this test binary in main mode, with the production
+// dependency factory) running in the test netns, so its metrics port is on that netns's
+// loopback.
+type agentProcess struct {
+	cmd    *exec.Cmd
+	stderr *syncBuffer
+}
+
+func startAgentProcess(t *testing.T, ns *topo.NetNS, args ...string) *agentProcess {
+	t.Helper()
+	p := &agentProcess{stderr: &syncBuffer{}}
+	p.cmd = exec.Command("nsenter", append([]string{"--net=" + ns.Path(), os.Args[0], "agent"}, args...)...)
+	p.cmd.Env = append(os.Environ(), "KDP_TEST_MAIN=1")
+	p.cmd.Stderr = p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if p.cmd.ProcessState == nil {
+			p.cmd.Process.Kill()
+			p.cmd.Wait()
+		}
+	})
+	return p
+}
+
+func waitAgent(t *testing.T, sock string, p *agentProcess) {
+	t.Helper()
+	c := api.NewClient(sock)
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if _, err := c.Version(context.Background()); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent did not come up:\n%s", p.stderr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestAgentProcessKill9 runs the real agent process: state survives kill -9 without
+// re-creating anything, metrics are served, SIGTERM stops it cleanly and removes its socket.
+func TestAgentProcessKill9(t *testing.T) {
+	topo.RequireRoot(t, "creates network namespaces and taps")
+	ns := topo.MustNetNS(t, "kdptc")
+	if _, err := ns.Exec("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "kdptc-peer"); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	sock, state := filepath.Join(dir, "kata-dp.sock"), filepath.Join(dir, "state")
+	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptc-", 8))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	args := []string{"--socket", sock, "--state-dir", state, "--bpffs-root", bpffs, "--metrics-addr", "127.0.0.1:19400"}
+	p := startAgentProcess(t, ns, args...)
+	waitAgent(t, sock, p)
+	a := &testAgent{sock: sock, ns: ns}
+
+	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", ns.Path()}, result{stdout: sandboxID + "\n"})
+	a.check(t, testIface, []string{"kata-network", "add-iface", "6ec", "-"}, result{
+		stdout: `{"device":"tap-test","name":"eth-test","IPAddresses":[{"Family":2,"Address":"172.16.0.3","Mask":"16"}],"mtu":1500,"hwAddr":"02:42:20:6f:a3:69","queues":5}` + "\n"})
+	a.check(t, `{"dest":"default","gateway":"172.16.0.1","device":"eth-test"}`, []string{"kata-network", "add-route", "6ec", "-"}, result{
+		stdout: `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"}]` + "\n"})
+	tap, err := ns.Link("tap-test")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Metrics, on the netns's loopback.
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(context.Context, string, string) (net.Conn, error) {
+		return ns.Dial("tcp", "127.0.0.1:19400", 5*time.Second)
+	}}}
+	resp, err := hc.Get("http://metrics/metrics")
+	if err != nil {
+		t.Fatalf("metrics: %v\n%s", err, p.stderr)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`kata_dp_agent_info{version="dev"} 1`,
+		`kata_dp_operations_total{op="add-iface",result="ok"} 1`,
+		`kata_dp_operations_total{op="sandbox-add",result="ok"} 1`,
+		`kata_dp_endpoint_packets_total{direction="from_guest",nic="eth-test",sandbox="` + sandboxID + `"}`,
+		`kata_dp_endpoints{sandbox="` + sandboxID + `"} 1`,
+	} {
+		if !bytes.Contains(body, []byte(want)) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+
+	// kill -9, restart: the same state, nothing re-created.
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	p.cmd.Wait()
+	p = startAgentProcess(t, ns, args...)
+	waitAgent(t, sock, p)
+	a.check(t, "", []string{"kata-network", "list-ifaces", "6ec"}, result{stdout: `[{"name":"eth-test","mac":"02:42:20:6f:a3:69","ip":["172.16.0.3/16"],"mtu":1500}]` + "\n"})
+	a.check(t, "", []string{"kata-network", "list-routes", "6ec"}, result{stdout: `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"}]` + "\n"})
+	if tap2, err := ns.Link("tap-test"); err != nil || tap2.Index != tap.Index {
+		t.Errorf("tap re-created: %+v -> %+v (%v)", tap, tap2, err)
+	}
+
+	// SIGTERM: clean exit, socket removed, tap (the dataplane's business) left in place.
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if err := p.cmd.Wait(); err != nil {
+		t.Errorf("agent exit on SIGTERM: %v\n%s", err, p.stderr)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("socket left after SIGTERM: %v", err)
+	}
+	if _, err := ns.Link("tap-test"); err != nil {
+		t.Errorf("tap gone after agent stop: %v", err)
+	}
+	p = startAgentProcess(t, ns, args...)
+	waitAgent(t, sock, p)
+	a.check(t, "", []string{"sandbox", "del", "6ec"}, result{})
+	if _, err := ns.Link("tap-test"); err == nil {
+		t.Error("tap survived sandbox del")
+	}
+	if !strings.Contains(p.stderr.String(), "PLACEHOLDER DATAPLANE") {
+		t.Log("agent runs with a real dataplane")
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.cmd.Wait()
+}
