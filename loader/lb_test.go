@@ -293,7 +293,12 @@ func TestLBSchedulers(t *testing.T) {
 	}
 	r.lb.PutBackend(2, servers[2], 2)
 	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedSH, Slots: table})
-	if got, want := pick(5000), servers[table[maps.Hash8(guestIP)]]; got != want {
-		t.Errorf("sh picked %v, want %v (bucket %d)", got, want, maps.Hash8(guestIP))
+	if got, want := pick(5000), servers[table[maps.SHHash(guestIP)]]; got != want {
+		t.Errorf("sh picked %v, want %v (bucket %d)", got, want, maps.SHHash(guestIP))
+	}
+	// dh: the bucket of the destination (the VIP).
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedDH, Slots: table})
+	if got, want := pick(5001), servers[table[maps.DHHash(vip.Addr())]]; got != want {
+		t.Errorf("dh picked %v, want %v (bucket %d)", got, want, maps.DHHash(vip.Addr()))
 	}
 }

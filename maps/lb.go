@@ -51,11 +51,18 @@ func (s Scheduler) String() string {
 // HashBuckets is the size of the sh/dh bucket table.
 const HashBuckets = 256
 
-// Hash8 is the datapath's sh/dh hash: the kernel's hash_32(ntohl(addr), 8).
-func Hash8(a netip.Addr) int {
+// SHHash is the datapath's sh bucket of a source address: the kernel's hash_32(ntohl(addr), 8).
+func SHHash(a netip.Addr) int {
 	b := a.As4()
 	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
 	return int((v * 0x61C88647) >> 24)
+}
+
+// DHHash is the datapath's dh bucket of a destination address (ip_vs_dh_hashkey).
+func DHHash(a netip.Addr) int {
+	b := a.As4()
+	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	return int((v * 2654435761) & 0xff)
 }
 
 // Connection states (enum kdp_ct_state).

@@ -279,10 +279,16 @@ static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struc
 	return (__u64)s * 1000000000ULL;
 }
 
-/* hash8 is the kernel's hash_32(v, 8) (GOLDEN_RATIO_32), as ip_vs_sh/ip_vs_dh use it. */
-static __always_inline __u32 hash8(__be32 addr)
+/* sh_hash is ip_vs_sh_hashkey for IPv4 without the port flag: hash_32(ntohl(addr), 8). */
+static __always_inline __u32 sh_hash(__be32 addr)
 {
 	return (bpf_ntohl(addr) * 0x61C88647U) >> 24;
+}
+
+/* dh_hash is ip_vs_dh_hashkey for IPv4: (ntohl(addr) * 2654435761) & 0xff. */
+static __always_inline __u32 dh_hash(__be32 addr)
+{
+	return (bpf_ntohl(addr) * 2654435761U) & 0xff;
 }
 
 static __always_inline struct lb_svc *svc_slot(const struct lb_svc_key *master, __u32 rev, __u32 idx)
@@ -368,7 +374,7 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 		return sl ? sl->id : 0;
 	case KDP_SCHED_SH:
 	case KDP_SCHED_DH:
-		idx = hash8(m->sched == KDP_SCHED_SH ? t->saddr : t->daddr) + 1;
+		idx = (m->sched == KDP_SCHED_SH ? sh_hash(t->saddr) : dh_hash(t->daddr)) + 1;
 		sl = svc_slot(mk, m->rev, idx);
 		return sl ? sl->id : 0;
 	case KDP_SCHED_LBLC:
