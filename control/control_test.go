@@ -756,3 +756,23 @@ func TestConcurrent(t *testing.T) {
 			len(ifaces), len(routes), len(dp.Endpoints), len(dp.Routes), len(r.hp.Plugged(sbID)))
 	}
 }
+
+func TestDelSandboxNetNSGone(t *testing.T) {
+	r := newRig(t)
+	r.addSandbox(sbID, "")
+	r.mustKN(sbID, OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
+	r.mu.Lock()
+	delete(r.netns, testNS)
+	r.mu.Unlock()
+	r.setFail("DeleteTap", errors.New("open netns: no such file or directory"))
+	r.setFail("DelEndpoint", errors.New("open netns: no such file or directory"))
+	if err := r.c.DelSandbox(context.Background(), sbID); err != nil {
+		t.Fatalf("DelSandbox with the netns gone: %v", err)
+	}
+	if r.dp.Sandbox(sbID) != nil {
+		t.Error("dataplane not removed")
+	}
+	if got := r.c.Sandboxes(); len(got) != 0 {
+		t.Errorf("sandboxes left: %v", got)
+	}
+}

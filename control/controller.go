@@ -275,8 +275,9 @@ func (c *Controller) validateSandbox(spec SandboxSpec) (Sandbox, error) {
 
 // DelSandbox removes a sandbox (exact id or unique prefix) and everything kata-dp created for
 // it: its endpoints, the taps it created, its dataplane and its state. The VM is not touched
-// (the sandbox is being torn down). When a step fails the state is kept and the call can be
-// repeated.
+// (the sandbox is being torn down), and a sandbox whose netns is already gone is removed
+// without touching its endpoints (they went with the netns). When a step fails the state is
+// kept and the call can be repeated.
 func (c *Controller) DelSandbox(ctx context.Context, id string) error {
 	e, err := c.lock(id)
 	if err != nil {
@@ -284,7 +285,13 @@ func (c *Controller) DelSandbox(ctx context.Context, id string) error {
 	}
 	defer e.mu.Unlock()
 	var errs []error
+	// When the netns is gone its taps went with it and nothing is attached any more: only the
+	// sandbox's pins and state remain to be removed.
+	nsGone := c.cfg.CheckNetNS(e.sb.NetNS) != nil
 	for _, n := range slices.Backward(e.st.NICs) {
+		if nsGone {
+			break
+		}
 		ep := e.sb.endpoint(n)
 		if err := c.cfg.Dataplane.DelEndpoint(ctx, ep); err != nil {
 			errs = append(errs, fmt.Errorf("dataplane: del endpoint %s: %w", n.Spec.Name, err))
