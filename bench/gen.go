@@ -126,6 +126,53 @@ func blast(ctx context.Context, nsPath, ifname string, cpu int, frame []byte, d 
 	return sent, cpuNS, err
 }
 
+// blastUDP sends payload bytes datagrams from a plain UDP socket in the
+// netns at nsPath to dst:port with sendmmsg, as fast as it can, for d: the
+// kernel builds the frames, with checksum offload as any application gets.
+func blastUDP(ctx context.Context, nsPath string, cpu int, src, dst [4]byte, port, payload int, d time.Duration) (sent uint64, cpuNS uint64, err error) {
+	cpuNS, err = pinned(nsPath, cpu, func(int) error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("udp socket: %w", err)
+		}
+		defer unix.Close(fd)
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 64<<20); err != nil {
+			return fmt.Errorf("so_sndbufforce: %w", err)
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: src, Port: port}); err != nil {
+			return fmt.Errorf("bind udp: %w", err)
+		}
+		if err := unix.Connect(fd, &unix.SockaddrInet4{Addr: dst, Port: port}); err != nil {
+			return fmt.Errorf("connect udp: %w", err)
+		}
+		buf := make([]byte, payload)
+		iov := unix.Iovec{Base: &buf[0]}
+		iov.SetLen(len(buf))
+		msgs := make([]unix.Mmsghdr, sendBatch)
+		for i := range msgs {
+			msgs[i].Hdr.Iov = &iov
+			msgs[i].Hdr.SetIovlen(1)
+		}
+		deadline := time.Now().Add(d)
+		for i := 0; ; i++ {
+			if i%16 == 0 && (time.Now().After(deadline) || ctx.Err() != nil) {
+				break
+			}
+			n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&msgs[0])), sendBatch, 0, 0, 0)
+			switch errno {
+			case 0:
+				sent += uint64(n)
+			case unix.ENOBUFS, unix.EAGAIN, unix.EINTR:
+			default:
+				return fmt.Errorf("sendmmsg: %w", errno)
+			}
+		}
+		runtime.KeepAlive(buf)
+		return nil
+	})
+	return sent, cpuNS, err
+}
+
 // writeTap writes frame (after a zeroed virtio header of hdr bytes) into
 // the tap or macvtap fd f, one write per frame as QEMU without vhost does,
 // for d. It returns the frames written and the writer's CPU time.

@@ -49,10 +49,12 @@ func caseMetrics(c caseDef) []string {
 }
 
 func caseTitle(c caseDef) string {
-	switch c.dir {
-	case h2g:
+	switch {
+	case c.dir == h2g && c.sock:
+		return fmt.Sprintf("host -> guest, one way, %d B UDP payload, from a plain UDP socket (checksum offload)", c.payload)
+	case c.dir == h2g:
 		return fmt.Sprintf("host -> guest, one way, %d B UDP payload", c.payload)
-	case g2h:
+	case c.dir == g2h:
 		return fmt.Sprintf("guest -> host, one way, %d B UDP payload", c.payload)
 	}
 	if c.busy {

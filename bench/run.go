@@ -32,11 +32,14 @@ type caseDef struct {
 	dir     direction
 	payload int // UDP payload bytes
 	busy    bool
+	// sock: the host sends from a plain UDP socket instead of AF_PACKET.
+	sock bool
 }
 
 var allCases = []caseDef{
 	{name: "h2g-64", dir: h2g, payload: 64},
 	{name: "h2g-1400", dir: h2g, payload: 1400},
+	{name: "h2g-udp-64", dir: h2g, payload: 64, sock: true},
 	{name: "g2h-64", dir: g2h, payload: 64},
 	{name: "g2h-1400", dir: g2h, payload: 1400},
 	{name: "lat-block", dir: rr, payload: 64},
@@ -257,7 +260,12 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 		return err
 	}
 	t0 := time.Now()
-	sent, genNS, err := blast(ctx, s.Host.Path(), s.Config.HostVeth, r.o.CPUGen, frame, r.o.Duration)
+	var sent, genNS uint64
+	if c.sock {
+		sent, genNS, err = blastUDP(ctx, s.Host.Path(), r.o.CPUGen, s.HostAddr.Addr().As4(), s.GuestAddr.Addr().As4(), 40002, c.payload, r.o.Duration)
+	} else {
+		sent, genNS, err = blast(ctx, s.Host.Path(), s.Config.HostVeth, r.o.CPUGen, frame, r.o.Duration)
+	}
 	elapsed := time.Since(t0)
 	if err != nil {
 		return err
@@ -280,6 +288,7 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	smp.Hops["gen_sent"] = sent
 	r.hops(e, a, b, smp)
 	smp.Hops["emu_rx"] = b.emu.RxFrames - a.emu.RxFrames
+	smp.Hops["emu_csum_ok"] = b.emu.CsumOK - a.emu.CsumOK
 	smp.Hops["emu_csum_bad"] = b.emu.CsumBad - a.emu.CsumBad
 	smp.Hops["delivered"] = delivered
 	r.finish(e, m, c, smp, a, b, sent, delivered, genNS, elapsed)
