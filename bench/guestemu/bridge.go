@@ -181,6 +181,9 @@ func (b *Bridge) Start(ctx context.Context) error {
 		})
 	}
 	b.r.watch(ctx)
+	if err := b.r.Err(); err != nil {
+		return fmt.Errorf("start bridge: %w", err)
+	}
 	return nil
 }
 

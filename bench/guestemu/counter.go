@@ -94,6 +94,9 @@ func (c *Counter) Start(ctx context.Context) error {
 		c.r.spawn(t, t, &c.c[i], countTx, c.frameFunc(t, &c.c[i]))
 	}
 	c.r.watch(ctx)
+	if err := c.r.Err(); err != nil {
+		return fmt.Errorf("start counter: %w", err)
+	}
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 
@@ -243,5 +244,28 @@ func TestCounterStopsWithContext(t *testing.T) {
 	c.Close()
 	if err := c.Err(); err != nil {
 		t.Errorf("worker error: %v", err)
+	}
+}
+
+func TestCounterBadCPU(t *testing.T) {
+	host := topo.MustNetNS(t, "kdptg-p")
+	if err := netdev.CreateTap(host.Path(), "kdptap0", netdev.TapOptions{VnetHdr: true}); err != nil {
+		t.Fatal(err)
+	}
+	fds, err := netdev.OpenTap(host.Path(), "kdptap0", 1, true, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fds[0].Close()
+	if _, err := guestemu.NewCounter(fds, guestemu.CounterOptions{CPUs: []int{-1}}); err == nil {
+		t.Error("NewCounter with cpu -1 succeeded")
+	}
+	c, err := guestemu.NewCounter(fds, guestemu.CounterOptions{CPUs: []int{runtime.NumCPU() + 5}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Start(context.Background()); err == nil {
+		t.Error("Start pinned to an offline CPU succeeded")
 	}
 }

@@ -197,6 +197,7 @@ func (r *runner) spawn(in, out tapFd, c *counters, countOut func(c *counters, fr
 		r.nextCPU++
 	}
 	r.wg.Add(1)
+	ready := make(chan struct{})
 	go func() {
 		defer r.wg.Done()
 		// The thread stays locked to this goroutine and exits with it, so a
@@ -210,13 +211,17 @@ func (r *runner) spawn(in, out tapFd, c *counters, countOut func(c *counters, fr
 			set.Set(cpu)
 			if err := unix.SchedSetaffinity(0, &set); err != nil {
 				r.fail(fmt.Errorf("pin to cpu %d: %w", cpu, err))
+				close(ready)
 				return
 			}
 		}
+		close(ready)
 		if err := r.loop(in, out, c, countOut, fn); err != nil {
 			r.fail(err)
 		}
 	}()
+	// Start returns with every worker on its (pinned) thread.
+	<-ready
 }
 
 func (r *runner) fail(err error) {
