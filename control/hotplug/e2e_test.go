@@ -279,3 +279,43 @@ func TestE2EHotplugRealGuest(t *testing.T) {
 	}
 	t.Logf("whole e2e took %v", time.Since(start).Round(time.Millisecond))
 }
+
+// TestE2EPCIBridge plugs behind a pci-bridge instead of a root port.
+func TestE2EPCIBridge(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: netns, tap, qemu")
+	}
+	ns, nsPath := testNetNS(t)
+	hostTap(t, ns, nsPath, "kdptq-tap0", 2, "172.16.0.1/16")
+	g := guesttest.Boot(t, guesttest.GuestConfig{
+		NetNS:     nsPath,
+		NetTable:  map[string]string{mac0: "172.16.0.3/16@1400"},
+		RootPorts: -1,
+		QEMUArgs:  []string{"-device", "pci-bridge,id=br1,bus=pcie.0,chassis_nr=9,addr=0x5"},
+	})
+	c := g.QMP()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	from := g.Lines()
+	fds := openTap(t, nsPath, "kdptq-tap0", 2)
+	addr, err := hotplug.Plug(ctx, c, hotplug.NIC{ID: "eth0", MAC: mac0, Queues: 2, Fds: fds})
+	closeAll(fds)
+	if err != nil {
+		t.Fatalf("plug: %v", err)
+	}
+	if addr != "05.0/01" {
+		t.Errorf("pciAddr = %q, want 05.0/01 (bridge at slot 5, first free slot 1)", addr)
+	}
+	if _, err := g.WaitNICUp(ctx, from, mac0); err != nil {
+		t.Fatalf("guest: %v", err)
+	}
+	ping(t, ns, "172.16.0.3")
+	tcpExchange(t, nsPath, "172.16.0.3", 256<<10)
+	from = g.Lines()
+	if err := hotplug.Unplug(ctx, c, "eth0", 10*time.Second); err != nil {
+		t.Fatalf("unplug: %v", err)
+	}
+	if err := g.WaitNICGone(ctx, from, mac0); err != nil {
+		t.Fatalf("guest: %v", err)
+	}
+}

@@ -10,7 +10,6 @@ import (
 	"os"
 	"regexp"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/kata-dp/kata-dp/control/qmp"
@@ -89,16 +88,6 @@ func (nic NIC) validate() (int, error) {
 	return q, nil
 }
 
-// locks serialises Plug and Unplug per client.
-var locks sync.Map // *qmp.Client -> *sync.Mutex
-
-func lock(c *qmp.Client) func() {
-	m, _ := locks.LoadOrStore(c, &sync.Mutex{})
-	mu := m.(*sync.Mutex)
-	mu.Lock()
-	return mu.Unlock
-}
-
 // Plug hot-plugs nic into the VM behind c and returns its PCI path in the kata-network form,
 // e.g. "02.0/00". On failure, what was done is undone.
 func Plug(ctx context.Context, c *qmp.Client, nic NIC) (pciAddr string, err error) {
@@ -106,7 +95,7 @@ func Plug(ctx context.Context, c *qmp.Client, nic NIC) (pciAddr string, err erro
 	if err != nil {
 		return "", err
 	}
-	defer lock(c)()
+	defer c.LockSequence()()
 	log := slog.With("nic", nic.ID, "qmp", c.Path())
 
 	var undo []func(context.Context) error
@@ -218,7 +207,7 @@ func Unplug(ctx context.Context, c *qmp.Client, id string, timeout time.Duration
 	if !idRE.MatchString(id) {
 		return fmt.Errorf("%w: id %q", ErrInvalid, id)
 	}
-	defer lock(c)()
+	defer c.LockSequence()()
 	if err := unplugDevice(ctx, c, id, timeout); err != nil {
 		return err
 	}

@@ -534,3 +534,37 @@ func TestPCIPath(t *testing.T) {
 		t.Errorf("pciPath(missing) found something")
 	}
 }
+
+func TestConcurrentPlugsTakeDistinctSlots(t *testing.T) {
+	vm := newFakeVM(t, map[string]fakeBus{"rp1": {slot: 1, rootPort: true}, "rp2": {slot: 2, rootPort: true}, "rp3": {slot: 3, rootPort: true}})
+	c := vm.client(t)
+	addrs := make(chan string, 3)
+	errs := make(chan error, 3)
+	var wg sync.WaitGroup
+	for i := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			addr, err := Plug(ctxT(t), c, NIC{ID: fmt.Sprintf("eth%d", i), MAC: fmt.Sprintf("02:00:00:00:00:0%d", i), Fds: pipes(t, 1)})
+			if err != nil {
+				errs <- err
+				return
+			}
+			addrs <- addr
+		}()
+	}
+	wg.Wait()
+	close(addrs)
+	close(errs)
+	for err := range errs {
+		t.Errorf("plug: %v", err)
+	}
+	var got []string
+	for a := range addrs {
+		got = append(got, a)
+	}
+	sort.Strings(got)
+	if diff := cmp.Diff([]string{"01.0/00", "02.0/00", "03.0/00"}, got); diff != "" {
+		t.Errorf("addresses (-want +got):\n%s", diff)
+	}
+}

@@ -67,6 +67,16 @@ type Client struct {
 
 	subMu sync.Mutex
 	subs  map[*Subscription]struct{}
+
+	seq sync.Mutex // see LockSequence
+}
+
+// LockSequence takes the client's sequence lock and returns the function that releases it.
+// The lock does not hold up commands; it lets a layer above run a multi-command sequence on
+// one VM (choosing a free slot, then plugging into it) without another sequence interleaving.
+func (c *Client) LockSequence() (unlock func()) {
+	c.seq.Lock()
+	return c.seq.Unlock
 }
 
 // New returns a client for the monitor socket at path. It does not connect: the first call

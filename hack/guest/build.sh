@@ -56,6 +56,13 @@ if [ ! -f "$kdir/.done" ]; then
 fi
 cp -f "$kdir/boot/vmlinuz-$abi" "$out/vmlinuz.tmp" && mv -f "$out/vmlinuz.tmp" "$out/vmlinuz"
 
+# Rebuild the initramfs only when an input changed.
+img="$out/initramfs.cpio.gz"
+if [ -f "$img" ] && [ "$img" -nt "$here/init" ] && [ "$img" -nt "$here/build.sh" ] && [ "$img" -nt "$kdir/.done" ] && [ "$img" -nt /bin/busybox ]; then
+	log "up to date: $out/vmlinuz and $img"
+	exit 0
+fi
+
 # Stage the initramfs.
 stage="$out/initramfs.stage"
 rm -rf "$stage"

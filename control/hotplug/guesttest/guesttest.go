@@ -61,7 +61,8 @@ type GuestConfig struct {
 	KernelArgs []string
 	// QEMUArgs are appended to QEMU's arguments.
 	QEMUArgs []string
-	// RootPorts is the number of empty pcie-root-ports (default 4).
+	// RootPorts is the number of empty pcie-root-ports rp1..rpN at slots 1..N of pcie.0
+	// (0: 4; negative: none).
 	RootPorts int
 	// MemoryMiB is the guest memory (default 256).
 	MemoryMiB int
@@ -121,8 +122,11 @@ func Boot(t testing.TB, cfg GuestConfig) *Guest {
 			t.Skipf("test guest not built (%v): run hack/guest/build.sh", err)
 		}
 	}
-	if cfg.RootPorts == 0 {
+	switch {
+	case cfg.RootPorts == 0:
 		cfg.RootPorts = 4
+	case cfg.RootPorts < 0:
+		cfg.RootPorts = 0
 	}
 	if cfg.MemoryMiB == 0 {
 		cfg.MemoryMiB = 256
@@ -259,6 +263,10 @@ func stripEscapes(s string) string {
 				j++
 			}
 			i = j
+			continue
+		}
+		if s[i] == 0x1b {
+			i++ // a two-byte escape such as ESC c
 			continue
 		}
 		b.WriteByte(s[i])
