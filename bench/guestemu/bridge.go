@@ -66,7 +66,9 @@ func NewBridge(hostFds []*os.File, guestNS, guestTap string, o BridgeOptions) (b
 			return nil, fmt.Errorf("new bridge: address %s: %w", a, ErrInvalid)
 		}
 	}
-	b = &Bridge{guestNS: guestNS, c: make([]counters, len(hostFds))}
+	// Counters per queue and direction, so the two threads of a queue do
+	// not share cache lines.
+	b = &Bridge{guestNS: guestNS, c: make([]counters, 2*len(hostFds))}
 	created := false
 	defer func() {
 		if err != nil {
@@ -163,7 +165,7 @@ func (b *Bridge) Start(ctx context.Context) error {
 		return fmt.Errorf("start bridge: %w", err)
 	}
 	for i := range b.host {
-		k := &b.c[i]
+		k, kb := &b.c[2*i], &b.c[2*i+1]
 		b.r.spawn(b.host[i], b.guest[i], k, func(c *counters, n int) {
 			c.guestRxFrames.Add(1)
 			c.guestRxBytes.Add(uint64(n))
@@ -175,8 +177,8 @@ func (b *Bridge) Start(ctx context.Context) error {
 			}
 			return buf
 		})
-		b.r.spawn(b.guest[i], b.host[i], k, countTx, func(buf []byte) []byte {
-			k.guestTxFrames.Add(1)
+		b.r.spawn(b.guest[i], b.host[i], kb, countTx, func(buf []byte) []byte {
+			kb.guestTxFrames.Add(1)
 			return buf
 		})
 	}
