@@ -63,7 +63,8 @@ type TapOptions struct {
 	// Queues is the number of queues; 0 or 1 makes a single-queue tap,
 	// more sets IFF_MULTI_QUEUE.
 	Queues int
-	// MTU, 0 keeps the kernel's default (1500).
+	// MTU, 0 keeps the kernel's default (1500). The tun driver accepts
+	// 68..65521 (65535 less the Ethernet header).
 	MTU int
 	// VnetHdr sets IFF_VNET_HDR. kata-dp always sets it (QEMU expects it);
 	// it is a field only so that tests can build a plain tap.

@@ -296,3 +296,27 @@ func TestLookupTap(t *testing.T) {
 		t.Errorf("LookupTap missing: %v, want ErrNotFound", err)
 	}
 }
+
+func TestTapMTUBounds(t *testing.T) {
+	ns := newNS(t)
+	for _, mtu := range []int{68, 65521} {
+		if err := netdev.CreateTap(ns, "kdptap0", netdev.TapOptions{MTU: mtu, VnetHdr: true}); err != nil {
+			t.Fatalf("mtu %d: %v", mtu, err)
+		}
+		li, err := netdev.LookupLink(ns, "kdptap0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if li.MTU != mtu {
+			t.Errorf("mtu %d, want %d", li.MTU, mtu)
+		}
+		if err := netdev.DeleteLink(ns, "kdptap0"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, mtu := range []int{46, 67, 65522} {
+		if err := netdev.CreateTap(ns, "kdptap0", netdev.TapOptions{MTU: mtu}); !errors.Is(err, netdev.ErrInvalid) {
+			t.Errorf("mtu %d: %v, want ErrInvalid", mtu, err)
+		}
+	}
+}
