@@ -216,6 +216,9 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	var d net.Dialer
 	nc, err := d.DialContext(dctx, "unix", c.path)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("dial %s: %w", c.path, ctx.Err())
+		}
 		return nil, fmt.Errorf("dial %s: %w: %w", c.path, ErrUnavailable, err)
 	}
 	uc := nc.(*net.UnixConn)

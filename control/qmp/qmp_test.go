@@ -381,3 +381,14 @@ func TestClose(t *testing.T) {
 		t.Errorf("next after close: %v, want ErrClosed", err)
 	}
 }
+
+func TestCanceledBeforeDial(t *testing.T) {
+	srv := qmptest.Serve(t, nil)
+	c := newClient(t, srv)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := c.Execute(ctx, "x", nil)
+	if !errors.Is(err, context.Canceled) || errors.Is(err, qmp.ErrUnavailable) {
+		t.Errorf("execute with a canceled context: %v, want canceled (and not unavailable)", err)
+	}
+}
