@@ -122,7 +122,8 @@ func CreateTap(nsPath, name string, o TapOptions) error {
 		// these flags, makes the tap persistent and closes the fd. The
 		// other queues of a multi-queue tap are attached by OpenTap.
 		if err := netlink.LinkAdd(tap); err != nil {
-			if errors.Is(err, unix.EBUSY) {
+			// The library formats the errno with %v, so match its text too.
+			if errors.Is(err, unix.EBUSY) || strings.Contains(err.Error(), unix.EBUSY.Error()) {
 				return ErrExists
 			}
 			return fmt.Errorf("add: %w", err)
@@ -137,6 +138,8 @@ func CreateTap(nsPath, name string, o TapOptions) error {
 		if err != nil {
 			if link != nil {
 				_ = netlink.LinkDel(link)
+			} else {
+				_ = netlink.LinkDel(tap) // by name
 			}
 			return fmt.Errorf("configure: %w", err)
 		}
