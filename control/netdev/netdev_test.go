@@ -320,3 +320,27 @@ func TestTapMTUBounds(t *testing.T) {
 		}
 	}
 }
+
+// Concurrent creators of one tap: exactly one wins, the others see
+// ErrExists (from the look-up or from IFF_TUN_EXCL).
+func TestCreateTapRace(t *testing.T) {
+	ns := newNS(t)
+	const n = 8
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		go func() { errs <- netdev.CreateTap(ns, "kdptap0", netdev.TapOptions{VnetHdr: true}) }()
+	}
+	ok := 0
+	for i := 0; i < n; i++ {
+		err := <-errs
+		switch {
+		case err == nil:
+			ok++
+		case !errors.Is(err, netdev.ErrExists):
+			t.Errorf("CreateTap: %v, want nil or ErrExists", err)
+		}
+	}
+	if ok != 1 {
+		t.Errorf("%d creators succeeded, want 1", ok)
+	}
+}
