@@ -1,0 +1,18 @@
+// Command kata-dp-cni is a chained CNI plugin that hands the container interface of a CNI
+// network to a Kata-style VM through the kata-dp agent's BPF datapath. See docs/cni.md and
+// package control/cni.
+package main
+
+import (
+	"github.com/containernetworking/cni/pkg/skel"
+
+	"github.com/kata-dp/kata-dp/control/cni"
+)
+
+// version is set at build time (-ldflags "-X main.version=...").
+var version = "dev"
+
+func main() {
+	p := &cni.Plugin{}
+	skel.PluginMainFuncs(p.Funcs(), cni.VersionInfo(), "kata-dp-cni "+version+": joins a Kata VM's tap to the container interface with kata-dp's BPF datapath")
+}

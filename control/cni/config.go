@@ -1,0 +1,117 @@
+package cni
+
+import (
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/control/netspec"
+)
+
+// Defaults of the configuration keys.
+const (
+	// DefaultTapName is the tap Kata's runtime makes for the first NIC of a sandbox.
+	DefaultTapName = "tap0_kata"
+	// DefaultStateDir holds the plugin's records, beside host-local's /var/lib/cni/networks.
+	DefaultStateDir = "/var/lib/cni/kata-dp"
+)
+
+// Config is the kata-dp-cni entry of a network configuration list.
+type Config struct {
+	types.PluginConf
+
+	// Socket is the agent's API socket (default api.DefaultSocket).
+	Socket string `json:"socket,omitempty"`
+	// Mode is the dataplane mode of a sandbox the plugin registers: tc, xdp, tcfilter or
+	// macvtap (default: the agent's, tc). A sandbox the runtime registered keeps its own.
+	Mode string `json:"mode,omitempty"`
+	// AntiSpoof and StrictEgress switch the datapath's checks of a sandbox the plugin
+	// registers; nil leaves the agent's default (on).
+	AntiSpoof    *bool `json:"antiSpoof,omitempty"`
+	StrictEgress *bool `json:"strictEgress,omitempty"`
+	// TapName is the tap the agent creates in the container netns (default DefaultTapName).
+	TapName string `json:"tapName,omitempty"`
+	// StateDir holds the plugin's records of what ADD made (default DefaultStateDir).
+	StateDir string `json:"stateDir,omitempty"`
+}
+
+// The CNI spec versions the plugin speaks: chaining needs prevResult (0.3.0 and later), GC
+// and STATUS are 1.1.
+var supported = []string{"1.0.0", "1.1.0"}
+
+// VersionInfo is what VERSION reports.
+func VersionInfo() version.PluginInfo { return version.PluginSupports(supported...) }
+
+// networkNameRE is the spec's rule for network names; they also name state files.
+var networkNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
+
+// ParseConfig decodes and validates the plugin's configuration from stdin data and fills in the
+// defaults. A previous result, when present, is parsed into PrevResult. Every failure is a
+// *types.Error with code 7 (invalid network configuration) or 1 (incompatible version).
+func ParseConfig(stdin []byte) (*Config, error) {
+	c := &Config{}
+	if err := json.Unmarshal(stdin, c); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "kata-dp-cni: decode network configuration", err.Error())
+	}
+	if !slices.Contains(supported, c.CNIVersion) {
+		return nil, types.NewError(types.ErrIncompatibleCNIVersion, "kata-dp-cni: unsupported cniVersion",
+			fmt.Sprintf("cniVersion %q; supported: %s", c.CNIVersion, strings.Join(supported, ", ")))
+	}
+	if err := c.validate(); err != nil {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "kata-dp-cni: invalid network configuration", err.Error())
+	}
+	if err := version.ParsePrevResult(&c.PluginConf); err != nil {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "kata-dp-cni: invalid prevResult", err.Error())
+	}
+	return c, nil
+}
+
+// validate checks the keys and fills in the defaults.
+func (c *Config) validate() error {
+	if !networkNameRE.MatchString(c.Name) {
+		return fmt.Errorf("network name %q must start with a letter or digit followed by letters, digits, '_', '.', '-'", c.Name)
+	}
+	c.Socket = api.SocketPath(c.Socket)
+	if !filepath.IsAbs(c.Socket) {
+		return fmt.Errorf("socket %q is not an absolute path", c.Socket)
+	}
+	if c.Mode != "" && !slices.Contains(control.Modes, c.Mode) {
+		return fmt.Errorf("mode %q is not one of %s", c.Mode, strings.Join(control.Modes, ", "))
+	}
+	if c.TapName == "" {
+		c.TapName = DefaultTapName
+	}
+	if err := netspec.ValidName("tapName", c.TapName); err != nil {
+		return err
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		return fmt.Errorf("stateDir %q is not an absolute path", c.StateDir)
+	}
+	return nil
+}
+
+// prevResult returns the previous result as a 1.0 result, or an error when there is none: the
+// plugin only works in a chain.
+func (c *Config) prevResult() (*current.Result, error) {
+	if c.PrevResult == nil {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "kata-dp-cni: no prevResult",
+			"kata-dp-cni is a chained plugin: put it after the plugin that creates the container interface (bridge, ptp, ...)")
+	}
+	r, err := current.NewResultFromResult(c.PrevResult)
+	if err != nil {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "kata-dp-cni: invalid prevResult", err.Error())
+	}
+	return r, nil
+}
