@@ -11,6 +11,8 @@
  *   uplink ingress --kdp_uplink_in--> tap egress   (to the guest)
  *   tap ingress    --kdp_tap_in-----> uplink egress (from the guest)
  *
+ * xdp mode adds kdp_xdp_uplink and kdp_xdp_tap in front of them (end of this file).
+ *
  * A device with no endpoint entry, or with an entry of the other role, is not ours: the frame
  * goes on untouched (TCX_NEXT), so other tc users on the same device keep working.
  */
@@ -24,6 +26,7 @@
 #include "lib/config.h"
 #include "lib/guard.h"
 #include "lib/lb.h"
+#include "lib/xdp.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -38,8 +41,13 @@ struct {
 /* Enough for Ethernet + an IPv4 header with options + a TCP header. */
 #define KDP_PULL_LEN 128
 
-static __always_inline int redirect_to(__u32 ifindex, const bool xdp)
+/* redirect_to sends the frame to the endpoint's peer: for tc to ifindex's egress, for XDP
+ * through kdp_xdp_tx (keyed by the ingress device; its entry names the same peer). A missing
+ * devmap entry hands the frame to tc rather than dropping it. */
+static __always_inline int redirect_to(void *ctx, __u32 ifindex, const bool xdp)
 {
+	if (xdp)
+		return bpf_redirect_map(&kdp_xdp_tx, ((struct xdp_md *)ctx)->ingress_ifindex, XDP_PASS);
 	return bpf_redirect(ifindex, 0);
 }
 
@@ -72,7 +80,7 @@ static __always_inline int from_guest(void *ctx, const bool xdp)
 	count_fwd(ep->slot, KDP_DIR_FROM_GUEST, len);
 	if (!ep->peer_ifindex)
 		return ctx_next(xdp);
-	return redirect_to(ep->peer_ifindex, xdp);
+	return redirect_to(ctx, ep->peer_ifindex, xdp);
 }
 
 static __always_inline int to_guest(void *ctx, const bool xdp)
@@ -97,7 +105,7 @@ static __always_inline int to_guest(void *ctx, const bool xdp)
 		return ctx_drop(xdp);
 	}
 	count_fwd(ep->slot, KDP_DIR_TO_GUEST, len);
-	return redirect_to(ep->peer_ifindex, xdp);
+	return redirect_to(ctx, ep->peer_ifindex, xdp);
 }
 
 SEC("tc")
@@ -110,4 +118,35 @@ SEC("tc")
 int kdp_uplink_in(struct __sk_buff *skb)
 {
 	return to_guest(skb, false);
+}
+
+/*
+ * xdp mode. The tc programs stay attached beside these: a frame XDP leaves alone (no XDP port
+ * for its device, or too long, see lib/xdp.h) goes on with XDP_PASS, untouched and uncounted,
+ * and the tc program handles it as in tc mode.
+ *
+ *   uplink (veth) XDP --kdp_xdp_uplink--> kdp_xdp_tx --> tap (tun's ndo_xdp_xmit)
+ *   tap XDP           --kdp_xdp_tap-----> kdp_xdp_tx --> uplink (delivered by the veth's peer)
+ */
+static __always_inline int xdp_forward(struct xdp_md *ctx, bool from)
+{
+	struct xdp_port *port = xdp_port_of(ctx);
+
+	if (!port)
+		return XDP_PASS;
+	if ((port->flags & KDP_XDP_F_CSUM) && xdp_fix_csum(ctx) < 0)
+		return XDP_PASS; /* malformed: let tc and the stack judge it as they would in tc mode */
+	return from ? from_guest(ctx, true) : to_guest(ctx, true);
+}
+
+SEC("xdp")
+int kdp_xdp_tap(struct xdp_md *ctx)
+{
+	return xdp_forward(ctx, true);
+}
+
+SEC("xdp")
+int kdp_xdp_uplink(struct xdp_md *ctx)
+{
+	return xdp_forward(ctx, false);
 }

@@ -26,6 +26,15 @@ type datapathAffKey struct {
 	Addr uint32
 }
 
+type datapathBpfDevmapVal struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	BpfProg struct {
+		_  structs.HostLayout
+		Fd int32
+	}
+}
+
 type datapathConfig struct {
 	_             structs.HostLayout
 	RouteGen      uint32
@@ -139,22 +148,32 @@ type datapathRouteVal struct {
 	Flags   uint32
 }
 
+type datapathXdpPort struct {
+	_      structs.HostLayout
+	MaxLen uint32
+	Flags  uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	datapathMapKdpConfig    = "kdp_config"
-	datapathMapKdpEndpoints = "kdp_endpoints"
-	datapathMapKdpLbAff     = "kdp_lb_aff"
-	datapathMapKdpLbBe      = "kdp_lb_be"
-	datapathMapKdpLbConns   = "kdp_lb_conns"
-	datapathMapKdpLbCt      = "kdp_lb_ct"
-	datapathMapKdpLbStats   = "kdp_lb_stats"
-	datapathMapKdpLbSvc     = "kdp_lb_svc"
-	datapathMapKdpRoutes    = "kdp_routes"
-	datapathMapKdpStats     = "kdp_stats"
-	datapathProgKdpTapIn    = "kdp_tap_in"
-	datapathProgKdpUplinkIn = "kdp_uplink_in"
+	datapathMapKdpConfig     = "kdp_config"
+	datapathMapKdpEndpoints  = "kdp_endpoints"
+	datapathMapKdpLbAff      = "kdp_lb_aff"
+	datapathMapKdpLbBe       = "kdp_lb_be"
+	datapathMapKdpLbConns    = "kdp_lb_conns"
+	datapathMapKdpLbCt       = "kdp_lb_ct"
+	datapathMapKdpLbStats    = "kdp_lb_stats"
+	datapathMapKdpLbSvc      = "kdp_lb_svc"
+	datapathMapKdpRoutes     = "kdp_routes"
+	datapathMapKdpStats      = "kdp_stats"
+	datapathMapKdpXdpPorts   = "kdp_xdp_ports"
+	datapathMapKdpXdpTx      = "kdp_xdp_tx"
+	datapathProgKdpTapIn     = "kdp_tap_in"
+	datapathProgKdpUplinkIn  = "kdp_uplink_in"
+	datapathProgKdpXdpTap    = "kdp_xdp_tap"
+	datapathProgKdpXdpUplink = "kdp_xdp_uplink"
 )
 
 // loadDatapath returns the embedded CollectionSpec for datapath.
@@ -199,8 +218,10 @@ type datapathSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathProgramSpecs struct {
-	KdpTapIn    *ebpf.ProgramSpec `ebpf:"kdp_tap_in"`
-	KdpUplinkIn *ebpf.ProgramSpec `ebpf:"kdp_uplink_in"`
+	KdpTapIn     *ebpf.ProgramSpec `ebpf:"kdp_tap_in"`
+	KdpUplinkIn  *ebpf.ProgramSpec `ebpf:"kdp_uplink_in"`
+	KdpXdpTap    *ebpf.ProgramSpec `ebpf:"kdp_xdp_tap"`
+	KdpXdpUplink *ebpf.ProgramSpec `ebpf:"kdp_xdp_uplink"`
 }
 
 // datapathMapSpecs contains maps before they are loaded into the kernel.
@@ -217,6 +238,8 @@ type datapathMapSpecs struct {
 	KdpLbSvc     *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
 	KdpRoutes    *ebpf.MapSpec `ebpf:"kdp_routes"`
 	KdpStats     *ebpf.MapSpec `ebpf:"kdp_stats"`
+	KdpXdpPorts  *ebpf.MapSpec `ebpf:"kdp_xdp_ports"`
+	KdpXdpTx     *ebpf.MapSpec `ebpf:"kdp_xdp_tx"`
 }
 
 // datapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -255,6 +278,8 @@ type datapathMaps struct {
 	KdpLbSvc     *ebpf.Map `ebpf:"kdp_lb_svc"`
 	KdpRoutes    *ebpf.Map `ebpf:"kdp_routes"`
 	KdpStats     *ebpf.Map `ebpf:"kdp_stats"`
+	KdpXdpPorts  *ebpf.Map `ebpf:"kdp_xdp_ports"`
+	KdpXdpTx     *ebpf.Map `ebpf:"kdp_xdp_tx"`
 }
 
 func (m *datapathMaps) Close() error {
@@ -269,6 +294,8 @@ func (m *datapathMaps) Close() error {
 		m.KdpLbSvc,
 		m.KdpRoutes,
 		m.KdpStats,
+		m.KdpXdpPorts,
+		m.KdpXdpTx,
 	)
 }
 
@@ -282,14 +309,18 @@ type datapathVariables struct {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathPrograms struct {
-	KdpTapIn    *ebpf.Program `ebpf:"kdp_tap_in"`
-	KdpUplinkIn *ebpf.Program `ebpf:"kdp_uplink_in"`
+	KdpTapIn     *ebpf.Program `ebpf:"kdp_tap_in"`
+	KdpUplinkIn  *ebpf.Program `ebpf:"kdp_uplink_in"`
+	KdpXdpTap    *ebpf.Program `ebpf:"kdp_xdp_tap"`
+	KdpXdpUplink *ebpf.Program `ebpf:"kdp_xdp_uplink"`
 }
 
 func (p *datapathPrograms) Close() error {
 	return _DatapathClose(
 		p.KdpTapIn,
 		p.KdpUplinkIn,
+		p.KdpXdpTap,
+		p.KdpXdpUplink,
 	)
 }
 

@@ -22,6 +22,10 @@ type Program string
 const (
 	ProgTapIn    Program = "kdp_tap_in"    // tap ingress: frames from the guest
 	ProgUplinkIn Program = "kdp_uplink_in" // uplink ingress: frames for the guest
+
+	// xdp mode, in front of the tc programs (which stay attached for what XDP passes on).
+	ProgXDPTap    Program = "kdp_xdp_tap"    // tap XDP: frames from the guest
+	ProgXDPUplink Program = "kdp_xdp_uplink" // uplink XDP: frames for the guest
 )
 
 // Errors callers can test for.
@@ -46,6 +50,8 @@ type Maps struct {
 	LBConns   *ebpf.Map
 	LBCT      *ebpf.Map
 	LBAff     *ebpf.Map
+	XDPPorts  *ebpf.Map // xdp mode: devices whose XDP program redirects (see XDPPort)
+	XDPTx     *ebpf.Map // xdp mode: DEVMAP_HASH of redirect targets by ingress ifindex
 }
 
 // Options tune a sandbox's collection when it is first created (a pinned map keeps the size
@@ -71,6 +77,7 @@ func (s *Sandbox) Maps() Maps {
 	return Maps{
 		Endpoints: o.KdpEndpoints, Stats: o.KdpStats, Routes: o.KdpRoutes, Config: o.KdpConfig,
 		LBSvc: o.KdpLbSvc, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
+		XDPPorts: o.KdpXdpPorts, XDPTx: o.KdpXdpTx,
 	}
 }
 
@@ -81,6 +88,10 @@ func (s *Sandbox) Program(p Program) (*ebpf.Program, error) {
 		return s.objs.KdpTapIn, nil
 	case ProgUplinkIn:
 		return s.objs.KdpUplinkIn, nil
+	case ProgXDPTap:
+		return s.objs.KdpXdpTap, nil
+	case ProgXDPUplink:
+		return s.objs.KdpXdpUplink, nil
 	}
 	return nil, fmt.Errorf("%w %q", ErrUnknownProgram, p)
 }
@@ -126,6 +137,10 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 		s.Close()
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
 	}
+	if err := s.refreshXDPLinks(); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
+	}
 	return s, nil
 }
 
@@ -148,6 +163,9 @@ func Remove(root, id string) error {
 		return nil
 	}
 	if err := detachAll(dir); err != nil {
+		return fmt.Errorf("remove sandbox %s: %w", id, err)
+	}
+	if err := detachAllXDP(dir); err != nil {
 		return fmt.Errorf("remove sandbox %s: %w", id, err)
 	}
 	if err := os.RemoveAll(dir); err != nil {

@@ -1,0 +1,185 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The xdp mode's own state and the checksum repair XDP needs.
+ *
+ * In xdp mode every device keeps its tc program too: XDP takes the frames it can handle and
+ * hands the rest on untouched with XDP_PASS, so the tc program treats them exactly as in tc
+ * mode. XDP cannot handle
+ *   - frames longer than its port's max_len: GSO super-frames a tap runs through generic XDP
+ *     (a redirect checks the length against the target's MTU and would drop them), and
+ *   - any frame of a device with no kdp_xdp_ports entry: the control plane writes one only
+ *     when the redirect target can take XDP frames (a tap always can; a veth only when its
+ *     peer, which kata-dp does not own, runs XDP or has GRO on), and deletes it first when
+ *     it switches an endpoint out of xdp mode. Nothing is counted or rewritten before that
+ *     decision, so a frame is never processed twice.
+ *
+ * Checksums: a frame an ordinary socket sent carries only the pseudo-header sum in its L4
+ * checksum field (CHECKSUM_PARTIAL), the rest being left to the NIC. tc redirects keep the
+ * skb's note of that; XDP frames have no such note, so after an XDP redirect the receiver sees
+ * a bad checksum. The port flag KDP_XDP_F_CSUM makes the program complete such checksums
+ * before anything else: a field equal to the folded pseudo-header sum is taken for a partial
+ * checksum and the sum is recomputed over the whole segment. Recomputing is right for a
+ * complete checksum too, so a coincidental match (1 in 65536) costs time, never correctness.
+ */
+#ifndef __KDP_XDP_H
+#define __KDP_XDP_H
+
+#include <linux/bpf.h>
+#include <bpf_helpers.h>
+#include <bpf_endian.h>
+#include "common.h"
+
+enum kdp_xdp_flags {
+	KDP_XDP_F_CSUM = 1 << 0, /* complete partial L4 checksums before redirecting */
+};
+
+/* An XDP port: a device whose XDP program may redirect, keyed by its ifindex. */
+struct xdp_port {
+	__u32 max_len; /* longest frame (Ethernet header included) XDP redirects; longer go to tc */
+	__u32 flags;   /* enum kdp_xdp_flags */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_MAX_ENDPOINTS * 2);
+	__type(key, __u32);
+	__type(value, struct xdp_port);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_xdp_ports SEC(".maps");
+
+/* kdp_xdp_tx: redirect targets, keyed by the ifindex of the device the frame came in on. */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__uint(max_entries, KDP_MAX_ENDPOINTS * 2);
+	__type(key, __u32);
+	__type(value, struct bpf_devmap_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_xdp_tx SEC(".maps");
+
+#define KDP_CSUM_CHUNK 256
+#define KDP_CSUM_MAX_CHUNKS 36 /* 9 KiB: more than any frame XDP sees linear */
+
+static __always_inline __u16 csum_fold64(__u64 s)
+{
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s;
+}
+
+/* csum_range returns the ones'-complement sum (unfolded, in memory byte order like the
+ * kernel's csum_partial) of the len bytes at off in the frame, or -1 if they are not all
+ * inside it. Chunks of constant size keep the verifier's packet range checks simple. */
+static __always_inline __s64 csum_range(struct xdp_md *ctx, __u32 off, __u32 len)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	__u64 sum = 0;
+	__u8 *p;
+	int i;
+
+	if (off > 0xff || len > KDP_CSUM_CHUNK * KDP_CSUM_MAX_CHUNKS)
+		return -1;
+	p = data + off;
+	for (i = 0; i < KDP_CSUM_MAX_CHUNKS; i++) {
+		if (len < KDP_CSUM_CHUNK)
+			break;
+		if ((void *)(p + KDP_CSUM_CHUNK) > end)
+			return -1;
+		sum += (__u32)bpf_csum_diff(NULL, 0, (void *)p, KDP_CSUM_CHUNK, 0);
+		p += KDP_CSUM_CHUNK;
+		len -= KDP_CSUM_CHUNK;
+	}
+#define KDP_CSUM_STEP(n)                                                        \
+	if (len & (n)) {                                                        \
+		if ((void *)(p + (n)) > end)                                    \
+			return -1;                                              \
+		sum += (__u32)bpf_csum_diff(NULL, 0, (void *)p, (n), 0);       \
+		p += (n);                                                       \
+	}
+	KDP_CSUM_STEP(128)
+	KDP_CSUM_STEP(64)
+	KDP_CSUM_STEP(32)
+	KDP_CSUM_STEP(16)
+	KDP_CSUM_STEP(8)
+	KDP_CSUM_STEP(4)
+#undef KDP_CSUM_STEP
+	if (len & 2) {
+		if ((void *)(p + 2) > end)
+			return -1;
+		sum += *(__u16 *)p;
+		p += 2;
+	}
+	if (len & 1) {
+		if ((void *)(p + 1) > end)
+			return -1;
+		sum += *p; /* the first byte of a word: its low byte in memory order */
+	}
+	return sum;
+}
+
+/* xdp_fix_csum completes a partial TCP/UDP checksum of an unfragmented IPv4 frame. It returns
+ * -1 when the frame is malformed (the caller drops it), 0 otherwise. */
+static __always_inline int xdp_fix_csum(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	__u32 ihl, l4_off, l4_len, csum_off;
+	__sum16 *check;
+	__u64 pseudo;
+	__u16 partial;
+	__s64 sum;
+	bool udp;
+
+	if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return 0;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return 0;
+	if (ip->frag_off & bpf_htons(0x3fff))
+		return 0; /* fragments carry no (whole) L4 header: offload never applies */
+	udp = ip->protocol == IPPROTO_UDP;
+	ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip) || bpf_ntohs(ip->tot_len) < ihl)
+		return -1;
+	l4_off = ETH_HLEN + ihl;
+	l4_len = bpf_ntohs(ip->tot_len) - ihl;
+	csum_off = l4_off + (udp ? 6 : 16);
+	if (l4_off > 0xff)
+		return -1;
+	check = data + (csum_off & 0xff);
+	if ((void *)(check + 1) > end)
+		return -1;
+	if (udp && *check == 0)
+		return 0; /* no checksum at all */
+
+	pseudo = (__u64)ip->saddr + ip->daddr + ((__u32)ip->protocol << 8) + bpf_htons((__u16)l4_len);
+	partial = csum_fold64(pseudo);
+	if (*check != partial)
+		return 0;
+
+	*check = 0;
+	sum = csum_range(ctx, l4_off, l4_len);
+	if (sum < 0) {
+		*check = partial; /* leave the frame as it came */
+		return -1;
+	}
+	*check = ~csum_fold64((__u64)sum + pseudo);
+	if (udp && *check == 0)
+		*check = 0xffff;
+	return 0;
+}
+
+/* xdp_port_of returns the XDP port of the device the frame came in on, or NULL when XDP must
+ * leave the frame to tc: no port, or a frame too long to redirect. */
+static __always_inline struct xdp_port *xdp_port_of(struct xdp_md *ctx)
+{
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct xdp_port *port = bpf_map_lookup_elem(&kdp_xdp_ports, &ifindex);
+
+	if (!port || ctx->data_end - ctx->data > port->max_len)
+		return NULL;
+	return port;
+}
+
+#endif

@@ -1,0 +1,387 @@
+package loader
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+)
+
+// xdpLinksDir holds the pinned XDP links, apart from the tc ones: a device in xdp mode has
+// both, and the tc attach code treats every link in links/ as a TCX link of that device.
+const xdpLinksDir = "xdp"
+
+// XDPPort is a device whose XDP program redirects (mirror of struct xdp_port).
+type XDPPort struct {
+	// MaxLen is the longest frame, Ethernet header included, that XDP redirects; longer
+	// frames (GSO super-frames) are passed on to the tc program. 0 = target MTU + 18.
+	MaxLen uint32
+	// Flags are XDPFlag* bits.
+	Flags uint32
+}
+
+// XDPFlagCsum makes the program complete partial TCP/UDP checksums (frames from sockets
+// relying on checksum offload) before it redirects: XDP frames lose the skb's note that the
+// checksum is partial, and the receiver would see a bad one.
+const XDPFlagCsum = 1
+
+// XDPAttachment describes where an XDP program was attached.
+type XDPAttachment struct {
+	Ifindex int
+	// Mode is "driver" (native) or "generic" (skb mode, used when the driver refused).
+	Mode string
+	// Netlink is set when the kernel has no XDP links and the program was set through
+	// netlink (not pinned: re-attached by the next Attach).
+	Netlink bool
+}
+
+// ForceGenericXDP makes AttachXDP skip driver mode. For tests of the fallback.
+var ForceGenericXDP = false
+
+// AttachXDP attaches XDP program p (ProgXDPTap or ProgXDPUplink) to device ifname in the
+// netns at nsPath, in driver mode, falling back to generic mode (logged) where the driver
+// refuses. A link this sandbox pinned there before is updated in place.
+func (s *Sandbox) AttachXDP(nsPath, ifname string, p Program) (XDPAttachment, error) {
+	prog, err := s.Program(p)
+	if err != nil {
+		return XDPAttachment{}, fmt.Errorf("attach %s to %s: %w", p, ifname, err)
+	}
+	if prog.Type() != ebpf.XDP {
+		return XDPAttachment{}, fmt.Errorf("attach %s to %s: not an xdp program: %w", p, ifname, ErrUnknownProgram)
+	}
+	var a XDPAttachment
+	err = inNetNS(nsPath, func() error {
+		l, err := netlink.LinkByName(ifname)
+		if err != nil {
+			return fmt.Errorf("find device: %w", err)
+		}
+		a.Ifindex = l.Attrs().Index
+		if done, mode, err := s.updateXDP(ifname, a.Ifindex, prog, p); err != nil || done {
+			a.Mode = mode
+			return err
+		}
+		a.Mode, a.Netlink, err = s.attachXDP(l, ifname, prog, p)
+		return err
+	})
+	if err != nil {
+		return XDPAttachment{}, fmt.Errorf("attach %s to %s: %w", p, ifname, err)
+	}
+	return a, nil
+}
+
+// updateXDP moves an XDP link this sandbox pinned for ifname onto prog. done reports whether
+// there was one on this very device.
+func (s *Sandbox) updateXDP(ifname string, ifindex int, prog *ebpf.Program, p Program) (done bool, mode string, err error) {
+	paths, err := s.pinnedXDPLinks(ifname)
+	if err != nil {
+		return false, "", err
+	}
+	for _, path := range paths {
+		l, err := link.LoadPinnedLink(path, nil)
+		if err != nil {
+			os.Remove(path)
+			continue
+		}
+		info, ierr := l.Info()
+		if ierr != nil || info.XDP() == nil || int(info.XDP().Ifindex) != ifindex {
+			l.Unpin() // the device went away (or was recreated): attach afresh
+			l.Close()
+			continue
+		}
+		if err := l.Update(prog); err != nil {
+			l.Close()
+			return false, "", fmt.Errorf("update xdp link: %w", err)
+		}
+		l.Close()
+		if pin := filepath.Join(s.dir, xdpLinksDir, ifname+"@"+string(p)); pin != path {
+			if err := os.Rename(path, pin); err != nil {
+				return false, "", fmt.Errorf("re-pin xdp link: %w", err)
+			}
+		}
+		return true, xdpMode(ifindex), nil
+	}
+	return false, "", nil
+}
+
+func (s *Sandbox) attachXDP(l netlink.Link, ifname string, prog *ebpf.Program, p Program) (mode string, viaNetlink bool, err error) {
+	ifindex := l.Attrs().Index
+	if err := os.MkdirAll(filepath.Join(s.dir, xdpLinksDir), 0o700); err != nil {
+		return "", false, err
+	}
+	try := func(flags link.XDPAttachFlags) (link.Link, error) {
+		return link.AttachXDP(link.XDPOptions{Program: prog, Interface: ifindex, Flags: flags})
+	}
+	mode = "driver"
+	var lk link.Link
+	var derr error
+	if !ForceGenericXDP {
+		lk, derr = try(link.XDPDriverMode)
+	}
+	if lk == nil {
+		mode = "generic"
+		var gerr error
+		lk, gerr = try(link.XDPGenericMode)
+		if gerr != nil {
+			if errors.Is(gerr, link.ErrNotSupported) || errors.Is(derr, link.ErrNotSupported) {
+				return s.attachXDPNetlink(l, prog)
+			}
+			return "", false, fmt.Errorf("attach xdp: driver mode: %v; generic mode: %w", derr, gerr)
+		}
+		if derr != nil {
+			slog.Warn("xdp driver mode refused: using generic mode", "dev", ifname, "prog", p, "err", derr)
+		}
+	}
+	defer lk.Close()
+	if err := lk.Pin(filepath.Join(s.dir, xdpLinksDir, ifname+"@"+string(p))); err != nil {
+		return "", false, fmt.Errorf("pin xdp link: %w", err)
+	}
+	return mode, false, nil
+}
+
+// attachXDPNetlink is the fallback for kernels without XDP links (before 5.9): the program
+// is set on the device through netlink, driver mode first.
+func (s *Sandbox) attachXDPNetlink(l netlink.Link, prog *ebpf.Program) (string, bool, error) {
+	if cur := l.Attrs().Xdp; cur != nil && cur.Attached && !ourProgram(cur.ProgId) {
+		return "", true, fmt.Errorf("attach xdp: device has another program (id %d)", cur.ProgId)
+	}
+	err := netlink.LinkSetXdpFdWithFlags(l, prog.FD(), unix.XDP_FLAGS_DRV_MODE)
+	if err == nil {
+		return "driver", true, nil
+	}
+	if gerr := netlink.LinkSetXdpFdWithFlags(l, prog.FD(), unix.XDP_FLAGS_SKB_MODE); gerr != nil {
+		return "", true, fmt.Errorf("attach xdp via netlink: driver mode: %v; generic mode: %w", err, gerr)
+	}
+	slog.Warn("xdp driver mode refused: using generic mode", "dev", l.Attrs().Name, "err", err)
+	return "generic", true, nil
+}
+
+func ourProgram(id uint32) bool {
+	p, err := ebpf.NewProgramFromID(ebpf.ProgramID(id))
+	if err != nil {
+		return false
+	}
+	defer p.Close()
+	info, err := p.Info()
+	return err == nil && strings.HasPrefix(info.Name, progPrefix)
+}
+
+// xdpMode reads the attach mode of the XDP program on ifindex (in the caller's netns).
+func xdpMode(ifindex int) string {
+	l, err := netlink.LinkByIndex(ifindex)
+	if err != nil || l.Attrs().Xdp == nil {
+		return ""
+	}
+	switch l.Attrs().Xdp.AttachMode {
+	case nl.XDP_ATTACHED_DRV:
+		return "driver"
+	case nl.XDP_ATTACHED_SKB:
+		return "generic"
+	}
+	return ""
+}
+
+// DetachXDP removes the XDP program kata-dp attached for this sandbox at ifname (a pinned link,
+// or one of its programs set through netlink). A device that is gone is not an error.
+func (s *Sandbox) DetachXDP(nsPath, ifname string) error {
+	paths, err := s.pinnedXDPLinks(ifname)
+	if err != nil {
+		return fmt.Errorf("detach xdp from %s: %w", ifname, err)
+	}
+	for _, path := range paths {
+		if err := detachPinned(path); err != nil {
+			return fmt.Errorf("detach xdp from %s: %w", ifname, err)
+		}
+	}
+	err = inNetNS(nsPath, func() error {
+		l, err := netlink.LinkByName(ifname)
+		if err != nil {
+			return nil
+		}
+		if x := l.Attrs().Xdp; x != nil && x.Attached && ourProgram(x.ProgId) && len(paths) == 0 {
+			return netlink.LinkSetXdpFd(l, -1)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("detach xdp from %s: %w", ifname, err)
+	}
+	return nil
+}
+
+// XDPProgram returns the name of the XDP program on ifname ("" = none) and its attach mode.
+func XDPProgram(nsPath, ifname string) (name, mode string, err error) {
+	err = inNetNS(nsPath, func() error {
+		l, err := netlink.LinkByName(ifname)
+		if err != nil {
+			return err
+		}
+		x := l.Attrs().Xdp
+		if x == nil || !x.Attached || x.ProgId == 0 {
+			return nil
+		}
+		p, err := ebpf.NewProgramFromID(ebpf.ProgramID(x.ProgId))
+		if err != nil {
+			return err
+		}
+		defer p.Close()
+		info, err := p.Info()
+		if err != nil {
+			return err
+		}
+		name, mode = info.Name, xdpMode(l.Attrs().Index)
+		return nil
+	})
+	if err != nil {
+		return "", "", fmt.Errorf("xdp program of %s: %w", ifname, err)
+	}
+	return name, mode, nil
+}
+
+// SetXDPPort lets the XDP program of device src redirect to device dst: the devmap entry
+// first, then the port, so the program never finds a port without its target.
+func (s *Sandbox) SetXDPPort(src, dst uint32, p XDPPort) error {
+	val := struct{ Ifindex, ProgFD uint32 }{Ifindex: dst}
+	if err := s.objs.KdpXdpTx.Put(src, val); err != nil {
+		return fmt.Errorf("set xdp target %d -> %d: %w", src, dst, err)
+	}
+	if err := s.objs.KdpXdpPorts.Put(src, datapathXdpPort{MaxLen: p.MaxLen, Flags: p.Flags}); err != nil {
+		return fmt.Errorf("set xdp port %d: %w", src, err)
+	}
+	return nil
+}
+
+// DelXDPPort stops the XDP program of device src redirecting: from then on it passes every
+// frame on to the tc program. Missing entries are not an error.
+func (s *Sandbox) DelXDPPort(src uint32) error {
+	if err := s.objs.KdpXdpPorts.Delete(src); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete xdp port %d: %w", src, err)
+	}
+	if err := s.objs.KdpXdpTx.Delete(src); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete xdp target %d: %w", src, err)
+	}
+	return nil
+}
+
+// XDPPorts lists the XDP ports by ifindex.
+func (s *Sandbox) XDPPorts() (map[uint32]XDPPort, error) {
+	out := map[uint32]XDPPort{}
+	var k uint32
+	var v datapathXdpPort
+	it := s.objs.KdpXdpPorts.Iterate()
+	for it.Next(&k, &v) {
+		out[k] = XDPPort{MaxLen: v.MaxLen, Flags: v.Flags}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list xdp ports: %w", err)
+	}
+	return out, nil
+}
+
+// netdev generic netlink family (include/uapi/linux/netdev.h).
+const (
+	netdevCmdDevGet       = 1
+	netdevADevIfindex     = 1
+	netdevADevXDPFeatures = 3
+	netdevXDPActNDOXmit   = 1 << 2
+)
+
+// XDPRedirectTarget reports whether ifname (in the netns at nsPath) accepts frames redirected
+// by XDP (NETDEV_XDP_ACT_NDO_XMIT). A tap always does; a veth only while its peer runs XDP or
+// has GRO on, and otherwise the kernel drops what XDP redirects into it. The check reads the
+// device's xdp_features, so it never touches the peer, which kata-dp does not own.
+func XDPRedirectTarget(nsPath, ifname string) (bool, error) {
+	var ok bool
+	err := inNetNS(nsPath, func() error {
+		l, err := netlink.LinkByName(ifname)
+		if err != nil {
+			return fmt.Errorf("find device: %w", err)
+		}
+		fam, err := netlink.GenlFamilyGet("netdev")
+		if err != nil {
+			return fmt.Errorf("netdev genetlink family: %w", err)
+		}
+		req := nl.NewNetlinkRequest(int(fam.ID), 0)
+		req.AddData(&nl.Genlmsg{Command: netdevCmdDevGet, Version: 1})
+		req.AddData(nl.NewRtAttr(netdevADevIfindex, nl.Uint32Attr(uint32(l.Attrs().Index))))
+		msgs, err := req.Execute(unix.NETLINK_GENERIC, 0)
+		if err != nil {
+			return fmt.Errorf("netdev dev-get: %w", err)
+		}
+		for _, m := range msgs {
+			if len(m) < nl.SizeofGenlmsg {
+				continue
+			}
+			attrs, err := nl.ParseRouteAttr(m[nl.SizeofGenlmsg:])
+			if err != nil {
+				return fmt.Errorf("netdev dev-get: %w", err)
+			}
+			for _, a := range attrs {
+				if a.Attr.Type == netdevADevXDPFeatures && len(a.Value) >= 8 {
+					ok = binary.NativeEndian.Uint64(a.Value)&netdevXDPActNDOXmit != 0
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return false, fmt.Errorf("xdp redirect target %s: %w", ifname, err)
+	}
+	return ok, nil
+}
+
+func (s *Sandbox) pinnedXDPLinks(ifname string) ([]string, error) {
+	return filepath.Glob(filepath.Join(s.dir, xdpLinksDir, ifname+"@"+progPrefix+"*"))
+}
+
+// refreshXDPLinks moves every pinned XDP link of the sandbox onto this load's programs.
+func (s *Sandbox) refreshXDPLinks() error {
+	paths, err := filepath.Glob(filepath.Join(s.dir, xdpLinksDir, "*@"+progPrefix+"*"))
+	if err != nil {
+		return err
+	}
+	for _, path := range paths {
+		name := filepath.Base(path)
+		prog, err := s.Program(Program(name[strings.LastIndexByte(name, '@')+1:]))
+		if err != nil {
+			return fmt.Errorf("refresh %s: %w", name, err)
+		}
+		l, err := link.LoadPinnedLink(path, nil)
+		if err != nil {
+			os.Remove(path)
+			continue
+		}
+		if err := l.Update(prog); err != nil {
+			if errors.Is(err, unix.ENOLINK) {
+				l.Unpin()
+				l.Close()
+				continue
+			}
+			l.Close()
+			return fmt.Errorf("refresh %s: %w", name, err)
+		}
+		l.Close()
+	}
+	return nil
+}
+
+func detachAllXDP(dir string) error {
+	paths, err := filepath.Glob(filepath.Join(dir, xdpLinksDir, "*@"+progPrefix+"*"))
+	if err != nil {
+		return err
+	}
+	for _, path := range paths {
+		if err := detachPinned(path); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,295 @@
+package loader_test
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
+)
+
+// xdpMd is struct xdp_md as BPF_PROG_TEST_RUN takes it: data_end must be the frame's length,
+// and the ingress device must exist (the loopback device here).
+type xdpMd struct {
+	Data, DataEnd, DataMeta, IngressIfindex, RxQueueIndex, EgressIfindex uint32
+}
+
+const (
+	xdpAborted  = 0
+	xdpDrop     = 1
+	xdpPass     = 2
+	xdpRedirect = 4
+)
+
+func runXDP(t *testing.T, prog *ebpf.Program, frame []byte) (int32, []byte) {
+	t.Helper()
+	out := make([]byte, len(frame)+256)
+	ret, err := prog.Run(&ebpf.RunOptions{
+		Data: frame, DataOut: out,
+		Context: xdpMd{DataEnd: uint32(len(frame)), IngressIfindex: 1},
+	})
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	return int32(ret), out[:len(frame)]
+}
+
+// partial turns a frame's L4 checksum into what a socket relying on checksum offload leaves
+// there: the folded pseudo-header sum, not complemented.
+func partial(f []byte) []byte {
+	ip := f[14:]
+	ihl := int(ip[0]&0xf) * 4
+	l4len := int(binary.BigEndian.Uint16(ip[2:])) - ihl
+	pseudo := make([]byte, 12)
+	copy(pseudo, ip[12:20])
+	pseudo[9] = ip[9]
+	binary.BigEndian.PutUint16(pseudo[10:], uint16(l4len))
+	off := 14 + ihl + 16
+	if ip[9] == unix.IPPROTO_UDP {
+		off = 14 + ihl + 6
+	}
+	binary.BigEndian.PutUint16(f[off:], fold(csumAdd(0, pseudo)))
+	return f
+}
+
+func l4Csum(f []byte) uint16 {
+	off := 14 + 20 + 16
+	if f[14+9] == unix.IPPROTO_UDP {
+		off = 14 + 20 + 6
+	}
+	return binary.BigEndian.Uint16(f[off:])
+}
+
+type xdpRig struct {
+	sb       *loader.Sandbox
+	eps      maps.EndpointMap
+	stats    maps.StatsMap
+	tap, upl *ebpf.Program
+}
+
+func newXDPRig(t *testing.T, id string) *xdpRig {
+	sb := openSandbox(t, testRoot(t), id)
+	m := sb.Maps()
+	r := &xdpRig{sb: sb, eps: maps.EndpointMap{Map: m.Endpoints}, stats: maps.StatsMap{Map: m.Stats}}
+	r.tap, _ = sb.Program(loader.ProgXDPTap)
+	r.upl, _ = sb.Program(loader.ProgXDPUplink)
+	if r.tap.Type() != ebpf.XDP || r.upl.Type() != ebpf.XDP {
+		t.Fatalf("program types %v %v, want XDP", r.tap.Type(), r.upl.Type())
+	}
+	return r
+}
+
+// port makes the loopback device (where test frames "arrive") an XDP port redirecting to
+// itself: BPF_PROG_TEST_RUN reports the verdict and transmits nothing.
+func (r *xdpRig) port(t *testing.T, maxLen, flags uint32) {
+	t.Helper()
+	if err := r.sb.SetXDPPort(1, 1, loader.XDPPort{MaxLen: maxLen, Flags: flags}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestXDPVerdicts: the XDP programs pass what is not theirs (no port, no endpoint, too long)
+// untouched and uncounted, so the tc program sees it; and they redirect, drop and count like
+// the tc programs for what is.
+func TestXDPVerdicts(t *testing.T) {
+	needRoot(t)
+	r := newXDPRig(t, "xdpverdicts")
+	const slot = 5
+	all := maps.FlagAntiSpoof | maps.FlagStrictEgress
+	good := udpFrame(guestMAC, guestIP, netip.MustParseAddr("172.16.0.1"), 32)
+	big := udpFrame(guestMAC, guestIP, netip.MustParseAddr("172.16.0.1"), 1600)
+
+	type tc struct {
+		name   string
+		prog   *ebpf.Program
+		port   bool
+		ep     *maps.Endpoint
+		frame  []byte
+		want   int32
+		dir    maps.Direction
+		reason maps.DropReason // -1 forwarded, -2 untouched and uncounted
+	}
+	cases := []tc{
+		{"no port: left to tc", r.tap, false, ptr(tapEndpoint(slot, 42, all)), good, xdpPass, maps.FromGuest, -2},
+		{"no endpoint", r.tap, true, nil, good, xdpPass, maps.FromGuest, -2},
+		{"too long for XDP: left to tc", r.tap, true, ptr(tapEndpoint(slot, 42, all)), big, xdpPass, maps.FromGuest, -2},
+		{"from guest redirected", r.tap, true, ptr(tapEndpoint(slot, 42, all)), good, xdpRedirect, maps.FromGuest, -1},
+		{"spoofed source MAC", r.tap, true, ptr(tapEndpoint(slot, 42, all)), udpFrame(otherMAC, guestIP, netip.MustParseAddr("172.16.0.1"), 32), xdpDrop, maps.FromGuest, maps.DropSpoofMAC},
+		{"spoofed source IP", r.tap, true, ptr(tapEndpoint(slot, 42, all)), udpFrame(guestMAC, netip.MustParseAddr("172.16.0.99"), netip.MustParseAddr("172.16.0.1"), 32), xdpDrop, maps.FromGuest, maps.DropSpoofIP},
+		{"spoofed ARP", r.tap, true, ptr(tapEndpoint(slot, 42, all)), arpFrame(guestMAC, otherMAC, guestIP, netip.MustParseAddr("172.16.0.1")), xdpDrop, maps.FromGuest, maps.DropSpoofARP},
+		{"egress without route", r.tap, true, ptr(tapEndpoint(slot, 42, all)), udpFrame(guestMAC, guestIP, netip.MustParseAddr("10.9.0.1"), 32), xdpDrop, maps.FromGuest, maps.DropEgressNoRoute},
+		{"to guest redirected", r.upl, true, ptr(maps.Endpoint{PeerIfindex: 42, Slot: slot, Role: maps.RoleUplink}), good, xdpRedirect, maps.ToGuest, -1},
+		{"to guest, wrong role", r.upl, true, ptr(tapEndpoint(slot, 42, all)), good, xdpPass, maps.ToGuest, -2},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r.eps.Remove(1)
+			r.sb.DelXDPPort(1)
+			if c.port {
+				r.port(t, 1514, 0)
+			}
+			if c.ep != nil {
+				if err := r.eps.Put(1, *c.ep); err != nil {
+					t.Fatal(err)
+				}
+			}
+			r.stats.Reset(slot)
+			in := append([]byte(nil), c.frame...)
+			got, out := runXDP(t, c.prog, in)
+			if got != c.want {
+				t.Fatalf("verdict %d, want %d", got, c.want)
+			}
+			st, err := r.stats.Read(slot, c.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch {
+			case c.reason == -2 && (st.Packets != 0 || st.TotalDrops() != 0 || string(out) != string(c.frame)):
+				t.Errorf("frame left to tc was touched or counted: %s", st)
+			case c.reason == -1 && (st.Packets != 1 || st.Bytes != uint64(len(c.frame)) || st.TotalDrops() != 0):
+				t.Errorf("forwarded frame counted as %s, want packets=1 bytes=%d", st, len(c.frame))
+			case c.reason >= 0 && (st.Packets != 0 || st.Drops[c.reason] != 1 || st.TotalDrops() != 1):
+				t.Errorf("dropped frame counted as %s, want %s=1", st, c.reason)
+			}
+		})
+	}
+}
+
+// TestXDPChecksumRepair: partial checksums (what a socket relying on offload leaves) are
+// completed for TCP and UDP of every length class the chunked sum has; complete checksums,
+// UDP without a checksum and frames of ports without the flag are left alone.
+func TestXDPChecksumRepair(t *testing.T) {
+	needRoot(t)
+	r := newXDPRig(t, "xdpcsum")
+	r.eps.Put(1, maps.Endpoint{PeerIfindex: 42, Slot: 0, Role: maps.RoleUplink})
+	r.port(t, 9000, loader.XDPFlagCsum)
+	s, d := netip.MustParseAddrPort("10.1.2.3:443"), netip.AddrPortFrom(guestIP, 51234)
+	sizes := []int{0, 1, 2, 3, 5, 17, 63, 255, 256, 257, 511, 1000, 1371, 1440, 1452, 1472, 3000, 3001}
+	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+		for _, n := range sizes {
+			good := l4Frame(proto, otherMAC, s, d, 0x18, n)
+			ret, out := runXDP(t, r.upl, partial(append([]byte(nil), good...)))
+			if ret != xdpRedirect {
+				t.Fatalf("proto %d len %d: verdict %d", proto, n, ret)
+			}
+			if got, want := l4Csum(out), l4Csum(good); got != want {
+				t.Errorf("proto %d payload %d: partial checksum repaired to %#04x, want %#04x", proto, n, got, want)
+			}
+			if _, out := runXDP(t, r.upl, append([]byte(nil), good...)); string(out) != string(good) {
+				t.Errorf("proto %d payload %d: frame with a complete checksum was changed", proto, n)
+			}
+		}
+	}
+	// Ethernet padding after the IP packet is not summed.
+	good := l4Frame(unix.IPPROTO_UDP, otherMAC, s, d, 0, 4)
+	padded := append(partial(append([]byte(nil), good...)), make([]byte, 60-len(good))...)
+	if _, out := runXDP(t, r.upl, padded); l4Csum(out) != l4Csum(good) {
+		t.Errorf("padded frame: checksum %#04x, want %#04x", l4Csum(out), l4Csum(good))
+	}
+	// UDP without checksum stays without.
+	nocs := l4Frame(unix.IPPROTO_UDP, otherMAC, s, d, 0, 40)
+	nocs[14+20+6], nocs[14+20+7] = 0, 0
+	if _, out := runXDP(t, r.upl, append([]byte(nil), nocs...)); l4Csum(out) != 0 {
+		t.Errorf("UDP checksum 0 became %#04x", l4Csum(out))
+	}
+	// A segment claiming more than the frame holds is not touched (and left to tc).
+	trunc := partial(l4Frame(unix.IPPROTO_TCP, otherMAC, s, d, 0x18, 100))
+	cut := append([]byte(nil), trunc[:len(trunc)-10]...)
+	if ret, out := runXDP(t, r.upl, append([]byte(nil), cut...)); ret != xdpPass || string(out) != string(cut) {
+		t.Errorf("truncated segment: verdict %d, changed %v", ret, string(out) != string(cut))
+	}
+	// Without the flag the program does not look at checksums.
+	r.port(t, 9000, 0)
+	p := partial(l4Frame(unix.IPPROTO_TCP, otherMAC, s, d, 0x18, 100))
+	if _, out := runXDP(t, r.upl, append([]byte(nil), p...)); string(out) != string(p) {
+		t.Error("checksum rewritten on a port without KDP_XDP_F_CSUM")
+	}
+}
+
+// TestXDPLBNAT: the load balancer's DNAT and reverse NAT in the XDP programs, on frames with
+// complete and with partial checksums: both checksums verify afterwards.
+func TestXDPLBNAT(t *testing.T) {
+	needRoot(t)
+	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+		r := newXDPRig(t, "xdplb")
+		m := r.sb.Maps()
+		lb := maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config}
+		if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300}); err != nil {
+			t.Fatal(err)
+		}
+		if err := lb.PutBackend(7, backend, 1); err != nil {
+			t.Fatal(err)
+		}
+		if err := lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: proto, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+			t.Fatal(err)
+		}
+		r.port(t, 1514, loader.XDPFlagCsum)
+		for i, flags := range []uint8{0x02, 0x10, 0x18} {
+			for _, part := range []bool{false, true} {
+				f := l4Frame(proto, guestMAC, client, vip, flags, 10+i*100)
+				if part {
+					partial(f)
+				}
+				r.eps.Put(1, tapEndpoint(0, 42, maps.FlagAntiSpoof))
+				ret, out := runXDP(t, r.tap, f)
+				if ret != xdpRedirect {
+					t.Fatalf("proto %d: from guest: verdict %d", proto, ret)
+				}
+				if got := checkFrame(t, out); got != (tuple{client, backend}) {
+					t.Errorf("proto %d partial=%v: DNAT gave %v, want %v -> %v", proto, part, got, client, backend)
+				}
+				f = l4Frame(proto, otherMAC, backend, client, flags, 33+i)
+				if part {
+					partial(f)
+				}
+				r.eps.Put(1, maps.Endpoint{PeerIfindex: 42, Role: maps.RoleUplink})
+				ret, out = runXDP(t, r.upl, f)
+				if ret != xdpRedirect {
+					t.Fatalf("proto %d: to guest: verdict %d", proto, ret)
+				}
+				if got := checkFrame(t, out); got != (tuple{vip, client}) {
+					t.Errorf("proto %d partial=%v: reverse NAT gave %v, want %v -> %v", proto, part, got, vip, client)
+				}
+			}
+		}
+		st, err := lb.ReadStats(maps.StatsBackend, 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Conns != 1 || st.InPkts != 6 || st.OutPkts != 6 {
+			t.Errorf("proto %d: real server counters %+v, want 1 conn, 6 in, 6 out", proto, st)
+		}
+	}
+}
+
+// TestXDPPorts: SetXDPPort/DelXDPPort keep the devmap and the port map in step.
+func TestXDPPorts(t *testing.T) {
+	needRoot(t)
+	r := newXDPRig(t, "xdpports")
+	if err := r.sb.SetXDPPort(1, 1, loader.XDPPort{MaxLen: 1518, Flags: loader.XDPFlagCsum}); err != nil {
+		t.Fatal(err)
+	}
+	ports, err := r.sb.XDPPorts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := ports[1]; len(ports) != 1 || p.MaxLen != 1518 || p.Flags != loader.XDPFlagCsum {
+		t.Errorf("ports %+v", ports)
+	}
+	for range 2 { // idempotent
+		if err := r.sb.DelXDPPort(1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ports, _ := r.sb.XDPPorts(); len(ports) != 0 {
+		t.Errorf("ports left: %+v", ports)
+	}
+	var v [8]byte
+	if err := r.sb.Maps().XDPTx.Lookup(uint32(1), &v); err == nil {
+		t.Error("devmap entry left")
+	}
+}
