@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -317,5 +318,65 @@ func TestE2EPCIBridge(t *testing.T) {
 	}
 	if err := g.WaitNICGone(ctx, from, mac0); err != nil {
 		t.Fatalf("guest: %v", err)
+	}
+}
+
+// BenchmarkE2EPlugUnplug measures Plug (call to return), the guest's NIC up (call to
+// KDP-NIC-UP) and Unplug (call to return, DEVICE_DELETED and netdev_del included) against the
+// real guest, reporting medians: go test -run - -bench E2E -benchtime 10x ./control/hotplug/
+func BenchmarkE2EPlugUnplug(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root: netns, tap, qemu")
+	}
+	name := fmt.Sprintf("kdptq-b%d", os.Getpid())
+	exec.Command("ip", "netns", "del", name).Run()
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		b.Fatalf("netns: %v %s", err, out)
+	}
+	b.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	nsPath := "/var/run/netns/" + name
+	if err := netdev.CreateTap(nsPath, "kdptq-tap0", netdev.TapOptions{Queues: 5, VnetHdr: true}); err != nil {
+		b.Fatal(err)
+	}
+	g := guesttest.Boot(b, guesttest.GuestConfig{NetNS: nsPath, NetTable: map[string]string{mac0: "172.16.0.3/16"}})
+	c := g.QMP()
+	ctx := context.Background()
+	var plug, up, unplug []time.Duration
+	b.ResetTimer()
+	for range b.N {
+		fds, err := netdev.OpenTap(nsPath, "kdptq-tap0", 5, true, true)
+		if err != nil {
+			b.Fatal(err)
+		}
+		from := g.Lines()
+		t0 := time.Now()
+		_, err = hotplug.Plug(ctx, c, hotplug.NIC{ID: "eth-test", MAC: mac0, Queues: 5, Fds: fds})
+		plug = append(plug, time.Since(t0))
+		closeAll(fds)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := g.WaitNICUp(ctx, from, mac0); err != nil {
+			b.Fatal(err)
+		}
+		up = append(up, time.Since(t0))
+		from = g.Lines()
+		t0 = time.Now()
+		if err := hotplug.Unplug(ctx, c, "eth-test", 5*time.Second); err != nil {
+			b.Fatal(err)
+		}
+		unplug = append(unplug, time.Since(t0))
+		if err := g.WaitNICGone(ctx, from, mac0); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	for _, m := range []struct {
+		name string
+		d    []time.Duration
+	}{{"plug", plug}, {"nic-up", up}, {"unplug", unplug}} {
+		slices.Sort(m.d)
+		b.ReportMetric(float64(m.d[len(m.d)/2].Microseconds())/1000, m.name+"-median-ms")
+		b.Logf("%s: min %v median %v max %v (n=%d)", m.name, m.d[0], m.d[len(m.d)/2], m.d[len(m.d)-1], len(m.d))
 	}
 }

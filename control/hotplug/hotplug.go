@@ -173,6 +173,9 @@ func Plug(ctx context.Context, c *qmp.Client, nic NIC) (pciAddr string, err erro
 		"mac":    nic.MAC,
 		"bus":    slot.bus,
 		"addr":   fmt.Sprintf("%02x.0", slot.slot),
+		// No option ROM: nothing network-boots a running sandbox, and QEMU would read the
+		// iPXE image from disk and the guest map its BAR on every plug.
+		"romfile": "",
 	}
 	if queues > 1 {
 		dev["mq"] = true

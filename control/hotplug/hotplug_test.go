@@ -282,7 +282,7 @@ func TestPlugMultiQueue(t *testing.T) {
 	checkJSON(t, "netdev_add", vm.arg("netdev_add"),
 		`{"fds":"eth-test-fd0:eth-test-fd1:eth-test-fd2:eth-test-fd3:eth-test-fd4","id":"eth-test-netdev","type":"tap","vhost":false}`)
 	checkJSON(t, "device_add", vm.arg("device_add"),
-		`{"addr":"00.0","bus":"rp1","driver":"virtio-net-pci","id":"eth-test","mac":"02:42:20:6f:a3:69","mq":true,"netdev":"eth-test-netdev","vectors":12}`)
+		`{"addr":"00.0","bus":"rp1","driver":"virtio-net-pci","id":"eth-test","mac":"02:42:20:6f:a3:69","mq":true,"netdev":"eth-test-netdev","romfile":"","vectors":12}`)
 
 	// A second NIC goes behind the next free root port.
 	addr, err = Plug(ctxT(t), c, NIC{ID: "eth1", MAC: "02:42:20:6f:a3:6a", Fds: pipes(t, 1)})
@@ -294,7 +294,7 @@ func TestPlugMultiQueue(t *testing.T) {
 	}
 	checkJSON(t, "netdev_add", vm.arg("netdev_add"), `{"fd":"eth1-fd0","id":"eth1-netdev","type":"tap","vhost":false}`)
 	checkJSON(t, "device_add", vm.arg("device_add"),
-		`{"addr":"00.0","bus":"rp2","driver":"virtio-net-pci","id":"eth1","mac":"02:42:20:6f:a3:6a","netdev":"eth1-netdev"}`)
+		`{"addr":"00.0","bus":"rp2","driver":"virtio-net-pci","id":"eth1","mac":"02:42:20:6f:a3:6a","netdev":"eth1-netdev","romfile":""}`)
 
 	// The root ports are full.
 	_, err = Plug(ctxT(t), c, NIC{ID: "eth2", MAC: "02:42:20:6f:a3:6b", Fds: pipes(t, 1)})
@@ -566,5 +566,22 @@ func TestConcurrentPlugsTakeDistinctSlots(t *testing.T) {
 	sort.Strings(got)
 	if diff := cmp.Diff([]string{"01.0/00", "02.0/00", "03.0/00"}, got); diff != "" {
 		t.Errorf("addresses (-want +got):\n%s", diff)
+	}
+}
+
+func TestPlugDuplicateLeavesFirstAlone(t *testing.T) {
+	vm := newFakeVM(t, q35())
+	c := vm.client(t)
+	if _, err := Plug(ctxT(t), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 1)}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Plug(ctxT(t), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:02", Fds: pipes(t, 1)})
+	var qe *qmp.Error
+	if !errors.As(err, &qe) || !strings.Contains(qe.Desc, "Duplicate ID") {
+		t.Fatalf("second plug: %v, want a duplicate id error", err)
+	}
+	fds, netdevs, devices := vm.state()
+	if diff := cmp.Diff([]string{"eth0-netdev", "eth0"}, append(netdevs, devices...)); diff != "" || len(fds) != 0 {
+		t.Errorf("after a failed duplicate plug: fds %v (-want +got netdevs, devices):\n%s", fds, diff)
 	}
 }

@@ -15,7 +15,7 @@
 //
 // Boot skips the test when qemu-system-x86_64 or the built guest is missing, or when not
 // root. QEMU is killed at the end of the test, and the serial log is printed when the test
-// failed. A Guest's methods are safe for concurrent use.
+// failed (or always, with KDP_GUEST_LOG=1). A Guest's methods are safe for concurrent use.
 package guesttest
 
 import (
@@ -393,7 +393,7 @@ func (g *Guest) cleanup() {
 	case <-time.After(10 * time.Second):
 		g.t.Errorf("qemu pid %d did not exit after SIGKILL", g.cmd.Process.Pid)
 	}
-	if g.t.Failed() {
+	if g.t.Failed() || os.Getenv("KDP_GUEST_LOG") != "" {
 		g.t.Logf("%s", g.Log())
 	}
 }
