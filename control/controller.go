@@ -36,6 +36,9 @@ type Config struct {
 	Logger *slog.Logger
 	// RollbackTimeout bounds the undo of a failed operation; 0 means 30s.
 	RollbackTimeout time.Duration
+	// OnSandboxRemoved, when set, is called after a sandbox was deleted, so state kept
+	// outside the controller for it (e.g. its kata-ipvs rules) goes with it.
+	OnSandboxRemoved func(id string)
 }
 
 // Controller is the control plane. See the package documentation for its concurrency rules.
@@ -320,6 +323,9 @@ func (c *Controller) DelSandbox(ctx context.Context, id string) error {
 		}
 	}
 	c.mu.Unlock()
+	if c.cfg.OnSandboxRemoved != nil {
+		c.cfg.OnSandboxRemoved(e.sb.ID)
+	}
 	c.log.Info("sandbox deleted", "sandbox", e.sb.ID)
 	return nil
 }

@@ -7,10 +7,12 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"time"
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/store"
 )
 
@@ -72,7 +74,13 @@ func agent(e *env, o agentOptions) (err error) {
 			}
 		}
 	}()
-	cfg := control.Config{Dataplane: deps.Dataplane, Taps: deps.Taps, Store: st, Logger: log}
+	var lbm *ipvsctl.Manager
+	cfg := control.Config{Dataplane: deps.Dataplane, Taps: deps.Taps, Store: st, Logger: log,
+		OnSandboxRemoved: func(id string) {
+			if lbm != nil {
+				lbm.Forget(id)
+			}
+		}}
 	if deps.Hotplug != nil {
 		cfg.Hotplug = deps.Hotplug
 	}
@@ -82,6 +90,22 @@ func agent(e *env, o agentOptions) (err error) {
 	}
 	metrics := api.NewMetrics(ctrl, version)
 	srv := api.NewServer(ctrl, api.ServerOptions{Version: version, Logger: log, Metrics: metrics})
+	if deps.LB != nil {
+		ist, err := store.Open(filepath.Join(o.stateDir, "ipvs"))
+		if err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+		lbm, err = ipvsctl.New(ctx, deps.LB, ist, ctrl.Health, ctrl.Sandboxes(), log)
+		if err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+		registerKataIPVS(srv, lbm, metrics)
+	}
+	if deps.Sweep != nil {
+		sctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		go deps.Sweep(sctx)
+	}
 	l, err := api.Listen(o.socket)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)

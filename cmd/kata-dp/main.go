@@ -64,7 +64,9 @@ var commands = []struct {
 	{"agent", "run the node agent (the only process that changes state)", runAgent},
 	{"sandbox", "register, remove and list sandboxes", runSandbox},
 	{"kata-network", "manage the interfaces and routes of a sandbox (drop-in for kata-runtime kata-network)", runKataNetwork},
+	{"kata-ipvs", "manage the load balancer of a sandbox (drop-in for kata-runtime kata-ipvs)", runKataIPVS},
 	{"status", "show sandboxes, endpoints, modes and counters", runStatus},
+	{"bench", "benchmark the dataplane modes against Kata's tc mirred (see --help)", runBench},
 	{"version", "show the version and the kernel features found", runVersion},
 }
 

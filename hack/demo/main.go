@@ -56,7 +56,14 @@ func step(format string, args ...any) {
 
 // cli runs `kata-dp args...` with stdin, echoes the command and its output, and returns stdout.
 func (d *demo) cli(stdin string, args ...string) (string, error) {
-	shown := "kata-dp " + strings.Join(args, " ")
+	quoted := make([]string, len(args))
+	for i, a := range args {
+		quoted[i] = a
+		if strings.ContainsAny(a, " \t") {
+			quoted[i] = `"` + a + `"`
+		}
+	}
+	shown := "kata-dp " + strings.Join(quoted, " ")
 	if stdin != "" {
 		shown = "echo '" + stdin + "' | " + shown
 	}

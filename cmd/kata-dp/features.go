@@ -1,0 +1,33 @@
+package main
+
+import (
+	"context"
+	"time"
+
+	"github.com/kata-dp/kata-dp/loader"
+)
+
+// sweepInterval is how often the agent expires idle load-balanced connections.
+const sweepInterval = time.Second
+
+func init() {
+	probeFeatures = func(context.Context) ([]Feature, error) {
+		f, err := loader.Probe()
+		if err != nil {
+			return nil, err
+		}
+		fallback := func(ok bool, detail string) string {
+			if ok {
+				return ""
+			}
+			return detail
+		}
+		return []Feature{
+			{Name: "tcx", Supported: f.TCX, Detail: fallback(f.TCX, "clsact + bpf filter fallback")},
+			{Name: "sched_cls", Supported: f.SchedCLS},
+			{Name: "xdp", Supported: f.XDP, Detail: fallback(f.XDP, "xdp mode falls back to tc")},
+			{Name: "lpm_trie", Supported: f.LPMTrie},
+			{Name: "devmap", Supported: f.DevMap},
+		}, nil
+	}
+}
