@@ -151,9 +151,22 @@ func (c *Client) GetFD(ctx context.Context, name string, f *os.File) error {
 }
 
 func (c *Client) execute(ctx context.Context, cmd string, args any, oob []byte) (json.RawMessage, error) {
+	// A connection can die unnoticed between calls (QEMU restarted its monitor): when the
+	// command could not be written at all, it is safe to redial and send it once more.
+	for attempt := 0; ; attempt++ {
+		ret, unsent, err := c.try(ctx, cmd, args, oob)
+		if unsent && attempt == 0 && ctx.Err() == nil {
+			continue
+		}
+		return ret, err
+	}
+}
+
+// try sends cmd once. unsent reports that nothing reached the monitor.
+func (c *Client) try(ctx context.Context, cmd string, args any, oob []byte) (ret json.RawMessage, unsent bool, err error) {
 	cn, id, err := c.connAndID(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("qmp %s: %w", cmd, err)
+		return nil, false, fmt.Errorf("qmp %s: %w", cmd, err)
 	}
 	req := struct {
 		Execute   string `json:"execute"`
@@ -162,22 +175,22 @@ func (c *Client) execute(ctx context.Context, cmd string, args any, oob []byte) 
 	}{cmd, args, id}
 	b, err := json.Marshal(req)
 	if err != nil {
-		return nil, fmt.Errorf("qmp %s: encode arguments: %w", cmd, err)
+		return nil, false, fmt.Errorf("qmp %s: encode arguments: %w", cmd, err)
 	}
 	ch := make(chan reply, 1)
-	if err := cn.send(ctx, id, append(b, '\n'), oob, ch); err != nil {
+	if unsent, err := cn.send(ctx, id, append(b, '\n'), oob, ch); err != nil {
 		c.drop(cn, err)
-		return nil, fmt.Errorf("qmp %s: %w", cmd, err)
+		return nil, unsent, fmt.Errorf("qmp %s: %w", cmd, err)
 	}
 	select {
 	case r := <-ch:
 		if r.err != nil {
-			return nil, fmt.Errorf("qmp %s: %w", cmd, r.err)
+			return nil, false, fmt.Errorf("qmp %s: %w", cmd, r.err)
 		}
-		return r.ret, nil
+		return r.ret, false, nil
 	case <-ctx.Done():
 		cn.forget(id)
-		return nil, fmt.Errorf("qmp %s: %w", cmd, ctx.Err())
+		return nil, false, fmt.Errorf("qmp %s: %w", cmd, ctx.Err())
 	}
 }
 
@@ -361,13 +374,14 @@ func (cn *conn) isDead() bool {
 	}
 }
 
-// send registers ch for the reply to id and writes the message.
-func (cn *conn) send(ctx context.Context, id string, b, oob []byte, ch chan reply) error {
+// send registers ch for the reply to id and writes the message. unsent reports that no
+// byte of it was written.
+func (cn *conn) send(ctx context.Context, id string, b, oob []byte, ch chan reply) (unsent bool, err error) {
 	cn.mu.Lock()
 	if cn.err != nil {
 		err := cn.err
 		cn.mu.Unlock()
-		return err
+		return true, err
 	}
 	cn.pending[id] = ch
 	cn.mu.Unlock()
@@ -379,21 +393,21 @@ func (cn *conn) send(ctx context.Context, id string, b, oob []byte, ch chan repl
 	} else {
 		cn.uc.SetWriteDeadline(time.Time{})
 	}
-	var err error
+	var n int
 	if oob != nil {
-		var n, oobn int
+		var oobn int
 		n, oobn, err = cn.uc.WriteMsgUnix(b, oob, nil)
 		if err == nil && (n != len(b) || oobn != len(oob)) {
 			err = io.ErrShortWrite
 		}
 	} else {
-		_, err = cn.uc.Write(b)
+		n, err = cn.uc.Write(b)
 	}
 	if err != nil {
 		cn.forget(id)
-		return fmt.Errorf("%w: write: %w", ErrDisconnected, err)
+		return n <= 0, fmt.Errorf("%w: write: %w", ErrDisconnected, err)
 	}
-	return nil
+	return false, nil
 }
 
 func (cn *conn) forget(id string) {

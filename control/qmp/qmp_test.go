@@ -392,3 +392,21 @@ func TestCanceledBeforeDial(t *testing.T) {
 		t.Errorf("execute with a canceled context: %v, want canceled (and not unavailable)", err)
 	}
 }
+
+func TestStaleConnectionRedials(t *testing.T) {
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		return nil, nil
+	})
+	c := newClient(t, srv)
+	ctx := ctxT(t)
+	for i := range 20 {
+		if _, err := c.Execute(ctx, "a", nil); err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+		// The monitor goes away between calls; the next call must not fail for it.
+		srv.Disconnect()
+	}
+	if got := srv.Accepted(); got != 20 {
+		t.Errorf("connections = %d, want 20", got)
+	}
+}
