@@ -184,16 +184,18 @@ func Boot(t testing.TB, cfg GuestConfig) *Guest {
 		t.Fatalf("guest: %v", err)
 	}
 	g.cmd.Stderr = &lockedWriter{g: g}
-	if err := g.cmd.Start(); err != nil {
-		t.Fatalf("guest: start qemu: %v", err)
-	}
-	t.Cleanup(g.cleanup)
+	// Pdeathsig fires when the thread that forked QEMU exits, so fork from a thread locked
+	// to a goroutine that lives until QEMU is gone.
+	started := make(chan error, 1)
 	readerDone := make(chan struct{})
 	go func() {
-		defer close(readerDone)
-		g.readConsole(stdout)
-	}()
-	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := g.cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		<-readerDone
 		err := g.cmd.Wait()
 		g.mu.Lock()
@@ -201,6 +203,14 @@ func Boot(t testing.TB, cfg GuestConfig) *Guest {
 		g.mu.Unlock()
 		close(g.exited)
 		g.wake()
+	}()
+	if err := <-started; err != nil {
+		t.Fatalf("guest: start qemu: %v", err)
+	}
+	t.Cleanup(g.cleanup)
+	go func() {
+		defer close(readerDone)
+		g.readConsole(stdout)
 	}()
 
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.BootTimeout)
