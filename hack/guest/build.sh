@@ -38,11 +38,20 @@ fi
 abi="${pkg#linux-image-}"
 log "kernel package $pkg"
 
+# Drop what an older kernel ABI left behind.
+for old in "$out"/linux-image-*.deb "$out"/kernel-*; do
+	[ -e "$old" ] || continue
+	case "${old##*/}" in
+	"${pkg}"_*.deb | "kernel-$abi") ;;
+	*) rm -rf "$old" ;;
+	esac
+done
+
 deb="$(ls "$out"/"${pkg}"_*.deb 2>/dev/null | head -n1 || true)"
 if [ -z "$deb" ]; then
-	(cd "$out" && apt-get download "$pkg" >/dev/null) || {
+	(cd "$out" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null) || {
 		apt-get update -qq
-		(cd "$out" && apt-get download "$pkg" >/dev/null)
+		(cd "$out" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null)
 	}
 	deb="$(ls "$out"/"${pkg}"_*.deb | head -n1)"
 fi
