@@ -115,3 +115,28 @@ func (c *Config) prevResult() (*current.Result, error) {
 	}
 	return r, nil
 }
+
+// parseForDel decodes the configuration for DEL and GC, which must not hold up the rest of a
+// chain over keys they do not use (mode, tapName, socket: DEL takes the socket from the record
+// ADD wrote). ok is false when the network name or stateDir is unusable: ADD cannot have
+// recorded anything under such a configuration, so there is nothing to release.
+func parseForDel(stdin []byte) (c *Config, ok bool, err error) {
+	var keys struct {
+		Name     string `json:"name"`
+		StateDir string `json:"stateDir"`
+		Socket   string `json:"socket"`
+	}
+	if err := json.Unmarshal(stdin, &keys); err != nil {
+		return nil, false, types.NewError(types.ErrDecodingFailure, "kata-dp-cni: decode network configuration", err.Error())
+	}
+	c = &Config{StateDir: keys.StateDir, Socket: keys.Socket}
+	c.Name = keys.Name
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	c.Socket = api.SocketPath(c.Socket)
+	if !networkNameRE.MatchString(c.Name) || !filepath.IsAbs(c.StateDir) {
+		return c, false, nil
+	}
+	return c, true, nil
+}

@@ -283,12 +283,12 @@ func delIface(ctx context.Context, a Agent, id, name string) error {
 // Del removes what ADD made for the attachment, and nothing else; it succeeds when there is
 // nothing (left) to remove.
 func (p *Plugin) Del(args *skel.CmdArgs) error {
-	conf, err := ParseConfig(args.StdinData)
-	if err != nil {
+	conf, ok, err := parseForDel(args.StdinData)
+	if err != nil || !ok {
 		return err
 	}
-	if err := checkArgs(args, false); err != nil {
-		return err
+	if checkArgs(args, false) != nil {
+		return nil // ADD refuses such arguments before recording anything
 	}
 	ctx, cancel := p.context()
 	defer cancel()
