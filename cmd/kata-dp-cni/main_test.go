@@ -294,7 +294,7 @@ func newEnv(t *testing.T, agent *agentProc, host *topo.NetNS, kdp map[string]any
 	e := &env{t: t, host: host, ctr: ctr, agent: agent,
 		cni:      libcni.NewCNIConfigWithCacheDir([]string{binDir}, filepath.Join(dir, "cache"), nil),
 		stateDir: filepath.Join(dir, "kdp-state"), ipamDir: filepath.Join(dir, "ipam"),
-		rt:       &libcni.RuntimeConf{ContainerID: topo.UniqueName("kdptc-", 12), NetNS: ctr.Path(), IfName: "eth0"},
+		rt: &libcni.RuntimeConf{ContainerID: topo.UniqueName("kdptc-", 12), NetNS: ctr.Path(), IfName: "eth0"},
 	}
 	e.list = conflist(t, agent.socket, e.stateDir, e.ipamDir, kdp)
 	t.Cleanup(func() {
