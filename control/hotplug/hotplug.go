@@ -106,7 +106,13 @@ func Plug(ctx context.Context, c *qmp.Client, nic NIC) (pciAddr string, err erro
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), RollbackTimeout)
 		defer cancel()
 		for i := len(undo) - 1; i >= 0; i-- {
-			if uerr := undo[i](rctx); uerr != nil {
+			uerr := undo[i](rctx)
+			if errors.Is(uerr, qmp.ErrUnavailable) {
+				// QEMU is gone, and with it everything there was to undo.
+				log.Warn("hotplug rollback skipped: monitor unavailable", "err", uerr)
+				break
+			}
+			if uerr != nil {
 				log.Warn("hotplug rollback step failed", "err", uerr)
 				err = errors.Join(err, fmt.Errorf("rollback: %w", uerr))
 			}

@@ -585,3 +585,25 @@ func TestPlugDuplicateLeavesFirstAlone(t *testing.T) {
 		t.Errorf("after a failed duplicate plug: fds %v (-want +got netdevs, devices):\n%s", fds, diff)
 	}
 }
+
+func TestPlugQEMUDiesMidway(t *testing.T) {
+	vm := newFakeVM(t, q35())
+	vm.mu.Lock()
+	vm.killOn = "netdev_add"
+	vm.mu.Unlock()
+	c := vm.client(t)
+	go func() {
+		// QEMU exits for good once the connection dropped.
+		for vm.srv.Accepted() == 0 || !strings.Contains(strings.Join(vm.srv.Commands(), " "), "netdev_add") {
+			time.Sleep(time.Millisecond)
+		}
+		vm.srv.Close()
+	}()
+	_, err := Plug(ctxT(t), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 2)})
+	if !errors.Is(err, qmp.ErrDisconnected) {
+		t.Fatalf("plug: %v, want ErrDisconnected", err)
+	}
+	if strings.Contains(err.Error(), "rollback") {
+		t.Errorf("rollback errors reported for a VM that is gone: %v", err)
+	}
+}
