@@ -43,17 +43,22 @@ import (
 
 // Options configure a benchmark.
 type Options struct {
-	Quick    bool
-	Output   string
-	Rounds   int
-	Modes    []string
-	Cases    []string
-	Charts   string
+	Quick  bool
+	Output string
+	Rounds int
+	Modes  []string
+	Cases  []string
+	Charts string
+	// From re-renders a report saved with -o json instead of measuring.
+	From     string
 	CPUGen   int
 	CPUGuest int
 	Duration time.Duration
 	Requests int
 	MaxOther float64
+	// WaitQuiet is how long a run may wait for other processes to quiet
+	// down (below MaxOther) before it starts.
+	WaitQuiet time.Duration
 	// Nice is the nice value of the generator and emulator threads: -20
 	// (the default) keeps a busy neighbour from taking their CPUs.
 	Nice int
@@ -76,11 +81,16 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		return err
 	}
-	if os.Geteuid() != 0 {
-		return errors.New("bench: needs root (creates network namespaces, loads BPF programs)")
-	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
-	rep, err := Run(ctx, o, log)
+	var rep *Report
+	if o.From != "" {
+		rep, err = Load(o.From)
+	} else {
+		if os.Geteuid() != 0 {
+			return errors.New("bench: needs root (creates network namespaces, loads BPF programs)")
+		}
+		rep, err = Run(ctx, o, log)
+	}
 	if rep != nil {
 		if o.Charts != "" {
 			if cerr := writeCharts(rep, o.Charts); cerr != nil {
@@ -109,11 +119,13 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	fs.IntVar(&o.Rounds, "rounds", 5, "rounds: each runs every mode once, in order (3 with --quick unless set)")
 	fs.StringSliceVar(&o.Modes, "modes", DefaultModes, "modes to run, in order")
 	fs.StringSliceVar(&o.Cases, "cases", nil, "cases to run (default all; with --quick: "+strings.Join(quickCases, ",")+")")
+	fs.StringVar(&o.From, "from", "", "render the report saved (with -o json) in this file instead of measuring")
 	fs.StringVar(&o.Charts, "charts", "", "write SVG charts of pps, CPU per frame and latency to this directory")
 	fs.IntVar(&o.CPUGen, "cpu-gen", 0, "CPU for the generator (host side)")
 	fs.IntVar(&o.CPUGuest, "cpu-guest", 1, "CPU for the guest emulator")
 	fs.DurationVar(&o.Duration, "duration", 2*time.Second, "length of each one-way case (1s with --quick unless set)")
 	fs.IntVar(&o.Requests, "requests", 5000, "requests per latency case (2000 with --quick unless set)")
+	fs.DurationVar(&o.WaitQuiet, "wait-quiet", 5*time.Second, "before each run, wait up to this long for other processes to use less than --max-other of a CPU")
 	fs.IntVar(&o.Nice, "nice", -20, "nice value of the generator and guest emulator threads")
 	fs.Float64Var(&o.MaxOther, "max-other", 0.15, "flag a sample when other processes used more than this share of a CPU")
 	if err := fs.Parse(args); err != nil {
@@ -134,6 +146,9 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 		}
 		if !fs.Changed("cases") {
 			o.Cases = quickCases
+		}
+		if !fs.Changed("wait-quiet") {
+			o.WaitQuiet = time.Second
 		}
 	}
 	return o, o.validate()
@@ -207,6 +222,9 @@ func Run(ctx context.Context, o Options, log *slog.Logger) (*Report, error) {
 				return rep.finish(), err
 			}
 			m, _ := modeByName(name)
+			if busy := r.waitQuiet(ctx); busy > o.MaxOther {
+				log.Info("machine busy, running anyway", "other_cpu", fmt.Sprintf("%.2f", busy), "waited", o.WaitQuiet)
+			}
 			t0 := time.Now()
 			smps, err := r.runMode(ctx, m, round)
 			rep.Samples = append(rep.Samples, smps...)

@@ -25,7 +25,7 @@ func TestHarness(t *testing.T) {
 	defer cancel()
 	var out, log bytes.Buffer
 	dir := t.TempDir()
-	err := Main(ctx, []string{"--rounds", "1", "--duration", "100ms", "--requests", "20", "-o", "json", "--charts", dir}, &out, &log)
+	err := Main(ctx, []string{"--rounds", "1", "--duration", "100ms", "--requests", "20", "--wait-quiet", "0", "-o", "json", "--charts", dir}, &out, &log)
 	if err != nil {
 		t.Fatalf("bench: %v\n%s", err, log.String())
 	}

@@ -390,6 +390,30 @@ func (r *runner) finish(e *env, m modeDef, c caseDef, smp *Sample, a, b snapshot
 	r.checkOthers(smp, a, b)
 }
 
+// waitQuiet waits, up to Options.WaitQuiet, for a quarter second during
+// which other processes used less than Options.MaxOther of a CPU, and
+// returns the share they used in the last one.
+func (r *runner) waitQuiet(ctx context.Context) float64 {
+	var ks []int
+	for _, p := range r.ksoft {
+		ks = append(ks, p)
+	}
+	deadline := time.Now().Add(r.o.WaitQuiet)
+	for {
+		a, t0 := readTicks(ks), time.Now()
+		select {
+		case <-ctx.Done():
+			return 0
+		case <-time.After(250 * time.Millisecond):
+		}
+		b := readTicks(ks)
+		other := max(0, float64(b.busy-a.busy)-float64(b.ours-a.ours)) / clkTck / time.Since(t0).Seconds()
+		if other <= r.o.MaxOther || time.Now().After(deadline) {
+			return other
+		}
+	}
+}
+
 // checkOthers flags a sample during which other processes took more than
 // maxOtherShare of a CPU.
 func (r *runner) checkOthers(smp *Sample, a, b snapshot) {
