@@ -276,11 +276,16 @@ func conflist(t *testing.T, socket, stateDir, ipamDir string, kdp map[string]any
 	return list
 }
 
-// newEnv makes the host-side and container namespaces and the network configuration. host
-// may be shared between containers (one bridge); nil makes a new one.
-func newEnv(t *testing.T, agent *agentProc, host *topo.NetNS, kdp map[string]any) *env {
+// newEnv makes a container netns and the network configuration. With peer nil it makes a new
+// network (host-side netns, bridge, address pool); else the container joins peer's network.
+func newEnv(t *testing.T, agent *agentProc, peer *env, kdp map[string]any) *env {
 	t.Helper()
-	if host == nil {
+	dir := t.TempDir()
+	var host *topo.NetNS
+	ipamDir := filepath.Join(dir, "ipam")
+	if peer != nil {
+		host, ipamDir = peer.host, peer.ipamDir
+	} else {
 		host = topo.MustNetNS(t, nsPrefix+"h")
 		if err := host.DisableIPv6(); err != nil {
 			t.Fatal(err)
@@ -290,10 +295,9 @@ func newEnv(t *testing.T, agent *agentProc, host *topo.NetNS, kdp map[string]any
 	if err := ctr.DisableIPv6(); err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
 	e := &env{t: t, host: host, ctr: ctr, agent: agent,
 		cni:      libcni.NewCNIConfigWithCacheDir([]string{binDir}, filepath.Join(dir, "cache"), nil),
-		stateDir: filepath.Join(dir, "kdp-state"), ipamDir: filepath.Join(dir, "ipam"),
+		stateDir: filepath.Join(dir, "kdp-state"), ipamDir: ipamDir,
 		rt: &libcni.RuntimeConf{ContainerID: topo.UniqueName("kdptc-", 12), NetNS: ctr.Path(), IfName: "eth0"},
 	}
 	e.list = conflist(t, agent.socket, e.stateDir, e.ipamDir, kdp)
@@ -371,13 +375,18 @@ func records(t *testing.T, dir string) []string {
 	return out
 }
 
-// leases lists the addresses host-local holds for the network.
-func leases(t *testing.T, ipamDir string) []string {
+// leases lists the addresses host-local holds for the container (its lease files hold the
+// container id).
+func leases(t *testing.T, ipamDir, containerID string) []string {
 	t.Helper()
 	ents, _ := os.ReadDir(filepath.Join(ipamDir, networkName))
 	var out []string
 	for _, e := range ents {
-		if net.ParseIP(e.Name()) != nil {
+		if net.ParseIP(e.Name()) == nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(ipamDir, networkName, e.Name()))
+		if err == nil && strings.Contains(string(b), containerID) {
 			out = append(out, e.Name())
 		}
 	}
@@ -402,7 +411,7 @@ func (e *env) assertGone(t *testing.T) {
 	if got := records(t, e.stateDir); len(got) != 0 {
 		t.Errorf("plugin state left: %v", got)
 	}
-	if got := leases(t, e.ipamDir); len(got) != 0 {
+	if got := leases(t, e.ipamDir, e.rt.ContainerID); len(got) != 0 {
 		t.Errorf("address leases left: %v", got)
 	}
 }
@@ -657,7 +666,7 @@ func TestAgentDown(t *testing.T) {
 func TestBadConfig(t *testing.T) {
 	requireSetup(t)
 	agent := startAgent(t)
-	host := topo.MustNetNS(t, nsPrefix+"h")
+	network := newEnv(t, agent, nil, nil)
 	for _, tc := range []struct {
 		name string
 		kdp  map[string]any
@@ -669,7 +678,7 @@ func TestBadConfig(t *testing.T) {
 		{"antiSpoof", map[string]any{"antiSpoof": "yes"}, "antiSpoof"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newEnv(t, agent, host, tc.kdp)
+			e := newEnv(t, agent, network, tc.kdp)
 			_, err := e.add()
 			var te *types.Error
 			if !errors.As(err, &te) || te.Code < types.ErrDecodingFailure || te.Code > types.ErrInvalidNetworkConfig || !strings.Contains(err.Error(), tc.want) {
@@ -761,5 +770,92 @@ func TestVersion(t *testing.T) {
 	}
 	if diff := cmp.Diff([]string{"1.0.0", "1.1.0"}, info.SupportedVersions()); diff != "" {
 		t.Errorf("supported versions (-want +got):\n%s", diff)
+	}
+}
+
+// TestNetNSGone: DEL succeeds and cleans the agent when the runtime removed the container
+// netns first.
+func TestNetNSGone(t *testing.T) {
+	requireSetup(t)
+	agent := startAgent(t)
+	e := newEnv(t, agent, nil, nil)
+	if _, err := e.add(); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	if err := e.ctr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.del(); err != nil {
+		t.Fatalf("DEL with the netns gone: %v", err)
+	}
+	if sb := agent.sandbox(t, e.rt.ContainerID); sb != nil {
+		t.Errorf("sandbox left after DEL: %+v", sb)
+	}
+	if got := records(t, e.stateDir); len(got) != 0 {
+		t.Errorf("plugin state left: %v", got)
+	}
+}
+
+// TestCheckBroken: CHECK fails with the plugin's code when the tap is gone, and DEL still
+// cleans up.
+func TestCheckBroken(t *testing.T) {
+	requireSetup(t)
+	agent := startAgent(t)
+	e := newEnv(t, agent, nil, nil)
+	if _, err := e.add(); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	if out, err := e.ctr.Exec("ip", "link", "del", tapName); err != nil {
+		t.Fatalf("delete the tap: %v: %s", err, out)
+	}
+	if err := e.check(); cniCode(err) != cni.CodeCheckFailed || !strings.Contains(err.Error(), tapName) {
+		t.Errorf("CHECK without the tap: %v; want code %d naming %s", err, cni.CodeCheckFailed, tapName)
+	}
+	if err := e.del(); err != nil {
+		t.Fatalf("DEL: %v", err)
+	}
+	e.assertGone(t)
+}
+
+// TestTwoContainers: two containers on one bridge with the default configuration. The agent
+// reserves tap names host-wide (the kata-network contract's "device unique on the host"), so
+// with the default tapName the second ADD may be refused; it must then fail cleanly, leaving
+// the first container working. When the agent scopes tap names per netns, both must work.
+func TestTwoContainers(t *testing.T) {
+	requireSetup(t)
+	agent := startAgent(t)
+	a := newEnv(t, agent, nil, nil)
+	b := newEnv(t, agent, a, nil)
+	resA, err := a.add()
+	if err != nil {
+		t.Fatalf("ADD a: %v", err)
+	}
+	macA, addrA := a.assertAdded(t, resA)
+	resB, err := b.add()
+	switch {
+	case err == nil:
+		b.assertAdded(t, resB)
+		b.assertCheck(t)
+	case cniCode(err) == cni.CodeAgentFailed && strings.Contains(err.Error(), "already used by sandbox"):
+		t.Logf("KNOWN LIMITATION: %v", err)
+		if sb := agent.sandbox(t, b.rt.ContainerID); sb != nil {
+			t.Errorf("failed ADD left its sandbox: %+v", sb)
+		}
+		if linkExists(t, b.ctr, tapName) {
+			t.Errorf("failed ADD left a tap")
+		}
+		if got := records(t, b.stateDir); len(got) != 0 {
+			t.Errorf("failed ADD left plugin state: %v", got)
+		}
+	default:
+		t.Fatalf("ADD b: %v", err)
+	}
+	a.assertCheck(t)
+	t.Run("traffic-a", func(t *testing.T) { a.assertTraffic(t, macA, addrA, true) })
+	for _, e := range []*env{b, a} {
+		if err := e.del(); err != nil {
+			t.Fatalf("DEL: %v", err)
+		}
+		e.assertGone(t)
 	}
 }
