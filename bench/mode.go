@@ -49,6 +49,7 @@ var modes = []modeDef{
 	{name: "tcfilter", desc: "Kata's u32 + mirred on ingress qdiscs (baseline)", setup: setupTcfilter},
 	{name: "tc", desc: "kata-dp tc datapath, all features on (anti-spoof, strict egress, counters)", setup: setupTC},
 	{name: "macvtap", desc: "Kata's macvtap in bridge mode on the veth", noTap: true, setup: setupMacvtap},
+	{name: "cni-tcfilter", desc: "standard CNI path: bridge (FDB pre-learned) + veth pair + tcfilter (reference for direct mode)", ref: true, setup: setupCNI},
 	{name: "xdp", desc: "kata-dp XDP datapath", setup: setupXDP},
 	{name: "ref-redirect", desc: "reference: bare cls_bpf bpf_redirect, no features", ref: true, setup: setupRefRedirect},
 	{name: "ref-drop", desc: "reference: drop at veth (h2g) / tap (g2h) ingress: the ceiling", ref: true, noLatency: true, setup: setupRefDrop},
@@ -75,11 +76,15 @@ type env struct {
 	// guestDev is the guest-side device in the sandbox netns.
 	guestDev string
 	guestMAC net.HardwareAddr
-	vnetHdr  int
-	ref      *refprog.Objects
-	sb       *loader.Sandbox
-	links    []link.Link
-	undo     []func() error
+	// hostDev is where the host side sends from and receives on: the host
+	// veth, or in the CNI topology the client's veth behind the bridge.
+	hostDev string
+	hostMAC net.HardwareAddr
+	vnetHdr int
+	ref     *refprog.Objects
+	sb      *loader.Sandbox
+	links   []link.Link
+	undo    []func() error
 }
 
 func (e *env) close() error {
@@ -115,6 +120,49 @@ func setupTcfilter(e *env) error {
 	}
 	e.undo = append(e.undo, func() error { return mirred.Unjoin(ns, veth, tap) })
 	return e.openTap()
+}
+
+// The CNI topology's client side: a veth pair in the host netns whose one
+// end is a bridge port, like a pod or uplink behind the node's bridge.
+const (
+	cniBridge = "kdpbr0"
+	cniClient = "kdpcl0"
+	cniPort   = "kdpcl1"
+)
+
+// setupCNI rebuilds the host side as a CNI bridge plugin leaves it: the
+// host veth becomes a port of a bridge, and the traffic comes from a client
+// veth on another port; the bridge's FDB is pre-learned (static entries) so
+// one-way tests do not flood. The sandbox side is Kata's tcfilter.
+func setupCNI(e *env) error {
+	h := e.s.Host
+	hv := e.s.Config.HostVeth
+	steps := [][]string{
+		{"ip", "link", "add", cniBridge, "type", "bridge"},
+		{"ip", "link", "add", cniClient, "type", "veth", "peer", "name", cniPort},
+		{"ip", "link", "set", cniPort, "master", cniBridge},
+		{"ip", "link", "set", hv, "master", cniBridge},
+		{"ip", "addr", "flush", "dev", hv},
+		{"ip", "addr", "add", e.s.HostAddr.String(), "dev", cniClient},
+		{"ip", "link", "set", cniBridge, "up"},
+		{"ip", "link", "set", cniPort, "up"},
+		{"ip", "link", "set", cniClient, "up"},
+		{"bridge", "fdb", "replace", e.s.GuestMAC.String(), "dev", hv, "master", "static"},
+	}
+	for _, st := range steps {
+		if _, err := h.Exec(st...); err != nil {
+			return err
+		}
+	}
+	cl, err := h.Link(cniClient)
+	if err != nil {
+		return err
+	}
+	if _, err := h.Exec("bridge", "fdb", "replace", cl.MAC.String(), "dev", cniPort, "master", "static"); err != nil {
+		return err
+	}
+	e.hostDev, e.hostMAC = cniClient, cl.MAC
+	return setupTcfilter(e)
 }
 
 func setupTC(e *env) error {

@@ -80,13 +80,14 @@ func (r *runner) runMode(ctx context.Context, m modeDef, round int) (out []Sampl
 		return nil, err
 	}
 	defer func() { err = errors.Join(err, e.close()) }()
+	e.hostDev, e.hostMAC = s.Config.HostVeth, s.HostVeth.MAC
 	if err := m.setup(e); err != nil {
 		return nil, fmt.Errorf("set up %s: %w", m.name, err)
 	}
 	if err := prepareGuestFds(e); err != nil {
 		return nil, err
 	}
-	if err := s.Host.AddNeigh(s.Config.HostVeth, s.GuestAddr.Addr().String(), e.guestMAC); err != nil {
+	if err := s.Host.AddNeigh(e.hostDev, s.GuestAddr.Addr().String(), e.guestMAC); err != nil {
 		return nil, err
 	}
 	for _, c := range r.o.cases {
@@ -254,7 +255,7 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 		return err
 	}
 	defer emu.Close()
-	frame := udpFrame(e.guestMAC, s.HostVeth.MAC, s.HostAddr.Addr(), s.GuestAddr.Addr(), 40000, 40001, c.payload)
+	frame := udpFrame(e.guestMAC, e.hostMAC, s.HostAddr.Addr(), s.GuestAddr.Addr(), 40000, 40001, c.payload)
 	a, err := r.snap(e, emu, tids)
 	if err != nil {
 		return err
@@ -264,7 +265,7 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	if c.sock {
 		sent, genNS, err = blastUDP(ctx, s.Host.Path(), r.o.CPUGen, s.HostAddr.Addr().As4(), s.GuestAddr.Addr().As4(), 40002, c.payload, r.o.Duration)
 	} else {
-		sent, genNS, err = blast(ctx, s.Host.Path(), s.Config.HostVeth, r.o.CPUGen, frame, r.o.Duration)
+		sent, genNS, err = blast(ctx, s.Host.Path(), e.hostDev, r.o.CPUGen, frame, r.o.Duration)
 	}
 	elapsed := time.Since(t0)
 	if err != nil {
@@ -305,12 +306,12 @@ func (r *runner) oneWayG2H(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	s := e.s
 	// The host end drops what arrives at its ingress: the cheapest sink,
 	// the same for every mode, counted in the veth's rx counters.
-	sinkLink, err := e.ref.Attach(s.Host.Path(), s.Config.HostVeth, refprog.Drop)
+	sinkLink, err := e.ref.Attach(s.Host.Path(), e.hostDev, refprog.Drop)
 	if err != nil {
 		return err
 	}
 	defer sinkLink.Close()
-	frame := udpFrame(s.HostVeth.MAC, e.guestMAC, s.GuestAddr.Addr(), s.HostAddr.Addr(), 40001, 40000, c.payload)
+	frame := udpFrame(e.hostMAC, e.guestMAC, s.GuestAddr.Addr(), s.HostAddr.Addr(), 40001, 40000, c.payload)
 	a, err := r.snap(e, nil, nil)
 	if err != nil {
 		return err
@@ -326,8 +327,8 @@ func (r *runner) oneWayG2H(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	if err != nil {
 		return err
 	}
-	hv := s.Config.HostVeth
-	delivered := b.host[hv].RxPackets - a.host[hv].RxPackets
+	hd := e.hostDev
+	delivered := b.host[hd].RxPackets - a.host[hd].RxPackets
 	if m.name == "ref-drop" {
 		delivered = b.ns[e.guestDev].RxPackets - a.ns[e.guestDev].RxPackets
 	}
@@ -350,6 +351,10 @@ func (r *runner) hops(e *env, a, b snapshot, smp *Sample) {
 	smp.Hops["hostveth_tx"] = d(a.host[hv], b.host[hv], tx)
 	smp.Hops["hostveth_tx_dropped"] = d(a.host[hv], b.host[hv], txd)
 	smp.Hops["hostveth_rx"] = d(a.host[hv], b.host[hv], rx)
+	if hd := e.hostDev; hd != hv {
+		smp.Hops["hostdev_tx"] = d(a.host[hd], b.host[hd], tx)
+		smp.Hops["hostdev_rx"] = d(a.host[hd], b.host[hd], rx)
+	}
 	smp.Hops["veth_rx"] = d(a.ns[v], b.ns[v], rx)
 	smp.Hops["veth_tx"] = d(a.ns[v], b.ns[v], tx)
 	smp.Hops["veth_tx_dropped"] = d(a.ns[v], b.ns[v], txd)
