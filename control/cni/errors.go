@@ -34,12 +34,3 @@ func agentError(what string, err error) *types.Error {
 	}
 	return types.NewError(CodeAgentFailed, "kata-dp-cni: "+what+" failed", err.Error())
 }
-
-// asCNIError keeps a *types.Error and wraps anything else with code.
-func asCNIError(code uint, msg string, err error) *types.Error {
-	var te *types.Error
-	if errors.As(err, &te) {
-		return te
-	}
-	return types.NewError(code, msg, err.Error())
-}

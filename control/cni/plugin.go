@@ -38,6 +38,9 @@ var _ Agent = (*api.Client)(nil)
 // DefaultTimeout bounds one command of the plugin, agent calls included.
 const DefaultTimeout = 60 * time.Second
 
+// undoTimeout bounds the rollback of a failed ADD.
+const undoTimeout = 30 * time.Second
+
 // Plugin implements the CNI commands. The zero value talks to the agent with api.Client and
 // logs warnings to stderr (which runtimes keep beside the error).
 type Plugin struct {
@@ -209,29 +212,31 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		return ioError(err)
 	}
 	register := existing == nil
-	var undo []func() error
+	var undo []func(context.Context) error
 	fail := func(e *types.Error) error {
+		// Undo even when the command's time is up, within bounds of its own.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+		defer cancel()
 		for _, fn := range slices.Backward(undo) {
-			if err := fn(); err != nil {
+			if err := fn(rctx); err != nil {
 				log.Error("rollback failed", "err", err)
 				e.Details += fmt.Sprintf(" (rollback: %v)", err)
 			}
 		}
 		return e
 	}
-	undo = append(undo, func() error { return st.delRecord(rec) })
-	rctx := context.WithoutCancel(ctx) // undo even when the command's time is up
+	undo = append(undo, func(context.Context) error { return st.delRecord(rec) })
 	if register {
 		if err := st.putOwner(args.ContainerID, owner{NetNS: args.Netns, Socket: conf.Socket}); err != nil {
 			return fail(ioError(err))
 		}
-		undo = append(undo, func() error { return st.delOwner(args.ContainerID) })
+		undo = append(undo, func(context.Context) error { return st.delOwner(args.ContainerID) })
 		spec := control.SandboxSpec{ID: args.ContainerID, NetNS: args.Netns, Uplink: args.IfName, Mode: conf.Mode,
 			AntiSpoof: conf.AntiSpoof, StrictEgress: conf.StrictEgress}
 		if _, err := agent.AddSandbox(ctx, spec); err != nil {
 			return fail(agentError("register sandbox "+args.ContainerID, err))
 		}
-		undo = append(undo, func() error { return agent.DelSandbox(rctx, args.ContainerID) })
+		undo = append(undo, func(ctx context.Context) error { return agent.DelSandbox(ctx, args.ContainerID) })
 	}
 	req := netspec.AddRequest{
 		Interface: netspec.Interface{Device: conf.TapName, Name: args.IfName, HwAddr: veth.MAC.String(), MTU: veth.MTU},
@@ -248,7 +253,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		return fail(agentError("add-iface "+args.IfName+" to sandbox "+args.ContainerID, err))
 	}
 	if !register {
-		undo = append(undo, func() error { return delIface(rctx, agent, args.ContainerID, args.IfName) })
+		undo = append(undo, func(ctx context.Context) error { return delIface(ctx, agent, args.ContainerID, args.IfName) })
 	}
 	// The agent joins a tap only when it created it: make sure it did and joined it.
 	ep, err := endpointOf(ctx, agent, args.ContainerID, args.IfName)
