@@ -573,6 +573,9 @@ func TestLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ADD: %v", err)
 	}
+	if b, err := json.Marshal(res); err == nil {
+		t.Logf("ADD result: %s", b)
+	}
 	mac, addr := e.assertAdded(t, res)
 	if got := records(t, e.stateDir); len(got) != 2 {
 		t.Errorf("plugin state %v: want the attachment record and the sandbox marker", got)
