@@ -676,6 +676,7 @@ func TestBadConfig(t *testing.T) {
 		want string
 	}{
 		{"mode", map[string]any{"mode": "warp"}, `mode "warp"`},
+		{"macvtap", map[string]any{"mode": "macvtap"}, `"macvtap" is not supported`},
 		{"tapName", map[string]any{"tapName": "tap 0"}, "tapName"},
 		{"socket", map[string]any{"socket": "kata-dp.sock"}, "socket"},
 		{"antiSpoof", map[string]any{"antiSpoof": "yes"}, "antiSpoof"},
@@ -861,4 +862,65 @@ func TestTwoContainers(t *testing.T) {
 		}
 		e.assertGone(t)
 	}
+}
+
+// TestModes: the whole cycle with every dataplane mode the configuration can ask for, and with
+// a cniVersion 1.0.0 conflist.
+func TestModes(t *testing.T) {
+	requireSetup(t)
+	agent := startAgent(t)
+	for _, tc := range []struct {
+		name       string
+		kdp        map[string]any
+		cniVersion string
+	}{
+		{"tc-cni-1.0.0", map[string]any{"mode": "tc"}, "1.0.0"},
+		{"xdp", map[string]any{"mode": "xdp"}, ""},
+		{"tcfilter", map[string]any{"mode": "tcfilter"}, ""},
+		{"checks-off", map[string]any{"antiSpoof": false, "strictEgress": false}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, agent, nil, tc.kdp)
+			if tc.cniVersion != "" {
+				e.list = conflistVersion(t, e.list, tc.cniVersion)
+			}
+			res, err := e.add()
+			if err != nil {
+				t.Fatalf("ADD: %v", err)
+			}
+			mac, addr := e.assertAdded(t, res)
+			sb := agent.sandbox(t, e.rt.ContainerID)
+			if m, _ := tc.kdp["mode"].(string); m != "" && sb.Mode != m {
+				t.Errorf("sandbox mode %s, want %s", sb.Mode, m)
+			}
+			if v, ok := tc.kdp["antiSpoof"].(bool); ok && sb.AntiSpoof != v {
+				t.Errorf("sandbox antiSpoof %v, want %v", sb.AntiSpoof, v)
+			}
+			t.Run("traffic", func(t *testing.T) { e.assertTraffic(t, mac, addr, true) })
+			e.assertCheck(t)
+			if err := e.del(); err != nil {
+				t.Fatalf("DEL: %v", err)
+			}
+			e.assertGone(t)
+		})
+	}
+}
+
+// conflistVersion returns list with another cniVersion.
+func conflistVersion(t *testing.T, list *libcni.NetworkConfigList, v string) *libcni.NetworkConfigList {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal(list.Bytes, &m); err != nil {
+		t.Fatal(err)
+	}
+	m["cniVersion"] = v
+	b, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := libcni.ConfListFromBytes(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }

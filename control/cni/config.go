@@ -2,6 +2,7 @@ package cni
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"regexp"
@@ -31,8 +32,9 @@ type Config struct {
 
 	// Socket is the agent's API socket (default api.DefaultSocket).
 	Socket string `json:"socket,omitempty"`
-	// Mode is the dataplane mode of a sandbox the plugin registers: tc, xdp, tcfilter or
-	// macvtap (default: the agent's, tc). A sandbox the runtime registered keeps its own.
+	// Mode is the dataplane mode of a sandbox the plugin registers: tc, xdp or tcfilter
+	// (default: the agent's, tc; macvtap is refused, see errMacvtap). A sandbox the runtime
+	// registered keeps its own.
 	Mode string `json:"mode,omitempty"`
 	// AntiSpoof and StrictEgress switch the datapath's checks of a sandbox the plugin
 	// registers; nil leaves the agent's default (on).
@@ -43,6 +45,11 @@ type Config struct {
 	// StateDir holds the plugin's records of what ADD made (default DefaultStateDir).
 	StateDir string `json:"stateDir,omitempty"`
 }
+
+// errMacvtap explains why the plugin does not offer Kata's macvtap model: there the VM opens a
+// macvtap device the agent does not report (not the tap), and the veth's MAC is swapped, which
+// breaks the previous plugin's CHECK of the container interface.
+var errMacvtap = errors.New("mode \"macvtap\" is not supported by kata-dp-cni (the VM would use a macvtap device instead of the tap, and the container interface's MAC would change under the previous plugin); use tc, xdp or tcfilter")
 
 // The CNI spec versions the plugin speaks: chaining needs prevResult (0.3.0 and later), GC
 // and STATUS are 1.1.
@@ -86,6 +93,9 @@ func (c *Config) validate() error {
 	}
 	if c.Mode != "" && !slices.Contains(control.Modes, c.Mode) {
 		return fmt.Errorf("mode %q is not one of %s", c.Mode, strings.Join(control.Modes, ", "))
+	}
+	if c.Mode == control.ModeMacvtap {
+		return errMacvtap
 	}
 	if c.TapName == "" {
 		c.TapName = DefaultTapName
