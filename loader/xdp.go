@@ -246,11 +246,14 @@ func XDPProgram(nsPath, ifname string) (name, mode string, err error) {
 	return name, mode, nil
 }
 
-// SetXDPPort lets the XDP program of device src redirect to device dst: the devmap entry
-// first, then the port, so the program never finds a port without its target.
-func (s *Sandbox) SetXDPPort(src, dst uint32, p XDPPort) error {
+// SetXDPPort lets the XDP program of device src redirect to device dst, both ifindexes in
+// the netns at nsPath: the kernel resolves a devmap entry's ifindex in the netns of the
+// thread writing it, so the write happens there. The devmap entry goes first, then the
+// port, so the program never finds a port without its target.
+func (s *Sandbox) SetXDPPort(nsPath string, src, dst uint32, p XDPPort) error {
 	val := struct{ Ifindex, ProgFD uint32 }{Ifindex: dst}
-	if err := s.objs.KdpXdpTx.Put(src, val); err != nil {
+	err := inNetNS(nsPath, func() error { return s.objs.KdpXdpTx.Put(src, val) })
+	if err != nil {
 		return fmt.Errorf("set xdp target %d -> %d: %w", src, dst, err)
 	}
 	if err := s.objs.KdpXdpPorts.Put(src, datapathXdpPort{MaxLen: p.MaxLen, Flags: p.Flags}); err != nil {
@@ -310,7 +313,7 @@ func XDPRedirectTarget(nsPath, ifname string) (bool, error) {
 			return fmt.Errorf("netdev genetlink family: %w", err)
 		}
 		req := nl.NewNetlinkRequest(int(fam.ID), 0)
-		req.AddData(&nl.Genlmsg{Command: netdevCmdDevGet, Version: 1})
+		req.AddData(genlHdr{cmd: netdevCmdDevGet, version: 1})
 		req.AddData(nl.NewRtAttr(netdevADevIfindex, nl.Uint32Attr(uint32(l.Attrs().Index))))
 		msgs, err := req.Execute(unix.NETLINK_GENERIC, 0)
 		if err != nil {
@@ -337,6 +340,13 @@ func XDPRedirectTarget(nsPath, ifname string) (bool, error) {
 	}
 	return ok, nil
 }
+
+// genlHdr is struct genlmsghdr with its reserved field zeroed (nl.Genlmsg serializes stray
+// bytes there, which strictly validated families refuse).
+type genlHdr struct{ cmd, version uint8 }
+
+func (h genlHdr) Len() int          { return 4 }
+func (h genlHdr) Serialize() []byte { return []byte{h.cmd, h.version, 0, 0} }
 
 func (s *Sandbox) pinnedXDPLinks(ifname string) ([]string, error) {
 	return filepath.Glob(filepath.Join(s.dir, xdpLinksDir, ifname+"@"+progPrefix+"*"))

@@ -87,7 +87,7 @@ func newXDPRig(t *testing.T, id string) *xdpRig {
 // itself: BPF_PROG_TEST_RUN reports the verdict and transmits nothing.
 func (r *xdpRig) port(t *testing.T, maxLen, flags uint32) {
 	t.Helper()
-	if err := r.sb.SetXDPPort(1, 1, loader.XDPPort{MaxLen: maxLen, Flags: flags}); err != nil {
+	if err := r.sb.SetXDPPort("", 1, 1, loader.XDPPort{MaxLen: maxLen, Flags: flags}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -270,7 +270,7 @@ func TestXDPLBNAT(t *testing.T) {
 func TestXDPPorts(t *testing.T) {
 	needRoot(t)
 	r := newXDPRig(t, "xdpports")
-	if err := r.sb.SetXDPPort(1, 1, loader.XDPPort{MaxLen: 1518, Flags: loader.XDPFlagCsum}); err != nil {
+	if err := r.sb.SetXDPPort("", 1, 1, loader.XDPPort{MaxLen: 1518, Flags: loader.XDPFlagCsum}); err != nil {
 		t.Fatal(err)
 	}
 	ports, err := r.sb.XDPPorts()

@@ -36,6 +36,7 @@ type sandbox struct {
 	netns string
 	lb    *lbState                       // nil until the first SetLB/RestoreLB of this process
 	rates map[maps.LBStatsKey]ipvs.Stats // set by the sweeper under Dataplane.mu
+	modes map[uint32]*epMode             // by endpoint slot, under Dataplane.mu (modes.go)
 }
 
 var (
@@ -131,12 +132,10 @@ func (d *Dataplane) UpdateEndpoint(ctx context.Context, ep control.Endpoint) err
 	return nil
 }
 
+// checkMode accepts the four modes ("" = tc); modes.go runs them.
 func checkMode(ep control.Endpoint) error {
-	switch ep.Mode {
-	case "", control.ModeTC:
-		return nil
-	case control.ModeXDP:
-		slog.Warn("xdp mode is not available in this build: using tc", "sandbox", ep.Sandbox, "nic", ep.NIC)
+	switch normMode(ep.Mode) {
+	case control.ModeTC, control.ModeXDP, control.ModeTCFilter, control.ModeMacvtap:
 		return nil
 	}
 	return fmt.Errorf("%w %q", ErrMode, ep.Mode)
@@ -154,6 +153,12 @@ func (d *Dataplane) add(ep control.Endpoint, fresh bool) (err error) {
 	sb, err := d.get(ep.Sandbox)
 	if err != nil {
 		return err
+	}
+	switch normMode(ep.Mode) {
+	case control.ModeTCFilter:
+		return d.addTCFilter(sb, ep)
+	case control.ModeMacvtap:
+		return d.addMacvtap(sb, ep)
 	}
 	tap, err := netdev.LookupLink(ep.NetNS, ep.Tap)
 	if err != nil {
@@ -214,7 +219,7 @@ func (d *Dataplane) add(ep control.Endpoint, fresh bool) (err error) {
 			return err
 		}
 	}
-	return nil
+	return d.finishBPF(sb, ep, tap, uplink)
 }
 
 // DelEndpoint detaches the endpoint's programs and removes its entries. Devices that are
@@ -224,27 +229,16 @@ func (d *Dataplane) DelEndpoint(ctx context.Context, ep control.Endpoint) error 
 	if err != nil {
 		return fmt.Errorf("del endpoint %s: %w", ep.NIC, err)
 	}
-	eps := maps.EndpointMap{Map: sb.lsb.Maps().Endpoints}
-	for _, dev := range []string{ep.Uplink, ep.Tap} {
-		if dev == "" {
-			continue
-		}
-		if err := sb.lsb.Detach(ep.NetNS, dev); err != nil {
-			return fmt.Errorf("del endpoint %s: %w", ep.NIC, err)
-		}
-	}
-	// Remove every entry of the slot: ifindexes may have changed if a device was recreated.
-	all, err := eps.All()
-	if err != nil {
+	// Whatever mode the endpoint ran in (this process may not know, after a restart): XDP and
+	// tc programs, then every entry of the slot (ifindexes may have changed if a device was
+	// recreated), then mirred filters and the macvtap.
+	if err := d.removeBPF(sb, ep); err != nil {
 		return fmt.Errorf("del endpoint %s: %w", ep.NIC, err)
 	}
-	for ifindex, e := range all {
-		if e.Slot == ep.Slot {
-			if err := eps.Remove(ifindex); err != nil {
-				return fmt.Errorf("del endpoint %s: %w", ep.NIC, err)
-			}
-		}
+	if err := d.removeNonBPF(ep); err != nil {
+		return fmt.Errorf("del endpoint %s: %w", ep.NIC, err)
 	}
+	d.setModeOf(sb, ep.Slot, nil)
 	return nil
 }
 
@@ -265,12 +259,16 @@ func (d *Dataplane) SetRoutes(ctx context.Context, id string, routes []control.R
 	return nil
 }
 
-// Stats reads the endpoint's counters, summed over CPUs.
+// Stats reads the endpoint's counters, summed over CPUs. Endpoints in tcfilter or macvtap mode
+// have no BPF counters: their Stats are link counters, marked with NoBPFCounters.
 func (d *Dataplane) Stats(ctx context.Context, ep control.Endpoint) (control.EndpointStats, error) {
 	var out control.EndpointStats
 	sb, err := d.get(ep.Sandbox)
 	if err != nil {
 		return out, fmt.Errorf("stats of %s: %w", ep.NIC, err)
+	}
+	if m := d.modeOf(sb, ep.Slot); m != nil && (m.mode == control.ModeTCFilter || m.mode == control.ModeMacvtap) {
+		return d.linkStats(ep, m)
 	}
 	sm := maps.StatsMap{Map: sb.lsb.Maps().Stats}
 	for _, x := range []struct {

@@ -1,0 +1,434 @@
+package bpfdp_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kata-dp/kata-dp/bench/guestemu"
+	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/bpfdp"
+	"github.com/kata-dp/kata-dp/control/macvtap"
+	"github.com/kata-dp/kata-dp/control/netdev"
+	"github.com/kata-dp/kata-dp/loader"
+)
+
+// modeRig is the standard sandbox topology with a guest behind the tap (or, in macvtap mode,
+// behind the macvtap's /dev/tapN), the endpoint added in the given mode.
+type modeRig struct {
+	sb     *topo.Sandbox
+	guest  *topo.NetNS
+	bridge *guestemu.Bridge
+	dp     *bpfdp.Dataplane
+	root   string
+	ep     control.Endpoint
+	ctx    context.Context
+}
+
+type rigOpts struct {
+	mode    string
+	offload bool
+	peerGRO bool // GRO on the host end of the veth: frames XDP redirects into the veth arrive
+}
+
+func newModeRig(t *testing.T, id string, o rigOpts) *modeRig {
+	t.Helper()
+	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
+	r := &modeRig{root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptx-%08x", rand.Uint32()))}
+	t.Cleanup(func() { os.RemoveAll(r.root) })
+	r.sb = topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptx-"})
+	r.guest = topo.MustNetNS(t, "kdptx-g")
+	if o.peerGRO {
+		if err := netdev.SetGRO(r.sb.Host.Path(), r.sb.HostVeth.Name, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	r.ctx = ctx
+	var err error
+	if r.dp, err = bpfdp.New(r.root); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.dp.Close() })
+	if err := r.dp.EnsureSandbox(ctx, id, r.sb.NS.Path()); err != nil {
+		t.Fatal(err)
+	}
+	r.ep = control.Endpoint{
+		Sandbox: id, NetNS: r.sb.NS.Path(), Slot: 0, NIC: "eth0", Tap: r.sb.Tap.Name, Uplink: r.sb.Veth.Name,
+		MAC: r.sb.GuestMAC, Addr: r.sb.GuestAddr, MTU: 1500, Mode: o.mode, AntiSpoof: true, StrictEgress: true,
+	}
+	if err := r.dp.AddEndpoint(ctx, r.ep); err != nil {
+		t.Fatal(err)
+	}
+	// Registered after the sandbox's cleanups, so it runs before them: the macvtap and its
+	// /dev node go while the namespaces are still there.
+	t.Cleanup(func() {
+		r.dp.DelEndpoint(context.Background(), r.ep)
+		r.dp.RemoveSandbox(context.Background(), id)
+	})
+	r.startBridge(t, o.offload)
+	return r
+}
+
+// startBridge (re)connects the guest to the device the endpoint's mode gives the VM.
+func (r *modeRig) startBridge(t *testing.T, offload bool) {
+	t.Helper()
+	if r.bridge != nil {
+		r.bridge.Close()
+	}
+	var fds []*os.File
+	var err error
+	mac := r.sb.GuestMAC
+	if mv, ok := r.dp.Macvtap(r.ep); ok {
+		fds, err = macvtap.Open(mv, 1, true)
+		mac = mv.MAC
+	} else {
+		fds, err = netdev.OpenTap(r.sb.NS.Path(), r.sb.Tap.Name, 1, true, true)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, f := range fds {
+			f.Close()
+		}
+	}()
+	b, err := guestemu.NewBridge(fds, r.guest.Path(), "eth0", guestemu.BridgeOptions{
+		MAC: mac, Addrs: []netip.Prefix{r.sb.GuestAddr}, Offload: offload,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.bridge = b
+	t.Cleanup(func() { b.Close() })
+	if err := b.Start(r.ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// csumErrors reads the IPv4 TCP and UDP InCsumErrors counters of a namespace.
+func csumErrors(t *testing.T, n *topo.NetNS) (tcp, udp uint64) {
+	t.Helper()
+	out, err := n.Exec("cat", "/proc/net/snmp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(out, "\n")
+	for i := 0; i+1 < len(lines); i++ {
+		h, v := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		if len(h) == 0 || len(h) != len(v) || h[0] != v[0] || (h[0] != "Tcp:" && h[0] != "Udp:") {
+			continue
+		}
+		for j, name := range h {
+			if name == "InCsumErrors" {
+				n, _ := strconv.ParseUint(v[j], 10, 64)
+				if h[0] == "Tcp:" {
+					tcp = n
+				} else {
+					udp = n
+				}
+			}
+		}
+	}
+	return tcp, udp
+}
+
+// udpExchange sends datagrams of many sizes from client to server with ordinary sockets and
+// returns how many arrived intact.
+func udpExchange(t *testing.T, client, server *topo.NetNS, addr string, n int) int {
+	t.Helper()
+	pc, err := server.ListenPacket("udp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	c, err := client.Dial("udp4", addr, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := make(chan int)
+	go func() {
+		buf := make([]byte, 2048)
+		ok := 0
+		for {
+			pc.SetReadDeadline(time.Now().Add(time.Second))
+			k, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				got <- ok
+				return
+			}
+			if k > 0 && bytes.Equal(buf[:k], payload(k, buf[0])) {
+				ok++
+			}
+		}
+	}()
+	for i := range n {
+		size := 1 + (i*97)%1472
+		c.Write(payload(size, byte(i)))
+		time.Sleep(200 * time.Microsecond)
+	}
+	return <-got
+}
+
+func payload(n int, seed byte) []byte {
+	b := make([]byte, n)
+	b[0] = seed
+	for i := 1; i < n; i++ {
+		b[i] = byte(int(seed) + i*31)
+	}
+	return b
+}
+
+// functional is the same test for every mode: ping and TCP both ways, UDP both ways with
+// ordinary sockets and no checksum errors on either end, and counters where the mode has them.
+func functional(t *testing.T, r *modeRig, wantMode string, offload bool) {
+	t.Helper()
+	host, guest := r.sb.Host, r.guest
+	hostIP, guestIP := r.sb.HostAddr.Addr().String(), r.sb.GuestAddr.Addr().String()
+	if mode, reason, err := r.dp.Mode(r.ep); err != nil || mode != wantMode {
+		t.Fatalf("mode %q (%s, %v), want %q", mode, reason, err, wantMode)
+	}
+	ht0, hu0 := csumErrors(t, host)
+	gt0, gu0 := csumErrors(t, guest)
+
+	if tx, rx := ping(t, host, "-c", "5", "-i", "0.05", "-W", "2", guestIP); rx != tx {
+		t.Fatalf("host->guest ping: %d/%d", rx, tx)
+	}
+	if tx, rx := ping(t, guest, "-c", "5", "-i", "0.05", "-W", "2", hostIP); rx != tx {
+		t.Fatalf("guest->host ping: %d/%d", rx, tx)
+	}
+	if err := topo.TCPTransfer(host, guest, guestIP+":5201", 4<<20, 20*time.Second); err != nil {
+		t.Fatalf("tcp host->guest: %v", err)
+	}
+	if err := topo.TCPTransfer(guest, host, hostIP+":5202", 4<<20, 20*time.Second); err != nil {
+		t.Fatalf("tcp guest->host: %v", err)
+	}
+	const n = 300
+	if got := udpExchange(t, host, guest, guestIP+":5301", n); got != n {
+		t.Errorf("udp host->guest: %d of %d datagrams arrived intact", got, n)
+	}
+	if got := udpExchange(t, guest, host, hostIP+":5302", n); got != n {
+		t.Errorf("udp guest->host: %d of %d datagrams arrived intact", got, n)
+	}
+	ht1, hu1 := csumErrors(t, host)
+	gt1, gu1 := csumErrors(t, guest)
+	if ht1 != ht0 || hu1 != hu0 || gt1 != gt0 || gu1 != gu0 {
+		t.Errorf("checksum errors: host tcp %d udp %d, guest tcp %d udp %d", ht1-ht0, hu1-hu0, gt1-gt0, gu1-gu0)
+	}
+
+	s, err := r.dp.Stats(r.ctx, r.ep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	switch wantMode {
+	case control.ModeTCFilter, control.ModeMacvtap:
+		if s.FromGuest.Drops[bpfdp.NoBPFCounters] != 1 || s.ToGuest.Drops[bpfdp.NoBPFCounters] != 1 {
+			t.Errorf("stats of a mode without BPF counters are not marked: %+v", s)
+		}
+		if s.FromGuest.Bytes < 4<<20 || s.ToGuest.Bytes < 4<<20 {
+			t.Errorf("link counters too small for 4 MiB each way: %+v", s)
+		}
+	default:
+		// Every frame the guest wrote crossed the tap's programs once. Without offloads the
+		// tap cannot take GSO frames, so the kernel segments the super-frames the tc program
+		// counted once after it: the guest reads more frames than were counted.
+		var b guestemu.Stats
+		toGuestOK := func() bool {
+			if offload {
+				return s.ToGuest.Packets == b.RxFrames
+			}
+			return s.ToGuest.Packets > 0 && s.ToGuest.Packets <= b.RxFrames
+		}
+		deadline := time.Now().Add(3 * time.Second)
+		for {
+			s, _ = r.dp.Stats(r.ctx, r.ep)
+			b = r.bridge.Stats()
+			if (s.FromGuest.Packets == b.TxFrames && toGuestOK()) || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if s.FromGuest.Packets != b.TxFrames || !toGuestOK() {
+			t.Errorf("BPF counters from_guest=%d to_guest=%d, emulator wrote %d and read %d frames (offload %v)",
+				s.FromGuest.Packets, s.ToGuest.Packets, b.TxFrames, b.RxFrames, offload)
+		}
+		for dir, d := range map[string]control.DirStats{"from_guest": s.FromGuest, "to_guest": s.ToGuest} {
+			for reason, n := range d.Drops {
+				if n != 0 {
+					t.Errorf("%s: %d drops (%s) in honest traffic", dir, n, reason)
+				}
+			}
+		}
+	}
+}
+
+// TestModes: every mode passes the same functional tests, with the guest's offloads on (partial
+// checksums and GSO frames from the guest, as virtio with offloads) and off.
+func TestModes(t *testing.T) {
+	cases := []struct {
+		name string
+		o    rigOpts
+		want string
+	}{
+		{"tc", rigOpts{mode: control.ModeTC, offload: true}, control.ModeTC},
+		{"tc-nooffload", rigOpts{mode: control.ModeTC}, control.ModeTC},
+		{"xdp", rigOpts{mode: control.ModeXDP, offload: true}, control.ModeXDP},
+		{"xdp-nooffload", rigOpts{mode: control.ModeXDP}, control.ModeXDP},
+		{"xdp-peergro", rigOpts{mode: control.ModeXDP, offload: true, peerGRO: true}, control.ModeXDP},
+		{"xdp-peergro-nooffload", rigOpts{mode: control.ModeXDP, peerGRO: true}, control.ModeXDP},
+		{"tcfilter", rigOpts{mode: control.ModeTCFilter, offload: true}, control.ModeTCFilter},
+		{"tcfilter-nooffload", rigOpts{mode: control.ModeTCFilter}, control.ModeTCFilter},
+		{"macvtap", rigOpts{mode: control.ModeMacvtap, offload: true}, control.ModeMacvtap},
+		{"macvtap-nooffload", rigOpts{mode: control.ModeMacvtap}, control.ModeMacvtap},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := newModeRig(t, "m-"+c.name, c.o)
+			functional(t, r, c.want, c.o.offload)
+			checkPlumbing(t, r, c.want, c.o.peerGRO)
+		})
+	}
+}
+
+// checkPlumbing checks what each mode installed, and only that.
+func checkPlumbing(t *testing.T, r *modeRig, mode string, peerGRO bool) {
+	t.Helper()
+	ns := r.sb.NS.Path()
+	for _, dev := range []string{r.ep.Uplink, r.ep.Tap} {
+		tcx := tcxPrograms(t, ns, dev)
+		xdp, xmode, err := loader.XDPProgram(ns, dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		qd, _ := r.sb.NS.Exec("tc", "qdisc", "show", "dev", dev)
+		hasIngress := strings.Contains(qd, "qdisc ingress")
+		switch mode {
+		case control.ModeTC:
+			if len(tcx) != 1 || xdp != "" || hasIngress {
+				t.Errorf("%s: tcx %v xdp %q ingress %v", dev, tcx, xdp, hasIngress)
+			}
+		case control.ModeXDP:
+			if len(tcx) != 1 || !strings.HasPrefix(xdp, "kdp_xdp_") || xmode != "driver" || hasIngress {
+				t.Errorf("%s: tcx %v xdp %q (%s) ingress %v", dev, tcx, xdp, xmode, hasIngress)
+			}
+		case control.ModeTCFilter:
+			if len(tcx) != 0 || xdp != "" || !hasIngress {
+				t.Errorf("%s: tcx %v xdp %q ingress %v", dev, tcx, xdp, hasIngress)
+			}
+		case control.ModeMacvtap:
+			if len(tcx) != 0 || xdp != "" || hasIngress {
+				t.Errorf("%s: tcx %v xdp %q ingress %v", dev, tcx, xdp, hasIngress)
+			}
+		}
+	}
+	if mode == control.ModeXDP {
+		// The XDP path really carries the traffic: with the tc program gone from the uplink
+		// (and, when the veth's peer takes XDP frames, from the tap too), ping still works.
+		sb, err := loader.Open(r.root, r.ep.Sandbox)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sb.Close()
+		if err := sb.Detach(ns, r.ep.Uplink); err != nil {
+			t.Fatal(err)
+		}
+		if peerGRO {
+			if err := sb.Detach(ns, r.ep.Tap); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if tx, rx := ping(t, r.sb.Host, "-c", "5", "-i", "0.05", "-W", "2", r.sb.GuestAddr.Addr().String()); rx != tx {
+			t.Errorf("ping over XDP alone (peer GRO %v): %d/%d", peerGRO, rx, tx)
+		}
+	}
+}
+
+// TestXDPFallback: where XDP cannot run (no uplink to redirect to) the endpoint runs in tc
+// mode, and says why.
+func TestXDPFallback(t *testing.T) {
+	r := newModeRig(t, "xdpfb", rigOpts{mode: control.ModeTC, offload: true})
+	ep := r.ep
+	ep.Mode = control.ModeXDP
+	ep.Uplink = ""
+	if err := r.dp.UpdateEndpoint(r.ctx, ep); err != nil {
+		t.Fatal(err)
+	}
+	mode, reason, err := r.dp.Mode(ep)
+	if err != nil || mode != control.ModeTC || reason == "" {
+		t.Errorf("mode %q reason %q err %v, want tc with a reason", mode, reason, err)
+	}
+	if xdp, _, _ := loader.XDPProgram(r.sb.NS.Path(), ep.Tap); xdp != "" {
+		t.Errorf("xdp program %q left on the tap after the fallback", xdp)
+	}
+}
+
+// TestSwitchModeUnderTraffic switches a live endpoint between tc, xdp and tcfilter (and into
+// and out of macvtap, re-plugging the guest) during a ping flood; SwitchMode reports the frames
+// it lost, and the flood's own loss agrees with it.
+func TestSwitchModeUnderTraffic(t *testing.T) {
+	r := newModeRig(t, "switch", rigOpts{mode: control.ModeTC, offload: true, peerGRO: true})
+	guestIP := r.sb.GuestAddr.Addr().String()
+	seq := []string{control.ModeXDP, control.ModeTCFilter, control.ModeTC, control.ModeTCFilter, control.ModeXDP, control.ModeTC}
+
+	var (
+		wg     sync.WaitGroup
+		tx, rx int
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tx, rx = ping(t, r.sb.Host, "-c", "3000", "-i", "0.001", "-W", "2", guestIP)
+	}()
+	time.Sleep(300 * time.Millisecond)
+	var lost uint64
+	for _, m := range seq {
+		n, err := r.dp.SwitchMode(r.ctx, r.ep, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if mode, reason, _ := r.dp.Mode(r.ep); mode != m {
+			t.Fatalf("after switching to %s the endpoint runs %s (%s)", m, mode, reason)
+		}
+		t.Logf("switch to %-8s lost %d", m, n)
+		lost += n
+		time.Sleep(100 * time.Millisecond)
+	}
+	wg.Wait()
+	t.Logf("%d switches: ping %d/%d, SwitchMode reported %d lost", len(seq), rx, tx, lost)
+	if tx == 0 {
+		t.Fatal("no ping ran")
+	}
+	// Every lost echo request or reply is one lost exchange; SwitchMode counts frames, to
+	// within the frames in flight at its first reading (at most one per switch here).
+	if pingLost := int(tx - rx); pingLost > int(lost)+len(seq) || int(lost) > 2*pingLost+len(seq) {
+		t.Errorf("ping lost %d exchanges, SwitchMode reported %d frames", pingLost, lost)
+	}
+	if lost > 0 {
+		t.Logf("note: %d frames lost over %d switches between tc, xdp and tcfilter", lost, len(seq))
+	}
+
+	// macvtap: the VM moves to /dev/tapN, then back to the tap.
+	for _, m := range []string{control.ModeMacvtap, control.ModeTC} {
+		n, err := r.dp.SwitchMode(r.ctx, r.ep, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.startBridge(t, true)
+		t.Logf("switch to %s lost %d (before the guest was re-plugged)", m, n)
+		if tx, rx := ping(t, r.sb.Host, "-c", "5", "-i", "0.05", "-W", "2", guestIP); rx != tx {
+			t.Errorf("after switching to %s: ping %d/%d", m, rx, tx)
+		}
+	}
+}
