@@ -1,0 +1,187 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
+)
+
+// TestE2EQEMU is the whole path with a real VM: a QEMU guest (TCG) runs in the sandbox netns,
+// the real agent hot-plugs the user guide's NIC into it over QMP through the real CLI, and
+// ping and TCP cross kata-dp's BPF datapath between the host-side peer and the guest in both
+// directions; then a second NIC, del-iface, and QEMU dying under the agent.
+func TestE2EQEMU(t *testing.T) {
+	topo.RequireRoot(t, "runs QEMU and the BPF dataplane in namespaces")
+	sb := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdpte", NoTap: true})
+	const mac1, mac2 = "02:42:20:6f:a3:69", "02:42:20:6f:a3:70"
+	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: sb.NS.Path(), NetTable: map[string]string{
+		mac1: "10.199.0.2/24", mac2: "10.197.0.2/24",
+	}})
+
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "kata-dp.sock")
+	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdpte-", 8))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
+	waitAgent(t, sock, p)
+	a := &testAgent{sock: sock, ns: sb.NS}
+	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", sb.NS.Path(), "--qmp", g.QMPPath}, result{stdout: sandboxID + "\n"})
+
+	// The user guide's NIC (its MAC, MTU and 5 queues), on the sandbox's subnet.
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	from := g.Lines()
+	start := time.Now()
+	in := `{"device":"tap-test","name":"eth-test","IPAddresses":[{"address":"10.199.0.2","mask":"24"}],"hwAddr":"` + mac1 + `","mtu":1500,"queues":5}`
+	r := a.cli(t, in, "kata-network", "add-iface", "6ec7a98", "-")
+	if r.code != 0 {
+		t.Fatalf("add-iface: %+v\nagent:\n%s", r, p.stderr)
+	}
+	var iface struct {
+		PCIAddr string `json:"pciAddr"`
+		Queues  int    `json:"queues"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &iface); err != nil || iface.PCIAddr == "" || iface.Queues != 5 {
+		t.Fatalf("add-iface output %q: %v", r.stdout, err)
+	}
+	want := `{"device":"tap-test","name":"eth-test","IPAddresses":[{"Family":2,"Address":"10.199.0.2","Mask":"24"}],"mtu":1500,"hwAddr":"` + mac1 + `","pciAddr":"` + iface.PCIAddr + `","queues":5}` + "\n"
+	if r.stdout != want {
+		t.Errorf("add-iface stdout\n%q, want\n%q", r.stdout, want)
+	}
+	ifname, err := g.WaitNICUp(ctx, from, mac1)
+	if err != nil {
+		t.Fatalf("guest never saw the NIC: %v\n%s", err, g.Log())
+	}
+	t.Logf("add-iface returned, guest NIC %s up %v after the call", ifname, time.Since(start))
+
+	a.check(t, "", []string{"kata-network", "list-ifaces", "6ec7a98"}, result{stdout: `[{"name":"eth-test","mac":"` + mac1 + `","ip":["10.199.0.2/24"],"mtu":1500}]` + "\n"})
+	a.check(t, `{"dest":"default","gateway":"10.199.0.1","device":"eth-test"}`, []string{"kata-network", "add-route", "6ec7a98", "-"},
+		result{stdout: `[{"dest":"default","gateway":"10.199.0.1","device":"eth-test"}]` + "\n"})
+	a.check(t, "", []string{"kata-network", "list-routes", "6ec7a98"}, result{stdout: `[{"dest":"default","gateway":"10.199.0.1","device":"eth-test"}]` + "\n"})
+
+	// Traffic through the BPF path: ping, and TCP both ways (guest sends / guest receives).
+	if err := sb.Host.Ping("10.199.0.2", 3, 10*time.Second); err != nil {
+		t.Fatalf("ping the guest: %v\n%s", err, g.Log())
+	}
+	const size = 1 << 20
+	c, err := sb.Host.Dial("tcp", "10.199.0.2:9000", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "%d\n", size)
+	n, err := io.Copy(io.Discard, c)
+	c.Close()
+	if err != nil || n != size {
+		t.Errorf("guest -> host: %d bytes of %d (%v)", n, size, err)
+	}
+	c, err = sb.Host.Dial("tcp", "10.199.0.2:9001", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(c, io.LimitReader(zeros{}, size))
+	c.(*net.TCPConn).CloseWrite()
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	line, _ := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if got, _ := strconv.Atoi(strings.TrimSpace(line)); got != size {
+		t.Errorf("host -> guest: guest counted %q bytes, want %d", line, size)
+	}
+
+	// Counters: every frame the host side received from the guest went through the tap's
+	// program, every frame it sent to the guest through the uplink's.
+	var st []control.SandboxStatus
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		out := a.cli(t, "", "status", "-o", "json")
+		if err := json.Unmarshal([]byte(out.stdout), &st); err != nil {
+			t.Fatalf("status -o json: %v: %q", err, out.stdout)
+		}
+		rx, tx := linkCounters(t, sb.Host, "veth0")
+		s := st[0].Endpoints[0].Stats
+		if s == nil {
+			t.Fatalf("no stats in status: %+v", st[0].Endpoints[0])
+		}
+		if (s.FromGuest.Packets == rx && s.ToGuest.Packets == tx) || time.Now().After(deadline) {
+			if s.FromGuest.Packets != rx || s.ToGuest.Packets != tx {
+				t.Errorf("BPF counters from_guest=%d to_guest=%d, host veth rx=%d tx=%d", s.FromGuest.Packets, s.ToGuest.Packets, rx, tx)
+			}
+			if s.FromGuest.Bytes < size || s.ToGuest.Bytes < size {
+				t.Errorf("byte counters too small for 1 MiB each way: %+v", s)
+			}
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// A second NIC (single queue; not joined: the uplink is taken), then del-iface of the first.
+	from = g.Lines()
+	in2 := `{"device":"tap-two","name":"eth-two","IPAddresses":[{"address":"10.197.0.2","mask":"24"}],"hwAddr":"` + mac2 + `","mtu":1400}`
+	if r := a.cli(t, in2, "kata-network", "add-iface", "6ec7a98", "-"); r.code != 0 || !strings.Contains(r.stdout, `"pciAddr"`) {
+		t.Fatalf("second add-iface: %+v", r)
+	}
+	if _, err := g.WaitNICUp(ctx, from, mac2); err != nil {
+		t.Fatalf("guest never saw the second NIC: %v", err)
+	}
+	from = g.Lines()
+	a.check(t, in, []string{"kata-network", "del-iface", "6ec7a98", "-"}, result{stdout: "null\n"})
+	if err := g.WaitNICGone(ctx, from, mac1); err != nil {
+		t.Errorf("guest still has the NIC: %v", err)
+	}
+	if _, err := sb.NS.Link("tap-test"); err == nil {
+		t.Error("tap-test (created by kata-dp) survived del-iface")
+	}
+	if ids := tcxLinkIDs(t, sb.NS.Path(), "eth0"); len(ids) != 0 {
+		t.Errorf("programs left on the uplink after del-iface: %v", ids)
+	}
+	a.check(t, "", []string{"kata-network", "list-ifaces", "6ec7a98"}, result{stdout: `[{"name":"eth-two","mac":"` + mac2 + `","ip":["10.197.0.2/24"],"mtu":1400}]` + "\n"})
+
+	// QEMU dies: the next operation fails clearly (null on stdout), and nothing is left half
+	// done: no tap of the failed add, the state unchanged once asked again.
+	g.Kill()
+	<-g.Exited()
+	in3 := `{"device":"tap-three","name":"eth-three","hwAddr":"02:42:20:6f:a3:71","mtu":1500}`
+	r = a.cli(t, in3, "kata-network", "add-iface", "6ec7a98", "-")
+	if r.code != 1 || r.stdout != "null\n" || !strings.Contains(r.stderr, "not healthy") {
+		t.Errorf("add-iface with QEMU gone: %+v", r)
+	}
+	if _, err := sb.NS.Link("tap-three"); err == nil {
+		t.Error("tap of the failed add-iface left behind")
+	}
+	a.check(t, "", []string{"sandbox", "del", "6ec7a98"}, result{})
+	if _, err := sb.NS.Link("tap-two"); err == nil {
+		t.Error("tap-two survived sandbox del")
+	}
+}
+
+type zeros struct{}
+
+func (zeros) Read(b []byte) (int, error) {
+	clear(b)
+	return len(b), nil
+}
+
+func linkCounters(t *testing.T, n *topo.NetNS, dev string) (rx, tx uint64) {
+	t.Helper()
+	read := func(what string) uint64 {
+		out, err := n.Exec("cat", "/sys/class/net/"+dev+"/statistics/"+what)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, _ := strconv.ParseUint(strings.TrimSpace(out), 10, 64)
+		return v
+	}
+	return read("rx_packets"), read("tx_packets")
+}
