@@ -225,6 +225,10 @@ func (d *Dataplane) removeBPF(sb *sandbox, ep control.Endpoint) error {
 	}
 	for ifindex, e := range all {
 		if e.Slot == ep.Slot {
+			// XDP ports of a device that is gone (or was recreated) are only found here.
+			if err := sb.lsb.DelXDPPort(ifindex); err != nil {
+				return err
+			}
 			if err := eps.Remove(ifindex); err != nil {
 				return err
 			}
@@ -243,10 +247,16 @@ func (d *Dataplane) removeNonBPF(ep control.Endpoint) error {
 			return err
 		}
 	}
-	if err := macvtap.Delete(ep.NetNS, ep.Uplink, macvtapName(ep)); err != nil {
-		return err
+	return deleteMacvtap(ep)
+}
+
+// deleteMacvtap deletes the endpoint's macvtap, if there is one (a device of that name that is
+// no macvtap is not ours and stays).
+func deleteMacvtap(ep control.Endpoint) error {
+	if _, err := adoptMacvtap(ep.NetNS, macvtapName(ep)); err != nil {
+		return nil
 	}
-	return nil
+	return macvtap.Delete(ep.NetNS, ep.Uplink, macvtapName(ep))
 }
 
 // addTCFilter joins the tap and the uplink with Kata's mirred filters, then takes the BPF path
@@ -261,7 +271,7 @@ func (d *Dataplane) addTCFilter(sb *sandbox, ep control.Endpoint) error {
 		return err
 	}
 	if ep.Uplink != "" {
-		if err := macvtap.Delete(ep.NetNS, ep.Uplink, macvtapName(ep)); err != nil {
+		if err := deleteMacvtap(ep); err != nil {
 			return err
 		}
 	}

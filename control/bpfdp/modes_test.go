@@ -562,3 +562,52 @@ loop:
 	}
 	t.Logf("%d reloads, %d/%d replies", reloads, rx, tx)
 }
+
+// TestModesTeardown: DelEndpoint leaves nothing of any mode behind: no XDP or tc program, no
+// XDP port, no mirred filter or ingress qdisc, no macvtap (and the veth has its MAC back); the
+// tap, which kata-dp did not create, stays.
+func TestModesTeardown(t *testing.T) {
+	for _, mode := range []string{control.ModeXDP, control.ModeTCFilter, control.ModeMacvtap} {
+		t.Run(mode, func(t *testing.T) {
+			r := newModeRig(t, "td-"+mode, rigOpts{mode: mode, offload: true, peerGRO: true})
+			if tx, rx := ping(t, r.sb.Host, "-c", "2", "-i", "0.05", "-W", "2", r.sb.GuestAddr.Addr().String()); rx != tx {
+				t.Fatalf("ping before teardown: %d/%d", rx, tx)
+			}
+			if err := r.dp.DelEndpoint(r.ctx, r.ep); err != nil {
+				t.Fatal(err)
+			}
+			ns := r.sb.NS.Path()
+			for _, dev := range []string{r.ep.Uplink, r.ep.Tap} {
+				if got := tcxPrograms(t, ns, dev); len(got) != 0 {
+					t.Errorf("tc programs left on %s: %v", dev, got)
+				}
+				if name, _, _ := loader.XDPProgram(ns, dev); name != "" {
+					t.Errorf("xdp program left on %s: %s", dev, name)
+				}
+				if out, _ := r.sb.NS.Exec("tc", "qdisc", "show", "dev", dev); strings.Contains(out, "qdisc ingress") {
+					t.Errorf("ingress qdisc left on %s", dev)
+				}
+			}
+			if _, err := netdev.LookupLink(ns, "kdpmv0"); err == nil {
+				t.Error("macvtap left")
+			}
+			if v, err := r.sb.NS.Link(r.ep.Uplink); err != nil || v.MAC.String() != r.sb.GuestMAC.String() {
+				t.Errorf("veth MAC after teardown %v (%v), want %s", v.MAC, err, r.sb.GuestMAC)
+			}
+			if _, err := netdev.LookupLink(ns, r.ep.Tap); err != nil {
+				t.Errorf("tap not created by kata-dp was touched: %v", err)
+			}
+			sb, err := loader.Open(r.root, r.ep.Sandbox)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sb.Close()
+			if ports, err := sb.XDPPorts(); err != nil || len(ports) != 0 {
+				t.Errorf("xdp ports left: %v (%v)", ports, err)
+			}
+			if _, rx := ping(t, r.sb.Host, "-c", "2", "-i", "0.1", "-W", "1", r.sb.GuestAddr.Addr().String()); rx != 0 {
+				t.Errorf("guest still reachable after teardown (%d replies)", rx)
+			}
+		})
+	}
+}
