@@ -54,6 +54,7 @@ type epMode struct {
 	reason          string // why mode differs from requested
 	xdpFromGuest    bool   // xdp: the guest's frames take XDP too
 	mv              macvtap.Macvtap
+	ep              control.Endpoint // as last added, for RecheckXDP
 }
 
 func normMode(m string) string {
@@ -118,7 +119,7 @@ func (d *Dataplane) Macvtap(ep control.Endpoint) (macvtap.Macvtap, bool) {
 // finishBPF completes an endpoint whose tc programs and entries are in place: XDP in front of
 // them for xdp mode (or the fallback to tc), and the removal of what other modes left.
 func (d *Dataplane) finishBPF(sb *sandbox, ep control.Endpoint, tap, uplink netdev.LinkInfo) error {
-	m := &epMode{requested: normMode(ep.Mode), mode: control.ModeTC}
+	m := &epMode{requested: normMode(ep.Mode), mode: control.ModeTC, ep: ep}
 	if m.requested == control.ModeXDP {
 		var err error
 		if m.xdpFromGuest, err = d.setXDP(sb, ep, tap, uplink); err != nil {
@@ -361,6 +362,97 @@ func devStats(nsPath, dev string) (netlink.LinkStatistics, error) {
 		return nil
 	})
 	return st, err
+}
+
+// RecheckXDP re-reads, for every endpoint in xdp mode, whether the veth takes XDP frames (its
+// peer's XDP or GRO, which the CNI or an operator may change at any time) and starts or stops
+// redirecting the guest's frames with XDP to match. While the peer has neither, frames XDP
+// redirects into the veth are dropped by the kernel, so the agent should run this
+// periodically (RunXDPWatch) to bound that window.
+func (d *Dataplane) RecheckXDP(ctx context.Context) error {
+	type item struct {
+		sb *sandbox
+		m  epMode
+	}
+	var items []item
+	d.mu.Lock()
+	for _, sb := range d.sandboxes {
+		for _, m := range sb.modes {
+			if m.mode == control.ModeXDP {
+				items = append(items, item{sb, *m})
+			}
+		}
+	}
+	d.mu.Unlock()
+	var errs []error
+	for _, it := range items {
+		ep := it.m.ep
+		ok, err := loader.XDPRedirectTarget(ep.NetNS, ep.Uplink)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if ok == it.m.xdpFromGuest {
+			continue
+		}
+		tap, err := netdev.LookupLink(ep.NetNS, ep.Tap)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if ok {
+			uplink, err := netdev.LookupLink(ep.NetNS, ep.Uplink)
+			if err == nil {
+				err = it.sb.lsb.SetXDPPort(ep.NetNS, uint32(tap.Index), uint32(uplink.Index), loader.XDPPort{
+					MaxLen: uint32(uplink.MTU) + 18, Flags: loader.XDPFlagCsum,
+				})
+			}
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+		} else if err := it.sb.lsb.DelXDPPort(uint32(tap.Index)); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		d.log.Info("xdp mode: frames from the guest now take "+map[bool]string{true: "XDP", false: "tc"}[ok],
+			"sandbox", ep.Sandbox, "nic", ep.NIC, "uplink", ep.Uplink)
+		d.mu.Lock()
+		if m := it.sb.modes[ep.Slot]; m != nil && m.mode == control.ModeXDP {
+			m.xdpFromGuest = ok
+		}
+		d.mu.Unlock()
+	}
+	return errors.Join(errs...)
+}
+
+// RunXDPWatch runs RecheckXDP every interval until ctx ends.
+func (d *Dataplane) RunXDPWatch(ctx context.Context, interval time.Duration) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			if err := d.RecheckXDP(ctx); err != nil {
+				d.log.Warn("recheck xdp", "err", err)
+			}
+		}
+	}
+}
+
+// XDPFromGuest reports whether an endpoint in xdp mode redirects the guest's frames with XDP
+// too (false: they take the tc program).
+func (d *Dataplane) XDPFromGuest(ep control.Endpoint) bool {
+	sb, err := d.get(ep.Sandbox)
+	if err != nil {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	m := sb.modes[ep.Slot]
+	return m != nil && m.mode == control.ModeXDP && m.xdpFromGuest
 }
 
 // frameCounts are, per device of the endpoint, the frames that entered the sandbox netns
