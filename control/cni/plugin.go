@@ -216,24 +216,38 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	}
 	register := existing == nil
 	var undo []func(context.Context) error
+	// keep is set when undoing an agent step failed: the record and the marker then stay, so
+	// that the runtime's DEL finishes the job.
+	keep := false
 	fail := func(e *types.Error) error {
 		// Undo even when the command's time is up, within bounds of its own.
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
 		defer cancel()
 		for _, fn := range slices.Backward(undo) {
 			if err := fn(rctx); err != nil {
+				keep = true
 				log.Error("rollback failed", "err", err)
-				e.Details += fmt.Sprintf(" (rollback: %v)", err)
+				e.Details += fmt.Sprintf(" (rollback: %v; DEL will retry)", err)
 			}
 		}
 		return e
 	}
-	undo = append(undo, func(context.Context) error { return st.delRecord(rec) })
+	undo = append(undo, func(context.Context) error {
+		if keep {
+			return nil
+		}
+		return st.delRecord(rec)
+	})
 	if register {
 		if err := st.putOwner(args.ContainerID, owner{NetNS: args.Netns, Socket: conf.Socket}); err != nil {
 			return fail(ioError(err))
 		}
-		undo = append(undo, func(context.Context) error { return st.delOwner(args.ContainerID) })
+		undo = append(undo, func(context.Context) error {
+			if keep {
+				return nil
+			}
+			return st.delOwner(args.ContainerID)
+		})
 		spec := control.SandboxSpec{ID: args.ContainerID, NetNS: args.Netns, Uplink: args.IfName, Mode: conf.Mode,
 			AntiSpoof: conf.AntiSpoof, StrictEgress: conf.StrictEgress}
 		if _, err := agent.AddSandbox(ctx, spec); err != nil {
