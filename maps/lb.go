@@ -371,19 +371,18 @@ func (l LB) ensureStats(kind, id uint32) error {
 
 // DeleteGeneration removes every service entry of generation gen (after a switch away from it).
 func (l LB) DeleteGeneration(gen uint8) error {
-	var (
-		k     SvcKey
-		v     Svc
-		stale []SvcKey
-	)
-	it := l.Svc.Iterate()
-	for it.Next(&k, &v) {
+	all, err := Dump[SvcKey, Svc](l.Svc)
+	if err != nil {
+		return fmt.Errorf("delete generation %d: %w", gen, err)
+	}
+	var stale []SvcKey
+	for k, v := range all {
 		if k.Gen == gen {
 			stale = append(stale, k)
+			if k.Slot == 0 {
+				l.Stats.Delete(&LBStatsKey{Kind: StatsService, ID: v.ID})
+			}
 		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("delete generation %d: %w", gen, err)
 	}
 	l.batchDelete(l.Svc, stale)
 	return nil
@@ -452,16 +451,19 @@ func replyKey(k CTKey, e CTEntry) CTKey {
 // delete as well (cleanup); their number is added to Expired.
 func (l LB) Sweep(now uint64, cfg Config, match func(CTKey, CTEntry) bool) (SweepResult, error) {
 	res := SweepResult{Conns: map[uint32]LBConns{}}
-	var (
-		k    CTKey
-		e    CTEntry
-		dead []CTKey
-	)
-	replies := map[CTKey]bool{}
-	it := l.CT.Iterate()
-	for it.Next(&k, &e) {
+	var dead []CTKey
+	replies := map[CTKey]CTEntry{}
+	all, err := Dump[CTKey, CTEntry](l.CT)
+	if err != nil {
+		return res, fmt.Errorf("sweep connections: %w", err)
+	}
+	for k, e := range all {
 		if k.Dir == 1 {
-			replies[k] = true
+			replies[k] = e
+		}
+	}
+	for k, e := range all {
+		if k.Dir == 1 {
 			continue
 		}
 		if (now > e.LastSeen && now-e.LastSeen > ctTimeout(cfg, e.State)) || (match != nil && match(k, e)) {
@@ -479,32 +481,35 @@ func (l LB) Sweep(now uint64, cfg Config, match func(CTKey, CTEntry) bool) (Swee
 		}
 		res.Conns[e.Backend] = c
 	}
-	if err := it.Err(); err != nil {
-		return res, fmt.Errorf("sweep connections: %w", err)
-	}
 	// Reply entries whose original is gone (evicted by the LRU) go too, once idle.
-	for rk := range replies {
-		var re CTEntry
-		if l.CT.Lookup(&rk, &re) == nil && now > re.LastSeen && now-re.LastSeen > ctTimeout(cfg, re.State) {
+	for rk, re := range replies {
+		if now > re.LastSeen && now-re.LastSeen > ctTimeout(cfg, re.State) {
 			dead = append(dead, rk)
 		}
 	}
-	for i := range dead {
-		l.CT.Delete(&dead[i])
-	}
-	var (
-		id uint32
-		b  Backend
-	)
-	bit := l.Backend.Iterate()
-	for bit.Next(&id, &b) {
-		c := res.Conns[id]
-		if err := l.Conns.Update(id, &c, ebpf.UpdateAny); err != nil {
-			return res, fmt.Errorf("sweep: write counts: %w", err)
+	if len(dead) > 0 {
+		if _, err := l.CT.BatchDelete(dead, nil); err != nil {
+			for i := range dead {
+				l.CT.Delete(&dead[i])
+			}
 		}
 	}
-	if err := bit.Err(); err != nil {
+	// Rewrite the counts of every real server, in one batch.
+	bes, err := Dump[uint32, Backend](l.Backend)
+	if err != nil {
 		return res, fmt.Errorf("sweep: %w", err)
+	}
+	if len(bes) == 0 {
+		return res, nil
+	}
+	ids := make([]uint32, 0, len(bes))
+	counts := make([]LBConns, 0, len(bes))
+	for id := range bes {
+		ids = append(ids, id)
+		counts = append(counts, res.Conns[id])
+	}
+	if _, err := l.Conns.BatchUpdate(ids, counts, nil); err != nil {
+		return res, fmt.Errorf("sweep: write counts: %w", err)
 	}
 	return res, nil
 }
@@ -512,7 +517,7 @@ func (l LB) Sweep(now uint64, cfg Config, match func(CTKey, CTEntry) bool) (Swee
 // PutServices writes many services of a generation that is not live yet (a restore), with
 // batched map updates: masters and slots together, as nothing reads the generation until the
 // caller switches to it.
-func (l LB) PutServices(gen uint8, specs []ServiceSpec) error {
+func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 	var (
 		keys []SvcKey
 		vals []Svc
@@ -528,8 +533,23 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec) error {
 		}
 		keys = append(keys, mk)
 		vals = append(vals, s.master(1))
-		if err := l.ensureStats(StatsService, s.ID); err != nil {
-			return fmt.Errorf("put services: %w", err)
+	}
+	if fresh && len(specs) > 0 {
+		sk := make([]LBStatsKey, len(specs))
+		for i, s := range specs {
+			sk[i] = LBStatsKey{Kind: StatsService, ID: s.ID}
+		}
+		if _, err := l.Stats.BatchUpdate(sk, make([]LBStats, len(sk)), nil); err != nil {
+			return fmt.Errorf("put services: counters: %w", err)
+		}
+		specs = nil // counters done
+	}
+	for _, s := range specs {
+		if err := l.Stats.Update(&LBStatsKey{Kind: StatsService, ID: s.ID}, &LBStats{}, ebpf.UpdateNoExist); err != nil {
+			if errors.Is(err, ebpf.ErrKeyExist) {
+				continue
+			}
+			return fmt.Errorf("put services: counters: %w", err)
 		}
 	}
 	if err := l.batchPut(keys, vals); err != nil {
@@ -540,24 +560,123 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec) error {
 
 // DeleteBackendsExcept removes every real server (and its counters) not in keep.
 func (l LB) DeleteBackendsExcept(keep map[uint32]Backend) error {
-	var (
-		id    uint32
-		b     Backend
-		stale []uint32
-	)
-	it := l.Backend.Iterate()
-	for it.Next(&id, &b) {
+	all, err := Dump[uint32, Backend](l.Backend)
+	if err != nil {
+		return fmt.Errorf("delete real servers: %w", err)
+	}
+	var stale []uint32
+	for id := range all {
 		if _, ok := keep[id]; !ok {
 			stale = append(stale, id)
 		}
 	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("delete real servers: %w", err)
+	if len(stale) == 0 {
+		return nil
 	}
-	for _, id := range stale {
-		if err := l.DeleteBackend(id); err != nil {
-			return err
+	sk := make([]LBStatsKey, len(stale))
+	for i, id := range stale {
+		sk[i] = LBStatsKey{Kind: StatsBackend, ID: id}
+	}
+	if _, err := l.Backend.BatchDelete(stale, nil); err != nil {
+		for _, id := range stale {
+			if err := l.DeleteBackend(id); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	l.Stats.BatchDelete(sk, nil)
+	l.Conns.BatchDelete(stale, nil)
+	return nil
+}
+
+// dumpBatchSize is how many entries one BPF_MAP_LOOKUP_BATCH call reads.
+const dumpBatchSize = 4096
+
+// Dump reads every entry of a hash map with batched lookups (a few system calls for tens of
+// thousands of entries, where iterating costs two per entry), falling back to iteration on
+// kernels without batch operations.
+func Dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
+	out := map[K]V{}
+	keys := make([]K, dumpBatchSize)
+	vals := make([]V, dumpBatchSize)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		for i := 0; i < n; i++ {
+			out[keys[i]] = vals[i]
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return out, nil
+		}
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			break
+		}
+		if err != nil {
+			return nil, err
 		}
 	}
+	var (
+		k K
+		v V
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out[k] = v
+	}
+	return out, it.Err()
+}
+
+// PutBackends installs many real servers at once. fresh says the ids are new (a restore into
+// an empty table): their counters are created zeroed in one batch; otherwise existing
+// counters are kept.
+func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
+	if len(bes) == 0 {
+		return nil
+	}
+	ids := make([]uint32, 0, len(bes))
+	vals := make([]Backend, 0, len(bes))
+	for id, b := range bes {
+		ids = append(ids, id)
+		vals = append(vals, b)
+	}
+	if fresh {
+		sk := make([]LBStatsKey, len(ids))
+		for i, id := range ids {
+			sk[i] = LBStatsKey{Kind: StatsBackend, ID: id}
+		}
+		if _, err := l.Stats.BatchUpdate(sk, make([]LBStats, len(ids)), nil); err != nil {
+			return fmt.Errorf("put real servers: counters: %w", err)
+		}
+		if _, err := l.Conns.BatchUpdate(ids, make([]LBConns, len(ids)), nil); err != nil {
+			return fmt.Errorf("put real servers: connection counts: %w", err)
+		}
+	} else {
+		for _, id := range ids {
+			if err := l.ensureStats(StatsBackend, id); err != nil {
+				return err
+			}
+			if err := l.Conns.Update(id, &LBConns{}, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+				return err
+			}
+		}
+	}
+	if _, err := l.Backend.BatchUpdate(ids, vals, nil); err != nil {
+		return fmt.Errorf("put real servers: %w", err)
+	}
 	return nil
+}
+
+// DeleteServiceSlots removes the master and slot entries of services of generation gen that
+// are known to the caller (no scan of the map).
+func (l LB) DeleteServiceSlots(gen uint8, specs []ServiceSpec, rev uint32) {
+	var keys []SvcKey
+	for _, s := range specs {
+		mk := svcKey(gen, s.VIP, s.Proto, 0)
+		keys = append(keys, mk)
+		for i := range s.Slots {
+			keys = append(keys, slotKey(mk, rev, uint32(i+1)))
+		}
+	}
+	l.batchDelete(l.Svc, keys)
 }

@@ -180,7 +180,10 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 			st.backends[dst.ID] = backendOf(dst)
 		}
 	}
-	if err := putBackends(lb, st.backends); err != nil {
+	// Fresh: this process knows the table was empty, so every id is new and the counters
+	// can be created in batches. After a start (sb.lb nil) existing counters are kept.
+	fresh := sb.lb != nil && len(sb.lb.services) == 0 && len(sb.lb.backends) == 0
+	if err := lb.PutBackends(st.backends, fresh); err != nil {
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
 	specs := make([]maps.ServiceSpec, 0, len(t.Services))
@@ -192,7 +195,7 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 		specs = append(specs, spec)
 		st.services[s.ServiceKey] = *s
 	}
-	if err := lb.PutServices(gen, specs); err != nil {
+	if err := lb.PutServices(gen, specs, fresh); err != nil {
 		lb.DeleteGeneration(gen)
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
@@ -205,17 +208,82 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 		lb.DeleteGeneration(gen)
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
-	// The switch is done; what follows only frees what the datapath no longer reads.
-	lb.DeleteGeneration(oldGen)
-	lb.DeleteBackendsExcept(st.backends)
+	// The switch is done; what follows only frees what the datapath no longer reads. When
+	// this process knows the old table was empty there is nothing to free.
+	if !fresh {
+		lb.DeleteGeneration(oldGen)
+		lb.DeleteBackendsExcept(st.backends)
+	}
 	sb.lb = st
 	return nil
 }
 
-func putBackends(lb maps.LB, bes map[uint32]maps.Backend) error {
-	for id, b := range bes {
-		if err := lb.PutBackend(id, netip.AddrPortFrom(netip.AddrFrom4(b.IP), maps.PortOf(b.Port)), b.Weight); err != nil {
-			return err
+// SetLBService is SetLB for a change confined to one service (the common kata-ipvs command):
+// only that service and its real servers are compared and written, so an edit costs the same
+// whatever the size of the table. t is the whole new table; k names the service that changed.
+func (d *Dataplane) SetLBService(ctx context.Context, id string, t *ipvs.Table, k ipvs.ServiceKey) error {
+	sb, err := d.get(id)
+	if err != nil {
+		return fmt.Errorf("set lb: %w", err)
+	}
+	if sb.lb == nil || t.Timeouts() != sb.lb.timeouts {
+		return d.SetLB(ctx, id, t)
+	}
+	lb := sb.lbMaps()
+	cfg, err := maps.ReadConfig(lb.Config)
+	if err != nil {
+		return fmt.Errorf("set lb of %s: %w", id, err)
+	}
+	gen := uint8(cfg.LBGen)
+	old, hadOld := sb.lb.services[k]
+	svc, ok := t.Service(k)
+	if ok {
+		for _, dst := range svc.Servers {
+			b := backendOf(dst)
+			if cur, ok := sb.lb.backends[dst.ID]; ok && cur == b {
+				continue
+			}
+			if err := lb.PutBackend(dst.ID, dst.Addr, b.Weight); err != nil {
+				return fmt.Errorf("set lb of %s: %w", id, err)
+			}
+			sb.lb.backends[dst.ID] = b
+		}
+		if !hadOld || !sameService(old, svc) {
+			spec, err := serviceSpec(svc)
+			if err != nil {
+				return fmt.Errorf("set lb of %s: %w", id, err)
+			}
+			if err := lb.PutService(gen, spec); err != nil {
+				return fmt.Errorf("set lb of %s: %w", id, err)
+			}
+			sb.lb.services[k] = svc
+		}
+	} else if hadOld {
+		if err := lb.DeleteService(gen, k.Addr, uint8(k.Proto)); err != nil {
+			return fmt.Errorf("set lb of %s: %w", id, err)
+		}
+		delete(sb.lb.services, k)
+	}
+	if hadOld {
+		keep := map[uint32]bool{}
+		for _, dst := range svc.Servers {
+			keep[dst.ID] = true
+		}
+		for _, dst := range old.Servers {
+			if !keep[dst.ID] {
+				if err := lb.DeleteBackend(dst.ID); err != nil {
+					return fmt.Errorf("set lb of %s: %w", id, err)
+				}
+				delete(sb.lb.backends, dst.ID)
+			}
+		}
+	}
+	if want := len(sb.lb.services) > 0; want != (cfg.Flags&maps.ConfigLB != 0) {
+		if want {
+			cfg.Flags |= maps.ConfigLB
+		}
+		if err := maps.WriteConfig(lb.Config, cfg); err != nil {
+			return fmt.Errorf("set lb of %s: %w", id, err)
 		}
 	}
 	return nil
@@ -255,27 +323,11 @@ func (d *Dataplane) LBCounters(ctx context.Context, id string) (ipvs.Counters, e
 	if _, err := d.sweep(sb, nil); err != nil {
 		return nil, err
 	}
-	c := &lbCounters{stats: map[maps.LBStatsKey]maps.LBStats{}, conns: map[uint32]maps.LBConns{}}
-	var (
-		k maps.LBStatsKey
-		v maps.LBStats
-	)
-	it := lb.Stats.Iterate()
-	for it.Next(&k, &v) {
-		c.stats[k] = v
-	}
-	if err := it.Err(); err != nil {
+	c := &lbCounters{}
+	if c.stats, err = maps.Dump[maps.LBStatsKey, maps.LBStats](lb.Stats); err != nil {
 		return nil, fmt.Errorf("lb counters of %s: %w", id, err)
 	}
-	var (
-		bid uint32
-		n   maps.LBConns
-	)
-	cit := lb.Conns.Iterate()
-	for cit.Next(&bid, &n) {
-		c.conns[bid] = n
-	}
-	if err := cit.Err(); err != nil {
+	if c.conns, err = maps.Dump[uint32, maps.LBConns](lb.Conns); err != nil {
 		return nil, fmt.Errorf("lb counters of %s: %w", id, err)
 	}
 	d.mu.Lock()
@@ -346,14 +398,10 @@ func (d *Dataplane) RunSweeper(ctx context.Context, interval time.Duration) {
 					d.log.Warn("sweep connections", "sandbox", id, "err", err)
 					continue
 				}
-				cur := map[maps.LBStatsKey]maps.LBStats{}
-				var (
-					k maps.LBStatsKey
-					v maps.LBStats
-				)
-				it := sb.lbMaps().Stats.Iterate()
-				for it.Next(&k, &v) {
-					cur[k] = v
+				cur, err := maps.Dump[maps.LBStatsKey, maps.LBStats](sb.lbMaps().Stats)
+				if err != nil {
+					d.log.Warn("read lb counters", "sandbox", id, "err", err)
+					continue
 				}
 				rates := map[maps.LBStatsKey]ipvs.Stats{}
 				if p, ok := prev[id]; ok && dt > 0 {

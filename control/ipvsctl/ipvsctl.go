@@ -32,6 +32,13 @@ type LB interface {
 	CleanupConns(ctx context.Context, sandbox string, dst netip.Addr, proto uint8) (int, error)
 }
 
+// ServiceLB is implemented by dataplanes that can apply a change confined to one service
+// without comparing the whole table (control/bpfdp does): edits then cost the same at 20000
+// rules as at one.
+type ServiceLB interface {
+	SetLBService(ctx context.Context, sandbox string, t *ipvs.Table, k ipvs.ServiceKey) error
+}
+
 // Store persists one table per sandbox (control/store implements it).
 type Store interface {
 	Put(key string, data []byte) error
@@ -113,10 +120,13 @@ func (m *Manager) lock(id string) (*ipvs.Table, func()) {
 
 // commit makes next the sandbox's table: the dataplane first, then the store. If the store
 // fails, the dataplane is put back to the old table.
-func (m *Manager) commit(ctx context.Context, id string, old, next *ipvs.Table, restore bool) error {
+func (m *Manager) commit(ctx context.Context, id string, old, next *ipvs.Table, restore bool, svc *ipvs.ServiceKey) error {
 	push := m.lb.SetLB
 	if restore {
 		push = m.lb.RestoreLB
+	} else if sl, ok := m.lb.(ServiceLB); ok && svc != nil {
+		k := *svc
+		push = func(ctx context.Context, id string, t *ipvs.Table) error { return sl.SetLBService(ctx, id, t, k) }
 	}
 	if err := push(ctx, id, next); err != nil {
 		if rerr := m.lb.RestoreLB(ctx, id, old); rerr != nil {
@@ -165,7 +175,12 @@ func (m *Manager) Ipvsadm(ctx context.Context, id, params string) (string, error
 	if err != nil {
 		return "", err
 	}
-	if err := m.commit(ctx, sb.ID, t, next, cmd.Op == ipvs.OpClear); err != nil {
+	var svc *ipvs.ServiceKey
+	switch cmd.Op {
+	case ipvs.OpAddService, ipvs.OpEditService, ipvs.OpDeleteService, ipvs.OpAddServer, ipvs.OpEditServer, ipvs.OpDeleteServer:
+		svc = &cmd.Service
+	}
+	if err := m.commit(ctx, sb.ID, t, next, cmd.Op == ipvs.OpClear, svc); err != nil {
 		return "", err
 	}
 	return out, nil
@@ -191,7 +206,7 @@ func (m *Manager) Restore(ctx context.Context, id string, r io.Reader) error {
 	if err := next.Restore(cmds); err != nil {
 		return err
 	}
-	return m.commit(ctx, sb.ID, t, next, true)
+	return m.commit(ctx, sb.ID, t, next, true, nil)
 }
 
 // Cleanup runs `kata-ipvs cleanup --parameters "--orig-dst IP --protonum tcp|udp"` and

@@ -1,0 +1,292 @@
+package lbperf
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/control/bpfdp"
+	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
+)
+
+func needRoot(b testing.TB) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root: loads BPF programs")
+	}
+}
+
+type rig struct {
+	tapIn *ebpf.Program
+	lb    maps.LB
+}
+
+var (
+	guestMAC = [6]byte{2, 0x42, 0x20, 0x6f, 0xa3, 0x69}
+	guestIP  = netip.MustParseAddr("172.16.0.3")
+	vip      = netip.MustParseAddrPort("10.96.0.10:80")
+)
+
+func newRig(b *testing.B, services int) *rig {
+	needRoot(b)
+	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptp-%08x", rand.Uint32()))
+	b.Cleanup(func() { os.RemoveAll(root) })
+	sb, err := loader.Open(root, "perf")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { sb.Close(); loader.Remove(root, "perf") })
+	m := sb.Maps()
+	r := &rig{lb: maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config}}
+	r.tapIn, _ = sb.Program(loader.ProgTapIn)
+	// BPF_PROG_TEST_RUN without a context runs the frame "on" the loopback device.
+	ep := maps.Endpoint{PeerIfindex: 42, Role: maps.RoleTap, Flags: maps.FlagAntiSpoof | maps.FlagStrictEgress, MAC: guestMAC}
+	ep.SetIP(netip.PrefixFrom(guestIP, 8))
+	if err := (maps.EndpointMap{Map: m.Endpoints}).Put(1, ep); err != nil {
+		b.Fatal(err)
+	}
+	maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300})
+	for id := uint32(1); id <= 3; id++ {
+		r.lb.PutBackend(id, netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(id)}), 80), 1)
+	}
+	var specs []maps.ServiceSpec
+	for i := range services {
+		a := netip.AddrFrom4([4]byte{10, 97, byte(i >> 8), byte(i)})
+		specs = append(specs, maps.ServiceSpec{VIP: netip.AddrPortFrom(a, 80), Proto: unix.IPPROTO_TCP, ID: uint32(100 + i), Sched: maps.SchedRR, Slots: []uint32{1, 2, 3}})
+	}
+	specs = append(specs, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 99, Sched: maps.SchedRR, Slots: []uint32{3, 2, 1}})
+	if err := r.lb.PutServices(0, specs, true); err != nil {
+		b.Fatal(err)
+	}
+	return r
+}
+
+func tcpFrame(dst netip.AddrPort, sport uint16, flags byte) []byte {
+	f := make([]byte, 14+20+20)
+	copy(f[0:6], []byte{2, 0, 0, 0, 0, 1})
+	copy(f[6:12], guestMAC[:])
+	binary.BigEndian.PutUint16(f[12:], unix.ETH_P_IP)
+	ip := f[14:]
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:], 40)
+	ip[8] = 64
+	ip[9] = unix.IPPROTO_TCP
+	s, d := guestIP.As4(), dst.Addr().As4()
+	copy(ip[12:], s[:])
+	copy(ip[16:], d[:])
+	var sum uint32
+	for i := 0; i < 20; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(ip[i:]))
+	}
+	sum = sum>>16 + sum&0xffff
+	binary.BigEndian.PutUint16(ip[10:], ^uint16(sum+sum>>16))
+	binary.BigEndian.PutUint16(ip[20:], sport)
+	binary.BigEndian.PutUint16(ip[22:], dst.Port())
+	ip[20+12] = 5 << 4
+	ip[20+13] = flags
+	return f
+}
+
+// measure runs the program once per fresh frame (the program rewrites it), n times, and
+// returns the kernel's per-run times.
+func measure(b *testing.B, p *ebpf.Program, n int, frame func(i int) []byte) []time.Duration {
+	out := make([]time.Duration, 0, n)
+	for i := range n {
+		_, d, err := p.Benchmark(frame(i), 1, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		out = append(out, d)
+	}
+	return out
+}
+
+func report(b *testing.B, name string, ds []time.Duration) time.Duration {
+	slices.Sort(ds)
+	med := ds[len(ds)/2]
+	b.ReportMetric(float64(med.Nanoseconds()), name+"-median-ns")
+	b.ReportMetric(float64(ds[0].Nanoseconds()), name+"-min-ns")
+	b.ReportMetric(float64(ds[len(ds)*99/100].Nanoseconds()), name+"-p99-ns")
+	return med
+}
+
+// BenchmarkPerPacket compares, in one run and interleaved, the cost of the guest-side program
+// for a frame to no service, a frame of an established connection to a service, and the first
+// frame of a new connection (schedule + two connection entries), with 5000 services loaded.
+func BenchmarkPerPacket(b *testing.B) {
+	r := newRig(b, 5000)
+	other := netip.MustParseAddrPort("172.16.0.1:80")
+	// One established connection.
+	r.tapIn.Benchmark(tcpFrame(vip, 40000, 0x02), 1, nil)
+	var none, est, fresh []time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		none = append(none, measure(b, r.tapIn, 1, func(int) []byte { return tcpFrame(other, 40000, 0x10) })...)
+		est = append(est, measure(b, r.tapIn, 1, func(int) []byte { return tcpFrame(vip, 40000, 0x10) })...)
+		sport := uint16(1024 + i%60000)
+		fresh = append(fresh, measure(b, r.tapIn, 1, func(int) []byte { return tcpFrame(vip, sport, 0x02) })...)
+		if i%60000 == 59999 {
+			r.lb.Sweep(^uint64(0), maps.Config{}, func(maps.CTKey, maps.CTEntry) bool { return true })
+		}
+	}
+	b.StopTimer()
+	n := report(b, "no-service", none)
+	e := report(b, "established", est)
+	f := report(b, "new-conn", fresh)
+	b.Logf("per packet (median): no service %v, established %v (+%v), new connection %v (+%v)", n, e, e-n, f, f-n)
+}
+
+// table20000 is 5000 services with three real servers each: the user guide's limit.
+func table20000(tb testing.TB) (*ipvs.Table, string) {
+	var sb strings.Builder
+	for i := range 5000 {
+		svc := fmt.Sprintf("10.%d.%d.%d:80", 100+i/65536, (i/256)%256, i%256)
+		fmt.Fprintf(&sb, "-A -t %s -s rr\n", svc)
+		for j := 1; j <= 3; j++ {
+			fmt.Fprintf(&sb, "-a -t %s -r 172.16.%d.%d:80 -m -w 1\n", svc, j, i%250+1)
+		}
+	}
+	cmds, err := ipvs.ParseRestore(strings.NewReader(sb.String()))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	t := &ipvs.Table{}
+	if err := t.Restore(cmds); err != nil {
+		tb.Fatal(err)
+	}
+	return t, sb.String()
+}
+
+func newDataplane(b *testing.B) (*bpfdp.Dataplane, string) {
+	needRoot(b)
+	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptp-%08x", rand.Uint32()))
+	b.Cleanup(func() { os.RemoveAll(root) })
+	dp, err := bpfdp.New(root)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { dp.Close() })
+	id := "perf"
+	if err := dp.EnsureSandbox(context.Background(), id, ""); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { dp.RemoveSandbox(context.Background(), id) })
+	return dp, id
+}
+
+// BenchmarkRestore20000: parse + validate + install 20000 rules into the maps and switch them
+// in (the restore path, without the CLI and the store).
+func BenchmarkRestore20000(b *testing.B) {
+	dp, id := newDataplane(b)
+	_, text := table20000(b)
+	ctx := context.Background()
+	dp.RestoreLB(ctx, id, &ipvs.Table{}) // the agent knows the table is empty: a restore's case
+	b.ResetTimer()
+	for range b.N {
+		cmds, err := ipvs.ParseRestore(strings.NewReader(text))
+		if err != nil {
+			b.Fatal(err)
+		}
+		t := &ipvs.Table{}
+		if err := t.Restore(cmds); err != nil {
+			b.Fatal(err)
+		}
+		if err := dp.RestoreLB(ctx, id, t); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		dp.RestoreLB(ctx, id, &ipvs.Table{})
+		b.StartTimer()
+	}
+}
+
+// BenchmarkAddAt20000: one add-server on a table holding 20000 rules (validate on a copy,
+// diff, write the service's new revision).
+func BenchmarkAddAt20000(b *testing.B) {
+	dp, id := newDataplane(b)
+	t, _ := table20000(b)
+	ctx := context.Background()
+	if err := dp.RestoreLB(ctx, id, t); err != nil {
+		b.Fatal(err)
+	}
+	del, _ := ipvs.ParseParameters("-d -t 10.100.0.7:80 -r 172.16.1.8:80")
+	add, _ := ipvs.ParseParameters("-a -t 10.100.0.7:80 -r 172.16.1.8:80 -w 1")
+	t.Apply(del)
+	dp.SetLB(ctx, id, t)
+	b.ResetTimer()
+	for i := range b.N {
+		cmd := add
+		if i%2 == 1 {
+			cmd = del
+		}
+		next := t.Clone()
+		if _, err := next.Apply(cmd); err != nil {
+			b.Fatal(err)
+		}
+		if err := dp.SetLBService(ctx, id, next, cmd.Service); err != nil {
+			b.Fatal(err)
+		}
+		t = next
+	}
+}
+
+// BenchmarkList20000: --list of 20000 rules with live counters read from the maps.
+func BenchmarkList20000(b *testing.B) {
+	dp, id := newDataplane(b)
+	t, _ := table20000(b)
+	ctx := context.Background()
+	if err := dp.RestoreLB(ctx, id, t); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for range b.N {
+		c, err := dp.LBCounters(ctx, id)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if out := t.List(ipvs.FormatPlain, c); len(out) < 20000*40 {
+			b.Fatalf("listing too short: %d bytes", len(out))
+		}
+	}
+}
+
+// BenchmarkPerPacketRepeat measures with the kernel repeating the run (BPF_PROG_TEST_RUN's
+// repeat: no per-run timing overhead) on frames that stay valid when re-run: a frame to no
+// service, and a frame of an established connection whose real server is the VIP itself (the
+// lookups and counters of the established path, without the rewrite).
+func BenchmarkPerPacketRepeat(b *testing.B) {
+	r := newRig(b, 5000)
+	self := netip.MustParseAddrPort("10.96.0.20:80")
+	r.lb.PutBackend(50, self, 1)
+	r.lb.PutService(0, maps.ServiceSpec{VIP: self, Proto: unix.IPPROTO_TCP, ID: 98, Sched: maps.SchedRR, Slots: []uint32{50}})
+	r.tapIn.Benchmark(tcpFrame(self, 40000, 0x02), 1, nil)
+	other := netip.MustParseAddrPort("172.16.0.1:80")
+	var none, est []time.Duration
+	for range max(b.N/1000, 5) {
+		_, d, err := r.tapIn.Benchmark(tcpFrame(other, 40000, 0x10), 1000, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		none = append(none, d)
+		_, d, err = r.tapIn.Benchmark(tcpFrame(self, 40000, 0x10), 1000, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		est = append(est, d)
+	}
+	n := report(b, "no-service", none)
+	e := report(b, "established-norewrite", est)
+	b.Logf("per packet (median of %d x 1000 runs): no service %v, established without rewrite %v (+%v)", len(none), n, e, e-n)
+}
