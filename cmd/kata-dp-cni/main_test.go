@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -32,6 +33,7 @@ import (
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/cni"
+	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/control/netspec"
 )
@@ -259,6 +261,7 @@ func conflist(t *testing.T, socket, stateDir, ipamDir string, kdp map[string]any
 		"plugins": []any{
 			map[string]any{
 				"type": "bridge", "bridge": "kdptc-br0", "isGateway": true, "ipMasq": false,
+				"capabilities": map[string]any{"mac": true},
 				"ipam": map[string]any{"type": "host-local", "subnet": subnet, "dataDir": ipamDir,
 					"routes": []any{map[string]any{"dst": "0.0.0.0/0"}}},
 			},
@@ -923,4 +926,66 @@ func conflistVersion(t *testing.T, list *libcni.NetworkConfigList, v string) *li
 		t.Fatal(err)
 	}
 	return out
+}
+
+// TestQEMU is the runtime's flow with a real VM: a QEMU guest (TCG) runs in the container
+// netns, the runtime registers the sandbox with its QMP socket, and the CNI ADD makes the agent
+// hot-plug the NIC (the veth's MAC, the address host-local gave) into the running guest; TCP
+// crosses the BPF datapath between the bridge and the guest; CHECK passes; DEL unplugs the NIC
+// and leaves the runtime's sandbox registered.
+func TestQEMU(t *testing.T) {
+	requireSetup(t)
+	agent := startAgent(t)
+	e := newEnv(t, agent, nil, nil)
+	const mac = "02:42:0a:e7:00:02"
+	e.rt.CapabilityArgs = map[string]any{"mac": mac}
+	// host-local hands out the first free address of a fresh pool: .2 (.1 is the gateway).
+	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: e.ctr.Path(), NetTable: map[string]string{mac: "10.231.0.2/24"}, Gateway: gateway})
+	if _, err := agent.client.AddSandbox(context.Background(), control.SandboxSpec{ID: e.rt.ContainerID, NetNS: e.rt.NetNS, QMP: g.QMPPath}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { agent.client.DelSandbox(context.Background(), e.rt.ContainerID) })
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	from := g.Lines()
+	res, err := e.add()
+	if err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	_, addr := e.assertAdded(t, res)
+	if addr.String() != "10.231.0.2/24" {
+		t.Fatalf("host-local gave %s; the guest was booted for 10.231.0.2/24", addr)
+	}
+	if _, err := g.WaitNICUp(ctx, from, mac); err != nil {
+		t.Fatalf("the guest never saw the NIC: %v\n%s", err, g.Log())
+	}
+	c, err := e.host.Dial("tcp", netip.AddrPortFrom(addr.Addr(), guesttest.EchoPort).String(), 10*time.Second)
+	if err != nil {
+		t.Fatalf("connect to the guest: %v\n%s", err, g.Log())
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	msg := bytes.Repeat([]byte("kata-dp-cni "), 10000)
+	go func() { c.Write(msg) }()
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+		t.Errorf("echo through the guest: %v", err)
+	}
+	c.Close()
+	e.assertCheck(t)
+	from = g.Lines()
+	if err := e.del(); err != nil {
+		t.Fatalf("DEL: %v", err)
+	}
+	if err := g.WaitNICGone(ctx, from, mac); err != nil {
+		t.Errorf("the guest still has the NIC: %v", err)
+	}
+	if linkExists(t, e.ctr, tapName) {
+		t.Errorf("tap left after DEL")
+	}
+	if sb := agent.sandbox(t, e.rt.ContainerID); sb == nil || sb.QMP != g.QMPPath {
+		t.Errorf("the runtime's sandbox after DEL: %+v; want it kept", sb)
+	}
+	if got := records(t, e.stateDir); len(got) != 0 {
+		t.Errorf("plugin state left: %v", got)
+	}
 }
