@@ -989,3 +989,50 @@ func TestQEMU(t *testing.T) {
 		t.Errorf("plugin state left: %v", got)
 	}
 }
+
+// TestQEMUColdPlug is the other runtime flow of docs/cni.md: the plugin registers the sandbox
+// (no QMP), and the VM is started afterwards in the container netns on the tap ADD left there,
+// with the VM NIC's MAC from the result.
+func TestQEMUColdPlug(t *testing.T) {
+	requireSetup(t)
+	agent := startAgent(t)
+	e := newEnv(t, agent, nil, nil)
+	res, err := e.add()
+	if err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	mac, addr := e.assertAdded(t, res)
+	_, _, vm, _ := e.vm(t, res)
+	if res.Interfaces[vm].Mac != mac.String() {
+		t.Fatalf("VM NIC MAC %s, want the veth's %s", res.Interfaces[vm].Mac, mac)
+	}
+	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: e.ctr.Path(), NetTable: map[string]string{mac.String(): addr.String()}, Gateway: gateway,
+		QEMUArgs: []string{
+			"-netdev", "tap,id=cni0,ifname=" + tapName + ",script=no,downscript=no,vhost=off,vnet_hdr=on",
+			"-device", "virtio-net-pci,netdev=cni0,bus=pcie.0,mac=" + mac.String(),
+		}})
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	if _, err := g.WaitNICUp(ctx, 0, mac.String()); err != nil {
+		t.Fatalf("the guest never brought the NIC up: %v\n%s", err, g.Log())
+	}
+	c, err := e.host.Dial("tcp", netip.AddrPortFrom(addr.Addr(), guesttest.EchoPort).String(), 10*time.Second)
+	if err != nil {
+		t.Fatalf("connect to the guest: %v\n%s", err, g.Log())
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	msg := bytes.Repeat([]byte("cold plug "), 10000)
+	go func() { c.Write(msg) }()
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+		t.Errorf("echo through the guest: %v", err)
+	}
+	c.Close()
+	e.assertCheck(t)
+	g.Kill()
+	<-g.Exited()
+	if err := e.del(); err != nil {
+		t.Fatalf("DEL: %v", err)
+	}
+	e.assertGone(t)
+}
