@@ -116,12 +116,19 @@ func (r *lbRig) tcpPick(t *testing.T) string {
 	return who
 }
 
-// udpPicks sends one datagram from each of n fresh sockets and returns who answered.
+// udpPicks sends one datagram from each of n sockets with distinct source ports (n new
+// flows: an ephemeral port picked twice would be the same flow) and returns who answered.
 func (r *lbRig) udpPicks(t *testing.T, n int) []string {
 	t.Helper()
 	var out []string
-	for range n {
-		c, err := r.guest.Dial("udp", vipAddr+":53", time.Second)
+	for i := range n {
+		var c net.Conn
+		err := r.guest.Do(func() error {
+			var err error
+			d := net.Dialer{LocalAddr: &net.UDPAddr{Port: 20000 + i}}
+			c, err = d.Dial("udp", vipAddr+":53")
+			return err
+		})
 		if err != nil {
 			t.Fatal(err)
 		}
