@@ -131,8 +131,20 @@ int kdp_uplink_in(struct __sk_buff *skb)
 static __always_inline int xdp_forward(struct xdp_md *ctx, bool from)
 {
 	struct xdp_port *port = xdp_port_of(ctx);
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct endpoint *ep;
 
 	if (!port)
+		return XDP_PASS;
+	/* The checksum repair must come before the load balancer's incremental rewrites, and
+	 * must not touch a frame that then goes on to tc: where the frame is still an skb (veth
+	 * XDP_PASS) it keeps its note that the checksum is partial, and a completed one would be
+	 * summed again. So first make sure this program will take the frame: its endpoint joined
+	 * and its redirect target there (drops after the repair do no harm). */
+	ep = bpf_map_lookup_elem(&kdp_endpoints, &ifindex);
+	if (!ep || ep->role != (from ? KDP_ROLE_TAP : KDP_ROLE_UPLINK) || !ep->peer_ifindex)
+		return XDP_PASS;
+	if (!bpf_map_lookup_elem(&kdp_xdp_tx, &ifindex))
 		return XDP_PASS;
 	if ((port->flags & KDP_XDP_F_CSUM) && xdp_fix_csum(ctx) < 0)
 		return XDP_PASS; /* malformed: let tc and the stack judge it as they would in tc mode */

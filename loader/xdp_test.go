@@ -184,6 +184,7 @@ func TestXDPChecksumRepair(t *testing.T) {
 			}
 		}
 	}
+	p0 := partial(l4Frame(unix.IPPROTO_TCP, otherMAC, s, d, 0x18, 100))
 	// Ethernet padding after the IP packet is not summed.
 	good := l4Frame(unix.IPPROTO_UDP, otherMAC, s, d, 0, 4)
 	padded := append(partial(append([]byte(nil), good...)), make([]byte, 60-len(good))...)
@@ -202,6 +203,13 @@ func TestXDPChecksumRepair(t *testing.T) {
 	if ret, out := runXDP(t, r.upl, append([]byte(nil), cut...)); ret != xdpPass || string(out) != string(cut) {
 		t.Errorf("truncated segment: verdict %d, changed %v", ret, string(out) != string(cut))
 	}
+	// A frame the program leaves to tc keeps its partial checksum: where it is still an skb,
+	// the skb's note says so, and a completed checksum would be summed again.
+	r.eps.Remove(1)
+	if ret, out := runXDP(t, r.upl, append([]byte(nil), p0...)); ret != xdpPass || string(out) != string(p0) {
+		t.Errorf("frame left to tc: verdict %d, checksum rewritten %v", ret, string(out) != string(p0))
+	}
+	r.eps.Put(1, maps.Endpoint{PeerIfindex: 42, Slot: 0, Role: maps.RoleUplink})
 	// Without the flag the program does not look at checksums.
 	r.port(t, 9000, 0)
 	p := partial(l4Frame(unix.IPPROTO_TCP, otherMAC, s, d, 0x18, 100))

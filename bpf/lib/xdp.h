@@ -20,6 +20,8 @@
  * before anything else: a field equal to the folded pseudo-header sum is taken for a partial
  * checksum and the sum is recomputed over the whole segment. Recomputing is right for a
  * complete checksum too, so a coincidental match (1 in 65536) costs time, never correctness.
+ * Only for programs in driver mode: generic XDP redirects the skb itself, note included, and
+ * a completed checksum would then be summed again by whoever completes the partial one.
  */
 #ifndef __KDP_XDP_H
 #define __KDP_XDP_H

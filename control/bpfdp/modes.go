@@ -149,11 +149,13 @@ func (d *Dataplane) setXDP(sb *sandbox, ep control.Endpoint, tap, uplink netdev.
 	if !f.XDP || !f.DevMap {
 		return false, fmt.Errorf("kernel lacks xdp or devmap (%s)", f)
 	}
-	// The ports go first: the XDP programs pass every frame on to tc until their port exists.
-	if _, err := sb.lsb.AttachXDP(ep.NetNS, ep.Uplink, loader.ProgXDPUplink); err != nil {
+	// The programs go first: they pass every frame on to tc until their port exists.
+	ua, err := sb.lsb.AttachXDP(ep.NetNS, ep.Uplink, loader.ProgXDPUplink)
+	if err != nil {
 		return false, err
 	}
-	if _, err := sb.lsb.AttachXDP(ep.NetNS, ep.Tap, loader.ProgXDPTap); err != nil {
+	ta, err := sb.lsb.AttachXDP(ep.NetNS, ep.Tap, loader.ProgXDPTap)
+	if err != nil {
 		return false, err
 	}
 	ok, err := loader.XDPRedirectTarget(ep.NetNS, ep.Tap)
@@ -164,7 +166,7 @@ func (d *Dataplane) setXDP(sb *sandbox, ep control.Endpoint, tap, uplink netdev.
 		return false, fmt.Errorf("%s does not take XDP frames", ep.Tap)
 	}
 	if err := sb.lsb.SetXDPPort(ep.NetNS, uint32(uplink.Index), uint32(tap.Index), loader.XDPPort{
-		MaxLen: uint32(tap.MTU) + 18, Flags: loader.XDPFlagCsum,
+		MaxLen: uint32(tap.MTU) + 18, Flags: csumFlag(ua),
 	}); err != nil {
 		return false, err
 	}
@@ -178,8 +180,18 @@ func (d *Dataplane) setXDP(sb *sandbox, ep control.Endpoint, tap, uplink netdev.
 		return false, sb.lsb.DelXDPPort(uint32(tap.Index))
 	}
 	return true, sb.lsb.SetXDPPort(ep.NetNS, uint32(tap.Index), uint32(uplink.Index), loader.XDPPort{
-		MaxLen: uint32(uplink.MTU) + 18, Flags: loader.XDPFlagCsum,
+		MaxLen: uint32(uplink.MTU) + 18, Flags: csumFlag(ta),
 	})
+}
+
+// csumFlag: checksum repair for a program in driver mode only. Generic XDP redirects the skb
+// itself, with its note that a checksum is partial, so there is nothing to repair, and a
+// repaired checksum would be summed a second time.
+func csumFlag(a loader.XDPAttachment) uint32 {
+	if a.Mode == "generic" {
+		return 0
+	}
+	return loader.XDPFlagCsum
 }
 
 // removeXDP stops XDP redirecting (ports first: from then on XDP passes every frame to tc)
@@ -403,8 +415,9 @@ func (d *Dataplane) RecheckXDP(ctx context.Context) error {
 		if ok {
 			uplink, err := netdev.LookupLink(ep.NetNS, ep.Uplink)
 			if err == nil {
+				_, mode, _ := loader.XDPProgram(ep.NetNS, ep.Tap)
 				err = it.sb.lsb.SetXDPPort(ep.NetNS, uint32(tap.Index), uint32(uplink.Index), loader.XDPPort{
-					MaxLen: uint32(uplink.MTU) + 18, Flags: loader.XDPFlagCsum,
+					MaxLen: uint32(uplink.MTU) + 18, Flags: csumFlag(loader.XDPAttachment{Mode: mode}),
 				})
 			}
 			if err != nil {

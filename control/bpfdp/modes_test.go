@@ -39,6 +39,7 @@ type rigOpts struct {
 	mode    string
 	offload bool
 	peerGRO bool // GRO on the host end of the veth: frames XDP redirects into the veth arrive
+	generic bool // XDP in generic (skb) mode, as where a driver refuses native XDP
 }
 
 func newModeRig(t *testing.T, id string, o rigOpts) *modeRig {
@@ -68,7 +69,10 @@ func newModeRig(t *testing.T, id string, o rigOpts) *modeRig {
 		Sandbox: id, NetNS: r.sb.NS.Path(), Slot: 0, NIC: "eth0", Tap: r.sb.Tap.Name, Uplink: r.sb.Veth.Name,
 		MAC: r.sb.GuestMAC, Addr: r.sb.GuestAddr, MTU: 1500, Mode: o.mode, AntiSpoof: true, StrictEgress: true,
 	}
-	if err := r.dp.AddEndpoint(ctx, r.ep); err != nil {
+	loader.ForceGenericXDP = o.generic
+	err = r.dp.AddEndpoint(ctx, r.ep)
+	loader.ForceGenericXDP = false
+	if err != nil {
 		t.Fatal(err)
 	}
 	// Registered after the sandbox's cleanups, so it runs before them: the macvtap and its
@@ -288,6 +292,8 @@ func TestModes(t *testing.T) {
 		{"xdp-nooffload", rigOpts{mode: control.ModeXDP}, control.ModeXDP},
 		{"xdp-peergro", rigOpts{mode: control.ModeXDP, offload: true, peerGRO: true}, control.ModeXDP},
 		{"xdp-peergro-nooffload", rigOpts{mode: control.ModeXDP, peerGRO: true}, control.ModeXDP},
+		{"xdp-generic-peergro", rigOpts{mode: control.ModeXDP, offload: true, peerGRO: true, generic: true}, control.ModeXDP},
+		{"xdp-generic-peergro-nooffload", rigOpts{mode: control.ModeXDP, peerGRO: true, generic: true}, control.ModeXDP},
 		{"tcfilter", rigOpts{mode: control.ModeTCFilter, offload: true}, control.ModeTCFilter},
 		{"tcfilter-nooffload", rigOpts{mode: control.ModeTCFilter}, control.ModeTCFilter},
 		{"macvtap", rigOpts{mode: control.ModeMacvtap, offload: true}, control.ModeMacvtap},
@@ -297,13 +303,13 @@ func TestModes(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			r := newModeRig(t, "m-"+c.name, c.o)
 			functional(t, r, c.want, c.o.offload)
-			checkPlumbing(t, r, c.want, c.o.peerGRO)
+			checkPlumbing(t, r, c.want, c.o.peerGRO, c.o.generic)
 		})
 	}
 }
 
 // checkPlumbing checks what each mode installed, and only that.
-func checkPlumbing(t *testing.T, r *modeRig, mode string, peerGRO bool) {
+func checkPlumbing(t *testing.T, r *modeRig, mode string, peerGRO, generic bool) {
 	t.Helper()
 	ns := r.sb.NS.Path()
 	for _, dev := range []string{r.ep.Uplink, r.ep.Tap} {
@@ -320,7 +326,11 @@ func checkPlumbing(t *testing.T, r *modeRig, mode string, peerGRO bool) {
 				t.Errorf("%s: tcx %v xdp %q ingress %v", dev, tcx, xdp, hasIngress)
 			}
 		case control.ModeXDP:
-			if len(tcx) != 1 || !strings.HasPrefix(xdp, "kdp_xdp_") || xmode != "driver" || hasIngress {
+			wantMode := "driver"
+			if generic {
+				wantMode = "generic"
+			}
+			if len(tcx) != 1 || !strings.HasPrefix(xdp, "kdp_xdp_") || xmode != wantMode || hasIngress {
 				t.Errorf("%s: tcx %v xdp %q (%s) ingress %v", dev, tcx, xdp, xmode, hasIngress)
 			}
 		case control.ModeTCFilter:
