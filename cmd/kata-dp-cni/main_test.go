@@ -1036,3 +1036,39 @@ func TestQEMUColdPlug(t *testing.T) {
 	}
 	e.assertGone(t)
 }
+
+// TestQEMUGoneBeforeDel: the runtime stops the VM before the CNI DEL. The agent refuses to
+// touch the unhealthy sandbox, so DEL leaves the NIC to the runtime's sandbox removal instead
+// of blocking the runtime; that removal then takes the tap.
+func TestQEMUGoneBeforeDel(t *testing.T) {
+	requireSetup(t)
+	agent := startAgent(t)
+	e := newEnv(t, agent, nil, nil)
+	const mac = "02:42:0a:e7:00:02"
+	e.rt.CapabilityArgs = map[string]any{"mac": mac}
+	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: e.ctr.Path(), NetTable: map[string]string{mac: "10.231.0.2/24"}})
+	if _, err := agent.client.AddSandbox(context.Background(), control.SandboxSpec{ID: e.rt.ContainerID, NetNS: e.rt.NetNS, QMP: g.QMPPath}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { agent.client.DelSandbox(context.Background(), e.rt.ContainerID) })
+	if _, err := e.add(); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	g.Kill()
+	<-g.Exited()
+	if err := e.del(); err != nil {
+		t.Fatalf("DEL with the VM gone: %v", err)
+	}
+	if got := records(t, e.stateDir); len(got) != 0 {
+		t.Errorf("plugin state left: %v", got)
+	}
+	if sb := agent.sandbox(t, e.rt.ContainerID); sb == nil {
+		t.Fatalf("DEL removed the runtime's sandbox")
+	}
+	if err := agent.client.DelSandbox(context.Background(), e.rt.ContainerID); err != nil {
+		t.Fatalf("the runtime's sandbox removal: %v", err)
+	}
+	if linkExists(t, e.ctr, tapName) {
+		t.Errorf("tap left after the sandbox was removed")
+	}
+}

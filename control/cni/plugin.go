@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -356,11 +355,13 @@ func (p *Plugin) release(ctx context.Context, st *store, rec record) error {
 		}
 	default:
 		if err := delIface(ctx, agent, rec.ContainerID, rec.NIC); err != nil {
-			if !errors.Is(err, control.ErrUnhealthy) || netNSExists(rec.NetNS) {
+			if !errors.Is(err, control.ErrUnhealthy) {
 				return agentError("del-iface", err)
 			}
-			// The netns is gone, and the NIC's tap with it; the sandbox is not ours to remove.
-			p.log().Warn("netns gone: leaving the NIC record to the sandbox's owner", "container", rec.ContainerID, "nic", rec.NIC)
+			// The agent refuses to touch a sandbox whose netns is gone or whose VM does not
+			// answer (the runtime tears it down): the NIC goes when its owner removes the
+			// sandbox, and failing here would only block the runtime's DEL.
+			p.log().Warn("sandbox unhealthy: leaving the NIC to the sandbox's owner", "container", rec.ContainerID, "nic", rec.NIC, "err", err)
 		}
 	}
 	if err := st.delRecord(rec); err != nil {
@@ -372,11 +373,6 @@ func (p *Plugin) release(ctx context.Context, st *store, rec record) error {
 		}
 	}
 	return nil
-}
-
-func netNSExists(path string) bool {
-	_, err := os.Stat(path)
-	return !errors.Is(err, fs.ErrNotExist)
 }
 
 // Check verifies that the attachment is as ADD left it: the sandbox registered, the NIC listed
