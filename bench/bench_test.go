@@ -50,9 +50,6 @@ func TestHarness(t *testing.T) {
 	}
 	var want []string
 	for _, m := range modes {
-		if m.name == "xdp" {
-			continue // skipped until the loader has XDP programs
-		}
 		for _, c := range allCases {
 			if (c.dir == g2h && m.h2gOnly) || (c.dir == rr && m.noLatency) {
 				continue

@@ -50,7 +50,7 @@ var modes = []modeDef{
 	{name: "tc", desc: "kata-dp tc datapath, all features on (anti-spoof, strict egress, counters)", setup: setupTC},
 	{name: "macvtap", desc: "Kata's macvtap in bridge mode on the veth", noTap: true, setup: setupMacvtap},
 	{name: "cni-tcfilter", desc: "standard CNI path: bridge (FDB pre-learned) + veth pair + tcfilter (reference for direct mode)", ref: true, setup: setupCNI},
-	{name: "xdp", desc: "kata-dp XDP datapath", setup: setupXDP},
+	{name: "xdp", desc: "kata-dp xdp mode: XDP redirect through a DEVMAP both ways in front of the tc datapath, all features on (host veth GRO on)", setup: setupXDP},
 	{name: "ref-redirect", desc: "reference: bare cls_bpf bpf_redirect, no features", ref: true, setup: setupRefRedirect},
 	{name: "ref-drop", desc: "reference: drop at veth (h2g) / tap (g2h) ingress: the ceiling", ref: true, noLatency: true, setup: setupRefDrop},
 	{name: "ref-xdp", desc: "reference: XDP veth->veth redirect into an XDP drop", ref: true, h2gOnly: true, noLatency: true, sink: sinkXDPPeer, setup: setupRefXDP},
@@ -218,10 +218,36 @@ func setupMacvtap(e *env) error {
 	return nil
 }
 
+// setupXDP is kata-dp's xdp mode as control/bpfdp sets it up: the tc
+// datapath with the XDP programs in front. The host side turns GRO on at
+// its veth, as an operator or CNI would, so that the veth takes the frames
+// XDP redirects into it and the guest's frames take XDP too.
 func setupXDP(e *env) error {
-	// The loader has no XDP entry points yet (only kdp_tap_in and
-	// kdp_uplink_in); the mode is reported as skipped until it does.
-	return fmt.Errorf("loader exposes no XDP programs: %w", errSkipMode)
+	if err := setupTC(e); err != nil {
+		return err
+	}
+	ns, veth, tap := e.s.NS.Path(), e.s.Config.Veth, e.s.Config.Tap
+	if err := netdev.SetGRO(e.s.Host.Path(), e.s.Config.HostVeth, true); err != nil {
+		return err
+	}
+	if _, err := e.sb.AttachXDP(ns, veth, loader.ProgXDPUplink); err != nil {
+		return fmt.Errorf("%w: %w", errSkipMode, err)
+	}
+	if _, err := e.sb.AttachXDP(ns, tap, loader.ProgXDPTap); err != nil {
+		return fmt.Errorf("%w: %w", errSkipMode, err)
+	}
+	v, t := uint32(e.s.Veth.Index), uint32(e.s.Tap.Index)
+	if err := e.sb.SetXDPPort(ns, v, t, loader.XDPPort{MaxLen: uint32(e.s.Config.MTU) + 18, Flags: loader.XDPFlagCsum}); err != nil {
+		return err
+	}
+	ok, err := loader.XDPRedirectTarget(ns, veth)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("%s takes no XDP frames although its peer has GRO on", veth)
+	}
+	return e.sb.SetXDPPort(ns, t, v, loader.XDPPort{MaxLen: uint32(e.s.Config.MTU) + 18, Flags: loader.XDPFlagCsum})
 }
 
 func (e *env) attachRef(dev string, p refprog.Prog) error {
