@@ -19,6 +19,9 @@
 // marker says the plugin registered it. Every command takes an exclusive lock of the state
 // directory, so concurrent invocations on a node are serialised.
 //
+// Kata's macvtap model is refused (mode "macvtap"): the VM would use a macvtap device the
+// agent does not report, and the veth's MAC swap would break the previous plugin's CHECK.
+//
 // Errors are *types.Error: code 7 for a bad configuration, 4 for bad CNI_* arguments, 5 for a
 // state directory that cannot be used, 50 for STATUS without a reachable agent, and the
 // plugin's own codes from 100 (see the Code* constants).
