@@ -2,12 +2,17 @@ package loader_test
 
 import (
 	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
 	"net/netip"
+	"os/exec"
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
 	"github.com/kata-dp/kata-dp/maps"
 )
@@ -299,5 +304,122 @@ func TestXDPPorts(t *testing.T) {
 	var v [8]byte
 	if err := r.sb.Maps().XDPTx.Lookup(uint32(1), &v); err == nil {
 		t.Error("devmap entry left")
+	}
+}
+
+// netnsWithVeth makes a throwaway netns with a veth pair (kdptxa, kdptxb) and a tap (kdptxt),
+// all up, and returns its path.
+func netnsWithVeth(t *testing.T) string {
+	t.Helper()
+	name := fmt.Sprintf("kdptx-l%08x", rand.Uint32())
+	sh := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	sh("netns", "add", name)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	sh("-n", name, "link", "add", "kdptxa", "type", "veth", "peer", "name", "kdptxb")
+	sh("-n", name, "tuntap", "add", "kdptxt", "mode", "tap")
+	for _, dev := range []string{"kdptxa", "kdptxb", "kdptxt"} {
+		sh("-n", name, "link", "set", dev, "up")
+	}
+	return "/run/netns/" + name
+}
+
+// TestAttachXDP: driver mode on a veth and a tap, the generic fallback, in-place update of a
+// pinned link (by a second load of the sandbox), detach; and XDPRedirectTarget following the
+// veth peer's GRO.
+func TestAttachXDP(t *testing.T) {
+	needRoot(t)
+	ns := netnsWithVeth(t)
+	root := testRoot(t)
+	sb := openSandbox(t, root, "xdpattach")
+
+	for _, c := range []struct {
+		dev  string
+		prog loader.Program
+	}{{"kdptxa", loader.ProgXDPUplink}, {"kdptxt", loader.ProgXDPTap}} {
+		a, err := sb.AttachXDP(ns, c.dev, c.prog)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.Mode != "driver" || a.Netlink {
+			t.Errorf("%s: attached %+v, want driver mode through a link", c.dev, a)
+		}
+		if name, mode, err := loader.XDPProgram(ns, c.dev); err != nil || name != string(c.prog) || mode != "driver" {
+			t.Errorf("%s runs %q (%s, %v)", c.dev, name, mode, err)
+		}
+	}
+	if _, err := sb.AttachXDP(ns, "kdptxa", loader.ProgTapIn); err == nil {
+		t.Error("a tc program attached as XDP")
+	}
+
+	// A second load (an agent restart) moves the pinned links onto its programs in place.
+	sb2, err := loader.Open(root, "xdpattach")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2, _ := sb2.Program(loader.ProgXDPUplink)
+	info, _ := p2.Info()
+	id2, _ := info.ID()
+	sb2.Close()
+	err = netdev.InNetNS(ns, func() error {
+		l, err := netlink.LinkByName("kdptxa")
+		if err != nil {
+			return err
+		}
+		if got := l.Attrs().Xdp.ProgId; got != uint32(id2) {
+			t.Errorf("after reload kdptxa runs program %d, want the new load's %d", got, id2)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Re-attaching replaces in place; detaching leaves nothing.
+	if _, err := sb.AttachXDP(ns, "kdptxa", loader.ProgXDPTap); err != nil {
+		t.Fatal(err)
+	}
+	if name, _, _ := loader.XDPProgram(ns, "kdptxa"); name != string(loader.ProgXDPTap) {
+		t.Errorf("after re-attach kdptxa runs %q", name)
+	}
+	for _, dev := range []string{"kdptxa", "kdptxt"} {
+		if err := sb.DetachXDP(ns, dev); err != nil {
+			t.Fatal(err)
+		}
+		if name, _, _ := loader.XDPProgram(ns, dev); name != "" {
+			t.Errorf("%s still runs %q", dev, name)
+		}
+	}
+	if err := sb.DetachXDP(ns, "nosuchdev"); err != nil {
+		t.Errorf("detach from a missing device: %v", err)
+	}
+
+	// Generic mode where driver mode is not wanted (or refused).
+	loader.ForceGenericXDP = true
+	a, err := sb.AttachXDP(ns, "kdptxa", loader.ProgXDPUplink)
+	loader.ForceGenericXDP = false
+	if err != nil || a.Mode != "generic" {
+		t.Errorf("forced generic attach: %+v, %v", a, err)
+	}
+	if _, mode, _ := loader.XDPProgram(ns, "kdptxa"); mode != "generic" {
+		t.Errorf("kdptxa XDP mode %q, want generic", mode)
+	}
+	sb.DetachXDP(ns, "kdptxa")
+
+	// A tap always takes XDP frames; a veth only while its peer has XDP or GRO on.
+	if ok, err := loader.XDPRedirectTarget(ns, "kdptxt"); err != nil || !ok {
+		t.Errorf("tap as XDP target: %v, %v", ok, err)
+	}
+	for _, gro := range []bool{false, true, false} {
+		if err := netdev.SetGRO(ns, "kdptxb", gro); err != nil {
+			t.Fatal(err)
+		}
+		if ok, err := loader.XDPRedirectTarget(ns, "kdptxa"); err != nil || ok != gro {
+			t.Errorf("veth as XDP target with peer GRO %v: %v, %v", gro, ok, err)
+		}
 	}
 }
