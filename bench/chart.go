@@ -2,12 +2,12 @@ package bench
 
 import (
 	"fmt"
+	"image/color"
 	"os"
 	"path/filepath"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
-	"gonum.org/v1/plot/plotutil"
 	"gonum.org/v1/plot/vg"
 )
 
@@ -34,7 +34,8 @@ func writeCharts(r *Report, dir string) error {
 	}{
 		{"pps.svg", "One-way throughput (median)", "thousand frames/s", oneWay, []string{"pps"}, 1e-3},
 		{"cpu.svg", "Forward-path CPU per frame above a drop at ingress", "ns per frame", oneWay, []string{"fwd_ns"}, 1},
-		{"latency.svg", "UDP request/response, one outstanding", "microseconds (p50, p99)", lat, []string{"p50_us", "p99_us"}, 1},
+		{"latency.svg", "UDP request/response, one outstanding: median round trip", "microseconds (p50)", lat, []string{"p50_us"}, 1},
+		{"latency-p99.svg", "UDP request/response, one outstanding: 99th percentile", "microseconds (p99)", lat, []string{"p99_us"}, 1},
 	}
 	for _, ch := range charts {
 		if len(ch.groups) == 0 {
@@ -71,14 +72,16 @@ func barChart(r *Report, path, title, ylabel string, cases, metrics []string, sc
 			}
 		}
 	}
-	w := vg.Points(60 / float64(max(1, len(shown))))
+	w := vg.Points(64 / float64(max(1, len(shown))))
+	top := 0.0
 	for i, mode := range shown {
 		vals := make(plotter.Values, len(groups))
 		j := 0
 		for _, c := range cases {
 			for _, m := range metrics {
 				if x, ok := r.result(mode, c, m); ok {
-					vals[j] = x.Median * scale
+					vals[j] = max(0, x.Median*scale)
+					top = max(top, vals[j])
 				}
 				j++
 			}
@@ -88,14 +91,25 @@ func barChart(r *Report, path, title, ylabel string, cases, metrics []string, sc
 			return err
 		}
 		bars.LineStyle.Width = vg.Length(0)
-		bars.Color = plotutil.Color(i)
+		bars.Color = palette[i%len(palette)]
 		bars.Offset = w * vg.Length(float64(i)-float64(len(shown)-1)/2)
 		p.Add(bars)
 		p.Legend.Add(mode, bars)
 	}
 	p.Legend.Top = true
+	p.Legend.TextStyle.Font.Size = vg.Points(9)
 	p.NominalX(groups...)
-	p.Y.Min = 0
-	width := vg.Length(max(6, 1.6*float64(len(groups)))) * vg.Inch
+	p.X.Min, p.X.Max = -0.6, float64(len(groups))-0.4
+	// Head room for the legend, which sits in the top right corner.
+	p.Y.Min, p.Y.Max = 0, top*(1.1+0.07*float64(len(shown)))
+	width := vg.Length(max(6, 1.4*float64(len(groups)+1))) * vg.Inch
 	return p.Save(width, 4*vg.Inch, path)
+}
+
+// palette has a colour for each mode (plotutil's repeats after seven).
+var palette = []color.Color{
+	color.RGBA{0x1f, 0x77, 0xb4, 0xff}, color.RGBA{0xff, 0x7f, 0x0e, 0xff}, color.RGBA{0x2c, 0xa0, 0x2c, 0xff},
+	color.RGBA{0xd6, 0x27, 0x28, 0xff}, color.RGBA{0x94, 0x67, 0xbd, 0xff}, color.RGBA{0x8c, 0x56, 0x4b, 0xff},
+	color.RGBA{0xe3, 0x77, 0xc2, 0xff}, color.RGBA{0x7f, 0x7f, 0x7f, 0xff}, color.RGBA{0xbc, 0xbd, 0x22, 0xff},
+	color.RGBA{0x17, 0xbe, 0xcf, 0xff},
 }
