@@ -215,6 +215,11 @@ func Run(ctx context.Context, o Options, log *slog.Logger) (*Report, error) {
 	}
 	r := &runner{o: o, ksoft: ksoftirqds()}
 	benchNice = o.Nice
+	// Every measuring thread is locked to its goroutine and lives in
+	// syscalls; with as many Ps as CPUs, a thread returning from a syscall
+	// waits for a P that another thread holds, and the harness measures Go's
+	// scheduler instead of the path. Plenty of Ps take that out.
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(max(16, 4*runtime.NumCPU())))
 	rep := newReport(o)
 	skip := map[string]bool{}
 	var failed []error
