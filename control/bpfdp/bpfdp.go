@@ -267,7 +267,7 @@ func (d *Dataplane) Stats(ctx context.Context, ep control.Endpoint) (control.End
 	if err != nil {
 		return out, fmt.Errorf("stats of %s: %w", ep.NIC, err)
 	}
-	if m := d.modeOf(sb, ep.Slot); m != nil && (m.mode == control.ModeTCFilter || m.mode == control.ModeMacvtap) {
+	if m := d.nonBPFMode(sb, ep); m != nil {
 		return d.linkStats(ep, m)
 	}
 	sm := maps.StatsMap{Map: sb.lsb.Maps().Stats}

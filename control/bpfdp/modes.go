@@ -336,6 +336,22 @@ func adoptMacvtap(nsPath, name string) (macvtap.Macvtap, error) {
 	}, nil
 }
 
+// nonBPFMode returns the endpoint's mode when it is one without BPF counters (tcfilter,
+// macvtap), from what this process did or, after a restart before Reconcile, from ep.Mode.
+func (d *Dataplane) nonBPFMode(sb *sandbox, ep control.Endpoint) *epMode {
+	m := d.modeOf(sb, ep.Slot)
+	if m == nil {
+		m = &epMode{mode: normMode(ep.Mode)}
+		if m.mode == control.ModeMacvtap {
+			m.mv, _ = adoptMacvtap(ep.NetNS, macvtapName(ep))
+		}
+	}
+	if m.mode != control.ModeTCFilter && m.mode != control.ModeMacvtap {
+		return nil
+	}
+	return m
+}
+
 // linkStats are the Stats of an endpoint in a mode without BPF counters: the link counters of
 // the device the VM uses (the tap, or the macvtap), with the NoBPFCounters marker.
 func (d *Dataplane) linkStats(ep control.Endpoint, m *epMode) (control.EndpointStats, error) {
