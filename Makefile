@@ -11,14 +11,15 @@ all: build
 
 build:
 	$(GO) build -o $(BIN) ./cmd/kata-dp
+	$(GO) build -o bin/kata-dp-cni ./cmd/kata-dp-cni
 
 # Recompile the BPF object(s) with the pinned clang + vendored headers. The outputs are
 # committed; CI checks that this reproduces them byte for byte.
 generate:
-	$(GO) generate ./loader/...
+	$(GO) generate ./loader/... ./bench/...
 
 check-generate: generate
-	git diff --exit-code -- loader/ || (echo "generated BPF objects are stale: run make generate and commit" >&2; exit 1)
+	git diff --exit-code -- loader/ bench/ || (echo "generated BPF objects are stale: run make generate and commit" >&2; exit 1)
 
 # Re-vendor the BPF headers from the pinned libbpf release.
 headers:
