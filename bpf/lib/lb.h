@@ -27,9 +27,13 @@
 #include "ctx.h"
 #include "csum.h"
 
-#define KDP_LB_MAX_SVC_SLOTS 262144 /* master + slot entries of all services, two revisions */
-#define KDP_LB_MAX_BACKENDS 40960   /* 20000 rules, two generations */
-#define KDP_LB_MAX_STATS 81920
+/* Map sizes bound a sandbox's memory: a hash map allocates its buckets up front even without
+ * preallocated entries, so every entry of max_entries costs about 16 bytes from the start.
+ * They are sized for the 20000-rule contract (a restore only goes into an empty table, so the
+ * generations never hold two full tables). */
+#define KDP_LB_MAX_SVC_SLOTS 65536 /* masters + slots of all services (rr/wrr: the pick sequence, sh/dh: 256) */
+#define KDP_LB_MAX_BACKENDS 20480  /* real servers: every one is a rule */
+#define KDP_LB_MAX_STATS 40960     /* counters of services and real servers */
 #define KDP_LB_CT_SIZE 16384        /* default; loader.Options.CTSize resizes it per sandbox */
 #define KDP_LB_AFF_SIZE 8192
 #define KDP_LB_MAX_SCAN 64          /* real servers the least-connection schedulers compare */

@@ -1,0 +1,161 @@
+// Package ctlperf measures the agent's control path with the real BPF dataplane: add-iface
+// without hot-plug (tap created, datapath attached, maps written, state saved), and the memory
+// cost of sandboxes (agent RSS and BPF map memory per sandbox).
+//
+// Run (root): go test -run XXX -bench . -benchtime 20x ./bench/ctlperf/
+package ctlperf
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/api"
+)
+
+type agent struct {
+	cmd   *exec.Cmd
+	c     *api.Client
+	bpffs string
+}
+
+// startAgent builds and runs the real kata-dp agent with its state and pins in places of its own.
+func startAgent(b *testing.B) *agent {
+	topo.RequireRoot(b, "runs the agent with the BPF dataplane")
+	dir := b.TempDir()
+	bin := filepath.Join(dir, "kata-dp")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/kata-dp/kata-dp/cmd/kata-dp").CombinedOutput(); err != nil {
+		b.Fatalf("build: %v\n%s", err, out)
+	}
+	a := &agent{bpffs: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptcp-%08x", rand.Uint32()))}
+	sock := filepath.Join(dir, "s.sock")
+	a.cmd = exec.Command(bin, "agent", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", a.bpffs, "--log-level", "warn")
+	a.cmd.Stderr = os.Stderr
+	if err := a.cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		a.cmd.Process.Kill()
+		a.cmd.Wait()
+		os.RemoveAll(a.bpffs)
+	})
+	a.c = api.NewClient(sock)
+	for i := 0; ; i++ {
+		if _, err := a.c.Version(context.Background()); err == nil {
+			break
+		}
+		if i > 200 {
+			b.Fatal("agent did not start")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return a
+}
+
+func stats(b *testing.B, ds []time.Duration) {
+	slices.Sort(ds)
+	b.ReportMetric(float64(ds[len(ds)/2].Microseconds())/1000, "median-ms")
+	b.ReportMetric(float64(ds[0].Microseconds())/1000, "min-ms")
+	b.ReportMetric(float64(ds[len(ds)-1].Microseconds())/1000, "max-ms")
+}
+
+// BenchmarkAddIface: add-iface (then del-iface, untimed) of one NIC joined to the sandbox's
+// uplink, over the agent's API, without hot-plug.
+func BenchmarkAddIface(b *testing.B) {
+	a := startAgent(b)
+	ctx := context.Background()
+	sb := topo.MustSandbox(b, topo.SandboxConfig{Prefix: "kdptcp", NoTap: true})
+	if _, err := a.c.AddSandbox(ctx, control.SandboxSpec{ID: "perf", NetNS: sb.NS.Path()}); err != nil {
+		b.Fatal(err)
+	}
+	in := []byte(`{"device":"tap-perf","name":"eth-perf","IPAddresses":[{"address":"10.199.0.2","mask":"24"}],"hwAddr":"02:42:20:6f:a3:69","mtu":1500}`)
+	var ds []time.Duration
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		if _, err := a.c.KataNetwork(ctx, "perf", "add-iface", in); err != nil {
+			b.Fatal(err)
+		}
+		ds = append(ds, time.Since(start))
+		b.StopTimer()
+		if _, err := a.c.KataNetwork(ctx, "perf", "del-iface", in); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+	b.StopTimer()
+	stats(b, ds)
+}
+
+func rssKiB(pid int) int {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+	}
+	return 0
+}
+
+// mapMemory sums the kernel's memlock accounting of every map pinned under dir.
+func mapMemory(b *testing.B, dir string) uint64 {
+	var total uint64
+	filepath.Walk(dir, func(path string, fi os.FileInfo, err error) error {
+		if err != nil || fi.IsDir() || strings.Contains(path, "/links/") {
+			return nil
+		}
+		m, err := ebpf.LoadPinnedMap(path, nil)
+		if err != nil {
+			return nil
+		}
+		defer m.Close()
+		if info, err := m.Info(); err == nil {
+			if n, ok := info.Memlock(); ok {
+				total += n
+			}
+		}
+		return nil
+	})
+	return total
+}
+
+// BenchmarkSandboxMemory registers 100 sandboxes with one NIC each and reports the agent's
+// RSS and the BPF map memory, per sandbox.
+func BenchmarkSandboxMemory(b *testing.B) {
+	const n = 100
+	a := startAgent(b)
+	ctx := context.Background()
+	rss0 := rssKiB(a.cmd.Process.Pid)
+	for i := range n {
+		ns := topo.MustNetNS(b, "kdptcpm")
+		if _, err := ns.Exec("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"); err != nil {
+			b.Fatal(err)
+		}
+		id := fmt.Sprintf("sb%03d", i)
+		if _, err := a.c.AddSandbox(ctx, control.SandboxSpec{ID: id, NetNS: ns.Path()}); err != nil {
+			b.Fatal(err)
+		}
+		in := fmt.Sprintf(`{"device":"tap%d","name":"eth0","IPAddresses":[{"address":"10.1.%d.2","mask":"24"}],"hwAddr":"02:42:20:00:%02x:%02x","mtu":1500}`, i, i, i/256, i%256)
+		if _, err := a.c.KataNetwork(ctx, id, "add-iface", []byte(in)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	rss := rssKiB(a.cmd.Process.Pid)
+	mem := mapMemory(b, a.bpffs)
+	b.ReportMetric(float64(rss-rss0)/n, "agent-RSS-KiB/sandbox")
+	b.ReportMetric(float64(mem)/n/1024, "map-KiB/sandbox")
+	b.Logf("%d sandboxes: agent RSS %d KiB (+%d KiB), BPF maps %d KiB (%d KiB per sandbox)", n, rss, rss-rss0, mem/1024, mem/n/1024)
+}
