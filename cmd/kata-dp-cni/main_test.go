@@ -44,7 +44,6 @@ const (
 	networkName = "kdptc-net"
 	subnet      = "10.231.0.0/24"
 	gateway     = "10.231.0.1"
-	tapName     = "tap0_kata"
 )
 
 var (
@@ -246,6 +245,13 @@ type env struct {
 	rt        *libcni.RuntimeConf
 	stateDir  string
 	ipamDir   string
+	tap       string // the tap ADD makes: tapName of the config, else derived from the container id
+}
+
+// derivedTap is the tap name kata-dp-cni derives when tapName is not set: "kdp" and the first
+// 12 characters of the container id (the test's ids hold only characters a name may have).
+func derivedTap(containerID string) string {
+	return "kdp" + containerID[:min(len(containerID), 12)]
 }
 
 // conflist returns the test network: bridge + host-local, then kata-dp-cni with kdp's keys.
@@ -302,6 +308,10 @@ func newEnv(t *testing.T, agent *agentProc, peer *env, kdp map[string]any) *env 
 		cni:      libcni.NewCNIConfigWithCacheDir([]string{binDir}, filepath.Join(dir, "cache"), nil),
 		stateDir: filepath.Join(dir, "kdp-state"), ipamDir: ipamDir,
 		rt: &libcni.RuntimeConf{ContainerID: topo.UniqueName("kdptc-", 12), NetNS: ctr.Path(), IfName: "eth0"},
+	}
+	e.tap = derivedTap(e.rt.ContainerID)
+	if name, ok := kdp["tapName"].(string); ok && netspec.ValidName("tapName", name) == nil {
+		e.tap = name // an invalid one (TestBadConfig) makes no tap at all
 	}
 	e.list = conflist(t, agent.socket, e.stateDir, e.ipamDir, kdp)
 	t.Cleanup(func() {
@@ -400,7 +410,7 @@ func leases(t *testing.T, ipamDir, containerID string) []string {
 // no sandbox in the agent, no bpffs directory, no records, no address lease.
 func (e *env) assertGone(t *testing.T) {
 	t.Helper()
-	for _, dev := range []string{tapName, e.rt.IfName} {
+	for _, dev := range []string{e.tap, e.rt.IfName} {
 		if linkExists(t, e.ctr, dev) {
 			t.Errorf("%s still exists in the container netns", dev)
 		}
@@ -427,9 +437,9 @@ func (e *env) vm(t *testing.T, res *current.Result) (veth, tap, vm int, addr net
 		switch {
 		case ifc.Name == e.rt.IfName && ifc.Sandbox == e.rt.NetNS:
 			veth = i
-		case ifc.Name == tapName && ifc.Sandbox == e.rt.NetNS:
+		case ifc.Name == e.tap && ifc.Sandbox == e.rt.NetNS:
 			tap = i
-		case ifc.Name == tapName && ifc.Sandbox == e.rt.ContainerID:
+		case ifc.Name == e.tap && ifc.Sandbox == e.rt.ContainerID:
 			vm = i
 		}
 	}
@@ -457,7 +467,7 @@ func (e *env) assertAdded(t *testing.T, res *current.Result) (mac net.HardwareAd
 	if err != nil {
 		t.Fatal(err)
 	}
-	ti, err := netdev.LookupTap(e.ctr.Path(), tapName)
+	ti, err := netdev.LookupTap(e.ctr.Path(), e.tap)
 	if err != nil {
 		t.Fatalf("tap: %v", err)
 	}
@@ -523,7 +533,7 @@ func (e *env) assertTraffic(t *testing.T, mac net.HardwareAddr, addr netip.Prefi
 	if err := guest.DisableIPv6(); err != nil {
 		t.Fatal(err)
 	}
-	fds, err := netdev.OpenTap(e.ctr.Path(), tapName, 1, true, true)
+	fds, err := netdev.OpenTap(e.ctr.Path(), e.tap, 1, true, true)
 	if err != nil {
 		t.Fatalf("open tap: %v", err)
 	}
@@ -647,7 +657,7 @@ func TestAgentDown(t *testing.T) {
 	if cniCode(err) != cni.CodeAgentUnreachable || !strings.Contains(err.Error(), "unreachable") {
 		t.Fatalf("ADD without an agent: %v; want code %d, agent unreachable", err, cni.CodeAgentUnreachable)
 	}
-	if linkExists(t, e.ctr, tapName) {
+	if linkExists(t, e.ctr, e.tap) {
 		t.Errorf("tap created although ADD failed")
 	}
 	if got := records(t, e.stateDir); len(got) != 0 {
@@ -691,7 +701,7 @@ func TestBadConfig(t *testing.T) {
 			if !errors.As(err, &te) || te.Code < types.ErrDecodingFailure || te.Code > types.ErrInvalidNetworkConfig || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("ADD: %v; want a decode or invalid-configuration error about %s", err, tc.want)
 			}
-			if linkExists(t, e.ctr, tapName) {
+			if linkExists(t, e.ctr, e.tap) {
 				t.Errorf("tap created by a failed ADD")
 			}
 			if sb := agent.sandbox(t, e.rt.ContainerID); sb != nil {
@@ -736,7 +746,7 @@ func TestRuntimeSandbox(t *testing.T) {
 	if err != nil || strings.TrimSpace(string(out)) != "null" {
 		t.Errorf("list-ifaces after DEL: %s, %v; want null", out, err)
 	}
-	if linkExists(t, e.ctr, tapName) {
+	if linkExists(t, e.ctr, e.tap) {
 		t.Errorf("tap left after DEL")
 	}
 }
@@ -753,13 +763,13 @@ func TestGC(t *testing.T) {
 	if err := e.gc(keep); err != nil {
 		t.Fatalf("GC keeping the attachment: %v", err)
 	}
-	if agent.sandbox(t, e.rt.ContainerID) == nil || !linkExists(t, e.ctr, tapName) {
+	if agent.sandbox(t, e.rt.ContainerID) == nil || !linkExists(t, e.ctr, e.tap) {
 		t.Fatalf("GC removed a valid attachment")
 	}
 	if err := e.gc(); err != nil {
 		t.Fatalf("GC: %v", err)
 	}
-	if agent.sandbox(t, e.rt.ContainerID) != nil || linkExists(t, e.ctr, tapName) {
+	if agent.sandbox(t, e.rt.ContainerID) != nil || linkExists(t, e.ctr, e.tap) {
 		t.Errorf("GC left the stale attachment's sandbox or tap")
 	}
 	if got := records(t, e.stateDir); len(got) != 0 {
@@ -812,11 +822,11 @@ func TestCheckBroken(t *testing.T) {
 	if _, err := e.add(); err != nil {
 		t.Fatalf("ADD: %v", err)
 	}
-	if out, err := e.ctr.Exec("ip", "link", "del", tapName); err != nil {
+	if out, err := e.ctr.Exec("ip", "link", "del", e.tap); err != nil {
 		t.Fatalf("delete the tap: %v: %s", err, out)
 	}
-	if err := e.check(); cniCode(err) != cni.CodeCheckFailed || !strings.Contains(err.Error(), tapName) {
-		t.Errorf("CHECK without the tap: %v; want code %d naming %s", err, cni.CodeCheckFailed, tapName)
+	if err := e.check(); cniCode(err) != cni.CodeCheckFailed || !strings.Contains(err.Error(), e.tap) {
+		t.Errorf("CHECK without the tap: %v; want code %d naming %s", err, cni.CodeCheckFailed, e.tap)
 	}
 	if err := e.del(); err != nil {
 		t.Fatalf("DEL: %v", err)
@@ -826,45 +836,94 @@ func TestCheckBroken(t *testing.T) {
 
 // TestTwoContainers: two containers on one bridge with the default configuration. The agent
 // reserves tap names host-wide (the kata-network contract's "device unique on the host"), so
-// with the default tapName the second ADD may be refused; it must then fail cleanly, leaving
-// the first container working. When the agent scopes tap names per netns, both must work.
+// each container gets a tap named after its id; both must work side by side, and DEL of one
+// must leave the other working.
 func TestTwoContainers(t *testing.T) {
 	requireSetup(t)
 	agent := startAgent(t)
 	a := newEnv(t, agent, nil, nil)
 	b := newEnv(t, agent, a, nil)
+	if a.tap == b.tap {
+		t.Fatalf("both containers would use tap %s", a.tap)
+	}
 	resA, err := a.add()
 	if err != nil {
 		t.Fatalf("ADD a: %v", err)
 	}
 	macA, addrA := a.assertAdded(t, resA)
 	resB, err := b.add()
-	switch {
-	case err == nil:
-		b.assertAdded(t, resB)
-		b.assertCheck(t)
-	case cniCode(err) == cni.CodeAgentFailed && strings.Contains(err.Error(), "already used by sandbox"):
-		t.Logf("KNOWN LIMITATION: %v", err)
-		if sb := agent.sandbox(t, b.rt.ContainerID); sb != nil {
-			t.Errorf("failed ADD left its sandbox: %+v", sb)
-		}
-		if linkExists(t, b.ctr, tapName) {
-			t.Errorf("failed ADD left a tap")
-		}
-		if got := records(t, b.stateDir); len(got) != 0 {
-			t.Errorf("failed ADD left plugin state: %v", got)
-		}
-	default:
+	if err != nil {
 		t.Fatalf("ADD b: %v", err)
 	}
-	a.assertCheck(t)
-	t.Run("traffic-a", func(t *testing.T) { a.assertTraffic(t, macA, addrA, true) })
-	for _, e := range []*env{b, a} {
-		if err := e.del(); err != nil {
-			t.Fatalf("DEL: %v", err)
-		}
-		e.assertGone(t)
+	macB, addrB := b.assertAdded(t, resB)
+	if addrA == addrB {
+		t.Fatalf("both containers got %s", addrA)
 	}
+	a.assertCheck(t)
+	b.assertCheck(t)
+	t.Run("traffic-a", func(t *testing.T) { a.assertTraffic(t, macA, addrA, true) })
+	t.Run("traffic-b", func(t *testing.T) { b.assertTraffic(t, macB, addrB, true) })
+	if err := b.del(); err != nil {
+		t.Fatalf("DEL b: %v", err)
+	}
+	b.assertGone(t)
+	a.assertCheck(t)
+	t.Run("traffic-a-after-del-b", func(t *testing.T) { a.assertTraffic(t, macA, addrA, true) })
+	if err := a.del(); err != nil {
+		t.Fatalf("DEL a: %v", err)
+	}
+	a.assertGone(t)
+}
+
+// TestExplicitTapName: a configured tapName is used as is, and CHECK and DEL use the tap ADD
+// recorded even when the configuration no longer names it. A second container with the same
+// tapName is refused by the agent (tap names are reserved host-wide) and fails cleanly,
+// leaving the first one working.
+func TestExplicitTapName(t *testing.T) {
+	requireSetup(t)
+	agent := startAgent(t)
+	kdp := map[string]any{"tapName": "tap0_kata"}
+	a := newEnv(t, agent, nil, kdp)
+	if a.tap != "tap0_kata" {
+		t.Fatalf("env tap %s", a.tap)
+	}
+	res, err := a.add()
+	if err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	mac, addr := a.assertAdded(t, res)
+	if linkExists(t, a.ctr, derivedTap(a.rt.ContainerID)) {
+		t.Errorf("the derived tap exists although tapName is set")
+	}
+	a.assertCheck(t)
+
+	b := newEnv(t, agent, a, kdp)
+	_, err = b.add()
+	if cniCode(err) != cni.CodeAgentFailed || !strings.Contains(err.Error(), "already used by sandbox") {
+		t.Fatalf("ADD of a second container with the same tapName: %v; want code %d, tap already used", err, cni.CodeAgentFailed)
+	}
+	if sb := agent.sandbox(t, b.rt.ContainerID); sb != nil {
+		t.Errorf("failed ADD left its sandbox: %+v", sb)
+	}
+	if linkExists(t, b.ctr, b.tap) {
+		t.Errorf("failed ADD left a tap")
+	}
+	if got := records(t, b.stateDir); len(got) != 0 {
+		t.Errorf("failed ADD left plugin state: %v", got)
+	}
+	if err := b.del(); err != nil {
+		t.Fatalf("DEL b: %v", err)
+	}
+	b.assertGone(t)
+
+	t.Run("traffic", func(t *testing.T) { a.assertTraffic(t, mac, addr, true) })
+	// The configuration changes under the attachment: CHECK and DEL go by the record.
+	a.list = conflist(t, agent.socket, a.stateDir, a.ipamDir, nil)
+	a.assertCheck(t)
+	if err := a.del(); err != nil {
+		t.Fatalf("DEL: %v", err)
+	}
+	a.assertGone(t)
 }
 
 // TestModes: the whole cycle with every dataplane mode the configuration can ask for, and with
@@ -979,7 +1038,7 @@ func TestQEMU(t *testing.T) {
 	if err := g.WaitNICGone(ctx, from, mac); err != nil {
 		t.Errorf("the guest still has the NIC: %v", err)
 	}
-	if linkExists(t, e.ctr, tapName) {
+	if linkExists(t, e.ctr, e.tap) {
 		t.Errorf("tap left after DEL")
 	}
 	if sb := agent.sandbox(t, e.rt.ContainerID); sb == nil || sb.QMP != g.QMPPath {
@@ -1008,7 +1067,7 @@ func TestQEMUColdPlug(t *testing.T) {
 	}
 	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: e.ctr.Path(), NetTable: map[string]string{mac.String(): addr.String()}, Gateway: gateway,
 		QEMUArgs: []string{
-			"-netdev", "tap,id=cni0,ifname=" + tapName + ",script=no,downscript=no,vhost=off,vnet_hdr=on",
+			"-netdev", "tap,id=cni0,ifname=" + e.tap + ",script=no,downscript=no,vhost=off,vnet_hdr=on",
 			"-device", "virtio-net-pci,netdev=cni0,bus=pcie.0,mac=" + mac.String(),
 		}})
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
@@ -1068,7 +1127,7 @@ func TestQEMUGoneBeforeDel(t *testing.T) {
 	if err := agent.client.DelSandbox(context.Background(), e.rt.ContainerID); err != nil {
 		t.Fatalf("the runtime's sandbox removal: %v", err)
 	}
-	if linkExists(t, e.ctr, tapName) {
+	if linkExists(t, e.ctr, e.tap) {
 		t.Errorf("tap left after the sandbox was removed")
 	}
 }

@@ -20,8 +20,9 @@ import (
 
 // Defaults of the configuration keys.
 const (
-	// DefaultTapName is the tap Kata's runtime makes for the first NIC of a sandbox.
-	DefaultTapName = "tap0_kata"
+	// TapNamePrefix starts the tap name derived for a container when tapName is not set
+	// (see TapNameFor).
+	TapNamePrefix = "kdp"
 	// DefaultStateDir holds the plugin's records, beside host-local's /var/lib/cni/networks.
 	DefaultStateDir = "/var/lib/cni/kata-dp"
 )
@@ -40,7 +41,9 @@ type Config struct {
 	// registers; nil leaves the agent's default (on).
 	AntiSpoof    *bool `json:"antiSpoof,omitempty"`
 	StrictEgress *bool `json:"strictEgress,omitempty"`
-	// TapName is the tap the agent creates in the container netns (default DefaultTapName).
+	// TapName is the tap the agent creates in the container netns. Empty (the default) means
+	// one per container, TapNameFor(CNI_CONTAINERID): the agent reserves tap names host-wide,
+	// so a fixed name serves one container per node.
 	TapName string `json:"tapName,omitempty"`
 	// StateDir holds the plugin's records of what ADD made (default DefaultStateDir).
 	StateDir string `json:"stateDir,omitempty"`
@@ -97,11 +100,10 @@ func (c *Config) validate() error {
 	if c.Mode == control.ModeMacvtap {
 		return errMacvtap
 	}
-	if c.TapName == "" {
-		c.TapName = DefaultTapName
-	}
-	if err := netspec.ValidName("tapName", c.TapName); err != nil {
-		return err
+	if c.TapName != "" {
+		if err := netspec.ValidName("tapName", c.TapName); err != nil {
+			return err
+		}
 	}
 	if c.StateDir == "" {
 		c.StateDir = DefaultStateDir
@@ -110,6 +112,36 @@ func (c *Config) validate() error {
 		return fmt.Errorf("stateDir %q is not an absolute path", c.StateDir)
 	}
 	return nil
+}
+
+// tapIDLen is how much of the container id a derived tap name keeps: TapNamePrefix plus 12
+// characters is the 15 a Linux interface name may have, and 12 is the short id runtimes show.
+const tapIDLen = netspec.MaxNameLen - len(TapNamePrefix)
+
+// TapNameFor returns the tap name the plugin uses for container id when tapName is not set:
+// TapNamePrefix followed by the first 12 characters of id (all of a shorter id), each outside
+// [A-Za-z0-9_.-] replaced by '-'. It starts with a letter and fits an interface name. Two
+// containers get the same name only when their ids share the first 12 characters.
+func TapNameFor(id string) string {
+	b := []byte(id)
+	if len(b) > tapIDLen {
+		b = b[:tapIDLen]
+	}
+	for i, c := range b {
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '_' || c == '.' || c == '-') {
+			b[i] = '-'
+		}
+	}
+	return TapNamePrefix + string(b)
+}
+
+// tapFor returns the tap name of an attachment of container id: tapName, or TapNameFor(id).
+// Only ADD uses it: the other commands take the tap ADD used from its record.
+func (c *Config) tapFor(id string) string {
+	if c.TapName != "" {
+		return c.TapName
+	}
+	return TapNameFor(id)
 }
 
 // prevResult returns the previous result as a 1.0 result, or an error when there is none: the

@@ -10,6 +10,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/control/netspec"
 )
 
 func conf(extra string) []byte {
@@ -23,13 +24,40 @@ func TestParseConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := []any{c.Socket, c.TapName, c.StateDir, c.Mode, c.AntiSpoof, c.StrictEgress, c.PrevResult}
-	want := []any{api.DefaultSocket, DefaultTapName, DefaultStateDir, "", (*bool)(nil), (*bool)(nil), nil}
+	want := []any{api.DefaultSocket, "", DefaultStateDir, "", (*bool)(nil), (*bool)(nil), nil}
 	if diff := cmp.Diff(fmt.Sprint(want), fmt.Sprint(got)); diff != "" {
 		t.Errorf("defaults (-want +got):\n%s", diff)
 	}
 	t.Setenv(api.SocketEnv, "/run/other.sock")
 	if c, err := ParseConfig(conf("")); err != nil || c.Socket != "/run/other.sock" {
 		t.Errorf("socket from $%s: %v, %v", api.SocketEnv, c.Socket, err)
+	}
+}
+
+func TestTapNameFor(t *testing.T) {
+	for _, tc := range []struct{ id, want string }{
+		{"0123456789abcdef0123456789abcdef", "kdp0123456789ab"},
+		{"0123456789ab", "kdp0123456789ab"},
+		{"c1", "kdpc1"},
+		{"cnitool-20ab", "kdpcnitool-20ab"},
+		{"a/b c:d\xffe_f.g-hijk", "kdpa-b-c-d-e_f."},
+		{"", "kdp"},
+	} {
+		got := TapNameFor(tc.id)
+		if got != tc.want {
+			t.Errorf("TapNameFor(%q) = %q, want %q", tc.id, got, tc.want)
+		}
+		if err := netspec.ValidName("tap", got); err != nil {
+			t.Errorf("TapNameFor(%q): %v", tc.id, err)
+		}
+	}
+	c := &Config{}
+	if got := c.tapFor("0123456789abcdef"); got != "kdp0123456789ab" {
+		t.Errorf("default tap %q", got)
+	}
+	c.TapName = "tap0_kata"
+	if got := c.tapFor("0123456789abcdef"); got != "tap0_kata" {
+		t.Errorf("explicit tap %q", got)
 	}
 }
 

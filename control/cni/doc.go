@@ -10,6 +10,8 @@
 // awslabs/tc-redirect-tap do. The result is the previous result plus two interfaces in
 // tc-redirect-tap's shape: the tap (sandbox = the netns path) and the VM's NIC (same name as
 // the tap, sandbox = the container id, MAC of the veth), with the veth's IPs repeated for it.
+// The agent reserves tap names host-wide, so unless tapName is configured the tap is named per
+// container (TapNameFor); the name ADD used is recorded, and the other commands go by it.
 //
 // The plugin itself never changes the host: the agent does every step and rolls back its own
 // partial work. What the plugin adds is bookkeeping, so that DEL removes only what ADD made: a

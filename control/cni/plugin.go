@@ -165,14 +165,20 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		return types.NewError(CodeNoInterface, "kata-dp-cni: container interface not usable",
 			fmt.Sprintf("%s is a %s link with MAC %q; the VM needs an Ethernet interface (a veth) to take over", args.IfName, veth.Type, veth.MAC))
 	}
-	if args.IfName == conf.TapName {
-		return types.NewError(types.ErrInvalidNetworkConfig, "kata-dp-cni: invalid network configuration",
-			fmt.Sprintf("tapName %q is the container interface's name", conf.TapName))
+	// The tap: tapName, or one derived from the container id (the agent reserves tap names
+	// host-wide). It goes into the record; DEL, CHECK and GC take it from there.
+	tapName := conf.tapFor(args.ContainerID)
+	if err := netspec.ValidName("tap name", tapName); err != nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, "kata-dp-cni: invalid tap name", err.Error())
 	}
-	switch _, err := netdev.LookupLink(args.Netns, conf.TapName); {
+	if args.IfName == tapName {
+		return types.NewError(types.ErrInvalidNetworkConfig, "kata-dp-cni: invalid network configuration",
+			fmt.Sprintf("the tap name %q is the container interface's name (set another \"tapName\")", tapName))
+	}
+	switch _, err := netdev.LookupLink(args.Netns, tapName); {
 	case err == nil:
 		return types.NewError(CodeConflict, "kata-dp-cni: tap already exists",
-			fmt.Sprintf("a link %s already exists in %s; kata-dp-cni only joins a tap it creates (set another \"tapName\")", conf.TapName, args.Netns))
+			fmt.Sprintf("a link %s already exists in %s; kata-dp-cni only joins a tap it creates (set another \"tapName\")", tapName, args.Netns))
 	case !errors.Is(err, netdev.ErrNotFound):
 		return types.NewError(CodeNoInterface, "kata-dp-cni: look up tap", err.Error())
 	}
@@ -209,7 +215,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	// the sandbox (when nobody registered it), then the NIC. Each failure undoes what came
 	// before it.
 	rec := record{Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, NetNS: args.Netns,
-		Socket: conf.Socket, Tap: conf.TapName, NIC: args.IfName}
+		Socket: conf.Socket, Tap: tapName, NIC: args.IfName}
 	if err := st.putRecord(rec); err != nil {
 		return ioError(err)
 	}
@@ -255,7 +261,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		undo = append(undo, func(ctx context.Context) error { return agent.DelSandbox(ctx, args.ContainerID) })
 	}
 	req := netspec.AddRequest{
-		Interface: netspec.Interface{Device: conf.TapName, Name: args.IfName, HwAddr: veth.MAC.String(), MTU: veth.MTU},
+		Interface: netspec.Interface{Device: tapName, Name: args.IfName, HwAddr: veth.MAC.String(), MTU: veth.MTU},
 		Uplink:    args.IfName,
 	}
 	if addr != nil {
@@ -276,16 +282,16 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	switch {
 	case err != nil:
 		return fail(agentError("status", err))
-	case ep == nil || ep.Tap != conf.TapName || !ep.TapCreated || ep.Uplink != args.IfName:
+	case ep == nil || ep.Tap != tapName || !ep.TapCreated || ep.Uplink != args.IfName:
 		return fail(types.NewError(CodeAgentFailed, "kata-dp-cni: tap not joined",
-			fmt.Sprintf("the agent reports NIC %s as %+v, want tap %s created by kata-dp and joined to %s", args.IfName, ep, conf.TapName, args.IfName)))
+			fmt.Sprintf("the agent reports NIC %s as %+v, want tap %s created by kata-dp and joined to %s", args.IfName, ep, tapName, args.IfName)))
 	}
-	tap, err := netdev.LookupLink(args.Netns, conf.TapName)
+	tap, err := netdev.LookupLink(args.Netns, tapName)
 	if err != nil {
 		return fail(types.NewError(CodeAgentFailed, "kata-dp-cni: tap missing after add-iface", err.Error()))
 	}
-	log.Debug("attached", "tap", conf.TapName, "mac", veth.MAC.String(), "addr", addr)
-	res := withVM(prev, idx, conf.TapName, tap.MAC.String(), args.Netns, args.ContainerID, veth.MAC.String())
+	log.Debug("attached", "tap", tapName, "mac", veth.MAC.String(), "addr", addr)
+	res := withVM(prev, idx, tapName, tap.MAC.String(), args.Netns, args.ContainerID, veth.MAC.String())
 	return types.PrintResult(res, conf.CNIVersion)
 }
 
