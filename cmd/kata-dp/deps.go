@@ -15,7 +15,8 @@ type agentDeps struct {
 	Dataplane control.Dataplane
 	// LB runs kata-ipvs rules in the dataplane; nil disables kata-ipvs.
 	LB ipvsctl.LB
-	// Sweep, when set, runs until ctx ends: it expires idle load-balanced connections.
+	// Sweep, when set, runs until ctx ends: it expires idle load-balanced connections and
+	// follows the veth peers of xdp-mode endpoints.
 	Sweep func(ctx context.Context)
 	// Hotplug is nil when the agent cannot hot-plug: sandboxes registered with a QMP socket
 	// are then reported unhealthy (control.ErrNoHotplug).
@@ -36,7 +37,10 @@ func newAgentDeps(_ context.Context, o agentOptions) (agentDeps, error) {
 	return agentDeps{
 		Dataplane: dp,
 		LB:        dp,
-		Sweep:     func(ctx context.Context) { dp.RunSweeper(ctx, sweepInterval) },
+		Sweep: func(ctx context.Context) {
+			go dp.RunXDPWatch(ctx, xdpWatchInterval)
+			dp.RunSweeper(ctx, sweepInterval)
+		},
 		Hotplug:   hp,
 		Taps:      control.NetdevTaps{},
 		Close:     func() error { return errors.Join(hp.Close(), dp.Close()) },

@@ -10,6 +10,10 @@ import (
 // sweepInterval is how often the agent expires idle load-balanced connections.
 const sweepInterval = time.Second
 
+// xdpWatchInterval is how often xdp-mode endpoints re-check whether their veth's peer can take
+// XDP frames (GRO or XDP on the peer), moving traffic between XDP and tc when it changed.
+const xdpWatchInterval = 2 * time.Second
+
 func init() {
 	probeFeatures = func(context.Context) ([]Feature, error) {
 		f, err := loader.Probe()

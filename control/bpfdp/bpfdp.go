@@ -210,15 +210,31 @@ func (d *Dataplane) add(ep control.Endpoint, fresh bool) (err error) {
 		}
 		undo = append(undo, func() { eps.Remove(uint32(uplink.Index)) })
 	}
-	if _, err := sb.lsb.Attach(ep.NetNS, ep.Tap, loader.ProgTapIn); err != nil {
+	// The two attachments are independent and each waits for the kernel's RCU grace period
+	// (several ms on a busy host): make them at once.
+	upErr := make(chan error, 1)
+	if ep.Uplink != "" {
+		go func() {
+			_, err := sb.lsb.Attach(ep.NetNS, ep.Uplink, loader.ProgUplinkIn)
+			upErr <- err
+		}()
+	} else {
+		upErr <- nil
+	}
+	_, tapErr := sb.lsb.Attach(ep.NetNS, ep.Tap, loader.ProgTapIn)
+	if err := <-upErr; err != nil {
+		if tapErr == nil {
+			undo = append(undo, func() { sb.lsb.Detach(ep.NetNS, ep.Tap) })
+		}
 		return err
 	}
-	undo = append(undo, func() { sb.lsb.Detach(ep.NetNS, ep.Tap) })
-	if ep.Uplink != "" {
-		if _, err := sb.lsb.Attach(ep.NetNS, ep.Uplink, loader.ProgUplinkIn); err != nil {
-			return err
+	if tapErr != nil {
+		if ep.Uplink != "" {
+			undo = append(undo, func() { sb.lsb.Detach(ep.NetNS, ep.Uplink) })
 		}
+		return tapErr
 	}
+	undo = append(undo, func() { sb.lsb.Detach(ep.NetNS, ep.Tap) })
 	return d.finishBPF(sb, ep, tap, uplink)
 }
 
