@@ -41,8 +41,8 @@ func newAgentDeps(_ context.Context, o agentOptions) (agentDeps, error) {
 			go dp.RunXDPWatch(ctx, xdpWatchInterval)
 			dp.RunSweeper(ctx, sweepInterval)
 		},
-		Hotplug:   hp,
-		Taps:      control.NetdevTaps{},
-		Close:     func() error { return errors.Join(hp.Close(), dp.Close()) },
+		Hotplug: hp,
+		Taps:    control.NetdevTaps{},
+		Close:   func() error { return errors.Join(hp.Close(), dp.Close()) },
 	}, nil
 }
