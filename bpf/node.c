@@ -1,0 +1,181 @@
+//go:build ignore
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Direct mode's node programs, one collection per host uplink (see lib/node.h). The guests'
+ * taps live beside the uplink, and instead of a bridge and a veth pair per sandbox two programs
+ * on the uplink steer frames by destination MAC:
+ *
+ *   uplink ingress --kdp_direct_in--> tap egress    (a guest's MAC, or ARP for a guest's IP)
+ *   tap ingress --kdp_tap_in (sandbox)--> uplink egress --kdp_direct_out--> other tap egress
+ *                                                      \-> uplink ingress (the host's MAC)
+ *                                                      \-> the wire (anything else)
+ *
+ * Anything that is not a guest's (the host's own traffic, broadcast, multicast, unknown MACs)
+ * goes on untouched with TCX_NEXT: the uplink keeps working for the host and other tc users.
+ * An ARP request is delivered to the one guest owning the address asked for, never flooded to
+ * the others, so one sandbox never sees another's traffic.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf_helpers.h>
+#include <bpf_endian.h>
+
+#include "lib/ctx.h"
+#include "lib/proto.h"
+#include "lib/node.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_NODE_MAX_GUESTS);
+	__type(key, struct fdb_key);
+	__type(value, struct fdb_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_fdb SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_NODE_MAX_GUESTS);
+	__type(key, __be32); /* guest IPv4 */
+	__type(value, struct arp_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_arp SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct node_cfg);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_node_cfg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, KDP_NODE_MAX_GUESTS);
+	__type(key, __u32); /* tap ifindex */
+	__type(value, struct node_tap_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_node_taps SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, KDP_NODE_CTR_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_node_ctrs SEC(".maps");
+
+static __always_inline void node_count(__u32 ctr)
+{
+	__u64 *c = bpf_map_lookup_elem(&kdp_node_ctrs, &ctr);
+
+	if (c)
+		(*c)++;
+}
+
+static __always_inline struct fdb_entry *fdb_lookup(const __u8 *mac)
+{
+	struct fdb_key k = {};
+
+	__builtin_memcpy(k.mac, mac, ETH_ALEN);
+	return bpf_map_lookup_elem(&kdp_fdb, &k);
+}
+
+static __always_inline bool mac_eq(const __u8 *a, const __u8 *b)
+{
+	return *(const __u32 *)a == *(const __u32 *)b &&
+	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
+/* guest_of finds the tap a frame belongs to: its destination MAC if that is a guest's, or for
+ * a broadcast ARP request the guest that owns the address asked for. *arp tells which. */
+static __always_inline struct fdb_entry *guest_of(struct __sk_buff *skb, bool *arp)
+{
+	void *data, *end;
+	struct ethhdr *eth;
+	struct arp_eth *a;
+	struct arp_entry *ae;
+	__be32 tip;
+
+	ctx_pull(skb, ETH_HLEN + sizeof(struct arp_eth), false);
+	data = ctx_data(skb, false);
+	end = ctx_data_end(skb, false);
+	eth = data;
+	if ((void *)(eth + 1) > end)
+		return NULL;
+	*arp = false;
+	if (!(eth->h_dest[0] & 1))
+		return fdb_lookup(eth->h_dest);
+	if (eth->h_proto != bpf_htons(ETH_P_ARP))
+		return NULL;
+	a = (void *)(eth + 1);
+	if ((void *)(a + 1) > end)
+		return NULL;
+	if (a->ar_hrd != bpf_htons(1) || a->ar_pro != bpf_htons(ETH_P_IP) || a->ar_hln != ETH_ALEN ||
+	    a->ar_pln != 4 || a->ar_op != bpf_htons(ARPOP_REQUEST))
+		return NULL;
+	tip = a->ar_tip;
+	ae = bpf_map_lookup_elem(&kdp_arp, &tip);
+	if (!ae)
+		return NULL;
+	*arp = true;
+	return fdb_lookup(ae->mac);
+}
+
+static __always_inline int deliver(struct __sk_buff *skb, struct fdb_entry *fe, bool arp, bool local)
+{
+	__u32 ifindex = fe->ifindex;
+	struct node_tap_stats *s = bpf_map_lookup_elem(&kdp_node_taps, &ifindex);
+
+	if (s) {
+		s->packets++;
+		s->bytes += skb->len;
+		if (arp)
+			s->arp++;
+		if (local)
+			s->local++;
+	}
+	return bpf_redirect(ifindex, 0);
+}
+
+SEC("tc")
+int kdp_direct_in(struct __sk_buff *skb)
+{
+	struct fdb_entry *fe;
+	bool arp = false;
+
+	fe = guest_of(skb, &arp);
+	if (!fe || !fe->ifindex) {
+		node_count(KDP_NODE_IN_PASS);
+		return TCX_NEXT;
+	}
+	node_count(KDP_NODE_IN_GUEST);
+	return deliver(skb, fe, arp, false);
+}
+
+SEC("tc")
+int kdp_direct_out(struct __sk_buff *skb)
+{
+	struct fdb_entry *fe;
+	struct node_cfg *cfg;
+	struct ethhdr *eth;
+	bool arp = false;
+	__u32 zero = 0;
+
+	fe = guest_of(skb, &arp);
+	if (fe && fe->ifindex) {
+		node_count(KDP_NODE_OUT_GUEST);
+		return deliver(skb, fe, arp, true);
+	}
+	/* guest_of pulled the Ethernet header in. */
+	eth = ctx_data(skb, false);
+	cfg = bpf_map_lookup_elem(&kdp_node_cfg, &zero);
+	if (cfg && cfg->ifindex && (void *)(eth + 1) <= ctx_data_end(skb, false) &&
+	    mac_eq(eth->h_dest, cfg->mac)) {
+		node_count(KDP_NODE_OUT_HOST);
+		return bpf_redirect(cfg->ifindex, BPF_F_INGRESS);
+	}
+	node_count(KDP_NODE_OUT_PASS);
+	return TCX_NEXT;
+}

@@ -1,0 +1,387 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Direct mode's node programs (bpf/node.c), attached to a host uplink rather than to a
+// sandbox's devices.
+const (
+	ProgDirectIn  Program = "kdp_direct_in"  // uplink TCX ingress: a guest's frames into its tap
+	ProgDirectOut Program = "kdp_direct_out" // uplink TCX egress: local guests' frames into their taps
+)
+
+// NodeDir is the directory under the pin root that holds the node collections, one per
+// uplink. A sandbox id cannot start with '_', so it never collides with a sandbox.
+const NodeDir = "_node"
+
+// Errors callers can test for.
+var (
+	// ErrNoTCX is returned when direct mode is asked of a kernel without TCX links: the node
+	// programs need egress and ingress links that other tc users cannot displace.
+	ErrNoTCX = errors.New("direct mode needs tcx (linux 6.6 or later)")
+	// ErrBadMAC is returned for a guest MAC that is not a unicast Ethernet address.
+	ErrBadMAC = errors.New("guest mac must be a unicast ethernet address")
+)
+
+// FDBEntry is where a guest MAC lives: the ifindex of its tap in the uplink's netns.
+type FDBEntry = nodeFdbEntry
+
+// NodeTapStats are the node programs' counters for one tap, summed over CPUs.
+type NodeTapStats = nodeNodeTapStats
+
+// Node counters (kdp_node_ctrs), see enum kdp_node_ctr.
+const (
+	NodeInGuest  = 0
+	NodeInPass   = 1
+	NodeOutGuest = 2
+	NodeOutHost  = 3
+	NodeOutPass  = 4
+)
+
+// Node is the loaded node collection of one uplink.
+type Node struct {
+	Uplink  string // device name in the netns
+	NetNS   string // "" = the caller's
+	Ifindex int
+	dir     string
+	objs    nodeObjects
+}
+
+// Dir is the node's pin directory.
+func (n *Node) Dir() string { return n.dir }
+
+// NodeSpec returns the node object's collection spec.
+func NodeSpec() (*ebpf.CollectionSpec, error) { return loadNode() }
+
+// nodeDir names an uplink's directory by its netns (inode) and name: the same name in two
+// namespaces is two uplinks.
+func nodeDir(root, nsPath, uplink string) (string, error) {
+	if root == "" {
+		root = DefaultRoot
+	}
+	p := nsPath
+	if p == "" {
+		p = "/proc/thread-self/ns/net"
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(p, &st); err != nil {
+		return "", fmt.Errorf("netns %s: %w", p, err)
+	}
+	if uplink == "" || filepath.Base(uplink) != uplink || uplink == "." || uplink == ".." {
+		return "", fmt.Errorf("bad uplink name %q", uplink)
+	}
+	return filepath.Join(root, NodeDir, fmt.Sprintf("%d-%s", st.Ino, uplink)), nil
+}
+
+// OpenNode loads the node collection of uplink (in the netns at nsPath, "" = the caller's),
+// reusing maps pinned by an earlier run and moving its pinned links onto the new programs in
+// place. It does not attach anything new: see Attach.
+func OpenNode(root, nsPath, uplink string) (*Node, error) {
+	if root == "" {
+		root = DefaultRoot
+	}
+	if err := ensureBPFFS(root); err != nil {
+		return nil, fmt.Errorf("open node %s: %w", uplink, err)
+	}
+	dir, err := nodeDir(root, nsPath, uplink)
+	if err != nil {
+		return nil, fmt.Errorf("open node %s: %w", uplink, err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, linksDir), 0o700); err != nil {
+		return nil, fmt.Errorf("open node %s: %w", uplink, err)
+	}
+	spec, err := loadNode()
+	if err != nil {
+		return nil, fmt.Errorf("open node %s: load spec: %w", uplink, err)
+	}
+	n := &Node{Uplink: uplink, NetNS: nsPath, dir: dir}
+	if err := spec.LoadAndAssign(&n.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}); err != nil {
+		return nil, fmt.Errorf("open node %s: load collection: %w", uplink, err)
+	}
+	for _, p := range []Program{ProgDirectIn, ProgDirectOut} {
+		if err := n.refresh(p); err != nil {
+			n.Close()
+			return nil, fmt.Errorf("open node %s: %w", uplink, err)
+		}
+	}
+	return n, nil
+}
+
+// Close releases the node's file descriptors; pins stay and the programs keep running.
+func (n *Node) Close() error { return n.objs.Close() }
+
+// Program returns the loaded program p.
+func (n *Node) Program(p Program) (*ebpf.Program, error) {
+	switch p {
+	case ProgDirectIn:
+		return n.objs.KdpDirectIn, nil
+	case ProgDirectOut:
+		return n.objs.KdpDirectOut, nil
+	}
+	return nil, fmt.Errorf("%w %q", ErrUnknownProgram, p)
+}
+
+// NodeMaps are a node's maps, owned by the Node.
+type NodeMaps struct{ FDB, ARP, Config, TapStats, Counters *ebpf.Map }
+
+// Maps returns the node's maps.
+func (n *Node) Maps() NodeMaps {
+	o := &n.objs
+	return NodeMaps{FDB: o.KdpFdb, ARP: o.KdpArp, Config: o.KdpNodeCfg, TapStats: o.KdpNodeTaps, Counters: o.KdpNodeCtrs}
+}
+
+func (n *Node) linkPin(p Program) string { return filepath.Join(n.dir, linksDir, string(p)) }
+
+// refresh moves a pinned link onto this load's program; a link whose device is gone is
+// forgotten.
+func (n *Node) refresh(p Program) error {
+	prog, _ := n.Program(p)
+	l, err := link.LoadPinnedLink(n.linkPin(p), nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		os.Remove(n.linkPin(p))
+		return nil
+	}
+	defer l.Close()
+	if err := l.Update(prog); err != nil {
+		if errors.Is(err, unix.ENOLINK) {
+			return l.Unpin()
+		}
+		return fmt.Errorf("refresh %s: %w", p, err)
+	}
+	return nil
+}
+
+// Attach puts kdp_direct_in on the uplink's TCX ingress and kdp_direct_out on its TCX egress
+// (after any programs already there, so other tc users see frames first) and records the
+// uplink's MAC and ifindex for the programs. Links already pinned for this uplink are updated
+// in place; a link left from an earlier device of the same name is replaced.
+func (n *Node) Attach() error {
+	feat, err := Probe()
+	if err != nil {
+		return fmt.Errorf("attach node %s: %w", n.Uplink, err)
+	}
+	if !feat.TCX {
+		return fmt.Errorf("attach node %s: %w", n.Uplink, ErrNoTCX)
+	}
+	err = inNetNS(n.NetNS, func() error {
+		l, err := netlink.LinkByName(n.Uplink)
+		if err != nil {
+			return fmt.Errorf("find device: %w", err)
+		}
+		n.Ifindex = l.Attrs().Index
+		cfg := nodeNodeCfg{Ifindex: uint32(n.Ifindex)}
+		copy(cfg.Mac[:], l.Attrs().HardwareAddr)
+		if err := n.objs.KdpNodeCfg.Put(uint32(0), cfg); err != nil {
+			return fmt.Errorf("write node config: %w", err)
+		}
+		if err := n.attach(ProgDirectIn, ebpf.AttachTCXIngress); err != nil {
+			return err
+		}
+		return n.attach(ProgDirectOut, ebpf.AttachTCXEgress)
+	})
+	if err != nil {
+		return fmt.Errorf("attach node %s: %w", n.Uplink, err)
+	}
+	return nil
+}
+
+func (n *Node) attach(p Program, at ebpf.AttachType) error {
+	prog, _ := n.Program(p)
+	pin := n.linkPin(p)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		info, ierr := l.Info()
+		if ierr == nil && info.TCX() != nil && int(info.TCX().Ifindex) == n.Ifindex {
+			err := l.Update(prog)
+			l.Close()
+			if err != nil {
+				return fmt.Errorf("update %s link: %w", p, err)
+			}
+			return nil
+		}
+		l.Unpin() // an earlier device of this name, or defunct
+		l.Close()
+	}
+	l, err := link.AttachTCX(link.TCXOptions{Interface: n.Ifindex, Program: prog, Attach: at, Anchor: link.Tail()})
+	if err != nil {
+		return fmt.Errorf("attach %s: %w", p, err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		l.Detach()
+		return fmt.Errorf("pin %s link: %w", p, err)
+	}
+	return nil
+}
+
+// Attached reports whether both node programs have a live pinned link.
+func (n *Node) Attached() bool {
+	for _, p := range []Program{ProgDirectIn, ProgDirectOut} {
+		l, err := link.LoadPinnedLink(n.linkPin(p), nil)
+		if err != nil {
+			return false
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil || info.TCX() == nil || info.TCX().Ifindex == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// RemoveNode detaches the node programs of uplink and deletes its pins. Idempotent.
+func RemoveNode(root, nsPath, uplink string) error {
+	dir, err := nodeDir(root, nsPath, uplink)
+	if err != nil {
+		return fmt.Errorf("remove node %s: %w", uplink, err)
+	}
+	for _, p := range []Program{ProgDirectIn, ProgDirectOut} {
+		if err := detachPinned(filepath.Join(dir, linksDir, string(p))); err != nil {
+			return fmt.Errorf("remove node %s: %w", uplink, err)
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove node %s: %w", uplink, err)
+	}
+	return nil
+}
+
+func fdbKey(mac net.HardwareAddr) (nodeFdbKey, error) {
+	var k nodeFdbKey
+	if len(mac) != 6 || mac[0]&1 != 0 || [6]byte(mac) == [6]byte{} {
+		return k, fmt.Errorf("%w: %q", ErrBadMAC, mac)
+	}
+	copy(k.Mac[:], mac)
+	return k, nil
+}
+
+// PutGuest makes the node deliver frames for mac (and ARP requests for addr, when valid) into
+// the tap with ifindex tap, and creates the tap's counters (kept if they exist).
+func (n *Node) PutGuest(mac net.HardwareAddr, addr netip.Addr, tap int) error {
+	k, err := fdbKey(mac)
+	if err != nil {
+		return err
+	}
+	stats := make([]nodeNodeTapStats, ebpf.MustPossibleCPU())
+	if err := n.objs.KdpNodeTaps.Update(uint32(tap), stats, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+		return fmt.Errorf("create tap counters: %w", err)
+	}
+	if err := n.objs.KdpFdb.Put(k, nodeFdbEntry{Ifindex: uint32(tap)}); err != nil {
+		return fmt.Errorf("write fdb entry %s: %w", mac, err)
+	}
+	if addr.Is4() {
+		if err := n.objs.KdpArp.Put(addr.As4(), nodeArpEntry{Mac: k.Mac}); err != nil {
+			return fmt.Errorf("write arp entry %s: %w", addr, err)
+		}
+	}
+	return nil
+}
+
+// DelGuest removes the entries of mac and addr, and the counters of tap. Missing entries are
+// not an error.
+func (n *Node) DelGuest(mac net.HardwareAddr, addr netip.Addr, tap int) error {
+	k, err := fdbKey(mac)
+	if err != nil {
+		return err
+	}
+	if addr.Is4() {
+		if err := n.objs.KdpArp.Delete(addr.As4()); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete arp entry %s: %w", addr, err)
+		}
+	}
+	if err := n.objs.KdpFdb.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete fdb entry %s: %w", mac, err)
+	}
+	if tap > 0 {
+		if err := n.objs.KdpNodeTaps.Delete(uint32(tap)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete tap counters: %w", err)
+		}
+	}
+	return nil
+}
+
+// Guest returns the tap ifindex a MAC is delivered to (ok false if none).
+func (n *Node) Guest(mac net.HardwareAddr) (tap int, ok bool, err error) {
+	k, err := fdbKey(mac)
+	if err != nil {
+		return 0, false, err
+	}
+	var e nodeFdbEntry
+	if err := n.objs.KdpFdb.Lookup(k, &e); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return 0, false, nil
+		}
+		return 0, false, fmt.Errorf("look up fdb entry %s: %w", mac, err)
+	}
+	return int(e.Ifindex), true, nil
+}
+
+// ARPOwner returns the MAC that owns addr (nil if none).
+func (n *Node) ARPOwner(addr netip.Addr) (net.HardwareAddr, error) {
+	var e nodeArpEntry
+	if err := n.objs.KdpArp.Lookup(addr.As4(), &e); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("look up arp entry %s: %w", addr, err)
+	}
+	return net.HardwareAddr(e.Mac[:]), nil
+}
+
+// GuestCount is the number of guest MACs the node delivers.
+func (n *Node) GuestCount() (int, error) {
+	var k nodeFdbKey
+	var v nodeFdbEntry
+	c := 0
+	it := n.objs.KdpFdb.Iterate()
+	for it.Next(&k, &v) {
+		c++
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("count guests: %w", err)
+	}
+	return c, nil
+}
+
+// TapStats returns the node's counters for tap, summed over CPUs.
+func (n *Node) TapStats(tap int) (NodeTapStats, error) {
+	var per []nodeNodeTapStats
+	var out NodeTapStats
+	if err := n.objs.KdpNodeTaps.Lookup(uint32(tap), &per); err != nil {
+		return out, fmt.Errorf("tap %d counters: %w", tap, err)
+	}
+	for _, s := range per {
+		out.Packets += s.Packets
+		out.Bytes += s.Bytes
+		out.Arp += s.Arp
+		out.Local += s.Local
+	}
+	return out, nil
+}
+
+// Counter returns node counter c (Node*), summed over CPUs.
+func (n *Node) Counter(c uint32) (uint64, error) {
+	var per []uint64
+	if err := n.objs.KdpNodeCtrs.Lookup(c, &per); err != nil {
+		return 0, fmt.Errorf("node counter %d: %w", c, err)
+	}
+	var sum uint64
+	for _, v := range per {
+		sum += v
+	}
+	return sum, nil
+}

@@ -1,0 +1,201 @@
+package loader_test
+
+import (
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/kata-dp/kata-dp/loader"
+)
+
+func openNode(t *testing.T, root, nsPath, uplink string) *loader.Node {
+	t.Helper()
+	n, err := loader.OpenNode(root, nsPath, uplink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		n.Close()
+		if err := loader.RemoveNode(root, nsPath, uplink); err != nil {
+			t.Error(err)
+		}
+	})
+	return n
+}
+
+// unicast is a frame of 60 bytes for dst (the payload does not matter to the node programs).
+func unicast(dst, src net.HardwareAddr) []byte {
+	return append(ethHdr(dst, src, 0x0800), make([]byte, 46)...)
+}
+
+// TestNodeVerdicts runs the node programs on crafted frames: a guest's MAC goes to its tap and
+// no other, an ARP request for a guest's address only to that guest, everything else on
+// (TCX_NEXT), and on egress a local guest's or the host's MAC turned around. Which tap a
+// redirect went to is read from the per-tap counters the programs move.
+func TestNodeVerdicts(t *testing.T) {
+	needRoot(t)
+	n := openNode(t, testRoot(t), "", "kdptd-up0")
+	in, _ := n.Program(loader.ProgDirectIn)
+	out, _ := n.Program(loader.ProgDirectOut)
+
+	macA := net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 1}
+	macB := net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 2}
+	hostMAC := net.HardwareAddr{0x02, 0xcc, 0, 0, 0, 3}
+	client := net.HardwareAddr{0x02, 0xdd, 0, 0, 0, 4}
+	ipA, ipB := netip.MustParseAddr("10.77.0.2"), netip.MustParseAddr("10.77.0.3")
+	const tapA, tapB = 101, 102
+	if err := n.PutGuest(macA, ipA, tapA); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.PutGuest(macB, ipB, tapB); err != nil {
+		t.Fatal(err)
+	}
+	cfgMAC := [6]byte(hostMAC)
+	type cfg struct {
+		Mac            [6]byte
+		Pad            uint16
+		Ifindex, Flags uint32
+	}
+	if err := n.Maps().Config.Put(uint32(0), cfg{Mac: cfgMAC, Ifindex: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := n.GuestCount(); err != nil || c != 2 {
+		t.Fatalf("guest count %d, %v", c, err)
+	}
+
+	arpReply := arpFrame(client, client, netip.MustParseAddr("10.77.0.1"), ipA)
+	arpReply[14+7] = 2 // op = reply, still broadcast
+	bcast := net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+	type delta struct{ packets, arp, local uint64 }
+	for _, c := range []struct {
+		name   string
+		prog   *ebpf.Program
+		frame  []byte
+		want   int32
+		dA, dB delta
+	}{
+		{"in: to guest A", in, unicast(macA, client), tcxRedirect, delta{1, 0, 0}, delta{}},
+		{"in: to guest B", in, unicast(macB, client), tcxRedirect, delta{}, delta{1, 0, 0}},
+		{"in: unknown unicast", in, unicast(net.HardwareAddr{0x02, 9, 9, 9, 9, 9}, client), tcxNext, delta{}, delta{}},
+		{"in: to the host", in, unicast(hostMAC, client), tcxNext, delta{}, delta{}},
+		{"in: broadcast IPv4", in, unicast(bcast, client), tcxNext, delta{}, delta{}},
+		{"in: multicast", in, unicast(net.HardwareAddr{0x01, 0, 0x5e, 0, 0, 1}, client), tcxNext, delta{}, delta{}},
+		{"in: arp for A only to A", in, arpFrame(client, client, netip.MustParseAddr("10.77.0.1"), ipA), tcxRedirect, delta{1, 1, 0}, delta{}},
+		{"in: arp for B only to B", in, arpFrame(client, client, netip.MustParseAddr("10.77.0.1"), ipB), tcxRedirect, delta{}, delta{1, 1, 0}},
+		{"in: arp for an unknown address", in, arpFrame(client, client, netip.MustParseAddr("10.77.0.1"), netip.MustParseAddr("10.77.0.9")), tcxNext, delta{}, delta{}},
+		{"in: broadcast arp reply", in, arpReply, tcxNext, delta{}, delta{}},
+		{"in: truncated arp", in, arpFrame(client, client, netip.MustParseAddr("10.77.0.1"), ipA)[:30], tcxNext, delta{}, delta{}},
+		{"out: A to B stays local", out, unicast(macB, macA), tcxRedirect, delta{}, delta{1, 0, 1}},
+		{"out: A's arp for B goes to B", out, arpFrame(macA, macA, ipA, ipB), tcxRedirect, delta{}, delta{1, 1, 1}},
+		{"out: A to the host turns around", out, unicast(hostMAC, macA), tcxRedirect, delta{}, delta{}},
+		{"out: A to the client leaves", out, unicast(client, macA), tcxNext, delta{}, delta{}},
+		{"out: A's arp for the client leaves", out, arpFrame(macA, macA, ipA, netip.MustParseAddr("10.77.0.1")), tcxNext, delta{}, delta{}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			a0, _ := n.TapStats(tapA)
+			b0, _ := n.TapStats(tapB)
+			if got := run(t, c.prog, 1, c.frame); got != c.want {
+				t.Fatalf("verdict %d, want %d", got, c.want)
+			}
+			a1, _ := n.TapStats(tapA)
+			b1, _ := n.TapStats(tapB)
+			gotA := delta{a1.Packets - a0.Packets, a1.Arp - a0.Arp, a1.Local - a0.Local}
+			gotB := delta{b1.Packets - b0.Packets, b1.Arp - b0.Arp, b1.Local - b0.Local}
+			if gotA != c.dA || gotB != c.dB {
+				t.Errorf("tap A %+v (want %+v), tap B %+v (want %+v)", gotA, c.dA, gotB, c.dB)
+			}
+		})
+	}
+	if c, _ := n.Counter(loader.NodeOutHost); c != 1 {
+		t.Errorf("out-host counter %d, want 1", c)
+	}
+
+	// A removed guest is no longer anyone's: its frames and ARP go on, B is untouched.
+	if err := n.DelGuest(macA, ipA, tapA); err != nil {
+		t.Fatal(err)
+	}
+	if got := run(t, in, 1, unicast(macA, client)); got != tcxNext {
+		t.Errorf("frame for a removed guest: %d", got)
+	}
+	if got := run(t, in, 1, arpFrame(client, client, netip.MustParseAddr("10.77.0.1"), ipA)); got != tcxNext {
+		t.Errorf("arp for a removed guest: %d", got)
+	}
+	if got := run(t, in, 1, unicast(macB, client)); got != tcxRedirect {
+		t.Errorf("frame for the remaining guest: %d", got)
+	}
+	if err := n.PutGuest(net.HardwareAddr{0x03, 0, 0, 0, 0, 1}, ipA, 5); err == nil {
+		t.Error("multicast guest mac accepted")
+	}
+}
+
+// TestNodeAttach attaches the node programs to a veth in a throwaway netns, re-opens the node
+// (links updated in place, never doubled) and removes it (no program of ours left).
+func TestNodeAttach(t *testing.T) {
+	needRoot(t)
+	nsPath := netnsWithVeth(t)
+	root := testRoot(t)
+	n := openNode(t, root, nsPath, "kdptxa")
+	if err := n.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	if !n.Attached() {
+		t.Fatal("not attached")
+	}
+	count := func() (in, out int) {
+		t.Helper()
+		err := ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+			l, err := netlink.LinkByName("kdptxa")
+			if err != nil {
+				return err
+			}
+			for _, x := range []struct {
+				at ebpf.AttachType
+				n  *int
+			}{{ebpf.AttachTCXIngress, &in}, {ebpf.AttachTCXEgress, &out}} {
+				r, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: x.at})
+				if err != nil {
+					return err
+				}
+				*x.n = len(r.Programs)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	if i, o := count(); i != 1 || o != 1 {
+		t.Fatalf("programs: ingress %d egress %d", i, o)
+	}
+	n2, err := loader.OpenNode(root, nsPath, "kdptxa")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n2.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	n2.Close()
+	if i, o := count(); i != 1 || o != 1 {
+		t.Fatalf("after re-open: ingress %d egress %d", i, o)
+	}
+	if err := loader.RemoveNode(root, nsPath, "kdptxa"); err != nil {
+		t.Fatal(err)
+	}
+	if i, o := count(); i != 0 || o != 0 {
+		t.Fatalf("after remove: ingress %d egress %d", i, o)
+	}
+	if _, err := os.Stat(filepath.Join(root, loader.NodeDir)); err != nil {
+		t.Fatal(err) // the parent stays; the uplink's directory is gone
+	}
+	if m, _ := filepath.Glob(filepath.Join(root, loader.NodeDir, "*")); len(m) != 0 {
+		t.Fatalf("left: %v", m)
+	}
+}
