@@ -75,7 +75,8 @@ type nic struct {
 	Spec       netspec.Interface `json:"spec"` // as printed: pciAddr and Family filled in
 	Slot       uint32            `json:"slot"`
 	Uplink     string            `json:"uplink,omitempty"`
-	TapCreated bool              `json:"tapCreated"` // created by kata-dp (deleted with the NIC)
+	TapCreated bool              `json:"tapCreated"`     // created by kata-dp (deleted with the NIC)
+	Mode       string            `json:"mode,omitempty"` // overrides the sandbox's mode
 }
 
 const stateVersion = 1
@@ -163,6 +164,9 @@ func (sb Sandbox) endpoint(n nic) Endpoint {
 		Sandbox: sb.ID, NetNS: sb.NetNS, Slot: n.Slot, NIC: n.Spec.Name, Tap: n.Spec.Device,
 		Uplink: n.Uplink, MAC: mac, MTU: n.Spec.MTU, Queues: max(n.Spec.Queues, 1),
 		Mode: sb.Mode, AntiSpoof: sb.AntiSpoof, StrictEgress: sb.StrictEgress,
+	}
+	if n.Mode != "" {
+		ep.Mode = n.Mode
 	}
 	if len(n.Spec.IPAddresses) > 0 {
 		if p, fam, err := netspec.ParseIPAddress(n.Spec.IPAddresses[0]); err == nil && fam == netspec.FamilyIPv4 {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strings"
 
 	"github.com/kata-dp/kata-dp/control/netspec"
 )
@@ -279,6 +280,9 @@ func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequ
 			return netspec.Interface{}, invalidf("uplink %s is the tap of NIC %s", v.Uplink, n.Spec.Name)
 		}
 	}
+	if v.Mode != "" && !slices.Contains(Modes, v.Mode) {
+		return netspec.Interface{}, invalidf("mode %q is not one of %s", v.Mode, strings.Join(Modes, ", "))
+	}
 	slot, ok := freeSlot(st)
 	if !ok {
 		return netspec.Interface{}, fmt.Errorf("%w: sandbox has %d NICs", ErrNoSlot, MaxEndpoints)
@@ -295,7 +299,7 @@ func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequ
 	if err := c.reserveDevice(v.Spec.Device, sb.ID); err != nil {
 		return netspec.Interface{}, err
 	}
-	n := nic{Spec: v.Spec, Slot: slot, Uplink: v.Uplink}
+	n := nic{Spec: v.Spec, Slot: slot, Uplink: v.Uplink, Mode: v.Mode}
 	var u undo
 	u.push("release device "+v.Spec.Device, func(context.Context) error { c.releaseDevice(v.Spec.Device, sb.ID); return nil })
 	fail := func(err error) (netspec.Interface, error) { return netspec.Interface{}, c.rollback(ctx, &u, err) }

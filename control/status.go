@@ -8,16 +8,22 @@ import (
 
 // EndpointStatus is one NIC in a status report.
 type EndpointStatus struct {
-	NIC        string         `json:"nic"`
-	Tap        string         `json:"tap"`
-	TapCreated bool           `json:"tapCreated"`
-	Uplink     string         `json:"uplink,omitempty"`
-	MAC        string         `json:"mac"`
-	Addr       string         `json:"addr,omitempty"`
-	Slot       uint32         `json:"slot"`
-	PCIAddr    string         `json:"pciAddr,omitempty"`
-	Stats      *EndpointStats `json:"stats,omitempty"`
-	StatsError string         `json:"statsError,omitempty"`
+	NIC        string `json:"nic"`
+	Tap        string `json:"tap"`
+	TapCreated bool   `json:"tapCreated"`
+	Uplink     string `json:"uplink,omitempty"`
+	MAC        string `json:"mac"`
+	Addr       string `json:"addr,omitempty"`
+	Slot       uint32 `json:"slot"`
+	PCIAddr    string `json:"pciAddr,omitempty"`
+	// Mode is the dataplane mode the NIC asked for (its own or the sandbox's); RunningMode
+	// what the dataplane really runs, with ModeReason when they differ (e.g. xdp fell back
+	// to tc).
+	Mode        string         `json:"mode"`
+	RunningMode string         `json:"runningMode,omitempty"`
+	ModeReason  string         `json:"modeReason,omitempty"`
+	Stats       *EndpointStats `json:"stats,omitempty"`
+	StatsError  string         `json:"statsError,omitempty"`
 }
 
 // SandboxStatus is one sandbox in a status report.
@@ -82,6 +88,12 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 			}
 			if p := prefixOf(n); p.IsValid() {
 				es.Addr = p.String()
+			}
+			es.Mode = ep.Mode
+			if mr, ok := c.cfg.Dataplane.(ModeReporter); ok {
+				if m, why, err := mr.Mode(ep); err == nil {
+					es.RunningMode, es.ModeReason = m, why
+				}
 			}
 			if st, err := c.cfg.Dataplane.Stats(ctx, ep); err != nil {
 				es.StatsError = err.Error()

@@ -20,7 +20,7 @@ type Endpoint struct {
 	MAC          net.HardwareAddr // guest MAC
 	Addr         netip.Prefix     // guest IPv4/prefix; zero value when none
 	MTU, Queues  int
-	Mode         string // "tc" (default), "xdp", "tcfilter", "macvtap"
+	Mode         string // "tc" (default), "xdp", "tcfilter", "macvtap", "direct"
 	AntiSpoof    bool
 	StrictEgress bool
 }
@@ -66,6 +66,12 @@ type Reconciler interface {
 	Reconcile(ctx context.Context, sb Sandbox, eps []Endpoint, routes []Route) error
 }
 
+// ModeReporter is implemented by dataplanes that can say which mode an endpoint really runs
+// (a requested xdp may have fallen back to tc) and why.
+type ModeReporter interface {
+	Mode(ep Endpoint) (mode, reason string, err error)
+}
+
 // Hotplugger plugs NICs into a sandbox's VM. Sandboxes without a QMP socket skip hot-plug.
 type Hotplugger interface {
 	Plug(ctx context.Context, sb Sandbox, ep Endpoint) (pciAddr string, err error)
@@ -105,10 +111,13 @@ const (
 	ModeXDP      = "xdp"
 	ModeTCFilter = "tcfilter"
 	ModeMacvtap  = "macvtap"
+	// ModeDirect: the taps live beside a host uplink (host netns, or one the operator names)
+	// and node programs on the uplink steer frames by guest MAC (control/direct).
+	ModeDirect = "direct"
 )
 
 // Modes lists the valid dataplane modes.
-var Modes = []string{ModeTC, ModeXDP, ModeTCFilter, ModeMacvtap}
+var Modes = []string{ModeTC, ModeXDP, ModeTCFilter, ModeMacvtap, ModeDirect}
 
 // DefaultUplink is the sandbox uplink when none is given (the CNI's veth).
 const DefaultUplink = "eth0"

@@ -265,7 +265,7 @@ func TestStatusAndRestart(t *testing.T) {
 	a.check(t, testIface, []string{"kata-network", "add-iface", "6ec", "-"}, result{
 		stdout: `{"device":"tap-test","name":"eth-test","IPAddresses":[{"Family":2,"Address":"172.16.0.3","Mask":"16"}],"mtu":1500,"hwAddr":"02:42:20:6f:a3:69","queues":5}` + "\n"})
 	st := a.cli(t, "", "status")
-	for _, want := range []string{sandboxID + "  tc    eth0    on", "eth-test  tap-test  0     eth0    02:42:20:6f:a3:69  172.16.0.3/16  -    0/0"} {
+	for _, want := range []string{sandboxID + "  tc    eth0    on", "eth-test  tap-test  0     tc    eth0    02:42:20:6f:a3:69  172.16.0.3/16  -    0/0"} {
 		if !strings.Contains(st.stdout, want) {
 			t.Errorf("status lacks %q:\n%s", want, st.stdout)
 		}

@@ -62,7 +62,7 @@ func statusTable(e *env, st []control.SandboxStatus) error {
 	}
 	fmt.Fprintln(e.stdout)
 	tw = tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SANDBOX\tNIC\tTAP\tSLOT\tUPLINK\tMAC\tADDR\tPCI\tFROM-GUEST pkts/bytes\tTO-GUEST pkts/bytes\tDROPS")
+	fmt.Fprintln(tw, "SANDBOX\tNIC\tTAP\tSLOT\tMODE\tUPLINK\tMAC\tADDR\tPCI\tFROM-GUEST pkts/bytes\tTO-GUEST pkts/bytes\tDROPS")
 	for _, s := range st {
 		for _, ep := range s.Endpoints {
 			from, to, drops := "-", "-", "-"
@@ -77,8 +77,12 @@ func statusTable(e *env, st []control.SandboxStatus) error {
 			if !ep.TapCreated {
 				tap += " (adopted)"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, ep.NIC, tap, ep.Slot,
-				orDash(ep.Uplink), ep.MAC, orDash(ep.Addr), orDash(ep.PCIAddr), from, to, drops)
+			mode := ep.Mode
+			if ep.RunningMode != "" && ep.RunningMode != ep.Mode {
+				mode = ep.RunningMode + " (asked " + ep.Mode + ")"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, ep.NIC, tap, ep.Slot,
+				mode, orDash(ep.Uplink), ep.MAC, orDash(ep.Addr), orDash(ep.PCIAddr), from, to, drops)
 		}
 	}
 	return tw.Flush()

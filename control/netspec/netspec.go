@@ -60,11 +60,14 @@ type Interface struct {
 	Queues          int          `json:"queues,omitempty"`
 }
 
-// AddRequest is the add-iface input: an Interface plus kata-dp's optional "uplink" field, which
-// is accepted but never printed.
+// AddRequest is the add-iface input: an Interface plus kata-dp's optional "uplink" and "mode"
+// fields, which are accepted but never printed (openEuler's tool ignores unknown fields, so
+// scripts stay compatible).
 type AddRequest struct {
 	Interface
 	Uplink string `json:"uplink,omitempty"`
+	// Mode overrides the sandbox's dataplane mode for this NIC.
+	Mode string `json:"mode,omitempty"`
 }
 
 // Route is a route as kata-network reads and prints it.
@@ -206,6 +209,7 @@ type Iface struct {
 	Addr   netip.Prefix // zero when none
 	Queues int          // at least 1
 	Uplink string       // the optional "uplink" field
+	Mode   string       // the optional "mode" field (checked by control)
 }
 
 // VhostChecker reports whether path is an existing unix socket. Validation calls it last.
@@ -255,7 +259,7 @@ func ValidateAdd(req AddRequest, vhost VhostChecker) (Iface, error) {
 			return Iface{}, invalid("uplink %q is the tap itself", req.Uplink)
 		}
 	}
-	out := Iface{Spec: in, MAC: mac, Queues: max(in.Queues, 1), Uplink: req.Uplink}
+	out := Iface{Spec: in, MAC: mac, Queues: max(in.Queues, 1), Uplink: req.Uplink, Mode: req.Mode}
 	ips, addr, err := validateIPs(in.IPAddresses)
 	if err != nil {
 		return Iface{}, err
