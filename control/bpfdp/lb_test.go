@@ -302,3 +302,54 @@ func activeAndInactive(t *ipvs.Table, c ipvs.Counters) int {
 	}
 	return n
 }
+
+// TestLBRestore20000UnderTraffic: restoring 20000 rules (5000 services, three real servers
+// each) while a ping flood crosses the datapath loses no frame, and the new services work at
+// once afterwards.
+func TestLBRestore20000UnderTraffic(t *testing.T) {
+	r := newLBRig(t, "lbrestore")
+	var sb strings.Builder
+	for i := range 4999 {
+		svc := fmt.Sprintf("10.%d.%d.%d:80", 100+i/65536, (i/256)%256, i%256)
+		fmt.Fprintf(&sb, "-A -t %s -s rr\n", svc)
+		for j := 1; j <= 3; j++ {
+			fmt.Fprintf(&sb, "-a -t %s -r 10.199.0.1%d:80 -m -w 1\n", svc, j)
+		}
+	}
+	fmt.Fprintf(&sb, "-A -t %s:80 -s rr\n", vipAddr)
+	for j := 1; j <= 3; j++ {
+		fmt.Fprintf(&sb, "-a -t %s:80 -r 10.199.0.1%d:80 -m\n", vipAddr, j)
+	}
+	cmds, err := ipvs.ParseRestore(strings.NewReader(sb.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.table.Restore(cmds); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.table.Rules(); got != 20000 {
+		t.Fatalf("%d rules, want 20000", got)
+	}
+	var (
+		wg     sync.WaitGroup
+		tx, rx int
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tx, rx = ping(t, r.sb.Host, "-c", "1000", "-i", "0.002", "-W", "2", r.sb.GuestAddr.Addr().String())
+	}()
+	time.Sleep(300 * time.Millisecond)
+	start := time.Now()
+	if err := r.dp.RestoreLB(context.Background(), r.ep.Sandbox, r.table); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("restore of 20000 rules into the datapath: %v", time.Since(start))
+	wg.Wait()
+	if tx == 0 || rx != tx {
+		t.Errorf("ping during the restore: %d of %d replies", rx, tx)
+	}
+	if got := r.tcpPick(t); !strings.HasPrefix(got, "10.199.0.1") {
+		t.Errorf("VIP after the restore answered by %q", got)
+	}
+}
