@@ -1,0 +1,78 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/kata-dp/kata-dp/bench/topo"
+)
+
+// TestKataIPVSUserGuide runs the user guide's kata-ipvs commands through the real CLI against
+// the real agent (BPF dataplane), checking stdout, stderr and exit codes byte for byte, and that
+// the rules survive an agent restart.
+func TestKataIPVSUserGuide(t *testing.T) {
+	topo.RequireRoot(t, "runs the agent with the BPF dataplane")
+	ns := topo.MustNetNS(t, "kdptv")
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "kata-dp.sock")
+	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptv-", 8))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	args := []string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}
+	p := startAgentProcess(t, ns, args...)
+	waitAgent(t, sock, p)
+	a := &testAgent{sock: sock, ns: ns}
+	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", ns.Path()}, result{stdout: sandboxID + "\n"})
+
+	ipvsadm := func(params string, want result) {
+		t.Helper()
+		a.check(t, "", []string{"kata-ipvs", "ipvsadm", "--parameters", params, "6ec7a98"}, want)
+	}
+	ok := result{}
+	ipvsadm("--add-service --tcp-service 172.17.0.7:80 --scheduler rr --persistent 3000", ok)
+	ipvsadm("--edit-service --tcp-service 172.17.0.7:80 --scheduler rr --persistent 5000", ok)
+	ipvsadm("--add-server --tcp-service 172.17.0.7:80 --real-server 172.17.0.4:80 --weight 100", ok)
+	ipvsadm("--edit-server --tcp-service 172.17.0.7:80 --real-server 172.17.0.4:80 --weight 200", ok)
+	list := "IP Virtual Server version 1.2.1 (size=4096)\n" +
+		"Prot LocalAddress:Port Scheduler Flags\n" +
+		"  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n" +
+		"TCP  172.17.0.7:80 rr persistent 5000\n" +
+		"  -> 172.17.0.4:80                Masq    200    0          0         \n"
+	ipvsadm("--list", result{stdout: list})
+	ipvsadm("-L -n", result{stdout: list})
+	ipvsadm("--add-service --tcp-service 172.17.0.7:80", result{stderr: "Service already exists: \"-t 172.17.0.7:80\"\n", code: 1})
+	ipvsadm("--add-server --tcp-service 172.17.0.9:80 --real-server 172.17.0.4:80", result{stderr: "Service not defined: \"-t 172.17.0.9:80\"\n", code: 1})
+	ipvsadm("--set 100 100 200", ok)
+	ipvsadm("--save", result{stdout: "-A -t 172.17.0.7:80 -s rr -p 5000\n-a -t 172.17.0.7:80 -r 172.17.0.4:80 -m -w 200\n"})
+
+	// Restore is refused while rules exist; after --clear it takes the user guide's file.
+	rules := "-A -t 10.10.11.12:100 -s rr -p  3000\n-a -t 10.10.11.12:100 -r  172.16.0.1:80 -m\n" +
+		"-a -t 10.10.11.12:100 -r  172.16.0.1:81 -m\n-a -t 10.10.11.12:100 -r 172.16.0.1:82  -m\n"
+	restore := []string{"kata-ipvs", "ipvsadm", "--restore", "-", "6ec7a98"}
+	if r := a.cli(t, rules, restore...); r.code != 1 || !strings.Contains(r.stderr, "clear") {
+		t.Errorf("restore into a full table: %+v", r)
+	}
+	ipvsadm("--clear", ok)
+	a.check(t, rules, restore, ok)
+	saved := "-A -t 10.10.11.12:100 -s rr -p 3000\n" +
+		"-a -t 10.10.11.12:100 -r 172.16.0.1:80 -m -w 1\n" +
+		"-a -t 10.10.11.12:100 -r 172.16.0.1:81 -m -w 1\n" +
+		"-a -t 10.10.11.12:100 -r 172.16.0.1:82 -m -w 1\n"
+	ipvsadm("-S", result{stdout: saved})
+	a.check(t, "", []string{"kata-ipvs", "cleanup", "--parameters", "--orig-dst 172.17.0.4 --protonum tcp", "6ec7a98"}, ok)
+	if r := a.cli(t, "", "kata-ipvs", "ipvsadm", "--restore", "rules.txt", "6ec7a98"); r.code != 1 || !strings.Contains(r.stderr, `accepts only "-"`) {
+		t.Errorf("--restore with a file: %+v", r)
+	}
+	if r := a.cli(t, "", "kata-ipvs", "ipvsadm", "--parameters", "--list", "nosuch"); r.code != 1 || r.stderr != "no such container ID (nosuch)\n" {
+		t.Errorf("unknown sandbox: %+v", r)
+	}
+
+	// The rules survive an agent restart.
+	p.cmd.Process.Kill()
+	p.cmd.Wait()
+	p = startAgentProcess(t, ns, args...)
+	waitAgent(t, sock, p)
+	ipvsadm("--save", result{stdout: saved})
+	a.check(t, "", []string{"sandbox", "del", "6ec7a98"}, ok)
+}
