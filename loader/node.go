@@ -385,3 +385,29 @@ func (n *Node) Counter(c uint32) (uint64, error) {
 	}
 	return sum, nil
 }
+
+// NodeDirOf is the pin directory of uplink's node collection (it may not exist).
+func NodeDirOf(root, nsPath, uplink string) (string, error) {
+	return nodeDir(root, nsPath, uplink)
+}
+
+// OpenNodeMaps opens only the pinned maps of uplink's node collection: no program is loaded
+// and no link touched, for readers such as counters. Program returns nil programs.
+func OpenNodeMaps(root, nsPath, uplink string) (*Node, error) {
+	dir, err := nodeDir(root, nsPath, uplink)
+	if err != nil {
+		return nil, fmt.Errorf("open node maps %s: %w", uplink, err)
+	}
+	n := &Node{Uplink: uplink, NetNS: nsPath, dir: dir}
+	m := &n.objs.nodeMaps
+	for _, x := range []struct {
+		name string
+		m    **ebpf.Map
+	}{{"kdp_fdb", &m.KdpFdb}, {"kdp_arp", &m.KdpArp}, {"kdp_node_cfg", &m.KdpNodeCfg}, {"kdp_node_taps", &m.KdpNodeTaps}, {"kdp_node_ctrs", &m.KdpNodeCtrs}} {
+		if *x.m, err = ebpf.LoadPinnedMap(filepath.Join(dir, x.name), nil); err != nil {
+			n.Close()
+			return nil, fmt.Errorf("open node maps %s: %w", uplink, err)
+		}
+	}
+	return n, nil
+}

@@ -1,0 +1,337 @@
+package bpfdp_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/bench/guestemu"
+	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/bpfdp"
+	"github.com/kata-dp/kata-dp/control/netdev"
+)
+
+// directRig is two sandboxes in direct mode on one uplink:
+//
+//	client netns (cl0 10.203.0.100) <-veth-> host netns: up0 (10.203.0.1, the host's own)
+//	                                                     | kdp_direct_in/out
+//	                                          tapa (BPF) -+- tapb (BPF)
+//	                                             | guestemu     | guestemu
+//	                          guest A netns (eth0 10.203.0.2)  guest B netns (eth0 10.203.0.3)
+type directRig struct {
+	host, client *topo.NetNS
+	guests       [2]*topo.NetNS
+	dp           *bpfdp.Dataplane
+	eps          [2]control.Endpoint
+}
+
+var (
+	directMACs  = [2]net.HardwareAddr{{0x02, 0xd1, 0, 0, 0, 0x0a}, {0x02, 0xd1, 0, 0, 0, 0x0b}}
+	directAddrs = [2]netip.Prefix{netip.MustParsePrefix("10.203.0.2/24"), netip.MustParsePrefix("10.203.0.3/24")}
+)
+
+const (
+	directClient = "10.203.0.100"
+	directHost   = "10.203.0.1"
+)
+
+func newDirectRig(t *testing.T) *directRig {
+	t.Helper()
+	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
+	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-%08x", rand.Uint32()))
+	t.Cleanup(func() { os.RemoveAll(root) })
+	r := &directRig{host: topo.MustNetNS(t, "kdptd-h"), client: topo.MustNetNS(t, "kdptd-c")}
+	for i := range r.guests {
+		r.guests[i] = topo.MustNetNS(t, fmt.Sprintf("kdptd-g%d", i))
+	}
+	for _, n := range append([]*topo.NetNS{r.host, r.client}, r.guests[:]...) {
+		n.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+	}
+	mustExec(t, r.host, "ip", "link", "add", "up0", "type", "veth", "peer", "name", "cl0", "netns", r.client.Name())
+	mustExec(t, r.host, "ip", "addr", "add", directHost+"/24", "dev", "up0")
+	mustExec(t, r.host, "ip", "link", "set", "up0", "up")
+	mustExec(t, r.client, "ip", "addr", "add", directClient+"/24", "dev", "cl0")
+	mustExec(t, r.client, "ip", "link", "set", "cl0", "up")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	var err error
+	if r.dp, err = bpfdp.New(root); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.dp.Close() })
+	for i := range r.guests {
+		tap := fmt.Sprintf("tap%c", 'a'+i)
+		if err := netdev.CreateTap(r.host.Path(), tap, netdev.TapOptions{VnetHdr: true}); err != nil {
+			t.Fatal(err)
+		}
+		fds, err := netdev.OpenTap(r.host.Path(), tap, 1, true, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			for _, f := range fds {
+				f.Close()
+			}
+		})
+		b, err := guestemu.NewBridge(fds, r.guests[i].Path(), "eth0", guestemu.BridgeOptions{
+			MAC: directMACs[i], Addrs: []netip.Prefix{directAddrs[i]}, Offload: true,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { b.Close() })
+		if err := b.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		id := fmt.Sprintf("direct%c", 'a'+i)
+		if err := r.dp.EnsureSandbox(ctx, id, r.guests[i].Path()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.dp.RemoveSandbox(context.Background(), id) })
+		r.eps[i] = control.Endpoint{
+			Sandbox: id, NetNS: r.host.Path(), NIC: "eth0", Tap: tap, Uplink: "up0",
+			MAC: directMACs[i], Addr: directAddrs[i], MTU: 1500, Mode: control.ModeDirect, AntiSpoof: true, StrictEgress: true,
+		}
+		if err := r.dp.AddDirect(ctx, r.eps[i], true); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.dp.DelDirect(context.Background(), r.eps[i]) })
+	}
+	return r
+}
+
+func mustExec(t *testing.T, n *topo.NetNS, cmd ...string) {
+	t.Helper()
+	if out, err := n.Exec(cmd...); err != nil {
+		t.Fatalf("%v: %v: %s", cmd, err, out)
+	}
+}
+
+func pingOK(t *testing.T, from *topo.NetNS, to string) {
+	t.Helper()
+	if tx, rx := ping(t, from, "-c", "3", "-i", "0.05", "-W", "1", to); rx != tx {
+		t.Errorf("ping %s -> %s: %d of %d answered", from, to, rx, tx)
+	}
+}
+
+// tcxCount is the number of TCX programs on dev's ingress and egress.
+func tcxCount(t *testing.T, n *topo.NetNS, dev string) (in, out int) {
+	t.Helper()
+	err := n.Do(func() error {
+		l, err := netlink.LinkByName(dev)
+		if err != nil {
+			return err
+		}
+		for _, x := range []struct {
+			at ebpf.AttachType
+			n  *int
+		}{{ebpf.AttachTCXIngress, &in}, {ebpf.AttachTCXEgress, &out}} {
+			r, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: x.at})
+			if err != nil {
+				return err
+			}
+			*x.n = len(r.Programs)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return in, out
+}
+
+const probeType = 0x88b5 // IEEE local experimental: nothing in the namespaces answers it
+
+// probeSock is a packet socket for probeType frames on eth-like device dev in netns n.
+type probeSock struct {
+	fd      int
+	ifindex int
+}
+
+func openProbe(t *testing.T, n *topo.NetNS, dev string) *probeSock {
+	t.Helper()
+	p := &probeSock{}
+	err := n.Do(func() error {
+		l, err := netlink.LinkByName(dev)
+		if err != nil {
+			return err
+		}
+		p.ifindex = l.Attrs().Index
+		proto := int(htons(probeType))
+		if p.fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, proto); err != nil {
+			return err
+		}
+		return unix.Bind(p.fd, &unix.SockaddrLinklayer{Protocol: htons(probeType), Ifindex: p.ifindex})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tv := unix.NsecToTimeval(int64(300 * time.Millisecond))
+	unix.SetsockoptTimeval(p.fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	t.Cleanup(func() { unix.Close(p.fd) })
+	return p
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+func (p *probeSock) send(t *testing.T, dst, src net.HardwareAddr, tag string) {
+	t.Helper()
+	f := make([]byte, 60)
+	copy(f, dst)
+	copy(f[6:], src)
+	binary.BigEndian.PutUint16(f[12:], probeType)
+	copy(f[14:], tag)
+	if err := unix.Sendto(p.fd, f, 0, &unix.SockaddrLinklayer{Ifindex: p.ifindex, Halen: 6, Addr: [8]byte(append(append([]byte{}, dst...), 0, 0))}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// got reports whether a frame with tag arrives within the socket timeout (other frames are
+// skipped).
+func (p *probeSock) got(tag string) bool {
+	buf := make([]byte, 2048)
+	deadline := time.Now().Add(300 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		n, _, err := unix.Recvfrom(p.fd, buf, 0)
+		if err != nil {
+			return false
+		}
+		if n >= 14+len(tag) && bytes.Equal(buf[14:14+len(tag)], []byte(tag)) {
+			return true
+		}
+	}
+	return false
+}
+
+// TestDirect runs real frames through two direct-mode sandboxes sharing one uplink: each guest
+// reaches the client, the host and the other guest, ARP resolves, frames for one guest never
+// reach the other, spoofed frames are dropped, the host's own traffic on the uplink works, and
+// removing one sandbox leaves the other working until the last one takes the node programs
+// with it.
+func TestDirect(t *testing.T) {
+	r := newDirectRig(t)
+	ctx := context.Background()
+	clientMAC := func() net.HardwareAddr {
+		var m net.HardwareAddr
+		r.client.Do(func() error {
+			l, err := netlink.LinkByName("cl0")
+			if err == nil {
+				m = l.Attrs().HardwareAddr
+			}
+			return err
+		})
+		return m
+	}()
+
+	if in, out := tcxCount(t, r.host, "up0"); in != 1 || out != 1 {
+		t.Fatalf("node programs on up0: ingress %d egress %d", in, out)
+	}
+	t.Run("reachability", func(t *testing.T) {
+		pingOK(t, r.guests[0], directClient)
+		pingOK(t, r.guests[1], directClient)
+		pingOK(t, r.guests[0], directAddrs[1].Addr().String())
+		pingOK(t, r.guests[1], directAddrs[0].Addr().String())
+		pingOK(t, r.client, directAddrs[0].Addr().String())
+		pingOK(t, r.host, directAddrs[1].Addr().String()) // host -> guest and back through the turn-around
+		pingOK(t, r.host, directClient)                   // the host's own traffic on the uplink
+		pingOK(t, r.client, directHost)
+	})
+	t.Run("arp", func(t *testing.T) {
+		// The client learned each guest's MAC by ARP through the node program.
+		out, _ := r.client.Exec("ip", "neigh", "show", "dev", "cl0")
+		for i := range r.eps {
+			if !bytes.Contains([]byte(out), []byte(directAddrs[i].Addr().String()+" lladdr "+directMACs[i].String())) {
+				t.Errorf("client neighbours lack guest %d: %s", i, out)
+			}
+		}
+	})
+	t.Run("isolation", func(t *testing.T) {
+		cl := openProbe(t, r.client, "cl0")
+		ga, gb := openProbe(t, r.guests[0], "eth0"), openProbe(t, r.guests[1], "eth0")
+		before := r.stats(t, 0)
+		// From the client: a frame for B reaches B and not A; a broadcast reaches neither.
+		cl.send(t, directMACs[1], clientMAC, "for-b")
+		if !gb.got("for-b") {
+			t.Error("frame for B did not reach B")
+		}
+		if ga.got("for-b") {
+			t.Error("frame for B reached A")
+		}
+		cl.send(t, net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, clientMAC, "bcast")
+		if ga.got("bcast") || gb.got("bcast") {
+			t.Error("a broadcast from the uplink reached a guest")
+		}
+		// From A: to B with its own MAC (positive control), then with a spoofed source.
+		ga.send(t, directMACs[1], directMACs[0], "a-to-b")
+		if !gb.got("a-to-b") {
+			t.Error("A's frame did not reach B")
+		}
+		ga.send(t, directMACs[1], net.HardwareAddr{0x02, 0x66, 0, 0, 0, 1}, "spoofed")
+		if gb.got("spoofed") || cl.got("spoofed") {
+			t.Error("spoofed frame delivered")
+		}
+		after := r.stats(t, 0)
+		if d := after.FromGuest.Drops["spoof_mac"] - before.FromGuest.Drops["spoof_mac"]; d != 1 {
+			t.Errorf("spoof_mac drops of A: +%d, want +1 (%v)", d, after.FromGuest.Drops)
+		}
+		if after.ToGuest.Packets <= before.ToGuest.Packets && after.FromGuest.Packets <= before.FromGuest.Packets {
+			t.Errorf("counters of A did not move: %+v", after)
+		}
+	})
+	t.Run("remove one", func(t *testing.T) {
+		if err := r.dp.DelDirect(ctx, r.eps[0]); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.dp.RemoveSandbox(ctx, r.eps[0].Sandbox); err != nil {
+			t.Fatal(err)
+		}
+		if in, out := tcxCount(t, r.host, "up0"); in != 1 || out != 1 {
+			t.Fatalf("node programs on up0 after one sandbox left: ingress %d egress %d", in, out)
+		}
+		if in, _ := tcxCount(t, r.host, "tapb"); in != 1 {
+			t.Fatalf("tapb lost its program")
+		}
+		pingOK(t, r.guests[1], directClient)
+		pingOK(t, r.host, directClient)
+		// A's MAC is nobody's now: a frame for it goes to the host stack, not to B.
+		cl := openProbe(t, r.client, "cl0")
+		gb := openProbe(t, r.guests[1], "eth0")
+		cl.send(t, directMACs[0], clientMAC, "for-gone-a")
+		if gb.got("for-gone-a") {
+			t.Error("frame for the removed guest reached B")
+		}
+	})
+	t.Run("remove last", func(t *testing.T) {
+		if err := r.dp.DelDirect(ctx, r.eps[1]); err != nil {
+			t.Fatal(err)
+		}
+		if in, out := tcxCount(t, r.host, "up0"); in != 0 || out != 0 {
+			t.Fatalf("node programs left on up0: ingress %d egress %d", in, out)
+		}
+		pingOK(t, r.host, directClient)
+	})
+}
+
+func (r *directRig) stats(t *testing.T, i int) control.EndpointStats {
+	t.Helper()
+	s, err := r.dp.DirectStats(context.Background(), r.eps[i])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
