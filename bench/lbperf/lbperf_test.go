@@ -290,3 +290,29 @@ func BenchmarkPerPacketRepeat(b *testing.B) {
 	e := report(b, "established-norewrite", est)
 	b.Logf("per packet (median of %d x 1000 runs): no service %v, established without rewrite %v (+%v)", len(none), n, e, e-n)
 }
+
+// BenchmarkServicesLoaded compares, in one run, the per-packet cost of ordinary (non-service)
+// guest traffic in a sandbox without any service (the load balancer off) and in one with 5000
+// services loaded: what the load balancer costs traffic that does not use it.
+func BenchmarkServicesLoaded(b *testing.B) {
+	none := newRig(b, 0)
+	maps.WriteConfig(none.lb.Config, maps.Config{TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300})
+	full := newRig(b, 5000)
+	other := netip.MustParseAddrPort("172.16.0.1:80")
+	var d0, d1 []time.Duration
+	for range max(b.N/1000, 5) {
+		for _, x := range []struct {
+			r  *rig
+			ds *[]time.Duration
+		}{{none, &d0}, {full, &d1}} {
+			_, d, err := x.r.tapIn.Benchmark(tcpFrame(other, 40000, 0x10), 1000, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			*x.ds = append(*x.ds, d)
+		}
+	}
+	n := report(b, "no-lb", d0)
+	f := report(b, "5000-services", d1)
+	b.Logf("non-service frame (median): no load balancer %v, 5000 services %v: %.2fx the cost, %.0f%% of the rate", n, f, float64(f)/float64(n), 100*float64(n)/float64(f))
+}
