@@ -606,7 +606,7 @@ func TestSandboxes(t *testing.T) {
 		{SandboxSpec{ID: "../x", NetNS: testNS}, `add sandbox: invalid request: sandbox id "../x" must be 1..128 letters, digits, '_', '.', '-' starting with a letter or digit`},
 		{SandboxSpec{ID: "a"}, "add sandbox: invalid request: netns path is required"},
 		{SandboxSpec{ID: "a", NetNS: "/run/netns/gone"}, "add sandbox: invalid request: netns /run/netns/gone: no such file or directory"},
-		{SandboxSpec{ID: "a", NetNS: testNS, Mode: "dpdk"}, `add sandbox: invalid request: mode "dpdk" is not one of tc, xdp, tcfilter, macvtap`},
+		{SandboxSpec{ID: "a", NetNS: testNS, Mode: "dpdk"}, `add sandbox: invalid request: mode "dpdk" is not one of tc, xdp, tcfilter, macvtap, direct`},
 		{SandboxSpec{ID: "a", NetNS: testNS, QMP: "qmp.sock"}, `add sandbox: invalid request: qmp socket path "qmp.sock" is not absolute`},
 	} {
 		if _, err := r.c.AddSandbox(ctx, tc.spec); err == nil || err.Error() != tc.want {

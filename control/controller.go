@@ -259,6 +259,10 @@ func (c *Controller) validateSandbox(spec SandboxSpec) (Sandbox, error) {
 		Uplink: cmp.Or(spec.Uplink, DefaultUplink), Mode: cmp.Or(spec.Mode, ModeTC),
 		AntiSpoof: spec.AntiSpoof == nil || *spec.AntiSpoof, StrictEgress: spec.StrictEgress == nil || *spec.StrictEgress,
 	}
+	if sb.NetNS == "" && sb.Mode == ModeDirect {
+		// Direct mode's taps live beside a host uplink: by default in the agent's own netns.
+		sb.NetNS = DirectDefaultNetNS
+	}
 	if sb.NetNS == "" {
 		return Sandbox{}, fmt.Errorf("%w: netns path is required", ErrInvalid)
 	}

@@ -116,6 +116,10 @@ const (
 	ModeDirect = "direct"
 )
 
+// DirectDefaultNetNS is where a direct-mode sandbox's taps and uplink are when the operator
+// names no netns: the agent's own (normally the host's).
+const DirectDefaultNetNS = "/proc/self/ns/net"
+
 // Modes lists the valid dataplane modes.
 var Modes = []string{ModeTC, ModeXDP, ModeTCFilter, ModeMacvtap, ModeDirect}
 
