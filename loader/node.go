@@ -411,3 +411,26 @@ func OpenNodeMaps(root, nsPath, uplink string) (*Node, error) {
 	}
 	return n, nil
 }
+
+// DropStaleARP removes the ARP entries owned by mac other than keep: a guest whose address
+// changed must not keep drawing ARP requests for its old one.
+func (n *Node) DropStaleARP(mac net.HardwareAddr, keep netip.Addr) error {
+	var stale [][4]byte
+	var k [4]byte
+	var v nodeArpEntry
+	it := n.objs.KdpArp.Iterate()
+	for it.Next(&k, &v) {
+		if net.HardwareAddr(v.Mac[:]).String() == mac.String() && (!keep.Is4() || k != keep.As4()) {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list arp entries: %w", err)
+	}
+	for _, k := range stale {
+		if err := n.objs.KdpArp.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete arp entry %s: %w", netip.AddrFrom4(k), err)
+		}
+	}
+	return nil
+}

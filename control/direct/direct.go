@@ -78,6 +78,9 @@ func (m *Manager) Join(g Guest) (tap, uplink int, err error) {
 	if err := n.PutGuest(g.MAC, g.Addr, ti.Index); err != nil {
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 	}
+	if err := n.DropStaleARP(g.MAC, g.Addr); err != nil {
+		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
+	}
 	if err := n.Attach(); err != nil {
 		n.DelGuest(g.MAC, g.Addr, ti.Index)
 		m.removeIfEmpty(n, g)
