@@ -10,8 +10,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -22,6 +25,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/bpfdp"
+	"github.com/kata-dp/kata-dp/control/mirred"
 	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
@@ -334,4 +338,288 @@ func (r *directRig) stats(t *testing.T, i int) control.EndpointStats {
 		t.Fatal(err)
 	}
 	return s
+}
+
+// benchTopo is one fresh topology of the direct-mode comparison: a client veth sending to and
+// receiving from a guest whose tap a guestemu.Counter reads.
+type benchTopo struct {
+	host      *topo.NetNS
+	tapNS     string // netns of the tap
+	tap       string
+	clientMAC net.HardwareAddr
+	counter   *guestemu.Counter
+	tapFd     *os.File
+}
+
+var (
+	benchGuestMAC = net.HardwareAddr{0x02, 0xbe, 0, 0, 0, 1}
+	benchGuest    = netip.MustParsePrefix("10.204.0.2/24")
+	benchClient   = netip.MustParseAddr("10.204.0.100")
+)
+
+// newBenchTopo builds the standard CNI path (cni: client veth on a bridge with a pre-learned
+// FDB, host veth on the bridge, its peer in a sandbox netns joined to the tap by Kata's
+// u32 + mirred) or direct mode (client veth peered with the uplink, tap beside the uplink,
+// kata-dp's direct mode with every feature on).
+func newBenchTopo(t *testing.T, mode string) *benchTopo {
+	t.Helper()
+	b := &benchTopo{host: topo.MustNetNS(t, "kdptd-bh"), tap: "tapbench"}
+	b.host.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+	mustExec(t, b.host, "ip", "link", "add", "cl", "type", "veth", "peer", "name", "upl")
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	switch mode {
+	case "cni":
+		sb := topo.MustNetNS(t, "kdptd-bs")
+		sb.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+		b.tapNS = sb.Path()
+		for _, c := range [][]string{
+			{"ip", "link", "add", "br0", "type", "bridge"},
+			{"ip", "link", "set", "upl", "master", "br0"},
+			{"ip", "link", "add", "hv", "type", "veth", "peer", "name", "eth0", "netns", sb.Name()},
+			{"ip", "link", "set", "hv", "master", "br0"},
+			{"ip", "link", "set", "br0", "up"},
+			{"ip", "link", "set", "hv", "up"},
+			{"bridge", "fdb", "replace", benchGuestMAC.String(), "dev", "hv", "master", "static"},
+		} {
+			mustExec(t, b.host, c...)
+		}
+		mustExec(t, sb, "ip", "link", "set", "eth0", "up")
+		if err := netdev.CreateTap(b.tapNS, b.tap, netdev.TapOptions{VnetHdr: true}); err != nil {
+			t.Fatal(err)
+		}
+		if err := mirred.Join(b.tapNS, "eth0", b.tap); err != nil {
+			t.Fatal(err)
+		}
+	case "direct":
+		b.tapNS = b.host.Path()
+		if err := netdev.CreateTap(b.tapNS, b.tap, netdev.TapOptions{VnetHdr: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustExec(t, b.host, "ip", "link", "set", "upl", "up")
+	mustExec(t, b.host, "ip", "link", "set", "cl", "up")
+	cl, err := netdev.LookupLink(b.host.Path(), "cl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.clientMAC = cl.MAC
+	if mode == "cni" {
+		mustExec(t, b.host, "bridge", "fdb", "replace", b.clientMAC.String(), "dev", "upl", "master", "static")
+	}
+	fds, err := netdev.OpenTap(b.tapNS, b.tap, 1, true, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, f := range fds {
+			f.Close()
+		}
+	})
+	b.tapFd = fds[0]
+	if b.counter, err = guestemu.NewCounter(fds, guestemu.CounterOptions{CPUs: []int{1}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.counter.Close() })
+	if err := b.counter.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if mode == "direct" {
+		root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-b%08x", rand.Uint32()))
+		t.Cleanup(func() { os.RemoveAll(root) })
+		dp, err := bpfdp.New(root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { dp.Close() })
+		if err := dp.EnsureSandbox(ctx, "bench", b.tapNS); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { dp.RemoveSandbox(context.Background(), "bench") })
+		ep := control.Endpoint{Sandbox: "bench", NetNS: b.tapNS, NIC: "eth0", Tap: b.tap, Uplink: "upl",
+			MAC: benchGuestMAC, Addr: benchGuest, Mode: control.ModeDirect, AntiSpoof: true, StrictEgress: true}
+		if err := dp.AddDirect(ctx, ep, true); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { dp.DelDirect(context.Background(), ep) })
+	}
+	return b
+}
+
+// onCPU runs fn on a locked thread pinned to cpu (in the netns at nsPath when not "") and
+// returns the thread's CPU time while fn ran (schedstat: precise, unlike tick accounting).
+func onCPU(t *testing.T, nsPath string, cpu int, fn func() error) time.Duration {
+	t.Helper()
+	type res struct {
+		d   time.Duration
+		err error
+	}
+	done := make(chan res, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		var set unix.CPUSet
+		set.Set(cpu)
+		if err := unix.SchedSetaffinity(0, &set); err != nil {
+			done <- res{err: err}
+			return
+		}
+		if nsPath != "" {
+			f, err := os.Open(nsPath)
+			if err != nil {
+				done <- res{err: err}
+				return
+			}
+			err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+			f.Close()
+			if err != nil {
+				done <- res{err: err}
+				return
+			}
+		}
+		path := fmt.Sprintf("/proc/self/task/%d/schedstat", unix.Gettid())
+		ns := func() time.Duration {
+			b, _ := os.ReadFile(path)
+			var v int64
+			fmt.Sscan(string(b), &v)
+			return time.Duration(v)
+		}
+		start := ns()
+		err := fn()
+		done <- res{ns() - start, err}
+	}()
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	return r.d
+}
+
+// h2g sends 64-byte frames for the guest out of the client veth for d (AF_PACKET, sendmmsg,
+// qdisc bypassed) and returns frames per second the guest read and the sender's CPU per frame.
+func (b *benchTopo) h2g(t *testing.T, d time.Duration) (pps float64, cpu time.Duration) {
+	frame := guestemu.UDPFrame(b.clientMAC, benchGuestMAC, netip.AddrPortFrom(benchClient, 4000),
+		netip.AddrPortFrom(benchGuest.Addr(), 5000), make([]byte, 64-42))
+	before := b.counter.Stats().RxFrames
+	var sent uint64
+	busy := onCPU(t, b.host.Path(), 0, func() error {
+		l, err := netlink.LinkByName("cl")
+		if err != nil {
+			return err
+		}
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 64<<20)
+		unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_QDISC_BYPASS, 1)
+		var sa unix.RawSockaddrLinklayer
+		sa.Family, sa.Ifindex, sa.Halen = unix.AF_PACKET, int32(l.Attrs().Index), 6
+		copy(sa.Addr[:], benchGuestMAC)
+		iov := unix.Iovec{Base: &frame[0]}
+		iov.SetLen(len(frame))
+		msgs := make([]unix.Mmsghdr, 64)
+		for i := range msgs {
+			msgs[i].Hdr.Name = (*byte)(unsafe.Pointer(&sa))
+			msgs[i].Hdr.Namelen = uint32(unsafe.Sizeof(sa))
+			msgs[i].Hdr.Iov = &iov
+			msgs[i].Hdr.SetIovlen(1)
+		}
+		deadline := time.Now().Add(d)
+		for time.Now().Before(deadline) {
+			for range 16 {
+				n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), 0, 0, 0)
+				if errno == 0 {
+					sent += uint64(n)
+				}
+			}
+		}
+		runtime.KeepAlive(frame)
+		runtime.KeepAlive(&sa)
+		return nil
+	})
+	time.Sleep(100 * time.Millisecond)
+	got := b.counter.Stats().RxFrames - before
+	return float64(got) / d.Seconds(), busy / time.Duration(max(sent, 1))
+}
+
+// g2h writes 64-byte frames for the client into the tap for d, as a guest's virtio queue would,
+// and returns frames per second the client veth received and the writer's CPU per frame.
+func (b *benchTopo) g2h(t *testing.T, d time.Duration) (pps float64, cpu time.Duration) {
+	frame := guestemu.UDPFrame(benchGuestMAC, b.clientMAC, netip.AddrPortFrom(benchGuest.Addr(), 5000),
+		netip.AddrPortFrom(benchClient, 4000), make([]byte, 64-42))
+	buf := append(make([]byte, 12), frame...) // a zero virtio header (TUNSETVNETHDRSZ 12)
+	rx := func() uint64 {
+		var n uint64
+		b.host.Do(func() error {
+			l, err := netlink.LinkByName("cl")
+			if err == nil {
+				n = l.Attrs().Statistics.RxPackets
+			}
+			return err
+		})
+		return n
+	}
+	before := rx()
+	var written uint64
+	busy := onCPU(t, "", 0, func() error {
+		fd := int(b.tapFd.Fd())
+		deadline := time.Now().Add(d)
+		for time.Now().Before(deadline) {
+			for range 64 {
+				if _, err := unix.Write(fd, buf); err == nil {
+					written++
+				}
+			}
+		}
+		return nil
+	})
+	time.Sleep(100 * time.Millisecond)
+	return float64(rx()-before) / d.Seconds(), busy / time.Duration(max(written, 1))
+}
+
+// TestDirectBench compares direct mode with the standard CNI path (bridge + veth pair +
+// tcfilter) at 64 bytes, both directions, fresh topologies, interleaved runs. It is a
+// measurement, not a check: run it with KDP_BENCH_DIRECT=1 (and -v for the table).
+func TestDirectBench(t *testing.T) {
+	if os.Getenv("KDP_BENCH_DIRECT") == "" {
+		t.Skip("a benchmark: set KDP_BENCH_DIRECT=1")
+	}
+	topo.RequireRoot(t, "builds namespaces and loads BPF programs")
+	runs, d := 5, 2*time.Second
+	type sample struct{ h2gPPS, g2hPPS, h2gCPU, g2hCPU []float64 }
+	res := map[string]*sample{"cni": {}, "direct": {}}
+	for i := range runs {
+		for _, mode := range []string{"cni", "direct"} {
+			t.Run(fmt.Sprintf("%s-%d", mode, i), func(t *testing.T) {
+				b := newBenchTopo(t, mode)
+				s := res[mode]
+				pps, cpu := b.h2g(t, d)
+				s.h2gPPS, s.h2gCPU = append(s.h2gPPS, pps), append(s.h2gCPU, float64(cpu.Nanoseconds()))
+				pps, cpu = b.g2h(t, d)
+				s.g2hPPS, s.g2hCPU = append(s.g2hPPS, pps), append(s.g2hCPU, float64(cpu.Nanoseconds()))
+				t.Logf("%s: h2g %.0f pps %.0f ns/frame, g2h %.0f pps %.0f ns/frame", mode,
+					s.h2gPPS[len(s.h2gPPS)-1], s.h2gCPU[len(s.h2gCPU)-1], s.g2hPPS[len(s.g2hPPS)-1], s.g2hCPU[len(s.g2hCPU)-1])
+			})
+		}
+	}
+	med := func(v []float64) (m, lo, hi float64) {
+		if len(v) == 0 {
+			return 0, 0, 0
+		}
+		s := slices.Clone(v)
+		slices.Sort(s)
+		return s[len(s)/2], s[0], s[len(s)-1]
+	}
+	row := func(name string, f func(*sample) []float64, unit string) {
+		c, cl, ch := med(f(res["cni"]))
+		dm, dl, dh := med(f(res["direct"]))
+		t.Logf("| %s | %.0f (%.0f-%.0f) | %.0f (%.0f-%.0f) | %.2fx |", name+" "+unit, c, cl, ch, dm, dl, dh, dm/c)
+	}
+	t.Logf("| 64 B, median (min-max) of %d | cni-tcfilter | direct | direct/cni |", runs)
+	t.Logf("|---|---|---|---|")
+	row("host->guest", func(s *sample) []float64 { return s.h2gPPS }, "pps")
+	row("host->guest sender CPU", func(s *sample) []float64 { return s.h2gCPU }, "ns/frame")
+	row("guest->host", func(s *sample) []float64 { return s.g2hPPS }, "pps")
+	row("guest->host writer CPU", func(s *sample) []float64 { return s.g2hCPU }, "ns/frame")
 }
