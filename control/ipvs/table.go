@@ -340,3 +340,35 @@ func (t *Table) Restore(cmds []Command) error {
 	*t = *n
 	return nil
 }
+
+// SnapshotService records the service with key k (or its absence) and returns a function that
+// puts it back exactly: same contents, same place in the table, same rule count. It lets a
+// caller apply a command to the live table and undo it when a later step (the datapath, the
+// store) fails, without copying the whole table first.
+func (t *Table) SnapshotService(k ServiceKey) (undo func()) {
+	idx := t.idx()
+	old, existed := idx[k]
+	pos := -1
+	var saved *Service
+	if existed {
+		pos = slices.Index(t.Services, old)
+		saved = old.clone()
+	}
+	return func() {
+		idx := t.idx()
+		if cur, ok := idx[k]; ok {
+			i := slices.Index(t.Services, cur)
+			t.Services = slices.Delete(t.Services, i, i+1)
+			t.rules -= 1 + len(cur.Servers)
+			delete(idx, k)
+		}
+		if !existed {
+			return
+		}
+		s := saved.clone()
+		pos := min(pos, len(t.Services))
+		t.Services = slices.Insert(t.Services, pos, s)
+		t.rules += 1 + len(s.Servers)
+		idx[k] = s
+	}
+}

@@ -111,3 +111,44 @@ func TestCommandsPersistAndFailuresChangeNothing(t *testing.T) {
 		t.Error("unknown sandbox accepted")
 	}
 }
+
+// serviceLB is a fakeLB that also takes per-service edits.
+type serviceLB struct{ fakeLB }
+
+func (f *serviceLB) SetLBService(_ context.Context, id string, t *ipvs.Table, _ ipvs.ServiceKey) error {
+	return f.push(id, t)
+}
+
+// TestServiceEditsInPlace: commands confined to one service go through SetLBService on the
+// live table; a dataplane failure puts the table back as it was.
+func TestServiceEditsInPlace(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb := &serviceLB{fakeLB{pushed: map[string]string{}}}
+	m, err := ipvsctl.New(ctx, lb, st, resolver("sb1"), []control.Sandbox{{ID: "sb1"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"-A -t 10.0.0.1:80 -s rr", "-a -t 10.0.0.1:80 -r 10.1.0.1:80", "-A -u 10.0.0.2:53 -s sh"} {
+		if _, err := m.Ipvsadm(ctx, "sb1", p); err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+	}
+	want := m.Table("sb1").Save()
+	if lb.pushed["sb1"] != want {
+		t.Errorf("dataplane got %q, want %q", lb.pushed["sb1"], want)
+	}
+	lb.fail = errors.New("boom")
+	if _, err := m.Ipvsadm(ctx, "sb1", "-d -t 10.0.0.1:80 -r 10.1.0.1:80"); err == nil {
+		t.Fatal("dataplane failure not reported")
+	}
+	if got := m.Table("sb1").Save(); got != want {
+		t.Errorf("table after a failed edit %q, want %q", got, want)
+	}
+	if lb.pushed["sb1"] != want {
+		t.Errorf("dataplane after a failed edit %q, want %q", lb.pushed["sb1"], want)
+	}
+}
