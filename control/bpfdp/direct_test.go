@@ -41,6 +41,7 @@ type directRig struct {
 	host, client *topo.NetNS
 	guests       [2]*topo.NetNS
 	dp           *bpfdp.Dataplane
+	root         string
 	eps          [2]control.Endpoint
 }
 
@@ -59,7 +60,7 @@ func newDirectRig(t *testing.T) *directRig {
 	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
 	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-%08x", rand.Uint32()))
 	t.Cleanup(func() { os.RemoveAll(root) })
-	r := &directRig{host: topo.MustNetNS(t, "kdptd-h"), client: topo.MustNetNS(t, "kdptd-c")}
+	r := &directRig{host: topo.MustNetNS(t, "kdptd-h"), client: topo.MustNetNS(t, "kdptd-c"), root: root}
 	for i := range r.guests {
 		r.guests[i] = topo.MustNetNS(t, fmt.Sprintf("kdptd-g%d", i))
 	}
@@ -316,6 +317,38 @@ func TestDirect(t *testing.T) {
 		if after.ToGuest.Packets <= before.ToGuest.Packets && after.FromGuest.Packets <= before.FromGuest.Packets {
 			t.Errorf("counters of A did not move: %+v", after)
 		}
+	})
+	t.Run("agent restart", func(t *testing.T) {
+		// A second process's Dataplane re-adopts the pins: links updated in place, never
+		// doubled, counters kept, traffic flowing.
+		before := r.stats(t, 0)
+		dp2, err := bpfdp.New(r.root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dp2.Close()
+		for _, ep := range r.eps {
+			if err := dp2.EnsureSandbox(ctx, ep.Sandbox, ""); err != nil {
+				t.Fatal(err)
+			}
+			if err := dp2.AddDirect(ctx, ep, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if in, out := tcxCount(t, r.host, "up0"); in != 1 || out != 1 {
+			t.Fatalf("node programs on up0 after re-adoption: ingress %d egress %d", in, out)
+		}
+		if in, _ := tcxCount(t, r.host, "tapa"); in != 1 {
+			t.Fatalf("tapa has %d programs after re-adoption", in)
+		}
+		after, err := dp2.DirectStats(ctx, r.eps[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after.ToGuest.Packets < before.ToGuest.Packets || after.FromGuest.Packets < before.FromGuest.Packets {
+			t.Errorf("counters reset: %+v -> %+v", before, after)
+		}
+		pingOK(t, r.guests[0], directAddrs[1].Addr().String())
 	})
 	t.Run("remove one", func(t *testing.T) {
 		if err := r.dp.DelDirect(ctx, r.eps[0]); err != nil {
