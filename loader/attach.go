@@ -141,12 +141,18 @@ func (s *Sandbox) linkPin(ifname string, p Program) string {
 }
 
 func (s *Sandbox) pinnedLinks(ifname string) ([]string, error) {
-	return filepath.Glob(filepath.Join(s.dir, linksDir, ifname+"@"+progPrefix+"*"))
+	return pinnedIn(s.dir, linksDir, ifname)
 }
 
-// refreshLinks moves every pinned link of the sandbox onto the programs of this load.
-func (s *Sandbox) refreshLinks() error {
-	paths, err := filepath.Glob(filepath.Join(s.dir, linksDir, "*@"+progPrefix+"*"))
+// pinnedIn lists the links of kata-dp's programs pinned for device ifname ("*": any) in the
+// sub-directory sub (tc or XDP links) of a sandbox's directory.
+func pinnedIn(dir, sub, ifname string) ([]string, error) {
+	return filepath.Glob(filepath.Join(dir, sub, ifname+"@"+progPrefix+"*"))
+}
+
+// refreshLinks moves every pinned link of the sandbox in sub onto the programs of this load.
+func (s *Sandbox) refreshLinks(sub string) error {
+	paths, err := pinnedIn(s.dir, sub, "*")
 	if err != nil {
 		return err
 	}
@@ -190,8 +196,9 @@ func detachPinned(path string) error {
 	return l.Unpin()
 }
 
-func detachAll(dir string) error {
-	paths, err := filepath.Glob(filepath.Join(dir, linksDir, "*@"+progPrefix+"*"))
+// detachAll detaches every link of kata-dp's pinned in the sub-directory sub of dir.
+func detachAll(dir, sub string) error {
+	paths, err := pinnedIn(dir, sub, "*")
 	if err != nil {
 		return err
 	}

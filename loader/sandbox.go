@@ -133,11 +133,11 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	if err := spec.LoadAndAssign(&s.objs, opts); err != nil {
 		return nil, fmt.Errorf("open sandbox %s: load collection: %w", id, err)
 	}
-	if err := s.refreshLinks(); err != nil {
+	if err := s.refreshLinks(linksDir); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
 	}
-	if err := s.refreshXDPLinks(); err != nil {
+	if err := s.refreshLinks(xdpLinksDir); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
 	}
@@ -162,10 +162,10 @@ func Remove(root, id string) error {
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	if err := detachAll(dir); err != nil {
+	if err := detachAll(dir, linksDir); err != nil {
 		return fmt.Errorf("remove sandbox %s: %w", id, err)
 	}
-	if err := detachAllXDP(dir); err != nil {
+	if err := detachAll(dir, xdpLinksDir); err != nil {
 		return fmt.Errorf("remove sandbox %s: %w", id, err)
 	}
 	if err := os.RemoveAll(dir); err != nil {

@@ -349,49 +349,5 @@ func (h genlHdr) Len() int          { return 4 }
 func (h genlHdr) Serialize() []byte { return []byte{h.cmd, h.version, 0, 0} }
 
 func (s *Sandbox) pinnedXDPLinks(ifname string) ([]string, error) {
-	return filepath.Glob(filepath.Join(s.dir, xdpLinksDir, ifname+"@"+progPrefix+"*"))
-}
-
-// refreshXDPLinks moves every pinned XDP link of the sandbox onto this load's programs.
-func (s *Sandbox) refreshXDPLinks() error {
-	paths, err := filepath.Glob(filepath.Join(s.dir, xdpLinksDir, "*@"+progPrefix+"*"))
-	if err != nil {
-		return err
-	}
-	for _, path := range paths {
-		name := filepath.Base(path)
-		prog, err := s.Program(Program(name[strings.LastIndexByte(name, '@')+1:]))
-		if err != nil {
-			return fmt.Errorf("refresh %s: %w", name, err)
-		}
-		l, err := link.LoadPinnedLink(path, nil)
-		if err != nil {
-			os.Remove(path)
-			continue
-		}
-		if err := l.Update(prog); err != nil {
-			if errors.Is(err, unix.ENOLINK) {
-				l.Unpin()
-				l.Close()
-				continue
-			}
-			l.Close()
-			return fmt.Errorf("refresh %s: %w", name, err)
-		}
-		l.Close()
-	}
-	return nil
-}
-
-func detachAllXDP(dir string) error {
-	paths, err := filepath.Glob(filepath.Join(dir, xdpLinksDir, "*@"+progPrefix+"*"))
-	if err != nil {
-		return err
-	}
-	for _, path := range paths {
-		if err := detachPinned(path); err != nil {
-			return err
-		}
-	}
-	return nil
+	return pinnedIn(s.dir, xdpLinksDir, ifname)
 }
