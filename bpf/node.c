@@ -14,6 +14,11 @@
  * goes on untouched with TCX_NEXT: the uplink keeps working for the host and other tc users.
  * An ARP request is delivered to the one guest owning the address asked for, never flooded to
  * the others, so one sandbox never sees another's traffic.
+ *
+ * kdp_direct_rnat is the one per-sandbox program here: loaded against a sandbox's own maps
+ * (config, load balancer) and attached to the TCX egress of that sandbox's tap, it gives the
+ * replies the node programs deliver the reverse NAT that kdp_uplink_in gives them in tc mode.
+ * The node collection itself never loads it, nor the sandbox maps it uses.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -23,6 +28,9 @@
 #include "lib/ctx.h"
 #include "lib/proto.h"
 #include "lib/node.h"
+#include "lib/common.h"
+#include "lib/config.h"
+#include "lib/lb.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -177,5 +185,17 @@ int kdp_direct_out(struct __sk_buff *skb)
 		return bpf_redirect(cfg->ifindex, BPF_F_INGRESS);
 	}
 	node_count(KDP_NODE_OUT_PASS);
+	return TCX_NEXT;
+}
+
+SEC("tc")
+int kdp_direct_rnat(struct __sk_buff *skb)
+{
+	struct config *cfg = config_get();
+
+	if (!cfg)
+		return TCX_NEXT;
+	if (lb_to_guest(skb, false, cfg, skb->len) >= 0)
+		return TCX_DROP;
 	return TCX_NEXT;
 }

@@ -55,7 +55,24 @@ type Node struct {
 	NetNS   string // "" = the caller's
 	Ifindex int
 	dir     string
-	objs    nodeObjects
+	objs    nodeCore
+}
+
+// nodeCore is what a node collection loads: its own maps and the two uplink programs. The
+// object also holds kdp_direct_rnat and the sandbox maps it uses; naming only these here keeps
+// them out of the node's load (they are loaded per sandbox, see AttachDirectRNAT).
+type nodeCore struct {
+	KdpArp       *ebpf.Map     `ebpf:"kdp_arp"`
+	KdpFdb       *ebpf.Map     `ebpf:"kdp_fdb"`
+	KdpNodeCfg   *ebpf.Map     `ebpf:"kdp_node_cfg"`
+	KdpNodeCtrs  *ebpf.Map     `ebpf:"kdp_node_ctrs"`
+	KdpNodeTaps  *ebpf.Map     `ebpf:"kdp_node_taps"`
+	KdpDirectIn  *ebpf.Program `ebpf:"kdp_direct_in"`
+	KdpDirectOut *ebpf.Program `ebpf:"kdp_direct_out"`
+}
+
+func (o *nodeCore) Close() error {
+	return _NodeClose(o.KdpArp, o.KdpFdb, o.KdpNodeCfg, o.KdpNodeCtrs, o.KdpNodeTaps, o.KdpDirectIn, o.KdpDirectOut)
 }
 
 // Dir is the node's pin directory.
@@ -399,7 +416,7 @@ func OpenNodeMaps(root, nsPath, uplink string) (*Node, error) {
 		return nil, fmt.Errorf("open node maps %s: %w", uplink, err)
 	}
 	n := &Node{Uplink: uplink, NetNS: nsPath, dir: dir}
-	m := &n.objs.nodeMaps
+	m := &n.objs
 	for _, x := range []struct {
 		name string
 		m    **ebpf.Map
@@ -431,6 +448,107 @@ func (n *Node) DropStaleARP(mac net.HardwareAddr, keep netip.Addr) error {
 		if err := n.objs.KdpArp.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("delete arp entry %s: %w", netip.AddrFrom4(k), err)
 		}
+	}
+	return nil
+}
+
+// ProgDirectRNAT is direct mode's per-sandbox program on the tap's TCX egress: the load
+// balancer's reverse NAT for replies the node programs deliver (bpf/node.c).
+const ProgDirectRNAT Program = "kdp_direct_rnat"
+
+// DirectRNATProgram loads kdp_direct_rnat against the sandbox's own config and load-balancer
+// maps. The caller owns the program.
+func (s *Sandbox) DirectRNATProgram() (*ebpf.Program, error) {
+	spec, err := loadNode()
+	if err != nil {
+		return nil, fmt.Errorf("load %s: %w", ProgDirectRNAT, err)
+	}
+	o := &s.objs
+	repl := map[string]*ebpf.Map{
+		"kdp_config": o.KdpConfig, "kdp_lb_svc": o.KdpLbSvc, "kdp_lb_be": o.KdpLbBe, "kdp_lb_stats": o.KdpLbStats,
+		"kdp_lb_conns": o.KdpLbConns, "kdp_lb_ct": o.KdpLbCt, "kdp_lb_aff": o.KdpLbAff,
+	}
+	for name, m := range repl {
+		ms, ok := spec.Maps[name]
+		if !ok {
+			delete(repl, name)
+			continue
+		}
+		// A pinned map keeps the size it was created with (Options.CTSize).
+		ms.MaxEntries = m.MaxEntries()
+	}
+	var p struct {
+		Prog *ebpf.Program `ebpf:"kdp_direct_rnat"`
+	}
+	if err := spec.LoadAndAssign(&p, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
+		return nil, fmt.Errorf("load %s: %w", ProgDirectRNAT, err)
+	}
+	return p.Prog, nil
+}
+
+// rnatPin is outside links/: Open refreshes the links there with the datapath's programs,
+// which this one is not. Remove deletes the sandbox directory, and with it this pin and so
+// the link.
+func (s *Sandbox) rnatPin(tap string) string {
+	return filepath.Join(s.dir, "direct", tap+"@"+string(ProgDirectRNAT))
+}
+
+// AttachDirectRNAT puts kdp_direct_rnat on the TCX egress of the sandbox's tap (in the netns
+// at nsPath), or moves an existing link of it onto a fresh load in place.
+func (s *Sandbox) AttachDirectRNAT(nsPath, tap string) error {
+	feat, err := Probe()
+	if err != nil {
+		return fmt.Errorf("attach %s to %s: %w", ProgDirectRNAT, tap, err)
+	}
+	if !feat.TCX {
+		return fmt.Errorf("attach %s to %s: %w", ProgDirectRNAT, tap, ErrNoTCX)
+	}
+	prog, err := s.DirectRNATProgram()
+	if err != nil {
+		return fmt.Errorf("attach to %s: %w", tap, err)
+	}
+	defer prog.Close()
+	pin := s.rnatPin(tap)
+	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+		return fmt.Errorf("attach %s to %s: %w", ProgDirectRNAT, tap, err)
+	}
+	err = inNetNS(nsPath, func() error {
+		l, err := netlink.LinkByName(tap)
+		if err != nil {
+			return fmt.Errorf("find device: %w", err)
+		}
+		ifindex := l.Attrs().Index
+		if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+			info, ierr := old.Info()
+			if ierr == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex {
+				err := old.Update(prog)
+				old.Close()
+				return err
+			}
+			old.Unpin()
+			old.Close()
+		}
+		nl, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: ebpf.AttachTCXEgress, Anchor: link.Tail()})
+		if err != nil {
+			return fmt.Errorf("attach tcx egress: %w", err)
+		}
+		defer nl.Close()
+		if err := nl.Pin(pin); err != nil {
+			nl.Detach()
+			return fmt.Errorf("pin link: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("attach %s to %s: %w", ProgDirectRNAT, tap, err)
+	}
+	return nil
+}
+
+// DetachDirectRNAT removes kdp_direct_rnat from the tap, if it is there.
+func (s *Sandbox) DetachDirectRNAT(tap string) error {
+	if err := detachPinned(s.rnatPin(tap)); err != nil {
+		return fmt.Errorf("detach %s from %s: %w", ProgDirectRNAT, tap, err)
 	}
 	return nil
 }

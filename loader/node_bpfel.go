@@ -13,10 +13,55 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type nodeAffEntry struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Backend  uint32
+	Pad      uint32
+}
+
+type nodeAffKey struct {
+	_    structs.HostLayout
+	Svc  uint32
+	Addr uint32
+}
+
 type nodeArpEntry struct {
 	_   structs.HostLayout
 	Mac [6]uint8
 	Pad uint16
+}
+
+type nodeConfig struct {
+	_             structs.HostLayout
+	RouteGen      uint32
+	Flags         uint32
+	LbGen         uint32
+	TcpTimeout    uint32
+	TcpfinTimeout uint32
+	UdpTimeout    uint32
+}
+
+type nodeCtEntry struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Addr     uint32
+	Port     uint16
+	State    uint8
+	Flags    uint8
+	Backend  uint32
+	Svc      uint32
+}
+
+type nodeCtKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Dir   uint8
+	Pad   uint16
 }
 
 type nodeFdbEntry struct {
@@ -29,6 +74,56 @@ type nodeFdbKey struct {
 	_   structs.HostLayout
 	Mac [6]uint8
 	Pad uint16
+}
+
+type nodeLbBackend struct {
+	_      structs.HostLayout
+	Ip     uint32
+	Port   uint16
+	Weight uint16
+}
+
+type nodeLbConns struct {
+	_        structs.HostLayout
+	Active   int64
+	Inactive int64
+}
+
+type nodeLbStats struct {
+	_        structs.HostLayout
+	Conns    uint64
+	Inpkts   uint64
+	Outpkts  uint64
+	Inbytes  uint64
+	Outbytes uint64
+	Sched    uint64
+}
+
+type nodeLbStatsKey struct {
+	_    structs.HostLayout
+	Kind uint32
+	Id   uint32
+}
+
+type nodeLbSvc struct {
+	_       structs.HostLayout
+	Id      uint32
+	Count   uint32
+	Rev     uint32
+	Persist uint32
+	Pmask   uint32
+	Sched   uint8
+	Flags   uint8
+	Pad     uint16
+}
+
+type nodeLbSvcKey struct {
+	_     structs.HostLayout
+	Vip   uint32
+	Vport uint16
+	Proto uint8
+	Gen   uint8
+	Slot  uint32
 }
 
 type nodeNodeCfg struct {
@@ -51,13 +146,21 @@ type nodeNodeTapStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	nodeMapKdpArp        = "kdp_arp"
-	nodeMapKdpFdb        = "kdp_fdb"
-	nodeMapKdpNodeCfg    = "kdp_node_cfg"
-	nodeMapKdpNodeCtrs   = "kdp_node_ctrs"
-	nodeMapKdpNodeTaps   = "kdp_node_taps"
-	nodeProgKdpDirectIn  = "kdp_direct_in"
-	nodeProgKdpDirectOut = "kdp_direct_out"
+	nodeMapKdpArp         = "kdp_arp"
+	nodeMapKdpConfig      = "kdp_config"
+	nodeMapKdpFdb         = "kdp_fdb"
+	nodeMapKdpLbAff       = "kdp_lb_aff"
+	nodeMapKdpLbBe        = "kdp_lb_be"
+	nodeMapKdpLbConns     = "kdp_lb_conns"
+	nodeMapKdpLbCt        = "kdp_lb_ct"
+	nodeMapKdpLbStats     = "kdp_lb_stats"
+	nodeMapKdpLbSvc       = "kdp_lb_svc"
+	nodeMapKdpNodeCfg     = "kdp_node_cfg"
+	nodeMapKdpNodeCtrs    = "kdp_node_ctrs"
+	nodeMapKdpNodeTaps    = "kdp_node_taps"
+	nodeProgKdpDirectIn   = "kdp_direct_in"
+	nodeProgKdpDirectOut  = "kdp_direct_out"
+	nodeProgKdpDirectRnat = "kdp_direct_rnat"
 )
 
 // loadNode returns the embedded CollectionSpec for node.
@@ -102,8 +205,9 @@ type nodeSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type nodeProgramSpecs struct {
-	KdpDirectIn  *ebpf.ProgramSpec `ebpf:"kdp_direct_in"`
-	KdpDirectOut *ebpf.ProgramSpec `ebpf:"kdp_direct_out"`
+	KdpDirectIn   *ebpf.ProgramSpec `ebpf:"kdp_direct_in"`
+	KdpDirectOut  *ebpf.ProgramSpec `ebpf:"kdp_direct_out"`
+	KdpDirectRnat *ebpf.ProgramSpec `ebpf:"kdp_direct_rnat"`
 }
 
 // nodeMapSpecs contains maps before they are loaded into the kernel.
@@ -111,7 +215,14 @@ type nodeProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type nodeMapSpecs struct {
 	KdpArp      *ebpf.MapSpec `ebpf:"kdp_arp"`
+	KdpConfig   *ebpf.MapSpec `ebpf:"kdp_config"`
 	KdpFdb      *ebpf.MapSpec `ebpf:"kdp_fdb"`
+	KdpLbAff    *ebpf.MapSpec `ebpf:"kdp_lb_aff"`
+	KdpLbBe     *ebpf.MapSpec `ebpf:"kdp_lb_be"`
+	KdpLbConns  *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
+	KdpLbCt     *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
+	KdpLbStats  *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
+	KdpLbSvc    *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
 	KdpNodeCfg  *ebpf.MapSpec `ebpf:"kdp_node_cfg"`
 	KdpNodeCtrs *ebpf.MapSpec `ebpf:"kdp_node_ctrs"`
 	KdpNodeTaps *ebpf.MapSpec `ebpf:"kdp_node_taps"`
@@ -144,7 +255,14 @@ func (o *nodeObjects) Close() error {
 // It can be passed to loadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type nodeMaps struct {
 	KdpArp      *ebpf.Map `ebpf:"kdp_arp"`
+	KdpConfig   *ebpf.Map `ebpf:"kdp_config"`
 	KdpFdb      *ebpf.Map `ebpf:"kdp_fdb"`
+	KdpLbAff    *ebpf.Map `ebpf:"kdp_lb_aff"`
+	KdpLbBe     *ebpf.Map `ebpf:"kdp_lb_be"`
+	KdpLbConns  *ebpf.Map `ebpf:"kdp_lb_conns"`
+	KdpLbCt     *ebpf.Map `ebpf:"kdp_lb_ct"`
+	KdpLbStats  *ebpf.Map `ebpf:"kdp_lb_stats"`
+	KdpLbSvc    *ebpf.Map `ebpf:"kdp_lb_svc"`
 	KdpNodeCfg  *ebpf.Map `ebpf:"kdp_node_cfg"`
 	KdpNodeCtrs *ebpf.Map `ebpf:"kdp_node_ctrs"`
 	KdpNodeTaps *ebpf.Map `ebpf:"kdp_node_taps"`
@@ -153,7 +271,14 @@ type nodeMaps struct {
 func (m *nodeMaps) Close() error {
 	return _NodeClose(
 		m.KdpArp,
+		m.KdpConfig,
 		m.KdpFdb,
+		m.KdpLbAff,
+		m.KdpLbBe,
+		m.KdpLbConns,
+		m.KdpLbCt,
+		m.KdpLbStats,
+		m.KdpLbSvc,
 		m.KdpNodeCfg,
 		m.KdpNodeCtrs,
 		m.KdpNodeTaps,
@@ -170,14 +295,16 @@ type nodeVariables struct {
 //
 // It can be passed to loadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type nodePrograms struct {
-	KdpDirectIn  *ebpf.Program `ebpf:"kdp_direct_in"`
-	KdpDirectOut *ebpf.Program `ebpf:"kdp_direct_out"`
+	KdpDirectIn   *ebpf.Program `ebpf:"kdp_direct_in"`
+	KdpDirectOut  *ebpf.Program `ebpf:"kdp_direct_out"`
+	KdpDirectRnat *ebpf.Program `ebpf:"kdp_direct_rnat"`
 }
 
 func (p *nodePrograms) Close() error {
 	return _NodeClose(
 		p.KdpDirectIn,
 		p.KdpDirectOut,
+		p.KdpDirectRnat,
 	)
 }
 

@@ -11,8 +11,10 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
 )
 
 func openNode(t *testing.T, root, nsPath, uplink string) *loader.Node {
@@ -197,5 +199,50 @@ func TestNodeAttach(t *testing.T) {
 	}
 	if m, _ := filepath.Glob(filepath.Join(root, loader.NodeDir, "*")); len(m) != 0 {
 		t.Fatalf("left: %v", m)
+	}
+}
+
+// TestDirectRNAT: in direct mode replies reach the tap from the node programs, not through
+// kdp_uplink_in; kdp_direct_rnat, loaded against the sandbox's maps, reverse-NATs them.
+func TestDirectRNAT(t *testing.T) {
+	needRoot(t)
+	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+		sb := openSandbox(t, testRoot(t), "rnat")
+		m := sb.Maps()
+		lb := maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config}
+		if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300}); err != nil {
+			t.Fatal(err)
+		}
+		if err := lb.PutBackend(7, backend, 1); err != nil {
+			t.Fatal(err)
+		}
+		if err := lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: proto, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := (maps.EndpointMap{Map: m.Endpoints}).Put(1, tapEndpoint(0, 42, maps.FlagAntiSpoof)); err != nil {
+			t.Fatal(err)
+		}
+		tapIn, _ := sb.Program(loader.ProgTapIn)
+		rnat, err := sb.DirectRNATProgram()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rnat.Close()
+		ret, out := runOut(t, tapIn, l4Frame(proto, guestMAC, client, vip, 0x02, 10))
+		if ret != tcxRedirect || checkFrame(t, out) != (tuple{client, backend}) {
+			t.Fatalf("proto %d: DNAT: verdict %d, %v", proto, ret, checkFrame(t, out))
+		}
+		ret, out = runOut(t, rnat, l4Frame(proto, otherMAC, backend, client, 0x12, 20))
+		if ret != tcxNext {
+			t.Fatalf("proto %d: rnat verdict %d", proto, ret)
+		}
+		if got := checkFrame(t, out); got != (tuple{vip, client}) {
+			t.Errorf("proto %d: reverse NAT gave %v, want %v -> %v", proto, got, vip, client)
+		}
+		// A frame of no connection goes on untouched.
+		other := l4Frame(proto, otherMAC, netip.MustParseAddrPort("10.0.0.99:53"), client, 0x10, 5)
+		if ret, out := runOut(t, rnat, append([]byte(nil), other...)); ret != tcxNext || string(out) != string(other) {
+			t.Errorf("proto %d: unrelated frame: verdict %d, rewritten %v", proto, ret, string(out) != string(other))
+		}
 	}
 }

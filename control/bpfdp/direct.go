@@ -18,7 +18,9 @@ import (
 // runs kdp_tap_in on the tap exactly as in tc mode (anti-spoofing, load balancing, strict
 // egress, counters) with the uplink as its redirect target; the uplink itself is never given
 // a per-sandbox entry or program, because several sandboxes share it. The node collection of
-// the uplink (control/direct) delivers the guest's frames into the tap.
+// the uplink (control/direct) delivers the guest's frames into the tap, and kdp_direct_rnat
+// on the tap's egress (loaded against the sandbox's maps) reverse-NATs the replies of load-
+// balanced connections, which kdp_uplink_in does in tc mode.
 
 // ErrNoUplink is returned for a direct-mode endpoint without an uplink to join.
 var ErrNoUplink = errors.New("direct mode needs an uplink")
@@ -107,6 +109,12 @@ func (d *Dataplane) AddDirect(ctx context.Context, ep control.Endpoint, fresh bo
 	if _, err := sb.lsb.Attach(ep.NetNS, ep.Tap, loader.ProgTapIn); err != nil {
 		return err
 	}
+	undo = append(undo, func() { sb.lsb.Detach(ep.NetNS, ep.Tap) })
+	// Replies to the guest come from the node programs straight into the tap: the load
+	// balancer's reverse NAT runs on the tap's egress instead of on an uplink of its own.
+	if err := sb.lsb.AttachDirectRNAT(ep.NetNS, ep.Tap); err != nil {
+		return err
+	}
 	d.setModeOf(sb, ep.Slot, &epMode{requested: control.ModeDirect, mode: control.ModeDirect, ep: ep})
 	return nil
 }
@@ -124,6 +132,9 @@ func (d *Dataplane) DelDirect(ctx context.Context, ep control.Endpoint) error {
 		if err := d.directMgr().Leave(guestOf(ep)); err != nil {
 			return fmt.Errorf("del direct endpoint %s: %w", ep.NIC, err)
 		}
+	}
+	if err := sb.lsb.DetachDirectRNAT(ep.Tap); err != nil {
+		return fmt.Errorf("del direct endpoint %s: %w", ep.NIC, err)
 	}
 	if err := sb.lsb.Detach(ep.NetNS, ep.Tap); err != nil {
 		return fmt.Errorf("del direct endpoint %s: %w", ep.NIC, err)

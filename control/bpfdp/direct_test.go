@@ -26,6 +26,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/bpfdp"
+	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/control/mirred"
 	"github.com/kata-dp/kata-dp/control/netdev"
 )
@@ -283,6 +284,56 @@ func TestDirect(t *testing.T) {
 			t.Run(c.name, func(t *testing.T) {
 				transfer(t, c.from, c.to, c.addr)
 			})
+		}
+	})
+	t.Run("load balancer", func(t *testing.T) {
+		// Guest A reaches a service whose real server is the client: DNAT on the tap's
+		// ingress, reverse NAT of the replies on the tap's egress.
+		var ln net.Listener
+		if err := r.client.Do(func() (err error) {
+			ln, err = net.Listen("tcp4", directClient+":8080")
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Write([]byte("real server\n"))
+				c.Close()
+			}
+		}()
+		table := &ipvs.Table{}
+		for _, p := range []string{"-A -t 10.203.9.9:80 -s rr", "-a -t 10.203.9.9:80 -r " + directClient + ":8080 -m"} {
+			cmd, err := ipvs.ParseParameters(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := table.Apply(cmd); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := r.dp.SetLB(ctx, r.eps[0].Sandbox, table); err != nil {
+			t.Fatal(err)
+		}
+		defer r.dp.SetLB(ctx, r.eps[0].Sandbox, &ipvs.Table{})
+		mustExec(t, r.guests[0], "ip", "route", "add", "10.203.9.9/32", "via", directClient) // no one answers ARP for a VIP
+		var c net.Conn
+		if err := r.guests[0].Do(func() (err error) {
+			c, err = net.DialTimeout("tcp4", "10.203.9.9:80", 3*time.Second)
+			return err
+		}); err != nil {
+			t.Fatalf("connect to the service: %v", err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		b, _ := io.ReadAll(c)
+		if string(b) != "real server\n" {
+			t.Errorf("service answered %q", b)
 		}
 	})
 	t.Run("isolation", func(t *testing.T) {
