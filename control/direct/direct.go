@@ -75,6 +75,12 @@ func (m *Manager) Join(g Guest) (tap, uplink int, err error) {
 	if err := m.checkFree(n, g, ti.Index); err != nil {
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 	}
+	if other, ok, err := n.Guest(g.MAC); err == nil && ok && other != ti.Index {
+		// Taking over a stale entry (checkFree allowed it): drop its dead tap's counters.
+		if err := n.DelGuest(g.MAC, netip.Addr{}, other); err != nil {
+			return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
+		}
+	}
 	if err := n.PutGuest(g.MAC, g.Addr, ti.Index); err != nil {
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 	}
