@@ -29,6 +29,8 @@ import (
 	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/control/mirred"
 	"github.com/kata-dp/kata-dp/control/netdev"
+	"github.com/kata-dp/kata-dp/control/netspec"
+	"github.com/kata-dp/kata-dp/control/store"
 )
 
 // directRig is two sandboxes in direct mode on one uplink:
@@ -804,4 +806,106 @@ func TestDirectBench(t *testing.T) {
 	row("host->guest sender CPU", func(s *sample) []float64 { return s.h2gCPU }, "ns/frame")
 	row("guest->host", func(s *sample) []float64 { return s.g2hPPS }, "pps")
 	row("guest->host writer CPU", func(s *sample) []float64 { return s.g2hCPU }, "ns/frame")
+}
+
+// directDispatch routes direct-mode endpoints of a bpfdp.Dataplane to its direct-mode
+// functions, as Dataplane itself does once it dispatches on the mode.
+type directDispatch struct{ *bpfdp.Dataplane }
+
+func (d directDispatch) AddEndpoint(ctx context.Context, ep control.Endpoint) error {
+	if ep.Mode == control.ModeDirect {
+		return d.AddDirect(ctx, ep, true)
+	}
+	return d.Dataplane.AddEndpoint(ctx, ep)
+}
+
+func (d directDispatch) DelEndpoint(ctx context.Context, ep control.Endpoint) error {
+	if ep.Mode == control.ModeDirect {
+		return d.DelDirect(ctx, ep)
+	}
+	return d.Dataplane.DelEndpoint(ctx, ep)
+}
+
+// TestDirectController takes a direct-mode sandbox through the control plane: sandbox add
+// with the uplink, add-iface creating the tap beside the uplink and joining it, a guest
+// behind it reaching the client, del-iface deleting the tap and taking the node programs off
+// the uplink, the host's own traffic untouched throughout.
+func TestDirectController(t *testing.T) {
+	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	host, client, guest := topo.MustNetNS(t, "kdptd-h"), topo.MustNetNS(t, "kdptd-c"), topo.MustNetNS(t, "kdptd-g")
+	for _, n := range []*topo.NetNS{host, client, guest} {
+		n.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+	}
+	mustExec(t, host, "ip", "link", "add", "up0", "type", "veth", "peer", "name", "cl0", "netns", client.Name())
+	mustExec(t, host, "ip", "addr", "add", directHost+"/24", "dev", "up0")
+	mustExec(t, host, "ip", "link", "set", "up0", "up")
+	mustExec(t, client, "ip", "addr", "add", directClient+"/24", "dev", "cl0")
+	mustExec(t, client, "ip", "link", "set", "cl0", "up")
+
+	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-%08x", rand.Uint32()))
+	t.Cleanup(func() { os.RemoveAll(root) })
+	dp, err := bpfdp.New(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	st, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctrl, err := control.New(ctx, control.Config{Dataplane: directDispatch{dp}, Taps: control.NetdevTaps{}, Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ctrl.AddSandbox(ctx, control.SandboxSpec{ID: "dctl", NetNS: host.Path(), Uplink: "up0", Mode: control.ModeDirect}); err != nil {
+		t.Fatal(err)
+	}
+	defer ctrl.DelSandbox(context.Background(), "dctl")
+	req := netspec.AddRequest{Interface: netspec.Interface{
+		Device: "tapdctl", Name: "eth0", MTU: 1500, HwAddr: directMACs[0].String(),
+		IPAddresses: []*netspec.IPAddress{{Address: directAddrs[0].Addr().String(), Mask: "24"}},
+	}}
+	added, err := ctrl.AddIface(ctx, "dctl", req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := netdev.LookupLink(host.Path(), "tapdctl"); err != nil {
+		t.Fatalf("tap not created beside the uplink: %v", err)
+	}
+	if in, out := tcxCount(t, host, "up0"); in != 1 || out != 1 {
+		t.Fatalf("node programs on up0: ingress %d egress %d", in, out)
+	}
+	fds, err := netdev.OpenTap(host.Path(), "tapdctl", 1, true, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := guestemu.NewBridge(fds, guest.Path(), "eth0", guestemu.BridgeOptions{MAC: directMACs[0], Addrs: []netip.Prefix{directAddrs[0]}, Offload: true})
+	for _, f := range fds {
+		f.Close()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pingOK(t, guest, directClient)
+	pingOK(t, client, directAddrs[0].Addr().String())
+	b.Close()
+
+	if err := ctrl.DelIface(ctx, "dctl", added); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := netdev.LookupLink(host.Path(), "tapdctl"); err == nil {
+		t.Error("tap kata-dp created is still there")
+	}
+	if in, out := tcxCount(t, host, "up0"); in != 0 || out != 0 {
+		t.Errorf("node programs left on up0: ingress %d egress %d", in, out)
+	}
+	if _, err := netdev.LookupLink(host.Path(), "up0"); err != nil {
+		t.Errorf("the uplink is gone: %v", err)
+	}
+	pingOK(t, host, directClient)
 }
