@@ -22,10 +22,14 @@ import (
 type sink int
 
 const (
-	sinkGuest   sink = iota // the guest emulator (h2g) or the host veth (g2h)
-	sinkVethIn              // the sandbox veth's ingress (drop reference, h2g)
-	sinkTapIn               // the tap's ingress (drop reference, g2h)
-	sinkXDPPeer             // the XDP drop program on the second veth (ref-xdp)
+	// sinkGuest: the guest emulator (host->guest) or the host end
+	// (guest->host).
+	sinkGuest sink = iota
+	// sinkIngress: the drop at the first device's ingress: eth0's rx
+	// counter (host->guest) or the tap's (guest->host).
+	sinkIngress
+	// sinkXDPPeer: the XDP drop program on the second veth (ref-xdp).
+	sinkXDPPeer
 )
 
 // modeDef is one way of joining the sandbox's veth to the guest.
@@ -52,7 +56,7 @@ var modes = []modeDef{
 	{name: "cni-tcfilter", desc: "standard CNI path: bridge (FDB pre-learned) + veth pair + tcfilter (reference for direct mode)", ref: true, setup: setupCNI},
 	{name: "xdp", desc: "kata-dp xdp mode: XDP redirect through a DEVMAP both ways in front of the tc datapath, all features on (host veth GRO on)", setup: setupXDP},
 	{name: "ref-redirect", desc: "reference: bare cls_bpf bpf_redirect, no features", ref: true, setup: setupRefRedirect},
-	{name: "ref-drop", desc: "reference: drop at veth (h2g) / tap (g2h) ingress: the ceiling", ref: true, noLatency: true, setup: setupRefDrop},
+	{name: "ref-drop", desc: "reference: drop at veth (h2g) / tap (g2h) ingress: the ceiling", ref: true, noLatency: true, sink: sinkIngress, setup: setupRefDrop},
 	{name: "ref-xdp", desc: "reference: XDP veth->veth redirect into an XDP drop", ref: true, h2gOnly: true, noLatency: true, sink: sinkXDPPeer, setup: setupRefXDP},
 }
 

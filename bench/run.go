@@ -280,11 +280,10 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	switch m.sink {
 	case sinkXDPPeer:
 		delivered = b.xdp - a.xdp
+	case sinkIngress:
+		delivered = b.ns[s.Config.Veth].RxPackets - a.ns[s.Config.Veth].RxPackets
 	default:
 		delivered = b.emu.RxFrames - a.emu.RxFrames
-	}
-	if m.name == "ref-drop" {
-		delivered = b.ns[s.Config.Veth].RxPackets - a.ns[s.Config.Veth].RxPackets
 	}
 	smp.Hops["gen_sent"] = sent
 	r.hops(e, a, b, smp)
@@ -293,7 +292,7 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	smp.Hops["emu_csum_bad"] = b.emu.CsumBad - a.emu.CsumBad
 	smp.Hops["delivered"] = delivered
 	r.finish(e, m, c, smp, a, b, sent, delivered, genNS, elapsed)
-	if delivered > 0 && m.sink == sinkGuest && m.name != "ref-drop" {
+	if delivered > 0 && m.sink == sinkGuest {
 		smp.Values["reader_ns"] = float64(a.emuNS(b)) / float64(delivered)
 	}
 	if smp.Hops["emu_csum_bad"] > 0 {
@@ -329,7 +328,7 @@ func (r *runner) oneWayG2H(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	}
 	hd := e.hostDev
 	delivered := b.host[hd].RxPackets - a.host[hd].RxPackets
-	if m.name == "ref-drop" {
+	if m.sink == sinkIngress {
 		delivered = b.ns[e.guestDev].RxPackets - a.ns[e.guestDev].RxPackets
 	}
 	smp.Hops["emu_written"] = written

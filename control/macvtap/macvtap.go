@@ -11,7 +11,10 @@
 // Nothing on a minimal host creates /dev/tapN (udev does on a full one, and
 // only for devices in the host netns), so Create makes the node itself when
 // it is missing, reading the device number from a sysfs mounted privately
-// in the sandbox netns, and Delete removes the node again.
+// in the sandbox netns, and Delete removes the node again. Ifindexes are
+// per netns, so two sandboxes' macvtaps can both be tapN: when /dev/tapN is
+// another device's node, Create makes the node under FallbackDir instead
+// (named by the device number, which is unique) and says so in DevPath.
 //
 // The functions switch the calling goroutine's thread into the namespace;
 // they may be called concurrently for different devices.
@@ -35,10 +38,6 @@ import (
 
 // Errors callers can test for.
 var (
-	// ErrNodeConflict is returned when /dev/tapN exists but is another
-	// device (a stale node, or a macvtap of another netns with the same
-	// ifindex).
-	ErrNodeConflict = errors.New("device node belongs to another device")
 	// ErrNotMacvtap is returned by Delete for a device that is no macvtap.
 	ErrNotMacvtap = errors.New("not a macvtap")
 )
@@ -46,11 +45,15 @@ var (
 // DevDir is where the character devices are made.
 var DevDir = "/dev"
 
+// FallbackDir holds the nodes of macvtaps whose /dev/tapN is taken.
+var FallbackDir = "/run/kata-dp/macvtap"
+
 // Macvtap is a macvtap device made by Create.
 type Macvtap struct {
 	Name    string
 	Ifindex int
-	// DevPath is the character device the VM side opens (/dev/tapN).
+	// DevPath is the character device the VM side opens: /dev/tapN, or a
+	// node under FallbackDir when /dev/tapN is another device's.
 	DevPath string
 	// MAC is the macvtap's (and so the guest's) MAC: the veth's original.
 	MAC net.HardwareAddr
@@ -111,8 +114,8 @@ func Create(nsPath, veth, name string) (Macvtap, error) {
 	if err != nil {
 		return Macvtap{}, fmt.Errorf("create macvtap %s on %s: %w", name, veth, err)
 	}
-	m.DevPath = filepath.Join(DevDir, "tap"+strconv.Itoa(m.Ifindex))
-	if err := makeNode(nsPath, m); err != nil {
+	path, err := makeNode(nsPath, m)
+	if err != nil {
 		_ = netdev.InNetNS(nsPath, func() error {
 			l, lerr := netlink.LinkByName(name)
 			if lerr == nil {
@@ -125,6 +128,7 @@ func Create(nsPath, veth, name string) (Macvtap, error) {
 		})
 		return Macvtap{}, fmt.Errorf("create macvtap %s on %s: %w", name, veth, err)
 	}
+	m.DevPath = path
 	return m, nil
 }
 
@@ -165,11 +169,12 @@ func Delete(nsPath, veth, name string) error {
 		return fmt.Errorf("delete macvtap %s: %w", name, err)
 	}
 	if idx > 0 && dev != 0 {
-		path := filepath.Join(DevDir, "tap"+strconv.Itoa(idx))
-		var st unix.Stat_t
-		if unix.Stat(path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == dev {
-			if err := os.Remove(path); err != nil {
-				return fmt.Errorf("delete macvtap %s: %w", name, err)
+		for _, path := range []string{filepath.Join(DevDir, "tap"+strconv.Itoa(idx)), fallbackPath(idx, dev)} {
+			var st unix.Stat_t
+			if unix.Stat(path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == dev {
+				if err := os.Remove(path); err != nil {
+					return fmt.Errorf("delete macvtap %s: %w", name, err)
+				}
 			}
 		}
 	}
@@ -197,8 +202,10 @@ func Open(m Macvtap, n int, nonblock bool) ([]*os.File, error) {
 	return fs, nil
 }
 
-// makeNode makes sure m.DevPath is m's character device.
-func makeNode(nsPath string, m Macvtap) error {
+// makeNode makes sure m's character device has a node, /dev/tapN when that
+// is free or already this device's, a node under FallbackDir otherwise, and
+// returns its path.
+func makeNode(nsPath string, m Macvtap) (string, error) {
 	var dev uint64
 	err := inSysfs(nsPath, func(sys string) error {
 		var err error
@@ -206,19 +213,28 @@ func makeNode(nsPath string, m Macvtap) error {
 		return err
 	})
 	if err != nil {
-		return err
+		return "", err
 	}
+	path := filepath.Join(DevDir, "tap"+strconv.Itoa(m.Ifindex))
 	var st unix.Stat_t
-	if err := unix.Stat(m.DevPath, &st); err == nil {
+	if err := unix.Stat(path, &st); err == nil {
 		if st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == dev {
-			return nil
+			return path, nil
 		}
-		return fmt.Errorf("%s: %w", m.DevPath, ErrNodeConflict)
+		path = fallbackPath(m.Ifindex, dev)
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			return "", err
+		}
+		_ = os.Remove(path) // a stale node of a device number now reused
 	}
-	if err := unix.Mknod(m.DevPath, unix.S_IFCHR|0o600, int(dev)); err != nil {
-		return fmt.Errorf("mknod %s: %w", m.DevPath, err)
+	if err := unix.Mknod(path, unix.S_IFCHR|0o600, int(dev)); err != nil {
+		return "", fmt.Errorf("mknod %s: %w", path, err)
 	}
-	return nil
+	return path, nil
+}
+
+func fallbackPath(ifindex int, dev uint64) string {
+	return filepath.Join(FallbackDir, fmt.Sprintf("tap%d-%d_%d", ifindex, unix.Major(dev), unix.Minor(dev)))
 }
 
 // devNumber reads the device number of the macvtap name (ifindex idx) in

@@ -102,3 +102,30 @@ func TestErrors(t *testing.T) {
 		t.Errorf("veth MAC after failed calls (-want +got):\n%s", diff)
 	}
 }
+
+// TestSameIfindex: macvtaps in two netns get the same ifindex, so their
+// /dev/tapN would be one node; the second gets a node of its own.
+func TestSameIfindex(t *testing.T) {
+	var ms []macvtap.Macvtap
+	for i := 0; i < 2; i++ {
+		s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-", NoTap: true})
+		m, err := macvtap.Create(s.NS.Path(), s.Config.Veth, "kdptbmv0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns, veth := s.NS.Path(), s.Config.Veth
+		t.Cleanup(func() { macvtap.Delete(ns, veth, m.Name) })
+		ms = append(ms, m)
+		fds, err := macvtap.Open(m, 1, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fds[0].Close()
+	}
+	if ms[0].Ifindex != ms[1].Ifindex {
+		t.Skipf("ifindexes differ (%d, %d): nothing to collide", ms[0].Ifindex, ms[1].Ifindex)
+	}
+	if ms[0].DevPath == ms[1].DevPath {
+		t.Errorf("both macvtaps use %s", ms[0].DevPath)
+	}
+}
