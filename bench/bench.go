@@ -1,7 +1,9 @@
 // Package bench is kata-dp's benchmark harness (`kata-dp bench`): it ranks
 // the ways of joining a sandbox's veth to its guest's tap (Kata's tcfilter,
 // kata-dp's tc datapath, Kata's macvtap, kata-dp's XDP datapath) against
-// each other and against reference BPF programs that do the least possible.
+// each other and against reference BPF programs that do the least possible,
+// and kata-dp's direct mode against the standard CNI path (a bridge, a veth
+// pair and tcfilter) it replaces.
 //
 // Every run builds a fresh topology (a stand-in host netns joined by a veth
 // pair to a sandbox netns holding the guest's tap) with bench/topo,
@@ -67,9 +69,10 @@ type Options struct {
 }
 
 // DefaultModes is the standard set `make bench` runs.
-var DefaultModes = []string{"tcfilter", "tc", "macvtap", "xdp", "ref-redirect", "ref-drop", "ref-xdp", "cni-tcfilter"}
+var DefaultModes = []string{"tcfilter", "tc", "macvtap", "xdp", "ref-redirect", "ref-drop", "ref-xdp", "cni-tcfilter", "direct"}
 
-// quickModes leave out the CNI reference to stay under two minutes.
+// quickModes leave out the CNI reference and direct mode to stay under two
+// minutes.
 var quickModes = []string{"tcfilter", "tc", "macvtap", "xdp", "ref-redirect", "ref-drop", "ref-xdp"}
 
 var quickCases = []string{"h2g-64", "g2h-64", "lat-block", "lat-busy"}

@@ -10,6 +10,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/kata-dp/kata-dp/bench/refprog"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/control/direct"
 	"github.com/kata-dp/kata-dp/control/macvtap"
 	"github.com/kata-dp/kata-dp/control/mirred"
 	"github.com/kata-dp/kata-dp/control/netdev"
@@ -54,6 +55,7 @@ var modes = []modeDef{
 	{name: "tc", desc: "kata-dp tc datapath, all features on (anti-spoof, strict egress, counters)", setup: setupTC},
 	{name: "macvtap", desc: "Kata's macvtap in bridge mode on the veth", noTap: true, setup: setupMacvtap},
 	{name: "cni-tcfilter", desc: "standard CNI path: bridge (FDB pre-learned) + veth pair + tcfilter (reference for direct mode)", ref: true, setup: setupCNI},
+	{name: "direct", desc: "kata-dp direct mode: node programs on the uplink steer by guest MAC into the tap, the sandbox's tap program (anti-spoof, strict egress, reverse NAT) on the way out; no bridge, no veth pair", setup: setupDirect},
 	{name: "xdp", desc: "kata-dp xdp mode: XDP redirect through a DEVMAP both ways in front of the tc datapath, all features on (host veth GRO on)", setup: setupXDP},
 	{name: "ref-redirect", desc: "reference: bare cls_bpf bpf_redirect, no features", ref: true, setup: setupRefRedirect},
 	{name: "ref-drop", desc: "reference: drop at veth (h2g) / tap (g2h) ingress: the ceiling", ref: true, noLatency: true, sink: sinkIngress, setup: setupRefDrop},
@@ -167,6 +169,53 @@ func setupCNI(e *env) error {
 	}
 	e.hostDev, e.hostMAC = cniClient, cl.MAC
 	return setupTcfilter(e)
+}
+
+// setupDirect builds direct mode as control/bpfdp does (AddDirect): the
+// sandbox netns plays the node's netns, its eth0 the uplink toward the
+// client in the host netns, and the tap sits beside it. The guest gets a MAC
+// of its own (the uplink keeps its MAC: in direct mode the host's uplink is
+// no guest's device).
+func setupDirect(e *env) error {
+	ns, uplink, tap := e.s.NS.Path(), e.s.Config.Veth, e.s.Config.Tap
+	root := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptb-", 8))
+	const id = "bench"
+	sb, err := loader.Open(root, id)
+	if err != nil {
+		os.Remove(root)
+		return err
+	}
+	e.sb = sb
+	mac := net.HardwareAddr{0x02, 0x6b, 0x64, 0x70, 0x00, 0x02}
+	g := direct.Guest{NetNS: ns, Uplink: uplink, Tap: tap, MAC: mac, Addr: e.s.GuestAddr.Addr()}
+	mgr := direct.New(root)
+	e.undo = append(e.undo, func() error {
+		err := errors.Join(mgr.Leave(g), loader.RemoveNode(root, ns, uplink), sb.Close(), loader.Remove(root, id))
+		os.RemoveAll(root)
+		return err
+	})
+	if _, _, err := mgr.Join(g); err != nil {
+		return err
+	}
+	ep := maps.Endpoint{PeerIfindex: uint32(e.s.Veth.Index), Slot: 0, Role: maps.RoleTap, Flags: maps.FlagAntiSpoof | maps.FlagStrictEgress}
+	if err := ep.SetMAC(mac); err != nil {
+		return err
+	}
+	ep.SetIP(e.s.GuestAddr)
+	if err := (maps.EndpointMap{Map: sb.Maps().Endpoints}).Put(uint32(e.s.Tap.Index), ep); err != nil {
+		return err
+	}
+	if _, err := sb.Attach(ns, tap, loader.ProgTapIn); err != nil {
+		return err
+	}
+	if err := sb.AttachDirectRNAT(ns, tap); err != nil {
+		return err
+	}
+	if err := e.openTap(); err != nil {
+		return err
+	}
+	e.guestMAC = mac
+	return nil
 }
 
 func setupTC(e *env) error {

@@ -388,7 +388,9 @@ func (r *runner) finish(e *env, m modeDef, c caseDef, smp *Sample, a, b snapshot
 		if diff > 0.01*float64(sent)+256 {
 			smp.flag("counts do not add up: %d sent, %d delivered, %d counted as dropped", sent, delivered, explained)
 		}
-	} else if sent < delivered && m.sink != sinkXDPPeer {
+	} else if sent+64 < delivered && m.sink != sinkXDPPeer {
+		// A few extra frames are the stack's own (IPv6 neighbour discovery,
+		// a bridge's multicast); more mean the counters are wrong.
 		smp.flag("counts do not add up: %d sent, %d delivered", sent, delivered)
 	}
 	r.checkOthers(smp, a, b)
