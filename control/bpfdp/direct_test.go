@@ -533,6 +533,7 @@ type benchTopo struct {
 	clientMAC net.HardwareAddr
 	counter   *guestemu.Counter
 	tapFd     *os.File
+	fds       []*os.File
 }
 
 var (
@@ -545,7 +546,7 @@ var (
 // FDB, host veth on the bridge, its peer in a sandbox netns joined to the tap by Kata's
 // u32 + mirred) or direct mode (client veth peered with the uplink, tap beside the uplink,
 // kata-dp's direct mode with every feature on).
-func newBenchTopo(t *testing.T, mode string) *benchTopo {
+func newBenchTopo(t *testing.T, mode string, reflect bool) *benchTopo {
 	t.Helper()
 	b := &benchTopo{host: topo.MustNetNS(t, "kdptd-bh"), tap: "tapbench"}
 	b.host.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
@@ -600,8 +601,12 @@ func newBenchTopo(t *testing.T, mode string) *benchTopo {
 			f.Close()
 		}
 	})
-	b.tapFd = fds[0]
-	if b.counter, err = guestemu.NewCounter(fds, guestemu.CounterOptions{CPUs: []int{1}}); err != nil {
+	b.tapFd, b.fds = fds[0], fds
+	o := guestemu.CounterOptions{CPUs: []int{1}}
+	if reflect {
+		o.Reflect, o.GuestMAC, o.GuestIP = true, benchGuestMAC, benchGuest.Addr()
+	}
+	if b.counter, err = guestemu.NewCounter(fds, o); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.counter.Close() })
@@ -762,6 +767,62 @@ func (b *benchTopo) g2h(t *testing.T, d time.Duration) (pps float64, cpu time.Du
 	return float64(rx()-before) / d.Seconds(), busy / time.Duration(max(written, 1))
 }
 
+// rtt (on a topology whose guest reflects, answering ARP and UDP) gives the client veth an
+// address and measures n UDP round trips of 64-byte frames from a socket on the client
+// side that busy-polls for each reply. It returns the median and the 99th percentile.
+func (b *benchTopo) rtt(t *testing.T, n int) (p50, p99 time.Duration) {
+	t.Helper()
+	mustExec(t, b.host, "ip", "addr", "add", benchClient.String()+"/24", "dev", "cl")
+	var lat []time.Duration
+	onCPU(t, b.host.Path(), 0, func() error {
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: benchClient.AsSlice(), Port: 4000})
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		dst := &net.UDPAddr{IP: benchGuest.Addr().AsSlice(), Port: 5000}
+		msg, buf := make([]byte, 64-42), make([]byte, 2048)
+		// Warm up: ARP, and the first frames through every hop.
+		for range 20 {
+			c.WriteToUDP(msg, dst)
+			c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			c.ReadFromUDP(buf)
+		}
+		raw, err := c.SyscallConn()
+		if err != nil {
+			return err
+		}
+		for range n {
+			start := time.Now()
+			if _, err := c.WriteToUDP(msg, dst); err != nil {
+				return err
+			}
+			got := false
+			for !got && time.Since(start) < 20*time.Millisecond {
+				raw.Read(func(fd uintptr) bool {
+					if _, _, err := unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT); err == nil {
+						got = true
+					}
+					return true
+				})
+			}
+			if got {
+				lat = append(lat, time.Since(start))
+			}
+		}
+		return nil
+	})
+	if len(lat) < n*9/10 {
+		// A shared machine can starve the reflector for milliseconds; the report says so.
+		t.Logf("only %d of %d round trips answered within 20 ms", len(lat), n)
+	}
+	if len(lat) == 0 {
+		t.Fatal("no round trip answered")
+	}
+	slices.Sort(lat)
+	return lat[len(lat)/2], lat[len(lat)*99/100]
+}
+
 // TestDirectBench compares direct mode with the standard CNI path (bridge + veth pair +
 // tcfilter) at 64 bytes, both directions, fresh topologies, interleaved runs. It is a
 // measurement, not a check: run it with KDP_BENCH_DIRECT=1 (and -v for the table).
@@ -771,17 +832,19 @@ func TestDirectBench(t *testing.T) {
 	}
 	topo.RequireRoot(t, "builds namespaces and loads BPF programs")
 	runs, d := 5, 2*time.Second
-	type sample struct{ h2gPPS, g2hPPS, h2gCPU, g2hCPU []float64 }
+	type sample struct{ h2gPPS, g2hPPS, h2gCPU, g2hCPU, rtt50, rtt99 []float64 }
 	res := map[string]*sample{"cni": {}, "direct": {}}
 	for i := range runs {
 		for _, mode := range []string{"cni", "direct"} {
 			t.Run(fmt.Sprintf("%s-%d", mode, i), func(t *testing.T) {
-				b := newBenchTopo(t, mode)
+				b := newBenchTopo(t, mode, false)
 				s := res[mode]
 				pps, cpu := b.h2g(t, d)
 				s.h2gPPS, s.h2gCPU = append(s.h2gPPS, pps), append(s.h2gCPU, float64(cpu.Nanoseconds()))
 				pps, cpu = b.g2h(t, d)
 				s.g2hPPS, s.g2hCPU = append(s.g2hPPS, pps), append(s.g2hCPU, float64(cpu.Nanoseconds()))
+				p50, p99 := newBenchTopo(t, mode, true).rtt(t, 2000)
+				s.rtt50, s.rtt99 = append(s.rtt50, float64(p50.Nanoseconds())), append(s.rtt99, float64(p99.Nanoseconds()))
 				t.Logf("%s: h2g %.0f pps %.0f ns/frame, g2h %.0f pps %.0f ns/frame", mode,
 					s.h2gPPS[len(s.h2gPPS)-1], s.h2gCPU[len(s.h2gCPU)-1], s.g2hPPS[len(s.g2hPPS)-1], s.g2hCPU[len(s.g2hCPU)-1])
 			})
@@ -806,6 +869,8 @@ func TestDirectBench(t *testing.T) {
 	row("host->guest sender CPU", func(s *sample) []float64 { return s.h2gCPU }, "ns/frame")
 	row("guest->host", func(s *sample) []float64 { return s.g2hPPS }, "pps")
 	row("guest->host writer CPU", func(s *sample) []float64 { return s.g2hCPU }, "ns/frame")
+	row("UDP round trip p50, busy poll", func(s *sample) []float64 { return s.rtt50 }, "ns")
+	row("UDP round trip p99, busy poll", func(s *sample) []float64 { return s.rtt99 }, "ns")
 }
 
 // directDispatch routes direct-mode endpoints of a bpfdp.Dataplane to its direct-mode
