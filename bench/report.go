@@ -275,6 +275,62 @@ func (r *Report) JSON(w io.Writer) error {
 	return enc.Encode(r)
 }
 
+// lossAccount writes, per one-way case and mode, the frame counters along
+// the path of the run whose frames/s was the median: where the frames that
+// did not arrive were dropped.
+func (r *Report) lossAccount(b *strings.Builder) {
+	hops := [][2]string{
+		{"gen_sent", "sent"}, {"emu_written", "written"}, {"hostdev_tx", "client tx"},
+		{"hostveth_tx", "host veth tx"}, {"hostveth_tx_dropped", "host veth tx drop"},
+		{"veth_rx", "eth0 rx"}, {"veth_tx", "eth0 tx"}, {"veth_tx_dropped", "eth0 tx drop"},
+		{"guestdev_rx", "tap rx"}, {"guestdev_rx_dropped", "tap rx drop"},
+		{"guestdev_tx", "tap tx"}, {"guestdev_tx_dropped", "tap tx drop"},
+		{"hostveth_rx", "host veth rx"}, {"hostdev_rx", "client rx"}, {"emu_rx", "guest"}, {"delivered", "delivered"},
+	}
+	wrote := false
+	for _, c := range r.cases {
+		if c.dir == rr {
+			continue
+		}
+		for _, mode := range r.Modes {
+			var run []Sample
+			for _, s := range r.Samples {
+				if s.Mode == mode && s.Case == c.name {
+					run = append(run, s)
+				}
+			}
+			if len(run) == 0 {
+				continue
+			}
+			slices.SortFunc(run, func(x, y Sample) int {
+				switch {
+				case x.Values["pps"] < y.Values["pps"]:
+					return -1
+				case x.Values["pps"] > y.Values["pps"]:
+					return 1
+				}
+				return 0
+			})
+			s := run[len(run)/2]
+			if !wrote {
+				b.WriteString("Loss account (frame counters along the path in the run with the median frames/s; " +
+					"tap means the macvtap for macvtap):\n\n")
+				wrote = true
+			}
+			var parts []string
+			for _, h := range hops {
+				if v, ok := s.Hops[h[0]]; ok && (v != 0 || h[0] == "delivered") {
+					parts = append(parts, fmt.Sprintf("%s %d", h[1], v))
+				}
+			}
+			fmt.Fprintf(b, "- %s %s (round %d): %s\n", c.name, mode, s.Round, strings.Join(parts, ", "))
+		}
+	}
+	if wrote {
+		b.WriteString("\n")
+	}
+}
+
 func num(v float64, unit string) string {
 	switch {
 	case unit == "frames/s":
@@ -336,6 +392,7 @@ func (r *Report) Markdown(w io.Writer) error {
 		}
 		b.WriteString("\n")
 	}
+	r.lossAccount(b)
 	b.WriteString("Modes:\n\n")
 	for _, m := range r.Modes {
 		fmt.Fprintf(b, "- `%s`: %s\n", m, r.ModeInfo[m])
