@@ -118,6 +118,9 @@ func (d *Dataplane) get(id string) (*sandbox, error) {
 
 // AddEndpoint joins the endpoint's tap to its uplink (when it has one) through the datapath.
 func (d *Dataplane) AddEndpoint(ctx context.Context, ep control.Endpoint) error {
+	if ep.Mode == control.ModeDirect {
+		return d.AddDirect(ctx, ep, true)
+	}
 	if err := d.add(ep, true); err != nil {
 		return fmt.Errorf("add endpoint %s: %w", ep.NIC, err)
 	}
@@ -126,6 +129,9 @@ func (d *Dataplane) AddEndpoint(ctx context.Context, ep control.Endpoint) error 
 
 // UpdateEndpoint rewrites the endpoint's map entries (e.g. a new guest address) in place.
 func (d *Dataplane) UpdateEndpoint(ctx context.Context, ep control.Endpoint) error {
+	if ep.Mode == control.ModeDirect {
+		return d.AddDirect(ctx, ep, false)
+	}
 	if err := d.add(ep, false); err != nil {
 		return fmt.Errorf("update endpoint %s: %w", ep.NIC, err)
 	}
@@ -241,6 +247,9 @@ func (d *Dataplane) add(ep control.Endpoint, fresh bool) (err error) {
 // DelEndpoint detaches the endpoint's programs and removes its entries. Devices that are
 // already gone are not an error.
 func (d *Dataplane) DelEndpoint(ctx context.Context, ep control.Endpoint) error {
+	if ep.Mode == control.ModeDirect {
+		return d.DelDirect(ctx, ep)
+	}
 	sb, err := d.get(ep.Sandbox)
 	if err != nil {
 		return fmt.Errorf("del endpoint %s: %w", ep.NIC, err)
@@ -278,6 +287,9 @@ func (d *Dataplane) SetRoutes(ctx context.Context, id string, routes []control.R
 // Stats reads the endpoint's counters, summed over CPUs. Endpoints in tcfilter or macvtap mode
 // have no BPF counters: their Stats are link counters, marked with NoBPFCounters.
 func (d *Dataplane) Stats(ctx context.Context, ep control.Endpoint) (control.EndpointStats, error) {
+	if ep.Mode == control.ModeDirect {
+		return d.DirectStats(ctx, ep)
+	}
 	var out control.EndpointStats
 	sb, err := d.get(ep.Sandbox)
 	if err != nil {
@@ -315,7 +327,11 @@ func (d *Dataplane) Reconcile(ctx context.Context, s control.Sandbox, eps []cont
 	keep := map[uint32]bool{}
 	for _, ep := range eps {
 		keep[ep.Slot] = true
-		if err := d.add(ep, false); err != nil {
+		add := func() error { return d.add(ep, false) }
+		if ep.Mode == control.ModeDirect {
+			add = func() error { return d.AddDirect(ctx, ep, false) }
+		}
+		if err := add(); err != nil {
 			// A device that vanished while we were down is reported, not fatal: the rest
 			// of the sandbox must keep working.
 			d.log.Warn("reconcile endpoint", "sandbox", s.ID, "nic", ep.NIC, "err", err)

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
+	"github.com/kata-dp/kata-dp/control/netdev"
+)
+
+// tcxCount counts the TCX programs on dev's ingress and egress.
+func tcxCount(t *testing.T, nsPath, dev string) (in, out int) {
+	t.Helper()
+	err := netdev.InNetNS(nsPath, func() error {
+		l, err := netdev.LookupLink("", dev)
+		if err != nil {
+			return err
+		}
+		for _, x := range []struct {
+			at ebpf.AttachType
+			n  *int
+		}{{ebpf.AttachTCXIngress, &in}, {ebpf.AttachTCXEgress, &out}} {
+			res, err := link.QueryPrograms(link.QueryOptions{Target: l.Index, Attach: x.at})
+			if err != nil {
+				return err
+			}
+			*x.n = len(res.Programs)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return in, out
+}
+
+// TestE2EDirectQEMU: a direct-mode sandbox with a real QEMU guest, through the real CLI and
+// agent: the tap is created beside the uplink (no bridge, no veth pair into a sandbox netns),
+// the NIC is hot-plugged, a client behind the uplink reaches the VM (ping, TCP both ways)
+// through the node programs on the uplink and the sandbox's tap program, and removing the NIC
+// takes kata-dp's programs off the uplink while the host's own address there keeps working.
+func TestE2EDirectQEMU(t *testing.T) {
+	topo.RequireRoot(t, "runs QEMU and the BPF dataplane in namespaces")
+	host, client := topo.MustNetNS(t, "kdptx-h"), topo.MustNetNS(t, "kdptx-c")
+	for _, n := range []*topo.NetNS{host, client} {
+		n.DisableIPv6()
+	}
+	if _, err := host.Exec("ip", "link", "add", "up0", "type", "veth", "peer", "name", "cl0", "netns", client.Name()); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range [][]string{{"ip", "addr", "add", "10.77.0.254/24", "dev", "up0"}, {"ip", "link", "set", "up0", "up"}} {
+		if _, err := host.Exec(c...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range [][]string{{"ip", "addr", "add", "10.77.0.1/24", "dev", "cl0"}, {"ip", "link", "set", "cl0", "up"}} {
+		if _, err := client.Exec(c...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const mac = "02:42:0a:4d:00:02"
+	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: host.Path(), NetTable: map[string]string{mac: "10.77.0.2/24"}})
+
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "kata-dp.sock")
+	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptx-", 8))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	p := startAgentProcess(t, host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
+	waitAgent(t, sock, p)
+	a := &testAgent{sock: sock, ns: host}
+	a.check(t, "", []string{"sandbox", "add", sandboxID, "--mode", "direct", "--uplink", "up0", "--netns", host.Path(), "--qmp", g.QMPPath},
+		result{stdout: sandboxID + "\n"})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	from := g.Lines()
+	in := `{"device":"tapd0","name":"eth0","IPAddresses":[{"address":"10.77.0.2","mask":"24"}],"hwAddr":"` + mac + `","mtu":1500}`
+	if r := a.cli(t, in, "kata-network", "add-iface", "6ec7a98", "-"); r.code != 0 || !strings.Contains(r.stdout, `"pciAddr"`) {
+		t.Fatalf("add-iface: %+v\nagent:\n%s", r, p.stderr)
+	}
+	if _, err := g.WaitNICUp(ctx, from, mac); err != nil {
+		t.Fatalf("guest never saw the NIC: %v", err)
+	}
+	if in, out := tcxCount(t, host.Path(), "up0"); in != 1 || out != 1 {
+		t.Errorf("programs on the uplink: ingress %d, egress %d; want kata-dp's two", in, out)
+	}
+	if err := client.Ping("10.77.0.2", 3, 10*time.Second); err != nil {
+		t.Fatalf("client -> VM ping: %v\n%s", err, g.Log())
+	}
+	const size = 1 << 20
+	c, err := client.Dial("tcp", "10.77.0.2:9000", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "%d\n", size)
+	n, _ := io.Copy(io.Discard, c)
+	c.Close()
+	if n != size {
+		t.Errorf("VM -> client: %d bytes of %d", n, size)
+	}
+	c, err = client.Dial("tcp", "10.77.0.2:9001", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(c, io.LimitReader(zeros{}, size))
+	c.(*net.TCPConn).CloseWrite()
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	line, _ := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if got, _ := strconv.Atoi(strings.TrimSpace(line)); got != size {
+		t.Errorf("client -> VM: the VM counted %q bytes, want %d", line, size)
+	}
+	if err := client.Ping("10.77.0.254", 2, 5*time.Second); err != nil {
+		t.Errorf("the host's own address on the uplink: %v", err)
+	}
+	if st := a.cli(t, "", "status"); !strings.Contains(st.stdout, "direct") {
+		t.Errorf("status does not show direct mode:\n%s", st.stdout)
+	}
+
+	from = g.Lines()
+	a.check(t, in, []string{"kata-network", "del-iface", "6ec7a98", "-"}, result{stdout: "null\n"})
+	if err := g.WaitNICGone(ctx, from, mac); err != nil {
+		t.Errorf("guest still has the NIC: %v", err)
+	}
+	if _, err := host.Link("tapd0"); err == nil {
+		t.Error("tap survived del-iface")
+	}
+	if in, out := tcxCount(t, host.Path(), "up0"); in != 0 || out != 0 {
+		t.Errorf("programs left on the uplink: ingress %d, egress %d", in, out)
+	}
+	if err := client.Ping("10.77.0.254", 2, 5*time.Second); err != nil {
+		t.Errorf("the host's own address on the uplink after removal: %v", err)
+	}
+	a.check(t, "", []string{"sandbox", "del", "6ec7a98"}, result{})
+}
