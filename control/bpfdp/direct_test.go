@@ -873,27 +873,9 @@ func TestDirectBench(t *testing.T) {
 	row("UDP round trip p99, busy poll", func(s *sample) []float64 { return s.rtt99 }, "ns")
 }
 
-// directDispatch routes direct-mode endpoints of a bpfdp.Dataplane to its direct-mode
-// functions, as Dataplane itself does once it dispatches on the mode.
-type directDispatch struct{ *bpfdp.Dataplane }
-
-func (d directDispatch) AddEndpoint(ctx context.Context, ep control.Endpoint) error {
-	if ep.Mode == control.ModeDirect {
-		return d.AddDirect(ctx, ep, true)
-	}
-	return d.Dataplane.AddEndpoint(ctx, ep)
-}
-
-func (d directDispatch) DelEndpoint(ctx context.Context, ep control.Endpoint) error {
-	if ep.Mode == control.ModeDirect {
-		return d.DelDirect(ctx, ep)
-	}
-	return d.Dataplane.DelEndpoint(ctx, ep)
-}
-
-// TestDirectController takes a direct-mode sandbox through the control plane: sandbox add
-// with the uplink, add-iface creating the tap beside the uplink and joining it, a guest
-// behind it reaching the client, del-iface deleting the tap and taking the node programs off
+// TestDirectController takes a direct-mode sandbox through the control plane and the
+// Dataplane's mode dispatch: sandbox add with the uplink, add-iface creating the tap beside the
+// uplink and joining it, a guest behind it reaching the client, its counters, del-iface deleting the tap and taking the node programs off
 // the uplink, the host's own traffic untouched throughout.
 func TestDirectController(t *testing.T) {
 	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
@@ -920,7 +902,7 @@ func TestDirectController(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctrl, err := control.New(ctx, control.Config{Dataplane: directDispatch{dp}, Taps: control.NetdevTaps{}, Store: st})
+	ctrl, err := control.New(ctx, control.Config{Dataplane: dp, Taps: control.NetdevTaps{}, Store: st})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -959,6 +941,15 @@ func TestDirectController(t *testing.T) {
 	pingOK(t, guest, directClient)
 	pingOK(t, client, directAddrs[0].Addr().String())
 	b.Close()
+	// Stats dispatches to the direct-mode counters: both directions moved.
+	stats, err := dp.Stats(ctx, control.Endpoint{Sandbox: "dctl", NetNS: host.Path(), Slot: 0, NIC: "eth0", Tap: "tapdctl",
+		Uplink: "up0", MAC: directMACs[0], Addr: directAddrs[0], Mode: control.ModeDirect})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats.FromGuest.Packets == 0 || stats.ToGuest.Packets == 0 {
+		t.Errorf("counters did not move: %+v", stats)
+	}
 
 	if err := ctrl.DelIface(ctx, "dctl", added); err != nil {
 		t.Fatal(err)
