@@ -10,14 +10,16 @@ import (
 
 const sandboxUse = `
 Usage:
-  kata-dp sandbox add <id> --netns <path> [--qmp <socket>] [--uplink <dev>] [--mode tc|xdp|tcfilter|macvtap]
+  kata-dp sandbox add <id> --netns <path> [--qmp <socket>] [--uplink <dev>] [--mode tc|xdp|tcfilter|macvtap|direct]
                            [--anti-spoof=true|false] [--strict-egress=true|false]
   kata-dp sandbox del <id>
   kata-dp sandbox list
 
 Registers a sandbox with the agent (add), removes it with everything kata-dp created for it
 (del: endpoints, the taps kata-dp created, the datapath, the state), or lists them.
-<id> may be a unique prefix for del.
+<id> may be a unique prefix for del. With --mode direct the taps live beside --uplink (a host
+device: a veth toward a bridge or router, a NIC, a bond) in --netns, which defaults to the
+agent's own netns; BPF on the uplink steers frames by MAC straight into them (docs/direct.md).
 `
 
 func runSandbox(e *env, args []string) error {
