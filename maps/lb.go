@@ -666,17 +666,3 @@ func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 	}
 	return nil
 }
-
-// DeleteServiceSlots removes the master and slot entries of services of generation gen that
-// are known to the caller (no scan of the map).
-func (l LB) DeleteServiceSlots(gen uint8, specs []ServiceSpec, rev uint32) {
-	var keys []SvcKey
-	for _, s := range specs {
-		mk := svcKey(gen, s.VIP, s.Proto, 0)
-		keys = append(keys, mk)
-		for i := range s.Slots {
-			keys = append(keys, slotKey(mk, rev, uint32(i+1)))
-		}
-	}
-	l.batchDelete(l.Svc, keys)
-}

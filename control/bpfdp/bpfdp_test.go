@@ -276,24 +276,9 @@ func TestReloadUnderTraffic(t *testing.T) {
 		defer wg.Done()
 		tx, rx = ping(t, r.sb.Host, "-c", "1500", "-i", "0.001", "-W", "2", guestIP)
 	}()
-	reloads := 0
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
-loop:
-	for {
-		select {
-		case <-done:
-			break loop
-		default:
-		}
-		sb, err := loader.Open(r.root, "reload")
-		if err != nil {
-			t.Fatal(err)
-		}
-		sb.Close()
-		reloads++
-		time.Sleep(5 * time.Millisecond)
-	}
+	reloads := reloadUntil(t, r.root, "reload", done)
 	if reloads < 10 {
 		t.Errorf("only %d reloads during the flood", reloads)
 	}
@@ -328,5 +313,24 @@ func TestTeardown(t *testing.T) {
 	// Without the datapath the guest is cut off: proof the traffic really went through it.
 	if _, rx := ping(t, r.sb.Host, "-c", "2", "-i", "0.1", "-W", "1", r.sb.GuestAddr.Addr().String()); rx != 0 {
 		t.Errorf("guest still reachable with no datapath (%d replies)", rx)
+	}
+}
+
+// reloadUntil reopens sandbox id's collection (what an agent restart or upgrade does) every
+// 5 ms until done is closed, and returns how many times.
+func reloadUntil(t *testing.T, root, id string, done <-chan struct{}) int {
+	t.Helper()
+	for n := 0; ; n++ {
+		select {
+		case <-done:
+			return n
+		default:
+		}
+		sb, err := loader.Open(root, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sb.Close()
+		time.Sleep(5 * time.Millisecond)
 	}
 }

@@ -36,10 +36,6 @@ func serviceSpec(s ipvs.Service) (maps.ServiceSpec, error) {
 		return maps.ServiceSpec{}, err
 	}
 	spec := maps.ServiceSpec{VIP: s.Addr, Proto: uint8(s.Proto), ID: s.ID, Sched: sched, Persist: s.Persistent, PMask: s.Netmask}
-	weights := make([]int, len(s.Servers))
-	for i, d := range s.Servers {
-		weights[i] = d.Weight
-	}
 	ids := func(idx []int) []uint32 {
 		out := make([]uint32, len(idx))
 		for i, x := range idx {
@@ -49,17 +45,13 @@ func serviceSpec(s ipvs.Service) (maps.ServiceSpec, error) {
 		}
 		return out
 	}
-	switch sched {
-	case maps.SchedRR:
-		spec.Slots = ids(ipvs.RRSequence(weights))
-	case maps.SchedWRR:
-		spec.Slots = ids(ipvs.WRRSequence(weights))
-	case maps.SchedSH:
-		t := ipvs.HashTable(weights)
-		spec.Slots = ids(t[:])
-	case maps.SchedDH:
-		t := ipvs.DHTable(weights)
-		spec.Slots = ids(t[:])
+	// The stateless schedulers get their tables from the rule engine; the load-based ones
+	// scan the real servers in kernel order.
+	switch t := s.Tables(); {
+	case sched == maps.SchedRR || sched == maps.SchedWRR:
+		spec.Slots = ids(t.Sequence)
+	case t.Buckets != nil:
+		spec.Slots = ids(t.Buckets[:])
 	default:
 		spec.Slots = make([]uint32, len(s.Servers))
 		for i, d := range s.Servers {

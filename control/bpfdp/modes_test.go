@@ -561,22 +561,7 @@ func TestXDPReloadUnderTraffic(t *testing.T) {
 		defer close(done)
 		tx, rx = ping(t, r.sb.Host, "-c", "1500", "-i", "0.001", "-W", "2", guestIP)
 	}()
-	reloads := 0
-loop:
-	for {
-		select {
-		case <-done:
-			break loop
-		default:
-		}
-		sb, err := loader.Open(r.root, "xdpreload")
-		if err != nil {
-			t.Fatal(err)
-		}
-		sb.Close()
-		reloads++
-		time.Sleep(5 * time.Millisecond)
-	}
+	reloads := reloadUntil(t, r.root, "xdpreload", done)
 	if name, mode, _ := loader.XDPProgram(r.sb.NS.Path(), r.ep.Uplink); name != string(loader.ProgXDPUplink) || mode != "driver" {
 		t.Errorf("after reloads the uplink runs %q (%s)", name, mode)
 	}
