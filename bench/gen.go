@@ -105,19 +105,10 @@ func blast(ctx context.Context, nsPath, ifname string, cpu int, frame []byte, d 
 			msgs[i].Hdr.Iov = &iov
 			msgs[i].Hdr.SetIovlen(1)
 		}
-		deadline := time.Now().Add(d)
-		for i := 0; ; i++ {
-			if i%16 == 0 && (time.Now().After(deadline) || ctx.Err() != nil) {
-				break
-			}
-			n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&msgs[0])), sendBatch, 0, 0, 0)
-			switch errno {
-			case 0:
-				sent += uint64(n)
-			case unix.ENOBUFS, unix.EAGAIN, unix.EINTR:
-			default:
-				return fmt.Errorf("sendmmsg: %w", errno)
-			}
+		n, err := sendLoop(ctx, fd, msgs, d)
+		sent += n
+		if err != nil {
+			return err
 		}
 		runtime.KeepAlive(frame)
 		runtime.KeepAlive(&sa)
@@ -153,19 +144,10 @@ func blastUDP(ctx context.Context, nsPath string, cpu int, src, dst [4]byte, por
 			msgs[i].Hdr.Iov = &iov
 			msgs[i].Hdr.SetIovlen(1)
 		}
-		deadline := time.Now().Add(d)
-		for i := 0; ; i++ {
-			if i%16 == 0 && (time.Now().After(deadline) || ctx.Err() != nil) {
-				break
-			}
-			n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&msgs[0])), sendBatch, 0, 0, 0)
-			switch errno {
-			case 0:
-				sent += uint64(n)
-			case unix.ENOBUFS, unix.EAGAIN, unix.EINTR:
-			default:
-				return fmt.Errorf("sendmmsg: %w", errno)
-			}
+		n, err := sendLoop(ctx, fd, msgs, d)
+		sent += n
+		if err != nil {
+			return err
 		}
 		runtime.KeepAlive(buf)
 		return nil
@@ -277,4 +259,23 @@ func pingPong(ctx context.Context, nsPath string, cpu int, src, dst [4]byte, por
 	}
 	slices.Sort(rtts)
 	return latency{p50: rtts[len(rtts)/2], p99: rtts[len(rtts)*99/100], lost: lost, cpuNS: cpuNS}, nil
+}
+
+// sendLoop calls sendmmsg with msgs on fd as fast as it can for d (or until ctx ends) and
+// returns how many datagrams the kernel took; a full queue (ENOBUFS, EAGAIN) is not an error.
+func sendLoop(ctx context.Context, fd int, msgs []unix.Mmsghdr, d time.Duration) (sent uint64, err error) {
+	deadline := time.Now().Add(d)
+	for i := 0; ; i++ {
+		if i%16 == 0 && (time.Now().After(deadline) || ctx.Err() != nil) {
+			return sent, nil
+		}
+		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), 0, 0, 0)
+		switch errno {
+		case 0:
+			sent += uint64(n)
+		case unix.ENOBUFS, unix.EAGAIN, unix.EINTR:
+		default:
+			return sent, fmt.Errorf("sendmmsg: %w", errno)
+		}
+	}
 }
