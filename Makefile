@@ -1,17 +1,51 @@
 # kata-dp. Everything needs root except build, generate and lint.
 GO      ?= go
-BIN     ?= bin/kata-dp
+OUT     ?= bin
+BIN     ?= $(OUT)/kata-dp
 PKGS    ?= ./...
+# The version both binaries carry (kata-dp version, kata-dp --version, kata_dp_agent_info).
+VERSION ?= $(shell git describe --always --dirty --tags 2>/dev/null || echo dev)
+LDFLAGS ?= -X main.version=$(VERSION)
+# make install: DESTDIR is prepended to every path; the paths themselves are what the
+# installed files refer to (the unit's ExecStart is $(BINDIR)/kata-dp).
+PREFIX      ?= /usr/local
+BINDIR      ?= $(PREFIX)/bin
+CNI_BIN_DIR ?= /opt/cni/bin
+SYSCONFDIR  ?= /etc
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+DATADIR     ?= $(PREFIX)/share
 # Long benchmarks stay out of `make test`; `make bench` runs the standard set.
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build generate check-generate test unit lint bench demo guest headers clean
+.PHONY: all build install uninstall generate check-generate test unit lint bench demo guest headers clean
 
 all: build
 
 build:
-	$(GO) build -o $(BIN) ./cmd/kata-dp
-	$(GO) build -o bin/kata-dp-cni ./cmd/kata-dp-cni
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/kata-dp
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(OUT)/kata-dp-cni ./cmd/kata-dp-cni
+
+# Installs the agent and CLI, the CNI plugin, the systemd unit and the
+# shell completions (docs/install.md).
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(CNI_BIN_DIR) $(DESTDIR)$(UNITDIR) \
+		$(DESTDIR)$(DATADIR)/bash-completion/completions $(DESTDIR)$(DATADIR)/zsh/vendor-completions \
+		$(DESTDIR)$(DATADIR)/fish/vendor_completions.d
+	install -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/kata-dp
+	install -m 0755 $(OUT)/kata-dp-cni $(DESTDIR)$(CNI_BIN_DIR)/kata-dp-cni
+	sed -e 's|/usr/local/bin/kata-dp|$(BINDIR)/kata-dp|g' -e 's|/etc/kata-dp/|$(SYSCONFDIR)/kata-dp/|g' \
+		deploy/systemd/kata-dp.service > $(DESTDIR)$(UNITDIR)/kata-dp.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/kata-dp.service
+	$(BIN) completion bash > $(DESTDIR)$(DATADIR)/bash-completion/completions/kata-dp
+	$(BIN) completion zsh > $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_kata-dp
+	$(BIN) completion fish > $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/kata-dp.fish
+
+# Removes what install put there. It does not touch
+# the datapath: docs/install.md says how to remove the sandboxes first.
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/kata-dp $(DESTDIR)$(CNI_BIN_DIR)/kata-dp-cni $(DESTDIR)$(UNITDIR)/kata-dp.service \
+		$(DESTDIR)$(DATADIR)/bash-completion/completions/kata-dp $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_kata-dp \
+		$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/kata-dp.fish
 
 # Recompile the BPF object(s) with the pinned clang + vendored headers. The outputs are
 # committed; CI checks that this reproduces them byte for byte.

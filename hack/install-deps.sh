@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$PATH
-pkgs=(clang llvm iproute2 iputils-ping ethtool busybox-static qemu-system-x86 make git ca-certificates)
+# systemd: systemd-analyze verify checks the unit; zsh, fish: the completion scripts are parsed.
+pkgs=(clang llvm iproute2 iputils-ping ethtool busybox-static qemu-system-x86 make git ca-certificates systemd zsh fish)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,9 @@
 package main
 
 import (
+	"fmt"
+	"os"
+
 	"github.com/containernetworking/cni/pkg/skel"
 
 	"github.com/kata-dp/kata-dp/control/cni"
@@ -13,6 +16,12 @@ import (
 var version = "dev"
 
 func main() {
+	// A CNI runtime passes no arguments (it talks through CNI_* variables and stdin); an
+	// operator checking what is installed asks with --version.
+	if len(os.Args) == 2 && os.Args[1] == "--version" {
+		fmt.Printf("kata-dp-cni %s\n", version)
+		return
+	}
 	p := &cni.Plugin{}
 	skel.PluginMainFuncs(p.Funcs(), cni.VersionInfo(), "kata-dp-cni "+version+": joins a Kata VM's tap to the container interface with kata-dp's BPF datapath")
 }

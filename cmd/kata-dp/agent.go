@@ -23,6 +23,7 @@ type agentOptions struct {
 	bpffsRoot   string
 	metricsAddr string
 	logLevel    string
+	logFormat   string
 	log         *slog.Logger
 }
 
@@ -42,6 +43,7 @@ func runAgent(e *env, args []string) error {
 	fs.StringVar(&o.bpffsRoot, "bpffs-root", "/sys/fs/bpf/kata-dp", "bpffs directory of the pinned datapath")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this HOST:PORT (off when empty)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text (logfmt) or json (one object a line, for log collectors)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -52,7 +54,15 @@ func runAgent(e *env, args []string) error {
 	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
 		return fmt.Errorf("agent: --log-level: %w", err)
 	}
-	o.log = slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: level}))
+	hopts := &slog.HandlerOptions{Level: level}
+	switch o.logFormat {
+	case "text":
+		o.log = slog.New(slog.NewTextHandler(e.stderr, hopts))
+	case "json":
+		o.log = slog.New(slog.NewJSONHandler(e.stderr, hopts))
+	default:
+		return fmt.Errorf("agent: --log-format %q: want text or json", o.logFormat)
+	}
 	return agent(e, o)
 }
 
@@ -130,6 +140,9 @@ func agent(e *env, o agentOptions) (err error) {
 		log.Info("serving metrics", "addr", ml.Addr().String())
 	}
 	log.Info("agent started", "version", version, "socket", o.socket, "state", o.stateDir, "sandboxes", len(ctrl.Sandboxes()))
+	if nerr := sdNotify(e.getenv, fmt.Sprintf("READY=1\nSTATUS=serving %s, %d sandboxes", o.socket, len(ctrl.Sandboxes()))); nerr != nil {
+		log.Warn("cannot tell systemd the agent is ready", "err", nerr)
+	}
 	if e.ready != nil {
 		e.ready()
 	}
@@ -138,6 +151,9 @@ func agent(e *env, o agentOptions) (err error) {
 		log.Info("agent stopping; the datapath keeps forwarding")
 	case err = <-errc:
 		log.Error("agent failed", "err", err)
+	}
+	if nerr := sdNotify(e.getenv, "STOPPING=1"); nerr != nil {
+		log.Warn("cannot tell systemd the agent is stopping", "err", nerr)
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

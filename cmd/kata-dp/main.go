@@ -17,6 +17,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/spf13/pflag"
 )
@@ -37,6 +38,9 @@ type env struct {
 	newDeps func(ctx context.Context, o agentOptions) (agentDeps, error)
 	// ready, when set, is called by the agent once it serves (tests).
 	ready func()
+	// onFlagSet, when set, sees every FlagSet a subcommand makes: `kata-dp completion` reads
+	// the flags from it, so the scripts come from the same definitions the commands parse.
+	onFlagSet func(*pflag.FlagSet)
 }
 
 func main() {
@@ -57,17 +61,28 @@ func (e *env) main() int {
 	return 0
 }
 
-var commands = []struct {
+// command is one subcommand: the one table that run, usage and the completion scripts read.
+type command struct {
 	name, help string
 	run        func(e *env, args []string) error
-}{
-	{"agent", "run the node agent (the only process that changes state)", runAgent},
-	{"sandbox", "register, remove and list sandboxes", runSandbox},
-	{"kata-network", "manage the interfaces and routes of a sandbox (drop-in for kata-runtime kata-network)", runKataNetwork},
-	{"kata-ipvs", "manage the load balancer of a sandbox (drop-in for kata-runtime kata-ipvs)", runKataIPVS},
-	{"status", "show sandboxes, endpoints, modes and counters", runStatus},
-	{"bench", "benchmark the dataplane modes against Kata's tc mirred (see --help)", runBench},
-	{"version", "show the version and the kernel features found", runVersion},
+	// words are what the first argument after the command may be (completion).
+	words []string
+}
+
+var commands []command
+
+func init() {
+	// Set in init: runCompletion reads the table.
+	commands = []command{
+		{"agent", "run the node agent (the only process that changes state)", runAgent, nil},
+		{"sandbox", "register, remove and list sandboxes", runSandbox, []string{"add", "del", "list"}},
+		{"kata-network", "manage the interfaces and routes of a sandbox (drop-in for kata-runtime kata-network)", runKataNetwork, control.Ops},
+		{"kata-ipvs", "manage the load balancer of a sandbox (drop-in for kata-runtime kata-ipvs)", runKataIPVS, []string{"ipvsadm", "cleanup"}},
+		{"status", "show sandboxes, endpoints, modes and counters", runStatus, nil},
+		{"bench", "benchmark the dataplane modes against Kata's tc mirred (see --help)", runBench, nil},
+		{"version", "show the version and the kernel features found", runVersion, nil},
+		{"completion", "print a shell completion script: bash, zsh or fish", runCompletion, []string{"bash", "zsh", "fish"}},
+	}
 }
 
 const topUsage = `kata-dp: the eBPF dataplane of VM-based sandboxes
@@ -84,7 +99,7 @@ func usage(w io.Writer) {
 		fmt.Fprintf(w, "  %-13s %s\n", c.name, c.help)
 	}
 	fmt.Fprintf(w, "\nClient commands talk to the agent's socket: --socket PATH, or $%s, or %s.\n", api.SocketEnv, api.DefaultSocket)
-	fmt.Fprint(w, "Run 'kata-dp <command> --help' for a command's options.\n")
+	fmt.Fprint(w, "Run 'kata-dp <command> --help' for a command's options; 'kata-dp --version' prints the version.\n")
 }
 
 func run(e *env) error {
@@ -95,6 +110,10 @@ func run(e *env) error {
 	name := e.args[0]
 	if name == "help" || name == "-h" || name == "--help" {
 		usage(e.stdout)
+		return nil
+	}
+	if name == "--version" {
+		fmt.Fprintf(e.stdout, "kata-dp %s\n", version)
 		return nil
 	}
 	for _, c := range commands {
@@ -113,6 +132,9 @@ func run(e *env) error {
 func (e *env) flagSet(name, use string) *pflag.FlagSet {
 	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
 	fs.SetOutput(e.stderr)
+	if e.onFlagSet != nil {
+		e.onFlagSet(fs)
+	}
 	fs.Usage = func() {
 		fmt.Fprint(e.stdout, strings.TrimLeft(use, "\n"))
 		if fs.HasFlags() {
