@@ -25,10 +25,10 @@ build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/kata-dp
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(OUT)/kata-dp-cni ./cmd/kata-dp-cni
 
-# Installs the agent and CLI, the CNI plugin, the systemd unit and the
-# shell completions (docs/install.md).
+# Installs the agent and CLI, the CNI plugin, the systemd unit, the default config file (kept
+# when one is there: it is the operator's) and the shell completions (docs/install.md).
 install: build
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(CNI_BIN_DIR) $(DESTDIR)$(UNITDIR) \
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(CNI_BIN_DIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/kata-dp \
 		$(DESTDIR)$(DATADIR)/bash-completion/completions $(DESTDIR)$(DATADIR)/zsh/vendor-completions \
 		$(DESTDIR)$(DATADIR)/fish/vendor_completions.d
 	install -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/kata-dp
@@ -36,11 +36,12 @@ install: build
 	sed -e 's|/usr/local/bin/kata-dp|$(BINDIR)/kata-dp|g' -e 's|/etc/kata-dp/|$(SYSCONFDIR)/kata-dp/|g' \
 		deploy/systemd/kata-dp.service > $(DESTDIR)$(UNITDIR)/kata-dp.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/kata-dp.service
+	test -e $(DESTDIR)$(SYSCONFDIR)/kata-dp/config.yaml || install -m 0644 deploy/config.yaml $(DESTDIR)$(SYSCONFDIR)/kata-dp/config.yaml
 	$(BIN) completion bash > $(DESTDIR)$(DATADIR)/bash-completion/completions/kata-dp
 	$(BIN) completion zsh > $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_kata-dp
 	$(BIN) completion fish > $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/kata-dp.fish
 
-# Removes what install put there. It does not touch
+# Removes what install put there except the config file (the operator's). It does not touch
 # the datapath: docs/install.md says how to remove the sandboxes first.
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/kata-dp $(DESTDIR)$(CNI_BIN_DIR)/kata-dp-cni $(DESTDIR)$(UNITDIR)/kata-dp.service \

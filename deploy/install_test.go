@@ -48,6 +48,7 @@ func TestMakeInstall(t *testing.T) {
 		"usr/local/bin/kata-dp",
 		"opt/cni/bin/kata-dp-cni",
 		"usr/local/lib/systemd/system/kata-dp.service",
+		"etc/kata-dp/config.yaml",
 		"usr/local/share/bash-completion/completions/kata-dp",
 		"usr/local/share/zsh/vendor-completions/_kata-dp",
 		"usr/local/share/fish/vendor_completions.d/kata-dp.fish",
@@ -63,12 +64,24 @@ func TestMakeInstall(t *testing.T) {
 		t.Errorf("kata-dp-cni --version = %q, want %q", got, "kata-dp-cni "+want)
 	}
 	run(t, dest, "bash", "-n", filepath.Join(dest, "usr/local/share/bash-completion/completions/kata-dp"))
+	cfg := filepath.Join(dest, "etc/kata-dp/config.yaml")
+	if got := run(t, dest, filepath.Join(dest, "usr/local/bin/kata-dp"), "agent", "--config", cfg, "--print-config"); !strings.Contains(got, "socket: /run/kata-dp/kata-dp.sock # default") {
+		t.Errorf("installed config: --print-config:\n%s", got)
+	}
+	// A second install keeps the operator's config.
+	if err := os.WriteFile(cfg, []byte("log-level: debug\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run(t, root, "make", "--no-print-directory", "install", "DESTDIR="+dest, "OUT="+out, "GO="+goTool(t))
+	if b, _ := os.ReadFile(cfg); string(b) != "log-level: debug\n" {
+		t.Errorf("make install replaced the existing config: %q", b)
+	}
 
 	unit, err := os.ReadFile(filepath.Join(dest, "usr/local/lib/systemd/system/kata-dp.service"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(unit), "\nExecStart=/usr/local/bin/kata-dp agent") {
+	if !strings.Contains(string(unit), "\nExecStart=/usr/local/bin/kata-dp agent --config /etc/kata-dp/config.yaml\n") {
 		t.Errorf("installed unit's ExecStart is not the installed binary:\n%s", unit)
 	}
 	verifyUnit(t, strings.ReplaceAll(string(unit), "/usr/local/bin/kata-dp", filepath.Join(dest, "usr/local/bin/kata-dp")))

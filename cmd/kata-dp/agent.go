@@ -14,6 +14,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/store"
+	"github.com/spf13/pflag"
 )
 
 // agentOptions are the agent's flags.
@@ -32,12 +33,25 @@ Usage: kata-dp agent [options]
 
 Runs the node agent: serves the API on a unix socket (root only), keeps the state under
 --state-dir, re-adopts the pinned datapath of every saved sandbox on start, and leaves the
-datapath forwarding when it stops (SIGTERM, SIGINT).
+datapath forwarding when it stops (SIGTERM, SIGINT). Under systemd (deploy/systemd) it tells
+the service manager when it serves (Type=notify).
+
+Every option can be set in the config file (default ` + DefaultConfig + `, read when it
+exists): a YAML mapping with the option names as keys. Options given here override the file;
+an unknown key or a bad value stops the agent with the file, line and key named.
+
+Examples:
+  kata-dp agent
+  kata-dp agent --config /etc/kata-dp/config.yaml --metrics-addr 127.0.0.1:9464
+  kata-dp agent --print-config          # the effective values and where each comes from
+  kata-dp agent --log-format json --log-level debug
 `
 
 func runAgent(e *env, args []string) error {
 	fs := e.flagSet("agent", agentUse)
 	o := agentOptions{}
+	config := fs.String("config", DefaultConfig, `config file (YAML; "" reads none)`)
+	print := fs.Bool("print-config", false, "print the effective configuration (YAML, with each value's source) and exit")
 	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "API socket path")
 	fs.StringVar(&o.stateDir, "state-dir", store.DefaultDir, "state directory")
 	fs.StringVar(&o.bpffsRoot, "bpffs-root", "/sys/fs/bpf/kata-dp", "bpffs directory of the pinned datapath")
@@ -49,6 +63,24 @@ func runAgent(e *env, args []string) error {
 	}
 	if fs.NArg() != 0 {
 		return fmt.Errorf("agent: unexpected arguments %q", fs.Args())
+	}
+	var bad error
+	fs.Visit(func(f *pflag.Flag) {
+		if c := agentChecks[f.Name]; c != nil && bad == nil {
+			if err := c(f.Value.String()); err != nil {
+				bad = fmt.Errorf("agent: --%s %q: %w", f.Name, f.Value.String(), err)
+			}
+		}
+	})
+	if bad != nil {
+		return bad
+	}
+	src, err := loadConfig(fs, *config, fs.Changed("config"), agentChecks)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	if *print {
+		return printConfig(e.stdout, fs, src, *config)
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
