@@ -29,6 +29,9 @@ type agentDeps struct {
 // newAgentDeps builds the real parts: the BPF dataplane (pins under --bpffs-root), the QMP
 // hot-plugger and the netlink tap manager.
 func newAgentDeps(_ context.Context, o agentOptions) (agentDeps, error) {
+	if err := checkKernel(o.log); err != nil {
+		return agentDeps{}, err
+	}
 	dp, err := bpfdp.New(o.bpffsRoot)
 	if err != nil {
 		return agentDeps{}, err

@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/kata-dp/kata-dp/loader"
@@ -15,23 +18,48 @@ const sweepInterval = time.Second
 const xdpWatchInterval = 2 * time.Second
 
 func init() {
-	probeFeatures = func(context.Context) ([]Feature, error) {
+	probeFeatures = func(context.Context) (kernelReport, error) {
 		f, err := loader.Probe()
 		if err != nil {
-			return nil, err
+			return kernelReport{}, err
 		}
-		fallback := func(ok bool, detail string) string {
-			if ok {
-				return ""
-			}
-			return detail
-		}
-		return []Feature{
-			{Name: "tcx", Supported: f.TCX, Detail: fallback(f.TCX, "clsact + bpf filter fallback")},
-			{Name: "sched_cls", Supported: f.SchedCLS},
-			{Name: "xdp", Supported: f.XDP, Detail: fallback(f.XDP, "xdp mode falls back to tc")},
-			{Name: "lpm_trie", Supported: f.LPMTrie},
-			{Name: "devmap", Supported: f.DevMap},
-		}, nil
+		return reportOf(f), nil
 	}
+}
+
+// reportOf turns the loader's probe into what `kata-dp version` prints.
+func reportOf(f loader.Features) kernelReport {
+	var r kernelReport
+	for _, c := range f.Checks {
+		r.Features = append(r.Features, Feature{Name: c.Name, Supported: c.Supported, Fallback: c.Fallback, UsedBy: c.Objects})
+	}
+	for _, m := range loader.Modes {
+		mr := ModeReport{Mode: m, Missing: []string{}}
+		for _, c := range f.Missing(m) {
+			mr.Missing = append(mr.Missing, c.Name)
+		}
+		mr.OK = len(mr.Missing) == 0
+		r.Modes = append(r.Modes, mr)
+	}
+	return r
+}
+
+// checkKernel runs when the real agent starts: it logs the kernel features and the modes
+// that cannot run, and loads the datapath once (unpinned, then closed) so that a verifier
+// refusal stops the agent at once with the verifier's last lines, not at the first sandbox.
+func checkKernel(log *slog.Logger) error {
+	f, err := loader.Probe()
+	if err != nil {
+		return fmt.Errorf("probe kernel features: %w", err)
+	}
+	log.Info("kernel features", "probe", f.String())
+	for _, m := range reportOf(f).Modes {
+		if !m.OK {
+			log.Warn("dataplane mode cannot run on this kernel", "mode", m.Mode, "missing", strings.Join(m.Missing, ", "))
+		}
+	}
+	if err := loader.CheckLoad(); err != nil {
+		return fmt.Errorf("the datapath does not load on this kernel (kata-dp version lists what it lacks): %w", err)
+	}
+	return nil
 }

@@ -1,0 +1,54 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/kata-dp/kata-dp/loader"
+)
+
+// TestVersionReport: `kata-dp version` (text and -o json) lists the probed features and every
+// mode; with no agent it says so (and how to start it) instead of failing.
+func TestVersionReport(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the feature probe loads BPF programs")
+	}
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	got := runCLI("version", "-o", "json", "--socket", sock)
+	if got.code != 0 {
+		t.Fatalf("version -o json: %+v", got)
+	}
+	var r versionReport
+	dec := json.NewDecoder(strings.NewReader(got.stdout))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&r); err != nil {
+		t.Fatalf("version -o json: %v\n%s", err, got.stdout)
+	}
+	if r.Version != version || r.Agent != "" || !strings.Contains(r.AgentError, sock) || r.Kernel == "" || r.FeatureError != "" {
+		t.Errorf("version -o json: %+v", r)
+	}
+	if len(r.Modes) != len(loader.Modes) {
+		t.Errorf("modes: %+v", r.Modes)
+	}
+	names := map[string]bool{}
+	for _, f := range r.Features {
+		names[f.Name] = f.Supported
+	}
+	for _, want := range []string{"helper bpf_loop (sched_cls)", "helper bpf_xdp_load_bytes (xdp)", "map lpm_trie", "map devmap_hash", "program xdp", "link tcx"} {
+		if !names[want] {
+			t.Errorf("feature %q missing or unsupported: %v", want, names)
+		}
+	}
+	text := runCLI("version", "--socket", sock)
+	for _, want := range []string{"kata-dp " + version + "\n", "agent: not reachable (", "kernel features:\n", "  helper bpf_loop (xdp)", "modes:\n  tc  ", "  direct    ok\n"} {
+		if !strings.Contains(text.stdout, want) {
+			t.Errorf("version text lacks %q:\n%s", want, text.stdout)
+		}
+	}
+	if got := runCLI("version", "-o", "yaml"); got.code != 1 || !strings.Contains(got.stderr, `--output "yaml": want text or json`) {
+		t.Errorf("version -o yaml: %+v", got)
+	}
+}
