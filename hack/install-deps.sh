@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$PATH
 # systemd: systemd-analyze verify checks the unit; zsh, fish: the completion scripts are parsed.
-pkgs=(clang llvm iproute2 iputils-ping ethtool busybox-static qemu-system-x86 make git ca-certificates systemd zsh fish)
+# dpdk-dev: dpdk-testpmd, the vhost-user switch of the vhost-user end-to-end tests.
+pkgs=(clang llvm iproute2 iputils-ping ethtool busybox-static qemu-system-x86 dpdk-dev make git ca-certificates systemd zsh fish)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

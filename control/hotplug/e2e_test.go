@@ -151,6 +151,9 @@ func TestE2EHotplugRealGuest(t *testing.T) {
 	g := guesttest.Boot(t, guesttest.GuestConfig{
 		NetNS:    nsPath,
 		NetTable: map[string]string{mac0: "172.16.0.3/16", mac1: "172.17.0.3/16"},
+		// The guest pings the host too: traffic the guest starts (kdp.ping, used by the
+		// guest-to-guest vhost-user test) works.
+		KernelArgs: []string{"kdp.ping=172.16.0.1"},
 	})
 	t.Logf("guest ready after %v", time.Since(start).Round(time.Millisecond))
 	c := g.QMP()
@@ -177,6 +180,9 @@ func TestE2EHotplugRealGuest(t *testing.T) {
 	t.Logf("eth-test plugged in %v, up in the guest as %s after %v", plugTook.Round(time.Microsecond), ifn, time.Since(t0).Round(time.Millisecond))
 	ping(t, ns, "172.16.0.3")
 	tcpExchange(t, nsPath, "172.16.0.3", 1<<20)
+	if _, err := g.WaitFor(ctx, 0, "KDP-PING-OK 172.16.0.1"); err != nil {
+		t.Errorf("guest pinging the host: %v (a guest built before kdp.ping existed: make guest)", err)
+	}
 
 	// A single-queue NIC next to it.
 	from = g.Lines()

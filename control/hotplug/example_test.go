@@ -22,8 +22,15 @@ func Example() {
 		fmt.Println(err)
 		return
 	}
-	pciAddr, err := hotplug.Plug(ctx, vm, hotplug.NIC{ID: "eth-test", MAC: "02:42:20:6f:a3:69", Queues: 5, Fds: fds})
-	for _, f := range fds {
+	// vhost-net where the host has it: one /dev/vhost-net file per queue (none when off).
+	vhostFds, vhost, err := hotplug.OpenVhost(hotplug.VhostAuto, 5, nil)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	fmt.Println("vhost", vhost.Reason) // e.g. "on: /dev/vhost-net opened"
+	pciAddr, err := hotplug.Plug(ctx, vm, hotplug.NIC{ID: "eth-test", MAC: "02:42:20:6f:a3:69", Queues: 5, Fds: fds, VhostFds: vhostFds})
+	for _, f := range append(fds, vhostFds...) {
 		f.Close() // QEMU holds its own copies now (or nothing, after a failure)
 	}
 	if err != nil {
@@ -34,5 +41,25 @@ func Example() {
 
 	if err := hotplug.Unplug(ctx, vm, "eth-test", 5*time.Second); err != nil {
 		fmt.Println(err) // ErrUnplugTimeout: still plugged, call Unplug again later
+	}
+}
+
+// Plugging the user guide's vhost-user NIC (an OVS-DPDK port) into a VM whose memory is
+// shared, and taking it out again.
+func ExamplePlugVhostUser() {
+	ctx := context.Background()
+	vm := qmp.New("/run/vc/vm/6ec7a98/qmp.sock")
+	defer vm.Close()
+	pciAddr, err := hotplug.PlugVhostUser(ctx, vm, hotplug.VhostUserNIC{
+		ID: "eth-test", MAC: "02:42:20:6f:a3:69", Queues: 5,
+		Socket: "/usr/local/var/run/openvswitch/vhost-user1",
+	})
+	if err != nil {
+		fmt.Println(err) // e.g. ErrNotShared, ErrSocketInUse, or the switch not listening
+		return
+	}
+	fmt.Println("pciAddr", pciAddr)
+	if err := hotplug.UnplugVhostUser(ctx, vm, "eth-test", 5*time.Second); err != nil {
+		fmt.Println(err)
 	}
 }

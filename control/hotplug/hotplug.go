@@ -46,26 +46,21 @@ type NIC struct {
 	Fds []*os.File
 	// Ifname names a tap QEMU opens itself, when Fds is empty.
 	Ifname string
+	// VhostFds, when set, are open /dev/vhost-net files, one per queue (see OpenVhost): the
+	// netdev then gets vhost=on with them, and the kernel moves the queues' frames instead
+	// of QEMU's main loop. Only with Fds; Plug does not close them either.
+	VhostFds []*os.File
 }
 
 // NetdevID is the id of the netdev backing the device with the given id.
 func NetdevID(id string) string { return id + "-netdev" }
 
-func fdName(id string, i int) string { return fmt.Sprintf("%s-fd%d", id, i) }
-
 var idRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_.-]{0,56}$`)
 
 // validate checks nic and returns its queue count.
 func (nic NIC) validate() (int, error) {
-	if !idRE.MatchString(nic.ID) {
-		return 0, fmt.Errorf("%w: id %q: want a letter then letters, digits, '-', '.', '_' (at most 57)", ErrInvalid, nic.ID)
-	}
-	hw, err := net.ParseMAC(nic.MAC)
-	if err != nil || len(hw) != 6 {
-		return 0, fmt.Errorf("%w: mac %q: not an ethernet address", ErrInvalid, nic.MAC)
-	}
-	if hw[0]&1 != 0 {
-		return 0, fmt.Errorf("%w: mac %q: multicast", ErrInvalid, nic.MAC)
+	if err := validateIDMAC(nic.ID, nic.MAC); err != nil {
+		return 0, err
 	}
 	if (len(nic.Fds) == 0) == (nic.Ifname == "") {
 		return 0, fmt.Errorf("%w: %s: want either fds or ifname", ErrInvalid, nic.ID)
@@ -85,7 +80,29 @@ func (nic NIC) validate() (int, error) {
 	if len(nic.Fds) > 0 && len(nic.Fds) != q {
 		return 0, fmt.Errorf("%w: %s: %d fds for %d queues", ErrInvalid, nic.ID, len(nic.Fds), q)
 	}
+	if len(nic.VhostFds) > 0 && len(nic.VhostFds) != len(nic.Fds) {
+		return 0, fmt.Errorf("%w: %s: %d vhost fds for %d tap fds (want one per queue)", ErrInvalid, nic.ID, len(nic.VhostFds), len(nic.Fds))
+	}
+	for i, f := range nic.VhostFds {
+		if f == nil {
+			return 0, fmt.Errorf("%w: %s: vhost fd %d is nil", ErrInvalid, nic.ID, i)
+		}
+	}
 	return q, nil
+}
+
+func validateIDMAC(id, mac string) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("%w: id %q: want a letter then letters, digits, '-', '.', '_' (at most 57)", ErrInvalid, id)
+	}
+	hw, err := net.ParseMAC(mac)
+	if err != nil || len(hw) != 6 {
+		return fmt.Errorf("%w: mac %q: not an ethernet address", ErrInvalid, mac)
+	}
+	if hw[0]&1 != 0 {
+		return fmt.Errorf("%w: mac %q: multicast", ErrInvalid, mac)
+	}
+	return nil
 }
 
 // Plug hot-plugs nic into the VM behind c and returns its PCI path in the kata-network form,
@@ -96,59 +113,35 @@ func Plug(ctx context.Context, c *qmp.Client, nic NIC) (pciAddr string, err erro
 		return "", err
 	}
 	defer c.LockSequence()()
-	log := slog.With("nic", nic.ID, "qmp", c.Path())
-
-	var undo []func(context.Context) error
-	defer func() {
-		if err == nil {
-			return
-		}
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), RollbackTimeout)
-		defer cancel()
-		for i := len(undo) - 1; i >= 0; i-- {
-			uerr := undo[i](rctx)
-			if errors.Is(uerr, qmp.ErrUnavailable) {
-				// QEMU is gone, and with it everything there was to undo.
-				log.Warn("hotplug rollback skipped: monitor unavailable", "err", uerr)
-				break
-			}
-			if uerr != nil {
-				log.Warn("hotplug rollback step failed", "err", uerr)
-				err = errors.Join(err, fmt.Errorf("rollback: %w", uerr))
-			}
-		}
-	}()
+	var undo undoList
+	defer undo.onError(ctx, c, nic.ID, &err)
 
 	slot, err := freeSlot(ctx, c)
 	if err != nil {
 		return "", fmt.Errorf("plug %s: %w", nic.ID, err)
 	}
 
-	netdev := map[string]any{"type": "tap", "id": NetdevID(nic.ID), "vhost": false}
+	netdev := map[string]any{"type": "tap", "id": NetdevID(nic.ID), "vhost": len(nic.VhostFds) > 0}
 	if len(nic.Fds) > 0 {
-		var names []string
-		for i, f := range nic.Fds {
-			name := fdName(nic.ID, i)
-			err := c.GetFD(ctx, name, f)
-			if mayHaveRun(err) {
-				undo = append(undo, func(ctx context.Context) error {
-					// netdev_add may have consumed the fd already; that is fine.
-					_, err := c.Execute(ctx, "closefd", map[string]string{"fdname": name})
-					if isNotFound(err) {
-						return nil
-					}
-					return err
-				})
-			}
-			if err != nil {
-				return "", fmt.Errorf("plug %s: pass fd %d: %w", nic.ID, i, err)
-			}
-			names = append(names, name)
+		names, err := passFDs(ctx, c, &undo, nic.ID, "fd", nic.Fds)
+		if err != nil {
+			return "", err
 		}
+		vnames, err := passFDs(ctx, c, &undo, nic.ID, "vhostfd", nic.VhostFds)
+		if err != nil {
+			return "", err
+		}
+		// QEMU takes one fd as fd/vhostfd and several as fds/vhostfds, never a mix.
 		if len(names) == 1 {
 			netdev["fd"] = names[0]
+			if len(vnames) == 1 {
+				netdev["vhostfd"] = vnames[0]
+			}
 		} else {
 			netdev["fds"] = strings.Join(names, ":")
+			if len(vnames) > 0 {
+				netdev["vhostfds"] = strings.Join(vnames, ":")
+			}
 		}
 	} else {
 		netdev["ifname"] = nic.Ifname
@@ -158,10 +151,70 @@ func Plug(ctx context.Context, c *qmp.Client, nic NIC) (pciAddr string, err erro
 			netdev["queues"] = queues
 		}
 	}
-	_, err = c.Execute(ctx, "netdev_add", netdev)
+	if err := addNetdev(ctx, c, &undo, nic.ID, netdev); err != nil {
+		return "", err
+	}
+	return addDevice(ctx, c, &undo, nic.ID, nic.MAC, queues, slot)
+}
+
+// undoList collects the steps that undo what a plug did so far.
+type undoList []func(context.Context) error
+
+func (u *undoList) add(f func(context.Context) error) { *u = append(*u, f) }
+
+// onError runs the undo steps in reverse order when *err is set, even when ctx has ended
+// (bounded by RollbackTimeout), and joins their failures to *err.
+func (u *undoList) onError(ctx context.Context, c *qmp.Client, id string, err *error) {
+	if *err == nil {
+		return
+	}
+	log := slog.With("nic", id, "qmp", c.Path())
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), RollbackTimeout)
+	defer cancel()
+	for i := len(*u) - 1; i >= 0; i-- {
+		uerr := (*u)[i](rctx)
+		if errors.Is(uerr, qmp.ErrUnavailable) {
+			// QEMU is gone, and with it everything there was to undo.
+			log.Warn("hotplug rollback skipped: monitor unavailable", "err", uerr)
+			break
+		}
+		if uerr != nil {
+			log.Warn("hotplug rollback step failed", "err", uerr)
+			*err = errors.Join(*err, fmt.Errorf("rollback: %w", uerr))
+		}
+	}
+}
+
+// passFDs passes files with getfd under the names "<id>-<kind><i>" and returns the names.
+func passFDs(ctx context.Context, c *qmp.Client, undo *undoList, id, kind string, files []*os.File) ([]string, error) {
+	var names []string
+	for i, f := range files {
+		name := fmt.Sprintf("%s-%s%d", id, kind, i)
+		err := c.GetFD(ctx, name, f)
+		if mayHaveRun(err) {
+			undo.add(func(ctx context.Context) error {
+				// netdev_add may have consumed the fd already; that is fine.
+				_, err := c.Execute(ctx, "closefd", map[string]string{"fdname": name})
+				if isNotFound(err) {
+					return nil
+				}
+				return err
+			})
+		}
+		if err != nil {
+			return nil, fmt.Errorf("plug %s: pass %s %d: %w", id, kind, i, err)
+		}
+		names = append(names, name)
+	}
+	return names, nil
+}
+
+// addNetdev runs netdev_add with args (whose id is NetdevID(id)).
+func addNetdev(ctx context.Context, c *qmp.Client, undo *undoList, id string, args map[string]any) error {
+	_, err := c.Execute(ctx, "netdev_add", args)
 	if mayHaveRun(err) {
-		undo = append(undo, func(ctx context.Context) error {
-			_, err := c.Execute(ctx, "netdev_del", map[string]string{"id": NetdevID(nic.ID)})
+		undo.add(func(ctx context.Context) error {
+			_, err := c.Execute(ctx, "netdev_del", map[string]string{"id": NetdevID(id)})
 			if isNotFound(err) {
 				return nil
 			}
@@ -169,14 +222,19 @@ func Plug(ctx context.Context, c *qmp.Client, nic NIC) (pciAddr string, err erro
 		})
 	}
 	if err != nil {
-		return "", fmt.Errorf("plug %s: add netdev: %w", nic.ID, err)
+		return fmt.Errorf("plug %s: add netdev: %w", id, err)
 	}
+	return nil
+}
 
+// addDevice adds the virtio-net-pci device id on NetdevID(id) at slot and returns the PCI
+// path QEMU assigned.
+func addDevice(ctx context.Context, c *qmp.Client, undo *undoList, id, mac string, queues int, slot slot) (string, error) {
 	dev := map[string]any{
 		"driver": "virtio-net-pci",
-		"id":     nic.ID,
-		"netdev": NetdevID(nic.ID),
-		"mac":    nic.MAC,
+		"id":     id,
+		"netdev": NetdevID(id),
+		"mac":    mac,
 		"bus":    slot.bus,
 		"addr":   fmt.Sprintf("%02x.0", slot.slot),
 		// No option ROM: nothing network-boots a running sandbox, and QEMU would read the
@@ -187,25 +245,25 @@ func Plug(ctx context.Context, c *qmp.Client, nic NIC) (pciAddr string, err erro
 		dev["mq"] = true
 		dev["vectors"] = 2*queues + 2
 	}
-	_, err = c.Execute(ctx, "device_add", dev)
+	_, err := c.Execute(ctx, "device_add", dev)
 	if mayHaveRun(err) {
-		undo = append(undo, func(ctx context.Context) error {
-			return unplugDevice(ctx, c, nic.ID, RollbackTimeout)
+		undo.add(func(ctx context.Context) error {
+			return unplugDevice(ctx, c, id, RollbackTimeout)
 		})
 	}
 	if err != nil {
-		return "", fmt.Errorf("plug %s: add device on %s slot %d: %w", nic.ID, slot.bus, slot.slot, err)
+		return "", fmt.Errorf("plug %s: add device on %s slot %d: %w", id, slot.bus, slot.slot, err)
 	}
 
 	devs, err := queryPCI(ctx, c)
 	if err != nil {
-		return "", fmt.Errorf("plug %s: read back pci address: %w", nic.ID, err)
+		return "", fmt.Errorf("plug %s: read back pci address: %w", id, err)
 	}
-	addr, ok := pciPath(devs, nic.ID, nil)
+	addr, ok := pciPath(devs, id, nil)
 	if !ok {
-		return "", fmt.Errorf("plug %s: read back pci address: device not found in query-pci", nic.ID)
+		return "", fmt.Errorf("plug %s: read back pci address: device not found in query-pci", id)
 	}
-	log.Debug("nic plugged", "pciAddr", addr, "queues", queues)
+	slog.Debug("nic plugged", "nic", id, "qmp", c.Path(), "pciAddr", addr, "queues", queues)
 	return addr, nil
 }
 
@@ -217,6 +275,11 @@ func Unplug(ctx context.Context, c *qmp.Client, id string, timeout time.Duration
 		return fmt.Errorf("%w: id %q", ErrInvalid, id)
 	}
 	defer c.LockSequence()()
+	return unplug(ctx, c, id, timeout)
+}
+
+// unplug does device_del, waits for DEVICE_DELETED, then netdev_del.
+func unplug(ctx context.Context, c *qmp.Client, id string, timeout time.Duration) error {
 	if err := unplugDevice(ctx, c, id, timeout); err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"sort"
 	"strings"
@@ -33,6 +34,16 @@ type fakeVM struct {
 	ignore  bool               // the guest ignores device_del
 	killOn  string             // drop the connection on this command
 	lastArg map[string]json.RawMessage
+
+	chardevs      map[string]string // chardev id -> unix socket path (vhost-user)
+	netdevChardev map[string]string // vhost-user netdev id -> its chardev
+	memdevs       []fakeMemdev      // query-memdev; nil: one private pc.ram
+}
+
+type fakeMemdev struct {
+	ID    string `json:"id"`
+	Size  int64  `json:"size"`
+	Share bool   `json:"share"`
 }
 
 type fakeBus struct {
@@ -49,6 +60,9 @@ func newFakeVM(t *testing.T, buses map[string]fakeBus) *fakeVM {
 		failOn:  map[string]int{},
 		calls:   map[string]int{},
 		lastArg: map[string]json.RawMessage{},
+
+		chardevs:      map[string]string{},
+		netdevChardev: map[string]string{},
 	}
 	vm.srv = qmptest.Serve(t, nil)
 	vm.srv.Handle(vm.handle)
@@ -120,10 +134,27 @@ func (vm *fakeVM) handle(cmd string, args json.RawMessage, fds []int) (any, *qmp
 			return nil, &qmp.Error{Class: "GenericError", Desc: "Duplicate ID '" + id + "' for netdev"}
 		}
 		var names []string
-		if s := str("fd"); s != "" {
-			names = []string{s}
-		} else if s := str("fds"); s != "" {
-			names = strings.Split(s, ":")
+		for _, k := range []string{"fd", "fds", "vhostfd", "vhostfds"} {
+			if s := str(k); s != "" {
+				names = append(names, strings.Split(s, ":")...)
+			}
+		}
+		if v, _ := a["vhost"].(bool); v != (str("vhostfd") != "" || str("vhostfds") != "") {
+			return nil, &qmp.Error{Class: "GenericError", Desc: "fake: vhost and vhostfd(s) disagree"}
+		}
+		if str("type") == "vhost-user" {
+			cd := str("chardev")
+			if _, ok := vm.chardevs[cd]; !ok {
+				return nil, &qmp.Error{Class: "GenericError", Desc: "chardev \"" + cd + "\" not found"}
+			}
+			for _, c := range vm.netdevChardev {
+				if c == cd {
+					return nil, &qmp.Error{Class: "GenericError", Desc: "Device '" + cd + "' is in use"}
+				}
+			}
+			vm.netdevs[id] = nil
+			vm.netdevChardev[id] = cd
+			break
 		}
 		var held []int
 		for _, n := range names {
@@ -144,6 +175,7 @@ func (vm *fakeVM) handle(cmd string, args json.RawMessage, fds []int) (any, *qmp
 			unix.Close(fd)
 		}
 		delete(vm.netdevs, str("id"))
+		delete(vm.netdevChardev, str("id"))
 	case "device_add":
 		if _, ok := vm.netdevs[str("netdev")]; !ok {
 			return nil, &qmp.Error{Class: "GenericError", Desc: "Property 'virtio-net-device.netdev' can't find value '" + str("netdev") + "'"}
@@ -172,6 +204,73 @@ func (vm *fakeVM) handle(cmd string, args json.RawMessage, fds []int) (any, *qmp
 		}
 	case "query-pci":
 		return vm.queryPCI(), nil
+	case "query-memdev":
+		if vm.memdevs == nil {
+			return []fakeMemdev{{ID: "pc.ram", Size: 256 << 20}}, nil
+		}
+		return vm.memdevs, nil
+	case "query-chardev":
+		// As QEMU: a unix client's filename names its (unbound) local address.
+		ret := []map[string]any{{"label": "compat_monitor0", "filename": "unix:/run/qmp.sock,server=on", "frontend-open": true},
+			{"label": "serial0", "filename": "stdio", "frontend-open": true}}
+		for id := range vm.chardevs {
+			ret = append(ret, map[string]any{"label": id, "filename": "unix:", "frontend-open": true})
+		}
+		return ret, nil
+	case "qom-get":
+		label, ok := strings.CutPrefix(str("path"), "/chardevs/")
+		if !ok || str("property") != "addr" {
+			return nil, &qmp.Error{Class: "GenericError", Desc: "fake: unexpected qom-get " + string(args)}
+		}
+		if label == "compat_monitor0" {
+			return map[string]string{"type": "unix", "path": "/run/qmp.sock"}, nil
+		}
+		path, ok := vm.chardevs[label]
+		if !ok {
+			return nil, &qmp.Error{Class: "DeviceNotFound", Desc: "Device '" + str("path") + "' not found"}
+		}
+		return map[string]string{"type": "unix", "path": path}, nil
+	case "chardev-add":
+		var ca struct {
+			ID      string `json:"id"`
+			Backend struct {
+				Type string `json:"type"`
+				Data struct {
+					Addr struct {
+						Type string `json:"type"`
+						Data struct {
+							Path string `json:"path"`
+						} `json:"data"`
+					} `json:"addr"`
+					Server *bool `json:"server"`
+				} `json:"data"`
+			} `json:"backend"`
+		}
+		json.Unmarshal(args, &ca)
+		if _, ok := vm.chardevs[ca.ID]; ok {
+			return nil, &qmp.Error{Class: "GenericError", Desc: "attempt to add duplicate property '" + ca.ID + "' to object (type 'container')"}
+		}
+		b := ca.Backend
+		if b.Type != "socket" || b.Data.Addr.Type != "unix" || b.Data.Server == nil || *b.Data.Server {
+			return nil, &qmp.Error{Class: "GenericError", Desc: "fake: want a unix socket client chardev"}
+		}
+		conn, err := net.Dial("unix", b.Data.Addr.Data.Path)
+		if err != nil {
+			return nil, &qmp.Error{Class: "GenericError", Desc: "Failed to connect to '" + b.Data.Addr.Data.Path + "': " + err.Error()}
+		}
+		conn.Close()
+		vm.chardevs[ca.ID] = b.Data.Addr.Data.Path
+	case "chardev-remove":
+		id := str("id")
+		if _, ok := vm.chardevs[id]; !ok {
+			return nil, &qmp.Error{Class: "GenericError", Desc: "Chardev '" + id + "' not found"}
+		}
+		for nd, cd := range vm.netdevChardev {
+			if cd == id {
+				return nil, &qmp.Error{Class: "GenericError", Desc: "Chardev '" + id + "' is busy (netdev " + nd + ")"}
+			}
+		}
+		delete(vm.chardevs, id)
 	default:
 		return nil, &qmp.Error{Class: "CommandNotFound", Desc: "The command " + cmd + " has not been found"}
 	}
@@ -218,6 +317,9 @@ func (vm *fakeVM) arg(cmd string) json.RawMessage {
 func (vm *fakeVM) state() (fds, netdevs, devices []string) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
+	for n := range vm.chardevs {
+		devices = append(devices, "chardev:"+n)
+	}
 	for n := range vm.fds {
 		fds = append(fds, n)
 	}
@@ -588,17 +690,16 @@ func TestPlugDuplicateLeavesFirstAlone(t *testing.T) {
 
 func TestPlugQEMUDiesMidway(t *testing.T) {
 	vm := newFakeVM(t, q35())
-	vm.mu.Lock()
-	vm.killOn = "netdev_add"
-	vm.mu.Unlock()
 	c := vm.client(t)
-	go func() {
-		// QEMU exits for good once the connection dropped.
-		for vm.srv.Accepted() == 0 || !strings.Contains(strings.Join(vm.srv.Commands(), " "), "netdev_add") {
-			time.Sleep(time.Millisecond)
+	vm.srv.Handle(func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		if cmd == "netdev_add" {
+			// QEMU exits for good while it runs the command: the connection drops and no
+			// monitor comes back for the rollback.
+			vm.srv.Exit()
+			return nil, nil
 		}
-		vm.srv.Close()
-	}()
+		return vm.handle(cmd, args, fds)
+	})
 	_, err := Plug(ctxT(t), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 2)})
 	if !errors.Is(err, qmp.ErrDisconnected) {
 		t.Fatalf("plug: %v, want ErrDisconnected", err)

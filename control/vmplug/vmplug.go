@@ -1,6 +1,8 @@
 // Package vmplug is control's Hotplugger: it puts a sandbox's NICs into (and takes them out
 // of) its QEMU over QMP, the way Kata's runtime does — the tap's queues are opened in the
-// sandbox netns and passed to QEMU (getfd), then netdev_add + device_add (control/hotplug).
+// sandbox netns and passed to QEMU (getfd), with one /dev/vhost-net file per queue beside
+// them when vhost-net is to be had (Plugger.Vhost), then netdev_add + device_add
+// (control/hotplug).
 //
 // One QMP client per sandbox socket is kept and reused (it redials by itself when QEMU
 // restarts). A Plugger is safe for concurrent use.
@@ -9,6 +11,8 @@ package vmplug
 import (
 	"context"
 	"fmt"
+	"log/slog"
+	"os"
 	"sync"
 	"time"
 
@@ -22,6 +26,10 @@ import (
 type Plugger struct {
 	// UnplugTimeout bounds the wait for the guest to release a NIC (DEVICE_DELETED).
 	UnplugTimeout time.Duration
+	// Vhost says whether tap NICs use vhost-net (default auto: when /dev/vhost-net opens).
+	Vhost hotplug.VhostMode
+	// OpenVhost opens one vhost-net file; nil opens /dev/vhost-net. A seam for tests.
+	OpenVhost hotplug.VhostOpener
 
 	mu      sync.Mutex
 	clients map[string]*qmp.Client // by QMP socket path
@@ -31,7 +39,7 @@ var _ control.Hotplugger = (*Plugger)(nil)
 
 // New returns a Plugger.
 func New() *Plugger {
-	return &Plugger{UnplugTimeout: 5 * time.Second, clients: map[string]*qmp.Client{}}
+	return &Plugger{UnplugTimeout: 5 * time.Second, Vhost: hotplug.VhostAuto, clients: map[string]*qmp.Client{}}
 }
 
 func (p *Plugger) client(path string) *qmp.Client {
@@ -49,24 +57,33 @@ func (p *Plugger) client(path string) *qmp.Client {
 // restart finds the device again.
 func DeviceID(ep control.Endpoint) string { return "kdp-" + ep.NIC }
 
-// Plug opens the tap's queues in the sandbox netns and hot-plugs them as a virtio-net device
-// with the guest MAC; it returns the PCI path QEMU assigned.
+// Plug opens the tap's queues in the sandbox netns (and, as p.Vhost decides, one vhost-net
+// file per queue) and hot-plugs them as a virtio-net device with the guest MAC; it returns
+// the PCI path QEMU assigned.
 func (p *Plugger) Plug(ctx context.Context, sb control.Sandbox, ep control.Endpoint) (string, error) {
 	queues := max(ep.Queues, 1)
+	vfs, vhost, err := hotplug.OpenVhost(p.Vhost, queues, p.OpenVhost)
+	if err != nil {
+		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
+	}
+	defer closeAll(vfs)
+	slog.Debug("vhost-net", "sandbox", sb.ID, "nic", ep.NIC, "decision", vhost.Reason)
 	fds, err := netdev.OpenTap(sb.NetNS, ep.Tap, queues, true, true)
 	if err != nil {
 		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
 	}
-	defer func() {
-		for _, f := range fds {
-			f.Close() // QEMU holds its own copies now (or nothing, on failure)
-		}
-	}()
-	addr, err := hotplug.Plug(ctx, p.client(sb.QMP), hotplug.NIC{ID: DeviceID(ep), MAC: ep.MAC.String(), Queues: queues, Fds: fds})
+	defer closeAll(fds) // QEMU holds its own copies now (or nothing, on failure)
+	addr, err := hotplug.Plug(ctx, p.client(sb.QMP), hotplug.NIC{ID: DeviceID(ep), MAC: ep.MAC.String(), Queues: queues, Fds: fds, VhostFds: vfs})
 	if err != nil {
 		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
 	}
 	return addr, nil
+}
+
+func closeAll(fs []*os.File) {
+	for _, f := range fs {
+		f.Close()
+	}
 }
 
 // Unplug removes the NIC from the VM and waits (bounded) for the guest to let it go.

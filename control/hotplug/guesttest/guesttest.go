@@ -9,12 +9,14 @@
 //	KDP-GUEST-READY
 //	KDP-NIC-UP <mac> <ifname> [<ip>/<len>]
 //	KDP-NIC-GONE <mac> <ifname>
+//	KDP-PING-OK <ip>             (kernel argument kdp.ping=<ip>: the guest reached ip)
 //
 // and serves TCP on every address: 7 echo, 9000 sends the byte count asked for on the first
 // line, 9001 answers how many bytes it read until EOF.
 //
 // Boot skips the test when qemu-system-x86_64 or the built guest is missing, or when not
-// root. QEMU is killed at the end of the test, and the serial log is printed when the test
+// root. StartTestpmd runs a real vhost-user switch (dpdk-testpmd) for vhost-user NICs.
+// QEMU is killed at the end of the test, and the serial log is printed when the test
 // failed (or always, with KDP_GUEST_LOG=1). A Guest's methods are safe for concurrent use.
 package guesttest
 
@@ -66,6 +68,9 @@ type GuestConfig struct {
 	RootPorts int
 	// MemoryMiB is the guest memory (default 256).
 	MemoryMiB int
+	// SharedMemory backs the guest memory with a shared memfd (memory-backend-memfd,
+	// share=on), as Kata does for vhost-user: a vhost-user backend maps it.
+	SharedMemory bool
 	// Accel is "tcg" (default; also from $KDP_GUEST_ACCEL) or "kvm". This machine's /dev/kvm
 	// cannot run an unmodified kernel, so kvm is opt-in.
 	Accel string
@@ -153,12 +158,19 @@ func Boot(t testing.TB, cfg GuestConfig) *Guest {
 		notify:  make(chan struct{}),
 	}
 
+	machine := "q35"
+	var memArgs []string
+	if cfg.SharedMemory {
+		machine += ",memory-backend=mem0"
+		memArgs = []string{"-object", fmt.Sprintf("memory-backend-memfd,id=mem0,size=%dM,share=on", cfg.MemoryMiB)}
+	}
 	args := []string{
-		"-M", "q35", "-accel", cfg.Accel, "-m", fmt.Sprint(cfg.MemoryMiB), "-smp", "1",
+		"-M", machine, "-accel", cfg.Accel, "-m", fmt.Sprint(cfg.MemoryMiB), "-smp", "1",
 		"-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
 		"-kernel", kernel, "-initrd", initrd, "-append", cmdline(cfg),
 		"-qmp", "unix:" + g.QMPPath + ",server=on,wait=off",
 	}
+	args = append(args, memArgs...)
 	if cfg.Accel == "tcg" {
 		args = append(args, "-cpu", "max")
 	} else {

@@ -158,6 +158,14 @@ func (s *Server) Disconnect() {
 // Close stops the server and closes every connection, like QEMU exiting. It waits for
 // running handlers to return.
 func (s *Server) Close() {
+	s.Exit()
+	s.wg.Wait()
+}
+
+// Exit stops listening, then closes every connection, like QEMU exiting in the middle of a
+// command: a client sees the connection lost and then nothing to dial, never a monitor that
+// comes back. Unlike Close it does not wait for handlers, so a Handler may call it.
+func (s *Server) Exit() {
 	s.mu.Lock()
 	if !s.closed {
 		s.closed = true
@@ -166,7 +174,6 @@ func (s *Server) Close() {
 	}
 	s.mu.Unlock()
 	s.Disconnect()
-	s.wg.Wait()
 }
 
 func (s *Server) accept() {

@@ -1,0 +1,171 @@
+package guesttest
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Testpmd is a running dpdk-testpmd serving vhost-user sockets: a real vhost-user switch for
+// tests, as OVS-DPDK's dpdkvhostuser ports are in production. Port i serves Sockets[i];
+// once forwarding is started, io forwarding pairs ports 0<->1, 2<->3, ...
+type Testpmd struct {
+	// Sockets are the vhost-user socket paths, in port order.
+	Sockets []string
+
+	t      testing.TB
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	prefix string
+	exited chan struct{}
+
+	mu     sync.Mutex
+	out    []string
+	notify chan struct{}
+}
+
+// StartTestpmd starts dpdk-testpmd (Debian package dpdk-dev) with one vhost-user port of the
+// given queue count per socket, in the directory dir, without hugepages. It runs interactive
+// on a pipe and does not forward until Forward is called, so it does not busy-poll a core
+// while a test only plugs devices. It is killed at the end of the test. It skips the test
+// when testpmd is missing.
+func StartTestpmd(t testing.TB, dir string, sockets, queues int) *Testpmd {
+	t.Helper()
+	bin, err := exec.LookPath("dpdk-testpmd")
+	if err != nil {
+		t.Skip("dpdk-testpmd not installed (apt-get install --no-install-recommends dpdk-dev)")
+	}
+	p := &Testpmd{t: t, prefix: fmt.Sprintf("kdpt%d-%d", os.Getpid(), time.Now().UnixNano()%1e6),
+		exited: make(chan struct{}), notify: make(chan struct{})}
+	args := []string{"--no-huge", "-m", "256", "--no-pci", "-l", "0,1", "--file-prefix=" + p.prefix, "--log-level=lib.vhost.config:info"}
+	for i := range sockets {
+		path := filepath.Join(dir, fmt.Sprintf("vhost-user%d", i))
+		p.Sockets = append(p.Sockets, path)
+		args = append(args, "--vdev", fmt.Sprintf("net_vhost%d,iface=%s,queues=%d", i, path, queues))
+	}
+	args = append(args, "--", "-i", "--forward-mode=io", fmt.Sprintf("--rxq=%d", queues), fmt.Sprintf("--txq=%d", queues),
+		"--total-num-mbufs=8192")
+	p.cmd = exec.Command(bin, args...)
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if p.stdin, err = p.cmd.StdinPipe(); err != nil {
+		t.Fatalf("testpmd: %v", err)
+	}
+	out, err := p.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatalf("testpmd: %v", err)
+	}
+	p.cmd.Stderr = p.cmd.Stdout
+	started := make(chan error, 1)
+	readerDone := make(chan struct{})
+	go func() {
+		// Pdeathsig follows the forking thread: keep it until testpmd is gone.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := p.cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		<-readerDone
+		p.cmd.Wait()
+		close(p.exited)
+		p.wake()
+	}()
+	if err := <-started; err != nil {
+		t.Fatalf("testpmd: start: %v", err)
+	}
+	t.Cleanup(p.cleanup)
+	go func() {
+		defer close(readerDone)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			p.mu.Lock()
+			p.out = append(p.out, sc.Text())
+			p.mu.Unlock()
+			p.wake()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, s := range p.Sockets {
+		if _, err := p.WaitFor(ctx, 0, "("+s+") binding succeeded"); err != nil {
+			t.Fatalf("testpmd: %v\n%s", err, p.Log())
+		}
+	}
+	return p
+}
+
+func (p *Testpmd) wake() {
+	p.mu.Lock()
+	close(p.notify)
+	p.notify = make(chan struct{})
+	p.mu.Unlock()
+}
+
+// Lines returns the number of output lines so far, for WaitFor.
+func (p *Testpmd) Lines() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.out)
+}
+
+// WaitFor waits for an output line containing substr from line index from on.
+func (p *Testpmd) WaitFor(ctx context.Context, from int, substr string) (string, error) {
+	for {
+		p.mu.Lock()
+		for i := from; i < len(p.out); i++ {
+			if strings.Contains(p.out[i], substr) {
+				l := p.out[i]
+				p.mu.Unlock()
+				return l, nil
+			}
+		}
+		notify := p.notify
+		p.mu.Unlock()
+		select {
+		case <-p.exited:
+			return "", fmt.Errorf("wait for %q: testpmd exited", substr)
+		case <-ctx.Done():
+			return "", fmt.Errorf("wait for %q: %w", substr, ctx.Err())
+		case <-notify:
+		}
+	}
+}
+
+// Command sends one interactive command ("start", "show port stats all", ...).
+func (p *Testpmd) Command(cmd string) error {
+	_, err := io.WriteString(p.stdin, cmd+"\n")
+	return err
+}
+
+// Log returns testpmd's output so far.
+func (p *Testpmd) Log() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return "--- testpmd ---\n" + strings.Join(p.out, "\n") + "\n"
+}
+
+func (p *Testpmd) cleanup() {
+	p.stdin.Close()
+	p.cmd.Process.Kill()
+	select {
+	case <-p.exited:
+	case <-time.After(10 * time.Second):
+		p.t.Errorf("testpmd pid %d did not exit after SIGKILL", p.cmd.Process.Pid)
+	}
+	// EAL's runtime directory (its multi-process socket and config).
+	os.RemoveAll(filepath.Join("/var/run/dpdk", p.prefix))
+	if p.t.Failed() || os.Getenv("KDP_GUEST_LOG") != "" {
+		p.t.Logf("%s", p.Log())
+	}
+}
