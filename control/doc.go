@@ -4,7 +4,7 @@
 //
 // Control owns the rules (validation first, then each step with its undo; any failure rolls
 // back what was done) and depends only on small interfaces for the work below it: Dataplane
-// (BPF programs and maps, implemented in control/bpfdp), Hotplugger (QMP), TapManager (netdev)
+// (BPF programs and maps, implemented in control/dataplane), Hotplugger (QMP), TapManager (netdev)
 // and StateStore (control/store). That keeps its logic testable with fakes (see MemDataplane
 // and MemHotplugger) and its integration testable with the real parts.
 //

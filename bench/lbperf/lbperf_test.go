@@ -17,7 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kata-dp/kata-dp/control"
-	"github.com/kata-dp/kata-dp/control/bpfdp"
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/store"
@@ -172,11 +172,11 @@ func table20000(tb testing.TB) (*ipvs.Table, string) {
 	return t, sb.String()
 }
 
-func newDataplane(b *testing.B) (*bpfdp.Dataplane, string) {
+func newDataplane(b *testing.B) (*dataplane.Dataplane, string) {
 	needRoot(b)
 	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptp-%08x", rand.Uint32()))
 	b.Cleanup(func() { os.RemoveAll(root) })
-	dp, err := bpfdp.New(root)
+	dp, err := dataplane.New(root)
 	if err != nil {
 		b.Fatal(err)
 	}

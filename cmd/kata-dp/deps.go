@@ -5,7 +5,7 @@ import (
 	"errors"
 
 	"github.com/kata-dp/kata-dp/control"
-	"github.com/kata-dp/kata-dp/control/bpfdp"
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/vmplug"
 )
@@ -32,7 +32,7 @@ func newAgentDeps(_ context.Context, o agentOptions) (agentDeps, error) {
 	if err := checkKernel(o.log); err != nil {
 		return agentDeps{}, err
 	}
-	dp, err := bpfdp.New(o.bpffsRoot)
+	dp, err := dataplane.New(o.bpffsRoot)
 	if err != nil {
 		return agentDeps{}, err
 	}

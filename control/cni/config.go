@@ -15,6 +15,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netspec"
 )
 
@@ -94,8 +95,8 @@ func (c *Config) validate() error {
 	if !filepath.IsAbs(c.Socket) {
 		return fmt.Errorf("socket %q is not an absolute path", c.Socket)
 	}
-	if c.Mode != "" && !slices.Contains(control.Modes, c.Mode) {
-		return fmt.Errorf("mode %q is not one of %s", c.Mode, strings.Join(control.Modes, ", "))
+	if modes := dataplane.Modes(); c.Mode != "" && !slices.Contains(modes, c.Mode) {
+		return fmt.Errorf("mode %q is not one of %s", c.Mode, strings.Join(modes, ", "))
 	}
 	if c.Mode == control.ModeMacvtap {
 		return errMacvtap

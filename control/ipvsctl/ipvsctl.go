@@ -24,7 +24,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/ipvs"
 )
 
-// LB is what the manager needs of the dataplane (control/bpfdp implements it).
+// LB is what the manager needs of the dataplane (control/dataplane implements it).
 type LB interface {
 	SetLB(ctx context.Context, sandbox string, t *ipvs.Table) error
 	RestoreLB(ctx context.Context, sandbox string, t *ipvs.Table) error
@@ -33,7 +33,7 @@ type LB interface {
 }
 
 // ServiceLB is implemented by dataplanes that can apply a change confined to one service
-// without comparing the whole table (control/bpfdp does): edits then cost the same at 20000
+// without comparing the whole table (control/dataplane does): edits then cost the same at 20000
 // rules as at one.
 type ServiceLB interface {
 	SetLBService(ctx context.Context, sandbox string, t *ipvs.Table, k ipvs.ServiceKey) error

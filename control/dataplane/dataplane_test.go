@@ -1,4 +1,4 @@
-package bpfdp_test
+package dataplane_test
 
 import (
 	"context"
@@ -21,7 +21,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/control"
-	"github.com/kata-dp/kata-dp/control/bpfdp"
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
 )
@@ -33,7 +33,7 @@ type rig struct {
 	sb     *topo.Sandbox
 	guest  *topo.NetNS
 	bridge *guestemu.Bridge
-	dp     *bpfdp.Dataplane
+	dp     *dataplane.Dataplane
 	root   string
 	ep     control.Endpoint
 }
@@ -70,7 +70,7 @@ func newRig(t *testing.T, id string) *rig {
 		t.Fatal(err)
 	}
 
-	if r.dp, err = bpfdp.New(r.root); err != nil {
+	if r.dp, err = dataplane.New(r.root); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.dp.Close() })

@@ -1,4 +1,4 @@
-package bpfdp
+package dataplane
 
 import (
 	"context"
@@ -22,7 +22,7 @@ type lbState struct {
 	timeouts ipvs.Timeouts
 }
 
-func (sb *sandbox) lbMaps() maps.LB {
+func (sb *Sandbox) lbMaps() maps.LB {
 	m := sb.lsb.Maps()
 	return maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config}
 }
@@ -352,7 +352,7 @@ func monotonicNow() uint64 {
 	return uint64(ts.Nano())
 }
 
-func (d *Dataplane) sweep(sb *sandbox, match func(maps.CTKey, maps.CTEntry) bool) (maps.SweepResult, error) {
+func (d *Dataplane) sweep(sb *Sandbox, match func(maps.CTKey, maps.CTEntry) bool) (maps.SweepResult, error) {
 	lb := sb.lbMaps()
 	cfg, err := maps.ReadConfig(lb.Config)
 	if err != nil {
@@ -380,7 +380,7 @@ func (d *Dataplane) RunSweeper(ctx context.Context, interval time.Duration) {
 			dt := now.Sub(last).Seconds()
 			last = now
 			d.mu.Lock()
-			sbs := make(map[string]*sandbox, len(d.sandboxes))
+			sbs := make(map[string]*Sandbox, len(d.sandboxes))
 			for id, sb := range d.sandboxes {
 				sbs[id] = sb
 			}

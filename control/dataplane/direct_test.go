@@ -1,4 +1,4 @@
-package bpfdp_test
+package dataplane_test
 
 import (
 	"bytes"
@@ -25,7 +25,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/control"
-	"github.com/kata-dp/kata-dp/control/bpfdp"
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/control/mirred"
 	"github.com/kata-dp/kata-dp/control/netdev"
@@ -43,7 +43,7 @@ import (
 type directRig struct {
 	host, client *topo.NetNS
 	guests       [2]*topo.NetNS
-	dp           *bpfdp.Dataplane
+	dp           *dataplane.Dataplane
 	root         string
 	eps          [2]control.Endpoint
 }
@@ -79,7 +79,7 @@ func newDirectRig(t *testing.T) *directRig {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	var err error
-	if r.dp, err = bpfdp.New(root); err != nil {
+	if r.dp, err = dataplane.New(root); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.dp.Close() })
@@ -116,10 +116,10 @@ func newDirectRig(t *testing.T) *directRig {
 			Sandbox: id, NetNS: r.host.Path(), NIC: "eth0", Tap: tap, Uplink: "up0",
 			MAC: directMACs[i], Addr: directAddrs[i], MTU: 1500, Mode: control.ModeDirect, AntiSpoof: true, StrictEgress: true,
 		}
-		if err := r.dp.AddDirect(ctx, r.eps[i], true); err != nil {
+		if err := r.dp.AddEndpoint(ctx, r.eps[i]); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { r.dp.DelDirect(context.Background(), r.eps[i]) })
+		t.Cleanup(func() { r.dp.DelEndpoint(context.Background(), r.eps[i]) })
 	}
 	return r
 }
@@ -375,7 +375,7 @@ func TestDirect(t *testing.T) {
 		// A second process's Dataplane re-adopts the pins: links updated in place, never
 		// doubled, counters kept, traffic flowing.
 		before := r.stats(t, 0)
-		dp2, err := bpfdp.New(r.root)
+		dp2, err := dataplane.New(r.root)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -384,7 +384,7 @@ func TestDirect(t *testing.T) {
 			if err := dp2.EnsureSandbox(ctx, ep.Sandbox, ""); err != nil {
 				t.Fatal(err)
 			}
-			if err := dp2.AddDirect(ctx, ep, false); err != nil {
+			if err := dp2.UpdateEndpoint(ctx, ep); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -394,7 +394,7 @@ func TestDirect(t *testing.T) {
 		if in, _ := tcxCount(t, r.host, "tapa"); in != 1 {
 			t.Fatalf("tapa has %d programs after re-adoption", in)
 		}
-		after, err := dp2.DirectStats(ctx, r.eps[0])
+		after, err := dp2.Stats(ctx, r.eps[0])
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -404,7 +404,7 @@ func TestDirect(t *testing.T) {
 		pingOK(t, r.guests[0], directAddrs[1].Addr().String())
 	})
 	t.Run("remove one", func(t *testing.T) {
-		if err := r.dp.DelDirect(ctx, r.eps[0]); err != nil {
+		if err := r.dp.DelEndpoint(ctx, r.eps[0]); err != nil {
 			t.Fatal(err)
 		}
 		if err := r.dp.RemoveSandbox(ctx, r.eps[0].Sandbox); err != nil {
@@ -427,7 +427,7 @@ func TestDirect(t *testing.T) {
 		}
 	})
 	t.Run("remove last", func(t *testing.T) {
-		if err := r.dp.DelDirect(ctx, r.eps[1]); err != nil {
+		if err := r.dp.DelEndpoint(ctx, r.eps[1]); err != nil {
 			t.Fatal(err)
 		}
 		if in, out := tcxCount(t, r.host, "up0"); in != 0 || out != 0 {
@@ -517,7 +517,7 @@ func transfer(t *testing.T, from, to *topo.NetNS, addr string) {
 
 func (r *directRig) stats(t *testing.T, i int) control.EndpointStats {
 	t.Helper()
-	s, err := r.dp.DirectStats(context.Background(), r.eps[i])
+	s, err := r.dp.Stats(context.Background(), r.eps[i])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -616,7 +616,7 @@ func newBenchTopo(t *testing.T, mode string, reflect bool) *benchTopo {
 	if mode == "direct" {
 		root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-b%08x", rand.Uint32()))
 		t.Cleanup(func() { os.RemoveAll(root) })
-		dp, err := bpfdp.New(root)
+		dp, err := dataplane.New(root)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -627,10 +627,10 @@ func newBenchTopo(t *testing.T, mode string, reflect bool) *benchTopo {
 		t.Cleanup(func() { dp.RemoveSandbox(context.Background(), "bench") })
 		ep := control.Endpoint{Sandbox: "bench", NetNS: b.tapNS, NIC: "eth0", Tap: b.tap, Uplink: "upl",
 			MAC: benchGuestMAC, Addr: benchGuest, Mode: control.ModeDirect, AntiSpoof: true, StrictEgress: true}
-		if err := dp.AddDirect(ctx, ep, true); err != nil {
+		if err := dp.AddEndpoint(ctx, ep); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { dp.DelDirect(context.Background(), ep) })
+		t.Cleanup(func() { dp.DelEndpoint(context.Background(), ep) })
 	}
 	return b
 }
@@ -893,7 +893,7 @@ func TestDirectController(t *testing.T) {
 
 	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-%08x", rand.Uint32()))
 	t.Cleanup(func() { os.RemoveAll(root) })
-	dp, err := bpfdp.New(root)
+	dp, err := dataplane.New(root)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package bpfdp_test
+package dataplane_test
 
 import (
 	"bufio"

@@ -1,4 +1,4 @@
-package bpfdp_test
+package dataplane_test
 
 import (
 	"bytes"
@@ -17,8 +17,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/control"
-	"github.com/kata-dp/kata-dp/control/bpfdp"
-	"github.com/kata-dp/kata-dp/control/macvtap"
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
 )
@@ -29,7 +28,7 @@ type modeRig struct {
 	sb     *topo.Sandbox
 	guest  *topo.NetNS
 	bridge *guestemu.Bridge
-	dp     *bpfdp.Dataplane
+	dp     *dataplane.Dataplane
 	root   string
 	ep     control.Endpoint
 	ctx    context.Context
@@ -58,7 +57,7 @@ func newModeRig(t *testing.T, id string, o rigOpts) *modeRig {
 	t.Cleanup(cancel)
 	r.ctx = ctx
 	var err error
-	if r.dp, err = bpfdp.New(r.root); err != nil {
+	if r.dp, err = dataplane.New(r.root); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.dp.Close() })
@@ -95,7 +94,7 @@ func (r *modeRig) startBridge(t *testing.T, offload bool) {
 	var err error
 	mac := r.sb.GuestMAC
 	if mv, ok := r.dp.Macvtap(r.ep); ok {
-		fds, err = macvtap.Open(mv, 1, true)
+		fds, err = mv.Open(1, true)
 		mac = mv.MAC
 	} else {
 		fds, err = netdev.OpenTap(r.sb.NS.Path(), r.sb.Tap.Name, 1, true, true)
@@ -238,7 +237,7 @@ func functional(t *testing.T, r *modeRig, wantMode string, offload bool) {
 	}
 	switch wantMode {
 	case control.ModeTCFilter, control.ModeMacvtap:
-		if s.FromGuest.Drops[bpfdp.NoBPFCounters] != 1 || s.ToGuest.Drops[bpfdp.NoBPFCounters] != 1 {
+		if s.FromGuest.Drops[dataplane.NoBPFCounters] != 1 || s.ToGuest.Drops[dataplane.NoBPFCounters] != 1 {
 			t.Errorf("stats of a mode without BPF counters are not marked: %+v", s)
 		}
 		if s.FromGuest.Bytes < 4<<20 || s.ToGuest.Bytes < 4<<20 {
@@ -446,7 +445,7 @@ func TestSwitchModeUnderTraffic(t *testing.T) {
 		}
 		r.startBridge(t, true)
 		mvLost += n
-		t.Logf("switch to %s: SwitchMode counted %d lost (to %s after it)", m, n, bpfdp.SwitchSettle)
+		t.Logf("switch to %s: SwitchMode counted %d lost (to %s after it)", m, n, dataplane.SwitchSettle)
 		time.Sleep(300 * time.Millisecond)
 	}
 	wg.Wait()
