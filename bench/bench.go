@@ -68,12 +68,13 @@ type Options struct {
 	cases []caseDef
 }
 
-// DefaultModes is the standard set `make bench` runs.
-var DefaultModes = []string{"tcfilter", "tc", "macvtap", "xdp", "ref-redirect", "ref-drop", "ref-xdp", "cni-tcfilter", "direct"}
+// DefaultModes is the standard set `make bench` runs: every mode of the
+// dataplane's registry, then the reference rows.
+var DefaultModes = modeNames(func(modeDef) bool { return true })
 
-// quickModes leave out the CNI reference and direct mode to stay under two
-// minutes.
-var quickModes = []string{"tcfilter", "tc", "macvtap", "xdp", "ref-redirect", "ref-drop", "ref-xdp"}
+// quickModes leave out the CNI reference and the modes compared with it
+// (direct) to stay under two minutes.
+var quickModes = modeNames(func(m modeDef) bool { return !m.slow })
 
 var quickCases = []string{"h2g-64", "g2h-64", "lat-block", "lat-busy"}
 
@@ -185,7 +186,7 @@ func (o *Options) validate() error {
 	}
 	for _, m := range o.Modes {
 		if _, ok := modeByName(m); !ok {
-			return fmt.Errorf("bench: unknown mode %q (known: %s)", m, strings.Join(modeNames(), ","))
+			return fmt.Errorf("bench: unknown mode %q (known: %s)", m, strings.Join(DefaultModes, ","))
 		}
 	}
 	o.cases = nil
@@ -202,10 +203,13 @@ func (o *Options) validate() error {
 	return nil
 }
 
-func modeNames() []string {
+// modeNames are the names of the harness's modes that keep holds for, in report order.
+func modeNames(keep func(modeDef) bool) []string {
 	var out []string
 	for _, m := range modes {
-		out = append(out, m.name)
+		if keep(m) {
+			out = append(out, m.name)
+		}
 	}
 	return out
 }

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -10,12 +11,9 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/kata-dp/kata-dp/bench/refprog"
 	"github.com/kata-dp/kata-dp/bench/topo"
-	"github.com/kata-dp/kata-dp/control/direct"
-	"github.com/kata-dp/kata-dp/control/macvtap"
-	"github.com/kata-dp/kata-dp/control/mirred"
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netdev"
-	"github.com/kata-dp/kata-dp/loader"
-	"github.com/kata-dp/kata-dp/maps"
 	"github.com/vishvananda/netlink"
 )
 
@@ -39,8 +37,8 @@ type modeDef struct {
 	desc string
 	// ref marks reference rows (not a kata-dp mode).
 	ref bool
-	// noTap: the mode brings its own guest device (macvtap).
-	noTap bool
+	// slow: left out of --quick.
+	slow bool
 	// h2gOnly: there is no guest->host path to measure.
 	h2gOnly bool
 	// noLatency: frames never come back.
@@ -49,14 +47,40 @@ type modeDef struct {
 	setup     func(e *env) error
 }
 
-// modes are all modes the harness knows, in report order.
-var modes = []modeDef{
-	{name: "tcfilter", desc: "Kata's u32 + mirred on ingress qdiscs (baseline)", setup: setupTcfilter},
-	{name: "tc", desc: "kata-dp tc datapath, all features on (anti-spoof, strict egress, counters)", setup: setupTC},
-	{name: "macvtap", desc: "Kata's macvtap in bridge mode on the veth", noTap: true, setup: setupMacvtap},
-	{name: "cni-tcfilter", desc: "standard CNI path: bridge (FDB pre-learned) + veth pair + tcfilter (reference for direct mode)", ref: true, setup: setupCNI},
-	{name: "direct", desc: "kata-dp direct mode: node programs on the uplink steer by guest MAC into the tap, the sandbox's tap program (anti-spoof, strict egress, reverse NAT) on the way out; no bridge, no veth pair", setup: setupDirect},
-	{name: "xdp", desc: "kata-dp xdp mode: XDP redirect through a DEVMAP both ways in front of the tc datapath, all features on (host veth GRO on)", setup: setupXDP},
+// modes are all modes the harness knows, in report order: every mode of the dataplane's
+// registry, installed through the dataplane itself (setupKataDP), then the reference rows,
+// which are the harness's own.
+var modes = append(kataModes(), refModes...)
+
+// kataDesc says what each kata-dp mode's row measures; a mode added to the registry without a
+// line here still runs, with a generic description.
+var kataDesc = map[string]string{
+	control.ModeTCFilter: "Kata's u32 + mirred on ingress qdiscs (baseline)",
+	control.ModeTC:       "kata-dp tc datapath, all features on (anti-spoof, strict egress, counters)",
+	control.ModeMacvtap:  "Kata's macvtap in bridge mode on the veth",
+	control.ModeDirect:   "kata-dp direct mode: node programs on the uplink steer by guest MAC into the tap, the sandbox's tap program (anti-spoof, strict egress, reverse NAT) on the way out; no bridge, no veth pair",
+	control.ModeXDP:      "kata-dp xdp mode: XDP redirect through a DEVMAP both ways in front of the tc datapath, all features on (host veth GRO on)",
+}
+
+func kataModes() []modeDef {
+	var out []modeDef
+	for _, name := range dataplane.Modes() {
+		desc, ok := kataDesc[name]
+		if !ok {
+			desc = "kata-dp " + name + " mode"
+		}
+		m, _ := dataplane.Lookup(name)
+		out = append(out, modeDef{name: name, desc: desc,
+			// Modes of the node family are compared with the CNI path (cni-tcfilter),
+			// which --quick leaves out.
+			slow:  m.Family() == dataplane.FamilyNode,
+			setup: func(e *env) error { return setupKataDP(e, name) }})
+	}
+	return out
+}
+
+var refModes = []modeDef{
+	{name: "cni-tcfilter", desc: "standard CNI path: bridge (FDB pre-learned) + veth pair + tcfilter (reference for direct mode)", ref: true, slow: true, setup: setupCNI},
 	{name: "ref-redirect", desc: "reference: bare cls_bpf bpf_redirect, no features", ref: true, setup: setupRefRedirect},
 	{name: "ref-drop", desc: "reference: drop at veth (h2g) / tap (g2h) ingress: the ceiling", ref: true, noLatency: true, sink: sinkIngress, setup: setupRefDrop},
 	{name: "ref-xdp", desc: "reference: XDP veth->veth redirect into an XDP drop", ref: true, h2gOnly: true, noLatency: true, sink: sinkXDPPeer, setup: setupRefXDP},
@@ -88,7 +112,6 @@ type env struct {
 	hostMAC net.HardwareAddr
 	vnetHdr int
 	ref     *refprog.Objects
-	sb      *loader.Sandbox
 	links   []link.Link
 	undo    []func() error
 }
@@ -119,13 +142,71 @@ func (e *env) openTap() error {
 	return nil
 }
 
-func setupTcfilter(e *env) error {
-	ns, veth, tap := e.s.NS.Path(), e.s.Config.Veth, e.s.Config.Tap
-	if err := mirred.Join(ns, veth, tap); err != nil {
+// nodeGuestMAC is the guest's MAC in a mode of the node family (direct): there the uplink
+// stays the host's device, so the guest cannot take its MAC as it does in the sandbox modes.
+var nodeGuestMAC = net.HardwareAddr{0x02, 0x6b, 0x64, 0x70, 0x00, 0x02}
+
+// setupKataDP installs a kata-dp mode exactly as the agent does: a Dataplane pinning under a
+// throwaway root, the sandbox's collection, and the endpoint of the topology's tap joined to
+// its veth (the sandbox's uplink; in the node family the sandbox netns plays the node's netns
+// and its eth0 the host uplink toward the client in the host netns). A mode that falls back
+// to another one (xdp where XDP cannot run) is skipped with the dataplane's reason.
+func setupKataDP(e *env, mode string) error {
+	m, err := dataplane.Lookup(mode)
+	if err != nil {
 		return err
 	}
-	e.undo = append(e.undo, func() error { return mirred.Unjoin(ns, veth, tap) })
-	return e.openTap()
+	ctx := context.Background()
+	root := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptb-", 8))
+	dp, err := dataplane.New(root)
+	if err != nil {
+		return err
+	}
+	const id = "bench"
+	ep := control.Endpoint{
+		Sandbox: id, NetNS: e.s.NS.Path(), NIC: "eth0", Tap: e.s.Config.Tap, Uplink: e.s.Config.Veth,
+		MAC: e.s.GuestMAC, Addr: e.s.GuestAddr, MTU: e.s.Config.MTU, Queues: 1, Mode: mode,
+		AntiSpoof: true, StrictEgress: true,
+	}
+	if m.Family() == dataplane.FamilyNode {
+		ep.MAC = nodeGuestMAC
+	}
+	e.undo = append(e.undo, func() error {
+		err := errors.Join(dp.DelEndpoint(ctx, ep), dp.RemoveSandbox(ctx, id), dp.Close())
+		os.RemoveAll(root)
+		return err
+	})
+	if mode == control.ModeXDP {
+		// The host side turns GRO on at its veth, as an operator or CNI would, so that the
+		// veth takes the frames XDP redirects into it and the guest's frames take XDP too.
+		if err := netdev.SetGRO(e.s.Host.Path(), e.s.Config.HostVeth, true); err != nil {
+			return err
+		}
+	}
+	if err := dp.EnsureSandbox(ctx, id, ep.NetNS); err != nil {
+		return err
+	}
+	if err := dp.AddEndpoint(ctx, ep); err != nil {
+		return err
+	}
+	if got, why, err := dp.Mode(ep); err != nil {
+		return err
+	} else if got != mode {
+		return fmt.Errorf("%w: runs %s: %s", errSkipMode, got, why)
+	}
+	if mv, ok := dp.Macvtap(ep); ok {
+		fds, err := mv.Open(1, true)
+		if err != nil {
+			return err
+		}
+		e.guest, e.guestDev, e.guestMAC = fds, mv.Name, mv.MAC
+		return nil
+	}
+	if err := e.openTap(); err != nil {
+		return err
+	}
+	e.guestMAC = ep.MAC
+	return nil
 }
 
 // The CNI topology's client side: a veth pair in the host netns whose one
@@ -139,7 +220,8 @@ const (
 // setupCNI rebuilds the host side as a CNI bridge plugin leaves it: the
 // host veth becomes a port of a bridge, and the traffic comes from a client
 // veth on another port; the bridge's FDB is pre-learned (static entries) so
-// one-way tests do not flood. The sandbox side is Kata's tcfilter.
+// one-way tests do not flood. The sandbox side is Kata's tcfilter, installed
+// by the dataplane's tcfilter mode.
 func setupCNI(e *env) error {
 	h := e.s.Host
 	hv := e.s.Config.HostVeth
@@ -168,139 +250,7 @@ func setupCNI(e *env) error {
 		return err
 	}
 	e.hostDev, e.hostMAC = cniClient, cl.MAC
-	return setupTcfilter(e)
-}
-
-// setupDirect builds direct mode as control/bpfdp does (AddDirect): the
-// sandbox netns plays the node's netns, its eth0 the uplink toward the
-// client in the host netns, and the tap sits beside it. The guest gets a MAC
-// of its own (the uplink keeps its MAC: in direct mode the host's uplink is
-// no guest's device).
-func setupDirect(e *env) error {
-	ns, uplink, tap := e.s.NS.Path(), e.s.Config.Veth, e.s.Config.Tap
-	root := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptb-", 8))
-	const id = "bench"
-	sb, err := loader.Open(root, id)
-	if err != nil {
-		os.Remove(root)
-		return err
-	}
-	e.sb = sb
-	mac := net.HardwareAddr{0x02, 0x6b, 0x64, 0x70, 0x00, 0x02}
-	g := direct.Guest{NetNS: ns, Uplink: uplink, Tap: tap, MAC: mac, Addr: e.s.GuestAddr.Addr()}
-	mgr := direct.New(root)
-	e.undo = append(e.undo, func() error {
-		err := errors.Join(mgr.Leave(g), loader.RemoveNode(root, ns, uplink), sb.Close(), loader.Remove(root, id))
-		os.RemoveAll(root)
-		return err
-	})
-	if _, _, err := mgr.Join(g); err != nil {
-		return err
-	}
-	ep := maps.Endpoint{PeerIfindex: uint32(e.s.Veth.Index), Slot: 0, Role: maps.RoleTap, Flags: maps.FlagAntiSpoof | maps.FlagStrictEgress}
-	if err := ep.SetMAC(mac); err != nil {
-		return err
-	}
-	ep.SetIP(e.s.GuestAddr)
-	if err := (maps.EndpointMap{Map: sb.Maps().Endpoints}).Put(uint32(e.s.Tap.Index), ep); err != nil {
-		return err
-	}
-	if _, err := sb.Attach(ns, tap, loader.ProgTapIn); err != nil {
-		return err
-	}
-	if err := sb.AttachDirectRNAT(ns, tap); err != nil {
-		return err
-	}
-	if err := e.openTap(); err != nil {
-		return err
-	}
-	e.guestMAC = mac
-	return nil
-}
-
-func setupTC(e *env) error {
-	ns, veth, tap := e.s.NS.Path(), e.s.Config.Veth, e.s.Config.Tap
-	root := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptb-", 8))
-	const id = "bench"
-	sb, err := loader.Open(root, id)
-	if err != nil {
-		os.Remove(root)
-		return err
-	}
-	e.undo = append(e.undo, func() error {
-		err := errors.Join(sb.Close(), loader.Remove(root, id))
-		os.Remove(root)
-		return err
-	})
-	e.sb = sb
-	if _, err := sb.Attach(ns, veth, loader.ProgUplinkIn); err != nil {
-		return err
-	}
-	if _, err := sb.Attach(ns, tap, loader.ProgTapIn); err != nil {
-		return err
-	}
-	eps := maps.EndpointMap{Map: sb.Maps().Endpoints}
-	v, t := uint32(e.s.Veth.Index), uint32(e.s.Tap.Index)
-	if err := eps.Put(v, maps.Endpoint{PeerIfindex: t, Slot: 0, Role: maps.RoleUplink}); err != nil {
-		return err
-	}
-	ep := maps.Endpoint{PeerIfindex: v, Slot: 0, Role: maps.RoleTap, Flags: maps.FlagAntiSpoof | maps.FlagStrictEgress}
-	if err := ep.SetMAC(e.s.GuestMAC); err != nil {
-		return err
-	}
-	ep.SetIP(e.s.GuestAddr)
-	if err := eps.Put(t, ep); err != nil {
-		return err
-	}
-	return e.openTap()
-}
-
-func setupMacvtap(e *env) error {
-	ns, veth := e.s.NS.Path(), e.s.Config.Veth
-	const name = "kdpmvtap0"
-	m, err := macvtap.Create(ns, veth, name)
-	if err != nil {
-		return err
-	}
-	e.undo = append(e.undo, func() error { return macvtap.Delete(ns, veth, name) })
-	fds, err := macvtap.Open(m, 1, true)
-	if err != nil {
-		return err
-	}
-	e.guest, e.guestDev, e.guestMAC = fds, name, m.MAC
-	return nil
-}
-
-// setupXDP is kata-dp's xdp mode as control/bpfdp sets it up: the tc
-// datapath with the XDP programs in front. The host side turns GRO on at
-// its veth, as an operator or CNI would, so that the veth takes the frames
-// XDP redirects into it and the guest's frames take XDP too.
-func setupXDP(e *env) error {
-	if err := setupTC(e); err != nil {
-		return err
-	}
-	ns, veth, tap := e.s.NS.Path(), e.s.Config.Veth, e.s.Config.Tap
-	if err := netdev.SetGRO(e.s.Host.Path(), e.s.Config.HostVeth, true); err != nil {
-		return err
-	}
-	if _, err := e.sb.AttachXDP(ns, veth, loader.ProgXDPUplink); err != nil {
-		return fmt.Errorf("%w: %w", errSkipMode, err)
-	}
-	if _, err := e.sb.AttachXDP(ns, tap, loader.ProgXDPTap); err != nil {
-		return fmt.Errorf("%w: %w", errSkipMode, err)
-	}
-	v, t := uint32(e.s.Veth.Index), uint32(e.s.Tap.Index)
-	if err := e.sb.SetXDPPort(ns, v, t, loader.XDPPort{MaxLen: uint32(e.s.Config.MTU) + 18, Flags: loader.XDPFlagCsum}); err != nil {
-		return err
-	}
-	ok, err := loader.XDPRedirectTarget(ns, veth)
-	if err != nil {
-		return err
-	}
-	if !ok {
-		return fmt.Errorf("%s takes no XDP frames although its peer has GRO on", veth)
-	}
-	return e.sb.SetXDPPort(ns, t, v, loader.XDPPort{MaxLen: uint32(e.s.Config.MTU) + 18, Flags: loader.XDPFlagCsum})
+	return setupKataDP(e, control.ModeTCFilter)
 }
 
 func (e *env) attachRef(dev string, p refprog.Prog) error {

@@ -70,7 +70,7 @@ type runner struct {
 // runMode builds a fresh topology, installs mode m, measures every case
 // and tears everything down.
 func (r *runner) runMode(ctx context.Context, m modeDef, round int) (out []Sample, err error) {
-	s, err := topo.NewSandbox(topo.SandboxConfig{Prefix: "kdptb-", NoTap: m.noTap})
+	s, err := topo.NewSandbox(topo.SandboxConfig{Prefix: "kdptb-"})
 	if err != nil {
 		return nil, err
 	}
