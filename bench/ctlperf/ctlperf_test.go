@@ -21,6 +21,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
 )
@@ -33,7 +34,7 @@ type agent struct {
 
 // startAgent builds and runs the real kata-dp agent with its state and pins in places of its own.
 func startAgent(b *testing.B) *agent {
-	topo.RequireRoot(b, "runs the agent with the BPF dataplane")
+	topotest.RequireRoot(b, "runs the agent with the BPF dataplane")
 	dir := b.TempDir()
 	bin := filepath.Join(dir, "kata-dp")
 	if out, err := exec.Command("go", "build", "-o", bin, "github.com/kata-dp/kata-dp/cmd/kata-dp").CombinedOutput(); err != nil {
@@ -76,7 +77,7 @@ func stats(b *testing.B, ds []time.Duration) {
 func BenchmarkAddIface(b *testing.B) {
 	a := startAgent(b)
 	ctx := context.Background()
-	sb := topo.MustSandbox(b, topo.SandboxConfig{Prefix: "kdptcp", NoTap: true})
+	sb := topotest.MustSandbox(b, topo.SandboxConfig{Prefix: "kdptcp", NoTap: true})
 	if _, err := a.c.AddSandbox(ctx, control.SandboxSpec{ID: "perf", NetNS: sb.NS.Path()}); err != nil {
 		b.Fatal(err)
 	}
@@ -140,7 +141,7 @@ func BenchmarkSandboxMemory(b *testing.B) {
 	ctx := context.Background()
 	rss0 := rssKiB(a.cmd.Process.Pid)
 	for i := range n {
-		ns := topo.MustNetNS(b, "kdptcpm")
+		ns := topotest.MustNetNS(b, "kdptcpm")
 		if _, err := ns.Exec("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"); err != nil {
 			b.Fatal(err)
 		}

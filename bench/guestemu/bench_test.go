@@ -10,6 +10,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
@@ -17,7 +18,7 @@ import (
 // entry for the guest (no ARP) and a started Counter pinned to the last CPU.
 func benchTopo(b testing.TB) (*topo.NetNS, *guestemu.Counter, netdev.LinkInfo) {
 	b.Helper()
-	host := topo.MustNetNS(b, "kdptg-b")
+	host := topotest.MustNetNS(b, "kdptg-b")
 	if err := host.DisableIPv6(); err != nil {
 		b.Fatal(err)
 	}

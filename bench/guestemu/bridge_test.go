@@ -9,6 +9,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/vishvananda/netlink"
 )
@@ -52,8 +53,8 @@ func TestBridge(t *testing.T) {
 		{"plain", 1, false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			host := topo.MustNetNS(t, "kdptg-h")
-			guest := topo.MustNetNS(t, "kdptg-g")
+			host := topotest.MustNetNS(t, "kdptg-h")
+			guest := topotest.MustNetNS(t, "kdptg-g")
 			noIPv6(t, host)
 			noIPv6(t, guest)
 			if err := netdev.CreateTap(host.Path(), "kdptap0", netdev.TapOptions{Queues: tc.queues, VnetHdr: tc.vnet}); err != nil {
@@ -150,9 +151,9 @@ func TestBridgeInvalid(t *testing.T) {
 	if _, err := guestemu.NewBridge(nil, "/run/netns/x", "eth0", guestemu.BridgeOptions{}); err == nil {
 		t.Error("NewBridge with no fds succeeded")
 	}
-	topo.RequireRoot(t, "creates taps")
-	host := topo.MustNetNS(t, "kdptg-h")
-	guest := topo.MustNetNS(t, "kdptg-g")
+	topotest.RequireRoot(t, "creates taps")
+	host := topotest.MustNetNS(t, "kdptg-h")
+	guest := topotest.MustNetNS(t, "kdptg-g")
 	if err := netdev.CreateTap(host.Path(), "kdptap0", netdev.TapOptions{VnetHdr: true}); err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"golang.org/x/sys/unix"
 )
@@ -26,7 +27,7 @@ var (
 // counterTopo makes a netns with an addressed tap and a started Counter on it.
 func counterTopo(t *testing.T, o guestemu.CounterOptions) (*topo.NetNS, *guestemu.Counter) {
 	t.Helper()
-	host := topo.MustNetNS(t, "kdptg-c")
+	host := topotest.MustNetNS(t, "kdptg-c")
 	noIPv6(t, host)
 	if err := netdev.CreateTap(host.Path(), "kdptap0", netdev.TapOptions{VnetHdr: true}); err != nil {
 		t.Fatal(err)
@@ -211,7 +212,7 @@ func TestCounterBadChecksumAndSend(t *testing.T) {
 }
 
 func TestCounterStopsWithContext(t *testing.T) {
-	host := topo.MustNetNS(t, "kdptg-x")
+	host := topotest.MustNetNS(t, "kdptg-x")
 	if err := netdev.CreateTap(host.Path(), "kdptap0", netdev.TapOptions{Queues: 2, VnetHdr: true}); err != nil {
 		t.Fatal(err)
 	}
@@ -248,7 +249,7 @@ func TestCounterStopsWithContext(t *testing.T) {
 }
 
 func TestCounterBadCPU(t *testing.T) {
-	host := topo.MustNetNS(t, "kdptg-p")
+	host := topotest.MustNetNS(t, "kdptg-p")
 	if err := netdev.CreateTap(host.Path(), "kdptap0", netdev.TapOptions{VnetHdr: true}); err != nil {
 		t.Fatal(err)
 	}

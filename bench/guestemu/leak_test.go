@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
-	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
@@ -22,8 +22,8 @@ func openFds(t *testing.T) int {
 // Close releases every fd and thread resource the emulators took, whether
 // they ran or not.
 func TestNoFdLeak(t *testing.T) {
-	host := topo.MustNetNS(t, "kdptg-l")
-	guest := topo.MustNetNS(t, "kdptg-m")
+	host := topotest.MustNetNS(t, "kdptg-l")
+	guest := topotest.MustNetNS(t, "kdptg-m")
 	if err := netdev.CreateTap(host.Path(), "kdptap0", netdev.TapOptions{Queues: 2, VnetHdr: true}); err != nil {
 		t.Fatal(err)
 	}

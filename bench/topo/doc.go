@@ -9,9 +9,10 @@
 // caller needs typed answers. Every namespace it makes has a unique name
 // built from a caller-chosen prefix (tests use "kdpt" plus something of their
 // own), lives under /run/netns so other processes can enter it by path, and
-// is deleted with everything in it by Close. The Must* variants take a
-// testing.TB, skip when not root, fail the test on error and register the
-// cleanup with t.Cleanup, so nothing is left behind even when a test fails.
+// is deleted with everything in it by Close. Tests use the helpers of
+// bench/topo/topotest (MustNetNS, MustSandbox, MustGuest: skip when not root,
+// fail the test on error, clean up with t.Cleanup); topo itself does not
+// import testing, since the kata-dp binary links it for `kata-dp bench`.
 //
 // Nothing here touches the caller's own network namespace: all links and
 // addresses are made inside namespaces the package created.

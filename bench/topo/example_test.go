@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 )
 
 // A typical integration test: build the sandbox, install the datapath under
@@ -14,13 +15,13 @@ import (
 func Example() {
 	var t testing.TB // the test's *testing.T
 
-	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptx-"})
+	s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptx-"})
 	// s.NS.Path() is the sandbox netns, s.Veth.Index / s.Tap.Index the
 	// ifindexes to attach to, s.GuestMAC / s.GuestAddr the guest's identity.
 	if err := s.InstallTCFilter(); err != nil {
 		t.Fatal(err)
 	}
-	g := s.MustGuest(t, topo.GuestConfig{})
+	g := topotest.MustGuest(t, s, topo.GuestConfig{})
 	if err := s.Host.Ping(s.GuestAddr.Addr().String(), 2, 5*time.Second); err != nil {
 		t.Fatal(err)
 	}

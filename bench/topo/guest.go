@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
-	"testing"
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 )
@@ -89,21 +88,6 @@ func (s *Sandbox) StartGuest(cfg GuestConfig) (g *Guest, err error) {
 	}
 	s.guests = append(s.guests, g)
 	return g, nil
-}
-
-// MustGuest is StartGuest for tests; the guest is closed when the test ends.
-func (s *Sandbox) MustGuest(tb testing.TB, cfg GuestConfig) *Guest {
-	tb.Helper()
-	g, err := s.StartGuest(cfg)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		if err := g.Close(); err != nil {
-			tb.Errorf("cleanup: %v", err)
-		}
-	})
-	return g
 }
 
 // Close stops the bridge and deletes the guest netns. It is idempotent.

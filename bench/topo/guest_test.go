@@ -9,6 +9,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 )
 
 // The sandbox topology carries traffic end to end once a datapath joins
@@ -16,11 +17,11 @@ import (
 func TestSandboxGuestThroughTCFilter(t *testing.T) {
 	for _, offload := range []bool{false, true} {
 		t.Run(fmt.Sprintf("offload=%v", offload), func(t *testing.T) {
-			s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptt-"})
+			s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptt-"})
 			if err := s.InstallTCFilter(); err != nil {
 				t.Fatal(err)
 			}
-			g := s.MustGuest(t, topo.GuestConfig{Offload: offload, Gateway: true})
+			g := topotest.MustGuest(t, s, topo.GuestConfig{Offload: offload, Gateway: true})
 			hostIP, guestIP := s.HostAddr.Addr().String(), s.GuestAddr.Addr().String()
 			if err := s.Host.Ping(guestIP, 2, 5*time.Second); err != nil {
 				t.Fatal(err)
@@ -56,7 +57,7 @@ func TestSandboxGuestThroughTCFilter(t *testing.T) {
 }
 
 func TestSandboxCounter(t *testing.T) {
-	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptt-", HostAddr: netip.MustParsePrefix("10.195.0.1/24"), GuestAddr: netip.MustParsePrefix("10.195.0.9/24")})
+	s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptt-", HostAddr: netip.MustParsePrefix("10.195.0.1/24"), GuestAddr: netip.MustParsePrefix("10.195.0.9/24")})
 	if err := s.InstallTCFilter(); err != nil {
 		t.Fatal(err)
 	}
@@ -88,10 +89,10 @@ func TestSandboxCounter(t *testing.T) {
 }
 
 func TestSandboxesSharingAHost(t *testing.T) {
-	node := topo.MustNetNS(t, "kdptt-node")
+	node := topotest.MustNetNS(t, "kdptt-node")
 	var sbs []*topo.Sandbox
 	for i := 1; i <= 2; i++ {
-		s := topo.MustSandbox(t, topo.SandboxConfig{
+		s := topotest.MustSandbox(t, topo.SandboxConfig{
 			Prefix:    fmt.Sprintf("kdptt-%d", i),
 			Host:      node,
 			HostVeth:  fmt.Sprintf("veth%d", i),
@@ -101,7 +102,7 @@ func TestSandboxesSharingAHost(t *testing.T) {
 		if err := s.InstallTCFilter(); err != nil {
 			t.Fatal(err)
 		}
-		s.MustGuest(t, topo.GuestConfig{Gateway: true})
+		topotest.MustGuest(t, s, topo.GuestConfig{Gateway: true})
 		sbs = append(sbs, s)
 	}
 	for _, s := range sbs {

@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 
 	"github.com/kata-dp/kata-dp/control/netdev"
@@ -45,14 +44,6 @@ type NetNS struct {
 	closed bool
 }
 
-// RequireRoot skips tb unless the process runs as root.
-func RequireRoot(tb testing.TB, why string) {
-	tb.Helper()
-	if os.Geteuid() != 0 {
-		tb.Skip("needs root: " + why)
-	}
-}
-
 // UniqueName returns prefix followed by n random hex digits.
 func UniqueName(prefix string, n int) string {
 	b := make([]byte, (n+1)/2)
@@ -79,23 +70,6 @@ func NewNetNS(prefix string) (*NetNS, error) {
 		return nil, fmt.Errorf("new netns %s: %w", name, err)
 	}
 	return n, nil
-}
-
-// MustNetNS is NewNetNS for tests: it skips when not root, fails tb on error
-// and deletes the namespace when the test ends.
-func MustNetNS(tb testing.TB, prefix string) *NetNS {
-	tb.Helper()
-	RequireRoot(tb, "creates network namespaces")
-	n, err := NewNetNS(prefix)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		if err := n.Close(); err != nil {
-			tb.Errorf("cleanup: %v", err)
-		}
-	})
-	return n
 }
 
 // Name is the namespace's name, as ip netns knows it.

@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"testing"
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/control/netdev"
@@ -190,23 +189,6 @@ func NewSandbox(cfg SandboxConfig) (s *Sandbox, err error) {
 	}
 	s.GuestMAC = s.Veth.MAC
 	return s, nil
-}
-
-// MustSandbox is NewSandbox for tests: it skips when not root, fails tb on
-// error and tears the sandbox down when the test ends.
-func MustSandbox(tb testing.TB, cfg SandboxConfig) *Sandbox {
-	tb.Helper()
-	RequireRoot(tb, "builds a sandbox topology in network namespaces")
-	s, err := NewSandbox(cfg)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		if err := s.Close(); err != nil {
-			tb.Errorf("cleanup: %v", err)
-		}
-	})
-	return s
 }
 
 // Close deletes both namespaces and everything in them. It is idempotent.

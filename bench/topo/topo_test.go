@@ -10,10 +10,11 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 )
 
 func TestNetNSLifecycle(t *testing.T) {
-	topo.RequireRoot(t, "creates network namespaces")
+	topotest.RequireRoot(t, "creates network namespaces")
 	n, err := topo.NewNetNS("kdptt-")
 	if err != nil {
 		t.Fatal(err)
@@ -44,8 +45,8 @@ func TestNetNSLifecycle(t *testing.T) {
 }
 
 func TestVethPingAndTCP(t *testing.T) {
-	a := topo.MustNetNS(t, "kdptt-a")
-	b := topo.MustNetNS(t, "kdptt-b")
+	a := topotest.MustNetNS(t, "kdptt-a")
+	b := topotest.MustNetNS(t, "kdptt-b")
 	if err := topo.VethPair(a, "va", b, "vb"); err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +71,7 @@ func TestVethPingAndTCP(t *testing.T) {
 }
 
 func TestSandbox(t *testing.T) {
-	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptt-", TapQueues: 2})
+	s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptt-", TapQueues: 2})
 	type view struct {
 		Type string
 		Up   bool
@@ -125,8 +126,8 @@ func TestSandboxConfigInvalid(t *testing.T) {
 }
 
 func TestSweepStale(t *testing.T) {
-	topo.RequireRoot(t, "creates network namespaces")
-	live := topo.MustNetNS(t, "kdptt-sw")
+	topotest.RequireRoot(t, "creates network namespaces")
+	live := topotest.MustNetNS(t, "kdptt-sw")
 	stale := "kdptt-sw.999999999.abcdef"
 	if out, err := exec.Command("ip", "netns", "add", stale).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add: %v: %s", err, out)

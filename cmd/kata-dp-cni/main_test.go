@@ -30,6 +30,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/cni"
@@ -109,7 +110,7 @@ func goCmd(timeout time.Duration, env []string, args ...string) error {
 
 func requireSetup(t *testing.T) {
 	t.Helper()
-	topo.RequireRoot(t, "creates network namespaces, taps and BPF programs, and runs the agent")
+	topotest.RequireRoot(t, "creates network namespaces, taps and BPF programs, and runs the agent")
 	if buildErr != nil {
 		t.Fatalf("build: %v", buildErr)
 	}
@@ -295,12 +296,12 @@ func newEnv(t *testing.T, agent *agentProc, peer *env, kdp map[string]any) *env 
 	if peer != nil {
 		host, ipamDir = peer.host, peer.ipamDir
 	} else {
-		host = topo.MustNetNS(t, nsPrefix+"h")
+		host = topotest.MustNetNS(t, nsPrefix+"h")
 		if err := host.DisableIPv6(); err != nil {
 			t.Fatal(err)
 		}
 	}
-	ctr := topo.MustNetNS(t, nsPrefix+"c")
+	ctr := topotest.MustNetNS(t, nsPrefix+"c")
 	if err := ctr.DisableIPv6(); err != nil {
 		t.Fatal(err)
 	}
@@ -529,7 +530,7 @@ func (e *env) assertTraffic(t *testing.T, mac net.HardwareAddr, addr netip.Prefi
 	if e.agent.placeholder() {
 		t.Skip("the agent runs the placeholder dataplane (cmd/kata-dp/deps.go does not wire the BPF dataplane in yet): no traffic is forwarded, so the traffic assertion cannot run")
 	}
-	guest := topo.MustNetNS(t, nsPrefix+"g")
+	guest := topotest.MustNetNS(t, nsPrefix+"g")
 	if err := guest.DisableIPv6(); err != nil {
 		t.Fatal(err)
 	}

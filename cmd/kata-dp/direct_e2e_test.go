@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 )
@@ -53,8 +54,8 @@ func tcxCount(t *testing.T, nsPath, dev string) (in, out int) {
 // through the node programs on the uplink and the sandbox's tap program, and removing the NIC
 // takes kata-dp's programs off the uplink while the host's own address there keeps working.
 func TestE2EDirectQEMU(t *testing.T) {
-	topo.RequireRoot(t, "runs QEMU and the BPF dataplane in namespaces")
-	host, client := topo.MustNetNS(t, "kdptx-h"), topo.MustNetNS(t, "kdptx-c")
+	topotest.RequireRoot(t, "runs QEMU and the BPF dataplane in namespaces")
+	host, client := topotest.MustNetNS(t, "kdptx-h"), topotest.MustNetNS(t, "kdptx-c")
 	for _, n := range []*topo.NetNS{host, client} {
 		n.DisableIPv6()
 	}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
 )
@@ -24,8 +25,8 @@ import (
 // ping and TCP cross kata-dp's BPF datapath between the host-side peer and the guest in both
 // directions; then a second NIC, del-iface, and QEMU dying under the agent.
 func TestE2EQEMU(t *testing.T) {
-	topo.RequireRoot(t, "runs QEMU and the BPF dataplane in namespaces")
-	sb := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdpte", NoTap: true})
+	topotest.RequireRoot(t, "runs QEMU and the BPF dataplane in namespaces")
+	sb := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdpte", NoTap: true})
 	const mac1, mac2 = "02:42:20:6f:a3:69", "02:42:20:6f:a3:70"
 	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: sb.NS.Path(), NetTable: map[string]string{
 		mac1: "10.199.0.2/24", mac2: "10.197.0.2/24",

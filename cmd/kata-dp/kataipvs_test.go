@@ -7,14 +7,15 @@ import (
 	"testing"
 
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 )
 
 // TestKataIPVSUserGuide runs the user guide's kata-ipvs commands through the real CLI against
 // the real agent (BPF dataplane), checking stdout, stderr and exit codes byte for byte, and that
 // the rules survive an agent restart.
 func TestKataIPVSUserGuide(t *testing.T) {
-	topo.RequireRoot(t, "runs the agent with the BPF dataplane")
-	ns := topo.MustNetNS(t, "kdptv")
+	topotest.RequireRoot(t, "runs the agent with the BPF dataplane")
+	ns := topotest.MustNetNS(t, "kdptv")
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
 	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptv-", 8))

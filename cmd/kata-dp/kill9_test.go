@@ -19,6 +19,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
@@ -56,15 +57,15 @@ func tcxLinkIDs(t *testing.T, nsPath, dev string) []link.ID {
 // killed with SIGKILL and restarted. Not a frame is lost while it is down, and afterwards the
 // interfaces and routes are the same and nothing was re-created (same taps, same links).
 func TestKill9UnderTraffic(t *testing.T) {
-	topo.RequireRoot(t, "runs the agent with the BPF dataplane in namespaces")
-	sb := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptk", NoTap: true})
+	topotest.RequireRoot(t, "runs the agent with the BPF dataplane in namespaces")
+	sb := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptk", NoTap: true})
 	if err := topo.VethPair(sb.Host, "veth1", sb.NS, "eth1"); err != nil {
 		t.Fatal(err)
 	}
 	if err := sb.Host.AddAddr("veth1", "10.198.0.1/24"); err != nil {
 		t.Fatal(err)
 	}
-	guest := topo.MustNetNS(t, "kdptkg")
+	guest := topotest.MustNetNS(t, "kdptkg")
 	guest.DisableIPv6()
 
 	dir := t.TempDir()

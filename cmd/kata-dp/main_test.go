@@ -18,6 +18,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 )
 
@@ -61,7 +62,7 @@ func (s *syncBuffer) String() string {
 
 func startAgent(t *testing.T) *testAgent {
 	t.Helper()
-	ns := topo.MustNetNS(t, "kdptc")
+	ns := topotest.MustNetNS(t, "kdptc")
 	if _, err := ns.Exec("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "kdptc-peer"); err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/api"
 )
 
@@ -62,8 +63,8 @@ func waitAgent(t *testing.T, sock string, p *agentProcess) {
 // TestAgentProcessKill9 runs the real agent process: state survives kill -9 without
 // re-creating anything, metrics are served, SIGTERM stops it cleanly and removes its socket.
 func TestAgentProcessKill9(t *testing.T) {
-	topo.RequireRoot(t, "creates network namespaces and taps")
-	ns := topo.MustNetNS(t, "kdptc")
+	topotest.RequireRoot(t, "creates network namespaces and taps")
+	ns := topotest.MustNetNS(t, "kdptc")
 	if _, err := ns.Exec("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "kdptc-peer"); err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netdev"
@@ -40,11 +41,11 @@ type rig struct {
 
 func newRig(t *testing.T, id string) *rig {
 	t.Helper()
-	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
+	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
 	r := &rig{root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-dp-%08x", rand.Uint32()))}
 	t.Cleanup(func() { os.RemoveAll(r.root) })
-	r.sb = topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdpt-dp"})
-	r.guest = topo.MustNetNS(t, "kdpt-dpg")
+	r.sb = topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdpt-dp"})
+	r.guest = topotest.MustNetNS(t, "kdpt-dpg")
 	for _, n := range []*topo.NetNS{r.sb.Host, r.sb.NS, r.guest} {
 		n.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
 	}

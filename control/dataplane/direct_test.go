@@ -24,6 +24,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/ipvs"
@@ -60,12 +61,12 @@ const (
 
 func newDirectRig(t *testing.T) *directRig {
 	t.Helper()
-	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
+	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
 	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-%08x", rand.Uint32()))
 	t.Cleanup(func() { os.RemoveAll(root) })
-	r := &directRig{host: topo.MustNetNS(t, "kdptd-h"), client: topo.MustNetNS(t, "kdptd-c"), root: root}
+	r := &directRig{host: topotest.MustNetNS(t, "kdptd-h"), client: topotest.MustNetNS(t, "kdptd-c"), root: root}
 	for i := range r.guests {
-		r.guests[i] = topo.MustNetNS(t, fmt.Sprintf("kdptd-g%d", i))
+		r.guests[i] = topotest.MustNetNS(t, fmt.Sprintf("kdptd-g%d", i))
 	}
 	for _, n := range append([]*topo.NetNS{r.host, r.client}, r.guests[:]...) {
 		n.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
@@ -548,14 +549,14 @@ var (
 // kata-dp's direct mode with every feature on).
 func newBenchTopo(t *testing.T, mode string, reflect bool) *benchTopo {
 	t.Helper()
-	b := &benchTopo{host: topo.MustNetNS(t, "kdptd-bh"), tap: "tapbench"}
+	b := &benchTopo{host: topotest.MustNetNS(t, "kdptd-bh"), tap: "tapbench"}
 	b.host.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
 	mustExec(t, b.host, "ip", "link", "add", "cl", "type", "veth", "peer", "name", "upl")
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	switch mode {
 	case "cni":
-		sb := topo.MustNetNS(t, "kdptd-bs")
+		sb := topotest.MustNetNS(t, "kdptd-bs")
 		sb.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
 		b.tapNS = sb.Path()
 		for _, c := range [][]string{
@@ -830,7 +831,7 @@ func TestDirectBench(t *testing.T) {
 	if os.Getenv("KDP_BENCH_DIRECT") == "" {
 		t.Skip("a benchmark: set KDP_BENCH_DIRECT=1")
 	}
-	topo.RequireRoot(t, "builds namespaces and loads BPF programs")
+	topotest.RequireRoot(t, "builds namespaces and loads BPF programs")
 	runs, d := 5, 2*time.Second
 	type sample struct{ h2gPPS, g2hPPS, h2gCPU, g2hCPU, rtt50, rtt99 []float64 }
 	res := map[string]*sample{"cni": {}, "direct": {}}
@@ -878,10 +879,10 @@ func TestDirectBench(t *testing.T) {
 // uplink and joining it, a guest behind it reaching the client, its counters, del-iface deleting the tap and taking the node programs off
 // the uplink, the host's own traffic untouched throughout.
 func TestDirectController(t *testing.T) {
-	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
+	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	host, client, guest := topo.MustNetNS(t, "kdptd-h"), topo.MustNetNS(t, "kdptd-c"), topo.MustNetNS(t, "kdptd-g")
+	host, client, guest := topotest.MustNetNS(t, "kdptd-h"), topotest.MustNetNS(t, "kdptd-c"), topotest.MustNetNS(t, "kdptd-g")
 	for _, n := range []*topo.NetNS{host, client, guest} {
 		n.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netdev"
@@ -43,11 +44,11 @@ type rigOpts struct {
 
 func newModeRig(t *testing.T, id string, o rigOpts) *modeRig {
 	t.Helper()
-	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
+	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
 	r := &modeRig{root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptx-%08x", rand.Uint32()))}
 	t.Cleanup(func() { os.RemoveAll(r.root) })
-	r.sb = topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptx-"})
-	r.guest = topo.MustNetNS(t, "kdptx-g")
+	r.sb = topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptx-"})
+	r.guest = topotest.MustNetNS(t, "kdptx-g")
 	if o.peerGRO {
 		if err := netdev.SetGRO(r.sb.Host.Path(), r.sb.HostVeth.Name, true); err != nil {
 			t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/direct"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
@@ -19,8 +20,8 @@ import (
 // rig is a throwaway netns with an uplink (a veth) and three taps beside it.
 func rig(t *testing.T) (*direct.Manager, *topo.NetNS, string) {
 	t.Helper()
-	topo.RequireRoot(t, "loads BPF programs and builds namespaces")
-	n := topo.MustNetNS(t, "kdptd-m")
+	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
+	n := topotest.MustNetNS(t, "kdptd-m")
 	if out, err := n.Exec("ip", "link", "add", "up0", "type", "veth", "peer", "name", "up0p"); err != nil {
 		t.Fatal(err, out)
 	}

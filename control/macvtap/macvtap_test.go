@@ -11,12 +11,13 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/macvtap"
 )
 
 func TestTraffic(t *testing.T) {
-	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-", NoTap: true})
-	g := topo.MustNetNS(t, "kdptb-g")
+	s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-", NoTap: true})
+	g := topotest.MustNetNS(t, "kdptb-g")
 	ns, veth := s.NS.Path(), s.Config.Veth
 	m, err := macvtap.Create(ns, veth, "kdptbmv0")
 	if err != nil {
@@ -87,7 +88,7 @@ func TestTraffic(t *testing.T) {
 }
 
 func TestErrors(t *testing.T) {
-	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-", NoTap: true})
+	s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-", NoTap: true})
 	if _, err := macvtap.Create(s.NS.Path(), "nosuchdev", "kdptbmv0"); err == nil {
 		t.Error("create on a missing veth succeeded")
 	}
@@ -108,7 +109,7 @@ func TestErrors(t *testing.T) {
 func TestSameIfindex(t *testing.T) {
 	var ms []macvtap.Macvtap
 	for i := 0; i < 2; i++ {
-		s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-", NoTap: true})
+		s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-", NoTap: true})
 		m, err := macvtap.Create(s.NS.Path(), s.Config.Veth, "kdptbmv0")
 		if err != nil {
 			t.Fatal(err)

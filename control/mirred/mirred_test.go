@@ -9,6 +9,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/mirred"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/vishvananda/netlink"
@@ -18,8 +19,8 @@ import (
 // guest's kernel stack plays the VM.
 func guest(t *testing.T) (*topo.Sandbox, *topo.NetNS) {
 	t.Helper()
-	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-"})
-	g := topo.MustNetNS(t, "kdptb-g")
+	s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-"})
+	g := topotest.MustNetNS(t, "kdptb-g")
 	fds, err := s.OpenTap()
 	if err != nil {
 		t.Fatal(err)
@@ -113,7 +114,7 @@ func tcState(t *testing.T, nsPath, dev string) state {
 }
 
 func TestIdempotentAndCleanup(t *testing.T) {
-	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-"})
+	s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-"})
 	ns, veth, tap := s.NS.Path(), s.Config.Veth, s.Config.Tap
 	for i := 0; i < 2; i++ {
 		if err := mirred.Join(ns, veth, tap); err != nil {
@@ -147,7 +148,7 @@ func TestIdempotentAndCleanup(t *testing.T) {
 // TestKeepsOthers checks that Unjoin leaves a qdisc and filters it did not
 // add.
 func TestKeepsOthers(t *testing.T) {
-	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-"})
+	s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-"})
 	ns, veth, tap := s.NS.Path(), s.Config.Veth, s.Config.Tap
 	// Someone else's ingress qdisc and a filter of theirs (a plain pass).
 	if _, err := s.NS.Exec("tc", "qdisc", "add", "dev", veth, "ingress"); err != nil {
@@ -175,7 +176,7 @@ func TestKeepsOthers(t *testing.T) {
 }
 
 func TestErrors(t *testing.T) {
-	s := topo.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-"})
+	s := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptb-"})
 	if err := mirred.Join(s.NS.Path(), s.Config.Veth, "nosuchdev"); err == nil {
 		t.Error("join with a missing tap succeeded")
 	}
