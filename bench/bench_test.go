@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/kata-dp/kata-dp/bench/guestemu"
 )
 
 // TestHarness runs one tiny round of every mode through Main, to prove the
@@ -115,7 +117,7 @@ func TestFlags(t *testing.T) {
 func TestUDPFrameChecksums(t *testing.T) {
 	mac := net.HardwareAddr{2, 0, 0, 0, 0, 1}
 	for _, n := range []int{0, 1, 64, 1400} {
-		f := udpFrame(mac, mac, netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("10.3.2.1"), 1, 2, n)
+		f := guestemu.UDPFrame(mac, mac, netip.MustParseAddrPort("10.1.2.3:1"), netip.MustParseAddrPort("10.3.2.1:2"), payloadOf(n))
 		ip := f[14:34]
 		if got := fold(sum(0, ip)); got != 0xffff {
 			t.Errorf("payload %d: ip checksum sums to %#x", n, got)
@@ -126,6 +128,23 @@ func TestUDPFrameChecksums(t *testing.T) {
 			t.Errorf("payload %d: udp checksum sums to %#x", n, got)
 		}
 	}
+}
+
+func sum(s uint32, b []byte) uint32 {
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
+	}
+	return s
+}
+
+func fold(s uint32) uint16 {
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
+	}
+	return uint16(s)
 }
 
 func TestReport(t *testing.T) {

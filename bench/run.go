@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net/netip"
 	"os"
 	"time"
 	"unsafe"
@@ -255,7 +256,7 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 		return err
 	}
 	defer emu.Close()
-	frame := udpFrame(e.guestMAC, e.hostMAC, s.HostAddr.Addr(), s.GuestAddr.Addr(), 40000, 40001, c.payload)
+	frame := guestemu.UDPFrame(e.hostMAC, e.guestMAC, netip.AddrPortFrom(s.HostAddr.Addr(), 40000), netip.AddrPortFrom(s.GuestAddr.Addr(), 40001), payloadOf(c.payload))
 	a, err := r.snap(e, emu, tids)
 	if err != nil {
 		return err
@@ -310,7 +311,7 @@ func (r *runner) oneWayG2H(ctx context.Context, e *env, m modeDef, c caseDef, sm
 		return err
 	}
 	defer sinkLink.Close()
-	frame := udpFrame(e.hostMAC, e.guestMAC, s.GuestAddr.Addr(), s.HostAddr.Addr(), 40001, 40000, c.payload)
+	frame := guestemu.UDPFrame(e.guestMAC, e.hostMAC, netip.AddrPortFrom(s.GuestAddr.Addr(), 40001), netip.AddrPortFrom(s.HostAddr.Addr(), 40000), payloadOf(c.payload))
 	a, err := r.snap(e, nil, nil)
 	if err != nil {
 		return err
@@ -468,4 +469,14 @@ func (r *runner) requestResponse(ctx context.Context, e *env, c caseDef, smp *Sa
 	}
 	r.checkOthers(smp, a, b)
 	return nil
+}
+
+// payloadOf is n bytes of UDP payload for the generated frames (the frames themselves are
+// built by guestemu.UDPFrame, the one builder the tests use too).
+func payloadOf(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(i)
+	}
+	return b
 }
