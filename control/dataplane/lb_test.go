@@ -27,6 +27,17 @@ const vipAddr = "10.96.0.10"
 func newLBRig(t *testing.T, id string) *lbRig {
 	r := &lbRig{rig: newRig(t, id), table: &ipvs.Table{}}
 	host := r.sb.Host
+	// The servers' ends of accepted connections are closed at the end too: a connection
+	// whose conntrack entry a test removed never sees its client's FIN.
+	var mu sync.Mutex
+	var accepted []net.Conn
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range accepted {
+			c.Close()
+		}
+	})
 	for i := 1; i <= 3; i++ {
 		addr := fmt.Sprintf("10.199.0.1%d", i)
 		if _, err := host.Exec("ip", "addr", "add", addr+"/24", "dev", r.sb.HostVeth.Name); err != nil {
@@ -43,6 +54,9 @@ func newLBRig(t *testing.T, id string) *lbRig {
 				if err != nil {
 					return
 				}
+				mu.Lock()
+				accepted = append(accepted, c)
+				mu.Unlock()
 				go func() {
 					defer c.Close()
 					fmt.Fprintf(c, "%s\n", addr)
