@@ -20,6 +20,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/control/netspec"
+	"github.com/kata-dp/kata-dp/loader"
 )
 
 // Agent is the part of the agent's API the plugin uses; *api.Client implements it.
@@ -135,20 +136,46 @@ func endpointOf(ctx context.Context, a Agent, id, nic string) (*control.Endpoint
 	return nil, nil
 }
 
-// Add makes the VM take over the container interface CNI_IFNAME: see the package doc.
-func (p *Plugin) Add(args *skel.CmdArgs) error {
+// begin is the start ADD and CHECK share: the configuration and the previous result (the
+// plugin only works in a chain), the CNI_* arguments, and the command's context.
+func (p *Plugin) begin(args *skel.CmdArgs) (*Config, *current.Result, context.Context, context.CancelFunc, error) {
 	conf, err := ParseConfig(args.StdinData)
 	if err != nil {
-		return err
+		return nil, nil, nil, nil, err
 	}
 	prev, err := conf.prevResult()
 	if err != nil {
-		return err
+		return nil, nil, nil, nil, err
 	}
 	if err := checkArgs(args, true); err != nil {
-		return err
+		return nil, nil, nil, nil, err
 	}
 	ctx, cancel := p.context()
+	return conf, prev, ctx, cancel, nil
+}
+
+// openRecord opens the state directory and reads the record of the attachment args names under
+// network (nil when ADD never recorded it). The caller closes the store. Errors are the
+// plugin's I/O errors.
+func openRecord(stateDir, network string, args *skel.CmdArgs) (*store, *record, error) {
+	st, err := openStore(stateDir)
+	if err != nil {
+		return nil, nil, ioError(err)
+	}
+	rec, err := st.getRecord(args.ContainerID, network, args.IfName)
+	if err != nil {
+		st.close()
+		return nil, nil, ioError(err)
+	}
+	return st, rec, nil
+}
+
+// Add makes the VM take over the container interface CNI_IFNAME: see the package doc.
+func (p *Plugin) Add(args *skel.CmdArgs) error {
+	conf, prev, ctx, cancel, err := p.begin(args)
+	if err != nil {
+		return err
+	}
 	defer cancel()
 	log := p.log().With("container", args.ContainerID, "ifname", args.IfName, "network", conf.Name)
 
@@ -184,14 +211,12 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	}
 	addr := guestAddr(prev, idx)
 
-	st, err := openStore(conf.StateDir)
+	st, prevRec, err := openRecord(conf.StateDir, conf.Name, args)
 	if err != nil {
-		return ioError(err)
+		return err
 	}
 	defer st.close()
-	if rec, err := st.getRecord(args.ContainerID, conf.Name, args.IfName); err != nil {
-		return ioError(err)
-	} else if rec != nil {
+	if prevRec != nil {
 		return types.NewError(CodeConflict, "kata-dp-cni: attachment already added",
 			fmt.Sprintf("container %s, network %s, ifname %s was added before and not deleted; DEL it first", args.ContainerID, conf.Name, args.IfName))
 	}
@@ -319,15 +344,11 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	}
 	ctx, cancel := p.context()
 	defer cancel()
-	st, err := openStore(conf.StateDir)
+	st, rec, err := openRecord(conf.StateDir, conf.Name, args)
 	if err != nil {
-		return ioError(err)
+		return err
 	}
 	defer st.close()
-	rec, err := st.getRecord(args.ContainerID, conf.Name, args.IfName)
-	if err != nil {
-		return ioError(err)
-	}
 	if rec == nil {
 		return nil // ADD never got as far as its record, or DEL ran before
 	}
@@ -385,31 +406,19 @@ func (p *Plugin) release(ctx context.Context, st *store, rec record) error {
 // with the veth's MAC and address, the tap created by the agent and joined to the veth, and
 // (in the BPF modes) kata-dp's programs attached to both.
 func (p *Plugin) Check(args *skel.CmdArgs) error {
-	conf, err := ParseConfig(args.StdinData)
+	conf, prev, ctx, cancel, err := p.begin(args)
 	if err != nil {
 		return err
 	}
-	prev, err := conf.prevResult()
-	if err != nil {
-		return err
-	}
-	if err := checkArgs(args, true); err != nil {
-		return err
-	}
-	ctx, cancel := p.context()
 	defer cancel()
 	failed := func(format string, a ...any) error {
 		return types.NewError(CodeCheckFailed, "kata-dp-cni: check failed", fmt.Sprintf(format, a...))
 	}
-	st, err := openStore(conf.StateDir)
+	st, rec, err := openRecord(conf.StateDir, conf.Name, args)
 	if err != nil {
-		return ioError(err)
+		return err
 	}
-	rec, err := st.getRecord(args.ContainerID, conf.Name, args.IfName)
 	st.close()
-	if err != nil {
-		return ioError(err)
-	}
 	if rec == nil {
 		return failed("no record of an ADD of container %s, network %s, ifname %s", args.ContainerID, conf.Name, args.IfName)
 	}
@@ -473,7 +482,7 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	}
 	if sb.Mode == control.ModeTC || sb.Mode == control.ModeXDP {
 		for _, dev := range []string{args.IfName, rec.Tap} {
-			progs, err := kdpPrograms(args.Netns, dev)
+			progs, err := loader.Programs(args.Netns, dev)
 			if err != nil {
 				return failed("%v", err)
 			}

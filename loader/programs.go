@@ -1,4 +1,4 @@
-package cni
+package loader
 
 import (
 	"errors"
@@ -12,13 +12,11 @@ import (
 	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
-// progPrefix marks kata-dp's BPF programs (the loader names them kdp_*).
-const progPrefix = "kdp_"
-
-// kdpPrograms returns the names of kata-dp's programs attached to dev in the netns at nsPath,
-// wherever the loader may have put them: TCX ingress (the normal case), XDP, or a legacy
-// clsact ingress filter (the loader's fallback on kernels without TCX).
-func kdpPrograms(nsPath, dev string) ([]string, error) {
+// Programs returns the names of kata-dp's programs (kdp_*) attached to ifname in the netns at
+// nsPath, wherever the loader may have put them: TCX ingress (the normal case), XDP, or a
+// legacy clsact ingress filter (the fallback on kernels without TCX). Other users' programs
+// are not listed. It reads only: callers that check a datapath (kata-dp-cni's CHECK) use it.
+func Programs(nsPath, ifname string) ([]string, error) {
 	var names []string
 	add := func(id ebpf.ProgramID) error {
 		p, err := ebpf.NewProgramFromID(id)
@@ -36,16 +34,16 @@ func kdpPrograms(nsPath, dev string) ([]string, error) {
 		return nil
 	}
 	err := netdev.InNetNS(nsPath, func() error {
-		l, err := netlink.LinkByName(dev)
+		l, err := netlink.LinkByName(ifname)
 		if err != nil {
-			return fmt.Errorf("find %s: %w", dev, err)
+			return fmt.Errorf("find %s: %w", ifname, err)
 		}
 		idx := l.Attrs().Index
 		res, err := link.QueryPrograms(link.QueryOptions{Target: idx, Attach: ebpf.AttachTCXIngress})
 		switch {
 		case errors.Is(err, ebpf.ErrNotSupported):
 		case err != nil:
-			return fmt.Errorf("query tcx programs of %s: %w", dev, err)
+			return fmt.Errorf("query tcx programs of %s: %w", ifname, err)
 		default:
 			for _, p := range res.Programs {
 				if err := add(p.ID); err != nil {
