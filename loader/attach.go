@@ -9,9 +9,10 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
 const linksDir = "links"
@@ -25,12 +26,9 @@ type Attachment struct {
 	Legacy  bool // clsact + bpf filter instead of a TCX link
 }
 
-// ForceLegacyTC makes Attach use clsact + bpf filters even where TCX works. For tests of the
-// fallback and for kernels whose TCX is unusable; not for normal operation.
-var ForceLegacyTC = false
-
 // Attach attaches program p at the tc ingress of device ifname in the network namespace at
-// nsPath ("" = the caller's). If kata-dp already attached a program there for this sandbox,
+// nsPath ("" = the caller's), with TCX, or with clsact + a bpf filter where the kernel has no
+// TCX or the sandbox was opened with Options.LegacyTC. If kata-dp already attached a program there for this sandbox,
 // the pinned link is updated in place, without a moment with no program.
 func (s *Sandbox) Attach(nsPath, ifname string, p Program) (Attachment, error) {
 	prog, err := s.Program(p)
@@ -38,7 +36,7 @@ func (s *Sandbox) Attach(nsPath, ifname string, p Program) (Attachment, error) {
 		return Attachment{}, fmt.Errorf("attach %s to %s: %w", p, ifname, err)
 	}
 	var a Attachment
-	err = inNetNS(nsPath, func() error {
+	err = netdev.InNetNS(nsPath, func() error {
 		l, err := netlink.LinkByName(ifname)
 		if err != nil {
 			return fmt.Errorf("find device: %w", err)
@@ -48,7 +46,7 @@ func (s *Sandbox) Attach(nsPath, ifname string, p Program) (Attachment, error) {
 		if err != nil {
 			return err
 		}
-		if !feat.TCX || ForceLegacyTC {
+		if !feat.TCX || s.legacy {
 			a.Legacy = true
 			return attachLegacy(a.Ifindex, prog, string(p))
 		}
@@ -123,7 +121,7 @@ func (s *Sandbox) Detach(nsPath, ifname string) error {
 			return fmt.Errorf("detach %s: %w", ifname, err)
 		}
 	}
-	err = inNetNS(nsPath, func() error {
+	err = netdev.InNetNS(nsPath, func() error {
 		l, err := netlink.LinkByName(ifname)
 		if err != nil {
 			return nil // gone: nothing of ours can be left on it
@@ -262,11 +260,4 @@ func detachLegacy(ifindex int) error {
 		}
 	}
 	return nil
-}
-
-func inNetNS(path string, fn func() error) error {
-	if path == "" {
-		return fn()
-	}
-	return ns.WithNetNSPath(path, func(ns.NetNS) error { return fn() })
 }

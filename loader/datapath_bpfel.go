@@ -13,20 +13,20 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type datapathAffEntry struct {
+type DatapathAffEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
 	Backend  uint32
 	Pad      uint32
 }
 
-type datapathAffKey struct {
+type DatapathAffKey struct {
 	_    structs.HostLayout
 	Svc  uint32
 	Addr uint32
 }
 
-type datapathBpfDevmapVal struct {
+type DatapathBpfDevmapVal struct {
 	_       structs.HostLayout
 	Ifindex uint32
 	BpfProg struct {
@@ -35,7 +35,7 @@ type datapathBpfDevmapVal struct {
 	}
 }
 
-type datapathConfig struct {
+type DatapathConfig struct {
 	_             structs.HostLayout
 	RouteGen      uint32
 	Flags         uint32
@@ -45,7 +45,7 @@ type datapathConfig struct {
 	UdpTimeout    uint32
 }
 
-type datapathCtEntry struct {
+type DatapathCtEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
 	Addr     uint32
@@ -56,7 +56,7 @@ type datapathCtEntry struct {
 	Svc      uint32
 }
 
-type datapathCtKey struct {
+type DatapathCtKey struct {
 	_     structs.HostLayout
 	Saddr uint32
 	Daddr uint32
@@ -67,7 +67,7 @@ type datapathCtKey struct {
 	Pad   uint16
 }
 
-type datapathEndpoint struct {
+type DatapathEndpoint struct {
 	_           structs.HostLayout
 	PeerIfindex uint32
 	Slot        uint32
@@ -78,27 +78,27 @@ type datapathEndpoint struct {
 	Flags       uint32
 }
 
-type datapathEpStats struct {
+type DatapathEpStats struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
 	Drops   [8]uint64
 }
 
-type datapathLbBackend struct {
+type DatapathLbBackend struct {
 	_      structs.HostLayout
 	Ip     uint32
 	Port   uint16
 	Weight uint16
 }
 
-type datapathLbConns struct {
+type DatapathLbConns struct {
 	_        structs.HostLayout
 	Active   int64
 	Inactive int64
 }
 
-type datapathLbStats struct {
+type DatapathLbStats struct {
 	_        structs.HostLayout
 	Conns    uint64
 	Inpkts   uint64
@@ -108,13 +108,13 @@ type datapathLbStats struct {
 	Sched    uint64
 }
 
-type datapathLbStatsKey struct {
+type DatapathLbStatsKey struct {
 	_    structs.HostLayout
 	Kind uint32
 	Id   uint32
 }
 
-type datapathLbSvc struct {
+type DatapathLbSvc struct {
 	_       structs.HostLayout
 	Id      uint32
 	Count   uint32
@@ -126,7 +126,7 @@ type datapathLbSvc struct {
 	Pad     uint16
 }
 
-type datapathLbSvcKey struct {
+type DatapathLbSvcKey struct {
 	_     structs.HostLayout
 	Vip   uint32
 	Vport uint16
@@ -135,20 +135,20 @@ type datapathLbSvcKey struct {
 	Slot  uint32
 }
 
-type datapathRouteKey struct {
+type DatapathRouteKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Tag       uint32
 	Addr      uint32
 }
 
-type datapathRouteVal struct {
+type DatapathRouteVal struct {
 	_       structs.HostLayout
 	Gateway uint32
 	Flags   uint32
 }
 
-type datapathXdpPort struct {
+type DatapathXdpPort struct {
 	_      structs.HostLayout
 	MaxLen uint32
 	Flags  uint32
@@ -158,46 +158,46 @@ type datapathXdpPort struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	datapathMapKdpConfig     = "kdp_config"
-	datapathMapKdpEndpoints  = "kdp_endpoints"
-	datapathMapKdpLbAff      = "kdp_lb_aff"
-	datapathMapKdpLbBe       = "kdp_lb_be"
-	datapathMapKdpLbConns    = "kdp_lb_conns"
-	datapathMapKdpLbCt       = "kdp_lb_ct"
-	datapathMapKdpLbStats    = "kdp_lb_stats"
-	datapathMapKdpLbSvc      = "kdp_lb_svc"
-	datapathMapKdpRoutes     = "kdp_routes"
-	datapathMapKdpStats      = "kdp_stats"
-	datapathMapKdpXdpPorts   = "kdp_xdp_ports"
-	datapathMapKdpXdpTx      = "kdp_xdp_tx"
-	datapathProgKdpTapIn     = "kdp_tap_in"
-	datapathProgKdpUplinkIn  = "kdp_uplink_in"
-	datapathProgKdpXdpTap    = "kdp_xdp_tap"
-	datapathProgKdpXdpUplink = "kdp_xdp_uplink"
+	DatapathMapKdpConfig     = "kdp_config"
+	DatapathMapKdpEndpoints  = "kdp_endpoints"
+	DatapathMapKdpLbAff      = "kdp_lb_aff"
+	DatapathMapKdpLbBe       = "kdp_lb_be"
+	DatapathMapKdpLbConns    = "kdp_lb_conns"
+	DatapathMapKdpLbCt       = "kdp_lb_ct"
+	DatapathMapKdpLbStats    = "kdp_lb_stats"
+	DatapathMapKdpLbSvc      = "kdp_lb_svc"
+	DatapathMapKdpRoutes     = "kdp_routes"
+	DatapathMapKdpStats      = "kdp_stats"
+	DatapathMapKdpXdpPorts   = "kdp_xdp_ports"
+	DatapathMapKdpXdpTx      = "kdp_xdp_tx"
+	DatapathProgKdpTapIn     = "kdp_tap_in"
+	DatapathProgKdpUplinkIn  = "kdp_uplink_in"
+	DatapathProgKdpXdpTap    = "kdp_xdp_tap"
+	DatapathProgKdpXdpUplink = "kdp_xdp_uplink"
 )
 
-// loadDatapath returns the embedded CollectionSpec for datapath.
-func loadDatapath() (*ebpf.CollectionSpec, error) {
+// LoadDatapath returns the embedded CollectionSpec for Datapath.
+func LoadDatapath() (*ebpf.CollectionSpec, error) {
 	reader := bytes.NewReader(_DatapathBytes)
 	spec, err := ebpf.LoadCollectionSpecFromReader(reader)
 	if err != nil {
-		return nil, fmt.Errorf("can't load datapath: %w", err)
+		return nil, fmt.Errorf("can't load Datapath: %w", err)
 	}
 
 	return spec, err
 }
 
-// loadDatapathObjects loads datapath and converts it into a struct.
+// LoadDatapathObjects loads Datapath and converts it into a struct.
 //
 // The following types are suitable as obj argument:
 //
-//	*datapathObjects
-//	*datapathPrograms
-//	*datapathMaps
+//	*DatapathObjects
+//	*DatapathPrograms
+//	*DatapathMaps
 //
 // See ebpf.CollectionSpec.LoadAndAssign documentation for details.
-func loadDatapathObjects(obj any, opts *ebpf.CollectionOptions) error {
-	spec, err := loadDatapath()
+func LoadDatapathObjects(obj any, opts *ebpf.CollectionOptions) error {
+	spec, err := LoadDatapath()
 	if err != nil {
 		return err
 	}
@@ -205,29 +205,29 @@ func loadDatapathObjects(obj any, opts *ebpf.CollectionOptions) error {
 	return spec.LoadAndAssign(obj, opts)
 }
 
-// datapathSpecs contains maps and programs before they are loaded into the kernel.
+// DatapathSpecs contains maps and programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type datapathSpecs struct {
-	datapathProgramSpecs
-	datapathMapSpecs
-	datapathVariableSpecs
+type DatapathSpecs struct {
+	DatapathProgramSpecs
+	DatapathMapSpecs
+	DatapathVariableSpecs
 }
 
-// datapathProgramSpecs contains programs before they are loaded into the kernel.
+// DatapathProgramSpecs contains programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type datapathProgramSpecs struct {
+type DatapathProgramSpecs struct {
 	KdpTapIn     *ebpf.ProgramSpec `ebpf:"kdp_tap_in"`
 	KdpUplinkIn  *ebpf.ProgramSpec `ebpf:"kdp_uplink_in"`
 	KdpXdpTap    *ebpf.ProgramSpec `ebpf:"kdp_xdp_tap"`
 	KdpXdpUplink *ebpf.ProgramSpec `ebpf:"kdp_xdp_uplink"`
 }
 
-// datapathMapSpecs contains maps before they are loaded into the kernel.
+// DatapathMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type datapathMapSpecs struct {
+type DatapathMapSpecs struct {
 	KdpConfig    *ebpf.MapSpec `ebpf:"kdp_config"`
 	KdpEndpoints *ebpf.MapSpec `ebpf:"kdp_endpoints"`
 	KdpLbAff     *ebpf.MapSpec `ebpf:"kdp_lb_aff"`
@@ -242,32 +242,32 @@ type datapathMapSpecs struct {
 	KdpXdpTx     *ebpf.MapSpec `ebpf:"kdp_xdp_tx"`
 }
 
-// datapathVariableSpecs contains global variables before they are loaded into the kernel.
+// DatapathVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type datapathVariableSpecs struct {
+type DatapathVariableSpecs struct {
 }
 
-// datapathObjects contains all objects after they have been loaded into the kernel.
+// DatapathObjects contains all objects after they have been loaded into the kernel.
 //
-// It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
-type datapathObjects struct {
-	datapathPrograms
-	datapathMaps
-	datapathVariables
+// It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
+type DatapathObjects struct {
+	DatapathPrograms
+	DatapathMaps
+	DatapathVariables
 }
 
-func (o *datapathObjects) Close() error {
+func (o *DatapathObjects) Close() error {
 	return _DatapathClose(
-		&o.datapathPrograms,
-		&o.datapathMaps,
+		&o.DatapathPrograms,
+		&o.DatapathMaps,
 	)
 }
 
-// datapathMaps contains all maps after they have been loaded into the kernel.
+// DatapathMaps contains all maps after they have been loaded into the kernel.
 //
-// It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
-type datapathMaps struct {
+// It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
+type DatapathMaps struct {
 	KdpConfig    *ebpf.Map `ebpf:"kdp_config"`
 	KdpEndpoints *ebpf.Map `ebpf:"kdp_endpoints"`
 	KdpLbAff     *ebpf.Map `ebpf:"kdp_lb_aff"`
@@ -282,7 +282,7 @@ type datapathMaps struct {
 	KdpXdpTx     *ebpf.Map `ebpf:"kdp_xdp_tx"`
 }
 
-func (m *datapathMaps) Close() error {
+func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
 		m.KdpConfig,
 		m.KdpEndpoints,
@@ -299,23 +299,23 @@ func (m *datapathMaps) Close() error {
 	)
 }
 
-// datapathVariables contains all global variables after they have been loaded into the kernel.
+// DatapathVariables contains all global variables after they have been loaded into the kernel.
 //
-// It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
-type datapathVariables struct {
+// It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
+type DatapathVariables struct {
 }
 
-// datapathPrograms contains all programs after they have been loaded into the kernel.
+// DatapathPrograms contains all programs after they have been loaded into the kernel.
 //
-// It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
-type datapathPrograms struct {
+// It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
+type DatapathPrograms struct {
 	KdpTapIn     *ebpf.Program `ebpf:"kdp_tap_in"`
 	KdpUplinkIn  *ebpf.Program `ebpf:"kdp_uplink_in"`
 	KdpXdpTap    *ebpf.Program `ebpf:"kdp_xdp_tap"`
 	KdpXdpUplink *ebpf.Program `ebpf:"kdp_xdp_uplink"`
 }
 
-func (p *datapathPrograms) Close() error {
+func (p *DatapathPrograms) Close() error {
 	return _DatapathClose(
 		p.KdpTapIn,
 		p.KdpUplinkIn,

@@ -142,11 +142,11 @@ func NeedsOf(spec *ebpf.CollectionSpec) Needs {
 
 // objectNeeds reads the needs of the two compiled objects.
 func objectNeeds() (map[string]Needs, error) {
-	dp, err := loadDatapath()
+	dp, err := LoadDatapath()
 	if err != nil {
 		return nil, fmt.Errorf("datapath object: %w", err)
 	}
-	node, err := loadNode()
+	node, err := LoadNode()
 	if err != nil {
 		return nil, fmt.Errorf("node object: %w", err)
 	}
@@ -274,7 +274,7 @@ func CheckLoad() error {
 	for _, o := range []struct {
 		name string
 		load func() (*ebpf.CollectionSpec, error)
-	}{{"datapath", loadDatapath}, {"node", loadNode}} {
+	}{{"datapath", LoadDatapath}, {"node", LoadNode}} {
 		spec, err := o.load()
 		if err != nil {
 			return fmt.Errorf("%s object: %w", o.name, err)

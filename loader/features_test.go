@@ -13,7 +13,7 @@ import (
 // TestNeedsOfObjects: reading the compiled objects finds what the datapath is known to use
 // (the features that set its minimum kernel), so the probe list follows the object.
 func TestNeedsOfObjects(t *testing.T) {
-	dp, err := loadDatapath()
+	dp, err := LoadDatapath()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/loader"
 	"github.com/kata-dp/kata-dp/maps"
 )
@@ -133,12 +134,12 @@ func newLBRig(t *testing.T) *lbRig {
 	sb := openSandbox(t, testRoot(t), "lb")
 	m := sb.Maps()
 	r := &lbRig{
-		lb:  maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config},
+		lb:  maps.ForSandbox(m).LB,
 		eps: maps.EndpointMap{Map: m.Endpoints},
 	}
 	r.tapIn, _ = sb.Program(loader.ProgTapIn)
 	r.upIn, _ = sb.Program(loader.ProgUplinkIn)
-	if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300}); err != nil {
+	if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
 		t.Fatal(err)
 	}
 	return r
@@ -169,7 +170,7 @@ func TestLBNAT(t *testing.T) {
 	needRoot(t)
 	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
 		r := newLBRig(t)
-		if err := r.lb.PutBackend(7, backend, 1); err != nil {
+		if err := r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
 			t.Fatal(err)
 		}
 		if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: proto, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
@@ -195,7 +196,7 @@ func TestLBNAT(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if st.Conns != 1 || st.InPkts != 3 || st.OutPkts != 3 {
+		if st.Conns != 1 || st.Inpkts != 3 || st.Outpkts != 3 {
 			t.Errorf("proto %d: real server counters %+v, want 1 conn, 3 in, 3 out", proto, st)
 		}
 		// A frame that is not for a service is untouched.
@@ -210,7 +211,7 @@ func TestLBNAT(t *testing.T) {
 func TestLBUDPZeroChecksum(t *testing.T) {
 	needRoot(t)
 	r := newLBRig(t)
-	r.lb.PutBackend(7, backend, 1)
+	r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1})
 	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_UDP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}})
 	f := l4Frame(unix.IPPROTO_UDP, guestMAC, client, vip, 0, 20)
 	f[14+20+6], f[14+20+7] = 0, 0
@@ -229,7 +230,7 @@ func TestLBSchedulers(t *testing.T) {
 	servers := map[uint32]netip.AddrPort{}
 	for id := uint32(1); id <= 3; id++ {
 		servers[id] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(id)}), 80)
-		if err := r.lb.PutBackend(id, servers[id], uint16(id)); err != nil {
+		if err := r.lb.PutBackend(id, maps.Backend{Addr: servers[id], Weight: uint16(id)}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -280,7 +281,7 @@ func TestLBSchedulers(t *testing.T) {
 		t.Errorf("nq picked %v, want the idle %v", got, servers[2])
 	}
 	// Weight 0 is never picked.
-	r.lb.PutBackend(2, servers[2], 0)
+	r.lb.PutBackend(2, maps.Backend{Addr: servers[2], Weight: 0})
 	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedLC, Slots: []uint32{2}})
 	ret, _ := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, 4000), vip, 0x02, 0))
 	if ret != tcxDrop {
@@ -291,14 +292,14 @@ func TestLBSchedulers(t *testing.T) {
 	for i := range table {
 		table[i] = uint32(i%3) + 1
 	}
-	r.lb.PutBackend(2, servers[2], 2)
+	r.lb.PutBackend(2, maps.Backend{Addr: servers[2], Weight: 2})
 	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedSH, Slots: table})
-	if got, want := pick(5000), servers[table[maps.SHHash(guestIP)]]; got != want {
-		t.Errorf("sh picked %v, want %v (bucket %d)", got, want, maps.SHHash(guestIP))
+	if got, want := pick(5000), servers[table[ipvs.SHHash(guestIP)]]; got != want {
+		t.Errorf("sh picked %v, want %v (bucket %d)", got, want, ipvs.SHHash(guestIP))
 	}
 	// dh: the bucket of the destination (the VIP).
 	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedDH, Slots: table})
-	if got, want := pick(5001), servers[table[maps.DHHash(vip.Addr())]]; got != want {
-		t.Errorf("dh picked %v, want %v (bucket %d)", got, want, maps.DHHash(vip.Addr()))
+	if got, want := pick(5001), servers[table[ipvs.DHHash(vip.Addr())]]; got != want {
+		t.Errorf("dh picked %v, want %v (bucket %d)", got, want, ipvs.DHHash(vip.Addr()))
 	}
 }

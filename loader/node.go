@@ -3,8 +3,6 @@ package loader
 import (
 	"errors"
 	"fmt"
-	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 
@@ -12,6 +10,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
 // Direct mode's node programs (bpf/node.c), attached to a host uplink rather than to a
@@ -30,23 +30,6 @@ var (
 	// ErrNoTCX is returned when direct mode is asked of a kernel without TCX links: the node
 	// programs need egress and ingress links that other tc users cannot displace.
 	ErrNoTCX = errors.New("direct mode needs tcx (linux 6.6 or later)")
-	// ErrBadMAC is returned for a guest MAC that is not a unicast Ethernet address.
-	ErrBadMAC = errors.New("guest mac must be a unicast ethernet address")
-)
-
-// FDBEntry is where a guest MAC lives: the ifindex of its tap in the uplink's netns.
-type FDBEntry = nodeFdbEntry
-
-// NodeTapStats are the node programs' counters for one tap, summed over CPUs.
-type NodeTapStats = nodeNodeTapStats
-
-// Node counters (kdp_node_ctrs), see enum kdp_node_ctr.
-const (
-	NodeInGuest  = 0
-	NodeInPass   = 1
-	NodeOutGuest = 2
-	NodeOutHost  = 3
-	NodeOutPass  = 4
 )
 
 // Node is the loaded node collection of one uplink.
@@ -79,7 +62,7 @@ func (o *nodeCore) Close() error {
 func (n *Node) Dir() string { return n.dir }
 
 // NodeSpec returns the node object's collection spec.
-func NodeSpec() (*ebpf.CollectionSpec, error) { return loadNode() }
+func NodeSpec() (*ebpf.CollectionSpec, error) { return LoadNode() }
 
 // nodeDir names an uplink's directory by its netns (inode) and name: the same name in two
 // namespaces is two uplinks.
@@ -118,7 +101,7 @@ func OpenNode(root, nsPath, uplink string) (*Node, error) {
 	if err := os.MkdirAll(filepath.Join(dir, linksDir), 0o700); err != nil {
 		return nil, fmt.Errorf("open node %s: %w", uplink, err)
 	}
-	spec, err := loadNode()
+	spec, err := LoadNode()
 	if err != nil {
 		return nil, fmt.Errorf("open node %s: load spec: %w", uplink, err)
 	}
@@ -149,13 +132,19 @@ func (n *Node) Program(p Program) (*ebpf.Program, error) {
 	return nil, fmt.Errorf("%w %q", ErrUnknownProgram, p)
 }
 
-// NodeMaps are a node's maps, owned by the Node.
-type NodeMaps struct{ FDB, ARP, Config, TapStats, Counters *ebpf.Map }
+// NodeMapHandles are a node's maps, owned by the Node; maps.Node is their typed view.
+type NodeMapHandles struct {
+	FDB      *ebpf.Map // kdp_fdb: guest MAC -> tap
+	ARP      *ebpf.Map // kdp_arp: guest IPv4 -> MAC
+	Config   *ebpf.Map // kdp_node_cfg: the uplink (written by Attach)
+	Taps     *ebpf.Map // kdp_node_taps: per-tap counters
+	Counters *ebpf.Map // kdp_node_ctrs: node counters
+}
 
 // Maps returns the node's maps.
-func (n *Node) Maps() NodeMaps {
+func (n *Node) Maps() NodeMapHandles {
 	o := &n.objs
-	return NodeMaps{FDB: o.KdpFdb, ARP: o.KdpArp, Config: o.KdpNodeCfg, TapStats: o.KdpNodeTaps, Counters: o.KdpNodeCtrs}
+	return NodeMapHandles{FDB: o.KdpFdb, ARP: o.KdpArp, Config: o.KdpNodeCfg, Taps: o.KdpNodeTaps, Counters: o.KdpNodeCtrs}
 }
 
 func (n *Node) linkPin(p Program) string { return filepath.Join(n.dir, linksDir, string(p)) }
@@ -194,13 +183,14 @@ func (n *Node) Attach() error {
 	if !feat.TCX {
 		return fmt.Errorf("attach node %s: %w", n.Uplink, ErrNoTCX)
 	}
-	err = inNetNS(n.NetNS, func() error {
+	err = netdev.InNetNS(n.NetNS, func() error {
 		l, err := netlink.LinkByName(n.Uplink)
 		if err != nil {
 			return fmt.Errorf("find device: %w", err)
 		}
 		n.Ifindex = l.Attrs().Index
-		cfg := nodeNodeCfg{Ifindex: uint32(n.Ifindex)}
+		// The programs' parameters: which device they run on.
+		cfg := NodeNodeCfg{Ifindex: uint32(n.Ifindex)}
 		copy(cfg.Mac[:], l.Attrs().HardwareAddr)
 		if err := n.objs.KdpNodeCfg.Put(uint32(0), cfg); err != nil {
 			return fmt.Errorf("write node config: %w", err)
@@ -277,132 +267,6 @@ func RemoveNode(root, nsPath, uplink string) error {
 	return nil
 }
 
-func fdbKey(mac net.HardwareAddr) (nodeFdbKey, error) {
-	var k nodeFdbKey
-	if len(mac) != 6 || mac[0]&1 != 0 || [6]byte(mac) == [6]byte{} {
-		return k, fmt.Errorf("%w: %q", ErrBadMAC, mac)
-	}
-	copy(k.Mac[:], mac)
-	return k, nil
-}
-
-// PutGuest makes the node deliver frames for mac (and ARP requests for addr, when valid) into
-// the tap with ifindex tap, and creates the tap's counters (kept if they exist).
-func (n *Node) PutGuest(mac net.HardwareAddr, addr netip.Addr, tap int) error {
-	k, err := fdbKey(mac)
-	if err != nil {
-		return err
-	}
-	stats := make([]nodeNodeTapStats, ebpf.MustPossibleCPU())
-	if err := n.objs.KdpNodeTaps.Update(uint32(tap), stats, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-		return fmt.Errorf("create tap counters: %w", err)
-	}
-	if err := n.objs.KdpFdb.Put(k, nodeFdbEntry{Ifindex: uint32(tap)}); err != nil {
-		return fmt.Errorf("write fdb entry %s: %w", mac, err)
-	}
-	if addr.Is4() {
-		if err := n.objs.KdpArp.Put(addr.As4(), nodeArpEntry{Mac: k.Mac}); err != nil {
-			return fmt.Errorf("write arp entry %s: %w", addr, err)
-		}
-	}
-	return nil
-}
-
-// DelGuest removes the entries of mac and addr, and the counters of tap. Missing entries are
-// not an error.
-func (n *Node) DelGuest(mac net.HardwareAddr, addr netip.Addr, tap int) error {
-	k, err := fdbKey(mac)
-	if err != nil {
-		return err
-	}
-	if addr.Is4() {
-		if err := n.objs.KdpArp.Delete(addr.As4()); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete arp entry %s: %w", addr, err)
-		}
-	}
-	if err := n.objs.KdpFdb.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete fdb entry %s: %w", mac, err)
-	}
-	if tap > 0 {
-		if err := n.objs.KdpNodeTaps.Delete(uint32(tap)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete tap counters: %w", err)
-		}
-	}
-	return nil
-}
-
-// Guest returns the tap ifindex a MAC is delivered to (ok false if none).
-func (n *Node) Guest(mac net.HardwareAddr) (tap int, ok bool, err error) {
-	k, err := fdbKey(mac)
-	if err != nil {
-		return 0, false, err
-	}
-	var e nodeFdbEntry
-	if err := n.objs.KdpFdb.Lookup(k, &e); err != nil {
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return 0, false, nil
-		}
-		return 0, false, fmt.Errorf("look up fdb entry %s: %w", mac, err)
-	}
-	return int(e.Ifindex), true, nil
-}
-
-// ARPOwner returns the MAC that owns addr (nil if none).
-func (n *Node) ARPOwner(addr netip.Addr) (net.HardwareAddr, error) {
-	var e nodeArpEntry
-	if err := n.objs.KdpArp.Lookup(addr.As4(), &e); err != nil {
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("look up arp entry %s: %w", addr, err)
-	}
-	return net.HardwareAddr(e.Mac[:]), nil
-}
-
-// GuestCount is the number of guest MACs the node delivers.
-func (n *Node) GuestCount() (int, error) {
-	var k nodeFdbKey
-	var v nodeFdbEntry
-	c := 0
-	it := n.objs.KdpFdb.Iterate()
-	for it.Next(&k, &v) {
-		c++
-	}
-	if err := it.Err(); err != nil {
-		return 0, fmt.Errorf("count guests: %w", err)
-	}
-	return c, nil
-}
-
-// TapStats returns the node's counters for tap, summed over CPUs.
-func (n *Node) TapStats(tap int) (NodeTapStats, error) {
-	var per []nodeNodeTapStats
-	var out NodeTapStats
-	if err := n.objs.KdpNodeTaps.Lookup(uint32(tap), &per); err != nil {
-		return out, fmt.Errorf("tap %d counters: %w", tap, err)
-	}
-	for _, s := range per {
-		out.Packets += s.Packets
-		out.Bytes += s.Bytes
-		out.Arp += s.Arp
-		out.Local += s.Local
-	}
-	return out, nil
-}
-
-// Counter returns node counter c (Node*), summed over CPUs.
-func (n *Node) Counter(c uint32) (uint64, error) {
-	var per []uint64
-	if err := n.objs.KdpNodeCtrs.Lookup(c, &per); err != nil {
-		return 0, fmt.Errorf("node counter %d: %w", c, err)
-	}
-	var sum uint64
-	for _, v := range per {
-		sum += v
-	}
-	return sum, nil
-}
-
 // NodeDirOf is the pin directory of uplink's node collection (it may not exist).
 func NodeDirOf(root, nsPath, uplink string) (string, error) {
 	return nodeDir(root, nsPath, uplink)
@@ -429,29 +293,6 @@ func OpenNodeMaps(root, nsPath, uplink string) (*Node, error) {
 	return n, nil
 }
 
-// DropStaleARP removes the ARP entries owned by mac other than keep: a guest whose address
-// changed must not keep drawing ARP requests for its old one.
-func (n *Node) DropStaleARP(mac net.HardwareAddr, keep netip.Addr) error {
-	var stale [][4]byte
-	var k [4]byte
-	var v nodeArpEntry
-	it := n.objs.KdpArp.Iterate()
-	for it.Next(&k, &v) {
-		if net.HardwareAddr(v.Mac[:]).String() == mac.String() && (!keep.Is4() || k != keep.As4()) {
-			stale = append(stale, k)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("list arp entries: %w", err)
-	}
-	for _, k := range stale {
-		if err := n.objs.KdpArp.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete arp entry %s: %w", netip.AddrFrom4(k), err)
-		}
-	}
-	return nil
-}
-
 // ProgDirectRNAT is direct mode's per-sandbox program on the tap's TCX egress: the load
 // balancer's reverse NAT for replies the node programs deliver (bpf/node.c).
 const ProgDirectRNAT Program = "kdp_direct_rnat"
@@ -459,7 +300,7 @@ const ProgDirectRNAT Program = "kdp_direct_rnat"
 // DirectRNATProgram loads kdp_direct_rnat against the sandbox's own config and load-balancer
 // maps. The caller owns the program.
 func (s *Sandbox) DirectRNATProgram() (*ebpf.Program, error) {
-	spec, err := loadNode()
+	spec, err := LoadNode()
 	if err != nil {
 		return nil, fmt.Errorf("load %s: %w", ProgDirectRNAT, err)
 	}
@@ -512,7 +353,7 @@ func (s *Sandbox) AttachDirectRNAT(nsPath, tap string) error {
 	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
 		return fmt.Errorf("attach %s to %s: %w", ProgDirectRNAT, tap, err)
 	}
-	err = inNetNS(nsPath, func() error {
+	err = netdev.InNetNS(nsPath, func() error {
 		l, err := netlink.LinkByName(tap)
 		if err != nil {
 			return fmt.Errorf("find device: %w", err)

@@ -13,26 +13,26 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type nodeAffEntry struct {
+type NodeAffEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
 	Backend  uint32
 	Pad      uint32
 }
 
-type nodeAffKey struct {
+type NodeAffKey struct {
 	_    structs.HostLayout
 	Svc  uint32
 	Addr uint32
 }
 
-type nodeArpEntry struct {
+type NodeArpEntry struct {
 	_   structs.HostLayout
 	Mac [6]uint8
 	Pad uint16
 }
 
-type nodeConfig struct {
+type NodeConfig struct {
 	_             structs.HostLayout
 	RouteGen      uint32
 	Flags         uint32
@@ -42,7 +42,7 @@ type nodeConfig struct {
 	UdpTimeout    uint32
 }
 
-type nodeCtEntry struct {
+type NodeCtEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
 	Addr     uint32
@@ -53,7 +53,7 @@ type nodeCtEntry struct {
 	Svc      uint32
 }
 
-type nodeCtKey struct {
+type NodeCtKey struct {
 	_     structs.HostLayout
 	Saddr uint32
 	Daddr uint32
@@ -64,32 +64,32 @@ type nodeCtKey struct {
 	Pad   uint16
 }
 
-type nodeFdbEntry struct {
+type NodeFdbEntry struct {
 	_       structs.HostLayout
 	Ifindex uint32
 	Flags   uint32
 }
 
-type nodeFdbKey struct {
+type NodeFdbKey struct {
 	_   structs.HostLayout
 	Mac [6]uint8
 	Pad uint16
 }
 
-type nodeLbBackend struct {
+type NodeLbBackend struct {
 	_      structs.HostLayout
 	Ip     uint32
 	Port   uint16
 	Weight uint16
 }
 
-type nodeLbConns struct {
+type NodeLbConns struct {
 	_        structs.HostLayout
 	Active   int64
 	Inactive int64
 }
 
-type nodeLbStats struct {
+type NodeLbStats struct {
 	_        structs.HostLayout
 	Conns    uint64
 	Inpkts   uint64
@@ -99,13 +99,13 @@ type nodeLbStats struct {
 	Sched    uint64
 }
 
-type nodeLbStatsKey struct {
+type NodeLbStatsKey struct {
 	_    structs.HostLayout
 	Kind uint32
 	Id   uint32
 }
 
-type nodeLbSvc struct {
+type NodeLbSvc struct {
 	_       structs.HostLayout
 	Id      uint32
 	Count   uint32
@@ -117,7 +117,7 @@ type nodeLbSvc struct {
 	Pad     uint16
 }
 
-type nodeLbSvcKey struct {
+type NodeLbSvcKey struct {
 	_     structs.HostLayout
 	Vip   uint32
 	Vport uint16
@@ -126,7 +126,7 @@ type nodeLbSvcKey struct {
 	Slot  uint32
 }
 
-type nodeNodeCfg struct {
+type NodeNodeCfg struct {
 	_       structs.HostLayout
 	Mac     [6]uint8
 	Pad     uint16
@@ -134,7 +134,7 @@ type nodeNodeCfg struct {
 	Flags   uint32
 }
 
-type nodeNodeTapStats struct {
+type NodeNodeTapStats struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
@@ -146,45 +146,45 @@ type nodeNodeTapStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	nodeMapKdpArp         = "kdp_arp"
-	nodeMapKdpConfig      = "kdp_config"
-	nodeMapKdpFdb         = "kdp_fdb"
-	nodeMapKdpLbAff       = "kdp_lb_aff"
-	nodeMapKdpLbBe        = "kdp_lb_be"
-	nodeMapKdpLbConns     = "kdp_lb_conns"
-	nodeMapKdpLbCt        = "kdp_lb_ct"
-	nodeMapKdpLbStats     = "kdp_lb_stats"
-	nodeMapKdpLbSvc       = "kdp_lb_svc"
-	nodeMapKdpNodeCfg     = "kdp_node_cfg"
-	nodeMapKdpNodeCtrs    = "kdp_node_ctrs"
-	nodeMapKdpNodeTaps    = "kdp_node_taps"
-	nodeProgKdpDirectIn   = "kdp_direct_in"
-	nodeProgKdpDirectOut  = "kdp_direct_out"
-	nodeProgKdpDirectRnat = "kdp_direct_rnat"
+	NodeMapKdpArp         = "kdp_arp"
+	NodeMapKdpConfig      = "kdp_config"
+	NodeMapKdpFdb         = "kdp_fdb"
+	NodeMapKdpLbAff       = "kdp_lb_aff"
+	NodeMapKdpLbBe        = "kdp_lb_be"
+	NodeMapKdpLbConns     = "kdp_lb_conns"
+	NodeMapKdpLbCt        = "kdp_lb_ct"
+	NodeMapKdpLbStats     = "kdp_lb_stats"
+	NodeMapKdpLbSvc       = "kdp_lb_svc"
+	NodeMapKdpNodeCfg     = "kdp_node_cfg"
+	NodeMapKdpNodeCtrs    = "kdp_node_ctrs"
+	NodeMapKdpNodeTaps    = "kdp_node_taps"
+	NodeProgKdpDirectIn   = "kdp_direct_in"
+	NodeProgKdpDirectOut  = "kdp_direct_out"
+	NodeProgKdpDirectRnat = "kdp_direct_rnat"
 )
 
-// loadNode returns the embedded CollectionSpec for node.
-func loadNode() (*ebpf.CollectionSpec, error) {
+// LoadNode returns the embedded CollectionSpec for Node.
+func LoadNode() (*ebpf.CollectionSpec, error) {
 	reader := bytes.NewReader(_NodeBytes)
 	spec, err := ebpf.LoadCollectionSpecFromReader(reader)
 	if err != nil {
-		return nil, fmt.Errorf("can't load node: %w", err)
+		return nil, fmt.Errorf("can't load Node: %w", err)
 	}
 
 	return spec, err
 }
 
-// loadNodeObjects loads node and converts it into a struct.
+// LoadNodeObjects loads Node and converts it into a struct.
 //
 // The following types are suitable as obj argument:
 //
-//	*nodeObjects
-//	*nodePrograms
-//	*nodeMaps
+//	*NodeObjects
+//	*NodePrograms
+//	*NodeMaps
 //
 // See ebpf.CollectionSpec.LoadAndAssign documentation for details.
-func loadNodeObjects(obj any, opts *ebpf.CollectionOptions) error {
-	spec, err := loadNode()
+func LoadNodeObjects(obj any, opts *ebpf.CollectionOptions) error {
+	spec, err := LoadNode()
 	if err != nil {
 		return err
 	}
@@ -192,28 +192,28 @@ func loadNodeObjects(obj any, opts *ebpf.CollectionOptions) error {
 	return spec.LoadAndAssign(obj, opts)
 }
 
-// nodeSpecs contains maps and programs before they are loaded into the kernel.
+// NodeSpecs contains maps and programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type nodeSpecs struct {
-	nodeProgramSpecs
-	nodeMapSpecs
-	nodeVariableSpecs
+type NodeSpecs struct {
+	NodeProgramSpecs
+	NodeMapSpecs
+	NodeVariableSpecs
 }
 
-// nodeProgramSpecs contains programs before they are loaded into the kernel.
+// NodeProgramSpecs contains programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type nodeProgramSpecs struct {
+type NodeProgramSpecs struct {
 	KdpDirectIn   *ebpf.ProgramSpec `ebpf:"kdp_direct_in"`
 	KdpDirectOut  *ebpf.ProgramSpec `ebpf:"kdp_direct_out"`
 	KdpDirectRnat *ebpf.ProgramSpec `ebpf:"kdp_direct_rnat"`
 }
 
-// nodeMapSpecs contains maps before they are loaded into the kernel.
+// NodeMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type nodeMapSpecs struct {
+type NodeMapSpecs struct {
 	KdpArp      *ebpf.MapSpec `ebpf:"kdp_arp"`
 	KdpConfig   *ebpf.MapSpec `ebpf:"kdp_config"`
 	KdpFdb      *ebpf.MapSpec `ebpf:"kdp_fdb"`
@@ -228,32 +228,32 @@ type nodeMapSpecs struct {
 	KdpNodeTaps *ebpf.MapSpec `ebpf:"kdp_node_taps"`
 }
 
-// nodeVariableSpecs contains global variables before they are loaded into the kernel.
+// NodeVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type nodeVariableSpecs struct {
+type NodeVariableSpecs struct {
 }
 
-// nodeObjects contains all objects after they have been loaded into the kernel.
+// NodeObjects contains all objects after they have been loaded into the kernel.
 //
-// It can be passed to loadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
-type nodeObjects struct {
-	nodePrograms
-	nodeMaps
-	nodeVariables
+// It can be passed to LoadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
+type NodeObjects struct {
+	NodePrograms
+	NodeMaps
+	NodeVariables
 }
 
-func (o *nodeObjects) Close() error {
+func (o *NodeObjects) Close() error {
 	return _NodeClose(
-		&o.nodePrograms,
-		&o.nodeMaps,
+		&o.NodePrograms,
+		&o.NodeMaps,
 	)
 }
 
-// nodeMaps contains all maps after they have been loaded into the kernel.
+// NodeMaps contains all maps after they have been loaded into the kernel.
 //
-// It can be passed to loadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
-type nodeMaps struct {
+// It can be passed to LoadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
+type NodeMaps struct {
 	KdpArp      *ebpf.Map `ebpf:"kdp_arp"`
 	KdpConfig   *ebpf.Map `ebpf:"kdp_config"`
 	KdpFdb      *ebpf.Map `ebpf:"kdp_fdb"`
@@ -268,7 +268,7 @@ type nodeMaps struct {
 	KdpNodeTaps *ebpf.Map `ebpf:"kdp_node_taps"`
 }
 
-func (m *nodeMaps) Close() error {
+func (m *NodeMaps) Close() error {
 	return _NodeClose(
 		m.KdpArp,
 		m.KdpConfig,
@@ -285,22 +285,22 @@ func (m *nodeMaps) Close() error {
 	)
 }
 
-// nodeVariables contains all global variables after they have been loaded into the kernel.
+// NodeVariables contains all global variables after they have been loaded into the kernel.
 //
-// It can be passed to loadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
-type nodeVariables struct {
+// It can be passed to LoadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
+type NodeVariables struct {
 }
 
-// nodePrograms contains all programs after they have been loaded into the kernel.
+// NodePrograms contains all programs after they have been loaded into the kernel.
 //
-// It can be passed to loadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
-type nodePrograms struct {
+// It can be passed to LoadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
+type NodePrograms struct {
 	KdpDirectIn   *ebpf.Program `ebpf:"kdp_direct_in"`
 	KdpDirectOut  *ebpf.Program `ebpf:"kdp_direct_out"`
 	KdpDirectRnat *ebpf.Program `ebpf:"kdp_direct_rnat"`
 }
 
-func (p *nodePrograms) Close() error {
+func (p *NodePrograms) Close() error {
 	return _NodeClose(
 		p.KdpDirectIn,
 		p.KdpDirectOut,

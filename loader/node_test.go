@@ -43,9 +43,10 @@ func unicast(dst, src net.HardwareAddr) []byte {
 // redirect went to is read from the per-tap counters the programs move.
 func TestNodeVerdicts(t *testing.T) {
 	needRoot(t)
-	n := openNode(t, testRoot(t), "", "kdptd-up0")
-	in, _ := n.Program(loader.ProgDirectIn)
-	out, _ := n.Program(loader.ProgDirectOut)
+	ln := openNode(t, testRoot(t), "", "kdptd-up0")
+	in, _ := ln.Program(loader.ProgDirectIn)
+	out, _ := ln.Program(loader.ProgDirectOut)
+	n := maps.Node(ln.Maps())
 
 	macA := net.HardwareAddr{0x02, 0xaa, 0, 0, 0, 1}
 	macB := net.HardwareAddr{0x02, 0xbb, 0, 0, 0, 2}
@@ -65,7 +66,7 @@ func TestNodeVerdicts(t *testing.T) {
 		Pad            uint16
 		Ifindex, Flags uint32
 	}
-	if err := n.Maps().Config.Put(uint32(0), cfg{Mac: cfgMAC, Ifindex: 1}); err != nil {
+	if err := n.Config.Put(uint32(0), cfg{Mac: cfgMAC, Ifindex: 1}); err != nil {
 		t.Fatal(err)
 	}
 	if c, err := n.GuestCount(); err != nil || c != 2 {
@@ -115,7 +116,7 @@ func TestNodeVerdicts(t *testing.T) {
 			}
 		})
 	}
-	if c, _ := n.Counter(loader.NodeOutHost); c != 1 {
+	if c, _ := n.Counter(maps.NodeOutHost); c != 1 {
 		t.Errorf("out-host counter %d, want 1", c)
 	}
 
@@ -209,11 +210,11 @@ func TestDirectRNAT(t *testing.T) {
 	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
 		sb := openSandbox(t, testRoot(t), "rnat")
 		m := sb.Maps()
-		lb := maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config}
-		if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300}); err != nil {
+		lb := maps.ForSandbox(m).LB
+		if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
 			t.Fatal(err)
 		}
-		if err := lb.PutBackend(7, backend, 1); err != nil {
+		if err := lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
 			t.Fatal(err)
 		}
 		if err := lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: proto, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {

@@ -127,7 +127,7 @@ func ipChecksum(b []byte) uint16 {
 func tapEndpoint(slot, peer uint32, flags maps.Flags) maps.Endpoint {
 	e := maps.Endpoint{PeerIfindex: peer, Slot: slot, Role: maps.RoleTap, Flags: flags}
 	e.SetMAC(guestMAC)
-	e.SetIP(netip.PrefixFrom(guestIP, 16))
+	e.Addr = netip.PrefixFrom(guestIP, 16)
 	return e
 }
 

@@ -50,7 +50,7 @@ type Maps struct {
 	LBConns   *ebpf.Map
 	LBCT      *ebpf.Map
 	LBAff     *ebpf.Map
-	XDPPorts  *ebpf.Map // xdp mode: devices whose XDP program redirects (see XDPPort)
+	XDPPorts  *ebpf.Map // xdp mode: devices whose XDP program redirects (see maps.XDPPorts)
 	XDPTx     *ebpf.Map // xdp mode: DEVMAP_HASH of redirect targets by ingress ifindex
 }
 
@@ -59,13 +59,19 @@ type Maps struct {
 type Options struct {
 	// CTSize is the number of connection-table entries (two per connection); 0 = 16384.
 	CTSize uint32
+	// LegacyTC makes Attach use a clsact qdisc and a direct-action bpf filter even where the
+	// kernel has TCX, as it does by itself on kernels without TCX. It is for kernels whose TCX
+	// misbehaves, and for hosts whose other tc users expect filters rather than links; it
+	// applies to the attachments this Sandbox makes (a pinned TCX link is not converted).
+	LegacyTC bool
 }
 
 // Sandbox is one sandbox's loaded datapath collection.
 type Sandbox struct {
-	ID   string
-	dir  string
-	objs datapathObjects
+	ID     string
+	dir    string
+	objs   DatapathObjects
+	legacy bool // Options.LegacyTC
 }
 
 // Dir is the sandbox's pin directory.
@@ -97,7 +103,7 @@ func (s *Sandbox) Program(p Program) (*ebpf.Program, error) {
 }
 
 // Spec returns the datapath's collection spec (for tests that inspect its BTF).
-func Spec() (*ebpf.CollectionSpec, error) { return loadDatapath() }
+func Spec() (*ebpf.CollectionSpec, error) { return LoadDatapath() }
 
 // Open loads the datapath for sandbox id under root, reusing the maps pinned there by an
 // earlier run, and moves every pinned link of the sandbox onto the freshly loaded programs
@@ -121,14 +127,14 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	if err := os.MkdirAll(filepath.Join(dir, linksDir), 0o700); err != nil {
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
 	}
-	spec, err := loadDatapath()
+	spec, err := LoadDatapath()
 	if err != nil {
 		return nil, fmt.Errorf("open sandbox %s: load spec: %w", id, err)
 	}
 	if o.CTSize > 0 {
 		spec.Maps["kdp_lb_ct"].MaxEntries = o.CTSize
 	}
-	s := &Sandbox{ID: id, dir: dir}
+	s := &Sandbox{ID: id, dir: dir, legacy: o.LegacyTC}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}
 	if err := spec.LoadAndAssign(&s.objs, opts); err != nil {
 		return nil, fmt.Errorf("open sandbox %s: load collection: %w", id, err)

@@ -14,25 +14,13 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
 // xdpLinksDir holds the pinned XDP links, apart from the tc ones: a device in xdp mode has
 // both, and the tc attach code treats every link in links/ as a TCX link of that device.
 const xdpLinksDir = "xdp"
-
-// XDPPort is a device whose XDP program redirects (mirror of struct xdp_port).
-type XDPPort struct {
-	// MaxLen is the longest frame, Ethernet header included, that XDP redirects; longer
-	// frames (GSO super-frames) are passed on to the tc program. 0 = target MTU + 18.
-	MaxLen uint32
-	// Flags are XDPFlag* bits.
-	Flags uint32
-}
-
-// XDPFlagCsum makes the program complete partial TCP/UDP checksums (frames from sockets
-// relying on checksum offload) before it redirects: XDP frames lose the skb's note that the
-// checksum is partial, and the receiver would see a bad one.
-const XDPFlagCsum = 1
 
 // XDPAttachment describes where an XDP program was attached.
 type XDPAttachment struct {
@@ -59,7 +47,7 @@ func (s *Sandbox) AttachXDP(nsPath, ifname string, p Program) (XDPAttachment, er
 		return XDPAttachment{}, fmt.Errorf("attach %s to %s: not an xdp program: %w", p, ifname, ErrUnknownProgram)
 	}
 	var a XDPAttachment
-	err = inNetNS(nsPath, func() error {
+	err = netdev.InNetNS(nsPath, func() error {
 		l, err := netlink.LinkByName(ifname)
 		if err != nil {
 			return fmt.Errorf("find device: %w", err)
@@ -201,7 +189,7 @@ func (s *Sandbox) DetachXDP(nsPath, ifname string) error {
 			return fmt.Errorf("detach xdp from %s: %w", ifname, err)
 		}
 	}
-	err = inNetNS(nsPath, func() error {
+	err = netdev.InNetNS(nsPath, func() error {
 		l, err := netlink.LinkByName(ifname)
 		if err != nil {
 			return nil
@@ -219,7 +207,7 @@ func (s *Sandbox) DetachXDP(nsPath, ifname string) error {
 
 // XDPProgram returns the name of the XDP program on ifname ("" = none) and its attach mode.
 func XDPProgram(nsPath, ifname string) (name, mode string, err error) {
-	err = inNetNS(nsPath, func() error {
+	err = netdev.InNetNS(nsPath, func() error {
 		l, err := netlink.LinkByName(ifname)
 		if err != nil {
 			return err
@@ -246,49 +234,6 @@ func XDPProgram(nsPath, ifname string) (name, mode string, err error) {
 	return name, mode, nil
 }
 
-// SetXDPPort lets the XDP program of device src redirect to device dst, both ifindexes in
-// the netns at nsPath: the kernel resolves a devmap entry's ifindex in the netns of the
-// thread writing it, so the write happens there. The devmap entry goes first, then the
-// port, so the program never finds a port without its target.
-func (s *Sandbox) SetXDPPort(nsPath string, src, dst uint32, p XDPPort) error {
-	val := struct{ Ifindex, ProgFD uint32 }{Ifindex: dst}
-	err := inNetNS(nsPath, func() error { return s.objs.KdpXdpTx.Put(src, val) })
-	if err != nil {
-		return fmt.Errorf("set xdp target %d -> %d: %w", src, dst, err)
-	}
-	if err := s.objs.KdpXdpPorts.Put(src, datapathXdpPort{MaxLen: p.MaxLen, Flags: p.Flags}); err != nil {
-		return fmt.Errorf("set xdp port %d: %w", src, err)
-	}
-	return nil
-}
-
-// DelXDPPort stops the XDP program of device src redirecting: from then on it passes every
-// frame on to the tc program. Missing entries are not an error.
-func (s *Sandbox) DelXDPPort(src uint32) error {
-	if err := s.objs.KdpXdpPorts.Delete(src); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete xdp port %d: %w", src, err)
-	}
-	if err := s.objs.KdpXdpTx.Delete(src); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete xdp target %d: %w", src, err)
-	}
-	return nil
-}
-
-// XDPPorts lists the XDP ports by ifindex.
-func (s *Sandbox) XDPPorts() (map[uint32]XDPPort, error) {
-	out := map[uint32]XDPPort{}
-	var k uint32
-	var v datapathXdpPort
-	it := s.objs.KdpXdpPorts.Iterate()
-	for it.Next(&k, &v) {
-		out[k] = XDPPort{MaxLen: v.MaxLen, Flags: v.Flags}
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list xdp ports: %w", err)
-	}
-	return out, nil
-}
-
 // netdev generic netlink family (include/uapi/linux/netdev.h).
 const (
 	netdevCmdDevGet       = 1
@@ -303,7 +248,7 @@ const (
 // device's xdp_features, so it never touches the peer, which kata-dp does not own.
 func XDPRedirectTarget(nsPath, ifname string) (bool, error) {
 	var ok bool
-	err := inNetNS(nsPath, func() error {
+	err := netdev.InNetNS(nsPath, func() error {
 		l, err := netlink.LinkByName(ifname)
 		if err != nil {
 			return fmt.Errorf("find device: %w", err)

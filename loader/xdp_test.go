@@ -92,7 +92,7 @@ func newXDPRig(t *testing.T, id string) *xdpRig {
 // itself: BPF_PROG_TEST_RUN reports the verdict and transmits nothing.
 func (r *xdpRig) port(t *testing.T, maxLen, flags uint32) {
 	t.Helper()
-	if err := r.sb.SetXDPPort("", 1, 1, loader.XDPPort{MaxLen: maxLen, Flags: flags}); err != nil {
+	if err := maps.ForSandbox(r.sb.Maps()).XDP.Set("", 1, 1, maps.XDPPort{MaxLen: maxLen, Flags: flags}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -133,7 +133,7 @@ func TestXDPVerdicts(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			r.eps.Remove(1)
-			r.sb.DelXDPPort(1)
+			maps.ForSandbox(r.sb.Maps()).XDP.Delete(1)
 			if c.port {
 				r.port(t, 1514, 0)
 			}
@@ -171,7 +171,7 @@ func TestXDPChecksumRepair(t *testing.T) {
 	needRoot(t)
 	r := newXDPRig(t, "xdpcsum")
 	r.eps.Put(1, maps.Endpoint{PeerIfindex: 42, Slot: 0, Role: maps.RoleUplink})
-	r.port(t, 9000, loader.XDPFlagCsum)
+	r.port(t, 9000, maps.XDPFlagCsum)
 	s, d := netip.MustParseAddrPort("10.1.2.3:443"), netip.AddrPortFrom(guestIP, 51234)
 	sizes := []int{0, 1, 2, 3, 5, 17, 63, 255, 256, 257, 511, 1000, 1371, 1440, 1452, 1472, 3000, 3001}
 	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
@@ -230,17 +230,17 @@ func TestXDPLBNAT(t *testing.T) {
 	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
 		r := newXDPRig(t, "xdplb")
 		m := r.sb.Maps()
-		lb := maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config}
-		if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300}); err != nil {
+		lb := maps.ForSandbox(m).LB
+		if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
 			t.Fatal(err)
 		}
-		if err := lb.PutBackend(7, backend, 1); err != nil {
+		if err := lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
 			t.Fatal(err)
 		}
 		if err := lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: proto, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
 			t.Fatal(err)
 		}
-		r.port(t, 1514, loader.XDPFlagCsum)
+		r.port(t, 1514, maps.XDPFlagCsum)
 		for i, flags := range []uint8{0x02, 0x10, 0x18} {
 			for _, part := range []bool{false, true} {
 				f := l4Frame(proto, guestMAC, client, vip, flags, 10+i*100)
@@ -273,7 +273,7 @@ func TestXDPLBNAT(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if st.Conns != 1 || st.InPkts != 6 || st.OutPkts != 6 {
+		if st.Conns != 1 || st.Inpkts != 6 || st.Outpkts != 6 {
 			t.Errorf("proto %d: real server counters %+v, want 1 conn, 6 in, 6 out", proto, st)
 		}
 	}
@@ -283,22 +283,22 @@ func TestXDPLBNAT(t *testing.T) {
 func TestXDPPorts(t *testing.T) {
 	needRoot(t)
 	r := newXDPRig(t, "xdpports")
-	if err := r.sb.SetXDPPort("", 1, 1, loader.XDPPort{MaxLen: 1518, Flags: loader.XDPFlagCsum}); err != nil {
+	if err := maps.ForSandbox(r.sb.Maps()).XDP.Set("", 1, 1, maps.XDPPort{MaxLen: 1518, Flags: maps.XDPFlagCsum}); err != nil {
 		t.Fatal(err)
 	}
-	ports, err := r.sb.XDPPorts()
+	ports, err := maps.ForSandbox(r.sb.Maps()).XDP.All()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p := ports[1]; len(ports) != 1 || p.MaxLen != 1518 || p.Flags != loader.XDPFlagCsum {
+	if p := ports[1]; len(ports) != 1 || p.MaxLen != 1518 || p.Flags != maps.XDPFlagCsum {
 		t.Errorf("ports %+v", ports)
 	}
 	for range 2 { // idempotent
-		if err := r.sb.DelXDPPort(1); err != nil {
+		if err := maps.ForSandbox(r.sb.Maps()).XDP.Delete(1); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if ports, _ := r.sb.XDPPorts(); len(ports) != 0 {
+	if ports, _ := maps.ForSandbox(r.sb.Maps()).XDP.All(); len(ports) != 0 {
 		t.Errorf("ports left: %+v", ports)
 	}
 	var v [8]byte

@@ -4,12 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"structs"
+	"slices"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/loader"
 )
 
-// Scheduler is enum kdp_sched.
+// Scheduler is enum kdp_sched: the datapath numbers the schedulers from 1 in the order of
+// ipvs.Schedulers, the rule engine's list, which is the one list of their names.
 type Scheduler uint8
 
 // Schedulers, numbered as the datapath knows them.
@@ -26,44 +30,23 @@ const (
 	SchedNQ    Scheduler = 10
 )
 
-var schedNames = map[string]Scheduler{
-	"rr": SchedRR, "wrr": SchedWRR, "lc": SchedLC, "wlc": SchedWLC, "lblc": SchedLBLC,
-	"lblcr": SchedLBLCR, "dh": SchedDH, "sh": SchedSH, "sed": SchedSED, "nq": SchedNQ,
-}
-
 // ParseScheduler maps an ipvsadm scheduler name to the datapath's number.
 func ParseScheduler(name string) (Scheduler, error) {
-	if s, ok := schedNames[name]; ok {
-		return s, nil
+	if i := slices.Index(ipvs.Schedulers, name); i >= 0 {
+		return Scheduler(i + 1), nil
 	}
 	return 0, fmt.Errorf("unknown scheduler %q", name)
 }
 
 func (s Scheduler) String() string {
-	for n, v := range schedNames {
-		if v == s {
-			return n
-		}
+	if s >= 1 && int(s) <= len(ipvs.Schedulers) {
+		return ipvs.Schedulers[s-1]
 	}
 	return fmt.Sprintf("sched(%d)", uint8(s))
 }
 
-// HashBuckets is the size of the sh/dh bucket table.
+// HashBuckets is the size of the sh/dh bucket table (ipvs.SHHash and ipvs.DHHash index it).
 const HashBuckets = 256
-
-// SHHash is the datapath's sh bucket of a source address: the kernel's hash_32(ntohl(addr), 8).
-func SHHash(a netip.Addr) int {
-	b := a.As4()
-	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
-	return int((v * 0x61C88647) >> 24)
-}
-
-// DHHash is the datapath's dh bucket of a destination address (ip_vs_dh_hashkey).
-func DHHash(a netip.Addr) int {
-	b := a.As4()
-	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
-	return int((v * 2654435761) & 0xff)
-}
 
 // Connection states (enum kdp_ct_state).
 const (
@@ -78,106 +61,36 @@ const (
 	StatsBackend uint32 = 2
 )
 
-// SvcKey is struct lb_svc_key.
-type SvcKey struct {
-	_     structs.HostLayout
-	VIP   [4]byte
-	VPort [2]byte // network order
-	Proto uint8
-	Gen   uint8
-	Slot  uint32 // 0 = master; else rev<<16 | index
-}
+// The load balancer's keys and values as the generated types of the object: counters are
+// used as they are; entries holding addresses are encoded from Backend, ServiceSpec and Conn.
+type (
+	// LBStatsKey is struct lb_stats_key: Kind (StatsService, StatsBackend) and Id.
+	LBStatsKey = loader.DatapathLbStatsKey
+	// LBStats is struct lb_stats: the counters of a service or a real server.
+	LBStats = loader.DatapathLbStats
+	// LBConns is struct lb_conns: a real server's connection counts.
+	LBConns = loader.DatapathLbConns
 
-// Svc is struct lb_svc: a master entry or a slot.
-type Svc struct {
-	_       structs.HostLayout
-	ID      uint32 // master: service id; slot: real server id
-	Count   uint32
-	Rev     uint32
-	Persist uint32
-	PMask   [4]byte
-	Sched   Scheduler
-	Flags   uint8
-	Pad     uint16
-}
+	svcKey  = loader.DatapathLbSvcKey
+	svc     = loader.DatapathLbSvc
+	backend = loader.DatapathLbBackend
+	ctKey   = loader.DatapathCtKey
+	ctEntry = loader.DatapathCtEntry
+)
 
-// Backend is struct lb_backend.
+// Backend is a real server as the datapath holds it (struct lb_backend).
 type Backend struct {
-	_      structs.HostLayout
-	IP     [4]byte
-	Port   [2]byte // network order
+	Addr   netip.AddrPort
 	Weight uint16
 }
 
-// LBStatsKey is struct lb_stats_key.
-type LBStatsKey struct {
-	_    structs.HostLayout
-	Kind uint32
-	ID   uint32
+func (b Backend) encode() (backend, error) {
+	a, err := v4(b.Addr.Addr())
+	if err != nil {
+		return backend{}, fmt.Errorf("real server %s: %w", b.Addr, err)
+	}
+	return backend{Ip: a, Port: be16(b.Addr.Port()), Weight: b.Weight}, nil
 }
-
-// LBStats is struct lb_stats.
-type LBStats struct {
-	_        structs.HostLayout
-	Conns    uint64
-	InPkts   uint64
-	OutPkts  uint64
-	InBytes  uint64
-	OutBytes uint64
-	Sched    uint64
-}
-
-// LBConns is struct lb_conns.
-type LBConns struct {
-	_        structs.HostLayout
-	Active   int64
-	Inactive int64
-}
-
-// CTKey is struct ct_key.
-type CTKey struct {
-	_     structs.HostLayout
-	SAddr [4]byte
-	DAddr [4]byte
-	SPort [2]byte
-	DPort [2]byte
-	Proto uint8
-	Dir   uint8
-	Pad   uint16
-}
-
-// CTEntry is struct ct_entry.
-type CTEntry struct {
-	_        structs.HostLayout
-	LastSeen uint64
-	Addr     [4]byte
-	Port     [2]byte
-	State    uint8
-	Flags    uint8
-	Backend  uint32
-	Svc      uint32
-}
-
-// AffKey is struct aff_key.
-type AffKey struct {
-	_    structs.HostLayout
-	Svc  uint32
-	Addr [4]byte
-}
-
-// AffEntry is struct aff_entry.
-type AffEntry struct {
-	_        structs.HostLayout
-	LastSeen uint64
-	Backend  uint32
-	Pad      uint32
-}
-
-// Port2 stores a port in network order.
-func Port2(p uint16) [2]byte { return [2]byte{byte(p >> 8), byte(p)} }
-
-// PortOf reads a port stored in network order.
-func PortOf(b [2]byte) uint16 { return uint16(b[0])<<8 | uint16(b[1]) }
 
 // LB is the load balancer's maps of one sandbox.
 type LB struct {
@@ -210,7 +123,7 @@ func WriteConfig(m *ebpf.Map, c Config) error {
 // ReadStats reads the counters of a service (StatsService) or real server (StatsBackend).
 func (l LB) ReadStats(kind, id uint32) (LBStats, error) {
 	var s LBStats
-	err := l.Stats.Lookup(&LBStatsKey{Kind: kind, ID: id}, &s)
+	err := l.Stats.Lookup(&LBStatsKey{Kind: kind, Id: id}, &s)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return s, nil
 	}
@@ -224,37 +137,39 @@ type ServiceSpec struct {
 	ID      uint32
 	Sched   Scheduler
 	Persist uint32     // seconds, 0 = none
-	PMask   netip.Addr // persistence netmask (IPv4)
+	PMask   netip.Addr // persistence netmask; zero = all ones
 	Slots   []uint32   // real server ids, meaning per scheduler; 0 = empty bucket
 }
 
 // MaxSlots bounds the slots of one service (the slot index is 16 bits).
 const MaxSlots = 65535
 
-func svcKey(gen uint8, vip netip.AddrPort, proto uint8, slot uint32) SvcKey {
-	return SvcKey{VIP: vip.Addr().As4(), VPort: Port2(vip.Port()), Proto: proto, Gen: gen, Slot: slot}
+func masterKey(gen uint8, vip netip.AddrPort, proto uint8) (svcKey, error) {
+	a, err := v4(vip.Addr())
+	if err != nil {
+		return svcKey{}, fmt.Errorf("service %s: %w", vip, err)
+	}
+	return svcKey{Vip: a, Vport: be16(vip.Port()), Proto: proto, Gen: gen}, nil
 }
 
-func slotKey(master SvcKey, rev, idx uint32) SvcKey {
+func slotKey(master svcKey, rev, idx uint32) svcKey {
 	k := master
 	k.Slot = rev<<16 | idx&0xffff
 	return k
 }
 
-func (s ServiceSpec) master(rev uint32) Svc {
-	m := Svc{ID: s.ID, Count: uint32(len(s.Slots)), Rev: rev, Persist: s.Persist, Sched: s.Sched}
-	if s.PMask.Is4() {
-		m.PMask = s.PMask.As4()
-	} else {
-		m.PMask = [4]byte{255, 255, 255, 255}
+func (s ServiceSpec) master(rev uint32) (svc, error) {
+	m := svc{Id: s.ID, Count: uint32(len(s.Slots)), Rev: rev, Persist: s.Persist, Sched: uint8(s.Sched), Pmask: 0xffffffff}
+	if s.PMask.IsValid() {
+		var err error
+		if m.Pmask, err = v4(s.PMask); err != nil {
+			return m, fmt.Errorf("service %s: netmask: %w", s.VIP, err)
+		}
 	}
-	return m
+	return m, nil
 }
 
 func (s ServiceSpec) validate() error {
-	if !s.VIP.Addr().Is4() {
-		return fmt.Errorf("service %s: not IPv4", s.VIP)
-	}
 	if len(s.Slots) > MaxSlots {
 		return fmt.Errorf("service %s: %d slots > %d", s.VIP, len(s.Slots), MaxSlots)
 	}
@@ -269,8 +184,15 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 	if err := s.validate(); err != nil {
 		return fmt.Errorf("put service: %w", err)
 	}
-	mk := svcKey(gen, s.VIP, s.Proto, 0)
-	var old Svc
+	mk, err := masterKey(gen, s.VIP, s.Proto)
+	if err != nil {
+		return fmt.Errorf("put service: %w", err)
+	}
+	m, err := s.master(1)
+	if err != nil {
+		return fmt.Errorf("put service: %w", err)
+	}
+	var old svc
 	hadOld := l.Svc.Lookup(&mk, &old) == nil
 	rev := uint32(1)
 	if hadOld {
@@ -279,11 +201,11 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 			rev = 1
 		}
 	}
-	keys := make([]SvcKey, 0, len(s.Slots))
-	vals := make([]Svc, 0, len(s.Slots))
+	keys := make([]svcKey, 0, len(s.Slots))
+	vals := make([]svc, 0, len(s.Slots))
 	for i, id := range s.Slots {
 		keys = append(keys, slotKey(mk, rev, uint32(i+1)))
-		vals = append(vals, Svc{ID: id})
+		vals = append(vals, svc{Id: id})
 	}
 	if err := l.batchPut(keys, vals); err != nil {
 		return fmt.Errorf("put service %s: slots: %w", s.VIP, err)
@@ -291,15 +213,15 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 	if err := l.ensureStats(StatsService, s.ID); err != nil {
 		return fmt.Errorf("put service %s: %w", s.VIP, err)
 	}
-	m := s.master(rev)
+	m.Rev = rev
 	if err := l.Svc.Update(&mk, &m, ebpf.UpdateAny); err != nil {
 		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
 		return fmt.Errorf("put service %s: master: %w", s.VIP, err)
 	}
 	if hadOld {
 		l.deleteSlots(mk, old.Rev, old.Count)
-		if old.ID != s.ID {
-			l.Stats.Delete(&LBStatsKey{Kind: StatsService, ID: old.ID})
+		if old.Id != s.ID {
+			l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: old.Id})
 		}
 	}
 	return nil
@@ -308,8 +230,11 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 // DeleteService removes a service: the master first (no new connection is scheduled), then
 // its slots. Established connections keep their real servers until they end.
 func (l LB) DeleteService(gen uint8, vip netip.AddrPort, proto uint8) error {
-	mk := svcKey(gen, vip, proto, 0)
-	var old Svc
+	mk, err := masterKey(gen, vip, proto)
+	if err != nil {
+		return fmt.Errorf("delete service: %w", err)
+	}
+	var old svc
 	if err := l.Svc.Lookup(&mk, &old); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil
@@ -320,12 +245,12 @@ func (l LB) DeleteService(gen uint8, vip netip.AddrPort, proto uint8) error {
 		return fmt.Errorf("delete service %s: %w", vip, err)
 	}
 	l.deleteSlots(mk, old.Rev, old.Count)
-	l.Stats.Delete(&LBStatsKey{Kind: StatsService, ID: old.ID})
+	l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: old.Id})
 	return nil
 }
 
-func (l LB) deleteSlots(mk SvcKey, rev, count uint32) {
-	keys := make([]SvcKey, 0, count)
+func (l LB) deleteSlots(mk svcKey, rev, count uint32) {
+	keys := make([]svcKey, 0, count)
 	for i := uint32(1); i <= count; i++ {
 		keys = append(keys, slotKey(mk, rev, i))
 	}
@@ -333,19 +258,19 @@ func (l LB) deleteSlots(mk SvcKey, rev, count uint32) {
 }
 
 // PutBackend installs or changes a real server.
-func (l LB) PutBackend(id uint32, addr netip.AddrPort, weight uint16) error {
-	if !addr.Addr().Is4() {
-		return fmt.Errorf("put real server %s: not IPv4", addr)
+func (l LB) PutBackend(id uint32, be Backend) error {
+	b, err := be.encode()
+	if err != nil {
+		return fmt.Errorf("put %w", err)
 	}
-	b := Backend{IP: addr.Addr().As4(), Port: Port2(addr.Port()), Weight: weight}
 	if err := l.ensureStats(StatsBackend, id); err != nil {
-		return fmt.Errorf("put real server %s: %w", addr, err)
+		return fmt.Errorf("put real server %s: %w", be.Addr, err)
 	}
 	if err := l.Conns.Update(id, &LBConns{}, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-		return fmt.Errorf("put real server %s: %w", addr, err)
+		return fmt.Errorf("put real server %s: %w", be.Addr, err)
 	}
 	if err := l.Backend.Update(id, &b, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("put real server %s: %w", addr, err)
+		return fmt.Errorf("put real server %s: %w", be.Addr, err)
 	}
 	return nil
 }
@@ -356,13 +281,13 @@ func (l LB) DeleteBackend(id uint32) error {
 	if err := l.Backend.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete real server %d: %w", id, err)
 	}
-	l.Stats.Delete(&LBStatsKey{Kind: StatsBackend, ID: id})
+	l.Stats.Delete(&LBStatsKey{Kind: StatsBackend, Id: id})
 	l.Conns.Delete(id)
 	return nil
 }
 
 func (l LB) ensureStats(kind, id uint32) error {
-	err := l.Stats.Update(&LBStatsKey{Kind: kind, ID: id}, &LBStats{}, ebpf.UpdateNoExist)
+	err := l.Stats.Update(&LBStatsKey{Kind: kind, Id: id}, &LBStats{}, ebpf.UpdateNoExist)
 	if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
 		return fmt.Errorf("create counters: %w", err)
 	}
@@ -371,16 +296,16 @@ func (l LB) ensureStats(kind, id uint32) error {
 
 // DeleteGeneration removes every service entry of generation gen (after a switch away from it).
 func (l LB) DeleteGeneration(gen uint8) error {
-	all, err := Dump[SvcKey, Svc](l.Svc)
+	all, err := Dump[svcKey, svc](l.Svc)
 	if err != nil {
 		return fmt.Errorf("delete generation %d: %w", gen, err)
 	}
-	var stale []SvcKey
+	var stale []svcKey
 	for k, v := range all {
 		if k.Gen == gen {
 			stale = append(stale, k)
 			if k.Slot == 0 {
-				l.Stats.Delete(&LBStatsKey{Kind: StatsService, ID: v.ID})
+				l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: v.Id})
 			}
 		}
 	}
@@ -388,7 +313,7 @@ func (l LB) DeleteGeneration(gen uint8) error {
 	return nil
 }
 
-func (l LB) batchPut(keys []SvcKey, vals []Svc) error {
+func (l LB) batchPut(keys []svcKey, vals []svc) error {
 	if len(keys) == 0 {
 		return nil
 	}
@@ -405,7 +330,7 @@ func (l LB) batchPut(keys []SvcKey, vals []Svc) error {
 	return nil
 }
 
-func (l LB) batchDelete(m *ebpf.Map, keys []SvcKey) {
+func (l LB) batchDelete(m *ebpf.Map, keys []svcKey) {
 	if len(keys) == 0 {
 		return
 	}
@@ -417,10 +342,21 @@ func (l LB) batchDelete(m *ebpf.Map, keys []SvcKey) {
 	}
 }
 
-// Conn is one balanced connection as the control plane sees it.
+// Conn is one balanced connection as the control plane sees it (the original direction's
+// entry of the connection table).
 type Conn struct {
-	Key   CTKey
-	Entry CTEntry
+	Proto   uint8
+	Client  netip.AddrPort // the guest's source
+	Service netip.AddrPort // the virtual service it addressed
+	Server  netip.AddrPort // the real server it was sent to
+	State   uint8          // CTUDP, CTTCPEst, CTTCPFin
+	Backend uint32         // real server id
+	Svc     uint32         // service id
+}
+
+func decodeConn(k ctKey, e ctEntry) Conn {
+	return Conn{Proto: k.Proto, Client: addrPort4(k.Saddr, k.Sport), Service: addrPort4(k.Daddr, k.Dport),
+		Server: addrPort4(e.Addr, e.Port), State: e.State, Backend: e.Backend, Svc: e.Svc}
 }
 
 // SweepResult is what one sweep found.
@@ -431,29 +367,29 @@ type SweepResult struct {
 }
 
 func ctTimeout(c Config, state uint8) uint64 {
-	s := c.UDPTimeout
+	s := c.UdpTimeout
 	switch state {
 	case CTTCPEst:
-		s = c.TCPTimeout
+		s = c.TcpTimeout
 	case CTTCPFin:
-		s = c.TCPFinTimeout
+		s = c.TcpfinTimeout
 	}
 	return uint64(s) * 1e9
 }
 
-func replyKey(k CTKey, e CTEntry) CTKey {
-	return CTKey{SAddr: e.Addr, DAddr: k.SAddr, SPort: e.Port, DPort: k.SPort, Proto: k.Proto, Dir: 1}
+func replyKey(k ctKey, e ctEntry) ctKey {
+	return ctKey{Saddr: e.Addr, Daddr: k.Saddr, Sport: e.Port, Dport: k.Sport, Proto: k.Proto, Dir: 1}
 }
 
 // Sweep expires connections idle past their timeout (now is CLOCK_MONOTONIC in ns, the
 // datapath's bpf_ktime_get_ns), deleting both directions, and rewrites every real server's
 // active/inactive counts from what is left. match, when not nil, selects live connections to
 // delete as well (cleanup); their number is added to Expired.
-func (l LB) Sweep(now uint64, cfg Config, match func(CTKey, CTEntry) bool) (SweepResult, error) {
+func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, error) {
 	res := SweepResult{Conns: map[uint32]LBConns{}}
-	var dead []CTKey
-	replies := map[CTKey]CTEntry{}
-	all, err := Dump[CTKey, CTEntry](l.CT)
+	var dead []ctKey
+	replies := map[ctKey]ctEntry{}
+	all, err := Dump[ctKey, ctEntry](l.CT)
 	if err != nil {
 		return res, fmt.Errorf("sweep connections: %w", err)
 	}
@@ -466,7 +402,7 @@ func (l LB) Sweep(now uint64, cfg Config, match func(CTKey, CTEntry) bool) (Swee
 		if k.Dir == 1 {
 			continue
 		}
-		if (now > e.LastSeen && now-e.LastSeen > ctTimeout(cfg, e.State)) || (match != nil && match(k, e)) {
+		if (now > e.LastSeen && now-e.LastSeen > ctTimeout(cfg, e.State)) || (match != nil && match(decodeConn(k, e))) {
 			dead = append(dead, k, replyKey(k, e))
 			res.Expired++
 			continue
@@ -495,7 +431,7 @@ func (l LB) Sweep(now uint64, cfg Config, match func(CTKey, CTEntry) bool) (Swee
 		}
 	}
 	// Rewrite the counts of every real server, in one batch.
-	bes, err := Dump[uint32, Backend](l.Backend)
+	bes, err := Dump[uint32, backend](l.Backend)
 	if err != nil {
 		return res, fmt.Errorf("sweep: %w", err)
 	}
@@ -519,25 +455,32 @@ func (l LB) Sweep(now uint64, cfg Config, match func(CTKey, CTEntry) bool) (Swee
 // caller switches to it.
 func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 	var (
-		keys []SvcKey
-		vals []Svc
+		keys []svcKey
+		vals []svc
 	)
 	for _, s := range specs {
 		if err := s.validate(); err != nil {
 			return fmt.Errorf("put services: %w", err)
 		}
-		mk := svcKey(gen, s.VIP, s.Proto, 0)
+		mk, err := masterKey(gen, s.VIP, s.Proto)
+		if err != nil {
+			return fmt.Errorf("put services: %w", err)
+		}
+		m, err := s.master(1)
+		if err != nil {
+			return fmt.Errorf("put services: %w", err)
+		}
 		for i, id := range s.Slots {
 			keys = append(keys, slotKey(mk, 1, uint32(i+1)))
-			vals = append(vals, Svc{ID: id})
+			vals = append(vals, svc{Id: id})
 		}
 		keys = append(keys, mk)
-		vals = append(vals, s.master(1))
+		vals = append(vals, m)
 	}
 	if fresh && len(specs) > 0 {
 		sk := make([]LBStatsKey, len(specs))
 		for i, s := range specs {
-			sk[i] = LBStatsKey{Kind: StatsService, ID: s.ID}
+			sk[i] = LBStatsKey{Kind: StatsService, Id: s.ID}
 		}
 		if _, err := l.Stats.BatchUpdate(sk, make([]LBStats, len(sk)), nil); err != nil {
 			return fmt.Errorf("put services: counters: %w", err)
@@ -545,7 +488,7 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 		specs = nil // counters done
 	}
 	for _, s := range specs {
-		if err := l.Stats.Update(&LBStatsKey{Kind: StatsService, ID: s.ID}, &LBStats{}, ebpf.UpdateNoExist); err != nil {
+		if err := l.Stats.Update(&LBStatsKey{Kind: StatsService, Id: s.ID}, &LBStats{}, ebpf.UpdateNoExist); err != nil {
 			if errors.Is(err, ebpf.ErrKeyExist) {
 				continue
 			}
@@ -560,7 +503,7 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 
 // DeleteBackendsExcept removes every real server (and its counters) not in keep.
 func (l LB) DeleteBackendsExcept(keep map[uint32]Backend) error {
-	all, err := Dump[uint32, Backend](l.Backend)
+	all, err := Dump[uint32, backend](l.Backend)
 	if err != nil {
 		return fmt.Errorf("delete real servers: %w", err)
 	}
@@ -575,7 +518,7 @@ func (l LB) DeleteBackendsExcept(keep map[uint32]Backend) error {
 	}
 	sk := make([]LBStatsKey, len(stale))
 	for i, id := range stale {
-		sk[i] = LBStatsKey{Kind: StatsBackend, ID: id}
+		sk[i] = LBStatsKey{Kind: StatsBackend, Id: id}
 	}
 	if _, err := l.Backend.BatchDelete(stale, nil); err != nil {
 		for _, id := range stale {
@@ -635,15 +578,19 @@ func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 		return nil
 	}
 	ids := make([]uint32, 0, len(bes))
-	vals := make([]Backend, 0, len(bes))
-	for id, b := range bes {
+	vals := make([]backend, 0, len(bes))
+	for id, be := range bes {
+		b, err := be.encode()
+		if err != nil {
+			return fmt.Errorf("put real servers: %w", err)
+		}
 		ids = append(ids, id)
 		vals = append(vals, b)
 	}
 	if fresh {
 		sk := make([]LBStatsKey, len(ids))
 		for i, id := range ids {
-			sk[i] = LBStatsKey{Kind: StatsBackend, ID: id}
+			sk[i] = LBStatsKey{Kind: StatsBackend, Id: id}
 		}
 		if _, err := l.Stats.BatchUpdate(sk, make([]LBStats, len(ids)), nil); err != nil {
 			return fmt.Errorf("put real servers: counters: %w", err)

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kata-dp/kata-dp/loader"
 )
 
 // Errors callers can test for.
@@ -24,7 +26,11 @@ func (m EndpointMap) Put(ifindex uint32, e Endpoint) error {
 	if e.Slot >= MaxEndpoints {
 		return fmt.Errorf("put endpoint %d: %w: %d", ifindex, ErrSlot, e.Slot)
 	}
-	if err := m.Update(ifindex, &e, ebpf.UpdateAny); err != nil {
+	v, err := e.encode()
+	if err != nil {
+		return fmt.Errorf("put endpoint %d: %w", ifindex, err)
+	}
+	if err := m.Update(ifindex, &v, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("put endpoint %d: %w", ifindex, err)
 	}
 	return nil
@@ -32,11 +38,11 @@ func (m EndpointMap) Put(ifindex uint32, e Endpoint) error {
 
 // Get reads the endpoint entry of device ifindex.
 func (m EndpointMap) Get(ifindex uint32) (Endpoint, error) {
-	var e Endpoint
-	if err := m.Lookup(ifindex, &e); err != nil {
-		return e, fmt.Errorf("get endpoint %d: %w", ifindex, err)
+	var v loader.DatapathEndpoint
+	if err := m.Lookup(ifindex, &v); err != nil {
+		return Endpoint{}, fmt.Errorf("get endpoint %d: %w", ifindex, err)
 	}
-	return e, nil
+	return decodeEndpoint(v), nil
 }
 
 // Remove deletes the entry of device ifindex; a missing entry is not an error.
@@ -52,11 +58,11 @@ func (m EndpointMap) All() (map[uint32]Endpoint, error) {
 	out := map[uint32]Endpoint{}
 	var (
 		k uint32
-		v Endpoint
+		v loader.DatapathEndpoint
 	)
 	it := m.Iterate()
 	for it.Next(&k, &v) {
-		out[k] = v
+		out[k] = decodeEndpoint(v)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list endpoints: %w", err)
@@ -102,8 +108,42 @@ func (m StatsMap) Reset(slot uint32) error {
 // Route is one route of a NIC as the datapath sees it.
 type Route struct {
 	Slot    uint32
-	Dest    netip.Prefix // IPv4; 0.0.0.0/0 is the default route
+	Dest    netip.Prefix // 0.0.0.0/0 is the default route
 	Gateway netip.Addr   // zero when none
+}
+
+// The route trie's key and value (struct route_key, struct route_val).
+type (
+	routeKey = loader.DatapathRouteKey
+	routeVal = loader.DatapathRouteVal
+)
+
+// encode makes r's key (without its tag, which names the generation) and value.
+func (r Route) encode() (routeKey, routeVal, error) {
+	var (
+		k routeKey
+		v routeVal
+	)
+	if !r.Dest.IsValid() {
+		return k, v, fmt.Errorf("route without a destination")
+	}
+	a, err := v4(r.Dest.Masked().Addr())
+	if err != nil {
+		return k, v, fmt.Errorf("route %s: %w", r.Dest, err)
+	}
+	if v.Gateway, err = v4OrZero(r.Gateway); err != nil {
+		return k, v, fmt.Errorf("route %s: gateway: %w", r.Dest, err)
+	}
+	k.Prefixlen, k.Addr = 32+uint32(r.Dest.Bits()), a
+	return k, v, nil
+}
+
+func decodeRoute(k routeKey, v routeVal) Route {
+	r := Route{Slot: k.Tag & 0xffff, Dest: netip.PrefixFrom(addr4(k.Addr), int(k.Prefixlen)-32)}
+	if v.Gateway != 0 {
+		r.Gateway = addr4(v.Gateway)
+	}
+	return r
 }
 
 // RouteTable is kdp_routes together with kdp_config, which says which generation of the
@@ -120,12 +160,15 @@ func (t RouteTable) Replace(routes []Route) error {
 	if len(routes) > MaxRoutes {
 		return fmt.Errorf("replace routes: %w: %d > %d", ErrTooManyRoutes, len(routes), MaxRoutes)
 	}
-	for _, r := range routes {
+	keys := make([]routeKey, len(routes))
+	vals := make([]routeVal, len(routes))
+	for i, r := range routes {
 		if r.Slot >= MaxEndpoints {
 			return fmt.Errorf("replace routes: %w: %d", ErrSlot, r.Slot)
 		}
-		if !r.Dest.Addr().Is4() {
-			return fmt.Errorf("replace routes: %s is not IPv4", r.Dest)
+		var err error
+		if keys[i], vals[i], err = r.encode(); err != nil {
+			return fmt.Errorf("replace routes: %w", err)
 		}
 	}
 	cfg, err := t.config()
@@ -133,19 +176,16 @@ func (t RouteTable) Replace(routes []Route) error {
 		return err
 	}
 	next := (cfg.RouteGen + 1) & 0xffff
-	var written []RouteKey
+	var written []routeKey
 	undo := func() {
 		for _, k := range written {
 			t.Routes.Delete(&k)
 		}
 	}
-	for _, r := range routes {
-		k := RouteKey{PrefixLen: 32 + uint32(r.Dest.Bits()), Tag: routeTag(next, r.Slot), Addr: r.Dest.Masked().Addr().As4()}
-		var v RouteValue
-		if r.Gateway.Is4() {
-			v.Gateway = r.Gateway.As4()
-		}
-		if err := t.Routes.Update(&k, &v, ebpf.UpdateAny); err != nil {
+	for i, r := range routes {
+		k := keys[i]
+		k.Tag = routeTag(next, r.Slot)
+		if err := t.Routes.Update(&k, &vals[i], ebpf.UpdateAny); err != nil {
 			undo()
 			return fmt.Errorf("replace routes: write %s: %w", r.Dest, err)
 		}
@@ -167,19 +207,15 @@ func (t RouteTable) List() ([]Route, error) {
 	}
 	var (
 		out []Route
-		k   RouteKey
-		v   RouteValue
+		k   routeKey
+		v   routeVal
 	)
 	it := t.Routes.Iterate()
 	for it.Next(&k, &v) {
 		if k.Tag>>16 != cfg.RouteGen {
 			continue
 		}
-		r := Route{Slot: k.Tag & 0xffff, Dest: netip.PrefixFrom(netip.AddrFrom4(k.Addr), int(k.PrefixLen)-32)}
-		if v.Gateway != [4]byte{} {
-			r.Gateway = netip.AddrFrom4(v.Gateway)
-		}
-		out = append(out, r)
+		out = append(out, decodeRoute(k, v))
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list routes: %w", err)
@@ -197,9 +233,9 @@ func (t RouteTable) config() (Config, error) {
 
 func (t RouteTable) deleteOtherGenerations(live uint32) error {
 	var (
-		stale []RouteKey
-		k     RouteKey
-		v     RouteValue
+		stale []routeKey
+		k     routeKey
+		v     routeVal
 	)
 	it := t.Routes.Iterate()
 	for it.Next(&k, &v) {
@@ -216,4 +252,24 @@ func (t RouteTable) deleteOtherGenerations(live uint32) error {
 		}
 	}
 	return nil
+}
+
+// Sandbox holds the views of one sandbox's maps (loader.Sandbox.Maps).
+type Sandbox struct {
+	Endpoints EndpointMap
+	Stats     StatsMap
+	Routes    RouteTable
+	LB        LB
+	XDP       XDPPorts
+}
+
+// ForSandbox returns the views of a sandbox's maps.
+func ForSandbox(m loader.Maps) Sandbox {
+	return Sandbox{
+		Endpoints: EndpointMap{m.Endpoints},
+		Stats:     StatsMap{m.Stats},
+		Routes:    RouteTable{Routes: m.Routes, Config: m.Config},
+		LB:        LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config},
+		XDP:       XDPPorts{Ports: m.XDPPorts, Tx: m.XDPTx},
+	}
 }

@@ -5,7 +5,8 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"structs"
+
+	"github.com/kata-dp/kata-dp/loader"
 )
 
 // Limits of one sandbox's datapath (bpf/lib/common.h).
@@ -106,29 +107,15 @@ func DropReasons() []DropReason {
 	return out
 }
 
-// Endpoint is struct endpoint: one side of a guest NIC, keyed by the ifindex of the device
-// the program runs on.
+// Endpoint is one side of a guest NIC (struct endpoint), keyed by the ifindex of the device
+// the program runs on. Put encodes it into the generated DatapathEndpoint.
 type Endpoint struct {
-	_           structs.HostLayout
-	PeerIfindex uint32  // redirect target; 0 = not joined
-	Slot        uint32  // NIC slot in the sandbox
-	IP          [4]byte // guest IPv4, network order
-	MAC         [6]byte // guest MAC
-	PrefixLen   uint8
+	PeerIfindex uint32       // redirect target; 0 = not joined
+	Slot        uint32       // NIC slot in the sandbox
+	Addr        netip.Prefix // guest address and subnet; zero = none (FlagHasIP follows it)
+	MAC         [6]byte      // guest MAC
 	Role        Role
-	Flags       Flags
-}
-
-// SetIP stores the guest's address and prefix (an invalid prefix clears them).
-func (e *Endpoint) SetIP(p netip.Prefix) {
-	if !p.IsValid() || !p.Addr().Is4() {
-		e.IP, e.PrefixLen = [4]byte{}, 0
-		e.Flags &^= FlagHasIP
-		return
-	}
-	e.IP = p.Addr().As4()
-	e.PrefixLen = uint8(p.Bits())
-	e.Flags |= FlagHasIP
+	Flags       Flags // FlagHasIP is set by Put from Addr, whatever this says
 }
 
 // SetMAC stores the guest's MAC; it must be 6 bytes long.
@@ -142,20 +129,36 @@ func (e *Endpoint) SetMAC(mac net.HardwareAddr) error {
 
 func (e Endpoint) String() string {
 	ip := "-"
-	if e.Flags&FlagHasIP != 0 {
-		ip = netip.PrefixFrom(netip.AddrFrom4(e.IP), int(e.PrefixLen)).String()
+	if e.Addr.IsValid() {
+		ip = e.Addr.String()
 	}
 	return fmt.Sprintf("slot=%d role=%s mac=%s ip=%s peer=%d flags=%s",
 		e.Slot, e.Role, net.HardwareAddr(e.MAC[:]), ip, e.PeerIfindex, e.Flags)
 }
 
-// Stats is struct ep_stats: counters of one endpoint in one direction.
-type Stats struct {
-	_       structs.HostLayout
-	Packets uint64 // frames forwarded
-	Bytes   uint64
-	Drops   [NumDrops]uint64
+func (e Endpoint) encode() (loader.DatapathEndpoint, error) {
+	v := loader.DatapathEndpoint{PeerIfindex: e.PeerIfindex, Slot: e.Slot, Mac: e.MAC, Role: uint8(e.Role), Flags: uint32(e.Flags &^ FlagHasIP)}
+	if err := checkFamily(e.Addr); err != nil {
+		return v, err
+	}
+	if e.Addr.IsValid() {
+		v.Ip, _ = v4(e.Addr.Addr())
+		v.Prefixlen = uint8(e.Addr.Bits())
+		v.Flags |= uint32(FlagHasIP)
+	}
+	return v, nil
 }
+
+func decodeEndpoint(v loader.DatapathEndpoint) Endpoint {
+	e := Endpoint{PeerIfindex: v.PeerIfindex, Slot: v.Slot, MAC: v.Mac, Role: Role(v.Role), Flags: Flags(v.Flags)}
+	if e.Flags&FlagHasIP != 0 {
+		e.Addr = netip.PrefixFrom(addr4(v.Ip), int(v.Prefixlen))
+	}
+	return e
+}
+
+// Stats is struct ep_stats: counters of one endpoint in one direction.
+type Stats loader.DatapathEpStats
 
 // Add accumulates o into s.
 func (s *Stats) Add(o Stats) {
@@ -186,38 +189,12 @@ func (s Stats) String() string {
 	return b.String()
 }
 
-// RouteKey is struct route_key.
-type RouteKey struct {
-	_         structs.HostLayout
-	PrefixLen uint32 // 32 (the tag) + the route's prefix length
-	Tag       uint32 // generation << 16 | slot
-	Addr      [4]byte
-}
-
-// RouteValue is struct route_val.
-type RouteValue struct {
-	_       structs.HostLayout
-	Gateway [4]byte
-	Flags   uint32
-}
-
-// ConfigFlags are struct config's flags (enum kdp_cfg_flags).
-type ConfigFlags uint32
-
-// Config flags.
+// Config flags (enum kdp_cfg_flags), in Config.Flags.
 const (
-	ConfigLB ConfigFlags = 1 << 0 // the load balancer has services or live connections
+	ConfigLB uint32 = 1 << 0 // the load balancer has services or live connections
 )
 
-// Config is struct config: sandbox-wide settings.
-type Config struct {
-	_             structs.HostLayout
-	RouteGen      uint32
-	Flags         ConfigFlags
-	LBGen         uint32
-	TCPTimeout    uint32 // seconds
-	TCPFinTimeout uint32
-	UDPTimeout    uint32
-}
+// Config is struct config: sandbox-wide settings (timeouts in seconds).
+type Config = loader.DatapathConfig
 
 func routeTag(gen, slot uint32) uint32 { return gen<<16 | slot&0xffff }

@@ -52,17 +52,17 @@ func newRig(b *testing.B, services int) *rig {
 	}
 	b.Cleanup(func() { sb.Close(); loader.Remove(root, "perf") })
 	m := sb.Maps()
-	r := &rig{lb: maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config}}
+	r := &rig{lb: maps.ForSandbox(m).LB}
 	r.tapIn, _ = sb.Program(loader.ProgTapIn)
 	// BPF_PROG_TEST_RUN without a context runs the frame "on" the loopback device.
 	ep := maps.Endpoint{PeerIfindex: 42, Role: maps.RoleTap, Flags: maps.FlagAntiSpoof | maps.FlagStrictEgress, MAC: guestMAC}
-	ep.SetIP(netip.PrefixFrom(guestIP, 8))
+	ep.Addr = netip.PrefixFrom(guestIP, 8)
 	if err := (maps.EndpointMap{Map: m.Endpoints}).Put(1, ep); err != nil {
 		b.Fatal(err)
 	}
-	maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300})
+	maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300})
 	for id := uint32(1); id <= 3; id++ {
-		r.lb.PutBackend(id, netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(id)}), 80), 1)
+		r.lb.PutBackend(id, maps.Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(id)}), 80), Weight: 1})
 	}
 	var specs []maps.ServiceSpec
 	for i := range services {
@@ -141,7 +141,7 @@ func BenchmarkPerPacket(b *testing.B) {
 		sport := uint16(1024 + i%60000)
 		fresh = append(fresh, measure(b, r.tapIn, 1, func(int) []byte { return tcpFrame(vip, sport, 0x02) })...)
 		if i%60000 == 59999 {
-			r.lb.Sweep(^uint64(0), maps.Config{}, func(maps.CTKey, maps.CTEntry) bool { return true })
+			r.lb.Sweep(^uint64(0), maps.Config{}, func(maps.Conn) bool { return true })
 		}
 	}
 	b.StopTimer()
@@ -305,7 +305,7 @@ func BenchmarkList20000(b *testing.B) {
 func BenchmarkPerPacketRepeat(b *testing.B) {
 	r := newRig(b, 5000)
 	self := netip.MustParseAddrPort("10.96.0.20:80")
-	r.lb.PutBackend(50, self, 1)
+	r.lb.PutBackend(50, maps.Backend{Addr: self, Weight: 1})
 	r.lb.PutService(0, maps.ServiceSpec{VIP: self, Proto: unix.IPPROTO_TCP, ID: 98, Sched: maps.SchedRR, Slots: []uint32{50}})
 	r.tapIn.Benchmark(tcpFrame(self, 40000, 0x02), 1, nil)
 	other := netip.MustParseAddrPort("172.16.0.1:80")
@@ -332,7 +332,7 @@ func BenchmarkPerPacketRepeat(b *testing.B) {
 // services loaded: what the load balancer costs traffic that does not use it.
 func BenchmarkServicesLoaded(b *testing.B) {
 	none := newRig(b, 0)
-	maps.WriteConfig(none.lb.Config, maps.Config{TCPTimeout: 900, TCPFinTimeout: 120, UDPTimeout: 300})
+	maps.WriteConfig(none.lb.Config, maps.Config{TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300})
 	full := newRig(b, 5000)
 	other := netip.MustParseAddrPort("172.16.0.1:80")
 	var d0, d1 []time.Duration

@@ -24,6 +24,7 @@ var (
 // Dataplane implements control.Dataplane with the BPF datapath.
 type Dataplane struct {
 	root string
+	opts loader.Options // for the sandboxes it opens
 	log  *slog.Logger
 
 	mu        sync.Mutex
@@ -49,7 +50,11 @@ var (
 
 // New returns a Dataplane pinning under root ("" = loader.DefaultRoot). It probes the kernel
 // once and fails if the kernel cannot run tc BPF programs at all.
-func New(root string) (*Dataplane, error) {
+func New(root string) (*Dataplane, error) { return NewWithOptions(root, loader.Options{}) }
+
+// NewWithOptions is New with the loader options of every sandbox it opens (for instance
+// loader.Options.LegacyTC, to attach with clsact + bpf filters where TCX misbehaves).
+func NewWithOptions(root string, o loader.Options) (*Dataplane, error) {
 	if root == "" {
 		root = loader.DefaultRoot
 	}
@@ -63,7 +68,7 @@ func New(root string) (*Dataplane, error) {
 	if !f.TCX {
 		slog.Warn("kernel has no TCX: attaching with clsact + bpf filters", "features", f.String())
 	}
-	return &Dataplane{root: root, log: slog.Default(), sandboxes: map[string]*Sandbox{}}, nil
+	return &Dataplane{root: root, opts: o, log: slog.Default(), sandboxes: map[string]*Sandbox{}}, nil
 }
 
 // Root is where sandboxes are pinned.
@@ -77,7 +82,7 @@ func (d *Dataplane) EnsureSandbox(ctx context.Context, id, netnsPath string) err
 		sb.netns = netnsPath
 		return nil
 	}
-	lsb, err := loader.Open(d.root, id)
+	lsb, err := loader.OpenWithOptions(d.root, id, d.opts)
 	if err != nil {
 		return err
 	}

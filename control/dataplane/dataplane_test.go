@@ -41,6 +41,12 @@ type rig struct {
 
 func newRig(t *testing.T, id string) *rig {
 	t.Helper()
+	return newRigWith(t, id, loader.Options{})
+}
+
+// newRigWith is newRig with the loader options of the dataplane's sandboxes.
+func newRigWith(t *testing.T, id string, o loader.Options) *rig {
+	t.Helper()
 	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
 	r := &rig{root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-dp-%08x", rand.Uint32()))}
 	t.Cleanup(func() { os.RemoveAll(r.root) })
@@ -71,7 +77,7 @@ func newRig(t *testing.T, id string) *rig {
 		t.Fatal(err)
 	}
 
-	if r.dp, err = dataplane.New(r.root); err != nil {
+	if r.dp, err = dataplane.NewWithOptions(r.root, o); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.dp.Close() })

@@ -22,10 +22,7 @@ type lbState struct {
 	timeouts ipvs.Timeouts
 }
 
-func (sb *Sandbox) lbMaps() maps.LB {
-	m := sb.lsb.Maps()
-	return maps.LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config}
-}
+func (sb *Sandbox) lbMaps() maps.LB { return maps.ForSandbox(sb.lsb.Maps()).LB }
 
 // serviceSpec translates a service of the rule table into what the datapath needs: the
 // scheduler's table (pick sequence for rr/wrr, buckets for sh/dh) or the real servers in kernel
@@ -62,7 +59,7 @@ func serviceSpec(s ipvs.Service) (maps.ServiceSpec, error) {
 }
 
 func backendOf(d ipvs.Server) maps.Backend {
-	return maps.Backend{IP: d.Addr.Addr().As4(), Port: maps.Port2(d.Addr.Port()), Weight: uint16(d.Weight)}
+	return maps.Backend{Addr: d.Addr, Weight: uint16(d.Weight)}
 }
 
 func sameService(a, b ipvs.Service) bool {
@@ -85,7 +82,7 @@ func (d *Dataplane) SetLB(ctx context.Context, id string, t *ipvs.Table) error {
 	if err != nil {
 		return fmt.Errorf("set lb of %s: %w", id, err)
 	}
-	gen := uint8(cfg.LBGen)
+	gen := uint8(cfg.LbGen)
 	want := map[ipvs.ServiceKey]ipvs.Service{}
 	wantBE := map[uint32]maps.Backend{}
 	for _, s := range t.Services {
@@ -99,7 +96,7 @@ func (d *Dataplane) SetLB(ctx context.Context, id string, t *ipvs.Table) error {
 		if old, ok := sb.lb.backends[beID]; ok && old == b {
 			continue
 		}
-		if err := lb.PutBackend(beID, netip.AddrPortFrom(netip.AddrFrom4(b.IP), maps.PortOf(b.Port)), b.Weight); err != nil {
+		if err := lb.PutBackend(beID, b); err != nil {
 			return fmt.Errorf("set lb of %s: %w", id, err)
 		}
 		sb.lb.backends[beID] = b
@@ -147,7 +144,7 @@ func (d *Dataplane) SetLB(ctx context.Context, id string, t *ipvs.Table) error {
 }
 
 func applyTimeouts(cfg *maps.Config, to ipvs.Timeouts) {
-	cfg.TCPTimeout, cfg.TCPFinTimeout, cfg.UDPTimeout = to.TCP, to.TCPFin, to.UDP
+	cfg.TcpTimeout, cfg.TcpfinTimeout, cfg.UdpTimeout = to.TCP, to.TCPFin, to.UDP
 }
 
 // RestoreLB installs table t as a whole: every service is written under the next generation
@@ -164,7 +161,7 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 	if err != nil {
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
-	oldGen := uint8(cfg.LBGen)
+	oldGen := uint8(cfg.LbGen)
 	gen := oldGen + 1
 	st := &lbState{services: map[ipvs.ServiceKey]ipvs.Service{}, backends: map[uint32]maps.Backend{}, timeouts: t.Timeouts()}
 	for _, s := range t.Services {
@@ -191,7 +188,7 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 		lb.DeleteGeneration(gen)
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
-	cfg.LBGen = uint32(gen)
+	cfg.LbGen = uint32(gen)
 	applyTimeouts(&cfg, st.timeouts)
 	if len(specs) > 0 {
 		cfg.Flags |= maps.ConfigLB
@@ -226,7 +223,7 @@ func (d *Dataplane) SetLBService(ctx context.Context, id string, t *ipvs.Table, 
 	if err != nil {
 		return fmt.Errorf("set lb of %s: %w", id, err)
 	}
-	gen := uint8(cfg.LBGen)
+	gen := uint8(cfg.LbGen)
 	old, hadOld := sb.lb.services[k]
 	svc, ok := t.Service(k)
 	if ok {
@@ -235,7 +232,7 @@ func (d *Dataplane) SetLBService(ctx context.Context, id string, t *ipvs.Table, 
 			if cur, ok := sb.lb.backends[dst.ID]; ok && cur == b {
 				continue
 			}
-			if err := lb.PutBackend(dst.ID, dst.Addr, b.Weight); err != nil {
+			if err := lb.PutBackend(dst.ID, b); err != nil {
 				return fmt.Errorf("set lb of %s: %w", id, err)
 			}
 			sb.lb.backends[dst.ID] = b
@@ -289,9 +286,9 @@ type lbCounters struct {
 }
 
 func (c *lbCounters) stats2(kind, id uint32) ipvs.Stats {
-	s := c.stats[maps.LBStatsKey{Kind: kind, ID: id}]
-	r := c.rates[maps.LBStatsKey{Kind: kind, ID: id}]
-	return ipvs.Stats{Conns: s.Conns, InPkts: s.InPkts, OutPkts: s.OutPkts, InBytes: s.InBytes, OutBytes: s.OutBytes,
+	s := c.stats[maps.LBStatsKey{Kind: kind, Id: id}]
+	r := c.rates[maps.LBStatsKey{Kind: kind, Id: id}]
+	return ipvs.Stats{Conns: s.Conns, InPkts: s.Inpkts, OutPkts: s.Outpkts, InBytes: s.Inbytes, OutBytes: s.Outbytes,
 		CPS: r.CPS, InPPS: r.InPPS, OutPPS: r.OutPPS, InBPS: r.InBPS, OutBPS: r.OutBPS}
 }
 
@@ -336,9 +333,8 @@ func (d *Dataplane) CleanupConns(ctx context.Context, id string, dst netip.Addr,
 	if err != nil {
 		return 0, fmt.Errorf("cleanup: %w", err)
 	}
-	a := dst.As4()
-	res, err := d.sweep(sb, func(k maps.CTKey, e maps.CTEntry) bool {
-		return k.Proto == proto && (k.DAddr == a || e.Addr == a)
+	res, err := d.sweep(sb, func(c maps.Conn) bool {
+		return c.Proto == proto && (c.Service.Addr() == dst || c.Server.Addr() == dst)
 	})
 	if err != nil {
 		return 0, fmt.Errorf("cleanup of %s: %w", id, err)
@@ -352,7 +348,7 @@ func monotonicNow() uint64 {
 	return uint64(ts.Nano())
 }
 
-func (d *Dataplane) sweep(sb *Sandbox, match func(maps.CTKey, maps.CTEntry) bool) (maps.SweepResult, error) {
+func (d *Dataplane) sweep(sb *Sandbox, match func(maps.Conn) bool) (maps.SweepResult, error) {
 	lb := sb.lbMaps()
 	cfg, err := maps.ReadConfig(lb.Config)
 	if err != nil {
@@ -405,8 +401,8 @@ func (d *Dataplane) RunSweeper(ctx context.Context, interval time.Duration) {
 							}
 							return uint64(float64(a-b) / dt)
 						}
-						rates[k] = ipvs.Stats{CPS: r(c.Conns, o.Conns), InPPS: r(c.InPkts, o.InPkts), OutPPS: r(c.OutPkts, o.OutPkts),
-							InBPS: r(c.InBytes, o.InBytes), OutBPS: r(c.OutBytes, o.OutBytes)}
+						rates[k] = ipvs.Stats{CPS: r(c.Conns, o.Conns), InPPS: r(c.Inpkts, o.Inpkts), OutPPS: r(c.Outpkts, o.Outpkts),
+							InBPS: r(c.Inbytes, o.Inbytes), OutBPS: r(c.Outbytes, o.Outbytes)}
 					}
 				}
 				prev[id] = cur

@@ -12,9 +12,7 @@ import (
 // on kernels without TCX: traffic flows both ways, the filters are kata-dp's, and removing the
 // endpoint deletes exactly them.
 func TestLegacyClsact(t *testing.T) {
-	loader.ForceLegacyTC = true
-	t.Cleanup(func() { loader.ForceLegacyTC = false })
-	r := newRig(t, "legacy")
+	r := newRigWith(t, "legacy", loader.Options{LegacyTC: true})
 	guestIP, hostIP := r.sb.GuestAddr.Addr().String(), r.sb.HostAddr.Addr().String()
 	if tx, rx := ping(t, r.sb.Host, "-c", "3", "-i", "0.05", "-W", "2", guestIP); rx != tx {
 		t.Fatalf("host->guest ping: %d/%d", rx, tx)

@@ -158,7 +158,7 @@ func tapEntry(ep control.Endpoint, peer int) (maps.Endpoint, error) {
 	if err := e.SetMAC(ep.MAC); err != nil {
 		return e, err
 	}
-	e.SetIP(ep.Addr)
+	e.Addr = ep.Addr
 	if ep.AntiSpoof {
 		e.Flags |= maps.FlagAntiSpoof
 	}
@@ -191,7 +191,7 @@ func removeSlotEntries(sb *Sandbox, slot uint32) error {
 	}
 	for ifindex, e := range all {
 		if e.Slot == slot {
-			if err := sb.lsb.DelXDPPort(ifindex); err != nil {
+			if err := sb.xdp().Delete(ifindex); err != nil {
 				return err
 			}
 			if err := eps.Remove(ifindex); err != nil {

@@ -21,6 +21,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
 )
 
 // modeRig is the standard sandbox topology with a guest behind the tap (or, in macvtap mode,
@@ -610,7 +611,7 @@ func TestModesTeardown(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer sb.Close()
-			if ports, err := sb.XDPPorts(); err != nil || len(ports) != 0 {
+			if ports, err := maps.ForSandbox(sb.Maps()).XDP.All(); err != nil || len(ports) != 0 {
 				t.Errorf("xdp ports left: %v (%v)", ports, err)
 			}
 			if _, rx := ping(t, r.sb.Host, "-c", "2", "-i", "0.1", "-W", "1", r.sb.GuestAddr.Addr().String()); rx != 0 {

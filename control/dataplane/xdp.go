@@ -9,6 +9,7 @@ import (
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
 )
 
 // xdpMode is tc mode with the XDP programs in front of the tc programs. XDP redirects what it
@@ -86,7 +87,7 @@ func setXDP(sb *Sandbox, ep control.Endpoint, tap, uplink netdev.LinkInfo) (bool
 	if !ok {
 		return false, fmt.Errorf("%s does not take XDP frames", ep.Tap)
 	}
-	if err := sb.lsb.SetXDPPort(ep.NetNS, uint32(uplink.Index), uint32(tap.Index), loader.XDPPort{
+	if err := sb.xdp().Set(ep.NetNS, uint32(uplink.Index), uint32(tap.Index), maps.XDPPort{
 		MaxLen: uint32(tap.MTU) + 18, Flags: csumFlag(ua),
 	}); err != nil {
 		return false, err
@@ -98,9 +99,9 @@ func setXDP(sb *Sandbox, ep control.Endpoint, tap, uplink netdev.LinkInfo) (bool
 	if !ok {
 		sb.dp.log.Info("xdp mode: frames from the guest stay on tc: the uplink's peer has neither XDP nor GRO on",
 			"sandbox", ep.Sandbox, "nic", ep.NIC, "uplink", ep.Uplink)
-		return false, sb.lsb.DelXDPPort(uint32(tap.Index))
+		return false, sb.xdp().Delete(uint32(tap.Index))
 	}
-	return true, sb.lsb.SetXDPPort(ep.NetNS, uint32(tap.Index), uint32(uplink.Index), loader.XDPPort{
+	return true, sb.xdp().Set(ep.NetNS, uint32(tap.Index), uint32(uplink.Index), maps.XDPPort{
 		MaxLen: uint32(uplink.MTU) + 18, Flags: csumFlag(ta),
 	})
 }
@@ -112,7 +113,7 @@ func csumFlag(a loader.XDPAttachment) uint32 {
 	if a.Mode == "generic" {
 		return 0
 	}
-	return loader.XDPFlagCsum
+	return maps.XDPFlagCsum
 }
 
 // removeXDP stops XDP redirecting (ports first: from then on XDP passes every frame to tc)
@@ -125,7 +126,7 @@ func removeXDP(sb *Sandbox, ep control.Endpoint) {
 	}
 	for _, idx := range []int{tap.Index, uplink.Index} {
 		if idx > 0 {
-			if err := sb.lsb.DelXDPPort(uint32(idx)); err != nil {
+			if err := sb.xdp().Delete(uint32(idx)); err != nil {
 				sb.dp.log.Warn("remove xdp port", "sandbox", ep.Sandbox, "nic", ep.NIC, "err", err)
 			}
 		}
@@ -180,7 +181,7 @@ func (d *Dataplane) RecheckXDP(ctx context.Context) error {
 			uplink, err := netdev.LookupLink(ep.NetNS, ep.Uplink)
 			if err == nil {
 				_, mode, _ := loader.XDPProgram(ep.NetNS, ep.Tap)
-				err = it.sb.lsb.SetXDPPort(ep.NetNS, uint32(tap.Index), uint32(uplink.Index), loader.XDPPort{
+				err = it.sb.xdp().Set(ep.NetNS, uint32(tap.Index), uint32(uplink.Index), maps.XDPPort{
 					MaxLen: uint32(uplink.MTU) + 18, Flags: csumFlag(loader.XDPAttachment{Mode: mode}),
 				})
 			}
@@ -188,7 +189,7 @@ func (d *Dataplane) RecheckXDP(ctx context.Context) error {
 				errs = append(errs, err)
 				continue
 			}
-		} else if err := it.sb.lsb.DelXDPPort(uint32(tap.Index)); err != nil {
+		} else if err := it.sb.xdp().Delete(uint32(tap.Index)); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -218,3 +219,5 @@ func (d *Dataplane) RunXDPWatch(ctx context.Context, interval time.Duration) {
 		}
 	}
 }
+
+func (sb *Sandbox) xdp() maps.XDPPorts { return maps.ForSandbox(sb.lsb.Maps()).XDP }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
 )
 
 // ErrConflict is returned when a guest's MAC or IPv4 address is already delivered to another
@@ -72,24 +73,25 @@ func (m *Manager) Join(g Guest) (tap, uplink int, err error) {
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 	}
 	defer n.Close()
-	if err := m.checkFree(n, g, ti.Index); err != nil {
+	nm := maps.Node(n.Maps())
+	if err := m.checkFree(nm, g, ti.Index); err != nil {
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 	}
-	if other, ok, err := n.Guest(g.MAC); err == nil && ok && other != ti.Index {
+	if other, ok, err := nm.Guest(g.MAC); err == nil && ok && other != ti.Index {
 		// Taking over a stale entry (checkFree allowed it): drop its dead tap's counters.
-		if err := n.DelGuest(g.MAC, netip.Addr{}, other); err != nil {
+		if err := nm.DelGuest(g.MAC, netip.Addr{}, other); err != nil {
 			return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 		}
 	}
-	if err := n.PutGuest(g.MAC, g.Addr, ti.Index); err != nil {
+	if err := nm.PutGuest(g.MAC, g.Addr, ti.Index); err != nil {
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 	}
-	if err := n.DropStaleARP(g.MAC, g.Addr); err != nil {
+	if err := nm.DropStaleARP(g.MAC, g.Addr); err != nil {
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 	}
 	if err := n.Attach(); err != nil {
-		n.DelGuest(g.MAC, g.Addr, ti.Index)
-		m.removeIfEmpty(n, g)
+		nm.DelGuest(g.MAC, g.Addr, ti.Index)
+		m.removeIfEmpty(nm, g)
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 	}
 	return ti.Index, ui.Index, nil
@@ -97,7 +99,7 @@ func (m *Manager) Join(g Guest) (tap, uplink int, err error) {
 
 // checkFree refuses a MAC or address another live tap owns. An entry whose tap no longer
 // exists (left by a crash) is stale and may be taken over.
-func (m *Manager) checkFree(n *loader.Node, g Guest, tap int) error {
+func (m *Manager) checkFree(n maps.Node, g Guest, tap int) error {
 	other, ok, err := n.Guest(g.MAC)
 	if err != nil {
 		return err
@@ -139,11 +141,12 @@ func (m *Manager) Leave(g Guest) error {
 		return fmt.Errorf("leave %s: %w", g.Tap, err)
 	}
 	defer n.Close()
+	nm := maps.Node(n.Maps())
 	tap := -1
 	if ti, err := netdev.LookupLink(g.NetNS, g.Tap); err == nil {
 		tap = ti.Index
 	}
-	cur, ok, err := n.Guest(g.MAC)
+	cur, ok, err := nm.Guest(g.MAC)
 	if err != nil {
 		return fmt.Errorf("leave %s: %w", g.Tap, err)
 	}
@@ -152,22 +155,22 @@ func (m *Manager) Leave(g Guest) error {
 	if ok && (cur == tap || !linkExists(g.NetNS, cur)) {
 		addr := netip.Addr{}
 		if g.Addr.Is4() {
-			if owner, err := n.ARPOwner(g.Addr); err == nil && owner.String() == g.MAC.String() {
+			if owner, err := nm.ARPOwner(g.Addr); err == nil && owner.String() == g.MAC.String() {
 				addr = g.Addr
 			}
 		}
-		if err := n.DelGuest(g.MAC, addr, cur); err != nil {
+		if err := nm.DelGuest(g.MAC, addr, cur); err != nil {
 			return fmt.Errorf("leave %s: %w", g.Tap, err)
 		}
 	}
-	if err := m.removeIfEmpty(n, g); err != nil {
+	if err := m.removeIfEmpty(nm, g); err != nil {
 		return fmt.Errorf("leave %s: %w", g.Tap, err)
 	}
 	return nil
 }
 
 // removeIfEmpty detaches and unpins the uplink's node collection when no guest is left.
-func (m *Manager) removeIfEmpty(n *loader.Node, g Guest) error {
+func (m *Manager) removeIfEmpty(n maps.Node, g Guest) error {
 	c, err := n.GuestCount()
 	if err != nil || c > 0 {
 		return err
@@ -177,20 +180,21 @@ func (m *Manager) removeIfEmpty(n *loader.Node, g Guest) error {
 
 // ToGuest returns the node's counters of frames delivered into the guest's tap. It only
 // reads the pinned maps: no program is loaded.
-func (m *Manager) ToGuest(g Guest) (loader.NodeTapStats, error) {
+func (m *Manager) ToGuest(g Guest) (maps.NodeTapStats, error) {
 	n, err := loader.OpenNodeMaps(m.root, g.NetNS, g.Uplink)
 	if err != nil {
-		return loader.NodeTapStats{}, fmt.Errorf("to-guest counters of %s: %w", g.Tap, err)
+		return maps.NodeTapStats{}, fmt.Errorf("to-guest counters of %s: %w", g.Tap, err)
 	}
 	defer n.Close()
-	tap, ok, err := n.Guest(g.MAC)
+	nm := maps.Node(n.Maps())
+	tap, ok, err := nm.Guest(g.MAC)
 	if err != nil {
-		return loader.NodeTapStats{}, fmt.Errorf("to-guest counters of %s: %w", g.Tap, err)
+		return maps.NodeTapStats{}, fmt.Errorf("to-guest counters of %s: %w", g.Tap, err)
 	}
 	if !ok {
-		return loader.NodeTapStats{}, fmt.Errorf("to-guest counters of %s: mac %s is not joined to %s", g.Tap, g.MAC, g.Uplink)
+		return maps.NodeTapStats{}, fmt.Errorf("to-guest counters of %s: mac %s is not joined to %s", g.Tap, g.MAC, g.Uplink)
 	}
-	return n.TapStats(tap)
+	return nm.TapStats(tap)
 }
 
 // Joined reports whether the uplink has a node collection with its programs attached.

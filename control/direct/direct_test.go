@@ -15,6 +15,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/direct"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
 )
 
 // rig is a throwaway netns with an uplink (a veth) and three taps beside it.
@@ -76,11 +77,12 @@ func TestJoinLeave(t *testing.T) {
 	if err := m.Leave(direct.Guest{NetNS: n.Path(), Uplink: "up0", Tap: "tapc", MAC: macA, Addr: ipA}); err != nil {
 		t.Fatal(err)
 	}
-	node, err := loader.OpenNodeMaps(root, n.Path(), "up0")
+	ln, err := loader.OpenNodeMaps(root, n.Path(), "up0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer node.Close()
+	defer ln.Close()
+	node := maps.Node(ln.Maps())
 	if _, ok, _ := node.Guest(macA); !ok {
 		t.Fatal("another tap's Leave removed A")
 	}

@@ -1,0 +1,88 @@
+package maps
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+	"unsafe"
+
+	"github.com/kata-dp/kata-dp/control/ipvs"
+)
+
+// The datapath numbers its schedulers (enum kdp_sched, bpf/lib/lb.h) in the order of the rule
+// engine's list of names; a scheduler out of order would misroute connections.
+func TestSchedulersMatchIPVS(t *testing.T) {
+	all := []Scheduler{SchedRR, SchedWRR, SchedLC, SchedWLC, SchedLBLC, SchedLBLCR, SchedDH, SchedSH, SchedSED, SchedNQ}
+	if len(all) != len(ipvs.Schedulers) {
+		t.Fatalf("%d datapath schedulers, %d in ipvs.Schedulers", len(all), len(ipvs.Schedulers))
+	}
+	for i, s := range all {
+		name := ipvs.Schedulers[i]
+		if p, err := ParseScheduler(name); err != nil || p != s || s.String() != name {
+			t.Errorf("scheduler %d: %s parses to %d (%v), prints %s", s, name, p, err, s)
+		}
+	}
+	if _, err := ParseScheduler("fo"); err == nil {
+		t.Error("unknown scheduler accepted")
+	}
+}
+
+// A v6 address handed to a view is refused by name before any map is touched (the views
+// here have no maps at all), never cut down to four bytes.
+func TestV6Refused(t *testing.T) {
+	v6 := netip.MustParseAddr("fd00::1")
+	for name, err := range map[string]error{
+		"endpoint": EndpointMap{}.Put(1, Endpoint{Addr: netip.PrefixFrom(v6, 64)}),
+		"routes":   RouteTable{}.Replace([]Route{{Dest: netip.MustParsePrefix("fd00::/64")}}),
+		"gateway":  RouteTable{}.Replace([]Route{{Dest: netip.MustParsePrefix("10.0.0.0/8"), Gateway: v6}}),
+		"service":  LB{}.PutService(0, ServiceSpec{VIP: netip.AddrPortFrom(v6, 80)}),
+		"netmask":  LB{}.PutService(0, ServiceSpec{VIP: netip.MustParseAddrPort("10.0.0.1:80"), PMask: v6}),
+		"services": LB{}.PutServices(0, []ServiceSpec{{VIP: netip.AddrPortFrom(v6, 80)}}, true),
+		"delete":   LB{}.DeleteService(0, netip.AddrPortFrom(v6, 80), 6),
+		"backend":  LB{}.PutBackend(1, Backend{Addr: netip.AddrPortFrom(v6, 80)}),
+		"backends": LB{}.PutBackends(map[uint32]Backend{1: {Addr: netip.AddrPortFrom(v6, 80)}}, true),
+		"guest":    Node{}.PutGuest([]byte{2, 0, 0, 0, 0, 1}, v6, 1),
+	} {
+		if !errors.Is(err, ErrFamily) {
+			t.Errorf("%s: %v, want ErrFamily", name, err)
+		}
+	}
+}
+
+// The encodings are the wire's byte order, and decode what they encode.
+func TestEncodeRoundTrip(t *testing.T) {
+	a := netip.MustParseAddr("10.1.2.3")
+	v, err := v4(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := (*[4]byte)(unsafe.Pointer(&v)); *b != a.As4() {
+		t.Errorf("v4(%s) in memory %v, want network order", a, *b)
+	}
+	if got := addr4(v); got != a {
+		t.Errorf("addr4(v4(%s)) = %s", a, got)
+	}
+	p := be16(8080)
+	if b := (*[2]byte)(unsafe.Pointer(&p)); *b != [2]byte{0x1f, 0x90} {
+		t.Errorf("be16(8080) in memory %v", *b)
+	}
+	e := Endpoint{PeerIfindex: 4, Slot: 3, Addr: netip.MustParsePrefix("172.16.0.3/16"), MAC: [6]byte{2, 0, 0, 0, 0, 9}, Role: RoleTap, Flags: FlagAntiSpoof}
+	raw, err := e.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := e
+	want.Flags |= FlagHasIP
+	if got := decodeEndpoint(raw); got != want {
+		t.Errorf("endpoint round trip: %v, want %v", got, want)
+	}
+	r := Route{Slot: 2, Dest: netip.MustParsePrefix("192.168.0.0/16"), Gateway: netip.MustParseAddr("172.16.0.1")}
+	k, rv, err := r.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.Tag = routeTag(0, r.Slot)
+	if got := decodeRoute(k, rv); got != r {
+		t.Errorf("route round trip: %v, want %v", got, r)
+	}
+}
