@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/controltest"
 	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/store"
@@ -26,7 +27,7 @@ const fixtureSandbox = "6ec7a98f3b2c41d0a6f1e9b7c5d3a201"
 // recorder is a dataplane that records what Reconcile is given at start and programs it, as
 // the real dataplane re-adopts its pins.
 type recorder struct {
-	*control.MemDataplane
+	*controltest.MemDataplane
 	b strings.Builder
 }
 
@@ -75,9 +76,9 @@ func TestStateFromBefore(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	rec := &recorder{MemDataplane: control.NewMemDataplane()}
-	taps := control.NewMemTaps()
-	c, err := control.New(ctx, control.Config{Dataplane: rec, Taps: taps, Store: s, Hotplug: control.NewMemHotplugger(),
+	rec := &recorder{MemDataplane: controltest.NewMemDataplane()}
+	taps := controltest.NewMemTaps()
+	c, err := control.New(ctx, control.Config{Dataplane: rec, Taps: taps, Store: s, Hotplug: controltest.NewMemHotplugger(),
 		CheckNetNS: func(string) error { return nil }, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)

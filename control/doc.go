@@ -5,8 +5,9 @@
 // Control owns the rules (validation first, then each step with its undo; any failure rolls
 // back what was done) and depends only on small interfaces for the work below it: Dataplane
 // (BPF programs and maps, implemented in control/dataplane), Hotplugger (QMP), TapManager (netdev)
-// and StateStore (control/store). That keeps its logic testable with fakes (see MemDataplane
-// and MemHotplugger) and its integration testable with the real parts.
+// and StateStore (control/store). That keeps its logic testable with fakes
+// (control/controltest: MemDataplane, MemHotplugger, MemTaps) and its integration testable
+// with the real parts.
 //
 // A Controller is safe for concurrent use. Operations on one sandbox are serialised (one lock
 // per sandbox, held for the whole operation including its health check); operations on

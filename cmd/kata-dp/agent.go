@@ -14,6 +14,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/store"
+	"github.com/kata-dp/kata-dp/control/watch"
 	"github.com/spf13/pflag"
 )
 
@@ -143,11 +144,14 @@ func agent(e *env, o agentOptions) (err error) {
 		}
 		registerKataIPVS(srv, lbm, metrics)
 	}
-	if deps.Sweep != nil {
-		sctx, cancel := context.WithCancel(ctx)
-		defer cancel()
-		go deps.Sweep(sctx)
+	tasks := watch.New(log)
+	for _, t := range deps.Tasks {
+		if err := tasks.Add(t); err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
 	}
+	// Deferred after deps.Close: the tasks have stopped before the dataplane is closed.
+	defer tasks.Start(ctx)()
 	l, err := api.Listen(o.socket)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)

@@ -8,6 +8,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/vmplug"
+	"github.com/kata-dp/kata-dp/control/watch"
 )
 
 // agentDeps are the parts of the agent that touch the kernel and the VMs.
@@ -15,9 +16,9 @@ type agentDeps struct {
 	Dataplane control.Dataplane
 	// LB runs kata-ipvs rules in the dataplane; nil disables kata-ipvs.
 	LB ipvsctl.LB
-	// Sweep, when set, runs until ctx ends: it expires idle load-balanced connections and
-	// follows the veth peers of xdp-mode endpoints.
-	Sweep func(ctx context.Context)
+	// Tasks are the node's long-running work (the LB connection sweep, the XDP recheck), run
+	// by control/watch from the agent's start until it stops.
+	Tasks []watch.Task
 	// Hotplug is nil when the agent cannot hot-plug: sandboxes registered with a QMP socket
 	// are then reported unhealthy (control.ErrNoHotplug).
 	Hotplug control.Hotplugger
@@ -40,9 +41,9 @@ func newAgentDeps(_ context.Context, o agentOptions) (agentDeps, error) {
 	return agentDeps{
 		Dataplane: dp,
 		LB:        dp,
-		Sweep: func(ctx context.Context) {
-			go dp.RunXDPWatch(ctx, xdpWatchInterval)
-			dp.RunSweeper(ctx, sweepInterval)
+		Tasks: []watch.Task{
+			{Name: "lb-sweep", Every: sweepInterval, Run: dp.Sweep},
+			{Name: "xdp-recheck", Every: xdpWatchInterval, Run: dp.RecheckXDP},
 		},
 		Hotplug: hp,
 		Taps:    control.NetdevTaps{},

@@ -20,6 +20,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/controltest"
 )
 
 // TestMain turns the test binary into the real kata-dp command when KDP_TEST_MAIN is set, so
@@ -37,8 +38,8 @@ func TestMain(m *testing.M) {
 type testAgent struct {
 	sock, state string
 	ns          *topo.NetNS
-	dp          *control.MemDataplane
-	hp          *control.MemHotplugger
+	dp          *controltest.MemDataplane
+	hp          *controltest.MemHotplugger
 	stderr      *syncBuffer
 	stop        func()
 }
@@ -68,7 +69,7 @@ func startAgent(t *testing.T) *testAgent {
 	}
 	dir := t.TempDir()
 	a := &testAgent{sock: filepath.Join(dir, "run", "kata-dp.sock"), state: filepath.Join(dir, "state"), ns: ns,
-		dp: control.NewMemDataplane(), hp: control.NewMemHotplugger(), stderr: &syncBuffer{}}
+		dp: controltest.NewMemDataplane(), hp: controltest.NewMemHotplugger(), stderr: &syncBuffer{}}
 	a.restart(t)
 	return a
 }

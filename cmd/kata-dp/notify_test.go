@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/controltest"
 )
 
 // notifySocket is a real unixgram socket standing in for systemd's notify socket.
@@ -72,7 +73,7 @@ func TestAgentNotifiesSystemd(t *testing.T) {
 	e := &env{ctx: ctx, stdin: strings.NewReader(""), stdout: io.Discard, stderr: io.Discard, getenv: getenv,
 		args: []string{"agent", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--log-format", "json"},
 		newDeps: func(context.Context, agentOptions) (agentDeps, error) {
-			return agentDeps{Dataplane: control.NewMemDataplane(), Taps: control.NetdevTaps{}}, nil
+			return agentDeps{Dataplane: controltest.NewMemDataplane(), Taps: control.NetdevTaps{}}, nil
 		}}
 	done := make(chan error, 1)
 	go func() { done <- run(e) }()

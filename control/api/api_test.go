@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/controltest"
 	"github.com/kata-dp/kata-dp/control/store"
 )
 
@@ -26,11 +27,11 @@ func newAgent(t *testing.T) (*control.Controller, *Client, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	taps := control.NewMemTaps()
+	taps := controltest.NewMemTaps()
 	taps.AddLink(testNS, "eth0", false)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	ctrl, err := control.New(context.Background(), control.Config{
-		Dataplane: control.NewMemDataplane(), Taps: taps, Store: s, Hotplug: control.NewMemHotplugger(),
+		Dataplane: controltest.NewMemDataplane(), Taps: taps, Store: s, Hotplug: controltest.NewMemHotplugger(),
 		CheckNetNS: func(p string) error {
 			if p != testNS {
 				return errors.New("no such file or directory")

@@ -38,7 +38,8 @@ type Sandbox struct {
 	lsb   *loader.Sandbox
 	netns string
 	lb    *lbState                       // nil until the first SetLB/RestoreLB of this process
-	rates map[maps.LBStatsKey]ipvs.Stats // set by the sweeper under Dataplane.mu
+	rates map[maps.LBStatsKey]ipvs.Stats // set by Sweep under Dataplane.mu
+	swept lbSample                       // the counters Sweep last read, under Dataplane.mu
 	modes map[uint32]*State              // by endpoint slot, under Dataplane.mu (mode.go)
 }
 

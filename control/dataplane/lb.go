@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -360,56 +361,57 @@ func (d *Dataplane) sweep(sb *Sandbox, match func(maps.Conn) bool) (maps.SweepRe
 	return lb.Sweep(monotonicNow(), cfg, match)
 }
 
-// RunSweeper expires idle connections of every sandbox's load balancer, keeps the real
-// servers' connection counts exact, and updates the rate estimates (ipvsadm --rate), every
-// interval until ctx ends.
-func (d *Dataplane) RunSweeper(ctx context.Context, interval time.Duration) {
-	tick := time.NewTicker(interval)
-	defer tick.Stop()
-	prev := map[string]map[maps.LBStatsKey]maps.LBStats{}
-	last := time.Now()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-tick.C:
-			dt := now.Sub(last).Seconds()
-			last = now
-			d.mu.Lock()
-			sbs := make(map[string]*Sandbox, len(d.sandboxes))
-			for id, sb := range d.sandboxes {
-				sbs[id] = sb
-			}
-			d.mu.Unlock()
-			for id, sb := range sbs {
-				if _, err := d.sweep(sb, nil); err != nil {
-					d.log.Warn("sweep connections", "sandbox", id, "err", err)
-					continue
-				}
-				cur, err := maps.Dump[maps.LBStatsKey, maps.LBStats](sb.lbMaps().Stats)
-				if err != nil {
-					d.log.Warn("read lb counters", "sandbox", id, "err", err)
-					continue
-				}
-				rates := map[maps.LBStatsKey]ipvs.Stats{}
-				if p, ok := prev[id]; ok && dt > 0 {
-					for k, c := range cur {
-						o := p[k]
-						r := func(a, b uint64) uint64 {
-							if a < b {
-								return 0
-							}
-							return uint64(float64(a-b) / dt)
-						}
-						rates[k] = ipvs.Stats{CPS: r(c.Conns, o.Conns), InPPS: r(c.Inpkts, o.Inpkts), OutPPS: r(c.Outpkts, o.Outpkts),
-							InBPS: r(c.Inbytes, o.Inbytes), OutBPS: r(c.Outbytes, o.Outbytes)}
+// lbSample is the load balancer's counters as read at one time.
+type lbSample struct {
+	at    time.Time
+	stats map[maps.LBStatsKey]maps.LBStats
+}
+
+// Sweep expires the idle connections of every sandbox's load balancer, keeps the real
+// servers' connection counts exact, and updates the rate estimates (ipvsadm --rate) from the
+// counters' change since the previous Sweep. The agent runs it every second (control/watch).
+// A sandbox that fails is reported in the error and does not stop the others.
+func (d *Dataplane) Sweep(ctx context.Context) error {
+	d.mu.Lock()
+	sbs := make(map[string]*Sandbox, len(d.sandboxes))
+	for id, sb := range d.sandboxes {
+		sbs[id] = sb
+	}
+	d.mu.Unlock()
+	var errs []error
+	for id, sb := range sbs {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if _, err := d.sweep(sb, nil); err != nil {
+			errs = append(errs, fmt.Errorf("sweep connections of %s: %w", id, err))
+			continue
+		}
+		now := time.Now()
+		cur, err := maps.Dump[maps.LBStatsKey, maps.LBStats](sb.lbMaps().Stats)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("read lb counters of %s: %w", id, err))
+			continue
+		}
+		d.mu.Lock()
+		prev := sb.swept
+		rates := map[maps.LBStatsKey]ipvs.Stats{}
+		if dt := now.Sub(prev.at).Seconds(); prev.stats != nil && dt > 0 {
+			for k, c := range cur {
+				o := prev.stats[k]
+				r := func(a, b uint64) uint64 {
+					if a < b {
+						return 0
 					}
+					return uint64(float64(a-b) / dt)
 				}
-				prev[id] = cur
-				d.mu.Lock()
-				sb.rates = rates
-				d.mu.Unlock()
+				rates[k] = ipvs.Stats{CPS: r(c.Conns, o.Conns), InPPS: r(c.Inpkts, o.Inpkts), OutPPS: r(c.Outpkts, o.Outpkts),
+					InBPS: r(c.Inbytes, o.Inbytes), OutBPS: r(c.Outbytes, o.Outbytes)}
 			}
 		}
+		sb.swept = lbSample{at: now, stats: cur}
+		sb.rates = rates
+		d.mu.Unlock()
 	}
+	return errors.Join(errs...)
 }

@@ -269,9 +269,7 @@ func TestLBTimeouts(t *testing.T) {
 		r.ipvsadm(t, fmt.Sprintf("-a -u %s:53 -r 10.199.0.1%d:53", vipAddr, i))
 	}
 	r.ipvsadm(t, "--set 0 0 1")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go r.dp.RunSweeper(ctx, 200*time.Millisecond)
+	ctx := context.Background()
 
 	conn, err := r.guest.Dial("udp", vipAddr+":53", time.Second)
 	if err != nil {
@@ -296,7 +294,10 @@ func TestLBTimeouts(t *testing.T) {
 	if got := activeAndInactive(r.table, c); got != 1 {
 		t.Errorf("%d connection entries, want 1", got)
 	}
-	time.Sleep(2500 * time.Millisecond)
+	time.Sleep(2500 * time.Millisecond) // past the 1 s timeout
+	if err := r.dp.Sweep(ctx); err != nil {
+		t.Fatal(err)
+	}
 	c, _ = r.dp.LBCounters(ctx, "lbtimeout")
 	if got := activeAndInactive(r.table, c); got != 0 {
 		t.Errorf("%d connection entries after the timeout, want 0", got)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"time"
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/netdev"
@@ -145,7 +144,7 @@ func removeXDP(sb *Sandbox, ep control.Endpoint) {
 // peer's XDP or GRO, which the CNI or an operator may change at any time) and starts or stops
 // redirecting the guest's frames with XDP to match. While the peer has neither, frames XDP
 // redirects into the veth are dropped by the kernel, so the agent should run this
-// periodically (RunXDPWatch) to bound that window.
+// periodically (every 2 seconds, as a control/watch task) to bound that window.
 func (d *Dataplane) RecheckXDP(ctx context.Context) error {
 	type item struct {
 		sb *Sandbox
@@ -202,22 +201,6 @@ func (d *Dataplane) RecheckXDP(ctx context.Context) error {
 		d.mu.Unlock()
 	}
 	return errors.Join(errs...)
-}
-
-// RunXDPWatch runs RecheckXDP every interval until ctx ends.
-func (d *Dataplane) RunXDPWatch(ctx context.Context, interval time.Duration) {
-	tick := time.NewTicker(interval)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-			if err := d.RecheckXDP(ctx); err != nil {
-				d.log.Warn("recheck xdp", "err", err)
-			}
-		}
-	}
 }
 
 func (sb *Sandbox) xdp() maps.XDPPorts { return maps.ForSandbox(sb.lsb.Maps()).XDP }

@@ -1,4 +1,8 @@
-package control
+// Package controltest holds in-memory fakes of control's dependencies (Dataplane,
+// Hotplugger, TapManager) for the unit tests of control, control/api and cmd/kata-dp. They
+// record what they are asked and program nothing; each has a Fail hook that makes any method
+// fail, to test rollbacks. They are safe for concurrent use.
+package controltest
 
 import (
 	"context"
@@ -6,6 +10,8 @@ import (
 	"maps"
 	"slices"
 	"sync"
+
+	"github.com/kata-dp/kata-dp/control"
 )
 
 // MemDataplane is a Dataplane that only records what it is asked to program: endpoints and
@@ -23,8 +29,8 @@ type MemDataplane struct {
 // MemSandbox is what a MemDataplane holds for one sandbox.
 type MemSandbox struct {
 	NetNS     string
-	Endpoints map[uint32]Endpoint
-	Routes    []Route
+	Endpoints map[uint32]control.Endpoint
+	Routes    []control.Route
 }
 
 // NewMemDataplane returns an empty MemDataplane.
@@ -60,7 +66,7 @@ func (m *MemDataplane) Sandbox(id string) *MemSandbox {
 	return &MemSandbox{NetNS: s.NetNS, Endpoints: maps.Clone(s.Endpoints), Routes: slices.Clone(s.Routes)}
 }
 
-// EnsureSandbox implements Dataplane.
+// EnsureSandbox implements control.Dataplane.
 func (m *MemDataplane) EnsureSandbox(_ context.Context, id, netns string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -68,12 +74,12 @@ func (m *MemDataplane) EnsureSandbox(_ context.Context, id, netns string) error 
 		return err
 	}
 	if _, ok := m.sandboxes[id]; !ok {
-		m.sandboxes[id] = &MemSandbox{NetNS: netns, Endpoints: map[uint32]Endpoint{}, Routes: []Route{}}
+		m.sandboxes[id] = &MemSandbox{NetNS: netns, Endpoints: map[uint32]control.Endpoint{}, Routes: []control.Route{}}
 	}
 	return nil
 }
 
-// RemoveSandbox implements Dataplane.
+// RemoveSandbox implements control.Dataplane.
 func (m *MemDataplane) RemoveSandbox(_ context.Context, id string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -92,8 +98,8 @@ func (m *MemDataplane) sandbox(id string) (*MemSandbox, error) {
 	return s, nil
 }
 
-// AddEndpoint implements Dataplane. Adding a slot twice is an error.
-func (m *MemDataplane) AddEndpoint(_ context.Context, ep Endpoint) error {
+// AddEndpoint implements control.Dataplane. Adding a slot twice is an error.
+func (m *MemDataplane) AddEndpoint(_ context.Context, ep control.Endpoint) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.enter("AddEndpoint", ep.Sandbox); err != nil {
@@ -110,8 +116,8 @@ func (m *MemDataplane) AddEndpoint(_ context.Context, ep Endpoint) error {
 	return nil
 }
 
-// UpdateEndpoint implements EndpointUpdater.
-func (m *MemDataplane) UpdateEndpoint(_ context.Context, ep Endpoint) error {
+// UpdateEndpoint implements control.EndpointUpdater.
+func (m *MemDataplane) UpdateEndpoint(_ context.Context, ep control.Endpoint) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.enter("UpdateEndpoint", ep.Sandbox); err != nil {
@@ -128,8 +134,8 @@ func (m *MemDataplane) UpdateEndpoint(_ context.Context, ep Endpoint) error {
 	return nil
 }
 
-// DelEndpoint implements Dataplane. Deleting a missing endpoint is not an error.
-func (m *MemDataplane) DelEndpoint(_ context.Context, ep Endpoint) error {
+// DelEndpoint implements control.Dataplane. Deleting a missing endpoint is not an error.
+func (m *MemDataplane) DelEndpoint(_ context.Context, ep control.Endpoint) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.enter("DelEndpoint", ep.Sandbox); err != nil {
@@ -141,8 +147,8 @@ func (m *MemDataplane) DelEndpoint(_ context.Context, ep Endpoint) error {
 	return nil
 }
 
-// SetRoutes implements Dataplane.
-func (m *MemDataplane) SetRoutes(_ context.Context, sandbox string, routes []Route) error {
+// SetRoutes implements control.Dataplane.
+func (m *MemDataplane) SetRoutes(_ context.Context, sandbox string, routes []control.Route) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.enter("SetRoutes", sandbox); err != nil {
@@ -156,18 +162,18 @@ func (m *MemDataplane) SetRoutes(_ context.Context, sandbox string, routes []Rou
 	return nil
 }
 
-// Stats implements Dataplane: all counters are zero.
-func (m *MemDataplane) Stats(_ context.Context, ep Endpoint) (EndpointStats, error) {
+// Stats implements control.Dataplane: all counters are zero.
+func (m *MemDataplane) Stats(_ context.Context, ep control.Endpoint) (control.EndpointStats, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s, err := m.sandbox(ep.Sandbox)
 	if err != nil {
-		return EndpointStats{}, err
+		return control.EndpointStats{}, err
 	}
 	if _, ok := s.Endpoints[ep.Slot]; !ok {
-		return EndpointStats{}, fmt.Errorf("mem dataplane: slot %d of %s not in use", ep.Slot, ep.Sandbox)
+		return control.EndpointStats{}, fmt.Errorf("mem dataplane: slot %d of %s not in use", ep.Slot, ep.Sandbox)
 	}
-	return EndpointStats{}, nil
+	return control.EndpointStats{}, nil
 }
 
 // MemHotplugger is a Hotplugger that plugs nothing: it hands out PCI addresses "02.0/01",
@@ -200,8 +206,8 @@ func (h *MemHotplugger) Plugged(sandbox string) map[int]string {
 	return maps.Clone(h.plugged[sandbox])
 }
 
-// Plug implements Hotplugger.
-func (h *MemHotplugger) Plug(_ context.Context, sb Sandbox, ep Endpoint) (string, error) {
+// Plug implements control.Hotplugger.
+func (h *MemHotplugger) Plug(_ context.Context, sb control.Sandbox, ep control.Endpoint) (string, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if err := h.fail("Plug", sb.ID); err != nil {
@@ -221,8 +227,8 @@ func (h *MemHotplugger) Plug(_ context.Context, sb Sandbox, ep Endpoint) (string
 	return "", fmt.Errorf("mem hotplug: no free slot in %s", sb.ID)
 }
 
-// Unplug implements Hotplugger.
-func (h *MemHotplugger) Unplug(_ context.Context, sb Sandbox, ep Endpoint) error {
+// Unplug implements control.Hotplugger.
+func (h *MemHotplugger) Unplug(_ context.Context, sb control.Sandbox, ep control.Endpoint) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if err := h.fail("Unplug", sb.ID); err != nil {
@@ -237,8 +243,8 @@ func (h *MemHotplugger) Unplug(_ context.Context, sb Sandbox, ep Endpoint) error
 	return fmt.Errorf("mem hotplug: %s not plugged into %s", ep.NIC, sb.ID)
 }
 
-// Healthy implements Hotplugger.
-func (h *MemHotplugger) Healthy(_ context.Context, sb Sandbox) error {
+// Healthy implements control.Hotplugger.
+func (h *MemHotplugger) Healthy(_ context.Context, sb control.Sandbox) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return h.fail("Healthy", sb.ID)
@@ -279,8 +285,8 @@ func (m *MemTaps) fail(method, name string) error {
 	return nil
 }
 
-// EnsureTap implements TapManager.
-func (m *MemTaps) EnsureTap(_ context.Context, netns, name string, _ TapOptions) (bool, error) {
+// EnsureTap implements control.TapManager.
+func (m *MemTaps) EnsureTap(_ context.Context, netns, name string, _ control.TapOptions) (bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.fail("EnsureTap", name); err != nil {
@@ -288,7 +294,7 @@ func (m *MemTaps) EnsureTap(_ context.Context, netns, name string, _ TapOptions)
 	}
 	if isTap, ok := m.links[netns][name]; ok {
 		if !isTap {
-			return false, fmt.Errorf("%w: %s", ErrNotTap, name)
+			return false, fmt.Errorf("%w: %s", control.ErrNotTap, name)
 		}
 		return false, nil
 	}
@@ -299,7 +305,7 @@ func (m *MemTaps) EnsureTap(_ context.Context, netns, name string, _ TapOptions)
 	return true, nil
 }
 
-// DeleteTap implements TapManager.
+// DeleteTap implements control.TapManager.
 func (m *MemTaps) DeleteTap(_ context.Context, netns, name string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -310,7 +316,7 @@ func (m *MemTaps) DeleteTap(_ context.Context, netns, name string) error {
 	return nil
 }
 
-// LinkExists implements TapManager.
+// LinkExists implements control.TapManager.
 func (m *MemTaps) LinkExists(_ context.Context, netns, name string) (bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -320,3 +326,10 @@ func (m *MemTaps) LinkExists(_ context.Context, netns, name string) (bool, error
 	_, ok := m.links[netns][name]
 	return ok, nil
 }
+
+var (
+	_ control.Dataplane       = (*MemDataplane)(nil)
+	_ control.EndpointUpdater = (*MemDataplane)(nil)
+	_ control.Hotplugger      = (*MemHotplugger)(nil)
+	_ control.TapManager      = (*MemTaps)(nil)
+)

@@ -1,4 +1,4 @@
-package control
+package api
 
 import (
 	"context"
@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"testing"
 
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/controltest"
 	"github.com/kata-dp/kata-dp/control/store"
 )
 
@@ -16,22 +18,22 @@ func BenchmarkAddDelIface(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	c, err := New(context.Background(), Config{Dataplane: NewMemDataplane(), Taps: NewMemTaps(), Store: s,
+	c, err := control.New(context.Background(), control.Config{Dataplane: controltest.NewMemDataplane(), Taps: controltest.NewMemTaps(), Store: s,
 		CheckNetNS: func(string) error { return nil }, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		b.Fatal(err)
 	}
 	ctx := context.Background()
-	if _, err := c.AddSandbox(ctx, SandboxSpec{ID: "bench", NetNS: "/ns"}); err != nil {
+	if _, err := c.AddSandbox(ctx, control.SandboxSpec{ID: "bench", NetNS: "/ns"}); err != nil {
 		b.Fatal(err)
 	}
 	in := []byte(`{"device":"tap0","name":"eth0","hwAddr":"02:00:00:00:00:01","mtu":1500,"IPAddresses":[{"address":"10.0.0.2","mask":"24"}]}`)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		if out, err := c.KataNetwork(ctx, "bench", OpAddIface, in); err != nil {
+		if out, err := c.KataNetwork(ctx, "bench", control.OpAddIface, in); err != nil {
 			b.Fatal(err, string(out))
 		}
-		if _, err := c.KataNetwork(ctx, "bench", OpDelIface, in); err != nil {
+		if _, err := c.KataNetwork(ctx, "bench", control.OpDelIface, in); err != nil {
 			b.Fatal(err)
 		}
 	}
