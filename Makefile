@@ -21,9 +21,10 @@ TESTFLAGS ?= -count=1 -timeout 20m
 
 all: build
 
+# Static binaries (no cgo): they run in the scratch image (deploy/Dockerfile) as on the host.
 build:
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/kata-dp
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(OUT)/kata-dp-cni ./cmd/kata-dp-cni
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/kata-dp
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(OUT)/kata-dp-cni ./cmd/kata-dp-cni
 
 # Installs the agent and CLI, the CNI plugin, the systemd unit, the default config file (kept
 # when one is there: it is the operator's) and the shell completions (docs/install.md).

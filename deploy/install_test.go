@@ -1,6 +1,7 @@
 package deploy
 
 import (
+	"debug/elf"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -63,7 +64,27 @@ func TestMakeInstall(t *testing.T) {
 	if got := run(t, dest, filepath.Join(dest, "opt/cni/bin/kata-dp-cni"), "--version"); got != "kata-dp-cni "+want+"\n" {
 		t.Errorf("kata-dp-cni --version = %q, want %q", got, "kata-dp-cni "+want)
 	}
+	// Static: they run in the scratch image as on the host.
+	for _, bin := range []string{"usr/local/bin/kata-dp", "opt/cni/bin/kata-dp-cni"} {
+		f, err := elf.Open(filepath.Join(dest, bin))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range f.Progs {
+			if p.Type == elf.PT_INTERP {
+				t.Errorf("%s is dynamically linked", bin)
+			}
+		}
+		f.Close()
+	}
 	run(t, dest, "bash", "-n", filepath.Join(dest, "usr/local/share/bash-completion/completions/kata-dp"))
+	// The Kubernetes ConfigMap's config is one the agent accepts.
+	_, cm, _ := manifests(t)
+	cmCfg := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(cmCfg, []byte(cm.Data["config.yaml"]), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run(t, dest, filepath.Join(dest, "usr/local/bin/kata-dp"), "agent", "--config", cmCfg, "--print-config")
 	cfg := filepath.Join(dest, "etc/kata-dp/config.yaml")
 	if got := run(t, dest, filepath.Join(dest, "usr/local/bin/kata-dp"), "agent", "--config", cfg, "--print-config"); !strings.Contains(got, "socket: /run/kata-dp/kata-dp.sock # default") {
 		t.Errorf("installed config: --print-config:\n%s", got)

@@ -22,6 +22,19 @@ func main() {
 		fmt.Printf("kata-dp-cni %s\n", version)
 		return
 	}
+	// The DaemonSet's init container installs the plugin into the node's CNI bin dir.
+	if len(os.Args) == 3 && os.Args[1] == "--install" {
+		self, err := os.Executable()
+		if err == nil {
+			err = install(self, os.Args[2])
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "kata-dp-cni:", err)
+			os.Exit(1)
+		}
+		fmt.Printf("kata-dp-cni %s installed in %s\n", version, os.Args[2])
+		return
+	}
 	p := &cni.Plugin{}
 	skel.PluginMainFuncs(p.Funcs(), cni.VersionInfo(), "kata-dp-cni "+version+": joins a Kata VM's tap to the container interface with kata-dp's BPF datapath")
 }
