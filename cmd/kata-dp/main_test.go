@@ -27,6 +27,9 @@ import (
 // tests run the CLI as separate processes exactly as scripts do.
 func TestMain(m *testing.M) {
 	if os.Getenv("KDP_TEST_MAIN") == "1" {
+		if v := os.Getenv("KDP_TEST_VERSION"); v != "" {
+			version = v // what -ldflags -X sets in a release build (the upgrade test)
+		}
 		main()
 		return
 	}
