@@ -52,10 +52,18 @@ func main() {
 	os.Exit(code)
 }
 
+// unreachableHint follows the error of a kata-dp client command that found no agent on its
+// socket.
+const unreachableHint = "is the agent running? (systemctl start kata-dp)"
+
 // main runs the command line and returns the exit code: the error text on stderr, exit 1.
 func (e *env) main() int {
 	if err := run(e); err != nil {
 		fmt.Fprintln(e.stderr, err)
+		// kata-network and kata-ipvs keep their stderr byte for byte the contract's.
+		if errors.Is(err, api.ErrUnreachable) && e.args[0] != "kata-network" && e.args[0] != "kata-ipvs" {
+			fmt.Fprintln(e.stderr, unreachableHint)
+		}
 		return 1
 	}
 	return 0

@@ -98,7 +98,7 @@ func runVersion(e *env, args []string) error {
 	if r.Agent != "" {
 		fmt.Fprintf(e.stdout, "agent: %s\n", r.Agent)
 	} else {
-		fmt.Fprintf(e.stdout, "agent: not reachable (%s)\n", r.AgentError)
+		fmt.Fprintf(e.stdout, "agent: not reachable (%s); %s\n", r.AgentError, unreachableHint)
 	}
 	fmt.Fprintf(e.stdout, "kernel: %s\n", r.Kernel)
 	if r.FeatureError != "" {

@@ -52,3 +52,20 @@ func TestVersionReport(t *testing.T) {
 		t.Errorf("version -o yaml: %+v", got)
 	}
 }
+
+// TestUnreachableHint: kata-dp's own client commands that find no agent add the hint on the
+// line after their error; kata-network keeps the contract's stderr and null on stdout.
+func TestUnreachableHint(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	for _, args := range [][]string{{"status"}, {"sandbox", "list"}} {
+		got := runCLI(append(args, "--socket", sock)...)
+		lines := strings.Split(strings.TrimSuffix(got.stderr, "\n"), "\n")
+		if got.code != 1 || len(lines) != 2 || !strings.Contains(lines[0], "kata-dp agent unreachable at "+sock) || lines[1] != unreachableHint {
+			t.Errorf("kata-dp %v: %+v", args, got)
+		}
+	}
+	got := runCLI("kata-network", "list-ifaces", "6ec", "--socket", sock)
+	if got.code != 1 || got.stdout != "null\n" || strings.Contains(got.stderr, unreachableHint) {
+		t.Errorf("kata-network: %+v", got)
+	}
+}
