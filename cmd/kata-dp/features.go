@@ -23,15 +23,25 @@ func init() {
 		if err != nil {
 			return kernelReport{}, err
 		}
-		return reportOf(f), nil
+		return reportOf(f, loader.LoadObjects()), nil
 	}
 }
 
-// reportOf turns the loader's probe into what `kata-dp version` prints.
-func reportOf(f loader.Features) kernelReport {
+// reportOf turns the loader's probe and the trial loads of the objects into what `kata-dp
+// version` prints. A refused object is a missing feature of its own ("verifier accepts the
+// datapath object"), with the verifier's last lines in its error.
+func reportOf(f loader.Features, loads []loader.ObjectLoad) kernelReport {
 	var r kernelReport
 	for _, c := range f.Checks {
 		r.Features = append(r.Features, Feature{Name: c.Name, Supported: c.Supported, Fallback: c.Fallback, UsedBy: c.Objects})
+	}
+	for _, l := range loads {
+		ft := Feature{Name: "verifier accepts the " + l.Object + " object", Supported: l.Err == nil, UsedBy: []string{l.Object}}
+		if l.Err != nil {
+			ft.Error = l.Err.Error()
+		}
+		r.Features = append(r.Features, ft)
+		f.Checks = append(f.Checks, loader.Check{Name: ft.Name, Kind: "load", Objects: ft.UsedBy, Supported: ft.Supported})
 	}
 	for _, m := range loader.Modes {
 		mr := ModeReport{Mode: m, Missing: []string{}}
@@ -53,7 +63,7 @@ func checkKernel(log *slog.Logger) error {
 		return fmt.Errorf("probe kernel features: %w", err)
 	}
 	log.Info("kernel features", "probe", f.String())
-	for _, m := range reportOf(f).Modes {
+	for _, m := range reportOf(f, nil).Modes {
 		if !m.OK {
 			log.Warn("dataplane mode cannot run on this kernel", "mode", m.Mode, "missing", strings.Join(m.Missing, ", "))
 		}

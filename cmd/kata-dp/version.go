@@ -16,6 +16,7 @@ type Feature struct {
 	Supported bool     `json:"supported"`
 	Fallback  string   `json:"fallback,omitempty"` // what runs instead when not supported
 	UsedBy    []string `json:"usedBy,omitempty"`   // the BPF objects that use it
+	Error     string   `json:"error,omitempty"`    // why not (the verifier's last lines)
 }
 
 // ModeReport says whether a dataplane mode can run here and what it lacks.
@@ -50,8 +51,9 @@ Usage: kata-dp version [-o text|json] [--socket PATH]
 
 Prints kata-dp's version, the running agent's (when it answers), the kernel release, every
 kernel feature the datapath uses (program and map types, each helper per program type, read from
-the compiled BPF objects, and TCX) with whether this kernel has it, and per dataplane mode what
-is missing. Probing needs root (it loads tiny test programs); 'kata-dp --version' prints only
+the compiled BPF objects, and TCX) with whether this kernel has it, whether its verifier
+accepts each object (loaded once, unpinned, then closed; a refusal comes with the verifier's last
+lines), and per dataplane mode what is missing. Probing needs root (it loads tiny test programs); 'kata-dp --version' prints only
 the version.
 
 Examples:
@@ -122,6 +124,11 @@ func runVersion(e *env, args []string) error {
 		fmt.Fprintf(tw, "  %s\t%s\t%s\n", f.Name, state, used)
 	}
 	tw.Flush()
+	for _, f := range r.Features {
+		if f.Error != "" {
+			fmt.Fprintf(e.stdout, "%s: %s\n", f.Name, f.Error)
+		}
+	}
 	fmt.Fprintln(e.stdout, "modes:")
 	tw = tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	for _, m := range r.Modes {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -37,7 +38,7 @@ func TestVersionReport(t *testing.T) {
 	for _, f := range r.Features {
 		names[f.Name] = f.Supported
 	}
-	for _, want := range []string{"helper bpf_loop (sched_cls)", "helper bpf_xdp_load_bytes (xdp)", "map lpm_trie", "map devmap_hash", "program xdp", "link tcx"} {
+	for _, want := range []string{"helper bpf_loop (sched_cls)", "helper bpf_xdp_load_bytes (xdp)", "map lpm_trie", "map devmap_hash", "program xdp", "link tcx", "verifier accepts the datapath object", "verifier accepts the node object"} {
 		if !names[want] {
 			t.Errorf("feature %q missing or unsupported: %v", want, names)
 		}
@@ -67,5 +68,27 @@ func TestUnreachableHint(t *testing.T) {
 	got := runCLI("kata-network", "list-ifaces", "6ec", "--socket", sock)
 	if got.code != 1 || got.stdout != "null\n" || strings.Contains(got.stderr, unreachableHint) {
 		t.Errorf("kata-network: %+v", got)
+	}
+}
+
+// TestReportRefusedObject: an object the verifier refuses makes every mode that loads it
+// unable to run, with the verifier's text in the feature's error (as on Debian 12's 6.1, which
+// has every probed feature and still refuses kdp_xdp_tap).
+func TestReportRefusedObject(t *testing.T) {
+	f := loader.Features{Checks: []loader.Check{{Name: "map array", Kind: "map", Objects: []string{"datapath", "node"}, Supported: true}}}
+	r := reportOf(f, []loader.ObjectLoad{{Object: "datapath", Err: errors.New("load the datapath object: invalid zero-sized read")}, {Object: "node"}})
+	for _, m := range r.Modes {
+		if m.OK || strings.Join(m.Missing, ",") != "verifier accepts the datapath object" {
+			t.Errorf("mode %+v", m)
+		}
+	}
+	var found bool
+	for _, ft := range r.Features {
+		if ft.Name == "verifier accepts the datapath object" {
+			found = !ft.Supported && strings.Contains(ft.Error, "invalid zero-sized read")
+		}
+	}
+	if !found {
+		t.Errorf("features: %+v", r.Features)
 	}
 }
