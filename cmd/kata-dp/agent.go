@@ -52,7 +52,7 @@ func runAgent(e *env, args []string) error {
 	fs := e.flagSet("agent", agentUse)
 	o := agentOptions{}
 	config := fs.String("config", DefaultConfig, `config file (YAML; "" reads none)`)
-	print := fs.Bool("print-config", false, "print the effective configuration (YAML, with each value's source) and exit")
+	printCfg := fs.Bool("print-config", false, "print the effective configuration (YAML, with each value's source) and exit")
 	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "API socket path")
 	fs.StringVar(&o.stateDir, "state-dir", store.DefaultDir, "state directory")
 	fs.StringVar(&o.bpffsRoot, "bpffs-root", "/sys/fs/bpf/kata-dp", "bpffs directory of the pinned datapath")
@@ -80,7 +80,7 @@ func runAgent(e *env, args []string) error {
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
-	if *print {
+	if *printCfg {
 		return printConfig(e.stdout, fs, src, *config)
 	}
 	var level slog.Level
