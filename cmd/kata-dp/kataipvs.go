@@ -36,6 +36,13 @@ OPTIONS:
    --parameters ARGS  the ipvsadm (or cleanup) arguments, as one string
    --restore -        read rules from standard input (only "-" is accepted)
    --socket PATH      agent socket (default $KATA_DP_SOCKET or /run/kata-dp/kata-dp.sock)
+
+EXAMPLES:
+   kata-dp kata-ipvs ipvsadm --parameters "-A -t 172.17.0.7:80 -s rr" 6ec7a98
+   kata-dp kata-ipvs ipvsadm --parameters "-a -t 172.17.0.7:80 -r 172.17.0.8:80 -m -w 2" 6ec7a98
+   kata-dp kata-ipvs ipvsadm --parameters "--list --numeric --stats" 6ec7a98
+   kata-dp kata-ipvs ipvsadm --restore - 6ec7a98 < rules
+   kata-dp kata-ipvs cleanup --parameters "--orig-dst 172.17.0.7 --protonum tcp" 6ec7a98
 `
 
 // ipvsRequest is the body of the kata-ipvs API calls.

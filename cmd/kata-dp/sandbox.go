@@ -13,13 +13,19 @@ Usage:
   kata-dp sandbox add <id> --netns <path> [--qmp <socket>] [--uplink <dev>] [--mode tc|xdp|tcfilter|macvtap|direct]
                            [--anti-spoof=true|false] [--strict-egress=true|false]
   kata-dp sandbox del <id>
-  kata-dp sandbox list
+  kata-dp sandbox list [-o table|json]
 
 Registers a sandbox with the agent (add), removes it with everything kata-dp created for it
 (del: endpoints, the taps kata-dp created, the datapath, the state), or lists them.
 <id> may be a unique prefix for del. With --mode direct the taps live beside --uplink (a host
 device: a veth toward a bridge or router, a NIC, a bond) in --netns, which defaults to the
 agent's own netns; BPF on the uplink steers frames by MAC straight into them (docs/direct.md).
+
+Examples:
+  kata-dp sandbox add 6ec7a98f3b2c --netns /run/netns/sb1 --qmp /run/vc/vm/6ec7a98f3b2c/qmp.sock
+  kata-dp sandbox add sb2 --netns /run/netns/sb2 --mode xdp --strict-egress=false
+  kata-dp sandbox list -o json
+  kata-dp sandbox del 6ec
 `
 
 func runSandbox(e *env, args []string) error {
@@ -31,6 +37,7 @@ func runSandbox(e *env, args []string) error {
 	mode := fs.String("mode", control.ModeTC, "dataplane mode: "+strings.Join(control.Modes, ", ")+" (add)")
 	antiSpoof := fs.Bool("anti-spoof", true, "drop guest frames with a foreign source MAC or IP (add)")
 	strictEgress := fs.Bool("strict-egress", true, "drop guest frames with no route on their NIC (add)")
+	output := fs.StringP("output", "o", "table", "output format: table or json (list)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -60,11 +67,20 @@ func runSandbox(e *env, args []string) error {
 		return c.DelSandbox(e.ctx, a[1])
 	case "list", "ls":
 		if len(a) != 1 {
-			return fmt.Errorf("usage: kata-dp sandbox list")
+			return fmt.Errorf("usage: kata-dp sandbox list [-o table|json]")
+		}
+		if *output != "table" && *output != "json" {
+			return fmt.Errorf("sandbox list: --output %q: want table or json", *output)
 		}
 		sbs, err := c.Sandboxes(e.ctx)
 		if err != nil {
 			return err
+		}
+		if *output == "json" {
+			if sbs == nil {
+				sbs = []control.Sandbox{} // [] rather than null: scripts iterate it
+			}
+			return writeJSON(e.stdout, sbs)
 		}
 		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "ID\tNETNS\tQMP\tUPLINK\tMODE\tANTI-SPOOF\tSTRICT-EGRESS")

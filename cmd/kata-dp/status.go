@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"slices"
 	"strings"
@@ -12,10 +13,16 @@ import (
 )
 
 const statusUse = `
-Usage: kata-dp status [-o table|json]
+Usage: kata-dp status [<id>] [-o table|json]
 
-Shows every sandbox, its endpoints (NICs added through kata-network), their dataplane mode and
-their counters (packets and bytes from and to the guest, drops by reason).
+Shows every sandbox (or the one whose id, or unique id prefix, is <id>), its endpoints (NICs
+added through kata-network), their dataplane mode and their counters (packets and bytes from
+and to the guest, drops by reason). docs/operations.md explains every column and field.
+
+Examples:
+  kata-dp status
+  kata-dp status 6ec7a98
+  kata-dp status -o json | jq '.[].endpoints[] | {nic, runningMode, stats}'
 `
 
 func runStatus(e *env, args []string) error {
@@ -25,8 +32,8 @@ func runStatus(e *env, args []string) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if fs.NArg() != 0 {
-		return fmt.Errorf("status: unexpected arguments %q", fs.Args())
+	if fs.NArg() > 1 {
+		return fmt.Errorf("status: unexpected arguments %q", fs.Args()[1:])
 	}
 	if *output != "table" && *output != "json" {
 		return fmt.Errorf("status: --output %q: want table or json", *output)
@@ -35,12 +42,46 @@ func runStatus(e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if fs.NArg() == 1 {
+		if st, err = statusOf(st, fs.Arg(0)); err != nil {
+			return err
+		}
+	}
 	if *output == "json" {
-		enc := json.NewEncoder(e.stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(st)
+		if st == nil {
+			st = []control.SandboxStatus{} // [] rather than null: scripts iterate it
+		}
+		return writeJSON(e.stdout, st)
 	}
 	return statusTable(e, st)
+}
+
+// statusOf keeps the sandbox whose id is id or starts with it (a unique prefix), with the
+// errors kata-network uses for the same lookup.
+func statusOf(st []control.SandboxStatus, id string) ([]control.SandboxStatus, error) {
+	var match []control.SandboxStatus
+	for _, s := range st {
+		if s.ID == id {
+			return []control.SandboxStatus{s}, nil
+		}
+		if id != "" && strings.HasPrefix(s.ID, id) {
+			match = append(match, s)
+		}
+	}
+	switch len(match) {
+	case 0:
+		return nil, fmt.Errorf("status: %w (%s)", control.ErrNoSuchSandbox, id)
+	case 1:
+		return match, nil
+	}
+	return nil, fmt.Errorf("status: %w (%s)", control.ErrAmbiguous, id)
+}
+
+// writeJSON writes v indented, the form every -o json listing uses.
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 func statusTable(e *env, st []control.SandboxStatus) error {

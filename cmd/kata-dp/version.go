@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -92,9 +91,7 @@ func runVersion(e *env, args []string) error {
 		r.Features, r.Modes = k.Features, k.Modes
 	}
 	if *output == "json" {
-		enc := json.NewEncoder(e.stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(r)
+		return writeJSON(e.stdout, r)
 	}
 	fmt.Fprintf(e.stdout, "kata-dp %s\n", r.Version)
 	if r.Agent != "" {
