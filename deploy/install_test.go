@@ -32,7 +32,8 @@ func run(t *testing.T, dir string, name string, args ...string) string {
 // TestMakeInstall installs into a temporary DESTDIR as an operator would (`make install
 // DESTDIR=...`), then runs the installed binaries: both carry `git describe`'s version. The
 // installed unit passes `systemd-analyze verify` without a single warning (it names the
-// installed binary), and the installed completion scripts parse.
+// installed binary), the installed completion scripts parse, and `make uninstall` leaves only
+// the config file.
 func TestMakeInstall(t *testing.T) {
 	if _, err := exec.LookPath("make"); err != nil {
 		t.Skip("make not installed")
@@ -98,6 +99,20 @@ func TestMakeInstall(t *testing.T) {
 		t.Errorf("make install replaced the existing config: %q", b)
 	}
 
+	defer func() {
+		// make uninstall removes every file install put there but the operator's config.
+		run(t, root, "make", "--no-print-directory", "uninstall", "DESTDIR="+dest)
+		var left []string
+		filepath.Walk(dest, func(p string, info os.FileInfo, err error) error {
+			if err == nil && !info.IsDir() {
+				left = append(left, strings.TrimPrefix(p, dest+"/"))
+			}
+			return nil
+		})
+		if strings.Join(left, ",") != "etc/kata-dp/config.yaml" {
+			t.Errorf("left after make uninstall: %v", left)
+		}
+	}()
 	unit, err := os.ReadFile(filepath.Join(dest, "usr/local/lib/systemd/system/kata-dp.service"))
 	if err != nil {
 		t.Fatal(err)

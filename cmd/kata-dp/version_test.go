@@ -92,3 +92,10 @@ func TestReportRefusedObject(t *testing.T) {
 		t.Errorf("features: %+v", r.Features)
 	}
 }
+
+// TestDashDashVersion: kata-dp --version prints the version the build set, and nothing else.
+func TestDashDashVersion(t *testing.T) {
+	if got := runCLI("--version"); got != (result{stdout: "kata-dp " + version + "\n"}) {
+		t.Errorf("kata-dp --version: %+v", got)
+	}
+}
