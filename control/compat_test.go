@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/controltest"
 	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
@@ -86,7 +87,7 @@ func TestStateFromBefore(t *testing.T) {
 	var g strings.Builder
 	for _, sb := range c.Sandboxes() {
 		fmt.Fprintf(&g, "sandbox %+v\n", sb)
-		ifs, err := c.Ifaces(sb.ID)
+		ifs, err := c.Ifaces(ctx, sb.ID)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -94,7 +95,7 @@ func TestStateFromBefore(t *testing.T) {
 			b, _ := json.Marshal(i)
 			fmt.Fprintf(&g, "  iface %s\n", b)
 		}
-		rs, err := c.Routes(sb.ID)
+		rs, err := c.Routes(ctx, sb.ID)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -109,7 +110,7 @@ func TestStateFromBefore(t *testing.T) {
 	}
 	for _, id := range []string{"6ec7", "b2", "direct1"} {
 		for _, op := range []string{"list-ifaces", "list-routes"} {
-			out, err := kataNetwork(ctx, c, id, op)
+			out, err := api.KataNetwork(ctx, c, id, op, nil)
 			fmt.Fprintf(&g, "kata-network %s %s: %q %v\n", op, id, out, err)
 		}
 	}

@@ -3,7 +3,6 @@ package control
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"slices"
@@ -12,123 +11,14 @@ import (
 	"github.com/kata-dp/kata-dp/control/netspec"
 )
 
-// The kata-network operations.
-const (
-	OpAddIface     = "add-iface"
-	OpDelIface     = "del-iface"
-	OpUpdateIface  = "update-iface"
-	OpListIfaces   = "list-ifaces"
-	OpAddRoute     = "add-route"
-	OpDelRoute     = "del-route"
-	OpUpdateRoutes = "update-routes"
-	OpListRoutes   = "list-routes"
-)
-
-// Ops lists the kata-network operations in the order the help shows them.
-var Ops = []string{OpAddIface, OpDelIface, OpUpdateIface, OpListIfaces, OpAddRoute, OpDelRoute, OpUpdateRoutes, OpListRoutes}
-
-// TakesInput reports whether a kata-network operation reads a network file.
-func TakesInput(op string) bool { return op != OpListIfaces && op != OpListRoutes }
-
-// ErrUnknownOp is returned by KataNetwork for an operation that does not exist.
-var ErrUnknownOp = errors.New("unknown kata-network operation")
-
-// KataNetwork runs one kata-network operation on the sandbox id (exact or unique prefix) with
-// the raw network file input and returns exactly what the CLI prints on stdout, whether or
-// not the operation failed: "null" when the sandbox is missing or unhealthy, nothing for a
-// JSON decode error, otherwise the operation's success or failure output as the contract says.
-func (c *Controller) KataNetwork(ctx context.Context, id, op string, input []byte) (stdout []byte, err error) {
-	if !slices.Contains(Ops, op) {
-		return nil, fmt.Errorf("%w: %q", ErrUnknownOp, op)
-	}
-	if len(input) > netspec.MaxFileSize {
-		return nil, netspec.ErrFileTooBig
-	}
-	e, err := c.acquire(ctx, id)
-	if err != nil {
-		return netspec.Null, err
-	}
-	defer e.mu.Unlock()
-	decode := func(v any) error {
-		if err := netspec.Decode(input, v); err != nil {
-			return fmt.Errorf("%w: %w", ErrDecode, err)
-		}
-		return nil
-	}
-	switch op {
-	case OpAddIface:
-		var req netspec.AddRequest
-		if err := decode(&req); err != nil {
-			return nil, err
-		}
-		out, err := c.addIface(ctx, e, req)
-		if err != nil {
-			return netspec.Null, err
-		}
-		return netspec.Encode(out), nil
-	case OpDelIface:
-		var in netspec.Interface
-		if err := decode(&in); err != nil {
-			return nil, err
-		}
-		if err := c.delIface(ctx, e, in); err != nil {
-			return netspec.Encode(in), err
-		}
-		return netspec.Null, nil
-	case OpUpdateIface:
-		var in netspec.Interface
-		if err := decode(&in); err != nil {
-			return nil, err
-		}
-		out, err := c.updateIface(ctx, e, in)
-		if err != nil {
-			return netspec.Null, err
-		}
-		return netspec.Encode(out), nil
-	case OpListIfaces:
-		list := listIfaces(e.st)
-		if len(list) == 0 {
-			return netspec.Null, nil
-		}
-		return netspec.Encode(list), nil
-	case OpAddRoute:
-		var r netspec.Route
-		if err := decode(&r); err != nil {
-			return nil, err
-		}
-		added, err := c.addRoute(ctx, e, r)
-		if err != nil {
-			return netspec.Null, err
-		}
-		return netspec.Encode([]netspec.Route{added}), nil
-	case OpDelRoute:
-		var r netspec.Route
-		if err := decode(&r); err != nil {
-			return nil, err
-		}
-		removed, err := c.delRoute(ctx, e, r)
-		if err != nil {
-			return netspec.Null, err
-		}
-		return netspec.Encode(removed), nil
-	case OpUpdateRoutes:
-		var rs []netspec.Route
-		if err := decode(&rs); err != nil {
-			return nil, err
-		}
-		now, err := c.updateRoutes(ctx, e, rs)
-		if err != nil {
-			return netspec.Null, err
-		}
-		return netspec.Encode(now), nil
-	default: // OpListRoutes
-		list := listRoutes(e.st)
-		if len(list) == 0 {
-			return netspec.Null, nil
-		}
-		return netspec.Encode(list), nil
-	}
-}
+// The kata-network operations as typed methods. The wire contract (operation names, the
+// network file's JSON, the exact stdout bytes and null conventions) is control/api's; these
+// take and return the contract's types (netspec) and know no output format.
+//
+// Each operation first resolves the sandbox id (exact or unique prefix) and checks its health,
+// under the sandbox's lock. Those checks, and only they, fail with ErrNoSuchSandbox,
+// ErrAmbiguous or ErrUnhealthy, so a caller can tell "the sandbox is not there" from "the
+// operation failed" (kata-network prints different things for them).
 
 // AddIface adds a NIC to the sandbox (see the kata-network contract) and returns it as
 // configured, pciAddr and IPAddresses[].Family filled in.
@@ -162,9 +52,10 @@ func (c *Controller) UpdateIface(ctx context.Context, id string, in netspec.Inte
 	return c.updateIface(ctx, e, in)
 }
 
-// Ifaces returns the NICs added through kata-network, as configured.
-func (c *Controller) Ifaces(id string) ([]netspec.Interface, error) {
-	e, err := c.lock(id)
+// Ifaces returns the NICs added through kata-network, as configured. Like every kata-network
+// operation it checks the sandbox's health first.
+func (c *Controller) Ifaces(ctx context.Context, id string) ([]netspec.Interface, error) {
+	e, err := c.acquire(ctx, id)
 	if err != nil {
 		return nil, err
 	}
@@ -176,9 +67,9 @@ func (c *Controller) Ifaces(id string) ([]netspec.Interface, error) {
 	return out, nil
 }
 
-// Routes returns the sandbox's routes as they were given.
-func (c *Controller) Routes(id string) ([]netspec.Route, error) {
-	e, err := c.lock(id)
+// Routes returns the sandbox's routes as they were given (health checked first, as Ifaces).
+func (c *Controller) Routes(ctx context.Context, id string) ([]netspec.Route, error) {
+	e, err := c.acquire(ctx, id)
 	if err != nil {
 		return nil, err
 	}
@@ -215,28 +106,6 @@ func (c *Controller) UpdateRoutes(ctx context.Context, id string, rs []netspec.R
 	}
 	defer e.mu.Unlock()
 	return c.updateRoutes(ctx, e, rs)
-}
-
-func listIfaces(st *state) []netspec.IfaceInfo {
-	var out []netspec.IfaceInfo
-	for _, n := range st.NICs {
-		out = append(out, netspec.ListIface(n.Spec))
-	}
-	return out
-}
-
-func listRoutes(st *state) []netspec.RouteInfo {
-	var out []netspec.RouteInfo
-	for _, r := range st.Routes {
-		pr, err := netspec.ValidateRoute(r)
-		if err != nil {
-			continue
-		}
-		if info, ok := netspec.ListRoute(pr); ok {
-			out = append(out, info)
-		}
-	}
-	return out
 }
 
 func invalidf(format string, args ...any) error {

@@ -170,8 +170,6 @@ var (
 	ErrNotTap = errors.New("not a tap device")
 	// ErrNoSlot: the sandbox has MaxEndpoints NICs.
 	ErrNoSlot = errors.New("no free endpoint slot")
-	// ErrDecode: the network file is not the JSON the operation reads.
-	ErrDecode = errors.New("decode network file")
 	// ErrNoHotplug: the sandbox has a QMP socket but the agent has no hot-plugger.
 	ErrNoHotplug = errors.New("hot-plug not available")
 )

@@ -491,7 +491,7 @@ func (e *env) assertAdded(t *testing.T, res *current.Result) (mac net.HardwareAd
 	if sb.NetNS != e.rt.NetNS || sb.Uplink != e.rt.IfName {
 		t.Errorf("sandbox %+v: want netns %s, uplink %s", sb, e.rt.NetNS, e.rt.IfName)
 	}
-	out, err := e.agent.client.KataNetwork(context.Background(), e.rt.ContainerID, control.OpListIfaces, nil)
+	out, err := e.agent.client.KataNetwork(context.Background(), e.rt.ContainerID, api.OpListIfaces, nil)
 	if err != nil {
 		t.Fatalf("list-ifaces: %v", err)
 	}
@@ -743,7 +743,7 @@ func TestRuntimeSandbox(t *testing.T) {
 	if sb == nil || sb.StrictEgress {
 		t.Fatalf("the runtime's sandbox after DEL: %+v; want it kept as registered", sb)
 	}
-	out, err := agent.client.KataNetwork(context.Background(), e.rt.ContainerID, control.OpListIfaces, nil)
+	out, err := agent.client.KataNetwork(context.Background(), e.rt.ContainerID, api.OpListIfaces, nil)
 	if err != nil || strings.TrimSpace(string(out)) != "null" {
 		t.Errorf("list-ifaces after DEL: %s, %v; want null", out, err)
 	}

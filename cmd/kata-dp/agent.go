@@ -131,8 +131,6 @@ func agent(e *env, o agentOptions) (err error) {
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
-	metrics := api.NewMetrics(ctrl, version)
-	srv := api.NewServer(ctrl, api.ServerOptions{Version: version, Logger: log, Metrics: metrics})
 	if deps.LB != nil {
 		ist, err := store.Open(filepath.Join(o.stateDir, "ipvs"))
 		if err != nil {
@@ -142,8 +140,9 @@ func agent(e *env, o agentOptions) (err error) {
 		if err != nil {
 			return fmt.Errorf("agent: %w", err)
 		}
-		registerKataIPVS(srv, lbm, metrics)
 	}
+	metrics := api.NewMetrics(ctrl, version)
+	srv := api.NewServer(ctrl, api.ServerOptions{Version: version, Logger: log, Metrics: metrics, IPVS: lbm})
 	tasks := watch.New(log)
 	for _, t := range deps.Tasks {
 		if err := tasks.Add(t); err != nil {

@@ -19,6 +19,7 @@ func TestAgentRunsNodeTasks(t *testing.T) {
 	dir := t.TempDir()
 	trigger := make(chan struct{})
 	ran := make(chan struct{})
+	loopStarted := make(chan struct{})
 	var stopped atomic.Bool
 	closedAfterStop := make(chan bool, 1)
 	stderr := &syncBuffer{}
@@ -35,6 +36,7 @@ func TestAgentRunsNodeTasks(t *testing.T) {
 						return errors.New("map gone")
 					}},
 					{Name: "probe-loop", Run: func(ctx context.Context) error {
+						close(loopStarted)
 						<-ctx.Done()
 						stopped.Store(true)
 						return nil
@@ -58,6 +60,7 @@ func TestAgentRunsNodeTasks(t *testing.T) {
 	<-ran
 	trigger <- struct{}{} // the first run's failure was logged before the second run starts
 	<-ran
+	<-loopStarted
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("agent: %v\n%s", err, stderr)

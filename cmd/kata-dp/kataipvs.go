@@ -1,15 +1,10 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
-	"net/http"
-	"strings"
-	"time"
 
 	"github.com/kata-dp/kata-dp/control/api"
-	"github.com/kata-dp/kata-dp/control/ipvsctl"
 )
 
 const kataIPVSUse = `NAME:
@@ -45,19 +40,6 @@ EXAMPLES:
    kata-dp kata-ipvs cleanup --parameters "--orig-dst 172.17.0.7 --protonum tcp" 6ec7a98
 `
 
-// ipvsRequest is the body of the kata-ipvs API calls.
-type ipvsRequest struct {
-	Parameters string `json:"parameters,omitempty"`
-	Rules      string `json:"rules,omitempty"`
-}
-
-type ipvsResult struct {
-	Stdout string `json:"stdout"`
-}
-
-// maxRestoreSize bounds a restore file: 20000 rules of at most ~100 bytes each, with room.
-const maxRestoreSize = 8 << 20
-
 func runKataIPVS(e *env, args []string) error {
 	fs := e.flagSet("kata-ipvs", kataIPVSUse)
 	fs.Usage = func() { fmt.Fprint(e.stdout, kataIPVSUse) }
@@ -73,7 +55,7 @@ func runKataIPVS(e *env, args []string) error {
 		return nil
 	}
 	op := a[0]
-	if op != "ipvsadm" && op != "cleanup" {
+	if op != api.IPVSOpIpvsadm && op != api.IPVSOpCleanup {
 		fmt.Fprint(e.stderr, kataIPVSUse)
 		return fmt.Errorf("kata-ipvs: unknown command %q", op)
 	}
@@ -82,8 +64,7 @@ func runKataIPVS(e *env, args []string) error {
 	}
 	id := a[1]
 	c := e.client(*sock)
-	var req ipvsRequest
-	path := "/v1/sandboxes/" + id + "/kata-ipvs/" + op
+	var req api.IPVSRequest
 	switch {
 	case fs.Changed("restore"):
 		if op != "ipvsadm" {
@@ -95,56 +76,24 @@ func runKataIPVS(e *env, args []string) error {
 		if fs.Changed("parameters") {
 			return fmt.Errorf("kata-ipvs ipvsadm: --restore and --parameters exclude each other")
 		}
-		b, err := io.ReadAll(io.LimitReader(e.stdin, maxRestoreSize+1))
+		b, err := io.ReadAll(io.LimitReader(e.stdin, api.MaxRestoreSize+1))
 		if err != nil {
 			return fmt.Errorf("kata-ipvs: read rules: %w", err)
 		}
-		if len(b) > maxRestoreSize {
-			return fmt.Errorf("kata-ipvs: rules file too big (more than %d bytes)", maxRestoreSize)
+		if len(b) > api.MaxRestoreSize {
+			return fmt.Errorf("kata-ipvs: rules file too big (more than %d bytes)", api.MaxRestoreSize)
 		}
 		req.Rules = string(b)
-		path = "/v1/sandboxes/" + id + "/kata-ipvs/restore"
+		op = api.IPVSOpRestore
 	case fs.Changed("parameters"):
 		req.Parameters = *params
 	default:
 		return fmt.Errorf("kata-ipvs %s: --parameters is required", op)
 	}
-	var res ipvsResult
-	if err := c.Do(e.ctx, http.MethodPost, path, req, &res); err != nil {
+	out, err := c.KataIPVS(e.ctx, id, op, req)
+	if err != nil {
 		return err
 	}
-	fmt.Fprint(e.stdout, res.Stdout)
+	fmt.Fprint(e.stdout, out)
 	return nil
-}
-
-// registerKataIPVS adds the kata-ipvs calls to the agent's API.
-func registerKataIPVS(srv *api.Server, m *ipvsctl.Manager, metrics *api.Metrics) {
-	handle := func(op string, fn func(r *http.Request, req ipvsRequest) (string, error)) {
-		srv.Handle("POST /v1/sandboxes/{id}/kata-ipvs/"+op, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			start := time.Now()
-			var req ipvsRequest
-			err := json.NewDecoder(io.LimitReader(r.Body, maxRestoreSize+1<<10)).Decode(&req)
-			var out string
-			if err == nil {
-				out, err = fn(r, req)
-			} else {
-				err = fmt.Errorf("kata-ipvs: bad request: %w", err)
-			}
-			metrics.Observe("kata-ipvs-"+op, time.Since(start), err)
-			if err != nil {
-				api.WriteError(w, err, nil)
-				return
-			}
-			api.WriteJSON(w, http.StatusOK, ipvsResult{Stdout: out})
-		}))
-	}
-	handle("ipvsadm", func(r *http.Request, req ipvsRequest) (string, error) {
-		return m.Ipvsadm(r.Context(), r.PathValue("id"), req.Parameters)
-	})
-	handle("restore", func(r *http.Request, req ipvsRequest) (string, error) {
-		return "", m.Restore(r.Context(), r.PathValue("id"), strings.NewReader(req.Rules))
-	})
-	handle("cleanup", func(r *http.Request, req ipvsRequest) (string, error) {
-		return m.Cleanup(r.Context(), r.PathValue("id"), req.Parameters)
-	})
 }

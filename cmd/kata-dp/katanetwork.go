@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/netspec"
 )
@@ -154,13 +153,13 @@ func runKataNetwork(e *env, args []string) error {
 		return nil
 	}
 	op := a[0]
-	if !slices.Contains(control.Ops, op) {
+	if !slices.Contains(api.Ops, op) {
 		fmt.Fprint(e.stderr, kataNetworkUse)
 		return fmt.Errorf("kata-network: unknown command %q", op)
 	}
 	want := 2
 	usage := fmt.Sprintf("usage: kata-dp kata-network %s <container-id>", op)
-	if control.TakesInput(op) {
+	if api.TakesInput(op) {
 		want = 3
 		usage += " <file|->"
 	}
@@ -179,18 +178,12 @@ func runKataNetwork(e *env, args []string) error {
 		var ferr error
 		input, ferr = readNetworkFile(e.stdin, a[2])
 		if ferr != nil {
-			// As in Kata the sandbox is checked first: a missing or unhealthy one prints null.
-			if _, err := c.Health(e.ctx, id); err != nil {
-				e.stdout.Write(netspec.Null)
-				return err
-			}
-			return ferr
+			out, err := c.KataNetworkUnread(e.ctx, id, ferr)
+			e.stdout.Write(out)
+			return err
 		}
 	}
 	out, err := c.KataNetwork(e.ctx, id, op, input)
-	if errors.Is(err, api.ErrUnreachable) {
-		out = netspec.Null
-	}
 	e.stdout.Write(out)
 	return err
 }

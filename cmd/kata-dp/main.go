@@ -17,7 +17,6 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/spf13/pflag"
 )
@@ -84,7 +83,7 @@ func init() {
 	commands = []command{
 		{"agent", "run the node agent (the only process that changes state)", runAgent, nil},
 		{"sandbox", "register, remove and list sandboxes", runSandbox, []string{"add", "del", "list"}},
-		{"kata-network", "manage the interfaces and routes of a sandbox (drop-in for kata-runtime kata-network)", runKataNetwork, control.Ops},
+		{"kata-network", "manage the interfaces and routes of a sandbox (drop-in for kata-runtime kata-network)", runKataNetwork, api.Ops},
 		{"kata-ipvs", "manage the load balancer of a sandbox (drop-in for kata-runtime kata-ipvs)", runKataIPVS, []string{"ipvsadm", "cleanup"}},
 		{"status", "show sandboxes, endpoints, modes and counters", runStatus, nil},
 		{"bench", "benchmark the dataplane modes against Kata's tc mirred (see --help)", runBench, nil},

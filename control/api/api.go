@@ -56,9 +56,9 @@ func (e *Error) Is(target error) bool {
 	case CodeTooBig:
 		return target == netspec.ErrFileTooBig
 	case CodeUnknownOp:
-		return target == control.ErrUnknownOp
+		return target == ErrUnknownOp
 	case CodeDecode:
-		return target == control.ErrDecode
+		return target == ErrDecode
 	}
 	return false
 }
@@ -92,9 +92,9 @@ func classify(err error) (code string, status int) {
 		return CodeExists, 409
 	case errors.Is(err, netspec.ErrFileTooBig):
 		return CodeTooBig, 413
-	case errors.Is(err, control.ErrUnknownOp):
+	case errors.Is(err, ErrUnknownOp):
 		return CodeUnknownOp, 404
-	case errors.Is(err, control.ErrDecode):
+	case errors.Is(err, ErrDecode):
 		return CodeDecode, 400
 	case errors.Is(err, control.ErrInvalid), errors.Is(err, netspec.ErrUpdateFields):
 		return CodeInvalid, 400

@@ -16,6 +16,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/controltest"
+	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/store"
 )
 
@@ -48,7 +49,15 @@ func newAgent(t *testing.T) (*control.Controller, *Client, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(ctrl, ServerOptions{Version: "v-test", Logger: log, Metrics: NewMetrics(ctrl, "v-test")})
+	ist, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	lbm, err := ipvsctl.New(context.Background(), &fakeLB{tables: map[string]string{}}, ist, ctrl.Health, ctrl.Sandboxes(), log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(ctrl, ServerOptions{Version: "v-test", Logger: log, Metrics: NewMetrics(ctrl, "v-test"), IPVS: lbm})
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Shutdown(context.Background()) })
 	return ctrl, NewClient(sock), sock
@@ -88,9 +97,9 @@ func TestClientServer(t *testing.T) {
 		{"nope", "list-ifaces", "", control.ErrNoSuchSandbox, "no such container ID (nope)", "null\n"},
 		{"6ec", "del-iface", `{"name":"eth-test","mtu":1}`, nil, "", "null\n"},
 		{"6ec", "add-iface", `{"name":"eth-test"}`, control.ErrInvalid, "device is required", "null\n"},
-		{"6ec", "add-iface", `{`, control.ErrDecode, "decode network file: unexpected EOF", ""},
+		{"6ec", "add-iface", `{`, ErrDecode, "decode network file: unexpected EOF", ""},
 		{"6ec", "add-route", `{"dest":"default","device":"eth-test"}`, control.ErrInvalid, "a default route needs a gateway", "null\n"},
-		{"6ec", "frob", ``, control.ErrUnknownOp, `unknown kata-network operation: "frob"`, ""},
+		{"6ec", "frob", ``, ErrUnknownOp, `unknown kata-network operation: "frob"`, ""},
 	} {
 		out, err := c.KataNetwork(ctx, tc.id, tc.op, []byte(tc.in))
 		if tc.want == nil {

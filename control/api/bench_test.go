@@ -30,10 +30,10 @@ func BenchmarkAddDelIface(b *testing.B) {
 	in := []byte(`{"device":"tap0","name":"eth0","hwAddr":"02:00:00:00:00:01","mtu":1500,"IPAddresses":[{"address":"10.0.0.2","mask":"24"}]}`)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		if out, err := c.KataNetwork(ctx, "bench", control.OpAddIface, in); err != nil {
+		if out, err := KataNetwork(ctx, c, "bench", OpAddIface, in); err != nil {
 			b.Fatal(err, string(out))
 		}
-		if _, err := c.KataNetwork(ctx, "bench", control.OpDelIface, in); err != nil {
+		if _, err := KataNetwork(ctx, c, "bench", OpDelIface, in); err != nil {
 			b.Fatal(err)
 		}
 	}

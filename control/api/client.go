@@ -13,6 +13,7 @@ import (
 	"os"
 
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/netspec"
 )
 
 // Client calls the agent's API over its unix socket.
@@ -142,7 +143,8 @@ func (c *Client) Health(ctx context.Context, id string) (control.Sandbox, error)
 }
 
 // KataNetwork runs a kata-network operation with the raw network file input and returns what
-// the CLI prints on stdout, on failure too (then err is an *Error or wraps ErrUnreachable).
+// the CLI prints on stdout, on failure too (then err is an *Error, or wraps ErrUnreachable and
+// stdout is "null": the sandbox could not be checked).
 func (c *Client) KataNetwork(ctx context.Context, id, op string, input []byte) ([]byte, error) {
 	if input == nil {
 		input = []byte{}
@@ -154,7 +156,20 @@ func (c *Client) KataNetwork(ctx context.Context, id, op string, input []byte) (
 		if errors.As(err, &e) {
 			return []byte(e.Stdout), err
 		}
+		if errors.Is(err, ErrUnreachable) {
+			return netspec.Null, err
+		}
 		return nil, err
 	}
 	return []byte(res.Stdout), nil
+}
+
+// KataNetworkUnread reports a network file the CLI could not read (readErr) the way Kata does:
+// the sandbox is checked first, so a missing or unhealthy one prints null and fails with that
+// error; otherwise nothing is printed and readErr is the error.
+func (c *Client) KataNetworkUnread(ctx context.Context, id string, readErr error) ([]byte, error) {
+	if _, err := c.Health(ctx, id); err != nil {
+		return netspec.Null, err
+	}
+	return nil, readErr
 }

@@ -71,12 +71,12 @@ func FuzzKataNetwork(f *testing.F) {
 			op uint8
 			in []byte
 		}{{op1, in1}, {op2, in2}} {
-			op := control.Ops[int(step.op)%len(control.Ops)]
-			out, _ := c.KataNetwork(context.Background(), "sb", op, step.in)
+			op := Ops[int(step.op)%len(Ops)]
+			out, _ := KataNetwork(context.Background(), c, "sb", op, step.in)
 			if len(out) > 0 && !json.Valid(out) {
 				t.Fatalf("%s printed %q", op, out)
 			}
-			ifaces, _ := c.Ifaces("sb")
+			ifaces, _ := c.Ifaces(context.Background(), "sb")
 			eps := dp.Sandbox("sb").Endpoints
 			if len(ifaces) != len(eps) {
 				t.Fatalf("%s: %d NICs but %d endpoints", op, len(ifaces), len(eps))
@@ -86,7 +86,7 @@ func FuzzKataNetwork(f *testing.F) {
 					t.Fatalf("%s: tap %s of NIC %s missing", op, n.Device, n.Name)
 				}
 			}
-			routes, _ := c.Routes("sb")
+			routes, _ := c.Routes(context.Background(), "sb")
 			if got := programmable(ifaces, routes); got != len(dp.Sandbox("sb").Routes) || got > len(routes) {
 				t.Fatalf("%s: %d programmable routes, dataplane holds %d", op, got, len(dp.Sandbox("sb").Routes))
 			}

@@ -111,7 +111,7 @@ func (r *rig) addSandbox(id, qmp string) {
 
 // kn runs a kata-network operation and returns stdout and the error text ("" on success).
 func (r *rig) kn(id, op, input string) (string, string) {
-	out, err := r.c.KataNetwork(context.Background(), id, op, []byte(input))
+	out, err := KataNetwork(context.Background(), r.c, id, op, []byte(input))
 	msg := ""
 	if err != nil {
 		msg = netspec.Message(err)
@@ -142,9 +142,9 @@ const (
 func TestSpecExamples(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "/run/qmp.sock")
-	r.mustKN("6ec7a98", control.OpAddIface, exIface, exAdded)
-	r.mustKN("6ec7a98", control.OpListIfaces, "", exList)
-	r.mustKN("6ec7a98", control.OpAddRoute, exRoute, exRouteOK)
+	r.mustKN("6ec7a98", OpAddIface, exIface, exAdded)
+	r.mustKN("6ec7a98", OpListIfaces, "", exList)
+	r.mustKN("6ec7a98", OpAddRoute, exRoute, exRouteOK)
 
 	sb := r.dp.Sandbox(sbID)
 	wantEP := control.Endpoint{Sandbox: sbID, NetNS: ctlNS, Slot: 0, NIC: "eth-test", Tap: "tap-test", Uplink: "eth0",
@@ -157,17 +157,17 @@ func TestSpecExamples(t *testing.T) {
 	if d := cmp.Diff(wantRoutes, sb.Routes, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }), cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); d != "" {
 		t.Errorf("dataplane routes (-want +got):\n%s", d)
 	}
-	r.mustKN("6ec7a98", control.OpListRoutes, "", `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"}]`+"\n")
+	r.mustKN("6ec7a98", OpListRoutes, "", `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"}]`+"\n")
 
 	// A restart changes nothing visible.
 	r.restart()
-	r.mustKN("6ec", control.OpListIfaces, "", exList)
-	r.mustKN("6ec", control.OpListRoutes, "", `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"}]`+"\n")
+	r.mustKN("6ec", OpListIfaces, "", exList)
+	r.mustKN("6ec", OpListRoutes, "", `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"}]`+"\n")
 
 	// del-iface removes NIC, routes through it, endpoint, tap (created by kata-dp) and the VM's device.
-	r.mustKN("6ec", control.OpDelIface, exIface, "null\n")
-	r.mustKN("6ec", control.OpListIfaces, "", "null\n")
-	r.mustKN("6ec", control.OpListRoutes, "", "null\n")
+	r.mustKN("6ec", OpDelIface, exIface, "null\n")
+	r.mustKN("6ec", OpListIfaces, "", "null\n")
+	r.mustKN("6ec", OpListRoutes, "", "null\n")
 	if got := r.dp.Sandbox(sbID); len(got.Endpoints) != 0 || len(got.Routes) != 0 {
 		t.Errorf("dataplane after del-iface: %+v", got)
 	}
@@ -178,7 +178,7 @@ func TestSpecExamples(t *testing.T) {
 		t.Errorf("still plugged: %v", p)
 	}
 	// An unknown name is a silent success.
-	r.mustKN("6ec", control.OpDelIface, exIface, "null\n")
+	r.mustKN("6ec", OpDelIface, exIface, "null\n")
 }
 
 func mustMAC(s string) []byte {
@@ -210,7 +210,7 @@ func TestLookup(t *testing.T) {
 		}
 	}
 	// kata-network prints null for a missing or ambiguous sandbox.
-	for _, op := range control.Ops {
+	for _, op := range Ops {
 		out, msg := r.kn("zz", op, exIface)
 		if out != "null\n" || msg != "no such container ID (zz)" {
 			t.Errorf("%s on missing sandbox: stdout %q, error %q", op, out, msg)
@@ -222,7 +222,7 @@ func TestHealth(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox("qmpbox", "/run/qmp.sock")
 	r.setFail("Healthy", errors.New("monitor gone"))
-	out, msg := r.kn("qmp", control.OpListIfaces, "")
+	out, msg := r.kn("qmp", OpListIfaces, "")
 	if out != "null\n" || !strings.Contains(msg, "monitor gone") {
 		t.Errorf("unhealthy qmp: stdout %q, error %q", out, msg)
 	}
@@ -230,7 +230,7 @@ func TestHealth(t *testing.T) {
 	r.mu.Lock()
 	delete(r.netns, ctlNS)
 	r.mu.Unlock()
-	out, msg = r.kn("qmp", control.OpDelIface, exIface)
+	out, msg = r.kn("qmp", OpDelIface, exIface)
 	if out != "null\n" || !strings.Contains(msg, "sandbox not healthy") || !strings.Contains(msg, "netns") {
 		t.Errorf("netns gone: stdout %q, error %q", out, msg)
 	}
@@ -239,13 +239,13 @@ func TestHealth(t *testing.T) {
 func TestDecodeErrorPrintsNothing(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "")
-	for _, op := range []string{control.OpAddIface, control.OpDelIface, control.OpUpdateIface, control.OpAddRoute, control.OpDelRoute, control.OpUpdateRoutes} {
+	for _, op := range []string{OpAddIface, OpDelIface, OpUpdateIface, OpAddRoute, OpDelRoute, OpUpdateRoutes} {
 		out, msg := r.kn(sbID, op, "{not json")
 		if out != "" || !strings.HasPrefix(msg, "decode network file: ") {
 			t.Errorf("%s: stdout %q, error %q", op, out, msg)
 		}
 	}
-	out, msg := r.kn(sbID, control.OpAddIface, strings.Repeat(" ", netspec.MaxFileSize+1))
+	out, msg := r.kn(sbID, OpAddIface, strings.Repeat(" ", netspec.MaxFileSize+1))
 	if out != "" || msg != "network file too big" {
 		t.Errorf("too big: stdout %q, error %q", out, msg)
 	}
@@ -310,19 +310,19 @@ func TestAddIfaceValidation(t *testing.T) {
 			r := newRig(t)
 			r.addSandbox(sbID, "")
 			r.c.AddSandbox(context.Background(), control.SandboxSpec{ID: "other", NetNS: "/run/netns/other"})
-			r.mustKN(sbID, control.OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
-			r.mustKN("other", control.OpAddIface, `{"device":"tap-other","name":"eth1","hwAddr":"02:00:00:00:00:09","mtu":1500}`,
+			r.mustKN(sbID, OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
+			r.mustKN("other", OpAddIface, `{"device":"tap-other","name":"eth1","hwAddr":"02:00:00:00:00:09","mtu":1500}`,
 				`{"device":"tap-other","name":"eth1","mtu":1500,"hwAddr":"02:00:00:00:00:09"}`+"\n")
 			before := r.dp.Sandbox(sbID)
 			in := mk(tc.over)
-			out, msg := r.kn(sbID, control.OpAddIface, in)
+			out, msg := r.kn(sbID, OpAddIface, in)
 			if out != "null\n" || msg != tc.want {
 				t.Errorf("add-iface %s:\nstdout %q\nerror  %q\nwant   %q", in, out, msg, tc.want)
 			}
 			if d := cmp.Diff(before, r.dp.Sandbox(sbID), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); d != "" {
 				t.Errorf("dataplane changed (-before +after):\n%s", d)
 			}
-			r.mustKN(sbID, control.OpListIfaces, "", exList)
+			r.mustKN(sbID, OpListIfaces, "", exList)
 		})
 	}
 }
@@ -330,9 +330,9 @@ func TestAddIfaceValidation(t *testing.T) {
 func TestOneVhostSocketPerSandbox(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "")
-	r.mustKN(sbID, control.OpAddIface, `{"device":"tap1","name":"eth1","hwAddr":"02:00:00:00:00:01","mtu":1500,"vhostUserSocket":"/run/vhost-user1"}`,
+	r.mustKN(sbID, OpAddIface, `{"device":"tap1","name":"eth1","hwAddr":"02:00:00:00:00:01","mtu":1500,"vhostUserSocket":"/run/vhost-user1"}`,
 		`{"device":"tap1","name":"eth1","mtu":1500,"hwAddr":"02:00:00:00:00:01","vhostUserSocket":"/run/vhost-user1"}`+"\n")
-	_, msg := r.kn(sbID, control.OpAddIface, `{"device":"tap2","name":"eth2","hwAddr":"02:00:00:00:00:02","mtu":1500,"vhostUserSocket":"/run/vhost-user2"}`)
+	_, msg := r.kn(sbID, OpAddIface, `{"device":"tap2","name":"eth2","hwAddr":"02:00:00:00:00:02","mtu":1500,"vhostUserSocket":"/run/vhost-user2"}`)
 	if want := "only one vhostUserSocket per sandbox (NIC eth1 has one)"; msg != want {
 		t.Errorf("error %q, want %q", msg, want)
 	}
@@ -350,7 +350,7 @@ func TestAddIfaceRollback(t *testing.T) {
 			} else {
 				r.setFail(step, errors.New("injected"))
 			}
-			out, msg := r.kn(sbID, control.OpAddIface, exIface)
+			out, msg := r.kn(sbID, OpAddIface, exIface)
 			if out != "null\n" || msg == "" {
 				t.Fatalf("stdout %q, error %q", out, msg)
 			}
@@ -376,9 +376,9 @@ func TestAddIfaceRollback(t *testing.T) {
 					t.Errorf("dataplane calls %v: want one add undone by one del", calls)
 				}
 			}
-			r.mustKN(sbID, control.OpListIfaces, "", "null\n")
+			r.mustKN(sbID, OpListIfaces, "", "null\n")
 			// Everything reserved was released: the same request now succeeds.
-			r.mustKN(sbID, control.OpAddIface, exIface, exAdded)
+			r.mustKN(sbID, OpAddIface, exIface, exAdded)
 		})
 	}
 }
@@ -388,11 +388,11 @@ func TestAddIfaceAdoptsExistingTap(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "")
 	r.taps.AddLink(ctlNS, "tap-test", true)
-	r.mustKN(sbID, control.OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
+	r.mustKN(sbID, OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
 	if ep := r.dp.Sandbox(sbID).Endpoints[0]; ep.Uplink != "" {
 		t.Errorf("existing tap joined to %q", ep.Uplink)
 	}
-	r.mustKN(sbID, control.OpDelIface, `{"name":"eth-test"}`, "null\n")
+	r.mustKN(sbID, OpDelIface, `{"name":"eth-test"}`, "null\n")
 	if _, ok := r.taps.Links(ctlNS)["tap-test"]; !ok {
 		t.Error("existing tap deleted")
 	}
@@ -407,14 +407,14 @@ func TestJoining(t *testing.T) {
 	add := func(i int, extra string) {
 		t.Helper()
 		in := fmt.Sprintf(`{"device":"tap%d","name":"eth-%d","hwAddr":"02:00:00:00:00:%02x","mtu":1500%s}`, i, i, i, extra)
-		if _, msg := r.kn(sbID, control.OpAddIface, in); msg != "" {
+		if _, msg := r.kn(sbID, OpAddIface, in); msg != "" {
 			t.Fatalf("add %d: %s", i, msg)
 		}
 	}
 	add(1, "")
 	add(2, "")
 	add(3, `,"uplink":"eth9"`)
-	_, msg := r.kn(sbID, control.OpAddIface, `{"device":"tap4","name":"eth-4","hwAddr":"02:00:00:00:00:04","mtu":1500,"uplink":"eth9"}`)
+	_, msg := r.kn(sbID, OpAddIface, `{"device":"tap4","name":"eth-4","hwAddr":"02:00:00:00:00:04","mtu":1500,"uplink":"eth9"}`)
 	if want := "already exists: uplink eth9 is already joined to NIC eth-3"; msg != want {
 		t.Errorf("second explicit uplink: %q, want %q", msg, want)
 	}
@@ -426,7 +426,7 @@ func TestJoining(t *testing.T) {
 		t.Errorf("uplinks (-want +got):\n%s", d)
 	}
 	// Slots are lowest free and stable.
-	r.mustKN(sbID, control.OpDelIface, `{"name":"eth-1"}`, "null\n")
+	r.mustKN(sbID, OpDelIface, `{"name":"eth-1"}`, "null\n")
 	add(5, "")
 	slots := map[string]uint32{}
 	for _, ep := range r.dp.Sandbox(sbID).Endpoints {
@@ -445,8 +445,8 @@ func TestDelIfaceRollback(t *testing.T) {
 		t.Run(step, func(t *testing.T) {
 			r := newRig(t)
 			r.addSandbox(sbID, "/run/qmp.sock")
-			r.mustKN(sbID, control.OpAddIface, exIface, exAdded)
-			r.mustKN(sbID, control.OpAddRoute, exRoute, exRouteOK)
+			r.mustKN(sbID, OpAddIface, exIface, exAdded)
+			r.mustKN(sbID, OpAddRoute, exRoute, exRouteOK)
 			before := r.dp.Sandbox(sbID)
 			if step == "store" {
 				r.st.failPut = true
@@ -454,7 +454,7 @@ func TestDelIfaceRollback(t *testing.T) {
 				r.setFail(step, errors.New("injected"))
 			}
 			in := `{"name":"eth-test","mtu":1500}`
-			out, msg := r.kn(sbID, control.OpDelIface, in)
+			out, msg := r.kn(sbID, OpDelIface, in)
 			if out != `{"name":"eth-test","mtu":1500}`+"\n" || !strings.Contains(msg, "injected") && !strings.Contains(msg, "disk on fire") {
 				t.Fatalf("stdout %q, error %q", out, msg)
 			}
@@ -469,8 +469,8 @@ func TestDelIfaceRollback(t *testing.T) {
 			if p := r.hp.Plugged(sbID); len(p) != 1 {
 				t.Errorf("VM device not restored: %v", p)
 			}
-			r.mustKN(sbID, control.OpListIfaces, "", exList)
-			r.mustKN(sbID, control.OpListRoutes, "", exRouteOK)
+			r.mustKN(sbID, OpListIfaces, "", exList)
+			r.mustKN(sbID, OpListRoutes, "", exRouteOK)
 		})
 	}
 }
@@ -478,50 +478,50 @@ func TestDelIfaceRollback(t *testing.T) {
 func TestDelIfaceByMAC(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "")
-	r.mustKN(sbID, control.OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
-	out, msg := r.kn(sbID, control.OpDelIface, `{}`)
+	r.mustKN(sbID, OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
+	out, msg := r.kn(sbID, OpDelIface, `{}`)
 	if out != "{}\n" || msg != "name is required" {
 		t.Errorf("empty del-iface: stdout %q, error %q", out, msg)
 	}
-	r.mustKN(sbID, control.OpDelIface, `{"hwAddr":"02:42:20:6F:A3:69"}`, "null\n")
-	r.mustKN(sbID, control.OpListIfaces, "", "null\n")
+	r.mustKN(sbID, OpDelIface, `{"hwAddr":"02:42:20:6F:A3:69"}`, "null\n")
+	r.mustKN(sbID, OpListIfaces, "", "null\n")
 }
 
 func TestUpdateIface(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "/run/qmp.sock")
-	r.mustKN(sbID, control.OpAddIface, exIface, exAdded)
+	r.mustKN(sbID, OpAddIface, exIface, exAdded)
 	for _, in := range []string{
 		`{"name":"eth-test","device":"x"}`, `{"name":"eth-test","mtu":1400}`, `{"name":"eth-test","hwAddr":"02:00:00:00:00:01"}`,
 		`{"name":"eth-test","linkType":"tap"}`, `{"name":"eth-test","queues":2}`, `{"name":"eth-test","vhostUserSocket":"/a"}`,
 	} {
-		out, msg := r.kn(sbID, control.OpUpdateIface, in)
+		out, msg := r.kn(sbID, OpUpdateIface, in)
 		if out != "null\n" || msg != "device,mtu,hwAddr,linkType,queues and vhostUserSocket should be 0 or empty" {
 			t.Errorf("update-iface %s: stdout %q, error %q", in, out, msg)
 		}
 	}
-	out, msg := r.kn(sbID, control.OpUpdateIface, `{"name":"eth-nope"}`)
+	out, msg := r.kn(sbID, OpUpdateIface, `{"name":"eth-nope"}`)
 	if out != "null\n" || msg != "not found: no NIC named eth-nope in the sandbox" {
 		t.Errorf("unknown NIC: stdout %q, error %q", out, msg)
 	}
-	r.mustKN(sbID, control.OpUpdateIface, `{"name":"eth-test","IPAddresses":[{"Address":"10.1.2.3","Mask":"24"}]}`,
+	r.mustKN(sbID, OpUpdateIface, `{"name":"eth-test","IPAddresses":[{"Address":"10.1.2.3","Mask":"24"}]}`,
 		`{"device":"tap-test","name":"eth-test","IPAddresses":[{"Family":2,"Address":"10.1.2.3","Mask":"24"}],"mtu":1500,"hwAddr":"02:42:20:6f:a3:69","pciAddr":"02.0/01","queues":5}`+"\n")
 	if got := r.dp.Sandbox(sbID).Endpoints[0].Addr; got != netip.MustParsePrefix("10.1.2.3/24") {
 		t.Errorf("dataplane address %v", got)
 	}
 	r.setFail("UpdateEndpoint", errors.New("injected"))
-	out, _ = r.kn(sbID, control.OpUpdateIface, `{"name":"eth-test"}`)
+	out, _ = r.kn(sbID, OpUpdateIface, `{"name":"eth-test"}`)
 	if out != "null\n" {
 		t.Errorf("failed update: stdout %q", out)
 	}
 	r.setFail("UpdateEndpoint", nil)
-	r.mustKN(sbID, control.OpListIfaces, "", `[{"name":"eth-test","mac":"02:42:20:6f:a3:69","ip":["10.1.2.3/24"],"mtu":1500}]`+"\n")
+	r.mustKN(sbID, OpListIfaces, "", `[{"name":"eth-test","mac":"02:42:20:6f:a3:69","ip":["10.1.2.3/24"],"mtu":1500}]`+"\n")
 }
 
 func TestRoutes(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "")
-	r.mustKN(sbID, control.OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
+	r.mustKN(sbID, OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
 	for _, tc := range []struct{ in, want string }{
 		{`{"device":"eth-test"}`, "route dest is required"},
 		{`{"dest":"10.0.0.0/8"}`, "route device is required"},
@@ -532,53 +532,53 @@ func TestRoutes(t *testing.T) {
 		{`{"dest":"10.0.0.0/8","device":"eth-nope"}`, "route device eth-nope is not a NIC of the sandbox (nor lo)"},
 		{`{"dest":"10.0.0.0/8","device":"eth-test","gateway":"nope"}`, `route gateway "nope" is not a valid IP address`},
 	} {
-		out, msg := r.kn(sbID, control.OpAddRoute, tc.in)
+		out, msg := r.kn(sbID, OpAddRoute, tc.in)
 		if out != "null\n" || msg != tc.want {
 			t.Errorf("add-route %s: stdout %q, error %q, want %q", tc.in, out, msg, tc.want)
 		}
 	}
-	r.mustKN(sbID, control.OpAddRoute, `{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"}`, `[{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"}]`+"\n")
-	r.mustKN(sbID, control.OpAddRoute, `{"dest":"10.9.9.9","device":"eth-test"}`, `[{"dest":"10.9.9.9","device":"eth-test"}]`+"\n")
-	r.mustKN(sbID, control.OpAddRoute, `{"dest":"127.0.0.0/8","device":"lo"}`, `[{"dest":"127.0.0.0/8","device":"lo"}]`+"\n")
-	r.mustKN(sbID, control.OpAddRoute, `{"dest":"fd00::/64","device":"eth-test"}`, `[{"dest":"fd00::/64","device":"eth-test"}]`+"\n")
-	_, msg := r.kn(sbID, control.OpAddRoute, `{"dest":"10.9.9.9/32","device":"lo"}`)
+	r.mustKN(sbID, OpAddRoute, `{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"}`, `[{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"}]`+"\n")
+	r.mustKN(sbID, OpAddRoute, `{"dest":"10.9.9.9","device":"eth-test"}`, `[{"dest":"10.9.9.9","device":"eth-test"}]`+"\n")
+	r.mustKN(sbID, OpAddRoute, `{"dest":"127.0.0.0/8","device":"lo"}`, `[{"dest":"127.0.0.0/8","device":"lo"}]`+"\n")
+	r.mustKN(sbID, OpAddRoute, `{"dest":"fd00::/64","device":"eth-test"}`, `[{"dest":"fd00::/64","device":"eth-test"}]`+"\n")
+	_, msg := r.kn(sbID, OpAddRoute, `{"dest":"10.9.9.9/32","device":"lo"}`)
 	if want := "already exists: a route to 10.9.9.9/32 (device eth-test) already exists"; msg != want {
 		t.Errorf("duplicate: %q, want %q", msg, want)
 	}
-	r.mustKN(sbID, control.OpListRoutes, "", `[{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"},{"dest":"10.9.9.9/32","gateway":"","device":"eth-test"},{"dest":"127.0.0.0/8","gateway":"","device":"lo"}]`+"\n")
+	r.mustKN(sbID, OpListRoutes, "", `[{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"},{"dest":"10.9.9.9/32","gateway":"","device":"eth-test"},{"dest":"127.0.0.0/8","gateway":"","device":"lo"}]`+"\n")
 	// Only IPv4 routes on NICs reach the dataplane.
 	if got := len(r.dp.Sandbox(sbID).Routes); got != 2 {
 		t.Errorf("dataplane holds %d routes, want 2", got)
 	}
 	// Fuzzy delete: a gateway that does not match removes nothing; dest alone removes the route.
-	out, msg := r.kn(sbID, control.OpDelRoute, `{"dest":"177.17.0.0/24","gateway":"177.17.25.2"}`)
+	out, msg := r.kn(sbID, OpDelRoute, `{"dest":"177.17.0.0/24","gateway":"177.17.25.2"}`)
 	if out != "null\n" || msg != "not found: no route matches dest 177.17.0.0/24" {
 		t.Errorf("del-route no match: stdout %q, error %q", out, msg)
 	}
-	r.mustKN(sbID, control.OpDelRoute, `{"dest":"177.17.0.0/24"}`, `[{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"}]`+"\n")
-	r.mustKN(sbID, control.OpDelRoute, `{"dest":"10.9.9.9/32","device":"eth-test"}`, `[{"dest":"10.9.9.9","device":"eth-test"}]`+"\n")
-	out, msg = r.kn(sbID, control.OpDelRoute, `{"device":"lo"}`)
+	r.mustKN(sbID, OpDelRoute, `{"dest":"177.17.0.0/24"}`, `[{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"}]`+"\n")
+	r.mustKN(sbID, OpDelRoute, `{"dest":"10.9.9.9/32","device":"eth-test"}`, `[{"dest":"10.9.9.9","device":"eth-test"}]`+"\n")
+	out, msg = r.kn(sbID, OpDelRoute, `{"device":"lo"}`)
 	if out != "null\n" || msg != "route dest is required" {
 		t.Errorf("del-route without dest: stdout %q, error %q", out, msg)
 	}
 	// update-routes replaces everything, atomically: one bad route changes nothing.
-	out, msg = r.kn(sbID, control.OpUpdateRoutes, `[{"dest":"10.0.0.0/8","device":"eth-test"},{"dest":"default","device":"eth-test"}]`)
+	out, msg = r.kn(sbID, OpUpdateRoutes, `[{"dest":"10.0.0.0/8","device":"eth-test"},{"dest":"default","device":"eth-test"}]`)
 	if out != "null\n" || msg != "a default route needs a gateway" {
 		t.Errorf("update-routes bad: stdout %q, error %q", out, msg)
 	}
-	out, msg = r.kn(sbID, control.OpUpdateRoutes, `[{"dest":"10.0.0.0/8","device":"eth-test"},{"dest":"10.0.0.0/8","device":"lo"}]`)
+	out, msg = r.kn(sbID, OpUpdateRoutes, `[{"dest":"10.0.0.0/8","device":"eth-test"},{"dest":"10.0.0.0/8","device":"lo"}]`)
 	if out != "null\n" || msg != "already exists: two routes to 10.0.0.0/8 (devices eth-test and lo)" {
 		t.Errorf("update-routes duplicate: stdout %q, error %q", out, msg)
 	}
-	r.mustKN(sbID, control.OpListRoutes, "", `[{"dest":"127.0.0.0/8","gateway":"","device":"lo"}]`+"\n")
+	r.mustKN(sbID, OpListRoutes, "", `[{"dest":"127.0.0.0/8","gateway":"","device":"lo"}]`+"\n")
 	r.setFail("SetRoutes", errors.New("injected"))
-	out, _ = r.kn(sbID, control.OpUpdateRoutes, `[{"dest":"10.0.0.0/8","device":"eth-test"}]`)
+	out, _ = r.kn(sbID, OpUpdateRoutes, `[{"dest":"10.0.0.0/8","device":"eth-test"}]`)
 	if out != "null\n" {
 		t.Errorf("update-routes with failing dataplane: %q", out)
 	}
 	r.setFail("SetRoutes", nil)
 	r.st.failPut = true
-	out, _ = r.kn(sbID, control.OpUpdateRoutes, `[{"dest":"10.0.0.0/8","device":"eth-test"}]`)
+	out, _ = r.kn(sbID, OpUpdateRoutes, `[{"dest":"10.0.0.0/8","device":"eth-test"}]`)
 	if out != "null\n" {
 		t.Errorf("update-routes with failing store: %q", out)
 	}
@@ -586,11 +586,11 @@ func TestRoutes(t *testing.T) {
 	if got := len(r.dp.Sandbox(sbID).Routes); got != 0 {
 		t.Errorf("dataplane routes not rolled back: %v", r.dp.Sandbox(sbID).Routes)
 	}
-	r.mustKN(sbID, control.OpUpdateRoutes, `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"},{"dest":"10.0.0.0/8","device":"eth-test"}]`,
+	r.mustKN(sbID, OpUpdateRoutes, `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"},{"dest":"10.0.0.0/8","device":"eth-test"}]`,
 		`[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"},{"dest":"10.0.0.0/8","device":"eth-test"}]`+"\n")
-	r.mustKN(sbID, control.OpUpdateRoutes, `[]`, "[]\n")
-	r.mustKN(sbID, control.OpListRoutes, "", "null\n")
-	out, msg = r.kn(sbID, control.OpUpdateRoutes, `null`)
+	r.mustKN(sbID, OpUpdateRoutes, `[]`, "[]\n")
+	r.mustKN(sbID, OpListRoutes, "", "null\n")
+	out, msg = r.kn(sbID, OpUpdateRoutes, `null`)
 	if out != "null\n" || msg != "update-routes needs a JSON array of routes" {
 		t.Errorf("update-routes null: stdout %q, error %q", out, msg)
 	}
@@ -646,9 +646,9 @@ func TestSandboxes(t *testing.T) {
 
 	// Deleting a sandbox removes its endpoints, its taps, its dataplane and its state, and
 	// frees its tap names for other sandboxes.
-	r.mustKN("a", control.OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
+	r.mustKN("a", OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
 	r.taps.AddLink(ctlNS, "tap-keep", true)
-	r.mustKN("a", control.OpAddIface, `{"device":"tap-keep","name":"eth2","hwAddr":"02:00:00:00:00:02","mtu":1500}`, `{"device":"tap-keep","name":"eth2","mtu":1500,"hwAddr":"02:00:00:00:00:02"}`+"\n")
+	r.mustKN("a", OpAddIface, `{"device":"tap-keep","name":"eth2","hwAddr":"02:00:00:00:00:02","mtu":1500}`, `{"device":"tap-keep","name":"eth2","mtu":1500,"hwAddr":"02:00:00:00:00:02"}`+"\n")
 	r.setFail("RemoveSandbox", errors.New("injected"))
 	if err := r.c.DelSandbox(ctx, "a"); err == nil {
 		t.Error("DelSandbox with failing dataplane succeeded")
@@ -693,8 +693,8 @@ func (r *reconciling) Reconcile(_ context.Context, sb control.Sandbox, eps []con
 func TestRestartReconciles(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "")
-	r.mustKN(sbID, control.OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
-	r.mustKN(sbID, control.OpAddRoute, exRoute, exRouteOK)
+	r.mustKN(sbID, OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
+	r.mustKN(sbID, OpAddRoute, exRoute, exRouteOK)
 	rec := &reconciling{MemDataplane: r.dp, got: map[string]int{}}
 	c, err := control.New(context.Background(), control.Config{Dataplane: rec, Taps: r.taps, Store: r.st, CheckNetNS: func(string) error { return nil },
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
@@ -706,7 +706,7 @@ func TestRestartReconciles(t *testing.T) {
 	}
 	// The device stays reserved after a restart.
 	c.AddSandbox(context.Background(), control.SandboxSpec{ID: "other", NetNS: ctlNS})
-	_, err = c.KataNetwork(context.Background(), "other", control.OpAddIface, []byte(exIface))
+	_, err = KataNetwork(context.Background(), c, "other", OpAddIface, []byte(exIface))
 	if err == nil || !strings.Contains(err.Error(), "device tap-test is already used by sandbox "+sbID) {
 		t.Errorf("device reuse after restart: %v", err)
 	}
@@ -715,7 +715,7 @@ func TestRestartReconciles(t *testing.T) {
 func TestStatus(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "")
-	r.mustKN(sbID, control.OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
+	r.mustKN(sbID, OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
 	st := r.c.Status(context.Background())
 	if len(st) != 1 || len(st[0].Endpoints) != 1 || st[0].Endpoints[0].Addr != "172.16.0.3/16" || st[0].Endpoints[0].Stats == nil {
 		t.Errorf("status: %+v", st)
@@ -735,23 +735,23 @@ func TestConcurrent(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			in := fmt.Sprintf(`{"device":"tap%d","name":"eth%d","hwAddr":"02:00:00:00:01:%02x","mtu":1500,"IPAddresses":[{"address":"10.0.%d.1","mask":"24"}]}`, i, i, i, i)
-			if _, msg := r.kn(sbID[:4], control.OpAddIface, in); msg != "" {
+			if _, msg := r.kn(sbID[:4], OpAddIface, in); msg != "" {
 				t.Errorf("add %d: %s", i, msg)
 				return
 			}
-			if _, msg := r.kn(sbID[:4], control.OpAddRoute, fmt.Sprintf(`{"dest":"192.168.%d.0/24","device":"eth%d"}`, i, i)); msg != "" {
+			if _, msg := r.kn(sbID[:4], OpAddRoute, fmt.Sprintf(`{"dest":"192.168.%d.0/24","device":"eth%d"}`, i, i)); msg != "" {
 				t.Errorf("route %d: %s", i, msg)
 			}
 			if i%2 == 0 {
-				if _, msg := r.kn(sbID[:4], control.OpDelIface, fmt.Sprintf(`{"name":"eth%d"}`, i)); msg != "" {
+				if _, msg := r.kn(sbID[:4], OpDelIface, fmt.Sprintf(`{"name":"eth%d"}`, i)); msg != "" {
 					t.Errorf("del %d: %s", i, msg)
 				}
 			}
 		}()
 	}
 	wg.Wait()
-	ifaces, _ := r.c.Ifaces(sbID)
-	routes, _ := r.c.Routes(sbID)
+	ifaces, _ := r.c.Ifaces(context.Background(), sbID)
+	routes, _ := r.c.Routes(context.Background(), sbID)
 	dp := r.dp.Sandbox(sbID)
 	if len(ifaces) != 20 || len(routes) != 20 || len(dp.Endpoints) != 20 || len(dp.Routes) != 20 || len(r.hp.Plugged(sbID)) != 20 {
 		t.Errorf("after concurrent ops: %d ifaces, %d routes, %d endpoints, %d dataplane routes, %d plugged",
@@ -762,7 +762,7 @@ func TestConcurrent(t *testing.T) {
 func TestDelSandboxNetNSGone(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "")
-	r.mustKN(sbID, control.OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
+	r.mustKN(sbID, OpAddIface, exIface, strings.Replace(exAdded, `,"pciAddr":"02.0/01"`, "", 1))
 	r.mu.Lock()
 	delete(r.netns, ctlNS)
 	r.mu.Unlock()

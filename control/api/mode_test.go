@@ -13,11 +13,11 @@ import (
 func TestPerNICMode(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "")
-	_, msg := r.kn(sbID, control.OpAddIface, strings.Replace(exIface, `"mtu":1500`, `"mtu":1500,"mode":"fast"`, 1))
+	_, msg := r.kn(sbID, OpAddIface, strings.Replace(exIface, `"mtu":1500`, `"mtu":1500,"mode":"fast"`, 1))
 	if want := `mode "fast" is not one of tc, xdp`; !strings.HasPrefix(msg, want) {
 		t.Errorf("bad mode: %q, want %q", msg, want)
 	}
-	out, msg := r.kn(sbID, control.OpAddIface, strings.Replace(exIface, `"mtu":1500`, `"mtu":1500,"mode":"xdp"`, 1))
+	out, msg := r.kn(sbID, OpAddIface, strings.Replace(exIface, `"mtu":1500`, `"mtu":1500,"mode":"xdp"`, 1))
 	if msg != "" || strings.Contains(out, "mode") {
 		t.Fatalf("add-iface with mode: %q %q", out, msg)
 	}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/netspec"
 	"golang.org/x/sys/unix"
 )
@@ -24,6 +25,9 @@ type ServerOptions struct {
 	Version string
 	Logger  *slog.Logger // nil: slog.Default()
 	Metrics *Metrics     // nil: operations are not counted
+	// IPVS runs the kata-ipvs calls; nil: the agent has no load balancer and they are not
+	// served.
+	IPVS *ipvsctl.Manager
 }
 
 // Server serves the API of one Controller.
@@ -45,12 +49,15 @@ func NewServer(ctrl *control.Controller, opts ServerOptions) *Server {
 	s.mux.HandleFunc("DELETE /v1/sandboxes/{id}", s.op("sandbox-del", s.delSandbox))
 	s.mux.HandleFunc("GET /v1/sandboxes/{id}/health", s.health)
 	s.mux.HandleFunc("POST /v1/sandboxes/{id}/kata-network/{op}", s.kataNetwork)
+	if opts.IPVS != nil {
+		s.serveKataIPVS(opts.IPVS)
+	}
 	s.httpSrv = &http.Server{Handler: s.mux, ReadHeaderTimeout: 10 * time.Second}
 	return s
 }
 
-// Handle adds an endpoint (a net/http ServeMux pattern, e.g.
-// "POST /v1/sandboxes/{id}/kata-ipvs/{op}"). Call it before Serve.
+// Handle adds an endpoint (a net/http ServeMux pattern, e.g. "GET /v1/sandboxes/{id}/x").
+// Call it before Serve.
 func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
 
 // Handler returns the API's handler (for tests over httptest).
@@ -149,9 +156,9 @@ func (s *Server) kataNetwork(w http.ResponseWriter, r *http.Request) {
 	input, err := io.ReadAll(io.LimitReader(r.Body, netspec.MaxFileSize+1))
 	var stdout []byte
 	if err == nil {
-		stdout, err = s.ctrl.KataNetwork(r.Context(), r.PathValue("id"), op, input)
+		stdout, err = KataNetwork(r.Context(), s.ctrl, r.PathValue("id"), op, input)
 	}
-	if err == nil || !errors.Is(err, control.ErrUnknownOp) {
+	if err == nil || !errors.Is(err, ErrUnknownOp) {
 		s.opts.Metrics.Observe(op, time.Since(start), err)
 	}
 	if err != nil {

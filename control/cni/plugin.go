@@ -296,7 +296,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	if err != nil {
 		return fail(types.NewError(types.ErrInternal, "kata-dp-cni: encode add-iface", err.Error()))
 	}
-	if _, err := agent.KataNetwork(ctx, args.ContainerID, control.OpAddIface, in); err != nil {
+	if _, err := agent.KataNetwork(ctx, args.ContainerID, api.OpAddIface, in); err != nil {
 		return fail(agentError("add-iface "+args.IfName+" to sandbox "+args.ContainerID, err))
 	}
 	if !register {
@@ -326,7 +326,7 @@ func delIface(ctx context.Context, a Agent, id, name string) error {
 	if err != nil {
 		return err
 	}
-	if _, err := a.KataNetwork(ctx, id, control.OpDelIface, in); err != nil {
+	if _, err := a.KataNetwork(ctx, id, api.OpDelIface, in); err != nil {
 		return fmt.Errorf("del-iface %s of sandbox %s: %w", name, id, err)
 	}
 	return nil
@@ -450,7 +450,7 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	if sb == nil {
 		return failed("sandbox %s is not registered in the agent", args.ContainerID)
 	}
-	out, err := agent.KataNetwork(ctx, args.ContainerID, control.OpListIfaces, nil)
+	out, err := agent.KataNetwork(ctx, args.ContainerID, api.OpListIfaces, nil)
 	if err != nil {
 		return failed("list-ifaces: %v", err)
 	}

@@ -1,0 +1,84 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"sync"
+	"testing"
+
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/control/ipvsctl"
+)
+
+// fakeLB is a kata-ipvs dataplane that keeps the last table of each sandbox as ipvsadm-save
+// lines.
+type fakeLB struct {
+	mu     sync.Mutex
+	tables map[string]string
+}
+
+func (f *fakeLB) SetLB(_ context.Context, id string, t *ipvs.Table) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.tables[id] = t.Save()
+	return nil
+}
+func (f *fakeLB) RestoreLB(ctx context.Context, id string, t *ipvs.Table) error {
+	return f.SetLB(ctx, id, t)
+}
+func (f *fakeLB) LBCounters(context.Context, string) (ipvs.Counters, error) { return nil, nil }
+func (f *fakeLB) CleanupConns(context.Context, string, netip.Addr, uint8) (int, error) {
+	return 0, nil
+}
+
+// TestKataIPVS runs the kata-ipvs calls through the client and the server: the listing and
+// save output as ipvsadm prints them, a restore, cleanup, and failures with their kinds.
+func TestKataIPVS(t *testing.T) {
+	_, c, _ := newAgent(t)
+	ctx := context.Background()
+	if _, err := c.AddSandbox(ctx, control.SandboxSpec{ID: "ipvs1", NetNS: testNS}); err != nil {
+		t.Fatal(err)
+	}
+	call := func(op string, req IPVSRequest, want string) {
+		t.Helper()
+		out, err := c.KataIPVS(ctx, "ipvs", op, req)
+		if err != nil || out != want {
+			t.Errorf("kata-ipvs %s %+v = %q, %v; want %q", op, req, out, err, want)
+		}
+	}
+	call(IPVSOpIpvsadm, IPVSRequest{Parameters: "-A -t 172.17.0.7:80 -s rr -p 3000"}, "")
+	call(IPVSOpIpvsadm, IPVSRequest{Parameters: "-a -t 172.17.0.7:80 -r 172.17.0.4:80 -w 100"}, "")
+	call(IPVSOpIpvsadm, IPVSRequest{Parameters: "--list"}, "IP Virtual Server version 1.2.1 (size=4096)\n"+
+		"Prot LocalAddress:Port Scheduler Flags\n"+
+		"  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n"+
+		"TCP  172.17.0.7:80 rr persistent 3000\n"+
+		"  -> 172.17.0.4:80                Masq    100    0          0         \n")
+	call(IPVSOpIpvsadm, IPVSRequest{Parameters: "--clear"}, "")
+	call(IPVSOpRestore, IPVSRequest{Rules: "-A -u 10.96.0.10:53 -s wlc\n-a -u 10.96.0.10:53 -r 10.244.1.2:53 -m\n"}, "")
+	call(IPVSOpIpvsadm, IPVSRequest{Parameters: "-S"}, "-A -u 10.96.0.10:53 -s wlc\n-a -u 10.96.0.10:53 -r 10.244.1.2:53 -m -w 1\n")
+	call(IPVSOpCleanup, IPVSRequest{Parameters: "--orig-dst 10.96.0.10 --protonum udp"}, "")
+
+	for _, tc := range []struct {
+		id, op string
+		req    IPVSRequest
+		want   error
+		msg    string
+	}{
+		{"nope", IPVSOpIpvsadm, IPVSRequest{Parameters: "--list"}, control.ErrNoSuchSandbox, "no such container ID (nope)"},
+		{"ipvs", IPVSOpIpvsadm, IPVSRequest{Parameters: "-A -t 10.0.0.1:80 -s rr -p 30"}, nil, ""},
+		{"ipvs", IPVSOpIpvsadm, IPVSRequest{Parameters: "-A -t 10.0.0.1:80 -s rr -p 30"}, nil, `Service already exists: "-t 10.0.0.1:80"`},
+		{"ipvs", IPVSOpRestore, IPVSRequest{Rules: "-A -t 10.0.0.2:80 -s rr\n"}, nil, ipvsctl.ErrRestoreNotEmpty.Error()},
+	} {
+		_, err := c.KataIPVS(ctx, tc.id, tc.op, tc.req)
+		switch {
+		case tc.msg == "" && err != nil:
+			t.Errorf("kata-ipvs %s %+v: %v", tc.op, tc.req, err)
+		case tc.msg != "" && (err == nil || err.Error() != tc.msg):
+			t.Errorf("kata-ipvs %s %+v = %v, want %q", tc.op, tc.req, err, tc.msg)
+		case tc.want != nil && !errors.Is(err, tc.want):
+			t.Errorf("kata-ipvs %s %+v = %v, want errors.Is %v", tc.op, tc.req, err, tc.want)
+		}
+	}
+}
