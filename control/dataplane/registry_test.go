@@ -7,13 +7,18 @@ import (
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/dataplane"
+	"github.com/kata-dp/kata-dp/loader"
 )
 
 // TestRegistry: the registry offers exactly the modes control validates (users see the same
-// names and order in errors and help), each once, and Lookup finds them ("" = tc).
+// names and order in errors and help) and the loader reports kernel requirements for, each
+// once, and Lookup finds them ("" = tc).
 func TestRegistry(t *testing.T) {
 	if got := dataplane.Modes(); !slices.Equal(got, control.Modes) {
 		t.Errorf("registry modes %v, control.Modes %v", got, control.Modes)
+	}
+	if got := dataplane.Modes(); !slices.Equal(got, loader.Modes) {
+		t.Errorf("registry modes %v, loader.Modes (kata-dp version's requirements) %v", got, loader.Modes)
 	}
 	for _, name := range control.Modes {
 		m, err := dataplane.Lookup(name)

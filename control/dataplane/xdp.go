@@ -58,7 +58,7 @@ func (xdpMode) Stats(ctx context.Context, sb *Sandbox, ep control.Endpoint) (con
 }
 
 // setXDP attaches the XDP programs and writes the XDP ports. It reports whether frames from
-// the guest take XDP too (see the package's mode notes).
+// the guest take XDP too (see xdpMode).
 func setXDP(sb *Sandbox, ep control.Endpoint, tap, uplink netdev.LinkInfo) (bool, error) {
 	if ep.Uplink == "" {
 		return false, errors.New("not joined to an uplink: nothing to redirect")
