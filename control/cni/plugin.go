@@ -18,6 +18,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/control/netspec"
 	"github.com/kata-dp/kata-dp/loader"
@@ -480,7 +481,7 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	if ep.StatsError != "" {
 		return failed("the datapath's counters of NIC %s cannot be read: %s", rec.NIC, ep.StatsError)
 	}
-	if sb.Mode == control.ModeTC || sb.Mode == control.ModeXDP {
+	if dataplane.AttachesPrograms(sb.Mode) {
 		for _, dev := range []string{args.IfName, rec.Tap} {
 			progs, err := loader.Programs(args.Netns, dev)
 			if err != nil {

@@ -52,6 +52,22 @@ const (
 // tc programs): adding an endpoint in it keeps the other's plumbing.
 type layered interface{ under() string }
 
+// programmed is implemented by modes that attach kata-dp's programs to both the tap and its
+// uplink.
+type programmed interface{ programsOnBoth() bool }
+
+// AttachesPrograms reports whether an endpoint in the named mode ("" = tc) has kata-dp's
+// programs attached to both its tap and its uplink (tc, xdp): what kata-dp-cni's CHECK can
+// verify on the devices. Unknown modes do not.
+func AttachesPrograms(name string) bool {
+	m, err := Lookup(name)
+	if err != nil {
+		return false
+	}
+	p, ok := m.(programmed)
+	return ok && p.programsOnBoth()
+}
+
 // State is what this process knows of an endpoint's dataplane: set by a successful add,
 // cleared by a delete, lost on restart (Reconcile sets it again).
 type State struct {

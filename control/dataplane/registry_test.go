@@ -32,4 +32,10 @@ func TestRegistry(t *testing.T) {
 	if _, err := dataplane.Lookup("netkit"); !errors.Is(err, dataplane.ErrMode) {
 		t.Errorf(`Lookup("netkit") = %v; want ErrMode`, err)
 	}
+	for _, m := range append(control.Modes, "", "netkit") {
+		want := m == "" || m == control.ModeTC || m == control.ModeXDP
+		if got := dataplane.AttachesPrograms(m); got != want {
+			t.Errorf("AttachesPrograms(%q) = %v, want %v", m, got, want)
+		}
+	}
 }

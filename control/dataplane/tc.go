@@ -18,6 +18,8 @@ type tcMode struct{}
 func (tcMode) Name() string   { return control.ModeTC }
 func (tcMode) Family() Family { return FamilySandbox }
 
+func (tcMode) programsOnBoth() bool { return true }
+
 func (m tcMode) Add(ctx context.Context, sb *Sandbox, ep control.Endpoint, fresh bool) (*State, error) {
 	if _, _, err := addTC(sb, ep, fresh); err != nil {
 		return nil, err

@@ -31,6 +31,8 @@ func (xdpMode) Name() string   { return control.ModeXDP }
 func (xdpMode) Family() Family { return FamilySandbox }
 func (xdpMode) under() string  { return control.ModeTC }
 
+func (xdpMode) programsOnBoth() bool { return true }
+
 func (m xdpMode) Add(ctx context.Context, sb *Sandbox, ep control.Endpoint, fresh bool) (*State, error) {
 	tap, uplink, err := addTC(sb, ep, fresh)
 	if err != nil {
