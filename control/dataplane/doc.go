@@ -36,6 +36,7 @@
 // maps and updates the pinned links in place, so nothing is re-created and no frame is lost.
 //
 // A Dataplane is safe for concurrent use across sandboxes; calls for one sandbox must not
-// overlap (control serialises them). RecheckXDP and the load balancer's sweep may run at any
-// time beside them. Modes are stateless: what they need of a sandbox comes in its *Sandbox.
+// overlap (control serialises them). RecheckXDP and Sweep, which control/watch runs on
+// tickers, may run at any time beside them. Modes are stateless: what they need of a sandbox
+// comes in its *Sandbox.
 package dataplane
