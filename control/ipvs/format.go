@@ -196,10 +196,16 @@ func largenum(b *strings.Builder, vs ...uint64) {
 	}
 }
 
-// hostOrder returns an IPv4 address as a host-order integer (ntohl).
+// hostOrder returns an IPv4 address as a host-order integer (ntohl). An IPv6 address is
+// folded to one word as IPVS folds it for its sh and dh hashes (the XOR of its four words,
+// ip_vs_sh_hashkey and ip_vs_dh_hashkey).
 func hostOrder(a netip.Addr) uint32 {
-	b := a.As4()
-	return binary.BigEndian.Uint32(b[:])
+	b := a.AsSlice()
+	var v uint32
+	for i := 0; i+4 <= len(b); i += 4 {
+		v ^= binary.BigEndian.Uint32(b[i:])
+	}
+	return v
 }
 
 // cmpAddr is libipvs's address comparison: the difference of the

@@ -426,7 +426,7 @@ func (p *parser) finish() (Command, error) {
 	return *c, nil
 }
 
-var hostMask = netip.AddrFrom4([4]byte{255, 255, 255, 255})
+var hostMask = netip.MustParseAddr("255.255.255.255")
 
 // parseAddrPort parses ipvsadm's "host[:port]" restricted to the contract:
 // a dotted-quad IPv4 address and, if present, a port 1..65535 (no host or

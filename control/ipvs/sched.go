@@ -114,8 +114,9 @@ func WRRSequence(weights []int) []int {
 }
 
 // SHHash is the bucket of source address a in the sh table, exactly as
-// ip_vs_sh_hashkey computes it for an IPv4 service without the sh-port
-// flag: hash_32(ntohl(saddr), 8) with the kernel's GOLDEN_RATIO_32, in C
+// ip_vs_sh_hashkey computes it for a service without the sh-port flag:
+// hash_32(ntohl(saddr), 8) with the kernel's GOLDEN_RATIO_32 (an IPv6
+// address is first folded to one word, see hostOrder), in C for IPv4
 //
 //	__u8 b = (__u32)(bpf_ntohl(saddr) * 0x61C88647U) >> 24;
 func SHHash(a netip.Addr) uint8 {
@@ -123,7 +124,7 @@ func SHHash(a netip.Addr) uint8 {
 }
 
 // DHHash is the bucket of destination address a in the dh table, exactly
-// as ip_vs_dh_hashkey computes it for IPv4, in C
+// as ip_vs_dh_hashkey computes it (IPv6 folded, see hostOrder), in C for IPv4
 //
 //	__u8 b = (__u32)(bpf_ntohl(daddr) * 2654435761U) & 0xff;
 //
@@ -438,14 +439,15 @@ func setMax(ids []uint32, servers []Load) int {
 // source address masked by the service's netmask (-M). Connections whose
 // keys are equal stick to one real server.
 func PersistenceKey(src, netmask netip.Addr) netip.Addr {
-	if !src.Is4() || !netmask.Is4() {
+	if !src.IsValid() || src.BitLen() != netmask.BitLen() {
 		return src
 	}
-	s, m := src.As4(), netmask.As4()
+	s, m := src.AsSlice(), netmask.AsSlice()
 	for i := range s {
 		s[i] &= m[i]
 	}
-	return netip.AddrFrom4(s)
+	k, _ := netip.AddrFromSlice(s)
+	return k
 }
 
 // Weights returns the weights of the service's real servers in kernel

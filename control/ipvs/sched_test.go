@@ -380,3 +380,18 @@ func TestServiceTables(t *testing.T) {
 		t.Errorf("sh buckets start %v", b[:8])
 	}
 }
+
+// An IPv6 address hashes as IPVS hashes it: its four words XORed, then as an IPv4 address.
+func TestHashIPv6Folds(t *testing.T) {
+	a := netip.MustParseAddr("2001:db8::a:1")
+	folded := netip.MustParseAddr("32.11.13.185") // 0x20010db8 ^ 0 ^ 0 ^ 0x000a0001
+	if SHHash(a) != SHHash(folded) || DHHash(a) != DHHash(folded) {
+		t.Errorf("%s hashes to sh %d dh %d, its fold %s to sh %d dh %d", a, SHHash(a), DHHash(a), folded, SHHash(folded), DHHash(folded))
+	}
+	if got := PersistenceKey(netip.MustParseAddr("2001:db8::a:1"), netip.MustParseAddr("ffff:ffff:ffff:ffff::")); got != netip.MustParseAddr("2001:db8::") {
+		t.Errorf("v6 persistence key %s", got)
+	}
+	if got := PersistenceKey(netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("255.255.0.0")); got != netip.MustParseAddr("10.1.0.0") {
+		t.Errorf("v4 persistence key %s", got)
+	}
+}

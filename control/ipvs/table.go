@@ -301,8 +301,7 @@ func checkServer(cmd Command) error {
 	if !a.Is4() || cmd.Server.Port() == 0 {
 		return usageErr(cmd.Server.String(), "illegal real server address[:port] specified")
 	}
-	b := a.As4()
-	if b[0] == 0 || a.IsMulticast() || a == hostMask {
+	if a.AsSlice()[0] == 0 || a.IsMulticast() || a == hostMask {
 		return failErr(ErrInvalid, cmd.Server.String())
 	}
 	if cmd.Weight < 0 || cmd.Weight > MaxWeight {
