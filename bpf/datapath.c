@@ -5,8 +5,11 @@
  * sandbox's veth) with bpf_redirect instead of Kata's ingress qdisc + u32 + mirred, and adding
  * anti-spoofing, IPVS-style load balancing, strict egress and per-endpoint counters on the way:
  *
- *   from the guest: anti-spoofing -> load balancer (DNAT) -> strict egress -> redirect
- *   to the guest:   reverse NAT -> redirect
+ *   from the guest: parse (flow) -> anti-spoofing -> load balancer (DNAT) -> strict egress -> redirect
+ *   to the guest:   parse (flow, only while the load balancer is active) -> reverse NAT -> redirect
+ *
+ * The frame is parsed once into a family-tagged flow (lib/flow.h) that the checks and the load
+ * balancer share.
  *
  *   uplink ingress --kdp_uplink_in--> tap egress   (to the guest)
  *   tap ingress    --kdp_tap_in-----> uplink egress (from the guest)
@@ -24,6 +27,7 @@
 #include "lib/common.h"
 #include "lib/stats.h"
 #include "lib/config.h"
+#include "lib/flow.h"
 #include "lib/guard.h"
 #include "lib/lb.h"
 #include "lib/xdp.h"
@@ -56,6 +60,8 @@ static __always_inline int from_guest(void *ctx, const bool xdp)
 	__u32 ifindex = ctx_ifindex(ctx, xdp);
 	struct config *cfg;
 	struct endpoint *ep;
+	struct flow f;
+	void *data;
 	__u32 len;
 	int drop;
 
@@ -68,11 +74,13 @@ static __always_inline int from_guest(void *ctx, const bool xdp)
 
 	len = ctx_len(ctx, xdp);
 	ctx_pull(ctx, KDP_PULL_LEN, xdp);
-	drop = check_spoof(ep, ctx_data(ctx, xdp), ctx_data_end(ctx, xdp));
+	data = ctx_data(ctx, xdp);
+	flow_parse(data, ctx_data_end(ctx, xdp), &f);
+	drop = check_spoof(ep, &f, data, ctx_data_end(ctx, xdp));
 	if (drop < 0)
-		drop = lb_from_guest(ctx, xdp, cfg, len);
+		drop = lb_from_guest(ctx, xdp, cfg, len, &f);
 	if (drop < 0)
-		drop = check_egress(ep, cfg->route_gen, ctx_data(ctx, xdp), ctx_data_end(ctx, xdp));
+		drop = check_egress(ep, cfg->route_gen, &f);
 	if (drop >= 0) {
 		count_drop(ep->slot, KDP_DIR_FROM_GUEST, drop);
 		return ctx_drop(xdp);
@@ -88,8 +96,8 @@ static __always_inline int to_guest(void *ctx, const bool xdp)
 	__u32 ifindex = ctx_ifindex(ctx, xdp);
 	struct config *cfg;
 	struct endpoint *ep;
+	int drop = -1;
 	__u32 len;
-	int drop;
 
 	ep = bpf_map_lookup_elem(&kdp_endpoints, &ifindex);
 	if (!ep || ep->role != KDP_ROLE_UPLINK || !ep->peer_ifindex)
@@ -99,7 +107,13 @@ static __always_inline int to_guest(void *ctx, const bool xdp)
 		return ctx_next(xdp);
 
 	len = ctx_len(ctx, xdp);
-	drop = lb_to_guest(ctx, xdp, cfg, len);
+	if (lb_active(cfg)) {
+		struct flow f;
+
+		ctx_pull(ctx, KDP_PULL_LEN, xdp);
+		flow_parse(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), &f);
+		drop = lb_to_guest(ctx, xdp, cfg, len, &f);
+	}
 	if (drop >= 0) {
 		count_drop(ep->slot, KDP_DIR_TO_GUEST, drop);
 		return ctx_drop(xdp);

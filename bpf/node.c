@@ -192,10 +192,13 @@ SEC("tc")
 int kdp_direct_rnat(struct __sk_buff *skb)
 {
 	struct config *cfg = config_get();
+	struct flow f;
 
-	if (!cfg)
+	if (!cfg || !lb_active(cfg))
 		return TCX_NEXT;
-	if (lb_to_guest(skb, false, cfg, skb->len) >= 0)
+	ctx_pull(skb, 128, false);
+	flow_parse(ctx_data(skb, false), ctx_data_end(skb, false), &f);
+	if (lb_to_guest(skb, false, cfg, skb->len, &f) >= 0)
 		return TCX_DROP;
 	return TCX_NEXT;
 }

@@ -178,6 +178,9 @@ func TestVerdicts(t *testing.T) {
 		{"egress unchecked when off", tapIn, ptr(tapEndpoint(slot, peer, maps.FlagAntiSpoof)), udpFrame(guestMAC, guestIP, netip.MustParseAddr("10.9.0.1"), 32), tcxRedirect, maps.FromGuest, -1},
 		{"broadcast always allowed", tapIn, ptr(tapEndpoint(slot, peer, all)), udpFrame(guestMAC, guestIP, netip.MustParseAddr("255.255.255.255"), 32), tcxRedirect, maps.FromGuest, -1},
 		{"truncated ARP", tapIn, ptr(tapEndpoint(slot, peer, all)), arpFrame(guestMAC, guestMAC, guestIP, guestIP)[:30], tcxDrop, maps.FromGuest, maps.DropMalformed},
+		{"truncated ARP allowed when spoofing off", tapIn, ptr(tapEndpoint(slot, peer, maps.FlagStrictEgress)), arpFrame(guestMAC, guestMAC, guestIP, guestIP)[:30], tcxRedirect, maps.FromGuest, -1},
+		// IPv6 is not parsed yet (issue 12): it goes on as before, only its source MAC checked.
+		{"IPv6 unchecked", tapIn, ptr(tapEndpoint(slot, peer, all)), append(ethHdr(net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}, guestMAC, unix.ETH_P_IPV6), make([]byte, 40)...), tcxRedirect, maps.FromGuest, -1},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * State shared by the datapath and the Go control plane. Every struct here has a Go mirror in
- * maps/ whose layout a test checks against this object's BTF: change both together.
+ * State shared by the datapath and the Go control plane. bpf2go generates the Go side of every
+ * struct here from this object's BTF (loader.Datapath*), and package maps builds its views on
+ * those types: a change here reaches Go with `make generate`.
  */
 #ifndef __KDP_COMMON_H
 #define __KDP_COMMON_H

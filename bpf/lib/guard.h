@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Guest-side checks, independent of the hook: anti-spoofing of frames the guest sends and the
- * strict egress policy (destination on the NIC's subnet or covered by one of its routes).
- * Each returns -1 to let the frame go on, or an enum kdp_drop reason.
+ * strict egress policy (destination on the NIC's subnet or covered by one of its routes). They
+ * take the frame's flow (flow.h) and branch on its family. Each returns -1 to let the frame go
+ * on, or an enum kdp_drop reason.
  */
 #ifndef __KDP_GUARD_H
 #define __KDP_GUARD_H
@@ -10,6 +11,7 @@
 #include <bpf_helpers.h>
 #include <bpf_endian.h>
 #include "common.h"
+#include "flow.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -19,8 +21,6 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_routes SEC(".maps");
-
-
 
 static __always_inline bool mac_equal(const __u8 *a, const __u8 *b)
 {
@@ -55,8 +55,24 @@ static __always_inline bool egress_allowed(const struct endpoint *ep, __u32 rout
 	return bpf_map_lookup_elem(&kdp_routes, &key) != NULL;
 }
 
-/* check_spoof validates the source of a frame the guest sent on the NIC described by ep. */
-static __always_inline int check_spoof(const struct endpoint *ep, void *data, void *data_end)
+/* check_arp validates the sender of an ARP frame (the flow's KDP_FLOW_ARP) the guest sent. */
+static __always_inline int check_arp(const struct endpoint *ep, void *data, void *data_end)
+{
+	struct arp_eth *arp = data + sizeof(struct ethhdr);
+
+	if ((void *)(arp + 1) > data_end)
+		return KDP_DROP_MALFORMED;
+	if (!mac_equal(arp->ar_sha, ep->mac))
+		return KDP_DROP_SPOOF_ARP;
+	/* 0.0.0.0 is an address probe (RFC 5227), not a claim. */
+	if ((ep->flags & KDP_F_HAS_IP) && arp->ar_sip != 0 && arp->ar_sip != ep->ip)
+		return KDP_DROP_SPOOF_ARP;
+	return -1;
+}
+
+/* check_spoof validates the source of a frame the guest sent on the NIC described by ep; f is
+ * the frame's flow. */
+static __always_inline int check_spoof(const struct endpoint *ep, const struct flow *f, void *data, void *data_end)
 {
 	struct ethhdr *eth = data;
 	bool spoof = ep->flags & KDP_F_ANTI_SPOOF;
@@ -65,46 +81,30 @@ static __always_inline int check_spoof(const struct endpoint *ep, void *data, vo
 		return KDP_DROP_MALFORMED;
 	if (spoof && !mac_equal(eth->h_source, ep->mac))
 		return KDP_DROP_SPOOF_MAC;
-
-	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
-		struct arp_eth *arp = (void *)(eth + 1);
-
-		if (!spoof)
-			return -1;
-		if ((void *)(arp + 1) > data_end)
-			return KDP_DROP_MALFORMED;
-		if (!mac_equal(arp->ar_sha, ep->mac))
-			return KDP_DROP_SPOOF_ARP;
-		/* 0.0.0.0 is an address probe (RFC 5227), not a claim. */
-		if ((ep->flags & KDP_F_HAS_IP) && arp->ar_sip != 0 && arp->ar_sip != ep->ip)
-			return KDP_DROP_SPOOF_ARP;
+	switch (f->family) {
+	case KDP_AF_INET:
+		if (spoof && (ep->flags & KDP_F_HAS_IP) && f->saddr.v4 != ep->ip)
+			return KDP_DROP_SPOOF_IP;
 		return -1;
 	}
-
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (void *)(eth + 1);
-
-		if ((void *)(ip + 1) > data_end)
-			return KDP_DROP_MALFORMED;
-		if (spoof && (ep->flags & KDP_F_HAS_IP) && ip->saddr != ep->ip)
-			return KDP_DROP_SPOOF_IP;
-	}
+	if (f->flags & KDP_FLOW_SHORT)
+		return KDP_DROP_MALFORMED;
+	if (spoof && (f->flags & KDP_FLOW_ARP))
+		return check_arp(ep, data, data_end);
 	return -1;
 }
 
-/* check_egress applies the strict egress policy to an IPv4 frame from the guest, after load
- * balancing has chosen its real destination. */
-static __always_inline int check_egress(const struct endpoint *ep, __u32 route_gen, void *data, void *data_end)
+/* check_egress applies the strict egress policy to the flow of a frame from the guest, after
+ * load balancing has chosen its real destination (and updated f). */
+static __always_inline int check_egress(const struct endpoint *ep, __u32 route_gen, const struct flow *f)
 {
-	struct ethhdr *eth = data;
-	struct iphdr *ip = (void *)(eth + 1);
-
 	if (!(ep->flags & KDP_F_STRICT_EGRESS))
 		return -1;
-	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return -1;
-	if (!egress_allowed(ep, route_gen, ip->daddr))
-		return KDP_DROP_EGRESS_NO_ROUTE;
+	switch (f->family) {
+	case KDP_AF_INET:
+		if (!egress_allowed(ep, route_gen, f->daddr.v4))
+			return KDP_DROP_EGRESS_NO_ROUTE;
+	}
 	return -1;
 }
 

@@ -26,6 +26,7 @@
 #include "common.h"
 #include "ctx.h"
 #include "csum.h"
+#include "flow.h"
 
 /* Map sizes bound a sandbox's memory: a hash map allocates its buckets up front even without
  * preallocated entries, so every entry of max_entries costs about 16 bytes from the start.
@@ -193,65 +194,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_aff SEC(".maps");
 
-/* The L3/L4 view of a frame the load balancer needs. Offsets are from the frame's start. */
-struct lb_tuple {
-	__be32 saddr;
-	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
-	__u8 proto;
-	__u8 tcpflags; /* FIN 0x01, SYN 0x02, RST 0x04 */
-	__u16 l4_off;
-};
-
-#define KDP_TCP_FIN 0x01
-#define KDP_TCP_SYN 0x02
-#define KDP_TCP_RST 0x04
-
 #define KDP_IP_OFF ETH_HLEN
 #define KDP_IP_CSUM_OFF (ETH_HLEN + 10)
 #define KDP_IP_SADDR_OFF (ETH_HLEN + 12)
 #define KDP_IP_DADDR_OFF (ETH_HLEN + 16)
-
-/* lb_parse fills t for an unfragmented IPv4 TCP or UDP frame; anything else is not ours. */
-static __always_inline bool lb_parse(void *data, void *data_end, struct lb_tuple *t)
-{
-	struct ethhdr *eth = data;
-	struct iphdr *ip = (void *)(eth + 1);
-	__u32 ihl;
-
-	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return false;
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return false;
-	if (ip->frag_off & bpf_htons(0x3fff)) /* MF or an offset: fragments are not balanced */
-		return false;
-	ihl = ip->ihl * 4;
-	if (ihl < 20)
-		return false;
-	t->l4_off = ETH_HLEN + ihl;
-	t->saddr = ip->saddr;
-	t->daddr = ip->daddr;
-	t->proto = ip->protocol;
-	t->tcpflags = 0;
-	if (t->proto == IPPROTO_TCP) {
-		struct tcphdr *th = data + (t->l4_off & 0x7f);
-
-		if ((void *)(th + 1) > data_end)
-			return false;
-		t->sport = th->source;
-		t->dport = th->dest;
-		t->tcpflags = ((__u8 *)th)[13] & 0x07;
-	} else {
-		struct udphdr *uh = data + (t->l4_off & 0x7f);
-
-		if ((void *)(uh + 1) > data_end)
-			return false;
-		t->sport = uh->source;
-		t->dport = uh->dest;
-	}
-	return true;
-}
 
 static __always_inline struct lb_stats *lb_stats_of(__u32 kind, __u32 id)
 {
@@ -357,9 +303,9 @@ static long lc_step(__u64 i, void *arg)
 
 /* lb_schedule picks a real server for a new connection of service m (0 if none can take it). */
 static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const struct lb_svc *m,
-					 const struct lb_tuple *t, __u64 now)
+					 const struct flow *f, __u64 now)
 {
-	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = t->daddr };
+	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = f->daddr.v4 };
 	struct lc_scan scan = { .mk = *mk, .rev = m->rev, .count = m->count, .sched = m->sched };
 	struct lb_stats *ss;
 	struct lb_svc *sl;
@@ -378,7 +324,7 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 		return sl ? sl->id : 0;
 	case KDP_SCHED_SH:
 	case KDP_SCHED_DH:
-		idx = (m->sched == KDP_SCHED_SH ? sh_hash(t->saddr) : dh_hash(t->daddr)) + 1;
+		idx = (m->sched == KDP_SCHED_SH ? sh_hash(f->saddr.v4) : dh_hash(f->daddr.v4)) + 1;
 		sl = svc_slot(mk, m->rev, idx);
 		return sl ? sl->id : 0;
 	case KDP_SCHED_LBLC:
@@ -409,16 +355,24 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 	return scan.best;
 }
 
-/* lb_from_guest balances a frame the guest sends: an existing connection keeps its real
- * server, a new one to a service gets one from the scheduler (or the persistence template),
- * and the frame is DNATed to it. Returns -1 to go on, or an enum kdp_drop reason. */
-static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len)
+/* lb_active says whether the sandbox's load balancer has anything to do: when it has not, a frame
+ * need not even be parsed for it. */
+static __always_inline bool lb_active(const struct config *cfg)
 {
-	void *data = ctx_data(ctx, xdp), *data_end = ctx_data_end(ctx, xdp);
+	return cfg->flags & KDP_CFG_LB;
+}
+
+/* lb_from_guest balances the frame of flow f the guest sends: an existing connection keeps its
+ * real server, a new one to a service gets one from the scheduler (or the persistence
+ * template), and the frame is DNATed to it, and f with it (the strict egress check that follows
+ * judges the real destination). Only IPv4 TCP and UDP are balanced. Returns -1 to go on, or an
+ * enum kdp_drop reason. */
+static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
+					 struct flow *f)
+{
 	struct lb_svc_key mk = {};
 	struct ct_key ck = {};
 	struct ct_entry *e, ne = {};
-	struct lb_tuple t;
 	struct lb_svc *m;
 	struct lb_stats *st;
 	struct lb_conns *cn;
@@ -426,22 +380,23 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 	__u32 be_id = 0;
 	bool udp;
 
-	if (!(cfg->flags & KDP_CFG_LB))
+	if (!lb_active(cfg))
 		return -1;
-	if (!lb_parse(data, data_end, &t))
+	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
+	if (f->family != KDP_AF_INET || !(f->flags & KDP_FLOW_PORTS))
 		return -1;
-	udp = t.proto == IPPROTO_UDP;
+	udp = f->proto == IPPROTO_UDP;
 	now = bpf_ktime_get_ns();
 
-	ck.saddr = t.saddr;
-	ck.daddr = t.daddr;
-	ck.sport = t.sport;
-	ck.dport = t.dport;
-	ck.proto = t.proto;
+	ck.saddr = f->saddr.v4;
+	ck.daddr = f->daddr.v4;
+	ck.sport = f->sport;
+	ck.dport = f->dport;
+	ck.proto = f->proto;
 	e = bpf_map_lookup_elem(&kdp_lb_ct, &ck);
 	if (e && now - e->last_seen <= ct_timeout_ns(cfg, e)) {
 		e->last_seen = now;
-		if (e->state == KDP_CT_TCP_EST && (t.tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
+		if (e->state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
 			cn = bpf_map_lookup_elem(&kdp_lb_conns, &e->backend);
 			e->state = KDP_CT_TCP_FIN;
 			if (cn) {
@@ -453,9 +408,9 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 		goto nat;
 	}
 
-	mk.vip = t.daddr;
-	mk.vport = t.dport;
-	mk.proto = t.proto;
+	mk.vip = f->daddr.v4;
+	mk.vport = f->dport;
+	mk.proto = f->proto;
 	mk.gen = cfg->lb_gen;
 	m = bpf_map_lookup_elem(&kdp_lb_svc, &mk);
 	if (!m)
@@ -463,7 +418,7 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 
 	{
 		/* Persistence: the client's template holds while its real server exists. */
-		struct aff_key ak = { .svc = m->id, .addr = t.saddr & m->pmask };
+		struct aff_key ak = { .svc = m->id, .addr = f->saddr.v4 & m->pmask };
 		struct aff_entry *ae = NULL;
 
 		if (m->persist) {
@@ -473,7 +428,7 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 				be_id = ae->backend;
 		}
 		if (!be_id)
-			be_id = lb_schedule(&mk, m, &t, now);
+			be_id = lb_schedule(&mk, m, f, now);
 		if (m->persist && be_id) {
 			struct aff_entry na = { .last_seen = now, .backend = be_id };
 
@@ -491,20 +446,20 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 		ne.addr = be->ip;
 		ne.port = be->port;
 		ne.state = udp ? KDP_CT_UDP : KDP_CT_TCP_EST;
-		if (!udp && (t.tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)))
+		if (!udp && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)))
 			ne.state = KDP_CT_TCP_FIN;
 		ne.backend = be_id;
 		ne.svc = m->id;
 
 		rk.saddr = be->ip;
-		rk.daddr = t.saddr;
+		rk.daddr = f->saddr.v4;
 		rk.sport = be->port;
-		rk.dport = t.sport;
-		rk.proto = t.proto;
+		rk.dport = f->sport;
+		rk.proto = f->proto;
 		rk.dir = 1;
 		re = ne;
-		re.addr = t.daddr;
-		re.port = t.dport;
+		re.addr = f->daddr.v4;
+		re.port = f->dport;
 		bpf_map_update_elem(&kdp_lb_ct, &rk, &re, BPF_ANY);
 		bpf_map_update_elem(&kdp_lb_ct, &ck, &ne, BPF_ANY);
 
@@ -527,57 +482,57 @@ nat:
 	lb_count(KDP_LB_STATS_BACKEND, ne.backend, true, len);
 	lb_count(KDP_LB_STATS_SVC, ne.svc, true, len);
 	{
-		__u32 csum_off = t.l4_off + (udp ? 6 : 16);
+		__u32 csum_off = f->l4_off + (udp ? 6 : 16);
 
-		if (ne.addr != t.daddr &&
-		    ctx_rewrite4(ctx, KDP_IP_DADDR_OFF, t.daddr, ne.addr, KDP_IP_CSUM_OFF, csum_off, udp, xdp))
+		if (ne.addr != f->daddr.v4 &&
+		    ctx_rewrite4(ctx, KDP_IP_DADDR_OFF, f->daddr.v4, ne.addr, KDP_IP_CSUM_OFF, csum_off, udp, xdp))
 			return KDP_DROP_LB_REWRITE;
-		if (ne.port != t.dport && ctx_rewrite2(ctx, t.l4_off + 2, t.dport, ne.port, csum_off, udp, xdp))
+		if (ne.port != f->dport && ctx_rewrite2(ctx, f->l4_off + 2, f->dport, ne.port, csum_off, udp, xdp))
 			return KDP_DROP_LB_REWRITE;
+		f->daddr.v4 = ne.addr;
+		f->dport = ne.port;
 	}
 	return -1;
 }
 
-/* lb_to_guest reverse-NATs a reply from a real server back to the VIP the guest talked to. */
-static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len)
+/* lb_to_guest reverse-NATs a reply from a real server (the frame of flow f) back to the VIP
+ * the guest talked to. */
+static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
+				       struct flow *f)
 {
-	void *data, *data_end;
 	struct ct_key ck = {};
 	struct ct_entry *e;
-	struct lb_tuple t;
 	__be32 vip;
 	__be16 vport;
 	__u32 csum_off;
 	bool udp;
 
-	if (!(cfg->flags & KDP_CFG_LB))
+	if (!lb_active(cfg))
 		return -1;
-	ctx_pull(ctx, 128, xdp);
-	data = ctx_data(ctx, xdp);
-	data_end = ctx_data_end(ctx, xdp);
-	if (!lb_parse(data, data_end, &t))
+	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
+	if (f->family != KDP_AF_INET || !(f->flags & KDP_FLOW_PORTS))
 		return -1;
-	ck.saddr = t.saddr;
-	ck.daddr = t.daddr;
-	ck.sport = t.sport;
-	ck.dport = t.dport;
-	ck.proto = t.proto;
+	ck.saddr = f->saddr.v4;
+	ck.daddr = f->daddr.v4;
+	ck.sport = f->sport;
+	ck.dport = f->dport;
+	ck.proto = f->proto;
 	ck.dir = 1;
 	e = bpf_map_lookup_elem(&kdp_lb_ct, &ck);
 	if (!e)
 		return -1;
 	e->last_seen = bpf_ktime_get_ns();
-	if (t.tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
+	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
 		e->state = KDP_CT_TCP_FIN;
 	vip = e->addr;
 	vport = e->port;
 	lb_count(KDP_LB_STATS_BACKEND, e->backend, false, len);
 	lb_count(KDP_LB_STATS_SVC, e->svc, false, len);
-	udp = t.proto == IPPROTO_UDP;
-	csum_off = t.l4_off + (udp ? 6 : 16);
-	if (ctx_rewrite4(ctx, KDP_IP_SADDR_OFF, t.saddr, vip, KDP_IP_CSUM_OFF, csum_off, udp, xdp))
+	udp = f->proto == IPPROTO_UDP;
+	csum_off = f->l4_off + (udp ? 6 : 16);
+	if (ctx_rewrite4(ctx, KDP_IP_SADDR_OFF, f->saddr.v4, vip, KDP_IP_CSUM_OFF, csum_off, udp, xdp))
 		return KDP_DROP_LB_REWRITE;
-	if (vport != t.sport && ctx_rewrite2(ctx, t.l4_off, t.sport, vport, csum_off, udp, xdp))
+	if (vport != f->sport && ctx_rewrite2(ctx, f->l4_off, f->sport, vport, csum_off, udp, xdp))
 		return KDP_DROP_LB_REWRITE;
 	return -1;
 }

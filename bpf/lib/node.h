@@ -3,8 +3,8 @@
  * State of direct mode's node collection: one per host uplink, shared by every sandbox whose
  * taps are joined to that uplink. It only knows where each guest MAC lives (which tap) and
  * which guest IPv4 belongs to which MAC (for ARP); everything per sandbox (anti-spoofing,
- * policy, load balancing) stays in the sandbox's own collection on its taps. Every struct has a
- * Go mirror in loader/node.go.
+ * policy, load balancing) stays in the sandbox's own collection on its taps. bpf2go generates
+ * the Go side of every struct (loader.Node*); maps.Node reads and writes the maps.
  */
 #ifndef __KDP_NODE_H
 #define __KDP_NODE_H
