@@ -60,6 +60,10 @@ type entry struct {
 	// ready is false while AddSandbox has not finished: the entry reserves its id but is not
 	// found by lookups. Guarded by Controller.mu.
 	ready bool
+	// broken is why the agent could not re-adopt the sandbox at start ("" = it could). Set
+	// only by New before the Controller is returned, then read-only: a broken sandbox is
+	// reported unhealthy and refuses every operation but delete, which removes what is left.
+	broken string
 }
 
 // state is what is saved of a sandbox, one store key per sandbox.
@@ -89,9 +93,12 @@ func (s *state) clone() *state {
 }
 
 // New builds a Controller from the saved state and re-adopts each sandbox's dataplane
-// (EnsureSandbox, then Reconcile when the dataplane implements Reconciler). A sandbox whose
-// netns is gone or whose dataplane cannot be re-adopted is kept (so it can be deleted) and
-// logged; a state that cannot be read is an error.
+// (EnsureSandbox, then Reconcile when the dataplane implements Reconciler). One bad sandbox
+// must not keep the agent (and so every other sandbox) down: a sandbox whose netns is gone or
+// whose dataplane cannot be re-adopted is kept, marked unhealthy with the reason (Status,
+// Unhealthy, the log) so it can be deleted; a state value that cannot be decoded is moved aside
+// (when the store implements StateQuarantiner) and its id kept the same way, so that `sandbox
+// del` can still remove its pins. Only a store that cannot be listed at all is an error.
 func New(ctx context.Context, cfg Config) (*Controller, error) {
 	if cfg.Dataplane == nil || cfg.Taps == nil || cfg.Store == nil {
 		return nil, errors.New("new controller: dataplane, taps and store are required")
@@ -116,25 +123,60 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		return nil, fmt.Errorf("new controller: load state: %w", err)
 	}
 	for key, b := range saved {
-		var st state
-		if err := json.Unmarshal(b, &st); err != nil {
-			return nil, fmt.Errorf("new controller: state of %s: %w", key, err)
+		st, err := decodeState(key, b)
+		if err != nil {
+			c.quarantine(key, err)
+			continue
 		}
-		if st.Version != stateVersion || st.Sandbox.ID != key {
-			return nil, fmt.Errorf("new controller: state of %s: version %d, id %q: not a state this agent understands", key, st.Version, st.Sandbox.ID)
-		}
-		c.sandboxes[key] = &entry{sb: st.Sandbox, st: &st, ready: true}
+		c.sandboxes[key] = &entry{sb: st.Sandbox, st: st, ready: true}
 		for _, n := range st.NICs {
 			c.devices[n.Spec.Device] = key
 		}
 	}
 	for _, id := range slices.Sorted(maps.Keys(c.sandboxes)) {
 		e := c.sandboxes[id]
+		if e.broken != "" {
+			continue
+		}
 		if err := c.readopt(ctx, e); err != nil {
-			c.log.Error("re-adopt sandbox", "sandbox", id, "err", err)
+			e.broken = "re-adopt: " + err.Error()
+			c.log.Error("sandbox unhealthy: cannot re-adopt it; it can only be deleted", "sandbox", id, "err", err)
 		}
 	}
 	return c, nil
+}
+
+// decodeState parses the saved state of sandbox key.
+func decodeState(key string, b []byte) (*state, error) {
+	var st state
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, err
+	}
+	if st.Version != stateVersion || st.Sandbox.ID != key {
+		return nil, fmt.Errorf("version %d, id %q: not a state this agent understands", st.Version, st.Sandbox.ID)
+	}
+	return &st, nil
+}
+
+// quarantine handles a state value New cannot decode: it moves the value aside so the next
+// start does not trip over it again, logs it, and registers a placeholder sandbox of that id
+// marked unhealthy, so status shows the problem and `sandbox del` removes the sandbox's pins.
+func (c *Controller) quarantine(key string, cause error) {
+	reason := fmt.Sprintf("state unreadable: %v", cause)
+	if q, ok := c.cfg.Store.(StateQuarantiner); ok {
+		if to, err := q.MoveAside(key); err != nil {
+			reason += fmt.Sprintf("; could not move it aside: %v", err)
+		} else {
+			reason += "; moved to " + to
+		}
+	}
+	c.log.Error("sandbox unhealthy: its saved state cannot be read; it can only be deleted", "sandbox", key, "err", reason)
+	if ValidSandboxID(key) != nil {
+		return // not a sandbox id: nothing of a sandbox to remove
+	}
+	sb := Sandbox{ID: key}
+	c.sandboxes[key] = &entry{sb: sb, st: &state{Version: stateVersion, Sandbox: sb, NICs: []nic{}, Routes: []netspec.Route{}},
+		ready: true, broken: reason}
 }
 
 func (c *Controller) readopt(ctx context.Context, e *entry) error {
@@ -284,13 +326,15 @@ func (c *Controller) validateSandbox(spec SandboxSpec) (Sandbox, error) {
 	return sb, nil
 }
 
-// DelSandbox removes a sandbox (exact id or unique prefix) and everything kata-dp created for
-// it: its endpoints, the taps it created, its dataplane and its state. The VM is not touched
-// (the sandbox is being torn down), and a sandbox whose netns is already gone is removed
-// without touching its endpoints (they went with the netns). When a step fails the state is
-// kept and the call can be repeated.
+// DelSandbox removes a sandbox and everything kata-dp created for it: its endpoints, the taps
+// it created, its dataplane and its state. The id must match exactly: a prefix that was
+// unique a moment ago may name another sandbox once the intended one is gone (`del web` must
+// never remove web-2). The VM is not touched (the sandbox is being torn down), and a sandbox
+// whose netns is already gone (or that could not be re-adopted) is removed without touching
+// its endpoints (they went with the netns). When a step fails the state is kept and the call
+// can be repeated.
 func (c *Controller) DelSandbox(ctx context.Context, id string) error {
-	e, err := c.lock(id)
+	e, err := c.lockExact(id)
 	if err != nil {
 		return fmt.Errorf("del sandbox: %w", err)
 	}
@@ -298,7 +342,7 @@ func (c *Controller) DelSandbox(ctx context.Context, id string) error {
 	var errs []error
 	// When the netns is gone its taps went with it and nothing is attached any more: only the
 	// sandbox's pins and state remain to be removed.
-	nsGone := c.cfg.CheckNetNS(e.sb.NetNS) != nil
+	nsGone := e.broken != "" || c.cfg.CheckNetNS(e.sb.NetNS) != nil
 	for _, n := range slices.Backward(e.st.NICs) {
 		if nsGone {
 			break
@@ -387,11 +431,29 @@ func (c *Controller) find(id string) (*entry, error) {
 	return found, nil
 }
 
-// lock finds a sandbox and takes its operation lock.
+// findExact resolves an exact id; c.mu must be held.
+func (c *Controller) findExact(id string) (*entry, error) {
+	if e, ok := c.sandboxes[id]; ok && e.ready {
+		return e, nil
+	}
+	return nil, fmt.Errorf("%w (%s)", ErrNoSuchSandbox, id)
+}
+
+// lock finds a sandbox by id or unique prefix and takes its operation lock.
 func (c *Controller) lock(id string) (*entry, error) {
+	return c.lockWith(id, c.find)
+}
+
+// lockExact finds a sandbox by exact id and takes its operation lock: destructive operations
+// use it.
+func (c *Controller) lockExact(id string) (*entry, error) {
+	return c.lockWith(id, c.findExact)
+}
+
+func (c *Controller) lockWith(id string, find func(string) (*entry, error)) (*entry, error) {
 	for {
 		c.mu.Lock()
-		e, err := c.find(id)
+		e, err := find(id)
 		c.mu.Unlock()
 		if err != nil {
 			return nil, err
@@ -411,10 +473,14 @@ func (c *Controller) Health(ctx context.Context, id string) (Sandbox, error) {
 		return Sandbox{}, err
 	}
 	defer e.mu.Unlock()
-	return e.sb, c.health(ctx, e.sb)
+	return e.sb, c.health(ctx, e)
 }
 
-func (c *Controller) health(ctx context.Context, sb Sandbox) error {
+func (c *Controller) health(ctx context.Context, e *entry) error {
+	sb := e.sb
+	if e.broken != "" {
+		return fmt.Errorf("%w: %s: %s", ErrUnhealthy, sb.ID, e.broken)
+	}
 	if err := c.cfg.CheckNetNS(sb.NetNS); err != nil {
 		return fmt.Errorf("%w: %s: netns %s: %v", ErrUnhealthy, sb.ID, sb.NetNS, err)
 	}
@@ -437,7 +503,7 @@ func (c *Controller) acquire(ctx context.Context, id string) (*entry, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := c.health(ctx, e.sb); err != nil {
+	if err := c.health(ctx, e); err != nil {
 		e.mu.Unlock()
 		return nil, err
 	}

@@ -31,6 +31,24 @@ type SandboxStatus struct {
 	Sandbox
 	Endpoints []EndpointStatus `json:"endpoints"`
 	Routes    int              `json:"routes"`
+	// Unhealthy is why the agent could not re-adopt the sandbox when it started (its netns
+	// vanished, its pins could not be loaded, its saved state was unreadable); "" when it
+	// could. Such a sandbox can only be deleted.
+	Unhealthy string `json:"unhealthy,omitempty"`
+}
+
+// Unhealthy returns the sandboxes the agent could not re-adopt at start, by id, with the
+// reason.
+func (c *Controller) Unhealthy() map[string]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[string]string{}
+	for id, e := range c.sandboxes {
+		if e.ready && e.broken != "" {
+			out[id] = e.broken
+		}
+	}
+	return out
 }
 
 // Endpoints returns a snapshot of every endpoint of every sandbox, ordered by sandbox and slot.
@@ -65,21 +83,22 @@ func (c *Controller) Stats(ctx context.Context, ep Endpoint) (EndpointStats, err
 // running operations.
 func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 	type snap struct {
-		sb Sandbox
-		st *state
+		sb     Sandbox
+		st     *state
+		broken string
 	}
 	c.mu.Lock()
 	var snaps []snap
 	for _, e := range c.sandboxes {
 		if e.ready {
-			snaps = append(snaps, snap{e.sb, e.st})
+			snaps = append(snaps, snap{e.sb, e.st, e.broken})
 		}
 	}
 	c.mu.Unlock()
 	slices.SortFunc(snaps, func(a, b snap) int { return strings.Compare(a.sb.ID, b.sb.ID) })
 	out := []SandboxStatus{}
 	for _, s := range snaps {
-		ss := SandboxStatus{Sandbox: s.sb, Endpoints: []EndpointStatus{}, Routes: len(s.st.Routes)}
+		ss := SandboxStatus{Sandbox: s.sb, Endpoints: []EndpointStatus{}, Routes: len(s.st.Routes), Unhealthy: s.broken}
 		for _, n := range s.st.NICs {
 			ep := s.sb.endpoint(n)
 			es := EndpointStatus{

@@ -105,6 +105,13 @@ type StateStore interface {
 	Load() (map[string][]byte, error)
 }
 
+// StateQuarantiner is implemented by stores that can move a value aside under another name
+// (control/store does): New does so with a saved state it cannot decode, so the next start
+// does not trip over it again and a human can inspect it.
+type StateQuarantiner interface {
+	MoveAside(key string) (to string, err error)
+}
+
 // Dataplane modes.
 const (
 	ModeTC       = "tc"

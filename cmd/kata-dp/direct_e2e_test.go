@@ -145,5 +145,5 @@ func TestE2EDirectQEMU(t *testing.T) {
 	if err := client.Ping("10.77.0.254", 2, 5*time.Second); err != nil {
 		t.Errorf("the host's own address on the uplink after removal: %v", err)
 	}
-	a.check(t, "", []string{"sandbox", "del", "6ec7a98"}, result{})
+	a.check(t, "", []string{"sandbox", "del", sandboxID}, result{})
 }

@@ -75,5 +75,5 @@ func TestKataIPVSUserGuide(t *testing.T) {
 	p = startAgentProcess(t, ns, args...)
 	waitAgent(t, sock, p)
 	ipvsadm("--save", result{stdout: saved})
-	a.check(t, "", []string{"sandbox", "del", "6ec7a98"}, ok)
+	a.check(t, "", []string{"sandbox", "del", sandboxID}, ok)
 }

@@ -167,7 +167,7 @@ func TestKill9UnderTraffic(t *testing.T) {
 	if tap, _ := sb.NS.Link("tap-a"); tap.Index != tapA.Index {
 		t.Errorf("tap-a re-created (ifindex %d -> %d)", tapA.Index, tap.Index)
 	}
-	a.check(t, "", []string{"sandbox", "del", "6ec"}, result{})
+	a.check(t, "", []string{"sandbox", "del", sandboxID}, result{})
 	for _, dev := range []string{"eth0", "eth1"} {
 		if ids := tcxLinkIDs(t, sb.NS.Path(), dev); len(ids) != 0 {
 			t.Errorf("%s: links left after sandbox del: %v", dev, ids)

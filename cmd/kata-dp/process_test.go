@@ -133,7 +133,7 @@ func TestAgentProcessKill9(t *testing.T) {
 	}
 	p = startAgentProcess(t, ns, args...)
 	waitAgent(t, sock, p)
-	a.check(t, "", []string{"sandbox", "del", "6ec"}, result{})
+	a.check(t, "", []string{"sandbox", "del", sandboxID}, result{})
 	if _, err := ns.Link("tap-test"); err == nil {
 		t.Error("tap survived sandbox del")
 	}

@@ -17,7 +17,7 @@ Usage:
 
 Registers a sandbox with the agent (add), removes it with everything kata-dp created for it
 (del: endpoints, the taps kata-dp created, the datapath, the state), or lists them.
-<id> may be a unique prefix for del. With --mode direct the taps live beside --uplink (a host
+del takes the exact id (never a prefix: it destroys). With --mode direct the taps live beside --uplink (a host
 device: a veth toward a bridge or router, a NIC, a bond) in --netns, which defaults to the
 agent's own netns; BPF on the uplink steers frames by MAC straight into them (docs/direct.md).
 
@@ -25,7 +25,7 @@ Examples:
   kata-dp sandbox add 6ec7a98f3b2c --netns /run/netns/sb1 --qmp /run/vc/vm/6ec7a98f3b2c/qmp.sock
   kata-dp sandbox add sb2 --netns /run/netns/sb2 --mode xdp --strict-egress=false
   kata-dp sandbox list -o json
-  kata-dp sandbox del 6ec
+  kata-dp sandbox del 6ec7a98f3b2c
 `
 
 func runSandbox(e *env, args []string) error {

@@ -94,6 +94,11 @@ func statusTable(e *env, st []control.SandboxStatus) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+	for _, s := range st {
+		if s.Unhealthy != "" {
+			fmt.Fprintf(e.stdout, "sandbox %s unhealthy (delete it with `kata-dp sandbox del %s`): %s\n", s.ID, s.ID, s.Unhealthy)
+		}
+	}
 	n := 0
 	for _, s := range st {
 		n += len(s.Endpoints)

@@ -126,10 +126,17 @@ func TestClientServer(t *testing.T) {
 	if d := cmp.Diff([]string{"6ec7a98aa"}, []string{sbs[0].ID}); d != "" {
 		t.Errorf("Sandboxes (-want +got):\n%s", d)
 	}
-	if err := c.DelSandbox(ctx, "6ec"); err != nil {
+	// Delete takes the exact id: a prefix, even a unique one, deletes nothing.
+	if err := c.DelSandbox(ctx, "6ec"); !errors.Is(err, control.ErrNoSuchSandbox) {
+		t.Errorf("DelSandbox(prefix) = %v, want ErrNoSuchSandbox", err)
+	}
+	if sbs, err := c.Sandboxes(ctx); err != nil || len(sbs) != 1 {
+		t.Errorf("after DelSandbox(prefix): %v, %v", sbs, err)
+	}
+	if err := c.DelSandbox(ctx, "6ec7a98aa"); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.DelSandbox(ctx, "6ec"); !errors.Is(err, control.ErrNoSuchSandbox) {
+	if err := c.DelSandbox(ctx, "6ec7a98aa"); !errors.Is(err, control.ErrNoSuchSandbox) {
 		t.Errorf("second DelSandbox = %v", err)
 	}
 }

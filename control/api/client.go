@@ -130,7 +130,7 @@ func (c *Client) AddSandbox(ctx context.Context, spec control.SandboxSpec) (cont
 	return sb, err
 }
 
-// DelSandbox removes a sandbox (id or unique prefix) and everything kata-dp created for it.
+// DelSandbox removes a sandbox (exact id, never a prefix) and everything kata-dp created for it.
 func (c *Client) DelSandbox(ctx context.Context, id string) error {
 	return c.Do(ctx, "DELETE", "/v1/sandboxes/"+url.PathEscape(id), nil, nil)
 }

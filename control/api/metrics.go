@@ -77,6 +77,9 @@ var (
 	descEndpoints = prometheus.NewDesc("kata_dp_endpoints",
 		"Endpoints (NICs added through kata-network) per sandbox.",
 		[]string{"sandbox"}, nil)
+	descUnhealthy = prometheus.NewDesc("kata_dp_sandbox_unhealthy",
+		"1 for each sandbox the agent could not re-adopt when it started (netns gone, pins or saved state unreadable), with the reason; such a sandbox can only be deleted.",
+		[]string{"sandbox", "reason"}, nil)
 	descStatsErrors = prometheus.NewDesc("kata_dp_endpoint_stats_errors",
 		"Endpoints whose counters could not be read during this scrape.",
 		nil, nil)
@@ -93,6 +96,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descDrops
 	ch <- descEndpoints
 	ch <- descStatsErrors
+	ch <- descUnhealthy
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -125,4 +129,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descEndpoints, prometheus.GaugeValue, float64(n), id)
 	}
 	ch <- prometheus.MustNewConstMetric(descStatsErrors, prometheus.GaugeValue, float64(failed))
+	for id, why := range c.ctrl.Unhealthy() {
+		ch <- prometheus.MustNewConstMetric(descUnhealthy, prometheus.GaugeValue, 1, id, why)
+	}
 }

@@ -69,7 +69,10 @@ type Manager struct {
 }
 
 // New loads the saved tables and pushes each to the dataplane (sandboxes that no longer exist
-// are forgotten).
+// are forgotten). One sandbox's rules must not keep the agent down: a table the dataplane
+// cannot take (the sandbox could not be re-adopted, e.g. its netns vanished while the agent was
+// down) is logged and kept, saved, until the sandbox is deleted (Forget); a saved table that
+// cannot be decoded is moved aside when the store can (MoveAside) and logged.
 func New(ctx context.Context, lb LB, st Store, resolve Resolver, sandboxes []control.Sandbox, log *slog.Logger) (*Manager, error) {
 	if log == nil {
 		log = slog.Default()
@@ -90,12 +93,21 @@ func New(ctx context.Context, lb LB, st Store, resolve Resolver, sandboxes []con
 		}
 		t := &ipvs.Table{}
 		if err := json.Unmarshal(b, t); err != nil {
-			return nil, fmt.Errorf("kata-ipvs: rules of %s: %w", id, err)
-		}
-		if err := lb.RestoreLB(ctx, id, t); err != nil {
-			return nil, fmt.Errorf("kata-ipvs: reinstall rules of %s: %w", id, err)
+			where := "left in place"
+			if q, ok := st.(interface{ MoveAside(string) (string, error) }); ok {
+				if to, merr := q.MoveAside(id); merr != nil {
+					where = "could not move it aside: " + merr.Error()
+				} else {
+					where = "moved to " + to
+				}
+			}
+			log.Error("kata-ipvs: saved rules unreadable; the sandbox starts without them", "sandbox", id, "err", err, "file", where)
+			continue
 		}
 		m.tables[id] = t
+		if err := lb.RestoreLB(ctx, id, t); err != nil {
+			log.Error("kata-ipvs: cannot reinstall the saved rules; kept until the sandbox is deleted", "sandbox", id, "err", err)
+		}
 	}
 	return m, nil
 }

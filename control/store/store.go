@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
 )
 
 // DefaultDir is where the agent keeps its state unless told otherwise.
@@ -127,6 +128,24 @@ func (s *Store) Delete(key string) error {
 		return fmt.Errorf("delete %s: %w", key, err)
 	}
 	return nil
+}
+
+// MoveAside renames the value of key to <key>.json.corrupt-<UTC timestamp> in the store's
+// directory, where Keys no longer sees it: a value the caller cannot understand is kept for a
+// human to inspect instead of stopping every later Load. It returns the new path.
+func (s *Store) MoveAside(key string) (string, error) {
+	path, err := s.path(key)
+	if err != nil {
+		return "", fmt.Errorf("move aside %s: %w", key, err)
+	}
+	to := path + ".corrupt-" + time.Now().UTC().Format("20060102T150405.000000000Z")
+	if err := os.Rename(path, to); err != nil {
+		return "", fmt.Errorf("move aside %s: %w", key, err)
+	}
+	if err := s.syncDir(); err != nil {
+		return "", fmt.Errorf("move aside %s: %w", key, err)
+	}
+	return to, nil
 }
 
 // Keys lists the stored keys in order.
