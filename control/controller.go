@@ -439,9 +439,33 @@ func (c *Controller) findExact(id string) (*entry, error) {
 	return nil, fmt.Errorf("%w (%s)", ErrNoSuchSandbox, id)
 }
 
+// exactKey marks a context whose operations resolve sandbox ids exactly.
+type exactKey struct{}
+
+// WithExactID returns a context under which the controller resolves the sandbox id of an
+// operation (kata-network, Health) exactly, never as a prefix: for callers that name sandboxes
+// by their full id (the CNI plugin) and must never act on another sandbox whose id merely
+// starts with it, e.g. when theirs was removed a moment ago.
+func WithExactID(ctx context.Context) context.Context {
+	return context.WithValue(ctx, exactKey{}, true)
+}
+
+func exactID(ctx context.Context) bool {
+	b, _ := ctx.Value(exactKey{}).(bool)
+	return b
+}
+
 // lock finds a sandbox by id or unique prefix and takes its operation lock.
 func (c *Controller) lock(id string) (*entry, error) {
 	return c.lockWith(id, c.find)
+}
+
+// lockFor is lock, or lockExact when ctx asks for exact ids (WithExactID).
+func (c *Controller) lockFor(ctx context.Context, id string) (*entry, error) {
+	if exactID(ctx) {
+		return c.lockExact(id)
+	}
+	return c.lock(id)
 }
 
 // lockExact finds a sandbox by exact id and takes its operation lock: destructive operations
@@ -468,7 +492,7 @@ func (c *Controller) lockWith(id string, find func(string) (*entry, error)) (*en
 
 // Health checks a sandbox: its netns exists and, when it has a QMP socket, the monitor answers.
 func (c *Controller) Health(ctx context.Context, id string) (Sandbox, error) {
-	e, err := c.lock(id)
+	e, err := c.lockFor(ctx, id)
 	if err != nil {
 		return Sandbox{}, err
 	}
@@ -499,7 +523,7 @@ func (c *Controller) health(ctx context.Context, e *entry) error {
 // acquire finds a sandbox, locks it and checks its health: the start of every kata-network
 // operation. The caller unlocks e.mu.
 func (c *Controller) acquire(ctx context.Context, id string) (*entry, error) {
-	e, err := c.lock(id)
+	e, err := c.lockFor(ctx, id)
 	if err != nil {
 		return nil, err
 	}

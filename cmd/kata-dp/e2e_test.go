@@ -161,7 +161,7 @@ func TestE2EQEMU(t *testing.T) {
 	if _, err := sb.NS.Link("tap-three"); err == nil {
 		t.Error("tap of the failed add-iface left behind")
 	}
-	a.check(t, "", []string{"sandbox", "del", "6ec7a98"}, result{})
+	a.check(t, "", []string{"sandbox", "del", sandboxID}, result{})
 	if _, err := sb.NS.Link("tap-two"); err == nil {
 		t.Error("tap-two survived sandbox del")
 	}

@@ -257,7 +257,9 @@ func TestErrors(t *testing.T) {
 	if !strings.HasPrefix(out.stdout, want) || !strings.Contains(out.stdout, "6ec7a98bbb  "+a.ns.Path()+"  -    eth0    xdp   off         on") {
 		t.Errorf("sandbox list:\n%s", out.stdout)
 	}
-	a.check(t, "", []string{"sandbox", "del", "6ec7a98a"}, result{})
+	// Delete takes the exact id: a unique prefix deletes nothing.
+	a.check(t, "", []string{"sandbox", "del", "6ec7a98a"}, result{"", "del sandbox: no such container ID (6ec7a98a)\n", 1})
+	a.check(t, "", []string{"sandbox", "del", "6ec7a98aaa"}, result{})
 	a.check(t, "", []string{"sandbox", "del", "6ec7a98bbb"}, result{})
 	a.check(t, "", []string{"sandbox", "list"}, result{stdout: "ID  NETNS  QMP  UPLINK  MODE  ANTI-SPOOF  STRICT-EGRESS\n"})
 }
@@ -295,7 +297,7 @@ func TestStatusAndRestart(t *testing.T) {
 	if !strings.Contains(v.stdout, "kata-dp dev\nagent: dev\n") {
 		t.Errorf("version:\n%s", v.stdout)
 	}
-	a.check(t, "", []string{"sandbox", "del", "6ec"}, result{})
+	a.check(t, "", []string{"sandbox", "del", sandboxID}, result{})
 	if _, err := a.ns.Link("tap-test"); err == nil {
 		t.Error("tap survived sandbox del")
 	}

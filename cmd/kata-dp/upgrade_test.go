@@ -120,7 +120,7 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 	if tap2, _ := sb.NS.Link("tap-u"); tap2.Index != tap.Index {
 		t.Errorf("tap re-created (ifindex %d -> %d)", tap.Index, tap2.Index)
 	}
-	a.check(t, "", []string{"sandbox", "del", "6ec"}, result{})
+	a.check(t, "", []string{"sandbox", "del", sandboxID}, result{})
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	p.cmd.Wait()
 }

@@ -115,6 +115,13 @@ func TestClientServer(t *testing.T) {
 	if _, err := c.Health(ctx, "6ec"); err != nil {
 		t.Errorf("Health: %v", err)
 	}
+	// The CNI plugin's flavour matches the id exactly: a prefix names no sandbox.
+	if out, err := c.KataNetworkExact(ctx, "6ec", "list-ifaces", nil); !errors.Is(err, control.ErrNoSuchSandbox) || string(out) != "null\n" {
+		t.Errorf("KataNetworkExact(prefix) = %q, %v; want null, ErrNoSuchSandbox", out, err)
+	}
+	if _, err := c.KataNetworkExact(ctx, "6ec7a98aa", "list-ifaces", nil); err != nil {
+		t.Errorf("KataNetworkExact(id): %v", err)
+	}
 	st, err := c.Status(ctx)
 	if err != nil || len(st) != 1 || len(st[0].Endpoints) != 0 {
 		t.Errorf("Status = %+v, %v", st, err)

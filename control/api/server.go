@@ -156,7 +156,11 @@ func (s *Server) kataNetwork(w http.ResponseWriter, r *http.Request) {
 	input, err := io.ReadAll(io.LimitReader(r.Body, netspec.MaxFileSize+1))
 	var stdout []byte
 	if err == nil {
-		stdout, err = KataNetwork(r.Context(), s.ctrl, r.PathValue("id"), op, input)
+		ctx := r.Context()
+		if r.URL.Query().Get("exact") == "1" {
+			ctx = control.WithExactID(ctx) // the CNI plugin: never a prefix
+		}
+		stdout, err = KataNetwork(ctx, s.ctrl, r.PathValue("id"), op, input)
 	}
 	if err == nil || !errors.Is(err, ErrUnknownOp) {
 		s.opts.Metrics.Observe(op, time.Since(start), err)

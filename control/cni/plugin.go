@@ -31,7 +31,9 @@ type Agent interface {
 	AddSandbox(ctx context.Context, spec control.SandboxSpec) (control.Sandbox, error)
 	DelSandbox(ctx context.Context, id string) error
 	Status(ctx context.Context) ([]control.SandboxStatus, error)
-	KataNetwork(ctx context.Context, id, op string, input []byte) ([]byte, error)
+	// KataNetworkExact runs a kata-network operation on the sandbox of exactly this id
+	// (never a prefix: the plugin must not touch another container's sandbox).
+	KataNetworkExact(ctx context.Context, id, op string, input []byte) ([]byte, error)
 }
 
 var _ Agent = (*api.Client)(nil)
@@ -297,7 +299,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	if err != nil {
 		return fail(types.NewError(types.ErrInternal, "kata-dp-cni: encode add-iface", err.Error()))
 	}
-	if _, err := agent.KataNetwork(ctx, args.ContainerID, api.OpAddIface, in); err != nil {
+	if _, err := agent.KataNetworkExact(ctx, args.ContainerID, api.OpAddIface, in); err != nil {
 		return fail(agentError("add-iface "+args.IfName+" to sandbox "+args.ContainerID, err))
 	}
 	if !register {
@@ -327,7 +329,7 @@ func delIface(ctx context.Context, a Agent, id, name string) error {
 	if err != nil {
 		return err
 	}
-	if _, err := a.KataNetwork(ctx, id, api.OpDelIface, in); err != nil {
+	if _, err := a.KataNetworkExact(ctx, id, api.OpDelIface, in); err != nil {
 		return fmt.Errorf("del-iface %s of sandbox %s: %w", name, id, err)
 	}
 	return nil
@@ -451,7 +453,7 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	if sb == nil {
 		return failed("sandbox %s is not registered in the agent", args.ContainerID)
 	}
-	out, err := agent.KataNetwork(ctx, args.ContainerID, api.OpListIfaces, nil)
+	out, err := agent.KataNetworkExact(ctx, args.ContainerID, api.OpListIfaces, nil)
 	if err != nil {
 		return failed("list-ifaces: %v", err)
 	}

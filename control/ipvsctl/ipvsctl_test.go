@@ -152,3 +152,53 @@ func TestServiceEditsInPlace(t *testing.T) {
 		t.Errorf("dataplane after a failed edit %q, want %q", lb.pushed["sb1"], want)
 	}
 }
+
+// lbNoSandbox is a dataplane that lost one sandbox (it could not be re-adopted).
+type lbNoSandbox struct {
+	*fakeLB
+	lost string
+}
+
+func (f lbNoSandbox) RestoreLB(ctx context.Context, id string, t *ipvs.Table) error {
+	if id == f.lost {
+		return errors.New("restore lb: no such sandbox: " + id)
+	}
+	return f.fakeLB.RestoreLB(ctx, id, t)
+}
+
+// TestNewSurvivesBadTables: rules the dataplane cannot take back (the sandbox was not
+// re-adopted) or cannot be decoded do not stop the manager (and so the agent) from starting;
+// the first are kept until the sandbox is forgotten, the second moved aside.
+func TestNewSurvivesBadTables(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	st, err := store.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules := `{"services":[]}`
+	for id, b := range map[string]string{"good": rules, "lost": rules, "junk": "{not json"} {
+		if err := st.Put(id, []byte(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lb := lbNoSandbox{&fakeLB{pushed: map[string]string{}}, "lost"}
+	sbs := []control.Sandbox{{ID: "good"}, {ID: "lost"}, {ID: "junk"}}
+	m, err := ipvsctl.New(ctx, lb, st, resolver("good", "lost", "junk"), sbs, nil)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	if _, ok := lb.pushed["good"]; !ok || len(lb.pushed) != 1 {
+		t.Errorf("pushed %v, want good only", lb.pushed)
+	}
+	keys, err := st.Keys()
+	if err != nil || strings.Join(keys, ",") != "good,lost" {
+		t.Errorf("saved tables %v, %v; want good,lost (junk moved aside)", keys, err)
+	}
+	if err := m.Forget("lost"); err != nil {
+		t.Fatal(err)
+	}
+	if keys, _ := st.Keys(); strings.Join(keys, ",") != "good" {
+		t.Errorf("after Forget: %v", keys)
+	}
+}

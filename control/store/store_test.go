@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -155,5 +156,32 @@ func TestKill9LeavesOldOrNew(t *testing.T) {
 		if !checkValue(b) {
 			t.Fatalf("round %d: state is torn (%d bytes)", i, len(b))
 		}
+	}
+}
+
+func TestMoveAside(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put("bad", []byte("{")); err != nil {
+		t.Fatal(err)
+	}
+	to, err := s.MoveAside("bad")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Dir(to) != dir || !strings.HasPrefix(filepath.Base(to), "bad.json.corrupt-") {
+		t.Errorf("moved to %s", to)
+	}
+	if b, err := os.ReadFile(to); err != nil || string(b) != "{" {
+		t.Errorf("moved file: %q, %v", b, err)
+	}
+	if keys, err := s.Keys(); err != nil || len(keys) != 0 {
+		t.Errorf("Keys after MoveAside = %v, %v", keys, err)
+	}
+	if _, err := s.MoveAside("bad"); err == nil {
+		t.Error("MoveAside of a missing key succeeded")
 	}
 }
