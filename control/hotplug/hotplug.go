@@ -173,8 +173,11 @@ func (u *undoList) onError(ctx context.Context, c *qmp.Client, id string, err *e
 	defer cancel()
 	for i := len(*u) - 1; i >= 0; i-- {
 		uerr := (*u)[i](rctx)
-		if errors.Is(uerr, qmp.ErrUnavailable) {
-			// QEMU is gone, and with it everything there was to undo.
+		if errors.Is(uerr, qmp.ErrUnavailable) || errors.Is(uerr, qmp.ErrDisconnected) {
+			// QEMU is gone, and with it everything there was to undo. Which of the two errors
+			// the first undo step sees depends on whether the client noticed the closed
+			// monitor before it wrote the step (unavailable) or only while it waited for the
+			// answer (disconnected): QEMU closes its monitor only when it exits.
 			log.Warn("hotplug rollback skipped: monitor unavailable", "err", uerr)
 			break
 		}
