@@ -11,13 +11,29 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"time"
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/netspec"
 )
 
+// DefaultTimeout bounds a call of a Client made by NewClient whose context has no deadline.
+//
+// The agent answers in well under a second normally (a kata-ipvs restore of 20000 rules takes
+// about 0.25 s, see docs/performance.md; a hot-plug into a TCG guest a few QMP commands of
+// milliseconds each, and an unplug waits at most vmplug's 5 s for the guest). Its slowest
+// bounded failure is a hung QEMU: each QMP command gives up after qmp.DefaultTimeout (15 s),
+// so an add-iface fails within about 15 s + its rollback, a del-iface within about 35 s.
+// Two minutes is well past those, so the client reports the agent's own error rather than its
+// timeout, and still ends when the agent itself is wedged.
+const DefaultTimeout = 2 * time.Minute
+
 // Client calls the agent's API over its unix socket.
 type Client struct {
+	// Timeout bounds each call whose context has no deadline (a context deadline, earlier
+	// or later, takes precedence); zero means no bound. NewClient sets DefaultTimeout.
+	Timeout time.Duration
+
 	path string
 	hc   *http.Client
 }
@@ -43,13 +59,28 @@ func NewClient(path string) *Client {
 		},
 		DisableCompression: true,
 	}
-	return &Client{path: path, hc: &http.Client{Transport: tr}}
+	return &Client{Timeout: DefaultTimeout, path: path, hc: &http.Client{Transport: tr}}
 }
 
 // Do calls method on the API path (e.g. "/v1/status") with in as body (nil: none; []byte: raw;
 // anything else: JSON) and decodes a success response into out (nil: ignored). A failure
 // response is returned as *Error.
 func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
+	if _, ok := ctx.Deadline(); !ok && c.Timeout > 0 {
+		parent := ctx
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.Timeout)
+		defer cancel()
+		err := c.do(ctx, method, path, in, out)
+		if errors.Is(err, context.DeadlineExceeded) && parent.Err() == nil {
+			return fmt.Errorf("%s %s: no answer from the agent at %s within %v: %w", method, path, c.path, c.Timeout, context.DeadlineExceeded)
+		}
+		return err
+	}
+	return c.do(ctx, method, path, in, out)
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	switch v := in.(type) {
 	case nil:

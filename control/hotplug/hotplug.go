@@ -28,9 +28,15 @@ var (
 // MaxQueues bounds the queue count of a NIC.
 const MaxQueues = 64
 
-// RollbackTimeout bounds the undo steps taken after a failure, which run even when the
-// caller's context has ended.
+// RollbackTimeout bounds each undo step taken after a failure; the steps run even when the
+// caller's context has ended. Each step gets its own bound, so that after a command timed out
+// on a hung monitor the later undo commands are still sent (QEMU runs them in order once it
+// answers again) and the whole rollback stays bounded.
 const RollbackTimeout = 5 * time.Second
+
+// hungStepTimeout bounds each undo step once one timed out: the monitor is hung, so the rest
+// are sent for QEMU to run when it answers again, without waiting RollbackTimeout for each.
+const hungStepTimeout = 250 * time.Millisecond
 
 // NIC describes the NIC to plug.
 type NIC struct {
@@ -163,21 +169,26 @@ type undoList []func(context.Context) error
 func (u *undoList) add(f func(context.Context) error) { *u = append(*u, f) }
 
 // onError runs the undo steps in reverse order when *err is set, even when ctx has ended
-// (bounded by RollbackTimeout), and joins their failures to *err.
+// (each bounded by RollbackTimeout), and joins their failures to *err.
 func (u *undoList) onError(ctx context.Context, c *qmp.Client, id string, err *error) {
 	if *err == nil {
 		return
 	}
 	log := slog.With("nic", id, "qmp", c.Path())
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), RollbackTimeout)
-	defer cancel()
+	step := RollbackTimeout
 	for i := len(*u) - 1; i >= 0; i-- {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), step)
 		uerr := (*u)[i](rctx)
-		if errors.Is(uerr, qmp.ErrUnavailable) || errors.Is(uerr, qmp.ErrDisconnected) {
+		cancel()
+		if errors.Is(uerr, context.DeadlineExceeded) {
+			step = hungStepTimeout
+		}
+		if errors.Is(uerr, qmp.ErrUnavailable) || (errors.Is(uerr, qmp.ErrDisconnected) && !errors.Is(uerr, qmp.ErrTooLarge)) {
 			// QEMU is gone, and with it everything there was to undo. Which of the two errors
 			// the first undo step sees depends on whether the client noticed the closed
 			// monitor before it wrote the step (unavailable) or only while it waited for the
-			// answer (disconnected): QEMU closes its monitor only when it exits.
+			// answer (disconnected): QEMU closes its monitor only when it exits. A monitor
+			// dropped for flooding (ErrTooLarge) is not gone: the next step redials.
 			log.Warn("hotplug rollback skipped: monitor unavailable", "err", uerr)
 			break
 		}

@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -706,5 +707,166 @@ func TestPlugQEMUDiesMidway(t *testing.T) {
 	}
 	if strings.Contains(err.Error(), "rollback") {
 		t.Errorf("rollback errors reported for a VM that is gone: %v", err)
+	}
+}
+
+// within runs f and fails the test when it has not returned after a generous bound: the
+// code under test has far shorter deadlines, so this only catches a hang.
+func within(t *testing.T, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		t.Fatal("call hung past its deadlines")
+	}
+}
+
+// commandsAfter returns the commands received after the first cmd.
+func commandsAfter(cmds []string, cmd string) []string {
+	for i, c := range cmds {
+		if c == cmd {
+			return cmds[i+1:]
+		}
+	}
+	return nil
+}
+
+func TestPlugMonitorHangsRollsBack(t *testing.T) {
+	vm := newFakeVM(t, q35())
+	c := vm.client(t)
+	c.Timeout = 300 * time.Millisecond
+	var hung atomic.Bool
+	vm.srv.Handle(func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		ret, qerr := vm.handle(cmd, args, fds)
+		if cmd == "device_add" && hung.CompareAndSwap(false, true) {
+			// QEMU plugs the device but its reply never comes.
+			return qmptest.NoReply, nil
+		}
+		return ret, qerr
+	})
+	var err error
+	within(t, func() {
+		_, err = Plug(context.Background(), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 2)})
+	})
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "add device") {
+		t.Fatalf("plug: %v, want a deadline error at add device", err)
+	}
+	if strings.Contains(err.Error(), "rollback") {
+		t.Errorf("rollback failed: %v", err)
+	}
+	if diff := cmp.Diff([]string{"device_del", "netdev_del", "closefd", "closefd"}, commandsAfter(vm.srv.Commands(), "device_add")); diff != "" {
+		t.Errorf("rollback commands (-want +got):\n%s", diff)
+	}
+	vm.wantEmpty(t)
+
+	// The sequence lock was released and the client still works.
+	if _, err := Plug(ctxT(t), c, NIC{ID: "eth1", MAC: "02:00:00:00:00:02", Fds: pipes(t, 1)}); err != nil {
+		t.Fatalf("plug after the hang: %v", err)
+	}
+	if err := Unplug(ctxT(t), c, "eth1", 5*time.Second); err != nil {
+		t.Fatalf("unplug after the hang: %v", err)
+	}
+	vm.wantEmpty(t)
+}
+
+func TestPlugMonitorStalled(t *testing.T) {
+	vm := newFakeVM(t, q35())
+	vm.srv.Stall()
+	c := vm.client(t)
+	c.Timeout = 300 * time.Millisecond
+	var err error
+	within(t, func() {
+		_, err = Plug(context.Background(), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 1)})
+	})
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "find a free slot") {
+		t.Fatalf("plug: %v, want a deadline error finding a slot", err)
+	}
+	if cmds := vm.srv.Commands(); len(cmds) != 0 {
+		t.Errorf("commands reached a monitor that never negotiated: %v", cmds)
+	}
+	vm.wantEmpty(t)
+	var uerr error
+	within(t, func() { uerr = Unplug(context.Background(), c, "eth0", 5*time.Second) })
+	if !errors.Is(uerr, context.DeadlineExceeded) {
+		t.Fatalf("unplug: %v, want a deadline error", uerr)
+	}
+
+	// Another VM's healthy monitor is not held up.
+	ok := newFakeVM(t, q35())
+	if _, err := Plug(ctxT(t), ok.client(t), NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 1)}); err != nil {
+		t.Fatalf("plug into a healthy VM: %v", err)
+	}
+}
+
+func TestPlugEndlessReplyRollsBack(t *testing.T) {
+	vm := newFakeVM(t, q35())
+	c := vm.client(t)
+	c.MaxMessage = 1 << 20
+	var queries atomic.Int32
+	vm.srv.Handle(func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		if cmd == "query-pci" {
+			if queries.Add(1) == 2 {
+				// Reading the device's address back, the monitor sends a reply that never ends.
+				return qmptest.Endless, nil
+			}
+		}
+		return vm.handle(cmd, args, fds)
+	})
+	var err error
+	within(t, func() {
+		_, err = Plug(context.Background(), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 1)})
+	})
+	if !errors.Is(err, qmp.ErrTooLarge) || !strings.Contains(err.Error(), "read back pci address") {
+		t.Fatalf("plug: %v, want ErrTooLarge reading the address back", err)
+	}
+	if strings.Contains(err.Error(), "rollback") {
+		t.Errorf("rollback failed: %v", err)
+	}
+	if diff := cmp.Diff([]string{"device_del", "netdev_del", "closefd"}, commandsAfter(commandsAfter(vm.srv.Commands(), "query-pci"), "query-pci")); diff != "" {
+		t.Errorf("rollback commands (-want +got):\n%s", diff)
+	}
+	vm.wantEmpty(t)
+	if _, err := Plug(ctxT(t), c, NIC{ID: "eth1", MAC: "02:00:00:00:00:02", Fds: pipes(t, 1)}); err != nil {
+		t.Fatalf("plug after the flood: %v", err)
+	}
+}
+
+func TestPlugMonitorHangsForGoodStillSendsRollback(t *testing.T) {
+	vm := newFakeVM(t, q35())
+	c := vm.client(t)
+	c.Timeout = 300 * time.Millisecond
+	vm.srv.Handle(func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		ret, qerr := vm.handle(cmd, args, fds)
+		if cmd == "device_add" {
+			// QEMU plugs the device, then its monitor answers nothing any more.
+			vm.srv.Stall()
+			return qmptest.NoReply, nil
+		}
+		return ret, qerr
+	})
+	var err error
+	within(t, func() {
+		_, err = Plug(context.Background(), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 2)})
+	})
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "add device") || !strings.Contains(err.Error(), "rollback") {
+		t.Fatalf("plug: %v, want a deadline error at add device with rollback errors", err)
+	}
+	// Every undo command reached the monitor, in order, for QEMU to run once it recovers.
+	// The fake records them as it reads them, which may trail Plug's return: wait for them
+	// (a hang is caught by the bound, not a timing assertion).
+	want := []string{"device_del", "netdev_del", "closefd", "closefd"}
+	var got []string
+	for bound := time.Now().Add(time.Minute); time.Now().Before(bound); time.Sleep(10 * time.Millisecond) {
+		if got = commandsAfter(vm.srv.Commands(), "device_add"); len(got) >= len(want) {
+			break
+		}
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("rollback commands (-want +got):\n%s", diff)
 	}
 }

@@ -10,6 +10,11 @@
 // with ErrDisconnected and the next call dials again; when nothing listens any more, calls fail
 // with ErrUnavailable. QMP error replies are returned as *Error (use errors.As).
 //
+// A hung or hostile monitor cannot wedge the caller: every command is bounded by the Client's
+// Timeout (DefaultTimeout, 15 s, unless set) on top of the caller's context, and every message
+// read by MaxMessage (DefaultMaxMessage, 4 MiB): a monitor that streams without completing a
+// message is dropped with ErrTooLarge (wrapped in ErrDisconnected).
+//
 // Events are delivered to Subscriptions. Subscribe before issuing the command whose event you
 // wait for (for example before device_del): events are queued from the moment Subscribe
 // returns, so none can be missed between the command's reply and the wait.

@@ -1,7 +1,6 @@
 package qmp
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -28,6 +27,10 @@ var (
 	// ErrUnavailable is returned when the monitor cannot be reached (QEMU gone, socket
 	// missing) or does not speak QMP.
 	ErrUnavailable = errors.New("qmp monitor unavailable")
+	// ErrTooLarge is returned (wrapped in ErrDisconnected) when the monitor sent more than
+	// the client's MaxMessage bytes without completing a message: a monitor that streams
+	// without end is dropped instead of growing the agent's memory.
+	ErrTooLarge = errors.New("qmp message too large")
 )
 
 // Error is a QMP error reply.
@@ -52,11 +55,30 @@ type Event struct {
 // has no earlier deadline.
 const DefaultDialTimeout = 5 * time.Second
 
+// DefaultTimeout bounds each command (connecting included) when the Client's Timeout is
+// zero. QEMU answers a command in milliseconds (device_add returns before the guest sees the
+// device; even under TCG each command takes under 5 ms here), so a monitor silent for this long
+// is hung: the caller gets an error, runs its rollback and releases its locks.
+const DefaultTimeout = 15 * time.Second
+
+// DefaultMaxMessage bounds one message from the monitor when the Client's MaxMessage is zero.
+// The largest replies kata-dp reads (query-pci of a VM with many bridges) are tens of KiB.
+const DefaultMaxMessage = 4 << 20
+
 // maxQueued bounds the events queued per subscription; beyond it the oldest are dropped.
 const maxQueued = 1024
 
 // Client is a QMP client. The zero value is not usable; use New or Dial.
 type Client struct {
+	// Timeout bounds each command, from the call to its reply, on top of the caller's
+	// context: zero means DefaultTimeout, a negative value no bound but the context's. When
+	// it expires the error wraps context.DeadlineExceeded; the command may still run in QEMU.
+	// Set it before the first call.
+	Timeout time.Duration
+	// MaxMessage bounds the bytes of one message from the monitor: zero means
+	// DefaultMaxMessage. Set it before the first call.
+	MaxMessage int64
+
 	path string
 	log  *slog.Logger
 
@@ -151,6 +173,26 @@ func (c *Client) GetFD(ctx context.Context, name string, f *os.File) error {
 }
 
 func (c *Client) execute(ctx context.Context, cmd string, args any, oob []byte) (json.RawMessage, error) {
+	d := c.Timeout
+	if d == 0 {
+		d = DefaultTimeout
+	}
+	if d > 0 {
+		parent := ctx
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, d)
+		defer cancel()
+		ret, err := c.executeOnce(ctx, cmd, args, oob)
+		if errors.Is(err, context.DeadlineExceeded) && parent.Err() == nil {
+			// Our bound, not the caller's: say so, and which command hung.
+			return nil, fmt.Errorf("qmp %s: monitor %s gave no reply within %v: %w", cmd, c.path, d, context.DeadlineExceeded)
+		}
+		return ret, err
+	}
+	return c.executeOnce(ctx, cmd, args, oob)
+}
+
+func (c *Client) executeOnce(ctx context.Context, cmd string, args any, oob []byte) (json.RawMessage, error) {
 	// A connection can die unnoticed between calls (QEMU restarted its monitor): when the
 	// command could not be written at all, it is safe to redial and send it once more.
 	for attempt := 0; ; attempt++ {
@@ -179,6 +221,14 @@ func (c *Client) try(ctx context.Context, cmd string, args any, oob []byte) (ret
 	}
 	ch := make(chan reply, 1)
 	if unsent, err := cn.send(ctx, id, append(b, '\n'), oob, ch); err != nil {
+		if ctx.Err() != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			// The caller's deadline, not a lost monitor: report it as such. Nothing
+			// written leaves the connection usable; a partial write does not.
+			if !unsent {
+				c.drop(cn, fmt.Errorf("%w: write timed out midway", ErrDisconnected))
+			}
+			return nil, false, fmt.Errorf("qmp %s: write: %w", cmd, ctx.Err())
+		}
 		c.drop(cn, err)
 		return nil, unsent, fmt.Errorf("qmp %s: %w", cmd, err)
 	}
@@ -239,7 +289,12 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 		uc.SetDeadline(dl)
 	}
 	stop := context.AfterFunc(dctx, func() { uc.SetDeadline(time.Unix(1, 0)) })
-	cn := &conn{uc: uc, dec: json.NewDecoder(bufio.NewReader(uc)), pending: map[string]chan reply{}, dead: make(chan struct{})}
+	limit := c.MaxMessage
+	if limit <= 0 {
+		limit = DefaultMaxMessage
+	}
+	cn := &conn{uc: uc, lr: &limitReader{r: uc, max: limit}, pending: map[string]chan reply{}, dead: make(chan struct{})}
+	cn.dec = json.NewDecoder(cn.lr)
 	err = cn.handshake()
 	stop()
 	if err != nil {
@@ -275,7 +330,7 @@ func (c *Client) drop(cn *conn, err error) {
 func (c *Client) readLoop(cn *conn) {
 	for {
 		var m message
-		if err := cn.dec.Decode(&m); err != nil {
+		if err := cn.decode(&m); err != nil {
 			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
 				err = ErrDisconnected
 			} else {
@@ -330,7 +385,8 @@ type reply struct {
 // conn is one monitor connection.
 type conn struct {
 	uc  *net.UnixConn
-	dec *json.Decoder
+	lr  *limitReader
+	dec *json.Decoder // reads lr; used by one goroutine at a time (dial, then readLoop)
 
 	wmu sync.Mutex // serialises writes
 
@@ -342,7 +398,7 @@ type conn struct {
 
 func (cn *conn) handshake() error {
 	var m message
-	if err := cn.dec.Decode(&m); err != nil {
+	if err := cn.decode(&m); err != nil {
 		return fmt.Errorf("read greeting: %w", err)
 	}
 	if m.QMP == nil {
@@ -353,7 +409,7 @@ func (cn *conn) handshake() error {
 	}
 	for {
 		m = message{}
-		if err := cn.dec.Decode(&m); err != nil {
+		if err := cn.decode(&m); err != nil {
 			return fmt.Errorf("qmp_capabilities: %w", err)
 		}
 		if m.Error != nil {
@@ -363,6 +419,34 @@ func (cn *conn) handshake() error {
 			return nil
 		}
 	}
+}
+
+// decode reads the next message, failing with ErrTooLarge when the monitor sends more than
+// the bound without completing one.
+func (cn *conn) decode(m *message) error {
+	if err := cn.dec.Decode(m); err != nil {
+		return err
+	}
+	cn.lr.base = cn.dec.InputOffset()
+	return nil
+}
+
+// limitReader fails once more than max bytes were read past base, the end of the last
+// complete message: the decoder's buffer (what it holds of the message being read) stays
+// bounded whatever the monitor sends, with or without newlines.
+type limitReader struct {
+	r       io.Reader
+	n, base int64
+	max     int64
+}
+
+func (l *limitReader) Read(p []byte) (int, error) {
+	if l.n-l.base > l.max {
+		return 0, fmt.Errorf("%w: more than %d bytes without a complete message", ErrTooLarge, l.max)
+	}
+	n, err := l.r.Read(p)
+	l.n += int64(n)
+	return n, err
 }
 
 func (cn *conn) isDead() bool {

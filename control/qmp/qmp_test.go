@@ -410,3 +410,91 @@ func TestStaleConnectionRedials(t *testing.T) {
 		t.Errorf("connections = %d, want 20", got)
 	}
 }
+
+// within runs f and fails the test when it has not returned after a generous bound: the
+// code under test has shorter deadlines, so this only catches a hang, never a slow machine.
+func within(t *testing.T, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		t.Fatal("call hung past its deadline")
+	}
+}
+
+func TestMonitorStalledAfterGreeting(t *testing.T) {
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) { return nil, nil })
+	srv.Stall()
+	c := newClient(t, srv)
+	c.Timeout = 200 * time.Millisecond
+	var err error
+	within(t, func() { _, err = c.Execute(context.Background(), "query-status", nil) })
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "no reply within 200ms") {
+		t.Fatalf("execute on a stalled monitor: %v, want a deadline error naming the bound", err)
+	}
+	if cmds := srv.Commands(); len(cmds) != 0 {
+		t.Errorf("commands sent before capabilities were negotiated: %v", cmds)
+	}
+}
+
+func TestCommandWithoutReplyTimesOut(t *testing.T) {
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		if cmd == "hang" {
+			return qmptest.NoReply, nil
+		}
+		return map[string]string{"status": "running"}, nil
+	})
+	c := newClient(t, srv)
+	c.Timeout = 200 * time.Millisecond
+	var err error
+	within(t, func() { _, err = c.Execute(context.Background(), "hang", nil) })
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "qmp hang: monitor") {
+		t.Fatalf("hang: %v, want a deadline error naming the command", err)
+	}
+	// The caller's own deadline is reported as the caller's.
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	c2 := newClient(t, srv)
+	within(t, func() { _, err = c2.Execute(ctx, "hang", nil) })
+	if !errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "no reply within") {
+		t.Fatalf("hang with the caller's deadline: %v, want the context's error", err)
+	}
+	// The monitor answers again: the next command on the same client works.
+	if _, err := c.Execute(ctxT(t), "query-status", nil); err != nil {
+		t.Fatalf("query-status after a timeout: %v", err)
+	}
+	if diff := cmp.Diff([]string{"hang", "hang", "query-status"}, srv.Commands()); diff != "" {
+		t.Errorf("commands (-want +got):\n%s", diff)
+	}
+}
+
+func TestEndlessReplyIsBounded(t *testing.T) {
+	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) {
+		if cmd == "flood" {
+			return qmptest.Endless, nil
+		}
+		return map[string]string{"status": "running"}, nil
+	})
+	c := newClient(t, srv)
+	c.MaxMessage = 1 << 20
+	var err error
+	within(t, func() { _, err = c.Execute(context.Background(), "flood", nil) })
+	if !errors.Is(err, qmp.ErrTooLarge) || !errors.Is(err, qmp.ErrDisconnected) {
+		t.Fatalf("flood: %v, want ErrTooLarge (connection dropped)", err)
+	}
+	if !strings.Contains(err.Error(), "more than 1048576 bytes") {
+		t.Errorf("flood error %q does not name the bound", err)
+	}
+	// The next command redials and works.
+	if _, err := c.Execute(ctxT(t), "query-status", nil); err != nil {
+		t.Fatalf("query-status after the flood: %v", err)
+	}
+	if got := srv.Accepted(); got != 2 {
+		t.Errorf("accepted %d connections, want 2 (the flooded one dropped)", got)
+	}
+}

@@ -27,6 +27,20 @@ import (
 // returns (dup them to keep them). A nil result is the empty object.
 type Handler func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error)
 
+// NoReply, returned by a Handler as its result, records the command and sends nothing back,
+// like a monitor whose reply never comes; the server goes on reading and answering the
+// commands that follow.
+var NoReply any = noReply{}
+
+// Endless, returned by a Handler as its result, answers with a reply that never ends: one
+// line of bytes without a newline, written until the client goes away.
+var Endless any = endless{}
+
+type (
+	noReply struct{}
+	endless struct{}
+)
+
 // Call is a command the server received.
 type Call struct {
 	Cmd    string
@@ -46,6 +60,7 @@ type Server struct {
 	calls    []Call
 	accepted int
 	closed   bool
+	stalled  bool
 	wg       sync.WaitGroup
 }
 
@@ -115,6 +130,14 @@ func (s *Server) Commands() []string {
 		names = append(names, c.Cmd)
 	}
 	return names
+}
+
+// Stall makes the monitor hang: from now on it greets new connections, then reads and
+// records what it is sent but answers nothing, not even qmp_capabilities.
+func (s *Server) Stall() {
+	s.mu.Lock()
+	s.stalled = true
+	s.mu.Unlock()
 }
 
 // Accepted returns how many connections the server accepted.
@@ -255,7 +278,15 @@ func (s *Server) serve(c *sconn) {
 			if req.ID != nil {
 				resp["id"] = req.ID
 			}
+			s.mu.Lock()
+			stalled := s.stalled
+			if stalled && req.Execute != "qmp_capabilities" {
+				s.calls = append(s.calls, Call{Cmd: req.Execute, Args: req.Arguments, NumFDs: len(mine)})
+			}
+			s.mu.Unlock()
 			switch {
+			case stalled:
+				resp = nil
 			case req.Execute == "qmp_capabilities":
 				negoted = true
 				resp["return"] = struct{}{}
@@ -278,23 +309,46 @@ func (s *Server) serve(c *sconn) {
 				} else {
 					qerr = &qmp.Error{Class: "CommandNotFound", Desc: "The command " + req.Execute + " has not been found"}
 				}
-				if qerr != nil {
+				switch {
+				case ret == NoReply:
+					resp = nil
+				case ret == Endless:
+					// The client's bound on a message ends this: it closes the connection.
+					if c.writeEndless() != nil {
+						return
+					}
+				case qerr != nil:
 					resp["error"] = qerr
-				} else if ret == nil {
+				case ret == nil:
 					resp["return"] = struct{}{}
-				} else {
+				default:
 					resp["return"] = ret
 				}
 			}
 			for _, fd := range mine {
 				unix.Close(fd)
 			}
-			if c.write(resp) != nil {
+			if resp != nil && c.write(resp) != nil {
 				return
 			}
 		}
 		if err != nil {
 			return
+		}
+	}
+}
+
+// writeEndless writes the start of a reply and then bytes without end, until a write fails.
+func (c *sconn) writeEndless() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if _, err := c.uc.Write([]byte(`{"return": "`)); err != nil {
+		return err
+	}
+	chunk := bytes.Repeat([]byte("a"), 64<<10)
+	for {
+		if _, err := c.uc.Write(chunk); err != nil {
+			return err
 		}
 	}
 }
