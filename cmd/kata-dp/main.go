@@ -40,6 +40,8 @@ type env struct {
 	// onFlagSet, when set, sees every FlagSet a subcommand makes: `kata-dp completion` reads
 	// the flags from it, so the scripts come from the same definitions the commands parse.
 	onFlagSet func(*pflag.FlagSet)
+	// fs is the subcommand's FlagSet (the last flagSet made): client reads --timeout from it.
+	fs *pflag.FlagSet
 }
 
 func main() {
@@ -139,6 +141,7 @@ func run(e *env) error {
 func (e *env) flagSet(name, use string) *pflag.FlagSet {
 	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
 	fs.SetOutput(e.stderr)
+	e.fs = fs
 	if e.onFlagSet != nil {
 		e.onFlagSet(fs)
 	}
@@ -167,12 +170,14 @@ func parse(fs *pflag.FlagSet, args []string) error {
 	return nil
 }
 
-// socketFlag adds --socket to fs.
+// socketFlag adds --socket to fs, and --timeout, the bound of each call to the agent (see
+// api.DefaultTimeout for how the default was chosen), which client reads.
 func socketFlag(fs *pflag.FlagSet) *string {
+	fs.Duration("timeout", api.DefaultTimeout, "give up when the agent has not answered within this long (0: wait forever)")
 	return fs.String("socket", "", fmt.Sprintf("agent socket (default $%s or %s)", api.SocketEnv, api.DefaultSocket))
 }
 
-// client returns the API client for the --socket flag value.
+// client returns the API client for the --socket flag value, bounded by --timeout.
 func (e *env) client(flag string) *api.Client {
 	path := flag
 	if path == "" {
@@ -181,5 +186,11 @@ func (e *env) client(flag string) *api.Client {
 	if path == "" {
 		path = api.DefaultSocket
 	}
-	return api.NewClient(path)
+	c := api.NewClient(path)
+	if e.fs != nil {
+		if d, err := e.fs.GetDuration("timeout"); err == nil {
+			c.Timeout = d
+		}
+	}
+	return c
 }
