@@ -64,14 +64,19 @@ type Options struct {
 	// misbehaves, and for hosts whose other tc users expect filters rather than links; it
 	// applies to the attachments this Sandbox makes (a pinned TCX link is not converted).
 	LegacyTC bool
+	// GenericXDP makes AttachXDP attach in generic (skb) mode even where the driver runs XDP
+	// natively, as it does by itself where the driver refuses: for drivers whose native XDP
+	// misbehaves. Generic XDP costs more per frame (it runs after the skb is built).
+	GenericXDP bool
 }
 
 // Sandbox is one sandbox's loaded datapath collection.
 type Sandbox struct {
-	ID     string
-	dir    string
-	objs   DatapathObjects
-	legacy bool // Options.LegacyTC
+	ID         string
+	dir        string
+	objs       DatapathObjects
+	legacy     bool // Options.LegacyTC
+	genericXDP bool // Options.GenericXDP
 }
 
 // Dir is the sandbox's pin directory.
@@ -134,7 +139,7 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	if o.CTSize > 0 {
 		spec.Maps["kdp_lb_ct"].MaxEntries = o.CTSize
 	}
-	s := &Sandbox{ID: id, dir: dir, legacy: o.LegacyTC}
+	s := &Sandbox{ID: id, dir: dir, legacy: o.LegacyTC, genericXDP: o.GenericXDP}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}
 	if err := spec.LoadAndAssign(&s.objs, opts); err != nil {
 		return nil, fmt.Errorf("open sandbox %s: load collection: %w", id, err)

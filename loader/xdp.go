@@ -32,12 +32,9 @@ type XDPAttachment struct {
 	Netlink bool
 }
 
-// ForceGenericXDP makes AttachXDP skip driver mode. For tests of the fallback.
-var ForceGenericXDP = false
-
 // AttachXDP attaches XDP program p (ProgXDPTap or ProgXDPUplink) to device ifname in the
 // netns at nsPath, in driver mode, falling back to generic mode (logged) where the driver
-// refuses. A link this sandbox pinned there before is updated in place.
+// refuses or the sandbox was opened with Options.GenericXDP. A link this sandbox pinned there before is updated in place.
 func (s *Sandbox) AttachXDP(nsPath, ifname string, p Program) (XDPAttachment, error) {
 	prog, err := s.Program(p)
 	if err != nil {
@@ -111,7 +108,7 @@ func (s *Sandbox) attachXDP(l netlink.Link, ifname string, prog *ebpf.Program, p
 	mode = "driver"
 	var lk link.Link
 	var derr error
-	if !ForceGenericXDP {
+	if !s.genericXDP {
 		lk, derr = try(link.XDPDriverMode)
 	}
 	if lk == nil {

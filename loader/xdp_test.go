@@ -402,9 +402,12 @@ func TestAttachXDP(t *testing.T) {
 	}
 
 	// Generic mode where driver mode is not wanted (or refused).
-	loader.ForceGenericXDP = true
-	a, err := sb.AttachXDP(ns, "kdptxa", loader.ProgXDPUplink)
-	loader.ForceGenericXDP = false
+	sbg, err := loader.OpenWithOptions(root, "xdpattach", loader.Options{GenericXDP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := sbg.AttachXDP(ns, "kdptxa", loader.ProgXDPUplink)
+	sbg.Close()
 	if err != nil || a.Mode != "generic" {
 		t.Errorf("forced generic attach: %+v, %v", a, err)
 	}

@@ -59,7 +59,7 @@ func newModeRig(t *testing.T, id string, o rigOpts) *modeRig {
 	t.Cleanup(cancel)
 	r.ctx = ctx
 	var err error
-	if r.dp, err = dataplane.New(r.root); err != nil {
+	if r.dp, err = dataplane.NewWithOptions(r.root, loader.Options{GenericXDP: o.generic}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.dp.Close() })
@@ -70,10 +70,7 @@ func newModeRig(t *testing.T, id string, o rigOpts) *modeRig {
 		Sandbox: id, NetNS: r.sb.NS.Path(), Slot: 0, NIC: "eth0", Tap: r.sb.Tap.Name, Uplink: r.sb.Veth.Name,
 		MAC: r.sb.GuestMAC, Addr: r.sb.GuestAddr, MTU: 1500, Mode: o.mode, AntiSpoof: true, StrictEgress: true,
 	}
-	loader.ForceGenericXDP = o.generic
-	err = r.dp.AddEndpoint(ctx, r.ep)
-	loader.ForceGenericXDP = false
-	if err != nil {
+	if err := r.dp.AddEndpoint(ctx, r.ep); err != nil {
 		t.Fatal(err)
 	}
 	// Registered after the sandbox's cleanups, so it runs before them: the macvtap and its
