@@ -37,33 +37,28 @@ type Check struct {
 	Fallback string
 }
 
-// The dataplane modes as control names them, for Missing.
+// The compiled objects, as Check.Objects names them. Which dataplane mode loads which object is
+// the dataplane's to say (dataplane.Objects), not the loader's.
 const (
-	modeTC       = "tc"
-	modeXDP      = "xdp"
-	modeTCFilter = "tcfilter"
-	modeMacvtap  = "macvtap"
-	modeDirect   = "direct"
+	ObjectDatapath = "datapath" // a sandbox's collection (LoadDatapath)
+	ObjectNode     = "node"     // an uplink's node collection in direct mode (LoadNode)
 )
 
-// Missing returns the checks the mode needs that the kernel lacks, with no fallback. Every
-// mode loads the sandbox's datapath object (all its programs, the xdp ones included, are one
-// collection), direct mode the node object too; TCX is not needed (clsact fallback).
-func (f Features) Missing(mode string) []Check {
+// Missing returns the checks that the given objects need and the kernel lacks, with no
+// fallback (TCX is not needed: clsact is its fallback). An object is all or nothing: every
+// program of it is loaded, the xdp ones included, whatever mode runs.
+func (f Features) Missing(objects ...string) []Check {
 	var out []Check
 	for _, c := range f.Checks {
 		if c.Supported || c.Fallback != "" {
 			continue
 		}
-		if slices.Contains(c.Objects, "datapath") || (mode == modeDirect && slices.Contains(c.Objects, "node")) {
+		if slices.ContainsFunc(c.Objects, func(o string) bool { return slices.Contains(objects, o) }) {
 			out = append(out, c)
 		}
 	}
 	return out
 }
-
-// Modes lists the dataplane modes Missing knows, in the order control lists them.
-var Modes = []string{modeTC, modeXDP, modeTCFilter, modeMacvtap, modeDirect}
 
 func (f Features) String() string {
 	var b strings.Builder
@@ -150,7 +145,7 @@ func objectNeeds() (map[string]Needs, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node object: %w", err)
 	}
-	return map[string]Needs{"datapath": NeedsOf(dp), "node": NeedsOf(node)}, nil
+	return map[string]Needs{ObjectDatapath: NeedsOf(dp), ObjectNode: NeedsOf(node)}, nil
 }
 
 func probe() (Features, error) {
@@ -192,7 +187,7 @@ func probe() (Features, error) {
 		checks[name] = &Check{Name: name, Kind: kind, Objects: []string{obj}, Supported: ok}
 		return nil
 	}
-	for _, obj := range []string{"datapath", "node"} {
+	for _, obj := range []string{ObjectDatapath, ObjectNode} {
 		n := needs[obj]
 		for _, pt := range n.Programs {
 			if err := add("program "+ProgramTypeName(pt), "program", obj, func() error { return features.HaveProgramType(pt) }); err != nil {
@@ -294,7 +289,7 @@ func LoadObjects() []ObjectLoad {
 	for _, o := range []struct {
 		name string
 		load func() (*ebpf.CollectionSpec, error)
-	}{{"datapath", LoadDatapath}, {"node", LoadNode}} {
+	}{{ObjectDatapath, LoadDatapath}, {ObjectNode, LoadNode}} {
 		spec, err := o.load()
 		if err != nil {
 			out = append(out, ObjectLoad{o.name, fmt.Errorf("%s object: %w", o.name, err)})

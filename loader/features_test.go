@@ -89,34 +89,36 @@ func TestProbeCoversObjects(t *testing.T) {
 	if c := names["link tcx"]; !c.Supported || c.Fallback == "" {
 		t.Errorf("tcx: %+v", c)
 	}
-	for _, m := range Modes {
-		if miss := f.Missing(m); len(miss) != 0 {
-			t.Errorf("mode %s: missing %v on this kernel", m, miss)
-		}
+	if miss := f.Missing(ObjectDatapath, ObjectNode); len(miss) != 0 {
+		t.Errorf("missing on this kernel: %v", miss)
 	}
 }
 
-// TestMissingPerMode: a kernel without bpf_loop for xdp cannot run any mode (every sandbox
-// loads the whole datapath object); one without percpu_hash (node object only) loses only
-// direct mode; a missing feature with a fallback (tcx) stops none.
-func TestMissingPerMode(t *testing.T) {
+// TestMissingPerObject: a kernel without bpf_loop for xdp cannot load the datapath object (it
+// is loaded whole); one without percpu_hash loses only the node object; a missing feature
+// with a fallback (tcx) stops neither.
+func TestMissingPerObject(t *testing.T) {
 	f := Features{Checks: []Check{
 		{Name: "helper bpf_loop (xdp)", Kind: "helper", Objects: []string{"datapath"}, Supported: false},
 		{Name: "map percpu_hash", Kind: "map", Objects: []string{"node"}, Supported: false},
 		{Name: "map array", Kind: "map", Objects: []string{"datapath", "node"}, Supported: true},
 		{Name: "link tcx", Kind: "link", Supported: false, Fallback: "clsact"},
 	}}
-	for _, m := range Modes {
+	for _, tc := range []struct {
+		objects []string
+		want    string
+	}{
+		{[]string{ObjectDatapath}, "helper bpf_loop (xdp)"},
+		{[]string{ObjectNode}, "map percpu_hash"},
+		{[]string{ObjectDatapath, ObjectNode}, "helper bpf_loop (xdp),map percpu_hash"},
+		{nil, ""},
+	} {
 		var got []string
-		for _, c := range f.Missing(m) {
+		for _, c := range f.Missing(tc.objects...) {
 			got = append(got, c.Name)
 		}
-		want := "helper bpf_loop (xdp)"
-		if m == modeDirect {
-			want += ",map percpu_hash"
-		}
-		if strings.Join(got, ",") != want {
-			t.Errorf("mode %s: missing %q, want %q", m, got, want)
+		if strings.Join(got, ",") != tc.want {
+			t.Errorf("objects %v: missing %q, want %q", tc.objects, got, tc.want)
 		}
 	}
 }

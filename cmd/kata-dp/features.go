@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/loader"
 )
 
@@ -43,9 +44,10 @@ func reportOf(f loader.Features, loads []loader.ObjectLoad) kernelReport {
 		r.Features = append(r.Features, ft)
 		f.Checks = append(f.Checks, loader.Check{Name: ft.Name, Kind: "load", Objects: ft.UsedBy, Supported: ft.Supported})
 	}
-	for _, m := range loader.Modes {
+	for _, m := range dataplane.Modes() {
 		mr := ModeReport{Mode: m, Missing: []string{}}
-		for _, c := range f.Missing(m) {
+		objs, _ := dataplane.Objects(m) // m comes from the registry
+		for _, c := range f.Missing(objs...) {
 			mr.Missing = append(mr.Missing, c.Name)
 		}
 		mr.OK = len(mr.Missing) == 0

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/loader"
 )
 
@@ -31,7 +32,7 @@ func TestVersionReport(t *testing.T) {
 	if r.Version != version || r.Agent != "" || !strings.Contains(r.AgentError, sock) || r.Kernel == "" || r.FeatureError != "" {
 		t.Errorf("version -o json: %+v", r)
 	}
-	if len(r.Modes) != len(loader.Modes) {
+	if len(r.Modes) != len(dataplane.Modes()) {
 		t.Errorf("modes: %+v", r.Modes)
 	}
 	names := map[string]bool{}

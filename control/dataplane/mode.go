@@ -9,6 +9,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/netdev"
+	"github.com/kata-dp/kata-dp/loader"
 	"github.com/kata-dp/kata-dp/maps"
 )
 
@@ -80,6 +81,21 @@ type State struct {
 
 // running returns the state of an endpoint running in mode m.
 func running(m Mode) *State { return &State{mode: m.Name()} }
+
+// Objects names the compiled BPF objects (loader.Object*) a mode needs the kernel to load, so
+// that `kata-dp version` and the agent can say per mode what the kernel lacks: every sandbox
+// loads its datapath collection whatever its NICs' modes, and a mode of the node family loads
+// the uplink's node collection too.
+func Objects(mode string) ([]string, error) {
+	m, err := Lookup(mode)
+	if err != nil {
+		return nil, err
+	}
+	if m.Family() == FamilyNode {
+		return []string{loader.ObjectDatapath, loader.ObjectNode}, nil
+	}
+	return []string{loader.ObjectDatapath}, nil
+}
 
 // Lookup returns the registered mode of that name ("" = tc), or an error wrapping ErrMode.
 func Lookup(name string) (Mode, error) {

@@ -17,8 +17,17 @@ func TestRegistry(t *testing.T) {
 	if got := dataplane.Modes(); !slices.Equal(got, control.Modes) {
 		t.Errorf("registry modes %v, control.Modes %v", got, control.Modes)
 	}
-	if got := dataplane.Modes(); !slices.Equal(got, loader.Modes) {
-		t.Errorf("registry modes %v, loader.Modes (kata-dp version's requirements) %v", got, loader.Modes)
+	for _, name := range dataplane.Modes() {
+		objs, err := dataplane.Objects(name)
+		if err != nil || !slices.Contains(objs, loader.ObjectDatapath) {
+			t.Errorf("Objects(%q) = %v, %v; every sandbox loads the datapath object", name, objs, err)
+		}
+		if direct := name == control.ModeDirect; direct != slices.Contains(objs, loader.ObjectNode) {
+			t.Errorf("Objects(%q) = %v: only direct mode loads the node object", name, objs)
+		}
+	}
+	if _, err := dataplane.Objects("nosuchmode"); !errors.Is(err, dataplane.ErrMode) {
+		t.Errorf("Objects of an unknown mode: %v", err)
 	}
 	for _, name := range control.Modes {
 		m, err := dataplane.Lookup(name)
