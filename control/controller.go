@@ -46,9 +46,10 @@ type Controller struct {
 	cfg Config
 	log *slog.Logger
 
-	mu        sync.Mutex        // guards sandboxes, devices, and every entry's st pointer
+	mu        sync.Mutex        // guards sandboxes, devices, sockets, and every entry's st pointer
 	sandboxes map[string]*entry // by id
 	devices   map[string]string // tap name -> sandbox id, reserved or in use
+	sockets   map[string]string // vhost-user socket -> sandbox id: one socket serves one NIC
 }
 
 // entry is one registered sandbox.
@@ -79,8 +80,11 @@ type nic struct {
 	Spec       netspec.Interface `json:"spec"` // as printed: pciAddr and Family filled in
 	Slot       uint32            `json:"slot"`
 	Uplink     string            `json:"uplink,omitempty"`
-	TapCreated bool              `json:"tapCreated"`     // created by kata-dp (deleted with the NIC)
-	Mode       string            `json:"mode,omitempty"` // overrides the sandbox's mode
+	TapCreated bool              `json:"tapCreated"`      // created by kata-dp (deleted with the NIC)
+	Mode       string            `json:"mode,omitempty"`  // overrides the sandbox's mode
+	Vhost      string            `json:"vhost,omitempty"` // overrides the sandbox's vhost-net setting
+	// VhostDecision is what vhost-net came to when the NIC was plugged, with the reason.
+	VhostDecision string `json:"vhostDecision,omitempty"`
 }
 
 const stateVersion = 1
@@ -117,6 +121,7 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		log:       cmp.Or(cfg.Logger, slog.Default()),
 		sandboxes: map[string]*entry{},
 		devices:   map[string]string{},
+		sockets:   map[string]string{},
 	}
 	saved, err := cfg.Store.Load()
 	if err != nil {
@@ -131,6 +136,9 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		c.sandboxes[key] = &entry{sb: st.Sandbox, st: st, ready: true}
 		for _, n := range st.NICs {
 			c.devices[n.Spec.Device] = key
+			if n.Spec.VhostUserSocket != "" {
+				c.sockets[n.Spec.VhostUserSocket] = key
+			}
 		}
 	}
 	for _, id := range slices.Sorted(maps.Keys(c.sandboxes)) {
@@ -209,6 +217,10 @@ func (sb Sandbox) endpoint(n nic) Endpoint {
 	}
 	if n.Mode != "" {
 		ep.Mode = n.Mode
+	}
+	ep.Vhost = cmp.Or(n.Vhost, sb.Vhost) // "" = auto
+	if n.Spec.VhostUserSocket != "" {
+		ep.Mode, ep.VhostUserSocket, ep.Tap, ep.Uplink = ModeVhostUser, n.Spec.VhostUserSocket, "", ""
 	}
 	if len(n.Spec.IPAddresses) > 0 {
 		if p, fam, err := netspec.ParseIPAddress(n.Spec.IPAddresses[0]); err == nil && fam == netspec.FamilyIPv4 {
@@ -300,6 +312,13 @@ func (c *Controller) validateSandbox(spec SandboxSpec) (Sandbox, error) {
 		ID: spec.ID, NetNS: spec.NetNS, QMP: spec.QMP,
 		Uplink: cmp.Or(spec.Uplink, DefaultUplink), Mode: cmp.Or(spec.Mode, ModeTC),
 		AntiSpoof: spec.AntiSpoof == nil || *spec.AntiSpoof, StrictEgress: spec.StrictEgress == nil || *spec.StrictEgress,
+		Vhost: spec.Vhost,
+	}
+	if sb.Vhost == VhostAuto {
+		sb.Vhost = "" // the default, kept as before the setting existed
+	}
+	if sb.Vhost != "" && !slices.Contains(VhostModes, sb.Vhost) {
+		return Sandbox{}, fmt.Errorf("%w: vhost %q is not one of %s", ErrInvalid, sb.Vhost, strings.Join(VhostModes, ", "))
 	}
 	if sb.NetNS == "" && sb.Mode == ModeDirect {
 		// Direct mode's taps live beside a host uplink: by default in the agent's own netns.
@@ -372,6 +391,9 @@ func (c *Controller) DelSandbox(ctx context.Context, id string) error {
 	for _, n := range e.st.NICs {
 		if c.devices[n.Spec.Device] == e.sb.ID {
 			delete(c.devices, n.Spec.Device)
+		}
+		if c.sockets[n.Spec.VhostUserSocket] == e.sb.ID {
+			delete(c.sockets, n.Spec.VhostUserSocket)
 		}
 	}
 	c.mu.Unlock()
@@ -606,6 +628,26 @@ func (c *Controller) reserveDevice(dev, id string) error {
 	}
 	c.devices[dev] = id
 	return nil
+}
+
+// reserveSocket claims a vhost-user socket host-wide for sandbox id: a vhost-user switch
+// serves one NIC per socket, and a second VM connecting to it would get a mixed-up port.
+func (c *Controller) reserveSocket(path, id string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if owner, ok := c.sockets[path]; ok {
+		return fmt.Errorf("%w: vhostUserSocket %s is already used by sandbox %s", ErrExists, path, owner)
+	}
+	c.sockets[path] = id
+	return nil
+}
+
+func (c *Controller) releaseSocket(path, id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.sockets[path] == id {
+		delete(c.sockets, path)
+	}
 }
 
 func (c *Controller) releaseDevice(dev, id string) {

@@ -12,5 +12,11 @@
 // A Controller is safe for concurrent use. Operations on one sandbox are serialised (one lock
 // per sandbox, held for the whole operation including its health check); operations on
 // different sandboxes run in parallel. Host-wide rules (a tap name is used by one NIC on the
-// host) are enforced with short critical sections on the registry.
+// host; a vhost-user socket serves one NIC) are enforced with short critical sections on the
+// registry.
+//
+// A NIC with a vhostUserSocket has no tap: control creates none, the dataplane runs it in mode
+// vhost-user (nothing installed) and the Hotplugger plugs it as a vhost-user NIC. Tap NICs
+// carry their vhost-net setting (the NIC's "vhost", else the sandbox's) to the Hotplugger,
+// and what it came to is kept with the NIC for status (VhostReporter).
 package control

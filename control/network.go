@@ -149,8 +149,18 @@ func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequ
 			return netspec.Interface{}, invalidf("uplink %s is the tap of NIC %s", v.Uplink, n.Spec.Name)
 		}
 	}
-	if v.Mode != "" && !slices.Contains(Modes, v.Mode) {
+	vhostUser := v.Spec.VhostUserSocket != ""
+	switch {
+	case vhostUser && v.Mode != "" && v.Mode != ModeVhostUser:
+		return netspec.Interface{}, invalidf("mode %q does not apply to a vhost-user NIC (vhostUserSocket): the vhost-user switch moves its frames", v.Mode)
+	case vhostUser && v.Uplink != "":
+		return netspec.Interface{}, invalidf("uplink does not apply to a vhost-user NIC (vhostUserSocket): it has no tap")
+	case vhostUser && v.Vhost != "":
+		return netspec.Interface{}, invalidf("vhost (vhost-net) does not apply to a vhost-user NIC (vhostUserSocket): it has no tap")
+	case !vhostUser && v.Mode != "" && !slices.Contains(Modes, v.Mode):
 		return netspec.Interface{}, invalidf("mode %q is not one of %s", v.Mode, strings.Join(Modes, ", "))
+	case v.Vhost != "" && !slices.Contains(VhostModes, v.Vhost):
+		return netspec.Interface{}, invalidf("vhost %q is not one of %s", v.Vhost, strings.Join(VhostModes, ", "))
 	}
 	slot, ok := freeSlot(st)
 	if !ok {
@@ -168,15 +178,25 @@ func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequ
 	if err := c.reserveDevice(v.Spec.Device, sb.ID); err != nil {
 		return netspec.Interface{}, err
 	}
-	n := nic{Spec: v.Spec, Slot: slot, Uplink: v.Uplink, Mode: v.Mode}
+	n := nic{Spec: v.Spec, Slot: slot, Uplink: v.Uplink, Mode: v.Mode, Vhost: v.Vhost}
 	var u undo
 	u.push("release device "+v.Spec.Device, func(context.Context) error { c.releaseDevice(v.Spec.Device, sb.ID); return nil })
 	fail := func(err error) (netspec.Interface, error) { return netspec.Interface{}, c.rollback(ctx, &u, err) }
+	if vhostUser {
+		if err := c.reserveSocket(v.Spec.VhostUserSocket, sb.ID); err != nil {
+			return fail(err)
+		}
+		u.push("release socket "+v.Spec.VhostUserSocket, func(context.Context) error { c.releaseSocket(v.Spec.VhostUserSocket, sb.ID); return nil })
+	}
 
-	// 1. The tap: created, or an existing one adopted (never joined, never deleted).
-	created, err := c.cfg.Taps.EnsureTap(ctx, sb.NetNS, v.Spec.Device, TapOptions{Queues: v.Queues, MTU: max(v.Spec.MTU, 68), Vnet: true})
-	if err != nil {
-		return fail(fmt.Errorf("tap %s: %w", v.Spec.Device, err))
+	// 1. The tap: created, or an existing one adopted (never joined, never deleted). A
+	// vhost-user NIC has none: "device" only names it.
+	created := false
+	if !vhostUser {
+		created, err = c.cfg.Taps.EnsureTap(ctx, sb.NetNS, v.Spec.Device, TapOptions{Queues: v.Queues, MTU: max(v.Spec.MTU, 68), Vnet: true})
+		if err != nil {
+			return fail(fmt.Errorf("tap %s: %w", v.Spec.Device, err))
+		}
 	}
 	n.TapCreated = created
 	if created {
@@ -206,6 +226,9 @@ func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequ
 		}
 		n.Spec.PCIAddr = pci
 		u.push("hot-unplug "+n.Spec.Name, func(ctx context.Context) error { return c.cfg.Hotplug.Unplug(ctx, sb, ep) })
+		if vr, ok := c.cfg.Hotplug.(VhostReporter); ok && !vhostUser {
+			n.VhostDecision, _ = vr.VhostDecision(sb, ep)
+		}
 	}
 	// 5. The state.
 	next := st.clone()
@@ -214,7 +237,7 @@ func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequ
 		return fail(err)
 	}
 	c.log.Info("NIC added", "sandbox", sb.ID, "nic", n.Spec.Name, "tap", n.Spec.Device, "created", created,
-		"slot", n.Slot, "uplink", n.Uplink, "pci", n.Spec.PCIAddr)
+		"slot", n.Slot, "uplink", n.Uplink, "pci", n.Spec.PCIAddr, "mode", ep.Mode, "vhost", n.VhostDecision, "vhostUserSocket", ep.VhostUserSocket)
 	return n.Spec, nil
 }
 
@@ -290,6 +313,9 @@ func (c *Controller) delIface(ctx context.Context, e *entry, in netspec.Interfac
 		return fail(err)
 	}
 	c.releaseDevice(n.Spec.Device, sb.ID)
+	if n.Spec.VhostUserSocket != "" {
+		c.releaseSocket(n.Spec.VhostUserSocket, sb.ID)
+	}
 	c.log.Info("NIC removed", "sandbox", sb.ID, "nic", n.Spec.Name, "tap", n.Spec.Device, "tapDeleted", n.TapCreated)
 	return nil
 }

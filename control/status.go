@@ -1,6 +1,7 @@
 package control
 
 import (
+	"cmp"
 	"context"
 	"slices"
 	"strings"
@@ -19,18 +20,26 @@ type EndpointStatus struct {
 	// Mode is the dataplane mode the NIC asked for (its own or the sandbox's); RunningMode
 	// what the dataplane really runs, with ModeReason when they differ (e.g. xdp fell back
 	// to tc).
-	Mode        string         `json:"mode"`
-	RunningMode string         `json:"runningMode,omitempty"`
-	ModeReason  string         `json:"modeReason,omitempty"`
-	Stats       *EndpointStats `json:"stats,omitempty"`
-	StatsError  string         `json:"statsError,omitempty"`
+	Mode        string `json:"mode"`
+	RunningMode string `json:"runningMode,omitempty"`
+	ModeReason  string `json:"modeReason,omitempty"`
+	// Vhost is what vhost-net came to for a tap NIC when it was plugged, with the reason
+	// ("on: /dev/vhost-net opened", "off: open /dev/vhost-net: ..."); VhostUserSocket is the
+	// socket of a vhost-user NIC (mode vhost-user).
+	Vhost           string         `json:"vhost,omitempty"`
+	VhostUserSocket string         `json:"vhostUserSocket,omitempty"`
+	Stats           *EndpointStats `json:"stats,omitempty"`
+	StatsError      string         `json:"statsError,omitempty"`
 }
 
 // SandboxStatus is one sandbox in a status report.
 type SandboxStatus struct {
 	Sandbox
-	Endpoints []EndpointStatus `json:"endpoints"`
-	Routes    int              `json:"routes"`
+	// VhostDecision is what the sandbox's vhost setting comes to on this host now, with the
+	// reason: what a tap NIC plugged now gets (only for a sandbox with a VM).
+	VhostDecision string           `json:"vhostDecision,omitempty"`
+	Endpoints     []EndpointStatus `json:"endpoints"`
+	Routes        int              `json:"routes"`
 	// Unhealthy is why the agent could not re-adopt the sandbox when it started (its netns
 	// vanished, its pins could not be loaded, its saved state was unreadable); "" when it
 	// could. Such a sandbox can only be deleted.
@@ -99,11 +108,15 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 	out := []SandboxStatus{}
 	for _, s := range snaps {
 		ss := SandboxStatus{Sandbox: s.sb, Endpoints: []EndpointStatus{}, Routes: len(s.st.Routes), Unhealthy: s.broken}
+		if vr, ok := c.cfg.Hotplug.(VhostReporter); ok && s.sb.QMP != "" {
+			ss.VhostDecision = vr.DecideVhost(cmp.Or(s.sb.Vhost, VhostAuto))
+		}
 		for _, n := range s.st.NICs {
 			ep := s.sb.endpoint(n)
 			es := EndpointStatus{
 				NIC: n.Spec.Name, Tap: n.Spec.Device, TapCreated: n.TapCreated, Uplink: n.Uplink,
 				MAC: n.Spec.HwAddr, Slot: n.Slot, PCIAddr: n.Spec.PCIAddr,
+				Vhost: n.VhostDecision, VhostUserSocket: n.Spec.VhostUserSocket,
 			}
 			if p := prefixOf(n); p.IsValid() {
 				es.Addr = p.String()

@@ -20,9 +20,15 @@ type Endpoint struct {
 	MAC          net.HardwareAddr // guest MAC
 	Addr         netip.Prefix     // guest IPv4/prefix; zero value when none
 	MTU, Queues  int
-	Mode         string // "tc" (default), "xdp", "tcfilter", "macvtap", "direct"
+	Mode         string // "tc" (default), "xdp", "tcfilter", "macvtap", "direct"; "vhost-user"
 	AntiSpoof    bool
 	StrictEgress bool
+	// Vhost is the tap's vhost-net setting ("auto" or "", "on", "off"): the NIC's own, else
+	// the sandbox's.
+	Vhost string
+	// VhostUserSocket, when set, makes this a vhost-user NIC (mode vhost-user): a vhost-user
+	// switch serving that socket moves its frames; there is no tap.
+	VhostUserSocket string
 }
 
 // Route is one entry of a sandbox's route table as the dataplane sees it.
@@ -73,10 +79,20 @@ type ModeReporter interface {
 }
 
 // Hotplugger plugs NICs into a sandbox's VM. Sandboxes without a QMP socket skip hot-plug.
+// An endpoint with a VhostUserSocket is plugged as a vhost-user NIC, any other from its tap
+// (with vhost-net as ep.Vhost decides).
 type Hotplugger interface {
 	Plug(ctx context.Context, sb Sandbox, ep Endpoint) (pciAddr string, err error)
 	Unplug(ctx context.Context, sb Sandbox, ep Endpoint) error
 	Healthy(ctx context.Context, sb Sandbox) error // monitor answers
+}
+
+// VhostReporter is implemented by hot-pluggers that use vhost-net: what a vhost setting comes
+// to on this host now, and what a NIC got when it was plugged, each with the reason (e.g.
+// "off: open /dev/vhost-net: no such file or directory").
+type VhostReporter interface {
+	DecideVhost(mode string) string
+	VhostDecision(sb Sandbox, ep Endpoint) (decision string, ok bool)
 }
 
 // TapOptions are the properties of a tap control creates.
@@ -127,6 +143,21 @@ const (
 // names no netns: the agent's own (normally the host's).
 const DirectDefaultNetNS = "/proc/self/ns/net"
 
+// ModeVhostUser is the mode of a NIC with a vhostUserSocket: no tap, no BPF; the vhost-user
+// switch moves its frames. It is implied by the socket, never chosen, so Modes leaves it out.
+const ModeVhostUser = "vhost-user"
+
+// vhost-net settings of a sandbox (--vhost) or a NIC ("vhost"): auto (the default) uses it
+// when /dev/vhost-net can be opened, on refuses a NIC that cannot have it, off never uses it.
+const (
+	VhostAuto = "auto"
+	VhostOn   = "on"
+	VhostOff  = "off"
+)
+
+// VhostModes lists the valid vhost-net settings.
+var VhostModes = []string{VhostAuto, VhostOn, VhostOff}
+
 // Modes lists the valid dataplane modes.
 var Modes = []string{ModeTC, ModeXDP, ModeTCFilter, ModeMacvtap, ModeDirect}
 
@@ -145,6 +176,8 @@ type Sandbox struct {
 	Mode         string `json:"mode"`
 	AntiSpoof    bool   `json:"antiSpoof"`
 	StrictEgress bool   `json:"strictEgress"`
+	// Vhost is the vhost-net setting of the sandbox's tap NICs (auto, on, off; "": auto).
+	Vhost string `json:"vhost,omitempty"`
 }
 
 // SandboxSpec is a request to register a sandbox. Nil booleans take their defaults (on).
@@ -156,6 +189,7 @@ type SandboxSpec struct {
 	Mode         string `json:"mode,omitempty"`
 	AntiSpoof    *bool  `json:"antiSpoof,omitempty"`
 	StrictEgress *bool  `json:"strictEgress,omitempty"`
+	Vhost        string `json:"vhost,omitempty"` // "" = auto
 }
 
 // Errors of the control plane, matched with errors.Is. The texts of ErrNoSuchSandbox and
@@ -179,4 +213,7 @@ var (
 	ErrNoSlot = errors.New("no free endpoint slot")
 	// ErrNoHotplug: the sandbox has a QMP socket but the agent has no hot-plugger.
 	ErrNoHotplug = errors.New("hot-plug not available")
+	// ErrNoCounters: kata-dp keeps no counters for the endpoint (a vhost-user NIC: the
+	// switch does). Not a failure of the counters.
+	ErrNoCounters = errors.New("no counters in kata-dp")
 )

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -11,7 +12,7 @@ import (
 const sandboxUse = `
 Usage:
   kata-dp sandbox add <id> --netns <path> [--qmp <socket>] [--uplink <dev>] [--mode tc|xdp|tcfilter|macvtap|direct]
-                           [--anti-spoof=true|false] [--strict-egress=true|false]
+                           [--anti-spoof=true|false] [--strict-egress=true|false] [--vhost auto|on|off]
   kata-dp sandbox del <id>
   kata-dp sandbox list [-o table|json]
 
@@ -20,6 +21,9 @@ Registers a sandbox with the agent (add), removes it with everything kata-dp cre
 del takes the exact id (never a prefix: it destroys). With --mode direct the taps live beside --uplink (a host
 device: a veth toward a bridge or router, a NIC, a bond) in --netns, which defaults to the
 agent's own netns; BPF on the uplink steers frames by MAC straight into them (docs/direct.md).
+--vhost says whether the taps hot-plugged into the VM use the kernel's vhost-net: auto (on when
+/dev/vhost-net can be opened, otherwise off, with the reason in status), on (a NIC that cannot
+have it is refused), off; "vhost" in add-iface overrides it per NIC (docs/vhost.md).
 
 Examples:
   kata-dp sandbox add 6ec7a98f3b2c --netns /run/netns/sb1 --qmp /run/vc/vm/6ec7a98f3b2c/qmp.sock
@@ -37,6 +41,7 @@ func runSandbox(e *env, args []string) error {
 	mode := fs.String("mode", control.ModeTC, "dataplane mode: "+strings.Join(control.Modes, ", ")+" (add)")
 	antiSpoof := fs.Bool("anti-spoof", true, "drop guest frames with a foreign source MAC or IP (add)")
 	strictEgress := fs.Bool("strict-egress", true, "drop guest frames with no route on their NIC (add)")
+	vhost := fs.String("vhost", control.VhostAuto, "vhost-net for the hot-plugged taps: "+strings.Join(control.VhostModes, ", ")+" (add)")
 	output := fs.StringP("output", "o", "table", "output format: table or json (list)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -53,7 +58,7 @@ func runSandbox(e *env, args []string) error {
 			return fmt.Errorf("usage: kata-dp sandbox add <id> --netns <path> [options]")
 		}
 		spec := control.SandboxSpec{ID: a[1], NetNS: *netns, QMP: *qmp, Uplink: *uplink, Mode: *mode,
-			AntiSpoof: antiSpoof, StrictEgress: strictEgress}
+			AntiSpoof: antiSpoof, StrictEgress: strictEgress, Vhost: *vhost}
 		sb, err := c.AddSandbox(e.ctx, spec)
 		if err != nil {
 			return err
@@ -83,9 +88,9 @@ func runSandbox(e *env, args []string) error {
 			return writeJSON(e.stdout, sbs)
 		}
 		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tNETNS\tQMP\tUPLINK\tMODE\tANTI-SPOOF\tSTRICT-EGRESS")
+		fmt.Fprintln(tw, "ID\tNETNS\tQMP\tUPLINK\tMODE\tANTI-SPOOF\tSTRICT-EGRESS\tVHOST")
 		for _, sb := range sbs {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", sb.ID, sb.NetNS, orDash(sb.QMP), sb.Uplink, sb.Mode, onOff(sb.AntiSpoof), onOff(sb.StrictEgress))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", sb.ID, sb.NetNS, orDash(sb.QMP), sb.Uplink, sb.Mode, onOff(sb.AntiSpoof), onOff(sb.StrictEgress), cmp.Or(sb.Vhost, control.VhostAuto))
 		}
 		return tw.Flush()
 	}

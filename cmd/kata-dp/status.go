@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -17,7 +18,10 @@ Usage: kata-dp status [<id>] [-o table|json]
 
 Shows every sandbox (or the one whose id, or unique id prefix, is <id>), its endpoints (NICs
 added through kata-network), their dataplane mode and their counters (packets and bytes from
-and to the guest, drops by reason). docs/operations.md explains every column and field.
+and to the guest, drops by reason), and what vhost-net came to (per sandbox: what a NIC
+plugged now gets; per NIC: what it got), with the reason. A vhost-user NIC has mode vhost-user
+and no counters in kata-dp: its switch keeps them. docs/operations.md explains every column and
+field.
 
 Examples:
   kata-dp status
@@ -86,10 +90,14 @@ func writeJSON(w io.Writer, v any) error {
 
 func statusTable(e *env, st []control.SandboxStatus) error {
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SANDBOX\tMODE\tUPLINK\tANTI-SPOOF\tSTRICT-EGRESS\tQMP\tNICS\tROUTES\tNETNS")
+	fmt.Fprintln(tw, "SANDBOX\tMODE\tUPLINK\tANTI-SPOOF\tSTRICT-EGRESS\tQMP\tNICS\tROUTES\tNETNS\tVHOST")
 	for _, s := range st {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", s.ID, s.Mode, s.Uplink, onOff(s.AntiSpoof),
-			onOff(s.StrictEgress), orDash(s.QMP), len(s.Endpoints), s.Routes, s.NetNS)
+		vhost := cmp.Or(s.Vhost, control.VhostAuto)
+		if s.VhostDecision != "" {
+			vhost += " (" + s.VhostDecision + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n", s.ID, s.Mode, s.Uplink, onOff(s.AntiSpoof),
+			onOff(s.StrictEgress), orDash(s.QMP), len(s.Endpoints), s.Routes, s.NetNS, vhost)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -108,7 +116,7 @@ func statusTable(e *env, st []control.SandboxStatus) error {
 	}
 	fmt.Fprintln(e.stdout)
 	tw = tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SANDBOX\tNIC\tTAP\tSLOT\tMODE\tUPLINK\tMAC\tADDR\tPCI\tFROM-GUEST pkts/bytes\tTO-GUEST pkts/bytes\tDROPS")
+	fmt.Fprintln(tw, "SANDBOX\tNIC\tTAP\tSLOT\tMODE\tUPLINK\tMAC\tADDR\tPCI\tFROM-GUEST pkts/bytes\tTO-GUEST pkts/bytes\tDROPS\tVHOST")
 	for _, s := range st {
 		for _, ep := range s.Endpoints {
 			from, to, drops := "-", "-", "-"
@@ -116,19 +124,24 @@ func statusTable(e *env, st []control.SandboxStatus) error {
 				from = fmt.Sprintf("%d/%d", ep.Stats.FromGuest.Packets, ep.Stats.FromGuest.Bytes)
 				to = fmt.Sprintf("%d/%d", ep.Stats.ToGuest.Packets, ep.Stats.ToGuest.Bytes)
 				drops = formatDrops(ep.Stats)
+			} else if ep.VhostUserSocket != "" {
+				from, to, drops = "(switch)", "(switch)", "-"
 			} else if ep.StatsError != "" {
 				drops = "error: " + ep.StatsError
 			}
 			tap := ep.Tap
-			if !ep.TapCreated {
+			switch {
+			case ep.VhostUserSocket != "":
+				tap = "- (vhost-user " + ep.VhostUserSocket + ")"
+			case !ep.TapCreated:
 				tap += " (adopted)"
 			}
 			mode := ep.Mode
 			if ep.RunningMode != "" && ep.RunningMode != ep.Mode {
 				mode = ep.RunningMode + " (asked " + ep.Mode + ")"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, ep.NIC, tap, ep.Slot,
-				mode, orDash(ep.Uplink), ep.MAC, orDash(ep.Addr), orDash(ep.PCIAddr), from, to, drops)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, ep.NIC, tap, ep.Slot,
+				mode, orDash(ep.Uplink), ep.MAC, orDash(ep.Addr), orDash(ep.PCIAddr), from, to, drops, orDash(ep.Vhost))
 		}
 	}
 	return tw.Flush()

@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"time"
 
@@ -110,6 +111,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for _, ep := range c.ctrl.Endpoints() {
 		perSandbox[ep.Sandbox]++
 		st, err := c.ctrl.Stats(ctx, ep)
+		if errors.Is(err, control.ErrNoCounters) {
+			continue // a vhost-user NIC: its switch counts
+		}
 		if err != nil {
 			failed++
 			continue

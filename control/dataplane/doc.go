@@ -6,8 +6,10 @@
 //
 // A Mode is one way of joining a tap to its uplink: tc (the default: BPF at TCX ingress of
 // both devices), xdp (XDP in front of tc), tcfilter (Kata's u32 + mirred), macvtap (Kata's
-// older model) and direct (taps beside a shared host uplink, steered by MAC). Each lives in one
-// file (tc.go, xdp.go, tcfilter.go, macvtap.go, direct.go) and is listed once in registry.go.
+// older model) and direct (taps beside a shared host uplink, steered by MAC); and vhost-user,
+// which a NIC with a vhostUserSocket runs: no tap, nothing installed, the vhost-user switch
+// moves the frames. Each lives in one file (tc.go, xdp.go, tcfilter.go, macvtap.go, direct.go,
+// vhostuser.go) and is listed once in registry.go.
 // The Dataplane does what the modes share and calls the endpoint's mode for the rest:
 //
 //   - AddEndpoint, UpdateEndpoint and Reconcile validate the endpoint, call Mode.Add (fresh

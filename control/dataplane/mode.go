@@ -47,6 +47,8 @@ const (
 	FamilySandbox Family = "sandbox"
 	// FamilyNode: the tap lives beside a host uplink that several sandboxes share.
 	FamilyNode Family = "node"
+	// FamilyVhostUser: no device at all; a vhost-user switch serves the NIC (vhostuser.go).
+	FamilyVhostUser Family = "vhost-user"
 )
 
 // layered is implemented by a mode that runs on top of another one of its family (xdp on the
@@ -110,11 +112,15 @@ func Lookup(name string) (Mode, error) {
 	return nil, fmt.Errorf("%w %q", ErrMode, name)
 }
 
-// Modes returns the names of the registered modes, in registry order.
+// Modes returns the names of the modes users choose (CNI configuration, `kata-dp bench`,
+// "mode"), in registry order: every registered mode but vhost-user, which a NIC runs because it
+// has a vhostUserSocket.
 func Modes() []string {
-	out := make([]string, len(registry))
-	for i, m := range registry {
-		out[i] = m.Name()
+	var out []string
+	for _, m := range registry {
+		if m.Family() != FamilyVhostUser {
+			out = append(out, m.Name())
+		}
 	}
 	return out
 }

@@ -10,4 +10,5 @@ var registry = []Mode{
 	tcfilterMode{},
 	macvtapMode{},
 	directMode{},
+	vhostUserMode{},
 }

@@ -60,14 +60,16 @@ type Interface struct {
 	Queues          int          `json:"queues,omitempty"`
 }
 
-// AddRequest is the add-iface input: an Interface plus kata-dp's optional "uplink" and "mode"
-// fields, which are accepted but never printed (openEuler's tool ignores unknown fields, so
-// scripts stay compatible).
+// AddRequest is the add-iface input: an Interface plus kata-dp's optional "uplink", "mode"
+// and "vhost" fields, which are accepted but never printed (openEuler's tool ignores unknown
+// fields, so scripts stay compatible).
 type AddRequest struct {
 	Interface
 	Uplink string `json:"uplink,omitempty"`
 	// Mode overrides the sandbox's dataplane mode for this NIC.
 	Mode string `json:"mode,omitempty"`
+	// Vhost overrides the sandbox's vhost-net setting (auto, on, off) for this tap NIC.
+	Vhost string `json:"vhost,omitempty"`
 }
 
 // Route is a route as kata-network reads and prints it.
@@ -210,6 +212,7 @@ type Iface struct {
 	Queues int          // at least 1
 	Uplink string       // the optional "uplink" field
 	Mode   string       // the optional "mode" field (checked by control)
+	Vhost  string       // the optional "vhost" field (checked by control)
 }
 
 // VhostChecker reports whether path is an existing unix socket. Validation calls it last.
@@ -259,7 +262,7 @@ func ValidateAdd(req AddRequest, vhost VhostChecker) (Iface, error) {
 			return Iface{}, invalid("uplink %q is the tap itself", req.Uplink)
 		}
 	}
-	out := Iface{Spec: in, MAC: mac, Queues: max(in.Queues, 1), Uplink: req.Uplink, Mode: req.Mode}
+	out := Iface{Spec: in, MAC: mac, Queues: max(in.Queues, 1), Uplink: req.Uplink, Mode: req.Mode, Vhost: req.Vhost}
 	ips, addr, err := validateIPs(in.IPAddresses)
 	if err != nil {
 		return Iface{}, err

@@ -1,8 +1,9 @@
 // Package vmplug is control's Hotplugger: it puts a sandbox's NICs into (and takes them out
 // of) its QEMU over QMP, the way Kata's runtime does — the tap's queues are opened in the
 // sandbox netns and passed to QEMU (getfd), with one /dev/vhost-net file per queue beside
-// them when vhost-net is to be had (Plugger.Vhost), then netdev_add + device_add
-// (control/hotplug).
+// them when vhost-net is to be had (the endpoint's Vhost setting), then netdev_add +
+// device_add (control/hotplug). An endpoint with a VhostUserSocket is plugged as a
+// vhost-user NIC instead: QEMU connects to the vhost-user switch's socket; no tap.
 //
 // One QMP client per sandbox socket is kept and reused (it redials by itself when QEMU
 // restarts). A Plugger is safe for concurrent use.
@@ -26,20 +27,24 @@ import (
 type Plugger struct {
 	// UnplugTimeout bounds the wait for the guest to release a NIC (DEVICE_DELETED).
 	UnplugTimeout time.Duration
-	// Vhost says whether tap NICs use vhost-net (default auto: when /dev/vhost-net opens).
-	Vhost hotplug.VhostMode
 	// OpenVhost opens one vhost-net file; nil opens /dev/vhost-net. A seam for tests.
 	OpenVhost hotplug.VhostOpener
 
 	mu      sync.Mutex
 	clients map[string]*qmp.Client // by QMP socket path
+	vhost   map[nicKey]string      // what vhost-net came to for each NIC plugged
 }
 
-var _ control.Hotplugger = (*Plugger)(nil)
+type nicKey struct{ qmp, id string }
+
+var (
+	_ control.Hotplugger    = (*Plugger)(nil)
+	_ control.VhostReporter = (*Plugger)(nil)
+)
 
 // New returns a Plugger.
 func New() *Plugger {
-	return &Plugger{UnplugTimeout: 5 * time.Second, Vhost: hotplug.VhostAuto, clients: map[string]*qmp.Client{}}
+	return &Plugger{UnplugTimeout: 5 * time.Second, clients: map[string]*qmp.Client{}, vhost: map[nicKey]string{}}
 }
 
 func (p *Plugger) client(path string) *qmp.Client {
@@ -57,27 +62,56 @@ func (p *Plugger) client(path string) *qmp.Client {
 // restart finds the device again.
 func DeviceID(ep control.Endpoint) string { return "kdp-" + ep.NIC }
 
-// Plug opens the tap's queues in the sandbox netns (and, as p.Vhost decides, one vhost-net
-// file per queue) and hot-plugs them as a virtio-net device with the guest MAC; it returns
-// the PCI path QEMU assigned.
+// Plug opens the tap's queues in the sandbox netns (and, as ep.Vhost decides, one vhost-net
+// file per queue) and hot-plugs them as a virtio-net device with the guest MAC; an endpoint
+// with a VhostUserSocket is plugged as a vhost-user NIC. It returns the PCI path QEMU
+// assigned.
 func (p *Plugger) Plug(ctx context.Context, sb control.Sandbox, ep control.Endpoint) (string, error) {
 	queues := max(ep.Queues, 1)
-	vfs, vhost, err := hotplug.OpenVhost(p.Vhost, queues, p.OpenVhost)
+	c := p.client(sb.QMP)
+	if ep.VhostUserSocket != "" {
+		addr, err := hotplug.PlugVhostUser(ctx, c, hotplug.VhostUserNIC{ID: DeviceID(ep), MAC: ep.MAC.String(), Queues: queues, Socket: ep.VhostUserSocket})
+		if err != nil {
+			return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
+		}
+		return addr, nil
+	}
+	vfs, vhost, err := hotplug.OpenVhost(hotplug.VhostMode(ep.Vhost), queues, p.OpenVhost)
 	if err != nil {
 		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
 	}
 	defer closeAll(vfs)
-	slog.Debug("vhost-net", "sandbox", sb.ID, "nic", ep.NIC, "decision", vhost.Reason)
 	fds, err := netdev.OpenTap(sb.NetNS, ep.Tap, queues, true, true)
 	if err != nil {
 		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
 	}
 	defer closeAll(fds) // QEMU holds its own copies now (or nothing, on failure)
-	addr, err := hotplug.Plug(ctx, p.client(sb.QMP), hotplug.NIC{ID: DeviceID(ep), MAC: ep.MAC.String(), Queues: queues, Fds: fds, VhostFds: vfs})
+	addr, err := hotplug.Plug(ctx, c, hotplug.NIC{ID: DeviceID(ep), MAC: ep.MAC.String(), Queues: queues, Fds: fds, VhostFds: vfs})
 	if err != nil {
 		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
 	}
+	slog.Info("nic plugged", "sandbox", sb.ID, "nic", ep.NIC, "vhost", vhost.Reason)
+	p.mu.Lock()
+	p.vhost[nicKey{sb.QMP, DeviceID(ep)}] = vhost.Reason
+	p.mu.Unlock()
 	return addr, nil
+}
+
+// DecideVhost says what the vhost setting mode comes to on this host now, with the reason.
+func (p *Plugger) DecideVhost(mode string) string {
+	d, err := hotplug.DecideVhost(hotplug.VhostMode(mode), p.OpenVhost)
+	if err != nil {
+		return "refused: " + err.Error()
+	}
+	return d.Reason
+}
+
+// VhostDecision says what vhost-net came to for the NIC when this Plugger plugged it.
+func (p *Plugger) VhostDecision(sb control.Sandbox, ep control.Endpoint) (string, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	d, ok := p.vhost[nicKey{sb.QMP, DeviceID(ep)}]
+	return d, ok
 }
 
 func closeAll(fs []*os.File) {
@@ -88,9 +122,16 @@ func closeAll(fs []*os.File) {
 
 // Unplug removes the NIC from the VM and waits (bounded) for the guest to let it go.
 func (p *Plugger) Unplug(ctx context.Context, sb control.Sandbox, ep control.Endpoint) error {
-	if err := hotplug.Unplug(ctx, p.client(sb.QMP), DeviceID(ep), p.UnplugTimeout); err != nil {
+	unplug := hotplug.Unplug
+	if ep.VhostUserSocket != "" {
+		unplug = hotplug.UnplugVhostUser
+	}
+	if err := unplug(ctx, p.client(sb.QMP), DeviceID(ep), p.UnplugTimeout); err != nil {
 		return fmt.Errorf("hot-unplug %s: %w", ep.NIC, err)
 	}
+	p.mu.Lock()
+	delete(p.vhost, nicKey{sb.QMP, DeviceID(ep)})
+	p.mu.Unlock()
 	return nil
 }
 

@@ -158,12 +158,13 @@ func TestPlugVhost(t *testing.T) {
 		wantArgs  string // netdev_add
 		wantHeld  int    // vhost files QEMU holds
 		wantError error
+		decision  string
 	}{
-		{mode: hotplug.VhostAuto, wantHeld: 2,
+		{mode: hotplug.VhostAuto, wantHeld: 2, decision: "on: /dev/vhost-net opened",
 			wantArgs: `{"fds":"kdp-eth0-fd0:kdp-eth0-fd1","id":"kdp-eth0-netdev","type":"tap","vhost":true,"vhostfds":"kdp-eth0-vhostfd0:kdp-eth0-vhostfd1"}`},
-		{mode: hotplug.VhostAuto, fail: true,
+		{mode: hotplug.VhostAuto, fail: true, decision: "off: open /dev/vhost-net: file does not exist",
 			wantArgs: `{"fds":"kdp-eth0-fd0:kdp-eth0-fd1","id":"kdp-eth0-netdev","type":"tap","vhost":false}`},
-		{mode: hotplug.VhostOff,
+		{mode: hotplug.VhostOff, decision: "off: configured off",
 			wantArgs: `{"fds":"kdp-eth0-fd0:kdp-eth0-fd1","id":"kdp-eth0-netdev","type":"tap","vhost":false}`},
 		{mode: hotplug.VhostOn, fail: true, wantError: hotplug.ErrVhostUnavailable},
 	} {
@@ -171,11 +172,14 @@ func TestPlugVhost(t *testing.T) {
 			m := newMonitor(t)
 			d := &devNull{fail: tc.fail}
 			p := New()
-			p.Vhost, p.OpenVhost = tc.mode, d.open
+			p.OpenVhost = d.open
 			defer p.Close()
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			addr, err := p.Plug(ctx, control.Sandbox{ID: "sb", NetNS: nsPath, QMP: m.srv.Path()}, ep)
+			ep := ep
+			ep.Vhost = string(tc.mode)
+			sb := control.Sandbox{ID: "sb", NetNS: nsPath, QMP: m.srv.Path()}
+			addr, err := p.Plug(ctx, sb, ep)
 			d.allClosed(t)
 			if tc.wantError != nil {
 				if !errors.Is(err, tc.wantError) {
@@ -207,6 +211,12 @@ func TestPlugVhost(t *testing.T) {
 			}
 			if taps != 2 || vhost != tc.wantHeld {
 				t.Errorf("qemu holds %v, want 2 tap queues and %d vhost files", held, tc.wantHeld)
+			}
+			if d, ok := p.VhostDecision(sb, ep); !ok || d != tc.decision {
+				t.Errorf("VhostDecision = %q %v, want %q", d, ok, tc.decision)
+			}
+			if d := p.DecideVhost(string(tc.mode)); d != tc.decision {
+				t.Errorf("DecideVhost(%s) = %q, want %q", tc.mode, d, tc.decision)
 			}
 		})
 	}
