@@ -710,22 +710,6 @@ func TestPlugQEMUDiesMidway(t *testing.T) {
 	}
 }
 
-// within runs f and fails the test when it has not returned after a generous bound: the
-// code under test has far shorter deadlines, so this only catches a hang.
-func within(t *testing.T, f func()) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f()
-	}()
-	select {
-	case <-done:
-	case <-time.After(time.Minute):
-		t.Fatal("call hung past its deadlines")
-	}
-}
-
 // commandsAfter returns the commands received after the first cmd.
 func commandsAfter(cmds []string, cmd string) []string {
 	for i, c := range cmds {
@@ -750,7 +734,7 @@ func TestPlugMonitorHangsRollsBack(t *testing.T) {
 		return ret, qerr
 	})
 	var err error
-	within(t, func() {
+	qmptest.Within(t, func() {
 		_, err = Plug(context.Background(), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 2)})
 	})
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "add device") {
@@ -780,7 +764,7 @@ func TestPlugMonitorStalled(t *testing.T) {
 	c := vm.client(t)
 	c.Timeout = 300 * time.Millisecond
 	var err error
-	within(t, func() {
+	qmptest.Within(t, func() {
 		_, err = Plug(context.Background(), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 1)})
 	})
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "find a free slot") {
@@ -791,7 +775,7 @@ func TestPlugMonitorStalled(t *testing.T) {
 	}
 	vm.wantEmpty(t)
 	var uerr error
-	within(t, func() { uerr = Unplug(context.Background(), c, "eth0", 5*time.Second) })
+	qmptest.Within(t, func() { uerr = Unplug(context.Background(), c, "eth0", 5*time.Second) })
 	if !errors.Is(uerr, context.DeadlineExceeded) {
 		t.Fatalf("unplug: %v, want a deadline error", uerr)
 	}
@@ -818,7 +802,7 @@ func TestPlugEndlessReplyRollsBack(t *testing.T) {
 		return vm.handle(cmd, args, fds)
 	})
 	var err error
-	within(t, func() {
+	qmptest.Within(t, func() {
 		_, err = Plug(context.Background(), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 1)})
 	})
 	if !errors.Is(err, qmp.ErrTooLarge) || !strings.Contains(err.Error(), "read back pci address") {
@@ -850,7 +834,7 @@ func TestPlugMonitorHangsForGoodStillSendsRollback(t *testing.T) {
 		return ret, qerr
 	})
 	var err error
-	within(t, func() {
+	qmptest.Within(t, func() {
 		_, err = Plug(context.Background(), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 2)})
 	})
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "add device") || !strings.Contains(err.Error(), "rollback") {

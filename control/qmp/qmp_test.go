@@ -411,29 +411,13 @@ func TestStaleConnectionRedials(t *testing.T) {
 	}
 }
 
-// within runs f and fails the test when it has not returned after a generous bound: the
-// code under test has shorter deadlines, so this only catches a hang, never a slow machine.
-func within(t *testing.T, f func()) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f()
-	}()
-	select {
-	case <-done:
-	case <-time.After(time.Minute):
-		t.Fatal("call hung past its deadline")
-	}
-}
-
 func TestMonitorStalledAfterGreeting(t *testing.T) {
 	srv := qmptest.Serve(t, func(cmd string, args json.RawMessage, fds []int) (any, *qmp.Error) { return nil, nil })
 	srv.Stall()
 	c := newClient(t, srv)
 	c.Timeout = 200 * time.Millisecond
 	var err error
-	within(t, func() { _, err = c.Execute(context.Background(), "query-status", nil) })
+	qmptest.Within(t, func() { _, err = c.Execute(context.Background(), "query-status", nil) })
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "no reply within 200ms") {
 		t.Fatalf("execute on a stalled monitor: %v, want a deadline error naming the bound", err)
 	}
@@ -452,7 +436,7 @@ func TestCommandWithoutReplyTimesOut(t *testing.T) {
 	c := newClient(t, srv)
 	c.Timeout = 200 * time.Millisecond
 	var err error
-	within(t, func() { _, err = c.Execute(context.Background(), "hang", nil) })
+	qmptest.Within(t, func() { _, err = c.Execute(context.Background(), "hang", nil) })
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "qmp hang: monitor") {
 		t.Fatalf("hang: %v, want a deadline error naming the command", err)
 	}
@@ -460,7 +444,7 @@ func TestCommandWithoutReplyTimesOut(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	c2 := newClient(t, srv)
-	within(t, func() { _, err = c2.Execute(ctx, "hang", nil) })
+	qmptest.Within(t, func() { _, err = c2.Execute(ctx, "hang", nil) })
 	if !errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "no reply within") {
 		t.Fatalf("hang with the caller's deadline: %v, want the context's error", err)
 	}
@@ -483,7 +467,7 @@ func TestEndlessReplyIsBounded(t *testing.T) {
 	c := newClient(t, srv)
 	c.MaxMessage = 1 << 20
 	var err error
-	within(t, func() { _, err = c.Execute(context.Background(), "flood", nil) })
+	qmptest.Within(t, func() { _, err = c.Execute(context.Background(), "flood", nil) })
 	if !errors.Is(err, qmp.ErrTooLarge) || !errors.Is(err, qmp.ErrDisconnected) {
 		t.Fatalf("flood: %v, want ErrTooLarge (connection dropped)", err)
 	}

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/kata-dp/kata-dp/control/qmp"
 	"golang.org/x/sys/unix"
@@ -365,4 +366,21 @@ func parseRights(oob []byte) []int {
 		}
 	}
 	return fds
+}
+
+// Within runs f and fails the test when it has not returned after a generous bound (a
+// minute): the code under test has far shorter deadlines, so this catches a hang, never a
+// slow machine.
+func Within(tb testing.TB, f func()) {
+	tb.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		tb.Fatal("call hung past its deadlines")
+	}
 }
