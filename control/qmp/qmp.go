@@ -31,6 +31,12 @@ var (
 	// the client's MaxMessage bytes without completing a message: a monitor that streams
 	// without end is dropped instead of growing the agent's memory.
 	ErrTooLarge = errors.New("qmp message too large")
+	// ErrBusy is returned (wrapped together with ErrUnavailable) when the monitor accepts the
+	// connection but sends no greeting within GreetingTimeout. QEMU serves one client per
+	// monitor socket and leaves further connections queued in the listen backlog, unanswered:
+	// on a Kata node the shim holds qmp.sock for the sandbox's lifetime, and kata-dp must use
+	// the extra monitor Kata opens with extra_monitor_socket = "qmp" instead.
+	ErrBusy = errors.New("busy: enable Kata's extra_monitor_socket")
 )
 
 // Error is a QMP error reply.
@@ -54,6 +60,12 @@ type Event struct {
 // DefaultDialTimeout bounds connecting and negotiating capabilities when the caller's context
 // has no earlier deadline.
 const DefaultDialTimeout = 5 * time.Second
+
+// GreetingTimeout bounds the wait for the monitor's greeting after connecting. QEMU greets
+// a client it serves at once (well under a millisecond here, even under TCG); a monitor that
+// stays silent this long has another client and will not serve this one (see ErrBusy). It is
+// reported within 2 s of the call, as operators are promised, with room for a loaded node.
+const GreetingTimeout = time.Second
 
 // DefaultTimeout bounds each command (connecting included) when the Client's Timeout is
 // zero. QEMU answers a command in milliseconds (device_add returns before the guest sees the
@@ -295,12 +307,22 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	}
 	cn := &conn{uc: uc, lr: &limitReader{r: uc, max: limit}, pending: map[string]chan reply{}, dead: make(chan struct{})}
 	cn.dec = json.NewDecoder(cn.lr)
-	err = cn.handshake()
+	// The greeting gets a shorter bound of its own: a monitor held by another client accepts
+	// (the kernel queues the connection) but never greets, and that deserves its own answer
+	// long before the dial timeout.
+	greetBy := time.Now().Add(GreetingTimeout)
+	if dl, ok := dctx.Deadline(); ok && dl.Before(greetBy) {
+		greetBy = time.Time{} // the caller's (or the dial's) deadline comes first
+	}
+	err = cn.handshake(dctx, greetBy)
 	stop()
 	if err != nil {
 		uc.Close()
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("negotiate with %s: %w", c.path, ctx.Err())
+		}
+		if errors.Is(err, errNoGreeting) {
+			return nil, fmt.Errorf("QMP monitor %s is %w (no greeting within %v: another client holds it): %w", c.path, ErrBusy, GreetingTimeout, ErrUnavailable)
 		}
 		if dl, ok := ctx.Deadline(); ok && errors.Is(err, os.ErrDeadlineExceeded) && !time.Now().Before(dl) {
 			return nil, fmt.Errorf("negotiate with %s: %w", c.path, context.DeadlineExceeded)
@@ -396,10 +418,34 @@ type conn struct {
 	dead    chan struct{}
 }
 
-func (cn *conn) handshake() error {
+// errNoGreeting marks a handshake whose greeting did not come by its own deadline.
+var errNoGreeting = errors.New("no greeting")
+
+// handshake reads the greeting (by greetBy unless it is zero, then by the connection's
+// deadline) and negotiates capabilities. ctx is the dial's context: its end also ends the
+// handshake (an AfterFunc moves the connection's deadline into the past).
+func (cn *conn) handshake(ctx context.Context, greetBy time.Time) error {
 	var m message
+	if !greetBy.IsZero() {
+		cn.uc.SetReadDeadline(greetBy)
+	}
 	if err := cn.decode(&m); err != nil {
+		if !greetBy.IsZero() && errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() == nil {
+			return fmt.Errorf("read greeting: %w", errNoGreeting)
+		}
 		return fmt.Errorf("read greeting: %w", err)
+	}
+	if !greetBy.IsZero() {
+		// Back to the dial's bound for the rest of the handshake. The AfterFunc may have
+		// fired in between and set a past deadline that this overwrites: check ctx after.
+		if dl, ok := ctx.Deadline(); ok {
+			cn.uc.SetReadDeadline(dl)
+		} else {
+			cn.uc.SetReadDeadline(time.Time{})
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("read greeting: %w", err)
+		}
 	}
 	if m.QMP == nil {
 		return errors.New("no QMP greeting")

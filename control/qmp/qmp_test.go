@@ -482,3 +482,53 @@ func TestEndlessReplyIsBounded(t *testing.T) {
 		t.Errorf("accepted %d connections, want 2 (the flooded one dropped)", got)
 	}
 }
+
+// TestBusyMonitor: a monitor that accepts but never greets is what QEMU does when another
+// client (Kata's shim, on qmp.sock) holds it. The caller learns that within 2 s, and what to do.
+func TestBusyMonitor(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "qmp.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var (
+		mu   sync.Mutex
+		held []net.Conn
+	)
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	go func() {
+		for {
+			cn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, cn)
+			mu.Unlock()
+		}
+	}()
+	c := qmp.New(path)
+	defer c.Close()
+	start := time.Now()
+	var err2 error
+	qmptest.Within(t, func() { _, err2 = c.Execute(ctxT(t), "query-status", nil) })
+	elapsed := time.Since(start)
+	if !errors.Is(err2, qmp.ErrBusy) || !errors.Is(err2, qmp.ErrUnavailable) {
+		t.Fatalf("execute on a held monitor: %v, want ErrBusy and ErrUnavailable", err2)
+	}
+	want := "QMP monitor " + path + " is busy: enable Kata's extra_monitor_socket"
+	if !strings.Contains(err2.Error(), want) {
+		t.Errorf("error %q does not say %q", err2, want)
+	}
+	if elapsed > 2*time.Second {
+		t.Errorf("busy monitor reported after %v, want within 2s", elapsed)
+	}
+}
