@@ -130,6 +130,9 @@ func TestXDPVerdicts(t *testing.T) {
 		// (tc's test run refuses an IPv4 frame cut off inside its header; XDP's takes it.)
 		{"truncated IPv4", r.tap, true, ptr(tapEndpoint(slot, 42, all)), udpFrame(guestMAC, guestIP, netip.MustParseAddr("172.16.0.1"), 32)[:30], xdpDrop, maps.FromGuest, maps.DropMalformed},
 		{"truncated IPv4 from a foreign MAC", r.tap, true, ptr(tapEndpoint(slot, 42, all)), udpFrame(otherMAC, guestIP, netip.MustParseAddr("172.16.0.1"), 32)[:30], xdpDrop, maps.FromGuest, maps.DropSpoofMAC},
+		{"IPv6 UDP", r.tap, true, ptr(tapEndpoint(slot, 42, all)), udp6Frame(guestMAC, guestLL, peerLL, 8), xdpRedirect, maps.FromGuest, -1},
+		{"IPv6 extension chain too long", r.tap, true, ptr(tapEndpoint(slot, 42, all)), ip6Frame(otherMAC, guestMAC, guestLL, peerLL, []ext6{dstOpts, dstOpts, dstOpts, dstOpts, dstOpts, dstOpts, dstOpts}, unix.IPPROTO_UDP, udp6(8)), xdpDrop, maps.FromGuest, maps.DropMalformed},
+		{"truncated IPv6", r.tap, true, ptr(tapEndpoint(slot, 42, all)), udp6Frame(guestMAC, guestLL, peerLL, 8)[:14+39], xdpDrop, maps.FromGuest, maps.DropMalformed},
 		{"to guest redirected", r.upl, true, ptr(maps.Endpoint{PeerIfindex: 42, Slot: slot, Role: maps.RoleUplink}), good, xdpRedirect, maps.ToGuest, -1},
 		{"to guest, wrong role", r.upl, true, ptr(tapEndpoint(slot, 42, all)), good, xdpPass, maps.ToGuest, -2},
 	}

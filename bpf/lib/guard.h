@@ -87,7 +87,7 @@ static __always_inline int check_spoof(const struct endpoint *ep, const struct f
 			return KDP_DROP_SPOOF_IP;
 		return -1;
 	}
-	if (f->flags & KDP_FLOW_SHORT)
+	if (f->flags & (KDP_FLOW_SHORT | KDP_FLOW_MALFORMED))
 		return KDP_DROP_MALFORMED;
 	if (spoof && (f->flags & KDP_FLOW_ARP))
 		return check_arp(ep, data, data_end);

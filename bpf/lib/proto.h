@@ -11,11 +11,22 @@
 #define ETH_P_IP 0x0800
 #define ETH_P_ARP 0x0806
 #define ETH_P_IPV6 0x86DD
-#define ETH_P_8021Q 0x8100
+#define ETH_P_8021Q 0x8100  /* 802.1Q VLAN tag */
+#define ETH_P_8021AD 0x88A8 /* 802.1ad service tag (QinQ's outer tag) */
+#define ETH_P_QINQ1 0x9100  /* pre-standard QinQ outer tags, still seen */
 
 #define IPPROTO_ICMP 1
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define IPPROTO_ICMPV6 58
+
+/* IPv6 extension headers (RFC 8200 4.1), the ones that may stand between the IPv6 header and
+ * the upper layer. */
+#define IPPROTO_HOPOPTS 0
+#define IPPROTO_ROUTING 43
+#define IPPROTO_FRAGMENT 44
+#define IPPROTO_AH 51
+#define IPPROTO_DSTOPTS 60
 
 #define ARPOP_REQUEST 1
 #define ARPOP_REPLY 2
@@ -37,6 +48,16 @@ struct iphdr {
 	__sum16 check;
 	__be32 saddr;
 	__be32 daddr;
+};
+
+struct ipv6hdr {
+	__u8 priority : 4, version : 4;
+	__u8 flow_lbl[3];
+	__be16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__be32 saddr[4];
+	__be32 daddr[4];
 };
 
 /* ARP for Ethernet/IPv4 (htype 1, ptype 0x0800), the only kind a virtio NIC sends. */
