@@ -19,6 +19,7 @@ The rules run in the sandbox's BPF datapath (NAT mode): a frame from the guest t
 service is DNATed to a real server picked by the service's scheduler, replies are reverse-NATed.
 --parameters takes ipvsadm's arguments (long or short, --opt value or --opt=value): add, edit,
 delete services and real servers, --list [--stats|--rate], --save, --clear, --set tcp tcpfin udp.
+As in openEuler, --add-service and --edit-service need --scheduler and --persistent (1..2678400).
 --restore - reads ipvsadm-save lines; it is refused unless the sandbox has no rules, and applies
 all of them at once or none. cleanup deletes the connection entries of an original destination
 (the virtual service, or a real server) so the next packet is scheduled afresh. A sandbox holds
@@ -33,7 +34,7 @@ OPTIONS:
    --socket PATH      agent socket (default $KATA_DP_SOCKET or /run/kata-dp/kata-dp.sock)
 
 EXAMPLES:
-   kata-dp kata-ipvs ipvsadm --parameters "-A -t 172.17.0.7:80 -s rr" 6ec7a98
+   kata-dp kata-ipvs ipvsadm --parameters "-A -t 172.17.0.7:80 -s rr -p 3000" 6ec7a98
    kata-dp kata-ipvs ipvsadm --parameters "-a -t 172.17.0.7:80 -r 172.17.0.8:80 -m -w 2" 6ec7a98
    kata-dp kata-ipvs ipvsadm --parameters "--list --numeric --stats" 6ec7a98
    kata-dp kata-ipvs ipvsadm --restore - 6ec7a98 < rules

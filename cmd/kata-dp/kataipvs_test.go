@@ -42,7 +42,10 @@ func TestKataIPVSUserGuide(t *testing.T) {
 		"  -> 172.17.0.4:80                Masq    200    0          0         \n"
 	ipvsadm("--list", result{stdout: list})
 	ipvsadm("-L -n", result{stdout: list})
-	ipvsadm("--add-service --tcp-service 172.17.0.7:80", result{stderr: "Service already exists: \"-t 172.17.0.7:80\"\n", code: 1})
+	ipvsadm("--add-service --tcp-service 172.17.0.7:80 --scheduler rr --persistent 60", result{stderr: "Service already exists: \"-t 172.17.0.7:80\"\n", code: 1})
+	// openEuler's API table: --scheduler and --persistent are mandatory (issue 18 item 6).
+	ipvsadm("--add-service --tcp-service 192.168.0.7:80 --persistent 3000", result{stderr: "You need to supply the 'scheduler' option for the 'add-service' command: \"--add-service\"\n", code: 1})
+	ipvsadm("-E -t 172.17.0.7:80 -s rr", result{stderr: "You need to supply the 'persistent' option for the 'edit-service' command: \"-E\"\n", code: 1})
 	ipvsadm("--add-server --tcp-service 172.17.0.9:80 --real-server 172.17.0.4:80", result{stderr: "Service not defined: \"-t 172.17.0.9:80\"\n", code: 1})
 	ipvsadm("--set 100 100 200", ok)
 	ipvsadm("--save", result{stdout: "-A -t 172.17.0.7:80 -s rr -p 5000\n-a -t 172.17.0.7:80 -r 172.17.0.4:80 -m -w 200\n"})

@@ -35,6 +35,9 @@
 //     "=" values, -p's optional value), ipvsadm's command/option legality
 //     table, its defaults (scheduler wlc, weight 1, -p 360, mask /32, a
 //     real server without port takes the service's) and its messages.
+//     ParseKataParameters (the kata-ipvs front-end) adds openEuler's API
+//     table: --scheduler and --persistent (1..2678400) are mandatory for
+//     add-service and edit-service; restore files keep ipvsadm's rules.
 //     Deliberate restrictions from the contract: IPv4 dotted quads only
 //     (no host or service names, no IPv6), ports 1..65535 (no port-0
 //     services), -p 0..2678400 with 0 meaning no persistence, --set values

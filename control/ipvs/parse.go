@@ -65,6 +65,15 @@ var legal = map[Op]string{
 	OpSave:          " xxxxxxxxxx",
 }
 
+// openEulerLegal overrides rows of legal for the kata-ipvs front-end:
+// openEuler's API table marks --scheduler and --persistent mandatory for
+// add-service and edit-service.
+var openEulerLegal = map[Op]string{
+	//              n svc s p M r fwd w tmo st rt
+	OpAddService:  "x+++ xxxxxx",
+	OpEditService: "x+++ xxxxxx",
+}
+
 // optDef is one entry of the option table (ipvsadm's popt table).
 type optDef struct {
 	long  string
@@ -143,6 +152,9 @@ func lookupShort(c byte) *optDef {
 
 // parser is the state of one ParseParameters call.
 type parser struct {
+	// openEuler applies openEuler's kata-ipvs argument rules on top of
+	// ipvsadm's (see ParseKataParameters).
+	openEuler  bool
 	cmd        Command
 	cmdToken   string
 	seen       [numOpts]string // token of each option given
@@ -159,7 +171,23 @@ type parser struct {
 // empty string is a --list, as ipvsadm without arguments. Errors are
 // *Error naming the offending token.
 func ParseParameters(params string) (Command, error) {
-	return parseArgs(strings.Fields(params))
+	return parseArgs(strings.Fields(params), false)
+}
+
+// ParseKataParameters parses the argument string of "kata-ipvs ipvsadm
+// --parameters" as openEuler's kata-runtime front-end accepts it: ipvsadm's
+// grammar (ParseParameters) plus the rules of openEuler's API table, which
+// makes --scheduler and --persistent mandatory for --add-service and
+// --edit-service, with a persistence timeout of 1..2678400 seconds. So
+// "-A -t 192.168.0.7:80 -p 3000" is an argument error here, where ipvsadm
+// would pick wlc, and "-p 0" (no persistence) is refused. Where openEuler is
+// silent ipvsadm's defaults stay: a bare -p is 360 s, -M defaults to /32.
+// The errors are ipvsadm's own for the same faults ("You need to supply
+// the 'scheduler' option for the 'add-service' command", exit status 2).
+// Restore files are ipvsadm-save lines and keep ipvsadm's rules
+// (ParseRestore).
+func ParseKataParameters(params string) (Command, error) {
+	return parseArgs(strings.Fields(params), true)
 }
 
 // fields is strings.Fields for ASCII blanks, appending to buf.
@@ -185,11 +213,11 @@ func fields(s string, buf []string) []string {
 	return buf
 }
 
-func parseArgs(args []string) (Command, error) {
+func parseArgs(args []string, openEuler bool) (Command, error) {
 	if len(args) == 0 {
 		return Command{Op: OpList}, nil
 	}
-	var p parser
+	p := parser{openEuler: openEuler}
 	for i := 0; i < len(args); {
 		a := args[i]
 		i++
@@ -383,6 +411,11 @@ func (p *parser) finish() (Command, error) {
 	}
 	// generic_opt_check
 	row := legal[c.Op]
+	if p.openEuler {
+		if r, ok := openEulerLegal[c.Op]; ok {
+			row = r
+		}
+	}
 	last := -1
 	for j := opt(0); j < numOpts; j++ {
 		tok := p.seen[j]
@@ -404,6 +437,10 @@ func (p *parser) finish() (Command, error) {
 			tok = p.seen[optRate]
 		}
 		return Command{}, usageErr(tok, "options conflicts in the list command")
+	}
+	if p.openEuler && (c.Op == OpAddService || c.Op == OpEditService) && c.Persistent == 0 {
+		// -p 0: openEuler's range starts at 1.
+		return Command{}, usageErr("0", "invalid timeout value `0' specified")
 	}
 	switch c.Op {
 	case OpAddService, OpEditService:
@@ -507,7 +544,7 @@ func ParseRestore(r io.Reader) ([]Command, error) {
 		if args = fields(text, args); len(args) == 0 {
 			continue
 		}
-		cmd, err := parseArgs(args)
+		cmd, err := parseArgs(args, false)
 		if err != nil {
 			return nil, atLine(err, line)
 		}

@@ -272,3 +272,58 @@ func TestParseCleanup(t *testing.T) {
 		}
 	}
 }
+
+// TestParseKataParameters: openEuler's API table makes --scheduler and --persistent mandatory
+// for add-service and edit-service (issue 18 item 6); ipvsadm's defaults stay elsewhere.
+func TestParseKataParameters(t *testing.T) {
+	accepts := []struct {
+		in   string
+		want Command
+	}{
+		{"--add-service --tcp-service 172.17.0.7:80 --scheduler rr --persistent 3000",
+			Command{Op: OpAddService, HasService: true, Service: tcp7, Scheduler: "rr", Persistent: 3000, Netmask: mask}},
+		{"-E -t 172.17.0.7:80 -s sh -p", // bare -p: ipvsadm's 360 s (openEuler is silent)
+			Command{Op: OpEditService, HasService: true, Service: tcp7, Scheduler: "sh", Persistent: 360, Netmask: mask}},
+		{"-A -t 172.17.0.7:80 -p 1 -s wlc -M 255.255.0.0",
+			Command{Op: OpAddService, HasService: true, Service: tcp7, Scheduler: "wlc", Persistent: 1, Netmask: netip.MustParseAddr("255.255.0.0")}},
+		{"-a -t 172.17.0.7:80 -r 172.17.0.4", Command{Op: OpAddServer, HasService: true, Service: tcp7, Server: rip, Weight: 1}},
+		{"", Command{Op: OpList}},
+	}
+	for _, tt := range accepts {
+		got, err := ParseKataParameters(tt.in)
+		if err != nil {
+			t.Errorf("ParseKataParameters(%q): %v", tt.in, err)
+			continue
+		}
+		if diff := cmp.Diff(tt.want, got, cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
+			cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); diff != "" {
+			t.Errorf("ParseKataParameters(%q) (-want +got):\n%s", tt.in, diff)
+		}
+	}
+	rejects := []struct{ in, msg, token string }{
+		{"-A -t 192.168.0.7:80 -p 3000", "You need to supply the 'scheduler' option for the 'add-service' command", "-A"},
+		{"--add-service --tcp-service 172.17.0.7:80 --scheduler rr", "You need to supply the 'persistent' option for the 'add-service' command", "--add-service"},
+		{"-E -t 172.17.0.7:80 -p 30", "You need to supply the 'scheduler' option for the 'edit-service' command", "-E"},
+		{"-E -t 172.17.0.7:80 -s rr", "You need to supply the 'persistent' option for the 'edit-service' command", "-E"},
+		{"-A -t 172.17.0.7:80 -s rr -p 0", "invalid timeout value `0' specified", "0"},
+		{"-A -t 172.17.0.7:80 -s rr -p 2678401", "invalid timeout value `2678401' specified", "2678401"},
+		{"-A -t 172.17.0.7:80 -s rr -p 3 -w 5", "Illegal 'weight' option with the 'add-service' command", "-w"},
+	}
+	for _, tt := range rejects {
+		_, err := ParseKataParameters(tt.in)
+		var e *Error
+		if !errors.As(err, &e) || !errors.Is(err, ErrUsage) {
+			t.Errorf("ParseKataParameters(%q) = %v, want a usage *Error", tt.in, err)
+			continue
+		}
+		if e.Msg != tt.msg || e.Token != tt.token || e.Code != ExitUsage {
+			t.Errorf("ParseKataParameters(%q) = %q %q %d, want %q %q %d", tt.in, e.Msg, e.Token, e.Code, tt.msg, tt.token, ExitUsage)
+		}
+		// ipvsadm's own grammar (restore files) keeps its defaults.
+		if tt.msg != "invalid timeout value `2678401' specified" && !strings.Contains(tt.msg, "Illegal") {
+			if _, err := ParseParameters(tt.in); err != nil {
+				t.Errorf("ParseParameters(%q): %v, want ipvsadm's defaults", tt.in, err)
+			}
+		}
+	}
+}

@@ -162,7 +162,7 @@ func (m *Manager) commit(ctx context.Context, id string, old, next *ipvs.Table, 
 // Ipvsadm runs one `kata-ipvs ipvsadm --parameters` command for sandbox id and returns what
 // ipvsadm would print.
 func (m *Manager) Ipvsadm(ctx context.Context, id, params string) (string, error) {
-	cmd, err := ipvs.ParseParameters(params)
+	cmd, err := ipvs.ParseKataParameters(params)
 	if err != nil {
 		return "", err
 	}

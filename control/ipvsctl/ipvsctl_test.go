@@ -76,7 +76,7 @@ func TestCommandsPersistAndFailuresChangeNothing(t *testing.T) {
 		t.Errorf("dataplane got %q, want %q", got, want)
 	}
 	// A bad command and a dataplane failure both leave everything as it was.
-	if _, err := m.Ipvsadm(ctx, "6ec7", "--add-service --tcp-service 172.17.0.7:80"); err == nil || !strings.Contains(err.Error(), "Service already exists") {
+	if _, err := m.Ipvsadm(ctx, "6ec7", "--add-service --tcp-service 172.17.0.7:80 -s wlc -p 60"); err == nil || !strings.Contains(err.Error(), "Service already exists") {
 		t.Errorf("duplicate service: %v", err)
 	}
 	lb.fail = errors.New("boom")
@@ -132,7 +132,7 @@ func TestServiceEditsInPlace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{"-A -t 10.0.0.1:80 -s rr", "-a -t 10.0.0.1:80 -r 10.1.0.1:80", "-A -u 10.0.0.2:53 -s sh"} {
+	for _, p := range []string{"-A -t 10.0.0.1:80 -s rr -p 60", "-a -t 10.0.0.1:80 -r 10.1.0.1:80", "-A -u 10.0.0.2:53 -s sh -p 60"} {
 		if _, err := m.Ipvsadm(ctx, "sb1", p); err != nil {
 			t.Fatalf("%s: %v", p, err)
 		}

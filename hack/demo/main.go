@@ -257,15 +257,16 @@ func (d *demo) emulatedGuest() error {
 		d.cleanup = append(d.cleanup, func() { l.Close() })
 		go serve(l, s)
 	}
-	for _, p := range []string{
-		"--add-service --tcp-service " + vip + ":80 --scheduler rr",
-		"--add-server --tcp-service " + vip + ":80 --real-server 10.199.0.11:80 --weight 1",
-		"--add-server --tcp-service " + vip + ":80 --real-server 10.199.0.12:80 --weight 1",
-		"--add-server --tcp-service " + vip + ":80 --real-server 10.199.0.13:80 --weight 1",
-	} {
-		if _, err := d.cli("", "kata-ipvs", "ipvsadm", "--parameters", p, sandboxID[:7]); err != nil {
-			return err
-		}
+	// A service added with --parameters must be persistent (openEuler's API table makes
+	// --scheduler and --persistent mandatory), which would send all 30 connections of the one
+	// guest address to one server; a restore file (ipvsadm-save lines) may leave persistence
+	// off, so the spread over the three servers shows.
+	rules := "-A -t " + vip + ":80 -s rr\n"
+	for _, s := range servers {
+		rules += "-a -t " + vip + ":80 -r " + s + ":80 -m -w 1\n"
+	}
+	if _, err := d.cli(rules, "kata-ipvs", "ipvsadm", "--restore", "-", sandboxID[:7]); err != nil {
+		return err
 	}
 	spread := map[string]int{}
 	for range 30 {
