@@ -65,6 +65,9 @@ type entry struct {
 	// only by New before the Controller is returned, then read-only: a broken sandbox is
 	// reported unhealthy and refuses every operation but delete, which removes what is left.
 	broken string
+	// down is why the sandbox is unhealthy now by a node task's finding (its VM is gone),
+	// "" when it is not; set with SetDown, guarded by Controller.mu. Unlike broken it clears.
+	down string
 }
 
 // state is what is saved of a sandbox, one store key per sandbox.
@@ -85,6 +88,9 @@ type nic struct {
 	Vhost      string            `json:"vhost,omitempty"` // overrides the sandbox's vhost-net setting
 	// VhostDecision is what vhost-net came to when the NIC was plugged, with the reason.
 	VhostDecision string `json:"vhostDecision,omitempty"`
+	// Source is where the NIC came from: SourceDiscovery for a pair taken over from Kata,
+	// "" (kata-network) otherwise.
+	Source string `json:"source,omitempty"`
 }
 
 const stateVersion = 1
@@ -312,7 +318,7 @@ func (c *Controller) validateSandbox(spec SandboxSpec) (Sandbox, error) {
 		ID: spec.ID, NetNS: spec.NetNS, QMP: spec.QMP,
 		Uplink: cmp.Or(spec.Uplink, DefaultUplink), Mode: cmp.Or(spec.Mode, ModeTC),
 		AntiSpoof: spec.AntiSpoof == nil || *spec.AntiSpoof, StrictEgress: spec.StrictEgress == nil || *spec.StrictEgress,
-		Vhost: spec.Vhost,
+		Vhost: spec.Vhost, Source: spec.Source, NoHotplug: spec.NoHotplug,
 	}
 	if sb.Vhost == VhostAuto {
 		sb.Vhost = "" // the default, kept as before the setting existed
@@ -529,6 +535,9 @@ func (c *Controller) health(ctx context.Context, e *entry) error {
 	}
 	if err := c.cfg.CheckNetNS(sb.NetNS); err != nil {
 		return fmt.Errorf("%w: %s: netns %s: %v", ErrUnhealthy, sb.ID, sb.NetNS, err)
+	}
+	if down := c.downReason(e); down != "" {
+		return fmt.Errorf("%w: %s: %s", ErrUnhealthy, sb.ID, down)
 	}
 	if sb.QMP == "" {
 		return nil

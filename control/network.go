@@ -128,6 +128,16 @@ func freeSlot(st *state) (uint32, bool) {
 }
 
 func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequest) (netspec.Interface, error) {
+	return c.addIfaceWith(ctx, e, req, addOptions{})
+}
+
+// addOptions are the differences of an adopted NIC (adopt.go) from one added by kata-network.
+type addOptions struct {
+	adopt  bool   // the NIC is in the VM already (Kata plugged it): no hot-plug
+	source string // where the NIC came from (nic.Source)
+}
+
+func (c *Controller) addIfaceWith(ctx context.Context, e *entry, req netspec.AddRequest, o addOptions) (netspec.Interface, error) {
 	sb, st := e.sb, e.st
 	v, err := netspec.ValidateAdd(req, c.cfg.CheckVhostSocket)
 	if err != nil {
@@ -178,7 +188,7 @@ func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequ
 	if err := c.reserveDevice(v.Spec.Device, sb.ID); err != nil {
 		return netspec.Interface{}, err
 	}
-	n := nic{Spec: v.Spec, Slot: slot, Uplink: v.Uplink, Mode: v.Mode, Vhost: v.Vhost}
+	n := nic{Spec: v.Spec, Slot: slot, Uplink: v.Uplink, Mode: v.Mode, Vhost: v.Vhost, Source: o.source}
 	var u undo
 	u.push("release device "+v.Spec.Device, func(context.Context) error { c.releaseDevice(v.Spec.Device, sb.ID); return nil })
 	fail := func(err error) (netspec.Interface, error) { return netspec.Interface{}, c.rollback(ctx, &u, err) }
@@ -219,7 +229,7 @@ func (c *Controller) addIface(ctx context.Context, e *entry, req netspec.AddRequ
 	}
 	u.push("dataplane: del endpoint "+n.Spec.Name, func(ctx context.Context) error { return c.cfg.Dataplane.DelEndpoint(ctx, ep) })
 	// 4. The VM.
-	if sb.QMP != "" {
+	if sb.QMP != "" && !o.adopt {
 		pci, err := c.cfg.Hotplug.Plug(ctx, sb, ep)
 		if err != nil {
 			return fail(fmt.Errorf("hot-plug %s: %w", n.Spec.Name, err))

@@ -30,6 +30,9 @@ type EndpointStatus struct {
 	VhostUserSocket string         `json:"vhostUserSocket,omitempty"`
 	Stats           *EndpointStats `json:"stats,omitempty"`
 	StatsError      string         `json:"statsError,omitempty"`
+
+	// Source is SourceDiscovery for a NIC taken over from Kata, "" for kata-network's.
+	Source string `json:"source,omitempty"`
 }
 
 // SandboxStatus is one sandbox in a status report.
@@ -41,20 +44,21 @@ type SandboxStatus struct {
 	Endpoints     []EndpointStatus `json:"endpoints"`
 	Routes        int              `json:"routes"`
 	// Unhealthy is why the agent could not re-adopt the sandbox when it started (its netns
-	// vanished, its pins could not be loaded, its saved state was unreadable); "" when it
-	// could. Such a sandbox can only be deleted.
+	// vanished, its pins could not be loaded, its saved state was unreadable; such a sandbox
+	// can only be deleted), or why a node task found it unhealthy since (its VM is gone);
+	// "" when it is healthy.
 	Unhealthy string `json:"unhealthy,omitempty"`
 }
 
-// Unhealthy returns the sandboxes the agent could not re-adopt at start, by id, with the
-// reason.
+// Unhealthy returns the sandboxes the agent could not re-adopt at start, and those a node
+// task found unhealthy since (SetDown), by id, with the reason.
 func (c *Controller) Unhealthy() map[string]string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	out := map[string]string{}
 	for id, e := range c.sandboxes {
-		if e.ready && e.broken != "" {
-			out[id] = e.broken
+		if why := cmp.Or(e.broken, e.down); e.ready && why != "" {
+			out[id] = why
 		}
 	}
 	return out
@@ -100,7 +104,7 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 	var snaps []snap
 	for _, e := range c.sandboxes {
 		if e.ready {
-			snaps = append(snaps, snap{e.sb, e.st, e.broken})
+			snaps = append(snaps, snap{e.sb, e.st, cmp.Or(e.broken, e.down)})
 		}
 	}
 	c.mu.Unlock()
@@ -116,7 +120,7 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 			es := EndpointStatus{
 				NIC: n.Spec.Name, Tap: n.Spec.Device, TapCreated: n.TapCreated, Uplink: n.Uplink,
 				MAC: n.Spec.HwAddr, Slot: n.Slot, PCIAddr: n.Spec.PCIAddr,
-				Vhost: n.VhostDecision, VhostUserSocket: n.Spec.VhostUserSocket,
+				Vhost: n.VhostDecision, VhostUserSocket: n.Spec.VhostUserSocket, Source: n.Source,
 			}
 			if p := prefixOf(n); p.IsValid() {
 				es.Addr = p.String()

@@ -178,6 +178,12 @@ type Sandbox struct {
 	StrictEgress bool   `json:"strictEgress"`
 	// Vhost is the vhost-net setting of the sandbox's tap NICs (auto, on, off; "": auto).
 	Vhost string `json:"vhost,omitempty"`
+	// Source is SourceDiscovery for a sandbox registered by Kata discovery, "" for one
+	// registered by hand (sandbox add). Discovery only ever touches its own.
+	Source string `json:"source,omitempty"`
+	// NoHotplug says why a sandbox has no QMP socket when that is not the operator's choice
+	// (a discovered sandbox whose VM has no extra monitor socket).
+	NoHotplug string `json:"noHotplug,omitempty"`
 }
 
 // SandboxSpec is a request to register a sandbox. Nil booleans take their defaults (on).
@@ -189,8 +195,13 @@ type SandboxSpec struct {
 	Mode         string `json:"mode,omitempty"`
 	AntiSpoof    *bool  `json:"antiSpoof,omitempty"`
 	StrictEgress *bool  `json:"strictEgress,omitempty"`
-	Vhost        string `json:"vhost,omitempty"` // "" = auto
+	Vhost        string `json:"vhost,omitempty"`     // "" = auto
+	Source       string `json:"source,omitempty"`    // SourceDiscovery or "" (by hand)
+	NoHotplug    string `json:"noHotplug,omitempty"` // why there is no QMP socket
 }
+
+// SourceDiscovery marks sandboxes and NICs that Kata discovery registered and took over.
+const SourceDiscovery = "discovery"
 
 // Errors of the control plane, matched with errors.Is. The texts of ErrNoSuchSandbox and
 // ErrAmbiguous are completed with the id as the kata-network contract prints them.

@@ -7,12 +7,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
+	"github.com/kata-dp/kata-dp/control/kata"
 	"github.com/kata-dp/kata-dp/control/store"
 	"github.com/kata-dp/kata-dp/control/watch"
 	"github.com/spf13/pflag"
@@ -26,6 +28,8 @@ type agentOptions struct {
 	metricsAddr string
 	logLevel    string
 	logFormat   string
+	kataDir     string // Kata's runtime directory to discover sandboxes in; "" off
+	kataDirSet  bool   // given on the command line or in the config file
 	log         *slog.Logger
 }
 
@@ -59,6 +63,7 @@ func runAgent(e *env, args []string) error {
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this HOST:PORT (off when empty)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text (logfmt) or json (one object a line, for log collectors)")
+	fs.StringVar(&o.kataDir, "kata-dir", kata.DefaultDir, `Kata's runtime directory: discover its sandboxes and take them over (on when it exists; "" turns discovery off)`)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -83,6 +88,7 @@ func runAgent(e *env, args []string) error {
 	if *printCfg {
 		return printConfig(e.stdout, fs, src, *config)
 	}
+	o.kataDirSet = src["kata-dir"] != fromDefault
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
 		return fmt.Errorf("agent: --log-level: %w", err)
@@ -142,13 +148,22 @@ func agent(e *env, o agentOptions) (err error) {
 		}
 	}
 	metrics := api.NewMetrics(ctrl, version)
-	srv := api.NewServer(ctrl, api.ServerOptions{Version: version, Logger: log, Metrics: metrics, IPVS: lbm})
+	sopts := api.ServerOptions{Version: version, Logger: log, Metrics: metrics, IPVS: lbm}
 	tasks := watch.New(log)
 	for _, t := range deps.Tasks {
 		if err := tasks.Add(t); err != nil {
 			return fmt.Errorf("agent: %w", err)
 		}
 	}
+	if disc, err := kataDiscovery(ctrl, o); err != nil {
+		return fmt.Errorf("agent: %w", err)
+	} else if disc != nil {
+		sopts.Kata = disc
+		if err := tasks.Add(watch.Task{Name: "kata-discovery", Run: disc.Run}); err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+	}
+	srv := api.NewServer(ctrl, sopts)
 	// Deferred after deps.Close: the tasks have stopped before the dataplane is closed.
 	defer tasks.Start(ctx)()
 	l, err := api.Listen(o.socket)
@@ -200,4 +215,21 @@ func agent(e *env, o agentOptions) (err error) {
 		return fmt.Errorf("agent: %w", err)
 	}
 	return nil
+}
+
+// kataDiscovery returns the Kata discovery task for --kata-dir, or nil when it is off: the
+// flag set to "", or left at its default while that directory does not exist (a node without
+// Kata). A directory the operator named must exist.
+func kataDiscovery(ctrl *control.Controller, o agentOptions) (*kata.Discovery, error) {
+	if o.kataDir == "" {
+		return nil, nil
+	}
+	if fi, err := os.Stat(o.kataDir); err != nil || !fi.IsDir() {
+		if !o.kataDirSet {
+			o.log.Info("Kata discovery off: no Kata runtime directory", "kata-dir", o.kataDir)
+			return nil, nil
+		}
+		return nil, fmt.Errorf("--kata-dir %s: not a directory (\"\" turns discovery off)", o.kataDir)
+	}
+	return kata.New(ctrl, kata.Options{Dir: o.kataDir, StateDir: o.stateDir, Logger: o.log}), nil
 }

@@ -11,7 +11,7 @@ import (
 const completionUse = `
 Usage: kata-dp completion bash|zsh|fish
 
-Prints a completion script for the shell: commands, their first argument (sandbox add|del|list,
+Prints a completion script for the shell: commands, their first argument (sandbox add|del|list|release|adopt,
 the kata-network operations, ...) and every command's options. The scripts are generated from
 the same command table and flag definitions the commands parse, so they never disagree.
 

@@ -151,6 +151,12 @@ var agentChecks = map[string]func(string) error{
 	"socket":     absPath,
 	"state-dir":  absPath,
 	"bpffs-root": absPath,
+	"kata-dir": func(s string) error {
+		if s == "" {
+			return nil
+		}
+		return absPath(s)
+	},
 	"log-level": func(s string) error {
 		var l slog.Level
 		return l.UnmarshalText([]byte(s))

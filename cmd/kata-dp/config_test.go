@@ -38,6 +38,7 @@ func TestConfigPrecedence(t *testing.T) {
 	got := runCLI("agent", "--config", p, "--socket", "/run/flag.sock", "--print-config")
 	want := "# effective kata-dp agent configuration (config file: " + p + ")\n\n" +
 		"bpffs-root: /sys/fs/bpf/kata-dp # default\n" +
+		"kata-dir: /run/vc # default\n" +
 		"log-format: text # default\n" +
 		"log-level: debug # file\n" +
 		"metrics-addr: 127.0.0.1:9464 # file\n" +

@@ -84,7 +84,7 @@ func init() {
 	// Set in init: runCompletion reads the table.
 	commands = []command{
 		{"agent", "run the node agent (the only process that changes state)", runAgent, nil},
-		{"sandbox", "register, remove and list sandboxes", runSandbox, []string{"add", "del", "list"}},
+		{"sandbox", "register, remove and list sandboxes", runSandbox, []string{"add", "del", "list", "release", "adopt"}},
 		{"kata-network", "manage the interfaces and routes of a sandbox (drop-in for kata-runtime kata-network)", runKataNetwork, api.Ops},
 		{"kata-ipvs", "manage the load balancer of a sandbox (drop-in for kata-runtime kata-ipvs)", runKataIPVS, []string{"ipvsadm", "cleanup"}},
 		{"status", "show sandboxes, endpoints, modes and counters", runStatus, nil},

@@ -15,12 +15,18 @@ Usage:
                            [--anti-spoof=true|false] [--strict-egress=true|false] [--vhost auto|on|off]
   kata-dp sandbox del <id>
   kata-dp sandbox list [-o table|json]
+  kata-dp sandbox release <id>
+  kata-dp sandbox adopt <id>
 
 Registers a sandbox with the agent (add), removes it with everything kata-dp created for it
 (del: endpoints, the taps kata-dp created, the datapath, the state), or lists them.
 del takes the exact id (never a prefix: it destroys). With --mode direct the taps live beside --uplink (a host
 device: a veth toward a bridge or router, a NIC, a bond) in --netns, which defaults to the
 agent's own netns; BPF on the uplink steers frames by MAC straight into them (docs/direct.md).
+Sandboxes that the agent's Kata discovery registered (--kata-dir; source "discovery" in list -o
+json) are not deleted by hand: release hands one back to Kata's own u32 + mirred plumbing under
+traffic and detaches kata-dp (it stays with Kata, across agent restarts, until adopt), and adopt
+lets discovery take it over again (docs/kata.md).
 --vhost says whether the taps hot-plugged into the VM use the kernel's vhost-net: auto (on when
 /dev/vhost-net can be opened, otherwise off, with the reason in status), on (a NIC that cannot
 have it is refused), off; "vhost" in add-iface overrides it per NIC (docs/vhost.md).
@@ -30,6 +36,7 @@ Examples:
   kata-dp sandbox add sb2 --netns /run/netns/sb2 --mode xdp --strict-egress=false
   kata-dp sandbox list -o json
   kata-dp sandbox del 6ec7a98f3b2c
+  kata-dp sandbox release 6ec7a98f3b2c     # a discovered Kata sandbox back to Kata's tcfilter
 `
 
 func runSandbox(e *env, args []string) error {
@@ -70,6 +77,20 @@ func runSandbox(e *env, args []string) error {
 			return fmt.Errorf("usage: kata-dp sandbox del <id>")
 		}
 		return c.DelSandbox(e.ctx, a[1])
+	case "release", "adopt":
+		if len(a) != 2 {
+			return fmt.Errorf("usage: kata-dp sandbox %s <id>", a[0])
+		}
+		call := c.ReleaseSandbox
+		if a[0] == "adopt" {
+			call = c.AdoptSandbox
+		}
+		res, err := call(e.ctx, a[1])
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(e.stdout, res.ID)
+		return nil
 	case "list", "ls":
 		if len(a) != 1 {
 			return fmt.Errorf("usage: kata-dp sandbox list [-o table|json]")
@@ -94,7 +115,7 @@ func runSandbox(e *env, args []string) error {
 		}
 		return tw.Flush()
 	}
-	return fmt.Errorf("sandbox: unknown subcommand %q (want add, del or list)", a[0])
+	return fmt.Errorf("sandbox: unknown subcommand %q (want add, del, list, release or adopt)", a[0])
 }
 
 func orDash(s string) string {

@@ -28,6 +28,9 @@ type ServerOptions struct {
 	// IPVS runs the kata-ipvs calls; nil: the agent has no load balancer and they are not
 	// served.
 	IPVS *ipvsctl.Manager
+	// Kata serves sandbox release and adopt (Kata discovery, control/kata); nil: discovery
+	// is off and they are not served.
+	Kata KataDiscovery
 }
 
 // Server serves the API of one Controller.
@@ -49,6 +52,7 @@ func NewServer(ctrl *control.Controller, opts ServerOptions) *Server {
 	s.mux.HandleFunc("DELETE /v1/sandboxes/{id}", s.op("sandbox-del", s.delSandbox))
 	s.mux.HandleFunc("GET /v1/sandboxes/{id}/health", s.health)
 	s.mux.HandleFunc("POST /v1/sandboxes/{id}/kata-network/{op}", s.kataNetwork)
+	s.kataRoutes()
 	if opts.IPVS != nil {
 		s.serveKataIPVS(opts.IPVS)
 	}
@@ -123,6 +127,11 @@ func (s *Server) addSandbox(w http.ResponseWriter, r *http.Request) error {
 		WriteError(w, e, nil)
 		return e
 	}
+	if spec.Source != "" || spec.NoHotplug != "" {
+		e := fmt.Errorf("%w: source and noHotplug are set by Kata discovery, not by hand", control.ErrInvalid)
+		WriteError(w, e, nil)
+		return e
+	}
 	sb, err := s.ctrl.AddSandbox(r.Context(), spec)
 	if err != nil {
 		WriteError(w, err, nil)
@@ -133,6 +142,10 @@ func (s *Server) addSandbox(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) delSandbox(w http.ResponseWriter, r *http.Request) error {
+	if err := s.discovered(r.PathValue("id")); err != nil {
+		WriteError(w, err, nil)
+		return err
+	}
 	if err := s.ctrl.DelSandbox(r.Context(), r.PathValue("id")); err != nil {
 		WriteError(w, err, nil)
 		return err

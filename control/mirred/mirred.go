@@ -19,6 +19,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -220,8 +222,19 @@ func deleteFilters(from netlink.Link, fs []netlink.Filter) error {
 }
 
 // dropEmptyIngress deletes l's ingress qdisc (never a clsact) when it has no
-// filters left.
+// filters left and no TCX program runs on l's ingress.
+//
+// Adding or deleting an ingress qdisc deactivates the device's transmit queues
+// for an RCU grace period (the kernel's qdisc_graft calls dev_deactivate for
+// ingress qdiscs too): frames sent through the device meanwhile are dropped,
+// measured here as 5 consecutive pings lost (25 ms) at 200/s. When a BPF mode
+// took over from mirred, BPF redirects frames into this device while the qdisc
+// would go, so the empty qdisc is left in place: it costs nothing, and giving
+// the pair back to mirred (Join) then adds only filters, with no gap either.
 func dropEmptyIngress(l netlink.Link) error {
+	if n, err := tcxIngress(l.Attrs().Index); err == nil && n > 0 {
+		return nil
+	}
 	qs, err := netlink.QdiscList(l)
 	if err != nil {
 		return fmt.Errorf("list qdiscs of %s: %w", l.Attrs().Name, err)
@@ -278,4 +291,13 @@ func mirredTarget(f netlink.Filter) int {
 		return 0
 	}
 	return m.Ifindex
+}
+
+// tcxIngress counts the TCX programs on the ingress of the device ifindex.
+func tcxIngress(ifindex int) (int, error) {
+	res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: ebpf.AttachTCXIngress})
+	if err != nil {
+		return 0, err
+	}
+	return len(res.Programs), nil
 }
