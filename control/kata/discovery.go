@@ -65,6 +65,7 @@ type Discovery struct {
 	reported map[string]string // what was last logged per key, so each finding is logged once
 	running  atomic.Bool
 	kick     chan struct{}
+	pids     *pidWatch // the hypervisors of the managed sandboxes, while Run runs; under mu
 }
 
 // Options configure a Discovery.
@@ -148,11 +149,18 @@ func (d *Discovery) Run(ctx context.Context) error {
 	if !watched[d.layout.Dir] {
 		return fmt.Errorf("kata discovery: %s does not exist", d.layout.Dir)
 	}
+	d.mu.Lock()
+	d.pids = newPidWatch(d.Kick)
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		d.pids.close()
+		d.pids = nil
+		d.mu.Unlock()
+	}()
 	d.Scan(ctx)
 	d.running.Store(true)
 	d.log.Info("watching Kata's runtime directory", "dir", d.layout.Dir)
-	pids := newPidWatch(d.Kick)
-	defer pids.close()
 	for {
 		select {
 		case <-ctx.Done():
@@ -182,7 +190,7 @@ func (d *Discovery) Run(ctx context.Context) error {
 		if err := watchTree(); err != nil {
 			return fmt.Errorf("kata discovery: %w", err)
 		}
-		pids.set(d.Scan(ctx))
+		d.Scan(ctx)
 	}
 }
 
@@ -204,16 +212,21 @@ func (d *Discovery) logOnce(key, msg string, level slog.Level, args ...any) {
 	d.log.Log(context.Background(), level, msg, args...)
 }
 
-// Scan brings the registered sandboxes in line with Kata's directories once, and returns the
-// hypervisor pids of the sandboxes it manages (to be told when they exit).
-func (d *Discovery) Scan(ctx context.Context) map[string]int {
+// Scan brings the registered sandboxes in line with Kata's directories once. While Run runs,
+// the hypervisors of the sandboxes it manages are watched (an exit starts a scan).
+func (d *Discovery) Scan(ctx context.Context) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	pids := map[string]int{}
+	defer func() {
+		if d.pids != nil {
+			d.pids.set(pids)
+		}
+	}()
 	ids, err := d.layout.IDs()
 	if err != nil {
 		d.logOnce("list", "cannot list Kata's sandboxes", slog.LevelWarn, "err", err)
-		return pids
+		return
 	}
 	registered := map[string]control.Sandbox{}
 	for _, sb := range d.ctrl.Sandboxes() {
@@ -274,7 +287,6 @@ func (d *Discovery) Scan(ctx context.Context) map[string]int {
 			}
 		}
 	}
-	return pids
 }
 
 // register adds the Kata sandbox id to the control plane.

@@ -75,7 +75,11 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func newNode(t *testing.T) *node {
+func newNode(t *testing.T) *node { return newNodeWith(t, true) }
+
+// newNodeWith builds the node; without writeState Kata's directories are left to the test
+// (the agent starts before the sandbox appears).
+func newNodeWith(t *testing.T, writeState bool) *node {
 	t.Helper()
 	topotest.RequireRoot(t, "builds namespaces, taps and loads BPF programs")
 	n := &node{
@@ -137,7 +141,9 @@ func newNode(t *testing.T) *node {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.hv.Process.Kill(); n.hv.Wait() })
-	n.writeState(t)
+	if writeState {
+		n.writeState(t)
+	}
 	return n
 }
 
@@ -498,5 +504,78 @@ func TestKataNode(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(n.state); slices.ContainsFunc(ents, func(e os.DirEntry) bool { return strings.Contains(e.Name(), n.id) }) {
 		t.Errorf("state of the collected sandbox left in %s: %v", n.state, ents)
+	}
+}
+
+// TestKataNodeAgentFirst: the agent runs before Kata creates the sandbox; the sandbox is taken
+// over as Kata writes its directories (inotify, no polling), without losing a ping.
+func TestKataNodeAgentFirst(t *testing.T) {
+	n := newNodeWith(t, false)
+	n.cleanupAll(t)
+	a := n.start(t)
+	stopFlood := n.flood(t)
+	n.writeState(t)
+	waitFor(t, "the takeover", func() bool { return len(a.nics(n.id)) == 1 })
+	sent, lost := stopFlood()
+	t.Logf("takeover under ping: %d sent, %d lost", sent, lost)
+	if lost > maxTransitionLoss {
+		t.Errorf("takeover lost %d of %d pings", lost, sent)
+	}
+	n.taken(t, a)
+	if err := n.guest.Ping(n.sb.HostAddr.Addr().String(), 2, 5*time.Second); err != nil {
+		t.Errorf("guest -> host ping: %v", err)
+	}
+}
+
+// TestKataNodeCrashMidTakeover: the agent dies (kill -9) after the datapath took the pair over
+// and Kata's filters went, before the NIC was saved. The next agent finishes the takeover.
+func TestKataNodeCrashMidTakeover(t *testing.T) {
+	n := newNode(t)
+	n.cleanupAll(t)
+	// What the dead agent left: the sandbox saved, the pair's programs attached and pinned,
+	// Kata's filters removed, the NIC not saved.
+	dp, err := dataplane.New(n.root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.Open(n.state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctrl, err := control.New(context.Background(), control.Config{Dataplane: dp, Taps: control.NetdevTaps{}, Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ctrl.AddSandbox(context.Background(), control.SandboxSpec{ID: n.id, NetNS: n.sb.NS.Path(), Mode: control.ModeTC, Source: control.SourceDiscovery}); err != nil {
+		t.Fatal(err)
+	}
+	ep := control.Endpoint{Sandbox: n.id, NetNS: n.sb.NS.Path(), NIC: n.sb.Veth.Name, Tap: n.sb.Tap.Name, Uplink: n.sb.Veth.Name,
+		MAC: n.sb.GuestMAC, Addr: n.sb.GuestAddr, MTU: 1500, Mode: control.ModeTC, AntiSpoof: true, StrictEgress: true}
+	if err := dp.AddEndpoint(context.Background(), ep); err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
+	if f := n.tcFilters(t, n.sb.Veth.Name); f != "0" {
+		t.Fatalf("Kata's filters still there (%s): the crash is not where this test wants it", f)
+	}
+
+	a := n.start(t)
+	waitFor(t, "the takeover finished", func() bool { return len(a.nics(n.id)) == 1 })
+	n.taken(t, a)
+	if err := n.sb.Host.Ping(n.sb.GuestAddr.Addr().String(), 2, 5*time.Second); err != nil {
+		t.Errorf("host -> guest ping: %v", err)
+	}
+	if err := topo.TCPTransfer(n.guest, n.sb.Host, n.sb.HostAddr.Addr().String()+":5203", 1<<20, 20*time.Second); err != nil {
+		t.Errorf("tcp guest -> host: %v", err)
+	}
+	// And it can still be released to Kata.
+	if err := a.disc.Release(context.Background(), n.id); err != nil {
+		t.Fatal(err)
+	}
+	if f := n.tcFilters(t, n.sb.Veth.Name); f != "1" {
+		t.Errorf("veth: %s filters after release, want Kata's one", f)
+	}
+	if err := n.sb.Host.Ping(n.sb.GuestAddr.Addr().String(), 2, 5*time.Second); err != nil {
+		t.Errorf("host -> guest ping after release: %v", err)
 	}
 }

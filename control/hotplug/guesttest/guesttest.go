@@ -79,6 +79,9 @@ type GuestConfig struct {
 	Dir string
 	// BootTimeout bounds the wait for KDP-GUEST-READY (default 60s).
 	BootTimeout time.Duration
+	// ExtraFiles are passed to QEMU as descriptors 3, 4, ... (tap queues given as fds=,
+	// the way Kata starts its VMs).
+	ExtraFiles []*os.File
 }
 
 // Guest is a running test guest.
@@ -189,6 +192,7 @@ func Boot(t testing.TB, cfg GuestConfig) *Guest {
 	}
 	g.cmd = exec.Command(bin, args...)
 	g.cmd.Stdin = nil
+	g.cmd.ExtraFiles = cfg.ExtraFiles
 	// QEMU dies with the test binary even when cleanups do not run.
 	g.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdout, err := g.cmd.StdoutPipe()
@@ -392,6 +396,9 @@ func (g *Guest) Log() string {
 	}
 	return s
 }
+
+// Pid is QEMU's process id.
+func (g *Guest) Pid() int { return g.cmd.Process.Pid }
 
 // Exited is closed when QEMU has exited.
 func (g *Guest) Exited() <-chan struct{} { return g.exited }
