@@ -76,11 +76,11 @@ static __always_inline int from_guest(void *ctx, const bool xdp)
 	ctx_pull(ctx, KDP_PULL_LEN, xdp);
 	data = ctx_data(ctx, xdp);
 	flow_parse(data, ctx_data_end(ctx, xdp), &f);
-	drop = check_spoof(ep, &f, data, ctx_data_end(ctx, xdp));
+	drop = check_spoof(ep, ifindex, &f, ctx_vlan_tagged(ctx, xdp), data, ctx_data_end(ctx, xdp));
 	if (drop < 0)
 		drop = lb_from_guest(ctx, xdp, cfg, len, &f);
 	if (drop < 0)
-		drop = check_egress(ep, cfg->route_gen, &f);
+		drop = check_egress(ep, ifindex, cfg->route_gen, &f);
 	if (drop >= 0) {
 		count_drop(ep->slot, KDP_DIR_FROM_GUEST, drop);
 		return ctx_drop(xdp);

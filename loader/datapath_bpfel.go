@@ -78,6 +78,20 @@ type DatapathEndpoint struct {
 	Flags       uint32
 }
 
+type DatapathEndpoint6 struct {
+	_         structs.HostLayout
+	Addr      [4]uint32
+	Ll        [4]uint32
+	Prefixlen uint8
+	Pad       [3]uint8
+	Flags     uint32
+}
+
+type DatapathEpDropsExt struct {
+	_     structs.HostLayout
+	Drops [8]uint64
+}
+
 type DatapathEpStats struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -135,6 +149,19 @@ type DatapathLbSvcKey struct {
 	Slot  uint32
 }
 
+type DatapathRoute6Key struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Tag       uint32
+	Addr      [4]uint32
+}
+
+type DatapathRoute6Val struct {
+	_       structs.HostLayout
+	Gateway [4]uint32
+	Flags   uint32
+}
+
 type DatapathRouteKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -159,7 +186,9 @@ type DatapathXdpPort struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	DatapathMapKdpConfig     = "kdp_config"
+	DatapathMapKdpDropsExt   = "kdp_drops_ext"
 	DatapathMapKdpEndpoints  = "kdp_endpoints"
+	DatapathMapKdpEndpoints6 = "kdp_endpoints6"
 	DatapathMapKdpLbAff      = "kdp_lb_aff"
 	DatapathMapKdpLbBe       = "kdp_lb_be"
 	DatapathMapKdpLbConns    = "kdp_lb_conns"
@@ -167,6 +196,7 @@ const (
 	DatapathMapKdpLbStats    = "kdp_lb_stats"
 	DatapathMapKdpLbSvc      = "kdp_lb_svc"
 	DatapathMapKdpRoutes     = "kdp_routes"
+	DatapathMapKdpRoutes6    = "kdp_routes6"
 	DatapathMapKdpStats      = "kdp_stats"
 	DatapathMapKdpXdpPorts   = "kdp_xdp_ports"
 	DatapathMapKdpXdpTx      = "kdp_xdp_tx"
@@ -228,18 +258,21 @@ type DatapathProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathMapSpecs struct {
-	KdpConfig    *ebpf.MapSpec `ebpf:"kdp_config"`
-	KdpEndpoints *ebpf.MapSpec `ebpf:"kdp_endpoints"`
-	KdpLbAff     *ebpf.MapSpec `ebpf:"kdp_lb_aff"`
-	KdpLbBe      *ebpf.MapSpec `ebpf:"kdp_lb_be"`
-	KdpLbConns   *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
-	KdpLbCt      *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
-	KdpLbStats   *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
-	KdpLbSvc     *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
-	KdpRoutes    *ebpf.MapSpec `ebpf:"kdp_routes"`
-	KdpStats     *ebpf.MapSpec `ebpf:"kdp_stats"`
-	KdpXdpPorts  *ebpf.MapSpec `ebpf:"kdp_xdp_ports"`
-	KdpXdpTx     *ebpf.MapSpec `ebpf:"kdp_xdp_tx"`
+	KdpConfig     *ebpf.MapSpec `ebpf:"kdp_config"`
+	KdpDropsExt   *ebpf.MapSpec `ebpf:"kdp_drops_ext"`
+	KdpEndpoints  *ebpf.MapSpec `ebpf:"kdp_endpoints"`
+	KdpEndpoints6 *ebpf.MapSpec `ebpf:"kdp_endpoints6"`
+	KdpLbAff      *ebpf.MapSpec `ebpf:"kdp_lb_aff"`
+	KdpLbBe       *ebpf.MapSpec `ebpf:"kdp_lb_be"`
+	KdpLbConns    *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
+	KdpLbCt       *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
+	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
+	KdpLbSvc      *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
+	KdpRoutes     *ebpf.MapSpec `ebpf:"kdp_routes"`
+	KdpRoutes6    *ebpf.MapSpec `ebpf:"kdp_routes6"`
+	KdpStats      *ebpf.MapSpec `ebpf:"kdp_stats"`
+	KdpXdpPorts   *ebpf.MapSpec `ebpf:"kdp_xdp_ports"`
+	KdpXdpTx      *ebpf.MapSpec `ebpf:"kdp_xdp_tx"`
 }
 
 // DatapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -268,24 +301,29 @@ func (o *DatapathObjects) Close() error {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathMaps struct {
-	KdpConfig    *ebpf.Map `ebpf:"kdp_config"`
-	KdpEndpoints *ebpf.Map `ebpf:"kdp_endpoints"`
-	KdpLbAff     *ebpf.Map `ebpf:"kdp_lb_aff"`
-	KdpLbBe      *ebpf.Map `ebpf:"kdp_lb_be"`
-	KdpLbConns   *ebpf.Map `ebpf:"kdp_lb_conns"`
-	KdpLbCt      *ebpf.Map `ebpf:"kdp_lb_ct"`
-	KdpLbStats   *ebpf.Map `ebpf:"kdp_lb_stats"`
-	KdpLbSvc     *ebpf.Map `ebpf:"kdp_lb_svc"`
-	KdpRoutes    *ebpf.Map `ebpf:"kdp_routes"`
-	KdpStats     *ebpf.Map `ebpf:"kdp_stats"`
-	KdpXdpPorts  *ebpf.Map `ebpf:"kdp_xdp_ports"`
-	KdpXdpTx     *ebpf.Map `ebpf:"kdp_xdp_tx"`
+	KdpConfig     *ebpf.Map `ebpf:"kdp_config"`
+	KdpDropsExt   *ebpf.Map `ebpf:"kdp_drops_ext"`
+	KdpEndpoints  *ebpf.Map `ebpf:"kdp_endpoints"`
+	KdpEndpoints6 *ebpf.Map `ebpf:"kdp_endpoints6"`
+	KdpLbAff      *ebpf.Map `ebpf:"kdp_lb_aff"`
+	KdpLbBe       *ebpf.Map `ebpf:"kdp_lb_be"`
+	KdpLbConns    *ebpf.Map `ebpf:"kdp_lb_conns"`
+	KdpLbCt       *ebpf.Map `ebpf:"kdp_lb_ct"`
+	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
+	KdpLbSvc      *ebpf.Map `ebpf:"kdp_lb_svc"`
+	KdpRoutes     *ebpf.Map `ebpf:"kdp_routes"`
+	KdpRoutes6    *ebpf.Map `ebpf:"kdp_routes6"`
+	KdpStats      *ebpf.Map `ebpf:"kdp_stats"`
+	KdpXdpPorts   *ebpf.Map `ebpf:"kdp_xdp_ports"`
+	KdpXdpTx      *ebpf.Map `ebpf:"kdp_xdp_tx"`
 }
 
 func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
 		m.KdpConfig,
+		m.KdpDropsExt,
 		m.KdpEndpoints,
+		m.KdpEndpoints6,
 		m.KdpLbAff,
 		m.KdpLbBe,
 		m.KdpLbConns,
@@ -293,6 +331,7 @@ func (m *DatapathMaps) Close() error {
 		m.KdpLbStats,
 		m.KdpLbSvc,
 		m.KdpRoutes,
+		m.KdpRoutes6,
 		m.KdpStats,
 		m.KdpXdpPorts,
 		m.KdpXdpTx,

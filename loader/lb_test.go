@@ -135,7 +135,7 @@ func newLBRig(t *testing.T) *lbRig {
 	m := sb.Maps()
 	r := &lbRig{
 		lb:  maps.ForSandbox(m).LB,
-		eps: maps.EndpointMap{Map: m.Endpoints},
+		eps: maps.ForSandbox(m).Endpoints,
 	}
 	r.tapIn, _ = sb.Program(loader.ProgTapIn)
 	r.upIn, _ = sb.Program(loader.ProgUplinkIn)

@@ -140,9 +140,9 @@ func TestVerdicts(t *testing.T) {
 	needRoot(t)
 	sb := openSandbox(t, testRoot(t), "verdicts")
 	m := sb.Maps()
-	eps := maps.EndpointMap{Map: m.Endpoints}
-	stats := maps.StatsMap{Map: m.Stats}
-	routes := maps.RouteTable{Routes: m.Routes, Config: m.Config}
+	eps := maps.ForSandbox(m).Endpoints
+	stats := maps.ForSandbox(m).Stats
+	routes := maps.ForSandbox(m).Routes
 	tapIn, _ := sb.Program(loader.ProgTapIn)
 	uplinkIn, _ := sb.Program(loader.ProgUplinkIn)
 	const lo, peer, slot = 1, 42, 3

@@ -40,18 +40,21 @@ var sandboxIDRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
 
 // Maps are the sandbox's maps, pinned by name in its directory.
 type Maps struct {
-	Endpoints *ebpf.Map
-	Stats     *ebpf.Map
-	Routes    *ebpf.Map
-	Config    *ebpf.Map
-	LBSvc     *ebpf.Map
-	LBBackend *ebpf.Map
-	LBStats   *ebpf.Map
-	LBConns   *ebpf.Map
-	LBCT      *ebpf.Map
-	LBAff     *ebpf.Map
-	XDPPorts  *ebpf.Map // xdp mode: devices whose XDP program redirects (see maps.XDPPorts)
-	XDPTx     *ebpf.Map // xdp mode: DEVMAP_HASH of redirect targets by ingress ifindex
+	Endpoints  *ebpf.Map
+	Endpoints6 *ebpf.Map // the IPv6 side of tap endpoints (beside Endpoints, whose layout stays)
+	Stats      *ebpf.Map
+	DropsExt   *ebpf.Map // drop reasons beyond the eight Stats holds
+	Routes     *ebpf.Map
+	Routes6    *ebpf.Map // IPv6 routes, same generations as Routes
+	Config     *ebpf.Map
+	LBSvc      *ebpf.Map
+	LBBackend  *ebpf.Map
+	LBStats    *ebpf.Map
+	LBConns    *ebpf.Map
+	LBCT       *ebpf.Map
+	LBAff      *ebpf.Map
+	XDPPorts   *ebpf.Map // xdp mode: devices whose XDP program redirects (see maps.XDPPorts)
+	XDPTx      *ebpf.Map // xdp mode: DEVMAP_HASH of redirect targets by ingress ifindex
 }
 
 // Options tune a sandbox's collection when it is first created (a pinned map keeps the size
@@ -86,7 +89,8 @@ func (s *Sandbox) Dir() string { return s.dir }
 func (s *Sandbox) Maps() Maps {
 	o := &s.objs
 	return Maps{
-		Endpoints: o.KdpEndpoints, Stats: o.KdpStats, Routes: o.KdpRoutes, Config: o.KdpConfig,
+		Endpoints: o.KdpEndpoints, Endpoints6: o.KdpEndpoints6, Stats: o.KdpStats, DropsExt: o.KdpDropsExt,
+		Routes: o.KdpRoutes, Routes6: o.KdpRoutes6, Config: o.KdpConfig,
 		LBSvc: o.KdpLbSvc, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
 		XDPPorts: o.KdpXdpPorts, XDPTx: o.KdpXdpTx,
 	}

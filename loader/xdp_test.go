@@ -79,7 +79,7 @@ type xdpRig struct {
 func newXDPRig(t *testing.T, id string) *xdpRig {
 	sb := openSandbox(t, testRoot(t), id)
 	m := sb.Maps()
-	r := &xdpRig{sb: sb, eps: maps.EndpointMap{Map: m.Endpoints}, stats: maps.StatsMap{Map: m.Stats}}
+	r := &xdpRig{sb: sb, eps: maps.ForSandbox(m).Endpoints, stats: maps.ForSandbox(m).Stats}
 	r.tap, _ = sb.Program(loader.ProgXDPTap)
 	r.upl, _ = sb.Program(loader.ProgXDPUplink)
 	if r.tap.Type() != ebpf.XDP || r.upl.Type() != ebpf.XDP {

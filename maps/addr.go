@@ -7,11 +7,12 @@ import (
 	"net/netip"
 )
 
-// ErrFamily is returned when an address of a family the datapath's maps do not hold yet is
-// handed to a view. The v4 maps keep the layout of every earlier release, so the pins of a
-// running agent are re-adopted unchanged; IPv6 gets maps of its own. Until they exist a v6
-// address is refused here rather than cut down to four bytes.
-var ErrFamily = errors.New("IPv6 not supported by this datapath yet")
+// ErrFamily is returned when an address of a family a map does not hold is handed to a view
+// (an IPv6 address where a v4 map's field is, or to a view without its v6 map). The v4 maps keep
+// the layout of every earlier release, so the pins of a running agent are re-adopted unchanged;
+// IPv6 has maps of its own (kdp_endpoints6, kdp_routes6). A v6 address is refused rather than
+// cut down to four bytes.
+var ErrFamily = errors.New("address family not held by this map")
 
 // This file is the one place that turns addresses into the bytes the v4 maps hold and back.
 // The generated key and value types carry a __be32 as a uint32 whose bytes in memory are the
@@ -61,4 +62,35 @@ func checkFamily(p netip.Prefix) error {
 		return fmt.Errorf("prefix %s: %w", p, ErrFamily)
 	}
 	return nil
+}
+
+// v6 encodes a, which must be an IPv6 address (not an IPv4-mapped one), as the four __be32
+// words of an in6_addr.
+func v6(a netip.Addr) ([4]uint32, error) {
+	var w [4]uint32
+	if !a.Is6() || a.Is4In6() {
+		return w, fmt.Errorf("address %s: want IPv6: %w", a, ErrFamily)
+	}
+	b := a.As16()
+	for i := range w {
+		w[i] = binary.NativeEndian.Uint32(b[4*i:])
+	}
+	return w, nil
+}
+
+// v6OrZero encodes a, with the zero Addr as ::.
+func v6OrZero(a netip.Addr) ([4]uint32, error) {
+	if !a.IsValid() {
+		return [4]uint32{}, nil
+	}
+	return v6(a)
+}
+
+// addr6 decodes an address v6 encoded.
+func addr6(w [4]uint32) netip.Addr {
+	var b [16]byte
+	for i := range w {
+		binary.NativeEndian.PutUint32(b[4*i:], w[i])
+	}
+	return netip.AddrFrom16(b)
 }

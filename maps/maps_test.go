@@ -85,4 +85,31 @@ func TestEncodeRoundTrip(t *testing.T) {
 	if got := decodeRoute(k, rv); got != r {
 		t.Errorf("route round trip: %v, want %v", got, r)
 	}
+	e6 := e
+	e6.Addr6 = netip.MustParsePrefix("fd00:5::3/64")
+	e6.LinkLocal = netip.MustParseAddr("fe80::1234")
+	raw6, err := e6.encode6()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got6 := Endpoint{}
+	decodeEndpoint6(&got6, raw6)
+	if got6.Addr6 != e6.Addr6 || got6.LinkLocal != e6.LinkLocal {
+		t.Errorf("endpoint6 round trip: %v %v, want %v %v", got6.Addr6, got6.LinkLocal, e6.Addr6, e6.LinkLocal)
+	}
+	if b := (*[16]byte)(unsafe.Pointer(&raw6.Addr)); *b != e6.Addr6.Addr().As16() {
+		t.Errorf("v6 in memory %v, want network order", *b)
+	}
+	if _, err := (Endpoint{LinkLocal: netip.MustParseAddr("fd00::1")}).encode6(); err == nil {
+		t.Error("a link-local that is not link-local accepted")
+	}
+	r6 := Route{Slot: 2, Dest: netip.MustParsePrefix("2001:db8::/32"), Gateway: netip.MustParseAddr("fe80::1")}
+	k6, v6r, err := r6.encode6()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k6.Tag = routeTag(0, r6.Slot)
+	if got := decodeRoute6(k6, v6r); got != r6 {
+		t.Errorf("route6 round trip: %v, want %v", got, r6)
+	}
 }

@@ -13,7 +13,8 @@ import (
 const (
 	MaxEndpoints = 64   // NIC slots per sandbox
 	MaxRoutes    = 1024 // routes per sandbox, all NICs together
-	NumDrops     = 8    // drop reason counters per endpoint and direction
+	NumDrops     = 16   // drop reason counters per endpoint and direction (kdp_stats + kdp_drops_ext)
+	numBaseDrops = 8    // of which kdp_stats holds the first
 )
 
 // Role says which side of a NIC an endpoint entry describes.
@@ -86,10 +87,17 @@ const (
 	DropMalformed      DropReason = 4
 	DropLBNoBackend    DropReason = 5
 	DropLBRewrite      DropReason = 6
-	numDropReasonsUsed            = 7 // 7 is reserved
+	DropSpoofIP6       DropReason = 7  // IPv6 source not the NIC's address or link-local
+	DropNDP            DropReason = 8  // NS/NA with a foreign target or link-layer address
+	DropRA             DropReason = 9  // router advertisement or redirect from a guest
+	DropVLAN           DropReason = 10 // 802.1Q/802.1ad tagged frame
+	DropEthertype      DropReason = 11 // neither IPv4, IPv6 nor ARP
+	DropNoAddr         DropReason = 12 // a family the NIC has no address of
+	numDropReasonsUsed            = 13 // 13..15 are reserved
 )
 
-var dropNames = [NumDrops]string{"spoof_mac", "spoof_ip", "spoof_arp", "egress_no_route", "malformed", "lb_no_backend", "lb_rewrite", "reserved7"}
+var dropNames = [NumDrops]string{"spoof_mac", "spoof_ip", "spoof_arp", "egress_no_route", "malformed", "lb_no_backend", "lb_rewrite",
+	"spoof_ip6", "ndp", "ra", "vlan", "ethertype", "no_addr", "reserved13", "reserved14", "reserved15"}
 
 func (r DropReason) String() string {
 	if r >= 0 && int(r) < len(dropNames) {
@@ -112,7 +120,9 @@ func DropReasons() []DropReason {
 type Endpoint struct {
 	PeerIfindex uint32       // redirect target; 0 = not joined
 	Slot        uint32       // NIC slot in the sandbox
-	Addr        netip.Prefix // guest address and subnet; zero = none (FlagHasIP follows it)
+	Addr        netip.Prefix // guest IPv4 address and subnet; zero = none (FlagHasIP follows it)
+	Addr6       netip.Prefix // guest IPv6 address and on-link prefix; zero = none
+	LinkLocal   netip.Addr   // guest link-local address; zero = the EUI-64 address of MAC
 	MAC         [6]byte      // guest MAC
 	Role        Role
 	Flags       Flags // FlagHasIP is set by Put from Addr, whatever this says
@@ -132,6 +142,12 @@ func (e Endpoint) String() string {
 	if e.Addr.IsValid() {
 		ip = e.Addr.String()
 	}
+	if e.Addr6.IsValid() {
+		ip += "," + e.Addr6.String()
+	}
+	if e.LinkLocal.IsValid() {
+		ip += ",ll=" + e.LinkLocal.String()
+	}
 	return fmt.Sprintf("slot=%d role=%s mac=%s ip=%s peer=%d flags=%s",
 		e.Slot, e.Role, net.HardwareAddr(e.MAC[:]), ip, e.PeerIfindex, e.Flags)
 }
@@ -149,6 +165,44 @@ func (e Endpoint) encode() (loader.DatapathEndpoint, error) {
 	return v, nil
 }
 
+// hasV6 says whether e has an IPv6 side for kdp_endpoints6.
+func (e Endpoint) hasV6() bool { return e.Addr6.IsValid() || e.LinkLocal.IsValid() }
+
+// encode6 makes e's kdp_endpoints6 entry (struct endpoint6).
+func (e Endpoint) encode6() (loader.DatapathEndpoint6, error) {
+	var v loader.DatapathEndpoint6
+	if e.Addr6.IsValid() {
+		a, err := v6(e.Addr6.Addr())
+		if err != nil {
+			return v, err
+		}
+		v.Addr, v.Prefixlen, v.Flags = a, uint8(e.Addr6.Bits()), v.Flags|flag6Addr
+	}
+	if e.LinkLocal.IsValid() {
+		if !e.LinkLocal.Is6() || !e.LinkLocal.IsLinkLocalUnicast() {
+			return v, fmt.Errorf("link-local %s: not an IPv6 link-local address", e.LinkLocal)
+		}
+		v.Ll, _ = v6(e.LinkLocal)
+		v.Flags |= flag6LL
+	}
+	return v, nil
+}
+
+// enum kdp_ep6_flags
+const (
+	flag6Addr = 1 << 0
+	flag6LL   = 1 << 1
+)
+
+func decodeEndpoint6(e *Endpoint, v loader.DatapathEndpoint6) {
+	if v.Flags&flag6Addr != 0 {
+		e.Addr6 = netip.PrefixFrom(addr6(v.Addr), int(v.Prefixlen))
+	}
+	if v.Flags&flag6LL != 0 {
+		e.LinkLocal = addr6(v.Ll)
+	}
+}
+
 func decodeEndpoint(v loader.DatapathEndpoint) Endpoint {
 	e := Endpoint{PeerIfindex: v.PeerIfindex, Slot: v.Slot, MAC: v.Mac, Role: Role(v.Role), Flags: Flags(v.Flags)}
 	if e.Flags&FlagHasIP != 0 {
@@ -157,8 +211,13 @@ func decodeEndpoint(v loader.DatapathEndpoint) Endpoint {
 	return e
 }
 
-// Stats is struct ep_stats: counters of one endpoint in one direction.
-type Stats loader.DatapathEpStats
+// Stats are the counters of one endpoint in one direction: struct ep_stats (packets, bytes and
+// the first eight drop reasons) and struct ep_drops_ext (the rest).
+type Stats struct {
+	Packets uint64
+	Bytes   uint64
+	Drops   [NumDrops]uint64
+}
 
 // Add accumulates o into s.
 func (s *Stats) Add(o Stats) {

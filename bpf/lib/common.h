@@ -21,9 +21,9 @@ enum kdp_role {
 };
 
 enum kdp_ep_flags {
-	KDP_F_ANTI_SPOOF = 1 << 0,   /* check source MAC, source IPv4, ARP sender */
+	KDP_F_ANTI_SPOOF = 1 << 0,   /* every frame from the guest checked or dropped (guard.h) */
 	KDP_F_STRICT_EGRESS = 1 << 1, /* guest egress only to its subnet or its routes */
-	KDP_F_HAS_IP = 1 << 2,       /* ip/prefixlen are set */
+	KDP_F_HAS_IP = 1 << 2,       /* ip/prefixlen are set (the NIC has an IPv4 address) */
 };
 
 enum kdp_dir {
@@ -32,7 +32,9 @@ enum kdp_dir {
 	KDP_DIR_MAX = 2,
 };
 
-/* Drop reasons, one counter each. Names live in maps.DropReason: keep them in step. */
+/* Drop reasons, one counter each. Names live in maps.DropReason: keep them in step. The first
+ * KDP_DROP_BASE are counted in struct ep_stats, the rest in struct ep_drops_ext (a map of its
+ * own, so the pinned kdp_stats of an earlier release keeps its layout and is re-adopted). */
 enum kdp_drop {
 	KDP_DROP_SPOOF_MAC = 0,
 	KDP_DROP_SPOOF_IP = 1,
@@ -41,8 +43,15 @@ enum kdp_drop {
 	KDP_DROP_MALFORMED = 4,
 	KDP_DROP_LB_NO_BACKEND = 5,
 	KDP_DROP_LB_REWRITE = 6,
-	KDP_DROP_RESERVED7 = 7,
-	KDP_DROP_MAX = 8,
+	KDP_DROP_SPOOF_IP6 = 7, /* IPv6 source not the NIC's address or link-local (nor DAD's ::) */
+	KDP_DROP_BASE = 8,
+	KDP_DROP_NDP = 8,       /* NS/NA with a foreign target or link-layer address option */
+	KDP_DROP_RA = 9,        /* Router Advertisement or Redirect: a guest is not a router */
+	KDP_DROP_VLAN = 10,     /* 802.1Q/802.1ad tagged (in the frame or the skb's vlan_tci) */
+	KDP_DROP_ETHERTYPE = 11, /* neither IPv4, IPv6 nor ARP */
+	KDP_DROP_NO_ADDR = 12,  /* IPv4 (or ARP other than a probe) from a NIC without an IPv4
+				 * address; IPv6 from a global source on a NIC without an IPv6 one */
+	KDP_DROP_MAX = 16,
 };
 
 /* An endpoint is one side of a guest NIC, keyed by the ifindex of the device the program runs
@@ -60,7 +69,28 @@ struct endpoint {
 struct ep_stats {
 	__u64 packets; /* frames forwarded */
 	__u64 bytes;
-	__u64 drops[KDP_DROP_MAX];
+	__u64 drops[KDP_DROP_BASE];
+};
+
+/* The drop reasons from KDP_DROP_BASE on, per endpoint slot and direction like ep_stats. */
+struct ep_drops_ext {
+	__u64 drops[KDP_DROP_MAX - KDP_DROP_BASE];
+};
+
+enum kdp_ep6_flags {
+	KDP_F6_HAS_ADDR = 1 << 0, /* addr/prefixlen are set */
+	KDP_F6_HAS_LL = 1 << 1,   /* ll is set: the guest's link-local (else the EUI-64 of its MAC) */
+};
+
+/* The IPv6 side of a tap endpoint (kdp_endpoints6, keyed like kdp_endpoints): a map of its own
+ * so that kdp_endpoints keeps the layout of earlier releases. No entry: no IPv6 address, and
+ * the link-local is the EUI-64 of the endpoint's MAC. */
+struct endpoint6 {
+	__be32 addr[4]; /* guest IPv6 address (KDP_F6_HAS_ADDR) */
+	__be32 ll[4];   /* guest link-local address (KDP_F6_HAS_LL) */
+	__u8 prefixlen; /* of addr: the NIC's on-link prefix */
+	__u8 pad[3];
+	__u32 flags;    /* enum kdp_ep6_flags */
 };
 
 /* Routes: an LPM key whose first 32 data bits are a tag (route generation << 16 | NIC slot), so
@@ -72,6 +102,18 @@ struct route_key {
 	__u32 prefixlen;
 	__u32 tag;
 	__be32 addr;
+};
+
+/* IPv6 routes (kdp_routes6): the same tag and generation as struct route_key. */
+struct route6_key {
+	__u32 prefixlen;
+	__u32 tag;
+	__be32 addr[4];
+};
+
+struct route6_val {
+	__be32 gateway[4];
+	__u32 flags;
 };
 
 static __always_inline __u32 route_tag(__u32 gen, __u32 slot)

@@ -45,6 +45,13 @@ static __always_inline __u32 ctx_ifindex(void *ctx, const bool xdp)
 	return xdp ? ((struct xdp_md *)ctx)->ingress_ifindex : ((struct __sk_buff *)ctx)->ifindex;
 }
 
+/* ctx_vlan_tagged: the skb carries a VLAN tag the kernel took out of the frame (tc sees the
+ * frame behind it). XDP sees the tag in the frame itself. */
+static __always_inline bool ctx_vlan_tagged(void *ctx, const bool xdp)
+{
+	return !xdp && ((struct __sk_buff *)ctx)->vlan_present;
+}
+
 /* ctx_pull makes the first len bytes (or the whole frame, if shorter) directly readable.
  * skbs from a tap with vnet_hdr or GSO can keep headers outside the linear area; XDP frames
  * are always linear. */

@@ -28,6 +28,19 @@
 #define IPPROTO_AH 51
 #define IPPROTO_DSTOPTS 60
 
+/* ICMPv6 types the checks look at. */
+#define ICMPV6_MLD_REPORT 131
+#define ICMPV6_MLD_DONE 132
+#define ICMPV6_MLD2_REPORT 143
+#define ICMPV6_RS 133
+#define ICMPV6_RA 134
+#define ICMPV6_NS 135
+#define ICMPV6_NA 136
+#define ICMPV6_REDIRECT 137
+/* Neighbour discovery options carrying a link-layer address. */
+#define ND_OPT_SLLA 1
+#define ND_OPT_TLLA 2
+
 #define ARPOP_REQUEST 1
 #define ARPOP_REPLY 2
 

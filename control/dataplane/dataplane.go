@@ -198,7 +198,7 @@ func (d *Dataplane) SetRoutes(ctx context.Context, id string, routes []control.R
 	for _, r := range routes {
 		rs = append(rs, maps.Route{Slot: r.Slot, Dest: r.Dest, Gateway: r.Gateway})
 	}
-	if err := (maps.RouteTable{Routes: m.Routes, Config: m.Config}).Replace(rs); err != nil {
+	if err := (maps.RouteTable{Routes: m.Routes, Routes6: m.Routes6, Config: m.Config}).Replace(rs); err != nil {
 		return fmt.Errorf("set routes of %s: %w", id, err)
 	}
 	return nil
@@ -237,7 +237,7 @@ func (d *Dataplane) Reconcile(ctx context.Context, s control.Sandbox, eps []cont
 			d.log.Warn("reconcile endpoint", "sandbox", s.ID, "nic", ep.NIC, "err", err)
 		}
 	}
-	em := maps.EndpointMap{Map: sb.lsb.Maps().Endpoints}
+	em := maps.ForSandbox(sb.lsb.Maps()).Endpoints
 	all, err := em.All()
 	if err != nil {
 		return fmt.Errorf("reconcile %s: %w", s.ID, err)

@@ -64,7 +64,7 @@ func (m directMode) Add(ctx context.Context, sb *Sandbox, ep control.Endpoint, f
 		return nil, fmt.Errorf("uplink: %w", err)
 	}
 	ms := sb.lsb.Maps()
-	eps := maps.EndpointMap{Map: ms.Endpoints}
+	eps := maps.EndpointMap{Map: ms.Endpoints, V6: ms.Endpoints6}
 	tapEP, err := tapEntry(ep, uplink.Index)
 	if err != nil {
 		return nil, err
@@ -79,7 +79,7 @@ func (m directMode) Add(ctx context.Context, sb *Sandbox, ep control.Endpoint, f
 		}
 	}()
 	if fresh {
-		if err := (maps.StatsMap{Map: ms.Stats}).Reset(ep.Slot); err != nil {
+		if err := (maps.StatsMap{Map: ms.Stats, Ext: ms.DropsExt}).Reset(ep.Slot); err != nil {
 			return nil, err
 		}
 	}

@@ -208,7 +208,7 @@ func tapEntry(ep control.Endpoint, peer int) (maps.Endpoint, error) {
 
 // bpfDirStats reads one direction of the slot's BPF counters.
 func bpfDirStats(sb *Sandbox, slot uint32, dir maps.Direction) (control.DirStats, error) {
-	s, err := (maps.StatsMap{Map: sb.lsb.Maps().Stats}).Read(slot, dir)
+	s, err := maps.ForSandbox(sb.lsb.Maps()).Stats.Read(slot, dir)
 	if err != nil {
 		return control.DirStats{}, err
 	}
@@ -222,7 +222,7 @@ func bpfDirStats(sb *Sandbox, slot uint32, dir maps.Direction) (control.DirStats
 // removeSlotEntries removes every endpoint entry of the slot, with the XDP ports of their
 // devices (a device that is gone, or was recreated, is only found here).
 func removeSlotEntries(sb *Sandbox, slot uint32) error {
-	eps := maps.EndpointMap{Map: sb.lsb.Maps().Endpoints}
+	eps := maps.ForSandbox(sb.lsb.Maps()).Endpoints
 	all, err := eps.All()
 	if err != nil {
 		return err

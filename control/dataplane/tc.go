@@ -40,7 +40,7 @@ func addTC(sb *Sandbox, ep control.Endpoint, fresh bool) (tap, uplink netdev.Lin
 		}
 	}
 	m := sb.lsb.Maps()
-	eps := maps.EndpointMap{Map: m.Endpoints}
+	eps := maps.EndpointMap{Map: m.Endpoints, V6: m.Endpoints6}
 	tapEP, err := tapEntry(ep, uplink.Index)
 	if err != nil {
 		return tap, uplink, err
@@ -57,7 +57,7 @@ func addTC(sb *Sandbox, ep control.Endpoint, fresh bool) (tap, uplink netdev.Lin
 		}
 	}()
 	if fresh {
-		if err := (maps.StatsMap{Map: m.Stats}).Reset(ep.Slot); err != nil {
+		if err := (maps.StatsMap{Map: m.Stats, Ext: m.DropsExt}).Reset(ep.Slot); err != nil {
 			return tap, uplink, err
 		}
 	}
