@@ -89,9 +89,13 @@ type nic struct {
 	// VhostDecision is what vhost-net came to when the NIC was plugged, with the reason.
 	VhostDecision string `json:"vhostDecision,omitempty"`
 	// Source is where the NIC came from: SourceDiscovery for a pair taken over from Kata,
-	// "" (kata-network) otherwise.
+	// SourceNetmon for a link netmon joined; "" is SourceKataNetwork, as for every NIC saved
+	// before sources were kept.
 	Source string `json:"source,omitempty"`
 }
+
+// source returns where n came from.
+func (n nic) source() string { return cmp.Or(n.Source, SourceKataNetwork) }
 
 const stateVersion = 1
 
@@ -306,7 +310,7 @@ func (c *Controller) AddSandbox(ctx context.Context, spec SandboxSpec) (Sandbox,
 	c.mu.Lock()
 	e.ready = true
 	c.mu.Unlock()
-	c.log.Info("sandbox added", "sandbox", sb.ID, "netns", sb.NetNS, "qmp", sb.QMP, "uplink", sb.Uplink, "mode", sb.Mode)
+	c.log.Info("sandbox added", "sandbox", sb.ID, "netns", sb.NetNS, "qmp", sb.QMP, "uplink", sb.Uplink, "mode", sb.Mode, "netmon", sb.Netmon)
 	return sb, nil
 }
 
@@ -318,7 +322,7 @@ func (c *Controller) validateSandbox(spec SandboxSpec) (Sandbox, error) {
 		ID: spec.ID, NetNS: spec.NetNS, QMP: spec.QMP,
 		Uplink: cmp.Or(spec.Uplink, DefaultUplink), Mode: cmp.Or(spec.Mode, ModeTC),
 		AntiSpoof: spec.AntiSpoof == nil || *spec.AntiSpoof, StrictEgress: spec.StrictEgress == nil || *spec.StrictEgress,
-		Vhost: spec.Vhost, Source: spec.Source, NoHotplug: spec.NoHotplug,
+		Vhost: spec.Vhost, Source: spec.Source, NoHotplug: spec.NoHotplug, Netmon: spec.Netmon,
 	}
 	if sb.Vhost == VhostAuto {
 		sb.Vhost = "" // the default, kept as before the setting existed
@@ -347,6 +351,11 @@ func (c *Controller) validateSandbox(spec SandboxSpec) (Sandbox, error) {
 	}
 	if !slices.Contains(Modes, sb.Mode) {
 		return Sandbox{}, fmt.Errorf("%w: mode %q is not one of %s", ErrInvalid, sb.Mode, strings.Join(Modes, ", "))
+	}
+	if sb.Netmon && sb.Mode == ModeDirect {
+		// A direct sandbox's netns is the host's (or the uplink's): every link there is the
+		// node's, none is a network attached to the sandbox.
+		return Sandbox{}, fmt.Errorf("%w: netmon does not apply to mode direct (its netns holds the host's links, not the sandbox's)", ErrInvalid)
 	}
 	return sb, nil
 }

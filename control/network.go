@@ -189,6 +189,12 @@ func (c *Controller) addIfaceWith(ctx context.Context, e *entry, req netspec.Add
 		return netspec.Interface{}, err
 	}
 	n := nic{Spec: v.Spec, Slot: slot, Uplink: v.Uplink, Mode: v.Mode, Vhost: v.Vhost, Source: o.source}
+	if src := sourceOf(ctx); n.Source == "" && src != SourceKataNetwork {
+		if !slices.Contains(Sources, src) {
+			return netspec.Interface{}, invalidf("NIC source %q is not one of %s", src, strings.Join(Sources, ", "))
+		}
+		n.Source = src
+	}
 	var u undo
 	u.push("release device "+v.Spec.Device, func(context.Context) error { c.releaseDevice(v.Spec.Device, sb.ID); return nil })
 	fail := func(err error) (netspec.Interface, error) { return netspec.Interface{}, c.rollback(ctx, &u, err) }
@@ -247,7 +253,8 @@ func (c *Controller) addIfaceWith(ctx context.Context, e *entry, req netspec.Add
 		return fail(err)
 	}
 	c.log.Info("NIC added", "sandbox", sb.ID, "nic", n.Spec.Name, "tap", n.Spec.Device, "created", created,
-		"slot", n.Slot, "uplink", n.Uplink, "pci", n.Spec.PCIAddr, "mode", ep.Mode, "vhost", n.VhostDecision, "vhostUserSocket", ep.VhostUserSocket)
+		"slot", n.Slot, "uplink", n.Uplink, "pci", n.Spec.PCIAddr, "mode", ep.Mode, "vhost", n.VhostDecision, "vhostUserSocket", ep.VhostUserSocket,
+		"source", n.source())
 	return n.Spec, nil
 }
 

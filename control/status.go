@@ -26,13 +26,12 @@ type EndpointStatus struct {
 	// Vhost is what vhost-net came to for a tap NIC when it was plugged, with the reason
 	// ("on: /dev/vhost-net opened", "off: open /dev/vhost-net: ..."); VhostUserSocket is the
 	// socket of a vhost-user NIC (mode vhost-user).
-	Vhost           string         `json:"vhost,omitempty"`
-	VhostUserSocket string         `json:"vhostUserSocket,omitempty"`
-	Stats           *EndpointStats `json:"stats,omitempty"`
-	StatsError      string         `json:"statsError,omitempty"`
-
-	// Source is SourceDiscovery for a NIC taken over from Kata, "" for kata-network's.
-	Source string `json:"source,omitempty"`
+	Vhost           string `json:"vhost,omitempty"`
+	VhostUserSocket string `json:"vhostUserSocket,omitempty"`
+	// Source is where the NIC came from: kata-network, netmon or discovery.
+	Source     string         `json:"source"`
+	Stats      *EndpointStats `json:"stats,omitempty"`
+	StatsError string         `json:"statsError,omitempty"`
 }
 
 // SandboxStatus is one sandbox in a status report.
@@ -120,7 +119,7 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 			es := EndpointStatus{
 				NIC: n.Spec.Name, Tap: n.Spec.Device, TapCreated: n.TapCreated, Uplink: n.Uplink,
 				MAC: n.Spec.HwAddr, Slot: n.Slot, PCIAddr: n.Spec.PCIAddr,
-				Vhost: n.VhostDecision, VhostUserSocket: n.Spec.VhostUserSocket, Source: n.Source,
+				Vhost: n.VhostDecision, VhostUserSocket: n.Spec.VhostUserSocket, Source: n.source(),
 			}
 			if p := prefixOf(n); p.IsValid() {
 				es.Addr = p.String()

@@ -184,6 +184,10 @@ type Sandbox struct {
 	// NoHotplug says why a sandbox has no QMP socket when that is not the operator's choice
 	// (a discovered sandbox whose VM has no extra monitor socket).
 	NoHotplug string `json:"noHotplug,omitempty"`
+	// Netmon makes the agent watch the sandbox's netns and join the links that appear in it
+	// to the VM by themselves (control/netmon), as Kata's enable_netmon does. Off for a sandbox
+	// registered by hand unless asked (sandbox add --netmon); Kata discovery turns it on.
+	Netmon bool `json:"netmon,omitempty"`
 }
 
 // SandboxSpec is a request to register a sandbox. Nil booleans take their defaults (on).
@@ -198,10 +202,38 @@ type SandboxSpec struct {
 	Vhost        string `json:"vhost,omitempty"`     // "" = auto
 	Source       string `json:"source,omitempty"`    // SourceDiscovery or "" (by hand)
 	NoHotplug    string `json:"noHotplug,omitempty"` // why there is no QMP socket
+	Netmon       bool   `json:"netmon,omitempty"`
 }
 
-// SourceDiscovery marks sandboxes and NICs that Kata discovery registered and took over.
-const SourceDiscovery = "discovery"
+// Where a NIC came from, kept per NIC in state and shown by status: a kata-network add-iface
+// (the default, and what a NIC saved before sources existed is), netmon (a link that appeared
+// in the sandbox's netns) or Kata discovery. SourceDiscovery also marks the sandboxes Kata
+// discovery registered (Sandbox.Source).
+const (
+	SourceKataNetwork = "kata-network"
+	SourceNetmon      = "netmon"
+	SourceDiscovery   = "discovery"
+)
+
+// Sources lists the valid NIC sources.
+var Sources = []string{SourceKataNetwork, SourceNetmon, SourceDiscovery}
+
+type sourceKey struct{}
+
+// WithSource returns a context under which AddIface records src (one of Sources) as the
+// source of the NIC it adds. Without it the source is kata-network: the wire API never sets
+// it, the agent's own node work (netmon, discovery) does, so status can tell them apart.
+func WithSource(ctx context.Context, src string) context.Context {
+	return context.WithValue(ctx, sourceKey{}, src)
+}
+
+// sourceOf returns the NIC source ctx carries (kata-network when none).
+func sourceOf(ctx context.Context) string {
+	if s, _ := ctx.Value(sourceKey{}).(string); s != "" {
+		return s
+	}
+	return SourceKataNetwork
+}
 
 // Errors of the control plane, matched with errors.Is. The texts of ErrNoSuchSandbox and
 // ErrAmbiguous are completed with the id as the kata-network contract prints them.

@@ -261,7 +261,7 @@ func TestErrors(t *testing.T) {
 	a.check(t, "", []string{"sandbox", "del", "6ec7a98a"}, result{"", "del sandbox: no such container ID (6ec7a98a)\n", 1})
 	a.check(t, "", []string{"sandbox", "del", "6ec7a98aaa"}, result{})
 	a.check(t, "", []string{"sandbox", "del", "6ec7a98bbb"}, result{})
-	a.check(t, "", []string{"sandbox", "list"}, result{stdout: "ID  NETNS  QMP  UPLINK  MODE  ANTI-SPOOF  STRICT-EGRESS  VHOST\n"})
+	a.check(t, "", []string{"sandbox", "list"}, result{stdout: "ID  NETNS  QMP  UPLINK  MODE  ANTI-SPOOF  STRICT-EGRESS  VHOST  NETMON\n"})
 }
 
 // TestStatusAndRestart: status shows endpoints; a restarted agent shows the same state and

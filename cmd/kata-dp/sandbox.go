@@ -12,7 +12,7 @@ import (
 const sandboxUse = `
 Usage:
   kata-dp sandbox add <id> --netns <path> [--qmp <socket>] [--uplink <dev>] [--mode tc|xdp|tcfilter|macvtap|direct]
-                           [--anti-spoof=true|false] [--strict-egress=true|false] [--vhost auto|on|off]
+                           [--anti-spoof=true|false] [--strict-egress=true|false] [--vhost auto|on|off] [--netmon]
   kata-dp sandbox del <id>
   kata-dp sandbox list [-o table|json]
   kata-dp sandbox release <id>
@@ -30,10 +30,13 @@ lets discovery take it over again (docs/kata.md).
 --vhost says whether the taps hot-plugged into the VM use the kernel's vhost-net: auto (on when
 /dev/vhost-net can be opened, otherwise off, with the reason in status), on (a NIC that cannot
 have it is refused), off; "vhost" in add-iface overrides it per NIC (docs/vhost.md).
+--netmon turns on netmon for the sandbox: links that appear in its netns join the VM by
+themselves (docs/netmon.md). Off unless given.
 
 Examples:
   kata-dp sandbox add 6ec7a98f3b2c --netns /run/netns/sb1 --qmp /run/vc/vm/6ec7a98f3b2c/qmp.sock
   kata-dp sandbox add sb2 --netns /run/netns/sb2 --mode xdp --strict-egress=false
+  kata-dp sandbox add sb3 --netns /run/netns/sb3 --qmp /run/vc/vm/sb3/qmp.sock --netmon
   kata-dp sandbox list -o json
   kata-dp sandbox del 6ec7a98f3b2c
   kata-dp sandbox release 6ec7a98f3b2c     # a discovered Kata sandbox back to Kata's tcfilter
@@ -49,6 +52,7 @@ func runSandbox(e *env, args []string) error {
 	antiSpoof := fs.Bool("anti-spoof", true, "drop guest frames with a foreign source MAC or IP (add)")
 	strictEgress := fs.Bool("strict-egress", true, "drop guest frames with no route on their NIC (add)")
 	vhost := fs.String("vhost", control.VhostAuto, "vhost-net for the hot-plugged taps: "+strings.Join(control.VhostModes, ", ")+" (add)")
+	netmon := fs.Bool("netmon", false, "join links that appear in the netns to the VM by themselves (add)")
 	output := fs.StringP("output", "o", "table", "output format: table or json (list)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -65,7 +69,7 @@ func runSandbox(e *env, args []string) error {
 			return fmt.Errorf("usage: kata-dp sandbox add <id> --netns <path> [options]")
 		}
 		spec := control.SandboxSpec{ID: a[1], NetNS: *netns, QMP: *qmp, Uplink: *uplink, Mode: *mode,
-			AntiSpoof: antiSpoof, StrictEgress: strictEgress, Vhost: *vhost}
+			AntiSpoof: antiSpoof, StrictEgress: strictEgress, Vhost: *vhost, Netmon: *netmon}
 		sb, err := c.AddSandbox(e.ctx, spec)
 		if err != nil {
 			return err
@@ -109,9 +113,9 @@ func runSandbox(e *env, args []string) error {
 			return writeJSON(e.stdout, sbs)
 		}
 		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tNETNS\tQMP\tUPLINK\tMODE\tANTI-SPOOF\tSTRICT-EGRESS\tVHOST")
+		fmt.Fprintln(tw, "ID\tNETNS\tQMP\tUPLINK\tMODE\tANTI-SPOOF\tSTRICT-EGRESS\tVHOST\tNETMON")
 		for _, sb := range sbs {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", sb.ID, sb.NetNS, orDash(sb.QMP), sb.Uplink, sb.Mode, onOff(sb.AntiSpoof), onOff(sb.StrictEgress), cmp.Or(sb.Vhost, control.VhostAuto))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", sb.ID, sb.NetNS, orDash(sb.QMP), sb.Uplink, sb.Mode, onOff(sb.AntiSpoof), onOff(sb.StrictEgress), cmp.Or(sb.Vhost, control.VhostAuto), onOff(sb.Netmon))
 		}
 		return tw.Flush()
 	}

@@ -90,14 +90,14 @@ func writeJSON(w io.Writer, v any) error {
 
 func statusTable(e *env, st []control.SandboxStatus) error {
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SANDBOX\tMODE\tUPLINK\tANTI-SPOOF\tSTRICT-EGRESS\tQMP\tNICS\tROUTES\tNETNS\tVHOST")
+	fmt.Fprintln(tw, "SANDBOX\tMODE\tUPLINK\tANTI-SPOOF\tSTRICT-EGRESS\tQMP\tNICS\tROUTES\tNETNS\tVHOST\tNETMON")
 	for _, s := range st {
 		vhost := cmp.Or(s.Vhost, control.VhostAuto)
 		if s.VhostDecision != "" {
 			vhost += " (" + s.VhostDecision + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n", s.ID, s.Mode, s.Uplink, onOff(s.AntiSpoof),
-			onOff(s.StrictEgress), orDash(s.QMP), len(s.Endpoints), s.Routes, s.NetNS, vhost)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n", s.ID, s.Mode, s.Uplink, onOff(s.AntiSpoof),
+			onOff(s.StrictEgress), orDash(s.QMP), len(s.Endpoints), s.Routes, s.NetNS, vhost, onOff(s.Netmon))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -116,7 +116,7 @@ func statusTable(e *env, st []control.SandboxStatus) error {
 	}
 	fmt.Fprintln(e.stdout)
 	tw = tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SANDBOX\tNIC\tTAP\tSLOT\tMODE\tUPLINK\tMAC\tADDR\tPCI\tFROM-GUEST pkts/bytes\tTO-GUEST pkts/bytes\tDROPS\tVHOST")
+	fmt.Fprintln(tw, "SANDBOX\tNIC\tTAP\tSLOT\tMODE\tUPLINK\tMAC\tADDR\tPCI\tFROM-GUEST pkts/bytes\tTO-GUEST pkts/bytes\tDROPS\tVHOST\tSOURCE")
 	for _, s := range st {
 		for _, ep := range s.Endpoints {
 			from, to, drops := "-", "-", "-"
@@ -140,8 +140,8 @@ func statusTable(e *env, st []control.SandboxStatus) error {
 			if ep.RunningMode != "" && ep.RunningMode != ep.Mode {
 				mode = ep.RunningMode + " (asked " + ep.Mode + ")"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, ep.NIC, tap, ep.Slot,
-				mode, orDash(ep.Uplink), ep.MAC, orDash(ep.Addr), orDash(ep.PCIAddr), from, to, drops, orDash(ep.Vhost))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, ep.NIC, tap, ep.Slot,
+				mode, orDash(ep.Uplink), ep.MAC, orDash(ep.Addr), orDash(ep.PCIAddr), from, to, drops, orDash(ep.Vhost), orDash(ep.Source))
 		}
 	}
 	return tw.Flush()
