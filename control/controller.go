@@ -39,6 +39,9 @@ type Config struct {
 	// OnSandboxRemoved, when set, is called after a sandbox was deleted, so state kept
 	// outside the controller for it (e.g. its kata-ipvs rules) goes with it.
 	OnSandboxRemoved func(id string)
+	// OnSandboxAdded, when set, is called after a sandbox was registered, so node work that
+	// watches sandboxes (netmon) starts on it. It must not block.
+	OnSandboxAdded func(sb Sandbox)
 }
 
 // Controller is the control plane. See the package documentation for its concurrency rules.
@@ -310,6 +313,9 @@ func (c *Controller) AddSandbox(ctx context.Context, spec SandboxSpec) (Sandbox,
 	c.mu.Lock()
 	e.ready = true
 	c.mu.Unlock()
+	if c.cfg.OnSandboxAdded != nil {
+		c.cfg.OnSandboxAdded(sb)
+	}
 	c.log.Info("sandbox added", "sandbox", sb.ID, "netns", sb.NetNS, "qmp", sb.QMP, "uplink", sb.Uplink, "mode", sb.Mode, "netmon", sb.Netmon)
 	return sb, nil
 }

@@ -5,6 +5,8 @@ import (
 	"context"
 	"slices"
 	"strings"
+
+	"github.com/kata-dp/kata-dp/control/netspec"
 )
 
 // EndpointStatus is one NIC in a status report.
@@ -84,6 +86,30 @@ func (c *Controller) Endpoints() []Endpoint {
 		return int(a.Slot) - int(b.Slot)
 	})
 	return out
+}
+
+// NIC is one NIC of a sandbox as the agent's node work (netmon) sees it.
+type NIC struct {
+	Spec   netspec.Interface // as kata-network prints it
+	Uplink string            // the device in the netns its tap is joined to; "" = not joined
+	Source string            // where it came from: one of Sources
+}
+
+// NICs returns a snapshot of the NICs and routes of the sandbox whose id is exactly id. It does
+// not wait for running operations: a caller acting on it goes through the typed operations,
+// which check again under the sandbox's lock.
+func (c *Controller) NICs(id string) ([]NIC, []netspec.Route, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, err := c.findExact(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	out := make([]NIC, 0, len(e.st.NICs))
+	for _, n := range e.st.NICs {
+		out = append(out, NIC{Spec: n.Spec, Uplink: n.Uplink, Source: n.source()})
+	}
+	return out, slices.Clone(e.st.Routes), nil
 }
 
 // Stats returns the dataplane's counters of an endpoint.

@@ -186,7 +186,8 @@ type Sandbox struct {
 	NoHotplug string `json:"noHotplug,omitempty"`
 	// Netmon makes the agent watch the sandbox's netns and join the links that appear in it
 	// to the VM by themselves (control/netmon), as Kata's enable_netmon does. Off for a sandbox
-	// registered by hand unless asked (sandbox add --netmon); Kata discovery turns it on.
+	// registered by hand unless asked (sandbox add --netmon); meant to be on for the sandboxes
+	// Kata discovery registers.
 	Netmon bool `json:"netmon,omitempty"`
 }
 

@@ -15,6 +15,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/kata"
+	"github.com/kata-dp/kata-dp/control/netmon"
 	"github.com/kata-dp/kata-dp/control/store"
 	"github.com/kata-dp/kata-dp/control/watch"
 	"github.com/spf13/pflag"
@@ -124,10 +125,21 @@ func agent(e *env, o agentOptions) (err error) {
 		}
 	}()
 	var lbm *ipvsctl.Manager
+	// mon watches the netns of the sandboxes with netmon on; it learns of new and removed
+	// sandboxes through the controller's hooks (set before the API and the tasks start).
+	var mon *netmon.Monitor
 	cfg := control.Config{Dataplane: deps.Dataplane, Taps: deps.Taps, Store: st, Logger: log,
 		OnSandboxRemoved: func(id string) {
 			if lbm != nil {
 				lbm.Forget(id)
+			}
+			if mon != nil {
+				mon.Sync()
+			}
+		},
+		OnSandboxAdded: func(control.Sandbox) {
+			if mon != nil {
+				mon.Sync()
 			}
 		}}
 	if deps.Hotplug != nil {
@@ -150,6 +162,10 @@ func agent(e *env, o agentOptions) (err error) {
 	metrics := api.NewMetrics(ctrl, version)
 	sopts := api.ServerOptions{Version: version, Logger: log, Metrics: metrics, IPVS: lbm}
 	tasks := watch.New(log)
+	mon = netmon.New(ctrl, netmon.Options{Logger: log})
+	if err := tasks.Add(watch.Task{Name: "netmon", Run: mon.Run}); err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
 	for _, t := range deps.Tasks {
 		if err := tasks.Add(t); err != nil {
 			return fmt.Errorf("agent: %w", err)

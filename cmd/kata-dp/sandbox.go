@@ -30,8 +30,10 @@ lets discovery take it over again (docs/kata.md).
 --vhost says whether the taps hot-plugged into the VM use the kernel's vhost-net: auto (on when
 /dev/vhost-net can be opened, otherwise off, with the reason in status), on (a NIC that cannot
 have it is refused), off; "vhost" in add-iface overrides it per NIC (docs/vhost.md).
---netmon turns on netmon for the sandbox: links that appear in its netns join the VM by
-themselves (docs/netmon.md). Off unless given.
+--netmon makes the agent watch the sandbox's netns: a link that appears there (a second CNI
+network's veth, a macvlan, ...) and is up with a MAC joins the VM by itself, as add-iface and
+add-route would add it, follows its address and route changes, and leaves when the link goes
+(docs/netmon.md). Off unless given.
 
 Examples:
   kata-dp sandbox add 6ec7a98f3b2c --netns /run/netns/sb1 --qmp /run/vc/vm/6ec7a98f3b2c/qmp.sock
