@@ -12,6 +12,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/netspec"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Controller is what netmon needs of control.Controller: the sandboxes, a snapshot of one's
@@ -76,10 +77,14 @@ type running struct {
 	done   chan struct{}
 }
 
-// Run watches every sandbox with netmon on until ctx ends, starting and stopping watchers as
-// sandboxes come and go (Sync). It returns nil when ctx ends, after every watcher stopped.
+// Run watches every healthy sandbox with netmon on until ctx ends, starting and stopping
+// watchers as sandboxes come and go (Sync) or change health. It returns nil when ctx ends, after every watcher stopped.
 func (m *Monitor) Run(ctx context.Context) error {
 	ws := map[string]*running{}
+	// Health changes without a Sync (a node task marks a sandbox down and up again): look at
+	// the set again now and then. This lists sandboxes, never a netns.
+	resync := time.NewTicker(30 * time.Second)
+	defer resync.Stop()
 	defer func() {
 		for _, r := range ws {
 			r.cancel()
@@ -92,7 +97,9 @@ func (m *Monitor) Run(ctx context.Context) error {
 		want := map[string]control.Sandbox{}
 		broken := m.ctrl.Unhealthy()
 		for _, sb := range m.ctrl.Sandboxes() {
-			if sb.Netmon && broken[sb.ID] == "" {
+			// A sandbox without hot-plug that the operator did not choose (a discovered one
+			// without Kata's extra monitor) is not watched: its VM could not get the NICs.
+			if sb.Netmon && broken[sb.ID] == "" && sb.NoHotplug == "" {
 				want[sb.ID] = sb
 			}
 		}
@@ -120,6 +127,7 @@ func (m *Monitor) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-m.sync:
+		case <-resync.C:
 		}
 	}
 }
@@ -162,7 +170,6 @@ func (w *watcher) watch(ctx context.Context) error {
 	}
 	defer ns.Close()
 	done := make(chan struct{})
-	defer close(done)
 	failed := make(chan error, 3)
 	onErr := func(err error) {
 		select {
@@ -173,6 +180,23 @@ func (w *watcher) watch(ctx context.Context) error {
 	links := make(chan netlink.LinkUpdate, 256)
 	addrs := make(chan netlink.AddrUpdate, 256)
 	routes := make(chan netlink.RouteUpdate, 256)
+	defer func() {
+		// Closing done closes the sockets; a subscription goroutine blocked on a full channel
+		// would wait forever, so drain each channel until its goroutine closes it.
+		close(done)
+		go func() {
+			for range links {
+			}
+		}()
+		go func() {
+			for range addrs {
+			}
+		}()
+		go func() {
+			for range routes {
+			}
+		}()
+	}()
 	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{Namespace: &ns, ErrorCallback: onErr}); err != nil {
 		return fmt.Errorf("subscribe to links in %s: %w", w.sb.NetNS, err)
 	}
@@ -228,6 +252,8 @@ func (w *watcher) watch(ctx context.Context) error {
 		quiet.Reset(w.m.o.Quiet)
 		quietC = quiet.C
 	}
+	// mute holds the ifindexes of links netmon never takes, learned from their link events.
+	mute := map[int]bool{}
 	apply()
 	for {
 		select {
@@ -239,19 +265,31 @@ func (w *watcher) watch(ctx context.Context) error {
 			if !ok {
 				return errSubscription
 			}
-			if !ignored(u.Link) {
+			if ignored(u.Link) {
+				// Its addresses and routes (a tap coming up gets an IPv6 link-local address
+				// and routes) need no reconcile either.
+				if u.Header.Type == unix.RTM_DELLINK {
+					delete(mute, int(u.Index))
+				} else {
+					mute[int(u.Index)] = true
+				}
+				continue
+			}
+			event()
+		case u, ok := <-addrs:
+			if !ok {
+				return errSubscription
+			}
+			if !mute[u.LinkIndex] {
 				event()
 			}
-		case _, ok := <-addrs:
+		case u, ok := <-routes:
 			if !ok {
 				return errSubscription
 			}
-			event()
-		case _, ok := <-routes:
-			if !ok {
-				return errSubscription
+			if !mute[u.LinkIndex] {
+				event()
 			}
-			event()
 		case <-quietC:
 			apply()
 		case <-deadC:
