@@ -6,6 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/libcni"
+	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
@@ -24,8 +29,90 @@ import (
 	"github.com/kata-dp/kata-dp/control/qmp"
 )
 
-// TestE2EKata: a Kata-shaped node and the real agent with discovery. The pod netns has its
-// veth with the pod's address and default route; a real QEMU guest runs in it with Kata's
+// podNet is a pod's network as the test needs it: the host side, the pod netns and what the
+// CNI plugins gave the pod.
+type podNet struct {
+	Host, NS  *topo.NetNS
+	HostAddr  netip.Prefix // the bridge's (gateway) address
+	GuestAddr netip.Prefix // the pod's address
+	GuestMAC  net.HardwareAddr
+}
+
+type cniPodNet struct{ podNet }
+
+// cniPod makes a pod netns and its eth0 the way containerd does: the reference bridge and
+// host-local plugins (go-installed, v1.9.1 as in go.mod) run through libcni, with the bridge
+// in a throwaway host-side netns.
+func cniPod(t *testing.T, id string) *cniPodNet {
+	t.Helper()
+	bin := t.TempDir()
+	cmd := exec.Command("go", "install",
+		"github.com/containernetworking/plugins/plugins/main/bridge@v1.9.1",
+		"github.com/containernetworking/plugins/plugins/ipam/host-local@v1.9.1")
+	cmd.Env = append(os.Environ(), "GOBIN="+bin)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Skipf("reference CNI plugins unavailable: %v\n%s", err, out)
+	}
+	host := topotest.MustNetNS(t, "kdptkh")
+	pod := topotest.MustNetNS(t, "kdptkp")
+	for _, n := range []*topo.NetNS{host, pod} {
+		if err := n.DisableIPv6(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := t.TempDir()
+	conf, err := json.Marshal(map[string]any{
+		"cniVersion": "1.1.0", "name": "kdptk-net",
+		"plugins": []any{map[string]any{
+			"type": "bridge", "bridge": "kdptk-br0", "isGateway": true, "ipMasq": false,
+			"ipam": map[string]any{"type": "host-local", "subnet": "10.199.0.0/24", "dataDir": filepath.Join(dir, "ipam"),
+				"routes": []any{map[string]any{"dst": "0.0.0.0/0"}}},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, err := libcni.ConfListFromBytes(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := libcni.NewCNIConfigWithCacheDir([]string{bin}, filepath.Join(dir, "cache"), nil)
+	rt := &libcni.RuntimeConf{ContainerID: id, NetNS: pod.Path(), IfName: "eth0"}
+	var res *current.Result
+	err = host.Do(func() error {
+		r, err := c.AddNetworkList(context.Background(), list, rt)
+		if err != nil {
+			return err
+		}
+		res, err = current.NewResultFromResult(r)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("CNI ADD: %v", err)
+	}
+	t.Cleanup(func() { host.Do(func() error { return c.DelNetworkList(context.Background(), list, rt) }) })
+	p := &cniPodNet{podNet{Host: host, NS: pod}}
+	for _, ip := range res.IPs {
+		a, _ := netip.AddrFromSlice(ip.Address.IP)
+		ones, _ := ip.Address.Mask.Size()
+		p.GuestAddr = netip.PrefixFrom(a.Unmap(), ones)
+		gw, _ := netip.AddrFromSlice(ip.Gateway)
+		p.HostAddr = netip.PrefixFrom(gw.Unmap(), ones)
+	}
+	li, err := netdev.LookupLink(pod.Path(), "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.GuestMAC = li.MAC
+	if !p.GuestAddr.IsValid() || !p.HostAddr.IsValid() {
+		t.Fatalf("CNI result without an address and gateway: %+v", res)
+	}
+	return p
+}
+
+// TestE2EKata: a Kata-shaped node and the real agent with discovery. The pod netns and its
+// veth are made by the real bridge + host-local CNI plugins (libcni, as containerd runs
+// them); a real QEMU guest runs in it with Kata's
 // command-line shape (-name sandbox-<id>, Kata's QMP held by a stand-in shim client, an extra
 // monitor, the tap0_kata queue passed as an fd, vhost off); Kata's tcfilter plumbing joins
 // veth and tap; persist.json is in Kata's schema. The agent takes the pair over under a ping
@@ -34,20 +121,11 @@ import (
 // directories collects it.
 func TestE2EKata(t *testing.T) {
 	topotest.RequireRoot(t, "runs QEMU and the BPF dataplane in namespaces")
-	sb := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptk", NoTap: true})
 	const id = "kdptk0e2e5a1d"
+	pn := cniPod(t, id)
+	sb := &pn.podNet
 	guestIP, hostIP := sb.GuestAddr.Addr().String(), sb.HostAddr.Addr().String()
 	mac := sb.GuestMAC.String()
-	// The pod's identity on its veth, as CNI leaves it.
-	for _, cmd := range [][]string{
-		{"ip", "addr", "add", sb.GuestAddr.String(), "dev", "eth0"},
-		{"ip", "link", "set", "eth0", "up"},
-		{"ip", "route", "add", "default", "via", hostIP, "dev", "eth0"},
-	} {
-		if _, err := sb.NS.Exec(cmd...); err != nil {
-			t.Fatal(err)
-		}
-	}
 	// Kata's tap, its queue handed to QEMU as an fd.
 	if err := netdev.CreateTap(sb.NS.Path(), "tap0_kata", netdev.TapOptions{Queues: 1, MTU: 1500, VnetHdr: true}); err != nil {
 		t.Fatal(err)
@@ -221,7 +299,7 @@ func TestE2EKata(t *testing.T) {
 			t.Errorf("clsact on %s after GC", dev)
 		}
 	}
-	if _, err := sb.NS.Link("tap0_kata"); err != nil {
+	if _, err := netdev.LookupLink(sb.NS.Path(), "tap0_kata"); err != nil {
 		t.Errorf("Kata's tap is gone: %v", err)
 	}
 	if t.Failed() {
@@ -257,14 +335,34 @@ func guestTCP(host *topo.NetNS, ip string) error {
 	if err != nil {
 		return err
 	}
-	defer c.Close()
 	c.SetDeadline(time.Now().Add(20 * time.Second))
-	if _, err := c.Write([]byte("kata\n")); err != nil {
-		return err
-	}
+	c.Write([]byte("kata\n"))
 	line, err := bufio.NewReader(c).ReadString('\n')
+	c.Close()
 	if err != nil || line != "kata\n" {
 		return fmt.Errorf("echo: %q, %v", line, err)
+	}
+	const size = 1 << 20
+	if c, err = host.Dial("tcp", fmt.Sprintf("%s:%d", ip, guesttest.SendPort), 10*time.Second); err != nil {
+		return err
+	}
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	fmt.Fprintf(c, "%d\n", size)
+	n, err := io.Copy(io.Discard, c)
+	c.Close()
+	if err != nil || n != size {
+		return fmt.Errorf("guest -> host: %d bytes of %d (%v)", n, size, err)
+	}
+	if c, err = host.Dial("tcp", fmt.Sprintf("%s:%d", ip, guesttest.SinkPort), 10*time.Second); err != nil {
+		return err
+	}
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	io.Copy(c, io.LimitReader(zeros{}, size))
+	c.(*net.TCPConn).CloseWrite()
+	line, _ = bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if got, _ := strconv.Atoi(strings.TrimSpace(line)); got != size {
+		return fmt.Errorf("host -> guest: guest counted %q bytes, want %d", line, size)
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package kata
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -377,18 +378,21 @@ func lossBetween(a, b [2]int64) int64 {
 // now used by a process whose command line does not name the sandbox counts as gone (Kata
 // starts QEMU with -name sandbox-<id>).
 func hypervisorGone(pid int, id string) string {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+	proc := filepath.Join("/proc", strconv.Itoa(pid))
+	s, err := os.ReadFile(filepath.Join(proc, "stat"))
+	if err != nil {
+		return fmt.Sprintf("hypervisor (pid %d) is gone", pid)
+	}
+	// A zombie has exited (its parent has not reaped it yet): field 3, after the command.
+	if i := bytes.LastIndexByte(s, ')'); i > 0 && len(s) > i+2 && s[i+2] == 'Z' {
+		return fmt.Sprintf("hypervisor (pid %d) has exited", pid)
+	}
+	b, err := os.ReadFile(filepath.Join(proc, "cmdline"))
 	if err != nil {
 		return fmt.Sprintf("hypervisor (pid %d) is gone", pid)
 	}
 	if !strings.Contains(strings.ReplaceAll(string(b), "\x00", " "), id) {
 		return fmt.Sprintf("hypervisor (pid %d) is gone (the pid now runs something else)", pid)
-	}
-	if s, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat")); err == nil {
-		// A zombie has exited: field 3, after the parenthesised command.
-		if i := strings.LastIndexByte(string(s), ')'); i > 0 && len(s) > i+2 && s[i+2] == 'Z' {
-			return fmt.Sprintf("hypervisor (pid %d) has exited", pid)
-		}
 	}
 	return ""
 }
