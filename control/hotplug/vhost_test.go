@@ -263,7 +263,9 @@ func vhostUserSocket(t *testing.T) string {
 
 func sharedVM(t *testing.T) *fakeVM {
 	vm := newFakeVM(t, q35())
+	vm.mu.Lock()
 	vm.memdevs = []fakeMemdev{{ID: "mem0", Size: 256 << 20, Share: true}}
+	vm.mu.Unlock()
 	return vm
 }
 
@@ -350,7 +352,9 @@ func TestPlugVhostUserRefused(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			vm := sharedVM(t)
 			if tc.private {
+				vm.mu.Lock()
 				vm.memdevs = nil
+				vm.mu.Unlock()
 			}
 			_, err := PlugVhostUser(ctxT(t), vm.client(t), VhostUserNIC{ID: "eth0", MAC: "02:00:00:00:00:01", Socket: tc.socket})
 			if err == nil || (tc.wantErr != nil && !errors.Is(err, tc.wantErr)) {
@@ -384,7 +388,9 @@ func TestPlugVhostUserRollback(t *testing.T) {
 	} {
 		t.Run(fmt.Sprintf("%s#%d", tc.failOn, tc.n), func(t *testing.T) {
 			vm := sharedVM(t)
+			vm.mu.Lock()
 			vm.failOn[tc.failOn] = tc.n
+			vm.mu.Unlock()
 			_, err := PlugVhostUser(ctxT(t), vm.client(t), VhostUserNIC{ID: "eth0", MAC: "02:00:00:00:00:01", Queues: 2, Socket: vhostUserSocket(t)})
 			var qe *qmp.Error
 			if !errors.As(err, &qe) || !strings.Contains(err.Error(), tc.wantErr) {

@@ -334,9 +334,15 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	return cn, nil
 }
 
-// drop forgets a broken connection so that the next call redials.
+// drop forgets a broken connection so that the next call redials. Only the first drop of a
+// connection acts, and it marks the subscriptions disconnected before it fails the calls in
+// flight: a caller that learns of the loss from its call and then subscribes anew (a rollback
+// waiting for DEVICE_DELETED) must not see its new subscription reported lost.
 func (c *Client) drop(cn *conn, err error) {
-	cn.fail(err)
+	pending, first := cn.markFailed(err)
+	if !first {
+		return
+	}
 	c.mu.Lock()
 	if c.conn == cn {
 		c.conn = nil
@@ -347,6 +353,7 @@ func (c *Client) drop(cn *conn, err error) {
 		s.disconnected()
 	}
 	c.subMu.Unlock()
+	cn.finish(pending, err)
 }
 
 func (c *Client) readLoop(cn *conn) {
@@ -558,16 +565,28 @@ func (cn *conn) resolve(id string, r reply) {
 
 // fail closes the connection and fails every call in flight with err.
 func (cn *conn) fail(err error) {
+	if pending, first := cn.markFailed(err); first {
+		cn.finish(pending, err)
+	}
+}
+
+// markFailed records err as the connection's end and takes the calls in flight; first is
+// false when the connection had already failed.
+func (cn *conn) markFailed(err error) (pending map[string]chan reply, first bool) {
 	cn.mu.Lock()
+	defer cn.mu.Unlock()
 	if cn.err != nil {
-		cn.mu.Unlock()
-		return
+		return nil, false
 	}
 	cn.err = err
-	pending := cn.pending
+	pending = cn.pending
 	cn.pending = nil
 	close(cn.dead)
-	cn.mu.Unlock()
+	return pending, true
+}
+
+// finish closes the connection and fails the calls markFailed took.
+func (cn *conn) finish(pending map[string]chan reply, err error) {
 	cn.uc.Close()
 	for _, ch := range pending {
 		ch <- reply{err: err}
