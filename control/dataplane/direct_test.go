@@ -130,7 +130,7 @@ func mustExec(t *testing.T, n *topo.NetNS, cmd ...string) {
 
 func pingOK(t *testing.T, from *topo.NetNS, to string) {
 	t.Helper()
-	if tx, rx := ping(t, from, "-c", "3", "-i", "0.05", "-W", "1", to); rx != tx {
+	if tx, rx := pingAll(t, from, "-c", "3", "-i", "0.05", "-W", "1", to); rx != tx {
 		t.Errorf("ping %s -> %s: %d of %d answered", from, to, rx, tx)
 	}
 }

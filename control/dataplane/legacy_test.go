@@ -14,10 +14,10 @@ import (
 func TestLegacyClsact(t *testing.T) {
 	r := newRigWith(t, "legacy", loader.Options{LegacyTC: true})
 	guestIP, hostIP := r.sb.GuestAddr.Addr().String(), r.sb.HostAddr.Addr().String()
-	if tx, rx := ping(t, r.sb.Host, "-c", "3", "-i", "0.05", "-W", "2", guestIP); rx != tx {
+	if tx, rx := pingAll(t, r.sb.Host, "-c", "3", "-i", "0.05", "-W", "2", guestIP); rx != tx {
 		t.Fatalf("host->guest ping: %d/%d", rx, tx)
 	}
-	if tx, rx := ping(t, r.guest, "-c", "3", "-i", "0.05", "-W", "2", hostIP); rx != tx {
+	if tx, rx := pingAll(t, r.guest, "-c", "3", "-i", "0.05", "-W", "2", hostIP); rx != tx {
 		t.Fatalf("guest->host ping: %d/%d", rx, tx)
 	}
 	for _, dev := range []string{r.ep.Uplink, r.ep.Tap} {

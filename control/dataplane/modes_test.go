@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
 	"github.com/kata-dp/kata-dp/maps"
+	"golang.org/x/sys/unix"
 )
 
 // modeRig is the standard sandbox topology with a guest behind the tap (or, in macvtap mode,
@@ -155,6 +157,11 @@ func udpExchange(t *testing.T, client, server *topo.NetNS, addr string, n int) i
 		t.Fatal(err)
 	}
 	defer pc.Close()
+	// Room for every datagram (about 2 KiB of buffer each), so that a reader the loaded
+	// machine does not schedule for a while loses none: the test is about the path.
+	if err := forceRcvBuf(pc, 4<<20); err != nil {
+		t.Fatal(err)
+	}
 	c, err := client.Dial("udp4", addr, time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -164,17 +171,18 @@ func udpExchange(t *testing.T, client, server *topo.NetNS, addr string, n int) i
 	go func() {
 		buf := make([]byte, 2048)
 		ok := 0
-		for {
-			pc.SetReadDeadline(time.Now().Add(time.Second))
+		for ok < n {
+			// Bounded: a datagram that did not arrive within 5 s of the one before never will.
+			pc.SetReadDeadline(time.Now().Add(5 * time.Second))
 			k, _, err := pc.ReadFrom(buf)
 			if err != nil {
-				got <- ok
-				return
+				break
 			}
 			if k > 0 && bytes.Equal(buf[:k], payload(k, buf[0])) {
 				ok++
 			}
 		}
+		got <- ok
 	}()
 	for i := range n {
 		size := 1 + (i*97)%1472
@@ -182,6 +190,22 @@ func udpExchange(t *testing.T, client, server *topo.NetNS, addr string, n int) i
 		time.Sleep(200 * time.Microsecond)
 	}
 	return <-got
+}
+
+// forceRcvBuf sets the socket's receive buffer to size bytes, above net.core.rmem_max
+// (SO_RCVBUFFORCE: the tests run as root).
+func forceRcvBuf(pc net.PacketConn, size int) error {
+	rc, err := pc.(*net.UDPConn).SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size)
+	}); err != nil {
+		return err
+	}
+	return serr
 }
 
 func payload(n int, seed byte) []byte {
@@ -205,10 +229,10 @@ func functional(t *testing.T, r *modeRig, wantMode string, offload bool) {
 	ht0, hu0 := csumErrors(t, host)
 	gt0, gu0 := csumErrors(t, guest)
 
-	if tx, rx := ping(t, host, "-c", "5", "-i", "0.05", "-W", "2", guestIP); rx != tx {
+	if tx, rx := pingAll(t, host, "-c", "5", "-i", "0.05", "-W", "2", guestIP); rx != tx {
 		t.Fatalf("host->guest ping: %d/%d", rx, tx)
 	}
-	if tx, rx := ping(t, guest, "-c", "5", "-i", "0.05", "-W", "2", hostIP); rx != tx {
+	if tx, rx := pingAll(t, guest, "-c", "5", "-i", "0.05", "-W", "2", hostIP); rx != tx {
 		t.Fatalf("guest->host ping: %d/%d", rx, tx)
 	}
 	if err := topo.TCPTransfer(host, guest, guestIP+":5201", 4<<20, 20*time.Second); err != nil {
@@ -357,7 +381,7 @@ func checkPlumbing(t *testing.T, r *modeRig, mode string, peerGRO, generic bool)
 				t.Fatal(err)
 			}
 		}
-		if tx, rx := ping(t, r.sb.Host, "-c", "5", "-i", "0.05", "-W", "2", r.sb.GuestAddr.Addr().String()); rx != tx {
+		if tx, rx := pingAll(t, r.sb.Host, "-c", "5", "-i", "0.05", "-W", "2", r.sb.GuestAddr.Addr().String()); rx != tx {
 			t.Errorf("ping over XDP alone (peer GRO %v): %d/%d", peerGRO, rx, tx)
 		}
 	}
@@ -449,7 +473,7 @@ func TestSwitchModeUnderTraffic(t *testing.T) {
 	}
 	wg.Wait()
 	t.Logf("into and out of macvtap: ping %d/%d, SwitchMode counted %d", rx, tx, mvLost)
-	if tx, rx := ping(t, r.sb.Host, "-c", "5", "-i", "0.05", "-W", "2", guestIP); rx != tx {
+	if tx, rx := pingAll(t, r.sb.Host, "-c", "5", "-i", "0.05", "-W", "2", guestIP); rx != tx {
 		t.Errorf("after the macvtap round trip: ping %d/%d", rx, tx)
 	}
 }
@@ -488,7 +512,7 @@ func TestXDPSpoofAndEgress(t *testing.T) {
 	xdpOnly(t, r)
 	guest := r.guest
 	hostIP := r.sb.HostAddr.Addr().String()
-	if tx, rx := ping(t, guest, "-c", "3", "-i", "0.05", "-W", "2", hostIP); rx != tx {
+	if tx, rx := pingAll(t, guest, "-c", "3", "-i", "0.05", "-W", "2", hostIP); rx != tx {
 		t.Fatalf("honest ping over XDP: %d/%d", rx, tx)
 	}
 	if _, err := guest.Exec("ip", "addr", "add", "10.199.0.99/24", "dev", "eth0"); err != nil {
@@ -576,7 +600,7 @@ func TestModesTeardown(t *testing.T) {
 	for _, mode := range []string{control.ModeXDP, control.ModeTCFilter, control.ModeMacvtap} {
 		t.Run(mode, func(t *testing.T) {
 			r := newModeRig(t, "td-"+mode, rigOpts{mode: mode, offload: true, peerGRO: true})
-			if tx, rx := ping(t, r.sb.Host, "-c", "2", "-i", "0.05", "-W", "2", r.sb.GuestAddr.Addr().String()); rx != tx {
+			if tx, rx := pingAll(t, r.sb.Host, "-c", "2", "-i", "0.05", "-W", "2", r.sb.GuestAddr.Addr().String()); rx != tx {
 				t.Fatalf("ping before teardown: %d/%d", rx, tx)
 			}
 			if err := r.dp.DelEndpoint(r.ctx, r.ep); err != nil {
@@ -631,7 +655,7 @@ func TestRecheckXDP(t *testing.T) {
 		if got := r.dp.XDPFromGuest(r.ep); got != want {
 			t.Fatalf("guest frames over XDP: %v, want %v", got, want)
 		}
-		if tx, rx := ping(t, r.guest, "-c", "3", "-i", "0.05", "-W", "2", hostIP); rx != tx {
+		if tx, rx := pingAll(t, r.guest, "-c", "3", "-i", "0.05", "-W", "2", hostIP); rx != tx {
 			t.Errorf("guest->host ping (xdp %v): %d/%d", want, rx, tx)
 		}
 		if err := topo.TCPTransfer(r.guest, r.sb.Host, hostIP+":5203", 1<<20, 10*time.Second); err != nil {
