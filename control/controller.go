@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kata-dp/kata-dp/control/netspec"
+	"github.com/kata-dp/kata-dp/internal/faultinject"
 )
 
 // Config holds a Controller's dependencies.
@@ -79,7 +80,17 @@ type state struct {
 	Sandbox Sandbox         `json:"sandbox"`
 	NICs    []nic           `json:"nics"`
 	Routes  []netspec.Route `json:"routes"`
+	// Pending is the sandbox operation under way (pendingAdd, pendingDel), saved before its
+	// first action so that an agent killed midway finishes it at the next start: an add is
+	// undone, a delete completed.
+	Pending string `json:"pending,omitempty"`
 }
+
+// The operations an intent (state.Pending, nic.Pending) records.
+const (
+	pendingAdd = "add"
+	pendingDel = "del"
+)
 
 // nic is one NIC added through kata-network.
 type nic struct {
@@ -95,6 +106,11 @@ type nic struct {
 	// SourceNetmon for a link netmon joined; "" is SourceKataNetwork, as for every NIC saved
 	// before sources were kept.
 	Source string `json:"source,omitempty"`
+	// Pending is the NIC operation under way (pendingAdd, pendingDel), saved before its first
+	// action. A NIC still pending when the agent (re)starts, or when the next operation on
+	// the sandbox begins, was left halfway by a killed agent: it is removed completely (an
+	// add is undone, a delete finished), TapCreated saying whether its tap goes too.
+	Pending string `json:"pending,omitempty"`
 }
 
 // source returns where n came from.
@@ -146,6 +162,14 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 			c.quarantine(key, err)
 			continue
 		}
+		if st.Pending == pendingAdd {
+			// Killed while adding the sandbox: undo it, the retried add starts clean.
+			if err := c.undoSandboxAdd(ctx, key); err == nil {
+				continue
+			} else {
+				c.log.Error("cannot undo an interrupted sandbox add", "sandbox", key, "err", err)
+			}
+		}
 		c.sandboxes[key] = &entry{sb: st.Sandbox, st: st, ready: true}
 		for _, n := range st.NICs {
 			c.devices[n.Spec.Device] = key
@@ -157,6 +181,15 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 	for _, id := range slices.Sorted(maps.Keys(c.sandboxes)) {
 		e := c.sandboxes[id]
 		if e.broken != "" {
+			continue
+		}
+		if e.st.Pending != "" {
+			// Killed while deleting the sandbox (or an undo of its add failed above):
+			// finish removing it.
+			if err := c.delSandbox(ctx, e); err != nil {
+				e.broken = "interrupted " + e.st.Pending + ": " + err.Error()
+				c.log.Error("sandbox unhealthy: cannot finish removing it; it can only be deleted", "sandbox", id, "err", err)
+			}
 			continue
 		}
 		if err := c.readopt(ctx, e); err != nil {
@@ -207,10 +240,17 @@ func (c *Controller) readopt(ctx context.Context, e *entry) error {
 	if err := c.cfg.Dataplane.EnsureSandbox(ctx, e.sb.ID, e.sb.NetNS); err != nil {
 		return fmt.Errorf("ensure dataplane: %w", err)
 	}
+	if err := c.resolvePending(ctx, e); err != nil {
+		// Not fatal: the sandbox works without the NIC, and the next operation on the
+		// sandbox tries again (acquire).
+		c.log.Warn("cannot finish an interrupted NIC operation yet", "sandbox", e.sb.ID, "err", err)
+	}
 	if r, ok := c.cfg.Dataplane.(Reconciler); ok {
 		var eps []Endpoint
 		for _, n := range e.st.NICs {
-			eps = append(eps, e.sb.endpoint(n))
+			if n.Pending == "" {
+				eps = append(eps, e.sb.endpoint(n))
+			}
 		}
 		if err := r.Reconcile(ctx, e.sb, eps, programmed(e.st)); err != nil {
 			return fmt.Errorf("reconcile dataplane: %w", err)
@@ -297,14 +337,28 @@ func (c *Controller) AddSandbox(ctx context.Context, spec SandboxSpec) (Sandbox,
 		delete(c.sandboxes, sb.ID)
 		c.mu.Unlock()
 	}
+	// The intent first: an agent killed from here on undoes the add at its next start.
+	intent := e.st.clone()
+	intent.Pending = pendingAdd
+	if err := c.save(intent); err != nil {
+		giveUp()
+		return Sandbox{}, fmt.Errorf("add sandbox %s: %w", sb.ID, err)
+	}
+	faultinject.Point("sandbox-add:intent")
 	if err := c.cfg.Dataplane.EnsureSandbox(ctx, sb.ID, sb.NetNS); err != nil {
+		rctx, cancel := c.rollbackCtx(ctx)
+		if rerr := c.undoSandboxAdd(rctx, sb.ID); rerr != nil {
+			err = fmt.Errorf("%w (rollback: %v)", err, rerr)
+		}
+		cancel()
 		giveUp()
 		return Sandbox{}, fmt.Errorf("add sandbox %s: dataplane: %w", sb.ID, err)
 	}
+	faultinject.Point("sandbox-add:dataplane")
 	if err := c.save(e.st); err != nil {
 		rctx, cancel := c.rollbackCtx(ctx)
-		if rerr := c.cfg.Dataplane.RemoveSandbox(rctx, sb.ID); rerr != nil {
-			err = fmt.Errorf("%w (rollback: remove dataplane: %v)", err, rerr)
+		if rerr := c.undoSandboxAdd(rctx, sb.ID); rerr != nil {
+			err = fmt.Errorf("%w (rollback: %v)", err, rerr)
 		}
 		cancel()
 		giveUp()
@@ -379,6 +433,33 @@ func (c *Controller) DelSandbox(ctx context.Context, id string) error {
 		return fmt.Errorf("del sandbox: %w", err)
 	}
 	defer e.mu.Unlock()
+	if e.st.Pending != pendingDel && e.broken == "" {
+		// The intent first: an agent killed from here on finishes the delete at its next
+		// start. (A broken sandbox may have no state that can be written back.)
+		intent := e.st.clone()
+		intent.Pending = pendingDel
+		if err := c.commit(e, intent); err != nil {
+			return fmt.Errorf("del sandbox %s: %w", e.sb.ID, err)
+		}
+	}
+	faultinject.Point("sandbox-del:intent")
+	return c.delSandbox(ctx, e)
+}
+
+// undoSandboxAdd removes what an add of sandbox id may have created (its dataplane, its
+// state): after a failed add, or at start for an add the agent was killed in.
+func (c *Controller) undoSandboxAdd(ctx context.Context, id string) error {
+	if err := c.cfg.Dataplane.RemoveSandbox(ctx, id); err != nil {
+		return fmt.Errorf("remove dataplane: %w", err)
+	}
+	if err := c.cfg.Store.Delete(id); err != nil {
+		return fmt.Errorf("delete state: %w", err)
+	}
+	return nil
+}
+
+// delSandbox removes sandbox e, registered and locked (or not yet visible, from New).
+func (c *Controller) delSandbox(ctx context.Context, e *entry) error {
 	var errs []error
 	// When the netns is gone its taps went with it and nothing is attached any more: only the
 	// sandbox's pins and state remain to be removed.
@@ -397,14 +478,19 @@ func (c *Controller) DelSandbox(ctx context.Context, id string) error {
 			}
 		}
 	}
+	faultinject.Point("sandbox-del:endpoints")
 	if err := c.cfg.Dataplane.RemoveSandbox(ctx, e.sb.ID); err != nil {
 		errs = append(errs, fmt.Errorf("dataplane: %w", err))
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("del sandbox %s: %w", e.sb.ID, errors.Join(errs...))
 	}
+	faultinject.Point("sandbox-del:dataplane")
 	if err := c.cfg.Store.Delete(e.sb.ID); err != nil {
 		return fmt.Errorf("del sandbox %s: %w", e.sb.ID, err)
+	}
+	if f, ok := c.cfg.Hotplug.(SandboxForgetter); ok && e.sb.QMP != "" {
+		f.Forget(e.sb) // the monitor connection goes with the sandbox
 	}
 	e.gone = true
 	c.mu.Lock()
@@ -576,6 +662,10 @@ func (c *Controller) acquire(ctx context.Context, id string) (*entry, error) {
 	if err := c.health(ctx, e); err != nil {
 		e.mu.Unlock()
 		return nil, err
+	}
+	if err := c.resolvePending(ctx, e); err != nil {
+		e.mu.Unlock()
+		return nil, fmt.Errorf("finish an interrupted operation of sandbox %s first: %w", e.sb.ID, err)
 	}
 	return e, nil
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/kata-dp/kata-dp/control/netspec"
+	"github.com/kata-dp/kata-dp/internal/faultinject"
 )
 
 // The kata-network operations as typed methods. The wire contract (operation names, the
@@ -205,6 +206,21 @@ func (c *Controller) addIfaceWith(ctx context.Context, e *entry, req netspec.Add
 		u.push("release socket "+v.Spec.VhostUserSocket, func(context.Context) error { c.releaseSocket(v.Spec.VhostUserSocket, sb.ID); return nil })
 	}
 
+	// 0. The intent, saved before anything is created: the NIC, pending, with whether its
+	// tap will be kata-dp's. An agent killed from here on removes the NIC completely before
+	// anything else happens to the sandbox (resolvePending), so the retried add starts clean.
+	if !vhostUser {
+		exists, err := c.cfg.Taps.LinkExists(ctx, sb.NetNS, v.Spec.Device)
+		if err != nil {
+			return fail(fmt.Errorf("look up tap %s: %w", v.Spec.Device, err))
+		}
+		n.TapCreated = !exists
+	}
+	if err := c.saveIntent(e, &u, n, pendingAdd); err != nil {
+		return fail(err)
+	}
+	faultinject.Point("add-iface:intent")
+
 	// 1. The tap: created, or an existing one adopted (never joined, never deleted). A
 	// vhost-user NIC has none: "device" only names it.
 	created := false
@@ -214,7 +230,17 @@ func (c *Controller) addIfaceWith(ctx context.Context, e *entry, req netspec.Add
 			return fail(fmt.Errorf("tap %s: %w", v.Spec.Device, err))
 		}
 	}
-	n.TapCreated = created
+	if created != n.TapCreated {
+		// Someone else created or removed a link of that name meanwhile: record the truth.
+		n.TapCreated = created
+		if err := c.saveIntent(e, nil, n, pendingAdd); err != nil {
+			if created {
+				c.cfg.Taps.DeleteTap(ctx, sb.NetNS, v.Spec.Device)
+			}
+			return fail(err)
+		}
+	}
+	faultinject.Point("add-iface:tap")
 	if created {
 		u.push("delete tap "+v.Spec.Device, func(ctx context.Context) error { return c.cfg.Taps.DeleteTap(ctx, sb.NetNS, v.Spec.Device) })
 	}
@@ -234,6 +260,7 @@ func (c *Controller) addIfaceWith(ctx context.Context, e *entry, req netspec.Add
 		return fail(fmt.Errorf("dataplane: add endpoint %s: %w", n.Spec.Name, err))
 	}
 	u.push("dataplane: del endpoint "+n.Spec.Name, func(ctx context.Context) error { return c.cfg.Dataplane.DelEndpoint(ctx, ep) })
+	faultinject.Point("add-iface:endpoint")
 	// 4. The VM.
 	if sb.QMP != "" && !o.adopt {
 		pci, err := c.cfg.Hotplug.Plug(ctx, sb, ep)
@@ -246,7 +273,8 @@ func (c *Controller) addIfaceWith(ctx context.Context, e *entry, req netspec.Add
 			n.VhostDecision, _ = vr.VhostDecision(sb, ep)
 		}
 	}
-	// 5. The state.
+	faultinject.Point("add-iface:plug")
+	// 5. The state: the NIC, no longer pending.
 	next := st.clone()
 	next.NICs = append(next.NICs, n)
 	if err := c.commit(e, next); err != nil {
@@ -281,7 +309,9 @@ func (c *Controller) delIface(ctx context.Context, e *entry, in netspec.Interfac
 	}
 	i := findNIC(st, in)
 	if i < 0 {
-		return nil // an unknown NIC is a silent success
+		// Not in the state: nothing to do, except removing what kata-dp may have left in the
+		// VM under that name (a NIC whose state was lost): its ids are kata-dp's own.
+		return c.scrubUnknown(ctx, sb, in)
 	}
 	n := st.NICs[i]
 	ep := sb.endpoint(n)
@@ -291,6 +321,12 @@ func (c *Controller) delIface(ctx context.Context, e *entry, in netspec.Interfac
 
 	var u undo
 	fail := func(err error) error { return c.rollback(ctx, &u, err) }
+	// 0. The intent: an agent killed from here on finishes the removal before anything else
+	// happens to the sandbox.
+	if err := c.saveIntent(e, &u, n, pendingDel); err != nil {
+		return fail(err)
+	}
+	faultinject.Point("del-iface:intent")
 	// 1. The VM.
 	if sb.QMP != "" {
 		if err := c.cfg.Hotplug.Unplug(ctx, sb, ep); err != nil {
@@ -304,17 +340,20 @@ func (c *Controller) delIface(ctx context.Context, e *entry, in netspec.Interfac
 			return err
 		})
 	}
+	faultinject.Point("del-iface:unplug")
 	// 2. The routes through the NIC go with it.
 	if len(next.Routes) != len(st.Routes) {
 		if err := c.setRoutes(ctx, &u, sb, st, next); err != nil {
 			return fail(err)
 		}
 	}
+	faultinject.Point("del-iface:routes")
 	// 3. The dataplane.
 	if err := c.cfg.Dataplane.DelEndpoint(ctx, ep); err != nil {
 		return fail(fmt.Errorf("dataplane: del endpoint %s: %w", n.Spec.Name, err))
 	}
 	u.push("dataplane: add endpoint "+n.Spec.Name, func(ctx context.Context) error { return c.cfg.Dataplane.AddEndpoint(ctx, ep) })
+	faultinject.Point("del-iface:endpoint")
 	// 4. The tap, if kata-dp created it.
 	if n.TapCreated {
 		if err := c.cfg.Taps.DeleteTap(ctx, sb.NetNS, n.Spec.Device); err != nil {
@@ -325,6 +364,7 @@ func (c *Controller) delIface(ctx context.Context, e *entry, in netspec.Interfac
 			return err
 		})
 	}
+	faultinject.Point("del-iface:tap")
 	// 5. The state.
 	if err := c.commit(e, next); err != nil {
 		return fail(err)
@@ -485,4 +525,113 @@ func (c *Controller) updateRoutes(ctx context.Context, e *entry, rs []netspec.Ro
 	}
 	c.log.Info("routes replaced", "sandbox", sb.ID, "count", len(rs))
 	return next.Routes, nil
+}
+
+// saveIntent saves the sandbox's state with n marked pending op (added to the NICs when op is
+// pendingAdd and n is not there yet, replaced by name otherwise) and, with u, pushes the undo
+// that saves the state as it was. The in-memory state stays as it was: e.st changes only at
+// the operation's commit.
+func (c *Controller) saveIntent(e *entry, u *undo, n nic, op string) error {
+	intent := e.st.clone()
+	n.Pending = op
+	if i := slices.IndexFunc(intent.NICs, func(o nic) bool { return o.Spec.Name == n.Spec.Name }); i >= 0 {
+		intent.NICs[i] = n
+	} else {
+		intent.NICs = append(intent.NICs, n)
+	}
+	if err := c.save(intent); err != nil {
+		return fmt.Errorf("record intent: %w", err)
+	}
+	if u != nil {
+		st := e.st
+		u.push("forget intent "+op+" "+n.Spec.Name, func(context.Context) error { return c.save(st) })
+	}
+	return nil
+}
+
+// resolvePending finishes the NIC operations a killed agent left halfway (their intent was
+// saved, their commit was not): each such NIC is removed completely, whatever step it got
+// to, and the state saved without it. e.mu is held (or e is not yet visible, from New). After
+// the saved state on disk, e.st is the source: New loads the intents into it; a live agent
+// never leaves one there (the operation's commit or rollback replaces it).
+func (c *Controller) resolvePending(ctx context.Context, e *entry) error {
+	for {
+		i := slices.IndexFunc(e.st.NICs, func(n nic) bool { return n.Pending != "" })
+		if i < 0 {
+			return nil
+		}
+		n := e.st.NICs[i]
+		if err := c.removeNIC(ctx, e, n); err != nil {
+			return fmt.Errorf("%s of NIC %s interrupted: %w", n.Pending, n.Spec.Name, err)
+		}
+		c.log.Warn("finished a NIC operation interrupted by an agent stop: NIC removed", "sandbox", e.sb.ID, "nic", n.Spec.Name, "op", n.Pending, "tapDeleted", n.TapCreated)
+	}
+}
+
+// removeNIC removes everything kata-dp may have made for n, whichever step its add or delete
+// got to (each step is idempotent), then saves the state without it and its routes.
+func (c *Controller) removeNIC(ctx context.Context, e *entry, n nic) error {
+	sb, st := e.sb, e.st
+	ep := sb.endpoint(n)
+	if sb.QMP != "" {
+		if c.cfg.Hotplug == nil {
+			return ErrNoHotplug
+		}
+		if err := c.scrubVM(ctx, sb, ep); err != nil {
+			return fmt.Errorf("hot-unplug: %w", err)
+		}
+	}
+	faultinject.Point("recover:unplug")
+	next := st.clone()
+	next.NICs = slices.DeleteFunc(next.NICs, func(o nic) bool { return o.Spec.Name == n.Spec.Name })
+	next.Routes = slices.DeleteFunc(next.Routes, func(r netspec.Route) bool { return r.Device == n.Spec.Name })
+	if newR := programmed(next); !slices.Equal(programmed(st), newR) {
+		if err := c.cfg.Dataplane.SetRoutes(ctx, sb.ID, newR); err != nil {
+			return fmt.Errorf("dataplane: set routes: %w", err)
+		}
+	}
+	if err := c.cfg.Dataplane.DelEndpoint(ctx, ep); err != nil {
+		return fmt.Errorf("dataplane: del endpoint: %w", err)
+	}
+	if n.TapCreated && n.Spec.VhostUserSocket == "" {
+		if err := c.cfg.Taps.DeleteTap(ctx, sb.NetNS, n.Spec.Device); err != nil {
+			return fmt.Errorf("delete tap %s: %w", n.Spec.Device, err)
+		}
+	}
+	faultinject.Point("recover:removed")
+	if err := c.commit(e, next); err != nil {
+		return err
+	}
+	c.releaseDevice(n.Spec.Device, sb.ID)
+	if n.Spec.VhostUserSocket != "" {
+		c.releaseSocket(n.Spec.VhostUserSocket, sb.ID)
+	}
+	return nil
+}
+
+// scrubVM removes the NIC of ep from the VM, including what a plug stopped midway may have
+// left (a netdev without device, passed files), with the Hotplugger's VMScrubber when it has
+// one; a NIC that is not there is not an error.
+func (c *Controller) scrubVM(ctx context.Context, sb Sandbox, ep Endpoint) error {
+	if s, ok := c.cfg.Hotplug.(VMScrubber); ok {
+		return s.Scrub(ctx, sb, ep)
+	}
+	return c.cfg.Hotplug.Unplug(ctx, sb, ep)
+}
+
+// scrubUnknown is del-iface of a NIC the state does not know: kata-dp's objects in the VM
+// under that name (its QMP ids are kata-dp's own) are removed when the Hotplugger can tell
+// them apart (VMScrubber); anything else of that name is not kata-dp's to touch.
+func (c *Controller) scrubUnknown(ctx context.Context, sb Sandbox, in netspec.Interface) error {
+	s, ok := c.cfg.Hotplug.(VMScrubber)
+	if sb.QMP == "" || !ok || in.Name == "" {
+		return nil
+	}
+	if err := netspec.ValidName("name", in.Name); err != nil {
+		return nil // no NIC of kata-dp's can have that name
+	}
+	if err := s.Scrub(ctx, sb, Endpoint{Sandbox: sb.ID, NetNS: sb.NetNS, NIC: in.Name}); err != nil {
+		return fmt.Errorf("remove what kata-dp left in the VM for %s: %w", in.Name, err)
+	}
+	return nil
 }

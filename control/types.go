@@ -87,6 +87,21 @@ type Hotplugger interface {
 	Healthy(ctx context.Context, sb Sandbox) error // monitor answers
 }
 
+// VMScrubber is implemented by hot-pluggers that can remove everything they may have left in
+// a VM for an endpoint, whatever step a plug or unplug stopped at (device, netdev, passed
+// files, chardev), recognising their own objects by id; what is not there is not an error.
+// Control uses it to finish operations an agent kill interrupted, and for del-iface of a NIC
+// the state does not know.
+type VMScrubber interface {
+	Scrub(ctx context.Context, sb Sandbox, ep Endpoint) error
+}
+
+// SandboxForgetter is implemented by hot-pluggers that keep per-sandbox resources (a QMP
+// connection): Forget releases them once the sandbox is deleted.
+type SandboxForgetter interface {
+	Forget(sb Sandbox)
+}
+
 // VhostReporter is implemented by hot-pluggers that use vhost-net: what a vhost setting comes
 // to on this host now, and what a NIC got when it was plugged, each with the reason (e.g.
 // "off: open /dev/vhost-net: no such file or directory").

@@ -20,16 +20,20 @@ import (
 
 const ctlNS = "/run/netns/kdptctl-test"
 
-// failStore is a StateStore that fails Put when failPut is set.
+// failStore is a StateStore that fails Put when failPut is set, after okPuts more Puts.
 type failStore struct {
 	*store.Store
 	mu      sync.Mutex
 	failPut bool
+	okPuts  int
 }
 
 func (f *failStore) Put(key string, data []byte) error {
 	f.mu.Lock()
-	fail := f.failPut
+	fail := f.failPut && f.okPuts == 0
+	if f.failPut && f.okPuts > 0 {
+		f.okPuts--
+	}
 	f.mu.Unlock()
 	if fail {
 		return errors.New("disk on fire")
@@ -340,14 +344,21 @@ func TestOneVhostSocketPerSandbox(t *testing.T) {
 
 // TestAddIfaceRollback fails each step of add-iface in turn and checks that nothing is left.
 func TestAddIfaceRollback(t *testing.T) {
-	for _, step := range []string{"EnsureTap", "LinkExists", "AddEndpoint", "Plug", "store"} {
+	for _, step := range []string{"EnsureTap", "LinkExists", "AddEndpoint", "Plug", "store", "intent"} {
 		t.Run(step, func(t *testing.T) {
 			r := newRig(t)
 			r.addSandbox(sbID, "/run/qmp.sock")
 			callsBefore := len(r.dp.Calls())
-			if step == "store" {
+			switch step {
+			case "store": // the commit fails; the intent was saved
+				r.st.mu.Lock()
+				r.st.failPut, r.st.okPuts = true, 1
+				r.st.mu.Unlock()
+			case "intent": // nothing can be saved: nothing is done
+				r.st.mu.Lock()
 				r.st.failPut = true
-			} else {
+				r.st.mu.Unlock()
+			default:
 				r.setFail(step, errors.New("injected"))
 			}
 			out, msg := r.kn(sbID, OpAddIface, exIface)
@@ -355,7 +366,9 @@ func TestAddIfaceRollback(t *testing.T) {
 				t.Fatalf("stdout %q, error %q", out, msg)
 			}
 			r.setFail(step, nil)
+			r.st.mu.Lock()
 			r.st.failPut = false
+			r.st.mu.Unlock()
 			if _, ok := r.taps.Links(ctlNS)["tap-test"]; ok {
 				t.Error("tap left behind")
 			}
@@ -375,6 +388,9 @@ func TestAddIfaceRollback(t *testing.T) {
 				if adds != 1 || dels != 1 {
 					t.Errorf("dataplane calls %v: want one add undone by one del", calls)
 				}
+			}
+			if step == "intent" && adds+dels != 0 {
+				t.Errorf("dataplane calls %v with no intent saved: want none", calls)
 			}
 			r.mustKN(sbID, OpListIfaces, "", "null\n")
 			// Everything reserved was released: the same request now succeeds.
@@ -459,7 +475,9 @@ func TestDelIfaceRollback(t *testing.T) {
 				t.Fatalf("stdout %q, error %q", out, msg)
 			}
 			r.setFail(step, nil)
+			r.st.mu.Lock()
 			r.st.failPut = false
+			r.st.mu.Unlock()
 			if d := cmp.Diff(before, r.dp.Sandbox(sbID), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }), cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); d != "" {
 				t.Errorf("dataplane not restored (-before +after):\n%s", d)
 			}

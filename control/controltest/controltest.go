@@ -243,6 +243,21 @@ func (h *MemHotplugger) Unplug(_ context.Context, sb control.Sandbox, ep control
 	return fmt.Errorf("mem hotplug: %s not plugged into %s", ep.NIC, sb.ID)
 }
 
+// Scrub implements control.VMScrubber: the NIC is removed if it is plugged.
+func (h *MemHotplugger) Scrub(_ context.Context, sb control.Sandbox, ep control.Endpoint) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if err := h.fail("Scrub", sb.ID); err != nil {
+		return err
+	}
+	for slot, nic := range h.plugged[sb.ID] {
+		if nic == ep.NIC {
+			delete(h.plugged[sb.ID], slot)
+		}
+	}
+	return nil
+}
+
 // Healthy implements control.Hotplugger.
 func (h *MemHotplugger) Healthy(_ context.Context, sb control.Sandbox) error {
 	h.mu.Lock()

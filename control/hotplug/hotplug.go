@@ -23,6 +23,10 @@ var (
 	// ErrUnplugTimeout is returned when the guest did not release the device in time. The
 	// device and its netdev are left in place; Unplug may be called again.
 	ErrUnplugTimeout = errors.New("guest did not release the device")
+	// ErrDuplicate is returned (beside QEMU's error) when the VM already has a netdev of the
+	// NIC's id: plugged already, or left by a plug that never finished. Plug leaves it alone;
+	// a caller whose ids are its own can Scrub it and plug again.
+	ErrDuplicate = errors.New("the VM already has a netdev of that id")
 )
 
 // MaxQueues bounds the queue count of a NIC.
@@ -223,9 +227,13 @@ func passFDs(ctx context.Context, c *qmp.Client, undo *undoList, id, kind string
 	return names, nil
 }
 
-// addNetdev runs netdev_add with args (whose id is NetdevID(id)).
+// addNetdev runs netdev_add with args (whose id is NetdevID(id)). A netdev of that id that
+// is already there fails with ErrDuplicate beside QEMU's error.
 func addNetdev(ctx context.Context, c *qmp.Client, undo *undoList, id string, args map[string]any) error {
 	_, err := c.Execute(ctx, "netdev_add", args)
+	if isDuplicate(err) {
+		err = fmt.Errorf("%w: %w", ErrDuplicate, err)
+	}
 	if mayHaveRun(err) {
 		undo.add(func(ctx context.Context) error {
 			_, err := c.Execute(ctx, "netdev_del", map[string]string{"id": NetdevID(id)})
@@ -335,6 +343,42 @@ func unplugDevice(ctx context.Context, c *qmp.Client, id string, timeout time.Du
 			return nil
 		}
 	}
+}
+
+// Scrub removes everything a plug of the NIC id may have left in the VM, whatever step it
+// stopped at: the device, its netdev, a vhost-user chardev, and the files passed with getfd
+// under the NIC's names that no netdev took. What is not there is not an error.
+func Scrub(ctx context.Context, c *qmp.Client, id string, timeout time.Duration) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("%w: id %q", ErrInvalid, id)
+	}
+	defer c.LockSequence()()
+	if err := unplug(ctx, c, id, timeout); err != nil {
+		return err
+	}
+	if err := removeChardev(ctx, c, id); err != nil {
+		return fmt.Errorf("scrub %s: %w", id, err)
+	}
+	for _, kind := range []string{"fd", "vhostfd"} {
+		// passFDs names them <id>-<kind>0, 1, ... and passes them in order: stop at the
+		// first one QEMU does not hold.
+		for i := range MaxQueues {
+			_, err := c.Execute(ctx, "closefd", map[string]string{"fdname": fmt.Sprintf("%s-%s%d", id, kind, i)})
+			if isNotFound(err) {
+				break
+			}
+			if err != nil {
+				return fmt.Errorf("scrub %s: closefd: %w", id, err)
+			}
+		}
+	}
+	return nil
+}
+
+// isDuplicate reports a QMP error saying that the id is already in use.
+func isDuplicate(err error) bool {
+	var qe *qmp.Error
+	return errors.As(err, &qe) && strings.Contains(qe.Desc, "Duplicate")
 }
 
 // mayHaveRun reports whether a command that returned err may have taken effect: it did

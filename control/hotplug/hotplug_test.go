@@ -680,8 +680,8 @@ func TestPlugDuplicateLeavesFirstAlone(t *testing.T) {
 	}
 	_, err := Plug(ctxT(t), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:02", Fds: pipes(t, 1)})
 	var qe *qmp.Error
-	if !errors.As(err, &qe) || !strings.Contains(qe.Desc, "Duplicate ID") {
-		t.Fatalf("second plug: %v, want a duplicate id error", err)
+	if !errors.As(err, &qe) || !strings.Contains(qe.Desc, "Duplicate ID") || !errors.Is(err, ErrDuplicate) {
+		t.Fatalf("second plug: %v, want a duplicate id error (ErrDuplicate)", err)
 	}
 	fds, netdevs, devices := vm.state()
 	if diff := cmp.Diff([]string{"eth0-netdev", "eth0"}, append(netdevs, devices...)); diff != "" || len(fds) != 0 {
@@ -852,5 +852,42 @@ func TestPlugMonitorHangsForGoodStillSendsRollback(t *testing.T) {
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("rollback commands (-want +got):\n%s", diff)
+	}
+}
+
+// TestScrubAfterPlugStoppedMidway: a plug that stopped midway with no rollback (the agent was
+// killed) leaves passed files, or a netdev, behind; a new Plug of that NIC fails with
+// ErrDuplicate over the netdev; Scrub removes all of it, and the NIC then plugs.
+func TestScrubAfterPlugStoppedMidway(t *testing.T) {
+	for _, at := range []string{"netdev_add", "device_add"} {
+		t.Run("killed before "+at, func(t *testing.T) {
+			vm := newFakeVM(t, q35())
+			c := vm.client(t)
+			// What Plug had done when it was killed.
+			for i, f := range pipes(t, 2) {
+				if err := c.GetFD(ctxT(t), fmt.Sprintf("eth0-fd%d", i), f); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if at == "device_add" {
+				if _, err := c.Execute(ctxT(t), "netdev_add", map[string]any{"type": "tap", "id": "eth0-netdev", "fds": "eth0-fd0:eth0-fd1", "vhost": false}); err != nil {
+					t.Fatal(err)
+				}
+				_, err := Plug(ctxT(t), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 2)})
+				if !errors.Is(err, ErrDuplicate) {
+					t.Errorf("plug over a leftover netdev: %v, want ErrDuplicate", err)
+				}
+			}
+			if err := Scrub(ctxT(t), c, "eth0", time.Second); err != nil {
+				t.Fatalf("scrub: %v", err)
+			}
+			vm.wantEmpty(t)
+			if err := Scrub(ctxT(t), c, "eth0", time.Second); err != nil {
+				t.Errorf("scrub of nothing: %v", err)
+			}
+			if _, err := Plug(ctxT(t), c, NIC{ID: "eth0", MAC: "02:00:00:00:00:01", Fds: pipes(t, 2)}); err != nil {
+				t.Fatalf("plug after scrub: %v", err)
+			}
+		})
 	}
 }

@@ -6,11 +6,12 @@
 // vhost-user NIC instead: QEMU connects to the vhost-user switch's socket; no tap.
 //
 // One QMP client per sandbox socket is kept and reused (it redials by itself when QEMU
-// restarts). A Plugger is safe for concurrent use.
+// restarts) until the sandbox is deleted (Forget). A Plugger is safe for concurrent use.
 package vmplug
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -38,8 +39,10 @@ type Plugger struct {
 type nicKey struct{ qmp, id string }
 
 var (
-	_ control.Hotplugger    = (*Plugger)(nil)
-	_ control.VhostReporter = (*Plugger)(nil)
+	_ control.Hotplugger       = (*Plugger)(nil)
+	_ control.VhostReporter    = (*Plugger)(nil)
+	_ control.VMScrubber       = (*Plugger)(nil)
+	_ control.SandboxForgetter = (*Plugger)(nil)
 )
 
 // New returns a Plugger.
@@ -86,7 +89,18 @@ func (p *Plugger) Plug(ctx context.Context, sb control.Sandbox, ep control.Endpo
 		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
 	}
 	defer closeAll(fds) // QEMU holds its own copies now (or nothing, on failure)
-	addr, err := hotplug.Plug(ctx, c, hotplug.NIC{ID: DeviceID(ep), MAC: ep.MAC.String(), Queues: queues, Fds: fds, VhostFds: vfs})
+	nic := hotplug.NIC{ID: DeviceID(ep), MAC: ep.MAC.String(), Queues: queues, Fds: fds, VhostFds: vfs}
+	addr, err := hotplug.Plug(ctx, c, nic)
+	if errors.Is(err, hotplug.ErrDuplicate) {
+		// Control plugs a NIC only when its state says it is not in the VM: what holds the
+		// id (kata-dp's own, DeviceID) was left by a plug that never finished (an agent
+		// killed midway, a state lost). Remove it and plug again, once.
+		slog.Warn("removing what an unfinished plug left in the VM", "sandbox", sb.ID, "nic", ep.NIC, "err", err)
+		if serr := hotplug.Scrub(ctx, c, DeviceID(ep), p.UnplugTimeout); serr != nil {
+			return "", fmt.Errorf("hotplug %s: %w (removing the leftover: %v)", ep.NIC, err, serr)
+		}
+		addr, err = hotplug.Plug(ctx, c, nic)
+	}
 	if err != nil {
 		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
 	}
@@ -133,6 +147,36 @@ func (p *Plugger) Unplug(ctx context.Context, sb control.Sandbox, ep control.End
 	delete(p.vhost, nicKey{sb.QMP, DeviceID(ep)})
 	p.mu.Unlock()
 	return nil
+}
+
+// Scrub removes everything of the NIC's that may be in the VM, whatever step a plug or
+// unplug stopped at (control.VMScrubber): device, netdev, chardev and passed files, found by
+// kata-dp's own ids (DeviceID).
+func (p *Plugger) Scrub(ctx context.Context, sb control.Sandbox, ep control.Endpoint) error {
+	if err := hotplug.Scrub(ctx, p.client(sb.QMP), DeviceID(ep), p.UnplugTimeout); err != nil {
+		return fmt.Errorf("scrub %s: %w", ep.NIC, err)
+	}
+	p.mu.Lock()
+	delete(p.vhost, nicKey{sb.QMP, DeviceID(ep)})
+	p.mu.Unlock()
+	return nil
+}
+
+// Forget closes the sandbox's QMP client and forgets what it knew of the sandbox's NICs
+// (control.SandboxForgetter): a deleted sandbox must not keep a connection (QEMU serves one
+// client per monitor) nor memory for the agent's lifetime.
+func (p *Plugger) Forget(sb control.Sandbox) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c, ok := p.clients[sb.QMP]; ok {
+		c.Close()
+		delete(p.clients, sb.QMP)
+	}
+	for k := range p.vhost {
+		if k.qmp == sb.QMP {
+			delete(p.vhost, k)
+		}
+	}
 }
 
 // Healthy checks that the sandbox's monitor answers.
