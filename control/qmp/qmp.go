@@ -185,6 +185,11 @@ func (c *Client) GetFD(ctx context.Context, name string, f *os.File) error {
 }
 
 func (c *Client) execute(ctx context.Context, cmd string, args any, oob []byte) (json.RawMessage, error) {
+	if err := ctx.Err(); err != nil {
+		// A caller that gave up sends nothing more: without this check a command sent on a
+		// live connection races its own reply against ctx.Done and may run anyway.
+		return nil, fmt.Errorf("qmp %s: %w", cmd, err)
+	}
 	d := c.Timeout
 	if d == 0 {
 		d = DefaultTimeout
