@@ -80,3 +80,38 @@ func TestClientTimeout(t *testing.T) {
 		t.Fatalf("status with a context deadline: %v, want the context's error", err)
 	}
 }
+
+// TestChmodSocketDoesNotFollowLinks: the socket's mode is set on the socket itself; a symlink
+// put in its place is refused and its target left alone.
+func TestChmodSocketDoesNotFollowLinks(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "s.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := chmodSocket(sock, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Lstat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v (%v), want 0600", fi.Mode(), err)
+	}
+	target := filepath.Join(dir, "target")
+	if err := os.WriteFile(target, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link.sock")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := chmodSocket(link, 0o600); err == nil {
+		t.Error("chmod through a symlink succeeded")
+	}
+	if fi, _ := os.Stat(target); fi.Mode().Perm() != 0o644 {
+		t.Errorf("symlink target changed to %v", fi.Mode())
+	}
+	if err := chmodSocket(target, 0o600); err == nil || !strings.Contains(err.Error(), "no longer a socket") {
+		t.Errorf("chmod of a regular file: %v, want a not-a-socket error", err)
+	}
+}

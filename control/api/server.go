@@ -211,11 +211,32 @@ func Listen(path string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	if err := chmodSocket(path, 0o600); err != nil {
 		l.Close()
 		return nil, fmt.Errorf("listen %s: chmod: %w", path, err)
 	}
 	return &rootOnly{Listener: l, allow: func(uid uint32) bool { return uid == 0 }}, nil
+}
+
+// chmodSocket changes the mode of the socket at path without following a symlink: whoever
+// replaced the socket by a link between bind and chmod must not get the link's target made
+// 0600 (or anything else). os.Chmod follows links, and Linux's fchmodat ignores
+// AT_SYMLINK_NOFOLLOW; the path is opened O_PATH|O_NOFOLLOW, checked to be a socket, and
+// changed through /proc/self/fd, which acts on the opened file itself.
+func chmodSocket(path string, mode os.FileMode) error {
+	fd, err := unix.Open(path, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return &os.PathError{Op: "fstat", Path: path, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return fmt.Errorf("%s is no longer a socket (mode %o): replaced after bind", path, st.Mode)
+	}
+	return os.Chmod(fmt.Sprintf("/proc/self/fd/%d", fd), mode)
 }
 
 // rootOnly closes connections whose peer is not allowed.
