@@ -17,7 +17,7 @@ DATADIR     ?= $(PREFIX)/share
 # Long benchmarks stay out of `make test`; `make bench` runs the standard set.
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build install uninstall generate check-generate test unit lint bench demo guest headers clean
+.PHONY: all build install uninstall generate check-generate test race unit lint bench demo guest headers clean
 
 all: build
 
@@ -67,6 +67,13 @@ guest:
 
 test: guest
 	$(GO) test $(TESTFLAGS) $(PKGS)
+
+# The race detector over the packages where goroutines meet: the controller, the real
+# dataplane, the API server and the agent (its end-to-end tests run the agent binary built
+# with -race). CI runs it as its own step after make test.
+RACE_PKGS ?= ./control/ ./control/dataplane/ ./control/api/ ./cmd/kata-dp/
+race: guest
+	CGO_ENABLED=1 $(GO) test -race $(TESTFLAGS) $(RACE_PKGS)
 
 # Tests that need neither root nor a guest.
 unit:

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$PATH
 # systemd: systemd-analyze verify checks the unit; zsh, fish: the completion scripts are parsed.
 # dpdk-dev: dpdk-testpmd, the vhost-user switch of the vhost-user end-to-end tests.
-pkgs=(clang llvm iproute2 iputils-ping ethtool busybox-static qemu-system-x86 dpdk-dev make git ca-certificates systemd zsh fish)
+# gcc, libc6-dev: cgo, which the race detector needs (make race).
+pkgs=(clang llvm iproute2 iputils-ping ethtool busybox-static qemu-system-x86 dpdk-dev make git ca-certificates systemd zsh fish gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
