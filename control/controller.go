@@ -43,6 +43,8 @@ type Config struct {
 	// OnSandboxAdded, when set, is called after a sandbox was registered, so node work that
 	// watches sandboxes (netmon) starts on it. It must not block.
 	OnSandboxAdded func(sb Sandbox)
+	// Now is the clock of RetryUnhealthy's backoff; nil uses time.Now (a seam for tests).
+	Now func() time.Time
 }
 
 // Controller is the control plane. See the package documentation for its concurrency rules.
@@ -65,14 +67,27 @@ type entry struct {
 	// ready is false while AddSandbox has not finished: the entry reserves its id but is not
 	// found by lookups. Guarded by Controller.mu.
 	ready bool
-	// broken is why the agent could not re-adopt the sandbox at start ("" = it could). Set
-	// only by New before the Controller is returned, then read-only: a broken sandbox is
-	// reported unhealthy and refuses every operation but delete, which removes what is left.
+	// broken is why the agent could not re-adopt the sandbox at start ("" = it could): a
+	// broken sandbox is reported unhealthy and refuses every operation but delete, which
+	// removes what is left. Set by New; afterwards changed only by RetryUnhealthy, holding
+	// both mu and Controller.mu (so either lock is enough to read it).
 	broken string
 	// down is why the sandbox is unhealthy now by a node task's finding (its VM is gone),
 	// "" when it is not; set with SetDown, guarded by Controller.mu. Unlike broken it clears.
 	down string
+	// retry is set when broken comes from a failed re-adoption (not an unreadable state):
+	// RetryUnhealthy tries again at nextTry, backing off after each failure (tries so far).
+	retry   bool
+	tries   int
+	nextTry time.Time
 }
+
+// Backoff of RetryUnhealthy: the first retry RetryBackoffMin after the failure, doubling up
+// to RetryBackoffMax.
+const (
+	RetryBackoffMin = 5 * time.Second
+	RetryBackoffMax = 5 * time.Minute
+)
 
 // state is what is saved of a sandbox, one store key per sandbox.
 type state struct {
@@ -152,9 +167,12 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		devices:   map[string]string{},
 		sockets:   map[string]string{},
 	}
-	saved, err := cfg.Store.Load()
+	saved, unreadable, err := loadState(cfg.Store)
 	if err != nil {
 		return nil, fmt.Errorf("new controller: load state: %w", err)
+	}
+	for key, rerr := range unreadable {
+		c.quarantine(key, rerr)
 	}
 	for key, b := range saved {
 		st, err := decodeState(key, b)
@@ -194,10 +212,84 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		}
 		if err := c.readopt(ctx, e); err != nil {
 			e.broken = "re-adopt: " + err.Error()
-			c.log.Error("sandbox unhealthy: cannot re-adopt it; it can only be deleted", "sandbox", id, "err", err)
+			e.retry, e.tries, e.nextTry = true, 1, c.now().Add(RetryBackoffMin)
+			c.log.Error("sandbox unhealthy: cannot re-adopt it; retried in the background, or it can be deleted", "sandbox", id, "err", err)
 		}
 	}
 	return c, nil
+}
+
+func (c *Controller) now() time.Time {
+	if c.cfg.Now != nil {
+		return c.cfg.Now()
+	}
+	return time.Now()
+}
+
+// RetryUnhealthy tries again to re-adopt each sandbox New could not re-adopt (its netns or
+// its QMP socket came back late, a transient dataplane error), when its backoff is due: a
+// sandbox that succeeds is healthy again; one that fails waits twice as long (up to
+// RetryBackoffMax). The agent runs it periodically (a control/watch task). It returns the
+// errors of the sandboxes that failed again.
+func (c *Controller) RetryUnhealthy(ctx context.Context) error {
+	c.mu.Lock()
+	var due []*entry
+	for _, e := range c.sandboxes {
+		if e.retry && !c.now().Before(e.nextTry) {
+			due = append(due, e)
+		}
+	}
+	c.mu.Unlock()
+	var errs []error
+	for _, e := range due {
+		e.mu.Lock()
+		if e.gone || !e.retry {
+			e.mu.Unlock()
+			continue
+		}
+		err := c.readopt(ctx, e)
+		c.mu.Lock()
+		if err == nil {
+			e.broken, e.retry, e.tries = "", false, 0
+		} else {
+			e.broken = "re-adopt: " + err.Error()
+			e.nextTry = c.now().Add(min(RetryBackoffMin<<min(e.tries, 16), RetryBackoffMax))
+			e.tries++
+		}
+		c.mu.Unlock()
+		e.mu.Unlock()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("sandbox %s: %w", e.sb.ID, err))
+		} else {
+			c.log.Info("sandbox healthy again: re-adopted", "sandbox", e.sb.ID)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// loadState reads every saved state. With a store that lists its keys (StateLister) each
+// value is read on its own, so that one that cannot be read (an I/O error) is reported in
+// unreadable instead of failing the whole load.
+func loadState(s StateStore) (saved map[string][]byte, unreadable map[string]error, err error) {
+	l, ok := s.(StateLister)
+	if !ok {
+		saved, err = s.Load()
+		return saved, nil, err
+	}
+	keys, err := l.Keys()
+	if err != nil {
+		return nil, nil, err
+	}
+	saved, unreadable = map[string][]byte{}, map[string]error{}
+	for _, k := range keys {
+		b, err := l.Get(k)
+		if err != nil {
+			unreadable[k] = err
+			continue
+		}
+		saved[k] = b
+	}
+	return saved, unreadable, nil
 }
 
 // decodeState parses the saved state of sandbox key.

@@ -136,6 +136,14 @@ type StateStore interface {
 	Load() (map[string][]byte, error)
 }
 
+// StateLister is implemented by stores that can list their keys and read one value at a time
+// (control/store does): New then reads each state on its own, and one that cannot be read
+// (an I/O error) makes that sandbox unhealthy instead of stopping the agent.
+type StateLister interface {
+	Keys() ([]string, error)
+	Get(key string) ([]byte, error)
+}
+
 // StateQuarantiner is implemented by stores that can move a value aside under another name
 // (control/store does): New does so with a saved state it cannot decode, so the next start
 // does not trip over it again and a human can inspect it.

@@ -166,6 +166,11 @@ func agent(e *env, o agentOptions) (err error) {
 	if err := tasks.Add(watch.Task{Name: "netmon", Run: mon.Run}); err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
+	// Sandboxes the start could not re-adopt (netns or QMP not there yet) are retried with
+	// backoff (control.RetryBackoffMin..Max); the task only polls what is due.
+	if err := tasks.Add(watch.Task{Name: "readopt", Every: time.Second, Run: ctrl.RetryUnhealthy}); err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
 	for _, t := range deps.Tasks {
 		if err := tasks.Add(t); err != nil {
 			return fmt.Errorf("agent: %w", err)
