@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/controltest"
+	"github.com/kata-dp/kata-dp/internal/faultinject"
 )
 
 // TestMain turns the test binary into the real kata-dp command when KDP_TEST_MAIN is set, so
@@ -29,6 +31,15 @@ func TestMain(m *testing.M) {
 	if os.Getenv("KDP_TEST_MAIN") == "1" {
 		if v := os.Getenv("KDP_TEST_VERSION"); v != "" {
 			version = v // what -ldflags -X sets in a release build (the upgrade test)
+		}
+		if step := os.Getenv("KDP_TEST_KILL_AT"); step != "" {
+			// Only this test binary reads it: the agent itself has no way to enable it.
+			faultinject.Hook = func(s string) {
+				if s == step {
+					syscall.Kill(os.Getpid(), syscall.SIGKILL)
+					select {} // the signal is on its way
+				}
+			}
 		}
 		main()
 		return
