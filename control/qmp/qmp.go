@@ -196,11 +196,17 @@ func (c *Client) execute(ctx context.Context, cmd string, args any, oob []byte) 
 	}
 	if d > 0 {
 		parent := ctx
+		ours := time.Now().Add(d)
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, d)
+		ctx, cancel = context.WithDeadline(ctx, ours)
 		defer cancel()
 		ret, err := c.executeOnce(ctx, cmd, args, oob)
-		if errors.Is(err, context.DeadlineExceeded) && parent.Err() == nil {
+		// Whose deadline it was is decided by the deadlines, not by parent.Err(): a socket
+		// deadline (dial, handshake) set from the caller's can fire before the caller's
+		// context timer does.
+		pdl, pok := parent.Deadline()
+		callers := parent.Err() != nil || (pok && !pdl.After(ours))
+		if errors.Is(err, context.DeadlineExceeded) && !callers {
 			// Our bound, not the caller's: say so, and which command hung.
 			return nil, fmt.Errorf("qmp %s: monitor %s gave no reply within %v: %w", cmd, c.path, d, context.DeadlineExceeded)
 		}
