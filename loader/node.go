@@ -98,6 +98,14 @@ func OpenNode(root, nsPath, uplink string) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open node %s: %w", uplink, err)
 	}
+	if staleNode(dir) {
+		// Every link pinned here is defunct: the device it served is gone, and perhaps the
+		// whole netns, whose inode (the directory's key) a new netns may now have. Its maps
+		// (guest MACs -> tap ifindexes of another netns) must not steer this one's frames.
+		if err := os.RemoveAll(dir); err != nil {
+			return nil, fmt.Errorf("open node %s: remove the stale %s: %w", uplink, dir, err)
+		}
+	}
 	if err := os.MkdirAll(filepath.Join(dir, linksDir), 0o700); err != nil {
 		return nil, fmt.Errorf("open node %s: %w", uplink, err)
 	}
@@ -116,6 +124,28 @@ func OpenNode(root, nsPath, uplink string) (*Node, error) {
 		}
 	}
 	return n, nil
+}
+
+// staleNode reports whether the node directory dir has pinned links and all of them are
+// defunct (detached by the kernel when their device went away).
+func staleNode(dir string) bool {
+	pinned := 0
+	for _, p := range []Program{ProgDirectIn, ProgDirectOut} {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, linksDir, string(p)), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		pinned++
+		if err != nil {
+			continue // unreadable: counts as defunct
+		}
+		info, err := l.Info()
+		l.Close()
+		if err == nil && info.TCX() != nil && info.TCX().Ifindex != 0 {
+			return false
+		}
+	}
+	return pinned > 0
 }
 
 // Close releases the node's file descriptors; pins stay and the programs keep running.

@@ -4,8 +4,10 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -245,5 +247,62 @@ func TestDirectRNAT(t *testing.T) {
 		if ret, out := runOut(t, rnat, append([]byte(nil), other...)); ret != tcxNext || string(out) != string(other) {
 			t.Errorf("proto %d: unrelated frame: verdict %d, rewritten %v", proto, ret, string(out) != string(other))
 		}
+	}
+}
+
+// TestNodeDirOfDeadNetNSNotReused: a netns's inode keys its node directory, and a new netns
+// can get the inode of a dead one. The directory then left (its links defunct, its FDB naming
+// taps of the dead netns) must not be adopted: OpenNode starts afresh.
+func TestNodeDirOfDeadNetNSNotReused(t *testing.T) {
+	needRoot(t)
+	root := testRoot(t)
+	dead := netnsWithVeth(t)
+	n, err := loader.OpenNode(root, dead, "kdptxa")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 0x42}
+	if err := maps.Node(n.Maps()).PutGuest(mac, netip.Addr{}, 7); err != nil {
+		t.Fatal(err)
+	}
+	deadDir := n.Dir()
+	n.Close()
+	// The netns goes (its devices with it); a new one gets the same inode: here, the
+	// directory is moved to the new netns's name.
+	if out, err := exec.Command("ip", "netns", "del", filepath.Base(dead)).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	fresh := netnsWithVeth(t)
+	freshDir, err := loader.NodeDirOf(root, fresh, "kdptxa")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The kernel detaches the dead netns's links asynchronously (netns cleanup runs in a
+	// workqueue): wait for it, bounded.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		l, err := link.LoadPinnedLink(filepath.Join(deadDir, "links", string(loader.ProgDirectIn)), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err == nil && info.TCX() != nil && info.TCX().Ifindex == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("link of the dead netns still attached")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := os.Rename(deadDir, freshDir); err != nil {
+		t.Fatal(err)
+	}
+	n2 := openNode(t, root, fresh, "kdptxa")
+	if ifindex, ok, err := maps.Node(n2.Maps()).Guest(mac); err != nil || ok {
+		t.Errorf("the dead netns's FDB entry was adopted: tap %d (%v)", ifindex, err)
 	}
 }
