@@ -3,6 +3,7 @@ package maps
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 
 	"github.com/cilium/ebpf"
@@ -303,6 +304,11 @@ func (t RouteTable) Replace(routes []Route) error {
 	if err != nil {
 		return err
 	}
+	// What an earlier switch could not clean up goes first (nothing live is touched), so the
+	// new generation starts empty even after 65536 switches.
+	if err := t.deleteOtherGenerations(cfg.RouteGen); err != nil {
+		return err
+	}
 	next := (cfg.RouteGen + 1) & 0xffff
 	var written []entry
 	undo := func() {
@@ -333,7 +339,13 @@ func (t RouteTable) Replace(routes []Route) error {
 		undo()
 		return fmt.Errorf("replace routes: switch generation: %w", err)
 	}
-	return t.deleteOtherGenerations(next)
+	if err := t.deleteOtherGenerations(next); err != nil {
+		// The switch happened: the new table is live, and reporting a failure would make the
+		// caller believe (and record) the old one. The old generation's entries are never
+		// read again; the next Replace removes them first.
+		slog.Warn("replace routes: old generation left in the map until the next replace", "err", err)
+	}
+	return nil
 }
 
 // List returns the live table.
@@ -385,6 +397,9 @@ func (t RouteTable) config() (Config, error) {
 	return cfg, nil
 }
 
+// deleteKey deletes key from m; a seam for the test of a failing cleanup.
+var deleteKey = func(m *ebpf.Map, key any) error { return m.Delete(key) }
+
 func (t RouteTable) deleteOtherGenerations(live uint32) error {
 	var (
 		stale []routeKey
@@ -401,7 +416,7 @@ func (t RouteTable) deleteOtherGenerations(live uint32) error {
 		return fmt.Errorf("replace routes: list old: %w", err)
 	}
 	for _, k := range stale {
-		if err := t.Routes.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := deleteKey(t.Routes, &k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("replace routes: delete old: %w", err)
 		}
 	}
@@ -423,7 +438,7 @@ func (t RouteTable) deleteOtherGenerations(live uint32) error {
 		return fmt.Errorf("replace routes: list old ipv6: %w", err)
 	}
 	for _, k := range stale6 {
-		if err := t.Routes6.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := deleteKey(t.Routes6, &k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("replace routes: delete old ipv6: %w", err)
 		}
 	}

@@ -3,10 +3,14 @@ package maps
 import (
 	"errors"
 	"net/netip"
+	"os"
 	"testing"
 	"unsafe"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/loader"
 )
 
 // The datapath numbers its schedulers (enum kdp_sched, bpf/lib/lb.h) in the order of the rule
@@ -111,5 +115,66 @@ func TestEncodeRoundTrip(t *testing.T) {
 	k6.Tag = routeTag(0, r6.Slot)
 	if got := decodeRoute6(k6, v6r); got != r6 {
 		t.Errorf("route6 round trip: %v, want %v", got, r6)
+	}
+}
+
+// TestRouteSwitchCleanupFailure: once the new generation is switched in, Replace succeeds even
+// when removing the old one fails (the caller must record the table that is live); the
+// leftovers are never listed and the next Replace removes them first.
+func TestRouteSwitchCleanupFailure(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates BPF maps")
+	}
+	spec, err := loader.Spec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	newMap := func(name string) *ebpf.Map {
+		ms := spec.Maps[name].Copy()
+		ms.Pinning = ebpf.PinNone
+		m, err := ebpf.NewMap(ms)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	rt := RouteTable{Routes: newMap("kdp_routes"), Routes6: newMap("kdp_routes6"), Config: newMap("kdp_config")}
+	r1 := []Route{{Slot: 1, Dest: netip.MustParsePrefix("10.1.0.0/16")}, {Slot: 1, Dest: netip.MustParsePrefix("fd00:1::/64")}}
+	r2 := []Route{{Slot: 2, Dest: netip.MustParsePrefix("10.2.0.0/16")}, {Slot: 2, Dest: netip.MustParsePrefix("fd00:2::/64")}}
+	if err := rt.Replace(r1); err != nil {
+		t.Fatal(err)
+	}
+	deleteKey = func(*ebpf.Map, any) error { return errors.New("injected") }
+	err = rt.Replace(r2)
+	deleteKey = func(m *ebpf.Map, key any) error { return m.Delete(key) }
+	if err != nil {
+		t.Fatalf("replace with a failing cleanup: %v, want nil (the new table is live)", err)
+	}
+	if got, err := rt.List(); err != nil || len(got) != 2 || got[0].Slot != 2 || got[1].Slot != 2 {
+		t.Errorf("live table %v (%v), want r2", got, err)
+	}
+	count := func() int {
+		n := 0
+		var k routeKey
+		var v routeVal
+		for it := rt.Routes.Iterate(); it.Next(&k, &v); {
+			n++
+		}
+		var k6 route6Key
+		var v6 route6Val
+		for it := rt.Routes6.Iterate(); it.Next(&k6, &v6); {
+			n++
+		}
+		return n
+	}
+	if n := count(); n != 4 {
+		t.Fatalf("%d entries after the failed cleanup, want 4 (both generations)", n)
+	}
+	if err := rt.Replace(r1); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(); n != 2 {
+		t.Errorf("%d entries after the next replace, want 2 (the leftovers removed)", n)
 	}
 }
