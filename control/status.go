@@ -167,3 +167,14 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 	}
 	return out
 }
+
+// RunningMode returns the mode an endpoint really runs in (a requested xdp may have fallen
+// back to tc), or the one it asked for when the dataplane cannot say.
+func (c *Controller) RunningMode(ep Endpoint) string {
+	if mr, ok := c.cfg.Dataplane.(ModeReporter); ok {
+		if m, _, err := mr.Mode(ep); err == nil && m != "" {
+			return m
+		}
+	}
+	return ep.Mode
+}

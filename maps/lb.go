@@ -381,6 +381,15 @@ func replyKey(k ctKey, e ctEntry) ctKey {
 	return ctKey{Saddr: e.Addr, Daddr: k.Saddr, Sport: e.Port, Dport: k.Sport, Proto: k.Proto, Dir: 1}
 }
 
+// ConnEntries returns the number of entries in the connection table (two per connection).
+func (l LB) ConnEntries() (int, error) {
+	all, err := Dump[ctKey, ctEntry](l.CT)
+	if err != nil {
+		return 0, fmt.Errorf("count connections: %w", err)
+	}
+	return len(all), nil
+}
+
 // Sweep expires connections idle past their timeout (now is CLOCK_MONOTONIC in ns, the
 // datapath's bpf_ktime_get_ns), deleting both directions, and rewrites every real server's
 // active/inactive counts from what is left. match, when not nil, selects live connections to

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"reflect"
 
 	"github.com/cilium/ebpf"
 
@@ -463,4 +464,25 @@ func ForSandbox(m loader.Maps) Sandbox {
 		LB:        LB{Svc: m.LBSvc, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, Aff: m.LBAff, Config: m.Config},
 		XDP:       XDPPorts{Ports: m.XDPPorts, Tx: m.XDPTx},
 	}
+}
+
+// Memory adds the kernel memory (memlock, in bytes) of each map of a sandbox to out, by the
+// map's name in the object (kdp_*). Every *ebpf.Map field of loader.Maps is counted, so a map
+// added there is counted without a change here.
+func Memory(m loader.Maps, out map[string]uint64) error {
+	v := reflect.ValueOf(m)
+	for i := 0; i < v.NumField(); i++ {
+		mp, ok := v.Field(i).Interface().(*ebpf.Map)
+		if !ok || mp == nil {
+			continue
+		}
+		info, err := mp.Info()
+		if err != nil {
+			return fmt.Errorf("map memory of %s: %w", v.Type().Field(i).Name, err)
+		}
+		if mem, ok := info.Memlock(); ok {
+			out[info.Name] += mem
+		}
+	}
+	return nil
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,6 +14,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/kata"
+	"github.com/kata-dp/kata-dp/control/metrics"
 	"github.com/kata-dp/kata-dp/control/netmon"
 	"github.com/kata-dp/kata-dp/control/store"
 	"github.com/kata-dp/kata-dp/control/watch"
@@ -27,11 +27,13 @@ type agentOptions struct {
 	stateDir    string
 	bpffsRoot   string
 	metricsAddr string
-	logLevel    string
-	logFormat   string
-	kataDir     string // Kata's runtime directory to discover sandboxes in; "" off
-	kataDirSet  bool   // given on the command line or in the config file
-	log         *slog.Logger
+	// metricsRemote allows a non-loopback metrics address (it serves without authentication).
+	metricsRemote bool
+	logLevel      string
+	logFormat     string
+	kataDir       string // Kata's runtime directory to discover sandboxes in; "" off
+	kataDirSet    bool   // given on the command line or in the config file
+	log           *slog.Logger
 }
 
 const agentUse = `
@@ -61,7 +63,8 @@ func runAgent(e *env, args []string) error {
 	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "API socket path")
 	fs.StringVar(&o.stateDir, "state-dir", store.DefaultDir, "state directory")
 	fs.StringVar(&o.bpffsRoot, "bpffs-root", "/sys/fs/bpf/kata-dp", "bpffs directory of the pinned datapath")
-	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this HOST:PORT (off when empty)")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics, /healthz and /readyz on this HOST:PORT (off when empty; loopback only unless --metrics-allow-remote)")
+	fs.BoolVar(&o.metricsRemote, "metrics-allow-remote", false, "allow a --metrics-addr that is not loopback (the listener has no authentication: keep it on a management network)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text (logfmt) or json (one object a line, for log collectors)")
 	fs.StringVar(&o.kataDir, "kata-dir", kata.DefaultDir, `Kata's runtime directory: discover its sandboxes and take them over (on when it exists; "" turns discovery off)`)
@@ -90,6 +93,11 @@ func runAgent(e *env, args []string) error {
 		return printConfig(e.stdout, fs, src, *config)
 	}
 	o.kataDirSet = src["kata-dir"] != fromDefault
+	if o.metricsAddr != "" {
+		if err := metrics.CheckAddr(o.metricsAddr, o.metricsRemote); err != nil {
+			return fmt.Errorf("agent: --metrics-addr %q: %w", o.metricsAddr, err)
+		}
+	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
 		return fmt.Errorf("agent: --log-level: %w", err)
@@ -109,6 +117,38 @@ func runAgent(e *env, args []string) error {
 func agent(e *env, o agentOptions) (err error) {
 	ctx := e.ctx
 	log := o.log
+	met := metrics.New(version)
+	// Readiness: each start-up step below opens its gate. Long-running parts that must be up
+	// before the node counts as ready (Kata discovery) add their own check with health.Add.
+	health := &metrics.Health{}
+	stateLoaded := health.Gate("state", "loading the saved state")
+	readopted := health.Gate("datapaths", "re-adopting the pinned datapaths")
+	serving := health.Gate("api", "opening the API socket")
+	errc := make(chan error, 2)
+	var msrv *http.Server
+	if o.metricsAddr != "" {
+		// Served from the start, so /healthz answers and /readyz says what the agent waits
+		// for while it re-adopts the sandboxes.
+		ml, err := metrics.Listen(o.metricsAddr, o.metricsRemote)
+		if err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+		msrv = metrics.NewServer(met, health)
+		go func() {
+			if err := msrv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("metrics: %w", err)
+			}
+		}()
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			msrv.Shutdown(sctx)
+		}()
+		if metrics.CheckAddr(o.metricsAddr, false) != nil {
+			log.Warn("metrics listener is not on loopback: it has no authentication", "addr", ml.Addr().String())
+		}
+		log.Info("serving metrics", "addr", ml.Addr().String())
+	}
 	st, err := store.Open(o.stateDir)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
@@ -143,12 +183,15 @@ func agent(e *env, o agentOptions) (err error) {
 			}
 		}}
 	if deps.Hotplug != nil {
-		cfg.Hotplug = deps.Hotplug
+		cfg.Hotplug = met.Hotplug(deps.Hotplug)
 	}
 	ctrl, err := control.New(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
+	stateLoaded()
+	bad := len(ctrl.Unhealthy())
+	met.Reconciled(len(ctrl.Sandboxes())-bad, bad)
 	if deps.LB != nil {
 		ist, err := store.Open(filepath.Join(o.stateDir, "ipvs"))
 		if err != nil {
@@ -159,11 +202,19 @@ func agent(e *env, o agentOptions) (err error) {
 			return fmt.Errorf("agent: %w", err)
 		}
 	}
-	metrics := api.NewMetrics(ctrl, version)
-	sopts := api.ServerOptions{Version: version, Logger: log, Metrics: metrics, IPVS: lbm}
+	readopted()
+	src := metrics.Sources{Controller: ctrl}
+	if lbm != nil {
+		src.LB = lbm
+	}
+	if dp, ok := deps.Dataplane.(metrics.Datapath); ok {
+		src.Datapath = dp
+	}
+	met.AddSources(src)
+	sopts := api.ServerOptions{Version: version, Logger: log, Metrics: met, IPVS: lbm}
 	tasks := watch.New(log)
 	mon = netmon.New(ctrl, netmon.Options{Logger: log})
-	if err := tasks.Add(watch.Task{Name: "netmon", Run: mon.Run}); err != nil {
+	if err := tasks.Add(met.Task(watch.Task{Name: "netmon", Run: mon.Run})); err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
 	// Sandboxes the start could not re-adopt (netns or QMP not there yet) are retried with
@@ -172,7 +223,7 @@ func agent(e *env, o agentOptions) (err error) {
 		return fmt.Errorf("agent: %w", err)
 	}
 	for _, t := range deps.Tasks {
-		if err := tasks.Add(t); err != nil {
+		if err := tasks.Add(met.Task(t)); err != nil {
 			return fmt.Errorf("agent: %w", err)
 		}
 	}
@@ -180,9 +231,15 @@ func agent(e *env, o agentOptions) (err error) {
 		return fmt.Errorf("agent: %w", err)
 	} else if disc != nil {
 		sopts.Kata = disc
-		if err := tasks.Add(watch.Task{Name: "kata-discovery", Run: disc.Run}); err != nil {
+		if err := tasks.Add(met.Task(watch.Task{Name: "kata-discovery", Run: disc.Run})); err != nil {
 			return fmt.Errorf("agent: %w", err)
 		}
+		health.Add("discovery", func(context.Context) error {
+			if !disc.Running() {
+				return errors.New("not yet: watching Kata's runtime directory " + disc.Dir())
+			}
+			return nil
+		})
 	}
 	srv := api.NewServer(ctrl, sopts)
 	// Deferred after deps.Close: the tasks have stopped before the dataplane is closed.
@@ -191,25 +248,8 @@ func agent(e *env, o agentOptions) (err error) {
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
-	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(l) }()
-	var msrv *http.Server
-	if o.metricsAddr != "" {
-		ml, err := net.Listen("tcp", o.metricsAddr)
-		if err != nil {
-			srv.Shutdown(context.Background())
-			return fmt.Errorf("agent: metrics: %w", err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", metrics.Handler())
-		msrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			if err := msrv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("metrics: %w", err)
-			}
-		}()
-		log.Info("serving metrics", "addr", ml.Addr().String())
-	}
+	serving()
 	log.Info("agent started", "version", version, "socket", o.socket, "state", o.stateDir, "sandboxes", len(ctrl.Sandboxes()))
 	if nerr := sdNotify(e.getenv, fmt.Sprintf("READY=1\nSTATUS=serving %s, %d sandboxes", o.socket, len(ctrl.Sandboxes()))); nerr != nil {
 		log.Warn("cannot tell systemd the agent is ready", "err", nerr)
@@ -229,9 +269,6 @@ func agent(e *env, o agentOptions) (err error) {
 	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	srv.Shutdown(sctx)
-	if msrv != nil {
-		msrv.Shutdown(sctx)
-	}
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}

@@ -42,6 +42,7 @@ func TestConfigPrecedence(t *testing.T) {
 		"log-format: text # default\n" +
 		"log-level: debug # file\n" +
 		"metrics-addr: 127.0.0.1:9464 # file\n" +
+		"metrics-allow-remote: false # default\n" +
 		"socket: /run/flag.sock # flag\n" +
 		"state-dir: /var/lib/kata-dp # default\n"
 	if d := cmp.Diff(result{stdout: want}, got, cmp.AllowUnexported(result{})); d != "" {
@@ -98,6 +99,12 @@ func TestConfigErrors(t *testing.T) {
 	// A bad value on the command line is refused as such, before the file is read.
 	if got := runCLI("agent", "--config", "", "--log-format", "xml", "--print-config"); got.stderr != "agent: --log-format \"xml\": want text or json\n" {
 		t.Errorf("bad flag: %+v", got)
+	}
+	// The metrics listener has no authentication: a non-loopback address needs
+	// --metrics-allow-remote (refused before the agent starts anything).
+	if got := runCLI("agent", "--config", "", "--metrics-addr", "0.0.0.0:9464"); got.code != 1 ||
+		!strings.HasPrefix(got.stderr, `agent: --metrics-addr "0.0.0.0:9464": "0.0.0.0": not a loopback address`) {
+		t.Errorf("non-loopback metrics address: %+v", got)
 	}
 	// A config file named explicitly must exist.
 	if got := runCLI("agent", "--config", "/nonexistent/kata-dp.yaml", "--print-config"); got.code != 1 || !strings.Contains(got.stderr, "/nonexistent/kata-dp.yaml: no such file") {

@@ -101,11 +101,27 @@ func TestAgentProcessKill9(t *testing.T) {
 		`kata_dp_agent_info{version="dev"} 1`,
 		`kata_dp_operations_total{op="add-iface",result="ok"} 1`,
 		`kata_dp_operations_total{op="sandbox-add",result="ok"} 1`,
-		`kata_dp_endpoint_packets_total{direction="from_guest",nic="eth-test",sandbox="` + sandboxID + `"}`,
+		`kata_dp_endpoint_packets_total{direction="from_guest",mode="tc",nic="eth-test",sandbox="` + sandboxID + `"}`,
 		`kata_dp_endpoints{sandbox="` + sandboxID + `"} 1`,
+		`kata_dp_sandboxes{state="ready"} 1`,
+		`kata_dp_conntrack_capacity{sandbox="` + sandboxID + `"} 16384`,
+		`kata_dp_bpf_map_memory_bytes{map="kdp_lb_ct",sandbox="` + sandboxID + `"}`,
+		`kata_dp_reconciles_total{result="error"} 0`,
 	} {
 		if !bytes.Contains(body, []byte(want)) {
 			t.Errorf("metrics lack %q", want)
+		}
+	}
+	// Health: alive and ready (state loaded, datapaths re-adopted, API serving).
+	for _, path := range []string{"/healthz", "/readyz?verbose"} {
+		resp, err := hc.Get("http://metrics" + path)
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !bytes.HasSuffix(body, []byte("ok\n")) {
+			t.Errorf("%s = %d %q, want 200 ok", path, resp.StatusCode, body)
 		}
 	}
 

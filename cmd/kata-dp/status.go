@@ -9,32 +9,49 @@ import (
 	"slices"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/kata-dp/kata-dp/control"
 )
 
 const statusUse = `
-Usage: kata-dp status [<id>] [-o table|json]
+Usage: kata-dp status [<id>] [-o table|json] [--watch [--interval 2s]]
 
 Shows every sandbox (or the one whose id, or unique id prefix, is <id>), its endpoints (NICs
 added through kata-network), their dataplane mode and their counters (packets and bytes from
 and to the guest, drops by reason), and what vhost-net came to (per sandbox: what a NIC
 plugged now gets; per NIC: what it got), with the reason. A vhost-user NIC has mode vhost-user
 and no counters in kata-dp: its switch keeps them. docs/operations.md explains every column and
-field.
+field. The table starts with a one-line summary: sandboxes (and how many are unhealthy), NICs,
+packets and bytes each way, and drops by reason.
+
+--watch prints that summary line again every --interval, with the rates since the previous
+line (packets/s each way, drops/s), until interrupted: a quick look at a node or a sandbox
+without Prometheus.
 
 Examples:
   kata-dp status
   kata-dp status 6ec7a98
   kata-dp status -o json | jq '.[].endpoints[] | {nic, runningMode, stats}'
+  kata-dp status --watch --interval 1s
 `
 
 func runStatus(e *env, args []string) error {
 	fs := e.flagSet("status", statusUse)
 	sock := socketFlag(fs)
 	output := fs.StringP("output", "o", "table", "output format: table or json")
+	watch := fs.BoolP("watch", "w", false, "print the one-line summary with rates every --interval until interrupted")
+	interval := fs.Duration("interval", 2*time.Second, "time between two lines of --watch")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *watch {
+		if *output != "table" {
+			return fmt.Errorf("status: --watch prints lines of text: no --output %q", *output)
+		}
+		if *interval < 100*time.Millisecond {
+			return fmt.Errorf("status: --interval %v: want at least 100ms", *interval)
+		}
 	}
 	if fs.NArg() > 1 {
 		return fmt.Errorf("status: unexpected arguments %q", fs.Args()[1:])
@@ -42,14 +59,22 @@ func runStatus(e *env, args []string) error {
 	if *output != "table" && *output != "json" {
 		return fmt.Errorf("status: --output %q: want table or json", *output)
 	}
-	st, err := e.client(*sock).Status(e.ctx)
+	get := func() ([]control.SandboxStatus, error) {
+		st, err := e.client(*sock).Status(e.ctx)
+		if err != nil {
+			return nil, err
+		}
+		if fs.NArg() == 1 {
+			return statusOf(st, fs.Arg(0))
+		}
+		return st, nil
+	}
+	st, err := get()
 	if err != nil {
 		return err
 	}
-	if fs.NArg() == 1 {
-		if st, err = statusOf(st, fs.Arg(0)); err != nil {
-			return err
-		}
+	if *watch {
+		return watchStatus(e, st, get, *interval)
 	}
 	if *output == "json" {
 		if st == nil {
@@ -88,7 +113,107 @@ func writeJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
+// totals are the counters of a status report summed over its endpoints.
+type totals struct {
+	sandboxes, unhealthy, nics int
+	from, to                   control.DirStats
+	drops                      map[string]uint64
+}
+
+func sum(st []control.SandboxStatus) totals {
+	t := totals{sandboxes: len(st), drops: map[string]uint64{}}
+	for _, s := range st {
+		if s.Unhealthy != "" {
+			t.unhealthy++
+		}
+		for _, ep := range s.Endpoints {
+			t.nics++
+			if ep.Stats == nil {
+				continue
+			}
+			t.from.Packets += ep.Stats.FromGuest.Packets
+			t.from.Bytes += ep.Stats.FromGuest.Bytes
+			t.to.Packets += ep.Stats.ToGuest.Packets
+			t.to.Bytes += ep.Stats.ToGuest.Bytes
+			for _, d := range []map[string]uint64{ep.Stats.FromGuest.Drops, ep.Stats.ToGuest.Drops} {
+				for r, n := range d {
+					if n > 0 {
+						t.drops[r] += n
+					}
+				}
+			}
+		}
+	}
+	return t
+}
+
+func (t totals) dropTotal() uint64 {
+	var n uint64
+	for _, v := range t.drops {
+		n += v
+	}
+	return n
+}
+
+// summary is status's one-line summary.
+func summary(st []control.SandboxStatus) string {
+	t := sum(st)
+	sb := fmt.Sprintf("%d sandboxes", t.sandboxes)
+	if t.unhealthy > 0 {
+		sb += fmt.Sprintf(" (%d unhealthy)", t.unhealthy)
+	}
+	return fmt.Sprintf("%s, %d NICs; from guests %d pkts %d bytes, to guests %d pkts %d bytes; drops %d%s",
+		sb, t.nics, t.from.Packets, t.from.Bytes, t.to.Packets, t.to.Bytes, t.dropTotal(), dropReasons(t.drops))
+}
+
+func dropReasons(d map[string]uint64) string {
+	if len(d) == 0 {
+		return ""
+	}
+	var parts []string
+	for _, r := range slices.Sorted(maps.Keys(d)) {
+		parts = append(parts, fmt.Sprintf("%s=%d", r, d[r]))
+	}
+	return " (" + strings.Join(parts, ",") + ")"
+}
+
+// watchStatus prints the summary of the first report, then every interval a line with the
+// time, the summary and the rates since the previous line, until the context ends (Ctrl-C).
+// A report that fails (the agent restarting) is printed as such and the watch goes on.
+func watchStatus(e *env, first []control.SandboxStatus, get func() ([]control.SandboxStatus, error), interval time.Duration) error {
+	prev, at := sum(first), time.Now()
+	fmt.Fprintf(e.stdout, "%s  %s\n", at.Format("15:04:05"), summary(first))
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-e.ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		st, err := get()
+		now := time.Now()
+		if err != nil {
+			fmt.Fprintf(e.stdout, "%s  error: %v\n", now.Format("15:04:05"), err)
+			continue
+		}
+		cur := sum(st)
+		dt := now.Sub(at).Seconds()
+		rate := func(a, b uint64) float64 {
+			if a < b || dt <= 0 {
+				return 0 // a counter reset (sandbox re-created)
+			}
+			return float64(a-b) / dt
+		}
+		fmt.Fprintf(e.stdout, "%s  %s; rates: from guests %.0f pkt/s, to guests %.0f pkt/s, drops %.0f/s\n", now.Format("15:04:05"),
+			summary(st), rate(cur.from.Packets, prev.from.Packets), rate(cur.to.Packets, prev.to.Packets),
+			rate(cur.dropTotal(), prev.dropTotal()))
+		prev, at = cur, now
+	}
+}
+
 func statusTable(e *env, st []control.SandboxStatus) error {
+	fmt.Fprintln(e.stdout, summary(st))
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "SANDBOX\tMODE\tUPLINK\tANTI-SPOOF\tSTRICT-EGRESS\tQMP\tNICS\tROUTES\tNETNS\tVHOST\tNETMON")
 	for _, s := range st {

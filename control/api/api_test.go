@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +16,7 @@ import (
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/controltest"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
+	"github.com/kata-dp/kata-dp/control/metrics"
 	"github.com/kata-dp/kata-dp/control/store"
 )
 
@@ -57,7 +57,7 @@ func newAgent(t *testing.T) (*control.Controller, *Client, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(ctrl, ServerOptions{Version: "v-test", Logger: log, Metrics: NewMetrics(ctrl, "v-test"), IPVS: lbm})
+	srv := NewServer(ctrl, ServerOptions{Version: "v-test", Logger: log, Metrics: newMetrics(ctrl), IPVS: lbm})
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Shutdown(context.Background()) })
 	return ctrl, NewClient(sock), sock
@@ -162,29 +162,10 @@ func TestListenRefusesLiveSocket(t *testing.T) {
 	}
 }
 
-func TestMetrics(t *testing.T) {
-	ctrl, c, _ := newAgent(t)
-	ctx := context.Background()
-	c.AddSandbox(ctx, control.SandboxSpec{ID: "m1", NetNS: testNS})
-	c.KataNetwork(ctx, "m1", "add-iface", []byte(`{"device":"tap1","name":"eth1","hwAddr":"02:00:00:00:00:01","mtu":1500}`))
-	c.KataNetwork(ctx, "m1", "add-iface", []byte(`{"device":"tap1"}`))
-	m := NewMetrics(ctrl, "v-test")
-	m.Observe("add-iface", 1000, nil)
-	rec := httptest.NewRecorder()
-	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	body := rec.Body.String()
-	for _, want := range []string{
-		`kata_dp_endpoint_packets_total{direction="from_guest",nic="eth1",sandbox="m1"} 0`,
-		`kata_dp_endpoint_bytes_total{direction="to_guest",nic="eth1",sandbox="m1"} 0`,
-		`kata_dp_agent_info{version="v-test"} 1`,
-		`kata_dp_operations_total{op="add-iface",result="ok"} 1`,
-		`kata_dp_operation_duration_seconds_bucket{op="add-iface",le="0.0005"} 1`,
-		`kata_dp_endpoints{sandbox="m1"} 1`,
-	} {
-		if !strings.Contains(body, want) {
-			t.Errorf("metrics lack %q", want)
-		}
-	}
+func newMetrics(ctrl *control.Controller) *metrics.Metrics {
+	m := metrics.New("v-test")
+	m.AddSources(metrics.Sources{Controller: ctrl})
+	return m
 }
 
 // TestHelperNonRootClient is run by TestRefusesNonRoot as an unprivileged process.

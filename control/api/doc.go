@@ -1,5 +1,5 @@
-// Package api is the agent's HTTP JSON API on a unix socket, its Go client, and the agent's
-// Prometheus metrics.
+// Package api is the agent's HTTP JSON API on a unix socket and its Go client (the metrics
+// listener is control/metrics).
 //
 // The socket (default /run/kata-dp/kata-dp.sock) is created with mode 0600 and every
 // connection's peer is checked with SO_PEERCRED: only root may talk to the agent, because every

@@ -16,6 +16,7 @@ import (
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
+	"github.com/kata-dp/kata-dp/control/metrics"
 	"github.com/kata-dp/kata-dp/control/netspec"
 	"golang.org/x/sys/unix"
 )
@@ -23,8 +24,8 @@ import (
 // ServerOptions configure a Server.
 type ServerOptions struct {
 	Version string
-	Logger  *slog.Logger // nil: slog.Default()
-	Metrics *Metrics     // nil: operations are not counted
+	Logger  *slog.Logger     // nil: slog.Default()
+	Metrics *metrics.Metrics // nil: operations are not counted
 	// IPVS runs the kata-ipvs calls; nil: the agent has no load balancer and they are not
 	// served.
 	IPVS *ipvsctl.Manager

@@ -41,6 +41,13 @@ type Sandbox struct {
 	rates map[maps.LBStatsKey]ipvs.Stats // set by Sweep under Dataplane.mu
 	swept lbSample                       // the counters Sweep last read, under Dataplane.mu
 	modes map[uint32]*State              // by endpoint slot, under Dataplane.mu (mode.go)
+
+	// closing guards lsb against readers that do not hold the control plane's sandbox lock
+	// (the metrics scrape, the listings, the sweep): they hold it for reading (Dataplane.read)
+	// while they use the maps; RemoveSandbox and Close take it for writing before closing
+	// lsb, so no reader ever uses a closed (or, worse, reused) map file descriptor.
+	closing sync.RWMutex
+	closed  bool // under closing
 }
 
 var (
@@ -98,7 +105,7 @@ func (d *Dataplane) RemoveSandbox(ctx context.Context, id string) error {
 	delete(d.sandboxes, id)
 	d.mu.Unlock()
 	if sb != nil {
-		sb.lsb.Close()
+		sb.close()
 	}
 	return loader.Remove(d.root, id)
 }
@@ -108,10 +115,35 @@ func (d *Dataplane) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for id, sb := range d.sandboxes {
-		sb.lsb.Close()
+		sb.close()
 		delete(d.sandboxes, id)
 	}
 	return nil
+}
+
+// close closes the sandbox's collection once its readers are done (see Sandbox.closing).
+func (sb *Sandbox) close() {
+	sb.closing.Lock()
+	defer sb.closing.Unlock()
+	if !sb.closed {
+		sb.closed = true
+		sb.lsb.Close()
+	}
+}
+
+// read runs fn on the sandbox id while its collection cannot be closed: for the readers that
+// run beside the control plane's operations rather than under its sandbox lock.
+func (d *Dataplane) read(id string, fn func(sb *Sandbox) error) error {
+	sb, err := d.get(id)
+	if err != nil {
+		return err
+	}
+	sb.closing.RLock()
+	defer sb.closing.RUnlock()
+	if sb.closed {
+		return fmt.Errorf("%w: %s", ErrNoSandbox, id)
+	}
+	return fn(sb)
 }
 
 func (d *Dataplane) get(id string) (*Sandbox, error) {
@@ -207,12 +239,16 @@ func (d *Dataplane) SetRoutes(ctx context.Context, id string, routes []control.R
 // Stats reads the endpoint's counters through the mode it runs in (the mode this process
 // installed, or, after a restart before Reconcile, the one ep names). Endpoints in tcfilter or
 // macvtap mode have no BPF counters: their Stats are link counters, marked with NoBPFCounters.
+//
+// Stats runs beside the control plane's operations (metrics, status): a sandbox removed
+// meanwhile is ErrNoSandbox, never a read of a closed map.
 func (d *Dataplane) Stats(ctx context.Context, ep control.Endpoint) (control.EndpointStats, error) {
-	sb, err := d.get(ep.Sandbox)
-	if err != nil {
-		return control.EndpointStats{}, fmt.Errorf("stats of %s: %w", ep.NIC, err)
-	}
-	s, err := d.modeFor(sb, ep).Stats(ctx, sb, ep)
+	var s control.EndpointStats
+	err := d.read(ep.Sandbox, func(sb *Sandbox) error {
+		var err error
+		s, err = d.modeFor(sb, ep).Stats(ctx, sb, ep)
+		return err
+	})
 	if err != nil {
 		return s, fmt.Errorf("stats of %s: %w", ep.NIC, err)
 	}

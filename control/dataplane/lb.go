@@ -305,25 +305,58 @@ func (c *lbCounters) Server(id uint32) ipvs.ServerCounters {
 // LBCounters returns the live counters of the sandbox's load balancer. Connection counts are
 // recounted from the connection table first, so they are exact at the time of the call.
 func (d *Dataplane) LBCounters(ctx context.Context, id string) (ipvs.Counters, error) {
-	sb, err := d.get(id)
+	c := &lbCounters{}
+	err := d.read(id, func(sb *Sandbox) error {
+		lb := sb.lbMaps()
+		if _, err := d.sweep(sb, nil); err != nil {
+			return err
+		}
+		var err error
+		if c.stats, err = maps.Dump[maps.LBStatsKey, maps.LBStats](lb.Stats); err != nil {
+			return fmt.Errorf("lb counters of %s: %w", id, err)
+		}
+		if c.conns, err = maps.Dump[uint32, maps.LBConns](lb.Conns); err != nil {
+			return fmt.Errorf("lb counters of %s: %w", id, err)
+		}
+		d.mu.Lock()
+		c.rates = sb.rates
+		d.mu.Unlock()
+		return nil
+	})
 	if err != nil {
 		return nil, fmt.Errorf("lb counters: %w", err)
 	}
-	lb := sb.lbMaps()
-	if _, err := d.sweep(sb, nil); err != nil {
-		return nil, err
-	}
-	c := &lbCounters{}
-	if c.stats, err = maps.Dump[maps.LBStatsKey, maps.LBStats](lb.Stats); err != nil {
-		return nil, fmt.Errorf("lb counters of %s: %w", id, err)
-	}
-	if c.conns, err = maps.Dump[uint32, maps.LBConns](lb.Conns); err != nil {
-		return nil, fmt.Errorf("lb counters of %s: %w", id, err)
-	}
-	d.mu.Lock()
-	c.rates = sb.rates
-	d.mu.Unlock()
 	return c, nil
+}
+
+// ConnTable returns how many entries the sandbox's connection table holds and how many it
+// can hold (two entries per connection: the original direction and the reply). The table is
+// an LRU: when full, the oldest connections are evicted, which resets them.
+func (d *Dataplane) ConnTable(ctx context.Context, id string) (entries, capacity int, err error) {
+	err = d.read(id, func(sb *Sandbox) error {
+		lb := sb.lbMaps()
+		capacity = int(lb.CT.MaxEntries())
+		var err error
+		entries, err = lb.ConnEntries()
+		return err
+	})
+	if err != nil {
+		return 0, 0, fmt.Errorf("connection table of %s: %w", id, err)
+	}
+	return entries, capacity, nil
+}
+
+// MapMemory returns the kernel memory (memlock) of each of the sandbox's BPF maps, by map
+// name.
+func (d *Dataplane) MapMemory(ctx context.Context, id string) (map[string]uint64, error) {
+	out := map[string]uint64{}
+	err := d.read(id, func(sb *Sandbox) error {
+		return maps.Memory(sb.lsb.Maps(), out)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("map memory of %s: %w", id, err)
+	}
+	return out, nil
 }
 
 // CleanupConns deletes the connection entries whose original destination (the virtual
@@ -383,14 +416,24 @@ func (d *Dataplane) Sweep(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if _, err := d.sweep(sb, nil); err != nil {
-			errs = append(errs, fmt.Errorf("sweep connections of %s: %w", id, err))
-			continue
-		}
+		var cur map[maps.LBStatsKey]maps.LBStats
 		now := time.Now()
-		cur, err := maps.Dump[maps.LBStatsKey, maps.LBStats](sb.lbMaps().Stats)
+		err := d.read(id, func(sb *Sandbox) error {
+			if _, err := d.sweep(sb, nil); err != nil {
+				return fmt.Errorf("sweep connections of %s: %w", id, err)
+			}
+			now = time.Now()
+			var err error
+			if cur, err = maps.Dump[maps.LBStatsKey, maps.LBStats](sb.lbMaps().Stats); err != nil {
+				return fmt.Errorf("read lb counters of %s: %w", id, err)
+			}
+			return nil
+		})
+		if errors.Is(err, ErrNoSandbox) {
+			continue // removed since the list was taken
+		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("read lb counters of %s: %w", id, err))
+			errs = append(errs, err)
 			continue
 		}
 		d.mu.Lock()

@@ -18,6 +18,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 
 	"github.com/kata-dp/kata-dp/control"
@@ -290,4 +291,34 @@ func (m *Manager) Table(id string) *ipvs.Table {
 	t, unlock := m.lock(id)
 	defer unlock()
 	return t.Clone()
+}
+
+// Sandboxes returns the ids of the sandboxes that have rules.
+func (m *Manager) Sandboxes() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]string, 0, len(m.tables))
+	for id, t := range m.tables {
+		if t.Rules() > 0 {
+			out = append(out, id)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Counters returns a copy of the sandbox's rules with the live counters of its load balancer,
+// read together under the sandbox's lock so they agree (for the metrics). A sandbox without
+// rules has no counters (nil).
+func (m *Manager) Counters(ctx context.Context, id string) (*ipvs.Table, ipvs.Counters, error) {
+	t, unlock := m.lock(id)
+	defer unlock()
+	if t.Rules() == 0 {
+		return t.Clone(), nil, nil
+	}
+	c, err := m.lb.LBCounters(ctx, id)
+	if err != nil {
+		return nil, nil, err
+	}
+	return t.Clone(), c, nil
 }
