@@ -112,7 +112,7 @@ func TestPrometheusScrapesAgent(t *testing.T) {
 		}
 	}()
 	const vip = "10.96.0.10"
-	for _, params := range []string{"-A -t " + vip + ":80 -s rr", "-a -t " + vip + ":80 -r " + server + ":80 -m"} {
+	for _, params := range []string{"--add-service --tcp-service " + vip + ":80 --scheduler rr --persistent 60", "-a -t " + vip + ":80 -r " + server + ":80 -m"} {
 		if r := a.cli(t, "", "kata-ipvs", "ipvsadm", "--parameters", params, "6ec"); r.code != 0 {
 			t.Fatalf("kata-ipvs %s: %+v", params, r)
 		}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -19,6 +20,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/netspec"
 	"github.com/kata-dp/kata-dp/control/store"
 	"github.com/kata-dp/kata-dp/control/watch"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 const testNS = "/proc/self/ns/net"
@@ -86,7 +88,7 @@ func TestMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	tbl := &ipvs.Table{}
-	for _, p := range []string{"-A -t 10.96.0.10:80 -s rr", "-a -t 10.96.0.10:80 -r 10.0.0.11:80 -m -w 2"} {
+	for _, p := range []string{"-A -t 10.96.0.10:80 -s rr -p 60", "-a -t 10.96.0.10:80 -r 10.0.0.11:80 -m -w 2"} {
 		cmd, err := ipvs.ParseParameters(p)
 		if err != nil {
 			t.Fatal(err)
@@ -242,6 +244,39 @@ func TestCheckAddr(t *testing.T) {
 		}
 		if err != nil && !tc.remote && tc.addr != "9464" && !errors.Is(err, ErrRemote) {
 			t.Errorf("CheckAddr(%q) = %v, want ErrRemote", tc.addr, err)
+		}
+	}
+}
+
+// TestMetricsDocumented: every kata_dp_ metric the agent exposes is in docs/metrics.md (which
+// deploy's tests hold the dashboard and the alert rules to).
+func TestMetricsDocumented(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/metrics.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctrl := newController(t)
+	m := New("v")
+	m.AddSources(Sources{Controller: ctrl})
+	m.Task(watch.Task{Name: "x", Run: func(context.Context) error { return nil }}).Run(context.Background())
+	families, err := m.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, f := range families {
+		names = append(names, f.GetName())
+	}
+	// The collectors' descriptions (series that need a sandbox, a service, ...).
+	ch := make(chan *prometheus.Desc, 64)
+	go func() { (&collector{}).Describe(ch); close(ch) }()
+	for d := range ch {
+		name := strings.TrimPrefix(d.String(), `Desc{fqName: "`)
+		names = append(names, name[:strings.IndexByte(name, '"')])
+	}
+	for _, n := range names {
+		if strings.HasPrefix(n, "kata_dp_") && !strings.Contains(string(doc), "`"+n+"`") {
+			t.Errorf("%s is not documented in docs/metrics.md", n)
 		}
 	}
 }
