@@ -14,6 +14,7 @@ import (
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netdev"
+	"github.com/kata-dp/kata-dp/maps"
 	"github.com/vishvananda/netlink"
 )
 
@@ -50,7 +51,15 @@ type modeDef struct {
 // modes are all modes the harness knows, in report order: every mode of the dataplane's
 // registry, installed through the dataplane itself (setupKataDP), then the reference rows,
 // which are the harness's own.
-var modes = append(kataModes(), refModes...)
+var modes = append(append(kataModes(), monitorModes...), refModes...)
+
+// monitorModes measure what `kata-dp monitor` costs: the tc row again, with a monitor client
+// listening for drops and new load-balanced connections (the datapath's monitor flags on, its
+// events read and thrown away), in the same run as the plain tc row (the monitor off).
+var monitorModes = []modeDef{
+	{name: "tc+monitor", desc: "kata-dp tc datapath as the tc row, with a kata-dp monitor client listening (drops and new LB connections reported)",
+		setup: func(e *env) error { return setupKataDPMonitored(e, control.ModeTC, maps.MonitorDrop|maps.MonitorLB) }},
+}
 
 // kataDesc says what each kata-dp mode's row measures; a mode added to the registry without a
 // line here still runs, with a generic description.
@@ -151,7 +160,11 @@ var nodeGuestMAC = net.HardwareAddr{0x02, 0x6b, 0x64, 0x70, 0x00, 0x02}
 // its veth (the sandbox's uplink; in the node family the sandbox netns plays the node's netns
 // and its eth0 the host uplink toward the client in the host netns). A mode that falls back
 // to another one (xdp where XDP cannot run) is skipped with the dataplane's reason.
-func setupKataDP(e *env, mode string) error {
+func setupKataDP(e *env, mode string) error { return setupKataDPMonitored(e, mode, 0) }
+
+// setupKataDPMonitored is setupKataDP with a monitor stream open for the events of mon (none
+// when 0), drained by a goroutine until the row is torn down.
+func setupKataDPMonitored(e *env, mode string, mon maps.MonitorFlags) error {
 	m, err := dataplane.Lookup(mode)
 	if err != nil {
 		return err
@@ -188,6 +201,26 @@ func setupKataDP(e *env, mode string) error {
 	}
 	if err := dp.AddEndpoint(ctx, ep); err != nil {
 		return err
+	}
+	if mon != 0 {
+		s, err := dp.Monitor(ctx, id, mon)
+		if err != nil {
+			return err
+		}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for {
+				if _, err := s.Read(); err != nil {
+					return // closed
+				}
+			}
+		}()
+		e.undo = append(e.undo, func() error { // runs before the sandbox is removed
+			err := s.Close()
+			<-done
+			return err
+		})
 	}
 	if got, why, err := dp.Mode(ep); err != nil {
 		return err

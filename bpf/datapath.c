@@ -29,6 +29,8 @@
 #include "lib/config.h"
 #include "lib/flow.h"
 #include "lib/guard.h"
+#include "lib/monitor.h"
+#define KDP_LB_NEW_CONN mon_lb
 #include "lib/lb.h"
 #include "lib/xdp.h"
 
@@ -82,10 +84,11 @@ static __always_inline int from_guest(void *ctx, const bool xdp)
 	if (drop < 0)
 		drop = check_egress(ep, ifindex, cfg->route_gen, &f);
 	if (drop >= 0) {
-		count_drop(ep->slot, KDP_DIR_FROM_GUEST, drop);
+		drop_frame(ctx, xdp, ep->slot, KDP_DIR_FROM_GUEST, drop, len, &f);
 		return ctx_drop(xdp);
 	}
 	count_fwd(ep->slot, KDP_DIR_FROM_GUEST, len);
+	mon_trace(ctx, xdp, ep->slot, KDP_DIR_FROM_GUEST, len, &f);
 	if (!ep->peer_ifindex)
 		return ctx_next(xdp);
 	return redirect_to(ctx, ep->peer_ifindex, xdp);
@@ -96,6 +99,7 @@ static __always_inline int to_guest(void *ctx, const bool xdp)
 	__u32 ifindex = ctx_ifindex(ctx, xdp);
 	struct config *cfg;
 	struct endpoint *ep;
+	struct flow f;
 	int drop = -1;
 	__u32 len;
 
@@ -108,17 +112,17 @@ static __always_inline int to_guest(void *ctx, const bool xdp)
 
 	len = ctx_len(ctx, xdp);
 	if (lb_active(cfg)) {
-		struct flow f;
-
 		ctx_pull(ctx, KDP_PULL_LEN, xdp);
 		flow_parse(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), &f);
 		drop = lb_to_guest(ctx, xdp, cfg, len, &f);
 	}
 	if (drop >= 0) {
-		count_drop(ep->slot, KDP_DIR_TO_GUEST, drop);
+		drop_frame(ctx, xdp, ep->slot, KDP_DIR_TO_GUEST, drop, len, &f);
 		return ctx_drop(xdp);
 	}
 	count_fwd(ep->slot, KDP_DIR_TO_GUEST, len);
+	/* The flow was parsed only while the load balancer is active. */
+	mon_trace(ctx, xdp, ep->slot, KDP_DIR_TO_GUEST, len, lb_active(cfg) ? &f : NULL);
 	return redirect_to(ctx, ep->peer_ifindex, xdp);
 }
 

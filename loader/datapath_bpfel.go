@@ -149,6 +149,21 @@ type DatapathLbSvcKey struct {
 	Slot  uint32
 }
 
+type DatapathMonCfg struct {
+	_     structs.HostLayout
+	Flags uint32
+	Rate  uint32
+	Burst uint32
+	Pad   uint32
+}
+
+type DatapathMonRl struct {
+	_       structs.HostLayout
+	Mtokens uint64
+	Last    uint64
+	Pending uint64
+}
+
 type DatapathRoute6Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -195,6 +210,9 @@ const (
 	DatapathMapKdpLbCt       = "kdp_lb_ct"
 	DatapathMapKdpLbStats    = "kdp_lb_stats"
 	DatapathMapKdpLbSvc      = "kdp_lb_svc"
+	DatapathMapKdpMon        = "kdp_mon"
+	DatapathMapKdpMonEvents  = "kdp_mon_events"
+	DatapathMapKdpMonRl      = "kdp_mon_rl"
 	DatapathMapKdpRoutes     = "kdp_routes"
 	DatapathMapKdpRoutes6    = "kdp_routes6"
 	DatapathMapKdpStats      = "kdp_stats"
@@ -268,6 +286,9 @@ type DatapathMapSpecs struct {
 	KdpLbCt       *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
 	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
+	KdpMon        *ebpf.MapSpec `ebpf:"kdp_mon"`
+	KdpMonEvents  *ebpf.MapSpec `ebpf:"kdp_mon_events"`
+	KdpMonRl      *ebpf.MapSpec `ebpf:"kdp_mon_rl"`
 	KdpRoutes     *ebpf.MapSpec `ebpf:"kdp_routes"`
 	KdpRoutes6    *ebpf.MapSpec `ebpf:"kdp_routes6"`
 	KdpStats      *ebpf.MapSpec `ebpf:"kdp_stats"`
@@ -311,6 +332,9 @@ type DatapathMaps struct {
 	KdpLbCt       *ebpf.Map `ebpf:"kdp_lb_ct"`
 	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.Map `ebpf:"kdp_lb_svc"`
+	KdpMon        *ebpf.Map `ebpf:"kdp_mon"`
+	KdpMonEvents  *ebpf.Map `ebpf:"kdp_mon_events"`
+	KdpMonRl      *ebpf.Map `ebpf:"kdp_mon_rl"`
 	KdpRoutes     *ebpf.Map `ebpf:"kdp_routes"`
 	KdpRoutes6    *ebpf.Map `ebpf:"kdp_routes6"`
 	KdpStats      *ebpf.Map `ebpf:"kdp_stats"`
@@ -330,6 +354,9 @@ func (m *DatapathMaps) Close() error {
 		m.KdpLbCt,
 		m.KdpLbStats,
 		m.KdpLbSvc,
+		m.KdpMon,
+		m.KdpMonEvents,
+		m.KdpMonRl,
 		m.KdpRoutes,
 		m.KdpRoutes6,
 		m.KdpStats,

@@ -55,6 +55,11 @@ type Maps struct {
 	LBAff      *ebpf.Map
 	XDPPorts   *ebpf.Map // xdp mode: devices whose XDP program redirects (see maps.XDPPorts)
 	XDPTx      *ebpf.Map // xdp mode: DEVMAP_HASH of redirect targets by ingress ifindex
+	// The monitor (bpf/lib/monitor.h): its settings, its per-CPU token buckets and its ring
+	// buffer of events.
+	Mon       *ebpf.Map
+	MonRL     *ebpf.Map
+	MonEvents *ebpf.Map
 }
 
 // Options tune a sandbox's collection when it is first created (a pinned map keeps the size
@@ -93,6 +98,7 @@ func (s *Sandbox) Maps() Maps {
 		Routes: o.KdpRoutes, Routes6: o.KdpRoutes6, Config: o.KdpConfig,
 		LBSvc: o.KdpLbSvc, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
 		XDPPorts: o.KdpXdpPorts, XDPTx: o.KdpXdpTx,
+		Mon: o.KdpMon, MonRL: o.KdpMonRl, MonEvents: o.KdpMonEvents,
 	}
 }
 

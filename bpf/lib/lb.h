@@ -37,6 +37,12 @@
 #define KDP_LB_MAX_STATS 40960     /* counters of services and real servers */
 #define KDP_LB_CT_SIZE 16384        /* default; loader.Options.CTSize resizes it per sandbox */
 #define KDP_LB_AFF_SIZE 8192
+/* KDP_LB_NEW_CONN is called for each new connection with the flow before the NAT and the real
+ * server chosen; the sandbox datapath defines it to report the connection to the monitor
+ * (lib/monitor.h), other users of this file get nothing. */
+#ifndef KDP_LB_NEW_CONN
+#define KDP_LB_NEW_CONN(ctx, xdp, len, f, ip, port) do { } while (0)
+#endif
 #define KDP_LB_MAX_SCAN 64          /* real servers the least-connection schedulers compare */
 #define KDP_LB_HASH_BUCKETS 256     /* sh/dh table size (IP_VS_SH_TAB_SIZE) */
 
@@ -476,6 +482,7 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 		st = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 		if (st)
 			__sync_fetch_and_add(&st->conns, 1);
+		KDP_LB_NEW_CONN(ctx, xdp, len, f, be->ip, be->port);
 	}
 
 nat:

@@ -211,7 +211,7 @@ func agent(e *env, o agentOptions) (err error) {
 		src.Datapath = dp
 	}
 	met.AddSources(src)
-	sopts := api.ServerOptions{Version: version, Logger: log, Metrics: met, IPVS: lbm}
+	sopts := api.ServerOptions{Version: version, Logger: log, Metrics: met, IPVS: lbm, Monitor: deps.Monitor}
 	tasks := watch.New(log)
 	mon = netmon.New(ctrl, netmon.Options{Logger: log})
 	if err := tasks.Add(met.Task(watch.Task{Name: "netmon", Run: mon.Run})); err != nil {

@@ -5,8 +5,10 @@ import (
 	"errors"
 
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
+	"github.com/kata-dp/kata-dp/control/monitor"
 	"github.com/kata-dp/kata-dp/control/vmplug"
 	"github.com/kata-dp/kata-dp/control/watch"
 )
@@ -23,6 +25,8 @@ type agentDeps struct {
 	// are then reported unhealthy (control.ErrNoHotplug).
 	Hotplug control.Hotplugger
 	Taps    control.TapManager
+	// Monitor opens sandboxes' event streams (kata-dp monitor); nil: the monitor is not served.
+	Monitor monitor.Source
 	// Close releases what the dependencies hold open (never detaches the datapath).
 	Close func() error
 }
@@ -47,6 +51,7 @@ func newAgentDeps(_ context.Context, o agentOptions) (agentDeps, error) {
 		},
 		Hotplug: hp,
 		Taps:    control.NetdevTaps{},
+		Monitor: api.MonitorSource[*dataplane.MonitorStream](dp.Monitor),
 		Close:   func() error { return errors.Join(hp.Close(), dp.Close()) },
 	}, nil
 }

@@ -88,6 +88,7 @@ func init() {
 		{"kata-network", "manage the interfaces and routes of a sandbox (drop-in for kata-runtime kata-network)", runKataNetwork, api.Ops},
 		{"kata-ipvs", "manage the load balancer of a sandbox (drop-in for kata-runtime kata-ipvs)", runKataIPVS, []string{"ipvsadm", "cleanup"}},
 		{"status", "show sandboxes, endpoints, modes and counters", runStatus, nil},
+		{"monitor", "stream the datapath's events live: drops with their reason, traces, new load-balanced connections", runMonitor, nil},
 		{"bench", "benchmark the dataplane modes against Kata's tc mirred (see --help)", runBench, nil},
 		{"version", "show the version and the kernel features found", runVersion, nil},
 		{"completion", "print a shell completion script: bash, zsh or fish", runCompletion, []string{"bash", "zsh", "fish"}},

@@ -17,6 +17,7 @@ import (
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/metrics"
+	"github.com/kata-dp/kata-dp/control/monitor"
 	"github.com/kata-dp/kata-dp/control/netspec"
 	"golang.org/x/sys/unix"
 )
@@ -32,6 +33,9 @@ type ServerOptions struct {
 	// Kata serves sandbox release and adopt (Kata discovery, control/kata); nil: discovery
 	// is off and they are not served.
 	Kata KataDiscovery
+	// Monitor opens sandboxes' event streams for `kata-dp monitor` (GET /v1/monitor); nil:
+	// not served.
+	Monitor monitor.Source
 }
 
 // Server serves the API of one Controller.
@@ -41,6 +45,10 @@ type Server struct {
 	log     *slog.Logger
 	mux     *http.ServeMux
 	httpSrv *http.Server
+	// streams ends with Shutdown: long-lived responses (the monitor) end with it rather than
+	// holding Shutdown up.
+	streams     context.Context
+	stopStreams context.CancelFunc
 }
 
 // NewServer builds the API of ctrl.
@@ -57,7 +65,12 @@ func NewServer(ctrl *control.Controller, opts ServerOptions) *Server {
 	if opts.IPVS != nil {
 		s.serveKataIPVS(opts.IPVS)
 	}
+	if opts.Monitor != nil {
+		s.mux.HandleFunc("GET /v1/monitor", s.monitor)
+	}
+	s.streams, s.stopStreams = context.WithCancel(context.Background())
 	s.httpSrv = &http.Server{Handler: s.mux, ReadHeaderTimeout: 10 * time.Second}
+	s.httpSrv.RegisterOnShutdown(s.stopStreams)
 	return s
 }
 

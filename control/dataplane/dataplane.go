@@ -29,6 +29,8 @@ type Dataplane struct {
 
 	mu        sync.Mutex
 	sandboxes map[string]*Sandbox
+	monMu     sync.Mutex                           // guards mons (monitor.go)
+	mons      map[string]map[maps.MonitorFlags]int // monitor streams per sandbox and event type
 }
 
 // Sandbox is one sandbox's loaded collection, as the modes see it. Its fields are the

@@ -1,0 +1,364 @@
+// Package monitor runs `kata-dp monitor` sessions in the agent: it checks a client's filter
+// against the sandboxes and NICs that exist, opens the event streams of the sandboxes it
+// selects (control/dataplane's Monitor: the datapath reports only while someone listens),
+// names each event's sandbox and NIC, filters by NIC and reason, and hands the events to the
+// caller (the API streams them as JSON lines).
+//
+// One ring buffer per sandbox (bpf/lib/monitor.h), rather than one per node, so a session that
+// watches one sandbox switches on the reporting of that sandbox only, the others keep paying
+// nothing; and the sandbox of an event is the ring it came from, not a field the datapath would
+// need to be told. docs/metrics.md has the reasoning with the numbers.
+//
+// Run is safe for concurrent use (each call is one session); sessions on one sandbox share its
+// ring: each event goes to one of them, so watch a sandbox from one client at a time.
+package monitor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/maps"
+)
+
+// Types are the event types a session may ask for.
+var Types = []string{"drop", "trace", "lb"}
+
+// Filter selects events. The zero value is every drop of every sandbox.
+type Filter struct {
+	Sandbox string   // sandbox id or unique prefix; "" = every sandbox registered now
+	NIC     string   // kata-network NIC name; "" = every NIC
+	Types   []string // drop, trace, lb; none = drop
+	Reasons []string // drop reasons; none = all
+}
+
+// Event is one monitor event as a client sees it.
+type Event struct {
+	Time      time.Time `json:"time"`
+	Type      string    `json:"type"` // drop, trace, lb; "suppressed" for a count alone
+	Sandbox   string    `json:"sandbox"`
+	NIC       string    `json:"nic,omitempty"`
+	Direction string    `json:"direction,omitempty"` // from_guest, to_guest
+	Reason    string    `json:"reason,omitempty"`    // drops
+	Ethertype string    `json:"ethertype,omitempty"` // 0x0800, ...
+	Proto     string    `json:"proto,omitempty"`     // tcp, udp, icmp, or the number
+	Src       string    `json:"src,omitempty"`       // address, or address:port
+	Dst       string    `json:"dst,omitempty"`       // for lb: the VIP
+	Server    string    `json:"server,omitempty"`    // lb: the real server chosen
+	Len       uint32    `json:"len,omitempty"`
+	// Suppressed is how many events the datapath's rate limit dropped before this one (on the
+	// same CPU); for a "suppressed" record, how many it dropped that no event reported.
+	Suppressed uint64 `json:"suppressed,omitempty"`
+}
+
+// Source opens a sandbox's event stream (control/dataplane.Dataplane).
+type Source interface {
+	Monitor(ctx context.Context, id string, flags maps.MonitorFlags) (Stream, error)
+}
+
+// Stream is one sandbox's events (control/dataplane.MonitorStream).
+type Stream interface {
+	Read() (maps.Event, error)
+	SetDeadline(time.Time)
+	Slot(ifindex uint32) (uint32, bool)
+	Suppressed() (uint64, error)
+	Close() error
+}
+
+// Registry is what a session needs of the control plane (control.Controller).
+type Registry interface {
+	Lookup(id string) (control.Sandbox, error)
+	Sandboxes() []control.Sandbox
+	Endpoints() []control.Endpoint
+}
+
+// Errors of a session.
+var (
+	// ErrGone: every sandbox the session watched was removed.
+	ErrGone = errors.New("monitored sandboxes removed")
+)
+
+// plan is a checked filter.
+type plan struct {
+	ids     []string
+	nic     string
+	flags   maps.MonitorFlags
+	reasons map[string]bool
+}
+
+// Check validates f: known types and reasons, an existing sandbox (exact id or unique prefix)
+// and NIC. Its errors wrap control.ErrInvalid, control.ErrNoSuchSandbox (or ErrAmbiguous) and
+// control.ErrNotFound.
+func Check(reg Registry, f Filter) error {
+	_, err := check(reg, f)
+	return err
+}
+
+func check(reg Registry, f Filter) (plan, error) {
+	p := plan{nic: f.NIC}
+	types := f.Types
+	if len(types) == 0 {
+		types = []string{"drop"}
+	}
+	for _, t := range types {
+		switch t {
+		case "drop":
+			p.flags |= maps.MonitorDrop
+		case "trace":
+			p.flags |= maps.MonitorTrace
+		case "lb":
+			p.flags |= maps.MonitorLB
+		default:
+			return p, fmt.Errorf("%w: event type %q: want one of %s", control.ErrInvalid, t, strings.Join(Types, ", "))
+		}
+	}
+	if len(f.Reasons) > 0 {
+		known := map[string]bool{}
+		var names []string
+		for _, r := range maps.DropReasons() {
+			known[r.String()] = true
+			names = append(names, r.String())
+		}
+		p.reasons = map[string]bool{}
+		for _, r := range f.Reasons {
+			if !known[r] {
+				return p, fmt.Errorf("%w: drop reason %q: want one of %s", control.ErrInvalid, r, strings.Join(names, ", "))
+			}
+			p.reasons[r] = true
+		}
+		if p.flags&maps.MonitorDrop == 0 {
+			return p, fmt.Errorf("%w: --reason selects drops: add --type drop", control.ErrInvalid)
+		}
+	}
+	if f.Sandbox != "" {
+		sb, err := reg.Lookup(f.Sandbox)
+		if err != nil {
+			return p, err
+		}
+		p.ids = []string{sb.ID}
+	} else {
+		for _, sb := range reg.Sandboxes() {
+			p.ids = append(p.ids, sb.ID)
+		}
+		if len(p.ids) == 0 {
+			return p, fmt.Errorf("%w: no sandboxes to monitor", control.ErrNoSuchSandbox)
+		}
+	}
+	if f.NIC != "" {
+		found := false
+		for _, ep := range reg.Endpoints() {
+			if ep.NIC == f.NIC && slices.Contains(p.ids, ep.Sandbox) {
+				found = true
+			}
+		}
+		if !found {
+			return p, fmt.Errorf("%w: NIC %q in %s", control.ErrNotFound, f.NIC, strings.Join(p.ids, ", "))
+		}
+	}
+	return p, nil
+}
+
+// poll is how often a waiting session looks at its context, the sandboxes it watches and the
+// rate limit's unreported count.
+const poll = 500 * time.Millisecond
+
+type item struct {
+	ev  Event
+	err error
+}
+
+// Run runs one session until ctx ends (nil), emit fails (the client left: that error), or every
+// sandbox it watches is removed (ErrGone). The filter is checked first (Check's errors).
+func Run(ctx context.Context, reg Registry, src Source, f Filter, emit func(Event) error) error {
+	p, err := check(reg, f)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel() // the readers stop, close their streams
+		wg.Wait()
+	}()
+	names := newNames(reg)
+	out := make(chan item, 64)
+	var opened []Stream
+	for _, id := range p.ids {
+		s, err := src.Monitor(ctx, id, p.flags)
+		if err != nil {
+			cancel()
+			for _, o := range opened {
+				o.Close()
+			}
+			return fmt.Errorf("monitor %s: %w", id, err)
+		}
+		opened = append(opened, s)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer s.Close()
+			read(ctx, reg, s, id, p, names, out)
+		}()
+	}
+	live := len(p.ids)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case it := <-out:
+			if it.err != nil {
+				if errors.Is(it.err, ErrGone) {
+					if live--; live == 0 {
+						return ErrGone
+					}
+					continue
+				}
+				return it.err
+			}
+			if err := emit(it.ev); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// read forwards the events of one sandbox's stream until ctx ends or the sandbox goes.
+func read(ctx context.Context, reg Registry, s Stream, id string, p plan, names *names, out chan<- item) {
+	send := func(it item) bool {
+		select {
+		case out <- it:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	boot := bootTime()
+	for ctx.Err() == nil {
+		s.SetDeadline(time.Now().Add(poll))
+		e, err := s.Read()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if sb, err := reg.Lookup(id); err != nil || sb.ID != id {
+				send(item{err: fmt.Errorf("%w: %s", ErrGone, id)})
+				return
+			}
+			if n, err := s.Suppressed(); err == nil && n > 0 {
+				if !send(item{ev: Event{Time: time.Now(), Type: "suppressed", Sandbox: id, Suppressed: n}}) {
+					return
+				}
+			}
+			continue
+		}
+		if err != nil {
+			if ctx.Err() == nil {
+				send(item{err: fmt.Errorf("read events of %s: %w", id, err)})
+			}
+			return
+		}
+		slot := e.Slot
+		if slot == maps.NoSlot {
+			var ok bool
+			if slot, ok = s.Slot(e.Ifindex); !ok {
+				slot = maps.NoSlot
+			}
+		}
+		ev := Event{
+			Time: boot.Add(e.Time), Type: e.Type.String(), Sandbox: id, NIC: names.nic(id, slot),
+			Direction: e.Dir.String(), Ethertype: fmt.Sprintf("0x%04x", e.Ethertype), Proto: protoName(e.Proto),
+			Src: addr(e.Src), Dst: addr(e.Dst), Server: addr(e.Server), Len: e.Len, Suppressed: uint64(e.Suppressed),
+		}
+		if e.Type == maps.EventDrop {
+			ev.Reason = e.Reason.String()
+		}
+		if p.nic != "" && ev.NIC != p.nic {
+			continue
+		}
+		if p.reasons != nil && e.Type == maps.EventDrop && !p.reasons[ev.Reason] {
+			continue
+		}
+		if !send(item{ev: ev}) {
+			return
+		}
+	}
+}
+
+func addr(a netip.AddrPort) string {
+	switch {
+	case !a.IsValid():
+		return ""
+	case a.Port() == 0:
+		return a.Addr().String()
+	}
+	return a.String()
+}
+
+func protoName(p uint8) string {
+	switch p {
+	case 0:
+		return ""
+	case 1:
+		return "icmp"
+	case 6:
+		return "tcp"
+	case 17:
+		return "udp"
+	case 58:
+		return "icmpv6"
+	}
+	return fmt.Sprint(p)
+}
+
+// names maps (sandbox, slot) to NIC names, re-reading the registry for a slot it does not know
+// (a NIC added during the session).
+type names struct {
+	reg Registry
+	mu  sync.Mutex
+	m   map[string]map[uint32]string
+}
+
+func newNames(reg Registry) *names {
+	n := &names{reg: reg}
+	n.load()
+	return n
+}
+
+func (n *names) load() {
+	n.m = map[string]map[uint32]string{}
+	for _, ep := range n.reg.Endpoints() {
+		if n.m[ep.Sandbox] == nil {
+			n.m[ep.Sandbox] = map[uint32]string{}
+		}
+		n.m[ep.Sandbox][ep.Slot] = ep.NIC
+	}
+}
+
+func (n *names) nic(id string, slot uint32) string {
+	if slot == maps.NoSlot {
+		return ""
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if name, ok := n.m[id][slot]; ok {
+		return name
+	}
+	n.load()
+	if name, ok := n.m[id][slot]; ok {
+		return name
+	}
+	return fmt.Sprintf("slot%d", slot)
+}
+
+// bootTime is the wall time of the monotonic clock's zero (bpf_ktime_get_ns counts from boot).
+func bootTime() time.Time {
+	var ts [2]int64
+	if err := clockMonotonic(&ts); err != nil {
+		return time.Now()
+	}
+	return time.Now().Add(-time.Duration(ts[0]*1e9 + ts[1]))
+}
