@@ -147,8 +147,8 @@ func TestRun(t *testing.T) {
 	a := src.streams["aaa1"]
 	ip := netip.MustParseAddrPort("10.0.0.2:4000")
 	a.events <- maps.Event{Type: maps.EventDrop, Slot: 1, Reason: maps.DropSpoofIP, Ethertype: 0x0800, Proto: 17, Src: ip, Dst: netip.MustParseAddrPort("10.0.0.1:53"), Len: 60}
-	a.events <- maps.Event{Type: maps.EventDrop, Slot: 0, Reason: maps.DropSpoofIP} // other NIC
-	a.events <- maps.Event{Type: maps.EventDrop, Slot: 1, Reason: maps.DropSpoofMAC}  // other reason
+	a.events <- maps.Event{Type: maps.EventDrop, Slot: 0, Reason: maps.DropSpoofIP}  // other NIC
+	a.events <- maps.Event{Type: maps.EventDrop, Slot: 1, Reason: maps.DropSpoofMAC} // other reason
 	a.events <- maps.Event{Type: maps.EventLB, Slot: maps.NoSlot, Ifindex: 11, Proto: 6, Src: ip, Dst: netip.MustParseAddrPort("10.96.0.10:80"),
 		Server: netip.MustParseAddrPort("10.0.0.11:80"), Suppressed: 3}
 	ctx, cancel := context.WithCancel(context.Background())
