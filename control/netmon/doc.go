@@ -20,7 +20,7 @@
 // changes nothing.
 //
 // Which links join: any link with a MAC that is up (veth, macvlan, ipvlan, whatever a CNI plugin
-// makes), except loopback, taps, kata-dp's macvtaps, the sandbox's uplink (its NIC comes from the
+// makes; once joined it stays while down), except loopback, taps, kata-dp's macvtaps, the sandbox's uplink (its NIC comes from the
 // runtime, kata-network or discovery) and links another NIC already uses. The NIC takes the
 // link's name (its name in the guest, as Kata names it), MAC and MTU, its first IPv4 and IPv6
 // addresses (as many as add-iface accepts) and the main table's routes through it.

@@ -129,7 +129,7 @@ func mustIP(t *testing.T, ns *topo.NetNS, args ...string) {
 	}
 }
 
-// nics describes the sandbox's NICs as "name source mac addr uplink tapCreated" lines and its
+// nics describes the sandbox's NICs as "name source mac [addrs] uplink mtu=N" lines and its
 // routes as "route dest gw dev", sorted.
 func (r *rig) nics(id string) []string {
 	nics, routes, err := r.ctrl.NICs(id)
@@ -138,7 +138,7 @@ func (r *rig) nics(id string) []string {
 	}
 	var out []string
 	for _, n := range nics {
-		out = append(out, fmt.Sprintf("%s %s %s %v %s", n.Spec.Name, n.Source, n.Spec.HwAddr, addrs(n.Spec.IPAddresses), n.Uplink))
+		out = append(out, fmt.Sprintf("%s %s %s %v %s mtu=%d", n.Spec.Name, n.Source, n.Spec.HwAddr, addrs(n.Spec.IPAddresses), n.Uplink, n.Spec.MTU))
 	}
 	for _, rt := range routes {
 		out = append(out, fmt.Sprintf("route %s %s %s", rt.Dest, rt.Gateway, rt.Device))
@@ -226,7 +226,7 @@ func TestJoinUpdateLeave(t *testing.T) {
 	mustIP(t, sb, "addr", "add", "10.50.0.2/24", "dev", "net1")
 	mustIP(t, sb, "link", "set", "net1", "up")
 	mustIP(t, sb, "route", "add", "10.60.0.0/16", "via", "10.50.0.1", "dev", "net1")
-	r.waitNICs("nmjoin", []string{"net1 netmon " + mac + " [10.50.0.2/24] net1", "route 10.60.0.0/16 10.50.0.1 net1"})
+	r.waitNICs("nmjoin", []string{"net1 netmon " + mac + " [10.50.0.2/24] net1 mtu=1500", "route 10.60.0.0/16 10.50.0.1 net1"})
 	st := r.ctrl.Status(context.Background())
 	ep := st[0].Endpoints[0]
 	if !ep.TapCreated || ep.Uplink != "net1" || ep.Source != control.SourceNetmon {
@@ -248,9 +248,24 @@ func TestJoinUpdateLeave(t *testing.T) {
 	}
 	mustIP(t, sb, "addr", "add", "10.50.0.3/24", "dev", "net1")
 	mustIP(t, sb, "addr", "del", "10.50.0.2/24", "dev", "net1")
-	r.waitNICs("nmjoin", []string{"net1 netmon " + mac + " [10.50.0.3/24] net1", "route 10.60.0.0/16 10.50.0.1 net1"})
+	r.waitNICs("nmjoin", []string{"net1 netmon " + mac + " [10.50.0.3/24] net1 mtu=1500", "route 10.60.0.0/16 10.50.0.1 net1"})
 	if eps := r.ctrl.Endpoints(); len(eps) != 1 || eps[0].Addr.String() != "10.50.0.3/24" {
 		t.Errorf("dataplane endpoint after the change: %+v", eps)
+	}
+
+	// Down is not gone: a joined link taken down stays joined (here its address changes while
+	// it is down, so the NIC shows a reconcile that saw it down).
+	mustIP(t, sb, "link", "set", "net1", "down")
+	mustIP(t, sb, "addr", "add", "10.50.0.4/24", "dev", "net1")
+	mustIP(t, sb, "addr", "del", "10.50.0.3/24", "dev", "net1")
+	r.waitNICs("nmjoin", []string{"net1 netmon " + mac + " [10.50.0.4/24] net1 mtu=1500"})
+	tap := r.ctrl.Status(context.Background())[0].Endpoints[0].Tap
+
+	// The MTU changes (what add-iface fixed): the NIC is added again with the new one.
+	mustIP(t, sb, "link", "set", "net1", "mtu", "1400", "up")
+	r.waitNICs("nmjoin", []string{"net1 netmon " + mac + " [10.50.0.4/24] net1 mtu=1400"})
+	if ep := r.ctrl.Status(context.Background())[0].Endpoints[0]; ep.Tap != tap || !ep.TapCreated || ep.Uplink != "net1" {
+		t.Errorf("endpoint after the MTU change %+v, want tap %s re-created and joined", ep, tap)
 	}
 
 	// The veth goes: the NIC, its route and its tap go.
@@ -279,7 +294,7 @@ func TestBurst(t *testing.T) {
 	mustBatch(t, sb, batch)
 	var want []string
 	for i := range 10 {
-		want = append(want, fmt.Sprintf("b%d netmon %s [10.70.%d.2/24] b%d", i, macOf(t, sb, fmt.Sprintf("b%d", i)), i, i))
+		want = append(want, fmt.Sprintf("b%d netmon %s [10.70.%d.2/24] b%d mtu=1500", i, macOf(t, sb, fmt.Sprintf("b%d", i)), i, i))
 	}
 	r.waitNICs("nmburst", want)
 	if n := len(taps(t, sb)); n != 10 {
@@ -328,7 +343,7 @@ func TestRestartReconciles(t *testing.T) {
 	}
 	mustIP(t, sb, "link", "set", "net1", "up")
 	mac1 := macOf(t, sb, "net1")
-	r.waitNICs("nmrestart", []string{"net1 netmon " + mac1 + " [] net1"})
+	r.waitNICs("nmrestart", []string{"net1 netmon " + mac1 + " [] net1 mtu=1500"})
 
 	r.halt()
 	mustIP(t, sb, "link", "del", "net1")
@@ -344,7 +359,7 @@ func TestRestartReconciles(t *testing.T) {
 	mustIP(t, sb, "tuntap", "add", "name", leftover, "mode", "tap")
 	mustIP(t, sb, "link", "set", "net2", "up")
 	r.start()
-	r.waitNICs("nmrestart", []string{"net2 netmon " + macOf(t, sb, "net2") + " [] net2"})
+	r.waitNICs("nmrestart", []string{"net2 netmon " + macOf(t, sb, "net2") + " [] net2 mtu=1500"})
 	if !strings.Contains(r.log.String(), "removed a tap left behind") {
 		t.Errorf("the leftover tap %s was not removed first", leftover)
 	}

@@ -193,6 +193,11 @@ func (w *watcher) reconcile(ctx context.Context) error {
 	var order []string // links by ifindex: NICs join in the order their links appeared
 	for _, l := range links {
 		why := eligible(l, taken)
+		if _, ok := mine[l.Name]; ok && !l.Up && why == "down" {
+			// Up is what a link needs to join, not to stay: a plugin that takes a joined
+			// link down for a moment (to change its MAC, say) must not unplug it.
+			why = ""
+		}
 		if why == "" && others[l.Name] {
 			why = "a NIC of that name was added by another source"
 		}
