@@ -293,6 +293,18 @@ func (d *Discovery) Scan(ctx context.Context) {
 // register adds the Kata sandbox id to the control plane.
 func (d *Discovery) register(ctx context.Context, id string, st *SandboxState) error {
 	spec := control.SandboxSpec{ID: id, NetNS: st.Network.NetworkID, Mode: control.ModeTC, Source: control.SourceDiscovery}
+	// Netmon (links attached later join the VM by themselves) is on for discovered sandboxes,
+	// with the first pair's veth as the uplink it never takes. With more than one pair it
+	// stays off: netmon could take a later pair's veth before its takeover.
+	switch pairs, _ := st.Pairs(); len(pairs) {
+	case 0:
+		spec.Netmon = true
+	case 1:
+		spec.Netmon, spec.Uplink = true, pairs[0].Veth
+	default:
+		spec.Uplink = pairs[0].Veth
+		d.log.Info("netmon off for a Kata sandbox with several pairs", "sandbox", id, "pairs", len(pairs))
+	}
 	extra := d.layout.ExtraMonitor(id)
 	if fi, err := os.Stat(extra); err == nil && fi.Mode()&os.ModeSocket != 0 {
 		spec.QMP = extra
@@ -302,7 +314,7 @@ func (d *Discovery) register(ctx context.Context, id string, st *SandboxState) e
 	if _, err := d.ctrl.AddSandbox(ctx, spec); err != nil {
 		return err
 	}
-	d.log.Info("Kata sandbox registered", "sandbox", id, "netns", spec.NetNS, "qmp", spec.QMP, "noHotplug", spec.NoHotplug)
+	d.log.Info("Kata sandbox registered", "sandbox", id, "netns", spec.NetNS, "qmp", spec.QMP, "noHotplug", spec.NoHotplug, "netmon", spec.Netmon)
 	return nil
 }
 

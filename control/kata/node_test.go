@@ -406,7 +406,8 @@ func TestKataNode(t *testing.T) {
 		t.Errorf("no takeover log line with the loss:\n%s", n.logs)
 	}
 	sb, ok := a.registered(n.id)
-	if !ok || sb.Source != control.SourceDiscovery || sb.NetNS != n.sb.NS.Path() || sb.QMP != "" || !strings.Contains(sb.NoHotplug, "extra_monitor_socket") {
+	if !ok || sb.Source != control.SourceDiscovery || sb.NetNS != n.sb.NS.Path() || sb.QMP != "" || !strings.Contains(sb.NoHotplug, "extra_monitor_socket") ||
+		!sb.Netmon || sb.Uplink != n.sb.Veth.Name {
 		t.Errorf("registered sandbox = %+v (ok %v)", sb, ok)
 	}
 	n.taken(t, a)

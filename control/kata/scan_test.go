@@ -32,7 +32,7 @@ func (f *fakeCtrl) Sandboxes() []control.Sandbox {
 }
 func (f *fakeCtrl) Endpoints() []control.Endpoint { return nil }
 func (f *fakeCtrl) AddSandbox(_ context.Context, spec control.SandboxSpec) (control.Sandbox, error) {
-	sb := control.Sandbox{ID: spec.ID, NetNS: spec.NetNS, QMP: spec.QMP, Source: spec.Source, NoHotplug: spec.NoHotplug, Mode: spec.Mode}
+	sb := control.Sandbox{ID: spec.ID, NetNS: spec.NetNS, QMP: spec.QMP, Source: spec.Source, NoHotplug: spec.NoHotplug, Mode: spec.Mode, Netmon: spec.Netmon, Uplink: spec.Uplink}
 	f.sbs[spec.ID] = sb
 	return sb, nil
 }
@@ -92,7 +92,7 @@ func TestScan(t *testing.T) {
 		t.Errorf("collected (-want +got):\n%s", d)
 	}
 	good := f.sbs["good"]
-	if good.Source != control.SourceDiscovery || good.QMP != "" || !strings.Contains(good.NoHotplug, "extra-monitor.sock") || good.Mode != control.ModeTC {
+	if good.Source != control.SourceDiscovery || good.QMP != "" || !strings.Contains(good.NoHotplug, "extra-monitor.sock") || good.Mode != control.ModeTC || !good.Netmon {
 		t.Errorf("good = %+v", good)
 	}
 	out := logs.String()
