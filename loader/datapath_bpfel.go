@@ -112,6 +112,11 @@ type DatapathLbConns struct {
 	Inactive int64
 }
 
+type DatapathLbHash struct {
+	_  structs.HostLayout
+	Be [256]uint32
+}
+
 type DatapathLbStats struct {
 	_        structs.HostLayout
 	Conns    uint64
@@ -137,7 +142,7 @@ type DatapathLbSvc struct {
 	Pmask   uint32
 	Sched   uint8
 	Flags   uint8
-	Pad     uint16
+	Wmax    uint16
 }
 
 type DatapathLbSvcKey struct {
@@ -208,6 +213,7 @@ const (
 	DatapathMapKdpLbBe       = "kdp_lb_be"
 	DatapathMapKdpLbConns    = "kdp_lb_conns"
 	DatapathMapKdpLbCt       = "kdp_lb_ct"
+	DatapathMapKdpLbHash     = "kdp_lb_hash"
 	DatapathMapKdpLbStats    = "kdp_lb_stats"
 	DatapathMapKdpLbSvc      = "kdp_lb_svc"
 	DatapathMapKdpMon        = "kdp_mon"
@@ -284,6 +290,7 @@ type DatapathMapSpecs struct {
 	KdpLbBe       *ebpf.MapSpec `ebpf:"kdp_lb_be"`
 	KdpLbConns    *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
 	KdpLbCt       *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
+	KdpLbHash     *ebpf.MapSpec `ebpf:"kdp_lb_hash"`
 	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
 	KdpMon        *ebpf.MapSpec `ebpf:"kdp_mon"`
@@ -330,6 +337,7 @@ type DatapathMaps struct {
 	KdpLbBe       *ebpf.Map `ebpf:"kdp_lb_be"`
 	KdpLbConns    *ebpf.Map `ebpf:"kdp_lb_conns"`
 	KdpLbCt       *ebpf.Map `ebpf:"kdp_lb_ct"`
+	KdpLbHash     *ebpf.Map `ebpf:"kdp_lb_hash"`
 	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.Map `ebpf:"kdp_lb_svc"`
 	KdpMon        *ebpf.Map `ebpf:"kdp_mon"`
@@ -352,6 +360,7 @@ func (m *DatapathMaps) Close() error {
 		m.KdpLbBe,
 		m.KdpLbConns,
 		m.KdpLbCt,
+		m.KdpLbHash,
 		m.KdpLbStats,
 		m.KdpLbSvc,
 		m.KdpMon,

@@ -243,9 +243,13 @@ func TestLBSchedulers(t *testing.T) {
 		return checkFrame(t, out).dst
 	}
 
-	// rr/wrr: the n-th new connection takes slot n.
+	// wrr: IPVS's walk over the servers in kernel order (3, 2, 1 with weights 3, 2, 1) picks
+	// 3, 2, 1, 3, 3, 2 and repeats (ipvs.WRRSequence).
 	seq := []uint32{3, 2, 1, 3, 3, 2}
-	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedWRR, Slots: seq})
+	wrr := maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedWRR, Slots: []uint32{3, 2, 1}, Weights: []uint16{3, 2, 1}}
+	if err := r.lb.PutService(0, wrr); err != nil {
+		t.Fatal(err)
+	}
 	for i := range 12 {
 		if got, want := pick(uint16(1000+i)), servers[seq[i%len(seq)]]; got != want {
 			t.Errorf("wrr connection %d went to %v, want %v", i, got, want)
@@ -293,13 +297,62 @@ func TestLBSchedulers(t *testing.T) {
 		table[i] = uint32(i%3) + 1
 	}
 	r.lb.PutBackend(2, maps.Backend{Addr: servers[2], Weight: 2})
-	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedSH, Slots: table})
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedSH, Buckets: table}); err != nil {
+		t.Fatal(err)
+	}
 	if got, want := pick(5000), servers[table[ipvs.SHHash(guestIP)]]; got != want {
 		t.Errorf("sh picked %v, want %v (bucket %d)", got, want, ipvs.SHHash(guestIP))
 	}
 	// dh: the bucket of the destination (the VIP).
-	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedDH, Slots: table})
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedDH, Buckets: table})
 	if got, want := pick(5001), servers[table[ipvs.DHHash(vip.Addr())]]; got != want {
 		t.Errorf("dh picked %v, want %v (bucket %d)", got, want, ipvs.DHHash(vip.Addr()))
+	}
+}
+
+// TestLBWRRWalk: the datapath's wrr walk picks exactly ipvs.WRRSequence for weights whose
+// period is long, from the first pick, and starts again from it after an edit (a new
+// revision); a service takes one slot per real server whatever its weights.
+func TestLBWRRWalk(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	weights := []int{7, 0, 12, 5, 30} // kernel order; period (7+12+5+30)/1 = 54
+	var ids []uint32
+	for i, w := range weights {
+		id := uint32(100 + i)
+		ids = append(ids, id)
+		if err := r.lb.PutBackend(id, maps.Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, 0, byte(i + 1)}), 80), Weight: uint16(w)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reduced, _ := ipvs.WRRWeights(weights)
+	spec := maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_UDP, ID: 20, Sched: maps.SchedWRR, Slots: ids}
+	for _, w := range reduced {
+		spec.Weights = append(spec.Weights, uint16(w))
+	}
+	want := ipvs.WRRSequence(weights)
+	for round := range 2 { // the second round after an edit that changes nothing but the revision
+		if err := r.lb.PutService(0, spec); err != nil {
+			t.Fatal(err)
+		}
+		for i := range 2 * len(want) {
+			ret, out := r.fromGuest(t, l4Frame(unix.IPPROTO_UDP, guestMAC, netip.AddrPortFrom(guestIP, uint16(10000+round*1000+i)), vip, 0, 8))
+			if ret != tcxRedirect {
+				t.Fatalf("round %d pick %d: verdict %d", round, i, ret)
+			}
+			got := checkFrame(t, out).dst.Addr().As4()
+			if w := want[i%len(want)]; int(got[3]) != w+1 {
+				t.Fatalf("round %d pick %d went to server %d, want %d (sequence %v)", round, i, got[3]-1, w, want)
+			}
+		}
+	}
+	var m struct{ slots int }
+	all, err := maps.Dump[loader.DatapathLbSvcKey, loader.DatapathLbSvc](r.lb.Svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.slots = len(all)
+	if m.slots != 1+len(weights) {
+		t.Errorf("wrr service takes %d service-map entries, want %d", m.slots, 1+len(weights))
 	}
 }

@@ -336,7 +336,7 @@ func (s *Sandbox) DirectRNATProgram() (*ebpf.Program, error) {
 	}
 	o := &s.objs
 	repl := map[string]*ebpf.Map{
-		"kdp_config": o.KdpConfig, "kdp_lb_svc": o.KdpLbSvc, "kdp_lb_be": o.KdpLbBe, "kdp_lb_stats": o.KdpLbStats,
+		"kdp_config": o.KdpConfig, "kdp_lb_svc": o.KdpLbSvc, "kdp_lb_hash": o.KdpLbHash, "kdp_lb_be": o.KdpLbBe, "kdp_lb_stats": o.KdpLbStats,
 		"kdp_lb_conns": o.KdpLbConns, "kdp_lb_ct": o.KdpLbCt, "kdp_lb_aff": o.KdpLbAff,
 	}
 	for name, m := range repl {

@@ -89,6 +89,11 @@ type NodeLbConns struct {
 	Inactive int64
 }
 
+type NodeLbHash struct {
+	_  structs.HostLayout
+	Be [256]uint32
+}
+
 type NodeLbStats struct {
 	_        structs.HostLayout
 	Conns    uint64
@@ -114,7 +119,7 @@ type NodeLbSvc struct {
 	Pmask   uint32
 	Sched   uint8
 	Flags   uint8
-	Pad     uint16
+	Wmax    uint16
 }
 
 type NodeLbSvcKey struct {
@@ -153,6 +158,7 @@ const (
 	NodeMapKdpLbBe        = "kdp_lb_be"
 	NodeMapKdpLbConns     = "kdp_lb_conns"
 	NodeMapKdpLbCt        = "kdp_lb_ct"
+	NodeMapKdpLbHash      = "kdp_lb_hash"
 	NodeMapKdpLbStats     = "kdp_lb_stats"
 	NodeMapKdpLbSvc       = "kdp_lb_svc"
 	NodeMapKdpNodeCfg     = "kdp_node_cfg"
@@ -221,6 +227,7 @@ type NodeMapSpecs struct {
 	KdpLbBe     *ebpf.MapSpec `ebpf:"kdp_lb_be"`
 	KdpLbConns  *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
 	KdpLbCt     *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
+	KdpLbHash   *ebpf.MapSpec `ebpf:"kdp_lb_hash"`
 	KdpLbStats  *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
 	KdpLbSvc    *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
 	KdpNodeCfg  *ebpf.MapSpec `ebpf:"kdp_node_cfg"`
@@ -261,6 +268,7 @@ type NodeMaps struct {
 	KdpLbBe     *ebpf.Map `ebpf:"kdp_lb_be"`
 	KdpLbConns  *ebpf.Map `ebpf:"kdp_lb_conns"`
 	KdpLbCt     *ebpf.Map `ebpf:"kdp_lb_ct"`
+	KdpLbHash   *ebpf.Map `ebpf:"kdp_lb_hash"`
 	KdpLbStats  *ebpf.Map `ebpf:"kdp_lb_stats"`
 	KdpLbSvc    *ebpf.Map `ebpf:"kdp_lb_svc"`
 	KdpNodeCfg  *ebpf.Map `ebpf:"kdp_node_cfg"`
@@ -277,6 +285,7 @@ func (m *NodeMaps) Close() error {
 		m.KdpLbBe,
 		m.KdpLbConns,
 		m.KdpLbCt,
+		m.KdpLbHash,
 		m.KdpLbStats,
 		m.KdpLbSvc,
 		m.KdpNodeCfg,

@@ -48,6 +48,7 @@ type Maps struct {
 	Routes6    *ebpf.Map // IPv6 routes, same generations as Routes
 	Config     *ebpf.Map
 	LBSvc      *ebpf.Map
+	LBHash     *ebpf.Map // sh/dh bucket tables
 	LBBackend  *ebpf.Map
 	LBStats    *ebpf.Map
 	LBConns    *ebpf.Map
@@ -96,7 +97,7 @@ func (s *Sandbox) Maps() Maps {
 	return Maps{
 		Endpoints: o.KdpEndpoints, Endpoints6: o.KdpEndpoints6, Stats: o.KdpStats, DropsExt: o.KdpDropsExt,
 		Routes: o.KdpRoutes, Routes6: o.KdpRoutes6, Config: o.KdpConfig,
-		LBSvc: o.KdpLbSvc, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
+		LBSvc: o.KdpLbSvc, LBHash: o.KdpLbHash, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
 		XDPPorts: o.KdpXdpPorts, XDPTx: o.KdpXdpTx,
 		Mon: o.KdpMon, MonRL: o.KdpMonRl, MonEvents: o.KdpMonEvents,
 	}

@@ -73,6 +73,7 @@ type (
 
 	svcKey  = loader.DatapathLbSvcKey
 	svc     = loader.DatapathLbSvc
+	hashTab = loader.DatapathLbHash
 	backend = loader.DatapathLbBackend
 	ctKey   = loader.DatapathCtKey
 	ctEntry = loader.DatapathCtEntry
@@ -95,6 +96,7 @@ func (b Backend) encode() (backend, error) {
 // LB is the load balancer's maps of one sandbox.
 type LB struct {
 	Svc     *ebpf.Map
+	Hash    *ebpf.Map // sh/dh bucket tables (struct lb_hash)
 	Backend *ebpf.Map
 	Stats   *ebpf.Map
 	Conns   *ebpf.Map
@@ -130,7 +132,9 @@ func (l LB) ReadStats(kind, id uint32) (LBStats, error) {
 	return s, err
 }
 
-// ServiceSpec is what the datapath needs of one service.
+// ServiceSpec is what the datapath needs of one service. A service takes 1 + len(Slots)
+// entries of the service map, and one bucket table for sh and dh: never more than one entry
+// per rule it is made of, so the maps sized for 20000 rules hold any mix of schedulers.
 type ServiceSpec struct {
 	VIP     netip.AddrPort
 	Proto   uint8
@@ -138,11 +142,95 @@ type ServiceSpec struct {
 	Sched   Scheduler
 	Persist uint32     // seconds, 0 = none
 	PMask   netip.Addr // persistence netmask; zero = all ones
-	Slots   []uint32   // real server ids, meaning per scheduler; 0 = empty bucket
+	// Slots are real server ids: for rr the pick sequence (its servers of weight > 0), for
+	// the others but sh and dh the real servers in kernel order; none for sh and dh.
+	Slots []uint32
+	// Weights (wrr): each slot's weight divided by the gcd of the weights (ipvs.WRRWeights),
+	// which the datapath's wrr walk compares as the kernel's does.
+	Weights []uint16
+	// Buckets (sh, dh): the HashBuckets real server ids of the bucket table, 0 = no
+	// destination; nil for a service without real servers.
+	Buckets []uint32
 }
 
 // MaxSlots bounds the slots of one service (the slot index is 16 bits).
 const MaxSlots = 65535
+
+// Budget counts entries of the load balancer's service map (masters and slots) and bucket
+// map (sh/dh tables).
+type Budget struct {
+	Slots   int
+	Buckets int
+}
+
+// Add returns the sum of b and o.
+func (b Budget) Add(o Budget) Budget { return Budget{b.Slots + o.Slots, b.Buckets + o.Buckets} }
+
+// Fits reports whether need fits in b.
+func (b Budget) Fits(need Budget) bool { return need.Slots <= b.Slots && need.Buckets <= b.Buckets }
+
+func (b Budget) String() string {
+	return fmt.Sprintf("%d service entries and %d bucket tables", b.Slots, b.Buckets)
+}
+
+// Budget returns the entries the service takes.
+func (s ServiceSpec) Budget() Budget {
+	b := Budget{Slots: 1 + len(s.Slots)}
+	if s.Buckets != nil {
+		b.Buckets = 1
+	}
+	return b
+}
+
+// ErrNoRoom: the load balancer's maps cannot take what a command needs. It is checked before
+// anything is written.
+var ErrNoRoom = errors.New("no room in the load balancer's maps")
+
+// Capacity returns the size of the service and bucket maps.
+func (l LB) Capacity() Budget {
+	return Budget{Slots: int(l.Svc.MaxEntries()), Buckets: int(l.Hash.MaxEntries())}
+}
+
+// Usage counts the entries in the service and bucket maps (keys only: a few system calls per
+// thousand entries).
+func (l LB) Usage() (Budget, error) {
+	var b Budget
+	var err error
+	if b.Slots, err = countKeys[svcKey](l.Svc); err != nil {
+		return b, fmt.Errorf("count service entries: %w", err)
+	}
+	if b.Buckets, err = countKeys[svcKey](l.Hash); err != nil {
+		return b, fmt.Errorf("count bucket tables: %w", err)
+	}
+	return b, nil
+}
+
+func countKeys[K any](m *ebpf.Map) (int, error) {
+	var k, next K
+	n := 0
+	var prev any
+	for {
+		if err := m.NextKey(prev, &next); err != nil {
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				return n, nil
+			}
+			return n, err
+		}
+		n++
+		k = next
+		prev = &k
+	}
+}
+
+// CheckRoom returns ErrNoRoom (wrapped, with the numbers) unless need fits beside used.
+func (l LB) CheckRoom(used, need Budget) error {
+	c := l.Capacity()
+	free := Budget{c.Slots - used.Slots, c.Buckets - used.Buckets}
+	if !free.Fits(need) {
+		return fmt.Errorf("%w: need %s, %s free of %s", ErrNoRoom, need, free, c)
+	}
+	return nil
+}
 
 func masterKey(gen uint8, vip netip.AddrPort, proto uint8) (svcKey, error) {
 	a, err := v4(vip.Addr())
@@ -160,6 +248,9 @@ func slotKey(master svcKey, rev, idx uint32) svcKey {
 
 func (s ServiceSpec) master(rev uint32) (svc, error) {
 	m := svc{Id: s.ID, Count: uint32(len(s.Slots)), Rev: rev, Persist: s.Persist, Sched: uint8(s.Sched), Pmask: 0xffffffff}
+	for _, w := range s.Weights {
+		m.Wmax = max(m.Wmax, w)
+	}
 	if s.PMask.IsValid() {
 		var err error
 		if m.Pmask, err = v4(s.PMask); err != nil {
@@ -173,7 +264,31 @@ func (s ServiceSpec) validate() error {
 	if len(s.Slots) > MaxSlots {
 		return fmt.Errorf("service %s: %d slots > %d", s.VIP, len(s.Slots), MaxSlots)
 	}
+	if s.Weights != nil && len(s.Weights) != len(s.Slots) {
+		return fmt.Errorf("service %s: %d weights for %d slots", s.VIP, len(s.Weights), len(s.Slots))
+	}
+	if s.Buckets != nil && len(s.Buckets) != HashBuckets {
+		return fmt.Errorf("service %s: %d buckets, want %d", s.VIP, len(s.Buckets), HashBuckets)
+	}
 	return nil
+}
+
+// slotVals returns the slot entries of s.
+func (s ServiceSpec) slotVals() []svc {
+	vals := make([]svc, len(s.Slots))
+	for i, id := range s.Slots {
+		vals[i].Id = id
+		if s.Weights != nil {
+			vals[i].Wmax = s.Weights[i]
+		}
+	}
+	return vals
+}
+
+func (s ServiceSpec) hashVal() *hashTab {
+	var h hashTab
+	copy(h.Be[:], s.Buckets)
+	return &h
 }
 
 // PutService installs or changes a service of generation gen without a moment where the
@@ -202,15 +317,21 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 		}
 	}
 	keys := make([]svcKey, 0, len(s.Slots))
-	vals := make([]svc, 0, len(s.Slots))
-	for i, id := range s.Slots {
+	for i := range s.Slots {
 		keys = append(keys, slotKey(mk, rev, uint32(i+1)))
-		vals = append(vals, svc{Id: id})
 	}
-	if err := l.batchPut(keys, vals); err != nil {
+	if err := l.batchPut(keys, s.slotVals()); err != nil {
+		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
 		return fmt.Errorf("put service %s: slots: %w", s.VIP, err)
 	}
+	if s.Buckets != nil {
+		if err := l.Hash.Update(hashKey(mk, rev), s.hashVal(), ebpf.UpdateAny); err != nil {
+			l.deleteSlots(mk, rev, uint32(len(s.Slots)))
+			return fmt.Errorf("put service %s: buckets: %w", s.VIP, err)
+		}
+	}
 	if err := l.ensureStats(StatsService, s.ID); err != nil {
+		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
 		return fmt.Errorf("put service %s: %w", s.VIP, err)
 	}
 	m.Rev = rev
@@ -249,12 +370,21 @@ func (l LB) DeleteService(gen uint8, vip netip.AddrPort, proto uint8) error {
 	return nil
 }
 
+// deleteSlots removes the slots and the bucket table of revision rev of a service.
 func (l LB) deleteSlots(mk svcKey, rev, count uint32) {
 	keys := make([]svcKey, 0, count)
 	for i := uint32(1); i <= count; i++ {
 		keys = append(keys, slotKey(mk, rev, i))
 	}
 	l.batchDelete(l.Svc, keys)
+	l.Hash.Delete(hashKey(mk, rev))
+}
+
+// hashKey is the key of a service's bucket table: its master key with slot = rev << 16 (slot
+// index 0, which no slot uses).
+func hashKey(mk svcKey, rev uint32) *svcKey {
+	k := slotKey(mk, rev, 0)
+	return &k
 }
 
 // PutBackend installs or changes a real server.
@@ -294,7 +424,8 @@ func (l LB) ensureStats(kind, id uint32) error {
 	return nil
 }
 
-// DeleteGeneration removes every service entry of generation gen (after a switch away from it).
+// DeleteGeneration removes every service entry and bucket table of generation gen (after a
+// switch away from it, or when a restore into it failed).
 func (l LB) DeleteGeneration(gen uint8) error {
 	all, err := Dump[svcKey, svc](l.Svc)
 	if err != nil {
@@ -310,6 +441,17 @@ func (l LB) DeleteGeneration(gen uint8) error {
 		}
 	}
 	l.batchDelete(l.Svc, stale)
+	stale = stale[:0]
+	var k, next svcKey
+	var prev any
+	for l.Hash.NextKey(prev, &next) == nil {
+		if next.Gen == gen {
+			stale = append(stale, next)
+		}
+		k = next
+		prev = &k
+	}
+	l.batchDelete(l.Hash, stale)
 	return nil
 }
 
@@ -464,8 +606,10 @@ func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, e
 // caller switches to it.
 func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 	var (
-		keys []svcKey
-		vals []svc
+		keys  []svcKey
+		vals  []svc
+		hkeys []svcKey
+		hvals []hashTab
 	)
 	for _, s := range specs {
 		if err := s.validate(); err != nil {
@@ -479,12 +623,16 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 		if err != nil {
 			return fmt.Errorf("put services: %w", err)
 		}
-		for i, id := range s.Slots {
+		for i := range s.Slots {
 			keys = append(keys, slotKey(mk, 1, uint32(i+1)))
-			vals = append(vals, svc{Id: id})
 		}
+		vals = append(vals, s.slotVals()...)
 		keys = append(keys, mk)
 		vals = append(vals, m)
+		if s.Buckets != nil {
+			hkeys = append(hkeys, *hashKey(mk, 1))
+			hvals = append(hvals, *s.hashVal())
+		}
 	}
 	if fresh && len(specs) > 0 {
 		sk := make([]LBStatsKey, len(specs))
@@ -504,10 +652,28 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 			return fmt.Errorf("put services: counters: %w", err)
 		}
 	}
+	if len(hkeys) > 0 {
+		if _, err := l.Hash.BatchUpdate(hkeys, hvals, nil); err != nil {
+			return fmt.Errorf("put services: bucket tables: %w", err)
+		}
+	}
 	if err := l.batchPut(keys, vals); err != nil {
 		return fmt.Errorf("put services: %w", err)
 	}
 	return nil
+}
+
+// BackendIDs returns the ids of the real servers in the maps.
+func (l LB) BackendIDs() (map[uint32]bool, error) {
+	all, err := Dump[uint32, backend](l.Backend)
+	if err != nil {
+		return nil, fmt.Errorf("read real servers: %w", err)
+	}
+	ids := make(map[uint32]bool, len(all))
+	for id := range all {
+		ids[id] = true
+	}
+	return ids, nil
 }
 
 // DeleteBackendsExcept removes every real server (and its counters) not in keep.

@@ -3,11 +3,15 @@
  * IPVS NAT mode, rebuilt on maps in the style of Cilium's load balancer.
  *
  * kdp_lb_svc holds, per service (VIP, port, proto), a master entry (slot 0) and slot entries
- * whose meaning depends on the scheduler: the pick sequence for rr/wrr, 256 hash buckets for
- * sh/dh, the real servers in kernel order for the least-connection family. Slot keys carry the
- * service's revision, so an edit writes the new slots beside the old ones and switches by
- * rewriting the master last: the datapath never sees half a service. The whole table carries a
- * generation (config.lb_gen), so a restore or a clear switches every service at once.
+ * whose meaning depends on the scheduler: the pick sequence for rr (its servers of weight > 0),
+ * the real servers in kernel order for wrr (with their weights reduced by the gcd: wrr walks
+ * them as the kernel does) and for the least-connection family. So a service takes at most one
+ * entry per rule it is made of, whatever its scheduler, and 20000 rules fit in any mix. sh and
+ * dh keep their 256 buckets in one kdp_lb_hash entry per service instead of 256 slots. Slot
+ * and bucket keys carry the service's revision, so an edit writes the new ones beside the old
+ * and switches by rewriting the master last: the datapath never sees half a service. The
+ * whole table carries a generation (config.lb_gen), so a restore or a clear switches every
+ * service at once.
  *
  * kdp_lb_ct is the connection table (LRU): one entry per direction, the original one (guest ->
  * VIP) holding the real server, the reply one (real server -> guest) holding the VIP for the
@@ -30,9 +34,13 @@
 
 /* Map sizes bound a sandbox's memory: a hash map allocates its buckets up front even without
  * preallocated entries, so every entry of max_entries costs about 16 bytes from the start.
- * They are sized for the 20000-rule contract (a restore only goes into an empty table, so the
- * generations never hold two full tables). */
-#define KDP_LB_MAX_SVC_SLOTS 65536 /* masters + slots of all services (rr/wrr: the pick sequence, sh/dh: 256) */
+ * They are sized for the 20000-rule contract with room for two full tables at once (the first
+ * sync after an agent restart writes the whole table under a new generation beside the live
+ * one; an edit writes one service twice for a moment): a service takes 1 + at most one slot
+ * per real server, so 20000 rules take at most 20000 entries of kdp_lb_svc, and at most 10000
+ * sh/dh services can have real servers, each one kdp_lb_hash entry. */
+#define KDP_LB_MAX_SVC_SLOTS 65536 /* masters + slots of all services, two tables (2 x 20000) and an edit */
+#define KDP_LB_MAX_HASH 20480      /* sh/dh bucket tables, two tables (2 x 10000) and an edit */
 #define KDP_LB_MAX_BACKENDS 20480  /* real servers: every one is a rule */
 #define KDP_LB_MAX_STATS 40960     /* counters of services and real servers */
 #define KDP_LB_CT_SIZE 16384        /* default; loader.Options.CTSize resizes it per sandbox */
@@ -86,7 +94,13 @@ struct lb_svc {
 	__be32 pmask;  /* master: persistence netmask */
 	__u8 sched;    /* master: enum kdp_sched */
 	__u8 flags;
-	__u16 pad;
+	__u16 wmax;    /* master (wrr): largest reduced weight; slot (wrr): the server's reduced weight */
+};
+
+/* The 256 buckets of an sh or dh service (ip_vs_sh/ip_vs_dh's table): real server ids, 0 = no
+ * destination. Keyed by the service's master key with slot = rev << 16. */
+struct lb_hash {
+	__u32 be[KDP_LB_HASH_BUCKETS];
 };
 
 struct lb_backend {
@@ -156,6 +170,15 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_svc SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_LB_MAX_HASH);
+	__type(key, struct lb_svc_key);
+	__type(value, struct lb_hash);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_hash SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -307,6 +330,75 @@ static long lc_step(__u64 i, void *arg)
 	return 0;
 }
 
+/* wrr_walk is IPVS's wrr state machine (ip_vs_wrr_schedule) over a service's real servers in
+ * kernel order: pos is the cursor (-1: the list head), cw the current weight. */
+struct wrr_walk {
+	struct lb_svc_key mk;
+	__u32 rev;
+	__u32 count;
+	__s32 mw;
+	__s32 pos;
+	__s32 cw;
+	__u32 pick;
+};
+
+/* wrr_step advances the cursor by one server (bpf_loop callback). Every pass over the list
+ * finds the largest weight, so a pick takes at most 2 * count + 2 steps. */
+static long wrr_step(__u64 i, void *arg)
+{
+	struct wrr_walk *w = arg;
+	struct lb_svc *sl;
+
+	w->pos++;
+	if (w->pos >= (__s32)w->count) {
+		w->pos = -1;
+		if (--w->cw <= 0)
+			w->cw = w->mw;
+		return 0;
+	}
+	sl = svc_slot(&w->mk, w->rev, w->pos + 1);
+	if (sl && sl->id && (__s32)sl->wmax >= w->cw) {
+		w->pick = sl->id;
+		return 1;
+	}
+	return 0;
+}
+
+/* wrr_schedule runs one wrr pick. The state lives in the service's counters (sched): rev << 32 |
+ * (cw - 1) << 16 | (pos + 1), so zero is the state a new service starts from (cursor at the
+ * head, cw 1: the kernel's after servers were added one by one) and a revision change (an
+ * edit) starts again from it. Concurrent picks on other CPUs are settled with a compare and
+ * swap; a pick that loses twice keeps its server (two connections then share one slot of the
+ * interleave, as in any approximation under contention). */
+static __always_inline __u32 wrr_schedule(const struct lb_svc_key *mk, const struct lb_svc *m, struct lb_stats *ss)
+{
+	struct wrr_walk w = { .mk = *mk, .rev = m->rev, .count = m->count, .mw = m->wmax };
+	__u64 old, next;
+	int try;
+
+	if (!m->count || !m->wmax)
+		return 0;
+	for (try = 0; try < 3; try++) {
+		old = ss->sched;
+		w.pos = -1;
+		w.cw = 1;
+		if ((__u32)(old >> 32) == (m->rev & 0xffff)) {
+			w.pos = (__s32)(old & 0xffff) - 1;
+			w.cw = (__s32)((old >> 16) & 0xffff) + 1;
+		}
+		if (w.cw > w.mw)
+			w.cw = w.mw;
+		w.pick = 0;
+		bpf_loop(2 * w.count + 2, wrr_step, &w, 0);
+		if (!w.pick)
+			return 0;
+		next = (__u64)(m->rev & 0xffff) << 32 | (__u64)((w.cw - 1) & 0xffff) << 16 | (__u64)((w.pos + 1) & 0xffff);
+		if (__sync_val_compare_and_swap(&ss->sched, old, next) == old)
+			break;
+	}
+	return w.pick;
+}
+
 /* lb_schedule picks a real server for a new connection of service m (0 if none can take it). */
 static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const struct lb_svc *m,
 					 const struct flow *f, __u64 now)
@@ -317,22 +409,29 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 	struct lb_svc *sl;
 	__u32 idx;
 
-	if (!m->count)
-		return 0;
 	switch (m->sched) {
 	case KDP_SCHED_RR:
-	case KDP_SCHED_WRR:
 		ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
-		if (!ss)
+		if (!ss || !m->count)
 			return 0;
 		idx = __sync_fetch_and_add(&ss->sched, 1) % m->count + 1;
 		sl = svc_slot(mk, m->rev, idx);
 		return sl ? sl->id : 0;
+	case KDP_SCHED_WRR:
+		ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
+		return ss ? wrr_schedule(mk, m, ss) : 0;
 	case KDP_SCHED_SH:
-	case KDP_SCHED_DH:
-		idx = (m->sched == KDP_SCHED_SH ? sh_hash(f->saddr.v4) : dh_hash(f->daddr.v4)) + 1;
-		sl = svc_slot(mk, m->rev, idx);
-		return sl ? sl->id : 0;
+	case KDP_SCHED_DH: {
+		struct lb_svc_key hk = *mk;
+		struct lb_hash *h;
+
+		hk.slot = m->rev << 16;
+		h = bpf_map_lookup_elem(&kdp_lb_hash, &hk);
+		if (!h)
+			return 0;
+		idx = (m->sched == KDP_SCHED_SH ? sh_hash(f->saddr.v4) : dh_hash(f->daddr.v4)) & (KDP_LB_HASH_BUCKETS - 1);
+		return h->be[idx];
+	}
 	case KDP_SCHED_LBLC:
 	case KDP_SCHED_LBLCR: {
 		struct aff_entry *ae = bpf_map_lookup_elem(&kdp_lb_aff, &ak);
@@ -352,6 +451,8 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 		break;
 	}
 	}
+	if (!m->count)
+		return 0;
 	bpf_loop(KDP_LB_MAX_SCAN, lc_step, &scan, 0);
 	if (scan.best && (m->sched == KDP_SCHED_LBLC || m->sched == KDP_SCHED_LBLCR)) {
 		struct aff_entry ne = { .last_seen = now, .backend = scan.best };

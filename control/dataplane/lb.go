@@ -19,15 +19,49 @@ import (
 // new generation, which is also how the pinned state is reconciled after an agent restart.
 type lbState struct {
 	services map[ipvs.ServiceKey]ipvs.Service
+	budgets  map[ipvs.ServiceKey]maps.Budget // map entries each service takes
+	used     maps.Budget                     // map entries of the live generation
 	backends map[uint32]maps.Backend
 	timeouts ipvs.Timeouts
 }
 
+// putService writes one service of the live generation after checking that the maps have room
+// for it beside everything live (PutService writes the new revision before it frees the old).
+func (st *lbState) putService(lb maps.LB, gen uint8, s ipvs.Service) error {
+	spec, err := serviceSpec(s)
+	if err != nil {
+		return err
+	}
+	if err := lb.CheckRoom(st.used, spec.Budget()); err != nil {
+		return fmt.Errorf("service %s: %w", s.ServiceKey, err)
+	}
+	if err := lb.PutService(gen, spec); err != nil {
+		return err
+	}
+	st.used = st.used.Add(spec.Budget()).Add(neg(st.budgets[s.ServiceKey]))
+	st.services[s.ServiceKey] = s
+	st.budgets[s.ServiceKey] = spec.Budget()
+	return nil
+}
+
+func (st *lbState) deleteService(lb maps.LB, gen uint8, k ipvs.ServiceKey) error {
+	if err := lb.DeleteService(gen, k.Addr, uint8(k.Proto)); err != nil {
+		return err
+	}
+	st.used = st.used.Add(neg(st.budgets[k]))
+	delete(st.services, k)
+	delete(st.budgets, k)
+	return nil
+}
+
+func neg(b maps.Budget) maps.Budget { return maps.Budget{Slots: -b.Slots, Buckets: -b.Buckets} }
+
 func (sb *Sandbox) lbMaps() maps.LB { return maps.ForSandbox(sb.lsb.Maps()).LB }
 
-// serviceSpec translates a service of the rule table into what the datapath needs: the
-// scheduler's table (pick sequence for rr/wrr, buckets for sh/dh) or the real servers in kernel
-// order for the load-based schedulers.
+// serviceSpec translates a service of the rule table into what the datapath needs: the pick
+// sequence for rr, the buckets for sh/dh, the real servers in kernel order for the others
+// (with their reduced weights for wrr). No scheduler takes more map entries than the service
+// has rules (maps.ServiceSpec).
 func serviceSpec(s ipvs.Service) (maps.ServiceSpec, error) {
 	sched, err := maps.ParseScheduler(s.Scheduler)
 	if err != nil {
@@ -43,17 +77,26 @@ func serviceSpec(s ipvs.Service) (maps.ServiceSpec, error) {
 		}
 		return out
 	}
-	// The stateless schedulers get their tables from the rule engine; the load-based ones
-	// scan the real servers in kernel order.
+	// rr, sh and dh get their tables from the rule engine; wrr and the load-based ones walk
+	// the real servers in kernel order.
 	switch t := s.Tables(); {
-	case sched == maps.SchedRR || sched == maps.SchedWRR:
+	case sched == maps.SchedRR:
 		spec.Slots = ids(t.Sequence)
 	case t.Buckets != nil:
-		spec.Slots = ids(t.Buckets[:])
+		if len(s.Servers) > 0 {
+			spec.Buckets = ids(t.Buckets[:])
+		}
 	default:
 		spec.Slots = make([]uint32, len(s.Servers))
 		for i, d := range s.Servers {
 			spec.Slots[i] = d.ID
+		}
+		if sched == maps.SchedWRR {
+			w, _ := ipvs.WRRWeights(s.Weights())
+			spec.Weights = make([]uint16, len(w))
+			for i, x := range w {
+				spec.Weights[i] = uint16(x)
+			}
 		}
 	}
 	return spec, nil
@@ -102,25 +145,20 @@ func (d *Dataplane) SetLB(ctx context.Context, id string, t *ipvs.Table) error {
 		}
 		sb.lb.backends[beID] = b
 	}
+	// Removed services first, so their entries make room for the changed ones.
+	for k := range sb.lb.services {
+		if _, ok := want[k]; !ok {
+			if err := sb.lb.deleteService(lb, gen, k); err != nil {
+				return fmt.Errorf("set lb of %s: %w", id, err)
+			}
+		}
+	}
 	for k, s := range want {
 		if old, ok := sb.lb.services[k]; ok && sameService(old, s) {
 			continue
 		}
-		spec, err := serviceSpec(s)
-		if err != nil {
+		if err := sb.lb.putService(lb, gen, s); err != nil {
 			return fmt.Errorf("set lb of %s: %w", id, err)
-		}
-		if err := lb.PutService(gen, spec); err != nil {
-			return fmt.Errorf("set lb of %s: %w", id, err)
-		}
-		sb.lb.services[k] = s
-	}
-	for k := range sb.lb.services {
-		if _, ok := want[k]; !ok {
-			if err := lb.DeleteService(gen, k.Addr, uint8(k.Proto)); err != nil {
-				return fmt.Errorf("set lb of %s: %w", id, err)
-			}
-			delete(sb.lb.services, k)
 		}
 	}
 	for beID := range sb.lb.backends {
@@ -164,17 +202,12 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 	}
 	oldGen := uint8(cfg.LbGen)
 	gen := oldGen + 1
-	st := &lbState{services: map[ipvs.ServiceKey]ipvs.Service{}, backends: map[uint32]maps.Backend{}, timeouts: t.Timeouts()}
+	st := &lbState{services: map[ipvs.ServiceKey]ipvs.Service{}, budgets: map[ipvs.ServiceKey]maps.Budget{},
+		backends: map[uint32]maps.Backend{}, timeouts: t.Timeouts()}
 	for _, s := range t.Services {
 		for _, dst := range s.Servers {
 			st.backends[dst.ID] = backendOf(dst)
 		}
-	}
-	// Fresh: this process knows the table was empty, so every id is new and the counters
-	// can be created in batches. After a start (sb.lb nil) existing counters are kept.
-	fresh := sb.lb != nil && len(sb.lb.services) == 0 && len(sb.lb.backends) == 0
-	if err := lb.PutBackends(st.backends, fresh); err != nil {
-		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
 	specs := make([]maps.ServiceSpec, 0, len(t.Services))
 	for _, s := range t.Services {
@@ -184,9 +217,45 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 		}
 		specs = append(specs, spec)
 		st.services[s.ServiceKey] = *s
+		st.budgets[s.ServiceKey] = spec.Budget()
+		st.used = st.used.Add(spec.Budget())
+	}
+	// The new generation is written beside the live one: check that both fit before writing
+	// anything. After a start this process does not know what the live one takes: count it.
+	var live maps.Budget
+	if sb.lb != nil {
+		live = sb.lb.used
+	} else if live, err = lb.Usage(); err != nil {
+		return fmt.Errorf("restore lb of %s: %w", id, err)
+	}
+	if err := lb.CheckRoom(live, st.used); err != nil {
+		return fmt.Errorf("restore lb of %s: %w", id, err)
+	}
+	// Fresh: this process knows the table was empty, so every id is new and the counters
+	// can be created in batches. After a start (sb.lb nil) existing counters are kept.
+	fresh := sb.lb != nil && len(sb.lb.services) == 0 && len(sb.lb.backends) == 0
+	var oldBE map[uint32]bool
+	if !fresh {
+		if oldBE, err = lb.BackendIDs(); err != nil {
+			return fmt.Errorf("restore lb of %s: %w", id, err)
+		}
+	}
+	// undo removes what a failed restore wrote: the new generation and the real servers it
+	// added, so nothing of it is left.
+	undo := func() {
+		lb.DeleteGeneration(gen)
+		for beID := range st.backends {
+			if !oldBE[beID] {
+				lb.DeleteBackend(beID)
+			}
+		}
+	}
+	if err := lb.PutBackends(st.backends, fresh); err != nil {
+		undo()
+		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
 	if err := lb.PutServices(gen, specs, fresh); err != nil {
-		lb.DeleteGeneration(gen)
+		undo()
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
 	cfg.LbGen = uint32(gen)
@@ -195,13 +264,15 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 		cfg.Flags |= maps.ConfigLB
 	}
 	if err := maps.WriteConfig(lb.Config, cfg); err != nil {
-		lb.DeleteGeneration(gen)
+		undo()
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
 	// The switch is done; what follows only frees what the datapath no longer reads. When
 	// this process knows the old table was empty there is nothing to free.
 	if !fresh {
-		lb.DeleteGeneration(oldGen)
+		if err := lb.DeleteGeneration(oldGen); err != nil {
+			d.log.Warn("restore lb: old generation not freed", "sandbox", id, "err", err)
+		}
 		lb.DeleteBackendsExcept(st.backends)
 	}
 	sb.lb = st
@@ -239,20 +310,14 @@ func (d *Dataplane) SetLBService(ctx context.Context, id string, t *ipvs.Table, 
 			sb.lb.backends[dst.ID] = b
 		}
 		if !hadOld || !sameService(old, svc) {
-			spec, err := serviceSpec(svc)
-			if err != nil {
+			if err := sb.lb.putService(lb, gen, svc); err != nil {
 				return fmt.Errorf("set lb of %s: %w", id, err)
 			}
-			if err := lb.PutService(gen, spec); err != nil {
-				return fmt.Errorf("set lb of %s: %w", id, err)
-			}
-			sb.lb.services[k] = svc
 		}
 	} else if hadOld {
-		if err := lb.DeleteService(gen, k.Addr, uint8(k.Proto)); err != nil {
+		if err := sb.lb.deleteService(lb, gen, k); err != nil {
 			return fmt.Errorf("set lb of %s: %w", id, err)
 		}
-		delete(sb.lb.services, k)
 	}
 	if hadOld {
 		keep := map[uint32]bool{}

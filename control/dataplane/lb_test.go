@@ -3,6 +3,7 @@ package dataplane_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -11,7 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
 )
 
 // lbRig adds to the standard rig real servers behind the uplink: addresses 10.199.0.11-13 on
@@ -366,5 +370,188 @@ func TestLBRestore20000UnderTraffic(t *testing.T) {
 	}
 	if got := r.tcpPick(t); !strings.HasPrefix(got, "10.199.0.1") {
 		t.Errorf("VIP after the restore answered by %q", got)
+	}
+}
+
+// restoreRules builds a restore file of 5000 services with three real servers each (20000
+// rules), the last service being the rig's VIP; sched names the scheduler of service i.
+func restoreRules(sched func(i int) string) string {
+	var sb strings.Builder
+	for i := range 5000 {
+		svc := fmt.Sprintf("10.%d.%d.%d:80", 100+i/65536, (i/256)%256, i%256)
+		if i == 4999 {
+			svc = vipAddr + ":80"
+		}
+		fmt.Fprintf(&sb, "-A -t %s -s %s\n", svc, sched(i))
+		for j := 1; j <= 3; j++ {
+			// Weights with long wrr periods (up to 65535/1): a service still takes one
+			// entry per real server.
+			w := []int{1, 4095, 65535}[(i+j)%3]
+			if i == 4999 {
+				w = 1
+			}
+			fmt.Fprintf(&sb, "-a -t %s -r 10.199.0.1%d:80 -m -w %d\n", svc, j, w)
+		}
+	}
+	return sb.String()
+}
+
+// TestLBRestore20000EveryScheduler (issue 18 item 3): 20000 rules fit for any scheduler. sh
+// and dh once took 257 service-map entries per service and failed near the 255th service;
+// here 5000 sh services x 3 real servers are restored, then (after a clear) 5000 dh, then a mix
+// of all ten schedulers, each switched in at once: the VIP answers through the new table and
+// the maps hold exactly the new generation.
+func TestLBRestore20000EveryScheduler(t *testing.T) {
+	r := newLBRig(t, "lb20k")
+	ctx := context.Background()
+	sbm, err := loader.Open(r.root, r.ep.Sandbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sbm.Close()
+	lb := maps.ForSandbox(sbm.Maps()).LB
+	for _, tt := range []struct {
+		name  string
+		sched func(int) string
+	}{
+		{"sh", func(int) string { return "sh" }},
+		{"dh", func(int) string { return "dh" }},
+		{"mix", func(i int) string { return ipvs.Schedulers[i%len(ipvs.Schedulers)] }},
+	} {
+		// As kata-ipvs does: a restore needs an empty table, so clear first.
+		r.table.Clear()
+		if err := r.dp.RestoreLB(ctx, r.ep.Sandbox, r.table); err != nil {
+			t.Fatalf("%s: clear: %v", tt.name, err)
+		}
+		cmds, err := ipvs.ParseRestore(strings.NewReader(restoreRules(tt.sched)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.table.Restore(cmds); err != nil {
+			t.Fatal(err)
+		}
+		if got := r.table.Rules(); got != 20000 {
+			t.Fatalf("%s: %d rules, want 20000", tt.name, got)
+		}
+		cfg, err := maps.ReadConfig(lb.Config)
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		if err := r.dp.RestoreLB(ctx, r.ep.Sandbox, r.table); err != nil {
+			t.Fatalf("%s: restore of 20000 rules: %v", tt.name, err)
+		}
+		t.Logf("%s: restore of 20000 rules: %v", tt.name, time.Since(start))
+		after, err := maps.ReadConfig(lb.Config)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after.LbGen != (cfg.LbGen+1)&0xff {
+			t.Errorf("%s: generation %d -> %d, want one switch", tt.name, cfg.LbGen, after.LbGen)
+		}
+		// Exactly the new generation is left: a master per service, a slot per real server
+		// (none for sh and dh), a bucket table per sh/dh service.
+		var want maps.Budget
+		for i := range 5000 {
+			want.Slots++
+			switch s := tt.sched(i); s {
+			case "sh", "dh":
+				want.Buckets++
+			default:
+				want.Slots += 3
+			}
+		}
+		if got, err := lb.Usage(); err != nil || got != want {
+			t.Errorf("%s: maps hold %v (%v), want %v", tt.name, got, err, want)
+		}
+		if got := r.tcpPick(t); !strings.HasPrefix(got, "10.199.0.1") {
+			t.Errorf("%s: VIP after the restore answered by %q", tt.name, got)
+		}
+	}
+}
+
+// TestLBRestoreFailsWhole: a restore the maps cannot take is refused before anything is
+// written, and one that fails halfway (the bucket map filled behind the dataplane's back)
+// leaves no entry of its generation and no real server it added: the live table is intact.
+func TestLBRestoreFailsWhole(t *testing.T) {
+	r := newLBRig(t, "lbfail")
+	ctx := context.Background()
+	sbm, err := loader.Open(r.root, r.ep.Sandbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sbm.Close()
+	lb := maps.ForSandbox(sbm.Maps()).LB
+	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr")
+	r.ipvsadm(t, "-a -t "+vipAddr+":80 -r 10.199.0.11:80")
+	live, err := lb.Usage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	liveBE, err := lb.BackendIDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sh := r.table.Clone() // ids go on from the live table's, as a restore's do
+	sh.Clear()
+	cmds, err := ipvs.ParseRestore(strings.NewReader(restoreRules(func(int) string { return "sh" })))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sh.Restore(cmds); err != nil {
+		t.Fatal(err)
+	}
+
+	// Junk of an unused generation takes all but 100 bucket tables. The dataplane does not
+	// know about it, so its check passes and the batch write of the bucket tables fails.
+	junk := make([]loader.DatapathLbSvcKey, 0, lb.Hash.MaxEntries())
+	for i := range int(lb.Hash.MaxEntries()) - live.Buckets - 100 {
+		junk = append(junk, loader.DatapathLbSvcKey{Vip: uint32(i + 1), Vport: 1, Proto: 6, Gen: 200, Slot: 1 << 16})
+	}
+	if _, err := lb.Hash.BatchUpdate(junk, make([]loader.DatapathLbHash, len(junk)), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.dp.RestoreLB(ctx, r.ep.Sandbox, sh); err == nil {
+		t.Fatal("restore into full maps succeeded")
+	}
+	if _, err := lb.Hash.BatchDelete(junk, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := lb.Usage(); err != nil || got != live {
+		t.Errorf("after a failed restore the maps hold %v (%v), want the live %v", got, err, live)
+	}
+	if got, err := lb.BackendIDs(); err != nil || len(got) != len(liveBE) {
+		t.Errorf("after a failed restore %d real servers (%v), want %d", len(got), err, len(liveBE))
+	}
+	if got := r.tcpPick(t); got != "10.199.0.11" {
+		t.Errorf("VIP after a failed restore answered by %q", got)
+	}
+
+	// Junk in the service map the dataplane counts (after a restart it knows nothing): the
+	// check refuses before writing.
+	fresh, err := dataplane.NewWithOptions(r.root, loader.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	if err := fresh.EnsureSandbox(ctx, r.ep.Sandbox, r.sb.NS.Path()); err != nil {
+		t.Fatal(err)
+	}
+	skeys := make([]loader.DatapathLbSvcKey, 0, lb.Svc.MaxEntries())
+	for i := range int(lb.Svc.MaxEntries()) - live.Slots - 10 {
+		skeys = append(skeys, loader.DatapathLbSvcKey{Vip: uint32(i + 1), Vport: 1, Proto: 6, Gen: 200})
+	}
+	if _, err := lb.Svc.BatchUpdate(skeys, make([]loader.DatapathLbSvc, len(skeys)), nil); err != nil {
+		t.Fatal(err)
+	}
+	err = fresh.RestoreLB(ctx, r.ep.Sandbox, sh)
+	if !errors.Is(err, maps.ErrNoRoom) {
+		t.Errorf("restore beyond the room: %v, want ErrNoRoom", err)
+	}
+	if _, err := lb.Svc.BatchDelete(skeys, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := lb.Usage(); err != nil || got != live {
+		t.Errorf("after a refused restore the maps hold %v (%v), want the live %v", got, err, live)
 	}
 }

@@ -62,11 +62,13 @@
 //
 // # What is approximate
 //
-//   - rr and wrr are sequences the datapath walks with a per-service
-//     counter from index 0. The kernel keeps a cursor that survives rule
-//     changes (wrr resets it to the list head but keeps its current
-//     weight); the datapath restarts the sequence on every change.
-//   - WRRSequence scales weights whose reduced sum exceeds MaxSequence.
+//   - rr is a sequence the datapath walks with a per-service counter; wrr
+//     runs the kernel's cursor and current weight over the servers with
+//     WRRWeights, restarting from the list head on every change of the
+//     service (the kernel keeps its current weight). The kernel keeps a
+//     cursor that survives rule changes.
+//   - WRRSequence (a model of the picks) scales weights whose reduced sum
+//     exceeds MaxSequence; the datapath does not.
 //   - LBLC and LBLCR model the kernel's caches with a plain expiry; the
 //     kernel collects them lazily by timer and table size.
 //
@@ -80,7 +82,9 @@
 // When a scheduler finds no destination, IPVS drops the packet and sends
 // ICMP port unreachable. Per scheduler, with the servers in kernel order:
 //
-//   - rr, wrr: walk Service.Tables().Sequence with a per-service counter.
+//   - rr: walk Service.Tables().Sequence with a per-service counter.
+//   - wrr: ip_vs_wrr_schedule's walk over the servers with WRRWeights
+//     (the picks of WRRSequence).
 //   - sh: Buckets[SHHash(source address)]; dh: Buckets[DHHash(destination
 //     address)], the VIP. -1: no destination (no fallback to another
 //     bucket).

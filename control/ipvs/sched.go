@@ -42,6 +42,28 @@ func gcd(a, b int) int {
 	return a
 }
 
+// WRRWeights returns what the datapath's wrr walks: the weights divided by the gcd of the
+// positive ones (IPVS's di; weight 0 stays 0) and the largest of them (IPVS's mw, 0 when no
+// server has weight > 0). The datapath runs ip_vs_wrr_schedule's state machine over the
+// servers in kernel order with these weights, from the state WRRSequence starts from, so its
+// picks are WRRSequence's, without the scaling WRRSequence applies to long periods.
+func WRRWeights(weights []int) (reduced []int, mw int) {
+	g := 0
+	for _, x := range weights {
+		if x > 0 {
+			g = gcd(g, x)
+		}
+	}
+	reduced = make([]int, len(weights))
+	for i, x := range weights {
+		if x > 0 {
+			reduced[i] = x / g
+			mw = max(mw, reduced[i])
+		}
+	}
+	return reduced, mw
+}
+
 // WRRSequence returns one period of IPVS's wrr picks (ip_vs_wrr.c) over
 // servers with the given weights, in kernel order; the datapath picks
 // sequence[n % len] for its n-th new connection.
