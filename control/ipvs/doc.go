@@ -38,8 +38,14 @@
 //     ParseKataParameters (the kata-ipvs front-end) adds openEuler's API
 //     table: --scheduler and --persistent (1..2678400) are mandatory for
 //     add-service and edit-service; restore files keep ipvsadm's rules.
-//     Deliberate restrictions from the contract: IPv4 dotted quads only
-//     (no host or service names, no IPv6), ports 1..65535 (no port-0
+//     IPv6 as ipvsadm takes it: bracketed with a port ("-t
+//     [2001:db8::10]:80"), bare without one ("-r fd00::4"), -M as a prefix
+//     length for an IPv6 service, a real server of the other family refused
+//     ("Different address family is allowed only for tunneling servers");
+//     listings print IPv6 bracketed in IPv4's columns, IPv4 services first.
+//     Deliberate restrictions from the contract: dotted quads and IPv6
+//     literals only (no host or service names, no zones, no IPv4-mapped
+//     IPv6), ports 1..65535 (no port-0
 //     services), -p 0..2678400 with 0 meaning no persistence, --set values
 //     0..1296000, NAT only (-g, -i, -f and the sync-daemon, threshold and
 //     connection-listing options are refused).

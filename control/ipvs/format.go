@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"strings"
 )
 
@@ -101,7 +102,7 @@ func (t *Table) Save() string {
 		fmt.Fprintf(&b, "-A %s -s %s", name, s.Scheduler)
 		if s.Persistent != 0 {
 			fmt.Fprintf(&b, " -p %d", s.Persistent)
-			if m := s.Netmask; m.IsValid() && m != hostMask {
+			if m, ok := shownMask(s); ok {
 				fmt.Fprintf(&b, " -M %s", m)
 			}
 		}
@@ -111,6 +112,20 @@ func (t *Table) Save() string {
 		}
 	}
 	return b.String()
+}
+
+// shownMask returns a persistent service's netmask as ipvsadm prints it, unless it is the
+// default: a dotted quad for IPv4 (not 255.255.255.255), a prefix length for IPv6 (not 128).
+func shownMask(s *Service) (string, bool) {
+	m := s.Netmask
+	switch {
+	case !m.IsValid():
+		return "", false
+	case m.Is6():
+		n := maskBits(m)
+		return strconv.Itoa(n), n != 128
+	}
+	return m.String(), m != hostMask
 }
 
 func title(b *strings.Builder, f Format) {
@@ -151,7 +166,7 @@ func entry(b *strings.Builder, s *Service, f Format, c Counters) {
 		fmt.Fprintf(b, "%s %s", name, s.Scheduler)
 		if s.Persistent != 0 {
 			fmt.Fprintf(b, " persistent %d", s.Persistent)
-			if m := s.Netmask; m.IsValid() && m != hostMask {
+			if m, ok := shownMask(s); ok {
 				fmt.Fprintf(b, " mask %s", m)
 			}
 		}
@@ -210,13 +225,32 @@ func hostOrder(a netip.Addr) uint32 {
 
 // cmpAddr is libipvs's address comparison: the difference of the
 // host-order addresses as a signed 32-bit int, which wraps (so 172.x sorts
-// before 10.x), and is not transitive across more than 2^31 addresses.
+// before 10.x), and is not transitive across more than 2^31 addresses; for
+// IPv6 the same, word by word, until two words differ.
 func cmpAddr(a, b netip.Addr) int {
-	return int(int32(hostOrder(a) - hostOrder(b)))
+	x, y := a.AsSlice(), b.AsSlice()
+	for i := 0; i+4 <= len(x) && i+4 <= len(y); i += 4 {
+		if r := int(int32(binary.BigEndian.Uint32(x[i:]) - binary.BigEndian.Uint32(y[i:]))); r != 0 {
+			return r
+		}
+	}
+	return 0
 }
 
-// cmpServices is libipvs's ipvs_cmp_services for IPv4, non-fwmark services.
+// family is the address family number libipvs compares (AF_INET 2, AF_INET6 10).
+func family(a netip.Addr) int {
+	if a.Is6() {
+		return 10
+	}
+	return 2
+}
+
+// cmpServices is libipvs's ipvs_cmp_services for non-fwmark services: IPv4
+// before IPv6, then TCP before UDP, address, port.
 func cmpServices(a, b *Service) int {
+	if r := family(a.Addr.Addr()) - family(b.Addr.Addr()); r != 0 {
+		return r
+	}
 	if r := int(a.Proto) - int(b.Proto); r != 0 {
 		return r
 	}
@@ -226,7 +260,7 @@ func cmpServices(a, b *Service) int {
 	return int(a.Addr.Port()) - int(b.Addr.Port())
 }
 
-// cmpServers is libipvs's ipvs_cmp_dests for IPv4.
+// cmpServers is libipvs's ipvs_cmp_dests (a service's real servers share its family).
 func cmpServers(a, b *Server) int {
 	if r := cmpAddr(a.Addr.Addr(), b.Addr.Addr()); r != 0 {
 		return r

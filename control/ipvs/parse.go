@@ -159,8 +159,9 @@ type parser struct {
 	cmdToken   string
 	seen       [numOpts]string // token of each option given
 	positional []string
-	// serverHasPort tells whether -r carried a port.
+	// serverHasPort tells whether -r carried a port; serverTok is -r's value.
 	serverHasPort bool
+	serverTok     string
 }
 
 // ParseParameters parses the argument string of "kata-ipvs ipvsadm
@@ -347,6 +348,16 @@ func (p *parser) handle(def *optDef, tok, val string, hasVal bool) error {
 			c.Persistent = uint32(n)
 		}
 	case optNetmask:
+		// As ipvsadm: a prefix length for an IPv6 service given before -M, a dotted
+		// quad otherwise.
+		if c.HasService && c.Service.Addr.Addr().Is6() {
+			n, ok := cNumber(val, 1, 128)
+			if !ok {
+				return usageErr(bad, "illegal ipv6 netmask specified")
+			}
+			c.Netmask = prefixMask(n)
+			break
+		}
 		m, err := netip.ParseAddr(val)
 		if err != nil || !m.Is4() {
 			return usageErr(bad, "illegal virtual server persistent mask specified")
@@ -359,6 +370,7 @@ func (p *parser) handle(def *optDef, tok, val string, hasVal bool) error {
 		}
 		c.Server = ap
 		p.serverHasPort = hasPort
+		p.serverTok = val
 	case optForward:
 		// -m: masquerading, the only forwarding method, implied.
 	case optWeight:
@@ -448,11 +460,15 @@ func (p *parser) finish() (Command, error) {
 			c.Scheduler = DefaultScheduler
 		}
 		if !c.Netmask.IsValid() {
-			c.Netmask = hostMask
+			c.Netmask = hostMaskOf(c.Service.Addr.Addr())
 		}
 	case OpAddServer, OpEditServer:
 		if p.seen[optWeight] == "" {
 			c.Weight = 1
+		}
+		if c.Service.Addr.Addr().Is4() != c.Server.Addr().Is4() {
+			// NAT needs one family (ipvsadm: only tunnels may cross).
+			return Command{}, usageErr(p.serverTok, "Different address family is allowed only for tunneling servers")
 		}
 		fallthrough
 	case OpDeleteServer:
@@ -463,12 +479,73 @@ func (p *parser) finish() (Command, error) {
 	return *c, nil
 }
 
-var hostMask = netip.MustParseAddr("255.255.255.255")
+var (
+	hostMask  = netip.MustParseAddr("255.255.255.255")
+	hostMask6 = prefixMask(128)
+)
 
-// parseAddrPort parses ipvsadm's "host[:port]" restricted to the contract:
-// a dotted-quad IPv4 address and, if present, a port 1..65535 (no host or
-// service names, no IPv6).
+// hostMaskOf is the default persistence granularity of a service at a: one client address
+// (/32, /128).
+func hostMaskOf(a netip.Addr) netip.Addr {
+	if a.Is6() {
+		return hostMask6
+	}
+	return hostMask
+}
+
+// prefixMask returns the IPv6 netmask of an n-bit prefix: IPVS keeps an IPv6 service's
+// persistence granularity as a prefix length (-M 64), the table as the mask it stands for.
+func prefixMask(n int) netip.Addr {
+	var b [16]byte
+	for i := range b {
+		switch {
+		case n >= 8*(i+1):
+			b[i] = 0xff
+		case n > 8*i:
+			b[i] = ^byte(0xff >> (n - 8*i))
+		}
+	}
+	return netip.AddrFrom16(b)
+}
+
+// maskBits returns the prefix length of an IPv6 netmask (its leading ones).
+func maskBits(m netip.Addr) int {
+	n := 0
+	for _, x := range m.AsSlice() {
+		for bit := byte(0x80); bit != 0 && x&bit != 0; bit >>= 1 {
+			n++
+		}
+		if x != 0xff {
+			break
+		}
+	}
+	return n
+}
+
+// parseAddrPort parses ipvsadm's "host[:port]" (parse_service) restricted to the contract:
+// a dotted-quad IPv4 address with an optional ":port", or an IPv6 address, bracketed with a
+// port ("[2001:db8::10]:80") or bare without one ("fd00::4"); ports 1..65535 (no host or
+// service names, no zones, no IPv4-mapped IPv6).
 func parseAddrPort(s string) (ap netip.AddrPort, hasPort, ok bool) {
+	v6 := func(h string) (netip.Addr, bool) {
+		a, err := netip.ParseAddr(h)
+		return a, err == nil && a.Is6() && !a.Is4In6() && a.Zone() == ""
+	}
+	if rest, isBracket := strings.CutPrefix(s, "["); isBracket {
+		host, port, found := strings.Cut(rest, "]:")
+		a, ok6 := v6(host)
+		if !found || !ok6 {
+			return netip.AddrPort{}, false, false
+		}
+		n, ok := cNumber(port, 1, 65535)
+		if !ok {
+			return netip.AddrPort{}, false, false
+		}
+		return netip.AddrPortFrom(a, uint16(n)), true, true
+	}
+	if a, ok6 := v6(s); ok6 {
+		return netip.AddrPortFrom(a, 0), false, true
+	}
 	host, port, hasPort := strings.Cut(s, ":")
 	a, err := netip.ParseAddr(host)
 	if err != nil || !a.Is4() {
@@ -598,7 +675,7 @@ func ParseCleanup(params string) (Cleanup, error) {
 				return Cleanup{}, usageErr(a, "multiple '--orig-dst' options specified")
 			}
 			ip, err := netip.ParseAddr(val)
-			if err != nil || !ip.Is4() {
+			if err != nil || ip.Is4In6() || ip.Zone() != "" {
 				return Cleanup{}, usageErr(val, "illegal original destination address specified")
 			}
 			c.OrigDst, haveDst = ip, true

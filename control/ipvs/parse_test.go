@@ -101,7 +101,18 @@ func TestParseParametersRejects(t *testing.T) {
 		{"-A -t 172.17.0.7:65536", "illegal virtual server address[:port] specified", "172.17.0.7:65536", 2},
 		{"-A -t 172.17.0.7:http", "illegal virtual server address[:port] specified", "172.17.0.7:http", 2},
 		{"-A -t 300.1.1.1:80", "illegal virtual server address[:port] specified", "300.1.1.1:80", 2},
-		{"-A -t [::1]:80", "illegal virtual server address[:port] specified", "[::1]:80", 2},
+		{"-A -t [::1]", "illegal virtual server address[:port] specified", "[::1]", 2},
+		{"-A -t ::1", "illegal virtual server address[:port] specified", "::1", 2},
+		{"-A -t [::1]:0", "illegal virtual server address[:port] specified", "[::1]:0", 2},
+		{"-A -t [::ffff:1.2.3.4]:80", "illegal virtual server address[:port] specified", "[::ffff:1.2.3.4]:80", 2},
+		{"-A -t [fe80::1%eth0]:80", "illegal virtual server address[:port] specified", "[fe80::1%eth0]:80", 2},
+		{"-A -t [1.2.3.4]:80", "illegal virtual server address[:port] specified", "[1.2.3.4]:80", 2},
+		{"-A -t [2001:db8::10]:80 -p 60 -M 0", "illegal ipv6 netmask specified", "0", 2},
+		{"-A -t [2001:db8::10]:80 -p 60 -M 129", "illegal ipv6 netmask specified", "129", 2},
+		{"-A -t [2001:db8::10]:80 -p 60 -M ffff::", "illegal ipv6 netmask specified", "ffff::", 2},
+		{"-A -M 64 -t [2001:db8::10]:80", "illegal virtual server persistent mask specified", "64", 2},
+		{"-a -t [2001:db8::10]:80 -r 10.0.0.1:80", "Different address family is allowed only for tunneling servers", "10.0.0.1:80", 2},
+		{"-e -t 10.0.0.1:80 -r [fd00::4]:8080", "Different address family is allowed only for tunneling servers", "[fd00::4]:8080", 2},
 		{"-A -t localhost:80", "illegal virtual server address[:port] specified", "localhost:80", 2},
 		{"-A -t 80", "illegal virtual server address[:port] specified", "80", 2},
 		{"-a -t 172.17.0.7:80 -r 172.17.0.400", "illegal real server address[:port] specified", "172.17.0.400", 2},
@@ -254,16 +265,19 @@ func TestParseCleanup(t *testing.T) {
 	if got, err := ParseCleanup("--orig-dst 10.0.0.1 --protonum udp"); err != nil || got.Proto != UDP {
 		t.Errorf("udp: %+v, %v", got, err)
 	}
+	if got, err := ParseCleanup("--orig-dst fd00::4 --protonum udp"); err != nil || got.OrigDst != netip.MustParseAddr("fd00::4") || got.Proto != UDP {
+		t.Errorf("IPv6: %+v, %v", got, err)
+	}
 	for in, token := range map[string]string{
 		"":                                      "--orig-dst",
 		"--orig-dst 172.17.0.4":                 "--protonum",
 		"--protonum tcp":                        "--orig-dst",
 		"--orig-dst 172.17.0.4 --protonum icmp": "icmp",
 		"--orig-dst 172.17.0 --protonum tcp":    "172.17.0",
-		"--orig-dst ::1 --protonum tcp":         "::1",
-		"--orig-dst 172.17.0.4 --protonum":      "--protonum",
+		"--orig-dst ::ffff:1.2.3.4 --protonum tcp":             "::ffff:1.2.3.4",
+		"--orig-dst 172.17.0.4 --protonum":                     "--protonum",
 		"--orig-dst 1.1.1.1 --orig-dst 1.1.1.2 --protonum tcp": "--orig-dst",
-		"--orig-src 1.1.1.1": "--orig-src",
+		"--orig-src 1.1.1.1":                                   "--orig-src",
 	} {
 		_, err := ParseCleanup(in)
 		var e *Error

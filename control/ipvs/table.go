@@ -275,13 +275,13 @@ func checkService(cmd Command) error {
 	if p := cmd.Service.Proto; p != TCP && p != UDP {
 		return usageErr(cmd.Service.String(), "illegal virtual server address[:port] specified")
 	}
-	if a := cmd.Service.Addr; !a.Addr().Is4() || a.Port() == 0 {
+	if a := cmd.Service.Addr; !a.Addr().IsValid() || a.Addr().Is4In6() || a.Addr().Zone() != "" || a.Port() == 0 {
 		return usageErr(cmd.Service.String(), "illegal virtual server address[:port] specified")
 	}
 	if cmd.Persistent > MaxPersistent {
 		return usageErr("-p", "invalid timeout value `%d' specified", cmd.Persistent)
 	}
-	if m := cmd.Netmask; m.IsValid() && !m.Is4() {
+	if m := cmd.Netmask; m.IsValid() && m.BitLen() != cmd.Service.Addr.Addr().BitLen() {
 		return usageErr(m.String(), "illegal virtual server persistent mask specified")
 	}
 	return nil
@@ -291,17 +291,21 @@ func netmaskOf(cmd Command) netip.Addr {
 	if cmd.Netmask.IsValid() {
 		return cmd.Netmask
 	}
-	return hostMask
+	return hostMaskOf(cmd.Service.Addr.Addr())
 }
 
 // checkServer validates a real server as the kernel does (it must be a
-// unicast address: ip_vs_new_dest refuses others with EINVAL).
+// unicast address: ip_vs_new_dest refuses others with EINVAL) and as
+// ipvsadm does (NAT needs the service's address family).
 func checkServer(cmd Command) error {
 	a := cmd.Server.Addr()
-	if !a.Is4() || cmd.Server.Port() == 0 {
+	if !a.IsValid() || a.Is4In6() || a.Zone() != "" || cmd.Server.Port() == 0 {
 		return usageErr(cmd.Server.String(), "illegal real server address[:port] specified")
 	}
-	if a.AsSlice()[0] == 0 || a.IsMulticast() || a == hostMask {
+	if a.Is4() != cmd.Service.Addr.Addr().Is4() {
+		return usageErr(cmd.Server.String(), "Different address family is allowed only for tunneling servers")
+	}
+	if a.IsUnspecified() || a.IsMulticast() || (a.Is4() && (a.AsSlice()[0] == 0 || a == hostMask)) {
 		return failErr(ErrInvalid, cmd.Server.String())
 	}
 	if cmd.Weight < 0 || cmd.Weight > MaxWeight {

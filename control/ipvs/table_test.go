@@ -486,7 +486,9 @@ func TestHandBuiltCommands(t *testing.T) {
 	for _, c := range []Command{
 		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("10.0.0.1:0")}},
 		{Op: OpAddService, Service: ServiceKey{Proto(1), netip.MustParseAddrPort("10.0.0.1:1")}},
-		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("[::1]:1")}},
+		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("[::ffff:10.0.0.1]:1")}},
+		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("[fd00::1]:1")}, Netmask: mask},
+		{Op: OpAddServer, Service: k, Server: netip.MustParseAddrPort("[fd00::1]:1"), Weight: 1},
 		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("10.0.0.1:1")}, Persistent: MaxPersistent + 1},
 		{Op: OpAddService, Service: ServiceKey{UDP, netip.MustParseAddrPort("10.0.0.1:1")}, Netmask: netip.MustParseAddr("::")},
 		{Op: OpAddServer, Service: k, Server: netip.MustParseAddrPort("10.1.0.1:0"), Weight: 1},
@@ -504,5 +506,122 @@ func TestHandBuiltCommands(t *testing.T) {
 		if diff := cmp.Diff(before, &tb, tableOpts...); diff != "" {
 			t.Errorf("Apply(%+v) changed the table (-before +after):\n%s", c, diff)
 		}
+	}
+}
+
+// TestIPv6 (issue 12): IPv6 services and real servers as ipvsadm 1.31 takes and prints them:
+// bracketed addresses in the same columns, -M as a prefix length ("mask 64", "-M 64"), IPv4
+// services before IPv6 ones and libipvs's wrapping word-by-word address order, a real server
+// without a port taking the service's, and the rule limit counting both families.
+func TestIPv6(t *testing.T) {
+	var tb Table
+	run(t, &tb,
+		"-A -t [2001:db8::10]:80 -s sh -p 600 -M 64",
+		"-a -t [2001:db8::10]:80 -r [fd00::5]:80 -w 3",
+		"-a -t [2001:db8::10]:80 -r [fd00::4]:8080",
+		"-A -u [2001:db8::10]:53 -s dh -p 60",
+		"-A -t [fd00:5::100]:80 -s rr -p 3000 -M 128",
+		"-a -t [fd00:5::100]:80 -r fd00:5::1 -w 1",
+		"-E -t [fd00:5::100]:80 -s rr -p 3000",
+		"-e -t [fd00:5::100]:80 -r fd00:5::1",
+		"-d -t [fd00:5::100]:80 -r [fd00:5::1]:80",
+		"-a -t [fd00:5::100]:80 -r [fd00:5::1]:8080",
+		"-A -u 10.0.0.1:53 -s wrr",
+		"-a -u 10.0.0.1:53 -r 10.1.0.2 -w 2",
+		"-A -t 10.0.0.1:80 -s rr",
+		"-a -t 10.0.0.1:80 -r 10.1.0.1:80",
+	)
+	wantList := Header +
+		"Prot LocalAddress:Port Scheduler Flags\n" +
+		"  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n" +
+		"TCP  10.0.0.1:80 rr\n" +
+		"  -> 10.1.0.1:80                  Masq    1      0          0         \n" +
+		"UDP  10.0.0.1:53 wrr\n" +
+		"  -> 10.1.0.2:53                  Masq    2      0          0         \n" +
+		// fd00:5:: sorts before 2001:db8:: (0x20010db8 - 0xfd000005 wraps positive).
+		"TCP  [fd00:5::100]:80 rr persistent 3000\n" +
+		"  -> [fd00:5::1]:8080             Masq    1      0          0         \n" +
+		"TCP  [2001:db8::10]:80 sh persistent 600 mask 64\n" +
+		"  -> [fd00::4]:8080               Masq    1      0          0         \n" +
+		"  -> [fd00::5]:80                 Masq    3      0          0         \n" +
+		"UDP  [2001:db8::10]:53 dh persistent 60\n"
+	if got := run(t, &tb, "-L -n"); got != wantList {
+		t.Errorf("-L -n:\n%s\nwant:\n%s", got, wantList)
+	}
+	wantSave := "-A -t 10.0.0.1:80 -s rr\n" +
+		"-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 1\n" +
+		"-A -u 10.0.0.1:53 -s wrr\n" +
+		"-a -u 10.0.0.1:53 -r 10.1.0.2:53 -m -w 2\n" +
+		"-A -t [fd00:5::100]:80 -s rr -p 3000\n" +
+		"-a -t [fd00:5::100]:80 -r [fd00:5::1]:8080 -m -w 1\n" +
+		"-A -t [2001:db8::10]:80 -s sh -p 600 -M 64\n" +
+		"-a -t [2001:db8::10]:80 -r [fd00::4]:8080 -m -w 1\n" +
+		"-a -t [2001:db8::10]:80 -r [fd00::5]:80 -m -w 3\n" +
+		"-A -u [2001:db8::10]:53 -s dh -p 60\n"
+	if got := run(t, &tb, "-S"); got != wantSave {
+		t.Errorf("-S:\n%s\nwant:\n%s", got, wantSave)
+	}
+	// The save restores to the same table.
+	cmds, err := ParseRestore(strings.NewReader(wantSave))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back Table
+	if err := back.Restore(cmds); err != nil {
+		t.Fatal(err)
+	}
+	if got := back.Save(); got != wantSave {
+		t.Errorf("save after restore:\n%s", got)
+	}
+	wantOne := "Prot LocalAddress:Port Scheduler Flags\n" +
+		"  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n" +
+		"UDP  [2001:db8::10]:53 dh persistent 60\n"
+	if got := run(t, &tb, "-L -n -u [2001:db8::10]:53"); got != wantOne {
+		t.Errorf("-L -u [2001:db8::10]:53:\n%q", got)
+	}
+	wantStats := fmt.Sprintf("%-33s %8s %8s %8s %8s %8s\n  -> RemoteAddress:Port\n",
+		"Prot LocalAddress:Port", "Conns", "InPkts", "OutPkts", "InBytes", "OutBytes") +
+		"TCP  [fd00:5::100]:80                    0        0        0        0        0\n" +
+		"  -> [fd00:5::1]:8080                    0        0        0        0        0\n"
+	if got := run(t, &tb, "-L -n --stats -t [fd00:5::100]:80"); got != wantStats {
+		t.Errorf("--stats:\n%q\nwant\n%q", got, wantStats)
+	}
+	// The persistence key of an IPv6 client is its /64.
+	s, _ := tb.Service(ServiceKey{TCP, netip.MustParseAddrPort("[2001:db8::10]:80")})
+	if got, want := PersistenceKey(netip.MustParseAddr("fd00:1:2:3:4:5:6:7"), s.Netmask), netip.MustParseAddr("fd00:1:2:3::"); got != want {
+		t.Errorf("persistence key %s, want %s", got, want)
+	}
+	// Semantic errors are the kernel's for either family.
+	if err := try(&tb, "-a -t [2001:db8::10]:80 -r [fd00::4]:8080"); !errors.Is(err, ErrDestExists) {
+		t.Errorf("duplicate IPv6 real server: %v", err)
+	}
+	if err := try(&tb, "-a -t [2001:db8::10]:80 -r [ff02::1]:80"); !errors.Is(err, ErrInvalid) {
+		t.Errorf("multicast IPv6 real server: %v", err)
+	}
+	if err := try(&tb, "-d -t [2001:db8::10]:80 -r 10.1.0.1:80"); !errors.Is(err, ErrNoDest) {
+		t.Errorf("deleting a real server of the other family: %v", err)
+	}
+	// The limit counts rules of both families.
+	if got := tb.Rules(); got != 10 {
+		t.Fatalf("%d rules, want 10", got)
+	}
+	var full Table
+	var sb strings.Builder
+	for i := range MaxRules {
+		if i%2 == 0 {
+			fmt.Fprintf(&sb, "-A -t 10.0.%d.%d:80\n", i/256%256, i%256)
+		} else {
+			fmt.Fprintf(&sb, "-A -t [fd00::%x]:80\n", i)
+		}
+	}
+	cmds, err = ParseRestore(strings.NewReader(sb.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := full.Restore(cmds); err != nil {
+		t.Fatal(err)
+	}
+	if err := try(&full, "-A -t [fd00::1:0]:80"); !errors.Is(err, ErrRuleLimit) {
+		t.Errorf("rule 20001 (IPv6): %v", err)
 	}
 }
