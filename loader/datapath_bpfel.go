@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type DatapathAff6Key struct {
+	_    structs.HostLayout
+	Svc  uint32
+	Addr [4]uint32
+}
+
 type DatapathAffEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
@@ -43,6 +49,29 @@ type DatapathConfig struct {
 	TcpTimeout    uint32
 	TcpfinTimeout uint32
 	UdpTimeout    uint32
+}
+
+type DatapathCt6Entry struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Addr     [4]uint32
+	Port     uint16
+	State    uint8
+	Flags    uint8
+	Backend  uint32
+	Svc      uint32
+	_        [4]byte
+}
+
+type DatapathCt6Key struct {
+	_     structs.HostLayout
+	Saddr [4]uint32
+	Daddr [4]uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Dir   uint8
+	Pad   uint16
 }
 
 type DatapathCtEntry struct {
@@ -99,9 +128,29 @@ type DatapathEpStats struct {
 	Drops   [8]uint64
 }
 
+type DatapathLb6Scratch struct {
+	_    structs.HostLayout
+	Ck   DatapathCt6Key
+	Rk   DatapathCt6Key
+	Ne   DatapathCt6Entry
+	Re   DatapathCt6Entry
+	Ak   DatapathAff6Key
+	Mk   DatapathLbSvc6Key
+	Base DatapathLbSvcKey
+	_    [4]byte
+	Na   DatapathAffEntry
+}
+
 type DatapathLbBackend struct {
 	_      structs.HostLayout
 	Ip     uint32
+	Port   uint16
+	Weight uint16
+}
+
+type DatapathLbBackend6 struct {
+	_      structs.HostLayout
+	Ip     [4]uint32
 	Port   uint16
 	Weight uint16
 }
@@ -143,6 +192,14 @@ type DatapathLbSvc struct {
 	Sched   uint8
 	Flags   uint8
 	Wmax    uint16
+}
+
+type DatapathLbSvc6Key struct {
+	_     structs.HostLayout
+	Vip   [4]uint32
+	Vport uint16
+	Proto uint8
+	Gen   uint8
 }
 
 type DatapathLbSvcKey struct {
@@ -209,13 +266,18 @@ const (
 	DatapathMapKdpDropsExt   = "kdp_drops_ext"
 	DatapathMapKdpEndpoints  = "kdp_endpoints"
 	DatapathMapKdpEndpoints6 = "kdp_endpoints6"
+	DatapathMapKdpLb6Scratch = "kdp_lb6_scratch"
 	DatapathMapKdpLbAff      = "kdp_lb_aff"
+	DatapathMapKdpLbAff6     = "kdp_lb_aff6"
 	DatapathMapKdpLbBe       = "kdp_lb_be"
+	DatapathMapKdpLbBe6      = "kdp_lb_be6"
 	DatapathMapKdpLbConns    = "kdp_lb_conns"
 	DatapathMapKdpLbCt       = "kdp_lb_ct"
+	DatapathMapKdpLbCt6      = "kdp_lb_ct6"
 	DatapathMapKdpLbHash     = "kdp_lb_hash"
 	DatapathMapKdpLbStats    = "kdp_lb_stats"
 	DatapathMapKdpLbSvc      = "kdp_lb_svc"
+	DatapathMapKdpLbSvc6     = "kdp_lb_svc6"
 	DatapathMapKdpMon        = "kdp_mon"
 	DatapathMapKdpMonEvents  = "kdp_mon_events"
 	DatapathMapKdpMonRl      = "kdp_mon_rl"
@@ -286,13 +348,18 @@ type DatapathMapSpecs struct {
 	KdpDropsExt   *ebpf.MapSpec `ebpf:"kdp_drops_ext"`
 	KdpEndpoints  *ebpf.MapSpec `ebpf:"kdp_endpoints"`
 	KdpEndpoints6 *ebpf.MapSpec `ebpf:"kdp_endpoints6"`
+	KdpLb6Scratch *ebpf.MapSpec `ebpf:"kdp_lb6_scratch"`
 	KdpLbAff      *ebpf.MapSpec `ebpf:"kdp_lb_aff"`
+	KdpLbAff6     *ebpf.MapSpec `ebpf:"kdp_lb_aff6"`
 	KdpLbBe       *ebpf.MapSpec `ebpf:"kdp_lb_be"`
+	KdpLbBe6      *ebpf.MapSpec `ebpf:"kdp_lb_be6"`
 	KdpLbConns    *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
 	KdpLbCt       *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
+	KdpLbCt6      *ebpf.MapSpec `ebpf:"kdp_lb_ct6"`
 	KdpLbHash     *ebpf.MapSpec `ebpf:"kdp_lb_hash"`
 	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
+	KdpLbSvc6     *ebpf.MapSpec `ebpf:"kdp_lb_svc6"`
 	KdpMon        *ebpf.MapSpec `ebpf:"kdp_mon"`
 	KdpMonEvents  *ebpf.MapSpec `ebpf:"kdp_mon_events"`
 	KdpMonRl      *ebpf.MapSpec `ebpf:"kdp_mon_rl"`
@@ -333,13 +400,18 @@ type DatapathMaps struct {
 	KdpDropsExt   *ebpf.Map `ebpf:"kdp_drops_ext"`
 	KdpEndpoints  *ebpf.Map `ebpf:"kdp_endpoints"`
 	KdpEndpoints6 *ebpf.Map `ebpf:"kdp_endpoints6"`
+	KdpLb6Scratch *ebpf.Map `ebpf:"kdp_lb6_scratch"`
 	KdpLbAff      *ebpf.Map `ebpf:"kdp_lb_aff"`
+	KdpLbAff6     *ebpf.Map `ebpf:"kdp_lb_aff6"`
 	KdpLbBe       *ebpf.Map `ebpf:"kdp_lb_be"`
+	KdpLbBe6      *ebpf.Map `ebpf:"kdp_lb_be6"`
 	KdpLbConns    *ebpf.Map `ebpf:"kdp_lb_conns"`
 	KdpLbCt       *ebpf.Map `ebpf:"kdp_lb_ct"`
+	KdpLbCt6      *ebpf.Map `ebpf:"kdp_lb_ct6"`
 	KdpLbHash     *ebpf.Map `ebpf:"kdp_lb_hash"`
 	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.Map `ebpf:"kdp_lb_svc"`
+	KdpLbSvc6     *ebpf.Map `ebpf:"kdp_lb_svc6"`
 	KdpMon        *ebpf.Map `ebpf:"kdp_mon"`
 	KdpMonEvents  *ebpf.Map `ebpf:"kdp_mon_events"`
 	KdpMonRl      *ebpf.Map `ebpf:"kdp_mon_rl"`
@@ -356,13 +428,18 @@ func (m *DatapathMaps) Close() error {
 		m.KdpDropsExt,
 		m.KdpEndpoints,
 		m.KdpEndpoints6,
+		m.KdpLb6Scratch,
 		m.KdpLbAff,
+		m.KdpLbAff6,
 		m.KdpLbBe,
+		m.KdpLbBe6,
 		m.KdpLbConns,
 		m.KdpLbCt,
+		m.KdpLbCt6,
 		m.KdpLbHash,
 		m.KdpLbStats,
 		m.KdpLbSvc,
+		m.KdpLbSvc6,
 		m.KdpMon,
 		m.KdpMonEvents,
 		m.KdpMonRl,

@@ -2,6 +2,7 @@ package loader_test
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net"
 	"net/netip"
 	"testing"
@@ -354,5 +355,229 @@ func TestLBWRRWalk(t *testing.T) {
 	m.slots = len(all)
 	if m.slots != 1+len(weights) {
 		t.Errorf("wrr service takes %d service-map entries, want %d", m.slots, 1+len(weights))
+	}
+}
+
+// lbFrame6 builds Ethernet + IPv6 + TCP (flags) or UDP with a correct checksum.
+func lbFrame6(proto uint8, src net.HardwareAddr, s, d netip.AddrPort, tcpFlags uint8, payload int) []byte {
+	l4len := 8
+	if proto == unix.IPPROTO_TCP {
+		l4len = 20
+	}
+	ip := make([]byte, 40+l4len+payload)
+	ip[0] = 0x60
+	binary.BigEndian.PutUint16(ip[4:], uint16(l4len+payload))
+	ip[6] = proto
+	ip[7] = 64
+	sa, da := s.Addr().As16(), d.Addr().As16()
+	copy(ip[8:], sa[:])
+	copy(ip[24:], da[:])
+	l4 := ip[40:]
+	binary.BigEndian.PutUint16(l4[0:], s.Port())
+	binary.BigEndian.PutUint16(l4[2:], d.Port())
+	for i := range payload {
+		l4[l4len+i] = byte(i)
+	}
+	if proto == unix.IPPROTO_TCP {
+		l4[12] = 5 << 4
+		l4[13] = tcpFlags
+		binary.BigEndian.PutUint16(l4[14:], 65535)
+	} else {
+		binary.BigEndian.PutUint16(l4[4:], uint16(l4len+payload))
+	}
+	f := append(ethHdr(net.HardwareAddr{2, 0, 0, 0, 0, 0xfe}, src, unix.ETH_P_IPV6), ip...)
+	binary.BigEndian.PutUint16(f[14+40+lbCsumOff(proto):], lbCsum6(f))
+	return f
+}
+
+func lbCsumOff(proto uint8) int {
+	if proto == unix.IPPROTO_UDP {
+		return 6
+	}
+	return 16
+}
+
+// lbCsum6 computes the TCP/UDP checksum of the IPv6 frame with the checksum field zeroed.
+func lbCsum6(frame []byte) uint16 {
+	ip := frame[14:]
+	proto := ip[6]
+	l4 := append([]byte(nil), ip[40:40+int(binary.BigEndian.Uint16(ip[4:]))]...)
+	off := lbCsumOff(proto)
+	l4[off], l4[off+1] = 0, 0
+	pseudo := make([]byte, 40)
+	copy(pseudo, ip[8:40])
+	binary.BigEndian.PutUint32(pseudo[32:], uint32(len(l4)))
+	pseudo[39] = proto
+	c := ^fold(csumAdd(csumAdd(0, pseudo), l4))
+	if c == 0 && proto == unix.IPPROTO_UDP {
+		c = 0xffff
+	}
+	return c
+}
+
+// lbCheckFrame6 verifies the L4 checksum of an IPv6 frame and returns its addresses.
+func lbCheckFrame6(t *testing.T, f []byte) tuple {
+	t.Helper()
+	ip := f[14:]
+	off := 14 + 40 + lbCsumOff(ip[6])
+	if got, want := binary.BigEndian.Uint16(f[off:]), lbCsum6(f); got != want {
+		t.Errorf("L4 checksum %#04x, want %#04x", got, want)
+	}
+	a := func(b []byte) netip.Addr { return netip.AddrFrom16([16]byte(b)) }
+	return tuple{
+		netip.AddrPortFrom(a(ip[8:24]), binary.BigEndian.Uint16(ip[40:])),
+		netip.AddrPortFrom(a(ip[24:40]), binary.BigEndian.Uint16(ip[42:])),
+	}
+}
+
+// fromGuest6 is fromGuest with anti-spoofing off: these tests are about the load balancer, and
+// the NIC has no IPv6 address for the IPv6 checks (guard.h) to accept.
+func (r *lbRig) fromGuest6(t *testing.T, f []byte) (int32, []byte) {
+	t.Helper()
+	r.eps.Put(1, tapEndpoint(0, 42, 0))
+	return runOut(t, r.tapIn, f)
+}
+
+// TestLBNAT6 (issue 12): an IPv6 service: DNAT of the guest's TCP and UDP to the real server
+// and reverse NAT of the replies, with the L4 checksums correct after the rewrite (the IPv6
+// addresses are in the pseudo header); persistence by a /64 prefix; sh over IPv6 sources.
+func TestLBNAT6(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	vip6 := netip.MustParseAddrPort("[2001:db8::10]:80")
+	servers := map[uint32]netip.AddrPort{
+		61: netip.MustParseAddrPort("[fd00::4]:8080"),
+		62: netip.MustParseAddrPort("[fd00::5]:8080"),
+	}
+	for id, a := range servers {
+		if err := r.lb.PutBackend(id, maps.Backend{Addr: a, Weight: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	client6 := netip.MustParseAddrPort("[fd00:1::2]:40000")
+	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+		if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip6, Proto: proto, ID: 60 + uint32(proto), Sched: maps.SchedRR, Slots: []uint32{61}}); err != nil {
+			t.Fatal(err)
+		}
+		ret, out := r.fromGuest6(t, lbFrame6(proto, guestMAC, client6, vip6, 0x02, 33))
+		if ret != tcxRedirect {
+			t.Fatalf("proto %d from guest: verdict %d", proto, ret)
+		}
+		if got, want := lbCheckFrame6(t, out), (tuple{client6, servers[61]}); got != want {
+			t.Errorf("proto %d DNAT: %v, want %v", proto, got, want)
+		}
+		ret, out = r.toGuest(t, lbFrame6(proto, guestMAC, servers[61], client6, 0x12, 17))
+		if ret != tcxRedirect {
+			t.Fatalf("proto %d to guest: verdict %d", proto, ret)
+		}
+		if got, want := lbCheckFrame6(t, out), (tuple{vip6, client6}); got != want {
+			t.Errorf("proto %d reverse NAT: %v, want %v", proto, got, want)
+		}
+	}
+
+	// Persistence with -M 64: clients of one /64 stick to the real server the first got.
+	mask64 := netip.MustParseAddr("ffff:ffff:ffff:ffff::")
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip6, Proto: unix.IPPROTO_UDP, ID: 77, Sched: maps.SchedRR,
+		Slots: []uint32{61, 62}, Persist: 600, PMask: mask64}); err != nil {
+		t.Fatal(err)
+	}
+	pick := func(src netip.AddrPort) netip.AddrPort {
+		t.Helper()
+		ret, out := r.fromGuest6(t, lbFrame6(unix.IPPROTO_UDP, guestMAC, src, vip6, 0, 8))
+		if ret != tcxRedirect {
+			t.Fatalf("verdict %d", ret)
+		}
+		return lbCheckFrame6(t, out).dst
+	}
+	first := pick(netip.MustParseAddrPort("[fd00:7::1]:1000"))
+	for i := range 4 {
+		src := netip.AddrPortFrom(netip.MustParseAddr(fmt.Sprintf("fd00:7::%x", 100+i)), uint16(2000+i))
+		if got := pick(src); got != first {
+			t.Errorf("client %v of the same /64 went to %v, want %v", src, got, first)
+		}
+	}
+	// Another /64 is scheduled afresh (rr: the other server).
+	if got := pick(netip.MustParseAddrPort("[fd00:8::1]:1000")); got == first {
+		t.Errorf("a client of another /64 stuck to %v", got)
+	}
+
+	// sh over IPv6: the bucket of the folded source (ipvs.SHHash).
+	table := make([]uint32, maps.HashBuckets)
+	for i := range table {
+		table[i] = 61 + uint32(i%2)
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip6, Proto: unix.IPPROTO_TCP, ID: 78, Sched: maps.SchedSH, Buckets: table}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 8 {
+		src := netip.AddrPortFrom(netip.MustParseAddr(fmt.Sprintf("fd00:9::%x", i+1)), 3000)
+		ret, out := r.fromGuest6(t, lbFrame6(unix.IPPROTO_TCP, guestMAC, src, vip6, 0x02, 0))
+		if ret != tcxRedirect {
+			t.Fatalf("sh: verdict %d", ret)
+		}
+		if got, want := lbCheckFrame6(t, out).dst, servers[table[ipvs.SHHash(src.Addr())]]; got != want {
+			t.Errorf("sh from %v: %v, want %v", src, got, want)
+		}
+	}
+	// Deleting the service frees its entries in both families' maps.
+	for _, k := range []struct {
+		id    uint32
+		proto uint8
+	}{{66, unix.IPPROTO_TCP}, {77, unix.IPPROTO_UDP}} {
+		if err := r.lb.DeleteService(0, vip6, k.proto); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := r.lb.Usage(); err != nil || got != (maps.Budget{}) {
+		t.Errorf("after deleting the IPv6 services the maps hold %v (%v)", got, err)
+	}
+}
+
+// TestXDPLBNAT6: IPv6 DNAT and reverse NAT in the XDP programs (complete checksums, as a
+// guest's virtio-net without offload sends them): the L4 checksums verify afterwards.
+func TestXDPLBNAT6(t *testing.T) {
+	needRoot(t)
+	vip6 := netip.MustParseAddrPort("[2001:db8::10]:80")
+	be6 := netip.MustParseAddrPort("[fd00::4]:8080")
+	client6 := netip.MustParseAddrPort("[fd00:1::2]:40000")
+	for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+		r := newXDPRig(t, "xdplb6")
+		m := r.sb.Maps()
+		lb := maps.ForSandbox(m).LB
+		if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
+			t.Fatal(err)
+		}
+		if err := lb.PutBackend(7, maps.Backend{Addr: be6, Weight: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if err := lb.PutService(0, maps.ServiceSpec{VIP: vip6, Proto: proto, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+			t.Fatal(err)
+		}
+		r.port(t, 1514, 0)
+		for i, flags := range []uint8{0x02, 0x10, 0x18} {
+			r.eps.Put(1, tapEndpoint(0, 42, 0)) // the IPv6 checks are not this test's
+			ret, out := runXDP(t, r.tap, lbFrame6(proto, guestMAC, client6, vip6, flags, 10+i*100))
+			if ret != xdpRedirect {
+				t.Fatalf("proto %d: from guest: verdict %d", proto, ret)
+			}
+			if got := lbCheckFrame6(t, out); got != (tuple{client6, be6}) {
+				t.Errorf("proto %d: DNAT gave %v, want %v -> %v", proto, got, client6, be6)
+			}
+			r.eps.Put(1, maps.Endpoint{PeerIfindex: 42, Role: maps.RoleUplink})
+			ret, out = runXDP(t, r.upl, lbFrame6(proto, otherMAC, be6, client6, flags, 33+i))
+			if ret != xdpRedirect {
+				t.Fatalf("proto %d: to guest: verdict %d", proto, ret)
+			}
+			if got := lbCheckFrame6(t, out); got != (tuple{vip6, client6}) {
+				t.Errorf("proto %d: reverse NAT gave %v, want %v -> %v", proto, got, vip6, client6)
+			}
+		}
+		st, err := lb.ReadStats(maps.StatsBackend, 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Conns != 1 || st.Inpkts != 3 || st.Outpkts != 3 {
+			t.Errorf("proto %d: real server counters %+v, want 1 conn, 3 in, 3 out", proto, st)
+		}
 	}
 }

@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type NodeAff6Key struct {
+	_    structs.HostLayout
+	Svc  uint32
+	Addr [4]uint32
+}
+
 type NodeAffEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
@@ -40,6 +46,29 @@ type NodeConfig struct {
 	TcpTimeout    uint32
 	TcpfinTimeout uint32
 	UdpTimeout    uint32
+}
+
+type NodeCt6Entry struct {
+	_        structs.HostLayout
+	LastSeen uint64
+	Addr     [4]uint32
+	Port     uint16
+	State    uint8
+	Flags    uint8
+	Backend  uint32
+	Svc      uint32
+	_        [4]byte
+}
+
+type NodeCt6Key struct {
+	_     structs.HostLayout
+	Saddr [4]uint32
+	Daddr [4]uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Dir   uint8
+	Pad   uint16
 }
 
 type NodeCtEntry struct {
@@ -76,9 +105,29 @@ type NodeFdbKey struct {
 	Pad uint16
 }
 
+type NodeLb6Scratch struct {
+	_    structs.HostLayout
+	Ck   NodeCt6Key
+	Rk   NodeCt6Key
+	Ne   NodeCt6Entry
+	Re   NodeCt6Entry
+	Ak   NodeAff6Key
+	Mk   NodeLbSvc6Key
+	Base NodeLbSvcKey
+	_    [4]byte
+	Na   NodeAffEntry
+}
+
 type NodeLbBackend struct {
 	_      structs.HostLayout
 	Ip     uint32
+	Port   uint16
+	Weight uint16
+}
+
+type NodeLbBackend6 struct {
+	_      structs.HostLayout
+	Ip     [4]uint32
 	Port   uint16
 	Weight uint16
 }
@@ -122,6 +171,14 @@ type NodeLbSvc struct {
 	Wmax    uint16
 }
 
+type NodeLbSvc6Key struct {
+	_     structs.HostLayout
+	Vip   [4]uint32
+	Vport uint16
+	Proto uint8
+	Gen   uint8
+}
+
 type NodeLbSvcKey struct {
 	_     structs.HostLayout
 	Vip   uint32
@@ -154,13 +211,18 @@ const (
 	NodeMapKdpArp         = "kdp_arp"
 	NodeMapKdpConfig      = "kdp_config"
 	NodeMapKdpFdb         = "kdp_fdb"
+	NodeMapKdpLb6Scratch  = "kdp_lb6_scratch"
 	NodeMapKdpLbAff       = "kdp_lb_aff"
+	NodeMapKdpLbAff6      = "kdp_lb_aff6"
 	NodeMapKdpLbBe        = "kdp_lb_be"
+	NodeMapKdpLbBe6       = "kdp_lb_be6"
 	NodeMapKdpLbConns     = "kdp_lb_conns"
 	NodeMapKdpLbCt        = "kdp_lb_ct"
+	NodeMapKdpLbCt6       = "kdp_lb_ct6"
 	NodeMapKdpLbHash      = "kdp_lb_hash"
 	NodeMapKdpLbStats     = "kdp_lb_stats"
 	NodeMapKdpLbSvc       = "kdp_lb_svc"
+	NodeMapKdpLbSvc6      = "kdp_lb_svc6"
 	NodeMapKdpNodeCfg     = "kdp_node_cfg"
 	NodeMapKdpNodeCtrs    = "kdp_node_ctrs"
 	NodeMapKdpNodeTaps    = "kdp_node_taps"
@@ -220,19 +282,24 @@ type NodeProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NodeMapSpecs struct {
-	KdpArp      *ebpf.MapSpec `ebpf:"kdp_arp"`
-	KdpConfig   *ebpf.MapSpec `ebpf:"kdp_config"`
-	KdpFdb      *ebpf.MapSpec `ebpf:"kdp_fdb"`
-	KdpLbAff    *ebpf.MapSpec `ebpf:"kdp_lb_aff"`
-	KdpLbBe     *ebpf.MapSpec `ebpf:"kdp_lb_be"`
-	KdpLbConns  *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
-	KdpLbCt     *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
-	KdpLbHash   *ebpf.MapSpec `ebpf:"kdp_lb_hash"`
-	KdpLbStats  *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
-	KdpLbSvc    *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
-	KdpNodeCfg  *ebpf.MapSpec `ebpf:"kdp_node_cfg"`
-	KdpNodeCtrs *ebpf.MapSpec `ebpf:"kdp_node_ctrs"`
-	KdpNodeTaps *ebpf.MapSpec `ebpf:"kdp_node_taps"`
+	KdpArp        *ebpf.MapSpec `ebpf:"kdp_arp"`
+	KdpConfig     *ebpf.MapSpec `ebpf:"kdp_config"`
+	KdpFdb        *ebpf.MapSpec `ebpf:"kdp_fdb"`
+	KdpLb6Scratch *ebpf.MapSpec `ebpf:"kdp_lb6_scratch"`
+	KdpLbAff      *ebpf.MapSpec `ebpf:"kdp_lb_aff"`
+	KdpLbAff6     *ebpf.MapSpec `ebpf:"kdp_lb_aff6"`
+	KdpLbBe       *ebpf.MapSpec `ebpf:"kdp_lb_be"`
+	KdpLbBe6      *ebpf.MapSpec `ebpf:"kdp_lb_be6"`
+	KdpLbConns    *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
+	KdpLbCt       *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
+	KdpLbCt6      *ebpf.MapSpec `ebpf:"kdp_lb_ct6"`
+	KdpLbHash     *ebpf.MapSpec `ebpf:"kdp_lb_hash"`
+	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
+	KdpLbSvc      *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
+	KdpLbSvc6     *ebpf.MapSpec `ebpf:"kdp_lb_svc6"`
+	KdpNodeCfg    *ebpf.MapSpec `ebpf:"kdp_node_cfg"`
+	KdpNodeCtrs   *ebpf.MapSpec `ebpf:"kdp_node_ctrs"`
+	KdpNodeTaps   *ebpf.MapSpec `ebpf:"kdp_node_taps"`
 }
 
 // NodeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -261,19 +328,24 @@ func (o *NodeObjects) Close() error {
 //
 // It can be passed to LoadNodeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NodeMaps struct {
-	KdpArp      *ebpf.Map `ebpf:"kdp_arp"`
-	KdpConfig   *ebpf.Map `ebpf:"kdp_config"`
-	KdpFdb      *ebpf.Map `ebpf:"kdp_fdb"`
-	KdpLbAff    *ebpf.Map `ebpf:"kdp_lb_aff"`
-	KdpLbBe     *ebpf.Map `ebpf:"kdp_lb_be"`
-	KdpLbConns  *ebpf.Map `ebpf:"kdp_lb_conns"`
-	KdpLbCt     *ebpf.Map `ebpf:"kdp_lb_ct"`
-	KdpLbHash   *ebpf.Map `ebpf:"kdp_lb_hash"`
-	KdpLbStats  *ebpf.Map `ebpf:"kdp_lb_stats"`
-	KdpLbSvc    *ebpf.Map `ebpf:"kdp_lb_svc"`
-	KdpNodeCfg  *ebpf.Map `ebpf:"kdp_node_cfg"`
-	KdpNodeCtrs *ebpf.Map `ebpf:"kdp_node_ctrs"`
-	KdpNodeTaps *ebpf.Map `ebpf:"kdp_node_taps"`
+	KdpArp        *ebpf.Map `ebpf:"kdp_arp"`
+	KdpConfig     *ebpf.Map `ebpf:"kdp_config"`
+	KdpFdb        *ebpf.Map `ebpf:"kdp_fdb"`
+	KdpLb6Scratch *ebpf.Map `ebpf:"kdp_lb6_scratch"`
+	KdpLbAff      *ebpf.Map `ebpf:"kdp_lb_aff"`
+	KdpLbAff6     *ebpf.Map `ebpf:"kdp_lb_aff6"`
+	KdpLbBe       *ebpf.Map `ebpf:"kdp_lb_be"`
+	KdpLbBe6      *ebpf.Map `ebpf:"kdp_lb_be6"`
+	KdpLbConns    *ebpf.Map `ebpf:"kdp_lb_conns"`
+	KdpLbCt       *ebpf.Map `ebpf:"kdp_lb_ct"`
+	KdpLbCt6      *ebpf.Map `ebpf:"kdp_lb_ct6"`
+	KdpLbHash     *ebpf.Map `ebpf:"kdp_lb_hash"`
+	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
+	KdpLbSvc      *ebpf.Map `ebpf:"kdp_lb_svc"`
+	KdpLbSvc6     *ebpf.Map `ebpf:"kdp_lb_svc6"`
+	KdpNodeCfg    *ebpf.Map `ebpf:"kdp_node_cfg"`
+	KdpNodeCtrs   *ebpf.Map `ebpf:"kdp_node_ctrs"`
+	KdpNodeTaps   *ebpf.Map `ebpf:"kdp_node_taps"`
 }
 
 func (m *NodeMaps) Close() error {
@@ -281,13 +353,18 @@ func (m *NodeMaps) Close() error {
 		m.KdpArp,
 		m.KdpConfig,
 		m.KdpFdb,
+		m.KdpLb6Scratch,
 		m.KdpLbAff,
+		m.KdpLbAff6,
 		m.KdpLbBe,
+		m.KdpLbBe6,
 		m.KdpLbConns,
 		m.KdpLbCt,
+		m.KdpLbCt6,
 		m.KdpLbHash,
 		m.KdpLbStats,
 		m.KdpLbSvc,
+		m.KdpLbSvc6,
 		m.KdpNodeCfg,
 		m.KdpNodeCtrs,
 		m.KdpNodeTaps,

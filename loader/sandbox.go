@@ -54,6 +54,10 @@ type Maps struct {
 	LBConns    *ebpf.Map
 	LBCT       *ebpf.Map
 	LBAff      *ebpf.Map
+	LBSvc6     *ebpf.Map // IPv6 service masters
+	LBBackend6 *ebpf.Map // IPv6 real server addresses
+	LBCT6      *ebpf.Map
+	LBAff6     *ebpf.Map
 	XDPPorts   *ebpf.Map // xdp mode: devices whose XDP program redirects (see maps.XDPPorts)
 	XDPTx      *ebpf.Map // xdp mode: DEVMAP_HASH of redirect targets by ingress ifindex
 	// The monitor (bpf/lib/monitor.h): its settings, its per-CPU token buckets and its ring
@@ -98,6 +102,7 @@ func (s *Sandbox) Maps() Maps {
 		Endpoints: o.KdpEndpoints, Endpoints6: o.KdpEndpoints6, Stats: o.KdpStats, DropsExt: o.KdpDropsExt,
 		Routes: o.KdpRoutes, Routes6: o.KdpRoutes6, Config: o.KdpConfig,
 		LBSvc: o.KdpLbSvc, LBHash: o.KdpLbHash, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
+		LBSvc6: o.KdpLbSvc6, LBBackend6: o.KdpLbBe6, LBCT6: o.KdpLbCt6, LBAff6: o.KdpLbAff6,
 		XDPPorts: o.KdpXdpPorts, XDPTx: o.KdpXdpTx,
 		Mon: o.KdpMon, MonRL: o.KdpMonRl, MonEvents: o.KdpMonEvents,
 	}
@@ -149,6 +154,7 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	}
 	if o.CTSize > 0 {
 		spec.Maps["kdp_lb_ct"].MaxEntries = o.CTSize
+		spec.Maps["kdp_lb_ct6"].MaxEntries = o.CTSize
 	}
 	s := &Sandbox{ID: id, dir: dir, legacy: o.LegacyTC, genericXDP: o.GenericXDP}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}

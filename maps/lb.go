@@ -74,6 +74,10 @@ type (
 	svcKey  = loader.DatapathLbSvcKey
 	svc     = loader.DatapathLbSvc
 	hashTab = loader.DatapathLbHash
+	svc6Key = loader.DatapathLbSvc6Key
+	be6     = loader.DatapathLbBackend6
+	ct6Key  = loader.DatapathCt6Key
+	ct6Ent  = loader.DatapathCt6Entry
 	backend = loader.DatapathLbBackend
 	ctKey   = loader.DatapathCtKey
 	ctEntry = loader.DatapathCtEntry
@@ -85,16 +89,29 @@ type Backend struct {
 	Weight uint16
 }
 
-func (b Backend) encode() (backend, error) {
+// encode returns the real server's kdp_lb_be entry (for an IPv6 one: address 0, the weight
+// the schedulers read) and, for IPv6, its kdp_lb_be6 entry.
+func (b Backend) encode() (backend, *be6, error) {
+	if a := b.Addr.Addr(); a.Is6() && !a.Is4In6() {
+		w, _ := v6(a) // IPv6, so it encodes
+		return backend{Port: be16(b.Addr.Port()), Weight: b.Weight},
+			&be6{Ip: w, Port: be16(b.Addr.Port()), Weight: b.Weight}, nil
+	}
 	a, err := v4(b.Addr.Addr())
 	if err != nil {
-		return backend{}, fmt.Errorf("real server %s: %w", b.Addr, err)
+		return backend{}, nil, fmt.Errorf("real server %s: %w", b.Addr, err)
 	}
-	return backend{Ip: a, Port: be16(b.Addr.Port()), Weight: b.Weight}, nil
+	return backend{Ip: a, Port: be16(b.Addr.Port()), Weight: b.Weight}, nil, nil
 }
 
 // LB is the load balancer's maps of one sandbox.
 type LB struct {
+	// IPv6 (see bpf/lib/lb.h): masters, real server addresses, connections, persistence.
+	Svc6     *ebpf.Map
+	Backend6 *ebpf.Map
+	CT6      *ebpf.Map
+	Aff6     *ebpf.Map
+
 	Svc     *ebpf.Map
 	Hash    *ebpf.Map // sh/dh bucket tables (struct lb_hash)
 	Backend *ebpf.Map
@@ -156,26 +173,34 @@ type ServiceSpec struct {
 // MaxSlots bounds the slots of one service (the slot index is 16 bits).
 const MaxSlots = 65535
 
-// Budget counts entries of the load balancer's service map (masters and slots) and bucket
-// map (sh/dh tables).
+// Budget counts entries of the load balancer's service map (IPv4 masters and every slot),
+// bucket map (sh/dh tables) and IPv6 master map.
 type Budget struct {
-	Slots   int
-	Buckets int
+	Slots    int
+	Buckets  int
+	Masters6 int
 }
 
 // Add returns the sum of b and o.
-func (b Budget) Add(o Budget) Budget { return Budget{b.Slots + o.Slots, b.Buckets + o.Buckets} }
+func (b Budget) Add(o Budget) Budget {
+	return Budget{b.Slots + o.Slots, b.Buckets + o.Buckets, b.Masters6 + o.Masters6}
+}
 
 // Fits reports whether need fits in b.
-func (b Budget) Fits(need Budget) bool { return need.Slots <= b.Slots && need.Buckets <= b.Buckets }
+func (b Budget) Fits(need Budget) bool {
+	return need.Slots <= b.Slots && need.Buckets <= b.Buckets && need.Masters6 <= b.Masters6
+}
 
 func (b Budget) String() string {
-	return fmt.Sprintf("%d service entries and %d bucket tables", b.Slots, b.Buckets)
+	return fmt.Sprintf("%d service entries, %d bucket tables and %d IPv6 masters", b.Slots, b.Buckets, b.Masters6)
 }
 
 // Budget returns the entries the service takes.
 func (s ServiceSpec) Budget() Budget {
 	b := Budget{Slots: 1 + len(s.Slots)}
+	if s.VIP.Addr().Is6() {
+		b = Budget{Slots: len(s.Slots), Masters6: 1}
+	}
 	if s.Buckets != nil {
 		b.Buckets = 1
 	}
@@ -188,7 +213,7 @@ var ErrNoRoom = errors.New("no room in the load balancer's maps")
 
 // Capacity returns the size of the service and bucket maps.
 func (l LB) Capacity() Budget {
-	return Budget{Slots: int(l.Svc.MaxEntries()), Buckets: int(l.Hash.MaxEntries())}
+	return Budget{Slots: int(l.Svc.MaxEntries()), Buckets: int(l.Hash.MaxEntries()), Masters6: int(l.Svc6.MaxEntries())}
 }
 
 // Usage counts the entries in the service and bucket maps (keys only: a few system calls per
@@ -201,6 +226,9 @@ func (l LB) Usage() (Budget, error) {
 	}
 	if b.Buckets, err = countKeys[svcKey](l.Hash); err != nil {
 		return b, fmt.Errorf("count bucket tables: %w", err)
+	}
+	if b.Masters6, err = countKeys[svc6Key](l.Svc6); err != nil {
+		return b, fmt.Errorf("count IPv6 services: %w", err)
 	}
 	return b, nil
 }
@@ -225,7 +253,7 @@ func countKeys[K any](m *ebpf.Map) (int, error) {
 // CheckRoom returns ErrNoRoom (wrapped, with the numbers) unless need fits beside used.
 func (l LB) CheckRoom(used, need Budget) error {
 	c := l.Capacity()
-	free := Budget{c.Slots - used.Slots, c.Buckets - used.Buckets}
+	free := Budget{c.Slots - used.Slots, c.Buckets - used.Buckets, c.Masters6 - used.Masters6}
 	if !free.Fits(need) {
 		return fmt.Errorf("%w: need %s, %s free of %s", ErrNoRoom, need, free, c)
 	}
@@ -240,6 +268,57 @@ func masterKey(gen uint8, vip netip.AddrPort, proto uint8) (svcKey, error) {
 	return svcKey{Vip: a, Vport: be16(vip.Port()), Proto: proto, Gen: gen}, nil
 }
 
+// v6SlotsProto marks the slot keys of an IPv6 service (KDP_LB_V6_SLOTS): vip = its id.
+const v6SlotsProto = 0xff
+
+// svcRef locates a service's master (kdp_lb_svc for IPv4, kdp_lb_svc6 for IPv6) and the base
+// key of its slots and bucket table (the master key for IPv4; for IPv6 a key of its own made
+// from the service id, which the master holds).
+type svcRef struct {
+	v6  bool
+	k4  svcKey
+	k6  svc6Key
+	gen uint8
+}
+
+func serviceRef(gen uint8, vip netip.AddrPort, proto uint8) (svcRef, error) {
+	if a := vip.Addr(); a.Is6() && !a.Is4In6() {
+		w, _ := v6(a) // IPv6, so it encodes
+		return svcRef{v6: true, k6: svc6Key{Vip: w, Vport: be16(vip.Port()), Proto: proto, Gen: gen}, gen: gen}, nil
+	}
+	k, err := masterKey(gen, vip, proto)
+	return svcRef{k4: k, gen: gen}, err
+}
+
+// base is the key the slots of the service with id are written under.
+func (r svcRef) base(id uint32) svcKey {
+	if r.v6 {
+		return svcKey{Vip: id, Proto: v6SlotsProto, Gen: r.gen}
+	}
+	return r.k4
+}
+
+func (r svcRef) lookup(l LB, m *svc) error {
+	if r.v6 {
+		return l.Svc6.Lookup(&r.k6, m)
+	}
+	return l.Svc.Lookup(&r.k4, m)
+}
+
+func (r svcRef) update(l LB, m *svc) error {
+	if r.v6 {
+		return l.Svc6.Update(&r.k6, m, ebpf.UpdateAny)
+	}
+	return l.Svc.Update(&r.k4, m, ebpf.UpdateAny)
+}
+
+func (r svcRef) delete(l LB) error {
+	if r.v6 {
+		return l.Svc6.Delete(&r.k6)
+	}
+	return l.Svc.Delete(&r.k4)
+}
+
 func slotKey(master svcKey, rev, idx uint32) svcKey {
 	k := master
 	k.Slot = rev<<16 | idx&0xffff
@@ -250,6 +329,14 @@ func (s ServiceSpec) master(rev uint32) (svc, error) {
 	m := svc{Id: s.ID, Count: uint32(len(s.Slots)), Rev: rev, Persist: s.Persist, Sched: uint8(s.Sched), Pmask: 0xffffffff}
 	for _, w := range s.Weights {
 		m.Wmax = max(m.Wmax, w)
+	}
+	if s.VIP.Addr().Is6() {
+		// IPv6: the datapath takes the persistence granularity as a prefix length.
+		m.Pmask = 128
+		if s.PMask.IsValid() {
+			m.Pmask = uint32(leadingOnes(s.PMask))
+		}
+		return m, nil
 	}
 	if s.PMask.IsValid() {
 		var err error
@@ -299,16 +386,17 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 	if err := s.validate(); err != nil {
 		return fmt.Errorf("put service: %w", err)
 	}
-	mk, err := masterKey(gen, s.VIP, s.Proto)
+	ref, err := serviceRef(gen, s.VIP, s.Proto)
 	if err != nil {
 		return fmt.Errorf("put service: %w", err)
 	}
+	mk := ref.base(s.ID)
 	m, err := s.master(1)
 	if err != nil {
 		return fmt.Errorf("put service: %w", err)
 	}
 	var old svc
-	hadOld := l.Svc.Lookup(&mk, &old) == nil
+	hadOld := ref.lookup(l, &old) == nil
 	rev := uint32(1)
 	if hadOld {
 		rev = (old.Rev + 1) & 0xffff
@@ -335,12 +423,12 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 		return fmt.Errorf("put service %s: %w", s.VIP, err)
 	}
 	m.Rev = rev
-	if err := l.Svc.Update(&mk, &m, ebpf.UpdateAny); err != nil {
+	if err := ref.update(l, &m); err != nil {
 		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
 		return fmt.Errorf("put service %s: master: %w", s.VIP, err)
 	}
 	if hadOld {
-		l.deleteSlots(mk, old.Rev, old.Count)
+		l.deleteSlots(ref.base(old.Id), old.Rev, old.Count)
 		if old.Id != s.ID {
 			l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: old.Id})
 		}
@@ -351,21 +439,21 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 // DeleteService removes a service: the master first (no new connection is scheduled), then
 // its slots. Established connections keep their real servers until they end.
 func (l LB) DeleteService(gen uint8, vip netip.AddrPort, proto uint8) error {
-	mk, err := masterKey(gen, vip, proto)
+	ref, err := serviceRef(gen, vip, proto)
 	if err != nil {
 		return fmt.Errorf("delete service: %w", err)
 	}
 	var old svc
-	if err := l.Svc.Lookup(&mk, &old); err != nil {
+	if err := ref.lookup(l, &old); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil
 		}
 		return fmt.Errorf("delete service %s: %w", vip, err)
 	}
-	if err := l.Svc.Delete(&mk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := ref.delete(l); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service %s: %w", vip, err)
 	}
-	l.deleteSlots(mk, old.Rev, old.Count)
+	l.deleteSlots(ref.base(old.Id), old.Rev, old.Count)
 	l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: old.Id})
 	return nil
 }
@@ -389,9 +477,14 @@ func hashKey(mk svcKey, rev uint32) *svcKey {
 
 // PutBackend installs or changes a real server.
 func (l LB) PutBackend(id uint32, be Backend) error {
-	b, err := be.encode()
+	b, b6, err := be.encode()
 	if err != nil {
 		return fmt.Errorf("put %w", err)
+	}
+	if b6 != nil {
+		if err := l.Backend6.Update(id, b6, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("put real server %s: %w", be.Addr, err)
+		}
 	}
 	if err := l.ensureStats(StatsBackend, id); err != nil {
 		return fmt.Errorf("put real server %s: %w", be.Addr, err)
@@ -411,6 +504,7 @@ func (l LB) DeleteBackend(id uint32) error {
 	if err := l.Backend.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete real server %d: %w", id, err)
 	}
+	l.Backend6.Delete(id)
 	l.Stats.Delete(&LBStatsKey{Kind: StatsBackend, Id: id})
 	l.Conns.Delete(id)
 	return nil
@@ -441,6 +535,24 @@ func (l LB) DeleteGeneration(gen uint8) error {
 		}
 	}
 	l.batchDelete(l.Svc, stale)
+	all6, err := Dump[svc6Key, svc](l.Svc6)
+	if err != nil {
+		return fmt.Errorf("delete generation %d: %w", gen, err)
+	}
+	var stale6 []svc6Key
+	for k, v := range all6 {
+		if k.Gen == gen {
+			stale6 = append(stale6, k)
+			l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: v.Id})
+		}
+	}
+	if len(stale6) > 0 {
+		if _, err := l.Svc6.BatchDelete(stale6, nil); err != nil {
+			for i := range stale6 {
+				l.Svc6.Delete(&stale6[i])
+			}
+		}
+	}
 	stale = stale[:0]
 	var k, next svcKey
 	var prev any
@@ -581,6 +693,9 @@ func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, e
 			}
 		}
 	}
+	if err := l.sweep6(now, cfg, match, &res); err != nil {
+		return res, err
+	}
 	// Rewrite the counts of every real server, in one batch.
 	bes, err := Dump[uint32, backend](l.Backend)
 	if err != nil {
@@ -601,6 +716,59 @@ func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, e
 	return res, nil
 }
 
+// sweep6 is Sweep's pass over the IPv6 connection table, adding to res.
+func (l LB) sweep6(now uint64, cfg Config, match func(Conn) bool, res *SweepResult) error {
+	all, err := Dump[ct6Key, ct6Ent](l.CT6)
+	if err != nil {
+		return fmt.Errorf("sweep IPv6 connections: %w", err)
+	}
+	replyKey6 := func(k ct6Key, e ct6Ent) ct6Key {
+		return ct6Key{Saddr: e.Addr, Daddr: k.Saddr, Sport: e.Port, Dport: k.Sport, Proto: k.Proto, Dir: 1}
+	}
+	replies := map[ct6Key]ct6Ent{}
+	for k, e := range all {
+		if k.Dir == 1 {
+			replies[k] = e
+		}
+	}
+	var dead []ct6Key
+	for k, e := range all {
+		if k.Dir == 1 {
+			continue
+		}
+		c := Conn{Proto: k.Proto, Client: netip.AddrPortFrom(addr6(k.Saddr), be16(k.Sport)),
+			Service: netip.AddrPortFrom(addr6(k.Daddr), be16(k.Dport)),
+			Server:  netip.AddrPortFrom(addr6(e.Addr), be16(e.Port)), State: e.State, Backend: e.Backend, Svc: e.Svc}
+		if (now > e.LastSeen && now-e.LastSeen > ctTimeout(cfg, e.State)) || (match != nil && match(c)) {
+			dead = append(dead, k, replyKey6(k, e))
+			res.Expired++
+			continue
+		}
+		delete(replies, replyKey6(k, e))
+		res.Live++
+		n := res.Conns[e.Backend]
+		if e.State == CTTCPEst {
+			n.Active++
+		} else {
+			n.Inactive++
+		}
+		res.Conns[e.Backend] = n
+	}
+	for rk, re := range replies {
+		if now > re.LastSeen && now-re.LastSeen > ctTimeout(cfg, re.State) {
+			dead = append(dead, rk)
+		}
+	}
+	if len(dead) > 0 {
+		if _, err := l.CT6.BatchDelete(dead, nil); err != nil {
+			for i := range dead {
+				l.CT6.Delete(&dead[i])
+			}
+		}
+	}
+	return nil
+}
+
 // PutServices writes many services of a generation that is not live yet (a restore), with
 // batched map updates: masters and slots together, as nothing reads the generation until the
 // caller switches to it.
@@ -610,15 +778,18 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 		vals  []svc
 		hkeys []svcKey
 		hvals []hashTab
+		keys6 []svc6Key
+		vals6 []svc
 	)
 	for _, s := range specs {
 		if err := s.validate(); err != nil {
 			return fmt.Errorf("put services: %w", err)
 		}
-		mk, err := masterKey(gen, s.VIP, s.Proto)
+		ref, err := serviceRef(gen, s.VIP, s.Proto)
 		if err != nil {
 			return fmt.Errorf("put services: %w", err)
 		}
+		mk := ref.base(s.ID)
 		m, err := s.master(1)
 		if err != nil {
 			return fmt.Errorf("put services: %w", err)
@@ -627,8 +798,13 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 			keys = append(keys, slotKey(mk, 1, uint32(i+1)))
 		}
 		vals = append(vals, s.slotVals()...)
-		keys = append(keys, mk)
-		vals = append(vals, m)
+		if ref.v6 {
+			keys6 = append(keys6, ref.k6)
+			vals6 = append(vals6, m)
+		} else {
+			keys = append(keys, mk)
+			vals = append(vals, m)
+		}
 		if s.Buckets != nil {
 			hkeys = append(hkeys, *hashKey(mk, 1))
 			hvals = append(hvals, *s.hashVal())
@@ -659,6 +835,11 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 	}
 	if err := l.batchPut(keys, vals); err != nil {
 		return fmt.Errorf("put services: %w", err)
+	}
+	if len(keys6) > 0 {
+		if _, err := l.Svc6.BatchUpdate(keys6, vals6, nil); err != nil {
+			return fmt.Errorf("put services: IPv6 masters: %w", err)
+		}
 	}
 	return nil
 }
@@ -705,6 +886,9 @@ func (l LB) DeleteBackendsExcept(keep map[uint32]Backend) error {
 	}
 	l.Stats.BatchDelete(sk, nil)
 	l.Conns.BatchDelete(stale, nil)
+	for _, id := range stale {
+		l.Backend6.Delete(id)
+	}
 	return nil
 }
 
@@ -754,13 +938,24 @@ func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 	}
 	ids := make([]uint32, 0, len(bes))
 	vals := make([]backend, 0, len(bes))
+	var ids6 []uint32
+	var vals6 []be6
 	for id, be := range bes {
-		b, err := be.encode()
+		b, b6, err := be.encode()
 		if err != nil {
 			return fmt.Errorf("put real servers: %w", err)
 		}
 		ids = append(ids, id)
 		vals = append(vals, b)
+		if b6 != nil {
+			ids6 = append(ids6, id)
+			vals6 = append(vals6, *b6)
+		}
+	}
+	if len(ids6) > 0 {
+		if _, err := l.Backend6.BatchUpdate(ids6, vals6, nil); err != nil {
+			return fmt.Errorf("put real servers: IPv6 addresses: %w", err)
+		}
 	}
 	if fresh {
 		sk := make([]LBStatsKey, len(ids))

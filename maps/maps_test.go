@@ -39,12 +39,7 @@ func TestV6Refused(t *testing.T) {
 		"endpoint": EndpointMap{}.Put(1, Endpoint{Addr: netip.PrefixFrom(v6, 64)}),
 		"routes":   RouteTable{}.Replace([]Route{{Dest: netip.MustParsePrefix("fd00::/64")}}),
 		"gateway":  RouteTable{}.Replace([]Route{{Dest: netip.MustParsePrefix("10.0.0.0/8"), Gateway: v6}}),
-		"service":  LB{}.PutService(0, ServiceSpec{VIP: netip.AddrPortFrom(v6, 80)}),
 		"netmask":  LB{}.PutService(0, ServiceSpec{VIP: netip.MustParseAddrPort("10.0.0.1:80"), PMask: v6}),
-		"services": LB{}.PutServices(0, []ServiceSpec{{VIP: netip.AddrPortFrom(v6, 80)}}, true),
-		"delete":   LB{}.DeleteService(0, netip.AddrPortFrom(v6, 80), 6),
-		"backend":  LB{}.PutBackend(1, Backend{Addr: netip.AddrPortFrom(v6, 80)}),
-		"backends": LB{}.PutBackends(map[uint32]Backend{1: {Addr: netip.AddrPortFrom(v6, 80)}}, true),
 		"guest":    Node{}.PutGuest([]byte{2, 0, 0, 0, 0, 1}, v6, 1),
 	} {
 		if !errors.Is(err, ErrFamily) {

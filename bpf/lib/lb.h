@@ -223,6 +223,107 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_aff SEC(".maps");
 
+/* IPv6 keeps the v4 maps' layouts (pins of a running agent are re-adopted unchanged) and gets
+ * maps of its own where an address is part of an entry: kdp_lb_svc6 (masters by VIP), kdp_lb_be6
+ * (real server addresses; kdp_lb_be keeps every real server's weight, with address 0 for an
+ * IPv6 one, so the schedulers read weights in one place), kdp_lb_ct6 and kdp_lb_aff6
+ * (persistence). An IPv6 service's slots and bucket table live in kdp_lb_svc and kdp_lb_hash
+ * under a key of its own: vip = service id, vport 0, proto KDP_LB_V6_SLOTS. */
+#define KDP_LB_V6_SLOTS 0xff
+#define KDP_LB_MAX_SVC6 40960 /* IPv6 masters: two tables of up to 20000 services */
+
+struct lb_svc6_key {
+	__be32 vip[4];
+	__be16 vport;
+	__u8 proto;
+	__u8 gen;
+};
+
+struct lb_backend6 {
+	__be32 ip[4];
+	__be16 port;
+	__u16 weight;
+};
+
+struct ct6_key {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir; /* 0 = original (guest -> VIP), 1 = reply (real server -> guest) */
+	__u16 pad;
+};
+
+struct ct6_entry {
+	__u64 last_seen;
+	__be32 addr[4]; /* original: real server; reply: VIP */
+	__be16 port;
+	__u8 state;
+	__u8 flags;
+	__u32 backend;
+	__u32 svc;
+};
+
+struct aff6_key {
+	__u32 svc;
+	__be32 addr[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_LB_MAX_SVC6);
+	__type(key, struct lb_svc6_key);
+	__type(value, struct lb_svc);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_svc6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KDP_LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_backend6);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_be6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KDP_LB_CT_SIZE);
+	__type(key, struct ct6_key);
+	__type(value, struct ct6_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_ct6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KDP_LB_AFF_SIZE);
+	__type(key, struct aff6_key);
+	__type(value, struct aff_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_aff6 SEC(".maps");
+
+/* IPv6 keys and entries are too large for the BPF stack beside the rest of the path: they are
+ * built in a per-CPU scratch entry. */
+struct lb6_scratch {
+	struct ct6_key ck;
+	struct ct6_key rk;
+	struct ct6_entry ne;
+	struct ct6_entry re;
+	struct aff6_key ak;
+	struct lb_svc6_key mk;
+	struct lb_svc_key base; /* the slots' key base of the service */
+	struct aff_entry na;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb6_scratch);
+} kdp_lb6_scratch SEC(".maps");
+
 #define KDP_IP_OFF ETH_HLEN
 #define KDP_IP_CSUM_OFF (ETH_HLEN + 10)
 #define KDP_IP_SADDR_OFF (ETH_HLEN + 12)
@@ -250,12 +351,17 @@ static __always_inline void lb_count(__u32 kind, __u32 id, bool in, __u32 len)
 	}
 }
 
-static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struct ct_entry *e)
+static __always_inline __u64 ct_state_timeout_ns(const struct config *cfg, __u8 state)
 {
-	__u32 s = e->state == KDP_CT_TCP_EST ? cfg->tcp_timeout :
-		  e->state == KDP_CT_TCP_FIN ? cfg->tcpfin_timeout : cfg->udp_timeout;
+	__u32 s = state == KDP_CT_TCP_EST ? cfg->tcp_timeout :
+		  state == KDP_CT_TCP_FIN ? cfg->tcpfin_timeout : cfg->udp_timeout;
 
 	return (__u64)s * 1000000000ULL;
+}
+
+static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struct ct_entry *e)
+{
+	return ct_state_timeout_ns(cfg, e->state);
 }
 
 /* sh_hash is ip_vs_sh_hashkey for IPv4 without the port flag: hash_32(ntohl(addr), 8). */
@@ -401,9 +507,9 @@ static __always_inline __u32 wrr_schedule(const struct lb_svc_key *mk, const str
 
 /* lb_schedule picks a real server for a new connection of service m (0 if none can take it). */
 static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const struct lb_svc *m,
-					 const struct flow *f, __u64 now)
+					 __be32 saddr, __be32 daddr, __u64 now)
 {
-	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = f->daddr.v4 };
+	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = daddr };
 	struct lc_scan scan = { .mk = *mk, .rev = m->rev, .count = m->count, .sched = m->sched };
 	struct lb_stats *ss;
 	struct lb_svc *sl;
@@ -429,7 +535,7 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 		h = bpf_map_lookup_elem(&kdp_lb_hash, &hk);
 		if (!h)
 			return 0;
-		idx = (m->sched == KDP_SCHED_SH ? sh_hash(f->saddr.v4) : dh_hash(f->daddr.v4)) & (KDP_LB_HASH_BUCKETS - 1);
+		idx = (m->sched == KDP_SCHED_SH ? sh_hash(saddr) : dh_hash(daddr)) & (KDP_LB_HASH_BUCKETS - 1);
 		return h->be[idx];
 	}
 	case KDP_SCHED_LBLC:
@@ -462,6 +568,246 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 	return scan.best;
 }
 
+#define KDP_IP6_SADDR_OFF (ETH_HLEN + 8)
+#define KDP_IP6_DADDR_OFF (ETH_HLEN + 24)
+
+/* fold6 is an IPv6 address folded to one word as IPVS folds it for its sh and dh hashes (the
+ * XOR of its four words). */
+static __always_inline __be32 fold6(const __be32 *a)
+{
+	return a[0] ^ a[1] ^ a[2] ^ a[3];
+}
+
+/* ctx_rewrite16 replaces the 16-byte address at off (in the IPv6 header, which has no
+ * checksum of its own) word by word, fixing the L4 checksum at l4_csum_off through the pseudo
+ * header. */
+static __always_inline int ctx_rewrite16(void *ctx, __u32 off, const __be32 *from, const __be32 *to,
+					 __u32 l4_csum_off, const bool xdp)
+{
+	int i;
+
+	if (!xdp) {
+		struct __sk_buff *skb = ctx;
+
+#pragma unroll
+		for (i = 0; i < 4; i++)
+			if (from[i] != to[i] &&
+			    bpf_l4_csum_replace(skb, l4_csum_off, from[i], to[i], BPF_F_PSEUDO_HDR | 4))
+				return -1;
+		return bpf_skb_store_bytes(skb, off, to, 16, 0);
+	} else {
+		struct xdp_md *x = ctx;
+		void *data = (void *)(long)x->data, *end = (void *)(long)x->data_end;
+		__u32 *field = data + (off & 0xff);
+		__sum16 *l4c = data + (l4_csum_off & 0x3ff);
+
+		if ((void *)(field + 4) > end || (void *)(l4c + 1) > end)
+			return -1;
+#pragma unroll
+		for (i = 0; i < 4; i++) {
+			csum_replace(l4c, from[i], to[i], 4);
+			field[i] = to[i];
+		}
+		return 0;
+	}
+}
+
+/* ctx_rewrite2_6 is ctx_rewrite2 for an L4 header up to KDP_IPV6_MAX_L4_OFF deep. */
+static __always_inline int ctx_rewrite2_6(void *ctx, __u32 off, __u16 from, __u16 to, __u32 l4_csum_off,
+					  const bool xdp)
+{
+	if (!xdp) {
+		struct __sk_buff *skb = ctx;
+
+		if (bpf_l4_csum_replace(skb, l4_csum_off, from, to, 2))
+			return -1;
+		return bpf_skb_store_bytes(skb, off, &to, 2, 0);
+	} else {
+		struct xdp_md *x = ctx;
+		void *data = (void *)(long)x->data, *end = (void *)(long)x->data_end;
+		__u16 *field = data + (off & 0x3ff);
+		__sum16 *l4c = data + (l4_csum_off & 0x3ff);
+
+		if ((void *)(field + 1) > end || (void *)(l4c + 1) > end)
+			return -1;
+		csum_replace(l4c, from, to, 2);
+		*field = to;
+		return 0;
+	}
+}
+
+/* lb_from_guest6 is lb_from_guest for IPv6 TCP and UDP (f has its ports). UDP over IPv6 always
+ * carries a checksum, so there is no "zero means none" case. */
+static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
+					  struct flow *f)
+{
+	__u32 zero = 0, be_id = 0, csum_off;
+	struct lb6_scratch *sc = bpf_map_lookup_elem(&kdp_lb6_scratch, &zero);
+	struct ct6_entry *e;
+	struct lb_svc *m;
+	struct lb_stats *st;
+	struct lb_conns *cn;
+	__u64 now = bpf_ktime_get_ns();
+	bool udp = f->proto == IPPROTO_UDP;
+	int i;
+
+	if (!sc)
+		return -1;
+	__builtin_memset(&sc->ck, 0, sizeof(sc->ck));
+	__builtin_memcpy(sc->ck.saddr, f->saddr.v6, 16);
+	__builtin_memcpy(sc->ck.daddr, f->daddr.v6, 16);
+	sc->ck.sport = f->sport;
+	sc->ck.dport = f->dport;
+	sc->ck.proto = f->proto;
+	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
+	if (e && now - e->last_seen <= ct_state_timeout_ns(cfg, e->state)) {
+		e->last_seen = now;
+		if (e->state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
+			cn = bpf_map_lookup_elem(&kdp_lb_conns, &e->backend);
+			e->state = KDP_CT_TCP_FIN;
+			if (cn) {
+				__sync_fetch_and_add(&cn->active, -1);
+				__sync_fetch_and_add(&cn->inactive, 1);
+			}
+		}
+		sc->ne = *e;
+		goto nat;
+	}
+
+	__builtin_memset(&sc->mk, 0, sizeof(sc->mk));
+	__builtin_memcpy(sc->mk.vip, f->daddr.v6, 16);
+	sc->mk.vport = f->dport;
+	sc->mk.proto = f->proto;
+	sc->mk.gen = cfg->lb_gen;
+	m = bpf_map_lookup_elem(&kdp_lb_svc6, &sc->mk);
+	if (!m)
+		return -1; /* not a service (and no connection): not ours */
+	__builtin_memset(&sc->base, 0, sizeof(sc->base));
+	sc->base.vip = m->id;
+	sc->base.proto = KDP_LB_V6_SLOTS;
+	sc->base.gen = cfg->lb_gen;
+
+	/* Persistence: the client's template (its address under the service's prefix length). */
+	__builtin_memset(&sc->ak, 0, sizeof(sc->ak));
+	sc->ak.svc = m->id;
+	if (m->persist) {
+		struct aff_entry *ae;
+		__u32 bits = m->pmask;
+
+#pragma unroll
+		for (i = 0; i < 4; i++) {
+			__u32 w = bits >= 32 ? 0xffffffffU : bits == 0 ? 0 : ~(0xffffffffU >> bits);
+
+			sc->ak.addr[i] = f->saddr.v6[i] & bpf_htonl(w);
+			bits = bits >= 32 ? bits - 32 : 0;
+		}
+		ae = bpf_map_lookup_elem(&kdp_lb_aff6, &sc->ak);
+		if (ae && now - ae->last_seen <= (__u64)m->persist * 1000000000ULL &&
+		    bpf_map_lookup_elem(&kdp_lb_be6, &ae->backend))
+			be_id = ae->backend;
+	}
+	if (!be_id)
+		be_id = lb_schedule(&sc->base, m, fold6(f->saddr.v6), fold6(f->daddr.v6), now);
+	if (m->persist && be_id) {
+		sc->na.last_seen = now;
+		sc->na.backend = be_id;
+		sc->na.pad = 0;
+		bpf_map_update_elem(&kdp_lb_aff6, &sc->ak, &sc->na, BPF_ANY);
+	}
+	{
+		struct lb_backend6 *be = be_id ? bpf_map_lookup_elem(&kdp_lb_be6, &be_id) : NULL;
+
+		if (!be)
+			return KDP_DROP_LB_NO_BACKEND;
+		__builtin_memset(&sc->ne, 0, sizeof(sc->ne));
+		sc->ne.last_seen = now;
+		__builtin_memcpy(sc->ne.addr, be->ip, 16);
+		sc->ne.port = be->port;
+		sc->ne.state = udp ? KDP_CT_UDP : KDP_CT_TCP_EST;
+		if (!udp && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)))
+			sc->ne.state = KDP_CT_TCP_FIN;
+		sc->ne.backend = be_id;
+		sc->ne.svc = m->id;
+
+		__builtin_memset(&sc->rk, 0, sizeof(sc->rk));
+		__builtin_memcpy(sc->rk.saddr, be->ip, 16);
+		__builtin_memcpy(sc->rk.daddr, f->saddr.v6, 16);
+		sc->rk.sport = be->port;
+		sc->rk.dport = f->sport;
+		sc->rk.proto = f->proto;
+		sc->rk.dir = 1;
+		sc->re = sc->ne;
+		__builtin_memcpy(sc->re.addr, f->daddr.v6, 16);
+		sc->re.port = f->dport;
+	}
+	bpf_map_update_elem(&kdp_lb_ct6, &sc->rk, &sc->re, BPF_ANY);
+	bpf_map_update_elem(&kdp_lb_ct6, &sc->ck, &sc->ne, BPF_ANY);
+	st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
+	if (st)
+		__sync_fetch_and_add(&st->conns, 1);
+	cn = bpf_map_lookup_elem(&kdp_lb_conns, &be_id);
+	if (cn) {
+		if (sc->ne.state == KDP_CT_TCP_EST)
+			__sync_fetch_and_add(&cn->active, 1);
+		else
+			__sync_fetch_and_add(&cn->inactive, 1);
+	}
+	st = lb_stats_of(KDP_LB_STATS_SVC, m->id);
+	if (st)
+		__sync_fetch_and_add(&st->conns, 1);
+
+nat:
+	lb_count(KDP_LB_STATS_BACKEND, sc->ne.backend, true, len);
+	lb_count(KDP_LB_STATS_SVC, sc->ne.svc, true, len);
+	csum_off = (f->l4_off & KDP_IPV6_MAX_L4_OFF) + (udp ? 6 : 16);
+	if (ctx_rewrite16(ctx, KDP_IP6_DADDR_OFF, f->daddr.v6, sc->ne.addr, csum_off, xdp))
+		return KDP_DROP_LB_REWRITE;
+	if (sc->ne.port != f->dport &&
+	    ctx_rewrite2_6(ctx, (f->l4_off & KDP_IPV6_MAX_L4_OFF) + 2, f->dport, sc->ne.port, csum_off, xdp))
+		return KDP_DROP_LB_REWRITE;
+	__builtin_memcpy(f->daddr.v6, sc->ne.addr, 16);
+	f->dport = sc->ne.port;
+	return -1;
+}
+
+/* lb_to_guest6 is lb_to_guest for IPv6. */
+static __always_inline int lb_to_guest6(void *ctx, const bool xdp, __u32 len, struct flow *f)
+{
+	__u32 zero = 0;
+	struct lb6_scratch *sc = bpf_map_lookup_elem(&kdp_lb6_scratch, &zero);
+	struct ct6_entry *e;
+	__be32 vip[4];
+	__be16 vport;
+	__u32 csum_off;
+	bool udp = f->proto == IPPROTO_UDP;
+
+	if (!sc)
+		return -1;
+	__builtin_memset(&sc->ck, 0, sizeof(sc->ck));
+	__builtin_memcpy(sc->ck.saddr, f->saddr.v6, 16);
+	__builtin_memcpy(sc->ck.daddr, f->daddr.v6, 16);
+	sc->ck.sport = f->sport;
+	sc->ck.dport = f->dport;
+	sc->ck.proto = f->proto;
+	sc->ck.dir = 1;
+	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
+	if (!e)
+		return -1;
+	e->last_seen = bpf_ktime_get_ns();
+	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
+		e->state = KDP_CT_TCP_FIN;
+	__builtin_memcpy(vip, e->addr, 16);
+	vport = e->port;
+	lb_count(KDP_LB_STATS_BACKEND, e->backend, false, len);
+	lb_count(KDP_LB_STATS_SVC, e->svc, false, len);
+	csum_off = (f->l4_off & KDP_IPV6_MAX_L4_OFF) + (udp ? 6 : 16);
+	if (ctx_rewrite16(ctx, KDP_IP6_SADDR_OFF, f->saddr.v6, vip, csum_off, xdp))
+		return KDP_DROP_LB_REWRITE;
+	if (vport != f->sport && ctx_rewrite2_6(ctx, f->l4_off & KDP_IPV6_MAX_L4_OFF, f->sport, vport, csum_off, xdp))
+		return KDP_DROP_LB_REWRITE;
+	return -1;
+}
+
 /* lb_active says whether the sandbox's load balancer has anything to do: when it has not, a frame
  * need not even be parsed for it. */
 static __always_inline bool lb_active(const struct config *cfg)
@@ -469,13 +815,9 @@ static __always_inline bool lb_active(const struct config *cfg)
 	return cfg->flags & KDP_CFG_LB;
 }
 
-/* lb_from_guest balances the frame of flow f the guest sends: an existing connection keeps its
- * real server, a new one to a service gets one from the scheduler (or the persistence
- * template), and the frame is DNATed to it, and f with it (the strict egress check that follows
- * judges the real destination). Only IPv4 TCP and UDP are balanced. Returns -1 to go on, or an
- * enum kdp_drop reason. */
-static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
-					 struct flow *f)
+/* lb_from_guest4 is lb_from_guest for IPv4 TCP and UDP (f has its ports). */
+static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
+					  struct flow *f)
 {
 	struct lb_svc_key mk = {};
 	struct ct_key ck = {};
@@ -483,17 +825,9 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 	struct lb_svc *m;
 	struct lb_stats *st;
 	struct lb_conns *cn;
-	__u64 now;
+	__u64 now = bpf_ktime_get_ns();
 	__u32 be_id = 0;
-	bool udp;
-
-	if (!lb_active(cfg))
-		return -1;
-	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
-	if (f->family != KDP_AF_INET || !(f->flags & KDP_FLOW_PORTS))
-		return -1;
-	udp = f->proto == IPPROTO_UDP;
-	now = bpf_ktime_get_ns();
+	bool udp = f->proto == IPPROTO_UDP;
 
 	ck.saddr = f->saddr.v4;
 	ck.daddr = f->daddr.v4;
@@ -535,7 +869,7 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 				be_id = ae->backend;
 		}
 		if (!be_id)
-			be_id = lb_schedule(&mk, m, f, now);
+			be_id = lb_schedule(&mk, m, f->saddr.v4, f->daddr.v4, now);
 		if (m->persist && be_id) {
 			struct aff_entry na = { .last_seen = now, .backend = be_id };
 
@@ -603,6 +937,41 @@ nat:
 	return -1;
 }
 
+/* Each family's path is a BPF function of its own (with both inlined, the stack of the programs
+ * with the schedulers' bpf_loop callbacks would pass 512 bytes), one per hook, so that the tc
+ * programs call only skb helpers and the XDP programs none (kata-dp version reads the helpers
+ * each program type needs from the object). */
+#define LB_HOOK_FN(name, args, call)                                                              \
+	static __noinline int name##_tc args { return call(false); }                              \
+	static __noinline int name##_xdp args { return call(true); }
+
+#define LB_FROM4(x) lb_from_guest4(ctx, x, cfg, len, f)
+#define LB_FROM6(x) lb_from_guest6(ctx, x, cfg, len, f)
+#define LB_TO6(x) lb_to_guest6(ctx, x, len, f)
+LB_HOOK_FN(lb_from4, (void *ctx, const struct config *cfg, __u32 len, struct flow *f), LB_FROM4)
+LB_HOOK_FN(lb_from6, (void *ctx, const struct config *cfg, __u32 len, struct flow *f), LB_FROM6)
+LB_HOOK_FN(lb_to6, (void *ctx, __u32 len, struct flow *f), LB_TO6)
+
+/* lb_from_guest balances the frame of flow f the guest sends: an existing connection keeps its
+ * real server, a new one to a service gets one from the scheduler (or the persistence
+ * template), and the frame is DNATed to it, and f with it (the strict egress check that follows
+ * judges the real destination). TCP and UDP over IPv4 and IPv6 are balanced. Returns -1 to go
+ * on, or an enum kdp_drop reason. */
+static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
+					 struct flow *f)
+{
+	if (!lb_active(cfg))
+		return -1;
+	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
+	if (!(f->flags & KDP_FLOW_PORTS))
+		return -1;
+	if (f->family == KDP_AF_INET6)
+		return xdp ? lb_from6_xdp(ctx, cfg, len, f) : lb_from6_tc(ctx, cfg, len, f);
+	if (f->family != KDP_AF_INET)
+		return -1;
+	return xdp ? lb_from4_xdp(ctx, cfg, len, f) : lb_from4_tc(ctx, cfg, len, f);
+}
+
 /* lb_to_guest reverse-NATs a reply from a real server (the frame of flow f) back to the VIP
  * the guest talked to. */
 static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
@@ -618,6 +987,8 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	if (!lb_active(cfg))
 		return -1;
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
+	if (f->family == KDP_AF_INET6 && (f->flags & KDP_FLOW_PORTS))
+		return xdp ? lb_to6_xdp(ctx, len, f) : lb_to6_tc(ctx, len, f);
 	if (f->family != KDP_AF_INET || !(f->flags & KDP_FLOW_PORTS))
 		return -1;
 	ck.saddr = f->saddr.v4;

@@ -36,6 +36,7 @@ OPTIONS:
 EXAMPLES:
    kata-dp kata-ipvs ipvsadm --parameters "-A -t 172.17.0.7:80 -s rr -p 3000" 6ec7a98
    kata-dp kata-ipvs ipvsadm --parameters "-a -t 172.17.0.7:80 -r 172.17.0.8:80 -m -w 2" 6ec7a98
+   kata-dp kata-ipvs ipvsadm --parameters "-A -t [2001:db8::10]:80 -s sh -p 600 -M 64" 6ec7a98
    kata-dp kata-ipvs ipvsadm --parameters "--list --numeric --stats" 6ec7a98
    kata-dp kata-ipvs ipvsadm --restore - 6ec7a98 < rules
    kata-dp kata-ipvs cleanup --parameters "--orig-dst 172.17.0.7 --protonum tcp" 6ec7a98

@@ -376,11 +376,23 @@ func TestLBRestore20000UnderTraffic(t *testing.T) {
 // restoreRules builds a restore file of 5000 services with three real servers each (20000
 // rules), the last service being the rig's VIP; sched names the scheduler of service i.
 func restoreRules(sched func(i int) string) string {
+	return restoreRulesFamilies(sched, false)
+}
+
+// restoreRulesFamilies is restoreRules; with v6, every odd service and its real servers are
+// IPv6.
+func restoreRulesFamilies(sched func(i int) string, v6 bool) string {
 	var sb strings.Builder
 	for i := range 5000 {
 		svc := fmt.Sprintf("10.%d.%d.%d:80", 100+i/65536, (i/256)%256, i%256)
+		server := "10.199.0.1%d:80"
+		if v6 && i%2 == 1 {
+			svc = fmt.Sprintf("[fd00:100::%x]:80", i)
+			server = "[fd00:5::1%d]:80"
+		}
 		if i == 4999 {
 			svc = vipAddr + ":80"
+			server = "10.199.0.1%d:80"
 		}
 		fmt.Fprintf(&sb, "-A -t %s -s %s\n", svc, sched(i))
 		for j := 1; j <= 3; j++ {
@@ -390,7 +402,7 @@ func restoreRules(sched func(i int) string) string {
 			if i == 4999 {
 				w = 1
 			}
-			fmt.Fprintf(&sb, "-a -t %s -r 10.199.0.1%d:80 -m -w %d\n", svc, j, w)
+			fmt.Fprintf(&sb, "-a -t %s -r "+server+" -m -w %d\n", svc, j, w)
 		}
 	}
 	return sb.String()
@@ -413,17 +425,20 @@ func TestLBRestore20000EveryScheduler(t *testing.T) {
 	for _, tt := range []struct {
 		name  string
 		sched func(int) string
+		v6    bool
 	}{
-		{"sh", func(int) string { return "sh" }},
-		{"dh", func(int) string { return "dh" }},
-		{"mix", func(i int) string { return ipvs.Schedulers[i%len(ipvs.Schedulers)] }},
+		{"sh", func(int) string { return "sh" }, false},
+		{"dh", func(int) string { return "dh" }, false},
+		{"mix", func(i int) string { return ipvs.Schedulers[i%len(ipvs.Schedulers)] }, false},
+		// Half the services IPv6 (issue 12: the limit counts both families).
+		{"mix-families", func(i int) string { return ipvs.Schedulers[(i/2)%len(ipvs.Schedulers)] }, true},
 	} {
 		// As kata-ipvs does: a restore needs an empty table, so clear first.
 		r.table.Clear()
 		if err := r.dp.RestoreLB(ctx, r.ep.Sandbox, r.table); err != nil {
 			t.Fatalf("%s: clear: %v", tt.name, err)
 		}
-		cmds, err := ipvs.ParseRestore(strings.NewReader(restoreRules(tt.sched)))
+		cmds, err := ipvs.ParseRestore(strings.NewReader(restoreRulesFamilies(tt.sched, tt.v6)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -453,7 +468,11 @@ func TestLBRestore20000EveryScheduler(t *testing.T) {
 		// (none for sh and dh), a bucket table per sh/dh service.
 		var want maps.Budget
 		for i := range 5000 {
-			want.Slots++
+			if tt.v6 && i%2 == 1 && i != 4999 {
+				want.Masters6++
+			} else {
+				want.Slots++
+			}
 			switch s := tt.sched(i); s {
 			case "sh", "dh":
 				want.Buckets++
@@ -553,5 +572,118 @@ func TestLBRestoreFailsWhole(t *testing.T) {
 	}
 	if got, err := lb.Usage(); err != nil || got != live {
 		t.Errorf("after a refused restore the maps hold %v (%v), want the live %v", got, err, live)
+	}
+}
+
+// TestLBIPv6ThroughDevices (issue 12): an IPv6 kata-ipvs service reached from the guest with
+// real TCP and UDP through the real devices (guest emulator, tap, BPF, veth), the replies
+// un-NATed (the guest's connected sockets accept them from the VIP only), then cleanup with
+// an IPv6 --orig-dst. Anti-spoofing and strict egress are off here: this test is about the
+// load balancer, not about the IPv6 checks.
+func TestLBIPv6ThroughDevices(t *testing.T) {
+	r := newLBRig(t, "lb6")
+	ctx := context.Background()
+	host, guest := r.sb.Host, r.guest
+	sh := func(n interface {
+		Exec(...string) (string, error)
+	}, args ...string) {
+		t.Helper()
+		if out, err := n.Exec(args...); err != nil {
+			t.Fatalf("%v: %v %s", args, err, out)
+		}
+	}
+	sh(host, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf."+r.sb.HostVeth.Name+".disable_ipv6=0")
+	sh(guest, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.eth0.disable_ipv6=0")
+	sh(guest, "ip", "-6", "addr", "add", "fd00:5::2/64", "dev", "eth0", "nodad")
+	for _, a := range []string{"fd00:5::1", "fd00:5::11", "fd00:5::12"} {
+		sh(host, "ip", "-6", "addr", "add", a+"/64", "dev", r.sb.HostVeth.Name, "nodad")
+	}
+	sh(guest, "ip", "-6", "neigh", "replace", "fd00:5::1", "lladdr", r.sb.HostVeth.MAC.String(), "dev", "eth0")
+	sh(guest, "ip", "-6", "route", "add", "default", "via", "fd00:5::1", "dev", "eth0")
+	sh(host, "ip", "-6", "neigh", "replace", "fd00:5::2", "lladdr", r.sb.GuestMAC.String(), "dev", r.sb.HostVeth.Name)
+	ep := r.ep
+	ep.AntiSpoof, ep.StrictEgress = false, false
+	if err := r.dp.UpdateEndpoint(ctx, ep); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []string{"fd00:5::11", "fd00:5::12"} {
+		l, err := host.Listen("tcp", "["+a+"]:8080")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				fmt.Fprintf(c, "%s\n", a)
+				c.Close()
+			}
+		}()
+		pc, err := host.ListenPacket("udp", "["+a+"]:5353")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { pc.Close() })
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				_, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				pc.WriteTo([]byte(a), from)
+			}
+		}()
+	}
+	r.ipvsadm(t, "-A -t [2001:db8::10]:80 -s rr")
+	r.ipvsadm(t, "-a -t [2001:db8::10]:80 -r [fd00:5::11]:8080")
+	r.ipvsadm(t, "-a -t [2001:db8::10]:80 -r [fd00:5::12]:8080")
+	r.ipvsadm(t, "-A -u [2001:db8::10]:53 -s rr -p 60 -M 64")
+	r.ipvsadm(t, "-a -u [2001:db8::10]:53 -r [fd00:5::12]:5353")
+
+	seen := map[string]int{}
+	for range 4 {
+		c, err := guest.Dial("tcp", "[2001:db8::10]:80", 3*time.Second)
+		if err != nil {
+			t.Fatalf("TCP to the IPv6 VIP: %v", err)
+		}
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		c.Close()
+		if err != nil {
+			t.Fatalf("TCP greeting: %v", err)
+		}
+		seen[strings.TrimSpace(line)]++
+	}
+	if seen["fd00:5::11"] != 2 || seen["fd00:5::12"] != 2 {
+		t.Errorf("rr over two IPv6 real servers: %v, want 2 each", seen)
+	}
+	var c net.Conn
+	if err := guest.Do(func() error {
+		var err error
+		c, err = net.Dial("udp", "[2001:db8::10]:53")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("q"))
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 64)
+	n, err := c.Read(buf)
+	if err != nil || string(buf[:n]) != "fd00:5::12" {
+		t.Fatalf("UDP answer through the IPv6 VIP: %q, %v", buf[:n], err)
+	}
+	out, err := r.table.Apply(ipvs.Command{Op: ipvs.OpList})
+	if err != nil || !strings.Contains(out, "UDP  [2001:db8::10]:53 rr persistent 60 mask 64\n") {
+		t.Errorf("listing: %v\n%s", err, out)
+	}
+	// cleanup --orig-dst 2001:db8::10 --protonum udp deletes the UDP connection.
+	deleted, err := r.dp.CleanupConns(ctx, r.ep.Sandbox, netip.MustParseAddr("2001:db8::10"), 17)
+	if err != nil || deleted != 1 {
+		t.Errorf("cleanup of the IPv6 VIP: %d deleted (%v), want 1", deleted, err)
 	}
 }
