@@ -3,8 +3,10 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -140,6 +142,24 @@ func (s *Sandbox) linkPin(ifname string, p Program) string {
 
 func (s *Sandbox) pinnedLinks(ifname string) ([]string, error) {
 	return pinnedIn(s.dir, linksDir, ifname)
+}
+
+// LinkedDevices lists the devices that have a tc or XDP link of the sandbox pinned, sorted,
+// each once: what reconciliation compares with the endpoints it keeps.
+func (s *Sandbox) LinkedDevices() ([]string, error) {
+	seen := map[string]bool{}
+	for _, sub := range []string{linksDir, xdpLinksDir} {
+		paths, err := pinnedIn(s.dir, sub, "*")
+		if err != nil {
+			return nil, fmt.Errorf("list pinned links: %w", err)
+		}
+		for _, p := range paths {
+			if dev, _, ok := strings.Cut(filepath.Base(p), "@"); ok {
+				seen[dev] = true
+			}
+		}
+	}
+	return slices.Sorted(maps.Keys(seen)), nil
 }
 
 // pinnedIn lists the links of kata-dp's programs pinned for device ifname ("*": any) in the

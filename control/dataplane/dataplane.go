@@ -285,5 +285,27 @@ func (d *Dataplane) Reconcile(ctx context.Context, s control.Sandbox, eps []cont
 			em.Remove(ifindex)
 		}
 	}
+	// The links of endpoints the state no longer has go with their map entries: a program
+	// left on a device would keep acting on its frames with entries that are gone.
+	used := map[string]bool{}
+	for _, ep := range eps {
+		used[ep.Tap], used[ep.Uplink] = true, true
+	}
+	devs, err := sb.lsb.LinkedDevices()
+	if err != nil {
+		return fmt.Errorf("reconcile %s: %w", s.ID, err)
+	}
+	for _, dev := range devs {
+		if used[dev] {
+			continue
+		}
+		d.log.Warn("reconcile: detaching the programs of a device no endpoint uses", "sandbox", s.ID, "device", dev)
+		if err := sb.lsb.Detach(s.NetNS, dev); err != nil {
+			return fmt.Errorf("reconcile %s: %w", s.ID, err)
+		}
+		if err := sb.lsb.DetachXDP(s.NetNS, dev); err != nil {
+			return fmt.Errorf("reconcile %s: %w", s.ID, err)
+		}
+	}
 	return d.SetRoutes(ctx, s.ID, routes)
 }

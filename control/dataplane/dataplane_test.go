@@ -356,3 +356,38 @@ func reloadUntil(t *testing.T, root, id string, done <-chan struct{}) int {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestReconcileDetachesStaleLinks: an endpoint the saved state no longer has (its NIC removed
+// while the agent was down, or its state lost) loses its pinned links and programs at
+// reconciliation, not only its map entries.
+func TestReconcileDetachesStaleLinks(t *testing.T) {
+	r := newRig(t, "reconcile")
+	ctx := context.Background()
+	for _, dev := range []string{r.ep.Uplink, r.ep.Tap} {
+		if got := tcxPrograms(t, r.sb.NS.Path(), dev); len(got) == 0 {
+			t.Fatalf("no program on %s before: the test tests nothing", dev)
+		}
+	}
+	sb := control.Sandbox{ID: "reconcile", NetNS: r.sb.NS.Path()}
+	if err := r.dp.Reconcile(ctx, sb, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, dev := range []string{r.ep.Uplink, r.ep.Tap} {
+		if got := tcxPrograms(t, r.sb.NS.Path(), dev); len(got) != 0 {
+			t.Errorf("programs left on %s: %v", dev, got)
+		}
+	}
+	if links, _ := filepath.Glob(filepath.Join(r.root, "reconcile", "links", "*")); len(links) != 0 {
+		t.Errorf("pinned links left: %v", links)
+	}
+	// An endpoint the state still has keeps its links.
+	if err := r.dp.AddEndpoint(ctx, r.ep); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.dp.Reconcile(ctx, sb, []control.Endpoint{r.ep}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := tcxPrograms(t, r.sb.NS.Path(), r.ep.Tap); len(got) == 0 {
+		t.Error("the kept endpoint lost its programs")
+	}
+}
