@@ -5,15 +5,17 @@
  * taps live beside the uplink, and instead of a bridge and a veth pair per sandbox two programs
  * on the uplink steer frames by destination MAC:
  *
- *   uplink ingress --kdp_direct_in--> tap egress    (a guest's MAC, or ARP for a guest's IP)
+ *   uplink ingress --kdp_direct_in--> tap egress    (a guest's MAC, or ARP / IPv6 neighbour
+ *                                                    solicitation for a guest's address)
  *   tap ingress --kdp_tap_in (sandbox)--> uplink egress --kdp_direct_out--> other tap egress
  *                                                      \-> uplink ingress (the host's MAC)
  *                                                      \-> the wire (anything else)
  *
  * Anything that is not a guest's (the host's own traffic, broadcast, multicast, unknown MACs)
  * goes on untouched with TCX_NEXT: the uplink keeps working for the host and other tc users.
- * An ARP request is delivered to the one guest owning the address asked for, never flooded to
- * the others, so one sandbox never sees another's traffic.
+ * An ARP request, and an IPv6 neighbour solicitation to a solicited-node group, is delivered to
+ * the one guest owning the address asked for, never flooded to the others, so one sandbox never
+ * sees another's traffic. IPv6 unicast is steered by MAC like IPv4.
  *
  * kdp_direct_rnat is the one per-sandbox program here: loaded against a sandbox's own maps
  * (config, load balancer) and attached to the TCX egress of that sandbox's tap, it gives the
@@ -49,6 +51,14 @@ struct {
 	__type(value, struct arp_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_arp SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * KDP_NODE_MAX_GUESTS);
+	__type(key, struct nd_key); /* guest IPv6 address or link-local */
+	__type(value, struct arp_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_nd SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -96,17 +106,42 @@ static __always_inline bool mac_eq(const __u8 *a, const __u8 *b)
 	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
 }
 
+/* Enough for Ethernet + IPv6 + a neighbour solicitation up to its target. */
+#define KDP_NODE_PULL (ETH_HLEN + sizeof(struct ipv6hdr) + 24)
+
+/* ns_owner returns the guest owning the target of a neighbour solicitation (an IPv6 frame
+ * straight to ICMPv6, as every NS is), or NULL. */
+static __always_inline struct fdb_entry *ns_owner(void *data, void *end)
+{
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
+	__u8 *icmp = (void *)(ip6 + 1);
+	struct arp_entry *ae;
+	struct nd_key k;
+
+	if ((void *)(icmp + 24) > end)
+		return NULL;
+	if (ip6->nexthdr != IPPROTO_ICMPV6 || icmp[0] != ICMPV6_NS)
+		return NULL;
+	__builtin_memcpy(k.addr, icmp + 8, 16);
+	ae = bpf_map_lookup_elem(&kdp_nd, &k);
+	if (!ae)
+		return NULL;
+	return fdb_lookup(ae->mac);
+}
+
 /* guest_of finds the tap a frame belongs to: its destination MAC if that is a guest's, or for
- * a broadcast ARP request the guest that owns the address asked for. *arp tells which. */
+ * a broadcast ARP request or a multicast neighbour solicitation the guest that owns the address
+ * asked for. *arp tells which. */
 static __always_inline struct fdb_entry *guest_of(struct __sk_buff *skb, bool *arp)
 {
 	void *data, *end;
 	struct ethhdr *eth;
 	struct arp_eth *a;
 	struct arp_entry *ae;
+	struct fdb_entry *fe;
 	__be32 tip;
 
-	ctx_pull(skb, ETH_HLEN + sizeof(struct arp_eth), false);
+	ctx_pull(skb, KDP_NODE_PULL, false);
 	data = ctx_data(skb, false);
 	end = ctx_data_end(skb, false);
 	eth = data;
@@ -115,6 +150,12 @@ static __always_inline struct fdb_entry *guest_of(struct __sk_buff *skb, bool *a
 	*arp = false;
 	if (!(eth->h_dest[0] & 1))
 		return fdb_lookup(eth->h_dest);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		fe = ns_owner(data, end);
+		if (fe)
+			*arp = true;
+		return fe;
+	}
 	if (eth->h_proto != bpf_htons(ETH_P_ARP))
 		return NULL;
 	a = (void *)(eth + 1);
@@ -172,7 +213,9 @@ int kdp_direct_out(struct __sk_buff *skb)
 	__u32 zero = 0;
 
 	fe = guest_of(skb, &arp);
-	if (fe && fe->ifindex) {
+	/* A guest's own multicast solicitation (DAD of its address) is not turned back to it: it
+	 * would take it for a duplicate. */
+	if (fe && fe->ifindex && !(arp && fe->ifindex == skb->ingress_ifindex)) {
 		node_count(KDP_NODE_OUT_GUEST);
 		return deliver(skb, fe, arp, true);
 	}

@@ -367,15 +367,22 @@ func (sb Sandbox) endpoint(n nic) Endpoint {
 	if n.Spec.VhostUserSocket != "" {
 		ep.Mode, ep.VhostUserSocket, ep.Tap, ep.Uplink = ModeVhostUser, n.Spec.VhostUserSocket, "", ""
 	}
-	if len(n.Spec.IPAddresses) > 0 {
-		if p, fam, err := netspec.ParseIPAddress(n.Spec.IPAddresses[0]); err == nil && fam == netspec.FamilyIPv4 {
+	for _, a := range n.Spec.IPAddresses {
+		p, fam, err := netspec.ParseIPAddress(a)
+		switch {
+		case err != nil:
+		case fam == netspec.FamilyIPv4:
 			ep.Addr = p
+		case p.Addr().IsLinkLocalUnicast():
+			ep.LinkLocal = p.Addr()
+		default:
+			ep.Addr6 = p
 		}
 	}
 	return ep
 }
 
-// programmed returns the routes of st the dataplane holds: IPv4 routes on a NIC (not "lo").
+// programmed returns the routes of st the dataplane holds: routes on a NIC (not "lo").
 func programmed(st *state) []Route {
 	slots := map[string]uint32{}
 	for _, n := range st.NICs {
@@ -384,7 +391,7 @@ func programmed(st *state) []Route {
 	out := []Route{}
 	for _, r := range st.Routes {
 		pr, err := netspec.ValidateRoute(r)
-		if err != nil || !pr.Dest.Addr().Is4() {
+		if err != nil {
 			continue
 		}
 		slot, ok := slots[r.Device]
@@ -864,11 +871,13 @@ func (c *Controller) releaseDevice(dev, id string) {
 	}
 }
 
-// prefixOf returns the NIC address of n as a prefix, or the zero prefix.
-func prefixOf(n nic) netip.Prefix {
-	if len(n.Spec.IPAddresses) == 0 {
-		return netip.Prefix{}
+// prefixOf returns the NIC's address of the family (netspec.FamilyIPv4 or FamilyIPv6) as a
+// prefix, or the zero prefix.
+func prefixOf(n nic, family int) netip.Prefix {
+	for _, a := range n.Spec.IPAddresses {
+		if p, fam, err := netspec.ParseIPAddress(a); err == nil && fam == family {
+			return p
+		}
 	}
-	p, _, _ := netspec.ParseIPAddress(n.Spec.IPAddresses[0])
-	return p
+	return netip.Prefix{}
 }

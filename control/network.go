@@ -414,7 +414,7 @@ func (c *Controller) updateIface(ctx context.Context, e *entry, in netspec.Inter
 	if err := c.commit(e, next); err != nil {
 		return fail(err)
 	}
-	c.log.Info("NIC updated", "sandbox", sb.ID, "nic", n.Spec.Name, "addr", newEP.Addr)
+	c.log.Info("NIC updated", "sandbox", sb.ID, "nic", n.Spec.Name, "addr", newEP.Addr, "addr6", newEP.Addr6, "linkLocal", newEP.LinkLocal)
 	return n.Spec, nil
 }
 

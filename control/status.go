@@ -16,7 +16,8 @@ type EndpointStatus struct {
 	TapCreated bool   `json:"tapCreated"`
 	Uplink     string `json:"uplink,omitempty"`
 	MAC        string `json:"mac"`
-	Addr       string `json:"addr,omitempty"`
+	Addr       string `json:"addr,omitempty"`  // IPv4/prefix
+	Addr6      string `json:"addr6,omitempty"` // IPv6/prefix (global or link-local)
 	Slot       uint32 `json:"slot"`
 	PCIAddr    string `json:"pciAddr,omitempty"`
 	// Mode is the dataplane mode the NIC asked for (its own or the sandbox's); RunningMode
@@ -44,6 +45,9 @@ type SandboxStatus struct {
 	VhostDecision string           `json:"vhostDecision,omitempty"`
 	Endpoints     []EndpointStatus `json:"endpoints"`
 	Routes        int              `json:"routes"`
+	// RouteList is the route table, both families (list-routes shows only IPv4, as openEuler
+	// does; list-routes --all and this show IPv6 routes too).
+	RouteList []netspec.RouteInfo `json:"routeList,omitempty"`
 	// Unhealthy is why the agent could not re-adopt the sandbox when it started (its netns
 	// vanished, its pins could not be loaded, its saved state was unreadable; such a sandbox
 	// can only be deleted), or why a node task found it unhealthy since (its VM is gone);
@@ -137,6 +141,11 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 	out := []SandboxStatus{}
 	for _, s := range snaps {
 		ss := SandboxStatus{Sandbox: s.sb, Endpoints: []EndpointStatus{}, Routes: len(s.st.Routes), Unhealthy: s.broken}
+		for _, r := range s.st.Routes {
+			if pr, err := netspec.ValidateRoute(r); err == nil {
+				ss.RouteList = append(ss.RouteList, netspec.ListRouteAll(pr))
+			}
+		}
 		if vr, ok := c.cfg.Hotplug.(VhostReporter); ok && s.sb.QMP != "" {
 			ss.VhostDecision = vr.DecideVhost(cmp.Or(s.sb.Vhost, VhostAuto))
 		}
@@ -147,8 +156,11 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 				MAC: n.Spec.HwAddr, Slot: n.Slot, PCIAddr: n.Spec.PCIAddr,
 				Vhost: n.VhostDecision, VhostUserSocket: n.Spec.VhostUserSocket, Source: n.source(),
 			}
-			if p := prefixOf(n); p.IsValid() {
+			if p := prefixOf(n, netspec.FamilyIPv4); p.IsValid() {
 				es.Addr = p.String()
+			}
+			if p := prefixOf(n, netspec.FamilyIPv6); p.IsValid() {
+				es.Addr6 = p.String()
 			}
 			es.Mode = ep.Mode
 			if mr, ok := c.cfg.Dataplane.(ModeReporter); ok {

@@ -19,6 +19,8 @@ type Endpoint struct {
 	Uplink       string           // device in the sandbox netns the tap is joined to; "" = not joined
 	MAC          net.HardwareAddr // guest MAC
 	Addr         netip.Prefix     // guest IPv4/prefix; zero value when none
+	Addr6        netip.Prefix     // guest IPv6/prefix (not link-local); zero value when none
+	LinkLocal    netip.Addr       // guest link-local given explicitly; zero: the EUI-64 of MAC
 	MTU, Queues  int
 	Mode         string // "tc" (default), "xdp", "tcfilter", "macvtap", "direct"; "vhost-user"
 	AntiSpoof    bool

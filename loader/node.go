@@ -47,6 +47,7 @@ type Node struct {
 type nodeCore struct {
 	KdpArp       *ebpf.Map     `ebpf:"kdp_arp"`
 	KdpFdb       *ebpf.Map     `ebpf:"kdp_fdb"`
+	KdpNd        *ebpf.Map     `ebpf:"kdp_nd"`
 	KdpNodeCfg   *ebpf.Map     `ebpf:"kdp_node_cfg"`
 	KdpNodeCtrs  *ebpf.Map     `ebpf:"kdp_node_ctrs"`
 	KdpNodeTaps  *ebpf.Map     `ebpf:"kdp_node_taps"`
@@ -55,7 +56,7 @@ type nodeCore struct {
 }
 
 func (o *nodeCore) Close() error {
-	return _NodeClose(o.KdpArp, o.KdpFdb, o.KdpNodeCfg, o.KdpNodeCtrs, o.KdpNodeTaps, o.KdpDirectIn, o.KdpDirectOut)
+	return _NodeClose(o.KdpArp, o.KdpFdb, o.KdpNd, o.KdpNodeCfg, o.KdpNodeCtrs, o.KdpNodeTaps, o.KdpDirectIn, o.KdpDirectOut)
 }
 
 // Dir is the node's pin directory.
@@ -166,6 +167,7 @@ func (n *Node) Program(p Program) (*ebpf.Program, error) {
 type NodeMapHandles struct {
 	FDB      *ebpf.Map // kdp_fdb: guest MAC -> tap
 	ARP      *ebpf.Map // kdp_arp: guest IPv4 -> MAC
+	ND       *ebpf.Map // kdp_nd: guest IPv6 (global, link-local) -> MAC
 	Config   *ebpf.Map // kdp_node_cfg: the uplink (written by Attach)
 	Taps     *ebpf.Map // kdp_node_taps: per-tap counters
 	Counters *ebpf.Map // kdp_node_ctrs: node counters
@@ -174,7 +176,7 @@ type NodeMapHandles struct {
 // Maps returns the node's maps.
 func (n *Node) Maps() NodeMapHandles {
 	o := &n.objs
-	return NodeMapHandles{FDB: o.KdpFdb, ARP: o.KdpArp, Config: o.KdpNodeCfg, Taps: o.KdpNodeTaps, Counters: o.KdpNodeCtrs}
+	return NodeMapHandles{FDB: o.KdpFdb, ARP: o.KdpArp, ND: o.KdpNd, Config: o.KdpNodeCfg, Taps: o.KdpNodeTaps, Counters: o.KdpNodeCtrs}
 }
 
 func (n *Node) linkPin(p Program) string { return filepath.Join(n.dir, linksDir, string(p)) }
@@ -303,7 +305,8 @@ func NodeDirOf(root, nsPath, uplink string) (string, error) {
 }
 
 // OpenNodeMaps opens only the pinned maps of uplink's node collection: no program is loaded
-// and no link touched, for readers such as counters. Program returns nil programs.
+// and no link touched, for readers such as counters (kdp_nd is not opened: Maps().ND is nil).
+// Program returns nil programs.
 func OpenNodeMaps(root, nsPath, uplink string) (*Node, error) {
 	dir, err := nodeDir(root, nsPath, uplink)
 	if err != nil {

@@ -62,6 +62,22 @@ func TestNodeVerdicts(t *testing.T) {
 	if err := n.PutGuest(macB, ipB, tapB); err != nil {
 		t.Fatal(err)
 	}
+	ip6A, ip6B := netip.MustParseAddr("fd00:77::2"), netip.MustParseAddr("fd00:77::3")
+	if err := n.SetND(macA, []netip.Addr{ip6A, maps.LinkLocalOf([6]byte(macA))}); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.SetND(macB, []netip.Addr{ip6B}); err != nil {
+		t.Fatal(err)
+	}
+	ns := func(src net.HardwareAddr, sip, target netip.Addr) []byte {
+		body := make([]byte, 20)
+		tb := target.As16()
+		copy(body[4:], tb[:])
+		body = append(body, ndOpt(1, src)...)
+		sn := solicitedNode(target)
+		b := sn.As16()
+		return ip6Frame(net.HardwareAddr{0x33, 0x33, 0xff, b[13], b[14], b[15]}, src, sip, sn, nil, unix.IPPROTO_ICMPV6, icmp6(135, body))
+	}
 	cfgMAC := [6]byte(hostMAC)
 	type cfg struct {
 		Mac            [6]byte
@@ -97,6 +113,12 @@ func TestNodeVerdicts(t *testing.T) {
 		{"in: arp for an unknown address", in, arpFrame(client, client, netip.MustParseAddr("10.77.0.1"), netip.MustParseAddr("10.77.0.9")), tcxNext, delta{}, delta{}},
 		{"in: broadcast arp reply", in, arpReply, tcxNext, delta{}, delta{}},
 		{"in: truncated arp", in, arpFrame(client, client, netip.MustParseAddr("10.77.0.1"), ipA)[:30], tcxNext, delta{}, delta{}},
+		{"in: NS for A only to A", in, ns(client, netip.MustParseAddr("fd00:77::1"), ip6A), tcxRedirect, delta{1, 1, 0}, delta{}},
+		{"in: NS for A's link-local only to A", in, ns(client, netip.MustParseAddr("fe80::1"), maps.LinkLocalOf([6]byte(macA))), tcxRedirect, delta{1, 1, 0}, delta{}},
+		{"in: NS for B only to B", in, ns(client, netip.MustParseAddr("fd00:77::1"), ip6B), tcxRedirect, delta{}, delta{1, 1, 0}},
+		{"in: NS for an unknown address", in, ns(client, netip.MustParseAddr("fd00:77::1"), netip.MustParseAddr("fd00:77::9")), tcxNext, delta{}, delta{}},
+		{"in: IPv6 unicast to A", in, ip6Frame(macA, client, netip.MustParseAddr("fd00:77::1"), ip6A, nil, unix.IPPROTO_UDP, udp6(8)), tcxRedirect, delta{1, 0, 0}, delta{}},
+		{"out: A's NS for B goes to B", out, ns(macA, ip6A, ip6B), tcxRedirect, delta{}, delta{1, 1, 1}},
 		{"out: A to B stays local", out, unicast(macB, macA), tcxRedirect, delta{}, delta{1, 0, 1}},
 		{"out: A's arp for B goes to B", out, arpFrame(macA, macA, ipA, ipB), tcxRedirect, delta{}, delta{1, 1, 1}},
 		{"out: A to the host turns around", out, unicast(hostMAC, macA), tcxRedirect, delta{}, delta{}},

@@ -23,6 +23,7 @@ type (
 
 	fdbKey   = loader.NodeFdbKey
 	arpEntry = loader.NodeArpEntry
+	ndKey    = loader.NodeNdKey
 )
 
 // Node counters (kdp_node_ctrs), see enum kdp_node_ctr.
@@ -208,4 +209,63 @@ func (n Node) DropStaleARP(mac net.HardwareAddr, keep netip.Addr) error {
 		}
 	}
 	return nil
+}
+
+// SetND makes the node deliver IPv6 neighbour solicitations for addrs (the guest's IPv6
+// address and link-local) to mac's tap, and drops the entries mac owned for other addresses.
+// Addresses another MAC owns are taken over: the MAC's own join checks conflicts.
+func (n Node) SetND(mac net.HardwareAddr, addrs []netip.Addr) error {
+	k, err := newFDBKey(mac)
+	if err != nil {
+		return err
+	}
+	want := map[ndKey]bool{}
+	for _, a := range addrs {
+		w, err := v6(a)
+		if err != nil {
+			return fmt.Errorf("set nd entries of %s: %w", mac, err)
+		}
+		want[ndKey{Addr: w}] = true
+	}
+	var (
+		stale []ndKey
+		nk    ndKey
+		v     arpEntry
+	)
+	it := n.ND.Iterate()
+	for it.Next(&nk, &v) {
+		if v.Mac == k.Mac && !want[nk] {
+			stale = append(stale, nk)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list nd entries: %w", err)
+	}
+	for _, s := range stale {
+		if err := n.ND.Delete(&s); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete nd entry %s: %w", addr6(s.Addr), err)
+		}
+	}
+	for w := range want {
+		if err := n.ND.Put(&w, arpEntry{Mac: k.Mac}); err != nil {
+			return fmt.Errorf("write nd entry %s: %w", addr6(w.Addr), err)
+		}
+	}
+	return nil
+}
+
+// NDOwner returns the MAC whose tap gets solicitations for addr (nil if none).
+func (n Node) NDOwner(addr netip.Addr) (net.HardwareAddr, error) {
+	w, err := v6(addr)
+	if err != nil {
+		return nil, fmt.Errorf("look up nd entry: %w", err)
+	}
+	var e arpEntry
+	if err := n.ND.Lookup(&ndKey{Addr: w}, &e); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("look up nd entry %s: %w", addr, err)
+	}
+	return net.HardwareAddr(e.Mac[:]), nil
 }

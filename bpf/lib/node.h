@@ -31,6 +31,12 @@ struct arp_entry {
 	__u16 pad;
 };
 
+/* A guest IPv6 address (its global one or its link-local) as the key of kdp_nd, whose value is
+ * an arp_entry: neighbour solicitations for it go to that MAC's tap only. */
+struct nd_key {
+	__be32 addr[4];
+};
+
 /* The uplink itself: frames a guest sends to the uplink's own MAC (the host) are turned
  * around into the uplink's ingress instead of leaving on the wire. */
 struct node_cfg {
@@ -45,7 +51,8 @@ struct node_cfg {
 struct node_tap_stats {
 	__u64 packets; /* frames redirected into the tap (unicast and ARP) */
 	__u64 bytes;
-	__u64 arp;     /* of which ARP requests steered to this guest only */
+	__u64 arp;     /* of which ARP requests (and IPv6 neighbour solicitations) steered to this
+			* guest only */
 	__u64 local;   /* of which came from the uplink's egress (another guest or the host) */
 };
 

@@ -104,8 +104,9 @@ static __always_inline __s64 csum_range(struct xdp_md *ctx, __u32 off, __u32 len
 	return sum;
 }
 
-/* xdp_fix_csum completes a partial TCP/UDP checksum of an unfragmented IPv4 frame. It returns
- * -1 when the frame is malformed, 0 otherwise.
+/* xdp_fix_csum completes a partial TCP/UDP checksum of an unfragmented IPv4 frame, or of an
+ * IPv6 frame whose TCP/UDP header follows the IPv6 header (where offload puts it: a socket's
+ * frames carry no extension headers). It returns -1 when the frame is malformed, 0 otherwise.
  *
  * A global (noinline) function: the verifier checks it once, on its own, and its callers only
  * see an integer come back. Inlined, each of the chunk loop's exits would make the verifier
@@ -115,25 +116,49 @@ __attribute__((noinline)) int xdp_fix_csum(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *ip = (void *)(eth + 1);
-	__u32 ihl, l4_off, l4_len, csum_off;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	__u32 l4_off, l4_len, csum_off;
 	__sum16 *check;
 	__u64 pseudo;
 	__u16 partial;
 	__s64 sum;
 	bool udp;
 
-	if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > end)
 		return 0;
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		__u32 ihl;
+
+		if ((void *)(ip + 1) > end)
+			return 0;
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+			return 0;
+		if (ip->frag_off & bpf_htons(0x3fff))
+			return 0; /* fragments carry no (whole) L4 header: offload never applies */
+		udp = ip->protocol == IPPROTO_UDP;
+		ihl = ip->ihl * 4;
+		if (ihl < sizeof(*ip) || bpf_ntohs(ip->tot_len) < ihl)
+			return -1;
+		l4_off = ETH_HLEN + ihl;
+		l4_len = bpf_ntohs(ip->tot_len) - ihl;
+		pseudo = (__u64)ip->saddr + ip->daddr;
+		pseudo += ((__u32)ip->protocol << 8) + bpf_htons((__u16)l4_len);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+			return 0;
+		udp = ip6->nexthdr == IPPROTO_UDP;
+		l4_off = ETH_HLEN + sizeof(*ip6);
+		l4_len = bpf_ntohs(ip6->payload_len);
+		/* The pseudo-header's 32-bit length and next header sum like IPv4's 16-bit ones
+		 * for any length an Ethernet frame can have. */
+		pseudo = (__u64)ip6->saddr[0] + ip6->saddr[1] + ip6->saddr[2] + ip6->saddr[3] + ip6->daddr[0] +
+			 ip6->daddr[1] + ip6->daddr[2] + ip6->daddr[3];
+		pseudo += ((__u32)ip6->nexthdr << 8) + bpf_htons((__u16)l4_len);
+	} else {
 		return 0;
-	if (ip->frag_off & bpf_htons(0x3fff))
-		return 0; /* fragments carry no (whole) L4 header: offload never applies */
-	udp = ip->protocol == IPPROTO_UDP;
-	ihl = ip->ihl * 4;
-	if (ihl < sizeof(*ip) || bpf_ntohs(ip->tot_len) < ihl)
-		return -1;
-	l4_off = ETH_HLEN + ihl;
-	l4_len = bpf_ntohs(ip->tot_len) - ihl;
+	}
 	csum_off = l4_off + (udp ? 6 : 16);
 	if (l4_off > 0xff)
 		return -1;
@@ -143,7 +168,6 @@ __attribute__((noinline)) int xdp_fix_csum(struct xdp_md *ctx)
 	if (udp && *check == 0)
 		return 0; /* no checksum at all */
 
-	pseudo = (__u64)ip->saddr + ip->daddr + ((__u32)ip->protocol << 8) + bpf_htons((__u16)l4_len);
 	partial = csum_fold64(pseudo);
 	if (*check != partial)
 		return 0;

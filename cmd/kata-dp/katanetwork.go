@@ -26,7 +26,7 @@ COMMANDS:
      add-route      add a route to a container
      del-route      delete routes of a container (dest required; device, gateway match any when empty)
      update-routes  replace all routes of a container
-     list-routes    list the routes of a container
+     list-routes    list the routes of a container (IPv4; --all: IPv6 too)
 
 <container-id> is a sandbox id or a unique prefix of one. <file> holds one JSON value ("-" reads
 standard input, at most 1 MiB). On success the result is printed on stdout and the exit code is
@@ -35,6 +35,7 @@ the exit code is 1.
 
 OPTIONS:
    --socket PATH  agent socket (default $KATA_DP_SOCKET or /run/kata-dp/kata-dp.sock)
+   --all          list-routes: IPv6 routes too
 
 EXAMPLES:
    kata-dp kata-network add-iface 6ec7a98 - < iface.json
@@ -126,9 +127,10 @@ EXAMPLE:
    echo '[{"dest":"10.0.0.0/8","device":"eth-test"}]' | kata-dp kata-network update-routes 6ec7a98 -
 `,
 	"list-routes": `USAGE:
-   kata-dp kata-network list-routes <container-id>
+   kata-dp kata-network list-routes [--all] <container-id>
 
-Prints [{"dest","gateway","device"}, ...]; null when there are none.
+Prints [{"dest","gateway","device"}, ...]; null when there are none. Only IPv4 routes, as
+openEuler prints them; --all lists the IPv6 routes too.
 
 EXAMPLE:
    kata-dp kata-network list-routes 6ec7a98
@@ -144,6 +146,7 @@ func runKataNetwork(e *env, args []string) error {
 	fs := e.flagSet("kata-network", kataNetworkUse)
 	fs.Usage = func() { fmt.Fprint(e.stdout, kataNetworkUse) }
 	sock := socketFlag(fs)
+	all := fs.Bool("all", false, "list-routes: list IPv6 routes too")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -182,6 +185,12 @@ func runKataNetwork(e *env, args []string) error {
 			e.stdout.Write(out)
 			return err
 		}
+	}
+	if *all {
+		if op != api.OpListRoutes {
+			return fmt.Errorf("kata-network: --all is an option of list-routes only")
+		}
+		op = api.OpListRoutesAll
 	}
 	out, err := c.KataNetwork(e.ctx, id, op, input)
 	e.stdout.Write(out)

@@ -266,7 +266,35 @@ func statusTable(e *env, st []control.SandboxStatus) error {
 				mode = ep.RunningMode + " (asked " + ep.Mode + ")"
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, ep.NIC, tap, ep.Slot,
-				mode, orDash(ep.Uplink), ep.MAC, orDash(ep.Addr), orDash(ep.PCIAddr), from, to, drops, orDash(ep.Vhost), orDash(ep.Source))
+				mode, orDash(ep.Uplink), ep.MAC, orDash(addrs(ep)), orDash(ep.PCIAddr), from, to, drops, orDash(ep.Vhost), orDash(ep.Source))
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	return routeTable(e, st)
+}
+
+// addrs is a NIC's addresses, IPv4 first.
+func addrs(ep control.EndpointStatus) string {
+	return strings.Trim(ep.Addr+","+ep.Addr6, ",")
+}
+
+// routeTable lists the sandboxes' routes of both families (list-routes shows IPv4 only).
+func routeTable(e *env, st []control.SandboxStatus) error {
+	n := 0
+	for _, s := range st {
+		n += len(s.RouteList)
+	}
+	if n == 0 {
+		return nil
+	}
+	fmt.Fprintln(e.stdout)
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SANDBOX\tDEST\tGATEWAY\tDEVICE")
+	for _, s := range st {
+		for _, r := range s.RouteList {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", s.ID, r.Dest, orDash(r.Gateway), r.Device)
 		}
 	}
 	return tw.Flush()

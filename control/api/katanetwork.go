@@ -20,13 +20,18 @@ const (
 	OpDelRoute     = "del-route"
 	OpUpdateRoutes = "update-routes"
 	OpListRoutes   = "list-routes"
+	// OpListRoutesAll is list-routes --all: the routes of both families (list-routes keeps
+	// openEuler's output, IPv4 only, byte for byte). Not a Kata operation, so not in Ops.
+	OpListRoutesAll = "list-routes-all"
 )
 
 // Ops lists the kata-network operations in the order the help shows them.
 var Ops = []string{OpAddIface, OpDelIface, OpUpdateIface, OpListIfaces, OpAddRoute, OpDelRoute, OpUpdateRoutes, OpListRoutes}
 
 // TakesInput reports whether a kata-network operation reads a network file.
-func TakesInput(op string) bool { return op != OpListIfaces && op != OpListRoutes }
+func TakesInput(op string) bool {
+	return op != OpListIfaces && op != OpListRoutes && op != OpListRoutesAll
+}
 
 // Errors of the kata-network contract.
 var (
@@ -47,7 +52,7 @@ var (
 //   - the list operations print null for an empty list;
 //   - otherwise the operation's result as JSON.
 func KataNetwork(ctx context.Context, c *control.Controller, id, op string, input []byte) (stdout []byte, err error) {
-	if !slices.Contains(Ops, op) {
+	if !slices.Contains(Ops, op) && op != OpListRoutesAll {
 		return nil, fmt.Errorf("%w: %q", ErrUnknownOp, op)
 	}
 	if len(input) > netspec.MaxFileSize {
@@ -110,7 +115,7 @@ func KataNetwork(ctx context.Context, c *control.Controller, id, op string, inpu
 			return out, err
 		}
 		return result(c.UpdateRoutes(ctx, id, rs))
-	default: // OpListRoutes
+	default: // OpListRoutes, OpListRoutesAll
 		routes, err := c.Routes(ctx, id)
 		if err != nil {
 			return netspec.Null, err
@@ -121,7 +126,9 @@ func KataNetwork(ctx context.Context, c *control.Controller, id, op string, inpu
 			if err != nil {
 				continue
 			}
-			if info, ok := netspec.ListRoute(pr); ok {
+			if op == OpListRoutesAll {
+				list = append(list, netspec.ListRouteAll(pr))
+			} else if info, ok := netspec.ListRoute(pr); ok {
 				list = append(list, info)
 			}
 		}

@@ -143,6 +143,34 @@ const (
 	exRouteOK = `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"}]` + "\n"
 )
 
+// TestDualStack: one IPv4 and one IPv6 address per NIC, Family 10 on output, list-ifaces shows
+// both, the dataplane endpoint gets both (a link-local one as the NIC's link-local), and IPv6
+// routes reach the dataplane while list-routes stays IPv4-only.
+func TestDualStack(t *testing.T) {
+	r := newRig(t)
+	r.addSandbox(sbID, "/run/qmp.sock")
+	in := `{"device":"tap-test","name":"eth-test","IPAddresses":[{"address":"172.16.0.3","mask":"16"},{"address":"fd00:5::3","mask":"64"}],"hwAddr":"02:42:20:6f:a3:69","mtu":1500}`
+	r.mustKN(sbID, OpAddIface, in, `{"device":"tap-test","name":"eth-test","IPAddresses":[{"Family":2,"Address":"172.16.0.3","Mask":"16"},{"Family":10,"Address":"fd00:5::3","Mask":"64"}],"mtu":1500,"hwAddr":"02:42:20:6f:a3:69","pciAddr":"02.0/01"}`+"\n")
+	r.mustKN(sbID, OpListIfaces, "", `[{"name":"eth-test","mac":"02:42:20:6f:a3:69","ip":["172.16.0.3/16","fd00:5::3/64"],"mtu":1500}]`+"\n")
+	ep := r.dp.Sandbox(sbID).Endpoints[0]
+	if ep.Addr != netip.MustParsePrefix("172.16.0.3/16") || ep.Addr6 != netip.MustParsePrefix("fd00:5::3/64") || ep.LinkLocal.IsValid() {
+		t.Errorf("endpoint addresses %v %v %v", ep.Addr, ep.Addr6, ep.LinkLocal)
+	}
+	r.mustKN(sbID, OpAddRoute, `{"dest":"default","gateway":"fd00:5::1","device":"eth-test"}`, `[{"dest":"default","gateway":"fd00:5::1","device":"eth-test"}]`+"\n")
+	r.mustKN(sbID, OpListRoutes, "", "null\n")
+	r.mustKN(sbID, OpListRoutesAll, "", `[{"dest":"default","gateway":"fd00:5::1","device":"eth-test"}]`+"\n")
+	if got := r.dp.Sandbox(sbID).Routes; len(got) != 1 || got[0].Dest != netip.MustParsePrefix("::/0") {
+		t.Errorf("dataplane routes %v, want the IPv6 default", got)
+	}
+	// update-iface: an IPv6-only NIC with an explicit link-local.
+	r.mustKN(sbID, OpUpdateIface, `{"name":"eth-test","IPAddresses":[{"address":"fe80::5","mask":"64"}]}`,
+		`{"device":"tap-test","name":"eth-test","IPAddresses":[{"Family":10,"Address":"fe80::5","Mask":"64"}],"mtu":1500,"hwAddr":"02:42:20:6f:a3:69","pciAddr":"02.0/01"}`+"\n")
+	ep = r.dp.Sandbox(sbID).Endpoints[0]
+	if ep.Addr.IsValid() || ep.Addr6.IsValid() || ep.LinkLocal != netip.MustParseAddr("fe80::5") {
+		t.Errorf("endpoint addresses after update %v %v %v", ep.Addr, ep.Addr6, ep.LinkLocal)
+	}
+}
+
 func TestSpecExamples(t *testing.T) {
 	r := newRig(t)
 	r.addSandbox(sbID, "/run/qmp.sock")
@@ -154,7 +182,7 @@ func TestSpecExamples(t *testing.T) {
 	wantEP := control.Endpoint{Sandbox: sbID, NetNS: ctlNS, Slot: 0, NIC: "eth-test", Tap: "tap-test", Uplink: "eth0",
 		MAC: mustMAC("02:42:20:6f:a3:69"), Addr: netip.MustParsePrefix("172.16.0.3/16"), MTU: 1500, Queues: 5,
 		Mode: control.ModeTC, AntiSpoof: true, StrictEgress: true}
-	if d := cmp.Diff(map[uint32]control.Endpoint{0: wantEP}, sb.Endpoints, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); d != "" {
+	if d := cmp.Diff(map[uint32]control.Endpoint{0: wantEP}, sb.Endpoints, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }), cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); d != "" {
 		t.Errorf("dataplane endpoints (-want +got):\n%s", d)
 	}
 	wantRoutes := []control.Route{{Slot: 0, Dest: netip.MustParsePrefix("0.0.0.0/0"), Gateway: netip.MustParseAddr("172.16.0.1")}}
@@ -290,7 +318,10 @@ func TestAddIfaceValidation(t *testing.T) {
 		{"mtu high", map[string]string{"mtu": `9601`}, "mtu 9601 is out of range (46..9600)"},
 		{"bad mac", map[string]string{"hwAddr": `"02:42:zz:6f:a3:69"`}, `hwAddr "02:42:zz:6f:a3:69" is not a valid MAC address`},
 		{"multicast mac", map[string]string{"hwAddr": `"01:00:5e:00:00:01"`}, `hwAddr "01:00:5e:00:00:01" is a multicast address`},
-		{"two IPs", map[string]string{"IPAddresses": `[{"address":"10.0.0.1","mask":"8"},{"address":"10.0.0.2","mask":"8"}]`}, "at most one IP address per NIC (got 2)"},
+		{"two IPs", map[string]string{"IPAddresses": `[{"address":"10.0.0.1","mask":"8"},{"address":"10.0.0.2","mask":"8"}]`}, "at most one IPv4 and one IPv6 address per NIC (got 2 IPv4 addresses)"},
+		{"two IPv6", map[string]string{"IPAddresses": `[{"address":"fd00::1","mask":"64"},{"address":"fd00::2","mask":"64"}]`}, "at most one IPv4 and one IPv6 address per NIC (got 2 IPv6 addresses)"},
+		{"three IPs", map[string]string{"IPAddresses": `[{"address":"10.0.0.1","mask":"8"},{"address":"fd00::2","mask":"64"},{"address":"fd00::3","mask":"64"}]`}, "at most one IPv4 and one IPv6 address per NIC (got 3 addresses)"},
+		{"mask 0", map[string]string{"IPAddresses": `[{"address":"10.0.0.1","mask":"0"}]`}, "mask 0 of IP address 10.0.0.1 is refused: it would take strict egress off"},
 		{"bad IP", map[string]string{"IPAddresses": `[{"address":"10.0.0.256","mask":"8"}]`}, `IP address "10.0.0.256" is not valid`},
 		{"bad mask", map[string]string{"IPAddresses": `[{"address":"10.0.0.1","mask":"33"}]`}, `mask "33" of IP address 10.0.0.1 is not a prefix length (0..32)`},
 		{"no mask", map[string]string{"IPAddresses": `[{"address":"10.0.0.1"}]`}, `mask of IP address 10.0.0.1 is required`},
@@ -323,7 +354,7 @@ func TestAddIfaceValidation(t *testing.T) {
 			if out != "null\n" || msg != tc.want {
 				t.Errorf("add-iface %s:\nstdout %q\nerror  %q\nwant   %q", in, out, msg, tc.want)
 			}
-			if d := cmp.Diff(before, r.dp.Sandbox(sbID), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); d != "" {
+			if d := cmp.Diff(before, r.dp.Sandbox(sbID), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }), cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); d != "" {
 				t.Errorf("dataplane changed (-before +after):\n%s", d)
 			}
 			r.mustKN(sbID, OpListIfaces, "", exList)
@@ -564,9 +595,11 @@ func TestRoutes(t *testing.T) {
 		t.Errorf("duplicate: %q, want %q", msg, want)
 	}
 	r.mustKN(sbID, OpListRoutes, "", `[{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"},{"dest":"10.9.9.9/32","gateway":"","device":"eth-test"},{"dest":"127.0.0.0/8","gateway":"","device":"lo"}]`+"\n")
-	// Only IPv4 routes on NICs reach the dataplane.
-	if got := len(r.dp.Sandbox(sbID).Routes); got != 2 {
-		t.Errorf("dataplane holds %d routes, want 2", got)
+	// list-routes keeps openEuler's output (IPv4 only); --all adds the IPv6 routes.
+	r.mustKN(sbID, OpListRoutesAll, "", `[{"dest":"177.17.0.0/24","gateway":"177.17.25.1","device":"eth-test"},{"dest":"10.9.9.9/32","gateway":"","device":"eth-test"},{"dest":"127.0.0.0/8","gateway":"","device":"lo"},{"dest":"fd00::/64","gateway":"","device":"eth-test"}]`+"\n")
+	// Routes on NICs, of both families, reach the dataplane.
+	if got := len(r.dp.Sandbox(sbID).Routes); got != 3 {
+		t.Errorf("dataplane holds %d routes, want 3", got)
 	}
 	// Fuzzy delete: a gateway that does not match removes nothing; dest alone removes the route.
 	out, msg := r.kn(sbID, OpDelRoute, `{"dest":"177.17.0.0/24","gateway":"177.17.25.2"}`)
@@ -601,8 +634,8 @@ func TestRoutes(t *testing.T) {
 		t.Errorf("update-routes with failing store: %q", out)
 	}
 	r.st.failPut = false
-	if got := len(r.dp.Sandbox(sbID).Routes); got != 0 {
-		t.Errorf("dataplane routes not rolled back: %v", r.dp.Sandbox(sbID).Routes)
+	if got := r.dp.Sandbox(sbID).Routes; len(got) != 1 || got[0].Dest != netip.MustParsePrefix("fd00::/64") {
+		t.Errorf("dataplane routes not rolled back: %v", got)
 	}
 	r.mustKN(sbID, OpUpdateRoutes, `[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"},{"dest":"10.0.0.0/8","device":"eth-test"}]`,
 		`[{"dest":"default","gateway":"172.16.0.1","device":"eth-test"},{"dest":"10.0.0.0/8","device":"eth-test"}]`+"\n")

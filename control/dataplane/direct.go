@@ -45,6 +45,15 @@ func guestOf(ep control.Endpoint) direct.Guest {
 	if ep.Addr.IsValid() && ep.Addr.Addr().Is4() {
 		g.Addr = ep.Addr.Addr()
 	}
+	if ep.Addr6.IsValid() {
+		g.Addrs6 = append(g.Addrs6, ep.Addr6.Addr())
+	}
+	switch {
+	case ep.LinkLocal.IsValid():
+		g.Addrs6 = append(g.Addrs6, ep.LinkLocal)
+	case len(ep.MAC) == 6:
+		g.Addrs6 = append(g.Addrs6, maps.LinkLocalOf([6]byte(ep.MAC)))
+	}
 	return g
 }
 

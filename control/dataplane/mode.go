@@ -196,7 +196,7 @@ func tapEntry(ep control.Endpoint, peer int) (maps.Endpoint, error) {
 	if err := e.SetMAC(ep.MAC); err != nil {
 		return e, err
 	}
-	e.Addr = ep.Addr
+	e.Addr, e.Addr6, e.LinkLocal = ep.Addr, ep.Addr6, ep.LinkLocal
 	if ep.AntiSpoof {
 		e.Flags |= maps.FlagAntiSpoof
 	}

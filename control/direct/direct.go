@@ -34,6 +34,7 @@ type Guest struct {
 	Tap    string           // the guest's tap, beside the uplink
 	MAC    net.HardwareAddr // guest MAC
 	Addr   netip.Addr       // guest IPv4 for ARP steering; zero = none
+	Addrs6 []netip.Addr     // guest IPv6 addresses (global, link-local) for NS steering
 }
 
 // Manager joins guests to uplinks. It serialises changes to node collections, so two
@@ -89,7 +90,12 @@ func (m *Manager) Join(g Guest) (tap, uplink int, err error) {
 	if err := nm.DropStaleARP(g.MAC, g.Addr); err != nil {
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
 	}
+	if err := nm.SetND(g.MAC, g.Addrs6); err != nil {
+		nm.DelGuest(g.MAC, g.Addr, ti.Index)
+		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
+	}
 	if err := n.Attach(); err != nil {
+		nm.SetND(g.MAC, nil)
 		nm.DelGuest(g.MAC, g.Addr, ti.Index)
 		m.removeIfEmpty(nm, g)
 		return 0, 0, fmt.Errorf("join %s to %s: %w", g.Tap, g.Uplink, err)
@@ -158,6 +164,9 @@ func (m *Manager) Leave(g Guest) error {
 			if owner, err := nm.ARPOwner(g.Addr); err == nil && owner.String() == g.MAC.String() {
 				addr = g.Addr
 			}
+		}
+		if err := nm.SetND(g.MAC, nil); err != nil {
+			return fmt.Errorf("leave %s: %w", g.Tap, err)
 		}
 		if err := nm.DelGuest(g.MAC, addr, cur); err != nil {
 			return fmt.Errorf("leave %s: %w", g.Tap, err)

@@ -208,7 +208,8 @@ func parseBits(s string, max int) (int, bool) {
 type Iface struct {
 	Spec   Interface // as given, Family filled in, linkType unchanged
 	MAC    net.HardwareAddr
-	Addr   netip.Prefix // zero when none
+	Addr   netip.Prefix // IPv4; zero when none
+	Addr6  netip.Prefix // IPv6 (a link-local one is the NIC's link-local); zero when none
 	Queues int          // at least 1
 	Uplink string       // the optional "uplink" field
 	Mode   string       // the optional "mode" field (checked by control)
@@ -263,11 +264,11 @@ func ValidateAdd(req AddRequest, vhost VhostChecker) (Iface, error) {
 		}
 	}
 	out := Iface{Spec: in, MAC: mac, Queues: max(in.Queues, 1), Uplink: req.Uplink, Mode: req.Mode, Vhost: req.Vhost}
-	ips, addr, err := validateIPs(in.IPAddresses)
+	ips, addr, addr6, err := validateIPs(in.IPAddresses)
 	if err != nil {
 		return Iface{}, err
 	}
-	out.Spec.IPAddresses, out.Addr = ips, addr
+	out.Spec.IPAddresses, out.Addr, out.Addr6 = ips, addr, addr6
 	if in.VhostUserSocket != "" {
 		if err := ValidVhostSocket(in.VhostUserSocket, vhost); err != nil {
 			return Iface{}, err
@@ -276,19 +277,33 @@ func ValidateAdd(req AddRequest, vhost VhostChecker) (Iface, error) {
 	return out, nil
 }
 
-// validateIPs checks IPAddresses (at most one) and returns a copy with Family filled in.
-func validateIPs(in []*IPAddress) ([]*IPAddress, netip.Prefix, error) {
-	if len(in) > 1 {
-		return nil, netip.Prefix{}, invalid("at most one IP address per NIC (got %d)", len(in))
+// validateIPs checks IPAddresses (at most one IPv4 and one IPv6 address) and returns a copy
+// with Family filled in, and the addresses by family (zero when none). A mask of 0 is refused:
+// the NIC's prefix is where strict egress lets the guest send without a route, and /0 would
+// let it send anywhere.
+func validateIPs(in []*IPAddress) (ips []*IPAddress, v4, v6 netip.Prefix, err error) {
+	if len(in) > 2 {
+		return nil, v4, v6, invalid("at most one IPv4 and one IPv6 address per NIC (got %d addresses)", len(in))
 	}
-	if len(in) == 0 {
-		return nil, netip.Prefix{}, nil
+	for _, a := range in {
+		p, fam, err := ParseIPAddress(a)
+		if err != nil {
+			return nil, netip.Prefix{}, netip.Prefix{}, err
+		}
+		if p.Bits() == 0 {
+			return nil, netip.Prefix{}, netip.Prefix{}, invalid("mask 0 of IP address %s is refused: it would take strict egress off", a.Address)
+		}
+		name, dst := "IPv4", &v4
+		if fam == FamilyIPv6 {
+			name, dst = "IPv6", &v6
+		}
+		if dst.IsValid() {
+			return nil, netip.Prefix{}, netip.Prefix{}, invalid("at most one IPv4 and one IPv6 address per NIC (got 2 %s addresses)", name)
+		}
+		*dst = p
+		ips = append(ips, &IPAddress{Family: fam, Address: a.Address, Mask: a.Mask})
 	}
-	p, fam, err := ParseIPAddress(in[0])
-	if err != nil {
-		return nil, netip.Prefix{}, err
-	}
-	return []*IPAddress{{Family: fam, Address: in[0].Address, Mask: in[0].Mask}}, p, nil
+	return ips, v4, v6, nil
 }
 
 // ValidVhostSocket checks a vhostUserSocket path: at most 128 bytes, a file name that starts
@@ -320,8 +335,9 @@ func isLetter(c byte) bool { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 
 // Update is a validated update-iface request.
 type Update struct {
 	Name        string
-	IPAddresses []*IPAddress // Family filled in; nil removes the address
-	Addr        netip.Prefix
+	IPAddresses []*IPAddress // Family filled in; nil removes the addresses
+	Addr        netip.Prefix // IPv4; zero when none
+	Addr6       netip.Prefix // IPv6; zero when none
 }
 
 // ValidateUpdate checks an update-iface request: only name and IPAddresses may be set.
@@ -333,11 +349,11 @@ func ValidateUpdate(in Interface) (Update, error) {
 	if err := ValidName("name", in.Name); err != nil {
 		return Update{}, err
 	}
-	ips, addr, err := validateIPs(in.IPAddresses)
+	ips, addr, addr6, err := validateIPs(in.IPAddresses)
 	if err != nil {
 		return Update{}, err
 	}
-	return Update{Name: in.Name, IPAddresses: ips, Addr: addr}, nil
+	return Update{Name: in.Name, IPAddresses: ips, Addr: addr, Addr6: addr6}, nil
 }
 
 // ParsedRoute is a validated route.
@@ -470,11 +486,18 @@ func (f RouteFilter) Match(r ParsedRoute) bool {
 }
 
 // ListRoute renders a route the way list-routes prints it: canonical prefix, "default" for an
-// empty destination. ok is false for IPv6 routes, which list-routes drops.
+// empty destination. ok is false for IPv6 routes, which list-routes drops as openEuler does
+// (ListRouteAll keeps them).
 func ListRoute(r ParsedRoute) (RouteInfo, bool) {
 	if !r.Dest.Addr().Is4() {
 		return RouteInfo{}, false
 	}
+	return ListRouteAll(r), true
+}
+
+// ListRouteAll renders a route of either family for list-routes --all; a default route is
+// "default" in both (its gateway tells the family).
+func ListRouteAll(r ParsedRoute) RouteInfo {
 	info := RouteInfo{Dest: r.Dest.String(), Device: r.Spec.Device}
 	if r.Dest.Bits() == 0 {
 		info.Dest = DefaultRouteDest
@@ -482,7 +505,7 @@ func ListRoute(r ParsedRoute) (RouteInfo, bool) {
 	if r.Gateway.IsValid() {
 		info.Gateway = r.Gateway.String()
 	}
-	return info, true
+	return info
 }
 
 // ListIface renders an interface the way list-ifaces prints it.

@@ -145,11 +145,28 @@ func FuzzAddIface(f *testing.F) {
 			}
 			return
 		}
-		if v.Queues < 1 || v.Queues > MaxQueues || len(v.MAC) != 6 || len(v.Spec.IPAddresses) > 1 {
+		if v.Queues < 1 || v.Queues > MaxQueues || len(v.MAC) != 6 || len(v.Spec.IPAddresses) > 2 {
 			t.Fatalf("accepted %+v", v)
 		}
-		if len(v.Spec.IPAddresses) == 1 && (!v.Addr.IsValid() || v.Spec.IPAddresses[0].Family == 0) {
+		n := 0
+		for _, p := range []netip.Prefix{v.Addr, v.Addr6} {
+			if p.IsValid() {
+				n++
+				if p.Bits() == 0 {
+					t.Fatalf("accepted mask 0: %+v", v)
+				}
+			}
+		}
+		if v.Addr.IsValid() && !v.Addr.Addr().Is4() || v.Addr6.IsValid() && !v.Addr6.Addr().Is6() {
+			t.Fatalf("address of the wrong family: %+v", v)
+		}
+		if n != len(v.Spec.IPAddresses) {
 			t.Fatalf("accepted address without family or prefix: %+v", v)
+		}
+		for _, a := range v.Spec.IPAddresses {
+			if a.Family == 0 {
+				t.Fatalf("accepted address without family: %+v", v)
+			}
 		}
 		var again AddRequest
 		if err := Decode(Encode(v.Spec), &again); err != nil {
