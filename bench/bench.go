@@ -76,7 +76,7 @@ var DefaultModes = modeNames(func(modeDef) bool { return true })
 // (direct) to stay under two minutes.
 var quickModes = modeNames(func(m modeDef) bool { return !m.slow })
 
-var quickCases = []string{"h2g-64", "g2h-64", "lat-block", "lat-busy"}
+var quickCases = []string{"h2g-64", "g2h-64", "h2g6-64", "g2h6-64", "lat-block", "lat-busy"}
 
 // Main runs `kata-dp bench` with args (without the program and subcommand
 // names), writing the report to stdout and progress to stderr.

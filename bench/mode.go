@@ -178,7 +178,7 @@ func setupKataDPMonitored(e *env, mode string, mon maps.MonitorFlags) error {
 	const id = "bench"
 	ep := control.Endpoint{
 		Sandbox: id, NetNS: e.s.NS.Path(), NIC: "eth0", Tap: e.s.Config.Tap, Uplink: e.s.Config.Veth,
-		MAC: e.s.GuestMAC, Addr: e.s.GuestAddr, MTU: e.s.Config.MTU, Queues: 1, Mode: mode,
+		MAC: e.s.GuestMAC, Addr: e.s.GuestAddr, Addr6: guest6, MTU: e.s.Config.MTU, Queues: 1, Mode: mode,
 		AntiSpoof: true, StrictEgress: true,
 	}
 	if m.Family() == dataplane.FamilyNode {

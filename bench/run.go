@@ -35,6 +35,30 @@ type caseDef struct {
 	busy    bool
 	// sock: the host sends from a plain UDP socket instead of AF_PACKET.
 	sock bool
+	// v6: IPv6 frames (host6 <-> guest6) instead of IPv4.
+	v6 bool
+}
+
+// The IPv6 addresses of the v6 cases: the guest's is on its endpoint (bench/mode.go), so the
+// checks and strict egress pass the frames as they pass the IPv4 ones.
+var (
+	host6  = netip.MustParseAddr("fd00:199::1")
+	guest6 = netip.MustParsePrefix("fd00:199::2/64")
+)
+
+// udpFrame is the case's frame from (srcMAC, src port sport) to (dstMAC, dport), IPv4 or
+// IPv6; toGuest says which way.
+func udpFrame(e *env, c caseDef, toGuest bool) []byte {
+	s := e.s
+	hostIP, guestIP := s.HostAddr.Addr(), s.GuestAddr.Addr()
+	build := guestemu.UDPFrame
+	if c.v6 {
+		hostIP, guestIP, build = host6, guest6.Addr(), guestemu.UDP6Frame
+	}
+	if toGuest {
+		return build(e.hostMAC, e.guestMAC, netip.AddrPortFrom(hostIP, 40000), netip.AddrPortFrom(guestIP, 40001), payloadOf(c.payload))
+	}
+	return build(e.guestMAC, e.hostMAC, netip.AddrPortFrom(guestIP, 40001), netip.AddrPortFrom(hostIP, 40000), payloadOf(c.payload))
 }
 
 var allCases = []caseDef{
@@ -43,6 +67,8 @@ var allCases = []caseDef{
 	{name: "h2g-udp-64", dir: h2g, payload: 64, sock: true},
 	{name: "g2h-64", dir: g2h, payload: 64},
 	{name: "g2h-1400", dir: g2h, payload: 1400},
+	{name: "h2g6-64", dir: h2g, payload: 64, v6: true},
+	{name: "g2h6-64", dir: g2h, payload: 64, v6: true},
 	{name: "lat-block", dir: rr, payload: 64},
 	{name: "lat-busy", dir: rr, payload: 64, busy: true},
 }
@@ -256,7 +282,7 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 		return err
 	}
 	defer emu.Close()
-	frame := guestemu.UDPFrame(e.hostMAC, e.guestMAC, netip.AddrPortFrom(s.HostAddr.Addr(), 40000), netip.AddrPortFrom(s.GuestAddr.Addr(), 40001), payloadOf(c.payload))
+	frame := udpFrame(e, c, true)
 	a, err := r.snap(e, emu, tids)
 	if err != nil {
 		return err
@@ -311,7 +337,7 @@ func (r *runner) oneWayG2H(ctx context.Context, e *env, m modeDef, c caseDef, sm
 		return err
 	}
 	defer sinkLink.Close()
-	frame := guestemu.UDPFrame(e.guestMAC, e.hostMAC, netip.AddrPortFrom(s.GuestAddr.Addr(), 40001), netip.AddrPortFrom(s.HostAddr.Addr(), 40000), payloadOf(c.payload))
+	frame := udpFrame(e, c, false)
 	a, err := r.snap(e, nil, nil)
 	if err != nil {
 		return err
