@@ -64,6 +64,12 @@ func checkFamily(p netip.Prefix) error {
 	return nil
 }
 
+// LinkLocalOf is the modified EUI-64 link-local address of mac (RFC 4291 appendix A): the one a
+// guest forms by default, and the one the datapath accepts when no link-local is configured.
+func LinkLocalOf(mac [6]byte) netip.Addr {
+	return netip.AddrFrom16([16]byte{0: 0xfe, 1: 0x80, 8: mac[0] ^ 2, 9: mac[1], 10: mac[2], 11: 0xff, 12: 0xfe, 13: mac[3], 14: mac[4], 15: mac[5]})
+}
+
 // v6 encodes a, which must be an IPv6 address (not an IPv4-mapped one), as the four __be32
 // words of an in6_addr.
 func v6(a netip.Addr) ([4]uint32, error) {
@@ -107,10 +113,4 @@ func leadingOnes(m netip.Addr) int {
 		}
 	}
 	return n
-}
-
-// LinkLocalOf is the modified EUI-64 link-local address of mac (RFC 4291 appendix A): the one a
-// guest forms by default, and the one the datapath accepts when no link-local is configured.
-func LinkLocalOf(mac [6]byte) netip.Addr {
-	return netip.AddrFrom16([16]byte{0: 0xfe, 1: 0x80, 8: mac[0] ^ 2, 9: mac[1], 10: mac[2], 11: 0xff, 12: 0xfe, 13: mac[3], 14: mac[4], 15: mac[5]})
 }
