@@ -188,6 +188,11 @@ type NodeLbSvcKey struct {
 	Slot  uint32
 }
 
+type NodeNdKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
 type NodeNodeCfg struct {
 	_       structs.HostLayout
 	Mac     [6]uint8
@@ -223,6 +228,7 @@ const (
 	NodeMapKdpLbStats     = "kdp_lb_stats"
 	NodeMapKdpLbSvc       = "kdp_lb_svc"
 	NodeMapKdpLbSvc6      = "kdp_lb_svc6"
+	NodeMapKdpNd          = "kdp_nd"
 	NodeMapKdpNodeCfg     = "kdp_node_cfg"
 	NodeMapKdpNodeCtrs    = "kdp_node_ctrs"
 	NodeMapKdpNodeTaps    = "kdp_node_taps"
@@ -297,6 +303,7 @@ type NodeMapSpecs struct {
 	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
 	KdpLbSvc6     *ebpf.MapSpec `ebpf:"kdp_lb_svc6"`
+	KdpNd         *ebpf.MapSpec `ebpf:"kdp_nd"`
 	KdpNodeCfg    *ebpf.MapSpec `ebpf:"kdp_node_cfg"`
 	KdpNodeCtrs   *ebpf.MapSpec `ebpf:"kdp_node_ctrs"`
 	KdpNodeTaps   *ebpf.MapSpec `ebpf:"kdp_node_taps"`
@@ -343,6 +350,7 @@ type NodeMaps struct {
 	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.Map `ebpf:"kdp_lb_svc"`
 	KdpLbSvc6     *ebpf.Map `ebpf:"kdp_lb_svc6"`
+	KdpNd         *ebpf.Map `ebpf:"kdp_nd"`
 	KdpNodeCfg    *ebpf.Map `ebpf:"kdp_node_cfg"`
 	KdpNodeCtrs   *ebpf.Map `ebpf:"kdp_node_ctrs"`
 	KdpNodeTaps   *ebpf.Map `ebpf:"kdp_node_taps"`
@@ -365,6 +373,7 @@ func (m *NodeMaps) Close() error {
 		m.KdpLbStats,
 		m.KdpLbSvc,
 		m.KdpLbSvc6,
+		m.KdpNd,
 		m.KdpNodeCfg,
 		m.KdpNodeCtrs,
 		m.KdpNodeTaps,
