@@ -299,3 +299,42 @@ func TestMonitorEveryDropClass(t *testing.T) {
 		}
 	}
 }
+
+// TestMonitorLB6: a new connection to an IPv6 service is reported with the VIP and the IPv6
+// real server chosen.
+func TestMonitorLB6(t *testing.T) {
+	needRoot(t)
+	sb := openSandbox(t, testRoot(t), "monlb6")
+	m := sb.Maps()
+	if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
+		t.Fatal(err)
+	}
+	r := &lbRig{lb: maps.ForSandbox(m).LB, eps: maps.ForSandbox(m).Endpoints}
+	r.tapIn, _ = sb.Program(loader.ProgTapIn)
+	rd, err := ringbuf.NewReader(m.MonEvents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	if err := (maps.MonitorConfig{Map: m.Mon}).Set(maps.MonitorLB, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	vip6 := netip.MustParseAddrPort("[2001:db8::10]:80")
+	server := netip.MustParseAddrPort("[fd00::4]:8080")
+	client6 := netip.MustParseAddrPort("[fd00:1::2]:40000")
+	if err := r.lb.PutBackend(61, maps.Backend{Addr: server, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip6, Proto: unix.IPPROTO_TCP, ID: 60, Sched: maps.SchedRR, Slots: []uint32{61}}); err != nil {
+		t.Fatal(err)
+	}
+	r.fromGuest6(t, lbFrame6(unix.IPPROTO_TCP, guestMAC, client6, vip6, 0x02, 0))
+	ev := drain(t, rd)
+	if len(ev) != 1 {
+		t.Fatalf("%d events, want 1: %+v", len(ev), ev)
+	}
+	e := ev[0]
+	if e.Type != maps.EventLB || e.Src != client6 || e.Dst != vip6 || e.Server != server || e.Ethertype != unix.ETH_P_IPV6 || e.Proto != unix.IPPROTO_TCP {
+		t.Errorf("lb event %+v, want %v -> %v via %v", e, client6, vip6, server)
+	}
+}

@@ -46,10 +46,11 @@
 #define KDP_LB_CT_SIZE 16384        /* default; loader.Options.CTSize resizes it per sandbox */
 #define KDP_LB_AFF_SIZE 8192
 /* KDP_LB_NEW_CONN is called for each new connection with the flow before the NAT and the real
- * server chosen; the sandbox datapath defines it to report the connection to the monitor
- * (lib/monitor.h), other users of this file get nothing. */
+ * server chosen (addr: its 4 address bytes, or 16 when the constant v6 is true); the sandbox
+ * datapath defines it to report the connection to the monitor (lib/monitor.h), other users of
+ * this file get nothing. */
 #ifndef KDP_LB_NEW_CONN
-#define KDP_LB_NEW_CONN(ctx, xdp, len, f, ip, port) do { } while (0)
+#define KDP_LB_NEW_CONN(ctx, xdp, len, f, addr, port, v6) do { } while (0)
 #endif
 #define KDP_LB_MAX_SCAN 64          /* real servers the least-connection schedulers compare */
 #define KDP_LB_HASH_BUCKETS 256     /* sh/dh table size (IP_VS_SH_TAB_SIZE) */
@@ -728,6 +729,7 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 			sc->ne.state = KDP_CT_TCP_FIN;
 		sc->ne.backend = be_id;
 		sc->ne.svc = m->id;
+		KDP_LB_NEW_CONN(ctx, xdp, len, f, be->ip, be->port, true);
 
 		__builtin_memset(&sc->rk, 0, sizeof(sc->rk));
 		__builtin_memcpy(sc->rk.saddr, be->ip, 16);
@@ -917,7 +919,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		st = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 		if (st)
 			__sync_fetch_and_add(&st->conns, 1);
-		KDP_LB_NEW_CONN(ctx, xdp, len, f, be->ip, be->port);
+		KDP_LB_NEW_CONN(ctx, xdp, len, f, &be->ip, be->port, false);
 	}
 
 nat:

@@ -227,9 +227,10 @@ static __always_inline void mon_trace(void *ctx, const bool xdp, __u32 slot, __u
 }
 
 /* mon_lb reports a new load-balanced connection: f is the flow before the NAT (daddr/dport:
- * the VIP), ip/port the real server chosen. */
-static __always_inline void mon_lb(void *ctx, const bool xdp, __u32 len, const struct flow *f, __be32 ip,
-				   __be16 port)
+ * the VIP), addr/port the real server chosen (16 address bytes when the constant v6 is true,
+ * else 4). */
+static __always_inline void mon_lb(void *ctx, const bool xdp, __u32 len, const struct flow *f, const void *addr,
+				   __be16 port, const bool v6)
 {
 	struct mon_cfg *c = mon_wanted(KDP_MON_F_LB);
 	struct mon_event *e;
@@ -250,14 +251,19 @@ static __always_inline void mon_lb(void *ctx, const bool xdp, __u32 len, const s
 	e->suppressed = suppressed;
 	e->type = KDP_MON_LB;
 	e->dir = KDP_DIR_FROM_GUEST;
-	e->ethertype = bpf_htons(ETH_P_IP);
 	e->family = f->family;
 	e->proto = f->proto;
-	__builtin_memcpy(e->saddr, &f->saddr, 4);
-	__builtin_memcpy(e->daddr, &f->daddr, 4);
+	__builtin_memcpy(e->saddr, &f->saddr, sizeof(f->saddr) < 16 ? sizeof(f->saddr) : 16);
+	__builtin_memcpy(e->daddr, &f->daddr, sizeof(f->daddr) < 16 ? sizeof(f->daddr) : 16);
 	e->sport = f->sport;
 	e->dport = f->dport;
-	__builtin_memcpy(e->raddr, &ip, 4);
+	if (v6) {
+		e->ethertype = bpf_htons(ETH_P_IPV6);
+		__builtin_memcpy(e->raddr, addr, 16);
+	} else {
+		e->ethertype = bpf_htons(ETH_P_IP);
+		__builtin_memcpy(e->raddr, addr, 4);
+	}
 	e->rport = port;
 	bpf_ringbuf_submit(e, 0);
 }
