@@ -43,6 +43,10 @@ type Config struct {
 	// OnSandboxAdded, when set, is called after a sandbox was registered, so node work that
 	// watches sandboxes (netmon) starts on it. It must not block.
 	OnSandboxAdded func(sb Sandbox)
+	// OnSandboxReadopted, when set, is called after RetryUnhealthy re-adopted a sandbox that
+	// New could not, so state kept outside the controller for it (its kata-ipvs rules, which
+	// could not be pushed while it was down) is pushed now. It runs without the sandbox's lock.
+	OnSandboxReadopted func(id string)
 	// Now is the clock of RetryUnhealthy's backoff; nil uses time.Now (a seam for tests).
 	Now func() time.Time
 }
@@ -262,6 +266,9 @@ func (c *Controller) RetryUnhealthy(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("sandbox %s: %w", e.sb.ID, err))
 		} else {
 			c.log.Info("sandbox healthy again: re-adopted", "sandbox", e.sb.ID)
+			if c.cfg.OnSandboxReadopted != nil {
+				c.cfg.OnSandboxReadopted(e.sb.ID)
+			}
 		}
 	}
 	return errors.Join(errs...)

@@ -81,9 +81,10 @@ func TestUnhealthyRetried(t *testing.T) {
 		t.Fatal(err)
 	}
 	var (
-		mu    sync.Mutex
-		nsUp  bool
-		clock = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+		mu        sync.Mutex
+		nsUp      bool
+		readopted []string
+		clock     = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	)
 	c, err = control.New(context.Background(), control.Config{Dataplane: w.dp, Taps: w.taps, Store: s,
 		CheckNetNS: func(string) error {
@@ -94,8 +95,9 @@ func TestUnhealthyRetried(t *testing.T) {
 			}
 			return nil
 		},
-		Now:    func() time.Time { mu.Lock(); defer mu.Unlock(); return clock },
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		Now:                func() time.Time { mu.Lock(); defer mu.Unlock(); return clock },
+		OnSandboxReadopted: func(id string) { mu.Lock(); readopted = append(readopted, id); mu.Unlock() },
+		Logger:             slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,6 +131,11 @@ func TestUnhealthyRetried(t *testing.T) {
 	if u := c.Unhealthy(); len(u) != 0 {
 		t.Errorf("unhealthy after re-adoption: %v", u)
 	}
+	mu.Lock()
+	if len(readopted) != 1 || readopted[0] != "late1" {
+		t.Errorf("OnSandboxReadopted calls %v, want [late1] (once, after the successful retry)", readopted)
+	}
+	mu.Unlock()
 	if _, err := c.Health(context.Background(), "late1"); err != nil {
 		t.Errorf("health after re-adoption: %v", err)
 	}

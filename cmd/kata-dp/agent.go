@@ -181,6 +181,14 @@ func agent(e *env, o agentOptions) (err error) {
 			if mon != nil {
 				mon.Sync()
 			}
+		},
+		OnSandboxReadopted: func(id string) {
+			if lbm == nil {
+				return
+			}
+			if err := lbm.Reinstall(ctx, id); err != nil {
+				log.Error("re-adopted sandbox without its kata-ipvs rules", "sandbox", id, "err", err)
+			}
 		}}
 	if deps.Hotplug != nil {
 		cfg.Hotplug = met.Hotplug(deps.Hotplug)

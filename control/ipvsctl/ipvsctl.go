@@ -160,6 +160,22 @@ func (m *Manager) commit(ctx context.Context, id string, old, next *ipvs.Table, 
 	return nil
 }
 
+// Reinstall pushes sandbox id's saved rules to the dataplane again. The agent calls it when a
+// sandbox it could not re-adopt at start (so New could not push its rules) has been re-adopted:
+// without it the sandbox would come back healthy with an empty load balancer while its rules
+// are still listed and saved.
+func (m *Manager) Reinstall(ctx context.Context, id string) error {
+	t, unlock := m.lock(id)
+	defer unlock()
+	if len(t.Services) == 0 {
+		return nil
+	}
+	if err := m.lb.RestoreLB(ctx, id, t); err != nil {
+		return fmt.Errorf("kata-ipvs: reinstall the rules of sandbox %s: %w", id, err)
+	}
+	return nil
+}
+
 // Ipvsadm runs one `kata-ipvs ipvsadm --parameters` command for sandbox id and returns what
 // ipvsadm would print.
 func (m *Manager) Ipvsadm(ctx context.Context, id, params string) (string, error) {

@@ -202,3 +202,61 @@ func TestNewSurvivesBadTables(t *testing.T) {
 		t.Errorf("after Forget: %v", keys)
 	}
 }
+
+// lbDown is a dataplane in which the sandboxes in down cannot be reached (not re-adopted yet).
+type lbDown struct {
+	*fakeLB
+	down map[string]bool
+}
+
+func (f lbDown) RestoreLB(ctx context.Context, id string, t *ipvs.Table) error {
+	if f.down[id] {
+		return errors.New("restore lb: no such sandbox: " + id)
+	}
+	return f.fakeLB.RestoreLB(ctx, id, t)
+}
+
+// TestReinstallAfterReadoption: the rules of a sandbox the dataplane could not take at start
+// reach it once the sandbox is re-adopted (the agent calls Reinstall then); a sandbox without
+// rules is left alone.
+func TestReinstallAfterReadoption(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sbs := []control.Sandbox{{ID: "late"}, {ID: "empty"}}
+	first, err := ipvsctl.New(ctx, &fakeLB{pushed: map[string]string{}}, st, resolver("late", "empty"), sbs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := first.Ipvsadm(ctx, "late", "-A -t 10.0.0.1:80 -s rr -p 300"); err != nil {
+		t.Fatal(err)
+	}
+	want := first.Table("late").Save()
+
+	lb := lbDown{&fakeLB{pushed: map[string]string{}}, map[string]bool{"late": true}}
+	m, err := ipvsctl.New(ctx, lb, st, resolver("late", "empty"), sbs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := lb.pushed["late"]; ok {
+		t.Fatal("pushed to a sandbox that is down")
+	}
+	if err := m.Reinstall(ctx, "late"); err == nil || !strings.Contains(err.Error(), "late") {
+		t.Errorf("Reinstall while still down: %v, want an error naming the sandbox", err)
+	}
+	delete(lb.down, "late")
+	if err := m.Reinstall(ctx, "late"); err != nil {
+		t.Fatalf("Reinstall: %v", err)
+	}
+	if lb.pushed["late"] != want {
+		t.Errorf("dataplane after Reinstall %q, want %q", lb.pushed["late"], want)
+	}
+	if err := m.Reinstall(ctx, "empty"); err != nil {
+		t.Errorf("Reinstall of a sandbox without rules: %v", err)
+	}
+	if _, ok := lb.pushed["empty"]; ok {
+		t.Error("Reinstall pushed an empty table")
+	}
+}
