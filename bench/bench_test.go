@@ -187,4 +187,35 @@ func TestReport(t *testing.T) {
 			t.Errorf("markdown lacks %q:\n%s", s, md.String())
 		}
 	}
+	if strings.Contains(md.String(), "xMVT") {
+		t.Errorf("an xMVT column without macvtap in the run:\n%s", md.String())
+	}
+}
+
+// TestReportMacvtapRatio: with macvtap in the run every row gets its ratio to macvtap (xMVT)
+// beside the one to tcfilter.
+func TestReportMacvtapRatio(t *testing.T) {
+	o := Options{Modes: []string{"tcfilter", "tc", "macvtap", "ref-drop"}, Rounds: 1, Output: "table", CPUGen: 0, CPUGuest: 1, Duration: time.Second, Requests: 10, Cases: []string{"h2g-64"}}
+	if err := o.validate(); err != nil {
+		t.Fatal(err)
+	}
+	r := newReport(o)
+	for mode, pps := range map[string]float64{"tcfilter": 100e3, "tc": 120e3, "macvtap": 150e3, "ref-drop": 1e6} {
+		r.Samples = append(r.Samples, Sample{Mode: mode, Case: "h2g-64", Values: map[string]float64{"pps": pps, "cpu_ns": 500}})
+	}
+	r.finish()
+	for _, x := range r.Results {
+		if x.Mode == "tc" && x.Metric == "pps" && (x.Ratio != 1.2 || x.RatioMacvtap != 0.8) {
+			t.Errorf("tc pps ratios %v / %v, want 1.2 to tcfilter and 0.8 to macvtap", x.Ratio, x.RatioMacvtap)
+		}
+	}
+	var md bytes.Buffer
+	if err := r.Markdown(&md); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"xMVT: median / macvtap's median", "| frames/s | xTCF | xMVT |", "| tc | 120k [120k..120k] | 1.20 | 0.80 |", "| macvtap | 150k [150k..150k] | 1.50 | 1.00 |"} {
+		if !strings.Contains(md.String(), s) {
+			t.Errorf("markdown lacks %q:\n%s", s, md.String())
+		}
+	}
 }

@@ -74,6 +74,9 @@ type Result struct {
 	Max    float64 `json:"max"`
 	// Ratio is Median over tcfilter's median (0 when there is none).
 	Ratio float64 `json:"ratio_to_tcfilter,omitempty"`
+	// RatioMacvtap is Median over macvtap's median (0 when macvtap did not run): macvtap is
+	// Kata's older and fastest model, the bar kata-dp's modes are held to beside tcfilter.
+	RatioMacvtap float64 `json:"ratio_to_macvtap,omitempty"`
 	// Runs counts the samples used; Flagged those left out.
 	Runs    int `json:"runs"`
 	Flagged int `json:"flagged"`
@@ -233,8 +236,14 @@ func (r *Report) finish() *Report {
 	for i := range r.Results {
 		x := &r.Results[i]
 		for _, y := range r.Results {
-			if y.Mode == "tcfilter" && y.Case == x.Case && y.Metric == x.Metric && y.Median != 0 {
+			if y.Case != x.Case || y.Metric != x.Metric || y.Median == 0 {
+				continue
+			}
+			switch y.Mode {
+			case "tcfilter":
 				x.Ratio = x.Median / y.Median
+			case "macvtap":
+				x.RatioMacvtap = x.Median / y.Median
 			}
 		}
 	}
@@ -346,22 +355,40 @@ func num(v float64, unit string) string {
 }
 
 // Markdown writes the report as Markdown tables, one per case: median
-// [min..max] of every metric and its ratio to tcfilter.
+// [min..max] of every metric and its ratio to tcfilter (and to macvtap when it ran).
 func (r *Report) Markdown(w io.Writer) error {
 	b := &strings.Builder{}
+	mvt := slices.Contains(r.Modes, "macvtap")
 	fmt.Fprintf(b, "# kata-dp bench\n\n`%s`\n\n", r.Command)
 	fmt.Fprintf(b, "Machine: %s, %d CPUs (%s), kernel %s, %s. %d rounds, modes interleaved, fresh topology per run; took %s.\n\n",
 		r.Machine.CPU, r.Machine.CPUs, r.Machine.Go, r.Machine.Kernel, r.Machine.Date, r.Rounds, r.Elapsed)
-	fmt.Fprintf(b, "Cells: median [min..max] over unflagged runs; xTCF: median / tcfilter's median. fwd CPU: sender + ksoftirqd CPU per frame minus ref-drop's.\n\n")
+	b.WriteString("Cells: median [min..max] over unflagged runs; xTCF: median / tcfilter's median")
+	if mvt {
+		b.WriteString("; xMVT: median / macvtap's median")
+	}
+	b.WriteString(". fwd CPU: sender + ksoftirqd CPU per frame minus ref-drop's.\n\n")
+	ratio := func(row *strings.Builder, v float64, m string) {
+		if v != 0 && m != "loss_pct" {
+			fmt.Fprintf(row, " %.2f |", v)
+		} else {
+			row.WriteString(" - |")
+		}
+	}
 	for _, c := range r.cases {
 		metrics := caseMetrics(c)
 		fmt.Fprintf(b, "## %s: %s\n\n| mode |", c.name, caseTitle(c))
 		for _, m := range metrics {
 			fmt.Fprintf(b, " %s | xTCF |", metricDefs[m].title)
+			if mvt {
+				b.WriteString(" xMVT |")
+			}
 		}
 		b.WriteString(" runs (flagged) |\n|---|")
 		for range metrics {
 			b.WriteString("---:|---:|")
+			if mvt {
+				b.WriteString("---:|")
+			}
 		}
 		b.WriteString("---:|\n")
 		for _, mode := range r.Modes {
@@ -373,16 +400,18 @@ func (r *Report) Markdown(w io.Writer) error {
 				x, ok := r.result(mode, c.name, m)
 				if !ok {
 					row.WriteString(" - | - |")
+					if mvt {
+						row.WriteString(" - |")
+					}
 					continue
 				}
 				any = true
 				runs, flagged = max(runs, x.Runs), max(flagged, x.Flagged)
 				u := metricDefs[m].unit
 				fmt.Fprintf(row, " %s [%s..%s] |", num(x.Median, u), num(x.Min, u), num(x.Max, u))
-				if x.Ratio != 0 && m != "loss_pct" {
-					fmt.Fprintf(row, " %.2f |", x.Ratio)
-				} else {
-					row.WriteString(" - |")
+				ratio(row, x.Ratio, m)
+				if mvt {
+					ratio(row, x.RatioMacvtap, m)
 				}
 			}
 			fmt.Fprintf(row, " %d (%d) |\n", runs, flagged)
