@@ -47,6 +47,43 @@ type Store interface {
 	Load() (map[string][]byte, error)
 }
 
+// Journal is implemented by stores that keep a log of small changes beside each value
+// (control/store does). With it an edit confined to one service appends one record (a few
+// bytes, one fsync) instead of saving the whole table (about 2 MB of JSON at 20000 rules):
+// that save, not the datapath, was what made an edit at 20000 rules take 15 ms. The table is
+// written whole on the first save of a sandbox, by commands that change more than one service
+// (--restore, --clear, --set), and after JournalMax records.
+type Journal interface {
+	Append(key string, rec []byte) error
+	Journal(key string) ([][]byte, error)
+	DropJournal(key string) error
+}
+
+// JournalMax is how many records a sandbox's journal takes before the table is written whole
+// again: it bounds the replay at start (a record replays in microseconds) and the disk used.
+const JournalMax = 1000
+
+// snapshot is a table as saved whole: the table and the sequence number of the last journal
+// record it includes (records up to it are skipped on replay, so a crash between writing the
+// snapshot and dropping the journal replays nothing twice).
+type snapshot struct {
+	*ipvs.Table
+	Seq uint64 `json:"journalSeq,omitempty"`
+}
+
+// record is one journaled edit: the kata-ipvs parameters that were applied.
+type record struct {
+	Seq    uint64 `json:"seq"`
+	Params string `json:"params"`
+}
+
+// onDisk is what the manager knows of a sandbox's table on disk.
+type onDisk struct {
+	snapshot bool   // a snapshot exists (records may be journaled after it)
+	seq      uint64 // the last sequence number written
+	records  int    // records in the journal since the last snapshot
+}
+
 // Resolver finds a sandbox by id or unique id prefix and checks it is healthy (control's
 // Controller.Health).
 type Resolver func(ctx context.Context, id string) (control.Sandbox, error)
@@ -67,6 +104,7 @@ type Manager struct {
 	mu     sync.Mutex
 	tables map[string]*ipvs.Table
 	locks  map[string]*sync.Mutex
+	disk   map[string]onDisk // written under the sandbox's lock, read and written under mu
 }
 
 // New loads the saved tables and pushes each to the dataplane (sandboxes that no longer exist
@@ -78,7 +116,7 @@ func New(ctx context.Context, lb LB, st Store, resolve Resolver, sandboxes []con
 	if log == nil {
 		log = slog.Default()
 	}
-	m := &Manager{lb: lb, store: st, resolve: resolve, log: log, tables: map[string]*ipvs.Table{}, locks: map[string]*sync.Mutex{}}
+	m := &Manager{lb: lb, store: st, resolve: resolve, log: log, tables: map[string]*ipvs.Table{}, locks: map[string]*sync.Mutex{}, disk: map[string]onDisk{}}
 	saved, err := st.Load()
 	if err != nil {
 		return nil, fmt.Errorf("kata-ipvs: load rules: %w", err)
@@ -92,8 +130,8 @@ func New(ctx context.Context, lb LB, st Store, resolve Resolver, sandboxes []con
 			st.Delete(id)
 			continue
 		}
-		t := &ipvs.Table{}
-		if err := json.Unmarshal(b, t); err != nil {
+		snap := snapshot{Table: &ipvs.Table{}}
+		if err := json.Unmarshal(b, &snap); err != nil {
 			where := "left in place"
 			if q, ok := st.(interface{ MoveAside(string) (string, error) }); ok {
 				if to, merr := q.MoveAside(id); merr != nil {
@@ -103,8 +141,17 @@ func New(ctx context.Context, lb LB, st Store, resolve Resolver, sandboxes []con
 				}
 			}
 			log.Error("kata-ipvs: saved rules unreadable; the sandbox starts without them", "sandbox", id, "err", err, "file", where)
+			// Its journal goes too: its records continue a table that is no more.
+			if j, ok := st.(Journal); ok {
+				if err := j.DropJournal(id); err != nil {
+					log.Error("kata-ipvs: drop the journal of unreadable rules", "sandbox", id, "err", err)
+				}
+			}
 			continue
 		}
+		t := snap.Table
+		m.disk[id] = onDisk{snapshot: true, seq: snap.Seq}
+		m.replay(id, t, snap.Seq)
 		m.tables[id] = t
 		if err := lb.RestoreLB(ctx, id, t); err != nil {
 			log.Error("kata-ipvs: cannot reinstall the saved rules; kept until the sandbox is deleted", "sandbox", id, "err", err)
@@ -144,15 +191,11 @@ func (m *Manager) commit(ctx context.Context, id string, old, next *ipvs.Table, 
 		}
 		return err
 	}
-	b, err := json.Marshal(next)
-	if err == nil {
-		err = m.store.Put(id, b)
-	}
-	if err != nil {
+	if err := m.saveWhole(id, next); err != nil {
 		if rerr := m.lb.RestoreLB(ctx, id, old); rerr != nil {
 			m.log.Error("kata-ipvs: could not put the old rules back", "sandbox", id, "err", rerr)
 		}
-		return fmt.Errorf("save rules: %w", err)
+		return err
 	}
 	m.mu.Lock()
 	m.tables[id] = next
@@ -199,7 +242,7 @@ func (m *Manager) Ipvsadm(ctx context.Context, id, params string) (string, error
 	switch cmd.Op {
 	case ipvs.OpAddService, ipvs.OpEditService, ipvs.OpDeleteService, ipvs.OpAddServer, ipvs.OpEditServer, ipvs.OpDeleteServer:
 		if sl, ok := m.lb.(ServiceLB); ok {
-			return m.applyToService(ctx, sb.ID, t, cmd, sl)
+			return m.applyToService(ctx, sb.ID, t, cmd, params, sl)
 		}
 	}
 	next := t.Clone()
@@ -216,8 +259,9 @@ func (m *Manager) Ipvsadm(ctx context.Context, id, params string) (string, error
 // applyToService runs a command confined to one service on the live table (Apply validates
 // before it changes anything), then hands that service to the dataplane and saves the table.
 // A later failure puts the service back, in the table and in the dataplane. No copy of the
-// whole table is made, so an edit costs the same at 20000 rules as at one.
-func (m *Manager) applyToService(ctx context.Context, id string, t *ipvs.Table, cmd ipvs.Command, sl ServiceLB) (string, error) {
+// whole table is made and the edit is journaled (saveEdit), so an edit costs the same at
+// 20000 rules as at one.
+func (m *Manager) applyToService(ctx context.Context, id string, t *ipvs.Table, cmd ipvs.Command, params string, sl ServiceLB) (string, error) {
 	undo := t.SnapshotService(cmd.Service)
 	out, err := t.Apply(cmd)
 	if err != nil {
@@ -233,12 +277,8 @@ func (m *Manager) applyToService(ctx context.Context, id string, t *ipvs.Table, 
 	if err := sl.SetLBService(ctx, id, t, cmd.Service); err != nil {
 		return fail(err)
 	}
-	b, err := json.Marshal(t)
-	if err == nil {
-		err = m.store.Put(id, b)
-	}
-	if err != nil {
-		return fail(fmt.Errorf("save rules: %w", err))
+	if err := m.saveEdit(id, t, params); err != nil {
+		return fail(err)
 	}
 	m.mu.Lock()
 	m.tables[id] = t
@@ -295,6 +335,7 @@ func (m *Manager) Forget(id string) error {
 	m.mu.Lock()
 	delete(m.tables, id)
 	delete(m.locks, id)
+	delete(m.disk, id)
 	m.mu.Unlock()
 	if err := m.store.Delete(id); err != nil {
 		return fmt.Errorf("kata-ipvs: forget %s: %w", id, err)
@@ -337,4 +378,111 @@ func (m *Manager) Counters(ctx context.Context, id string) (*ipvs.Table, ipvs.Co
 		return nil, nil, err
 	}
 	return t.Clone(), c, nil
+}
+
+// replay applies the records of sandbox id's journal that came after its snapshot (seq) to t.
+// A record that cannot be read or applied (it was applied once, to this very table, so only a
+// damaged file gets here) ends the replay where it is, logged. Whatever was replayed is then
+// written whole, so the next start does not meet the same records again.
+func (m *Manager) replay(id string, t *ipvs.Table, seq uint64) {
+	j, ok := m.store.(Journal)
+	if !ok {
+		return
+	}
+	recs, err := j.Journal(id)
+	if err != nil {
+		m.log.Error("kata-ipvs: journal unreadable; the sandbox starts with its last full save", "sandbox", id, "err", err)
+		return
+	}
+	if len(recs) == 0 {
+		return
+	}
+	applied := 0
+	last := seq
+	for _, b := range recs {
+		var r record
+		if err := json.Unmarshal(b, &r); err != nil {
+			m.log.Error("kata-ipvs: journal record unreadable; later edits are lost", "sandbox", id, "err", err)
+			break
+		}
+		if r.Seq <= last {
+			continue // included in the snapshot
+		}
+		cmd, err := ipvs.ParseKataParameters(r.Params)
+		if err == nil {
+			_, err = t.Apply(cmd)
+		}
+		if err != nil {
+			m.log.Error("kata-ipvs: journal record does not apply; later edits are lost", "sandbox", id, "params", r.Params, "err", err)
+			break
+		}
+		last = r.Seq
+		applied++
+	}
+	d := m.disk[id]
+	d.seq = max(d.seq, last)
+	for _, b := range recs { // the snapshot must skip every record present, applied or not
+		var r record
+		if json.Unmarshal(b, &r) == nil {
+			d.seq = max(d.seq, r.Seq)
+		}
+	}
+	m.disk[id] = d
+	if err := m.saveWhole(id, t); err != nil {
+		m.log.Error("kata-ipvs: could not write the replayed rules whole; the journal stays", "sandbox", id, "err", err)
+	}
+	m.log.Info("kata-ipvs: journal replayed", "sandbox", id, "records", applied)
+}
+
+// saveEdit makes an edit of sandbox id's table t (the command params, already applied)
+// durable: one journal record, or the whole table when the store keeps no journal, the
+// sandbox has no snapshot yet (a journal needs one to replay onto) or the journal is full.
+// Called under the sandbox's lock.
+func (m *Manager) saveEdit(id string, t *ipvs.Table, params string) error {
+	j, ok := m.store.(Journal)
+	m.mu.Lock()
+	d := m.disk[id]
+	m.mu.Unlock()
+	if !ok || !d.snapshot || d.records >= JournalMax {
+		return m.saveWhole(id, t)
+	}
+	b, err := json.Marshal(record{Seq: d.seq + 1, Params: params})
+	if err == nil {
+		err = j.Append(id, b)
+	}
+	if err != nil {
+		return fmt.Errorf("save rules: %w", err)
+	}
+	d.seq++
+	d.records++
+	m.mu.Lock()
+	m.disk[id] = d
+	m.mu.Unlock()
+	return nil
+}
+
+// saveWhole writes sandbox id's table t whole, then drops its journal (every record in it is
+// at or below the snapshot's sequence number, so a journal left by a failed drop replays
+// nothing). Called under the sandbox's lock (or from New).
+func (m *Manager) saveWhole(id string, t *ipvs.Table) error {
+	m.mu.Lock()
+	d := m.disk[id]
+	m.mu.Unlock()
+	b, err := json.Marshal(snapshot{Table: t, Seq: d.seq})
+	if err == nil {
+		err = m.store.Put(id, b)
+	}
+	if err != nil {
+		return fmt.Errorf("save rules: %w", err)
+	}
+	if j, ok := m.store.(Journal); ok {
+		if err := j.DropJournal(id); err != nil {
+			m.log.Warn("kata-ipvs: journal not dropped after a full save (harmless: its records are in the save)", "sandbox", id, "err", err)
+		}
+	}
+	d.snapshot, d.records = true, 0
+	m.mu.Lock()
+	m.disk[id] = d
+	m.mu.Unlock()
+	return nil
 }

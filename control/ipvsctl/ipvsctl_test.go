@@ -3,7 +3,10 @@ package ipvsctl_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -258,5 +261,134 @@ func TestReinstallAfterReadoption(t *testing.T) {
 	}
 	if _, ok := lb.pushed["empty"]; ok {
 		t.Error("Reinstall pushed an empty table")
+	}
+}
+
+// countingStore counts the whole-table saves of a control/store.Store.
+type countingStore struct {
+	*store.Store
+	puts int
+}
+
+func (s *countingStore) Put(key string, b []byte) error { s.puts++; return s.Store.Put(key, b) }
+
+// TestJournal: an edit confined to one service is journaled (one record, no whole save) once
+// the sandbox has a save to replay onto; a restart replays the journal to the same table and
+// writes it whole; records a whole save already includes (a crash between the save and the
+// journal's removal) and a record torn by a crash are not applied; after JournalMax records
+// the table is written whole again.
+func TestJournal(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, err := store.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := &countingStore{Store: s}
+	sbs := []control.Sandbox{{ID: "sb1"}}
+	lb := &serviceLB{fakeLB{pushed: map[string]string{}}}
+	m, err := ipvsctl.New(ctx, lb, st, resolver("sb1"), sbs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := func(m *ipvsctl.Manager, p string) {
+		t.Helper()
+		if _, err := m.Ipvsadm(ctx, "sb1", p); err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+	}
+	run(m, "-A -t 10.0.0.1:80 -s rr -p 60") // first save: whole (nothing to replay onto yet)
+	run(m, "-a -t 10.0.0.1:80 -r 10.1.0.1:80")
+	run(m, "-a -t 10.0.0.1:80 -r 10.1.0.2:80 -w 3")
+	run(m, "-A -u 10.0.0.2:53 -s sh -p 60")
+	run(m, "-e -t 10.0.0.1:80 -r 10.1.0.2:80 -w 5")
+	if st.puts != 1 {
+		t.Errorf("%d whole saves for 5 edits, want 1 (the first)", st.puts)
+	}
+	recs, _ := s.Journal("sb1")
+	if len(recs) != 4 {
+		t.Fatalf("journal has %d records, want 4: %q", len(recs), recs)
+	}
+	want := m.Table("sb1").Save()
+
+	restart := func() *ipvsctl.Manager {
+		t.Helper()
+		lb := &serviceLB{fakeLB{pushed: map[string]string{}}}
+		m, err := ipvsctl.New(ctx, lb, st, resolver("sb1"), sbs, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := m.Table("sb1").Save(); got != want {
+			t.Errorf("table after restart:\n%s\nwant:\n%s", got, want)
+		}
+		if lb.pushed["sb1"] != want {
+			t.Errorf("dataplane after restart got %q, want %q", lb.pushed["sb1"], want)
+		}
+		return m
+	}
+	m = restart()
+	if recs, _ := s.Journal("sb1"); len(recs) != 0 {
+		t.Errorf("journal not folded into the save at start: %q", recs)
+	}
+
+	// A crash after the whole save, before the journal was dropped: its records are in the save.
+	run(m, "-d -t 10.0.0.1:80 -r 10.1.0.1:80")
+	recs, _ = s.Journal("sb1")
+	want = m.Table("sb1").Save()
+	m = restart() // folds it in
+	for _, r := range recs {
+		s.Append("sb1", r)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "sb1.journal"), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(`{"seq":99,"params":"-D -t 10.0`) // torn by a crash: never acknowledged
+	f.Close()
+	m = restart()
+
+	// JournalMax records, then a whole save.
+	puts := st.puts
+	for i := range ipvsctl.JournalMax + 1 {
+		run(m, fmt.Sprintf("-e -t 10.0.0.1:80 -r 10.1.0.2:80 -w %d", i%7+1))
+	}
+	if st.puts != puts+1 {
+		t.Errorf("%d whole saves for JournalMax+1 edits, want 1", st.puts-puts)
+	}
+	want = m.Table("sb1").Save()
+	restart()
+}
+
+// TestJournalDamaged: a journal record that does not apply (only a damaged file has one) ends
+// the replay there; the agent starts, and what was replayed is written whole so the next start
+// does not meet the record again.
+func TestJournalDamaged(t *testing.T) {
+	ctx := context.Background()
+	s, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sbs := []control.Sandbox{{ID: "sb1"}}
+	m, err := ipvsctl.New(ctx, &serviceLB{fakeLB{pushed: map[string]string{}}}, s, resolver("sb1"), sbs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Ipvsadm(ctx, "sb1", "-A -t 10.0.0.1:80 -s rr -p 60"); err != nil {
+		t.Fatal(err)
+	}
+	want := m.Table("sb1").Save()
+	s.Append("sb1", []byte(`{"seq":1,"params":"-a -t 10.9.9.9:80 -r 10.1.0.1:80"}`)) // no such service
+	s.Append("sb1", []byte(`{"seq":2,"params":"-A -t 10.0.0.3:80 -s rr -p 60"}`))
+	for range 2 {
+		m, err := ipvsctl.New(ctx, &serviceLB{fakeLB{pushed: map[string]string{}}}, s, resolver("sb1"), sbs, nil)
+		if err != nil {
+			t.Fatalf("New with a damaged journal: %v", err)
+		}
+		if got := m.Table("sb1").Save(); got != want {
+			t.Errorf("table %q, want the last good one %q", got, want)
+		}
+		if recs, _ := s.Journal("sb1"); len(recs) != 0 {
+			t.Errorf("damaged journal kept: %q", recs)
+		}
 	}
 }

@@ -115,14 +115,18 @@ func (s *Store) Get(key string) ([]byte, error) {
 	return b, nil
 }
 
-// Delete removes key durably. Deleting a missing key is not an error.
+// Delete removes key (and its journal) durably. Deleting a missing key is not an error.
 func (s *Store) Delete(key string) error {
 	path, err := s.path(key)
 	if err != nil {
 		return fmt.Errorf("delete %s: %w", key, err)
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("delete %s: %w", key, err)
+	// The journal first: a crash in between leaves the value without its journal, never a
+	// journal that a later value of the same key would inherit.
+	for _, p := range []string{strings.TrimSuffix(path, suffix) + journalSuffix, path} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("delete %s: %w", key, err)
+		}
 	}
 	if err := s.syncDir(); err != nil {
 		return fmt.Errorf("delete %s: %w", key, err)

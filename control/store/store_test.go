@@ -185,3 +185,63 @@ func TestMoveAside(t *testing.T) {
 		t.Error("MoveAside of a missing key succeeded")
 	}
 }
+
+// TestJournal: records come back in order; a record torn by a crash (no newline) is left out;
+// DropJournal and Delete remove the journal; Keys never lists it.
+func TestJournal(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if recs, err := s.Journal("sb"); err != nil || recs != nil {
+		t.Fatalf("journal of a key without one: %q, %v", recs, err)
+	}
+	for _, r := range []string{"one", "two", "three"} {
+		if err := s.Append("sb", []byte(r)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Append("sb", []byte("a\nb")); err == nil {
+		t.Error("a record with a newline was accepted")
+	}
+	if err := s.Append("../x", []byte("r")); !errors.Is(err, ErrBadKey) {
+		t.Errorf("bad key: %v", err)
+	}
+	// A crash in the middle of an append leaves a record without its newline.
+	f, err := os.OpenFile(filepath.Join(dir, "sb.journal"), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("fou")
+	f.Close()
+	recs, err := s.Journal("sb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := string(bytes.Join(recs, []byte(","))); got != "one,two,three" {
+		t.Errorf("journal %q, want one,two,three", got)
+	}
+	if err := s.Put("sb", []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	if keys, _ := s.Keys(); len(keys) != 1 || keys[0] != "sb" {
+		t.Errorf("keys %v, want [sb]", keys)
+	}
+	if err := s.DropJournal("sb"); err != nil {
+		t.Fatal(err)
+	}
+	if recs, _ := s.Journal("sb"); recs != nil {
+		t.Errorf("journal after DropJournal: %q", recs)
+	}
+	if err := s.DropJournal("sb"); err != nil {
+		t.Errorf("DropJournal without a journal: %v", err)
+	}
+	s.Append("sb", []byte("again"))
+	if err := s.Delete("sb"); err != nil {
+		t.Fatal(err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Errorf("left after Delete: %v", ents)
+	}
+}
