@@ -137,7 +137,7 @@ func (s *Sandbox) Detach(nsPath, ifname string) error {
 }
 
 func (s *Sandbox) linkPin(ifname string, p Program) string {
-	return filepath.Join(s.dir, linksDir, ifname+"@"+string(p))
+	return filepath.Join(s.dir, linksDir, pinDev(ifname)+"@"+string(p))
 }
 
 func (s *Sandbox) pinnedLinks(ifname string) ([]string, error) {
@@ -155,7 +155,7 @@ func (s *Sandbox) LinkedDevices() ([]string, error) {
 		}
 		for _, p := range paths {
 			if dev, _, ok := strings.Cut(filepath.Base(p), "@"); ok {
-				seen[dev] = true
+				seen[devOfPin(dev)] = true
 			}
 		}
 	}
@@ -165,7 +165,7 @@ func (s *Sandbox) LinkedDevices() ([]string, error) {
 // pinnedIn lists the links of kata-dp's programs pinned for device ifname ("*": any) in the
 // sub-directory sub (tc or XDP links) of a sandbox's directory.
 func pinnedIn(dir, sub, ifname string) ([]string, error) {
-	return filepath.Glob(filepath.Join(dir, sub, ifname+"@"+progPrefix+"*"))
+	return filepath.Glob(filepath.Join(dir, sub, pinDev(ifname)+"@"+progPrefix+"*"))
 }
 
 // refreshLinks moves every pinned link of the sandbox in sub onto the programs of this load.
@@ -281,3 +281,12 @@ func detachLegacy(ifindex int) error {
 	}
 	return nil
 }
+
+// pinDev is a device's name as it appears in pin names: bpffs refuses names with a dot (they
+// are kept for its own files), and a device name may have one ("eth0.100"). A dot becomes a
+// colon, which no device name can hold, so the mapping is one to one (devOfPin reverses it);
+// names without a dot, all pins made before it, are unchanged.
+func pinDev(ifname string) string { return strings.ReplaceAll(ifname, ".", ":") }
+
+// devOfPin reverses pinDev.
+func devOfPin(s string) string { return strings.ReplaceAll(s, ":", ".") }

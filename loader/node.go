@@ -82,7 +82,7 @@ func nodeDir(root, nsPath, uplink string) (string, error) {
 	if uplink == "" || filepath.Base(uplink) != uplink || uplink == "." || uplink == ".." {
 		return "", fmt.Errorf("bad uplink name %q", uplink)
 	}
-	return filepath.Join(root, NodeDir, fmt.Sprintf("%d-%s", st.Ino, uplink)), nil
+	return filepath.Join(root, NodeDir, fmt.Sprintf("%d-%s", st.Ino, pinDev(uplink))), nil
 }
 
 // OpenNode loads the node collection of uplink (in the netns at nsPath, "" = the caller's),
@@ -365,7 +365,7 @@ func (s *Sandbox) DirectRNATProgram() (*ebpf.Program, error) {
 // which this one is not. Remove deletes the sandbox directory, and with it this pin and so
 // the link.
 func (s *Sandbox) rnatPin(tap string) string {
-	return filepath.Join(s.dir, "direct", tap+"@"+string(ProgDirectRNAT))
+	return filepath.Join(s.dir, "direct", pinDev(tap)+"@"+string(ProgDirectRNAT))
 }
 
 // AttachDirectRNAT puts kdp_direct_rnat on the TCX egress of the sandbox's tap (in the netns

@@ -144,7 +144,7 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	if err := ensureBPFFS(root); err != nil {
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
 	}
-	dir := filepath.Join(root, id)
+	dir := filepath.Join(root, pinDev(id))
 	if err := os.MkdirAll(filepath.Join(dir, linksDir), 0o700); err != nil {
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
 	}
@@ -186,7 +186,7 @@ func Remove(root, id string) error {
 	if root == "" {
 		root = DefaultRoot
 	}
-	dir := filepath.Join(root, id)
+	dir := filepath.Join(root, pinDev(id))
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}

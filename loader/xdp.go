@@ -87,7 +87,7 @@ func (s *Sandbox) updateXDP(ifname string, ifindex int, prog *ebpf.Program, p Pr
 			return false, "", fmt.Errorf("update xdp link: %w", err)
 		}
 		l.Close()
-		if pin := filepath.Join(s.dir, xdpLinksDir, ifname+"@"+string(p)); pin != path {
+		if pin := filepath.Join(s.dir, xdpLinksDir, pinDev(ifname)+"@"+string(p)); pin != path {
 			if err := os.Rename(path, pin); err != nil {
 				return false, "", fmt.Errorf("re-pin xdp link: %w", err)
 			}
@@ -126,7 +126,7 @@ func (s *Sandbox) attachXDP(l netlink.Link, ifname string, prog *ebpf.Program, p
 		}
 	}
 	defer lk.Close()
-	if err := lk.Pin(filepath.Join(s.dir, xdpLinksDir, ifname+"@"+string(p))); err != nil {
+	if err := lk.Pin(filepath.Join(s.dir, xdpLinksDir, pinDev(ifname)+"@"+string(p))); err != nil {
 		return "", false, fmt.Errorf("pin xdp link: %w", err)
 	}
 	return mode, false, nil

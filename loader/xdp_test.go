@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"os/exec"
+	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -430,5 +432,42 @@ func TestAttachXDP(t *testing.T) {
 		if ok, err := loader.XDPRedirectTarget(ns, "kdptxa"); err != nil || ok != gro {
 			t.Errorf("veth as XDP target with peer GRO %v: %v, %v", gro, ok, err)
 		}
+	}
+}
+
+// TestDotsInNames: bpffs refuses names with a dot, which sandbox ids and device names may
+// have ("pod.1", "eth0.100"): the sandbox's directory and its link pins still work, tc and
+// XDP, across a reload, and LinkedDevices gives the device's own name back.
+func TestDotsInNames(t *testing.T) {
+	needRoot(t)
+	ns := netnsWithVeth(t)
+	name := filepath.Base(ns)
+	for _, args := range [][]string{
+		{"-n", name, "link", "add", "kdptx.1", "type", "veth", "peer", "name", "kdptx.2"},
+		{"-n", name, "link", "set", "kdptx.1", "up"},
+		{"-n", name, "link", "set", "kdptx.2", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	root := testRoot(t)
+	sb := openSandbox(t, root, "kdp.dots")
+	if _, err := sb.Attach(ns, "kdptx.1", loader.ProgTapIn); err != nil {
+		t.Fatalf("tc attach to a device with a dot: %v", err)
+	}
+	if _, err := sb.AttachXDP(ns, "kdptx.2", loader.ProgXDPUplink); err != nil {
+		t.Fatalf("XDP attach to a device with a dot: %v", err)
+	}
+	again := openSandbox(t, root, "kdp.dots") // a second load refreshes the pinned links
+	devs, err := again.LinkedDevices()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"kdptx.1", "kdptx.2"}; !slices.Equal(devs, want) {
+		t.Errorf("linked devices %v, want %v", devs, want)
+	}
+	if err := again.Detach(ns, "kdptx.1"); err != nil {
+		t.Errorf("detach: %v", err)
 	}
 }
