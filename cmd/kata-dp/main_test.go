@@ -44,7 +44,11 @@ func TestMain(m *testing.M) {
 		main()
 		return
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if cniToolsDir != "" {
+		os.RemoveAll(cniToolsDir) // installed once per test binary by cniTools
+	}
+	os.Exit(code)
 }
 
 // testAgent is an agent running in-process on a temporary socket and state directory, with a
