@@ -6,7 +6,7 @@
 // kata-dp agent, over the agent's unix socket, to register the sandbox (id = CNI_CONTAINERID,
 // netns = CNI_NETNS) unless the runtime already did, and to add a NIC whose tap it creates in
 // the netns and joins to that veth with the BPF datapath. The VM takes over the container's
-// address: the NIC gets the veth's MAC, MTU and IPv4 address, as Kata's tcfilter plumbing and
+// address: the NIC gets the veth's MAC, MTU and addresses (one per family), as Kata's tcfilter plumbing and
 // awslabs/tc-redirect-tap do. The result is the previous result plus two interfaces in
 // tc-redirect-tap's shape: the tap (sandbox = the netns path) and the VM's NIC (same name as
 // the tap, sandbox = the container id, MAC of the veth), with the veth's IPs repeated for it.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"slices"
 	"strings"
@@ -212,7 +211,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	case !errors.Is(err, netdev.ErrNotFound):
 		return types.NewError(CodeNoInterface, "kata-dp-cni: look up tap", err.Error())
 	}
-	addr := guestAddr(prev, idx)
+	addrs := guestAddrs(prev, idx)
 
 	st, prevRec, err := openRecord(conf.StateDir, conf.Name, args)
 	if err != nil {
@@ -292,8 +291,8 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		Interface: netspec.Interface{Device: tapName, Name: args.IfName, HwAddr: veth.MAC.String(), MTU: veth.MTU},
 		Uplink:    args.IfName,
 	}
-	if addr != nil {
-		req.IPAddresses = []*netspec.IPAddress{{Address: addr.IP.String(), Mask: maskLen(addr.Mask)}}
+	for _, a := range addrs {
+		req.IPAddresses = append(req.IPAddresses, &netspec.IPAddress{Address: a.IP.String(), Mask: maskLen(a.Mask)})
 	}
 	in, err := json.Marshal(req)
 	if err != nil {
@@ -318,7 +317,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	if err != nil {
 		return fail(types.NewError(CodeAgentFailed, "kata-dp-cni: tap missing after add-iface", err.Error()))
 	}
-	log.Debug("attached", "tap", tapName, "mac", veth.MAC.String(), "addr", addr)
+	log.Debug("attached", "tap", tapName, "mac", veth.MAC.String(), "addrs", addrs)
 	res := withVM(prev, idx, tapName, tap.MAC.String(), args.Netns, args.ContainerID, veth.MAC.String())
 	return types.PrintResult(res, conf.CNIVersion)
 }
@@ -466,8 +465,8 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 		return failed("the agent does not list NIC %s in sandbox %s", rec.NIC, args.ContainerID)
 	}
 	var wantIP []string
-	if a := guestAddr(prev, idx); a != nil {
-		wantIP = []string{(&net.IPNet{IP: a.IP, Mask: a.Mask}).String()}
+	for _, a := range guestAddrs(prev, idx) {
+		wantIP = append(wantIP, a.IP.String()+"/"+maskLen(a.Mask))
 	}
 	got := list[i]
 	if !strings.EqualFold(got.MAC, veth.MAC.String()) || !slices.Equal(got.IP, wantIP) {

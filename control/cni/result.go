@@ -37,18 +37,30 @@ func sameNetNS(a, b string) bool {
 	return os.SameFile(sa, sb)
 }
 
-// guestAddr picks the address the VM takes over: the first IPv4 address of the interface at
-// index idx (kata-network takes one address per NIC, and IPv4 is the tested case).
-func guestAddr(prev *current.Result, idx int) *net.IPNet {
+// guestAddrs picks the addresses the VM takes over: the first IPv4 and the first IPv6 address
+// (not link-local: the NIC derives its own) of the interface at index idx, IPv4 first.
+// kata-network takes at most one address per family on a NIC.
+func guestAddrs(prev *current.Result, idx int) []*net.IPNet {
+	var v4, v6 *net.IPNet
 	for _, ip := range prev.IPs {
 		if ip == nil || ip.Interface == nil || *ip.Interface != idx {
 			continue
 		}
-		if v4 := ip.Address.IP.To4(); v4 != nil {
-			return &net.IPNet{IP: v4, Mask: ip.Address.Mask}
+		if a := ip.Address.IP.To4(); a != nil {
+			if v4 == nil {
+				v4 = &net.IPNet{IP: a, Mask: ip.Address.Mask}
+			}
+		} else if a := ip.Address.IP.To16(); a != nil && !a.IsLinkLocalUnicast() && v6 == nil {
+			v6 = &net.IPNet{IP: a, Mask: ip.Address.Mask}
 		}
 	}
-	return nil
+	var out []*net.IPNet
+	for _, a := range []*net.IPNet{v4, v6} {
+		if a != nil {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // maskLen is the prefix length of a mask as kata-network writes it ("24").

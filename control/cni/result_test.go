@@ -3,6 +3,7 @@ package cni
 import (
 	"encoding/json"
 	"net"
+	"slices"
 	"testing"
 
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -46,14 +47,22 @@ func TestContainerIface(t *testing.T) {
 	}
 }
 
-func TestGuestAddr(t *testing.T) {
+func TestGuestAddrs(t *testing.T) {
 	prev := parseResult(t, bridgeResult)
-	got := guestAddr(prev, 2)
-	if got == nil || got.String() != "10.231.0.2/24" || maskLen(got.Mask) != "24" {
-		t.Errorf("guestAddr = %v; want the first IPv4 address, 10.231.0.2/24", got)
+	var got []string
+	for _, a := range guestAddrs(prev, 2) {
+		got = append(got, a.IP.String()+"/"+maskLen(a.Mask))
 	}
-	if got := guestAddr(prev, 1); got != nil {
-		t.Errorf("guestAddr of the host veth = %v; want none", got)
+	if want := []string{"10.231.0.2/24", "fd00::2/64"}; !slices.Equal(got, want) {
+		t.Errorf("guestAddrs = %v; want the first IPv4 and the first IPv6 address, IPv4 first: %v", got, want)
+	}
+	if got := guestAddrs(prev, 1); got != nil {
+		t.Errorf("guestAddrs of the host veth = %v; want none", got)
+	}
+	ll := parseResult(t, `{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/run/netns/c1"}],
+ "ips":[{"interface":0,"address":"fe80::1/64"},{"interface":0,"address":"2001:db8::5/64"}]}`)
+	if got := guestAddrs(ll, 0); len(got) != 1 || got[0].String() != "2001:db8::5/64" {
+		t.Errorf("guestAddrs with a link-local address first = %v; want 2001:db8::5/64 only", got)
 	}
 }
 
