@@ -1,14 +1,9 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"fmt"
-	"io"
-	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -102,28 +97,7 @@ func TestE2EDirectQEMU(t *testing.T) {
 		t.Fatalf("client -> VM ping: %v\n%s", err, g.Log())
 	}
 	const size = 1 << 20
-	c, err := client.Dial("tcp", "10.77.0.2:9000", 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintf(c, "%d\n", size)
-	n, _ := io.Copy(io.Discard, c)
-	c.Close()
-	if n != size {
-		t.Errorf("VM -> client: %d bytes of %d", n, size)
-	}
-	c, err = client.Dial("tcp", "10.77.0.2:9001", 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(c, io.LimitReader(zeros{}, size))
-	c.(*net.TCPConn).CloseWrite()
-	c.SetReadDeadline(time.Now().Add(20 * time.Second))
-	line, _ := bufio.NewReader(c).ReadString('\n')
-	c.Close()
-	if got, _ := strconv.Atoi(strings.TrimSpace(line)); got != size {
-		t.Errorf("client -> VM: the VM counted %q bytes, want %d", line, size)
-	}
+	guestTCPBothWays(t, client, "10.77.0.2", size)
 	if err := client.Ping("10.77.0.254", 2, 5*time.Second); err != nil {
 		t.Errorf("the host's own address on the uplink: %v", err)
 	}

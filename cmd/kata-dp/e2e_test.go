@@ -78,28 +78,7 @@ func TestE2EQEMU(t *testing.T) {
 		t.Fatalf("ping the guest: %v\n%s", err, g.Log())
 	}
 	const size = 1 << 20
-	c, err := sb.Host.Dial("tcp", "10.199.0.2:9000", 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintf(c, "%d\n", size)
-	n, err := io.Copy(io.Discard, c)
-	c.Close()
-	if err != nil || n != size {
-		t.Errorf("guest -> host: %d bytes of %d (%v)", n, size, err)
-	}
-	c, err = sb.Host.Dial("tcp", "10.199.0.2:9001", 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(c, io.LimitReader(zeros{}, size))
-	c.(*net.TCPConn).CloseWrite()
-	c.SetReadDeadline(time.Now().Add(20 * time.Second))
-	line, _ := bufio.NewReader(c).ReadString('\n')
-	c.Close()
-	if got, _ := strconv.Atoi(strings.TrimSpace(line)); got != size {
-		t.Errorf("host -> guest: guest counted %q bytes, want %d", line, size)
-	}
+	guestTCPBothWays(t, sb.Host, "10.199.0.2", size)
 
 	// Counters: every frame the host side received from the guest went through the tap's
 	// program, every frame it sent to the guest through the uplink's.
@@ -185,4 +164,34 @@ func linkCounters(t *testing.T, n *topo.NetNS, dev string) (rx, tx uint64) {
 		return v
 	}
 	return read("rx_packets"), read("tx_packets")
+}
+
+// guestTCPBothWays moves size bytes over TCP from the test guest at addr (IPv4 or IPv6) to
+// netns from (the guest's send port, 9000) and size bytes from it to the guest (the sink port,
+// 9001, which answers the count), reporting a short transfer either way.
+func guestTCPBothWays(t *testing.T, from *topo.NetNS, addr string, size int64) {
+	t.Helper()
+	c, err := from.Dial("tcp", net.JoinHostPort(addr, "9000"), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "%d\n", size)
+	c.SetReadDeadline(time.Now().Add(60 * time.Second))
+	n, err := io.Copy(io.Discard, c)
+	c.Close()
+	if err != nil || n != size {
+		t.Errorf("guest %s -> %s: %d bytes of %d (%v)", addr, from, n, size, err)
+	}
+	c, err = from.Dial("tcp", net.JoinHostPort(addr, "9001"), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(c, io.LimitReader(zeros{}, size))
+	c.(*net.TCPConn).CloseWrite()
+	c.SetReadDeadline(time.Now().Add(60 * time.Second))
+	line, _ := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if got, _ := strconv.ParseInt(strings.TrimSpace(line), 10, 64); got != size {
+		t.Errorf("%s -> guest %s: the guest counted %q bytes, want %d", from, addr, line, size)
+	}
 }

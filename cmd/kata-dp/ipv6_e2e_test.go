@@ -1,15 +1,10 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -63,30 +58,7 @@ func TestE2EQEMUIPv6(t *testing.T) {
 	if err := sb.Host.Ping("fd00:196::2", 3, 20*time.Second); err != nil {
 		t.Fatalf("ping6 the guest: %v\n%s", err, g.Log())
 	}
-	const size = 1 << 20
-	c, err := sb.Host.Dial("tcp", "[fd00:196::2]:9000", 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintf(c, "%d\n", size)
-	c.SetReadDeadline(time.Now().Add(60 * time.Second))
-	n, err := io.Copy(io.Discard, c)
-	c.Close()
-	if err != nil || n != size {
-		t.Errorf("guest -> host over IPv6: %d bytes of %d (%v)", n, size, err)
-	}
-	c, err = sb.Host.Dial("tcp", "[fd00:196::2]:9001", 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(c, io.LimitReader(zeros{}, size))
-	c.(*net.TCPConn).CloseWrite()
-	c.SetReadDeadline(time.Now().Add(60 * time.Second))
-	line, _ := bufio.NewReader(c).ReadString('\n')
-	c.Close()
-	if got, _ := strconv.Atoi(strings.TrimSpace(line)); got != size {
-		t.Errorf("host -> guest over IPv6: guest counted %q bytes, want %d", line, size)
-	}
+	guestTCPBothWays(t, sb.Host, "fd00:196::2", 1<<20)
 	// IPv4 on the same NIC still works.
 	if err := sb.Host.Ping("10.196.0.2", 2, 10*time.Second); err != nil {
 		t.Errorf("ping the guest's IPv4 address: %v", err)

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -131,28 +129,7 @@ func TestNetmonCNI(t *testing.T) {
 		t.Fatalf("ping the guest on the second network: %v\nguest:\n%s", err, g.Log())
 	}
 	const size = 1 << 20
-	c, err := sb.Host.Dial("tcp", "10.88.0.5:9000", 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintf(c, "%d\n", size)
-	n, err := io.Copy(io.Discard, c)
-	c.Close()
-	if err != nil || n != size {
-		t.Errorf("guest -> host: %d bytes of %d (%v)", n, size, err)
-	}
-	c, err = sb.Host.Dial("tcp", "10.88.0.5:9001", 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(c, io.LimitReader(zeros{}, size))
-	c.(*net.TCPConn).CloseWrite()
-	c.SetReadDeadline(time.Now().Add(20 * time.Second))
-	reply, _ := io.ReadAll(c)
-	c.Close()
-	if strings.TrimSpace(string(reply)) != fmt.Sprint(size) {
-		t.Errorf("host -> guest: guest counted %q bytes, want %d", reply, size)
-	}
+	guestTCPBothWays(t, sb.Host, "10.88.0.5", size)
 	if ep := netmonEndpoint(t, a, "net1"); ep.Stats == nil || ep.Stats.FromGuest.Bytes < size || ep.Stats.ToGuest.Bytes < size {
 		t.Errorf("BPF counters of net1 too small for 1 MiB each way: %+v", ep.Stats)
 	}
