@@ -598,21 +598,7 @@ func (c *Controller) delSandbox(ctx context.Context, e *entry) error {
 	if f, ok := c.cfg.Hotplug.(SandboxForgetter); ok && e.sb.QMP != "" {
 		f.Forget(e.sb) // the monitor connection goes with the sandbox
 	}
-	e.gone = true
-	c.mu.Lock()
-	delete(c.sandboxes, e.sb.ID)
-	for _, n := range e.st.NICs {
-		if c.devices[n.Spec.Device] == e.sb.ID {
-			delete(c.devices, n.Spec.Device)
-		}
-		if c.sockets[n.Spec.VhostUserSocket] == e.sb.ID {
-			delete(c.sockets, n.Spec.VhostUserSocket)
-		}
-	}
-	c.mu.Unlock()
-	if c.cfg.OnSandboxRemoved != nil {
-		c.cfg.OnSandboxRemoved(e.sb.ID)
-	}
+	c.forget(e)
 	c.log.Info("sandbox deleted", "sandbox", e.sb.ID)
 	return nil
 }
