@@ -100,17 +100,3 @@ func addr6(w [4]uint32) netip.Addr {
 	}
 	return netip.AddrFrom16(b)
 }
-
-// leadingOnes returns the prefix length of a netmask.
-func leadingOnes(m netip.Addr) int {
-	n := 0
-	for _, x := range m.AsSlice() {
-		for bit := byte(0x80); bit != 0 && x&bit != 0; bit >>= 1 {
-			n++
-		}
-		if x != 0xff {
-			break
-		}
-	}
-	return n
-}

@@ -334,7 +334,7 @@ func (s ServiceSpec) master(rev uint32) (svc, error) {
 		// IPv6: the datapath takes the persistence granularity as a prefix length.
 		m.Pmask = 128
 		if s.PMask.IsValid() {
-			m.Pmask = uint32(leadingOnes(s.PMask))
+			m.Pmask = uint32(ipvs.PrefixLen(s.PMask))
 		}
 		return m, nil
 	}

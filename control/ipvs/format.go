@@ -122,7 +122,7 @@ func shownMask(s *Service) (string, bool) {
 	case !m.IsValid():
 		return "", false
 	case m.Is6():
-		n := maskBits(m)
+		n := PrefixLen(m)
 		return strconv.Itoa(n), n != 128
 	}
 	return m.String(), m != hostMask

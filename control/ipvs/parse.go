@@ -3,6 +3,7 @@ package ipvs
 import (
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"strings"
 )
@@ -496,30 +497,14 @@ func hostMaskOf(a netip.Addr) netip.Addr {
 // prefixMask returns the IPv6 netmask of an n-bit prefix: IPVS keeps an IPv6 service's
 // persistence granularity as a prefix length (-M 64), the table as the mask it stands for.
 func prefixMask(n int) netip.Addr {
-	var b [16]byte
-	for i := range b {
-		switch {
-		case n >= 8*(i+1):
-			b[i] = 0xff
-		case n > 8*i:
-			b[i] = ^byte(0xff >> (n - 8*i))
-		}
-	}
-	return netip.AddrFrom16(b)
+	return netip.AddrFrom16([16]byte(net.CIDRMask(n, 128)))
 }
 
-// maskBits returns the prefix length of an IPv6 netmask (its leading ones).
-func maskBits(m netip.Addr) int {
-	n := 0
-	for _, x := range m.AsSlice() {
-		for bit := byte(0x80); bit != 0 && x&bit != 0; bit >>= 1 {
-			n++
-		}
-		if x != 0xff {
-			break
-		}
-	}
-	return n
+// PrefixLen returns the prefix length of an IPv6 netmask made by prefixMask (the datapath and
+// the listings take the persistence granularity of an IPv6 service as a length).
+func PrefixLen(m netip.Addr) int {
+	ones, _ := net.IPMask(m.AsSlice()).Size()
+	return ones
 }
 
 // parseAddrPort parses ipvsadm's "host[:port]" (parse_service) restricted to the contract:
