@@ -177,11 +177,17 @@ func (c *Client) Health(ctx context.Context, id string) (control.Sandbox, error)
 // the CLI prints on stdout, on failure too (then err is an *Error, or wraps ErrUnreachable and
 // stdout is "null": the sandbox could not be checked).
 func (c *Client) KataNetwork(ctx context.Context, id, op string, input []byte) ([]byte, error) {
+	return c.kataNetwork(ctx, id, op, "", input)
+}
+
+// kataNetwork posts one kata-network operation; query ("" or "?exact=1") chooses how id is
+// matched.
+func (c *Client) kataNetwork(ctx context.Context, id, op, query string, input []byte) ([]byte, error) {
 	if input == nil {
 		input = []byte{}
 	}
 	var res KataNetworkResult
-	err := c.Do(ctx, "POST", "/v1/sandboxes/"+url.PathEscape(id)+"/kata-network/"+url.PathEscape(op), input, &res)
+	err := c.Do(ctx, "POST", "/v1/sandboxes/"+url.PathEscape(id)+"/kata-network/"+url.PathEscape(op)+query, input, &res)
 	if err != nil {
 		var e *Error
 		if errors.As(err, &e) {
