@@ -154,22 +154,20 @@ static __always_inline void mon_unadmit(__u32 suppressed)
 		rl->pending += suppressed + 1;
 }
 
-/* mon_emit writes one event of the frame in ctx (f: its flow as the datapath parsed it, or NULL
- * when it was not parsed). Called on slow paths only, after mon_wanted. */
-static __always_inline void mon_emit(void *ctx, const bool xdp, const struct mon_cfg *c, __u8 type, __u32 slot,
-				     __u32 dir, __u32 reason, __u32 len, const struct flow *f)
+/* mon_reserve admits an event under the rate limit and reserves it in the ring buffer with its
+ * header filled (the rest zeroed); NULL when the event is suppressed or the buffer is full. */
+static __always_inline struct mon_event *mon_reserve(void *ctx, const bool xdp, const struct mon_cfg *c, __u8 type,
+						     __u32 slot, __u32 dir, __u32 len)
 {
 	struct mon_event *e;
-	struct flow fl = {};
 	__u32 suppressed = 0;
-	void *data, *data_end;
 
 	if (!mon_admit(c, &suppressed))
-		return;
+		return NULL;
 	e = bpf_ringbuf_reserve(&kdp_mon_events, sizeof(*e), 0);
 	if (!e) {
 		mon_unadmit(suppressed);
-		return;
+		return NULL;
 	}
 	__builtin_memset(e, 0, sizeof(*e));
 	e->ts = bpf_ktime_get_ns();
@@ -179,6 +177,21 @@ static __always_inline void mon_emit(void *ctx, const bool xdp, const struct mon
 	e->suppressed = suppressed;
 	e->type = type;
 	e->dir = dir;
+	return e;
+}
+
+/* mon_emit writes one event of the frame in ctx (f: its flow as the datapath parsed it, or NULL
+ * when it was not parsed). Called on slow paths only, after mon_wanted. */
+static __always_inline void mon_emit(void *ctx, const bool xdp, const struct mon_cfg *c, __u8 type, __u32 slot,
+				     __u32 dir, __u32 reason, __u32 len, const struct flow *f)
+{
+	struct mon_event *e;
+	struct flow fl = {};
+	void *data, *data_end;
+
+	e = mon_reserve(ctx, xdp, c, type, slot, dir, len);
+	if (!e)
+		return;
 	e->reason = reason;
 	data = ctx_data(ctx, xdp);
 	data_end = ctx_data_end(ctx, xdp);
@@ -234,23 +247,12 @@ static __always_inline void mon_lb(void *ctx, const bool xdp, __u32 len, const s
 {
 	struct mon_cfg *c = mon_wanted(KDP_MON_F_LB);
 	struct mon_event *e;
-	__u32 suppressed = 0;
 
-	if (!c || !mon_admit(c, &suppressed))
+	if (!c)
 		return;
-	e = bpf_ringbuf_reserve(&kdp_mon_events, sizeof(*e), 0);
-	if (!e) {
-		mon_unadmit(suppressed);
+	e = mon_reserve(ctx, xdp, c, KDP_MON_LB, KDP_MON_NO_SLOT, KDP_DIR_FROM_GUEST, len);
+	if (!e)
 		return;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-	e->ts = bpf_ktime_get_ns();
-	e->ifindex = ctx_ifindex(ctx, xdp);
-	e->slot = KDP_MON_NO_SLOT;
-	e->len = len;
-	e->suppressed = suppressed;
-	e->type = KDP_MON_LB;
-	e->dir = KDP_DIR_FROM_GUEST;
 	e->family = f->family;
 	e->proto = f->proto;
 	__builtin_memcpy(e->saddr, &f->saddr, sizeof(f->saddr) < 16 ? sizeof(f->saddr) : 16);
