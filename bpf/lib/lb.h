@@ -954,19 +954,273 @@ LB_HOOK_FN(lb_from4, (void *ctx, const struct config *cfg, __u32 len, struct flo
 LB_HOOK_FN(lb_from6, (void *ctx, const struct config *cfg, __u32 len, struct flow *f), LB_FROM6)
 LB_HOOK_FN(lb_to6, (void *ctx, __u32 len, struct flow *f), LB_TO6)
 
+/*
+ * ICMP and ICMPv6 errors about load-balanced connections, translated as IPVS translates them
+ * (ip_vs_in_icmp, ip_vs_out_icmp, ip_vs_nat_icmp): an error is about the packet it quotes, and
+ * a NATed packet was seen with other addresses on the two sides of the load balancer. Without
+ * the translation the guest's stack matches no socket to an error about guest -> real server
+ * (connected UDP never sees ECONNREFUSED, TCP never lowers its path MTU), and the real server
+ * none to one about VIP -> guest.
+ *
+ *   to the guest:   an error quoting guest -> real server of a connection (its reply entry)
+ *                   quotes guest -> VIP:vport instead; an outer source that is the real server
+ *                   becomes the VIP (a router on the way keeps its own address);
+ *   from the guest: an error quoting VIP:vport -> guest (its original entry) quotes real
+ *                   server -> guest instead; an outer destination that is the VIP becomes the
+ *                   real server (and the flow with it, for strict egress).
+ *
+ * Every checksum the change touches is fixed incrementally: the quoted IPv4 header's, the
+ * quoted TCP/UDP checksum when the quote holds it (IPv4 errors may quote only 8 bytes of the
+ * L4 header), and the ICMP checksum over all of them (ICMPv6's also over the outer addresses,
+ * through its pseudo header). Only errors (destination unreachable incl. fragmentation needed
+ * and packet too big, source quench, time exceeded, parameter problem) are looked into; an
+ * error quoting anything but unfragmented TCP/UDP, or (IPv6) a quoted packet with extension
+ * headers, or matching no connection, goes on unchanged. An error whose quote is cut short
+ * inside the quoted IP header or the 8 bytes of ports is malformed and dropped. The rewrite is
+ * done on the linear data in both hooks (tc pulls the quote in first), so the checksum
+ * arithmetic is the one of csum_replace, checked independently by the tests.
+ */
+#define KDP_ICMP_DEST_UNREACH 3
+#define KDP_ICMP_SOURCE_QUENCH 4
+#define KDP_ICMP_TIME_EXCEEDED 11
+#define KDP_ICMP_PARAMETERPROB 12
+#define KDP_ICMPV6_DEST_UNREACH 1
+#define KDP_ICMPV6_PARAMPROB 4 /* 1..4: unreachable, packet too big, time exceeded, parameter problem */
+/* Ethernet + IPv4 with options + ICMP header + quoted IPv4 with options + 18 bytes of TCP. */
+#define KDP_ICMP4_PULL_LEN (ETH_HLEN + 60 + 8 + 60 + 18)
+
+static __always_inline bool icmp4_is_error(__u8 type)
+{
+	return type == KDP_ICMP_DEST_UNREACH || type == KDP_ICMP_SOURCE_QUENCH || type == KDP_ICMP_TIME_EXCEEDED ||
+	       type == KDP_ICMP_PARAMETERPROB;
+}
+
+/* lb_icmp_candidate says whether f (after flow_ports) may be an ICMP error worth a look. */
+static __always_inline bool lb_icmp_candidate(const struct flow *f)
+{
+	if (f->family == KDP_AF_INET)
+		return f->proto == IPPROTO_ICMP;
+	return f->family == KDP_AF_INET6 && f->proto == IPPROTO_ICMPV6 && f->l4_off &&
+	       !(f->flags & (KDP_FLOW_SHORT | KDP_FLOW_MALFORMED | KDP_FLOW_FRAG)) &&
+	       f->icmp_type >= KDP_ICMPV6_DEST_UNREACH && f->icmp_type <= KDP_ICMPV6_PARAMPROB;
+}
+
+/* csum_replace16 is csum_replace for a 16-byte address, word by word. */
+static __always_inline void csum_replace16(__sum16 *sum, const __be32 *from, const __be32 *to)
+{
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++)
+		csum_replace(sum, from[i], to[i], 4);
+}
+
+/* lb_icmp4 translates an IPv4 ICMP error (see above); to says toward the guest. */
+static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, struct flow *f)
+{
+	struct ct_key ck = {};
+	struct ct_entry *e;
+	struct iphdr *ip, *eip;
+	void *data, *end;
+	__u8 *icmp, *el4;
+	__sum16 *icmpc, *l4c;
+	__be32 *ea, *oa, old_a, new_a;
+	__be16 *ep, old_p, new_p;
+	__u16 old_c;
+	__u32 off;
+	bool udp;
+
+	ctx_pull(ctx, KDP_ICMP4_PULL_LEN, xdp);
+	data = ctx_data(ctx, xdp);
+	end = ctx_data_end(ctx, xdp);
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > end)
+		return -1;
+	if (ip->frag_off & bpf_htons(0x3fff)) /* a fragment: not looked into (errors never are) */
+		return -1;
+	if (ip->ihl < 5)
+		return KDP_DROP_MALFORMED;
+	off = (ETH_HLEN + ip->ihl * 4) & 0x7f;
+	icmp = data + off;
+	if ((void *)(icmp + 1) > end || !icmp4_is_error(icmp[0]))
+		return -1;
+	eip = (void *)(icmp + 8);
+	if ((void *)(eip + 1) > end)
+		return KDP_DROP_MALFORMED;
+	if (eip->version != 4 || eip->ihl < 5)
+		return KDP_DROP_MALFORMED;
+	if (eip->protocol != IPPROTO_TCP && eip->protocol != IPPROTO_UDP)
+		return -1;
+	if (eip->frag_off & bpf_htons(0x1fff)) /* a later fragment quoted: no ports */
+		return -1;
+	udp = eip->protocol == IPPROTO_UDP;
+	off = (off + 8 + eip->ihl * 4) & 0xff;
+	el4 = data + off;
+	if ((void *)(el4 + 8) > end)
+		return KDP_DROP_MALFORMED;
+
+	/* The quoted packet went the other way: guest -> real server (to the guest) is the
+	 * reply entry's key reversed, VIP -> guest (from the guest) the original entry's. */
+	ck.saddr = eip->daddr;
+	ck.daddr = eip->saddr;
+	ck.sport = *(__be16 *)(el4 + 2);
+	ck.dport = *(__be16 *)el4;
+	ck.proto = eip->protocol;
+	ck.dir = to ? 1 : 0;
+	e = bpf_map_lookup_elem(&kdp_lb_ct, &ck);
+	if (!e)
+		return -1;
+	new_a = e->addr;
+	new_p = e->port;
+
+	icmpc = (void *)(icmp + 2);
+	ea = to ? &eip->daddr : &eip->saddr;
+	ep = (void *)(to ? el4 + 2 : el4);
+	oa = to ? &ip->saddr : &ip->daddr;
+	old_a = *ea;
+	old_p = *ep;
+
+	/* The quoted L4 checksum (pseudo header and port), when quoted; UDP's 0 is "none". */
+	l4c = (void *)(el4 + (udp ? 6 : 16));
+	if ((void *)(l4c + 1) <= end && !(udp && *l4c == 0)) {
+		old_c = *l4c;
+		csum_replace(l4c, old_a, new_a, 4);
+		if (new_p != old_p)
+			csum_replace(l4c, old_p, new_p, 2);
+		if (udp && *l4c == 0)
+			*l4c = 0xffff;
+		csum_replace(icmpc, old_c, *l4c, 2);
+	}
+	if (new_p != old_p) {
+		*ep = new_p;
+		csum_replace(icmpc, old_p, new_p, 2);
+	}
+	old_c = eip->check;
+	csum_replace(&eip->check, old_a, new_a, 4);
+	csum_replace(icmpc, old_c, eip->check, 2);
+	*ea = new_a;
+	csum_replace(icmpc, old_a, new_a, 4);
+
+	if (*oa == old_a) {
+		csum_replace(&ip->check, old_a, new_a, 4);
+		*oa = new_a;
+		if (to)
+			f->saddr.v4 = new_a;
+		else
+			f->daddr.v4 = new_a;
+	}
+	return -1;
+}
+
+/* lb_icmp6 translates an ICMPv6 error (see above); to says toward the guest. f has the
+ * ICMPv6 header's offset (flow_parse walked the outer extension headers). */
+static __always_inline int lb_icmp6(void *ctx, const bool xdp, const bool to, struct flow *f)
+{
+	__u32 zero = 0, off = f->l4_off & KDP_IPV6_MAX_L4_OFF;
+	struct lb6_scratch *sc = bpf_map_lookup_elem(&kdp_lb6_scratch, &zero);
+	struct ct6_entry *e;
+	struct ipv6hdr *ip, *eip;
+	void *data, *end;
+	__u8 *icmp, *el4;
+	__sum16 *icmpc, *l4c;
+	__be32 *ea, *oa, old_a[4];
+	__be16 *ep, old_p, new_p;
+	__u16 old_c;
+	bool udp;
+
+	if (!sc)
+		return -1;
+	ctx_pull(ctx, off + 8 + sizeof(*eip) + 18, xdp);
+	data = ctx_data(ctx, xdp);
+	end = ctx_data_end(ctx, xdp);
+	ip = data + ETH_HLEN;
+	icmp = data + off;
+	eip = (void *)(icmp + 8);
+	if ((void *)(ip + 1) > end || (void *)(icmp + 4) > end)
+		return -1;
+	if ((void *)(eip + 1) > end || eip->version != 6)
+		return KDP_DROP_MALFORMED;
+	if (eip->nexthdr != IPPROTO_TCP && eip->nexthdr != IPPROTO_UDP)
+		return -1; /* extension headers or another protocol quoted: not a connection of ours */
+	udp = eip->nexthdr == IPPROTO_UDP;
+	el4 = (void *)(eip + 1);
+	if ((void *)(el4 + 8) > end)
+		return KDP_DROP_MALFORMED;
+
+	__builtin_memset(&sc->ck, 0, sizeof(sc->ck));
+	__builtin_memcpy(sc->ck.saddr, eip->daddr, 16);
+	__builtin_memcpy(sc->ck.daddr, eip->saddr, 16);
+	sc->ck.sport = *(__be16 *)(el4 + 2);
+	sc->ck.dport = *(__be16 *)el4;
+	sc->ck.proto = eip->nexthdr;
+	sc->ck.dir = to ? 1 : 0;
+	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
+	if (!e)
+		return -1;
+	__builtin_memcpy(sc->ne.addr, e->addr, 16);
+	new_p = e->port;
+
+	icmpc = (void *)(icmp + 2);
+	ea = to ? eip->daddr : eip->saddr;
+	ep = (void *)(to ? el4 + 2 : el4);
+	oa = to ? ip->saddr : ip->daddr;
+	__builtin_memcpy(old_a, ea, 16);
+	old_p = *ep;
+
+	l4c = (void *)(el4 + (udp ? 6 : 16));
+	if ((void *)(l4c + 1) <= end) {
+		old_c = *l4c;
+		csum_replace16(l4c, old_a, sc->ne.addr);
+		if (new_p != old_p)
+			csum_replace(l4c, old_p, new_p, 2);
+		csum_replace(icmpc, old_c, *l4c, 2);
+	}
+	if (new_p != old_p) {
+		*ep = new_p;
+		csum_replace(icmpc, old_p, new_p, 2);
+	}
+	__builtin_memcpy(ea, sc->ne.addr, 16);
+	csum_replace16(icmpc, old_a, sc->ne.addr);
+
+	/* The outer address is in ICMPv6's pseudo header. */
+	if (oa[0] == old_a[0] && oa[1] == old_a[1] && oa[2] == old_a[2] && oa[3] == old_a[3]) {
+		csum_replace16(icmpc, old_a, sc->ne.addr);
+		__builtin_memcpy(oa, sc->ne.addr, 16);
+		__builtin_memcpy(to ? f->saddr.v6 : f->daddr.v6, sc->ne.addr, 16);
+	}
+	return -1;
+}
+
+/* One BPF function per hook and direction, each holding both families. */
+static __always_inline int lb_icmp(void *ctx, const bool xdp, const bool to, struct flow *f)
+{
+	if (f->family == KDP_AF_INET)
+		return lb_icmp4(ctx, xdp, to, f);
+	return lb_icmp6(ctx, xdp, to, f);
+}
+
+#define LB_ICMP_IN(x) lb_icmp(ctx, x, true, f)
+#define LB_ICMP_OUT(x) lb_icmp(ctx, x, false, f)
+LB_HOOK_FN(lb_icmp_in, (void *ctx, struct flow *f), LB_ICMP_IN)
+LB_HOOK_FN(lb_icmp_out, (void *ctx, struct flow *f), LB_ICMP_OUT)
+
 /* lb_from_guest balances the frame of flow f the guest sends: an existing connection keeps its
  * real server, a new one to a service gets one from the scheduler (or the persistence
  * template), and the frame is DNATed to it, and f with it (the strict egress check that follows
- * judges the real destination). TCP and UDP over IPv4 and IPv6 are balanced. Returns -1 to go
- * on, or an enum kdp_drop reason. */
+ * judges the real destination). TCP and UDP over IPv4 and IPv6 are balanced; an ICMP error
+ * the guest sends about a reply is translated (lb_icmp). Returns -1 to go on, or an enum
+ * kdp_drop reason. */
 static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
 					 struct flow *f)
 {
 	if (!lb_active(cfg))
 		return -1;
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
-	if (!(f->flags & KDP_FLOW_PORTS))
+	if (!(f->flags & KDP_FLOW_PORTS)) {
+		if (lb_icmp_candidate(f))
+			return xdp ? lb_icmp_out_xdp(ctx, f) : lb_icmp_out_tc(ctx, f);
 		return -1;
+	}
 	if (f->family == KDP_AF_INET6)
 		return xdp ? lb_from6_xdp(ctx, cfg, len, f) : lb_from6_tc(ctx, cfg, len, f);
 	if (f->family != KDP_AF_INET)
@@ -975,7 +1229,7 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 }
 
 /* lb_to_guest reverse-NATs a reply from a real server (the frame of flow f) back to the VIP
- * the guest talked to. */
+ * the guest talked to, and translates an ICMP error about a connection (lb_icmp). */
 static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
 				       struct flow *f)
 {
@@ -989,6 +1243,8 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	if (!lb_active(cfg))
 		return -1;
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
+	if (!(f->flags & KDP_FLOW_PORTS) && lb_icmp_candidate(f))
+		return xdp ? lb_icmp_in_xdp(ctx, f) : lb_icmp_in_tc(ctx, f);
 	if (f->family == KDP_AF_INET6 && (f->flags & KDP_FLOW_PORTS))
 		return xdp ? lb_to6_xdp(ctx, len, f) : lb_to6_tc(ctx, len, f);
 	if (f->family != KDP_AF_INET || !(f->flags & KDP_FLOW_PORTS))
