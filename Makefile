@@ -17,7 +17,7 @@ DATADIR     ?= $(PREFIX)/share
 # Long benchmarks stay out of `make test`; `make bench` runs the standard set.
 TESTFLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build install uninstall generate check-generate test race unit lint bench demo guest headers clean
+.PHONY: all build install uninstall generate check-generate test race unit lint bench demo guest kube headers clean
 
 all: build
 
@@ -61,11 +61,17 @@ check-generate: generate
 headers:
 	hack/update-bpf-headers.sh
 
+# The real Kubernetes API server the Kubernetes tests run against (control/kube/kubetest): built
+# once from k8s.io/kubernetes into /var/cache/kata-dp/kube (about 12 minutes on 2 cores; later
+# runs find it there). Never part of the tree.
+kube:
+	hack/kube-apiserver.sh
+
 # The QEMU test guest (kernel + busybox initramfs) for the end-to-end tests.
 guest:
 	hack/guest/build.sh
 
-test: guest
+test: guest kube
 	$(GO) test $(TESTFLAGS) $(PKGS)
 
 # The race detector over the packages where goroutines meet: the controller, the real
