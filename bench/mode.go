@@ -68,7 +68,7 @@ var kataDesc = map[string]string{
 	control.ModeTC:       "kata-dp tc datapath, all features on (anti-spoof, strict egress, counters)",
 	control.ModeMacvtap:  "Kata's macvtap in bridge mode on the veth",
 	control.ModeDirect:   "kata-dp direct mode: node programs on the uplink steer by guest MAC into the tap, the sandbox's tap program (anti-spoof, strict egress, reverse NAT) on the way out; no bridge, no veth pair",
-	control.ModeXDP:      "kata-dp xdp mode: XDP redirect through a DEVMAP both ways in front of the tc datapath, all features on (host veth GRO on)",
+	control.ModeXDP:      "kata-dp xdp mode: the tap's XDP program redirects the guest's frames through a DEVMAP, frames to the guest on the tc datapath, all features on (host veth GRO on)",
 }
 
 func kataModes() []modeDef {

@@ -14,7 +14,7 @@
  *   uplink ingress --kdp_uplink_in--> tap egress   (to the guest)
  *   tap ingress    --kdp_tap_in-----> uplink egress (from the guest)
  *
- * xdp mode adds kdp_xdp_uplink and kdp_xdp_tap in front of them (end of this file).
+ * xdp mode adds kdp_xdp_tap in front of kdp_tap_in (end of this file).
  *
  * A device with no endpoint entry, or with an entry of the other role, is not ours: the frame
  * goes on untouched (TCX_NEXT), so other tc users on the same device keep working.
@@ -139,12 +139,16 @@ int kdp_uplink_in(struct __sk_buff *skb)
 }
 
 /*
- * xdp mode. The tc programs stay attached beside these: a frame XDP leaves alone (no XDP port
- * for its device, or too long, see lib/xdp.h) goes on with XDP_PASS, untouched and uncounted,
- * and the tc program handles it as in tc mode.
+ * xdp mode attaches kdp_xdp_tap only; frames to the guest stay on kdp_uplink_in, because XDP
+ * on a veth copies every skb into a page with XDP headroom and runs it through NAPI, which
+ * costs more than the tc redirect (docs/benchmarks.md). No mode attaches kdp_xdp_uplink, the
+ * same for frames to the guest: it stays (tested in loader) for an uplink that runs XDP
+ * without that copy, a NIC driver with native XDP. The tc programs stay attached beside
+ * these: a frame XDP leaves alone (no XDP port for its device, or too long, see lib/xdp.h)
+ * goes on with XDP_PASS, untouched and uncounted, and the tc program handles it as in tc mode.
  *
- *   uplink (veth) XDP --kdp_xdp_uplink--> kdp_xdp_tx --> tap (tun's ndo_xdp_xmit)
  *   tap XDP           --kdp_xdp_tap-----> kdp_xdp_tx --> uplink (delivered by the veth's peer)
+ *   uplink XDP        --kdp_xdp_uplink--> kdp_xdp_tx --> tap (tun's ndo_xdp_xmit; not attached)
  */
 static __always_inline int xdp_forward(struct xdp_md *ctx, bool from)
 {

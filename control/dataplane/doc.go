@@ -5,7 +5,7 @@
 // # Modes
 //
 // A Mode is one way of joining a tap to its uplink: tc (the default: BPF at TCX ingress of
-// both devices), xdp (XDP in front of tc), tcfilter (Kata's u32 + mirred), macvtap (Kata's
+// both devices), xdp (tc with XDP on the tap for the guest's frames), tcfilter (Kata's u32 + mirred), macvtap (Kata's
 // older model) and direct (taps beside a shared host uplink, steered by MAC); and vhost-user,
 // which a NIC with a vhostUserSocket runs: no tap, nothing installed, the vhost-user switch
 // moves the frames. Each lives in one file (tc.go, xdp.go, tcfilter.go, macvtap.go, direct.go,

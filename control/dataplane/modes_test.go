@@ -352,7 +352,12 @@ func checkPlumbing(t *testing.T, r *modeRig, mode string, peerGRO, generic bool)
 			if generic {
 				wantMode = "generic"
 			}
-			if len(tcx) != 1 || !strings.HasPrefix(xdp, "kdp_xdp_") || xmode != wantMode || hasIngress {
+			// XDP on the tap only: frames to the guest stay on tc (see xdpMode).
+			if dev == r.ep.Uplink {
+				if len(tcx) != 1 || xdp != "" || hasIngress {
+					t.Errorf("%s: tcx %v xdp %q ingress %v", dev, tcx, xdp, hasIngress)
+				}
+			} else if len(tcx) != 1 || xdp != string(loader.ProgXDPTap) || xmode != wantMode || hasIngress {
 				t.Errorf("%s: tcx %v xdp %q (%s) ingress %v", dev, tcx, xdp, xmode, hasIngress)
 			}
 		case control.ModeTCFilter:
@@ -365,21 +370,16 @@ func checkPlumbing(t *testing.T, r *modeRig, mode string, peerGRO, generic bool)
 			}
 		}
 	}
-	if mode == control.ModeXDP {
-		// The XDP path really carries the traffic: with the tc program gone from the uplink
-		// (and, when the veth's peer takes XDP frames, from the tap too), ping still works.
+	if mode == control.ModeXDP && peerGRO {
+		// The XDP path really carries the guest's traffic: with the tc program gone from the
+		// tap (the veth's peer takes XDP frames), ping still works.
 		sb, err := loader.Open(r.root, r.ep.Sandbox)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer sb.Close()
-		if err := sb.Detach(ns, r.ep.Uplink); err != nil {
+		if err := sb.Detach(ns, r.ep.Tap); err != nil {
 			t.Fatal(err)
-		}
-		if peerGRO {
-			if err := sb.Detach(ns, r.ep.Tap); err != nil {
-				t.Fatal(err)
-			}
 		}
 		if tx, rx := pingAll(t, r.sb.Host, "-c", "5", "-i", "0.05", "-W", "2", r.sb.GuestAddr.Addr().String()); rx != tx {
 			t.Errorf("ping over XDP alone (peer GRO %v): %d/%d", peerGRO, rx, tx)
@@ -478,9 +478,9 @@ func TestSwitchModeUnderTraffic(t *testing.T) {
 	}
 }
 
-// xdpOnly switches a rig's endpoint to xdp mode with GRO on the host end of the veth (so both
-// directions take XDP) and takes the tc programs away from both devices, so that whatever
-// the test sees next was done by the XDP programs alone.
+// xdpOnly switches a rig's endpoint to xdp mode with GRO on the host end of the veth (so the
+// guest's frames take XDP) and takes the tc program away from the tap, so that whatever the
+// test sees of the guest's frames next was done by the tap's XDP program alone.
 func xdpOnly(t *testing.T, r *rig) {
 	t.Helper()
 	if err := netdev.SetGRO(r.sb.Host.Path(), r.sb.HostVeth.Name, true); err != nil {
@@ -498,10 +498,10 @@ func xdpOnly(t *testing.T, r *rig) {
 		t.Fatal(err)
 	}
 	defer sb.Close()
-	for _, dev := range []string{r.ep.Uplink, r.ep.Tap} {
-		if err := sb.Detach(r.sb.NS.Path(), dev); err != nil {
-			t.Fatal(err)
-		}
+	// Frames to the guest stay on the uplink's tc program in xdp mode; the guest's frames
+	// now meet XDP alone.
+	if err := sb.Detach(r.sb.NS.Path(), r.ep.Tap); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -541,8 +541,9 @@ func TestXDPSpoofAndEgress(t *testing.T) {
 	}
 }
 
-// TestXDPLoadBalancer: the load balancer in the XDP programs alone: rr order over real TCP
-// connections and wrr-free UDP answers from the right real servers (reverse NAT).
+// TestXDPLoadBalancer: the load balancer in the tap's XDP program alone (the reverse NAT of the
+// answers in the uplink's tc program, which xdp mode leaves frames to the guest to): rr order
+// over real TCP connections and UDP answers from the right real servers.
 func TestXDPLoadBalancer(t *testing.T) {
 	r := newLBRig(t, "xdplb")
 	xdpOnly(t, r.rig)
@@ -584,8 +585,8 @@ func TestXDPReloadUnderTraffic(t *testing.T) {
 		tx, rx = ping(t, r.sb.Host, "-c", "1500", "-i", "0.001", "-W", "2", guestIP)
 	}()
 	reloads := reloadUntil(t, r.root, "xdpreload", done)
-	if name, mode, _ := loader.XDPProgram(r.sb.NS.Path(), r.ep.Uplink); name != string(loader.ProgXDPUplink) || mode != "driver" {
-		t.Errorf("after reloads the uplink runs %q (%s)", name, mode)
+	if name, mode, _ := loader.XDPProgram(r.sb.NS.Path(), r.ep.Tap); name != string(loader.ProgXDPTap) || mode != "driver" {
+		t.Errorf("after reloads the tap runs %q (%s)", name, mode)
 	}
 	if reloads < 10 || tx == 0 || rx != tx {
 		t.Errorf("ping during %d reloads: %d of %d replies", reloads, rx, tx)

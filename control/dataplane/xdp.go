@@ -11,16 +11,22 @@ import (
 	"github.com/kata-dp/kata-dp/maps"
 )
 
-// xdpMode is tc mode with the XDP programs in front of the tc programs. XDP redirects what it
-// can through a devmap; what it cannot (GSO super-frames, and every frame of a direction whose
-// target does not take XDP frames) it passes on untouched to the tc program, so the features
-// and counters are the same and nothing is processed twice. Frames for the guest always take
-// XDP (a tap takes XDP frames). Frames from the guest take XDP only while the veth's peer,
+// xdpMode is tc mode with XDP on the guest's side: the tap's XDP program takes the frames
+// the guest writes (natively: tun runs XDP on the buffer it builds from the writer's frame,
+// before any skb exists) and redirects them through a devmap into the veth. Frames to the
+// guest stay on the tc program at the veth's ingress, because that is the cheaper way here:
+// an XDP program on a veth turns its receive path into NAPI and copies every skb the stack
+// hands it into a page with XDP headroom before the program runs, which cost 1.5x tc's
+// forward CPU per frame host->guest, while guest->host XDP costs about 0.75x tc's
+// (docs/benchmarks.md, "Where the time goes"). So xdp mode is tc mode, made cheaper
+// guest->host. What XDP cannot take (GSO super-frames, frames longer than the port allows)
+// it passes on untouched to the tc program, so the features and counters are the same and
+// nothing is processed twice. Frames from the guest take XDP only while the veth's peer,
 // which belongs to the CNI and lives outside the sandbox netns, runs XDP or has GRO on: the
 // kernel drops frames XDP redirects into a veth otherwise. kata-dp reads that from the veth's
 // xdp_features and never changes the peer; an operator or CNI that turns GRO on there gets
-// XDP both ways at the next UpdateEndpoint or RecheckXDP. Where XDP cannot attach the
-// endpoint runs in tc mode, logged, and Mode says why.
+// XDP at the next UpdateEndpoint or RecheckXDP. Where XDP cannot attach the endpoint runs in
+// tc mode, logged, and Mode says why.
 //
 // Switching between tc, xdp and tcfilter moves the frames from one path to the other while
 // both are in place (the new path is installed before the old one is removed, and TCX runs
@@ -59,8 +65,10 @@ func (xdpMode) Stats(ctx context.Context, sb *Sandbox, ep control.Endpoint) (con
 	return tcMode{}.Stats(ctx, sb, ep)
 }
 
-// setXDP attaches the XDP programs and writes the XDP ports. It reports whether frames from
-// the guest take XDP too (see xdpMode).
+// setXDP attaches the tap's XDP program and writes its port. It reports whether frames from
+// the guest take XDP (see xdpMode). An XDP program an earlier kata-dp left on the uplink (it
+// used to redirect frames to the guest too) and its port are removed first: frames to the
+// guest then go on to the tc program, which is attached already.
 func setXDP(sb *Sandbox, ep control.Endpoint, tap, uplink netdev.LinkInfo) (bool, error) {
 	if ep.Uplink == "" {
 		return false, errors.New("not joined to an uplink: nothing to redirect")
@@ -72,28 +80,18 @@ func setXDP(sb *Sandbox, ep control.Endpoint, tap, uplink netdev.LinkInfo) (bool
 	if !f.XDP || !f.DevMap {
 		return false, fmt.Errorf("kernel lacks xdp or devmap (%s)", f)
 	}
-	// The programs go first: they pass every frame on to tc until their port exists.
-	ua, err := sb.lsb.AttachXDP(ep.NetNS, ep.Uplink, loader.ProgXDPUplink)
-	if err != nil {
+	if err := sb.xdp().Delete(uint32(uplink.Index)); err != nil {
 		return false, err
 	}
+	if err := sb.lsb.DetachXDP(ep.NetNS, ep.Uplink); err != nil {
+		return false, err
+	}
+	// The program goes first: it passes every frame on to tc until its port exists.
 	ta, err := sb.lsb.AttachXDP(ep.NetNS, ep.Tap, loader.ProgXDPTap)
 	if err != nil {
 		return false, err
 	}
-	ok, err := loader.XDPRedirectTarget(ep.NetNS, ep.Tap)
-	if err != nil {
-		return false, err
-	}
-	if !ok {
-		return false, fmt.Errorf("%s does not take XDP frames", ep.Tap)
-	}
-	if err := sb.xdp().Set(ep.NetNS, uint32(uplink.Index), uint32(tap.Index), maps.XDPPort{
-		MaxLen: uint32(tap.MTU) + 18, Flags: csumFlag(ua),
-	}); err != nil {
-		return false, err
-	}
-	ok, err = loader.XDPRedirectTarget(ep.NetNS, ep.Uplink)
+	ok, err := loader.XDPRedirectTarget(ep.NetNS, ep.Uplink)
 	if err != nil {
 		return false, err
 	}
