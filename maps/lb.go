@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync"
 
 	"github.com/cilium/ebpf"
 
@@ -571,7 +572,7 @@ func (l LB) batchPut(keys []svcKey, vals []svc) error {
 	if len(keys) == 0 {
 		return nil
 	}
-	if _, err := l.Svc.BatchUpdate(keys, vals, nil); err == nil {
+	if err := batchUpdate(l.Svc, keys, vals); err == nil {
 		return nil
 	} else if !errors.Is(err, ebpf.ErrNotSupported) {
 		return err
@@ -771,7 +772,8 @@ func (l LB) sweep6(now uint64, cfg Config, match func(Conn) bool, res *SweepResu
 
 // PutServices writes many services of a generation that is not live yet (a restore), with
 // batched map updates: masters and slots together, as nothing reads the generation until the
-// caller switches to it.
+// caller switches to it. The maps are written at once (see concurrently): their order does not
+// matter before the switch.
 func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 	var (
 		keys  []svcKey
@@ -810,38 +812,78 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 			hvals = append(hvals, *s.hashVal())
 		}
 	}
-	if fresh && len(specs) > 0 {
-		sk := make([]LBStatsKey, len(specs))
-		for i, s := range specs {
-			sk[i] = LBStatsKey{Kind: StatsService, Id: s.ID}
-		}
-		if _, err := l.Stats.BatchUpdate(sk, make([]LBStats, len(sk)), nil); err != nil {
-			return fmt.Errorf("put services: counters: %w", err)
-		}
-		specs = nil // counters done
-	}
-	for _, s := range specs {
-		if err := l.Stats.Update(&LBStatsKey{Kind: StatsService, Id: s.ID}, &LBStats{}, ebpf.UpdateNoExist); err != nil {
-			if errors.Is(err, ebpf.ErrKeyExist) {
-				continue
+	counters := func() error {
+		if fresh {
+			sk := make([]LBStatsKey, len(specs))
+			for i, s := range specs {
+				sk[i] = LBStatsKey{Kind: StatsService, Id: s.ID}
 			}
-			return fmt.Errorf("put services: counters: %w", err)
+			return batchUpdate(l.Stats, sk, make([]LBStats, len(sk)))
 		}
-	}
-	if len(hkeys) > 0 {
-		if _, err := l.Hash.BatchUpdate(hkeys, hvals, nil); err != nil {
-			return fmt.Errorf("put services: bucket tables: %w", err)
+		for _, s := range specs {
+			if err := l.Stats.Update(&LBStatsKey{Kind: StatsService, Id: s.ID}, &LBStats{}, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+				return err
+			}
 		}
+		return nil
 	}
-	if err := l.batchPut(keys, vals); err != nil {
-		return fmt.Errorf("put services: %w", err)
+	return concurrently("put services",
+		named("counters", counters),
+		named("bucket tables", func() error { return batchUpdate(l.Hash, hkeys, hvals) }),
+		named("service entries", func() error { return l.batchPut(keys, vals) }),
+		named("IPv6 masters", func() error { return batchUpdate(l.Svc6, keys6, vals6) }))
+}
+
+// batchUpdate writes keys and vals to m in batches (BPF_MAP_UPDATE_BATCH), a large set in two
+// halves at once: the kernel's cost of a hash map entry (its allocation and bucket insert)
+// then runs on two CPUs.
+func batchUpdate[K, V any](m *ebpf.Map, keys []K, vals []V) error {
+	const split = 4096
+	if len(keys) == 0 {
+		return nil
 	}
-	if len(keys6) > 0 {
-		if _, err := l.Svc6.BatchUpdate(keys6, vals6, nil); err != nil {
-			return fmt.Errorf("put services: IPv6 masters: %w", err)
+	if len(keys) < split {
+		_, err := m.BatchUpdate(keys, vals, nil)
+		return err
+	}
+	h := len(keys) / 2
+	return concurrently("",
+		func() error { _, err := m.BatchUpdate(keys[:h], vals[:h], nil); return err },
+		func() error { _, err := m.BatchUpdate(keys[h:], vals[h:], nil); return err })
+}
+
+// named prefixes fn's error with what it writes.
+func named(what string, fn func() error) func() error {
+	return func() error {
+		if err := fn(); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
 		}
+		return nil
 	}
-	return nil
+}
+
+// concurrently runs fns at once and returns their errors joined (prefixed with what). A
+// restore writes about 100000 entries into several maps; the maps are independent and a hash
+// map takes concurrent updates (per-bucket locks), so writing them in parallel divides the
+// kernel's part of a restore by the CPUs free. Callers only use it for writes that nothing
+// reads yet (a generation before its switch, real servers no live slot names).
+func concurrently(what string, fns ...func() error) error {
+	errs := make([]error, len(fns))
+	var wg sync.WaitGroup
+	for i, fn := range fns[1:] {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i+1] = fn()
+		}()
+	}
+	errs[0] = fns[0]()
+	wg.Wait()
+	err := errors.Join(errs...)
+	if err != nil && what != "" {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	return err
 }
 
 // BackendIDs returns the ids of the real servers in the maps.
@@ -930,8 +972,9 @@ func Dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
 }
 
 // PutBackends installs many real servers at once. fresh says the ids are new (a restore into
-// an empty table): their counters are created zeroed in one batch; otherwise existing
-// counters are kept.
+// an empty table): their counters are created zeroed in batches, and all maps are written at
+// once (no live slot names a new id, so the order does not matter); otherwise existing
+// counters are kept, and each real server's counters exist before its address is written.
 func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 	if len(bes) == 0 {
 		return nil
@@ -952,33 +995,29 @@ func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 			vals6 = append(vals6, *b6)
 		}
 	}
-	if len(ids6) > 0 {
-		if _, err := l.Backend6.BatchUpdate(ids6, vals6, nil); err != nil {
-			return fmt.Errorf("put real servers: IPv6 addresses: %w", err)
-		}
-	}
 	if fresh {
 		sk := make([]LBStatsKey, len(ids))
 		for i, id := range ids {
 			sk[i] = LBStatsKey{Kind: StatsBackend, Id: id}
 		}
-		if _, err := l.Stats.BatchUpdate(sk, make([]LBStats, len(ids)), nil); err != nil {
-			return fmt.Errorf("put real servers: counters: %w", err)
+		return concurrently("put real servers",
+			named("IPv6 addresses", func() error { return batchUpdate(l.Backend6, ids6, vals6) }),
+			named("counters", func() error { return batchUpdate(l.Stats, sk, make([]LBStats, len(ids))) }),
+			named("connection counts", func() error { return batchUpdate(l.Conns, ids, make([]LBConns, len(ids))) }),
+			func() error { return batchUpdate(l.Backend, ids, vals) })
+	}
+	if err := batchUpdate(l.Backend6, ids6, vals6); err != nil {
+		return fmt.Errorf("put real servers: IPv6 addresses: %w", err)
+	}
+	for _, id := range ids {
+		if err := l.ensureStats(StatsBackend, id); err != nil {
+			return err
 		}
-		if _, err := l.Conns.BatchUpdate(ids, make([]LBConns, len(ids)), nil); err != nil {
-			return fmt.Errorf("put real servers: connection counts: %w", err)
-		}
-	} else {
-		for _, id := range ids {
-			if err := l.ensureStats(StatsBackend, id); err != nil {
-				return err
-			}
-			if err := l.Conns.Update(id, &LBConns{}, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-				return err
-			}
+		if err := l.Conns.Update(id, &LBConns{}, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+			return err
 		}
 	}
-	if _, err := l.Backend.BatchUpdate(ids, vals, nil); err != nil {
+	if err := batchUpdate(l.Backend, ids, vals); err != nil {
 		return fmt.Errorf("put real servers: %w", err)
 	}
 	return nil

@@ -250,11 +250,13 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 			}
 		}
 	}
-	if err := lb.PutBackends(st.backends, fresh); err != nil {
-		undo()
-		return fmt.Errorf("restore lb of %s: %w", id, err)
-	}
-	if err := lb.PutServices(gen, specs, fresh); err != nil {
+	// The real servers and the new generation's services go into different maps, and nothing
+	// live reads what either writes (the generation is not switched to yet; a live slot names
+	// no new real server): write them at once, on both CPUs.
+	beErr := make(chan error, 1)
+	go func() { beErr <- lb.PutBackends(st.backends, fresh) }()
+	svcErr := lb.PutServices(gen, specs, fresh)
+	if err := errors.Join(<-beErr, svcErr); err != nil {
 		undo()
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
