@@ -520,33 +520,49 @@ func (l LB) ensureStats(kind, id uint32) error {
 }
 
 // DeleteGeneration removes every service entry and bucket table of generation gen (after a
-// switch away from it, or when a restore into it failed).
+// switch away from it, or when a restore into it failed), and the counters of its services
+// unless a service of another generation has the same id (a table pushed again after an
+// agent restart keeps its ids: its counters go on).
 func (l LB) DeleteGeneration(gen uint8) error {
 	all, err := Dump[svcKey, svc](l.Svc)
 	if err != nil {
 		return fmt.Errorf("delete generation %d: %w", gen, err)
 	}
-	var stale []svcKey
-	for k, v := range all {
-		if k.Gen == gen {
-			stale = append(stale, k)
-			if k.Slot == 0 {
-				l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: v.Id})
-			}
-		}
-	}
-	l.batchDelete(l.Svc, stale)
 	all6, err := Dump[svc6Key, svc](l.Svc6)
 	if err != nil {
 		return fmt.Errorf("delete generation %d: %w", gen, err)
+	}
+	var stale []svcKey
+	ids, kept := map[uint32]bool{}, map[uint32]bool{}
+	for k, v := range all {
+		if k.Gen == gen {
+			stale = append(stale, k)
+		}
+		if k.Slot == 0 {
+			if k.Gen == gen {
+				ids[v.Id] = true
+			} else {
+				kept[v.Id] = true
+			}
+		}
 	}
 	var stale6 []svc6Key
 	for k, v := range all6 {
 		if k.Gen == gen {
 			stale6 = append(stale6, k)
-			l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: v.Id})
+			ids[v.Id] = true
+		} else {
+			kept[v.Id] = true
 		}
 	}
+	var counters []LBStatsKey
+	for id := range ids {
+		if !kept[id] {
+			counters = append(counters, LBStatsKey{Kind: StatsService, Id: id})
+		}
+	}
+	l.batchDelete(l.Svc, stale)
+	deleteKeys(l.Stats, counters)
 	if len(stale6) > 0 {
 		if _, err := l.Svc6.BatchDelete(stale6, nil); err != nil {
 			for i := range stale6 {
@@ -926,12 +942,45 @@ func (l LB) DeleteBackendsExcept(keep map[uint32]Backend) error {
 		}
 		return nil
 	}
-	l.Stats.BatchDelete(sk, nil)
-	l.Conns.BatchDelete(stale, nil)
-	for _, id := range stale {
-		l.Backend6.Delete(id)
+	deleteKeys(l.Stats, sk)
+	deleteKeys(l.Conns, stale)
+	// Few real servers are IPv6: delete the addresses that are there (one batched read)
+	// instead of trying every id.
+	if six, err := Dump[uint32, be6](l.Backend6); err == nil && len(six) > 0 {
+		var del []uint32
+		for _, id := range stale {
+			if _, ok := six[id]; ok {
+				del = append(del, id)
+			}
+		}
+		deleteKeys(l.Backend6, del)
+	} else if err != nil {
+		for _, id := range stale {
+			l.Backend6.Delete(id)
+		}
 	}
 	return nil
+}
+
+// deleteKeys removes keys from m with batched deletes. The kernel stops a batch at a key that
+// is not there: that key is skipped and the batch goes on after it.
+func deleteKeys[K any](m *ebpf.Map, keys []K) {
+	for len(keys) > 0 {
+		n, err := m.BatchDelete(keys, nil)
+		if err == nil {
+			return
+		}
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			for i := range keys {
+				m.Delete(&keys[i])
+			}
+			return
+		}
+		if n >= len(keys) {
+			return
+		}
+		keys = keys[n+1:]
+	}
 }
 
 // dumpBatchSize is how many entries one BPF_MAP_LOOKUP_BATCH call reads.

@@ -194,6 +194,36 @@ func TestLBRoundRobinTCP(t *testing.T) {
 	}
 }
 
+// TestLBCountersSurviveRestart: an agent restart pushes the saved table again (a restore
+// under a new generation beside the live one, same ids); freeing the old generation keeps the
+// counters of the services that live on, and they go on counting.
+func TestLBCountersSurviveRestart(t *testing.T) {
+	r := newLBRig(t, "lbctr")
+	ctx := context.Background()
+	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr")
+	r.ipvsadm(t, "-a -t "+vipAddr+":80 -r 10.199.0.11:80 -m")
+	r.tcpPick(t)
+	restarted, err := dataplane.NewWithOptions(r.root, loader.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer restarted.Close()
+	if err := restarted.EnsureSandbox(ctx, r.ep.Sandbox, r.sb.NS.Path()); err != nil {
+		t.Fatal(err)
+	}
+	if err := restarted.RestoreLB(ctx, r.ep.Sandbox, r.table); err != nil {
+		t.Fatal(err)
+	}
+	r.tcpPick(t)
+	c, err := restarted.LBCounters(ctx, r.ep.Sandbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Service(r.table.Services[0].ID).Conns; got != 2 {
+		t.Errorf("service connections after the restart: %d, want 2 (one before, one after)", got)
+	}
+}
+
 // TestLBWeightedUDP: wrr with weights 1:2:3 spreads 600 flows exactly in that ratio.
 func TestLBWeightedUDP(t *testing.T) {
 	r := newLBRig(t, "lbwrr")
