@@ -9,7 +9,10 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultDir is where the agent keeps its state unless told otherwise.
@@ -29,9 +32,12 @@ var (
 
 var keyRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$`)
 
-// Store is a directory of atomically replaced files.
+// Store is a directory of files, one per key, each replaced atomically (see slots.go).
 type Store struct {
 	dir string
+
+	mu   sync.Mutex
+	keys map[string]*keyLock
 }
 
 // Open creates dir (mode 0700) when needed and removes temporary files left by interrupted
@@ -64,15 +70,44 @@ func (s *Store) path(key string) (string, error) {
 	return filepath.Join(s.dir, key+suffix), nil
 }
 
-// Put replaces the value of key with data, atomically and durably.
-func (s *Store) Put(key string, data []byte) (err error) {
+// Put replaces the value of key with data, atomically and durably: in place, in the slot
+// not holding the current value, when the key's file has room (one fdatasync), else by
+// writing the file whole.
+func (s *Store) Put(key string, data []byte) error {
 	path, err := s.path(key)
 	if err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
-	f, err := os.CreateTemp(s.dir, tmpPrefix+key+"-*")
+	err = s.locked(key, func(k *keyLock) error {
+		if done, err := putInPlace(path, k, data); done || err != nil {
+			return err
+		}
+		seq := uint64(1)
+		if k.file != nil {
+			seq = k.file.seq + 1
+		}
+		rec, size := newSlotFile(seq, data)
+		ino, err := s.writeWhole(key, path, rec, 2*size)
+		if err != nil {
+			k.file = nil
+			return err
+		}
+		k.file = &slotFile{ino: ino, size: size, seq: seq, newest: 0}
+		return nil
+	})
 	if err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
+	}
+	return nil
+}
+
+// writeWhole replaces the file at path with b, extended to size bytes (a hole): a temporary
+// file, fsynced, renamed over it, the directory fsynced. It returns the new file's inode
+// number.
+func (s *Store) writeWhole(key, path string, b []byte, size int64) (ino uint64, err error) {
+	f, err := os.CreateTemp(s.dir, tmpPrefix+key+"-*")
+	if err != nil {
+		return 0, err
 	}
 	tmp := f.Name()
 	defer func() {
@@ -81,22 +116,29 @@ func (s *Store) Put(key string, data []byte) (err error) {
 			os.Remove(tmp)
 		}
 	}()
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("put %s: write: %w", key, err)
+	if _, err := f.Write(b); err != nil {
+		return 0, fmt.Errorf("write: %w", err)
+	}
+	if err := f.Truncate(size); err != nil {
+		return 0, fmt.Errorf("extend: %w", err)
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("put %s: fsync: %w", key, err)
+		return 0, fmt.Errorf("fsync: %w", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return 0, fmt.Errorf("stat: %w", err)
 	}
 	if err := f.Close(); err != nil {
-		return fmt.Errorf("put %s: close: %w", key, err)
+		return 0, fmt.Errorf("close: %w", err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("put %s: rename: %w", key, err)
+		return 0, fmt.Errorf("rename: %w", err)
 	}
 	if err := s.syncDir(); err != nil {
-		return fmt.Errorf("put %s: %w", key, err)
+		return 0, err
 	}
-	return nil
+	return st.Ino, nil
 }
 
 // Get returns the value of key, or ErrNotFound.
@@ -112,7 +154,20 @@ func (s *Store) Get(key string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("get %s: %w", key, err)
 	}
+	if b, err = readValue(b); err != nil {
+		return nil, fmt.Errorf("get %s: %w", key, err)
+	}
 	return b, nil
+}
+
+// readValue returns the value a file holds: the newest valid slot of a file of slots, or the
+// file as it is when it was written whole (by an earlier version, or by hand).
+func readValue(b []byte) ([]byte, error) {
+	if !isSlots(b) || len(b)%2 != 0 {
+		return b, nil
+	}
+	v, _, err := parseSlots(b)
+	return v, err
 }
 
 // Delete removes key (and its journal) durably. Deleting a missing key is not an error.
@@ -123,10 +178,17 @@ func (s *Store) Delete(key string) error {
 	}
 	// The journal first: a crash in between leaves the value without its journal, never a
 	// journal that a later value of the same key would inherit.
-	for _, p := range []string{strings.TrimSuffix(path, suffix) + journalSuffix, path} {
-		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("delete %s: %w", key, err)
+	err = s.locked(key, func(k *keyLock) error {
+		k.file = nil
+		for _, p := range []string{strings.TrimSuffix(path, suffix) + journalSuffix, path} {
+			if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
 		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("delete %s: %w", key, err)
 	}
 	if err := s.syncDir(); err != nil {
 		return fmt.Errorf("delete %s: %w", key, err)
@@ -143,7 +205,11 @@ func (s *Store) MoveAside(key string) (string, error) {
 		return "", fmt.Errorf("move aside %s: %w", key, err)
 	}
 	to := path + ".corrupt-" + time.Now().UTC().Format("20060102T150405.000000000Z")
-	if err := os.Rename(path, to); err != nil {
+	err = s.locked(key, func(k *keyLock) error {
+		k.file = nil
+		return os.Rename(path, to)
+	})
+	if err != nil {
 		return "", fmt.Errorf("move aside %s: %w", key, err)
 	}
 	if err := s.syncDir(); err != nil {

@@ -175,8 +175,10 @@ func TestMoveAside(t *testing.T) {
 	if filepath.Dir(to) != dir || !strings.HasPrefix(filepath.Base(to), "bad.json.corrupt-") {
 		t.Errorf("moved to %s", to)
 	}
-	if b, err := os.ReadFile(to); err != nil || string(b) != "{" {
-		t.Errorf("moved file: %q, %v", b, err)
+	if b, err := os.ReadFile(to); err != nil {
+		t.Errorf("moved file: %v", err)
+	} else if v, err := readValue(b); err != nil || string(v) != "{" {
+		t.Errorf("moved file holds %q, %v", v, err)
 	}
 	if keys, err := s.Keys(); err != nil || len(keys) != 0 {
 		t.Errorf("Keys after MoveAside = %v, %v", keys, err)
