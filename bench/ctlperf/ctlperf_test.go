@@ -3,6 +3,10 @@
 // cost of sandboxes (agent RSS and BPF map memory per sandbox).
 //
 // Run (root): go test -run XXX -bench . -benchtime 20x ./bench/ctlperf/
+//
+// To compare two builds side by side, build each agent (go build -o /tmp/old ./cmd/kata-dp at
+// one commit, /tmp/new at another) and run the benchmark once per binary, interleaved, with
+// KDP_CTLPERF_AGENT naming the binary to run instead of building the current tree.
 package ctlperf
 
 import (
@@ -30,18 +34,23 @@ type agent struct {
 	cmd   *exec.Cmd
 	c     *api.Client
 	bpffs string
+	bin   string
+	sock  string
 }
 
 // startAgent builds and runs the real kata-dp agent with its state and pins in places of its own.
 func startAgent(b *testing.B) *agent {
 	topotest.RequireRoot(b, "runs the agent with the BPF dataplane")
 	dir := b.TempDir()
-	bin := filepath.Join(dir, "kata-dp")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/kata-dp/kata-dp/cmd/kata-dp").CombinedOutput(); err != nil {
-		b.Fatalf("build: %v\n%s", err, out)
+	bin := os.Getenv("KDP_CTLPERF_AGENT")
+	if bin == "" {
+		bin = filepath.Join(dir, "kata-dp")
+		if out, err := exec.Command("go", "build", "-o", bin, "github.com/kata-dp/kata-dp/cmd/kata-dp").CombinedOutput(); err != nil {
+			b.Fatalf("build: %v\n%s", err, out)
+		}
 	}
-	a := &agent{bpffs: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptcp-%08x", rand.Uint32()))}
 	sock := filepath.Join(dir, "s.sock")
+	a := &agent{bpffs: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptcp-%08x", rand.Uint32())), bin: bin, sock: sock}
 	a.cmd = exec.Command(bin, "agent", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", a.bpffs, "--log-level", "warn")
 	a.cmd.Stderr = os.Stderr
 	if err := a.cmd.Start(); err != nil {
@@ -92,6 +101,53 @@ func BenchmarkAddIface(b *testing.B) {
 		ds = append(ds, time.Since(start))
 		b.StopTimer()
 		if _, err := a.c.KataNetwork(ctx, "perf", "del-iface", in); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+	b.StopTimer()
+	stats(b, ds)
+}
+
+// rules20000 is a kata-ipvs restore file of 20000 rules: 5000 rr services with three real
+// servers each (bench/lbperf's table).
+func rules20000() string {
+	var sb strings.Builder
+	for i := range 5000 {
+		svc := fmt.Sprintf("10.%d.%d.%d:80", 100+i/65536, (i/256)%256, i%256)
+		fmt.Fprintf(&sb, "-A -t %s -s rr\n", svc)
+		for j := 1; j <= 3; j++ {
+			fmt.Fprintf(&sb, "-a -t %s -r 172.16.%d.%d:80 -m -w 1\n", svc, j, i%250+1)
+		}
+	}
+	return sb.String()
+}
+
+// BenchmarkRestoreCLI: `kata-dp kata-ipvs ipvsadm --restore -` of 20000 rules, timed from the
+// CLI's start to its exit: the CLI reads the file and posts it, the agent parses and
+// validates it, writes the maps beside the live ones, switches, saves the table (fsync) and
+// answers. Then --clear, untimed.
+func BenchmarkRestoreCLI(b *testing.B) {
+	a := startAgent(b)
+	ctx := context.Background()
+	sb := topotest.MustSandbox(b, topo.SandboxConfig{Prefix: "kdptcp", NoTap: true})
+	if _, err := a.c.AddSandbox(ctx, control.SandboxSpec{ID: "perf", NetNS: sb.NS.Path()}); err != nil {
+		b.Fatal(err)
+	}
+	rules := rules20000()
+	var ds []time.Duration
+	b.ResetTimer()
+	for range b.N {
+		cmd := exec.Command(a.bin, "kata-ipvs", "ipvsadm", "--socket", a.sock, "--restore", "-", "perf")
+		cmd.Stdin = strings.NewReader(rules)
+		start := time.Now()
+		out, err := cmd.CombinedOutput()
+		ds = append(ds, time.Since(start))
+		if err != nil {
+			b.Fatalf("restore: %v\n%s", err, out)
+		}
+		b.StopTimer()
+		if _, err := a.c.KataIPVS(ctx, "perf", api.IPVSOpIpvsadm, api.IPVSRequest{Parameters: "--clear"}); err != nil {
 			b.Fatal(err)
 		}
 		b.StartTimer()
