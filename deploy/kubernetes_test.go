@@ -11,6 +11,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/kata-dp/kata-dp/control/api"
@@ -22,19 +23,41 @@ import (
 // kata-dp-cni unless CNI_BIN_DIR says otherwise).
 const cniBinDir = "/opt/cni/bin"
 
-// manifests decodes every file in kubernetes/ strictly (unknown or misspelt fields refused)
-// into the real API type of its kind.
+// rbac is the manifests' RBAC objects.
+type rbac struct {
+	roles    []*rbacv1.ClusterRole
+	bindings []*rbacv1.ClusterRoleBinding
+}
+
+// manifests decodes every document of every file in kubernetes/ strictly (unknown or misspelt
+// fields refused) into the real API type of its kind.
 func manifests(t *testing.T) (ds *appsv1.DaemonSet, cm *corev1.ConfigMap, sa *corev1.ServiceAccount) {
+	ds, cm, sa, _ = manifestsWithRBAC(t)
+	return ds, cm, sa
+}
+
+func manifestsWithRBAC(t *testing.T) (ds *appsv1.DaemonSet, cm *corev1.ConfigMap, sa *corev1.ServiceAccount, rb rbac) {
 	t.Helper()
 	files, err := filepath.Glob("kubernetes/*.yaml")
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no manifests: %v", err)
 	}
+	type doc struct {
+		file string
+		b    []byte
+	}
+	var docs []doc
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)
 		}
+		for _, part := range strings.Split(string(b), "\n---\n") {
+			docs = append(docs, doc{f, []byte(part)})
+		}
+	}
+	for _, d := range docs {
+		f, b := d.file, d.b
 		var meta struct {
 			APIVersion string `json:"apiVersion"`
 			Kind       string `json:"kind"`
@@ -55,6 +78,14 @@ func manifests(t *testing.T) (ds *appsv1.DaemonSet, cm *corev1.ConfigMap, sa *co
 			obj = sa
 		case "v1 Namespace":
 			obj = &corev1.Namespace{}
+		case "rbac.authorization.k8s.io/v1 ClusterRole":
+			r := &rbacv1.ClusterRole{}
+			rb.roles = append(rb.roles, r)
+			obj = r
+		case "rbac.authorization.k8s.io/v1 ClusterRoleBinding":
+			r := &rbacv1.ClusterRoleBinding{}
+			rb.bindings = append(rb.bindings, r)
+			obj = r
 		default:
 			t.Fatalf("%s: unexpected %s %s", f, meta.APIVersion, meta.Kind)
 		}
@@ -65,7 +96,71 @@ func manifests(t *testing.T) (ds *appsv1.DaemonSet, cm *corev1.ConfigMap, sa *co
 	if ds == nil || cm == nil || sa == nil {
 		t.Fatalf("want a DaemonSet, a ConfigMap and a ServiceAccount: %v", files)
 	}
-	return ds, cm, sa
+	return ds, cm, sa, rb
+}
+
+// TestKubernetesRBAC: the DaemonSet's ServiceAccount is bound to a ClusterRole that lets it
+// get, list and watch Services, EndpointSlices and Nodes (what control/kube's informers and
+// the node name need) and nothing else; its token is mounted; the agent follows the cluster
+// in-cluster and gets the node's name from the pod spec.
+func TestKubernetesRBAC(t *testing.T) {
+	ds, cm, sa, rb := manifestsWithRBAC(t)
+	spec := ds.Spec.Template.Spec
+	if spec.AutomountServiceAccountToken != nil && !*spec.AutomountServiceAccountToken ||
+		sa.AutomountServiceAccountToken != nil && !*sa.AutomountServiceAccountToken {
+		t.Errorf("the ServiceAccount's token is not mounted: the agent cannot watch the API server")
+	}
+	want := map[string]bool{"/services": true, "/nodes": true, "discovery.k8s.io/endpointslices": true}
+	var bound []string
+	for _, b := range rb.bindings {
+		bindsSA := slices.ContainsFunc(b.Subjects, func(s rbacv1.Subject) bool {
+			return s.Kind == "ServiceAccount" && s.Name == sa.Name && s.Namespace == sa.Namespace
+		})
+		if !bindsSA || b.RoleRef.Kind != "ClusterRole" {
+			continue
+		}
+		for _, r := range rb.roles {
+			if r.Name != b.RoleRef.Name {
+				continue
+			}
+			for _, rule := range r.Rules {
+				verbs := slices.Sorted(slices.Values(rule.Verbs))
+				if !slices.Equal(verbs, []string{"get", "list", "watch"}) {
+					t.Errorf("ClusterRole %s: verbs %v, want get, list, watch only", r.Name, rule.Verbs)
+				}
+				for _, g := range rule.APIGroups {
+					for _, res := range rule.Resources {
+						if !want[g+"/"+res] {
+							t.Errorf("ClusterRole %s grants %s/%s, which the agent does not use", r.Name, g, res)
+						}
+						bound = append(bound, g+"/"+res)
+					}
+				}
+			}
+		}
+	}
+	for res := range want {
+		if !slices.Contains(bound, res) {
+			t.Errorf("the ServiceAccount %s/%s cannot get/list/watch %s", sa.Namespace, sa.Name, res)
+		}
+	}
+	var cfg map[string]string
+	if err := yaml.Unmarshal([]byte(cm.Data["config.yaml"]), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg["kube-in-cluster"] != "true" {
+		t.Errorf("ConfigMap config.yaml: kube-in-cluster %q, want true", cfg["kube-in-cluster"])
+	}
+	agent := spec.Containers[0]
+	i := slices.Index(agent.Command, "--node-name")
+	if i < 0 || i+1 >= len(agent.Command) || agent.Command[i+1] != "$(NODE_NAME)" {
+		t.Fatalf("agent command %v: want --node-name $(NODE_NAME)", agent.Command)
+	}
+	if !slices.ContainsFunc(agent.Env, func(e corev1.EnvVar) bool {
+		return e.Name == "NODE_NAME" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName"
+	}) {
+		t.Errorf("NODE_NAME is not the pod's spec.nodeName: %+v", agent.Env)
+	}
 }
 
 // TestKubernetesManifests: the manifests decode strictly, and the DaemonSet mounts every host

@@ -12,13 +12,18 @@ import (
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/control/clusterlb"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/kata"
+	"github.com/kata-dp/kata-dp/control/kube"
 	"github.com/kata-dp/kata-dp/control/metrics"
 	"github.com/kata-dp/kata-dp/control/netmon"
 	"github.com/kata-dp/kata-dp/control/store"
 	"github.com/kata-dp/kata-dp/control/watch"
 	"github.com/spf13/pflag"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 )
 
 // agentOptions are the agent's flags.
@@ -33,7 +38,13 @@ type agentOptions struct {
 	logFormat     string
 	kataDir       string // Kata's runtime directory to discover sandboxes in; "" off
 	kataDirSet    bool   // given on the command line or in the config file
-	log           *slog.Logger
+	// Kubernetes (docs/kubernetes.md): the cluster's Services become every sandbox's load
+	// balancer when kubeconfig is set or kubeInCluster is true.
+	kubeconfig      string
+	kubeInCluster   bool
+	nodeName        string
+	clusterMaxRules int
+	log             *slog.Logger
 }
 
 const agentUse = `
@@ -68,6 +79,10 @@ func runAgent(e *env, args []string) error {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text (logfmt) or json (one object a line, for log collectors)")
 	fs.StringVar(&o.kataDir, "kata-dir", kata.DefaultDir, `Kata's runtime directory: discover its sandboxes and take them over (on when it exists; "" turns discovery off)`)
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file of the cluster whose Services every sandbox balances (off when empty and --kube-in-cluster is false)")
+	fs.BoolVar(&o.kubeInCluster, "kube-in-cluster", false, "follow the cluster's Services with the pod's ServiceAccount (the agent runs in a pod of the DaemonSet)")
+	fs.StringVar(&o.nodeName, "node-name", "", "this node's name in the cluster, for internalTrafficPolicy Local (default: the hostname)")
+	fs.IntVar(&o.clusterMaxRules, "cluster-max-rules", kube.DefaultMaxRules, "rules (services plus real servers) the cluster table holds at most; kata-ipvs keeps its own 20000")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -93,6 +108,14 @@ func runAgent(e *env, args []string) error {
 		return printConfig(e.stdout, fs, src, *config)
 	}
 	o.kataDirSet = src["kata-dir"] != fromDefault
+	if o.kubeconfig != "" && o.kubeInCluster {
+		return errors.New("agent: --kubeconfig and --kube-in-cluster: give one")
+	}
+	if o.nodeName == "" {
+		if o.nodeName, err = os.Hostname(); err != nil {
+			return fmt.Errorf("agent: --node-name not given and no hostname: %w", err)
+		}
+	}
 	if o.metricsAddr != "" {
 		if err := metrics.CheckAddr(o.metricsAddr, o.metricsRemote); err != nil {
 			return fmt.Errorf("agent: --metrics-addr %q: %w", o.metricsAddr, err)
@@ -165,6 +188,13 @@ func agent(e *env, o agentOptions) (err error) {
 		}
 	}()
 	var lbm *ipvsctl.Manager
+	// cluster merges the cluster's Services into every sandbox's load balancer, beside its
+	// kata-ipvs rules (nil without Kubernetes).
+	var cluster *clusterlb.Tables
+	kc, err := kubeClient(o)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
 	// mon watches the netns of the sandboxes with netmon on; it learns of new and removed
 	// sandboxes through the controller's hooks (set before the API and the tasks start).
 	var mon *netmon.Monitor
@@ -173,21 +203,33 @@ func agent(e *env, o agentOptions) (err error) {
 			if lbm != nil {
 				lbm.Forget(id)
 			}
+			if cluster != nil {
+				cluster.Forget(id)
+			}
 			if mon != nil {
 				mon.Sync()
 			}
 		},
-		OnSandboxAdded: func(control.Sandbox) {
+		OnSandboxAdded: func(sb control.Sandbox) {
 			if mon != nil {
 				mon.Sync()
+			}
+			if cluster != nil {
+				if err := cluster.Reinstall(ctx, sb.ID); err != nil {
+					log.Error("new sandbox without the cluster's services", "sandbox", sb.ID, "err", err)
+				}
 			}
 		},
 		OnSandboxReadopted: func(id string) {
-			if lbm == nil {
-				return
+			if lbm != nil {
+				if err := lbm.Reinstall(ctx, id); err != nil {
+					log.Error("re-adopted sandbox without its kata-ipvs rules", "sandbox", id, "err", err)
+				}
 			}
-			if err := lbm.Reinstall(ctx, id); err != nil {
-				log.Error("re-adopted sandbox without its kata-ipvs rules", "sandbox", id, "err", err)
+			if cluster != nil {
+				if err := cluster.Reinstall(ctx, id); err != nil {
+					log.Error("re-adopted sandbox without the cluster's services", "sandbox", id, "err", err)
+				}
 			}
 		}}
 	if deps.Hotplug != nil {
@@ -205,10 +247,24 @@ func agent(e *env, o agentOptions) (err error) {
 		if err != nil {
 			return fmt.Errorf("agent: %w", err)
 		}
-		lbm, err = ipvsctl.New(ctx, deps.LB, ist, ctrl.Health, ctrl.Sandboxes(), log)
+		var lb ipvsctl.LB = deps.LB
+		if kc != nil {
+			full, ok := deps.LB.(clusterlb.LB)
+			if !ok {
+				return errors.New("agent: Kubernetes: the dataplane cannot apply one service at a time")
+			}
+			cluster = clusterlb.New(full, healthySandboxes(ctrl), log)
+			lb = cluster
+		}
+		lbm, err = ipvsctl.New(ctx, lb, ist, ctrl.Health, ctrl.Sandboxes(), log)
 		if err != nil {
 			return fmt.Errorf("agent: %w", err)
 		}
+		if cluster != nil {
+			cluster.Started()
+		}
+	} else if kc != nil {
+		return errors.New("agent: Kubernetes needs the load balancer, which this dataplane lacks")
 	}
 	readopted()
 	src := metrics.Sources{Controller: ctrl}
@@ -230,6 +286,17 @@ func agent(e *env, o agentOptions) (err error) {
 	if err := tasks.Add(watch.Task{Name: "readopt", Every: time.Second, Run: ctrl.RetryUnhealthy}); err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
+	var clusterReport *kube.Reporter
+	if cluster != nil {
+		syncer := kube.New(cluster, kube.Options{Client: kc, Node: o.nodeName, MaxRules: o.clusterMaxRules, Logger: log})
+		if err := tasks.Add(met.Task(watch.Task{Name: "kubernetes", Run: syncer.Run})); err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+		health.Add("kubernetes", syncer.Ready)
+		rep := kube.Reporter{Syncer: syncer, Tables: cluster}
+		met.Registry().MustRegister(rep)
+		clusterReport = &rep
+	}
 	for _, t := range deps.Tasks {
 		if err := tasks.Add(met.Task(t)); err != nil {
 			return fmt.Errorf("agent: %w", err)
@@ -250,6 +317,11 @@ func agent(e *env, o agentOptions) (err error) {
 		})
 	}
 	srv := api.NewServer(ctrl, sopts)
+	if clusterReport != nil {
+		srv.Handle("GET /v1/cluster", http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			api.WriteJSON(w, 200, clusterReport.Report())
+		}))
+	}
 	// Deferred after deps.Close: the tasks have stopped before the dataplane is closed.
 	defer tasks.Start(ctx)()
 	l, err := api.Listen(o.socket)
@@ -281,6 +353,49 @@ func agent(e *env, o agentOptions) (err error) {
 		return fmt.Errorf("agent: %w", err)
 	}
 	return nil
+}
+
+// kubeClient returns the client of the cluster named by --kubeconfig or, with
+// --kube-in-cluster, by the pod's ServiceAccount; nil when neither is set. It does not contact
+// the API server: the informers do, and retry with backoff while it is unreachable.
+func kubeClient(o agentOptions) (kubernetes.Interface, error) {
+	var cfg *rest.Config
+	var err error
+	switch {
+	case o.kubeconfig != "":
+		cfg, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("--kubeconfig %s: %w", o.kubeconfig, err)
+		}
+	case o.kubeInCluster:
+		cfg, err = rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("--kube-in-cluster: %w", err)
+		}
+	default:
+		return nil, nil
+	}
+	cfg.UserAgent = "kata-dp/" + version
+	kc, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	return kc, nil
+}
+
+// healthySandboxes lists the sandboxes the cluster table is written into: the registered ones
+// whose datapath is loaded (an unhealthy one gets it when it is re-adopted).
+func healthySandboxes(ctrl *control.Controller) func() []string {
+	return func() []string {
+		bad := ctrl.Unhealthy()
+		var ids []string
+		for _, sb := range ctrl.Sandboxes() {
+			if bad[sb.ID] == "" {
+				ids = append(ids, sb.ID)
+			}
+		}
+		return ids
+	}
 }
 
 // kataDiscovery returns the Kata discovery task for --kata-dir, or nil when it is off: the

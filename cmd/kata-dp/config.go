@@ -157,6 +157,18 @@ var agentChecks = map[string]func(string) error{
 		}
 		return absPath(s)
 	},
+	"kubeconfig": func(s string) error {
+		if s == "" {
+			return nil
+		}
+		return absPath(s)
+	},
+	"cluster-max-rules": func(s string) error {
+		if n, err := strconv.Atoi(s); err != nil || n < 1 {
+			return errors.New("want a positive number of rules")
+		}
+		return nil
+	},
 	"log-level": func(s string) error {
 		var l slog.Level
 		return l.UnmarshalText([]byte(s))

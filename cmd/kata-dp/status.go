@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -12,10 +13,12 @@ import (
 	"time"
 
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/kube"
 )
 
 const statusUse = `
 Usage: kata-dp status [<id>] [-o table|json] [--watch [--interval 2s]]
+       kata-dp status --cluster [-o table|json]
 
 Shows every sandbox (or the one whose id, or unique id prefix, is <id>), its endpoints (NICs
 added through kata-network), their dataplane mode and their counters (packets and bytes from
@@ -29,8 +32,14 @@ packets and bytes each way, and drops by reason.
 line (packets/s each way, drops/s), until interrupted: a quick look at a node or a sandbox
 without Prometheus.
 
+--cluster shows the cluster table instead (an agent following Kubernetes, docs/kubernetes.md):
+whether the first sync is done, whether the API server answers and when it last did, the sync
+lag, the objects seen, the virtual services and rules against the limit, the errors, and per
+sandbox the cluster services in force and those a kata-ipvs rule hides.
+
 Examples:
   kata-dp status
+  kata-dp status --cluster
   kata-dp status 6ec7a98
   kata-dp status -o json | jq '.[].endpoints[] | {nic, runningMode, stats}'
   kata-dp status --watch --interval 1s
@@ -42,8 +51,15 @@ func runStatus(e *env, args []string) error {
 	output := fs.StringP("output", "o", "table", "output format: table or json")
 	watch := fs.BoolP("watch", "w", false, "print the one-line summary with rates every --interval until interrupted")
 	interval := fs.Duration("interval", 2*time.Second, "time between two lines of --watch")
+	cluster := fs.Bool("cluster", false, "show the cluster table (Kubernetes Services) instead of the sandboxes")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *cluster {
+		if *watch || fs.NArg() > 0 {
+			return errors.New("status: --cluster takes no sandbox id and no --watch")
+		}
+		return clusterStatus(e, *sock, *output)
 	}
 	if *watch {
 		if *output != "table" {
@@ -318,4 +334,48 @@ func formatDrops(st *control.EndpointStats) string {
 		parts = append(parts, fmt.Sprintf("%s=%d", r, sum[r]))
 	}
 	return strings.Join(parts, ",")
+}
+
+// clusterStatus prints the agent's cluster table report (GET /v1/cluster).
+func clusterStatus(e *env, sock, output string) error {
+	var rep kube.Report
+	if err := e.client(sock).Do(e.ctx, "GET", "/v1/cluster", nil, &rep); err != nil {
+		return fmt.Errorf("status --cluster (is the agent following Kubernetes? --kubeconfig, --kube-in-cluster): %w", err)
+	}
+	if output == "json" {
+		return writeJSON(e.stdout, rep)
+	}
+	if output != "table" {
+		return fmt.Errorf("status: --output %q: want table or json", output)
+	}
+	w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	api := "unreachable"
+	if rep.Connected {
+		api = "up"
+	}
+	if !rep.LastContact.IsZero() {
+		api += ", last answer " + rep.LastContact.UTC().Format(time.RFC3339)
+	}
+	fmt.Fprintf(w, "node:\t%s\n", rep.Node)
+	fmt.Fprintf(w, "synced:\t%v\n", rep.Synced)
+	fmt.Fprintf(w, "api server:\t%s\n", api)
+	fmt.Fprintf(w, "sync lag:\t%v (max %v)\n", rep.SyncLag, rep.MaxSyncLag)
+	fmt.Fprintf(w, "objects:\t%d services, %d endpointslices\n", rep.Services, rep.EndpointSlices)
+	fmt.Fprintf(w, "table:\t%d virtual services, %d of %d rules\n", rep.VirtualServices, rep.Rules, rep.MaxRules)
+	fmt.Fprintf(w, "errors:\t%d sync, %d write", rep.Errors, rep.WriteErrors)
+	if rep.LastError != "" {
+		fmt.Fprintf(w, " (last: %s)", rep.LastError)
+	}
+	fmt.Fprintln(w)
+	w.Flush()
+	t := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(t, "SANDBOX\tPROGRAMMED\tOVERRIDDEN\tERROR")
+	for _, id := range slices.Sorted(maps.Keys(rep.Sandboxes)) {
+		s := rep.Sandboxes[id]
+		fmt.Fprintf(t, "%s\t%d\t%d\t%s\n", id, s.Programmed, s.Overridden, cmp.Or(s.Err, "-"))
+	}
+	for _, name := range slices.Sorted(maps.Keys(rep.Skipped)) {
+		fmt.Fprintf(t, "skipped %s:\t%s\n", name, strings.Join(rep.Skipped[name], "; "))
+	}
+	return t.Flush()
 }

@@ -24,6 +24,8 @@
 //	POST   /v1/sandboxes/{id}/kata-network/{op}        raw network file -> {"stdout": ...}
 //	POST   /v1/sandboxes/{id}/kata-ipvs/{op}           IPVSRequest -> IPVSResult (op: ipvsadm,
 //	                                                   restore, cleanup; when the agent has an LB)
+//	GET    /v1/cluster                                 kube.Report (with Kubernetes only; added
+//	                                                   by the agent with Server.Handle)
 //
 // Errors are {"error": message, "code": kind, "stdout": what the CLI prints} with an HTTP
 // status that matches the kind. Server.Handle adds endpoints; Client.Do calls them.
