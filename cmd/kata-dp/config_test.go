@@ -38,11 +38,15 @@ func TestConfigPrecedence(t *testing.T) {
 	got := runCLI("agent", "--config", p, "--socket", "/run/flag.sock", "--print-config")
 	want := "# effective kata-dp agent configuration (config file: " + p + ")\n\n" +
 		"bpffs-root: /sys/fs/bpf/kata-dp # default\n" +
+		"cluster-max-rules: \"20000\" # default\n" +
 		"kata-dir: /run/vc # default\n" +
+		"kube-in-cluster: false # default\n" +
+		"kubeconfig: \"\" # default\n" +
 		"log-format: text # default\n" +
 		"log-level: debug # file\n" +
 		"metrics-addr: 127.0.0.1:9464 # file\n" +
 		"metrics-allow-remote: false # default\n" +
+		"node-name: \"\" # default\n" +
 		"socket: /run/flag.sock # flag\n" +
 		"state-dir: /var/lib/kata-dp # default\n"
 	if d := cmp.Diff(result{stdout: want}, got, cmp.AllowUnexported(result{})); d != "" {
