@@ -23,7 +23,7 @@ const journalSuffix = ".journal"
 // by Journal.
 
 func (s *Store) journalPath(key string) (string, error) {
-	if !keyRE.MatchString(key) {
+	if !validKey(key) {
 		return "", fmt.Errorf("%w: %q", ErrBadKey, key)
 	}
 	return filepath.Join(s.dir, key+journalSuffix), nil

@@ -30,7 +30,14 @@ var (
 	ErrBadKey = errors.New("bad key")
 )
 
-var keyRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$`)
+// keyRE and maxKeyLen say which keys can name a file. The length is checked apart: a bounded
+// repetition ({0,200}) compiles into one copy of the class per repetition, 3-7 ms and 2600
+// allocations at the start of every kata-dp process, the CLI's included.
+var keyRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
+
+const maxKeyLen = 201
+
+func validKey(key string) bool { return len(key) <= maxKeyLen && keyRE.MatchString(key) }
 
 // Store is a directory of files, one per key, each replaced atomically (see slots.go).
 type Store struct {
@@ -64,7 +71,7 @@ func Open(dir string) (*Store, error) {
 func (s *Store) Dir() string { return s.dir }
 
 func (s *Store) path(key string) (string, error) {
-	if !keyRE.MatchString(key) {
+	if !validKey(key) {
 		return "", fmt.Errorf("%w: %q", ErrBadKey, key)
 	}
 	return filepath.Join(s.dir, key+suffix), nil
@@ -231,7 +238,7 @@ func (s *Store) Keys() ([]string, error) {
 			continue
 		}
 		key := strings.TrimSuffix(name, suffix)
-		if keyRE.MatchString(key) {
+		if validKey(key) {
 			keys = append(keys, key)
 		}
 	}

@@ -60,10 +60,13 @@ func TestBadKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"", "../x", "a/b", ".hidden", ".tmp-x", "-x"} {
+	for _, k := range []string{"", "../x", "a/b", ".hidden", ".tmp-x", "-x", strings.Repeat("a", 202)} {
 		if err := s.Put(k, nil); !errors.Is(err, ErrBadKey) {
 			t.Errorf("Put(%q) = %v, want ErrBadKey", k, err)
 		}
+	}
+	if err := s.Put(strings.Repeat("a", 201), nil); err != nil {
+		t.Errorf("Put of a 201-character key: %v", err)
 	}
 }
 
