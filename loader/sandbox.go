@@ -79,6 +79,13 @@ type Maps struct {
 type Options struct {
 	// CTSize is the number of connection-table entries (two per connection); 0 = 16384.
 	CTSize uint32
+	// ExtraLBRules makes room in the load balancer's maps for that many rules (services plus
+	// real servers) beyond the 20000 of kata-ipvs (bpf/lib/lb.h), twice over like those (the
+	// first sync after a restart writes a whole table beside the live one): the cluster table
+	// of Kubernetes Services (control/kube), which must not eat the kata-ipvs budget. The
+	// maps allocate no entries up front; their hash buckets cost about 16 bytes per entry
+	// of room.
+	ExtraLBRules uint32
 	// LegacyTC makes Attach use a clsact qdisc and a direct-action bpf filter even where the
 	// kernel has TCX, as it does by itself on kernels without TCX. It is for kernels whose TCX
 	// misbehaves, and for hosts whose other tc users expect filters rather than links; it
@@ -162,6 +169,25 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	if o.CTSize > 0 {
 		spec.Maps["kdp_lb_ct"].MaxEntries = o.CTSize
 		spec.Maps["kdp_lb_ct6"].MaxEntries = o.CTSize
+	}
+	if x := o.ExtraLBRules; x > 0 {
+		for name, n := range map[string]uint32{
+			"kdp_lb_svc": 2 * x, "kdp_lb_svc6": 2 * x, "kdp_lb_hash": x, // two tables
+			"kdp_lb_be": x, "kdp_lb_be6": x, "kdp_lb_conns": x, "kdp_lb_stats": 2 * x,
+		} {
+			spec.Maps[name].MaxEntries += n
+		}
+	}
+	// A pinned map keeps the size it was created with: a sandbox created by a run with other
+	// Options (CTSize, ExtraLBRules) is re-adopted with its maps as they are.
+	for name, ms := range spec.Maps {
+		if ms.Pinning != ebpf.PinByName {
+			continue
+		}
+		if m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil); err == nil {
+			ms.MaxEntries = m.MaxEntries()
+			m.Close()
+		}
 	}
 	s := &Sandbox{ID: id, dir: dir, legacy: o.LegacyTC, genericXDP: o.GenericXDP}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}

@@ -11,6 +11,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/monitor"
 	"github.com/kata-dp/kata-dp/control/vmplug"
 	"github.com/kata-dp/kata-dp/control/watch"
+	"github.com/kata-dp/kata-dp/loader"
 )
 
 // agentDeps are the parts of the agent that touch the kernel and the VMs.
@@ -37,7 +38,12 @@ func newAgentDeps(_ context.Context, o agentOptions) (agentDeps, error) {
 	if err := checkKernel(o.log); err != nil {
 		return agentDeps{}, err
 	}
-	dp, err := dataplane.New(o.bpffsRoot)
+	var lo loader.Options
+	if o.kubeconfig != "" || o.kubeInCluster {
+		// Room for the cluster table beside kata-ipvs's 20000 rules (docs/kubernetes.md).
+		lo.ExtraLBRules = uint32(o.clusterMaxRules)
+	}
+	dp, err := dataplane.NewWithOptions(o.bpffsRoot, lo)
 	if err != nil {
 		return agentDeps{}, err
 	}
