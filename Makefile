@@ -77,7 +77,7 @@ test: guest kube
 # The race detector over the packages where goroutines meet: the controller, the real
 # dataplane, the API server and the agent (its end-to-end tests run the agent binary built
 # with -race). CI runs it as its own step after make test.
-RACE_PKGS ?= ./control/ ./control/dataplane/ ./control/api/ ./cmd/kata-dp/
+RACE_PKGS ?= ./control/ ./control/dataplane/ ./control/api/ ./control/clusterlb/ ./control/kube/ ./cmd/kata-dp/
 race: guest
 	CGO_ENABLED=1 $(GO) test -race $(TESTFLAGS) $(RACE_PKGS)
 
