@@ -177,10 +177,10 @@ func TestIPv6(t *testing.T) {
 			r := newRig6(t, "v6-"+c.name, c.o)
 			host, guest := r.sb.Host, r.guest
 			hostIP, guestIP := host6.Addr().String(), guest6.Addr().String()
-			if tx, rx := ping(t, host, "-6", "-c", "5", "-i", "0.05", "-W", "2", guestIP); rx != tx {
+			if tx, rx := pingAll(t, host, "-6", "-c", "5", "-i", "0.05", "-W", "2", guestIP); rx != tx {
 				t.Fatalf("host->guest ping6: %d/%d", rx, tx)
 			}
-			if tx, rx := ping(t, guest, "-6", "-c", "5", "-i", "0.05", "-W", "2", hostIP); rx != tx {
+			if tx, rx := pingAll(t, guest, "-6", "-c", "5", "-i", "0.05", "-W", "2", hostIP); rx != tx {
 				t.Fatalf("guest->host ping6: %d/%d", rx, tx)
 			}
 			if err := topo.TCPTransfer(host, guest, "["+guestIP+"]:5201", 1<<20, 20*time.Second); err != nil {
