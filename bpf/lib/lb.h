@@ -976,9 +976,9 @@ LB_HOOK_FN(lb_to6, (void *ctx, __u32 len, struct flow *f), LB_TO6)
  * and packet too big, source quench, time exceeded, parameter problem) are looked into; an
  * error quoting anything but unfragmented TCP/UDP, or (IPv6) a quoted packet with extension
  * headers, or matching no connection, goes on unchanged. An error whose quote is cut short
- * inside the quoted IP header or the 8 bytes of ports is malformed and dropped. The rewrite is
- * done on the linear data in both hooks (tc pulls the quote in first), so the checksum
- * arithmetic is the one of csum_replace, checked independently by the tests.
+ * inside the quoted IP header or the 8 bytes of ports is malformed and dropped. The new values
+ * are computed from the linear data (tc pulls the quote in first) with csum_replace's
+ * arithmetic, checked independently by the tests, and stored by the hook's helper.
  */
 #define KDP_ICMP_DEST_UNREACH 3
 #define KDP_ICMP_SOURCE_QUENCH 4
@@ -1015,6 +1015,17 @@ static __always_inline void csum_replace16(__sum16 *sum, const __be32 *from, con
 		csum_replace(sum, from[i], to[i], 4);
 }
 
+/* icmp_store writes len bytes at off: the values are all computed first and stored at the
+ * end, through the hook's store helper, so the tc program makes no direct packet writes (a
+ * program that does gets the verifier's un-clone prologue, and every cloned skb, such as each
+ * TCP segment of the host's stack, would pay a header copy on entry). */
+static __always_inline int icmp_store(void *ctx, const bool xdp, __u32 off, const void *v, __u32 len)
+{
+	if (xdp)
+		return bpf_xdp_store_bytes(ctx, off, (void *)v, len);
+	return bpf_skb_store_bytes(ctx, off, v, len, 0);
+}
+
 /* lb_icmp4 translates an IPv4 ICMP error (see above); to says toward the guest. */
 static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, struct flow *f)
 {
@@ -1023,12 +1034,11 @@ static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, st
 	struct iphdr *ip, *eip;
 	void *data, *end;
 	__u8 *icmp, *el4;
-	__sum16 *icmpc, *l4c;
-	__be32 *ea, *oa, old_a, new_a;
-	__be16 *ep, old_p, new_p;
-	__u16 old_c;
-	__u32 off;
-	bool udp;
+	__sum16 icmpc, l4c = 0, eipc, oipc;
+	__be32 old_a, new_a;
+	__be16 old_p, new_p;
+	__u32 ioff, eoff;
+	bool udp, has_l4c, outer;
 
 	ctx_pull(ctx, KDP_ICMP4_PULL_LEN, xdp);
 	data = ctx_data(ctx, xdp);
@@ -1040,8 +1050,8 @@ static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, st
 		return -1;
 	if (ip->ihl < 5)
 		return KDP_DROP_MALFORMED;
-	off = (ETH_HLEN + ip->ihl * 4) & 0x7f;
-	icmp = data + off;
+	ioff = (ETH_HLEN + ip->ihl * 4) & 0x7f;
+	icmp = data + ioff;
 	if ((void *)(icmp + 1) > end || !icmp4_is_error(icmp[0]))
 		return -1;
 	eip = (void *)(icmp + 8);
@@ -1054,8 +1064,8 @@ static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, st
 	if (eip->frag_off & bpf_htons(0x1fff)) /* a later fragment quoted: no ports */
 		return -1;
 	udp = eip->protocol == IPPROTO_UDP;
-	off = (off + 8 + eip->ihl * 4) & 0xff;
-	el4 = data + off;
+	eoff = (ioff + 8 + eip->ihl * 4) & 0xff;
+	el4 = data + eoff;
 	if ((void *)(el4 + 8) > end)
 		return KDP_DROP_MALFORMED;
 
@@ -1072,38 +1082,48 @@ static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, st
 		return -1;
 	new_a = e->addr;
 	new_p = e->port;
-
-	icmpc = (void *)(icmp + 2);
-	ea = to ? &eip->daddr : &eip->saddr;
-	ep = (void *)(to ? el4 + 2 : el4);
-	oa = to ? &ip->saddr : &ip->daddr;
-	old_a = *ea;
-	old_p = *ep;
+	old_a = to ? eip->daddr : eip->saddr;
+	old_p = to ? ck.sport : ck.dport;
+	icmpc = *(__sum16 *)(icmp + 2);
+	eipc = eip->check;
+	oipc = ip->check;
+	outer = (to ? ip->saddr : ip->daddr) == old_a;
 
 	/* The quoted L4 checksum (pseudo header and port), when quoted; UDP's 0 is "none". */
-	l4c = (void *)(el4 + (udp ? 6 : 16));
-	if ((void *)(l4c + 1) <= end && !(udp && *l4c == 0)) {
-		old_c = *l4c;
-		csum_replace(l4c, old_a, new_a, 4);
-		if (new_p != old_p)
-			csum_replace(l4c, old_p, new_p, 2);
-		if (udp && *l4c == 0)
-			*l4c = 0xffff;
-		csum_replace(icmpc, old_c, *l4c, 2);
-	}
-	if (new_p != old_p) {
-		*ep = new_p;
-		csum_replace(icmpc, old_p, new_p, 2);
-	}
-	old_c = eip->check;
-	csum_replace(&eip->check, old_a, new_a, 4);
-	csum_replace(icmpc, old_c, eip->check, 2);
-	*ea = new_a;
-	csum_replace(icmpc, old_a, new_a, 4);
+	{
+		__sum16 *q = (void *)(el4 + (udp ? 6 : 16));
 
-	if (*oa == old_a) {
-		csum_replace(&ip->check, old_a, new_a, 4);
-		*oa = new_a;
+		has_l4c = (void *)(q + 1) <= end && !(udp && *q == 0);
+		if (has_l4c)
+			l4c = *q;
+	}
+	if (has_l4c) {
+		__sum16 old_c = l4c;
+
+		csum_replace(&l4c, old_a, new_a, 4);
+		csum_replace(&l4c, old_p, new_p, 2);
+		if (udp && l4c == 0)
+			l4c = 0xffff;
+		csum_replace(&icmpc, old_c, l4c, 2);
+	}
+	csum_replace(&icmpc, old_p, new_p, 2);
+	csum_replace(&eipc, old_a, new_a, 4);
+	csum_replace(&icmpc, eip->check, eipc, 2);
+	csum_replace(&icmpc, old_a, new_a, 4);
+	if (outer)
+		csum_replace(&oipc, old_a, new_a, 4);
+
+	/* Stores: no packet pointer is used after the first. */
+	if (icmp_store(ctx, xdp, ioff + 8 + (to ? 16 : 12), &new_a, 4) ||
+	    icmp_store(ctx, xdp, ioff + 8 + 10, &eipc, 2) ||
+	    icmp_store(ctx, xdp, eoff + (to ? 2 : 0), &new_p, 2) ||
+	    (has_l4c && icmp_store(ctx, xdp, eoff + (udp ? 6 : 16), &l4c, 2)) ||
+	    icmp_store(ctx, xdp, ioff + 2, &icmpc, 2))
+		return KDP_DROP_LB_REWRITE;
+	if (outer) {
+		if (icmp_store(ctx, xdp, ETH_HLEN + (to ? 12 : 16), &new_a, 4) ||
+		    icmp_store(ctx, xdp, ETH_HLEN + 10, &oipc, 2))
+			return KDP_DROP_LB_REWRITE;
 		if (to)
 			f->saddr.v4 = new_a;
 		else
@@ -1116,25 +1136,24 @@ static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, st
  * ICMPv6 header's offset (flow_parse walked the outer extension headers). */
 static __always_inline int lb_icmp6(void *ctx, const bool xdp, const bool to, struct flow *f)
 {
-	__u32 zero = 0, off = f->l4_off & KDP_IPV6_MAX_L4_OFF;
+	__u32 zero = 0, ioff = f->l4_off & KDP_IPV6_MAX_L4_OFF;
 	struct lb6_scratch *sc = bpf_map_lookup_elem(&kdp_lb6_scratch, &zero);
 	struct ct6_entry *e;
 	struct ipv6hdr *ip, *eip;
 	void *data, *end;
 	__u8 *icmp, *el4;
-	__sum16 *icmpc, *l4c;
+	__sum16 icmpc, l4c = 0;
 	__be32 *ea, *oa, old_a[4];
-	__be16 *ep, old_p, new_p;
-	__u16 old_c;
-	bool udp;
+	__be16 old_p, new_p;
+	bool udp, has_l4c, outer;
 
 	if (!sc)
 		return -1;
-	ctx_pull(ctx, off + 8 + sizeof(*eip) + 18, xdp);
+	ctx_pull(ctx, ioff + 8 + sizeof(*eip) + 18, xdp);
 	data = ctx_data(ctx, xdp);
 	end = ctx_data_end(ctx, xdp);
 	ip = data + ETH_HLEN;
-	icmp = data + off;
+	icmp = data + ioff;
 	eip = (void *)(icmp + 8);
 	if ((void *)(ip + 1) > end || (void *)(icmp + 4) > end)
 		return -1;
@@ -1159,50 +1178,83 @@ static __always_inline int lb_icmp6(void *ctx, const bool xdp, const bool to, st
 		return -1;
 	__builtin_memcpy(sc->ne.addr, e->addr, 16);
 	new_p = e->port;
-
-	icmpc = (void *)(icmp + 2);
 	ea = to ? eip->daddr : eip->saddr;
-	ep = (void *)(to ? el4 + 2 : el4);
 	oa = to ? ip->saddr : ip->daddr;
 	__builtin_memcpy(old_a, ea, 16);
-	old_p = *ep;
+	old_p = to ? sc->ck.sport : sc->ck.dport;
+	icmpc = *(__sum16 *)(icmp + 2);
+	outer = oa[0] == old_a[0] && oa[1] == old_a[1] && oa[2] == old_a[2] && oa[3] == old_a[3];
+	{
+		__sum16 *q = (void *)(el4 + (udp ? 6 : 16));
 
-	l4c = (void *)(el4 + (udp ? 6 : 16));
-	if ((void *)(l4c + 1) <= end) {
-		old_c = *l4c;
-		csum_replace16(l4c, old_a, sc->ne.addr);
-		if (new_p != old_p)
-			csum_replace(l4c, old_p, new_p, 2);
-		csum_replace(icmpc, old_c, *l4c, 2);
+		has_l4c = (void *)(q + 1) <= end;
+		if (has_l4c)
+			l4c = *q;
 	}
-	if (new_p != old_p) {
-		*ep = new_p;
-		csum_replace(icmpc, old_p, new_p, 2);
-	}
-	__builtin_memcpy(ea, sc->ne.addr, 16);
-	csum_replace16(icmpc, old_a, sc->ne.addr);
+	if (has_l4c) {
+		__sum16 old_c = l4c;
 
-	/* The outer address is in ICMPv6's pseudo header. */
-	if (oa[0] == old_a[0] && oa[1] == old_a[1] && oa[2] == old_a[2] && oa[3] == old_a[3]) {
-		csum_replace16(icmpc, old_a, sc->ne.addr);
-		__builtin_memcpy(oa, sc->ne.addr, 16);
+		csum_replace16(&l4c, old_a, sc->ne.addr);
+		csum_replace(&l4c, old_p, new_p, 2);
+		csum_replace(&icmpc, old_c, l4c, 2);
+	}
+	csum_replace(&icmpc, old_p, new_p, 2);
+	csum_replace16(&icmpc, old_a, sc->ne.addr);
+	if (outer) /* the outer address is in ICMPv6's pseudo header */
+		csum_replace16(&icmpc, old_a, sc->ne.addr);
+
+	if (icmp_store(ctx, xdp, ioff + 8 + (to ? 24 : 8), sc->ne.addr, 16) ||
+	    icmp_store(ctx, xdp, ioff + 48 + (to ? 2 : 0), &new_p, 2) ||
+	    (has_l4c && icmp_store(ctx, xdp, ioff + 48 + (udp ? 6 : 16), &l4c, 2)) ||
+	    icmp_store(ctx, xdp, ioff + 2, &icmpc, 2))
+		return KDP_DROP_LB_REWRITE;
+	if (outer) {
+		if (icmp_store(ctx, xdp, to ? KDP_IP6_SADDR_OFF : KDP_IP6_DADDR_OFF, sc->ne.addr, 16))
+			return KDP_DROP_LB_REWRITE;
 		__builtin_memcpy(to ? f->saddr.v6 : f->daddr.v6, sc->ne.addr, 16);
 	}
 	return -1;
 }
 
-/* One BPF function per hook and direction, each holding both families. */
 static __always_inline int lb_icmp(void *ctx, const bool xdp, const bool to, struct flow *f)
 {
+	if (!f)
+		return -1;
 	if (f->family == KDP_AF_INET)
 		return lb_icmp4(ctx, xdp, to, f);
 	return lb_icmp6(ctx, xdp, to, f);
 }
 
-#define LB_ICMP_IN(x) lb_icmp(ctx, x, true, f)
-#define LB_ICMP_OUT(x) lb_icmp(ctx, x, false, f)
-LB_HOOK_FN(lb_icmp_in, (void *ctx, struct flow *f), LB_ICMP_IN)
-LB_HOOK_FN(lb_icmp_out, (void *ctx, struct flow *f), LB_ICMP_OUT)
+/* lb_icmp_verdict bounds what a global function returned (to the verifier, any integer: -1,
+ * KDP_DROP_MALFORMED or KDP_DROP_LB_REWRITE) for the counters' array index. */
+static __always_inline int lb_icmp_verdict(int r)
+{
+	return r < 0 ? -1 : r & 7;
+}
+
+/* One global BPF function per hook and direction, each holding both families: the verifier
+ * checks a global function once, on its own (as xdp_fix_csum), where a static one would be
+ * walked again for every state it is called in; errors are rare, verification time is not
+ * (every sandbox load and agent restart pays it). */
+__attribute__((noinline)) int lb_icmp_in_tc(struct __sk_buff *ctx, struct flow *f)
+{
+	return lb_icmp(ctx, false, true, f);
+}
+
+__attribute__((noinline)) int lb_icmp_out_tc(struct __sk_buff *ctx, struct flow *f)
+{
+	return lb_icmp(ctx, false, false, f);
+}
+
+__attribute__((noinline)) int lb_icmp_in_xdp(struct xdp_md *ctx, struct flow *f)
+{
+	return lb_icmp(ctx, true, true, f);
+}
+
+__attribute__((noinline)) int lb_icmp_out_xdp(struct xdp_md *ctx, struct flow *f)
+{
+	return lb_icmp(ctx, true, false, f);
+}
 
 /* lb_from_guest balances the frame of flow f the guest sends: an existing connection keeps its
  * real server, a new one to a service gets one from the scheduler (or the persistence
@@ -1218,7 +1270,7 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
 	if (!(f->flags & KDP_FLOW_PORTS)) {
 		if (lb_icmp_candidate(f))
-			return xdp ? lb_icmp_out_xdp(ctx, f) : lb_icmp_out_tc(ctx, f);
+			return lb_icmp_verdict(xdp ? lb_icmp_out_xdp(ctx, f) : lb_icmp_out_tc(ctx, f));
 		return -1;
 	}
 	if (f->family == KDP_AF_INET6)
@@ -1244,7 +1296,7 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 		return -1;
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
 	if (!(f->flags & KDP_FLOW_PORTS) && lb_icmp_candidate(f))
-		return xdp ? lb_icmp_in_xdp(ctx, f) : lb_icmp_in_tc(ctx, f);
+		return lb_icmp_verdict(xdp ? lb_icmp_in_xdp(ctx, f) : lb_icmp_in_tc(ctx, f));
 	if (f->family == KDP_AF_INET6 && (f->flags & KDP_FLOW_PORTS))
 		return xdp ? lb_to6_xdp(ctx, len, f) : lb_to6_tc(ctx, len, f);
 	if (f->family != KDP_AF_INET || !(f->flags & KDP_FLOW_PORTS))
