@@ -21,7 +21,6 @@ import (
 	"github.com/kata-dp/kata-dp/control/store"
 	"github.com/kata-dp/kata-dp/control/watch"
 	"github.com/spf13/pflag"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
@@ -191,7 +190,7 @@ func agent(e *env, o agentOptions) (err error) {
 	// cluster merges the cluster's Services into every sandbox's load balancer, beside its
 	// kata-ipvs rules (nil without Kubernetes).
 	var cluster *clusterlb.Tables
-	kc, err := kubeClient(o)
+	kc, err := kubeConfig(o)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
@@ -288,7 +287,10 @@ func agent(e *env, o agentOptions) (err error) {
 	}
 	var clusterReport *kube.Reporter
 	if cluster != nil {
-		syncer := kube.New(cluster, kube.Options{Client: kc, Node: o.nodeName, MaxRules: o.clusterMaxRules, Logger: log})
+		syncer, err := kube.New(cluster, kube.Options{Config: kc, Node: o.nodeName, MaxRules: o.clusterMaxRules, Logger: log})
+		if err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
 		if err := tasks.Add(met.Task(watch.Task{Name: "kubernetes", Run: syncer.Run})); err != nil {
 			return fmt.Errorf("agent: %w", err)
 		}
@@ -355,10 +357,10 @@ func agent(e *env, o agentOptions) (err error) {
 	return nil
 }
 
-// kubeClient returns the client of the cluster named by --kubeconfig or, with
+// kubeConfig returns how to reach the cluster named by --kubeconfig or, with
 // --kube-in-cluster, by the pod's ServiceAccount; nil when neither is set. It does not contact
 // the API server: the informers do, and retry with backoff while it is unreachable.
-func kubeClient(o agentOptions) (kubernetes.Interface, error) {
+func kubeConfig(o agentOptions) (*rest.Config, error) {
 	var cfg *rest.Config
 	var err error
 	switch {
@@ -376,11 +378,7 @@ func kubeClient(o agentOptions) (kubernetes.Interface, error) {
 		return nil, nil
 	}
 	cfg.UserAgent = "kata-dp/" + version
-	kc, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("kubernetes client: %w", err)
-	}
-	return kc, nil
+	return cfg, nil
 }
 
 // healthySandboxes lists the sandboxes the cluster table is written into: the registered ones

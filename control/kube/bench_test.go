@@ -157,7 +157,10 @@ func BenchmarkClusterSync(b *testing.B) {
 	tables := clusterlb.New(dp, func() []string { return ids }, nil)
 	tables.Started()
 	target := timedTarget{Tables: tables, done: make(chan []ipvs.ServiceKey, 1)}
-	syncer := kube.New(target, kube.Options{Client: kc.Client, Node: "node-a", MaxRules: n*(1+*benchEndpoints) + 16})
+	syncer, err := kube.New(target, kube.Options{Config: kc.Config, Node: "node-a", MaxRules: n*(1+*benchEndpoints) + 16})
+	if err != nil {
+		b.Fatal(err)
+	}
 	rctx, cancel := context.WithCancel(ctx)
 	b.Cleanup(cancel)
 	b.ResetTimer()

@@ -1,6 +1,6 @@
 // Package kube makes the cluster's Services every managed sandbox's load balancer, as
-// kube-proxy makes them every pod's: client-go informers (one shared informer factory, watches,
-// no polling) follow Services and EndpointSlices, Translate turns each ClusterIP service port
+// kube-proxy makes them every pod's: client-go shared informers (watches, no polling; through the
+// dynamic client, see informer) follow Services and EndpointSlices, Translate turns each ClusterIP service port
 // into a virtual service of control/ipvs with kube-proxy's endpoint semantics, and a Syncer
 // hands what changed to a Target (control/clusterlb), which writes it into every sandbox's
 // datapath beside, and below, that sandbox's kata-ipvs rules.

@@ -7,7 +7,6 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
 	"github.com/kata-dp/kata-dp/control/clusterlb"
@@ -33,11 +32,10 @@ func TestReporterMetrics(t *testing.T) {
 	tables := clusterlb.New(nopLB{}, func() []string { return []string{"sb1"} }, nil)
 	tables.Started()
 	// A client of nothing: New contacts no API server; Run is not called.
-	cs, err := kubernetes.NewForConfig(&rest.Config{Host: "http://127.0.0.1:1"})
+	s, err := New(tables, Options{Config: &rest.Config{Host: "http://127.0.0.1:1"}, Node: "n1", MaxRules: 100})
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := New(tables, Options{Client: cs, Node: "n1", MaxRules: 100})
 	r := Reporter{Syncer: s, Tables: tables}
 	if probs, err := testutil.CollectAndLint(r); err != nil || len(probs) > 0 {
 		t.Fatalf("lint: %v %v", err, probs)
