@@ -211,6 +211,12 @@ type DatapathLbSvcKey struct {
 	Slot  uint32
 }
 
+type DatapathLbVipset struct {
+	_     structs.HostLayout
+	Valid uint64
+	Bits  [1024]uint64
+}
+
 type DatapathMonCfg struct {
 	_     structs.HostLayout
 	Flags uint32
@@ -278,6 +284,7 @@ const (
 	DatapathMapKdpLbStats    = "kdp_lb_stats"
 	DatapathMapKdpLbSvc      = "kdp_lb_svc"
 	DatapathMapKdpLbSvc6     = "kdp_lb_svc6"
+	DatapathMapKdpLbVips     = "kdp_lb_vips"
 	DatapathMapKdpMon        = "kdp_mon"
 	DatapathMapKdpMonEvents  = "kdp_mon_events"
 	DatapathMapKdpMonRl      = "kdp_mon_rl"
@@ -360,6 +367,7 @@ type DatapathMapSpecs struct {
 	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
 	KdpLbSvc6     *ebpf.MapSpec `ebpf:"kdp_lb_svc6"`
+	KdpLbVips     *ebpf.MapSpec `ebpf:"kdp_lb_vips"`
 	KdpMon        *ebpf.MapSpec `ebpf:"kdp_mon"`
 	KdpMonEvents  *ebpf.MapSpec `ebpf:"kdp_mon_events"`
 	KdpMonRl      *ebpf.MapSpec `ebpf:"kdp_mon_rl"`
@@ -412,6 +420,7 @@ type DatapathMaps struct {
 	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.Map `ebpf:"kdp_lb_svc"`
 	KdpLbSvc6     *ebpf.Map `ebpf:"kdp_lb_svc6"`
+	KdpLbVips     *ebpf.Map `ebpf:"kdp_lb_vips"`
 	KdpMon        *ebpf.Map `ebpf:"kdp_mon"`
 	KdpMonEvents  *ebpf.Map `ebpf:"kdp_mon_events"`
 	KdpMonRl      *ebpf.Map `ebpf:"kdp_mon_rl"`
@@ -440,6 +449,7 @@ func (m *DatapathMaps) Close() error {
 		m.KdpLbStats,
 		m.KdpLbSvc,
 		m.KdpLbSvc6,
+		m.KdpLbVips,
 		m.KdpMon,
 		m.KdpMonEvents,
 		m.KdpMonRl,

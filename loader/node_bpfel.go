@@ -188,6 +188,12 @@ type NodeLbSvcKey struct {
 	Slot  uint32
 }
 
+type NodeLbVipset struct {
+	_     structs.HostLayout
+	Valid uint64
+	Bits  [1024]uint64
+}
+
 type NodeNdKey struct {
 	_    structs.HostLayout
 	Addr [4]uint32
@@ -228,6 +234,7 @@ const (
 	NodeMapKdpLbStats     = "kdp_lb_stats"
 	NodeMapKdpLbSvc       = "kdp_lb_svc"
 	NodeMapKdpLbSvc6      = "kdp_lb_svc6"
+	NodeMapKdpLbVips      = "kdp_lb_vips"
 	NodeMapKdpNd          = "kdp_nd"
 	NodeMapKdpNodeCfg     = "kdp_node_cfg"
 	NodeMapKdpNodeCtrs    = "kdp_node_ctrs"
@@ -303,6 +310,7 @@ type NodeMapSpecs struct {
 	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.MapSpec `ebpf:"kdp_lb_svc"`
 	KdpLbSvc6     *ebpf.MapSpec `ebpf:"kdp_lb_svc6"`
+	KdpLbVips     *ebpf.MapSpec `ebpf:"kdp_lb_vips"`
 	KdpNd         *ebpf.MapSpec `ebpf:"kdp_nd"`
 	KdpNodeCfg    *ebpf.MapSpec `ebpf:"kdp_node_cfg"`
 	KdpNodeCtrs   *ebpf.MapSpec `ebpf:"kdp_node_ctrs"`
@@ -350,6 +358,7 @@ type NodeMaps struct {
 	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
 	KdpLbSvc      *ebpf.Map `ebpf:"kdp_lb_svc"`
 	KdpLbSvc6     *ebpf.Map `ebpf:"kdp_lb_svc6"`
+	KdpLbVips     *ebpf.Map `ebpf:"kdp_lb_vips"`
 	KdpNd         *ebpf.Map `ebpf:"kdp_nd"`
 	KdpNodeCfg    *ebpf.Map `ebpf:"kdp_node_cfg"`
 	KdpNodeCtrs   *ebpf.Map `ebpf:"kdp_node_ctrs"`
@@ -373,6 +382,7 @@ func (m *NodeMaps) Close() error {
 		m.KdpLbStats,
 		m.KdpLbSvc,
 		m.KdpLbSvc6,
+		m.KdpLbVips,
 		m.KdpNd,
 		m.KdpNodeCfg,
 		m.KdpNodeCtrs,

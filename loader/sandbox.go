@@ -65,6 +65,7 @@ type Maps struct {
 	LBBackend6 *ebpf.Map // IPv6 real server addresses
 	LBCT6      *ebpf.Map
 	LBAff6     *ebpf.Map
+	LBVIPs     *ebpf.Map // the VIP prefilter (see maps.LB)
 	XDPPorts   *ebpf.Map // xdp mode: devices whose XDP program redirects (see maps.XDPPorts)
 	XDPTx      *ebpf.Map // xdp mode: DEVMAP_HASH of redirect targets by ingress ifindex
 	// The monitor (bpf/lib/monitor.h): its settings, its per-CPU token buckets and its ring
@@ -116,7 +117,7 @@ func (s *Sandbox) Maps() Maps {
 		Endpoints: o.KdpEndpoints, Endpoints6: o.KdpEndpoints6, Stats: o.KdpStats, DropsExt: o.KdpDropsExt,
 		Routes: o.KdpRoutes, Routes6: o.KdpRoutes6, Config: o.KdpConfig,
 		LBSvc: o.KdpLbSvc, LBHash: o.KdpLbHash, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
-		LBSvc6: o.KdpLbSvc6, LBBackend6: o.KdpLbBe6, LBCT6: o.KdpLbCt6, LBAff6: o.KdpLbAff6,
+		LBSvc6: o.KdpLbSvc6, LBBackend6: o.KdpLbBe6, LBCT6: o.KdpLbCt6, LBAff6: o.KdpLbAff6, LBVIPs: o.KdpLbVips,
 		XDPPorts: o.KdpXdpPorts, XDPTx: o.KdpXdpTx,
 		Mon: o.KdpMon, MonRL: o.KdpMonRl, MonEvents: o.KdpMonEvents,
 	}

@@ -121,6 +121,7 @@ type LB struct {
 	CT      *ebpf.Map
 	Aff     *ebpf.Map
 	Config  *ebpf.Map
+	VIPs    *ebpf.Map // the VIP prefilter (lbvips.go); nil: none kept
 }
 
 // ReadConfig reads the sandbox's config entry.
@@ -395,6 +396,9 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 	m, err := s.master(1)
 	if err != nil {
 		return fmt.Errorf("put service: %w", err)
+	}
+	if err := l.markVIPs(ref.vipWord()); err != nil {
+		return fmt.Errorf("put service %s: %w", s.VIP, err)
 	}
 	var old svc
 	hadOld := ref.lookup(l, &old) == nil
@@ -798,6 +802,7 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 		hvals []hashTab
 		keys6 []svc6Key
 		vals6 []svc
+		vips  []uint32
 	)
 	for _, s := range specs {
 		if err := s.validate(); err != nil {
@@ -807,6 +812,7 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 		if err != nil {
 			return fmt.Errorf("put services: %w", err)
 		}
+		vips = append(vips, ref.vipWord())
 		mk := ref.base(s.ID)
 		m, err := s.master(1)
 		if err != nil {
@@ -844,6 +850,7 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 		return nil
 	}
 	return concurrently("put services",
+		named("VIP prefilter", func() error { return l.markVIPs(vips...) }),
 		named("counters", counters),
 		named("bucket tables", func() error { return batchUpdate(l.Hash, hkeys, hvals) }),
 		named("service entries", func() error { return l.batchPut(keys, vals) }),

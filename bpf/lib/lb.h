@@ -325,6 +325,55 @@ struct {
 	__type(value, struct lb6_scratch);
 } kdp_lb6_scratch SEC(".maps");
 
+/* kdp_lb_vips is the VIP prefilter: one bit per hash of an address (an IPv6 one folded to a
+ * word first), set for the VIP of every service the control plane writes, before the service
+ * goes live, and never cleared while the sandbox lives. A frame from the guest whose
+ * destination's bit is clear can then be neither to a service nor of a connection (every
+ * connection was made to a service whose bit was set), so it skips the load balancer's
+ * connection and service lookups, two hash lookups that cost non-service traffic about 100 ns
+ * with thousands of services (docs/performance.md). The array's one entry is read by the
+ * verifier-inlined array lookup. The filter is exact: a set bit only costs the lookups as
+ * before. valid is 0 in a sandbox pinned before the filter existed until the control plane has
+ * filled it from every service and connection there (maps.LB seeds it at its first write);
+ * until then the filter is not used. */
+#define KDP_LB_VIP_BITS 65536
+
+struct lb_vipset {
+	__u64 valid;
+	__u64 bits[KDP_LB_VIP_BITS / 64];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_vipset);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kdp_lb_vips SEC(".maps");
+
+/* lb_vip_bit is the prefilter's bit of an address word (maps.vipBit computes the same). */
+static __always_inline __u32 lb_vip_bit(__u32 w)
+{
+	return (w * 0x9E3779B1U) >> 16;
+}
+
+/* lb_maybe_vip says whether the destination of f may be a VIP (see kdp_lb_vips). */
+static __always_inline bool lb_maybe_vip(const struct flow *f)
+{
+	__u32 zero = 0, b;
+	struct lb_vipset *v = bpf_map_lookup_elem(&kdp_lb_vips, &zero);
+
+	if (!v || !v->valid)
+		return true;
+	if (f->family == KDP_AF_INET)
+		b = lb_vip_bit(f->daddr.v4);
+	else if (f->family == KDP_AF_INET6)
+		b = lb_vip_bit(f->daddr.v6[0] ^ f->daddr.v6[1] ^ f->daddr.v6[2] ^ f->daddr.v6[3]);
+	else
+		return true;
+	return v->bits[(b >> 6) & (KDP_LB_VIP_BITS / 64 - 1)] & (1ULL << (b & 63));
+}
+
 #define KDP_IP_OFF ETH_HLEN
 #define KDP_IP_CSUM_OFF (ETH_HLEN + 10)
 #define KDP_IP_SADDR_OFF (ETH_HLEN + 12)
@@ -1265,7 +1314,7 @@ __attribute__((noinline)) int lb_icmp_out_xdp(struct xdp_md *ctx, struct flow *f
 static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
 					 struct flow *f)
 {
-	if (!lb_active(cfg))
+	if (!lb_active(cfg) || !lb_maybe_vip(f))
 		return -1;
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
 	if (!(f->flags & KDP_FLOW_PORTS)) {
