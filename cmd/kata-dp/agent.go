@@ -295,6 +295,10 @@ func agent(e *env, o agentOptions) (err error) {
 			return fmt.Errorf("agent: %w", err)
 		}
 		health.Add("kubernetes", syncer.Ready)
+		// A sandbox whose cluster-table write failed is written whole again until it works.
+		if err := tasks.Add(watch.Task{Name: "cluster-retry", Every: 5 * time.Second, Run: cluster.RetryFailed}); err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
 		rep := kube.Reporter{Syncer: syncer, Tables: cluster}
 		met.Registry().MustRegister(rep)
 		clusterReport = &rep

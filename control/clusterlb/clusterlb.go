@@ -393,6 +393,32 @@ func (t *Tables) Reinstall(ctx context.Context, id string) error {
 	return nil
 }
 
+// RetryFailed writes whole, again, the effective table of every sandbox whose last write
+// failed (a map without room, a datapath briefly unloaded), so that a failure is not left in
+// force until the services it missed change again. The agent runs it periodically; it returns
+// the failures that remain.
+func (t *Tables) RetryFailed(ctx context.Context) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.synced {
+		return nil
+	}
+	var errs []error
+	for _, id := range t.sandboxes() {
+		if st, ok := t.status[id]; !ok || st.Err == "" {
+			continue
+		}
+		if err := t.lb.SetLB(ctx, id, t.merged(id)); err != nil {
+			t.noteErr(id, err)
+			errs = append(errs, fmt.Errorf("cluster table: sandbox %s: %w", id, err))
+			continue
+		}
+		t.log.Info("cluster table: sandbox written after an earlier failure", "sandbox", id)
+		t.noteOK(id)
+	}
+	return errors.Join(errs...)
+}
+
 // Forget drops a removed sandbox.
 func (t *Tables) Forget(id string) {
 	t.mu.Lock()

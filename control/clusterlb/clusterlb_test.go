@@ -2,6 +2,7 @@ package clusterlb
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -15,6 +16,7 @@ import (
 type recLB struct {
 	calls []string
 	live  map[string]map[ipvs.ServiceKey]uint32 // sandbox -> key -> service id in force
+	fail  map[string]error                      // sandbox -> the error its writes fail with
 }
 
 func (r *recLB) set(id string, t *ipvs.Table) {
@@ -26,6 +28,9 @@ func (r *recLB) set(id string, t *ipvs.Table) {
 }
 func (r *recLB) SetLB(_ context.Context, id string, t *ipvs.Table) error {
 	r.calls = append(r.calls, "set "+id)
+	if err := r.fail[id]; err != nil {
+		return err
+	}
 	r.set(id, t)
 	return nil
 }
@@ -36,6 +41,9 @@ func (r *recLB) RestoreLB(_ context.Context, id string, t *ipvs.Table) error {
 }
 func (r *recLB) SetLBService(_ context.Context, id string, t *ipvs.Table, k ipvs.ServiceKey) error {
 	r.calls = append(r.calls, fmt.Sprintf("service %s %s", id, k))
+	if err := r.fail[id]; err != nil {
+		return err
+	}
 	if s, ok := t.Service(k); ok {
 		r.live[id][k] = s.ID
 	} else {
@@ -100,5 +108,44 @@ func TestTablesMerge(t *testing.T) {
 	}
 	if got := lb.live["a"][key("10.96.0.1:80")]; got != 0x40000009 {
 		t.Errorf("a after the kata-ipvs delete: service %#x, want the cluster's", got)
+	}
+}
+
+// TestRetryFailed: a sandbox whose write failed (no room in its maps) is written whole by the
+// next RetryFailed once the cause is gone, not left until its services change again; the
+// sandboxes that worked are not written again.
+func TestRetryFailed(t *testing.T) {
+	ctx := context.Background()
+	lb := &recLB{live: map[string]map[ipvs.ServiceKey]uint32{}, fail: map[string]error{"b": errors.New("no room")}}
+	tb := New(lb, func() []string { return []string{"a", "b"} }, nil)
+	tb.Started()
+	if err := tb.RetryFailed(ctx); err != nil || len(lb.calls) != 0 {
+		t.Fatalf("before the first sync: %v, calls %v", err, lb.calls)
+	}
+	cluster := map[ipvs.ServiceKey]*ipvs.Service{key("10.96.0.1:80"): {ID: 0x40000001, ServiceKey: key("10.96.0.1:80"), Scheduler: "rr"}}
+	if err := tb.SetCluster(ctx, cluster, nil); err == nil {
+		t.Fatal("SetCluster: no error for b")
+	}
+	if st, n := tb.Status(); st["b"].Err == "" || st["a"].Err != "" || n != 1 {
+		t.Fatalf("status %+v, %d errors", st, n)
+	}
+	lb.calls = nil
+	if err := tb.RetryFailed(ctx); err == nil || !slices.Equal(lb.calls, []string{"set b"}) {
+		t.Fatalf("retry while b still fails: %v, calls %v", err, lb.calls)
+	}
+	delete(lb.fail, "b")
+	lb.calls = nil
+	if err := tb.RetryFailed(ctx); err != nil || !slices.Equal(lb.calls, []string{"set b"}) {
+		t.Fatalf("retry: %v, calls %v", err, lb.calls)
+	}
+	if got := lb.live["b"][key("10.96.0.1:80")]; got != 0x40000001 {
+		t.Errorf("b after the retry: service %#x, want the cluster's", got)
+	}
+	if st, _ := tb.Status(); st["b"].Err != "" || st["b"].Programmed != 1 {
+		t.Errorf("b's status after the retry: %+v", st["b"])
+	}
+	lb.calls = nil
+	if err := tb.RetryFailed(ctx); err != nil || len(lb.calls) != 0 {
+		t.Errorf("nothing failed: %v, calls %v", err, lb.calls)
 	}
 }

@@ -43,7 +43,7 @@ var (
 	ErrEmptyRestore = errors.New("restore input holds no rule")
 	// ErrNotInRestore: a restore line with a command that does not change rules.
 	ErrNotInRestore = errors.New("command not allowed in a restore file")
-	// ErrIDSpace: the table ran out of 32-bit ids (after 4 billion creations).
+	// ErrIDSpace: the table ran out of ids (MaxID, after a billion creations).
 	ErrIDSpace = errors.New("rule id space exhausted")
 )
 

@@ -133,8 +133,13 @@ func (t *Table) Clear() {
 	t.rules = 0
 }
 
+// MaxID is the largest id a table gives out: the ids above it belong to the cluster table
+// (control/kube, which shares the sandbox's datapath) and, from 0x80000000, to the bit the
+// datapath sets on lblc/lblcr affinity keys.
+const MaxID uint32 = 0x3fffffff
+
 func (t *Table) newID(token string) (uint32, error) {
-	if t.LastID == ^uint32(0) {
+	if t.LastID >= MaxID {
 		return 0, failErr(ErrIDSpace, token)
 	}
 	t.LastID++

@@ -459,7 +459,7 @@ func TestRestoreAllOrNothing(t *testing.T) {
 }
 
 func TestIDSpaceExhausted(t *testing.T) {
-	tb := Table{LastID: ^uint32(0) - 1}
+	tb := Table{LastID: MaxID - 1}
 	run(t, &tb, "-A -t 10.0.0.1:80")
 	err := try(&tb, "-a -t 10.0.0.1:80 -r 10.1.0.1")
 	var e *Error

@@ -10,10 +10,10 @@ import (
 )
 
 // The cluster table's ids: a range of their own, above every kata-ipvs id (kata-ipvs counts up
-// from 1 and would need a billion creations to reach IDBase) and below the bit the datapath
+// from 1 and stops at ipvs.MaxID) and below the bit the datapath
 // sets on lblc/lblcr destination-affinity keys (0x80000000), so neither kind of key collides.
 const (
-	IDBase  uint32 = 0x40000000
+	IDBase  uint32 = ipvs.MaxID + 1
 	IDLimit uint32 = 0x80000000
 )
 
