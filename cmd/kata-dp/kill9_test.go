@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -82,30 +81,14 @@ func TestKill9UnderTraffic(t *testing.T) {
 		{"tap-a", "eth0", "02:42:0a:c7:00:02", "10.199.0.2", "eth0", "10.199.0.1"},
 		{"tap-b", "eth1", "02:42:0a:c6:00:02", "10.198.0.2", "eth1", "10.198.0.1"},
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	for _, n := range nics {
 		in := fmt.Sprintf(`{"device":"%s","name":"%s","IPAddresses":[{"address":"%s","mask":"24"}],"hwAddr":"%s","mtu":1500,"uplink":"%s"}`,
 			n.tap, n.name, n.addr, n.mac, n.uplink)
 		if r := a.cli(t, in, "kata-network", "add-iface", "6ec", "-"); r.code != 0 {
 			t.Fatalf("add-iface %s: %+v", n.name, r)
 		}
-		fds, err := netdev.OpenTap(sb.NS.Path(), n.tap, 1, true, true)
-		if err != nil {
-			t.Fatal(err)
-		}
 		mac, _ := net.ParseMAC(n.mac)
-		br, err := guestemu.NewBridge(fds, guest.Path(), n.name, guestemu.BridgeOptions{MAC: mac, Addrs: []netip.Prefix{netip.MustParsePrefix(n.addr + "/24")}})
-		for _, f := range fds {
-			f.Close()
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { br.Close() })
-		if err := br.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
+		emulateGuest(t, sb.NS.Path(), n.tap, guest, n.name, guestemu.BridgeOptions{MAC: mac, Addrs: []netip.Prefix{netip.MustParsePrefix(n.addr + "/24")}})
 		if err := sb.Host.Ping(n.addr, 1, 5*time.Second); err != nil {
 			t.Fatalf("%s not reachable before the test: %v", n.name, err)
 		}

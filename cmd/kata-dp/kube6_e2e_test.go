@@ -21,7 +21,6 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/kube/kubetest"
-	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
 // TestKubernetesDualStack: a dual-stack Service (an IPv4 and an IPv6 ClusterIP, one
@@ -105,24 +104,9 @@ func TestKubernetesDualStack(t *testing.T) {
 			t.Fatalf("add-route %s: %+v", gw, r)
 		}
 	}
-	fds, err := netdev.OpenTap(sb.NS.Path(), tap, 1, true, true)
-	if err != nil {
-		t.Fatal(err)
-	}
 	hw, _ := net.ParseMAC(mac)
-	br, err := guestemu.NewBridge(fds, guest.Path(), "eth0", guestemu.BridgeOptions{MAC: hw,
+	emulateGuest(t, sb.NS.Path(), tap, guest, "eth0", guestemu.BridgeOptions{MAC: hw,
 		Addrs: []netip.Prefix{sb.GuestAddr, netip.MustParsePrefix("fd00:198::2/64")}, Gateway: sb.HostAddr.Addr()})
-	for _, f := range fds {
-		f.Close()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	bctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { cancel(); br.Close() })
-	if err := br.Start(bctx); err != nil {
-		t.Fatal(err)
-	}
 	if out, err := guest.Exec("ip", "-6", "route", "add", "default", "via", "fd00:198::1", "dev", "eth0"); err != nil {
 		t.Fatalf("guest IPv6 default route: %v: %s", err, out)
 	}
@@ -133,21 +117,7 @@ func TestKubernetesDualStack(t *testing.T) {
 		}
 		t.Cleanup(func() { l.Close() })
 		go serveName(l, s.name)
-		pc, err := sb.Host.ListenPacket("udp", net.JoinHostPort(s.addr, "5353"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { pc.Close() })
-		go func() {
-			buf := make([]byte, 64)
-			for {
-				_, from, err := pc.ReadFrom(buf)
-				if err != nil {
-					return
-				}
-				pc.WriteTo([]byte(s.name), from)
-			}
-		}()
+		serveUDPName(t, sb.Host, net.JoinHostPort(s.addr, "5353"), s.name)
 	}
 	dial := func(vip string) string {
 		c, err := guest.Dial("tcp", net.JoinHostPort(vip, "80"), time.Second)

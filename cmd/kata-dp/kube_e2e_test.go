@@ -24,7 +24,6 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/kube/kubetest"
-	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
 // kubeBox is one sandbox of the Kubernetes test: its topology, the guest emulator's netns
@@ -53,23 +52,8 @@ func newKubeBox(t *testing.T, a *testAgent, prefix, id string) *kubeBox {
 	}
 	route := `{"dest":"default","gateway":"` + sb.HostAddr.Addr().String() + `","device":"eth-test"}`
 	a.check(t, route, []string{"kata-network", "add-route", id, "-"}, result{stdout: "[" + route + "]\n"})
-	fds, err := netdev.OpenTap(sb.NS.Path(), tap, 1, true, true)
-	if err != nil {
-		t.Fatal(err)
-	}
 	hw, _ := net.ParseMAC(mac)
-	br, err := guestemu.NewBridge(fds, guest.Path(), "eth0", guestemu.BridgeOptions{MAC: hw, Addrs: []netip.Prefix{sb.GuestAddr}, Gateway: sb.HostAddr.Addr()})
-	for _, f := range fds {
-		f.Close()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { cancel(); br.Close() })
-	if err := br.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	emulateGuest(t, sb.NS.Path(), tap, guest, "eth0", guestemu.BridgeOptions{MAC: hw, Addrs: []netip.Prefix{sb.GuestAddr}, Gateway: sb.HostAddr.Addr()})
 	b := &kubeBox{id: id, sb: sb, guest: guest}
 	// Backends: be1 and be2 on 8080/tcp and 5353/udp, be2 on 8081 too (the port change),
 	// and a kata-ipvs real server on .13:80.
@@ -86,21 +70,7 @@ func newKubeBox(t *testing.T, a *testAgent, prefix, id string) *kubeBox {
 		t.Cleanup(func() { l.Close() })
 		go serveName(l, s.name)
 		if s.port == 8080 {
-			pc, err := sb.Host.ListenPacket("udp", addr+":5353")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { pc.Close() })
-			go func() {
-				buf := make([]byte, 64)
-				for {
-					_, from, err := pc.ReadFrom(buf)
-					if err != nil {
-						return
-					}
-					pc.WriteTo([]byte(s.name), from)
-				}
-			}()
+			serveUDPName(t, sb.Host, addr+":5353", s.name)
 		}
 	}
 	return b
@@ -132,6 +102,26 @@ func serveName(l net.Listener, name string) {
 			}
 		}()
 	}
+}
+
+// serveUDPName answers every datagram to addr in ns with name, until the test ends.
+func serveUDPName(t *testing.T, ns *topo.NetNS, addr, name string) {
+	t.Helper()
+	pc, err := ns.ListenPacket("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			_, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo([]byte(name), from)
+		}
+	}()
 }
 
 // dial returns the name of the server a new TCP connection from the guest to the VIP reaches

@@ -17,7 +17,6 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/monitor"
-	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
 // TestMonitorE2E: `kata-dp monitor` against the real agent process and BPF datapath: spoofed
@@ -43,23 +42,8 @@ func TestMonitorE2E(t *testing.T) {
 	if r := a.cli(t, in, "kata-network", "add-iface", "6ec", "-"); r.code != 0 {
 		t.Fatalf("add-iface: %+v\n%s", r, p.stderr)
 	}
-	fds, err := netdev.OpenTap(sb.NS.Path(), "tap-test", 1, true, true)
-	if err != nil {
-		t.Fatal(err)
-	}
 	hw, _ := net.ParseMAC(mac)
-	br, err := guestemu.NewBridge(fds, guest.Path(), "eth0", guestemu.BridgeOptions{MAC: hw, Addrs: []netip.Prefix{sb.GuestAddr}})
-	for _, f := range fds {
-		f.Close()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	bctx, bcancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { bcancel(); br.Close() })
-	if err := br.Start(bctx); err != nil {
-		t.Fatal(err)
-	}
+	emulateGuest(t, sb.NS.Path(), "tap-test", guest, "eth0", guestemu.BridgeOptions{MAC: hw, Addrs: []netip.Prefix{sb.GuestAddr}})
 
 	// Bad input: clear errors, exit 1.
 	for _, tc := range []struct {

@@ -20,7 +20,6 @@ import (
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
-	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
 // TestPrometheusScrapesAgent: a real Prometheus (Debian's 2.42) on the loopback of the test
@@ -56,23 +55,8 @@ func TestPrometheusScrapesAgent(t *testing.T) {
 	}
 	route := `{"dest":"default","gateway":"` + sb.HostAddr.Addr().String() + `","device":"eth-test"}`
 	a.check(t, route, []string{"kata-network", "add-route", "6ec", "-"}, result{stdout: "[" + route + "]\n"})
-	fds, err := netdev.OpenTap(sb.NS.Path(), "tap-test", 1, true, true)
-	if err != nil {
-		t.Fatal(err)
-	}
 	hw, _ := net.ParseMAC(mac)
-	br, err := guestemu.NewBridge(fds, guest.Path(), "eth0", guestemu.BridgeOptions{MAC: hw, Addrs: []netip.Prefix{sb.GuestAddr}, Gateway: sb.HostAddr.Addr()})
-	for _, f := range fds {
-		f.Close()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { cancel(); br.Close() })
-	if err := br.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	emulateGuest(t, sb.NS.Path(), "tap-test", guest, "eth0", guestemu.BridgeOptions{MAC: hw, Addrs: []netip.Prefix{sb.GuestAddr}, Gateway: sb.HostAddr.Addr()})
 
 	// Traffic: 5 echo requests to the guest.
 	if err := sb.Host.Ping(sb.GuestAddr.Addr().String(), 5, 10*time.Second); err != nil {

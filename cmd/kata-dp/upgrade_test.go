@@ -18,7 +18,6 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/api"
-	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
 // TestUpgradeUnderTraffic replaces agent A (version "1.0.0-a") by agent B ("1.1.0-b") the way
@@ -47,24 +46,8 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 	if r := a.cli(t, in, "kata-network", "add-iface", "6ec", "-"); r.code != 0 {
 		t.Fatalf("add-iface: %+v", r)
 	}
-	fds, err := netdev.OpenTap(sb.NS.Path(), "tap-u", 1, true, true)
-	if err != nil {
-		t.Fatal(err)
-	}
 	hw, _ := net.ParseMAC(mac)
-	br, err := guestemu.NewBridge(fds, guest.Path(), "eth0", guestemu.BridgeOptions{MAC: hw, Addrs: []netip.Prefix{netip.MustParsePrefix(addr + "/24")}})
-	for _, f := range fds {
-		f.Close()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { br.Close() })
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	if err := br.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	emulateGuest(t, sb.NS.Path(), "tap-u", guest, "eth0", guestemu.BridgeOptions{MAC: hw, Addrs: []netip.Prefix{netip.MustParsePrefix(addr + "/24")}})
 	if err := sb.Host.Ping(addr, 1, 5*time.Second); err != nil {
 		t.Fatalf("guest not reachable before the upgrade: %v", err)
 	}
