@@ -59,7 +59,6 @@ type Tables struct {
 
 	mu       sync.Mutex
 	starting bool // records the reinstalls of ipvsctl.New without pushing them
-	synced   bool
 	kata     map[string]*own
 	cluster  map[ipvs.ServiceKey]*ipvs.Service
 	shared   *ipvs.Table // the cluster table alone, for sandboxes without kata-ipvs rules
@@ -203,14 +202,24 @@ func (t *Tables) setKata(ctx context.Context, id string, tb *ipvs.Table, restore
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	old := t.kata[id]
-	t.kata[id] = o
 	push := t.lb.SetLB
 	if restore {
 		push = t.lb.RestoreLB
 	}
+	return t.replaceKata(ctx, id, o, push)
+}
+
+// replaceKata makes o sandbox id's kata-ipvs table and pushes the union whole; on failure the
+// previous table stays recorded. Called under mu.
+func (t *Tables) replaceKata(ctx context.Context, id string, o *own, push func(context.Context, string, *ipvs.Table) error) error {
+	old, had := t.kata[id]
+	t.kata[id] = o
 	if err := push(ctx, id, t.merged(id)); err != nil {
-		t.kata[id] = old
+		if had {
+			t.kata[id] = old
+		} else {
+			delete(t.kata, id)
+		}
 		return err
 	}
 	t.noteOK(id)
@@ -239,14 +248,7 @@ func (t *Tables) SetLBService(ctx context.Context, id string, tb *ipvs.Table, k 
 	}
 	if o.timeouts != tb.ConnTimeouts {
 		// Not a one-service change after all: take the whole table.
-		old := t.kata[id]
-		t.kata[id] = ownOf(tb)
-		if err := t.lb.SetLB(ctx, id, t.merged(id)); err != nil {
-			t.kata[id] = old
-			return err
-		}
-		t.noteOK(id)
-		return nil
+		return t.replaceKata(ctx, id, ownOf(tb), t.lb.SetLB)
 	}
 	prev, hadPrev := o.services[k]
 	if has {
@@ -287,7 +289,7 @@ func (t *Tables) CleanupConns(ctx context.Context, id string, dst netip.Addr, pr
 func (t *Tables) SetCluster(ctx context.Context, cluster map[ipvs.ServiceKey]*ipvs.Service, changed []ipvs.ServiceKey) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	first := !t.synced
+	first := !t.Synced()
 	old := t.cluster
 	t.cluster = cluster
 	t.shared = nil
@@ -320,7 +322,6 @@ func (t *Tables) SetCluster(ctx context.Context, cluster map[ipvs.ServiceKey]*ip
 		t.noteOK(id)
 	}
 	if first {
-		t.synced = true
 		t.starting = false
 		close(t.ready)
 	}
@@ -382,9 +383,15 @@ func (t *Tables) pushCluster(ctx context.Context, id string, whole bool, changed
 func (t *Tables) Reinstall(ctx context.Context, id string) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if !t.synced {
+	if !t.Synced() {
 		return nil
 	}
+	return t.writeWhole(ctx, id)
+}
+
+// writeWhole writes sandbox id's effective table whole and records the outcome. Called under
+// mu.
+func (t *Tables) writeWhole(ctx context.Context, id string) error {
 	if err := t.lb.SetLB(ctx, id, t.merged(id)); err != nil {
 		t.noteErr(id, err)
 		return fmt.Errorf("cluster table: sandbox %s: %w", id, err)
@@ -400,7 +407,7 @@ func (t *Tables) Reinstall(ctx context.Context, id string) error {
 func (t *Tables) RetryFailed(ctx context.Context) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if !t.synced {
+	if !t.Synced() {
 		return nil
 	}
 	var errs []error
@@ -408,13 +415,11 @@ func (t *Tables) RetryFailed(ctx context.Context) error {
 		if st, ok := t.status[id]; !ok || st.Err == "" {
 			continue
 		}
-		if err := t.lb.SetLB(ctx, id, t.merged(id)); err != nil {
-			t.noteErr(id, err)
-			errs = append(errs, fmt.Errorf("cluster table: sandbox %s: %w", id, err))
+		if err := t.writeWhole(ctx, id); err != nil {
+			errs = append(errs, err)
 			continue
 		}
 		t.log.Info("cluster table: sandbox written after an earlier failure", "sandbox", id)
-		t.noteOK(id)
 	}
 	return errors.Join(errs...)
 }
