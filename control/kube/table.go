@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"maps"
+	"net/netip"
 	"slices"
 
 	"github.com/kata-dp/kata-dp/control/ipvs"
@@ -78,12 +79,9 @@ func (t *Table) Update(name string, tr Translation) ([]ipvs.ServiceKey, error) {
 		}
 		want[s.ServiceKey] = s
 	}
-	rules := t.rules
+	rules := t.rules + countRules(want)
 	for _, k := range t.keys[name] {
 		rules -= 1 + len(t.services[k].Servers)
-	}
-	for _, s := range want {
-		rules += 1 + len(s.Servers)
 	}
 	if t.max > 0 && rules > t.max {
 		return nil, fmt.Errorf("service %s: %d rules would make the table %d, above its limit of %d (--cluster-max-rules): %w",
@@ -153,13 +151,13 @@ func (t *Table) put(name string, s ipvs.Service) {
 	n.ID = t.id("svc|" + k.String())
 	keep := map[string]bool{}
 	for i := range n.Servers {
-		what := "be|" + k.String() + "|" + n.Servers[i].Addr.String()
+		what := serverName(k, n.Servers[i].Addr)
 		n.Servers[i].ID = t.id(what)
 		keep[what] = true
 	}
 	if old, ok := t.services[k]; ok {
 		for _, d := range old.Servers {
-			if what := "be|" + k.String() + "|" + d.Addr.String(); !keep[what] {
+			if what := serverName(k, d.Addr); !keep[what] {
 				t.release(what)
 			}
 		}
@@ -168,10 +166,15 @@ func (t *Table) put(name string, s ipvs.Service) {
 	t.owner[k] = name
 }
 
+// serverName is what the id of real server a of service k names (see id).
+func serverName(k ipvs.ServiceKey, a netip.AddrPort) string {
+	return "be|" + k.String() + "|" + a.String()
+}
+
 func (t *Table) drop(k ipvs.ServiceKey) {
 	if old, ok := t.services[k]; ok {
 		for _, d := range old.Servers {
-			t.release("be|" + k.String() + "|" + d.Addr.String())
+			t.release(serverName(k, d.Addr))
 		}
 	}
 	t.release("svc|" + k.String())
