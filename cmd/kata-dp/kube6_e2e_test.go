@@ -76,7 +76,7 @@ func TestKubernetesDualStack(t *testing.T) {
 	sock := filepath.Join(dir, "kata-dp.sock")
 	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptk-", 8))
 	t.Cleanup(func() { os.RemoveAll(bpffs) })
-	p := startAgentRootNS(t, "--config", "", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs,
+	p := startAgentProcess(t, nil, "--config", "", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs,
 		"--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a")
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock}

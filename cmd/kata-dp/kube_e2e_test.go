@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -164,24 +163,6 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func startAgentRootNS(t *testing.T, args ...string) *agentProcess {
-	t.Helper()
-	p := &agentProcess{stderr: &syncBuffer{}}
-	p.cmd = exec.Command(os.Args[0], append([]string{"agent"}, args...)...)
-	p.cmd.Env = append(os.Environ(), "KDP_TEST_MAIN=1")
-	p.cmd.Stderr = p.stderr
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if p.cmd.ProcessState == nil {
-			p.cmd.Process.Kill()
-			p.cmd.Wait()
-		}
-	})
-	return p
-}
-
 func webSlice(eps []string, httpPort int32) *discoveryv1.EndpointSlice {
 	sl := &discoveryv1.EndpointSlice{
 		ObjectMeta:  metav1.ObjectMeta{Name: "web-1", Namespace: "kdpt", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
@@ -241,7 +222,7 @@ func TestKubernetesServices(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(bpffs) })
 	agentArgs := []string{"--config", "", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs,
 		"--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a"}
-	p := startAgentRootNS(t, agentArgs...)
+	p := startAgentProcess(t, nil, agentArgs...)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock}
 	boxes := []*kubeBox{
@@ -405,7 +386,7 @@ func TestKubernetesServices(t *testing.T) {
 	p.cmd.Process.Kill()
 	p.cmd.Wait()
 	kc.StopAPIServer()
-	p = startAgentRootNS(t, agentArgs...)
+	p = startAgentProcess(t, nil, agentArgs...)
 	waitAgent(t, sock, p)
 	for range 3 {
 		for _, b := range boxes {

@@ -27,10 +27,16 @@ type agentProcess struct {
 	stderr *syncBuffer
 }
 
+// startAgentProcess starts the agent in ns, or in the test's own netns when ns is nil (the
+// Kubernetes tests: the API server listens on its loopback).
 func startAgentProcess(t *testing.T, ns *topo.NetNS, args ...string) *agentProcess {
 	t.Helper()
 	p := &agentProcess{stderr: &syncBuffer{}}
-	p.cmd = exec.Command("nsenter", append([]string{"--net=" + ns.Path(), os.Args[0], "agent"}, args...)...)
+	argv := append([]string{os.Args[0], "agent"}, args...)
+	if ns != nil {
+		argv = append([]string{"nsenter", "--net=" + ns.Path()}, argv...)
+	}
+	p.cmd = exec.Command(argv[0], argv[1:]...)
 	p.cmd.Env = append(os.Environ(), "KDP_TEST_MAIN=1")
 	p.cmd.Stderr = p.stderr
 	if err := p.cmd.Start(); err != nil {
