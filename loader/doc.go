@@ -14,7 +14,9 @@
 // first and keep working); only when the kernel lacks TCX, or the sandbox was opened with
 // Options.LegacyTC, does it use a clsact qdisc with a direct-action bpf filter. Reopening a sandbox whose pins exist reuses its maps and
 // swaps the new programs into the pinned links with BPF_LINK_UPDATE, so an agent restart or an
-// upgrade never leaves a gap in forwarding.
+// upgrade never leaves a gap in forwarding. A pinned map whose definition changed between
+// versions (type, flags, key or value size) is replaced by one of this version's, keeping the
+// entries whose layout did not change (migrate.go); the agent's reconcile rewrites the rest.
 //
 // A Sandbox is not safe for concurrent use; the control plane serialises calls per sandbox.
 package loader

@@ -114,6 +114,9 @@ func OpenNode(root, nsPath, uplink string) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open node %s: load spec: %w", uplink, err)
 	}
+	if err := migratePinned(spec, dir); err != nil {
+		return nil, fmt.Errorf("open node %s: %w", uplink, err)
+	}
 	n := &Node{Uplink: uplink, NetNS: nsPath, dir: dir}
 	if err := spec.LoadAndAssign(&n.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}); err != nil {
 		return nil, fmt.Errorf("open node %s: load collection: %w", uplink, err)

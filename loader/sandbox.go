@@ -190,6 +190,9 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 			m.Close()
 		}
 	}
+	if err := migratePinned(spec, dir); err != nil {
+		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
+	}
 	s := &Sandbox{ID: id, dir: dir, legacy: o.LegacyTC, genericXDP: o.GenericXDP}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}
 	if err := spec.LoadAndAssign(&s.objs, opts); err != nil {

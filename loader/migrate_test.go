@@ -1,0 +1,131 @@
+package loader_test
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/kata-dp/kata-dp/loader"
+)
+
+// TestMigratePinnedMaps opens a sandbox whose pins an "older kata-dp" made with other map
+// definitions, as an agent upgraded across a map change does: the open succeeds, every map is
+// then this build's definition, entries whose layout did not change are kept (a hash whose
+// flags changed; a per-CPU hash that became a per-CPU array indexed by the same keys), a map
+// whose value grew starts empty, and a temporary pin left by a crash mid-migration is gone.
+func TestMigratePinnedMaps(t *testing.T) {
+	needRoot(t)
+	root := testRoot(t)
+	const id = "migrate"
+	sb := openSandbox(t, root, id)
+	dir := sb.Dir()
+	sb.Close()
+
+	spec, err := loader.LoadDatapath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// replace pins the map name with an older definition made from the current one by change,
+	// holding the given entries.
+	replace := func(name string, change func(*ebpf.MapSpec), entries map[string]any) {
+		t.Helper()
+		ms := spec.Maps[name].Copy()
+		ms.Pinning = ebpf.PinNone
+		change(ms)
+		m, err := ebpf.NewMap(ms)
+		if err != nil {
+			t.Fatalf("old %s: %v", name, err)
+		}
+		defer m.Close()
+		for k, v := range entries {
+			if err := m.Put([]byte(k), v); err != nil {
+				t.Fatalf("old %s: put: %v", name, err)
+			}
+		}
+		if err := os.Remove(filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Pin(filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	statsKey := bytes.Repeat([]byte{1}, int(spec.Maps["kdp_lb_stats"].KeySize))
+	statsVal := bytes.Repeat([]byte{7}, int(spec.Maps["kdp_lb_stats"].ValueSize))
+	replace("kdp_lb_stats", func(ms *ebpf.MapSpec) { ms.Flags = 0 }, map[string]any{string(statsKey): statsVal})
+
+	beKey := []byte{5, 0, 0, 0}
+	replace("kdp_lb_be", func(ms *ebpf.MapSpec) { ms.ValueSize += 4 },
+		map[string]any{string(beKey): make([]byte, spec.Maps["kdp_lb_be"].ValueSize+4)})
+
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	vs := int(spec.Maps["kdp_stats"].ValueSize)
+	perCPU := make([][]byte, cpus)
+	for i := range perCPU {
+		perCPU[i] = bytes.Repeat([]byte{byte(i + 1)}, vs)
+	}
+	slot3 := []byte{3, 0, 0, 0}
+	replace("kdp_stats", func(ms *ebpf.MapSpec) { ms.Type = ebpf.PerCPUHash; ms.Flags = 0 },
+		map[string]any{string(slot3): perCPU})
+
+	// A crash between pinning a migrated map and renaming it over the old pin left this.
+	left, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := left.Pin(filepath.Join(dir, "kdp_lb_be_migrating")); err != nil {
+		t.Fatal(err)
+	}
+	left.Close()
+
+	sb, err = loader.Open(root, id)
+	if err != nil {
+		t.Fatalf("open over older pins: %v", err)
+	}
+	sb.Close()
+
+	for _, name := range []string{"kdp_lb_stats", "kdp_lb_be", "kdp_stats"} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		want := spec.Maps[name].Copy()
+		want.MaxEntries = m.MaxEntries()
+		if err := want.Compatible(m); err != nil {
+			t.Errorf("%s after the open: %v", name, err)
+		}
+		switch name {
+		case "kdp_lb_stats":
+			got := make([]byte, len(statsVal))
+			if err := m.Lookup(statsKey, got); err != nil || !bytes.Equal(got, statsVal) {
+				t.Errorf("kdp_lb_stats: the entry was not kept: %v %x", err, got)
+			}
+		case "kdp_lb_be":
+			if err := m.NextKey(nil, make([]byte, m.KeySize())); !errors.Is(err, ebpf.ErrKeyNotExist) {
+				t.Errorf("kdp_lb_be (value grew): want it empty, NextKey says %v", err)
+			}
+		case "kdp_stats":
+			var got [][]byte
+			if err := m.Lookup(slot3, &got); err != nil {
+				t.Fatalf("kdp_stats slot 3: %v", err)
+			}
+			for i := range got {
+				if !bytes.Equal(got[i], perCPU[i]) {
+					t.Errorf("kdp_stats slot 3 CPU %d: got %x, want %x", i, got[i], perCPU[i])
+				}
+			}
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "kdp_lb_be_migrating")); !os.IsNotExist(err) {
+		t.Errorf("the temporary pin is still there: %v", err)
+	}
+	runtime.KeepAlive(sb)
+}
