@@ -37,6 +37,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -124,7 +125,7 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	fs.BoolVar(&o.Quick, "quick", false, "3 rounds, 64 B one-way and latency only, shorter cases (under 2 minutes)")
 	fs.StringVarP(&o.Output, "output", "o", "table", "output format: table (Markdown) or json")
 	fs.IntVar(&o.Rounds, "rounds", 5, "rounds: each runs every mode once, in order (3 with --quick unless set)")
-	fs.StringSliceVar(&o.Modes, "modes", DefaultModes, "modes to run, in order")
+	fs.StringSliceVar(&o.Modes, "modes", DefaultModes, "modes to run, in order; a kata-dp mode with +svc<N> (N 1.."+strconv.Itoa(maxBenchServices)+") runs it with N load-balancer services loaded")
 	fs.StringSliceVar(&o.Cases, "cases", nil, "cases to run (default all; with --quick: "+strings.Join(quickCases, ",")+")")
 	fs.StringVar(&o.From, "from", "", "render the report saved (with -o json) in this file instead of measuring")
 	fs.StringVar(&o.Charts, "charts", "", "write SVG charts of pps, CPU per frame and latency to this directory")
@@ -186,7 +187,7 @@ func (o *Options) validate() error {
 	}
 	for _, m := range o.Modes {
 		if _, ok := modeByName(m); !ok {
-			return fmt.Errorf("bench: unknown mode %q (known: %s)", m, strings.Join(DefaultModes, ","))
+			return fmt.Errorf("bench: unknown mode %q (known: %s; or a kata-dp mode with +svc<N>, N 1..%d)", m, strings.Join(DefaultModes, ","), maxBenchServices)
 		}
 	}
 	o.cases = nil

@@ -15,6 +15,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
+	"github.com/kata-dp/kata-dp/control/ipvs"
 )
 
 // TestHarness runs one tiny round of every mode through Main, to prove the
@@ -50,6 +51,24 @@ func TestHarness(t *testing.T) {
 		case s.Values["pps"] <= 0:
 			t.Errorf("%s %s: no frames delivered: %v %v", s.Mode, s.Case, s.Values, s.Hops)
 		}
+		// A +svc row's vip cases go through the load balancer: the VIP's service counts
+		// every frame delivered, the guest's to it (DNAT) and the replies (reverse NAT), and
+		// no more than were sent.
+		if m, _ := modeByName(s.Mode); m.svc > 0 {
+			switch s.Case {
+			case "g2h-vip-64":
+				if in, del := s.Hops["vip_in"], s.Hops["delivered"]; in == 0 || in < del || in > s.Hops["emu_written"] {
+					t.Errorf("%s %s: the VIP's service counted %d frames from the guest, %d written, %d delivered", s.Mode, s.Case, in, s.Hops["emu_written"], del)
+				}
+			case "h2g-vip-64":
+				if out, del := s.Hops["vip_out"], s.Hops["delivered"]; out == 0 || out < del || out > s.Hops["gen_sent"] {
+					t.Errorf("%s %s: the VIP's service counted %d replies, %d sent, %d delivered", s.Mode, s.Case, out, s.Hops["gen_sent"], del)
+				}
+			}
+		}
+	}
+	if !got["tc+svc5000 h2g-vip-64"] || got["tc h2g-vip-64"] {
+		t.Errorf("vip cases: want them in tc+svc5000 and not in tc; ran %v", got)
 	}
 	var want []string
 	for _, m := range modes {
@@ -58,10 +77,9 @@ func TestHarness(t *testing.T) {
 			continue
 		}
 		for _, c := range allCases {
-			if (c.dir == g2h && m.h2gOnly) || (c.dir == rr && m.noLatency) {
-				continue
+			if m.runs(c) {
+				want = append(want, m.name+" "+c.name)
 			}
-			want = append(want, m.name+" "+c.name)
 		}
 	}
 	var missing []string
@@ -107,9 +125,93 @@ func TestFlags(t *testing.T) {
 		{"--rounds", "0"},
 		{"--cpu-gen", "1", "--cpu-guest", "1"},
 		{"extra"},
+		{"--modes", "tc+svc0"},
+		{"--modes", "tc+svc05"},
+		{"--modes", "tc+svc5001"},
+		{"--modes", "tc+svc"},
+		{"--modes", "nosuch+svc5"},
+		{"--modes", "ref-drop+svc5"},
+		{"--modes", "tc+monitor+svc5"},
 	} {
 		if _, err := parseFlags(bad, &bytes.Buffer{}); err == nil {
 			t.Errorf("flags %q accepted", bad)
+		}
+	}
+}
+
+// TestSvcModes: a kata-dp mode with +svc<N> is a row of that mode with N services, accepted
+// by --modes whether or not it is in the default list, and in the default list as tc+svc5000.
+func TestSvcModes(t *testing.T) {
+	o, err := parseFlags([]string{"--modes", "tc,tc+svc5000,xdp+svc1,tc+svc250,ref-drop"}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string][2]any{"tc+svc5000": {5000, "tc"}, "xdp+svc1": {1, "xdp"}, "tc+svc250": {250, "tc"}} {
+		m, ok := modeByName(name)
+		if !ok || m.svc != want[0] || m.base != want[1] || m.ref || m.desc == "" {
+			t.Errorf("mode %s: %+v, want %d services on %s", name, m, want[0], want[1])
+		}
+	}
+	if !slices.Contains(DefaultModes, "tc+svc5000") || !slices.Contains(quickModes, "tc+svc5000") {
+		t.Errorf("tc+svc5000 missing from the default or quick modes: %v / %v", DefaultModes, quickModes)
+	}
+	if r := newReport(o); r.ModeInfo["tc+svc250"] == "" {
+		t.Errorf("no description for tc+svc250: %v", r.ModeInfo)
+	}
+	vip := caseDef{dir: g2h, vip: true}
+	for name, want := range map[string]bool{"tc": false, "tc+monitor": false, "tc+svc5000": true, "ref-drop": true} {
+		if m, _ := modeByName(name); m.runs(vip) != want {
+			t.Errorf("mode %s runs vip cases: %v, want %v", name, !want, want)
+		}
+	}
+}
+
+// TestBenchServices: the services a +svc row loads are a valid restore of the largest table a
+// sandbox holds, with the schedulers and features the datapath has, and none of them is the
+// address of the harness's traffic except the vip cases' service, whose one real server is
+// the host end.
+func TestBenchServices(t *testing.T) {
+	server := netip.MustParseAddr("10.199.0.1")
+	cmds, err := ipvs.ParseRestore(strings.NewReader(benchServices(maxBenchServices, server)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tab := &ipvs.Table{}
+	if err := tab.Restore(cmds); err != nil {
+		t.Fatal(err)
+	}
+	if len(tab.Services) != maxBenchServices || tab.Rules() > ipvs.MaxRules {
+		t.Fatalf("%d services, %d rules; want %d services, at most %d rules", len(tab.Services), tab.Rules(), maxBenchServices, ipvs.MaxRules)
+	}
+	traffic := []netip.Addr{server, netip.MustParseAddr("10.199.0.2"), host6, guest6.Addr()}
+	seen := map[string]int{}
+	for _, s := range tab.Services {
+		if s.Addr == benchVIP {
+			if len(s.Servers) != 1 || s.Servers[0].Addr != netip.AddrPortFrom(server, vipServerPort) || s.Proto != ipvs.UDP {
+				t.Errorf("vip service %s: %+v", benchVIP, s)
+			}
+			continue
+		}
+		if slices.Contains(traffic, s.Addr.Addr()) {
+			t.Errorf("service %s on an address of the harness's traffic", s.ServiceKey)
+		}
+		for _, d := range s.Servers {
+			if slices.Contains(traffic, d.Addr.Addr()) {
+				t.Errorf("service %s: real server %s on an address of the harness's traffic", s.ServiceKey, d.Addr)
+			}
+		}
+		seen[s.Scheduler]++
+		seen[s.Proto.String()]++
+		if s.Persistent > 0 {
+			seen["persistent"]++
+		}
+		if s.Addr.Addr().Is6() {
+			seen["v6"]++
+		}
+	}
+	for _, f := range []string{"rr", "wrr", "sh", "TCP", "UDP", "persistent", "v6"} {
+		if seen[f] == 0 {
+			t.Errorf("no service with %s: %v", f, seen)
 		}
 	}
 }
@@ -214,6 +316,43 @@ func TestReportMacvtapRatio(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, s := range []string{"xMVT: median / macvtap's median", "| frames/s | xTCF | xMVT |", "| tc | 120k [120k..120k] | 1.20 | 0.80 |", "| macvtap | 150k [150k..150k] | 1.50 | 1.00 |"} {
+		if !strings.Contains(md.String(), s) {
+			t.Errorf("markdown lacks %q:\n%s", s, md.String())
+		}
+	}
+}
+
+// TestReportAgainstBase: a +svc row is compared, round by round, with its mode without
+// services: frames/s as a ratio, forward CPU as a difference in ns; its vip cases with the same
+// frames to no service, and a flagged sample leaves its pair out.
+func TestReportAgainstBase(t *testing.T) {
+	o := Options{Modes: []string{"tc", "tc+svc5000", "ref-drop"}, Rounds: 2, Output: "table", CPUGen: 0, CPUGuest: 1, Duration: time.Second, Requests: 10, Cases: []string{"h2g-64", "h2g-vip-64"}}
+	if err := o.validate(); err != nil {
+		t.Fatal(err)
+	}
+	r := newReport(o)
+	add := func(mode, c string, round int, pps, cpu float64, flags ...string) {
+		r.Samples = append(r.Samples, Sample{Mode: mode, Case: c, Round: round, Values: map[string]float64{"pps": pps, "cpu_ns": cpu}, Flags: flags})
+	}
+	for round := 1; round <= 2; round++ {
+		add("ref-drop", "h2g-64", round, 1000, 300)
+		add("ref-drop", "h2g-vip-64", round, 1000, 300)
+	}
+	add("tc", "h2g-64", 1, 200, 600)
+	add("tc+svc5000", "h2g-64", 1, 190, 610)
+	add("tc", "h2g-64", 2, 100, 700)
+	add("tc+svc5000", "h2g-64", 2, 100, 730)
+	add("tc+svc5000", "h2g-vip-64", 1, 100, 800)
+	add("tc+svc5000", "h2g-vip-64", 2, 50, 900, "other processes used 50% of a CPU")
+	r.finish()
+	var md bytes.Buffer
+	if err := r.Markdown(&md); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{
+		"- h2g-64 tc+svc5000 vs tc: frames/s 0.97x [0.95..1.00], fwd CPU +20 ns/frame [+10..+30] (2 pairs)",
+		"- h2g-vip-64 tc+svc5000 vs h2g-64 tc: frames/s 0.50x [0.50..0.50], fwd CPU +200 ns/frame [+200..+200] (1 pairs)",
+	} {
 		if !strings.Contains(md.String(), s) {
 			t.Errorf("markdown lacks %q:\n%s", s, md.String())
 		}

@@ -46,18 +46,33 @@ type modeDef struct {
 	noLatency bool
 	sink      sink
 	setup     func(e *env) error
+	// svc is the number of load-balancer services loaded (a +svc row, bench/services.go),
+	// base the kata-dp mode it runs.
+	svc  int
+	base string
+}
+
+// runs says whether case c is measured in rows of m.
+func (m modeDef) runs(c caseDef) bool {
+	switch {
+	case c.dir == g2h && m.h2gOnly, c.dir == rr && m.noLatency:
+		return false
+	case c.vip:
+		return m.svc > 0 || m.ref
+	}
+	return true
 }
 
 // modes are all modes the harness knows, in report order: every mode of the dataplane's
-// registry, installed through the dataplane itself (setupKataDP), then the reference rows,
-// which are the harness's own.
-var modes = append(append(kataModes(), monitorModes...), refModes...)
+// registry, installed through the dataplane itself (setupKataDP), its variants (a monitor
+// listening, services loaded), then the reference rows, which are the harness's own.
+var modes = append(append(append(kataModes(), monitorModes...), svcModes...), refModes...)
 
 // monitorModes measure what `kata-dp monitor` costs: the tc row again, with a monitor client
 // listening for drops and new load-balanced connections (the datapath's monitor flags on, its
 // events read and thrown away), in the same run as the plain tc row (the monitor off).
 var monitorModes = []modeDef{
-	{name: "tc+monitor", desc: "kata-dp tc datapath as the tc row, with a kata-dp monitor client listening (drops and new LB connections reported)",
+	{name: "tc+monitor", desc: "kata-dp tc datapath as the tc row, with a kata-dp monitor client listening (drops and new LB connections reported)", base: control.ModeTC,
 		setup: func(e *env) error { return setupKataDPMonitored(e, control.ModeTC, maps.MonitorDrop|maps.MonitorLB) }},
 }
 
@@ -104,7 +119,7 @@ func modeByName(name string) (modeDef, bool) {
 			return m, true
 		}
 	}
-	return modeDef{}, false
+	return parseSvcMode(name)
 }
 
 // env is one run's topology with a mode installed.
@@ -121,8 +136,10 @@ type env struct {
 	hostMAC net.HardwareAddr
 	vnetHdr int
 	ref     *refprog.Objects
-	links   []link.Link
-	undo    []func() error
+	// vipStats reads the packet counters of the vip cases' service (a +svc row; nil otherwise).
+	vipStats func() (in, out uint64, err error)
+	links    []link.Link
+	undo     []func() error
 }
 
 func (e *env) close() error {
@@ -165,6 +182,13 @@ func setupKataDP(e *env, mode string) error { return setupKataDPMonitored(e, mod
 // setupKataDPMonitored is setupKataDP with a monitor stream open for the events of mon (none
 // when 0), drained by a goroutine until the row is torn down.
 func setupKataDPMonitored(e *env, mode string, mon maps.MonitorFlags) error {
+	return setupKataDPWith(e, mode, mon, 0)
+}
+
+// setupKataDPWith is setupKataDPMonitored with services load-balancer services loaded into
+// the sandbox once its endpoint is in (none when 0; bench/services.go), as the agent does when
+// `kata-ipvs --restore` comes after the network.
+func setupKataDPWith(e *env, mode string, mon maps.MonitorFlags, services int) error {
 	m, err := dataplane.Lookup(mode)
 	if err != nil {
 		return err
@@ -201,6 +225,11 @@ func setupKataDPMonitored(e *env, mode string, mon maps.MonitorFlags) error {
 	}
 	if err := dp.AddEndpoint(ctx, ep); err != nil {
 		return err
+	}
+	if services > 0 {
+		if e.vipStats, err = loadServices(ctx, dp, id, services, e.s.HostAddr.Addr()); err != nil {
+			return err
+		}
 	}
 	if mon != 0 {
 		s, err := dp.Monitor(ctx, id, mon)

@@ -50,6 +50,10 @@ func caseMetrics(c caseDef) []string {
 
 func caseTitle(c caseDef) string {
 	switch {
+	case c.dir == h2g && c.vip:
+		return fmt.Sprintf("host -> guest, one way, %d B UDP payload, replies of an established connection of the guest's to a VIP (reverse NAT in a +svc row)", c.payload)
+	case c.dir == g2h && c.vip:
+		return fmt.Sprintf("guest -> host, one way, %d B UDP payload, to a VIP over an established connection (DNAT in a +svc row)", c.payload)
 	case c.dir == h2g && c.sock:
 		return fmt.Sprintf("host -> guest, one way, %d B UDP payload, from a plain UDP socket (checksum offload)", c.payload)
 	case c.dir == h2g:
@@ -284,6 +288,76 @@ func (r *Report) JSON(w io.Writer) error {
 	return enc.Encode(r)
 }
 
+// againstBase writes, for every row that is a variant of another mode in the run (a +svc or
+// +monitor row beside its mode), what the variant changes, round by round: frames/s as a ratio
+// and the forward CPU per frame as a difference in ns (the VIP prefilter's goal is a difference,
+// under +20 ns), median [min..max] over the rounds where neither sample was flagged.
+func (r *Report) againstBase(b *strings.Builder) {
+	wrote := false
+	for _, mode := range r.Modes {
+		m, ok := modeByName(mode)
+		if !ok || m.base == "" || !slices.Contains(r.Modes, m.base) {
+			continue
+		}
+		for _, c := range r.cases {
+			if c.dir == rr {
+				continue
+			}
+			// A vip case, which the mode without services does not run, is compared with
+			// the same frames to no service there.
+			like := c.name
+			if base, _ := modeByName(m.base); !base.runs(c) {
+				like = c.like
+			}
+			var pps, fwd []float64
+			for _, s := range r.Samples {
+				if s.Mode != mode || s.Case != c.name || len(s.Flags) > 0 {
+					continue
+				}
+				i := slices.IndexFunc(r.Samples, func(x Sample) bool {
+					return x.Mode == m.base && x.Case == like && x.Round == s.Round && len(x.Flags) == 0
+				})
+				if i < 0 {
+					continue
+				}
+				o := r.Samples[i]
+				if o.Values["pps"] > 0 {
+					pps = append(pps, s.Values["pps"]/o.Values["pps"])
+				}
+				x, ok1 := s.Values["fwd_ns"]
+				y, ok2 := o.Values["fwd_ns"]
+				if ok1 && ok2 {
+					fwd = append(fwd, x-y)
+				}
+			}
+			if len(pps) == 0 && len(fwd) == 0 {
+				continue
+			}
+			if !wrote {
+				b.WriteString("Against the same mode without the variant (pairs of unflagged samples of the same round: frames/s as a ratio, " +
+					"forward CPU per frame as a difference; median [min..max] over the pairs):\n\n")
+				wrote = true
+			}
+			if like == c.name {
+				fmt.Fprintf(b, "- %s %s vs %s:", c.name, mode, m.base)
+			} else {
+				fmt.Fprintf(b, "- %s %s vs %s %s:", c.name, mode, like, m.base)
+			}
+			var parts []string
+			if len(pps) > 0 {
+				parts = append(parts, fmt.Sprintf("frames/s %.2fx [%.2f..%.2f]", median(pps), slices.Min(pps), slices.Max(pps)))
+			}
+			if len(fwd) > 0 {
+				parts = append(parts, fmt.Sprintf("fwd CPU %+.0f ns/frame [%+.0f..%+.0f]", median(fwd), slices.Min(fwd), slices.Max(fwd)))
+			}
+			fmt.Fprintf(b, " %s (%d pairs)\n", strings.Join(parts, ", "), max(len(pps), len(fwd)))
+		}
+	}
+	if wrote {
+		b.WriteString("\n")
+	}
+}
+
 // lossAccount writes, per one-way case and mode, the frame counters along
 // the path of the run whose frames/s was the median: where the frames that
 // did not arrive were dropped.
@@ -294,7 +368,8 @@ func (r *Report) lossAccount(b *strings.Builder) {
 		{"veth_rx", "eth0 rx"}, {"veth_tx", "eth0 tx"}, {"veth_tx_dropped", "eth0 tx drop"},
 		{"guestdev_rx", "tap rx"}, {"guestdev_rx_dropped", "tap rx drop"},
 		{"guestdev_tx", "tap tx"}, {"guestdev_tx_dropped", "tap tx drop"},
-		{"hostveth_rx", "host veth rx"}, {"hostdev_rx", "client rx"}, {"emu_rx", "guest"}, {"delivered", "delivered"},
+		{"hostveth_rx", "host veth rx"}, {"hostdev_rx", "client rx"}, {"emu_rx", "guest"}, {"vip_in", "LB in"}, {"vip_out", "LB out"},
+		{"delivered", "delivered"},
 	}
 	wrote := false
 	for _, c := range r.cases {
@@ -421,6 +496,7 @@ func (r *Report) Markdown(w io.Writer) error {
 		}
 		b.WriteString("\n")
 	}
+	r.againstBase(b)
 	r.lossAccount(b)
 	b.WriteString("Modes:\n\n")
 	for _, m := range r.Modes {

@@ -37,6 +37,14 @@ type caseDef struct {
 	sock bool
 	// v6: IPv6 frames (host6 <-> guest6) instead of IPv4.
 	v6 bool
+	// vip: the frames of an established connection of the guest's to benchVIP, whose real
+	// server is the host end (bench/services.go): from the guest to the VIP (DNAT in a +svc
+	// row), from the real server to the guest (reverse NAT). In a kata-dp row without services
+	// the strict egress drops the guest's frames to an address it has no route to: vip cases
+	// run only in +svc rows and the reference rows (modeDef.runs). like is the case of the
+	// same frames to no service, which a +svc row's vip case is compared with (againstBase).
+	vip  bool
+	like string
 }
 
 // The IPv6 addresses of the v6 cases: the guest's is on its endpoint (bench/mode.go), so the
@@ -55,6 +63,12 @@ func udpFrame(e *env, c caseDef, toGuest bool) []byte {
 	if c.v6 {
 		hostIP, guestIP, build = host6, guest6.Addr(), guestemu.UDP6Frame
 	}
+	if c.vip {
+		if toGuest {
+			return build(e.hostMAC, e.guestMAC, netip.AddrPortFrom(hostIP, vipServerPort), netip.AddrPortFrom(guestIP, vipGuestPort), payloadOf(c.payload))
+		}
+		return build(e.guestMAC, e.hostMAC, netip.AddrPortFrom(guestIP, vipGuestPort), benchVIP, payloadOf(c.payload))
+	}
 	if toGuest {
 		return build(e.hostMAC, e.guestMAC, netip.AddrPortFrom(hostIP, 40000), netip.AddrPortFrom(guestIP, 40001), payloadOf(c.payload))
 	}
@@ -69,6 +83,8 @@ var allCases = []caseDef{
 	{name: "g2h-1400", dir: g2h, payload: 1400},
 	{name: "h2g6-64", dir: h2g, payload: 64, v6: true},
 	{name: "g2h6-64", dir: g2h, payload: 64, v6: true},
+	{name: "h2g-vip-64", dir: h2g, payload: 64, vip: true, like: "h2g-64"},
+	{name: "g2h-vip-64", dir: g2h, payload: 64, vip: true, like: "g2h-64"},
 	{name: "lat-block", dir: rr, payload: 64},
 	{name: "lat-busy", dir: rr, payload: 64, busy: true},
 }
@@ -121,7 +137,7 @@ func (r *runner) runMode(ctx context.Context, m modeDef, round int) (out []Sampl
 		if ctx.Err() != nil {
 			return out, ctx.Err()
 		}
-		if (c.dir == g2h && m.h2gOnly) || (c.dir == rr && m.noLatency) {
+		if !m.runs(c) {
 			continue
 		}
 		smp := Sample{Mode: m.name, Case: c.name, Round: round, Values: map[string]float64{}, Hops: map[string]uint64{}}
@@ -164,6 +180,14 @@ func prepareGuestFds(e *env) error {
 		}
 	}
 	return nil
+}
+
+// writeFrame writes one frame into the guest's first fd, as the guest would send it.
+func writeFrame(e *env, frame []byte) error {
+	buf := make([]byte, e.vnetHdr+len(frame))
+	copy(buf[e.vnetHdr:], frame)
+	_, err := e.guest[0].Write(buf)
+	return err
 }
 
 // snapshot is every counter read before and after a case.
@@ -282,7 +306,19 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 		return err
 	}
 	defer emu.Close()
+	if c.vip {
+		// The guest opens the connection the host's frames answer: one frame to the VIP
+		// (scheduled and DNATed to the host end in a +svc row).
+		if err := writeFrame(e, udpFrame(e, c, false)); err != nil {
+			return fmt.Errorf("open the vip connection: %w", err)
+		}
+		time.Sleep(settle)
+	}
 	frame := udpFrame(e, c, true)
+	vip, err := startVIPCount(e, c)
+	if err != nil {
+		return err
+	}
 	a, err := r.snap(e, emu, tids)
 	if err != nil {
 		return err
@@ -318,6 +354,9 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	smp.Hops["emu_csum_ok"] = b.emu.CsumOK - a.emu.CsumOK
 	smp.Hops["emu_csum_bad"] = b.emu.CsumBad - a.emu.CsumBad
 	smp.Hops["delivered"] = delivered
+	if err := vip(smp); err != nil {
+		return err
+	}
 	r.finish(e, m, c, smp, a, b, sent, delivered, genNS, elapsed)
 	if delivered > 0 && m.sink == sinkGuest {
 		smp.Values["reader_ns"] = float64(a.emuNS(b)) / float64(delivered)
@@ -338,6 +377,10 @@ func (r *runner) oneWayG2H(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	}
 	defer sinkLink.Close()
 	frame := udpFrame(e, c, false)
+	vip, err := startVIPCount(e, c)
+	if err != nil {
+		return err
+	}
 	a, err := r.snap(e, nil, nil)
 	if err != nil {
 		return err
@@ -362,8 +405,33 @@ func (r *runner) oneWayG2H(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	smp.Hops["emu_write_errors"] = failed
 	r.hops(e, a, b, smp)
 	smp.Hops["delivered"] = delivered
+	if err := vip(smp); err != nil {
+		return err
+	}
 	r.finish(e, m, c, smp, a, b, written, delivered, wNS, elapsed)
 	return nil
+}
+
+// startVIPCount reads the VIP service's packet counters before a vip case of a +svc row, and
+// returns what records, after the case, how many of its frames the load balancer counted for
+// the service (hops vip_in, from the guest, and vip_out, to it): proof that they took the
+// DNAT and reverse-NAT path through the real devices.
+func startVIPCount(e *env, c caseDef) (done func(*Sample) error, err error) {
+	if !c.vip || e.vipStats == nil {
+		return func(*Sample) error { return nil }, nil
+	}
+	in0, out0, err := e.vipStats()
+	if err != nil {
+		return nil, err
+	}
+	return func(smp *Sample) error {
+		in1, out1, err := e.vipStats()
+		if err != nil {
+			return err
+		}
+		smp.Hops["vip_in"], smp.Hops["vip_out"] = in1-in0, out1-out0
+		return nil
+	}, nil
 }
 
 // hops records the counters of the devices on the path.
