@@ -185,13 +185,19 @@ func (m *Manager) commit(ctx context.Context, id string, old, next *ipvs.Table, 
 	if restore {
 		push = m.lb.RestoreLB
 	}
+	// Encoding the table (about 8 ms of CPU for 20000 rules) needs nothing of the push:
+	// it runs beside it, on the other CPU, while the push mostly waits on the kernel's map
+	// updates. Only the write to the store waits for the push, so nothing is saved that the
+	// dataplane refused.
+	enc := m.encodeAsync(id, next)
 	if err := push(ctx, id, next); err != nil {
+		<-enc
 		if rerr := m.lb.RestoreLB(ctx, id, old); rerr != nil {
 			m.log.Error("kata-ipvs: could not put the old rules back", "sandbox", id, "err", rerr)
 		}
 		return err
 	}
-	if err := m.saveWhole(id, next); err != nil {
+	if err := m.saveEncoded(id, <-enc); err != nil {
 		if rerr := m.lb.RestoreLB(ctx, id, old); rerr != nil {
 			m.log.Error("kata-ipvs: could not put the old rules back", "sandbox", id, "err", rerr)
 		}
@@ -465,16 +471,44 @@ func (m *Manager) saveEdit(id string, t *ipvs.Table, params string) error {
 // at or below the snapshot's sequence number, so a journal left by a failed drop replays
 // nothing). Called under the sandbox's lock (or from New).
 func (m *Manager) saveWhole(id string, t *ipvs.Table) error {
+	return m.saveEncoded(id, m.encode(id, t))
+}
+
+// encoded is a table encoded for saveEncoded.
+type encoded struct {
+	b   []byte
+	err error
+}
+
+// encode encodes sandbox id's table t as saveWhole writes it. The snapshot's sequence number
+// is read now: the caller holds the sandbox's lock, so no record is journaled in between.
+func (m *Manager) encode(id string, t *ipvs.Table) encoded {
 	m.mu.Lock()
 	d := m.disk[id]
 	m.mu.Unlock()
 	b, err := json.Marshal(snapshot{Table: t, Seq: d.seq})
+	return encoded{b, err}
+}
+
+// encodeAsync runs encode in a goroutine; t must not change until the result is received.
+func (m *Manager) encodeAsync(id string, t *ipvs.Table) <-chan encoded {
+	c := make(chan encoded, 1)
+	go func() { c <- m.encode(id, t) }()
+	return c
+}
+
+// saveEncoded is saveWhole's write: the table encoded by encode, then the journal dropped.
+func (m *Manager) saveEncoded(id string, e encoded) error {
+	err := e.err
 	if err == nil {
-		err = m.store.Put(id, b)
+		err = m.store.Put(id, e.b)
 	}
 	if err != nil {
 		return fmt.Errorf("save rules: %w", err)
 	}
+	m.mu.Lock()
+	d := m.disk[id]
+	m.mu.Unlock()
 	if j, ok := m.store.(Journal); ok {
 		if err := j.DropJournal(id); err != nil {
 			m.log.Warn("kata-ipvs: journal not dropped after a full save (harmless: its records are in the save)", "sandbox", id, "err", err)
