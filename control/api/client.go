@@ -112,7 +112,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if resp.StatusCode != http.StatusOK {
 		e := &Error{Status: resp.StatusCode}
 		if err := json.Unmarshal(b, e); err != nil || e.Message == "" {
-			return fmt.Errorf("%s %s: agent answered %s", method, path, resp.Status)
+			return &answerError{fmt.Sprintf("%s %s: agent answered %s", method, path, resp.Status), resp.StatusCode}
 		}
 		return e
 	}
@@ -124,6 +124,15 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	return nil
 }
+
+// answerError is a failure answered without the API's error body: from the HTTP server
+// itself, e.g. 404 for a call this agent does not have (an older version).
+type answerError struct {
+	msg    string
+	status int
+}
+
+func (e *answerError) Error() string { return e.msg }
 
 func unwrapURL(err error) error {
 	var ue *url.Error

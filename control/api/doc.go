@@ -24,6 +24,8 @@
 //	POST   /v1/sandboxes/{id}/kata-network/{op}        raw network file -> {"stdout": ...}
 //	POST   /v1/sandboxes/{id}/kata-ipvs/{op}           IPVSRequest -> IPVSResult (op: ipvsadm,
 //	                                                   restore, cleanup; when the agent has an LB)
+//	POST   /v1/sandboxes/{id}/kata-ipvs/restore-rules  rules file (text) -> IPVSResult (restore,
+//	                                                   without the JSON string)
 //	GET    /v1/cluster                                 kube.Report (with Kubernetes only; added
 //	                                                   by the agent with Server.Handle)
 //

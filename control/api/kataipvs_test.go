@@ -2,8 +2,12 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"net"
+	"net/http"
 	"net/netip"
+	"path/filepath"
 	"sync"
 	"testing"
 
@@ -80,5 +84,54 @@ func TestKataIPVS(t *testing.T) {
 		case tc.want != nil && !errors.Is(err, tc.want):
 			t.Errorf("kata-ipvs %s %+v = %v, want errors.Is %v", tc.op, tc.req, err, tc.want)
 		}
+	}
+}
+
+// TestKataIPVSRestoreRules: a restore with the rules file as the body gives what the JSON call
+// gives (the rules, the refusal of a second restore), and against an agent without that call
+// (an older version) the client falls back to the JSON call.
+func TestKataIPVSRestoreRules(t *testing.T) {
+	_, c, _ := newAgent(t)
+	ctx := context.Background()
+	if _, err := c.AddSandbox(ctx, control.SandboxSpec{ID: "ipvs2", NetNS: testNS}); err != nil {
+		t.Fatal(err)
+	}
+	rules := "-A -u 10.96.0.10:53 -s wlc\n-a -u 10.96.0.10:53 -r 10.244.1.2:53 -m\n"
+	if err := c.KataIPVSRestore(ctx, "ipvs2", []byte(rules)); err != nil {
+		t.Fatal(err)
+	}
+	out, err := c.KataIPVS(ctx, "ipvs2", IPVSOpIpvsadm, IPVSRequest{Parameters: "-S"})
+	if want := "-A -u 10.96.0.10:53 -s wlc\n-a -u 10.96.0.10:53 -r 10.244.1.2:53 -m -w 1\n"; err != nil || out != want {
+		t.Errorf("after the restore, -S = %q, %v; want %q", out, err, want)
+	}
+	if err := c.KataIPVSRestore(ctx, "ipvs2", []byte(rules)); err == nil || err.Error() != ipvsctl.ErrRestoreNotEmpty.Error() {
+		t.Errorf("second restore = %v, want %q", err, ipvsctl.ErrRestoreNotEmpty)
+	}
+	if err := c.KataIPVSRestore(ctx, "nope", []byte(rules)); !errors.Is(err, control.ErrNoSuchSandbox) {
+		t.Errorf("restore into no sandbox = %v, want ErrNoSuchSandbox", err)
+	}
+
+	// An older agent: only the JSON call.
+	sock := filepath.Join(t.TempDir(), "old.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got IPVSRequest
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/sandboxes/{id}/kata-ipvs/restore", func(w http.ResponseWriter, r *http.Request) {
+		if err := json.NewDecoder(r.Body).Decode(&got); err != nil {
+			t.Error(err)
+		}
+		WriteJSON(w, http.StatusOK, IPVSResult{})
+	})
+	srv := &http.Server{Handler: mux}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	if err := NewClient(sock).KataIPVSRestore(ctx, "x", []byte(rules)); err != nil {
+		t.Fatal(err)
+	}
+	if got.Rules != rules {
+		t.Errorf("older agent got rules %q, want %q", got.Rules, rules)
 	}
 }
