@@ -686,12 +686,103 @@ static __always_inline int ctx_rewrite2_6(void *ctx, __u32 off, __u16 from, __u1
 	}
 }
 
+/* lb_dnat6 rewrites the destination of the guest's IPv6 frame f to new_a:new_p on the linear
+ * data with one combined update of the L4 checksum (csum.h), or through the helpers where the
+ * skb does not allow that. Returns 0, or -1 when the rewrite failed. */
+static __always_inline int lb_dnat6(void *ctx, const bool xdp, const struct flow *f, const __be32 *new_a,
+				    __be16 new_p, bool udp)
+{
+	__u32 l4_off = f->l4_off & KDP_IPV6_MAX_L4_OFF;
+	int mode = ctx_direct_csum(ctx, xdp);
+	int i;
+
+	if (mode >= 0) {
+		void *data = ctx_data(ctx, xdp), *end = ctx_data_end(ctx, xdp);
+		__be32 *a = data + KDP_IP6_DADDR_OFF;
+		__u8 *l4 = data + l4_off;
+		__sum16 *l4c = (void *)(l4 + (udp ? 6 : 16));
+
+		if ((void *)(a + 4) <= end && (void *)(l4c + 1) <= end) {
+			__be16 *port = (void *)(l4 + 2);
+			__u32 da = 0, dp = 0;
+
+#pragma unroll
+			for (i = 0; i < 4; i++)
+				if (a[i] != new_a[i])
+					da += csum_diff4(a[i], new_a[i]);
+			if (*port != new_p)
+				dp = csum_diff2(*port, new_p);
+			csum_l4_update(l4c, da, dp, mode, false);
+#pragma unroll
+			for (i = 0; i < 4; i++)
+				a[i] = new_a[i];
+			*port = new_p;
+			return 0;
+		}
+	}
+	if (xdp)
+		return -1;
+	if (ctx_rewrite16(ctx, KDP_IP6_DADDR_OFF, f->daddr.v6, new_a, l4_off + (udp ? 6 : 16), false))
+		return -1;
+	if (new_p != f->dport && ctx_rewrite2_6(ctx, l4_off + 2, f->dport, new_p, l4_off + (udp ? 6 : 16), false))
+		return -1;
+	return 0;
+}
+
+/* lb_dnat4 rewrites the destination of the guest's IPv4 frame f to new_a:new_p on the linear
+ * data with one combined checksum update, folded into the IP and the L4 checksum (csum.h), or
+ * through the helpers where the skb does not allow that. Only the guest-side programs use it:
+ * a tc program that writes packet data directly gets the verifier's un-clone prologue, which
+ * costs nothing on the fresh skbs a tap makes of the guest's frames, but would copy the
+ * headers of every cloned skb the host's stack sends (the reverse NAT, lb_to_guest, keeps the
+ * helpers). Returns 0, or -1 when the rewrite failed. */
+static __always_inline int lb_dnat4(void *ctx, const bool xdp, const struct flow *f, __be32 new_a, __be16 new_p,
+				    bool udp)
+{
+	__u32 csum_off = f->l4_off + (udp ? 6 : 16);
+	int mode;
+
+	if (new_a == f->daddr.v4 && new_p == f->dport)
+		return 0;
+	mode = ctx_direct_csum(ctx, xdp);
+	if (mode >= 0) {
+		void *data = ctx_data(ctx, xdp), *end = ctx_data_end(ctx, xdp);
+		struct iphdr *ip = data + ETH_HLEN;
+		__u8 *l4 = data + (f->l4_off & 0xff);
+		__sum16 *l4c = (void *)(l4 + (udp ? 6 : 16));
+
+		if ((void *)(ip + 1) <= end && (void *)(l4c + 1) <= end) {
+			__be16 *port = (void *)(l4 + 2);
+			__u32 da = 0, dp = 0;
+
+			if (ip->daddr != new_a) {
+				da = csum_diff4(ip->daddr, new_a);
+				ip->check = csum_apply(ip->check, da);
+			}
+			if (*port != new_p)
+				dp = csum_diff2(*port, new_p);
+			csum_l4_update(l4c, da, dp, mode, udp);
+			ip->daddr = new_a;
+			*port = new_p;
+			return 0;
+		}
+	}
+	if (xdp)
+		return -1;
+	if (new_a != f->daddr.v4 &&
+	    ctx_rewrite4(ctx, KDP_IP_DADDR_OFF, f->daddr.v4, new_a, KDP_IP_CSUM_OFF, csum_off, udp, false))
+		return -1;
+	if (new_p != f->dport && ctx_rewrite2(ctx, f->l4_off + 2, f->dport, new_p, csum_off, udp, false))
+		return -1;
+	return 0;
+}
+
 /* lb_from_guest6 is lb_from_guest for IPv6 TCP and UDP (f has its ports). UDP over IPv6 always
  * carries a checksum, so there is no "zero means none" case. */
 static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
 					  struct flow *f)
 {
-	__u32 zero = 0, be_id = 0, csum_off;
+	__u32 zero = 0, be_id = 0;
 	struct lb6_scratch *sc = bpf_map_lookup_elem(&kdp_lb6_scratch, &zero);
 	struct ct6_entry *e;
 	struct lb_svc *m;
@@ -810,11 +901,7 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 nat:
 	lb_count(KDP_LB_STATS_BACKEND, sc->ne.backend, true, len);
 	lb_count(KDP_LB_STATS_SVC, sc->ne.svc, true, len);
-	csum_off = (f->l4_off & KDP_IPV6_MAX_L4_OFF) + (udp ? 6 : 16);
-	if (ctx_rewrite16(ctx, KDP_IP6_DADDR_OFF, f->daddr.v6, sc->ne.addr, csum_off, xdp))
-		return KDP_DROP_LB_REWRITE;
-	if (sc->ne.port != f->dport &&
-	    ctx_rewrite2_6(ctx, (f->l4_off & KDP_IPV6_MAX_L4_OFF) + 2, f->dport, sc->ne.port, csum_off, xdp))
+	if (lb_dnat6(ctx, xdp, f, sc->ne.addr, sc->ne.port, udp))
 		return KDP_DROP_LB_REWRITE;
 	__builtin_memcpy(f->daddr.v6, sc->ne.addr, 16);
 	f->dport = sc->ne.port;
@@ -974,17 +1061,10 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 nat:
 	lb_count(KDP_LB_STATS_BACKEND, ne.backend, true, len);
 	lb_count(KDP_LB_STATS_SVC, ne.svc, true, len);
-	{
-		__u32 csum_off = f->l4_off + (udp ? 6 : 16);
-
-		if (ne.addr != f->daddr.v4 &&
-		    ctx_rewrite4(ctx, KDP_IP_DADDR_OFF, f->daddr.v4, ne.addr, KDP_IP_CSUM_OFF, csum_off, udp, xdp))
-			return KDP_DROP_LB_REWRITE;
-		if (ne.port != f->dport && ctx_rewrite2(ctx, f->l4_off + 2, f->dport, ne.port, csum_off, udp, xdp))
-			return KDP_DROP_LB_REWRITE;
-		f->daddr.v4 = ne.addr;
-		f->dport = ne.port;
-	}
+	if (lb_dnat4(ctx, xdp, f, ne.addr, ne.port, udp))
+		return KDP_DROP_LB_REWRITE;
+	f->daddr.v4 = ne.addr;
+	f->dport = ne.port;
 	return -1;
 }
 
