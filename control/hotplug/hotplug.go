@@ -65,7 +65,14 @@ type NIC struct {
 // NetdevID is the id of the netdev backing the device with the given id.
 func NetdevID(id string) string { return id + "-netdev" }
 
-var idRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_.-]{0,56}$`)
+// idRE and maxIDLen say which ids QEMU takes. The length is checked apart: a bounded repetition
+// ({0,56}) compiles into one copy of the class per repetition, 769 allocations and about 1 ms at
+// the start of every kata-dp process, the CLI's included.
+var idRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_.-]*$`)
+
+const maxIDLen = 57
+
+func validID(id string) bool { return len(id) <= maxIDLen && idRE.MatchString(id) }
 
 // validate checks nic and returns its queue count.
 func (nic NIC) validate() (int, error) {
@@ -102,7 +109,7 @@ func (nic NIC) validate() (int, error) {
 }
 
 func validateIDMAC(id, mac string) error {
-	if !idRE.MatchString(id) {
+	if !validID(id) {
 		return fmt.Errorf("%w: id %q: want a letter then letters, digits, '-', '.', '_' (at most 57)", ErrInvalid, id)
 	}
 	hw, err := net.ParseMAC(mac)
@@ -293,7 +300,7 @@ func addDevice(ctx context.Context, c *qmp.Client, undo *undoList, id, mac strin
 // for the guest to release it (DEVICE_DELETED), then netdev_del. A NIC that is already gone
 // (device, netdev or both) is not an error.
 func Unplug(ctx context.Context, c *qmp.Client, id string, timeout time.Duration) error {
-	if !idRE.MatchString(id) {
+	if !validID(id) {
 		return fmt.Errorf("%w: id %q", ErrInvalid, id)
 	}
 	defer c.LockSequence()()
@@ -349,7 +356,7 @@ func unplugDevice(ctx context.Context, c *qmp.Client, id string, timeout time.Du
 // stopped at: the device, its netdev, a vhost-user chardev, and the files passed with getfd
 // under the NIC's names that no netdev took. What is not there is not an error.
 func Scrub(ctx context.Context, c *qmp.Client, id string, timeout time.Duration) error {
-	if !idRE.MatchString(id) {
+	if !validID(id) {
 		return fmt.Errorf("%w: id %q", ErrInvalid, id)
 	}
 	defer c.LockSequence()()

@@ -115,7 +115,7 @@ func PlugVhostUser(ctx context.Context, c *qmp.Client, nic VhostUserNIC) (pciAdd
 // device_del and the wait for DEVICE_DELETED (as Unplug), netdev_del, chardev-remove. What is
 // already gone is not an error.
 func UnplugVhostUser(ctx context.Context, c *qmp.Client, id string, timeout time.Duration) error {
-	if !idRE.MatchString(id) {
+	if !validID(id) {
 		return fmt.Errorf("%w: id %q", ErrInvalid, id)
 	}
 	defer c.LockSequence()()

@@ -138,12 +138,12 @@ func (t *Table) Clear() {
 // datapath sets on lblc/lblcr affinity keys.
 const MaxID uint32 = 0x3fffffff
 
-func (t *Table) newID(token string) (uint32, error) {
+func (t *Table) newID() (uint32, bool) {
 	if t.LastID >= MaxID {
-		return 0, failErr(ErrIDSpace, token)
+		return 0, false
 	}
 	t.LastID++
-	return t.LastID, nil
+	return t.LastID, true
 }
 
 // Apply executes one command, as ipvsadm would against the kernel, and
@@ -172,9 +172,9 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 		if t.rules+1 > MaxRules {
 			return "", failErr(ErrRuleLimit, cmd.Service.String())
 		}
-		id, err := t.newID(cmd.Service.String())
-		if err != nil {
-			return "", err
+		id, ok := t.newID()
+		if !ok {
+			return "", failErr(ErrIDSpace, cmd.Service.String())
 		}
 		s := &Service{ID: id, ServiceKey: cmd.Service, Scheduler: cmd.Scheduler,
 			Persistent: cmd.Persistent, Netmask: netmaskOf(cmd), Servers: []Server{}}
@@ -213,9 +213,9 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 		if t.rules+1 > MaxRules {
 			return "", failErr(ErrRuleLimit, cmd.Server.String())
 		}
-		id, err := t.newID(cmd.Server.String())
-		if err != nil {
-			return "", err
+		id, ok := t.newID()
+		if !ok {
+			return "", failErr(ErrIDSpace, cmd.Server.String())
 		}
 		s.Servers = slices.Insert(s.Servers, 0, Server{ID: id, Addr: cmd.Server, Weight: cmd.Weight})
 		t.rules++
