@@ -581,3 +581,60 @@ func TestXDPLBNAT6(t *testing.T) {
 		}
 	}
 }
+
+// TestLBClockAhead: the load balancer stamps connections with the coarse monotonic clock (the
+// last tick), and a connection whose stamp is ahead of it (written from the precise clock, by
+// an agent version before, or on another CPU) is fresh, not expired by an unsigned wrap: its
+// frames keep their real server. One stamped long ago (past the timeout) is expired: the next
+// frame is scheduled again.
+func TestLBClockAhead(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1})
+	other := netip.MustParseAddrPort("10.0.0.11:8080")
+	r.lb.PutBackend(8, maps.Backend{Addr: other, Weight: 1})
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7, 8}})
+	_, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, 0x02, 0))
+	first := checkFrame(t, out).dst
+	key := loader.DatapathCtKey{Saddr: ne32(client.Addr()), Daddr: ne32(vip.Addr()), Sport: htons(client.Port()), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
+	var e loader.DatapathCtEntry
+	if err := r.lb.CT.Lookup(&key, &e); err != nil {
+		t.Fatalf("no connection entry: %v", err)
+	}
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	now := uint64(ts.Nano())
+	for _, c := range []struct {
+		name     string
+		seen     uint64
+		sameReal bool
+	}{
+		{"stamp 5 s ahead", now + 5e9, true},
+		{"stamp past the 900 s timeout", now - 1000e9, false},
+	} {
+		e.LastSeen = c.seen
+		if err := r.lb.CT.Put(&key, &e); err != nil {
+			t.Fatal(err)
+		}
+		_, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, 0x10, 0))
+		got := checkFrame(t, out).dst
+		if (got == first) != c.sameReal {
+			t.Errorf("%s: frame went to %v, first to %v (same real server wanted: %v)", c.name, got, first, c.sameReal)
+		}
+		if err := r.lb.CT.Lookup(&key, &e); err != nil {
+			t.Fatal(err)
+		}
+		first = got
+	}
+}
+
+func ne32(a netip.Addr) uint32 {
+	b := a.As4()
+	return binary.NativeEndian.Uint32(b[:])
+}
+
+func htons(p uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], p)
+	return binary.NativeEndian.Uint16(b[:])
+}

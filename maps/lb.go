@@ -665,8 +665,8 @@ func (l LB) ConnEntries() (int, error) {
 	return len(all), nil
 }
 
-// Sweep expires connections idle past their timeout (now is CLOCK_MONOTONIC in ns, the
-// datapath's bpf_ktime_get_ns), deleting both directions, and rewrites every real server's
+// Sweep expires connections idle past their timeout (now is CLOCK_MONOTONIC in ns; the
+// datapath stamps with its last tick, bpf_ktime_get_coarse_ns), deleting both directions, and rewrites every real server's
 // active/inactive counts from what is left. match, when not nil, selects live connections to
 // delete as well (cleanup); their number is added to Expired.
 func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, error) {

@@ -143,7 +143,7 @@ struct ct_key {
 };
 
 struct ct_entry {
-	__u64 last_seen; /* bpf_ktime_get_ns */
+	__u64 last_seen; /* lb_now */
 	__be32 addr;     /* original: real server; reply: VIP */
 	__be16 port;     /* original: real server port; reply: VIP port */
 	__u8 state;      /* enum kdp_ct_state */
@@ -386,6 +386,14 @@ static __always_inline struct lb_stats *lb_stats_of(__u32 kind, __u32 id)
 	return bpf_map_lookup_elem(&kdp_lb_stats, &k);
 }
 
+static __always_inline void lb_count_in(struct lb_stats *s, __u32 len)
+{
+	if (s) {
+		__sync_fetch_and_add(&s->inpkts, 1);
+		__sync_fetch_and_add(&s->inbytes, len);
+	}
+}
+
 static __always_inline void lb_count(__u32 kind, __u32 id, bool in, __u32 len)
 {
 	struct lb_stats *s = lb_stats_of(kind, id);
@@ -399,6 +407,25 @@ static __always_inline void lb_count(__u32 kind, __u32 id, bool in, __u32 len)
 		__sync_fetch_and_add(&s->outpkts, 1);
 		__sync_fetch_and_add(&s->outbytes, len);
 	}
+}
+
+/* lb_now is the load balancer's clock: the kernel's monotonic clock at its last tick
+ * (bpf_ktime_get_coarse_ns), a read of a variable, where bpf_ktime_get_ns reads the clock
+ * source, which costs about 15-20 ns per frame in this kind of paravirtualized guest (pvclock)
+ * and is one of the largest costs of an established connection's frame (docs/performance.md).
+ * Timeouts are in seconds; the tick's few milliseconds do not matter. The sweeper (maps.LB)
+ * compares with CLOCK_MONOTONIC, which is never behind it. */
+static __always_inline __u64 lb_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
+/* lb_fresh says whether something last seen at seen is still alive at now for timeout ns. A
+ * time stamp ahead of now (written from the precise clock: an entry of an older agent version,
+ * or a CPU whose tick came later) is fresh, never expired by the unsigned wrap. */
+static __always_inline bool lb_fresh(__u64 now, __u64 seen, __u64 timeout)
+{
+	return (__s64)(now - seen) <= (__s64)timeout;
 }
 
 static __always_inline __u64 ct_state_timeout_ns(const struct config *cfg, __u8 state)
@@ -555,26 +582,25 @@ static __always_inline __u32 wrr_schedule(const struct lb_svc_key *mk, const str
 	return w.pick;
 }
 
-/* lb_schedule picks a real server for a new connection of service m (0 if none can take it). */
-static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const struct lb_svc *m,
+/* lb_schedule picks a real server for a new connection of service m (0 if none can take it);
+ * ss is the service's counters (rr and wrr keep their position there), looked up once by the
+ * caller, which counts the connection in them too. */
+static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const struct lb_svc *m, struct lb_stats *ss,
 					 __be32 saddr, __be32 daddr, __u64 now)
 {
 	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = daddr };
 	struct lc_scan scan = { .mk = *mk, .rev = m->rev, .count = m->count, .sched = m->sched };
-	struct lb_stats *ss;
 	struct lb_svc *sl;
 	__u32 idx;
 
 	switch (m->sched) {
 	case KDP_SCHED_RR:
-		ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 		if (!ss || !m->count)
 			return 0;
 		idx = __sync_fetch_and_add(&ss->sched, 1) % m->count + 1;
 		sl = svc_slot(mk, m->rev, idx);
 		return sl ? sl->id : 0;
 	case KDP_SCHED_WRR:
-		ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 		return ss ? wrr_schedule(mk, m, ss) : 0;
 	case KDP_SCHED_SH:
 	case KDP_SCHED_DH: {
@@ -786,9 +812,9 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	struct lb6_scratch *sc = bpf_map_lookup_elem(&kdp_lb6_scratch, &zero);
 	struct ct6_entry *e;
 	struct lb_svc *m;
-	struct lb_stats *st;
+	struct lb_stats *st, *ss;
 	struct lb_conns *cn;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = lb_now();
 	bool udp = f->proto == IPPROTO_UDP;
 	int i;
 
@@ -801,7 +827,7 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	sc->ck.dport = f->dport;
 	sc->ck.proto = f->proto;
 	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
-	if (e && now - e->last_seen <= ct_state_timeout_ns(cfg, e->state)) {
+	if (e && lb_fresh(now, e->last_seen, ct_state_timeout_ns(cfg, e->state))) {
 		e->last_seen = now;
 		if (e->state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
 			cn = bpf_map_lookup_elem(&kdp_lb_conns, &e->backend);
@@ -812,6 +838,8 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 			}
 		}
 		sc->ne = *e;
+		lb_count(KDP_LB_STATS_BACKEND, sc->ne.backend, true, len);
+		lb_count(KDP_LB_STATS_SVC, sc->ne.svc, true, len);
 		goto nat;
 	}
 
@@ -843,12 +871,13 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 			bits = bits >= 32 ? bits - 32 : 0;
 		}
 		ae = bpf_map_lookup_elem(&kdp_lb_aff6, &sc->ak);
-		if (ae && now - ae->last_seen <= (__u64)m->persist * 1000000000ULL &&
+		if (ae && lb_fresh(now, ae->last_seen, (__u64)m->persist * 1000000000ULL) &&
 		    bpf_map_lookup_elem(&kdp_lb_be6, &ae->backend))
 			be_id = ae->backend;
 	}
+	ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 	if (!be_id)
-		be_id = lb_schedule(&sc->base, m, fold6(f->saddr.v6), fold6(f->daddr.v6), now);
+		be_id = lb_schedule(&sc->base, m, ss, fold6(f->saddr.v6), fold6(f->daddr.v6), now);
 	if (m->persist && be_id) {
 		sc->na.last_seen = now;
 		sc->na.backend = be_id;
@@ -884,9 +913,11 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	}
 	bpf_map_update_elem(&kdp_lb_ct6, &sc->rk, &sc->re, BPF_ANY);
 	bpf_map_update_elem(&kdp_lb_ct6, &sc->ck, &sc->ne, BPF_ANY);
+	/* The new connection's counters, in the entries looked up once. */
 	st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
 	if (st)
 		__sync_fetch_and_add(&st->conns, 1);
+	lb_count_in(st, len);
 	cn = bpf_map_lookup_elem(&kdp_lb_conns, &be_id);
 	if (cn) {
 		if (sc->ne.state == KDP_CT_TCP_EST)
@@ -894,13 +925,11 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 		else
 			__sync_fetch_and_add(&cn->inactive, 1);
 	}
-	st = lb_stats_of(KDP_LB_STATS_SVC, m->id);
-	if (st)
-		__sync_fetch_and_add(&st->conns, 1);
+	if (ss)
+		__sync_fetch_and_add(&ss->conns, 1);
+	lb_count_in(ss, len);
 
 nat:
-	lb_count(KDP_LB_STATS_BACKEND, sc->ne.backend, true, len);
-	lb_count(KDP_LB_STATS_SVC, sc->ne.svc, true, len);
 	if (lb_dnat6(ctx, xdp, f, sc->ne.addr, sc->ne.port, udp))
 		return KDP_DROP_LB_REWRITE;
 	__builtin_memcpy(f->daddr.v6, sc->ne.addr, 16);
@@ -931,7 +960,7 @@ static __always_inline int lb_to_guest6(void *ctx, const bool xdp, __u32 len, st
 	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
 	if (!e)
 		return -1;
-	e->last_seen = bpf_ktime_get_ns();
+	e->last_seen = lb_now();
 	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
 		e->state = KDP_CT_TCP_FIN;
 	__builtin_memcpy(vip, e->addr, 16);
@@ -961,9 +990,9 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	struct ct_key ck = {};
 	struct ct_entry *e, ne = {};
 	struct lb_svc *m;
-	struct lb_stats *st;
+	struct lb_stats *st, *ss;
 	struct lb_conns *cn;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = lb_now();
 	__u32 be_id = 0;
 	bool udp = f->proto == IPPROTO_UDP;
 
@@ -973,7 +1002,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	ck.dport = f->dport;
 	ck.proto = f->proto;
 	e = bpf_map_lookup_elem(&kdp_lb_ct, &ck);
-	if (e && now - e->last_seen <= ct_timeout_ns(cfg, e)) {
+	if (e && lb_fresh(now, e->last_seen, ct_timeout_ns(cfg, e))) {
 		e->last_seen = now;
 		if (e->state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
 			cn = bpf_map_lookup_elem(&kdp_lb_conns, &e->backend);
@@ -984,6 +1013,8 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 			}
 		}
 		ne = *e;
+		lb_count(KDP_LB_STATS_BACKEND, ne.backend, true, len);
+		lb_count(KDP_LB_STATS_SVC, ne.svc, true, len);
 		goto nat;
 	}
 
@@ -1002,12 +1033,13 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 
 		if (m->persist) {
 			ae = bpf_map_lookup_elem(&kdp_lb_aff, &ak);
-			if (ae && now - ae->last_seen <= (__u64)m->persist * 1000000000ULL &&
+			if (ae && lb_fresh(now, ae->last_seen, (__u64)m->persist * 1000000000ULL) &&
 			    bpf_map_lookup_elem(&kdp_lb_be, &ae->backend))
 				be_id = ae->backend;
 		}
+		ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 		if (!be_id)
-			be_id = lb_schedule(&mk, m, f->saddr.v4, f->daddr.v4, now);
+			be_id = lb_schedule(&mk, m, ss, f->saddr.v4, f->daddr.v4, now);
 		if (m->persist && be_id) {
 			struct aff_entry na = { .last_seen = now, .backend = be_id };
 
@@ -1042,9 +1074,11 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		bpf_map_update_elem(&kdp_lb_ct, &rk, &re, BPF_ANY);
 		bpf_map_update_elem(&kdp_lb_ct, &ck, &ne, BPF_ANY);
 
+		/* The new connection's counters, in the entries looked up once. */
 		st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
 		if (st)
 			__sync_fetch_and_add(&st->conns, 1);
+		lb_count_in(st, len);
 		cn = bpf_map_lookup_elem(&kdp_lb_conns, &be_id);
 		if (cn) {
 			if (ne.state == KDP_CT_TCP_EST)
@@ -1052,15 +1086,13 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 			else
 				__sync_fetch_and_add(&cn->inactive, 1);
 		}
-		st = lb_stats_of(KDP_LB_STATS_SVC, m->id);
-		if (st)
-			__sync_fetch_and_add(&st->conns, 1);
+		if (ss)
+			__sync_fetch_and_add(&ss->conns, 1);
+		lb_count_in(ss, len);
 		KDP_LB_NEW_CONN(ctx, xdp, len, f, &be->ip, be->port, false);
 	}
 
 nat:
-	lb_count(KDP_LB_STATS_BACKEND, ne.backend, true, len);
-	lb_count(KDP_LB_STATS_SVC, ne.svc, true, len);
 	if (lb_dnat4(ctx, xdp, f, ne.addr, ne.port, udp))
 		return KDP_DROP_LB_REWRITE;
 	f->daddr.v4 = ne.addr;
@@ -1439,7 +1471,7 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	e = bpf_map_lookup_elem(&kdp_lb_ct, &ck);
 	if (!e)
 		return -1;
-	e->last_seen = bpf_ktime_get_ns();
+	e->last_seen = lb_now();
 	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
 		e->state = KDP_CT_TCP_FIN;
 	vip = e->addr;
