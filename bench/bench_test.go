@@ -284,7 +284,7 @@ func TestReport(t *testing.T) {
 	if err := r.Markdown(&md); err != nil {
 		t.Fatal(err)
 	}
-	for _, s := range []string{"## h2g-64", "| tc | 0k [0k..0k] | 1.00 |", "Flagged samples"} {
+	for _, s := range []string{"## h2g-64", "| tc | 0k [0k..0k] | 1.00 |", "Flagged samples (left out of the medians): tc 1 of 2 (other processes busy 1)."} {
 		if !strings.Contains(md.String(), s) {
 			t.Errorf("markdown lacks %q:\n%s", s, md.String())
 		}

@@ -288,6 +288,56 @@ func (r *Report) JSON(w io.Writer) error {
 	return enc.Encode(r)
 }
 
+// flagReasons name the kinds of flag (run.go's Sample.flag calls) by a prefix of their text.
+var flagReasons = []struct{ prefix, name string }{
+	{"other processes", "other processes busy"},
+	{"counts do not add up", "counts do not add up"},
+	{"no frames delivered", "no frames delivered"},
+	{"frames with bad checksums", "bad checksums"},
+	{"requests lost", "requests lost"},
+}
+
+// flagSummary says, per row, how many of its samples were flagged and why, in one line: which
+// rows a busy machine hit, and whether anything but the machine's load flagged them.
+func (r *Report) flagSummary() string {
+	var parts []string
+	for _, mode := range r.Modes {
+		n, flagged := 0, 0
+		why := map[string]int{}
+		for _, s := range r.Samples {
+			if s.Mode != mode {
+				continue
+			}
+			n++
+			if len(s.Flags) == 0 {
+				continue
+			}
+			flagged++
+			for _, f := range s.Flags {
+				name := "other"
+				for _, k := range flagReasons {
+					if strings.Contains(f, k.prefix) {
+						name = k.name
+						break
+					}
+				}
+				why[name]++
+			}
+		}
+		if flagged == 0 {
+			continue
+		}
+		var ws []string
+		for _, k := range append(flagReasons, struct{ prefix, name string }{"", "other"}) {
+			if why[k.name] > 0 {
+				ws = append(ws, fmt.Sprintf("%s %d", k.name, why[k.name]))
+			}
+		}
+		parts = append(parts, fmt.Sprintf("%s %d of %d (%s)", mode, flagged, n, strings.Join(ws, ", ")))
+	}
+	return strings.Join(parts, "; ") + "."
+}
+
 // againstBase writes, for every row that is a variant of another mode in the run (a +svc or
 // +monitor row beside its mode), what the variant changes, round by round: frames/s as a ratio
 // and the forward CPU per frame as a difference in ns (the VIP prefilter's goal is a difference,
@@ -509,7 +559,7 @@ func (r *Report) Markdown(w io.Writer) error {
 		}
 	}
 	if len(flags) > 0 {
-		fmt.Fprintf(b, "\nFlagged samples (left out of the medians):\n\n%s\n", strings.Join(flags, "\n"))
+		fmt.Fprintf(b, "\nFlagged samples (left out of the medians): %s\n\n%s\n", r.flagSummary(), strings.Join(flags, "\n"))
 	}
 	if len(r.Notes) > 0 {
 		fmt.Fprintf(b, "\nNotes:\n\n- %s\n", strings.Join(r.Notes, "\n- "))
