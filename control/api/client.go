@@ -20,7 +20,7 @@ import (
 // DefaultTimeout bounds a call of a Client made by NewClient whose context has no deadline.
 //
 // The agent answers in well under a second normally (a kata-ipvs restore of 20000 rules takes
-// about 0.25 s, see docs/performance.md; a hot-plug into a TCG guest a few QMP commands of
+// about 0.1 s, see docs/performance.md; a hot-plug into a TCG guest a few QMP commands of
 // milliseconds each, and an unplug waits at most vmplug's 5 s for the guest). Its slowest
 // bounded failure is a hung QEMU: each QMP command gives up after qmp.DefaultTimeout (15 s),
 // so an add-iface fails within about 15 s + its rollback, a del-iface within about 35 s.
