@@ -84,6 +84,8 @@ var kataDesc = map[string]string{
 	control.ModeMacvtap:  "Kata's macvtap in bridge mode on the veth",
 	control.ModeDirect:   "kata-dp direct mode: node programs on the uplink steer by guest MAC into the tap, the sandbox's tap program (anti-spoof, strict egress, reverse NAT) on the way out; no bridge, no veth pair",
 	control.ModeXDP:      "kata-dp xdp mode: the tap's XDP program redirects the guest's frames through a DEVMAP, frames to the guest on the tc datapath, all features on (host veth GRO on)",
+
+	control.ModeMacvtapBPF: "kata-dp macvtap-bpf mode: Kata's macvtap plumbing, the uplink's program at veth ingress and the guest's at macvtap egress passing frames on, all features on",
 }
 
 func kataModes() []modeDef {

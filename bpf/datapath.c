@@ -16,6 +16,17 @@
  *
  * xdp mode adds kdp_xdp_tap in front of kdp_tap_in (end of this file).
  *
+ * macvtap-bpf mode runs the same two programs on Kata's macvtap plumbing, and an endpoint flag
+ * (KDP_F_PASS) makes both pass the frame on after their work instead of redirecting it:
+ *
+ *   uplink ingress --kdp_uplink_in--> (pass) macvlan's rx handler -> the macvtap's queue
+ *   macvtap egress --kdp_tap_in-----> (pass) macvlan xmit -> uplink egress (or a sibling)
+ *
+ * macvtap queues frames for the guest from macvlan's rx handler, without the dev_queue_xmit
+ * into the tap that every bpf_redirect pays (docs/benchmarks.md). Every frame the guest writes
+ * to a macvtap goes through dev_queue_xmit of the macvtap (tap_get_user), whose egress hook
+ * runs kdp_tap_in before macvlan transmits or delivers it anywhere, so none bypasses the checks.
+ *
  * A device with no endpoint entry, or with an entry of the other role, is not ours: the frame
  * goes on untouched (TCX_NEXT), so other tc users on the same device keep working.
  */
@@ -89,9 +100,23 @@ static __always_inline int from_guest(void *ctx, const bool xdp)
 	}
 	count_fwd(ep->slot, KDP_DIR_FROM_GUEST, len);
 	mon_trace(ctx, xdp, ep->slot, KDP_DIR_FROM_GUEST, len, &f);
-	if (!ep->peer_ifindex)
+	if (!ep->peer_ifindex || (ep->flags & KDP_F_PASS))
 		return ctx_next(xdp);
 	return redirect_to(ctx, ep->peer_ifindex, xdp);
+}
+
+/* for_guest tells, in pass mode (KDP_F_PASS), whether a frame on the uplink goes on to the
+ * guest: macvlan hands the macvtap only frames to the guest's MAC and group frames; others (to
+ * the uplink's own MAC) are the sandbox netns's, and neither counted nor rewritten here. */
+static __always_inline bool for_guest(void *ctx, const struct endpoint *ep, const bool xdp)
+{
+	__u8 *d = ctx_data(ctx, xdp);
+
+	if ((void *)(d + ETH_ALEN) > ctx_data_end(ctx, xdp))
+		return false;
+	if (d[0] & 1)
+		return true; /* broadcast, multicast */
+	return *(__u32 *)d == *(__u32 *)ep->mac && *(__u16 *)(d + 4) == *(__u16 *)(ep->mac + 4);
 }
 
 static __always_inline int to_guest(void *ctx, const bool xdp)
@@ -101,10 +126,16 @@ static __always_inline int to_guest(void *ctx, const bool xdp)
 	struct endpoint *ep;
 	struct flow f;
 	int drop = -1;
+	bool pass;
 	__u32 len;
 
 	ep = bpf_map_lookup_elem(&kdp_endpoints, &ifindex);
-	if (!ep || ep->role != KDP_ROLE_UPLINK || !ep->peer_ifindex)
+	if (!ep || ep->role != KDP_ROLE_UPLINK)
+		return ctx_next(xdp);
+	pass = ep->flags & KDP_F_PASS;
+	if (!pass && !ep->peer_ifindex)
+		return ctx_next(xdp);
+	if (pass && !for_guest(ctx, ep, xdp))
 		return ctx_next(xdp);
 	cfg = config_get();
 	if (!cfg)
@@ -123,6 +154,8 @@ static __always_inline int to_guest(void *ctx, const bool xdp)
 	count_fwd(ep->slot, KDP_DIR_TO_GUEST, len);
 	/* The flow was parsed only while the load balancer is active. */
 	mon_trace(ctx, xdp, ep->slot, KDP_DIR_TO_GUEST, len, lb_active(cfg) ? &f : NULL);
+	if (pass)
+		return ctx_next(xdp);
 	return redirect_to(ctx, ep->peer_ifindex, xdp);
 }
 

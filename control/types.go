@@ -22,7 +22,7 @@ type Endpoint struct {
 	Addr6        netip.Prefix     // guest IPv6/prefix (not link-local); zero value when none
 	LinkLocal    netip.Addr       // guest link-local given explicitly; zero: the EUI-64 of MAC
 	MTU, Queues  int
-	Mode         string // "tc" (default), "xdp", "tcfilter", "macvtap", "direct"; "vhost-user"
+	Mode         string // "tc" (default), "xdp", "tcfilter", "macvtap", "macvtap-bpf", "direct"; "vhost-user"
 	AntiSpoof    bool
 	StrictEgress bool
 	// Vhost is the tap's vhost-net setting ("auto" or "", "on", "off"): the NIC's own, else
@@ -159,6 +159,9 @@ const (
 	ModeXDP      = "xdp"
 	ModeTCFilter = "tcfilter"
 	ModeMacvtap  = "macvtap"
+	// ModeMacvtapBPF: macvtap's plumbing (the VM uses the macvtap) with kata-dp's programs on
+	// the uplink's ingress and the macvtap's egress, passing frames on instead of redirecting.
+	ModeMacvtapBPF = "macvtap-bpf"
 	// ModeDirect: the taps live beside a host uplink (host netns, or one the operator names)
 	// and node programs on the uplink steer frames by guest MAC (control/direct).
 	ModeDirect = "direct"
@@ -184,7 +187,7 @@ const (
 var VhostModes = []string{VhostAuto, VhostOn, VhostOff}
 
 // Modes lists the valid dataplane modes.
-var Modes = []string{ModeTC, ModeXDP, ModeTCFilter, ModeMacvtap, ModeDirect}
+var Modes = []string{ModeTC, ModeXDP, ModeTCFilter, ModeMacvtap, ModeMacvtapBPF, ModeDirect}
 
 // DefaultUplink is the sandbox uplink when none is given (the CNI's veth).
 const DefaultUplink = "eth0"

@@ -33,6 +33,18 @@ type Attachment struct {
 // TCX or the sandbox was opened with Options.LegacyTC. If kata-dp already attached a program there for this sandbox,
 // the pinned link is updated in place, without a moment with no program.
 func (s *Sandbox) Attach(nsPath, ifname string, p Program) (Attachment, error) {
+	return s.attach(nsPath, ifname, p, false)
+}
+
+// AttachEgress is Attach at the device's tc egress: macvtap-bpf mode checks the guest's frames
+// there, on the macvtap, whose transmit path (dev_queue_xmit) every frame the guest writes
+// takes. A device has kata-dp's program on one side only: attaching at one side where a link
+// of ours is pinned for the other replaces that link.
+func (s *Sandbox) AttachEgress(nsPath, ifname string, p Program) (Attachment, error) {
+	return s.attach(nsPath, ifname, p, true)
+}
+
+func (s *Sandbox) attach(nsPath, ifname string, p Program, egress bool) (Attachment, error) {
 	prog, err := s.Program(p)
 	if err != nil {
 		return Attachment{}, fmt.Errorf("attach %s to %s: %w", p, ifname, err)
@@ -50,9 +62,9 @@ func (s *Sandbox) Attach(nsPath, ifname string, p Program) (Attachment, error) {
 		}
 		if !feat.TCX || s.legacy {
 			a.Legacy = true
-			return attachLegacy(a.Ifindex, prog, string(p))
+			return attachLegacy(a.Ifindex, prog, string(p), egress)
 		}
-		return s.attachTCX(a.Ifindex, ifname, prog, p)
+		return s.attachTCX(a.Ifindex, ifname, prog, p, egress)
 	})
 	if err != nil {
 		return Attachment{}, fmt.Errorf("attach %s to %s: %w", p, ifname, err)
@@ -60,8 +72,12 @@ func (s *Sandbox) Attach(nsPath, ifname string, p Program) (Attachment, error) {
 	return a, nil
 }
 
-func (s *Sandbox) attachTCX(ifindex int, ifname string, prog *ebpf.Program, p Program) error {
+func (s *Sandbox) attachTCX(ifindex int, ifname string, prog *ebpf.Program, p Program, egress bool) error {
 	pin := s.linkPin(ifname, p)
+	typ := ebpf.AttachTCXIngress
+	if egress {
+		typ = ebpf.AttachTCXEgress
+	}
 	// An existing link of ours on this device (for any of our programs) is updated in place.
 	old, err := s.pinnedLinks(ifname)
 	if err != nil {
@@ -77,6 +93,15 @@ func (s *Sandbox) attachTCX(ifindex int, ifname string, prog *ebpf.Program, p Pr
 		if ierr != nil || info.TCX() == nil || int(info.TCX().Ifindex) != ifindex {
 			// Defunct (the device went away) or stale: forget it and attach afresh.
 			l.Unpin()
+			l.Close()
+			continue
+		}
+		if ebpf.AttachType(info.TCX().AttachType) != typ {
+			// Ours, on the other side of the device: take it away, attach afresh.
+			if err := detachPinned(path); err != nil {
+				l.Close()
+				return err
+			}
 			l.Close()
 			continue
 		}
@@ -98,7 +123,7 @@ func (s *Sandbox) attachTCX(ifindex int, ifname string, prog *ebpf.Program, p Pr
 	l, err := link.AttachTCX(link.TCXOptions{
 		Interface: ifindex,
 		Program:   prog,
-		Attach:    ebpf.AttachTCXIngress,
+		Attach:    typ,
 		Anchor:    link.Tail(),
 	})
 	if err != nil {
@@ -229,8 +254,12 @@ func detachAll(dir, sub string) error {
 }
 
 // attachLegacy is the pre-TCX way: a clsact qdisc (kept if it exists) and a direct-action bpf
-// filter at ingress, replaced atomically when one of ours is already there.
-func attachLegacy(ifindex int, prog *ebpf.Program, name string) error {
+// filter at ingress (or egress), replaced atomically when one of ours is already there.
+func attachLegacy(ifindex int, prog *ebpf.Program, name string, egress bool) error {
+	parent := uint32(netlink.HANDLE_MIN_INGRESS)
+	if egress {
+		parent = netlink.HANDLE_MIN_EGRESS
+	}
 	qdisc := &netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{
 			LinkIndex: ifindex,
@@ -245,7 +274,7 @@ func attachLegacy(ifindex int, prog *ebpf.Program, name string) error {
 	filter := &netlink.BpfFilter{
 		FilterAttrs: netlink.FilterAttrs{
 			LinkIndex: ifindex,
-			Parent:    netlink.HANDLE_MIN_INGRESS,
+			Parent:    parent,
 			Handle:    1,
 			Protocol:  unix.ETH_P_ALL,
 			Priority:  1,
@@ -260,23 +289,25 @@ func attachLegacy(ifindex int, prog *ebpf.Program, name string) error {
 	return nil
 }
 
-// detachLegacy deletes the ingress bpf filters whose program is one of kata-dp's.
+// detachLegacy deletes the ingress and egress bpf filters whose program is one of kata-dp's.
 func detachLegacy(ifindex int) error {
 	l, err := netlink.LinkByIndex(ifindex)
 	if err != nil {
 		return nil
 	}
-	filters, err := netlink.FilterList(l, netlink.HANDLE_MIN_INGRESS)
-	if err != nil {
-		return nil // no clsact: nothing legacy was ever attached
-	}
-	for _, f := range filters {
-		bf, ok := f.(*netlink.BpfFilter)
-		if !ok || !strings.HasPrefix(bf.Name, progPrefix) {
-			continue
+	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+		filters, err := netlink.FilterList(l, parent)
+		if err != nil {
+			return nil // no clsact: nothing legacy was ever attached
 		}
-		if err := netlink.FilterDel(bf); err != nil {
-			return fmt.Errorf("delete bpf filter %s: %w", bf.Name, err)
+		for _, f := range filters {
+			bf, ok := f.(*netlink.BpfFilter)
+			if !ok || !strings.HasPrefix(bf.Name, progPrefix) {
+				continue
+			}
+			if err := netlink.FilterDel(bf); err != nil {
+				return fmt.Errorf("delete bpf filter %s: %w", bf.Name, err)
+			}
 		}
 	}
 	return nil

@@ -44,6 +44,9 @@ const (
 	FlagAntiSpoof    Flags = 1 << 0
 	FlagStrictEgress Flags = 1 << 1
 	FlagHasIP        Flags = 1 << 2
+	// FlagPass: check and count, then pass the frame on instead of redirecting it to the
+	// peer (macvtap-bpf mode: macvlan moves the frames).
+	FlagPass Flags = 1 << 3
 )
 
 func (f Flags) String() string {
@@ -51,7 +54,7 @@ func (f Flags) String() string {
 	for _, x := range []struct {
 		f    Flags
 		name string
-	}{{FlagAntiSpoof, "anti-spoof"}, {FlagStrictEgress, "strict-egress"}, {FlagHasIP, "has-ip"}} {
+	}{{FlagAntiSpoof, "anti-spoof"}, {FlagStrictEgress, "strict-egress"}, {FlagHasIP, "has-ip"}, {FlagPass, "pass"}} {
 		if f&x.f != 0 {
 			s = append(s, x.name)
 		}

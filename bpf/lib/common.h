@@ -24,6 +24,8 @@ enum kdp_ep_flags {
 	KDP_F_ANTI_SPOOF = 1 << 0,   /* every frame from the guest checked or dropped (guard.h) */
 	KDP_F_STRICT_EGRESS = 1 << 1, /* guest egress only to its subnet or its routes */
 	KDP_F_HAS_IP = 1 << 2,       /* ip/prefixlen are set (the NIC has an IPv4 address) */
+	KDP_F_PASS = 1 << 3,         /* macvtap-bpf: check and count, then pass the frame on to the
+				      * device's own path (macvlan) instead of redirecting it */
 };
 
 enum kdp_dir {
@@ -57,7 +59,8 @@ enum kdp_drop {
 /* An endpoint is one side of a guest NIC, keyed by the ifindex of the device the program runs
  * on (the tap, or the uplink joined to it). Both entries of a pair carry the same slot. */
 struct endpoint {
-	__u32 peer_ifindex; /* redirect target; 0 = not joined, frames go on (TCX_NEXT) */
+	__u32 peer_ifindex; /* redirect target; 0 = not joined, frames go on (TCX_NEXT); with
+			     * KDP_F_PASS only the other side's device, never redirected to */
 	__u32 slot;         /* index of the NIC in the sandbox: counters, routes */
 	__be32 ip;          /* guest IPv4, network order */
 	__u8 mac[ETH_ALEN]; /* guest MAC */

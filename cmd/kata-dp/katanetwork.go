@@ -66,7 +66,7 @@ JSON fields (case-insensitive):
    vhostUserSocket  an existing unix socket, at most 128 bytes, file name [A-Za-z][A-Za-z0-9.-]*;
                     at most one per sandbox
    uplink, mode     kata-dp's own: the device to join (default: the sandbox's uplink for its
-                    first NIC) and the dataplane mode (tc, xdp, tcfilter, macvtap, direct)
+                    first NIC) and the dataplane mode (tc, xdp, tcfilter, macvtap, macvtap-bpf, direct)
 
 EXAMPLE:
    echo '{"device":"tap-test","name":"eth-test","IPAddresses":[{"address":"172.16.0.3","mask":"16"}],"hwAddr":"02:42:20:6f:a3:69","mtu":1500,"queues":5}' \

@@ -11,7 +11,7 @@ import (
 
 const sandboxUse = `
 Usage:
-  kata-dp sandbox add <id> --netns <path> [--qmp <socket>] [--uplink <dev>] [--mode tc|xdp|tcfilter|macvtap|direct]
+  kata-dp sandbox add <id> --netns <path> [--qmp <socket>] [--uplink <dev>] [--mode tc|xdp|tcfilter|macvtap|macvtap-bpf|direct]
                            [--anti-spoof=true|false] [--strict-egress=true|false] [--vhost auto|on|off] [--netmon]
   kata-dp sandbox del <id>
   kata-dp sandbox list [-o table|json]

@@ -231,8 +231,8 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		return types.NewError(CodeConflict, "kata-dp-cni: sandbox registered with another netns",
 			fmt.Sprintf("sandbox %s is registered with netns %s, not %s", existing.ID, existing.NetNS, args.Netns))
 	}
-	if existing != nil && existing.Mode == control.ModeMacvtap {
-		return types.NewError(CodeConflict, "kata-dp-cni: sandbox in macvtap mode", fmt.Sprintf("sandbox %s: %v", existing.ID, errMacvtap))
+	if existing != nil && (existing.Mode == control.ModeMacvtap || existing.Mode == control.ModeMacvtapBPF) {
+		return types.NewError(CodeConflict, "kata-dp-cni: sandbox in "+existing.Mode+" mode", fmt.Sprintf("sandbox %s: %v", existing.ID, errMacvtap))
 	}
 	if existing != nil && conf.Mode != "" && existing.Mode != conf.Mode {
 		log.Warn("sandbox was registered by someone else with another mode; keeping it", "sandbox mode", existing.Mode, "config mode", conf.Mode)

@@ -290,6 +290,9 @@ func (d *Dataplane) Reconcile(ctx context.Context, s control.Sandbox, eps []cont
 	used := map[string]bool{}
 	for _, ep := range eps {
 		used[ep.Tap], used[ep.Uplink] = true, true
+		if ep.Mode == control.ModeMacvtapBPF {
+			used[macvtapName(ep)] = true
+		}
 	}
 	devs, err := sb.lsb.LinkedDevices()
 	if err != nil {

@@ -70,7 +70,12 @@ func newRig6(t *testing.T, id string, o rigOpts) *modeRig {
 		r.dp.DelEndpoint(context.Background(), r.ep)
 		r.dp.RemoveSandbox(context.Background(), id)
 	})
-	fds, err := netdev.OpenTap(r.sb.NS.Path(), r.sb.Tap.Name, 1, true, true)
+	var fds []*os.File
+	if mv, ok := r.dp.Macvtap(r.ep); ok {
+		fds, err = mv.Open(1, true)
+	} else {
+		fds, err = netdev.OpenTap(r.sb.NS.Path(), r.sb.Tap.Name, 1, true, true)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +167,7 @@ func icmp6Raw(dst, src net.HardwareAddr, sip, dip netip.Addr, typ uint8, marker 
 	return append(append(f, ip...), body...)
 }
 
-// TestIPv6 runs IPv6 through real devices in tc and xdp mode: ping and TCP both ways, and a
+// TestIPv6 runs IPv6 through real devices in tc, xdp and macvtap-bpf mode: ping and TCP both ways, and a
 // spoofed source, a router advertisement and a VLAN-tagged frame from the guest never reach the
 // host, with the counters saying why.
 func TestIPv6(t *testing.T) {
@@ -172,6 +177,7 @@ func TestIPv6(t *testing.T) {
 	}{
 		{"tc", rigOpts{mode: control.ModeTC, offload: true}},
 		{"xdp", rigOpts{mode: control.ModeXDP, offload: true, peerGRO: true}},
+		{"macvtap-bpf", rigOpts{mode: control.ModeMacvtapBPF, offload: true}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			r := newRig6(t, "v6-"+c.name, c.o)

@@ -88,14 +88,15 @@ func adoptMacvtap(nsPath, name string) (macvtap.Macvtap, error) {
 // its MAC (the guest's) and the character device the VM opens (DevPath).
 type MacvtapDevice struct{ macvtap.Macvtap }
 
-// Macvtap returns the VM's device of an endpoint in macvtap mode; ok is false in other modes.
+// Macvtap returns the VM's device of an endpoint in macvtap or macvtap-bpf mode; ok is false
+// in other modes.
 func (d *Dataplane) Macvtap(ep control.Endpoint) (dev MacvtapDevice, ok bool) {
 	sb, err := d.get(ep.Sandbox)
 	if err != nil {
 		return MacvtapDevice{}, false
 	}
 	st := d.state(sb, ep.Slot)
-	if st == nil || st.mode != control.ModeMacvtap {
+	if st == nil || (st.mode != control.ModeMacvtap && st.mode != control.ModeMacvtapBPF) {
 		return MacvtapDevice{}, false
 	}
 	return MacvtapDevice{st.mv}, true

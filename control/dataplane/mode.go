@@ -51,9 +51,10 @@ const (
 	FamilyVhostUser Family = "vhost-user"
 )
 
-// layered is implemented by a mode that runs on top of another one of its family (xdp on the
-// tc programs): adding an endpoint in it keeps the other's plumbing.
-type layered interface{ under() string }
+// layered is implemented by a mode that runs on top of others of its family (xdp on the tc
+// programs, macvtap-bpf on tc's uplink program and macvtap's device): adding an endpoint in it
+// keeps their plumbing.
+type layered interface{ under() []string }
 
 // programmed is implemented by modes that attach kata-dp's programs to both the tap and its
 // uplink.
@@ -78,7 +79,7 @@ type State struct {
 	reason          string           // why mode differs from requested
 	ep              control.Endpoint // as last added (for RecheckXDP)
 	xdpFromGuest    bool             // xdp: the guest's frames take XDP too (xdp.go)
-	mv              macvtapDevice    // macvtap: the VM's device (macvtap.go)
+	mv              macvtapDevice    // macvtap, macvtap-bpf: the VM's device (macvtap.go)
 }
 
 // running returns the state of an endpoint running in mode m.
@@ -143,7 +144,9 @@ func (d *Dataplane) modeFor(sb *Sandbox, ep control.Endpoint) Mode {
 func removeOthers(ctx context.Context, sb *Sandbox, ep control.Endpoint, m Mode) error {
 	keep := map[string]bool{m.Name(): true}
 	if l, ok := m.(layered); ok {
-		keep[l.under()] = true
+		for _, u := range l.under() {
+			keep[u] = true
+		}
 	}
 	for _, o := range registry {
 		if o.Family() != m.Family() || keep[o.Name()] {

@@ -320,6 +320,8 @@ func TestModes(t *testing.T) {
 		{"tcfilter-nooffload", rigOpts{mode: control.ModeTCFilter}, control.ModeTCFilter},
 		{"macvtap", rigOpts{mode: control.ModeMacvtap, offload: true}, control.ModeMacvtap},
 		{"macvtap-nooffload", rigOpts{mode: control.ModeMacvtap}, control.ModeMacvtap},
+		{"macvtap-bpf", rigOpts{mode: control.ModeMacvtapBPF, offload: true}, control.ModeMacvtapBPF},
+		{"macvtap-bpf-nooffload", rigOpts{mode: control.ModeMacvtapBPF}, control.ModeMacvtapBPF},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -368,6 +370,18 @@ func checkPlumbing(t *testing.T, r *modeRig, mode string, peerGRO, generic bool)
 			if len(tcx) != 0 || xdp != "" || hasIngress {
 				t.Errorf("%s: tcx %v xdp %q ingress %v", dev, tcx, xdp, hasIngress)
 			}
+		case control.ModeMacvtapBPF:
+			// The uplink's program at ingress; the VM's tap, unused, has none.
+			want := map[bool]int{true: 1, false: 0}[dev == r.ep.Uplink]
+			if in, out := tcxCount(t, r.sb.NS, dev); in != want || out != 0 || xdp != "" || hasIngress {
+				t.Errorf("%s: tcx in %d out %d (want %d, 0) xdp %q ingress %v", dev, in, out, want, xdp, hasIngress)
+			}
+		}
+	}
+	if mode == control.ModeMacvtapBPF {
+		// The guest's program at the macvtap's egress.
+		if in, out := tcxCount(t, r.sb.NS, "kdpmv0"); in != 0 || out != 1 {
+			t.Errorf("kdpmv0: tcx in %d out %d, want 0, 1", in, out)
 		}
 	}
 	if mode == control.ModeXDP && peerGRO {
@@ -591,7 +605,7 @@ func TestXDPReloadUnderTraffic(t *testing.T) {
 // XDP port, no mirred filter or ingress qdisc, no macvtap (and the veth has its MAC back); the
 // tap, which kata-dp did not create, stays.
 func TestModesTeardown(t *testing.T) {
-	for _, mode := range []string{control.ModeXDP, control.ModeTCFilter, control.ModeMacvtap} {
+	for _, mode := range []string{control.ModeXDP, control.ModeTCFilter, control.ModeMacvtap, control.ModeMacvtapBPF} {
 		t.Run(mode, func(t *testing.T) {
 			r := newModeRig(t, "td-"+mode, rigOpts{mode: mode, offload: true, peerGRO: true})
 			if tx, rx := pingAll(t, r.sb.Host, "-c", "2", "-i", "0.05", "-W", "2", r.sb.GuestAddr.Addr().String()); rx != tx {
@@ -628,6 +642,12 @@ func TestModesTeardown(t *testing.T) {
 			defer sb.Close()
 			if ports, err := maps.ForSandbox(sb.Maps()).XDP.All(); err != nil || len(ports) != 0 {
 				t.Errorf("xdp ports left: %v (%v)", ports, err)
+			}
+			if eps, err := maps.ForSandbox(sb.Maps()).Endpoints.All(); err != nil || len(eps) != 0 {
+				t.Errorf("endpoint entries left: %v (%v)", eps, err)
+			}
+			if devs, err := sb.LinkedDevices(); err != nil || len(devs) != 0 {
+				t.Errorf("pinned links left: %v (%v)", devs, err)
 			}
 			if _, rx := ping(t, r.sb.Host, "-c", "2", "-i", "0.1", "-W", "1", r.sb.GuestAddr.Addr().String()); rx != 0 {
 				t.Errorf("guest still reachable after teardown (%d replies)", rx)

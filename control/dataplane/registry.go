@@ -9,6 +9,7 @@ var registry = []Mode{
 	xdpMode{},
 	tcfilterMode{},
 	macvtapMode{},
+	macvtapBPFMode{},
 	directMode{},
 	vhostUserMode{},
 }

@@ -49,7 +49,7 @@ func (m fakeMode) Stats(ctx context.Context, sb *Sandbox, ep control.Endpoint) (
 
 type layeredFake struct{ fakeMode }
 
-func (m layeredFake) under() string { return m.base }
+func (m layeredFake) under() []string { return []string{m.base} }
 
 // TestModeDispatch drives the Dataplane's dispatch through fake modes: an add removes the
 // leftovers of the other modes of its family (not those it runs on), a delete removes what

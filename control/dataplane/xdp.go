@@ -33,9 +33,9 @@ import (
 // before the legacy ingress qdisc, XDP before both), so a switch loses no frame by design.
 type xdpMode struct{}
 
-func (xdpMode) Name() string   { return control.ModeXDP }
-func (xdpMode) Family() Family { return FamilySandbox }
-func (xdpMode) under() string  { return control.ModeTC }
+func (xdpMode) Name() string    { return control.ModeXDP }
+func (xdpMode) Family() Family  { return FamilySandbox }
+func (xdpMode) under() []string { return []string{control.ModeTC} }
 
 func (xdpMode) programsOnBoth() bool { return true }
 
