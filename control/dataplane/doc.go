@@ -6,10 +6,11 @@
 //
 // A Mode is one way of joining a tap to its uplink: tc (the default: BPF at TCX ingress of
 // both devices), xdp (tc with XDP on the tap for the guest's frames), tcfilter (Kata's u32 + mirred), macvtap (Kata's
-// older model) and direct (taps beside a shared host uplink, steered by MAC); and vhost-user,
+// older model), macvtap-bpf (macvtap's plumbing with the BPF programs passing frames on) and
+// direct (taps beside a shared host uplink, steered by MAC); and vhost-user,
 // which a NIC with a vhostUserSocket runs: no tap, nothing installed, the vhost-user switch
-// moves the frames. Each lives in one file (tc.go, xdp.go, tcfilter.go, macvtap.go, direct.go,
-// vhostuser.go) and is listed once in registry.go.
+// moves the frames. Each lives in one file (tc.go, xdp.go, tcfilter.go, macvtap.go,
+// macvtapbpf.go, direct.go, vhostuser.go) and is listed once in registry.go.
 // The Dataplane does what the modes share and calls the endpoint's mode for the rest:
 //
 //   - AddEndpoint, UpdateEndpoint and Reconcile validate the endpoint, call Mode.Add (fresh
@@ -28,7 +29,8 @@
 // registry.go; Modes (the names, for CNI configuration and `kata-dp bench`) and Lookup follow.
 // The device recipes of tcfilter, macvtap and direct stay in the leaf packages control/mirred,
 // control/macvtap and control/direct: each is a self-contained netlink or node-collection
-// recipe with its own tests, and only its mode file imports it.
+// recipe with its own tests, and only its mode files import it (macvtap's: macvtap.go and
+// macvtapbpf.go).
 //
 // # Order and concurrency
 //
