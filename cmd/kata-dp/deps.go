@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"net"
+	"os"
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
@@ -48,6 +50,15 @@ func newAgentDeps(_ context.Context, o agentOptions) (agentDeps, error) {
 		return agentDeps{}, err
 	}
 	hp := vmplug.New()
+	// In the macvtap modes the VM uses the macvtap the dataplane made, not the tap.
+	hp.Device = func(ep control.Endpoint, n int) ([]*os.File, net.HardwareAddr, bool, error) {
+		mv, ok := dp.Macvtap(ep)
+		if !ok {
+			return nil, nil, false, nil
+		}
+		fds, err := mv.Open(n, true)
+		return fds, mv.MAC, true, err
+	}
 	return agentDeps{
 		Dataplane: dp,
 		LB:        dp,

@@ -1,6 +1,6 @@
 // Package vmplug is control's Hotplugger: it puts a sandbox's NICs into (and takes them out
-// of) its QEMU over QMP, the way Kata's runtime does — the tap's queues are opened in the
-// sandbox netns and passed to QEMU (getfd), with one /dev/vhost-net file per queue beside
+// of) its QEMU over QMP, the way Kata's runtime does — the tap's queues (in macvtap modes the
+// macvtap's, see Plugger.Device) are opened in the sandbox netns and passed to QEMU (getfd), with one /dev/vhost-net file per queue beside
 // them when vhost-net is to be had (the endpoint's Vhost setting), then netdev_add +
 // device_add (control/hotplug). An endpoint with a VhostUserSocket is plugged as a
 // vhost-user NIC instead: QEMU connects to the vhost-user switch's socket; no tap.
@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"sync"
 	"time"
@@ -30,6 +31,11 @@ type Plugger struct {
 	UnplugTimeout time.Duration
 	// OpenVhost opens one vhost-net file; nil opens /dev/vhost-net. A seam for tests.
 	OpenVhost hotplug.VhostOpener
+	// Device opens n queues of the device the VM uses for ep when the dataplane gives it one
+	// other than the tap (macvtap and macvtap-bpf modes: the macvtap's /dev/tapN), with the
+	// MAC the guest must use there; ok false: the tap. nil: always the tap. The agent sets it
+	// from its Dataplane.
+	Device func(ep control.Endpoint, n int) (fds []*os.File, mac net.HardwareAddr, ok bool, err error)
 
 	mu      sync.Mutex
 	clients map[string]*qmp.Client // by QMP socket path
@@ -84,12 +90,12 @@ func (p *Plugger) Plug(ctx context.Context, sb control.Sandbox, ep control.Endpo
 		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
 	}
 	defer closeAll(vfs)
-	fds, err := netdev.OpenTap(sb.NetNS, ep.Tap, queues, true, true)
+	fds, mac, err := p.openQueues(sb, ep, queues)
 	if err != nil {
 		return "", fmt.Errorf("hotplug %s: %w", ep.NIC, err)
 	}
 	defer closeAll(fds) // QEMU holds its own copies now (or nothing, on failure)
-	nic := hotplug.NIC{ID: DeviceID(ep), MAC: ep.MAC.String(), Queues: queues, Fds: fds, VhostFds: vfs}
+	nic := hotplug.NIC{ID: DeviceID(ep), MAC: mac.String(), Queues: queues, Fds: fds, VhostFds: vfs}
 	addr, err := hotplug.Plug(ctx, c, nic)
 	if errors.Is(err, hotplug.ErrDuplicate) {
 		// Control plugs a NIC only when its state says it is not in the VM: what holds the
@@ -109,6 +115,19 @@ func (p *Plugger) Plug(ctx context.Context, sb control.Sandbox, ep control.Endpo
 	p.vhost[nicKey{sb.QMP, DeviceID(ep)}] = vhost.Reason
 	p.mu.Unlock()
 	return addr, nil
+}
+
+// openQueues opens the queues of the VM's device: the tap's, opened in the sandbox netns, or
+// those of the device Device names, with its MAC.
+func (p *Plugger) openQueues(sb control.Sandbox, ep control.Endpoint, n int) ([]*os.File, net.HardwareAddr, error) {
+	if p.Device != nil {
+		fds, mac, ok, err := p.Device(ep, n)
+		if err != nil || ok {
+			return fds, mac, err
+		}
+	}
+	fds, err := netdev.OpenTap(sb.NetNS, ep.Tap, n, true, true)
+	return fds, ep.MAC, err
 }
 
 // DecideVhost says what the vhost setting mode comes to on this host now, with the reason.

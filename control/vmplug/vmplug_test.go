@@ -17,6 +17,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/hotplug"
+	"github.com/kata-dp/kata-dp/control/macvtap"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/control/qmp"
 	"github.com/kata-dp/kata-dp/control/qmp/qmptest"
@@ -36,6 +37,7 @@ type monitor struct {
 	netdev  json.RawMessage  // last netdev_add
 	held    map[string][]int // netdev id -> fds
 	plugged string           // device id
+	device  json.RawMessage  // last device_add
 }
 
 func newMonitor(t *testing.T) *monitor {
@@ -79,6 +81,7 @@ func (m *monitor) handle(cmd string, args json.RawMessage, fds []int) (any, *qmp
 		m.held[str("id")] = held
 	case "device_add":
 		m.plugged = str("id")
+		m.device = args
 	case "query-pci":
 		var behind []any
 		if m.plugged != "" {
@@ -219,5 +222,52 @@ func TestPlugVhost(t *testing.T) {
 				t.Errorf("DecideVhost(%s) = %q, want %q", tc.mode, d, tc.decision)
 			}
 		})
+	}
+}
+
+// TestPlugMacvtap: where the dataplane gives the VM a macvtap (Plugger.Device), QEMU gets the
+// macvtap's queues and the NIC its MAC, not the tap's.
+func TestPlugMacvtap(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: netns, macvtap")
+	}
+	ns := fmt.Sprintf("kdptvm-%d", os.Getpid())
+	exec.Command("ip", "netns", "del", ns).Run()
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Fatalf("netns: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+	nsPath := "/var/run/netns/" + ns
+	if out, err := exec.Command("ip", "-n", ns, "link", "add", "kdptvd0", "type", "veth", "peer", "name", "kdptvd1").CombinedOutput(); err != nil {
+		t.Fatalf("veth: %v %s", err, out)
+	}
+	mv, err := macvtap.Create(nsPath, "kdptvd0", "kdptvmv0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { macvtap.Delete(nsPath, "kdptvd0", "kdptvmv0") })
+
+	m := newMonitor(t)
+	p := New()
+	defer p.Close()
+	p.Device = func(ep control.Endpoint, n int) ([]*os.File, net.HardwareAddr, bool, error) {
+		fds, err := macvtap.Open(mv, n, true)
+		return fds, mv.MAC, true, err
+	}
+	mac, _ := net.ParseMAC("02:00:00:00:00:09")
+	ep := control.Endpoint{NIC: "eth0", Tap: "no-such-tap", MAC: mac, Queues: 2, Vhost: string(hotplug.VhostOff)}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := p.Plug(ctx, control.Sandbox{ID: "sb", NetNS: nsPath, QMP: m.srv.Path()}, ep); err != nil {
+		t.Fatal(err)
+	}
+	held := m.heldTargets("kdp-eth0-netdev")
+	if len(held) != 2 || held[0] != mv.DevPath || held[1] != mv.DevPath {
+		t.Errorf("qemu holds %v, want 2 queues of %s", held, mv.DevPath)
+	}
+	var dev map[string]any
+	json.Unmarshal(m.device, &dev)
+	if dev["mac"] != mv.MAC.String() {
+		t.Errorf("device_add mac %v, want the macvtap's %s", dev["mac"], mv.MAC)
 	}
 }
