@@ -691,6 +691,7 @@ func TestBadConfig(t *testing.T) {
 	}{
 		{"mode", map[string]any{"mode": "warp"}, `mode "warp"`},
 		{"macvtap", map[string]any{"mode": "macvtap"}, `"macvtap" is not supported`},
+		{"macvtap-bpf", map[string]any{"mode": "macvtap-bpf"}, `nor "macvtap-bpf"`},
 		{"tapName", map[string]any{"tapName": "tap 0"}, "tapName"},
 		{"socket", map[string]any{"socket": "kata-dp.sock"}, "socket"},
 		{"antiSpoof", map[string]any{"antiSpoof": "yes"}, "antiSpoof"},

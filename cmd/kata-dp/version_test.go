@@ -45,7 +45,7 @@ func TestVersionReport(t *testing.T) {
 		}
 	}
 	text := runCLI("version", "--socket", sock)
-	for _, want := range []string{"kata-dp " + version + "\n", "agent: not reachable (", "kernel features:\n", "  helper bpf_loop (xdp)", "modes:\n  tc  ", "  direct    ok\n"} {
+	for _, want := range []string{"kata-dp " + version + "\n", "agent: not reachable (", "kernel features:\n", "  helper bpf_loop (xdp)", "modes:\n  tc  ", "  direct       ok\n"} {
 		if !strings.Contains(text.stdout, want) {
 			t.Errorf("version text lacks %q:\n%s", want, text.stdout)
 		}

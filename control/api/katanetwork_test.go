@@ -659,7 +659,7 @@ func TestSandboxes(t *testing.T) {
 		{control.SandboxSpec{ID: "../x", NetNS: ctlNS}, `add sandbox: invalid request: sandbox id "../x" must be 1..128 letters, digits, '_', '.', '-' starting with a letter or digit`},
 		{control.SandboxSpec{ID: "a"}, "add sandbox: invalid request: netns path is required"},
 		{control.SandboxSpec{ID: "a", NetNS: "/run/netns/gone"}, "add sandbox: invalid request: netns /run/netns/gone: no such file or directory"},
-		{control.SandboxSpec{ID: "a", NetNS: ctlNS, Mode: "dpdk"}, `add sandbox: invalid request: mode "dpdk" is not one of tc, xdp, tcfilter, macvtap, direct`},
+		{control.SandboxSpec{ID: "a", NetNS: ctlNS, Mode: "dpdk"}, `add sandbox: invalid request: mode "dpdk" is not one of tc, xdp, tcfilter, macvtap, macvtap-bpf, direct`},
 		{control.SandboxSpec{ID: "a", NetNS: ctlNS, QMP: "qmp.sock"}, `add sandbox: invalid request: qmp socket path "qmp.sock" is not absolute`},
 	} {
 		if _, err := r.c.AddSandbox(ctx, tc.spec); err == nil || err.Error() != tc.want {

@@ -53,7 +53,7 @@ type Config struct {
 // errMacvtap explains why the plugin does not offer Kata's macvtap model: there the VM opens a
 // macvtap device the agent does not report (not the tap), and the veth's MAC is swapped, which
 // breaks the previous plugin's CHECK of the container interface.
-var errMacvtap = errors.New("modes \"macvtap\" and \"macvtap-bpf\" are not supported by kata-dp-cni (the VM would use a macvtap device instead of the tap, and the container interface's MAC would change under the previous plugin); use tc, xdp or tcfilter")
+var errMacvtap = errors.New("mode \"macvtap\" is not supported by kata-dp-cni, nor \"macvtap-bpf\" (the VM would use a macvtap device instead of the tap, and the container interface's MAC would change under the previous plugin); use tc, xdp or tcfilter")
 
 // The CNI spec versions the plugin speaks: chaining needs prevResult (0.3.0 and later), GC
 // and STATUS are 1.1.

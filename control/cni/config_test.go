@@ -83,6 +83,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{[]byte(`{"cniVersion":"0.4.0","name":"n"}`), types.ErrIncompatibleCNIVersion, `"0.4.0"`},
 		{conf(`,"mode":"warp"`), types.ErrInvalidNetworkConfig, `mode "warp"`},
 		{conf(`,"mode":"macvtap"`), types.ErrInvalidNetworkConfig, "macvtap"},
+		{conf(`,"mode":"macvtap-bpf"`), types.ErrInvalidNetworkConfig, "macvtap-bpf"},
 		{conf(`,"tapName":"tap 0"`), types.ErrInvalidNetworkConfig, "tapName"},
 		{conf(`,"tapName":"a_very_long_tap_name"`), types.ErrInvalidNetworkConfig, "tapName"},
 		{conf(`,"socket":"rel.sock"`), types.ErrInvalidNetworkConfig, "socket"},
