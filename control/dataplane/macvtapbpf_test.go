@@ -169,29 +169,7 @@ func TestMacvtapBPFLoadBalancer(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.ep.Mode = control.ModeMacvtapBPF
-	mv, ok := r.dp.Macvtap(r.ep)
-	if !ok {
-		t.Fatal("no macvtap in macvtap-bpf mode")
-	}
-	r.bridge.Close()
-	fds, err := mv.Open(1, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := guestemu.NewBridge(fds, r.guest.Path(), "eth0", guestemu.BridgeOptions{
-		MAC: mv.MAC, Addrs: []netip.Prefix{r.sb.GuestAddr}, Offload: true,
-	})
-	for _, f := range fds {
-		f.Close()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
-	if err := b.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	r.bridge = b
+	r.rig.toMacvtap(t, ctx)
 	mustExec(t, r.guest, "ip", "route", "replace", "default", "via", r.sb.HostAddr.Addr().String())
 
 	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr")
@@ -315,5 +293,79 @@ func TestMacvtapBPFSwitch(t *testing.T) {
 	}
 	if devs, _ := sb.LinkedDevices(); len(devs) != 2 {
 		t.Errorf("pinned links on %v, want the tap and the uplink", devs)
+	}
+}
+
+// toMacvtap moves the rig's guest from the tap to the macvtap of its endpoint (after a switch
+// into macvtap-bpf mode): what a VM's NIC re-plug does.
+func (r *rig) toMacvtap(t *testing.T, ctx context.Context) {
+	t.Helper()
+	mv, ok := r.dp.Macvtap(r.ep)
+	if !ok {
+		t.Fatal("no macvtap in macvtap-bpf mode")
+	}
+	r.bridge.Close()
+	fds, err := mv.Open(1, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := guestemu.NewBridge(fds, r.guest.Path(), "eth0", guestemu.BridgeOptions{
+		MAC: mv.MAC, Addrs: []netip.Prefix{r.sb.GuestAddr}, Offload: true,
+	})
+	for _, f := range fds {
+		f.Close()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.bridge = b
+}
+
+// TestLegacyClsactMacvtapBPF: macvtap-bpf mode the pre-TCX way: the guest's program is a
+// direct-action filter at the macvtap's clsact egress, the uplink's at its ingress; traffic
+// flows both ways and is counted, and removing the endpoint deletes exactly kata-dp's filters.
+func TestLegacyClsactMacvtapBPF(t *testing.T) {
+	r := newRigWith(t, "legacy-mvb", loader.Options{LegacyTC: true})
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	if _, err := r.dp.SwitchMode(ctx, r.ep, control.ModeMacvtapBPF); err != nil {
+		t.Fatal(err)
+	}
+	r.ep.Mode = control.ModeMacvtapBPF
+	r.toMacvtap(t, ctx)
+	guestIP, hostIP := r.sb.GuestAddr.Addr().String(), r.sb.HostAddr.Addr().String()
+	if tx, rx := pingAll(t, r.sb.Host, "-c", "3", "-i", "0.05", "-W", "2", guestIP); rx != tx {
+		t.Fatalf("host->guest ping: %d/%d", rx, tx)
+	}
+	if tx, rx := pingAll(t, r.guest, "-c", "3", "-i", "0.05", "-W", "2", hostIP); rx != tx {
+		t.Fatalf("guest->host ping: %d/%d", rx, tx)
+	}
+	for _, c := range []struct{ dev, dir string }{{r.ep.Uplink, "ingress"}, {"kdpmv0", "egress"}} {
+		if in, out := tcxCount(t, r.sb.NS, c.dev); in != 0 || out != 0 {
+			t.Errorf("TCX programs on %s in legacy mode: in %d out %d", c.dev, in, out)
+		}
+		out, _ := r.sb.NS.Exec("tc", "filter", "show", "dev", c.dev, c.dir)
+		if !strings.Contains(out, "kdp_") || !strings.Contains(out, "direct-action") {
+			t.Errorf("no kata-dp direct-action filter at %s %s: %s", c.dev, c.dir, out)
+		}
+	}
+	if out, _ := r.sb.NS.Exec("tc", "filter", "show", "dev", r.ep.Tap, "ingress"); strings.Contains(out, "kdp_") {
+		t.Errorf("tc mode's filter left on the unused tap: %s", out)
+	}
+	if s := r.stats(t); s.FromGuest.Packets == 0 || s.ToGuest.Packets == 0 {
+		t.Errorf("counters did not move: %+v", s)
+	}
+	if err := r.dp.DelEndpoint(ctx, r.ep); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := r.sb.NS.Exec("tc", "filter", "show", "dev", r.ep.Uplink, "ingress"); strings.Contains(out, "kdp_") {
+		t.Errorf("kata-dp filter left on the uplink: %s", out)
+	}
+	if _, err := netdev.LookupLink(r.sb.NS.Path(), "kdpmv0"); err == nil {
+		t.Error("macvtap left")
 	}
 }
