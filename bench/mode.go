@@ -108,6 +108,7 @@ func kataModes() []modeDef {
 var refModes = []modeDef{
 	{name: "cni-tcfilter", desc: "standard CNI path: bridge (FDB pre-learned) + veth pair + tcfilter (reference for direct mode)", ref: true, slow: true, setup: setupCNI},
 	{name: "ref-redirect", desc: "reference: bare cls_bpf bpf_redirect, no features", ref: true, setup: setupRefRedirect},
+	{name: "ref-macvtap-pass", desc: "reference: the macvtap row with an empty program at eth0's TCX ingress and the macvtap's TCX egress (what the hooks cost)", ref: true, setup: setupRefMacvtapPass},
 	{name: "ref-drop", desc: "reference: drop at veth (h2g) / tap (g2h) ingress: the ceiling", ref: true, noLatency: true, sink: sinkIngress, setup: setupRefDrop},
 	{name: "ref-xdp", desc: "reference: XDP veth->veth redirect into an XDP drop", ref: true, h2gOnly: true, noLatency: true, sink: sinkXDPPeer, setup: setupRefXDP},
 }
@@ -351,6 +352,24 @@ func setupRefDrop(e *env) error {
 		return err
 	}
 	return e.openTap()
+}
+
+// setupRefMacvtapPass is Kata's macvtap model with a program that passes every frame on at
+// the two hooks macvtap-bpf mode uses: what is left of macvtap-bpf's cost above macvtap's once
+// the hooks are paid is kata-dp's programs.
+func setupRefMacvtapPass(e *env) error {
+	if err := setupKataDP(e, control.ModeMacvtap); err != nil {
+		return err
+	}
+	if err := e.attachRef(e.s.Config.Veth, refprog.Pass); err != nil {
+		return err
+	}
+	l, err := e.ref.AttachEgress(e.s.NS.Path(), e.guestDev, refprog.Pass)
+	if err != nil {
+		return err
+	}
+	e.links = append(e.links, l)
+	return nil
 }
 
 // xdpPeer names the second veth pair of the ref-xdp row: XDP on the

@@ -20,6 +20,7 @@ const (
 	refMapRefDevmap    = "ref_devmap"
 	refMapRefPeers     = "ref_peers"
 	refProgRefDrop     = "ref_drop"
+	refProgRefPass     = "ref_pass"
 	refProgRefRedirect = "ref_redirect"
 	refProgRefXdpDrop  = "ref_xdp_drop"
 	refProgRefXdpPass  = "ref_xdp_pass"
@@ -69,6 +70,7 @@ type refSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type refProgramSpecs struct {
 	RefDrop     *ebpf.ProgramSpec `ebpf:"ref_drop"`
+	RefPass     *ebpf.ProgramSpec `ebpf:"ref_pass"`
 	RefRedirect *ebpf.ProgramSpec `ebpf:"ref_redirect"`
 	RefXdpDrop  *ebpf.ProgramSpec `ebpf:"ref_xdp_drop"`
 	RefXdpPass  *ebpf.ProgramSpec `ebpf:"ref_xdp_pass"`
@@ -134,6 +136,7 @@ type refVariables struct {
 // It can be passed to loadRefObjects or ebpf.CollectionSpec.LoadAndAssign.
 type refPrograms struct {
 	RefDrop     *ebpf.Program `ebpf:"ref_drop"`
+	RefPass     *ebpf.Program `ebpf:"ref_pass"`
 	RefRedirect *ebpf.Program `ebpf:"ref_redirect"`
 	RefXdpDrop  *ebpf.Program `ebpf:"ref_xdp_drop"`
 	RefXdpPass  *ebpf.Program `ebpf:"ref_xdp_pass"`
@@ -143,6 +146,7 @@ type refPrograms struct {
 func (p *refPrograms) Close() error {
 	return _RefClose(
 		p.RefDrop,
+		p.RefPass,
 		p.RefRedirect,
 		p.RefXdpDrop,
 		p.RefXdpPass,

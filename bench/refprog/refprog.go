@@ -19,6 +19,7 @@ const (
 	XDPRedirect             // XDP: redirect through the devmap to the peer
 	XDPDrop                 // XDP: count and drop
 	XDPPass                 // XDP: pass
+	Pass                    // tc: pass everything on (TCX_NEXT)
 )
 
 // Objects are the loaded reference programs and maps. Links made by the
@@ -49,6 +50,8 @@ func (o *Objects) prog(p Prog) (*ebpf.Program, error) {
 		return o.o.RefXdpDrop, nil
 	case XDPPass:
 		return o.o.RefXdpPass, nil
+	case Pass:
+		return o.o.RefPass, nil
 	}
 	return nil, fmt.Errorf("reference program %d: unknown", p)
 }
@@ -83,6 +86,16 @@ func (o *Objects) XDPDropped() (uint64, error) {
 // Attach attaches p to device dev in the netns at nsPath: tc programs at
 // TCX ingress, XDP programs in driver mode.
 func (o *Objects) Attach(nsPath, dev string, p Prog) (link.Link, error) {
+	return o.attach(nsPath, dev, p, ebpf.AttachTCXIngress)
+}
+
+// AttachEgress attaches the tc program p at TCX egress of device dev in the
+// netns at nsPath.
+func (o *Objects) AttachEgress(nsPath, dev string, p Prog) (link.Link, error) {
+	return o.attach(nsPath, dev, p, ebpf.AttachTCXEgress)
+}
+
+func (o *Objects) attach(nsPath, dev string, p Prog, at ebpf.AttachType) (link.Link, error) {
 	prog, err := o.prog(p)
 	if err != nil {
 		return nil, err
@@ -97,7 +110,7 @@ func (o *Objects) Attach(nsPath, dev string, p Prog) (link.Link, error) {
 		if prog.Type() == ebpf.XDP {
 			l, err = link.AttachXDP(link.XDPOptions{Program: prog, Interface: idx, Flags: link.XDPDriverMode})
 		} else {
-			l, err = link.AttachTCX(link.TCXOptions{Program: prog, Interface: idx, Attach: ebpf.AttachTCXIngress, Anchor: link.Tail()})
+			l, err = link.AttachTCX(link.TCXOptions{Program: prog, Interface: idx, Attach: at, Anchor: link.Tail()})
 		}
 		return err
 	})
