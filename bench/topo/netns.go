@@ -304,17 +304,26 @@ func VethPair(a *NetNS, nameA string, b *NetNS, nameB string) error {
 
 // Ping sends count ICMP echo requests (200 ms apart) to addr from inside
 // the namespace and succeeds when count replies came back within timeout
-// (ping -c count -w timeout).
+// (ping -c count -w timeout). ping gives up before its deadline when the
+// neighbour cannot be resolved (three unanswered ARP or NDP probes: a slow
+// peer, such as a TCG guest on a loaded machine, that is not listening yet);
+// Ping then starts it again, so the whole timeout is used either way.
 func (n *NetNS) Ping(addr string, count int, timeout time.Duration) error {
 	if count < 1 {
 		count = 1
 	}
-	w := int(timeout / time.Second)
-	if w < 1 {
-		w = 1
+	deadline := time.Now().Add(timeout)
+	for {
+		w := int(time.Until(deadline) / time.Second)
+		if w < 1 {
+			w = 1
+		}
+		_, err := n.Exec("ping", "-n", "-q", "-c", fmt.Sprint(count), "-i", "0.2", "-w", fmt.Sprint(w), addr)
+		if err == nil || time.Until(deadline) < time.Second {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
-	_, err := n.Exec("ping", "-n", "-q", "-c", fmt.Sprint(count), "-i", "0.2", "-w", fmt.Sprint(w), addr)
-	return err
 }
 
 // Dial opens a connection from inside the namespace.
