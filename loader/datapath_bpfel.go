@@ -215,6 +215,7 @@ type DatapathLbVipset struct {
 	_     structs.HostLayout
 	Valid uint64
 	Bits  [1024]uint64
+	Rbits [1024]uint64
 }
 
 type DatapathMonCfg struct {

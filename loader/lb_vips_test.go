@@ -3,6 +3,7 @@ package loader_test
 import (
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"testing"
 
@@ -145,5 +146,120 @@ func TestLBVIPPrefilter(t *testing.T) {
 				t.Errorf("to %v (no service): went to %v", other, got)
 			}
 		})
+	}
+}
+
+// TestLBRealServerPrefilter (issue 19): the prefilter's real-server bits never hide a reply
+// from the load balancer. Replies from each of many random real servers, both families, are
+// reverse-NATed to their VIP (the control plane's bit is the datapath's); in a sandbox whose
+// filter is empty and off (pinned before this layout) replies are NATed without it, and the
+// first real server written fills it from the real servers and connections already there; a
+// frame from an address that is no real server passes untouched.
+func TestLBRealServerPrefilter(t *testing.T) {
+	needRoot(t)
+	sb := openSandbox(t, testRoot(t), "lbrsf")
+	m := sb.Maps()
+	v := maps.ForSandbox(m)
+	tapIn, _ := sb.Program(loader.ProgTapIn)
+	upIn, _ := sb.Program(loader.ProgUplinkIn)
+	if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
+		t.Fatal(err)
+	}
+	guest6 := netip.MustParseAddr("fd00:1::2")
+	frame := func(src net.HardwareAddr, s, d netip.AddrPort) []byte {
+		if s.Addr().Is6() {
+			return lbFrame6(unix.IPPROTO_UDP, src, s, d, 0, 8)
+		}
+		return l4Frame(unix.IPPROTO_UDP, src, s, d, 0, 8)
+	}
+	check := func(out []byte, v6 bool) tuple {
+		if v6 {
+			return lbCheckFrame6(t, out)
+		}
+		return checkFrame(t, out)
+	}
+	// conn opens a connection from the guest to vip (it must reach rs) and returns the
+	// guest's side.
+	conn := func(vip, rs netip.AddrPort, sport uint16) netip.AddrPort {
+		t.Helper()
+		c := netip.AddrPortFrom(guestIP, sport)
+		if vip.Addr().Is6() {
+			c = netip.AddrPortFrom(guest6, sport)
+		}
+		v.Endpoints.Put(1, tapEndpoint(0, 42, 0))
+		ret, out := runOut(t, tapIn, frame(guestMAC, c, vip))
+		if ret != tcxRedirect {
+			t.Fatalf("to %v: verdict %d", vip, ret)
+		}
+		if got := check(out, vip.Addr().Is6()).dst; got != rs {
+			t.Fatalf("to %v: went to %v, want %v", vip, got, rs)
+		}
+		return c
+	}
+	// reply sends a frame from rs to the guest's c and returns its source as the guest sees it.
+	reply := func(rs, c netip.AddrPort) netip.AddrPort {
+		t.Helper()
+		v.Endpoints.Put(1, maps.Endpoint{PeerIfindex: 42, Role: maps.RoleUplink})
+		ret, out := runOut(t, upIn, frame(otherMAC, rs, c))
+		if ret != tcxRedirect {
+			t.Fatalf("from %v: verdict %d", rs, ret)
+		}
+		return check(out, rs.Addr().Is6()).src
+	}
+	type svc struct{ vip, rs, c netip.AddrPort }
+	var svcs []svc
+	add := func(i int) {
+		t.Helper()
+		var rs, vip netip.Addr
+		if i%2 == 0 {
+			rs = netip.AddrFrom4([4]byte{10, byte(rand.IntN(256)), byte(rand.IntN(256)), byte(rand.IntN(256))})
+			vip = netip.AddrFrom4([4]byte{172, 20, byte(i >> 8), byte(i)})
+		} else {
+			var b [16]byte
+			b[0], b[1] = 0xfd, 0x0a
+			for j := 2; j < 16; j++ {
+				b[j] = byte(rand.IntN(256))
+			}
+			rs = netip.AddrFrom16(b)
+			vip = netip.AddrFrom16([16]byte{0xfd, 0x0b, 14: byte(i >> 8), 15: byte(i)})
+		}
+		s := svc{vip: netip.AddrPortFrom(vip, 53), rs: netip.AddrPortFrom(rs, 5353)}
+		id := uint32(100 + i)
+		if err := v.LB.PutBackend(id, maps.Backend{Addr: s.rs, Weight: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if err := v.LB.PutService(0, maps.ServiceSpec{VIP: s.vip, Proto: unix.IPPROTO_UDP, ID: id, Sched: maps.SchedRR, Slots: []uint32{id}}); err != nil {
+			t.Fatal(err)
+		}
+		s.c = conn(s.vip, s.rs, uint16(10000+i))
+		svcs = append(svcs, s)
+	}
+	for i := range 4 {
+		add(i)
+	}
+	// A sandbox from before this layout: connections there, the filter empty and off.
+	if err := m.LBVIPs.Update(uint32(0), loader.DatapathLbVipset{}, ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range svcs {
+		if got := reply(s.rs, s.c); got != s.vip {
+			t.Errorf("unfilled filter: reply from %v: source %v, want %v", s.rs, got, s.vip)
+		}
+	}
+	for i := 4; i < 300; i++ { // the first of these fills the filter
+		add(i)
+	}
+	var set loader.DatapathLbVipset
+	if err := m.LBVIPs.Lookup(uint32(0), &set); err != nil || set.Valid != 1 {
+		t.Fatalf("filter valid %d (%v), want on after a write", set.Valid, err)
+	}
+	for _, s := range svcs {
+		if got := reply(s.rs, s.c); got != s.vip {
+			t.Errorf("reply from %v: source %v, want %v", s.rs, got, s.vip)
+		}
+	}
+	other := netip.MustParseAddrPort("192.0.2.9:5353")
+	if got := reply(other, svcs[0].c); got != other {
+		t.Errorf("from %v (no real server): source became %v", other, got)
 	}
 }

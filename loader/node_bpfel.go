@@ -192,6 +192,7 @@ type NodeLbVipset struct {
 	_     structs.HostLayout
 	Valid uint64
 	Bits  [1024]uint64
+	Rbits [1024]uint64
 }
 
 type NodeNdKey struct {

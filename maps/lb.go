@@ -486,6 +486,9 @@ func (l LB) PutBackend(id uint32, be Backend) error {
 	if err != nil {
 		return fmt.Errorf("put %w", err)
 	}
+	if err := l.markRealServers(rsWord(b, b6)); err != nil {
+		return fmt.Errorf("put real server %s: %w", be.Addr, err)
+	}
 	if b6 != nil {
 		if err := l.Backend6.Update(id, b6, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("put real server %s: %w", be.Addr, err)
@@ -1039,6 +1042,7 @@ func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 	vals := make([]backend, 0, len(bes))
 	var ids6 []uint32
 	var vals6 []be6
+	rss := make([]uint32, 0, len(bes))
 	for id, be := range bes {
 		b, b6, err := be.encode()
 		if err != nil {
@@ -1046,10 +1050,14 @@ func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 		}
 		ids = append(ids, id)
 		vals = append(vals, b)
+		rss = append(rss, rsWord(b, b6))
 		if b6 != nil {
 			ids6 = append(ids6, id)
 			vals6 = append(vals6, *b6)
 		}
+	}
+	if err := l.markRealServers(rss...); err != nil {
+		return fmt.Errorf("put real servers: %w", err)
 	}
 	if fresh {
 		sk := make([]LBStatsKey, len(ids))

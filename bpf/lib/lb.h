@@ -325,22 +325,27 @@ struct {
 	__type(value, struct lb6_scratch);
 } kdp_lb6_scratch SEC(".maps");
 
-/* kdp_lb_vips is the VIP prefilter: one bit per hash of an address (an IPv6 one folded to a
- * word first), set for the VIP of every service the control plane writes, before the service
- * goes live, and never cleared while the sandbox lives. A frame from the guest whose
- * destination's bit is clear can then be neither to a service nor of a connection (every
- * connection was made to a service whose bit was set), so it skips the load balancer's
- * connection and service lookups, two hash lookups that cost non-service traffic about 100 ns
- * with thousands of services (docs/performance.md). The array's one entry is read by the
- * verifier-inlined array lookup. The filter is exact: a set bit only costs the lookups as
- * before. valid is 0 in a sandbox pinned before the filter existed until the control plane has
- * filled it from every service and connection there (maps.LB seeds it at its first write);
- * until then the filter is not used. */
+/* kdp_lb_vips is the load balancer's prefilter: one bit per hash of an address (an IPv6 one
+ * folded to a word first) in two bitmaps, bits for the VIP of every service and rbits for every
+ * real server, each set by the control plane before the service or real server goes live and
+ * never cleared while the sandbox lives. A frame from the guest whose destination's VIP bit is
+ * clear can then be neither to a service nor of a connection (every connection was made to a
+ * service whose bit was set), so it skips the load balancer's connection and service lookups,
+ * two hash lookups that cost non-service traffic about 100 ns with thousands of services
+ * (docs/performance.md); a frame to the guest whose source's real-server bit is clear can be no
+ * reply of a connection (every connection's reply comes from a real server whose bit was set),
+ * so it skips the connection lookup. The array's one entry is read by the verifier-inlined
+ * array lookup. The filter is exact: a set bit only costs the lookups as before. valid is 0 in
+ * a sandbox pinned before the filter existed (or before this layout: the loader's migration
+ * gives a map whose value changed size a fresh, zeroed one) until the control plane has filled
+ * it from every service, real server and connection there (maps.LB seeds it at its first
+ * write); until then the filter is not used. */
 #define KDP_LB_VIP_BITS 65536
 
 struct lb_vipset {
 	__u64 valid;
 	__u64 bits[KDP_LB_VIP_BITS / 64];
+	__u64 rbits[KDP_LB_VIP_BITS / 64];
 };
 
 struct {
@@ -351,27 +356,56 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_vips SEC(".maps");
 
-/* lb_vip_bit is the prefilter's bit of an address word (maps.vipBit computes the same). */
+/* lb_vip_bit is the prefilter's bit of an address word (maps.vipBit computes the same): a
+ * 32-bit integer hash whose every input bit changes every output bit (the "lowbias32"
+ * constants), so that addresses differing in any octet spread over the whole array. (A bare
+ * multiply let an IPv4 address's last octet, the word's top byte as loaded, reach only the top
+ * 8 bits of the bit number: a whole /24 shared one column of 256 bits.) */
 static __always_inline __u32 lb_vip_bit(__u32 w)
 {
-	return (w * 0x9E3779B1U) >> 16;
+	w ^= w >> 16;
+	w *= 0x7feb352dU;
+	w ^= w >> 15;
+	w *= 0x846ca68bU;
+	w ^= w >> 16;
+	return w & (KDP_LB_VIP_BITS - 1);
+}
+
+/* lb_prefilter_word is the address word of a (KDP_FLOW_) family's address a, or false for a
+ * frame of neither family. */
+static __always_inline bool lb_prefilter_word(__u8 family, const union kdp_addr *a, __u32 *w)
+{
+	if (family == KDP_AF_INET)
+		*w = a->v4;
+	else if (family == KDP_AF_INET6)
+		*w = a->v6[0] ^ a->v6[1] ^ a->v6[2] ^ a->v6[3];
+	else
+		return false;
+	return true;
 }
 
 /* lb_maybe_vip says whether the destination of f may be a VIP (see kdp_lb_vips). */
 static __always_inline bool lb_maybe_vip(const struct flow *f)
 {
-	__u32 zero = 0, b;
+	__u32 zero = 0, w, b;
 	struct lb_vipset *v = bpf_map_lookup_elem(&kdp_lb_vips, &zero);
 
-	if (!v || !v->valid)
+	if (!v || !v->valid || !lb_prefilter_word(f->family, &f->daddr, &w))
 		return true;
-	if (f->family == KDP_AF_INET)
-		b = lb_vip_bit(f->daddr.v4);
-	else if (f->family == KDP_AF_INET6)
-		b = lb_vip_bit(f->daddr.v6[0] ^ f->daddr.v6[1] ^ f->daddr.v6[2] ^ f->daddr.v6[3]);
-	else
-		return true;
+	b = lb_vip_bit(w);
 	return v->bits[(b >> 6) & (KDP_LB_VIP_BITS / 64 - 1)] & (1ULL << (b & 63));
+}
+
+/* lb_maybe_rs says whether the source of f may be a real server (see kdp_lb_vips). */
+static __always_inline bool lb_maybe_rs(const struct flow *f)
+{
+	__u32 zero = 0, w, b;
+	struct lb_vipset *v = bpf_map_lookup_elem(&kdp_lb_vips, &zero);
+
+	if (!v || !v->valid || !lb_prefilter_word(f->family, &f->saddr, &w))
+		return true;
+	b = lb_vip_bit(w);
+	return v->rbits[(b >> 6) & (KDP_LB_VIP_BITS / 64 - 1)] & (1ULL << (b & 63));
 }
 
 #define KDP_IP_OFF ETH_HLEN
@@ -1458,9 +1492,11 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
 	if (!(f->flags & KDP_FLOW_PORTS) && lb_icmp_candidate(f))
 		return lb_icmp_verdict(xdp ? lb_icmp_in_xdp(ctx, f) : lb_icmp_in_tc(ctx, f));
-	if (f->family == KDP_AF_INET6 && (f->flags & KDP_FLOW_PORTS))
+	if (!(f->flags & KDP_FLOW_PORTS) || !lb_maybe_rs(f))
+		return -1; /* an ICMP error from a router on the way was taken above */
+	if (f->family == KDP_AF_INET6)
 		return xdp ? lb_to6_xdp(ctx, len, f) : lb_to6_tc(ctx, len, f);
-	if (f->family != KDP_AF_INET || !(f->flags & KDP_FLOW_PORTS))
+	if (f->family != KDP_AF_INET)
 		return -1;
 	ck.saddr = f->saddr.v4;
 	ck.daddr = f->daddr.v4;

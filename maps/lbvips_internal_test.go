@@ -1,0 +1,30 @@
+package maps
+
+import (
+	"net/netip"
+	"testing"
+)
+
+// TestVIPBitSpread: the prefilter's hash spreads the addresses of one /24 (and of one IPv6
+// /120) over the whole array, not over one column: with 65536 bits, 256 addresses collide
+// about once on average.
+func TestVIPBitSpread(t *testing.T) {
+	for _, base := range []string{"10.199.0.0", "fd00:199::"} {
+		seen := map[uint32]bool{}
+		a := netip.MustParseAddr(base)
+		for range 256 {
+			var w uint32
+			if a.Is4() {
+				w, _ = v4(a)
+			} else {
+				v, _ := v6(a)
+				w = fold6(v)
+			}
+			seen[vipBit(w)] = true
+			a = a.Next()
+		}
+		if len(seen) < 250 {
+			t.Errorf("%s/24: 256 addresses on %d bits, want at least 250", base, len(seen))
+		}
+	}
+}
