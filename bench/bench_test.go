@@ -169,7 +169,7 @@ func TestSvcModes(t *testing.T) {
 // TestBenchServices: the services a +svc row loads are a valid restore of the largest table a
 // sandbox holds, with the schedulers and features the datapath has, and none of them is the
 // address of the harness's traffic except the vip cases' service, whose one real server is
-// the host end.
+// vipServer, an address of the host's subnet the other cases do not use.
 func TestBenchServices(t *testing.T) {
 	server := netip.MustParseAddr("10.199.0.1")
 	cmds, err := ipvs.ParseRestore(strings.NewReader(benchServices(maxBenchServices, server)))

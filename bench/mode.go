@@ -230,7 +230,7 @@ func setupKataDPWith(e *env, mode string, mon maps.MonitorFlags, services int) e
 		return err
 	}
 	if services > 0 {
-		if e.vipStats, err = loadServices(ctx, dp, id, services, e.s.HostAddr.Addr()); err != nil {
+		if e.vipStats, err = loadServices(ctx, dp, id, services, vipServer(e.s.HostAddr.Addr())); err != nil {
 			return err
 		}
 	}

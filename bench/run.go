@@ -38,7 +38,7 @@ type caseDef struct {
 	// v6: IPv6 frames (host6 <-> guest6) instead of IPv4.
 	v6 bool
 	// vip: the frames of an established connection of the guest's to benchVIP, whose real
-	// server is the host end (bench/services.go): from the guest to the VIP (DNAT in a +svc
+	// server is vipServer (bench/services.go): from the guest to the VIP (DNAT in a +svc
 	// row), from the real server to the guest (reverse NAT). In a kata-dp row without services
 	// the strict egress drops the guest's frames to an address it has no route to: vip cases
 	// run only in +svc rows and the reference rows (modeDef.runs). like is the case of the
@@ -65,7 +65,7 @@ func udpFrame(e *env, c caseDef, toGuest bool) []byte {
 	}
 	if c.vip {
 		if toGuest {
-			return build(e.hostMAC, e.guestMAC, netip.AddrPortFrom(hostIP, vipServerPort), netip.AddrPortFrom(guestIP, vipGuestPort), payloadOf(c.payload))
+			return build(e.hostMAC, e.guestMAC, netip.AddrPortFrom(vipServer(hostIP), vipServerPort), netip.AddrPortFrom(guestIP, vipGuestPort), payloadOf(c.payload))
 		}
 		return build(e.guestMAC, e.hostMAC, netip.AddrPortFrom(guestIP, vipGuestPort), benchVIP, payloadOf(c.payload))
 	}
@@ -308,7 +308,7 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	defer emu.Close()
 	if c.vip {
 		// The guest opens the connection the host's frames answer: one frame to the VIP
-		// (scheduled and DNATed to the host end in a +svc row).
+		// (scheduled and DNATed to vipServer in a +svc row).
 		if err := writeFrame(e, udpFrame(e, c, false)); err != nil {
 			return fmt.Errorf("open the vip connection: %w", err)
 		}

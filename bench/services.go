@@ -60,10 +60,20 @@ func parseSvcMode(name string) (modeDef, bool) {
 	return svcMode(base, k), true
 }
 
-// The vip cases' service: a UDP VIP whose one real server is the host end's address at
-// vipServerPort; the guest talks to it from vipGuestPort. The ports differ from the other
-// cases' (40000, 40001), so those frames match no connection of it.
+// The vip cases' service: a UDP VIP whose one real server is vipServer (an address of the
+// host end's subnet that the other cases never use, so their frames are no real server's and
+// the rows with services measure the prefilter on both directions) at vipServerPort; the guest
+// talks to it from vipGuestPort. The ports differ from the other cases' (40000, 40001).
 var benchVIP = netip.MustParseAddrPort("10.96.0.10:80")
+
+// vipServer is the vip cases' real server: the host end's address with the last octet 254.
+// The frames are written onto the host veth and taken off it by the harness, so no device
+// needs the address.
+func vipServer(host netip.Addr) netip.Addr {
+	a := host.As4()
+	a[3] = 254
+	return netip.AddrFrom4(a)
+}
 
 const (
 	vipServerPort = 40080
