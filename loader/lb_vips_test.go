@@ -122,7 +122,7 @@ func TestLBVIPPrefilter(t *testing.T) {
 				vips = append(vips, vip)
 			}
 			var set loader.DatapathLbVipset
-			if err := m.LBVIPs.Lookup(uint32(0), &set); err != nil || set.Valid != 1 {
+			if err := m.LBVIPs.Lookup(uint32(0), &set); err != nil || set.Valid != maps.PrefilterVersion {
 				t.Fatalf("filter valid %d (%v), want on after a write", set.Valid, err)
 			}
 			for i, vip := range vips {
@@ -151,9 +151,9 @@ func TestLBVIPPrefilter(t *testing.T) {
 
 // TestLBRealServerPrefilter (issue 19): the prefilter's real-server bits never hide a reply
 // from the load balancer. Replies from each of many random real servers, both families, are
-// reverse-NATed to their VIP (the control plane's bit is the datapath's); in a sandbox whose
-// filter is empty and off (pinned before this layout) replies are NATed without it, and the
-// first real server written fills it from the real servers and connections already there; a
+// reverse-NATed to their VIP (the control plane's bits are the datapath's); in a sandbox whose
+// filter an older hash filled, replies are NATed without it, and the first real server
+// written refills it from the real servers and connections already there; a
 // frame from an address that is no real server passes untouched.
 func TestLBRealServerPrefilter(t *testing.T) {
 	needRoot(t)
@@ -237,8 +237,9 @@ func TestLBRealServerPrefilter(t *testing.T) {
 	for i := range 4 {
 		add(i)
 	}
-	// A sandbox from before this layout: connections there, the filter empty and off.
-	if err := m.LBVIPs.Update(uint32(0), loader.DatapathLbVipset{}, ebpf.UpdateAny); err != nil {
+	// A sandbox whose filter an older hash filled (version 1): connections there, none of their
+	// bits set the way this version sets them. The datapath must not use it.
+	if err := m.LBVIPs.Update(uint32(0), loader.DatapathLbVipset{Valid: 1}, ebpf.UpdateAny); err != nil {
 		t.Fatal(err)
 	}
 	for _, s := range svcs {
@@ -250,7 +251,7 @@ func TestLBRealServerPrefilter(t *testing.T) {
 		add(i)
 	}
 	var set loader.DatapathLbVipset
-	if err := m.LBVIPs.Lookup(uint32(0), &set); err != nil || set.Valid != 1 {
+	if err := m.LBVIPs.Lookup(uint32(0), &set); err != nil || set.Valid != maps.PrefilterVersion {
 		t.Fatalf("filter valid %d (%v), want on after a write", set.Valid, err)
 	}
 	for _, s := range svcs {

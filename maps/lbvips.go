@@ -20,17 +20,31 @@ import (
 
 type vipSet = loader.DatapathLbVipset
 
-// vipBit is lb_vip_bit: the bit of an address word (an IPv4 address as v4 encodes it, an
+// vipHash is lb_vip_hash: the hash of an address word (an IPv4 address as v4 encodes it, an
 // IPv6 one folded, the XOR of its v6 words), through an integer hash whose every input bit
-// changes every output bit.
-func vipBit(w uint32) uint32 {
+// changes every output bit. Its two 16-bit halves are the address's two bits.
+func vipHash(w uint32) uint32 {
 	w ^= w >> 16
 	w *= 0x7feb352d
 	w ^= w >> 15
 	w *= 0x846ca68b
 	w ^= w >> 16
-	return w & (uint32(len(vipSet{}.Bits))*64 - 1)
+	return w
 }
+
+// setBits sets both bits of the address word w in bits.
+func setBits(bits *[len(vipSet{}.Bits)]uint64, w uint32) {
+	h := vipHash(w)
+	for _, b := range []uint32{h & 0xffff, h >> 16} {
+		bits[b>>6] |= 1 << (b & 63)
+	}
+}
+
+// PrefilterVersion is the version of the prefilter's hash, kept in the filter's valid field
+// (KDP_LB_PREFILTER_VERSION): the datapath uses only a filter of its own version, and a filter
+// of another one (an older kata-dp's, or 0: not filled yet) is refilled from scratch at the
+// first write.
+const PrefilterVersion = 2
 
 func fold6(w [4]uint32) uint32 { return w[0] ^ w[1] ^ w[2] ^ w[3] }
 
@@ -46,8 +60,9 @@ func (l LB) markVIPs(ws ...uint32) error { return l.markPrefilter(ws, nil) }
 func (l LB) markRealServers(ws ...uint32) error { return l.markPrefilter(nil, ws) }
 
 // markPrefilter sets the prefilter bits of the VIP words vips and the real servers' words rss.
-// The first time (valid still 0: a new sandbox, or one pinned before the filter or its layout
-// existed) it first adds every VIP and real server of every service, real server and
+// The first time (valid not PrefilterVersion: a new sandbox, one pinned before the filter or
+// its layout existed, or one an older hash filled) it starts from an empty filter and first
+// adds every VIP and real server of every service, real server and
 // connection already in the maps, and turns the filter on only with a second write, once every
 // bit is in place: the datapath never uses a filter missing a VIP or a real server.
 func (l LB) markPrefilter(vips, rss []uint32) error {
@@ -60,27 +75,26 @@ func (l LB) markPrefilter(vips, rss []uint32) error {
 	if err := l.VIPs.Lookup(uint32(0), &v); err != nil {
 		return fmt.Errorf("load balancer prefilter: %w", err)
 	}
-	seed := v.Valid == 0
+	seed := v.Valid != PrefilterVersion
 	if seed {
 		lv, lr, err := l.livePrefilter()
 		if err != nil {
 			return fmt.Errorf("load balancer prefilter: %w", err)
 		}
 		vips, rss = append(vips, lv...), append(rss, lr...)
+		v = vipSet{} // an older hash's bits mean nothing to this one; the filter is off until the end
 	}
 	for _, w := range vips {
-		b := vipBit(w)
-		v.Bits[b>>6] |= 1 << (b & 63)
+		setBits(&v.Bits, w)
 	}
 	for _, w := range rss {
-		b := vipBit(w)
-		v.Rbits[b>>6] |= 1 << (b & 63)
+		setBits(&v.Rbits, w)
 	}
 	if err := l.VIPs.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("load balancer prefilter: %w", err)
 	}
 	if seed {
-		v.Valid = 1
+		v.Valid = PrefilterVersion
 		if err := l.VIPs.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("load balancer prefilter: %w", err)
 		}
