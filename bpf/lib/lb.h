@@ -399,26 +399,17 @@ static __always_inline bool lb_prefilter_word(__u8 family, const union kdp_addr 
 	return true;
 }
 
-/* lb_maybe_vip says whether the destination of f may be a VIP (see kdp_lb_vips). */
-static __always_inline bool lb_maybe_vip(const struct flow *f)
+/* lb_prefilter says whether f may be load-balanced traffic (see kdp_lb_vips): rs false, whether
+ * its destination may be a VIP (a frame from the guest); rs true, whether its source may be a
+ * real server (a frame to the guest). */
+static __always_inline bool lb_prefilter(const struct flow *f, const bool rs)
 {
 	__u32 zero = 0, w;
 	struct lb_vipset *v = bpf_map_lookup_elem(&kdp_lb_vips, &zero);
 
-	if (!v || v->valid != KDP_LB_PREFILTER_VERSION || !lb_prefilter_word(f->family, &f->daddr, &w))
+	if (!v || v->valid != KDP_LB_PREFILTER_VERSION || !lb_prefilter_word(f->family, rs ? &f->saddr : &f->daddr, &w))
 		return true;
-	return lb_bits_have(v->bits, lb_vip_hash(w));
-}
-
-/* lb_maybe_rs says whether the source of f may be a real server (see kdp_lb_vips). */
-static __always_inline bool lb_maybe_rs(const struct flow *f)
-{
-	__u32 zero = 0, w;
-	struct lb_vipset *v = bpf_map_lookup_elem(&kdp_lb_vips, &zero);
-
-	if (!v || v->valid != KDP_LB_PREFILTER_VERSION || !lb_prefilter_word(f->family, &f->saddr, &w))
-		return true;
-	return lb_bits_have(v->rbits, lb_vip_hash(w));
+	return lb_bits_have(rs ? v->rbits : v->bits, lb_vip_hash(w));
 }
 
 #define KDP_IP_OFF ETH_HLEN
@@ -1473,7 +1464,7 @@ __attribute__((noinline)) int lb_icmp_out_xdp(struct xdp_md *ctx, struct flow *f
 static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
 					 struct flow *f)
 {
-	if (!lb_active(cfg) || !lb_maybe_vip(f))
+	if (!lb_active(cfg) || !lb_prefilter(f, false))
 		return -1;
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
 	if (!(f->flags & KDP_FLOW_PORTS)) {
@@ -1505,7 +1496,7 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
 	if (!(f->flags & KDP_FLOW_PORTS) && lb_icmp_candidate(f))
 		return lb_icmp_verdict(xdp ? lb_icmp_in_xdp(ctx, f) : lb_icmp_in_tc(ctx, f));
-	if (!(f->flags & KDP_FLOW_PORTS) || !lb_maybe_rs(f))
+	if (!(f->flags & KDP_FLOW_PORTS) || !lb_prefilter(f, true))
 		return -1; /* an ICMP error from a router on the way was taken above */
 	if (f->family == KDP_AF_INET6)
 		return xdp ? lb_to6_xdp(ctx, len, f) : lb_to6_tc(ctx, len, f);
