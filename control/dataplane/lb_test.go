@@ -163,21 +163,53 @@ func (r *lbRig) udpPicks(t *testing.T, n int) []string {
 	return out
 }
 
-// TestLBRoundRobinTCP: rr over real servers added 1, 2, 3 picks 3, 2, 1, 3, 2, 1 (kernel order).
-func TestLBRoundRobinTCP(t *testing.T) {
-	r := newLBRig(t, "lbrr")
+// addRR adds an rr service on VIP:80/tcp (and VIP:53/udp with udp) with the real servers
+// 10.199.0.11, .12 and .13, in that order.
+func (r *lbRig) addRR(t *testing.T, udp bool) {
+	t.Helper()
 	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr")
+	if udp {
+		r.ipvsadm(t, "-A -u "+vipAddr+":53 -s rr")
+	}
 	for i := 1; i <= 3; i++ {
 		r.ipvsadm(t, fmt.Sprintf("-a -t %s:80 -r 10.199.0.1%d:80 -m", vipAddr, i))
+		if udp {
+			r.ipvsadm(t, fmt.Sprintf("-a -u %s:53 -r 10.199.0.1%d:53 -m", vipAddr, i))
+		}
 	}
+}
+
+// checkRR checks addRR's services through path (for the messages): six TCP connections pick
+// 3, 2, 1, 3, 2, 1 (kernel order), and with udp 30 UDP flows are answered 10 by each server.
+func (r *lbRig) checkRR(t *testing.T, udp bool, path string) {
+	t.Helper()
 	var got []string
 	for range 6 {
 		got = append(got, r.tcpPick(t))
 	}
 	want := []string{"10.199.0.13", "10.199.0.12", "10.199.0.11", "10.199.0.13", "10.199.0.12", "10.199.0.11"}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
-		t.Errorf("rr picks %v, want %v", got, want)
+		t.Errorf("rr picks%s %v, want %v", path, got, want)
 	}
+	if !udp {
+		return
+	}
+	count := map[string]int{}
+	for _, who := range r.udpPicks(t, 30) {
+		count[who]++
+	}
+	for i := 1; i <= 3; i++ {
+		if n := count[fmt.Sprintf("10.199.0.1%d", i)]; n != 10 {
+			t.Errorf("udp%s: server %d answered %d of 30 flows, want 10", path, i, n)
+		}
+	}
+}
+
+// TestLBRoundRobinTCP: rr over real servers added 1, 2, 3 picks 3, 2, 1, 3, 2, 1 (kernel order).
+func TestLBRoundRobinTCP(t *testing.T) {
+	r := newLBRig(t, "lbrr")
+	r.addRR(t, false)
+	r.checkRR(t, false, "")
 	c, err := r.dp.LBCounters(context.Background(), "lbrr")
 	if err != nil {
 		t.Fatal(err)

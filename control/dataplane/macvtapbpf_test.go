@@ -2,7 +2,6 @@ package dataplane_test
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -172,29 +171,8 @@ func TestMacvtapBPFLoadBalancer(t *testing.T) {
 	r.rig.toMacvtap(t, ctx)
 	mustExec(t, r.guest, "ip", "route", "replace", "default", "via", r.sb.HostAddr.Addr().String())
 
-	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr")
-	r.ipvsadm(t, "-A -u "+vipAddr+":53 -s rr")
-	for i := 1; i <= 3; i++ {
-		r.ipvsadm(t, fmt.Sprintf("-a -t %s:80 -r 10.199.0.1%d:80 -m", vipAddr, i))
-		r.ipvsadm(t, fmt.Sprintf("-a -u %s:53 -r 10.199.0.1%d:53 -m", vipAddr, i))
-	}
-	var got []string
-	for range 6 {
-		got = append(got, r.tcpPick(t))
-	}
-	want := []string{"10.199.0.13", "10.199.0.12", "10.199.0.11", "10.199.0.13", "10.199.0.12", "10.199.0.11"}
-	if strings.Join(got, " ") != strings.Join(want, " ") {
-		t.Errorf("rr picks %v, want %v", got, want)
-	}
-	count := map[string]int{}
-	for _, who := range r.udpPicks(t, 30) {
-		count[who]++
-	}
-	for i := 1; i <= 3; i++ {
-		if n := count[fmt.Sprintf("10.199.0.1%d", i)]; n != 10 {
-			t.Errorf("udp: server %d answered %d of 30 flows, want 10", i, n)
-		}
-	}
+	r.addRR(t, true)
+	r.checkRR(t, true, "")
 	// A long transfer through the VIP: DNAT and reverse NAT on every segment.
 	c, _ := r.dialTCP(t)
 	defer c.Close()

@@ -561,29 +561,8 @@ func TestXDPSpoofAndEgress(t *testing.T) {
 func TestXDPLoadBalancer(t *testing.T) {
 	r := newLBRig(t, "xdplb")
 	xdpOnly(t, r.rig)
-	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr")
-	r.ipvsadm(t, "-A -u "+vipAddr+":53 -s rr")
-	for i := 1; i <= 3; i++ {
-		r.ipvsadm(t, fmt.Sprintf("-a -t %s:80 -r 10.199.0.1%d:80 -m", vipAddr, i))
-		r.ipvsadm(t, fmt.Sprintf("-a -u %s:53 -r 10.199.0.1%d:53 -m", vipAddr, i))
-	}
-	var got []string
-	for range 6 {
-		got = append(got, r.tcpPick(t))
-	}
-	want := []string{"10.199.0.13", "10.199.0.12", "10.199.0.11", "10.199.0.13", "10.199.0.12", "10.199.0.11"}
-	if strings.Join(got, " ") != strings.Join(want, " ") {
-		t.Errorf("rr picks over XDP %v, want %v", got, want)
-	}
-	count := map[string]int{}
-	for _, who := range r.udpPicks(t, 30) {
-		count[who]++
-	}
-	for i := 1; i <= 3; i++ {
-		if n := count[fmt.Sprintf("10.199.0.1%d", i)]; n != 10 {
-			t.Errorf("udp over XDP: server %d answered %d of 30 flows, want 10", i, n)
-		}
-	}
+	r.addRR(t, true)
+	r.checkRR(t, true, " over XDP")
 }
 
 // TestXDPReloadUnderTraffic: reopening the sandbox (an agent restart) moves the pinned XDP
