@@ -18,7 +18,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -34,6 +33,7 @@ import (
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/cni"
+	"github.com/kata-dp/kata-dp/control/controltest"
 	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/control/netspec"
@@ -119,23 +119,8 @@ func requireSetup(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for the agent's stderr copier and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is safe for concurrent writers and readers.
+type syncBuffer = controltest.SyncBuffer
 
 // agentProc is a kata-dp agent subprocess with its own socket, state and bpffs directory.
 type agentProc struct {

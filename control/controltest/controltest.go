@@ -5,6 +5,7 @@
 package controltest
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"maps"
@@ -348,3 +349,25 @@ var (
 	_ control.Hotplugger      = (*MemHotplugger)(nil)
 	_ control.TapManager      = (*MemTaps)(nil)
 )
+
+// SyncBuffer is a bytes.Buffer that is safe for concurrent use: the tests that run an agent or
+// a logger in another goroutine (or copy a subprocess's stderr) write to it while the test
+// reads it.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+// Write appends p.
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// String is everything written so far.
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

@@ -1,7 +1,6 @@
 package kata_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -25,6 +24,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/controltest"
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/kata"
 	"github.com/kata-dp/kata-dp/control/netdev"
@@ -58,22 +58,7 @@ type agent struct {
 	done   chan error
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = controltest.SyncBuffer
 
 func newNode(t *testing.T) *node { return newNodeWith(t, true) }
 

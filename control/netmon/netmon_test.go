@@ -3,7 +3,6 @@ package netmon_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/controltest"
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netmon"
 	"github.com/kata-dp/kata-dp/control/netspec"
@@ -369,22 +369,5 @@ func TestRestartReconciles(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent loggers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-var _ io.Writer = (*syncBuffer)(nil)
+// syncBuffer is safe for concurrent writers and readers.
+type syncBuffer = controltest.SyncBuffer
