@@ -325,33 +325,7 @@ func TestNotQMP(t *testing.T) {
 	}
 
 	// A monitor that never greets: the caller's deadline bounds the dial.
-	ln2, err := net.Listen("unix", path+"2")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln2.Close()
-	var (
-		mu   sync.Mutex
-		held []net.Conn
-	)
-	defer func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range held {
-			c.Close()
-		}
-	}()
-	go func() {
-		for {
-			cn, err := ln2.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, cn)
-			mu.Unlock()
-		}
-	}()
+	silentMonitor(t, path+"2")
 	ctx, cancel := context.WithTimeout(ctxT(t), 50*time.Millisecond)
 	defer cancel()
 	start := time.Now()
@@ -488,33 +462,7 @@ func TestEndlessReplyIsBounded(t *testing.T) {
 func TestBusyMonitor(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "qmp.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	var (
-		mu   sync.Mutex
-		held []net.Conn
-	)
-	defer func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range held {
-			c.Close()
-		}
-	}()
-	go func() {
-		for {
-			cn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, cn)
-			mu.Unlock()
-		}
-	}()
+	silentMonitor(t, path)
 	c := qmp.New(path)
 	defer c.Close()
 	start := time.Now()
@@ -531,4 +479,37 @@ func TestBusyMonitor(t *testing.T) {
 	if elapsed > 2*time.Second {
 		t.Errorf("busy monitor reported after %v, want within 2s", elapsed)
 	}
+}
+
+// silentMonitor listens on path like a QEMU monitor another client holds: it accepts
+// connections and never greets. The listener and the connections are closed when the test ends.
+func silentMonitor(t *testing.T, path string) {
+	t.Helper()
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu   sync.Mutex
+		held []net.Conn
+	)
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			cn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, cn)
+			mu.Unlock()
+		}
+	}()
 }
