@@ -94,10 +94,10 @@ type Guest struct {
 	exited chan struct{}
 	qmp    *qmp.Client
 
+	console *lineLog // the serial console
+
 	mu     sync.Mutex
-	lines  []string
 	stderr strings.Builder
-	notify chan struct{} // closed and replaced when a line arrives or QEMU exits
 	werr   error
 }
 
@@ -158,8 +158,8 @@ func Boot(t testing.TB, cfg GuestConfig) *Guest {
 		QMPPath: filepath.Join(sockDir, "qmp.sock"),
 		t:       t,
 		exited:  make(chan struct{}),
-		notify:  make(chan struct{}),
 	}
+	g.console = newLineLog(g.exited)
 
 	machine := "q35"
 	var memArgs []string
@@ -218,7 +218,7 @@ func Boot(t testing.TB, cfg GuestConfig) *Guest {
 		g.werr = err
 		g.mu.Unlock()
 		close(g.exited)
-		g.wake()
+		g.console.wake()
 	}()
 	if err := <-started; err != nil {
 		t.Fatalf("guest: start qemu: %v", err)
@@ -270,10 +270,7 @@ func (g *Guest) readConsole(r io.Reader) {
 	for sc.Scan() {
 		// The firmware writes terminal escapes; keep lines readable.
 		line := strings.TrimRight(stripEscapes(sc.Text()), "\r")
-		g.mu.Lock()
-		g.lines = append(g.lines, line)
-		g.mu.Unlock()
-		g.wake()
+		g.console.add(line)
 	}
 }
 
@@ -300,19 +297,10 @@ func stripEscapes(s string) string {
 	return b.String()
 }
 
-func (g *Guest) wake() {
-	g.mu.Lock()
-	close(g.notify)
-	g.notify = make(chan struct{})
-	g.mu.Unlock()
-}
-
 // Lines returns the number of console lines so far: pass it to WaitFor to wait only for
 // lines printed from now on.
 func (g *Guest) Lines() int {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return len(g.lines)
+	return g.console.len()
 }
 
 // WaitFor waits for a console line containing substr, looking at lines from index from
@@ -323,36 +311,17 @@ func (g *Guest) WaitFor(ctx context.Context, from int, substr string) (string, e
 }
 
 func (g *Guest) waitFor(ctx context.Context, from int, substr string) (string, int, error) {
-	for {
+	line, i, err := g.console.wait(ctx, from, substr)
+	if errors.Is(err, errEnded) {
 		g.mu.Lock()
-		for i := from; i < len(g.lines); i++ {
-			if strings.Contains(g.lines[i], substr) {
-				line := g.lines[i]
-				g.mu.Unlock()
-				return line, i, nil
-			}
-		}
-		notify := g.notify
+		werr := g.werr
 		g.mu.Unlock()
-		select {
-		case <-g.exited:
-			// Look once more: the line may have come with the exit.
-			g.mu.Lock()
-			for i := from; i < len(g.lines); i++ {
-				if strings.Contains(g.lines[i], substr) {
-					line := g.lines[i]
-					g.mu.Unlock()
-					return line, i, nil
-				}
-			}
-			werr := g.werr
-			g.mu.Unlock()
-			return "", 0, fmt.Errorf("wait for %q: %w (%v)", substr, ErrExited, werr)
-		case <-notify:
-		case <-ctx.Done():
-			return "", 0, fmt.Errorf("wait for %q: %w", substr, ctx.Err())
-		}
+		return "", 0, fmt.Errorf("wait for %q: %w (%v)", substr, ErrExited, werr)
 	}
+	if err != nil {
+		return "", 0, fmt.Errorf("wait for %q: %w", substr, err)
+	}
+	return line, i, nil
 }
 
 // WaitNICUp waits (from console line from on) for the guest to bring up the NIC with the
@@ -388,9 +357,9 @@ func (g *Guest) QMP() *qmp.Client {
 
 // Log returns the serial console so far, then QEMU's stderr.
 func (g *Guest) Log() string {
+	s := "--- guest serial console ---\n" + g.console.text()
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	s := "--- guest serial console ---\n" + strings.Join(g.lines, "\n") + "\n"
 	if g.stderr.Len() > 0 {
 		s += "--- qemu stderr ---\n" + g.stderr.String()
 	}

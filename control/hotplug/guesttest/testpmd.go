@@ -3,14 +3,13 @@ package guesttest
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -28,10 +27,7 @@ type Testpmd struct {
 	stdin  io.WriteCloser
 	prefix string
 	exited chan struct{}
-
-	mu     sync.Mutex
-	out    []string
-	notify chan struct{}
+	out    *lineLog
 }
 
 // StartTestpmd starts dpdk-testpmd (Debian package dpdk-dev) with one vhost-user port of the
@@ -46,7 +42,8 @@ func StartTestpmd(t testing.TB, dir string, sockets, queues int) *Testpmd {
 		t.Skip("dpdk-testpmd not installed (apt-get install --no-install-recommends dpdk-dev)")
 	}
 	p := &Testpmd{t: t, prefix: fmt.Sprintf("kdpt%d-%d", os.Getpid(), time.Now().UnixNano()%1e6),
-		exited: make(chan struct{}), notify: make(chan struct{})}
+		exited: make(chan struct{})}
+	p.out = newLineLog(p.exited)
 	args := []string{"--no-huge", "-m", "256", "--no-pci", "-l", "0,1", "--file-prefix=" + p.prefix, "--log-level=lib.vhost.config:info"}
 	for i := range sockets {
 		path := filepath.Join(dir, fmt.Sprintf("vhost-user%d", i))
@@ -79,7 +76,7 @@ func StartTestpmd(t testing.TB, dir string, sockets, queues int) *Testpmd {
 		<-readerDone
 		p.cmd.Wait()
 		close(p.exited)
-		p.wake()
+		p.out.wake()
 	}()
 	if err := <-started; err != nil {
 		t.Fatalf("testpmd: start: %v", err)
@@ -89,10 +86,7 @@ func StartTestpmd(t testing.TB, dir string, sockets, queues int) *Testpmd {
 		defer close(readerDone)
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
-			p.mu.Lock()
-			p.out = append(p.out, sc.Text())
-			p.mu.Unlock()
-			p.wake()
+			p.out.add(sc.Text())
 		}
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -105,41 +99,21 @@ func StartTestpmd(t testing.TB, dir string, sockets, queues int) *Testpmd {
 	return p
 }
 
-func (p *Testpmd) wake() {
-	p.mu.Lock()
-	close(p.notify)
-	p.notify = make(chan struct{})
-	p.mu.Unlock()
-}
-
 // Lines returns the number of output lines so far, for WaitFor.
 func (p *Testpmd) Lines() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.out)
+	return p.out.len()
 }
 
 // WaitFor waits for an output line containing substr from line index from on.
 func (p *Testpmd) WaitFor(ctx context.Context, from int, substr string) (string, error) {
-	for {
-		p.mu.Lock()
-		for i := from; i < len(p.out); i++ {
-			if strings.Contains(p.out[i], substr) {
-				l := p.out[i]
-				p.mu.Unlock()
-				return l, nil
-			}
-		}
-		notify := p.notify
-		p.mu.Unlock()
-		select {
-		case <-p.exited:
-			return "", fmt.Errorf("wait for %q: testpmd exited", substr)
-		case <-ctx.Done():
-			return "", fmt.Errorf("wait for %q: %w", substr, ctx.Err())
-		case <-notify:
-		}
+	line, _, err := p.out.wait(ctx, from, substr)
+	if errors.Is(err, errEnded) {
+		return "", fmt.Errorf("wait for %q: testpmd exited", substr)
 	}
+	if err != nil {
+		return "", fmt.Errorf("wait for %q: %w", substr, err)
+	}
+	return line, nil
 }
 
 // Command sends one interactive command ("start", "show port stats all", ...).
@@ -150,9 +124,7 @@ func (p *Testpmd) Command(cmd string) error {
 
 // Log returns testpmd's output so far.
 func (p *Testpmd) Log() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return "--- testpmd ---\n" + strings.Join(p.out, "\n") + "\n"
+	return "--- testpmd ---\n" + p.out.text()
 }
 
 func (p *Testpmd) cleanup() {
