@@ -1,19 +1,22 @@
 package bench
 
 import (
+	"bufio"
 	"fmt"
-	"image/color"
+	"html"
+	"math"
 	"os"
 	"path/filepath"
-
-	"gonum.org/v1/plot"
-	"gonum.org/v1/plot/plotter"
-	"gonum.org/v1/plot/vg"
+	"strconv"
 )
 
 // writeCharts draws grouped bar charts (one bar per mode, one group per
 // case; the tables hold min and max) of frames per second, forward-path CPU
 // per frame and latency into dir as SVG.
+//
+// The SVG is written by hand: a plotting library (gonum/plot) linked into the one kata-dp
+// binary parsed its fonts at every start of every kata-dp process, the CLI's kata-network and
+// kata-ipvs calls included (2-3 ms of each start and 7 MB of the binary, docs/performance.md).
 func writeCharts(r *Report, dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("charts: %w", err)
@@ -48,10 +51,13 @@ func writeCharts(r *Report, dir string) error {
 	return nil
 }
 
+// chartSeries is one mode's bars: a value per group (NaN: no result).
+type chartSeries struct {
+	name string
+	vals []float64
+}
+
 func barChart(r *Report, path, title, ylabel string, cases, metrics []string, scale float64) error {
-	p := plot.New()
-	p.Title.Text = title
-	p.Y.Label.Text = ylabel
 	var groups []string
 	for _, c := range cases {
 		for _, m := range metrics {
@@ -62,54 +68,118 @@ func barChart(r *Report, path, title, ylabel string, cases, metrics []string, sc
 			}
 		}
 	}
-	var shown []string
+	var series []chartSeries
 	for _, mode := range r.Modes {
+		s := chartSeries{name: mode}
+		has := false
 		for _, c := range cases {
 			for _, m := range metrics {
-				if _, ok := r.result(mode, c, m); ok && (len(shown) == 0 || shown[len(shown)-1] != mode) {
-					shown = append(shown, mode)
-				}
-			}
-		}
-	}
-	w := vg.Points(64 / float64(max(1, len(shown))))
-	top := 0.0
-	for i, mode := range shown {
-		vals := make(plotter.Values, len(groups))
-		j := 0
-		for _, c := range cases {
-			for _, m := range metrics {
+				v := math.NaN()
 				if x, ok := r.result(mode, c, m); ok {
-					vals[j] = max(0, x.Median*scale)
-					top = max(top, vals[j])
+					v, has = max(0, x.Median*scale), true
 				}
-				j++
+				s.vals = append(s.vals, v)
 			}
 		}
-		bars, err := plotter.NewBarChart(vals, w)
-		if err != nil {
-			return err
+		if has {
+			series = append(series, s)
 		}
-		bars.LineStyle.Width = vg.Length(0)
-		bars.Color = palette[i%len(palette)]
-		bars.Offset = w * vg.Length(float64(i)-float64(len(shown)-1)/2)
-		p.Add(bars)
-		p.Legend.Add(mode, bars)
 	}
-	p.Legend.Top = true
-	p.Legend.TextStyle.Font.Size = vg.Points(9)
-	p.NominalX(groups...)
-	p.X.Min, p.X.Max = -0.6, float64(len(groups))-0.4
-	// Head room for the legend, which sits in the top right corner.
-	p.Y.Min, p.Y.Max = 0, top*(1.1+0.07*float64(len(shown)))
-	width := vg.Length(max(6, 1.4*float64(len(groups)+1))) * vg.Inch
-	return p.Save(width, 4*vg.Inch, path)
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	w := bufio.NewWriter(f)
+	writeBarSVG(w, title, ylabel, groups, series)
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
-// palette has a colour for each mode (plotutil's repeats after seven).
-var palette = []color.Color{
-	color.RGBA{0x1f, 0x77, 0xb4, 0xff}, color.RGBA{0xff, 0x7f, 0x0e, 0xff}, color.RGBA{0x2c, 0xa0, 0x2c, 0xff},
-	color.RGBA{0xd6, 0x27, 0x28, 0xff}, color.RGBA{0x94, 0x67, 0xbd, 0xff}, color.RGBA{0x8c, 0x56, 0x4b, 0xff},
-	color.RGBA{0xe3, 0x77, 0xc2, 0xff}, color.RGBA{0x7f, 0x7f, 0x7f, 0xff}, color.RGBA{0xbc, 0xbd, 0x22, 0xff},
-	color.RGBA{0x17, 0xbe, 0xcf, 0xff},
+// writeBarSVG draws the grouped bars: one group per entry of groups, one bar per series in
+// it, a y axis from 0 with round ticks and head room for the legend in the top right corner.
+// Lengths are points (72 per inch): 4 inches high, 1.4 inches per group (6 at least) wide.
+func writeBarSVG(w *bufio.Writer, title, ylabel string, groups []string, series []chartSeries) {
+	const (
+		height                          = 288.0
+		left, right, top, bottom, barsW = 64.0, 12.0, 30.0, 34.0, 64.0
+	)
+	width := 72 * max(6, 1.4*float64(len(groups)+1))
+	plotW, plotH := width-left-right, height-top-bottom
+	hi := 0.0
+	for _, s := range series {
+		for _, v := range s.vals {
+			if !math.IsNaN(v) {
+				hi = max(hi, v)
+			}
+		}
+	}
+	// Head room for the legend, as many lines as series.
+	ymax := hi * (1.1 + 0.07*float64(len(series)))
+	if ymax <= 0 {
+		ymax = 1
+	}
+	step := niceStep(ymax / 5)
+	y := func(v float64) float64 { return top + plotH - v/ymax*plotH }
+	num := func(v float64) string { return strconv.FormatFloat(v, 'f', 2, 64) }
+	esc := html.EscapeString
+
+	fmt.Fprintf(w, `<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" width="%spt" height="%spt" viewBox="0 0 %s %s" font-family="Liberation Sans, Arial, Helvetica, sans-serif">
+<rect width="100%%" height="100%%" fill="white"/>
+`, num(width), num(height), num(width), num(height))
+	fmt.Fprintf(w, "<text x=\"%s\" y=\"18\" font-size=\"12\" text-anchor=\"middle\">%s</text>\n", num(left+plotW/2), esc(title))
+	fmt.Fprintf(w, "<text transform=\"translate(14 %s) rotate(-90)\" font-size=\"10\" text-anchor=\"middle\">%s</text>\n", num(top+plotH/2), esc(ylabel))
+	// The y axis and its ticks.
+	for v := 0.0; v <= ymax+step*1e-9; v += step {
+		fmt.Fprintf(w, "<line x1=\"%s\" y1=\"%s\" x2=\"%s\" y2=\"%s\" stroke=\"#ddd\" stroke-width=\"0.5\"/>\n", num(left), num(y(v)), num(left+plotW), num(y(v)))
+		fmt.Fprintf(w, "<text x=\"%s\" y=\"%s\" font-size=\"9\" text-anchor=\"end\">%s</text>\n", num(left-4), num(y(v)+3), strconv.FormatFloat(v, 'g', 6, 64))
+	}
+	fmt.Fprintf(w, "<line x1=\"%s\" y1=\"%s\" x2=\"%s\" y2=\"%s\" stroke=\"black\"/>\n", num(left), num(top), num(left), num(top+plotH))
+	fmt.Fprintf(w, "<line x1=\"%s\" y1=\"%s\" x2=\"%s\" y2=\"%s\" stroke=\"black\"/>\n", num(left), num(top+plotH), num(left+plotW), num(top+plotH))
+	// The groups, each centred in its slot, and their bars side by side.
+	slot := plotW / float64(max(1, len(groups)))
+	bw := barsW / float64(max(1, len(series)))
+	for g, name := range groups {
+		cx := left + slot*(float64(g)+0.5)
+		fmt.Fprintf(w, "<text x=\"%s\" y=\"%s\" font-size=\"10\" text-anchor=\"middle\">%s</text>\n", num(cx), num(top+plotH+14), esc(name))
+		for i, s := range series {
+			v := s.vals[g]
+			if math.IsNaN(v) {
+				continue
+			}
+			x := cx + bw*(float64(i)-float64(len(series))/2)
+			fmt.Fprintf(w, "<rect x=\"%s\" y=\"%s\" width=\"%s\" height=\"%s\" fill=\"%s\"><title>%s %s: %s</title></rect>\n",
+				num(x), num(y(v)), num(bw), num(top+plotH-y(v)), palette[i%len(palette)], esc(s.name), esc(name), strconv.FormatFloat(v, 'g', 6, 64))
+		}
+	}
+	// The legend, top right.
+	for i, s := range series {
+		ly := top + 6 + 13*float64(i)
+		fmt.Fprintf(w, "<rect x=\"%s\" y=\"%s\" width=\"9\" height=\"9\" fill=\"%s\"/>\n", num(left+plotW-10), num(ly), palette[i%len(palette)])
+		fmt.Fprintf(w, "<text x=\"%s\" y=\"%s\" font-size=\"9\" text-anchor=\"end\">%s</text>\n", num(left+plotW-14), num(ly+8), esc(s.name))
+	}
+	fmt.Fprint(w, "</svg>\n")
+}
+
+// niceStep rounds a tick step up to 1, 2 or 5 times a power of ten.
+func niceStep(raw float64) float64 {
+	if raw <= 0 || math.IsNaN(raw) || math.IsInf(raw, 0) {
+		return 1
+	}
+	p := math.Pow(10, math.Floor(math.Log10(raw)))
+	for _, m := range []float64{1, 2, 5, 10} {
+		if m*p >= raw {
+			return m * p
+		}
+	}
+	return 10 * p
+}
+
+// palette has a colour for each mode.
+var palette = []string{
+	"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+	"#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 }
