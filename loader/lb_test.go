@@ -208,6 +208,101 @@ func TestLBNAT(t *testing.T) {
 	}
 }
 
+// TestLBCountersLazy: installing services and real servers writes no counters; a new
+// connection creates the ones it counts in (its service's and real server's, and the real
+// server's connection counts), and the sweeper recounts without creating entries for idle real
+// servers and deletes counters whose service or real server is gone (the datapath re-creates
+// one when a new connection races its real server's removal).
+func TestLBCountersLazy(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	for id := uint32(7); id <= 8; id++ {
+		if err := r.lb.PutBackend(id, maps.Backend{Addr: netip.AddrPortFrom(backend.Addr(), 8080+uint16(id)), Weight: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutServices(0, []maps.ServiceSpec{{VIP: netip.MustParseAddrPort("172.17.0.8:80"), Proto: unix.IPPROTO_TCP, ID: 4, Sched: maps.SchedRR, Slots: []uint32{8}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutBackends(map[uint32]maps.Backend{9: {Addr: backend, Weight: 1}}, true); err != nil {
+		t.Fatal(err)
+	}
+	counters := func() (map[maps.LBStatsKey]maps.LBStats, map[uint32]maps.LBConns) {
+		t.Helper()
+		st, err := maps.Dump[maps.LBStatsKey, maps.LBStats](r.lb.Stats)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cn, err := maps.Dump[uint32, maps.LBConns](r.lb.Conns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st, cn
+	}
+	if st, cn := counters(); len(st) != 0 || len(cn) != 0 {
+		t.Fatalf("counters written with the rules: %v %v", st, cn)
+	}
+	if st, err := r.lb.ReadStats(maps.StatsService, 3); err != nil || st != (maps.LBStats{}) {
+		t.Errorf("missing counters read as %+v, %v; want zero", st, err)
+	}
+
+	for i := range 2 {
+		ret, _ := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, uint16(40000+i)), vip, 0x02, 10))
+		if ret != tcxRedirect {
+			t.Fatalf("connection %d: verdict %d", i, ret)
+		}
+	}
+	st, cn := counters()
+	svc, be := st[maps.LBStatsKey{Kind: maps.StatsService, Id: 3}], st[maps.LBStatsKey{Kind: maps.StatsBackend, Id: 7}]
+	if len(st) != 2 || svc.Conns != 2 || svc.Inpkts != 2 || be.Conns != 2 || be.Inbytes != svc.Inbytes {
+		t.Errorf("counters after two connections: %+v, want service 3 and real server 7 with 2 connections each", st)
+	}
+	if len(cn) != 1 || cn[7] != (maps.LBConns{Active: 2}) {
+		t.Errorf("connection counts after two connections: %+v, want only 7: 2 active", cn)
+	}
+
+	// Counters of ids that are gone, and a wrong count: the sweep deletes the first, fixes the
+	// second and creates nothing for the idle real servers 8 and 9.
+	r.lb.Stats.Put(&maps.LBStatsKey{Kind: maps.StatsBackend, Id: 99}, &maps.LBStats{Conns: 1})
+	r.lb.Stats.Put(&maps.LBStatsKey{Kind: maps.StatsService, Id: 98}, &maps.LBStats{Conns: 1})
+	r.lb.Conns.Put(uint32(99), &maps.LBConns{Active: 1})
+	r.lb.Conns.Put(uint32(7), &maps.LBConns{Active: 5, Inactive: 1})
+	cfg, err := maps.ReadConfig(r.lb.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	res, err := r.lb.Sweep(uint64(ts.Nano()), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Live != 2 {
+		t.Errorf("sweep found %d live connections, want 2", res.Live)
+	}
+	st, cn = counters()
+	if _, ok := st[maps.LBStatsKey{Kind: maps.StatsService, Id: 3}]; len(st) != 2 || !ok {
+		t.Errorf("counters after the sweep: %+v, want only service 3's and real server 7's", st)
+	}
+	if len(cn) != 1 || cn[7] != (maps.LBConns{Active: 2}) {
+		t.Errorf("connection counts after the sweep: %+v, want only 7: 2 active", cn)
+	}
+
+	// Removing the real server removes its counters; its connections drain without them.
+	if err := r.lb.DeleteBackend(7); err != nil {
+		t.Fatal(err)
+	}
+	if ret, _ := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, 40000), vip, 0x10, 10)); ret != tcxRedirect {
+		t.Errorf("established connection after its real server's removal: verdict %d", ret)
+	}
+	if st, cn = counters(); len(st) != 1 || len(cn) != 0 {
+		t.Errorf("counters after the real server's removal: %+v %+v, want only service 3's", st, cn)
+	}
+}
+
 // TestLBUDPZeroChecksum: a UDP frame without checksum stays without one.
 func TestLBUDPZeroChecksum(t *testing.T) {
 	needRoot(t)

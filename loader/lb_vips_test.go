@@ -87,7 +87,7 @@ func TestLBVIPPrefilter(t *testing.T) {
 				t.Fatal(err)
 			}
 			kept4 := netip.MustParseAddrPort("10.96.8.8:53")
-			if err := v.LB.PutServices(0, []maps.ServiceSpec{{VIP: kept4, Proto: unix.IPPROTO_UDP, ID: 2, Sched: maps.SchedRR, Slots: []uint32{7}}}, false); err != nil {
+			if err := v.LB.PutServices(0, []maps.ServiceSpec{{VIP: kept4, Proto: unix.IPPROTO_UDP, ID: 2, Sched: maps.SchedRR, Slots: []uint32{7}}}); err != nil {
 				t.Fatal(err)
 			}
 			if err := m.LBVIPs.Update(uint32(0), loader.DatapathLbVipset{}, ebpf.UpdateAny); err != nil {

@@ -423,10 +423,6 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 			return fmt.Errorf("put service %s: buckets: %w", s.VIP, err)
 		}
 	}
-	if err := l.ensureStats(StatsService, s.ID); err != nil {
-		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
-		return fmt.Errorf("put service %s: %w", s.VIP, err)
-	}
 	m.Rev = rev
 	if err := ref.update(l, &m); err != nil {
 		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
@@ -494,12 +490,6 @@ func (l LB) PutBackend(id uint32, be Backend) error {
 			return fmt.Errorf("put real server %s: %w", be.Addr, err)
 		}
 	}
-	if err := l.ensureStats(StatsBackend, id); err != nil {
-		return fmt.Errorf("put real server %s: %w", be.Addr, err)
-	}
-	if err := l.Conns.Update(id, &LBConns{}, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-		return fmt.Errorf("put real server %s: %w", be.Addr, err)
-	}
 	if err := l.Backend.Update(id, &b, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("put real server %s: %w", be.Addr, err)
 	}
@@ -515,14 +505,6 @@ func (l LB) DeleteBackend(id uint32) error {
 	l.Backend6.Delete(id)
 	l.Stats.Delete(&LBStatsKey{Kind: StatsBackend, Id: id})
 	l.Conns.Delete(id)
-	return nil
-}
-
-func (l LB) ensureStats(kind, id uint32) error {
-	err := l.Stats.Update(&LBStatsKey{Kind: kind, Id: id}, &LBStats{}, ebpf.UpdateNoExist)
-	if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-		return fmt.Errorf("create counters: %w", err)
-	}
 	return nil
 }
 
@@ -720,24 +702,99 @@ func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, e
 	if err := l.sweep6(now, cfg, match, &res); err != nil {
 		return res, err
 	}
-	// Rewrite the counts of every real server, in one batch.
-	bes, err := Dump[uint32, backend](l.Backend)
-	if err != nil {
+	if err := l.recount(res.Conns); err != nil {
 		return res, fmt.Errorf("sweep: %w", err)
 	}
-	if len(bes) == 0 {
-		return res, nil
-	}
-	ids := make([]uint32, 0, len(bes))
-	counts := make([]LBConns, 0, len(bes))
-	for id := range bes {
-		ids = append(ids, id)
-		counts = append(counts, res.Conns[id])
-	}
-	if _, err := l.Conns.BatchUpdate(ids, counts, nil); err != nil {
-		return res, fmt.Errorf("sweep: write counts: %w", err)
-	}
 	return res, nil
+}
+
+// recount makes every real server's connection counts those of the connection table (counts,
+// by real server id) and deletes the counters of ids that are gone. The datapath creates
+// counters lazily (bpf/lib/lb.h, lb_stats_make), so a real server without connections may have
+// none: only counts that differ from the map are written (an entry that is not there counts
+// as zero), not one entry per real server, which at 15000 real servers cost as many hash
+// inserts every second.
+//
+// The counters are read before the ids that are live: the datapath creates a counter only
+// after it found its service's master and its real server, and ids are never reused, so a
+// counter whose id is missing from the later read was made for an id removed since (a new
+// connection racing its real server's removal) and is deleted.
+func (l LB) recount(counts map[uint32]LBConns) error {
+	conns, err := Dump[uint32, LBConns](l.Conns)
+	if err != nil {
+		return fmt.Errorf("read connection counts: %w", err)
+	}
+	stats, err := Dump[LBStatsKey, LBStats](l.Stats)
+	if err != nil {
+		return fmt.Errorf("read counters: %w", err)
+	}
+	bes, err := Dump[uint32, backend](l.Backend)
+	if err != nil {
+		return fmt.Errorf("read real servers: %w", err)
+	}
+	var ids, gone []uint32
+	var vals []LBConns
+	for id, n := range counts {
+		if _, ok := bes[id]; ok && conns[id] != n {
+			ids, vals = append(ids, id), append(vals, n)
+		}
+	}
+	for id, c := range conns {
+		if _, ok := bes[id]; !ok {
+			gone = append(gone, id)
+		} else if _, ok := counts[id]; !ok && c != (LBConns{}) {
+			ids, vals = append(ids, id), append(vals, LBConns{})
+		}
+	}
+	if len(ids) > 0 {
+		if _, err := l.Conns.BatchUpdate(ids, vals, nil); err != nil {
+			return fmt.Errorf("write connection counts: %w", err)
+		}
+	}
+	deleteKeys(l.Conns, gone)
+	var stale []LBStatsKey
+	var svcs map[uint32]bool
+	for k := range stats {
+		switch k.Kind {
+		case StatsBackend:
+			if _, ok := bes[k.Id]; !ok {
+				stale = append(stale, k)
+			}
+		case StatsService:
+			if svcs == nil {
+				if svcs, err = l.serviceIDs(); err != nil {
+					return err
+				}
+			}
+			if !svcs[k.Id] {
+				stale = append(stale, k)
+			}
+		}
+	}
+	deleteKeys(l.Stats, stale)
+	return nil
+}
+
+// serviceIDs returns the ids of the services of every generation in the maps.
+func (l LB) serviceIDs() (map[uint32]bool, error) {
+	all, err := Dump[svcKey, svc](l.Svc)
+	if err != nil {
+		return nil, fmt.Errorf("read services: %w", err)
+	}
+	all6, err := Dump[svc6Key, svc](l.Svc6)
+	if err != nil {
+		return nil, fmt.Errorf("read IPv6 services: %w", err)
+	}
+	ids := make(map[uint32]bool, len(all)/4+len(all6))
+	for k, v := range all {
+		if k.Slot == 0 && k.Proto != v6SlotsProto {
+			ids[v.Id] = true
+		}
+	}
+	for _, v := range all6 {
+		ids[v.Id] = true
+	}
+	return ids, nil
 }
 
 // sweep6 is Sweep's pass over the IPv6 connection table, adding to res.
@@ -797,7 +854,7 @@ func (l LB) sweep6(now uint64, cfg Config, match func(Conn) bool, res *SweepResu
 // batched map updates: masters and slots together, as nothing reads the generation until the
 // caller switches to it. The maps are written at once (see concurrently): their order does not
 // matter before the switch.
-func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
+func (l LB) PutServices(gen uint8, specs []ServiceSpec) error {
 	var (
 		keys  []svcKey
 		vals  []svc
@@ -837,24 +894,8 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec, fresh bool) error {
 			hvals = append(hvals, *s.hashVal())
 		}
 	}
-	counters := func() error {
-		if fresh {
-			sk := make([]LBStatsKey, len(specs))
-			for i, s := range specs {
-				sk[i] = LBStatsKey{Kind: StatsService, Id: s.ID}
-			}
-			return batchUpdate(l.Stats, sk, make([]LBStats, len(sk)))
-		}
-		for _, s := range specs {
-			if err := l.Stats.Update(&LBStatsKey{Kind: StatsService, Id: s.ID}, &LBStats{}, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-				return err
-			}
-		}
-		return nil
-	}
 	return concurrently("put services",
 		named("VIP prefilter", func() error { return l.markVIPs(vips...) }),
-		named("counters", counters),
 		named("bucket tables", func() error { return batchUpdate(l.Hash, hkeys, hvals) }),
 		named("service entries", func() error { return l.batchPut(keys, vals) }),
 		named("IPv6 masters", func() error { return batchUpdate(l.Svc6, keys6, vals6) }))
@@ -1031,9 +1072,10 @@ func Dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
 }
 
 // PutBackends installs many real servers at once. fresh says the ids are new (a restore into
-// an empty table): their counters are created zeroed in batches, and all maps are written at
-// once (no live slot names a new id, so the order does not matter); otherwise existing
-// counters are kept, and each real server's counters exist before its address is written.
+// an empty table): both address maps are written at once (no live slot names a new id, so the
+// order does not matter); otherwise an IPv6 address is written before the entry the
+// schedulers read. Counters are not written: the datapath creates them at a real server's
+// first connection (bpf/lib/lb.h, lb_stats_make).
 func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 	if len(bes) == 0 {
 		return nil
@@ -1060,26 +1102,12 @@ func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 		return fmt.Errorf("put real servers: %w", err)
 	}
 	if fresh {
-		sk := make([]LBStatsKey, len(ids))
-		for i, id := range ids {
-			sk[i] = LBStatsKey{Kind: StatsBackend, Id: id}
-		}
 		return concurrently("put real servers",
 			named("IPv6 addresses", func() error { return batchUpdate(l.Backend6, ids6, vals6) }),
-			named("counters", func() error { return batchUpdate(l.Stats, sk, make([]LBStats, len(ids))) }),
-			named("connection counts", func() error { return batchUpdate(l.Conns, ids, make([]LBConns, len(ids))) }),
 			func() error { return batchUpdate(l.Backend, ids, vals) })
 	}
 	if err := batchUpdate(l.Backend6, ids6, vals6); err != nil {
 		return fmt.Errorf("put real servers: IPv6 addresses: %w", err)
-	}
-	for _, id := range ids {
-		if err := l.ensureStats(StatsBackend, id); err != nil {
-			return err
-		}
-		if err := l.Conns.Update(id, &LBConns{}, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-			return err
-		}
 	}
 	if err := batchUpdate(l.Backend, ids, vals); err != nil {
 		return fmt.Errorf("put real servers: %w", err)

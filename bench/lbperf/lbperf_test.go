@@ -70,7 +70,7 @@ func newRig(b *testing.B, services int) *rig {
 		specs = append(specs, maps.ServiceSpec{VIP: netip.AddrPortFrom(a, 80), Proto: unix.IPPROTO_TCP, ID: uint32(100 + i), Sched: maps.SchedRR, Slots: []uint32{1, 2, 3}})
 	}
 	specs = append(specs, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 99, Sched: maps.SchedRR, Slots: []uint32{3, 2, 1}})
-	if err := r.lb.PutServices(0, specs, true); err != nil {
+	if err := r.lb.PutServices(0, specs); err != nil {
 		b.Fatal(err)
 	}
 	return r

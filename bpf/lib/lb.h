@@ -20,7 +20,8 @@
  * persistence (client -> real server per service) and lblc/lblcr's destination affinity.
  * kdp_lb_stats holds IPVS's counters per service and real server; kdp_lb_conns the active and
  * inactive connection counts, kept by the datapath and re-counted by the control plane's
- * sweeper, which also expires idle connections.
+ * sweeper, which also expires idle connections. Both are created by the datapath at the first
+ * new connection that counts in them (lb_stats_make), not by the control plane.
  */
 #ifndef __KDP_LB_H
 #define __KDP_LB_H
@@ -422,6 +423,40 @@ static __always_inline struct lb_stats *lb_stats_of(__u32 kind, __u32 id)
 	struct lb_stats_key k = { .kind = kind, .id = id };
 
 	return bpf_map_lookup_elem(&kdp_lb_stats, &k);
+}
+
+/* Counters are created lazily: the control plane writes no kdp_lb_stats or kdp_lb_conns entry
+ * when it installs a service or real server (a restore of 20000 rules would insert 35000 of
+ * them, about 0.6 us each on this kind of host, docs/performance.md); a new connection makes
+ * the ones it counts in, here. An entry that is not there reads as zero everywhere (listings,
+ * metrics, the schedulers). Only new connections create them, after their service's master and
+ * real server were found, so a counter exists only for an id that was live at that moment;
+ * established connections and replies count in what exists (a real server's counters are
+ * deleted with it while its connections drain, as before). The rare entry created for an id
+ * removed in between is deleted by the control plane's sweeper (maps.LB.PruneCounters). */
+static __always_inline struct lb_stats *lb_stats_make(__u32 kind, __u32 id)
+{
+	struct lb_stats_key k = { .kind = kind, .id = id };
+	struct lb_stats *s = bpf_map_lookup_elem(&kdp_lb_stats, &k);
+	struct lb_stats zero = {};
+
+	if (s)
+		return s;
+	/* NOEXIST: a CPU that created it first keeps its entry (and what it counted). */
+	bpf_map_update_elem(&kdp_lb_stats, &k, &zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&kdp_lb_stats, &k);
+}
+
+/* lb_conns_make is lb_stats_make for a real server's connection counts. */
+static __always_inline struct lb_conns *lb_conns_make(__u32 id)
+{
+	struct lb_conns *c = bpf_map_lookup_elem(&kdp_lb_conns, &id);
+	struct lb_conns zero = {};
+
+	if (c)
+		return c;
+	bpf_map_update_elem(&kdp_lb_conns, &id, &zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&kdp_lb_conns, &id);
 }
 
 static __always_inline void lb_count_in(struct lb_stats *s, __u32 len)
@@ -913,7 +948,7 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 		    bpf_map_lookup_elem(&kdp_lb_be6, &ae->backend))
 			be_id = ae->backend;
 	}
-	ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
+	ss = lb_stats_make(KDP_LB_STATS_SVC, m->id);
 	if (!be_id)
 		be_id = lb_schedule(&sc->base, m, ss, fold6(f->saddr.v6), fold6(f->daddr.v6), now);
 	if (m->persist && be_id) {
@@ -952,11 +987,11 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	bpf_map_update_elem(&kdp_lb_ct6, &sc->rk, &sc->re, BPF_ANY);
 	bpf_map_update_elem(&kdp_lb_ct6, &sc->ck, &sc->ne, BPF_ANY);
 	/* The new connection's counters, in the entries looked up once. */
-	st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
+	st = lb_stats_make(KDP_LB_STATS_BACKEND, be_id);
 	if (st)
 		__sync_fetch_and_add(&st->conns, 1);
 	lb_count_in(st, len);
-	cn = bpf_map_lookup_elem(&kdp_lb_conns, &be_id);
+	cn = lb_conns_make(be_id);
 	if (cn) {
 		if (sc->ne.state == KDP_CT_TCP_EST)
 			__sync_fetch_and_add(&cn->active, 1);
@@ -1075,7 +1110,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 			    bpf_map_lookup_elem(&kdp_lb_be, &ae->backend))
 				be_id = ae->backend;
 		}
-		ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
+		ss = lb_stats_make(KDP_LB_STATS_SVC, m->id);
 		if (!be_id)
 			be_id = lb_schedule(&mk, m, ss, f->saddr.v4, f->daddr.v4, now);
 		if (m->persist && be_id) {
@@ -1113,11 +1148,11 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		bpf_map_update_elem(&kdp_lb_ct, &ck, &ne, BPF_ANY);
 
 		/* The new connection's counters, in the entries looked up once. */
-		st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
+		st = lb_stats_make(KDP_LB_STATS_BACKEND, be_id);
 		if (st)
 			__sync_fetch_and_add(&st->conns, 1);
 		lb_count_in(st, len);
-		cn = bpf_map_lookup_elem(&kdp_lb_conns, &be_id);
+		cn = lb_conns_make(be_id);
 		if (cn) {
 			if (ne.state == KDP_CT_TCP_EST)
 				__sync_fetch_and_add(&cn->active, 1);

@@ -231,8 +231,8 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 	if err := lb.CheckRoom(live, st.used); err != nil {
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
-	// Fresh: this process knows the table was empty, so every id is new and the counters
-	// can be created in batches. After a start (sb.lb nil) existing counters are kept.
+	// Fresh: this process knows the table was empty, so every id is new and nothing old is
+	// left to free. After a start (sb.lb nil) the pinned table may hold anything.
 	fresh := sb.lb != nil && len(sb.lb.services) == 0 && len(sb.lb.backends) == 0
 	var oldBE map[uint32]bool
 	if !fresh {
@@ -255,7 +255,7 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 	// no new real server): write them at once, on both CPUs.
 	beErr := make(chan error, 1)
 	go func() { beErr <- lb.PutBackends(st.backends, fresh) }()
-	svcErr := lb.PutServices(gen, specs, fresh)
+	svcErr := lb.PutServices(gen, specs)
 	if err := errors.Join(<-beErr, svcErr); err != nil {
 		undo()
 		return fmt.Errorf("restore lb of %s: %w", id, err)
