@@ -18,13 +18,14 @@ forwarded frame; with --type lb every new load-balanced connection (VIP and the 
 chosen). --type and --reason take several values (repeated or comma-separated). The datapath
 reports only while someone listens, and at most a burst of events per CPU (a token bucket):
 "(N suppressed)" says how many it left out before an event, and a "suppressed" line how many
-it left out that no event reported. Without --sandbox, the sandboxes registered now.
+it left out that no event reported. Without --sandbox, every sandbox: those registered now
+and those added while it runs.
 
 Drop reasons: ` + "{{reasons}}" + `
 docs/operations.md shows how to follow a lost frame with it.
 
 Examples:
-  kata-dp monitor                                   # every drop of every sandbox
+  kata-dp monitor                                   # every drop of every sandbox, and of those added later
   kata-dp monitor --sandbox 6ec7a98 --type drop,lb
   kata-dp monitor --sandbox 6ec7a98 --nic eth0 --reason spoof_ip -o json
 `

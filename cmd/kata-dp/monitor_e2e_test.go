@@ -21,7 +21,8 @@ import (
 
 // TestMonitorE2E: `kata-dp monitor` against the real agent process and BPF datapath: spoofed
 // frames from an emulated guest arrive as drop events with every field right, honest frames as
-// traces when asked; bad filters are refused with clear errors; a client that leaves mid-stream
+// traces when asked; a node-wide session started before the sandbox existed sees its drops; bad
+// filters are refused with clear errors; a client that leaves mid-stream
 // leaves the agent serving (and the datapath no longer reporting).
 func TestMonitorE2E(t *testing.T) {
 	topotest.RequireRoot(t, "runs the agent with the BPF dataplane in namespaces")
@@ -35,6 +36,25 @@ func TestMonitorE2E(t *testing.T) {
 	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock, ns: sb.NS}
+	// session runs `kata-dp monitor args...` until stop; its output comes line by line.
+	session := func(args ...string) (lines chan string, stop func()) {
+		ctx, cancel := context.WithCancel(context.Background())
+		w := &lineWriter{lines: make(chan string, 1024)}
+		var errb bytes.Buffer
+		e := &env{ctx: ctx, stdin: strings.NewReader(""), stdout: w, stderr: &errb,
+			args:   append([]string{"monitor"}, args...),
+			getenv: func(k string) string { return map[string]string{"KATA_DP_SOCKET": sock}[k] }}
+		done := make(chan int)
+		go func() { done <- e.main() }()
+		return w.lines, func() {
+			cancel()
+			if code := <-done; code != 0 {
+				t.Errorf("monitor exit %d: %s", code, errb.String())
+			}
+		}
+	}
+	// A node-wide session started before any sandbox exists picks up the one added below.
+	nodeLines, nodeStop := session("--reason", "spoof_ip", "-o", "json")
 	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", sb.NS.Path()}, result{stdout: sandboxID + "\n"})
 	const mac = "02:42:20:6f:a3:69"
 	in := fmt.Sprintf(`{"device":"tap-test","name":"eth-test","IPAddresses":[{"address":"%s","mask":"24"}],"hwAddr":"%s","mtu":1500}`,
@@ -44,6 +64,27 @@ func TestMonitorE2E(t *testing.T) {
 	}
 	hw, _ := net.ParseMAC(mac)
 	emulateGuest(t, sb.NS.Path(), "tap-test", guest, "eth0", guestemu.BridgeOptions{MAC: hw, Addrs: []netip.Prefix{sb.GuestAddr}})
+	host := sb.HostAddr.Addr().String()
+	guest.Exec("ip", "neigh", "replace", host, "lladdr", sb.HostVeth.MAC.String(), "dev", "eth0")
+	spoofed := sb.GuestAddr.Addr().As4()
+	spoofed[3] = 99
+	spoof := netip.AddrFrom4(spoofed).String()
+	guest.Exec("ip", "addr", "add", spoof+"/24", "dev", "eth0")
+	deadline := time.Now().Add(10 * time.Second)
+	for len(nodeLines) == 0 && time.Now().Before(deadline) {
+		guest.Exec("ping", "-n", "-q", "-c", "1", "-W", "1", "-I", spoof, host)
+	}
+	select {
+	case l := <-nodeLines:
+		var ev monitor.Event
+		if err := json.Unmarshal([]byte(l), &ev); err != nil || ev.Sandbox != sandboxID || ev.Reason != "spoof_ip" {
+			t.Errorf("node-wide session's event %q (%v), want a spoof_ip drop of %s", l, err, sandboxID)
+		}
+	default:
+		t.Errorf("the node-wide session started before the sandbox saw none of its drops\nagent:\n%s", p.stderr)
+	}
+	nodeStop()
+	guest.Exec("ip", "addr", "del", spoof+"/24", "dev", "eth0")
 
 	// Bad input: clear errors, exit 1.
 	for _, tc := range []struct {
@@ -63,26 +104,8 @@ func TestMonitorE2E(t *testing.T) {
 	}
 
 	// A session: drops and traces of this sandbox, as JSON lines.
-	session := func(args ...string) (lines chan string, stop func()) {
-		ctx, cancel := context.WithCancel(context.Background())
-		w := &lineWriter{lines: make(chan string, 1024)}
-		var errb bytes.Buffer
-		e := &env{ctx: ctx, stdin: strings.NewReader(""), stdout: w, stderr: &errb,
-			args:   append([]string{"monitor"}, args...),
-			getenv: func(k string) string { return map[string]string{"KATA_DP_SOCKET": sock}[k] }}
-		done := make(chan int)
-		go func() { done <- e.main() }()
-		return w.lines, func() {
-			cancel()
-			if code := <-done; code != 0 {
-				t.Errorf("monitor exit %d: %s", code, errb.String())
-			}
-		}
-	}
 	lines, stop := session("--sandbox", "6ec", "--type", "drop,trace", "-o", "json")
 	// The session is open once the datapath reports: ping until the first trace shows.
-	host := sb.HostAddr.Addr().String()
-	guest.Exec("ip", "neigh", "replace", host, "lladdr", sb.HostVeth.MAC.String(), "dev", "eth0")
 	next := func() monitor.Event {
 		t.Helper()
 		select {
@@ -97,7 +120,7 @@ func TestMonitorE2E(t *testing.T) {
 		}
 		return monitor.Event{}
 	}
-	deadline := time.Now().Add(10 * time.Second)
+	deadline = time.Now().Add(10 * time.Second)
 	for {
 		guest.Exec("ping", "-n", "-q", "-c", "1", "-W", "1", host)
 		if len(lines) > 0 || time.Now().After(deadline) {
@@ -111,9 +134,6 @@ func TestMonitorE2E(t *testing.T) {
 	for len(lines) > 0 { // the rest of the pings
 		next()
 	}
-	spoofed := sb.GuestAddr.Addr().As4()
-	spoofed[3] = 99
-	spoof := netip.AddrFrom4(spoofed).String()
 	guest.Exec("ip", "addr", "add", spoof+"/24", "dev", "eth0")
 	guest.Exec("ping", "-n", "-q", "-c", "3", "-i", "0.05", "-W", "1", "-I", spoof, host)
 	drops := 0

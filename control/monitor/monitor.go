@@ -9,6 +9,11 @@
 // nothing; and the sandbox of an event is the ring it came from, not a field the datapath would
 // need to be told. docs/metrics.md has the reasoning with the numbers.
 //
+// A session without a sandbox is node-wide: it watches every sandbox registered when it starts
+// and every one registered later (it looks every poll interval), and runs on when they go, as
+// a node's operator expects of `kata-dp monitor` left running while sandboxes come and go. A
+// session on one sandbox ends when that sandbox goes (ErrGone).
+//
 // Run is safe for concurrent use (each call is one session); sessions on one sandbox share its
 // ring: each event goes to one of them, so watch a sandbox from one client at a time.
 package monitor
@@ -33,7 +38,7 @@ var Types = []string{"drop", "trace", "lb"}
 
 // Filter selects events. The zero value is every drop of every sandbox.
 type Filter struct {
-	Sandbox string   // sandbox id or unique prefix; "" = every sandbox registered now
+	Sandbox string   // sandbox id or unique prefix; "" = every sandbox, now and later
 	NIC     string   // kata-network NIC name; "" = every NIC
 	Types   []string // drop, trace, lb; none = drop
 	Reasons []string // drop reasons; none = all
@@ -81,13 +86,14 @@ type Registry interface {
 
 // Errors of a session.
 var (
-	// ErrGone: every sandbox the session watched was removed.
+	// ErrGone: the sandbox a session watched was removed.
 	ErrGone = errors.New("monitored sandboxes removed")
 )
 
 // plan is a checked filter.
 type plan struct {
-	ids     []string
+	ids     []string // the sandboxes to watch now
+	all     bool     // node-wide: also every sandbox registered later
 	nic     string
 	flags   maps.MonitorFlags
 	reasons map[string]bool
@@ -144,11 +150,9 @@ func check(reg Registry, f Filter) (plan, error) {
 		}
 		p.ids = []string{sb.ID}
 	} else {
+		p.all = true
 		for _, sb := range reg.Sandboxes() {
 			p.ids = append(p.ids, sb.ID)
-		}
-		if len(p.ids) == 0 {
-			return p, fmt.Errorf("%w: no sandboxes to monitor", control.ErrNoSuchSandbox)
 		}
 	}
 	if f.NIC != "" {
@@ -169,13 +173,19 @@ func check(reg Registry, f Filter) (plan, error) {
 // rate limit's unreported count.
 const poll = 500 * time.Millisecond
 
+// item is what a sandbox's reader hands the session: an event, or the error that ended its
+// stream (of sandbox id).
 type item struct {
 	ev  Event
+	id  string
 	err error
 }
 
-// Run runs one session until ctx ends (nil), emit fails (the client left: that error), or every
-// sandbox it watches is removed (ErrGone). The filter is checked first (Check's errors).
+// Run runs one session until ctx ends (nil), emit fails (the client left: that error), or the
+// one sandbox it watches is removed (ErrGone). The filter is checked first (Check's errors).
+// A node-wide session (no sandbox in f) picks up the sandboxes registered after it started,
+// and forgets one whose stream ended (removed, or a read error): it is opened again at the next
+// poll if it is still registered.
 func Run(ctx context.Context, reg Registry, src Source, f Filter, emit func(Event) error) error {
 	p, err := check(reg, f)
 	if err != nil {
@@ -189,35 +199,46 @@ func Run(ctx context.Context, reg Registry, src Source, f Filter, emit func(Even
 	}()
 	names := newNames(reg)
 	out := make(chan item, 64)
-	var opened []Stream
-	for _, id := range p.ids {
+	watched := map[string]bool{}
+	open := func(id string) error {
 		s, err := src.Monitor(ctx, id, p.flags)
 		if err != nil {
-			cancel()
-			for _, o := range opened {
-				o.Close()
-			}
 			return fmt.Errorf("monitor %s: %w", id, err)
 		}
-		opened = append(opened, s)
+		watched[id] = true
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			defer s.Close()
 			read(ctx, reg, s, id, p, names, out)
 		}()
+		return nil
 	}
-	live := len(p.ids)
+	for _, id := range p.ids {
+		if err := open(id); err != nil {
+			return err // the deferred cancel closes the streams opened so far
+		}
+	}
+	var tick <-chan time.Time
+	if p.all {
+		t := time.NewTicker(poll)
+		defer t.Stop()
+		tick = t.C
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-tick:
+			for _, sb := range reg.Sandboxes() {
+				if !watched[sb.ID] {
+					open(sb.ID) // a sandbox not ready yet is tried again at the next tick
+				}
+			}
 		case it := <-out:
 			if it.err != nil {
-				if errors.Is(it.err, ErrGone) {
-					if live--; live == 0 {
-						return ErrGone
-					}
+				delete(watched, it.id)
+				if p.all {
 					continue
 				}
 				return it.err
@@ -245,7 +266,7 @@ func read(ctx context.Context, reg Registry, s Stream, id string, p plan, names 
 		e, err := s.Read()
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			if sb, err := reg.Lookup(id); err != nil || sb.ID != id {
-				send(item{err: fmt.Errorf("%w: %s", ErrGone, id)})
+				send(item{id: id, err: fmt.Errorf("%w: %s", ErrGone, id)})
 				return
 			}
 			if n, err := s.Suppressed(); err == nil && n > 0 {
@@ -257,7 +278,7 @@ func read(ctx context.Context, reg Registry, s Stream, id string, p plan, names 
 		}
 		if err != nil {
 			if ctx.Err() == nil {
-				send(item{err: fmt.Errorf("read events of %s: %w", id, err)})
+				send(item{id: id, err: fmt.Errorf("read events of %s: %w", id, err)})
 			}
 			return
 		}

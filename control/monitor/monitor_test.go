@@ -134,8 +134,12 @@ func TestCheck(t *testing.T) {
 			t.Errorf("Check(%+v) = %v, want %v %q", tc.f, err, tc.want, tc.msg)
 		}
 	}
-	if err := Check(&fakeRegistry{}, Filter{}); !errors.Is(err, control.ErrNoSuchSandbox) {
-		t.Errorf("Check with no sandboxes = %v", err)
+	// Node-wide needs no sandbox yet: it picks them up as they come.
+	if err := Check(&fakeRegistry{}, Filter{}); err != nil {
+		t.Errorf("node-wide Check with no sandboxes = %v", err)
+	}
+	if err := Check(&fakeRegistry{}, Filter{NIC: "eth0"}); !errors.Is(err, control.ErrNotFound) {
+		t.Errorf("Check of a NIC with no sandboxes = %v", err)
 	}
 }
 
@@ -186,5 +190,67 @@ func TestRun(t *testing.T) {
 	src.onOpen = reg.remove
 	if err := Run(context.Background(), reg, src, Filter{Sandbox: "aaa1"}, func(Event) error { return nil }); !errors.Is(err, ErrGone) {
 		t.Errorf("Run after the sandbox went = %v, want ErrGone", err)
+	}
+}
+
+func (r *fakeRegistry) add(sb control.Sandbox) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sbs = append(r.sbs, sb)
+}
+
+// TestRunNodeWide: a session without a sandbox starts with none registered, picks up the
+// sandboxes registered later (their events come through), and runs on when they go.
+func TestRunNodeWide(t *testing.T) {
+	reg, src := newFakes()
+	all := reg.sbs
+	reg.sbs = nil
+	opened := make(chan string, 4)
+	src.onOpen = func(id string) { opened <- id }
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	got := make(chan Event, 4)
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, reg, src, Filter{}, func(e Event) error { got <- e; return nil })
+	}()
+	for _, sb := range all {
+		reg.add(sb)
+		select {
+		case id := <-opened:
+			if id != sb.ID {
+				t.Fatalf("opened %s, want %s", id, sb.ID)
+			}
+		case <-time.After(10 * poll):
+			t.Fatalf("sandbox %s registered after the start was not picked up", sb.ID)
+		}
+		src.streams[sb.ID].events <- maps.Event{Type: maps.EventDrop, Slot: 0, Reason: maps.DropSpoofIP}
+		select {
+		case e := <-got:
+			if e.Sandbox != sb.ID || e.NIC != "eth0" || e.Reason != "spoof_ip" {
+				t.Errorf("event %+v, want spoof_ip of %s eth0", e, sb.ID)
+			}
+		case <-time.After(10 * poll):
+			t.Fatalf("no event from %s", sb.ID)
+		}
+	}
+	// Every sandbox goes: the session runs on until its client leaves.
+	reg.remove("aaa1")
+	reg.remove("bbb2")
+	for _, sb := range all {
+		select {
+		case <-src.streams[sb.ID].closed:
+		case <-time.After(10 * poll):
+			t.Fatalf("stream of removed %s not closed", sb.ID)
+		}
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("node-wide session ended when its sandboxes went: %v", err)
+	case <-time.After(2 * poll):
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run = %v after the client left, want nil", err)
 	}
 }
