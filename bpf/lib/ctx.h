@@ -54,16 +54,20 @@ static __always_inline bool ctx_vlan_tagged(void *ctx, const bool xdp)
 
 /* ctx_pull makes the first len bytes (or the whole frame, if shorter) directly readable.
  * skbs from a tap with vnet_hdr or GSO can keep headers outside the linear area; XDP frames
- * are always linear. */
+ * are always linear. A frame already linear that far costs no helper call: a short frame
+ * (shorter than len, as every 64-byte packet) otherwise paid bpf_skb_pull_data on every pass,
+ * and on a cloned skb may copy the header to make it writable, which nothing here needs. */
 static __always_inline void ctx_pull(void *ctx, __u32 len, const bool xdp)
 {
 	struct __sk_buff *skb = ctx;
+	__u32 want;
 
 	if (xdp)
 		return;
-	if ((long)skb->data + len <= (long)skb->data_end)
+	want = len < skb->len ? len : skb->len;
+	if ((long)skb->data + want <= (long)skb->data_end)
 		return;
-	bpf_skb_pull_data(skb, len < skb->len ? len : skb->len);
+	bpf_skb_pull_data(skb, want);
 }
 
 #endif

@@ -3,8 +3,10 @@
  * The flow: the view of a frame that the checks (guard.h) and the load balancer (lb.h) share,
  * parsed once per frame and tagged with its address family. Each user branches on f->family.
  *
- * IPv4: the addresses; flow_ports adds the protocol, the L4 offset and the ports (only the load
- * balancer needs them, so the IPv4 fast path pays for them only while it is active).
+ * IPv4: the addresses and the protocol (the load balancer tells an ICMP error from a frame
+ * its prefilter may skip before it parses any further); flow_ports adds the L4 offset and the
+ * ports (only the load balancer needs them, so the IPv4 fast path pays for them only while it
+ * is active, and only for frames past its prefilter).
  * IPv6: the addresses, and the upper-layer protocol and its offset, found by walking the
  * extension headers (at most KDP_IPV6_MAX_EXT of them, the upper layer starting within the
  * first KDP_IPV6_MAX_L4_OFF bytes), and the ICMPv6 type: the checks need them for every IPv6
@@ -56,8 +58,8 @@ union kdp_addr {
 struct flow {
 	__u8 family;   /* enum kdp_family */
 	__u8 flags;    /* enum kdp_flow_flags */
-	__u8 proto;    /* L4 protocol: IPv4 the header's (set by flow_ports), IPv6 the upper layer
-			* behind the extension headers (set by flow_parse) */
+	__u8 proto;    /* L4 protocol (set by flow_parse): IPv4 the header's, IPv6 the upper
+			* layer behind the extension headers */
 	__u8 tcpflags; /* KDP_TCP_FIN | KDP_TCP_SYN | KDP_TCP_RST (TCP with KDP_FLOW_PORTS) */
 	__u16 l4_off;  /* L4 header's offset from the frame's start: IPv4 with KDP_FLOW_PORTS,
 			* IPv6 whenever proto is set and the frame is not a later fragment */
@@ -163,7 +165,8 @@ static __always_inline void flow_parse_v6(void *data, void *data_end, struct flo
 	}
 }
 
-/* flow_parse fills f's family and addresses from the frame (IPv6 also its upper layer). It
+/* flow_parse fills f's family, addresses and L4 protocol from the frame (IPv6 also the upper
+ * layer's offset and the ICMPv6 type). It
  * never judges: a frame too short for its Ethernet header is KDP_AF_NONE without flags, one cut
  * off inside a header KDP_FLOW_SHORT, a tagged one KDP_FLOW_VLAN, an impossible IPv6 chain
  * KDP_FLOW_MALFORMED, and the checks decide what that costs it. The ports are read by
@@ -186,6 +189,7 @@ static __always_inline void flow_parse_l3(void *data, void *data_end, struct flo
 			return;
 		}
 		f->family = KDP_AF_INET;
+		f->proto = ip->protocol;
 		f->saddr.v4 = ip->saddr;
 		f->daddr.v4 = ip->daddr;
 		return;
@@ -210,8 +214,8 @@ static __always_inline void flow_parse(void *data, void *data_end, struct flow *
 }
 
 /* flow_ports adds the ports (KDP_FLOW_PORTS) when the frame is an unfragmented TCP or UDP
- * packet with its whole L4 header, and for IPv4 the L4 protocol and offset (IPv6 has them from
- * flow_parse); otherwise f keeps no ports. */
+ * packet with its whole L4 header, and for IPv4 the L4 offset (IPv6 has it from flow_parse);
+ * otherwise f keeps no ports. f is flow_parse's: its protocol is the frame's. */
 static __always_inline void flow_ports(void *data, void *data_end, struct flow *f)
 {
 	struct iphdr *ip = data + ETH_HLEN;
@@ -222,11 +226,9 @@ static __always_inline void flow_ports(void *data, void *data_end, struct flow *
 	f->dport = 0;
 	switch (f->family) {
 	case KDP_AF_INET:
-		f->proto = 0;
 		f->l4_off = 0;
 		if ((void *)(ip + 1) > data_end)
 			return;
-		f->proto = ip->protocol;
 		if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
 			return;
 		if (ip->frag_off & bpf_htons(0x3fff)) /* MF or an offset: no (whole) L4 header */

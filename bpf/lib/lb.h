@@ -1229,7 +1229,7 @@ static __always_inline bool icmp4_is_error(__u8 type)
 	       type == KDP_ICMP_PARAMETERPROB;
 }
 
-/* lb_icmp_candidate says whether f (after flow_ports) may be an ICMP error worth a look. */
+/* lb_icmp_candidate says whether f (flow_parse's) may be an ICMP error worth a look. */
 static __always_inline bool lb_icmp_candidate(const struct flow *f)
 {
 	if (f->family == KDP_AF_INET)
@@ -1528,11 +1528,16 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 
 	if (!lb_active(cfg))
 		return -1;
-	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
-	if (!(f->flags & KDP_FLOW_PORTS) && lb_icmp_candidate(f))
+	/* An ICMP error may come from a router on the way (no real server's source), so it is
+	 * taken before the prefilter; the prefilter comes before the port parse, which most
+	 * frames to the guest (from no real server) then skip. */
+	if (lb_icmp_candidate(f))
 		return lb_icmp_verdict(xdp ? lb_icmp_in_xdp(ctx, f) : lb_icmp_in_tc(ctx, f));
-	if (!(f->flags & KDP_FLOW_PORTS) || !lb_prefilter(f, true))
-		return -1; /* an ICMP error from a router on the way was taken above */
+	if (!lb_prefilter(f, true))
+		return -1;
+	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
+	if (!(f->flags & KDP_FLOW_PORTS))
+		return -1;
 	if (f->family == KDP_AF_INET6)
 		return xdp ? lb_to6_xdp(ctx, len, f) : lb_to6_tc(ctx, len, f);
 	if (f->family != KDP_AF_INET)
