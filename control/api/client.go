@@ -58,6 +58,9 @@ func NewClient(path string) *Client {
 			return d.DialContext(ctx, "unix", path)
 		},
 		DisableCompression: true,
+		// Only requests that ask for it (a restore's rules) wait for 100 Continue; the agent
+		// sends it as soon as its handler starts reading. Past this the body is sent anyway.
+		ExpectContinueTimeout: 5 * time.Second,
 	}
 	return &Client{Timeout: DefaultTimeout, path: path, hc: &http.Client{Transport: tr}}
 }
@@ -82,10 +85,13 @@ func (c *Client) Do(ctx context.Context, method, path string, in, out any) error
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
+	var rules *rulesReader
 	switch v := in.(type) {
 	case nil:
 	case []byte:
 		body = bytes.NewReader(v)
+	case *rulesReader:
+		body, rules = v, v
 	default:
 		b, err := json.Marshal(v)
 		if err != nil {
@@ -96,6 +102,14 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	req, err := http.NewRequestWithContext(ctx, method, "http://kata-dp"+path, body)
 	if err != nil {
 		return fmt.Errorf("%s %s: %w", method, path, err)
+	}
+	if rules != nil {
+		// Sent as read: with its length when known, else chunked. The body waits for the
+		// agent's 100 Continue, so an agent that answers first (404: an older one) gets none
+		// of it and the caller can still send the rules another way.
+		req.ContentLength = rules.size
+		req.Header.Set("Content-Type", "text/plain")
+		req.Header.Set("Expect", "100-continue")
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {

@@ -25,7 +25,9 @@
 //	POST   /v1/sandboxes/{id}/kata-ipvs/{op}           IPVSRequest -> IPVSResult (op: ipvsadm,
 //	                                                   restore, cleanup; when the agent has an LB)
 //	POST   /v1/sandboxes/{id}/kata-ipvs/restore-rules  rules file (text) -> IPVSResult (restore,
-//	                                                   without the JSON string)
+//	                                                   without the JSON string; sent as read,
+//	                                                   chunked when from a pipe, after the
+//	                                                   agent's 100 Continue)
 //	GET    /v1/cluster                                 kube.Report (with Kubernetes only; added
 //	                                                   by the agent with Server.Handle)
 //

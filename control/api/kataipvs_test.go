@@ -4,12 +4,17 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
+	"testing/iotest"
 
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/ipvs"
@@ -97,18 +102,67 @@ func TestKataIPVSRestoreRules(t *testing.T) {
 		t.Fatal(err)
 	}
 	rules := "-A -u 10.96.0.10:53 -s wlc\n-a -u 10.96.0.10:53 -r 10.244.1.2:53 -m\n"
-	if err := c.KataIPVSRestore(ctx, "ipvs2", []byte(rules)); err != nil {
+	if err := c.KataIPVSRestore(ctx, "ipvs2", strings.NewReader(rules)); err != nil {
 		t.Fatal(err)
 	}
 	out, err := c.KataIPVS(ctx, "ipvs2", IPVSOpIpvsadm, IPVSRequest{Parameters: "-S"})
 	if want := "-A -u 10.96.0.10:53 -s wlc\n-a -u 10.96.0.10:53 -r 10.244.1.2:53 -m -w 1\n"; err != nil || out != want {
 		t.Errorf("after the restore, -S = %q, %v; want %q", out, err, want)
 	}
-	if err := c.KataIPVSRestore(ctx, "ipvs2", []byte(rules)); err == nil || err.Error() != ipvsctl.ErrRestoreNotEmpty.Error() {
+	if err := c.KataIPVSRestore(ctx, "ipvs2", strings.NewReader(rules)); err == nil || err.Error() != ipvsctl.ErrRestoreNotEmpty.Error() {
 		t.Errorf("second restore = %v, want %q", err, ipvsctl.ErrRestoreNotEmpty)
 	}
-	if err := c.KataIPVSRestore(ctx, "nope", []byte(rules)); !errors.Is(err, control.ErrNoSuchSandbox) {
+	if err := c.KataIPVSRestore(ctx, "nope", strings.NewReader(rules)); !errors.Is(err, control.ErrNoSuchSandbox) {
 		t.Errorf("restore into no sandbox = %v, want ErrNoSuchSandbox", err)
+	}
+
+	// From a regular file (sent with its length, from where the file stands) and from a pipe
+	// (chunked), as the CLI sends its standard input.
+	for _, from := range []string{"file", "pipe"} {
+		if _, err := c.KataIPVS(ctx, "ipvs2", IPVSOpIpvsadm, IPVSRequest{Parameters: "--clear"}); err != nil {
+			t.Fatal(err)
+		}
+		var in *os.File
+		if from == "file" {
+			in, err = os.Create(filepath.Join(t.TempDir(), "rules"))
+			if err == nil {
+				_, err = in.WriteString("# skipped\n" + rules)
+			}
+			if err == nil {
+				_, err = in.Seek(int64(len("# skipped\n")), 0)
+			}
+		} else {
+			var w *os.File
+			if in, w, err = os.Pipe(); err == nil {
+				go func() { w.WriteString(rules); w.Close() }()
+			}
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.KataIPVSRestore(ctx, "ipvs2", in); err != nil {
+			t.Errorf("restore from a %s: %v", from, err)
+		}
+		in.Close()
+		if out, err := c.KataIPVS(ctx, "ipvs2", IPVSOpIpvsadm, IPVSRequest{Parameters: "-S"}); err != nil || !strings.Contains(out, "10.244.1.2:53") {
+			t.Errorf("after the restore from a %s, -S = %q, %v", from, out, err)
+		}
+	}
+	// Rules that cannot be read, or too many bytes of them: the reading's error, nothing
+	// restored.
+	if _, err := c.KataIPVS(ctx, "ipvs2", IPVSOpIpvsadm, IPVSRequest{Parameters: "--clear"}); err != nil {
+		t.Fatal(err)
+	}
+	bad := io.MultiReader(strings.NewReader(rules), iotest.ErrReader(errors.New("disk on fire")))
+	if err := c.KataIPVSRestore(ctx, "ipvs2", bad); err == nil || err.Error() != "kata-ipvs: read rules: disk on fire" {
+		t.Errorf("restore of unreadable rules = %v", err)
+	}
+	big := io.MultiReader(strings.NewReader(rules), strings.NewReader(strings.Repeat("#\n", MaxRestoreSize/2+1)))
+	if err := c.KataIPVSRestore(ctx, "ipvs2", big); err == nil || err.Error() != fmt.Sprintf("kata-ipvs: rules file too big (more than %d bytes)", MaxRestoreSize) {
+		t.Errorf("restore of too many bytes = %v", err)
+	}
+	if out, err := c.KataIPVS(ctx, "ipvs2", IPVSOpIpvsadm, IPVSRequest{Parameters: "-S"}); err != nil || out != "" {
+		t.Errorf("after the failed restores, -S = %q, %v; want no rules", out, err)
 	}
 
 	// An older agent: only the JSON call.
@@ -128,7 +182,7 @@ func TestKataIPVSRestoreRules(t *testing.T) {
 	srv := &http.Server{Handler: mux}
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
-	if err := NewClient(sock).KataIPVSRestore(ctx, "x", []byte(rules)); err != nil {
+	if err := NewClient(sock).KataIPVSRestore(ctx, "x", strings.NewReader(rules)); err != nil {
 		t.Fatal(err)
 	}
 	if got.Rules != rules {
