@@ -74,6 +74,11 @@ type DatapathCt6Key struct {
 	Pad   uint16
 }
 
+type DatapathCtBucket struct {
+	_ structs.HostLayout
+	S [4]DatapathCtSlot
+}
+
 type DatapathCtEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
@@ -94,6 +99,14 @@ type DatapathCtKey struct {
 	Proto uint8
 	Dir   uint8
 	Pad   uint16
+}
+
+type DatapathCtSlot struct {
+	_   structs.HostLayout
+	Seq uint32
+	Pad uint32
+	Key DatapathCtKey
+	E   DatapathCtEntry
 }
 
 type DatapathEndpoint struct {

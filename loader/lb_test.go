@@ -303,6 +303,60 @@ func TestLBCountersLazy(t *testing.T) {
 	}
 }
 
+// TestLBConnTableFullBucket: the IPv4 connection table is an array of buckets of
+// loader.CTWays slots; a new connection whose bucket is full takes the oldest slot (a stamp
+// tie: the first), so new connections are never refused, and the others keep their entries
+// and real servers.
+func TestLBConnTableFullBucket(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	servers := []netip.AddrPort{backend, netip.MustParseAddrPort("10.0.0.11:8080")}
+	for i, s := range servers {
+		if err := r.lb.PutBackend(uint32(7+i), maps.Backend{Addr: s, Weight: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7, 8}}); err != nil {
+		t.Fatal(err)
+	}
+	key := func(port uint16) loader.DatapathCtKey {
+		return loader.DatapathCtKey{Saddr: ne32(guestIP), Daddr: ne32(vip.Addr()), Sport: htons(port), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
+	}
+	// CTWays+1 client ports whose original entries share a bucket.
+	n := r.lb.CT.MaxEntries()
+	want := loader.CTHash(key(1024)) % n
+	ports := []uint16{1024}
+	for p := uint16(1025); len(ports) <= loader.CTWays && p < 65535; p++ {
+		if loader.CTHash(key(p))%n == want {
+			ports = append(ports, p)
+		}
+	}
+	if len(ports) <= loader.CTWays {
+		t.Fatalf("found only %d ports of one bucket", len(ports))
+	}
+	picked := map[uint16]netip.AddrPort{}
+	for _, p := range ports {
+		ret, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, p), vip, 0x02, 0))
+		if ret != tcxRedirect {
+			t.Fatalf("new connection from port %d: verdict %d", p, ret)
+		}
+		picked[p] = checkFrame(t, out).dst
+	}
+	for i, p := range ports {
+		_, err := r.lb.ConnEntry(key(p))
+		if evicted := i == 0; evicted != (err != nil) {
+			t.Errorf("connection %d (port %d): entry lookup %v, want evicted %v", i, p, err, evicted)
+		}
+		if i == 0 {
+			continue
+		}
+		_, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, p), vip, 0x10, 0))
+		if got := checkFrame(t, out).dst; got != picked[p] {
+			t.Errorf("connection %d (port %d) moved from %v to %v", i, p, picked[p], got)
+		}
+	}
+}
+
 // TestLBUDPZeroChecksum: a UDP frame without checksum stays without one.
 func TestLBUDPZeroChecksum(t *testing.T) {
 	needRoot(t)
@@ -692,8 +746,8 @@ func TestLBClockAhead(t *testing.T) {
 	_, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, 0x02, 0))
 	first := checkFrame(t, out).dst
 	key := loader.DatapathCtKey{Saddr: ne32(client.Addr()), Daddr: ne32(vip.Addr()), Sport: htons(client.Port()), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
-	var e loader.DatapathCtEntry
-	if err := r.lb.CT.Lookup(&key, &e); err != nil {
+	e, err := r.lb.ConnEntry(key)
+	if err != nil {
 		t.Fatalf("no connection entry: %v", err)
 	}
 	var ts unix.Timespec
@@ -708,7 +762,7 @@ func TestLBClockAhead(t *testing.T) {
 		{"stamp past the 900 s timeout", now - 1000e9, false},
 	} {
 		e.LastSeen = c.seen
-		if err := r.lb.CT.Put(&key, &e); err != nil {
+		if err := r.lb.SetConnEntry(key, e); err != nil {
 			t.Fatal(err)
 		}
 		_, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, 0x10, 0))
@@ -716,7 +770,7 @@ func TestLBClockAhead(t *testing.T) {
 		if (got == first) != c.sameReal {
 			t.Errorf("%s: frame went to %v, first to %v (same real server wanted: %v)", c.name, got, first, c.sameReal)
 		}
-		if err := r.lb.CT.Lookup(&key, &e); err != nil {
+		if e, err = r.lb.ConnEntry(key); err != nil {
 			t.Fatal(err)
 		}
 		first = got

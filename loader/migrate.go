@@ -23,7 +23,9 @@ const migrateSuffix = "_migrating"
 //
 // The new map gets the entries of the old one where their layout is unchanged (same key and
 // value size: a hash whose flags or type changed, a hash that became an array indexed by the
-// same u32 keys); entries that do not fit are counted and dropped. A map whose layout did
+// same u32 keys); entries that do not fit are counted and dropped. The IPv4 connection table,
+// an LRU hash before it became an array of buckets, is converted (convertCT): established
+// connections survive the upgrade. A map whose layout did
 // change starts empty, and its owner writes it again: the agent's reconcile rewrites every
 // endpoint, route and load-balancer entry at start. The old map lives on while the programs
 // pinned in links still use it; Open moves the links onto the new programs right after, so
@@ -78,7 +80,11 @@ func migrateMap(ms *ebpf.MapSpec, path string) error {
 		return fmt.Errorf("create the new map: %w", err)
 	}
 	defer m.Close()
-	copied, dropped, err := copyEntries(old, m)
+	fill := copyEntries
+	if filepath.Base(path) == "kdp_lb_ct" && isOldCT(old) {
+		fill = convertCT // the LRU hash became an array of buckets: entries are moved, not dropped
+	}
+	copied, dropped, err := fill(old, m)
 	if err != nil {
 		return fmt.Errorf("copy entries: %w", err)
 	}

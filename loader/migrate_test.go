@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
 )
 
 // TestMigratePinnedMaps opens a sandbox whose pins an "older kata-dp" made with other map
@@ -128,4 +129,54 @@ func TestMigratePinnedMaps(t *testing.T) {
 		t.Errorf("the temporary pin is still there: %v", err)
 	}
 	runtime.KeepAlive(sb)
+}
+
+// TestMigrateConnTable: a sandbox pinned when the IPv4 connection table was an LRU hash (one
+// entry per direction, keyed by the connection) is opened with its entries moved into the
+// array of buckets, each where the datapath looks for it: established connections survive
+// the upgrade. The table keeps its capacity (entries, now CTWays per bucket).
+func TestMigrateConnTable(t *testing.T) {
+	needRoot(t)
+	root := testRoot(t)
+	const id = "migratect"
+	sb := openSandbox(t, root, id)
+	dir := sb.Dir()
+	sb.Close()
+
+	old, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: 16, ValueSize: 24, MaxEntries: 8192})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	var keys []loader.DatapathCtKey
+	for i := range 100 {
+		k := loader.DatapathCtKey{Saddr: 0x0300a8c0, Daddr: 0x0a00600a, Sport: uint16(1000 + i), Dport: 0x5000, Proto: 6, Dir: uint8(i % 2)}
+		e := loader.DatapathCtEntry{LastSeen: uint64(1 + i), Addr: 0x0a00000a, Port: 0x901f, State: 1, Backend: uint32(i), Svc: 3}
+		if err := old.Put(&k, &e); err != nil {
+			t.Fatal(err)
+		}
+		keys = append(keys, k)
+	}
+	if err := os.Remove(filepath.Join(dir, "kdp_lb_ct")); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Pin(filepath.Join(dir, "kdp_lb_ct")); err != nil {
+		t.Fatal(err)
+	}
+
+	sb, err = loader.Open(root, id)
+	if err != nil {
+		t.Fatalf("open over the LRU connection table: %v", err)
+	}
+	defer sb.Close()
+	lb := maps.ForSandbox(sb.Maps()).LB
+	if got := lb.ConnCapacity(); got != 8192 {
+		t.Errorf("capacity after the migration %d, want 8192", got)
+	}
+	for i, k := range keys {
+		e, err := lb.ConnEntry(k)
+		if err != nil || e.Backend != uint32(i) || e.LastSeen != uint64(1+i) {
+			t.Errorf("connection %d after the migration: %+v, %v", i, e, err)
+		}
+	}
 }

@@ -71,26 +71,33 @@ type NodeCt6Key struct {
 	Pad   uint16
 }
 
-type NodeCtEntry struct {
-	_        structs.HostLayout
-	LastSeen uint64
-	Addr     uint32
-	Port     uint16
-	State    uint8
-	Flags    uint8
-	Backend  uint32
-	Svc      uint32
-}
-
-type NodeCtKey struct {
-	_     structs.HostLayout
-	Saddr uint32
-	Daddr uint32
-	Sport uint16
-	Dport uint16
-	Proto uint8
-	Dir   uint8
-	Pad   uint16
+type NodeCtBucket struct {
+	_ structs.HostLayout
+	S [4]struct {
+		_   structs.HostLayout
+		Seq uint32
+		Pad uint32
+		Key struct {
+			_     structs.HostLayout
+			Saddr uint32
+			Daddr uint32
+			Sport uint16
+			Dport uint16
+			Proto uint8
+			Dir   uint8
+			Pad   uint16
+		}
+		E struct {
+			_        structs.HostLayout
+			LastSeen uint64
+			Addr     uint32
+			Port     uint16
+			State    uint8
+			Flags    uint8
+			Backend  uint32
+			Svc      uint32
+		}
+	}
 }
 
 type NodeFdbEntry struct {

@@ -78,7 +78,8 @@ type Maps struct {
 // Options tune a sandbox's collection when it is first created (a pinned map keeps the size
 // it was created with).
 type Options struct {
-	// CTSize is the number of connection-table entries (two per connection); 0 = 16384.
+	// CTSize is the number of connection-table entries (two per connection); 0 = 16384. The
+	// IPv4 table holds them in buckets of CTWays.
 	CTSize uint32
 	// ExtraLBRules makes room in the load balancer's maps for that many rules (services plus
 	// real servers) beyond the 20000 of kata-ipvs (bpf/lib/lb.h), twice over like those (the
@@ -168,7 +169,7 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 		return nil, fmt.Errorf("open sandbox %s: load spec: %w", id, err)
 	}
 	if o.CTSize > 0 {
-		spec.Maps["kdp_lb_ct"].MaxEntries = o.CTSize
+		spec.Maps["kdp_lb_ct"].MaxEntries = ctBuckets(o.CTSize)
 		spec.Maps["kdp_lb_ct6"].MaxEntries = o.CTSize
 	}
 	if x := o.ExtraLBRules; x > 0 {
@@ -187,6 +188,9 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 		}
 		if m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil); err == nil {
 			ms.MaxEntries = m.MaxEntries()
+			if name == "kdp_lb_ct" && isOldCT(m) { // entries then, buckets now
+				ms.MaxEntries = ctBuckets(m.MaxEntries())
+			}
 			m.Close()
 		}
 	}

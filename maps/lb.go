@@ -72,16 +72,18 @@ type (
 	// LBConns is struct lb_conns: a real server's connection counts.
 	LBConns = loader.DatapathLbConns
 
-	svcKey  = loader.DatapathLbSvcKey
-	svc     = loader.DatapathLbSvc
-	hashTab = loader.DatapathLbHash
-	svc6Key = loader.DatapathLbSvc6Key
-	be6     = loader.DatapathLbBackend6
-	ct6Key  = loader.DatapathCt6Key
-	ct6Ent  = loader.DatapathCt6Entry
-	backend = loader.DatapathLbBackend
-	ctKey   = loader.DatapathCtKey
-	ctEntry = loader.DatapathCtEntry
+	svcKey   = loader.DatapathLbSvcKey
+	svc      = loader.DatapathLbSvc
+	hashTab  = loader.DatapathLbHash
+	svc6Key  = loader.DatapathLbSvc6Key
+	be6      = loader.DatapathLbBackend6
+	ct6Key   = loader.DatapathCt6Key
+	ct6Ent   = loader.DatapathCt6Entry
+	backend  = loader.DatapathLbBackend
+	ctKey    = loader.DatapathCtKey
+	ctEntry  = loader.DatapathCtEntry
+	ctSlot   = loader.DatapathCtSlot
+	ctBucket = loader.DatapathCtBucket
 )
 
 // Backend is a real server as the datapath holds it (struct lb_backend).
@@ -641,63 +643,118 @@ func replyKey(k ctKey, e ctEntry) ctKey {
 	return ctKey{Saddr: e.Addr, Daddr: k.Saddr, Sport: e.Port, Dport: k.Sport, Proto: k.Proto, Dir: 1}
 }
 
-// ConnEntries returns the number of entries in the connection table (two per connection).
-func (l LB) ConnEntries() (int, error) {
-	all, err := Dump[ctKey, ctEntry](l.CT)
+// ConnCapacity returns how many entries the connection table can hold (two per connection).
+func (l LB) ConnCapacity() int { return int(l.CT.MaxEntries()) * loader.CTWays }
+
+// ConnEntries returns the number of live entries in the IPv4 connection table (two per
+// connection) at now (CLOCK_MONOTONIC in ns): the table keeps an expired entry until its slot
+// is reused, so only those within their timeout are counted.
+func (l LB) ConnEntries(now uint64, cfg Config) (int, error) {
+	buckets, err := Dump[uint32, ctBucket](l.CT)
 	if err != nil {
 		return 0, fmt.Errorf("count connections: %w", err)
 	}
-	return len(all), nil
+	n := 0
+	for _, b := range buckets {
+		for _, s := range b.S {
+			if s.E.LastSeen != 0 && !ctExpired(now, cfg, s.E) {
+				n++
+			}
+		}
+	}
+	return n, nil
 }
 
-// Sweep expires connections idle past their timeout (now is CLOCK_MONOTONIC in ns; the
-// datapath stamps with its last tick, bpf_ktime_get_coarse_ns), deleting both directions, and rewrites every real server's
-// active/inactive counts from what is left. match, when not nil, selects live connections to
-// delete as well (cleanup); their number is added to Expired.
+// ConnEntry returns the IPv4 connection table's entry of key k (ebpf.ErrKeyNotExist when
+// there is none), whether expired or not, as the datapath's ct_lookup finds it.
+func (l LB) ConnEntry(k loader.DatapathCtKey) (loader.DatapathCtEntry, error) {
+	var b ctBucket
+	if err := l.CT.Lookup(loader.CTHash(k)%l.CT.MaxEntries(), &b); err != nil {
+		return ctEntry{}, fmt.Errorf("read connection: %w", err)
+	}
+	for _, s := range b.S {
+		if s.Seq&1 == 0 && s.E.LastSeen != 0 && s.Key == k {
+			return s.E, nil
+		}
+	}
+	return ctEntry{}, fmt.Errorf("read connection: %w", ebpf.ErrKeyNotExist)
+}
+
+// SetConnEntry writes entry e of key k into the IPv4 connection table: into the slot that
+// holds k, else the first free one of its bucket, else the bucket's oldest (a whole bucket is
+// written, so a concurrent datapath write into it may be lost: for tests and repairs).
+func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error {
+	i := loader.CTHash(k) % l.CT.MaxEntries()
+	var b ctBucket
+	if err := l.CT.Lookup(i, &b); err != nil {
+		return fmt.Errorf("write connection: %w", err)
+	}
+	at := -1
+	for s := range b.S {
+		if b.S[s].E.LastSeen != 0 && b.S[s].Key == k {
+			at = s
+			break
+		}
+		if at < 0 && b.S[s].E.LastSeen == 0 {
+			at = s
+		}
+	}
+	if at < 0 {
+		at = 0
+		for s := range b.S {
+			if int64(b.S[s].E.LastSeen-b.S[at].E.LastSeen) < 0 {
+				at = s
+			}
+		}
+	}
+	b.S[at] = ctSlot{Seq: (b.S[at].Seq + 2) &^ 1, Key: k, E: e}
+	if err := l.CT.Update(i, &b, ebpf.UpdateExist); err != nil {
+		return fmt.Errorf("write connection: %w", err)
+	}
+	return nil
+}
+
+// ctExpired says whether entry e is idle past its timeout at now.
+func ctExpired(now uint64, cfg Config, e ctEntry) bool {
+	return now > e.LastSeen && now-e.LastSeen > ctTimeout(cfg, e.State)
+}
+
+// Sweep counts the live connections (now is CLOCK_MONOTONIC in ns; the datapath stamps with
+// its last tick, bpf_ktime_get_coarse_ns) and rewrites every real server's active/inactive
+// counts from them. match, when not nil, selects live connections to delete (cleanup): both
+// directions' entries are cleared and their number is returned in Expired. The IPv4 table
+// needs no deletion of expired entries (the datapath reuses their slots, bpf/lib/lb.h); the
+// IPv6 one (an LRU hash) has them deleted.
 func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, error) {
 	res := SweepResult{Conns: map[uint32]LBConns{}}
-	var dead []ctKey
-	replies := map[ctKey]ctEntry{}
-	all, err := Dump[ctKey, ctEntry](l.CT)
+	buckets, err := Dump[uint32, ctBucket](l.CT)
 	if err != nil {
 		return res, fmt.Errorf("sweep connections: %w", err)
 	}
-	for k, e := range all {
-		if k.Dir == 1 {
-			replies[k] = e
-		}
-	}
-	for k, e := range all {
-		if k.Dir == 1 {
-			continue
-		}
-		if (now > e.LastSeen && now-e.LastSeen > ctTimeout(cfg, e.State)) || (match != nil && match(decodeConn(k, e))) {
-			dead = append(dead, k, replyKey(k, e))
-			res.Expired++
-			continue
-		}
-		delete(replies, replyKey(k, e))
-		res.Live++
-		c := res.Conns[e.Backend]
-		if e.State == CTTCPEst {
-			c.Active++
-		} else {
-			c.Inactive++
-		}
-		res.Conns[e.Backend] = c
-	}
-	// Reply entries whose original is gone (evicted by the LRU) go too, once idle.
-	for rk, re := range replies {
-		if now > re.LastSeen && now-re.LastSeen > ctTimeout(cfg, re.State) {
-			dead = append(dead, rk)
-		}
-	}
-	if len(dead) > 0 {
-		if _, err := l.CT.BatchDelete(dead, nil); err != nil {
-			for i := range dead {
-				l.CT.Delete(&dead[i])
+	var kill []ctKey
+	for _, b := range buckets {
+		for _, s := range b.S {
+			k, e := s.Key, s.E
+			if e.LastSeen == 0 || k.Dir == 1 || ctExpired(now, cfg, e) {
+				continue
 			}
+			if match != nil && match(decodeConn(k, e)) {
+				kill = append(kill, k, replyKey(k, e))
+				res.Expired++
+				continue
+			}
+			res.Live++
+			c := res.Conns[e.Backend]
+			if e.State == CTTCPEst {
+				c.Active++
+			} else {
+				c.Inactive++
+			}
+			res.Conns[e.Backend] = c
 		}
+	}
+	if err := l.clearConns(kill); err != nil {
+		return res, fmt.Errorf("sweep connections: %w", err)
 	}
 	if err := l.sweep6(now, cfg, match, &res); err != nil {
 		return res, err
@@ -706,6 +763,43 @@ func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, e
 		return res, fmt.Errorf("sweep: %w", err)
 	}
 	return res, nil
+}
+
+// clearConns clears the slots of keys in the IPv4 connection table. A bucket is read again
+// right before it is written (an array entry is written whole), and a slot a CPU is writing
+// (odd seq) is left alone; seq goes up by two, so a reader that copied the slot before sees
+// that it changed. A new connection's entry the datapath writes into another slot of the same
+// bucket between that read and the write is lost (its next frame is scheduled again): the
+// window is a few microseconds of a cleanup, which is rare (a real server removed).
+func (l LB) clearConns(keys []ctKey) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	n := l.CT.MaxEntries()
+	byBucket := map[uint32][]ctKey{}
+	for _, k := range keys {
+		i := loader.CTHash(k) % n
+		byBucket[i] = append(byBucket[i], k)
+	}
+	for i, ks := range byBucket {
+		var b ctBucket
+		if err := l.CT.Lookup(i, &b); err != nil {
+			return fmt.Errorf("read bucket %d: %w", i, err)
+		}
+		changed := false
+		for s := range b.S {
+			if b.S[s].Seq&1 == 0 && b.S[s].E.LastSeen != 0 && slices.Contains(ks, b.S[s].Key) {
+				b.S[s] = ctSlot{Seq: b.S[s].Seq + 2}
+				changed = true
+			}
+		}
+		if changed {
+			if err := l.CT.Update(i, &b, ebpf.UpdateExist); err != nil {
+				return fmt.Errorf("write bucket %d: %w", i, err)
+			}
+		}
+	}
+	return nil
 }
 
 // recount makes every real server's connection counts those of the connection table (counts,

@@ -136,15 +136,19 @@ func (l LB) livePrefilter() (vips, rss []uint32, err error) {
 	for _, b := range bes6 {
 		rss = append(rss, fold6(b.Ip))
 	}
-	cts, err := Dump[ctKey, ctEntry](l.CT)
+	cts, err := Dump[uint32, ctBucket](l.CT)
 	if err != nil {
 		return nil, nil, err
 	}
-	for k := range cts {
-		if k.Dir == 0 {
-			vips = append(vips, k.Daddr)
-		} else {
-			rss = append(rss, k.Saddr)
+	for _, b := range cts {
+		for _, s := range b.S {
+			switch {
+			case s.E.LastSeen == 0:
+			case s.Key.Dir == 0:
+				vips = append(vips, s.Key.Daddr)
+			default:
+				rss = append(rss, s.Key.Saddr)
+			}
 		}
 	}
 	cts6, err := Dump[ct6Key, ct6Ent](l.CT6)

@@ -396,15 +396,19 @@ func (d *Dataplane) LBCounters(ctx context.Context, id string) (ipvs.Counters, e
 	return c, nil
 }
 
-// ConnTable returns how many entries the sandbox's connection table holds and how many it
-// can hold (two entries per connection: the original direction and the reply). The table is
-// an LRU: when full, the oldest connections are evicted, which resets them.
+// ConnTable returns how many live entries the sandbox's IPv4 connection table holds and how
+// many it can hold (two entries per connection: the original direction and the reply). When
+// a bucket of the table is full, a new connection takes the slot of its oldest entry, which
+// resets that connection.
 func (d *Dataplane) ConnTable(ctx context.Context, id string) (entries, capacity int, err error) {
 	err = d.read(id, func(sb *Sandbox) error {
 		lb := sb.lbMaps()
-		capacity = int(lb.CT.MaxEntries())
-		var err error
-		entries, err = lb.ConnEntries()
+		capacity = lb.ConnCapacity()
+		cfg, err := maps.ReadConfig(lb.Config)
+		if err != nil {
+			return err
+		}
+		entries, err = lb.ConnEntries(monotonicNow(), cfg)
 		return err
 	})
 	if err != nil {

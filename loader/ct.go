@@ -1,0 +1,83 @@
+package loader
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// CTWays is the number of slots in a bucket of the IPv4 connection table (KDP_CT_WAYS): the
+// table (kdp_lb_ct) is an array of buckets that the datapath manages itself (bpf/lib/lb.h),
+// so Options.CTSize entries make CTSize/CTWays buckets.
+const CTWays = 4
+
+// ctBuckets is the number of buckets that hold size entries.
+func ctBuckets(size uint32) uint32 { return max(size/CTWays, 1) }
+
+// mix32 is the datapath's integer hash (lb_vip_hash, maps.vipHash).
+func mix32(w uint32) uint32 {
+	w ^= w >> 16
+	w *= 0x7feb352d
+	w ^= w >> 15
+	w *= 0x846ca68b
+	w ^= w >> 16
+	return w
+}
+
+// CTHash is ct_hash (bpf/lib/lb.h) of a connection key: its four words as they lie in memory.
+// A key's bucket is CTHash(k) % the table's buckets.
+func CTHash(k DatapathCtKey) uint32 {
+	h := mix32(k.Saddr ^ 0x9e3779b9)
+	h = mix32(h ^ k.Daddr)
+	h = mix32(h ^ (uint32(k.Sport) | uint32(k.Dport)<<16))
+	return mix32(h ^ (uint32(k.Proto) | uint32(k.Dir)<<8 | uint32(k.Pad)<<16))
+}
+
+// convertCT moves the entries of an IPv4 connection table of the LRU hash layout (before the
+// array of buckets) into m, each into a free slot of its bucket, so that an agent upgraded
+// across the change keeps its established connections. An entry whose bucket is full is
+// dropped (the hash's entries are spread like new ones; at most a few of a full table).
+func convertCT(old, m *ebpf.Map) (copied, dropped int, err error) {
+	n := m.MaxEntries()
+	buckets := map[uint32]*DatapathCtBucket{}
+	var (
+		k DatapathCtKey
+		e DatapathCtEntry
+	)
+	it := old.Iterate()
+	for it.Next(&k, &e) {
+		i := CTHash(k) % n
+		b := buckets[i]
+		if b == nil {
+			b = &DatapathCtBucket{}
+			buckets[i] = b
+		}
+		placed := false
+		for s := range b.S {
+			if b.S[s].E.LastSeen == 0 {
+				b.S[s] = DatapathCtSlot{Key: k, E: e}
+				placed = true
+				break
+			}
+		}
+		if placed {
+			copied++
+		} else {
+			dropped++
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, 0, fmt.Errorf("read the connection table: %w", err)
+	}
+	for i, b := range buckets {
+		if err := m.Put(i, b); err != nil {
+			return 0, 0, fmt.Errorf("write the connection table: %w", err)
+		}
+	}
+	return copied, dropped, nil
+}
+
+// isOldCT reports whether m is an IPv4 connection table of the LRU hash layout.
+func isOldCT(m *ebpf.Map) bool {
+	return m.Type() != ebpf.Array && m.KeySize() == 16 && m.ValueSize() == 24
+}
