@@ -254,11 +254,14 @@ func detachAll(dir, sub string) error {
 }
 
 // attachLegacy is the pre-TCX way: a clsact qdisc (kept if it exists) and a direct-action bpf
-// filter at ingress (or egress), replaced atomically when one of ours is already there.
+// filter at ingress (or egress), replaced atomically when one of ours is already there. As
+// with TCX links (AttachEgress), a device has kata-dp's program on one side only: a filter of
+// ours on the other side is deleted once the new one is in place (a device that changed role,
+// such as a tap whose endpoint moved to macvtap-bpf, would otherwise run both).
 func attachLegacy(ifindex int, prog *ebpf.Program, name string, egress bool) error {
-	parent := uint32(netlink.HANDLE_MIN_INGRESS)
+	parent, other := uint32(netlink.HANDLE_MIN_INGRESS), uint32(netlink.HANDLE_MIN_EGRESS)
 	if egress {
-		parent = netlink.HANDLE_MIN_EGRESS
+		parent, other = other, parent
 	}
 	qdisc := &netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{
@@ -286,28 +289,40 @@ func attachLegacy(ifindex int, prog *ebpf.Program, name string, egress bool) err
 	if err := netlink.FilterReplace(filter); err != nil {
 		return fmt.Errorf("add bpf filter: %w", err)
 	}
+	if err := deleteLegacy(ifindex, other); err != nil {
+		return fmt.Errorf("the other side: %w", err)
+	}
 	return nil
 }
 
 // detachLegacy deletes the ingress and egress bpf filters whose program is one of kata-dp's.
 func detachLegacy(ifindex int) error {
+	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+		if err := deleteLegacy(ifindex, parent); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deleteLegacy deletes the bpf filters of kata-dp's programs at one side (the clsact parent)
+// of a device; other users' filters stay. A device or clsact that is not there holds none.
+func deleteLegacy(ifindex int, parent uint32) error {
 	l, err := netlink.LinkByIndex(ifindex)
 	if err != nil {
 		return nil
 	}
-	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
-		filters, err := netlink.FilterList(l, parent)
-		if err != nil {
-			return nil // no clsact: nothing legacy was ever attached
+	filters, err := netlink.FilterList(l, parent)
+	if err != nil {
+		return nil // no clsact: nothing legacy was ever attached
+	}
+	for _, f := range filters {
+		bf, ok := f.(*netlink.BpfFilter)
+		if !ok || !strings.HasPrefix(bf.Name, progPrefix) {
+			continue
 		}
-		for _, f := range filters {
-			bf, ok := f.(*netlink.BpfFilter)
-			if !ok || !strings.HasPrefix(bf.Name, progPrefix) {
-				continue
-			}
-			if err := netlink.FilterDel(bf); err != nil {
-				return fmt.Errorf("delete bpf filter %s: %w", bf.Name, err)
-			}
+		if err := netlink.FilterDel(bf); err != nil {
+			return fmt.Errorf("delete bpf filter %s: %w", bf.Name, err)
 		}
 	}
 	return nil
