@@ -31,6 +31,11 @@ type EndpointStatus struct {
 	// socket of a vhost-user NIC (mode vhost-user).
 	Vhost           string `json:"vhost,omitempty"`
 	VhostUserSocket string `json:"vhostUserSocket,omitempty"`
+	// Macvtap is the device the VM uses instead of the tap in the macvtap modes (macvtap,
+	// macvtap-bpf): the macvtap on the uplink, and MacvtapDev its character device, the file
+	// QEMU opens. Without them a status of such a NIC named only a tap no frame passes.
+	Macvtap    string `json:"macvtap,omitempty"`
+	MacvtapDev string `json:"macvtapDev,omitempty"`
 	// Source is where the NIC came from: kata-network, netmon or discovery.
 	Source     string         `json:"source"`
 	Stats      *EndpointStats `json:"stats,omitempty"`
@@ -166,6 +171,11 @@ func (c *Controller) Status(ctx context.Context) []SandboxStatus {
 			if mr, ok := c.cfg.Dataplane.(ModeReporter); ok {
 				if m, why, err := mr.Mode(ep); err == nil {
 					es.RunningMode, es.ModeReason = m, why
+				}
+			}
+			if vr, ok := c.cfg.Dataplane.(VMDeviceReporter); ok {
+				if name, dev, ok := vr.VMDevice(ep); ok {
+					es.Macvtap, es.MacvtapDev = name, dev
 				}
 			}
 			if st, err := c.cfg.Dataplane.Stats(ctx, ep); err != nil {

@@ -80,6 +80,13 @@ type ModeReporter interface {
 	Mode(ep Endpoint) (mode, reason string, err error)
 }
 
+// VMDeviceReporter is implemented by dataplanes whose modes give the VM a device other than the
+// NIC's tap (the macvtap modes: a macvtap on the uplink): VMDevice returns its name and the
+// character device the VM opens, ok false when the endpoint's VM uses its tap. Status shows it.
+type VMDeviceReporter interface {
+	VMDevice(ep Endpoint) (name, dev string, ok bool)
+}
+
 // Hotplugger plugs NICs into a sandbox's VM. Sandboxes without a QMP socket skip hot-plug.
 // An endpoint with a VhostUserSocket is plugged as a vhost-user NIC, any other from its tap
 // (with vhost-net as ep.Vhost decides).

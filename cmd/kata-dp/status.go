@@ -274,6 +274,8 @@ func statusTable(e *env, st []control.SandboxStatus) error {
 			switch {
 			case ep.VhostUserSocket != "":
 				tap = "- (vhost-user " + ep.VhostUserSocket + ")"
+			case ep.Macvtap != "":
+				tap = ep.Macvtap + " (macvtap " + ep.MacvtapDev + ")"
 			case !ep.TapCreated:
 				tap += " (adopted)"
 			}

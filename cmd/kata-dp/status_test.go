@@ -6,6 +6,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/kata-dp/kata-dp/control"
 )
 
 // lineWriter collects output and signals each complete line.
@@ -75,5 +77,27 @@ func TestStatusSummaryAndWatch(t *testing.T) {
 		if r := a.runIn("", tc.args...); r.code != 1 || !strings.Contains(r.stderr, tc.want) {
 			t.Errorf("%v: %+v, want %q", tc.args, r, tc.want)
 		}
+	}
+}
+
+// TestStatusTableMacvtap: in the macvtap modes the TAP column names the device the VM uses, the
+// macvtap and its character device, not the tap no frame passes.
+func TestStatusTableMacvtap(t *testing.T) {
+	var out bytes.Buffer
+	st := []control.SandboxStatus{{
+		Sandbox: control.Sandbox{ID: "sb1", Mode: control.ModeMacvtapBPF},
+		Endpoints: []control.EndpointStatus{
+			{NIC: "eth0", Tap: "tap0_kata", TapCreated: true, Mode: control.ModeMacvtapBPF, Macvtap: "kdpmv0", MacvtapDev: "/dev/tap12"},
+			{NIC: "eth1", Tap: "tap1_kata", TapCreated: true, Mode: control.ModeTC},
+		},
+	}}
+	if err := statusTable(&env{stdout: &out}, st); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), " kdpmv0 (macvtap /dev/tap12) ") || strings.Contains(out.String(), "tap0_kata") {
+		t.Errorf("macvtap NIC's device not shown:\n%s", out.String())
+	}
+	if !strings.Contains(out.String(), " tap1_kata ") {
+		t.Errorf("tc NIC's tap not shown:\n%s", out.String())
 	}
 }

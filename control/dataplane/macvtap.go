@@ -102,6 +102,18 @@ func (d *Dataplane) Macvtap(ep control.Endpoint) (dev MacvtapDevice, ok bool) {
 	return MacvtapDevice{st.mv}, true
 }
 
+var _ control.VMDeviceReporter = (*Dataplane)(nil)
+
+// VMDevice is Macvtap for control (control.VMDeviceReporter, shown by status): the
+// macvtap's name and its character device.
+func (d *Dataplane) VMDevice(ep control.Endpoint) (name, dev string, ok bool) {
+	mv, ok := d.Macvtap(ep)
+	if !ok {
+		return "", "", false
+	}
+	return mv.Name, mv.DevPath, true
+}
+
 // Open opens n queues of the macvtap's character device the way QEMU does (non-blocking when
 // nonblock is set). The caller closes the files.
 func (m MacvtapDevice) Open(n int, nonblock bool) ([]*os.File, error) {

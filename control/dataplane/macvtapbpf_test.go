@@ -196,6 +196,12 @@ func TestMacvtapBPFSwitch(t *testing.T) {
 		if m, why, _ := r.dp.Mode(r.ep); m != mode {
 			t.Fatalf("runs %s (%s), want %s", m, why, mode)
 		}
+		// Status shows the device the VM uses: the macvtap in the macvtap modes.
+		name, dev, ok := r.dp.VMDevice(r.ep)
+		if isMV := mode == control.ModeMacvtap || mode == control.ModeMacvtapBPF; ok != isMV ||
+			(ok && (name != "kdpmv0" || !strings.HasPrefix(dev, "/dev/tap"))) {
+			t.Errorf("%s: VM device %q %q %v", mode, name, dev, ok)
+		}
 		if tx, rx := pingAll(t, r.sb.Host, "-c", "3", "-i", "0.05", "-W", "2", guestIP); rx != tx {
 			t.Errorf("%s: host->guest ping %d/%d", mode, rx, tx)
 		}
