@@ -195,3 +195,65 @@ func guestTCPBothWays(t *testing.T, from *topo.NetNS, addr string, size int64) {
 		t.Errorf("%s -> guest %s: the guest counted %q bytes, want %d", from, addr, line, size)
 	}
 }
+
+// TestE2EQEMUMacvtapBPF is TestE2EQEMU's path in macvtap-bpf mode: the agent makes the macvtap
+// on the uplink (Kata's MAC swap: the macvtap, so the guest, takes the veth's MAC, which is
+// what the guest's address table is keyed by), QEMU gets the macvtap's queues at hot-plug, and
+// ping and TCP cross macvtap's plumbing with kata-dp's programs at the uplink's ingress and the
+// macvtap's egress, counted by them; status names the macvtap the VM uses.
+func TestE2EQEMUMacvtapBPF(t *testing.T) {
+	topotest.RequireRoot(t, "runs QEMU and the BPF dataplane in namespaces")
+	sb := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptm", NoTap: true})
+	guestIP := sb.GuestAddr.Addr().String()
+	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: sb.NS.Path(), NetTable: map[string]string{
+		sb.GuestMAC.String(): sb.GuestAddr.String(),
+	}})
+
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "kata-dp.sock")
+	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptm-", 8))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
+	waitAgent(t, sock, p)
+	a := &testAgent{sock: sock, ns: sb.NS}
+	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", sb.NS.Path(), "--qmp", g.QMPPath, "--mode", control.ModeMacvtapBPF},
+		result{stdout: sandboxID + "\n"})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	from := g.Lines()
+	in := `{"device":"tap-test","name":"eth-test","IPAddresses":[{"address":"` + guestIP + `","mask":"24"}],"hwAddr":"` + sb.GuestMAC.String() + `","mtu":1500}`
+	if r := a.cli(t, in, "kata-network", "add-iface", "6ec7a98", "-"); r.code != 0 {
+		t.Fatalf("add-iface: %+v\nagent:\n%s", r, p.stderr)
+	}
+	if _, err := g.WaitNICUp(ctx, from, sb.GuestMAC.String()); err != nil {
+		t.Fatalf("guest never saw the NIC with the veth's MAC: %v\n%s", err, g.Log())
+	}
+	if err := sb.Host.Ping(guestIP, 3, 10*time.Second); err != nil {
+		t.Fatalf("ping the guest: %v\n%s", err, g.Log())
+	}
+	guestTCPBothWays(t, sb.Host, guestIP, 1<<20)
+
+	var st []control.SandboxStatus
+	out := a.cli(t, "", "status", "-o", "json")
+	if err := json.Unmarshal([]byte(out.stdout), &st); err != nil || len(st) != 1 || len(st[0].Endpoints) != 1 {
+		t.Fatalf("status -o json: %v: %q", err, out.stdout)
+	}
+	ep := st[0].Endpoints[0]
+	if ep.RunningMode != control.ModeMacvtapBPF || ep.Macvtap == "" || ep.MacvtapDev == "" {
+		t.Errorf("status of the NIC: %+v", ep)
+	}
+	// The guest's frames are counted by the program at the macvtap's egress, the host's by
+	// the one at the uplink's ingress.
+	if s := ep.Stats; s == nil || s.FromGuest.Bytes < 1<<20 || s.ToGuest.Bytes < 1<<20 {
+		t.Errorf("BPF counters below 1 MiB each way: %+v", s)
+	}
+	a.check(t, in, []string{"kata-network", "del-iface", "6ec7a98", "-"}, result{stdout: "null\n"})
+	if _, err := sb.NS.Link(ep.Macvtap); err == nil {
+		t.Errorf("macvtap %s survived del-iface", ep.Macvtap)
+	}
+	if ids := tcxLinkIDs(t, sb.NS.Path(), "eth0"); len(ids) != 0 {
+		t.Errorf("programs left on the uplink after del-iface: %v", ids)
+	}
+	a.check(t, "", []string{"sandbox", "del", sandboxID}, result{})
+}

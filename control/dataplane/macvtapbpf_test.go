@@ -199,7 +199,7 @@ func TestMacvtapBPFSwitch(t *testing.T) {
 		// Status shows the device the VM uses: the macvtap in the macvtap modes.
 		name, dev, ok := r.dp.VMDevice(r.ep)
 		if isMV := mode == control.ModeMacvtap || mode == control.ModeMacvtapBPF; ok != isMV ||
-			(ok && (name != "kdpmv0" || !strings.HasPrefix(dev, "/dev/tap"))) {
+			(ok && (name != "kdpmv0" || dev == "")) {
 			t.Errorf("%s: VM device %q %q %v", mode, name, dev, ok)
 		}
 		if tx, rx := pingAll(t, r.sb.Host, "-c", "3", "-i", "0.05", "-W", "2", guestIP); rx != tx {
