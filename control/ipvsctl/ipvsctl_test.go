@@ -7,7 +7,10 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime/debug"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/kata-dp/kata-dp/control"
@@ -390,5 +393,129 @@ func TestJournalDamaged(t *testing.T) {
 		if recs, _ := s.Journal("sb1"); len(recs) != 0 {
 			t.Errorf("damaged journal kept: %q", recs)
 		}
+	}
+}
+
+// gcLB records the collector's GOGC while the dataplane takes a restore; wait, when set,
+// holds the push of sandbox "a"'s rules (not of its --clear) until it is closed.
+type gcLB struct {
+	fakeLB
+	mu     sync.Mutex
+	seen   []int
+	inPush chan struct{}
+	wait   chan struct{}
+}
+
+func gcPercent() int {
+	v := debug.SetGCPercent(100)
+	debug.SetGCPercent(v)
+	return v
+}
+
+func (f *gcLB) RestoreLB(_ context.Context, id string, t *ipvs.Table) error {
+	f.mu.Lock()
+	f.seen = append(f.seen, gcPercent())
+	f.mu.Unlock()
+	if id == "a" && f.wait != nil && len(t.Services) > 0 {
+		close(f.inPush)
+		<-f.wait
+	}
+	return nil
+}
+
+// TestRestoreGC: a restore runs with GOGC 400 unless the agent's is higher or off, and the
+// agent's comes back when the last of overlapping restores ends.
+func TestRestoreGC(t *testing.T) {
+	ctx := context.Background()
+	orig := debug.SetGCPercent(100)
+	t.Cleanup(func() { debug.SetGCPercent(orig) })
+	st, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb := &gcLB{fakeLB: fakeLB{pushed: map[string]string{}}}
+	m, err := ipvsctl.New(ctx, lb, st, resolver("a", "b"), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	restore := func(id string) error {
+		if _, err := m.Ipvsadm(ctx, id, "--clear"); err != nil {
+			return err
+		}
+		return m.Restore(ctx, id, strings.NewReader("-A -t 10.0.0.1:80 -s rr\n"))
+	}
+	for _, c := range []struct{ gogc, during int }{{100, 400}, {50, 400}, {800, 800}, {-1, -1}} {
+		debug.SetGCPercent(c.gogc)
+		lb.seen = nil
+		if err := restore("b"); err != nil {
+			t.Fatal(err)
+		}
+		// --clear is a restore of the dataplane too, outside Restore: the agent's GOGC.
+		if want := []int{c.gogc, c.during}; !slices.Equal(lb.seen, want) {
+			t.Errorf("GOGC %d: pushes saw %v, want %v", c.gogc, lb.seen, want)
+		}
+		if got := gcPercent(); got != c.gogc {
+			t.Errorf("GOGC %d: after the restore %d", c.gogc, got)
+		}
+	}
+	// Overlapping restores: "a" holds its push while "b" runs whole.
+	debug.SetGCPercent(100)
+	lb.inPush, lb.wait = make(chan struct{}), make(chan struct{})
+	errc := make(chan error)
+	go func() { errc <- restore("a") }()
+	<-lb.inPush
+	if err := restore("b"); err != nil {
+		t.Fatal(err)
+	}
+	if got := gcPercent(); got != 400 {
+		t.Errorf("while a restore still runs, GOGC %d, want 400", got)
+	}
+	close(lb.wait)
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	if got := gcPercent(); got != 100 {
+		t.Errorf("after both restores, GOGC %d, want 100", got)
+	}
+}
+
+// TestRefusedPushSavesNothing: the table is encoded and staged in the store beside the push;
+// when the dataplane refuses the rules, what a restarted agent reads is the table before.
+func TestRefusedPushSavesNothing(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	st, err := store.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb := &fakeLB{pushed: map[string]string{}}
+	m, err := ipvsctl.New(ctx, lb, st, resolver("sb"), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := "-A -t 10.0.0.1:80 -s rr\n"
+	if err := m.Restore(ctx, "sb", strings.NewReader(before)); err != nil {
+		t.Fatal(err)
+	}
+	for _, cmd := range []string{"--clear", "--add-service -t 10.0.0.2:80 -s wlc -p 60"} {
+		lb.fail = errors.New("refused")
+		if _, err := m.Ipvsadm(ctx, "sb", cmd); err == nil {
+			t.Fatalf("%s: the refusal was not reported", cmd)
+		}
+		st2, err := store.Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m2, err := ipvsctl.New(ctx, &fakeLB{pushed: map[string]string{}}, st2, resolver("sb"), []control.Sandbox{{ID: "sb"}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := m2.Table("sb").Save(); got != before {
+			t.Errorf("after a refused %s, a restarted agent reads %q, want %q", cmd, got, before)
+		}
+	}
+	// And the store still takes the next save.
+	if _, err := m.Ipvsadm(ctx, "sb", "--add-service -t 10.0.0.3:80 -s rr -p 60"); err != nil {
+		t.Fatal(err)
 	}
 }

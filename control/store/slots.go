@@ -58,6 +58,13 @@ type keyLock struct {
 // locked runs fn with key's lock held: writes of one key are serialised here, as two writes
 // choosing the same slot would tear it.
 func (s *Store) locked(key string, fn func(*keyLock) error) error {
+	k := s.lockKey(key)
+	defer k.mu.Unlock()
+	return fn(k)
+}
+
+// lockKey locks key's lock and returns it.
+func (s *Store) lockKey(key string) *keyLock {
 	s.mu.Lock()
 	if s.keys == nil {
 		s.keys = map[string]*keyLock{}
@@ -69,8 +76,7 @@ func (s *Store) locked(key string, fn func(*keyLock) error) error {
 	}
 	s.mu.Unlock()
 	k.mu.Lock()
-	defer k.mu.Unlock()
-	return fn(k)
+	return k
 }
 
 func slotRecord(seq uint64, data []byte) []byte {
@@ -131,36 +137,11 @@ func newSlotFile(seq uint64, data []byte) (rec []byte, size int64) {
 // flushes it. It reports false (nothing written) when it cannot: no file of slots there (or
 // one that changed since k.file was read) or a value too large for a slot.
 func putInPlace(path string, k *keyLock, data []byte) (bool, error) {
-	if k.file != nil && int64(slotHeader+len(data)) > k.file.size {
-		return false, nil
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY, 0)
-	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
+	f, err := openSlots(path, k, data)
+	if f == nil || err != nil {
+		return err != nil, err
 	}
 	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return false, err
-	}
-	if k.file == nil || k.file.ino != st.Ino || st.Size != 2*k.file.size {
-		b, err := os.ReadFile(path)
-		if err != nil || !isSlots(b) || len(b)%2 != 0 || int64(len(b)) != st.Size {
-			return false, nil // written whole: make it a file of slots
-		}
-		_, sf, err := parseSlots(b)
-		if err != nil {
-			return false, nil
-		}
-		sf.ino = st.Ino
-		k.file = &sf
-		if int64(slotHeader+len(data)) > k.file.size {
-			return false, nil
-		}
-	}
 	target := 1 - k.file.newest
 	seq := k.file.seq + 1
 	if _, err := f.WriteAt(slotRecord(seq, data), int64(target)*k.file.size); err != nil {
@@ -173,4 +154,44 @@ func putInPlace(path string, k *keyLock, data []byte) (bool, error) {
 	}
 	k.file.seq, k.file.newest = seq, target
 	return true, nil
+}
+
+// openSlots opens path for writing data into the slot that does not hold the newest value,
+// with k.file up to date. It returns nil (and no error) when it cannot: no file of slots
+// there (or one that changed since k.file was read) or a value too large for a slot.
+func openSlots(path string, k *keyLock, data []byte) (*os.File, error) {
+	if k.file != nil && int64(slotHeader+len(data)) > k.file.size {
+		return nil, nil
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if k.file == nil || k.file.ino != st.Ino || st.Size != 2*k.file.size {
+		b, err := os.ReadFile(path)
+		if err != nil || !isSlots(b) || len(b)%2 != 0 || int64(len(b)) != st.Size {
+			f.Close()
+			return nil, nil // written whole: make it a file of slots
+		}
+		_, sf, err := parseSlots(b)
+		if err != nil {
+			f.Close()
+			return nil, nil
+		}
+		sf.ino = st.Ino
+		k.file = &sf
+		if int64(slotHeader+len(data)) > k.file.size {
+			f.Close()
+			return nil, nil
+		}
+	}
+	return f, nil
 }

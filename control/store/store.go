@@ -112,11 +112,23 @@ func (s *Store) Put(key string, data []byte) error {
 // file, fsynced, renamed over it, the directory fsynced. It returns the new file's inode
 // number.
 func (s *Store) writeWhole(key, path string, b []byte, size int64) (ino uint64, err error) {
-	f, err := os.CreateTemp(s.dir, tmpPrefix+key+"-*")
+	tmp, ino, err := s.writeTemp(key, b, size)
 	if err != nil {
 		return 0, err
 	}
-	tmp := f.Name()
+	if err := s.renameTemp(tmp, path); err != nil {
+		return 0, err
+	}
+	return ino, nil
+}
+
+// writeTemp is writeWhole's first half: the temporary file, written and fsynced.
+func (s *Store) writeTemp(key string, b []byte, size int64) (tmp string, ino uint64, err error) {
+	f, err := os.CreateTemp(s.dir, tmpPrefix+key+"-*")
+	if err != nil {
+		return "", 0, err
+	}
+	tmp = f.Name()
 	defer func() {
 		if err != nil {
 			f.Close()
@@ -124,28 +136,32 @@ func (s *Store) writeWhole(key, path string, b []byte, size int64) (ino uint64, 
 		}
 	}()
 	if _, err := f.Write(b); err != nil {
-		return 0, fmt.Errorf("write: %w", err)
+		return "", 0, fmt.Errorf("write: %w", err)
 	}
 	if err := f.Truncate(size); err != nil {
-		return 0, fmt.Errorf("extend: %w", err)
+		return "", 0, fmt.Errorf("extend: %w", err)
 	}
 	if err := f.Sync(); err != nil {
-		return 0, fmt.Errorf("fsync: %w", err)
+		return "", 0, fmt.Errorf("fsync: %w", err)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return 0, fmt.Errorf("stat: %w", err)
+		return "", 0, fmt.Errorf("stat: %w", err)
 	}
 	if err := f.Close(); err != nil {
-		return 0, fmt.Errorf("close: %w", err)
+		return "", 0, fmt.Errorf("close: %w", err)
 	}
+	return tmp, st.Ino, nil
+}
+
+// renameTemp is writeWhole's second half: the temporary file renamed over path, the
+// directory fsynced. The temporary file is removed if the rename fails.
+func (s *Store) renameTemp(tmp, path string) error {
 	if err := os.Rename(tmp, path); err != nil {
-		return 0, fmt.Errorf("rename: %w", err)
+		os.Remove(tmp)
+		return fmt.Errorf("rename: %w", err)
 	}
-	if err := s.syncDir(); err != nil {
-		return 0, err
-	}
-	return st.Ino, nil
+	return s.syncDir()
 }
 
 // Get returns the value of key, or ErrNotFound.
