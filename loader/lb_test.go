@@ -357,6 +357,58 @@ func TestLBConnTableFullBucket(t *testing.T) {
 	}
 }
 
+// TestLBSlotAddress: rr and wrr slots that carry their real server's address (as the
+// dataplane writes them) are scheduled from the slot alone: with the real server's kdp_lb_be
+// entry gone, their new connections still reach it, while a slot without the address (as an
+// older agent wrote it) is looked up and finds no real server.
+func TestLBSlotAddress(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	other := netip.MustParseAddrPort("10.0.0.11:8081")
+	for i, s := range []netip.AddrPort{backend, other} {
+		if err := r.lb.PutBackend(uint32(7+i), maps.Backend{Addr: s, Weight: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pick := func(sport uint16) (int32, netip.AddrPort) {
+		t.Helper()
+		ret, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, sport), vip, 0x02, 0))
+		if ret != tcxRedirect {
+			return ret, netip.AddrPort{}
+		}
+		return ret, checkFrame(t, out).dst
+	}
+	for _, c := range []struct {
+		name  string
+		spec  maps.ServiceSpec
+		picks []netip.AddrPort
+	}{
+		{"rr", maps.ServiceSpec{Sched: maps.SchedRR, Slots: []uint32{7, 8}, Addrs: []netip.AddrPort{backend, other}}, []netip.AddrPort{backend, other, backend}},
+		{"wrr", maps.ServiceSpec{Sched: maps.SchedWRR, Slots: []uint32{8, 7}, Weights: []uint16{2, 1}, Addrs: []netip.AddrPort{other, backend}}, []netip.AddrPort{other, backend, other}},
+	} {
+		c.spec.VIP, c.spec.Proto, c.spec.ID = vip, unix.IPPROTO_TCP, 3
+		if err := r.lb.PutService(0, c.spec); err != nil {
+			t.Fatal(err)
+		}
+		for i, want := range c.picks {
+			if _, got := pick(uint16(2000 + 10*len(c.name) + i)); got != want {
+				t.Errorf("%s: connection %d went to %v, want %v", c.name, i, got, want)
+			}
+		}
+	}
+	// Without kdp_lb_be entries: the slots' addresses are enough; slots without them are not.
+	r.lb.Backend.Delete(uint32(7))
+	r.lb.Backend.Delete(uint32(8))
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}, Addrs: []netip.AddrPort{backend}})
+	if ret, got := pick(3000); got != backend {
+		t.Errorf("slot with the address, no kdp_lb_be entry: verdict %d, went to %v, want %v", ret, got, backend)
+	}
+	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}})
+	if ret, _ := pick(3001); ret != tcxDrop {
+		t.Errorf("slot without the address, no kdp_lb_be entry: verdict %d, want drop", ret)
+	}
+}
+
 // TestLBUDPZeroChecksum: a UDP frame without checksum stays without one.
 func TestLBUDPZeroChecksum(t *testing.T) {
 	needRoot(t)

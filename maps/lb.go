@@ -166,6 +166,11 @@ type ServiceSpec struct {
 	// Slots are real server ids: for rr the pick sequence (its servers of weight > 0), for
 	// the others but sh and dh the real servers in kernel order; none for sh and dh.
 	Slots []uint32
+	// Addrs, when not nil, are the slots' real servers' addresses (the ids' kdp_lb_be
+	// entries): an IPv4 one is written into its slot, from which rr and wrr take it without
+	// looking the real server up (KDP_SLOT_ADDR in bpf/lib/lb.h). A real server's address never
+	// changes under its id.
+	Addrs []netip.AddrPort
 	// Weights (wrr): each slot's weight divided by the gcd of the weights (ipvs.WRRWeights),
 	// which the datapath's wrr walk compares as the kernel's does.
 	Weights []uint16
@@ -358,11 +363,18 @@ func (s ServiceSpec) validate() error {
 	if s.Weights != nil && len(s.Weights) != len(s.Slots) {
 		return fmt.Errorf("service %s: %d weights for %d slots", s.VIP, len(s.Weights), len(s.Slots))
 	}
+	if s.Addrs != nil && len(s.Addrs) != len(s.Slots) {
+		return fmt.Errorf("service %s: %d addresses for %d slots", s.VIP, len(s.Addrs), len(s.Slots))
+	}
 	if s.Buckets != nil && len(s.Buckets) != HashBuckets {
 		return fmt.Errorf("service %s: %d buckets, want %d", s.VIP, len(s.Buckets), HashBuckets)
 	}
 	return nil
 }
+
+// slotAddr is KDP_SLOT_ADDR: the slot carries its real server's IPv4 address (in Pmask) and
+// port (in Count).
+const slotAddr = 1
 
 // slotVals returns the slot entries of s.
 func (s ServiceSpec) slotVals() []svc {
@@ -371,6 +383,11 @@ func (s ServiceSpec) slotVals() []svc {
 		vals[i].Id = id
 		if s.Weights != nil {
 			vals[i].Wmax = s.Weights[i]
+		}
+		if s.Addrs != nil {
+			if a, err := v4(s.Addrs[i].Addr()); err == nil {
+				vals[i].Pmask, vals[i].Count, vals[i].Flags = a, uint32(be16(s.Addrs[i].Port())), slotAddr
+			}
 		}
 	}
 	return vals

@@ -61,15 +61,22 @@ func newRig(b *testing.B, services int) *rig {
 		b.Fatal(err)
 	}
 	maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300})
-	for id := uint32(1); id <= 3; id++ {
-		r.lb.PutBackend(id, maps.Backend{Addr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(id)}), 80), Weight: 1})
+	rs := func(id uint32) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(id)}), 80)
 	}
+	for id := uint32(1); id <= 3; id++ {
+		r.lb.PutBackend(id, maps.Backend{Addr: rs(id), Weight: 1})
+	}
+	// As the dataplane writes them (control/dataplane serviceSpec): each slot with its real
+	// server's address.
 	var specs []maps.ServiceSpec
 	for i := range services {
 		a := netip.AddrFrom4([4]byte{10, 97, byte(i >> 8), byte(i)})
-		specs = append(specs, maps.ServiceSpec{VIP: netip.AddrPortFrom(a, 80), Proto: unix.IPPROTO_TCP, ID: uint32(100 + i), Sched: maps.SchedRR, Slots: []uint32{1, 2, 3}})
+		specs = append(specs, maps.ServiceSpec{VIP: netip.AddrPortFrom(a, 80), Proto: unix.IPPROTO_TCP, ID: uint32(100 + i), Sched: maps.SchedRR,
+			Slots: []uint32{1, 2, 3}, Addrs: []netip.AddrPort{rs(1), rs(2), rs(3)}})
 	}
-	specs = append(specs, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 99, Sched: maps.SchedRR, Slots: []uint32{3, 2, 1}})
+	specs = append(specs, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 99, Sched: maps.SchedRR, Slots: []uint32{3, 2, 1},
+		Addrs: []netip.AddrPort{rs(3), rs(2), rs(1)}})
 	if err := r.lb.PutServices(0, specs); err != nil {
 		b.Fatal(err)
 	}
@@ -136,7 +143,7 @@ func BenchmarkPerPacket(b *testing.B) {
 	// lookups and counters without the rewrite.
 	self := netip.MustParseAddrPort("10.96.0.20:80")
 	r.lb.PutBackend(50, maps.Backend{Addr: self, Weight: 1})
-	r.lb.PutService(0, maps.ServiceSpec{VIP: self, Proto: unix.IPPROTO_TCP, ID: 98, Sched: maps.SchedRR, Slots: []uint32{50}})
+	r.lb.PutService(0, maps.ServiceSpec{VIP: self, Proto: unix.IPPROTO_TCP, ID: 98, Sched: maps.SchedRR, Slots: []uint32{50}, Addrs: []netip.AddrPort{self}})
 	r.tapIn.Benchmark(tcpFrame(vip, 40000, 0x02), 1, nil)
 	r.tapIn.Benchmark(tcpFrame(self, 40000, 0x02), 1, nil)
 	var none, est, norw, fresh []time.Duration
@@ -336,7 +343,7 @@ func BenchmarkPerPacketRepeat(b *testing.B) {
 	r := newRig(b, 5000)
 	self := netip.MustParseAddrPort("10.96.0.20:80")
 	r.lb.PutBackend(50, maps.Backend{Addr: self, Weight: 1})
-	r.lb.PutService(0, maps.ServiceSpec{VIP: self, Proto: unix.IPPROTO_TCP, ID: 98, Sched: maps.SchedRR, Slots: []uint32{50}})
+	r.lb.PutService(0, maps.ServiceSpec{VIP: self, Proto: unix.IPPROTO_TCP, ID: 98, Sched: maps.SchedRR, Slots: []uint32{50}, Addrs: []netip.AddrPort{self}})
 	r.tapIn.Benchmark(tcpFrame(self, 40000, 0x02), 1, nil)
 	// Two services that are each other's real server: every run DNATs the frame to the other
 	// one, an established connection each time (the first two runs made them), so the kernel's

@@ -92,14 +92,21 @@ struct lb_svc_key {
 
 struct lb_svc {
 	__u32 id;      /* master: service id (stats, affinity); slot: real server id, 0 = empty */
-	__u32 count;   /* master: number of slots */
+	__u32 count;   /* master: number of slots; slot with KDP_SLOT_ADDR: the real server's port (__be16) */
 	__u32 rev;     /* master: revision of the live slots */
 	__u32 persist; /* master: persistence timeout in seconds, 0 = none */
-	__be32 pmask;  /* master: persistence netmask */
+	__be32 pmask;  /* master: persistence netmask; slot with KDP_SLOT_ADDR: the real server's IPv4 address */
 	__u8 sched;    /* master: enum kdp_sched */
-	__u8 flags;
+	__u8 flags;    /* slot: KDP_SLOT_ADDR */
 	__u16 wmax;    /* master (wrr): largest reduced weight; slot (wrr): the server's reduced weight */
 };
+
+/* A slot that carries its IPv4 real server's address and port (a real server's address never
+ * changes under its id): rr and wrr then take them from the slot they picked instead of
+ * looking the real server up in kdp_lb_be, one cold hash lookup less per new connection
+ * (docs/performance.md). A slot an older agent wrote does not have it and the real server is
+ * looked up as before. */
+#define KDP_SLOT_ADDR 1
 
 /* The 256 buckets of an sh or dh service (ip_vs_sh/ip_vs_dh's table): real server ids, 0 = no
  * destination. Keyed by the service's master key with slot = rev << 16. */
@@ -763,6 +770,8 @@ struct wrr_walk {
 	__s32 pos;
 	__s32 cw;
 	__u32 pick;
+	__be32 addr; /* the pick's address and port when its slot has them (KDP_SLOT_ADDR), else 0 */
+	__u32 port;
 };
 
 /* wrr_step advances the cursor by one server (bpf_loop callback). Every pass over the list
@@ -782,6 +791,8 @@ static long wrr_step(__u64 i, void *arg)
 	sl = svc_slot(&w->mk, w->rev, w->pos + 1);
 	if (sl && sl->id && (__s32)sl->wmax >= w->cw) {
 		w->pick = sl->id;
+		w->addr = sl->flags & KDP_SLOT_ADDR ? sl->pmask : 0;
+		w->port = sl->count;
 		return 1;
 	}
 	return 0;
@@ -793,7 +804,8 @@ static long wrr_step(__u64 i, void *arg)
  * edit) starts again from it. Concurrent picks on other CPUs are settled with a compare and
  * swap; a pick that loses twice keeps its server (two connections then share one slot of the
  * interleave, as in any approximation under contention). */
-static __always_inline __u32 wrr_schedule(const struct lb_svc_key *mk, const struct lb_svc *m, struct lb_stats *ss)
+static __always_inline __u32 wrr_schedule(const struct lb_svc_key *mk, const struct lb_svc *m, struct lb_stats *ss,
+					   struct ct_entry *pick)
 {
 	struct wrr_walk w = { .mk = *mk, .rev = m->rev, .count = m->count, .mw = m->wmax };
 	__u64 old, next;
@@ -819,14 +831,20 @@ static __always_inline __u32 wrr_schedule(const struct lb_svc_key *mk, const str
 		if (__sync_val_compare_and_swap(&ss->sched, old, next) == old)
 			break;
 	}
+	if (pick) {
+		pick->addr = w.addr;
+		pick->port = (__be16)w.port;
+	}
 	return w.pick;
 }
 
 /* lb_schedule picks a real server for a new connection of service m (0 if none can take it);
  * ss is the service's counters (rr and wrr keep their position there), looked up once by the
- * caller, which counts the connection in them too. */
+ * caller, which counts the connection in them too. When the picked slot carries the real
+ * server's address and port (KDP_SLOT_ADDR) they are written to pick's addr and port (IPv4
+ * callers; pick NULL for IPv6), which the caller has zeroed. */
 static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const struct lb_svc *m, struct lb_stats *ss,
-					 __be32 saddr, __be32 daddr, __u64 now)
+					 __be32 saddr, __be32 daddr, __u64 now, struct ct_entry *pick)
 {
 	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = daddr };
 	struct lc_scan scan = { .mk = *mk, .rev = m->rev, .count = m->count, .sched = m->sched };
@@ -839,9 +857,15 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 			return 0;
 		idx = __sync_fetch_and_add(&ss->sched, 1) % m->count + 1;
 		sl = svc_slot(mk, m->rev, idx);
-		return sl ? sl->id : 0;
+		if (!sl)
+			return 0;
+		if (pick && (sl->flags & KDP_SLOT_ADDR)) {
+			pick->addr = sl->pmask;
+			pick->port = (__be16)sl->count;
+		}
+		return sl->id;
 	case KDP_SCHED_WRR:
-		return ss ? wrr_schedule(mk, m, ss) : 0;
+		return ss ? wrr_schedule(mk, m, ss, pick) : 0;
 	case KDP_SCHED_SH:
 	case KDP_SCHED_DH: {
 		struct lb_svc_key hk = *mk;
@@ -1117,7 +1141,7 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	}
 	ss = lb_stats_make(KDP_LB_STATS_SVC, m->id);
 	if (!be_id)
-		be_id = lb_schedule(&sc->base, m, ss, fold6(f->saddr.v6), fold6(f->daddr.v6), now);
+		be_id = lb_schedule(&sc->base, m, ss, fold6(f->saddr.v6), fold6(f->daddr.v6), now, NULL);
 	if (m->persist && be_id) {
 		sc->na.last_seen = now;
 		sc->na.backend = be_id;
@@ -1265,6 +1289,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	m = bpf_map_lookup_elem(&kdp_lb_svc, &mk);
 	if (!m)
 		return -1; /* not a service (and no connection): not ours */
+	__builtin_memset(&ne, 0, sizeof(ne)); /* ct_lookup may have copied an expired entry */
 
 	{
 		/* Persistence: the client's template holds while its real server exists. */
@@ -1279,7 +1304,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		}
 		ss = lb_stats_make(KDP_LB_STATS_SVC, m->id);
 		if (!be_id)
-			be_id = lb_schedule(&mk, m, ss, f->saddr.v4, f->daddr.v4, now);
+			be_id = lb_schedule(&mk, m, ss, f->saddr.v4, f->daddr.v4, now, &ne);
 		if (m->persist && be_id) {
 			struct aff_entry na = { .last_seen = now, .backend = be_id };
 
@@ -1287,14 +1312,17 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		}
 	}
 	{
-		struct lb_backend *be = be_id ? bpf_map_lookup_elem(&kdp_lb_be, &be_id) : NULL;
-
-		if (!be)
+		if (!be_id)
 			return KDP_DROP_LB_NO_BACKEND;
-		__builtin_memset(&ne, 0, sizeof(ne)); /* ct_lookup may have copied an expired entry */
+		if (!ne.addr) { /* not in the slot: persistence, sh/dh, the lc family, an older slot */
+			struct lb_backend *be = bpf_map_lookup_elem(&kdp_lb_be, &be_id);
+
+			if (!be)
+				return KDP_DROP_LB_NO_BACKEND;
+			ne.addr = be->ip;
+			ne.port = be->port;
+		}
 		ne.last_seen = now;
-		ne.addr = be->ip;
-		ne.port = be->port;
 		ne.state = udp ? KDP_CT_UDP : KDP_CT_TCP_EST;
 		if (!udp && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)))
 			ne.state = KDP_CT_TCP_FIN;
@@ -1319,7 +1347,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		if (ss)
 			__sync_fetch_and_add(&ss->conns, 1);
 		lb_count_in(ss, len);
-		KDP_LB_NEW_CONN(ctx, xdp, len, f, &be->ip, be->port, false);
+		KDP_LB_NEW_CONN(ctx, xdp, len, f, &ne.addr, ne.port, false);
 	}
 
 nat:

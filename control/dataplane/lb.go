@@ -78,18 +78,27 @@ func serviceSpec(s ipvs.Service) (maps.ServiceSpec, error) {
 		return out
 	}
 	// rr, sh and dh get their tables from the rule engine; wrr and the load-based ones walk
-	// the real servers in kernel order.
+	// the real servers in kernel order. A slot also carries its real server's address, which
+	// rr and wrr then need not look up.
 	switch t := s.Tables(); {
 	case sched == maps.SchedRR:
 		spec.Slots = ids(t.Sequence)
+		spec.Addrs = make([]netip.AddrPort, len(t.Sequence))
+		for i, x := range t.Sequence {
+			if x >= 0 {
+				spec.Addrs[i] = s.Servers[x].Addr
+			}
+		}
 	case t.Buckets != nil:
 		if len(s.Servers) > 0 {
 			spec.Buckets = ids(t.Buckets[:])
 		}
 	default:
 		spec.Slots = make([]uint32, len(s.Servers))
+		spec.Addrs = make([]netip.AddrPort, len(s.Servers))
 		for i, d := range s.Servers {
 			spec.Slots[i] = d.ID
+			spec.Addrs[i] = d.Addr
 		}
 		if sched == maps.SchedWRR {
 			w, _ := ipvs.WRRWeights(s.Weights())
