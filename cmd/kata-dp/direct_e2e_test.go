@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -70,13 +68,7 @@ func TestE2EDirectQEMU(t *testing.T) {
 	const mac = "02:42:0a:4d:00:02"
 	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: host.Path(), NetTable: map[string]string{mac: "10.77.0.2/24"}})
 
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptx-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
-	p := startAgentProcess(t, host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
-	waitAgent(t, sock, p)
-	a := &testAgent{sock: sock, ns: host}
+	a, p := startTestAgent(t, host, host, "kdptx")
 	a.check(t, "", []string{"sandbox", "add", sandboxID, "--mode", "direct", "--uplink", "up0", "--netns", host.Path(), "--qmp", g.QMPPath},
 		result{stdout: sandboxID + "\n"})
 

@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -32,13 +30,7 @@ func TestE2EQEMU(t *testing.T) {
 		mac1: "10.199.0.2/24", mac2: "10.197.0.2/24",
 	}})
 
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdpte-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
-	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
-	waitAgent(t, sock, p)
-	a := &testAgent{sock: sock, ns: sb.NS}
+	a, p := startTestAgent(t, sb.Host, sb.NS, "kdpte")
 	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", sb.NS.Path(), "--qmp", g.QMPPath}, result{stdout: sandboxID + "\n"})
 
 	// The user guide's NIC (its MAC, MTU and 5 queues), on the sandbox's subnet.
@@ -209,13 +201,7 @@ func TestE2EQEMUMacvtapBPF(t *testing.T) {
 		sb.GuestMAC.String(): sb.GuestAddr.String(),
 	}})
 
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptm-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
-	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
-	waitAgent(t, sock, p)
-	a := &testAgent{sock: sock, ns: sb.NS}
+	a, p := startTestAgent(t, sb.Host, sb.NS, "kdptm")
 	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", sb.NS.Path(), "--qmp", g.QMPPath, "--mode", control.ModeMacvtapBPF},
 		result{stdout: sandboxID + "\n"})
 

@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -29,13 +27,7 @@ func TestE2EQEMUIPv6(t *testing.T) {
 		mac: "10.196.0.2/24+fd00:196::2/64",
 	}})
 
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdpt6-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
-	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
-	waitAgent(t, sock, p)
-	a := &testAgent{sock: sock, ns: sb.NS}
+	a, p := startTestAgent(t, sb.Host, sb.NS, "kdpt6")
 	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", sb.NS.Path(), "--qmp", g.QMPPath}, result{stdout: sandboxID + "\n"})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)

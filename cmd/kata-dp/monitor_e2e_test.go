@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -29,13 +27,7 @@ func TestMonitorE2E(t *testing.T) {
 	sb := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptm", NoTap: true})
 	guest := topotest.MustNetNS(t, "kdptmg")
 	guest.DisableIPv6()
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptm-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
-	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
-	waitAgent(t, sock, p)
-	a := &testAgent{sock: sock, ns: sb.NS}
+	a, p := startTestAgent(t, sb.Host, sb.NS, "kdptm")
 	// session runs `kata-dp monitor args...` until stop; its output comes line by line.
 	session := func(args ...string) (lines chan string, stop func()) {
 		ctx, cancel := context.WithCancel(context.Background())
@@ -43,7 +35,7 @@ func TestMonitorE2E(t *testing.T) {
 		var errb bytes.Buffer
 		e := &env{ctx: ctx, stdin: strings.NewReader(""), stdout: w, stderr: &errb,
 			args:   append([]string{"monitor"}, args...),
-			getenv: func(k string) string { return map[string]string{"KATA_DP_SOCKET": sock}[k] }}
+			getenv: func(k string) string { return map[string]string{"KATA_DP_SOCKET": a.sock}[k] }}
 		done := make(chan int)
 		go func() { done <- e.main() }()
 		return w.lines, func() {

@@ -77,17 +77,12 @@ func TestNetmonCNI(t *testing.T) {
 	const mac = "02:42:0a:58:00:05"
 	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: sb.NS.Path(), NetTable: map[string]string{mac: "10.88.0.5/24"}})
 
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptn-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
-	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
-	waitAgent(t, sock, p)
-	a := &testAgent{sock: sock, ns: sb.NS}
+	a, p := startTestAgent(t, sb.Host, sb.NS, "kdptn")
 	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", sb.NS.Path(), "--qmp", g.QMPPath, "--netmon"}, result{stdout: sandboxID + "\n"})
 
 	// The second network: a bridge in the host netns, the container side net1 in the sandbox
 	// netns with the given MAC, one address and a route through the bridge's gateway.
+	dir := t.TempDir()
 	conf := filepath.Join(dir, "net.d")
 	if err := os.MkdirAll(conf, 0o755); err != nil {
 		t.Fatal(err)

@@ -51,6 +51,21 @@ func startAgentProcess(t *testing.T, ns *topo.NetNS, args ...string) *agentProce
 	return p
 }
 
+// startTestAgent starts the agent in host with a socket, state directory and bpffs root of its own
+// (the root named from prefix, removed when the test ends), plus extra flags, and waits until
+// it serves; the CLI of the returned testAgent talks to it, its kata-network calls naming ns.
+func startTestAgent(t *testing.T, host, ns *topo.NetNS, prefix string, extra ...string) (*testAgent, *agentProcess) {
+	t.Helper()
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "kata-dp.sock")
+	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName(prefix+"-", 8))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	args := append([]string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}, extra...)
+	p := startAgentProcess(t, host, args...)
+	waitAgent(t, sock, p)
+	return &testAgent{sock: sock, ns: ns}, p
+}
+
 func waitAgent(t *testing.T, sock string, p *agentProcess) {
 	t.Helper()
 	c := api.NewClient(sock)
