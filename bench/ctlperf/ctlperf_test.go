@@ -171,6 +171,47 @@ func BenchmarkRestoreCLI(b *testing.B) {
 	b.ReportMetric(faults[len(faults)/2], "cli-minflt")
 }
 
+// BenchmarkCLIStart: the cheapest commands, timed from the CLI's exec to its exit, with the
+// CLI's CPU and page faults: `kata-dp --version` (no agent) and `kata-dp kata-network
+// list-ifaces` of a sandbox without NICs (one call to the agent). Every kata-network and
+// kata-ipvs call of the runtime pays this start.
+func BenchmarkCLIStart(b *testing.B) {
+	a := startAgent(b)
+	sb := topotest.MustSandbox(b, topo.SandboxConfig{Prefix: "kdptcp", NoTap: true})
+	if _, err := a.c.AddSandbox(context.Background(), control.SandboxSpec{ID: "perf", NetNS: sb.NS.Path()}); err != nil {
+		b.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		args []string
+	}{
+		{"version", []string{"--version"}},
+		{"list-ifaces", []string{"kata-network", "list-ifaces", "--socket", a.sock, "perf"}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			var ds, cpu []time.Duration
+			var faults []float64
+			for range b.N {
+				cmd := exec.Command(a.bin, c.args...)
+				start := time.Now()
+				out, err := cmd.CombinedOutput()
+				ds = append(ds, time.Since(start))
+				if err != nil {
+					b.Fatalf("%v: %v\n%s", c.args, err, out)
+				}
+				ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+				cpu = append(cpu, time.Duration(syscall.TimevalToNsec(ru.Utime)+syscall.TimevalToNsec(ru.Stime)))
+				faults = append(faults, float64(ru.Minflt))
+			}
+			stats(b, ds)
+			slices.Sort(cpu)
+			slices.Sort(faults)
+			b.ReportMetric(float64(cpu[len(cpu)/2].Microseconds())/1000, "cpu-ms")
+			b.ReportMetric(faults[len(faults)/2], "minflt")
+		})
+	}
+}
+
 // cpu returns the CPU time the agent's threads have used so far (their schedstat run time,
 // in ns: exact, unlike the tick-based /proc/<pid>/stat).
 func (a *agent) cpu() time.Duration {
