@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
@@ -135,12 +136,13 @@ func (c *Client) KataIPVSRestore(ctx context.Context, id string, rules io.Reader
 		return errRulesTooBig
 	}
 	err := c.Do(ctx, http.MethodPost, "/v1/sandboxes/"+url.PathEscape(id)+"/kata-ipvs/"+ipvsRestoreRules, body, nil)
-	if body.err != nil {
+	n, rerr := body.state()
+	if rerr != nil {
 		// The rules could not be read (or were too many): that, not how the request ended.
-		return body.err
+		return rerr
 	}
 	if ae := (*answerError)(nil); errors.As(err, &ae) && ae.status == http.StatusNotFound {
-		if body.n > 0 {
+		if n > 0 {
 			return fmt.Errorf("kata-ipvs: the agent has no restore-rules call and did not wait for the rules: %w", err)
 		}
 		b, rerr := readAllRules(rules)
@@ -156,19 +158,26 @@ var errRulesTooBig = fmt.Errorf("kata-ipvs: rules file too big (more than %d byt
 
 // rulesReader is a restore's body as the client sends it: it counts what it read and keeps
 // the first read error (or errRulesTooBig past MaxRestoreSize), which KataIPVSRestore reports
-// instead of the aborted request's error.
+// instead of the aborted request's error. The transport reads it in a goroutine of its own,
+// which may still run when an early answer (an error) has ended the call: hence the lock.
 type rulesReader struct {
 	r    io.Reader
 	size int64 // the length, -1 when unknown (sent chunked)
-	n    int64
-	err  error
+
+	mu  sync.Mutex
+	n   int64
+	err error
 }
 
 func (b *rulesReader) Read(p []byte) (int, error) {
-	if b.err != nil {
-		return 0, b.err
+	// Only the transport's goroutine reads; the lock guards the fields, never the read (a
+	// caller whose call ended must not wait for standard input).
+	if _, err := b.state(); err != nil {
+		return 0, err
 	}
 	n, err := b.r.Read(p)
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	b.n += int64(n)
 	switch {
 	case b.n > MaxRestoreSize:
@@ -179,6 +188,13 @@ func (b *rulesReader) Read(p []byte) (int, error) {
 		return n, b.err
 	}
 	return n, err
+}
+
+// state returns how much was read and the reading's error.
+func (b *rulesReader) state() (int64, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.n, b.err
 }
 
 // readAllRules reads the rules whole (for an agent without the restore-rules call).
