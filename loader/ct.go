@@ -14,8 +14,11 @@ const CTWays = 4
 // ctBuckets is the number of buckets that hold size entries.
 func ctBuckets(size uint32) uint32 { return max(size/CTWays, 1) }
 
-// mix32 is the datapath's integer hash (lb_vip_hash, maps.vipHash).
-func mix32(w uint32) uint32 {
+// Mix32 is the datapath's 32-bit integer hash, lb_vip_hash in bpf/lib/lb.h (the "lowbias32"
+// constants: every input bit changes every output bit). The load balancer's prefilter
+// (maps.LB's VIP and real-server bits) and the connection table's buckets (CTHash) hash with
+// it, so the Go side must compute exactly what the datapath does.
+func Mix32(w uint32) uint32 {
 	w ^= w >> 16
 	w *= 0x7feb352d
 	w ^= w >> 15
@@ -27,10 +30,10 @@ func mix32(w uint32) uint32 {
 // CTHash is ct_hash (bpf/lib/lb.h) of a connection key: its four words as they lie in memory.
 // A key's bucket is CTHash(k) % the table's buckets.
 func CTHash(k DatapathCtKey) uint32 {
-	h := mix32(k.Saddr ^ 0x9e3779b9)
-	h = mix32(h ^ k.Daddr)
-	h = mix32(h ^ (uint32(k.Sport) | uint32(k.Dport)<<16))
-	return mix32(h ^ (uint32(k.Proto) | uint32(k.Dir)<<8 | uint32(k.Pad)<<16))
+	h := Mix32(k.Saddr ^ 0x9e3779b9)
+	h = Mix32(h ^ k.Daddr)
+	h = Mix32(h ^ (uint32(k.Sport) | uint32(k.Dport)<<16))
+	return Mix32(h ^ (uint32(k.Proto) | uint32(k.Dir)<<8 | uint32(k.Pad)<<16))
 }
 
 // convertCT moves the entries of an IPv4 connection table of the LRU hash layout (before the

@@ -23,14 +23,7 @@ type vipSet = loader.DatapathLbVipset
 // vipHash is lb_vip_hash: the hash of an address word (an IPv4 address as v4 encodes it, an
 // IPv6 one folded, the XOR of its v6 words), through an integer hash whose every input bit
 // changes every output bit. Its two 16-bit halves are the address's two bits.
-func vipHash(w uint32) uint32 {
-	w ^= w >> 16
-	w *= 0x7feb352d
-	w ^= w >> 15
-	w *= 0x846ca68b
-	w ^= w >> 16
-	return w
-}
+func vipHash(w uint32) uint32 { return loader.Mix32(w) }
 
 // setBits sets both bits of the address word w in bits.
 func setBits(bits *[len(vipSet{}.Bits)]uint64, w uint32) {
