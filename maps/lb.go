@@ -645,6 +645,18 @@ type SweepResult struct {
 	Conns   map[uint32]LBConns // per real server, recounted
 }
 
+// live counts a live connection of real server backend in state (active while established).
+func (r *SweepResult) live(backend uint32, state uint8) {
+	r.Live++
+	n := r.Conns[backend]
+	if state == CTTCPEst {
+		n.Active++
+	} else {
+		n.Inactive++
+	}
+	r.Conns[backend] = n
+}
+
 func ctTimeout(c Config, state uint8) uint64 {
 	s := c.UdpTimeout
 	switch state {
@@ -760,14 +772,7 @@ func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, e
 				res.Expired++
 				continue
 			}
-			res.Live++
-			c := res.Conns[e.Backend]
-			if e.State == CTTCPEst {
-				c.Active++
-			} else {
-				c.Inactive++
-			}
-			res.Conns[e.Backend] = c
+			res.live(e.Backend, e.State)
 		}
 	}
 	if err := l.clearConns(kill); err != nil {
@@ -937,14 +942,7 @@ func (l LB) sweep6(now uint64, cfg Config, match func(Conn) bool, res *SweepResu
 			continue
 		}
 		delete(replies, replyKey6(k, e))
-		res.Live++
-		n := res.Conns[e.Backend]
-		if e.State == CTTCPEst {
-			n.Active++
-		} else {
-			n.Inactive++
-		}
-		res.Conns[e.Backend] = n
+		res.live(e.Backend, e.State)
 	}
 	for rk, re := range replies {
 		if now > re.LastSeen && now-re.LastSeen > ctTimeout(cfg, re.State) {
