@@ -96,10 +96,18 @@ static __always_inline __s64 csum_range(struct xdp_md *ctx, __u32 off, __u32 len
 	if (len >= KDP_CSUM_CHUNK)
 		return -1; /* longer than any frame XDP sees */
 	if (len > 0) {
+		/* The read's length as 1..KDP_CSUM_CHUNK by arithmetic the verifier follows: Linux
+		 * 6.1's does not learn from len > 0 (compiled to len != 0) that len is not zero, and
+		 * refuses the read ("invalid zero-sized read"). len - 1 is hidden from the compiler,
+		 * which would fold the mask away knowing len < KDP_CSUM_CHUNK. */
+		__u32 n = len - 1;
+
+		asm volatile("" : "+r"(n));
+		n = (n & (KDP_CSUM_CHUNK - 1)) + 1;
 		__builtin_memset(buf, 0, sizeof(buf));
-		if (bpf_xdp_load_bytes(ctx, off, buf, len))
+		if (bpf_xdp_load_bytes(ctx, off, buf, n))
 			return -1;
-		sum += (__u32)bpf_csum_diff(NULL, 0, (void *)buf, (len + 3) & ~3U, 0);
+		sum += (__u32)bpf_csum_diff(NULL, 0, (void *)buf, (n + 3) & ~3U, 0);
 	}
 	return sum;
 }
