@@ -74,6 +74,7 @@ type Stream interface {
 	SetDeadline(time.Time)
 	Slot(ifindex uint32) (uint32, bool)
 	Suppressed() (uint64, error)
+	// Close may be called more than once, and while Read waits: it interrupts the wait.
 	Close() error
 }
 
@@ -193,19 +194,25 @@ func Run(ctx context.Context, reg Registry, src Source, f Filter, emit func(Even
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
+	watched := map[string]Stream{}
 	defer func() {
-		cancel() // the readers stop, close their streams
+		// Closing the streams interrupts the readers' waits at once: a session whose client
+		// left must not read (and lose) events for up to a poll interval, which the next
+		// session on the sandbox would miss, and the datapath stops reporting now.
+		cancel()
+		for _, s := range watched {
+			s.Close()
+		}
 		wg.Wait()
 	}()
 	names := newNames(reg)
 	out := make(chan item, 64)
-	watched := map[string]bool{}
 	open := func(id string) error {
 		s, err := src.Monitor(ctx, id, p.flags)
 		if err != nil {
 			return fmt.Errorf("monitor %s: %w", id, err)
 		}
-		watched[id] = true
+		watched[id] = s
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -231,7 +238,7 @@ func Run(ctx context.Context, reg Registry, src Source, f Filter, emit func(Even
 			return nil
 		case <-tick:
 			for _, sb := range reg.Sandboxes() {
-				if !watched[sb.ID] {
+				if _, ok := watched[sb.ID]; !ok {
 					open(sb.ID) // a sandbox not ready yet is tried again at the next tick
 				}
 			}
