@@ -847,7 +847,7 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 					 __be32 saddr, __be32 daddr, __u64 now, struct ct_entry *pick)
 {
 	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = daddr };
-	struct lc_scan scan = { .mk = *mk, .rev = m->rev, .count = m->count, .sched = m->sched };
+	__u8 sched = m->sched; /* of the scan: lblc/lblcr scan as wlc */
 	struct lb_svc *sl;
 	__u32 idx;
 
@@ -893,12 +893,17 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 				return ae->backend;
 			}
 		}
-		scan.sched = KDP_SCHED_WLC;
+		sched = KDP_SCHED_WLC;
 		break;
 	}
 	}
 	if (!m->count)
 		return 0;
+	/* The scan's state lives from here on only, so the compiler can give its stack to wrr's
+	 * walk above: Linux 6.1's verifier counts the bpf_loop callback's frame on top of the
+	 * caller's, and the IPv6 path must stay within 512 bytes there. */
+	struct lc_scan scan = { .mk = *mk, .rev = m->rev, .count = m->count, .sched = sched };
+
 	bpf_loop(KDP_LB_MAX_SCAN, lc_step, &scan, 0);
 	if (scan.best && (m->sched == KDP_SCHED_LBLC || m->sched == KDP_SCHED_LBLCR)) {
 		struct aff_entry ne = { .last_seen = now, .backend = scan.best };
