@@ -686,7 +686,7 @@ func (l LB) ConnEntries(now uint64, cfg Config) (int, error) {
 	n := 0
 	for _, b := range buckets {
 		for _, s := range b.S {
-			if s.E.LastSeen != 0 && !ctExpired(now, cfg, s.E) {
+			if s.E.LastSeen != 0 && !ctExpired(now, cfg, s.E.LastSeen, s.E.State) {
 				n++
 			}
 		}
@@ -743,9 +743,10 @@ func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error
 	return nil
 }
 
-// ctExpired says whether entry e is idle past its timeout at now.
-func ctExpired(now uint64, cfg Config, e ctEntry) bool {
-	return now > e.LastSeen && now-e.LastSeen > ctTimeout(cfg, e.State)
+// ctExpired says whether an entry last seen at seen, in state, is idle past its timeout at
+// now (either family's entry).
+func ctExpired(now uint64, cfg Config, seen uint64, state uint8) bool {
+	return now > seen && now-seen > ctTimeout(cfg, state)
 }
 
 // Sweep counts the live connections (now is CLOCK_MONOTONIC in ns; the datapath stamps with
@@ -764,7 +765,7 @@ func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, e
 	for _, b := range buckets {
 		for _, s := range b.S {
 			k, e := s.Key, s.E
-			if e.LastSeen == 0 || k.Dir == 1 || ctExpired(now, cfg, e) {
+			if e.LastSeen == 0 || k.Dir == 1 || ctExpired(now, cfg, e.LastSeen, e.State) {
 				continue
 			}
 			if match != nil && match(decodeConn(k, e)) {
@@ -936,7 +937,7 @@ func (l LB) sweep6(now uint64, cfg Config, match func(Conn) bool, res *SweepResu
 		c := Conn{Proto: k.Proto, Client: netip.AddrPortFrom(addr6(k.Saddr), be16(k.Sport)),
 			Service: netip.AddrPortFrom(addr6(k.Daddr), be16(k.Dport)),
 			Server:  netip.AddrPortFrom(addr6(e.Addr), be16(e.Port)), State: e.State, Backend: e.Backend, Svc: e.Svc}
-		if (now > e.LastSeen && now-e.LastSeen > ctTimeout(cfg, e.State)) || (match != nil && match(c)) {
+		if ctExpired(now, cfg, e.LastSeen, e.State) || (match != nil && match(c)) {
 			dead = append(dead, k, replyKey6(k, e))
 			res.Expired++
 			continue
@@ -945,7 +946,7 @@ func (l LB) sweep6(now uint64, cfg Config, match func(Conn) bool, res *SweepResu
 		res.live(e.Backend, e.State)
 	}
 	for rk, re := range replies {
-		if now > re.LastSeen && now-re.LastSeen > ctTimeout(cfg, re.State) {
+		if ctExpired(now, cfg, re.LastSeen, re.State) {
 			dead = append(dead, rk)
 		}
 	}
