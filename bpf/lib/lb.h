@@ -553,7 +553,11 @@ static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struc
  * place, like the hash map's readers did, so a write racing a slot's reuse by another CPU can
  * at worst freshen the new entry's time stamp. The control plane (maps.LB.Sweep) counts the
  * live entries, never deletes expired ones (they are reused) and clears the slots it cleans up.
- * IPv6 keeps its LRU hash (kdp_lb_ct6).
+ * So an entry found is not a live connection: every reader judges its freshness (lb_fresh
+ * against its own state's timeout) and takes an expired one for a miss, the reverse NAT and
+ * the ICMP error translation too (a late reply to a dead connection goes on untranslated).
+ * IPv6 keeps its LRU hash (kdp_lb_ct6), whose expired entries the sweeper deletes; its readers
+ * judge freshness all the same.
  */
 #define KDP_READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 #define kdp_barrier() asm volatile("" ::: "memory")
@@ -1207,7 +1211,8 @@ nat:
 }
 
 /* lb_to_guest6 is lb_to_guest for IPv6. */
-static __always_inline int lb_to_guest6(void *ctx, const bool xdp, __u32 len, struct flow *f)
+static __always_inline int lb_to_guest6(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
+					struct flow *f)
 {
 	__u32 zero = 0;
 	struct lb6_scratch *sc = bpf_map_lookup_elem(&kdp_lb6_scratch, &zero);
@@ -1215,6 +1220,7 @@ static __always_inline int lb_to_guest6(void *ctx, const bool xdp, __u32 len, st
 	__be32 vip[4];
 	__be16 vport;
 	__u32 csum_off;
+	__u64 now;
 	bool udp = f->proto == IPPROTO_UDP;
 
 	if (!sc)
@@ -1227,9 +1233,11 @@ static __always_inline int lb_to_guest6(void *ctx, const bool xdp, __u32 len, st
 	sc->ck.proto = f->proto;
 	sc->ck.dir = 1;
 	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
-	if (!e)
+	now = lb_now();
+	/* Expired and not yet deleted by the sweeper: no connection (as lb_to_guest). */
+	if (!e || !lb_fresh(now, e->last_seen, ct_state_timeout_ns(cfg, e->state)))
 		return -1;
-	e->last_seen = lb_now();
+	e->last_seen = now;
 	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
 		e->state = KDP_CT_TCP_FIN;
 	__builtin_memcpy(vip, e->addr, 16);
@@ -1373,10 +1381,10 @@ nat:
 
 #define LB_FROM4(x) lb_from_guest4(ctx, x, cfg, len, f)
 #define LB_FROM6(x) lb_from_guest6(ctx, x, cfg, len, f)
-#define LB_TO6(x) lb_to_guest6(ctx, x, len, f)
+#define LB_TO6(x) lb_to_guest6(ctx, x, cfg, len, f)
 LB_HOOK_FN(lb_from4, (void *ctx, const struct config *cfg, __u32 len, struct flow *f), LB_FROM4)
 LB_HOOK_FN(lb_from6, (void *ctx, const struct config *cfg, __u32 len, struct flow *f), LB_FROM6)
-LB_HOOK_FN(lb_to6, (void *ctx, __u32 len, struct flow *f), LB_TO6)
+LB_HOOK_FN(lb_to6, (void *ctx, const struct config *cfg, __u32 len, struct flow *f), LB_TO6)
 
 /*
  * ICMP and ICMPv6 errors about load-balanced connections, translated as IPVS translates them
@@ -1453,6 +1461,7 @@ static __always_inline int icmp_store(void *ctx, const bool xdp, __u32 off, cons
 /* lb_icmp4 translates an IPv4 ICMP error (see above); to says toward the guest. */
 static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, struct flow *f)
 {
+	const struct config *cfg;
 	struct ct_key ck = {};
 	struct ct_entry ce;
 	struct iphdr *ip, *eip;
@@ -1501,7 +1510,9 @@ static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, st
 	ck.dport = *(__be16 *)el4;
 	ck.proto = eip->protocol;
 	ck.dir = to ? 1 : 0;
-	if (!ct_lookup(&ck, &ce))
+	cfg = config_get();
+	/* An expired entry (kept until its slot is reused) is no connection any more. */
+	if (!cfg || !ct_lookup(&ck, &ce) || !lb_fresh(lb_now(), ce.last_seen, ct_timeout_ns(cfg, &ce)))
 		return -1;
 	new_a = ce.addr;
 	new_p = ce.port;
@@ -1561,6 +1572,7 @@ static __always_inline int lb_icmp6(void *ctx, const bool xdp, const bool to, st
 {
 	__u32 zero = 0, ioff = f->l4_off & KDP_IPV6_MAX_L4_OFF;
 	struct lb6_scratch *sc = bpf_map_lookup_elem(&kdp_lb6_scratch, &zero);
+	const struct config *cfg;
 	struct ct6_entry *e;
 	struct ipv6hdr *ip, *eip;
 	void *data, *end;
@@ -1597,8 +1609,9 @@ static __always_inline int lb_icmp6(void *ctx, const bool xdp, const bool to, st
 	sc->ck.proto = eip->nexthdr;
 	sc->ck.dir = to ? 1 : 0;
 	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
-	if (!e)
-		return -1;
+	cfg = config_get();
+	if (!e || !cfg || !lb_fresh(lb_now(), e->last_seen, ct_state_timeout_ns(cfg, e->state)))
+		return -1; /* no connection, or an expired one the sweeper has not deleted yet */
 	__builtin_memcpy(sc->ne.addr, e->addr, 16);
 	new_p = e->port;
 	ea = to ? eip->daddr : eip->saddr;
@@ -1714,6 +1727,7 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	__be32 vip;
 	__be16 vport;
 	__u32 csum_off;
+	__u64 now;
 	bool udp;
 
 	if (!lb_active(cfg))
@@ -1729,7 +1743,7 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	if (!(f->flags & KDP_FLOW_PORTS))
 		return -1;
 	if (f->family == KDP_AF_INET6)
-		return xdp ? lb_to6_xdp(ctx, len, f) : lb_to6_tc(ctx, len, f);
+		return xdp ? lb_to6_xdp(ctx, cfg, len, f) : lb_to6_tc(ctx, cfg, len, f);
 	if (f->family != KDP_AF_INET)
 		return -1;
 	ck.saddr = f->saddr.v4;
@@ -1739,9 +1753,12 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	ck.proto = f->proto;
 	ck.dir = 1;
 	e = ct_lookup(&ck, &ce);
-	if (!e)
+	now = lb_now();
+	/* The table keeps an expired entry until its slot is reused: a late reply to a dead
+	 * connection goes on untranslated, as it did when the sweeper deleted the entry. */
+	if (!e || !lb_fresh(now, ce.last_seen, ct_timeout_ns(cfg, &ce)))
 		return -1;
-	e->e.last_seen = lb_now();
+	e->e.last_seen = now;
 	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
 		e->e.state = KDP_CT_TCP_FIN;
 	vip = ce.addr;

@@ -1,0 +1,151 @@
+package loader_test
+
+import (
+	"bytes"
+	"net/netip"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
+)
+
+func ne128(a netip.Addr) [4]uint32 {
+	b := a.As16()
+	var w [4]uint32
+	for i := range w {
+		w[i] = ne32(netip.AddrFrom4([4]byte(b[4*i : 4*i+4])))
+	}
+	return w
+}
+
+// TestLBStaleReply (issue 19): the IPv4 connection table keeps an expired entry until its slot
+// is reused, and the IPv6 one until the sweeper deletes it; the reverse NAT and the ICMP error
+// translation must take such an entry for no connection, as they did when the entry was gone
+// within a second. A connection of each family and protocol is made and its replies and errors
+// are translated; then its entries are aged past their timeout (written with an old stamp), and
+// a late reply from the real server, an error toward the guest quoting guest -> real server
+// and one from the guest quoting VIP -> guest all pass unchanged, in the tc and the XDP
+// programs. The guest's next frame schedules the connection again, and its replies are
+// translated again.
+func TestLBStaleReply(t *testing.T) {
+	needRoot(t)
+	r := newICMPRig(t)
+	guestEP := tapEndpoint(0, 42, maps.FlagAntiSpoof)
+	guestEP6 := tapEndpoint(0, 42, 0)
+	uplinkEP := maps.Endpoint{PeerIfindex: 42, Role: maps.RoleUplink}
+	vip6 := netip.MustParseAddrPort("[2001:db8::10]:80")
+	be6 := netip.MustParseAddrPort("[fd00::4]:8080")
+	client6 := netip.MustParseAddrPort("[fd00:1::2]:40000")
+	if err := r.v.LB.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.v.LB.PutBackend(8, maps.Backend{Addr: be6, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	old := uint64(ts.Nano()) - 1000e9 // past every timeout of the rig (900, 120, 300 s)
+
+	for i, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
+		if err := r.v.LB.PutService(0, maps.ServiceSpec{VIP: vip, Proto: proto, ID: 3 + uint32(i), Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.v.LB.PutService(0, maps.ServiceSpec{VIP: vip6, Proto: proto, ID: 5 + uint32(i), Sched: maps.SchedRR, Slots: []uint32{8}}); err != nil {
+			t.Fatal(err)
+		}
+		connect := func() {
+			t.Helper()
+			if ret, _, _ := r.run(t, "tc", false, guestEP, l4Frame(proto, guestMAC, client, vip, 0x02, 0)); ret != tcxRedirect {
+				t.Fatalf("proto %d: connection: verdict %d", proto, ret)
+			}
+			if ret, _, _ := r.run(t, "tc", false, guestEP6, lbFrame6(proto, guestMAC, client6, vip6, 0x02, 0)); ret != tcxRedirect {
+				t.Fatalf("proto %d: IPv6 connection: verdict %d", proto, ret)
+			}
+		}
+		q4 := func(s, d netip.AddrPort) []byte { return quote(l4Frame(proto, guestMAC, s, d, 0x18, 24), 0) }
+		q6 := func(s, d netip.AddrPort) []byte { return quote(lbFrame6(proto, guestMAC, s, d, 0x18, 24), 0) }
+		type tcase struct {
+			name    string
+			toGuest bool
+			ep      maps.Endpoint
+			in      []byte
+			want    []byte // translated, while the connection lives
+		}
+		cases := []tcase{
+			{"reply", true, uplinkEP,
+				l4Frame(proto, otherMAC, backend, client, 0x10, 5),
+				l4Frame(proto, otherMAC, vip, client, 0x10, 5)},
+			{"error toward the guest", true, uplinkEP,
+				icmp4Err(otherMAC, backend.Addr(), client.Addr(), 3, 3, q4(client, backend)),
+				icmp4Err(otherMAC, vip.Addr(), client.Addr(), 3, 3, q4(client, vip))},
+			{"error from the guest", false, guestEP,
+				icmp4Err(guestMAC, client.Addr(), vip.Addr(), 3, 3, q4(vip, client)),
+				icmp4Err(guestMAC, client.Addr(), backend.Addr(), 3, 3, q4(backend, client))},
+			{"IPv6 reply", true, uplinkEP,
+				lbFrame6(proto, otherMAC, be6, client6, 0x10, 5),
+				lbFrame6(proto, otherMAC, vip6, client6, 0x10, 5)},
+			{"IPv6 error toward the guest", true, uplinkEP,
+				icmp6Err(otherMAC, be6.Addr(), client6.Addr(), 1, 4, q6(client6, be6)),
+				icmp6Err(otherMAC, vip6.Addr(), client6.Addr(), 1, 4, q6(client6, vip6))},
+			{"IPv6 error from the guest", false, guestEP6,
+				icmp6Err(guestMAC, client6.Addr(), vip6.Addr(), 1, 4, q6(vip6, client6)),
+				icmp6Err(guestMAC, client6.Addr(), be6.Addr(), 1, 4, q6(be6, client6))},
+		}
+		check := func(phase string, live bool) {
+			t.Helper()
+			for _, c := range cases {
+				for _, hook := range []string{"tc", "xdp"} {
+					ret, out, _ := r.run(t, hook, c.toGuest, c.ep, c.in)
+					if ret != tcxRedirect {
+						t.Errorf("proto %d, %s: %s/%s: verdict %d, want forwarded", proto, phase, hook, c.name, ret)
+						continue
+					}
+					want := c.in
+					if live {
+						want = c.want
+					}
+					if !bytes.Equal(out, want) {
+						t.Errorf("proto %d, %s: %s/%s: translated %v, want %v\n got %x\nwant %x", proto, phase, hook, c.name,
+							!bytes.Equal(out, c.in), live, out, want)
+					}
+				}
+			}
+		}
+		age := func() {
+			t.Helper()
+			orig := loader.DatapathCtKey{Saddr: ne32(client.Addr()), Daddr: ne32(vip.Addr()), Sport: htons(client.Port()), Dport: htons(vip.Port()), Proto: proto}
+			reply := loader.DatapathCtKey{Saddr: ne32(backend.Addr()), Daddr: ne32(client.Addr()), Sport: htons(backend.Port()), Dport: htons(client.Port()), Proto: proto, Dir: 1}
+			for _, k := range []loader.DatapathCtKey{orig, reply} {
+				e, err := r.v.LB.ConnEntry(k)
+				if err != nil {
+					t.Fatalf("proto %d: no entry %+v: %v", proto, k, err)
+				}
+				e.LastSeen = old
+				if err := r.v.LB.SetConnEntry(k, e); err != nil {
+					t.Fatal(err)
+				}
+			}
+			orig6 := loader.DatapathCt6Key{Saddr: ne128(client6.Addr()), Daddr: ne128(vip6.Addr()), Sport: htons(client6.Port()), Dport: htons(vip6.Port()), Proto: proto}
+			reply6 := loader.DatapathCt6Key{Saddr: ne128(be6.Addr()), Daddr: ne128(client6.Addr()), Sport: htons(be6.Port()), Dport: htons(client6.Port()), Proto: proto, Dir: 1}
+			for _, k := range []loader.DatapathCt6Key{orig6, reply6} {
+				var e loader.DatapathCt6Entry
+				if err := r.v.LB.CT6.Lookup(&k, &e); err != nil {
+					t.Fatalf("proto %d: no IPv6 entry %+v: %v", proto, k, err)
+				}
+				e.LastSeen = old
+				if err := r.v.LB.CT6.Update(&k, &e, 0); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+
+		connect()
+		check("live", true)
+		age()
+		check("expired", false)
+		connect()
+		check("scheduled again", true)
+	}
+}
