@@ -69,13 +69,13 @@ type Options struct {
 	cases []caseDef
 }
 
-// DefaultModes is the standard set `make bench` runs: every mode of the
+// DefaultModes returns the standard set `make bench` runs: every mode of the
 // dataplane's registry, then the reference rows.
-var DefaultModes = modeNames(func(modeDef) bool { return true })
+func DefaultModes() []string { return modeNames(func(modeDef) bool { return true }) }
 
 // quickModes leave out the CNI reference and the modes compared with it
 // (direct) to stay at about two and a half minutes (2m28s on the busy development machine, 2026-12-05).
-var quickModes = modeNames(func(m modeDef) bool { return !m.slow })
+func quickModes() []string { return modeNames(func(m modeDef) bool { return !m.slow }) }
 
 var quickCases = []string{"h2g-64", "g2h-64", "h2g6-64", "g2h6-64", "lat-block", "lat-busy"}
 
@@ -125,7 +125,7 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	fs.BoolVar(&o.Quick, "quick", false, "3 rounds, 64 B one-way and latency only, shorter cases (about 2-3 minutes)")
 	fs.StringVarP(&o.Output, "output", "o", "table", "output format: table (Markdown) or json")
 	fs.IntVar(&o.Rounds, "rounds", 5, "rounds: each runs every mode once, in order (3 with --quick unless set)")
-	fs.StringSliceVar(&o.Modes, "modes", DefaultModes, "modes to run, in order; a kata-dp mode with +svc<N> (N 1.."+strconv.Itoa(maxBenchServices)+") runs it with N load-balancer services loaded")
+	fs.StringSliceVar(&o.Modes, "modes", DefaultModes(), "modes to run, in order; a kata-dp mode with +svc<N> (N 1.."+strconv.Itoa(maxBenchServices)+") runs it with N load-balancer services loaded")
 	fs.StringSliceVar(&o.Cases, "cases", nil, "cases to run (default all; with --quick: "+strings.Join(quickCases, ",")+")")
 	fs.StringVar(&o.From, "from", "", "render the report saved (with -o json) in this file instead of measuring")
 	fs.StringVar(&o.Charts, "charts", "", "write SVG charts of pps, CPU per frame and latency to this directory")
@@ -156,7 +156,7 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 			o.Cases = quickCases
 		}
 		if !fs.Changed("modes") {
-			o.Modes = quickModes
+			o.Modes = quickModes()
 		}
 		if !fs.Changed("wait-quiet") {
 			o.WaitQuiet = time.Second
@@ -187,7 +187,7 @@ func (o *Options) validate() error {
 	}
 	for _, m := range o.Modes {
 		if _, ok := modeByName(m); !ok {
-			return fmt.Errorf("bench: unknown mode %q (known: %s; or a kata-dp mode with +svc<N>, N 1..%d)", m, strings.Join(DefaultModes, ","), maxBenchServices)
+			return fmt.Errorf("bench: unknown mode %q (known: %s; or a kata-dp mode with +svc<N>, N 1..%d)", m, strings.Join(DefaultModes(), ","), maxBenchServices)
 		}
 	}
 	o.cases = nil
@@ -207,7 +207,7 @@ func (o *Options) validate() error {
 // modeNames are the names of the harness's modes that keep holds for, in report order.
 func modeNames(keep func(modeDef) bool) []string {
 	var out []string
-	for _, m := range modes {
+	for _, m := range modes() {
 		if keep(m) {
 			out = append(out, m.name)
 		}

@@ -71,7 +71,7 @@ func TestHarness(t *testing.T) {
 		t.Errorf("vip cases: want them in tc+svc5000 and not in tc; ran %v", got)
 	}
 	var want []string
-	for _, m := range modes {
+	for _, m := range modes() {
 		if slices.ContainsFunc(rep.Notes, func(n string) bool { return strings.HasPrefix(n, "mode "+m.name+" skipped") }) {
 			t.Logf("mode %s skipped on this machine", m.name)
 			continue
@@ -152,8 +152,8 @@ func TestSvcModes(t *testing.T) {
 			t.Errorf("mode %s: %+v, want %d services on %s", name, m, want[0], want[1])
 		}
 	}
-	if !slices.Contains(DefaultModes, "tc+svc5000") || !slices.Contains(quickModes, "tc+svc5000") {
-		t.Errorf("tc+svc5000 missing from the default or quick modes: %v / %v", DefaultModes, quickModes)
+	if !slices.Contains(DefaultModes(), "tc+svc5000") || !slices.Contains(quickModes(), "tc+svc5000") {
+		t.Errorf("tc+svc5000 missing from the default or quick modes: %v / %v", DefaultModes(), quickModes())
 	}
 	if r := newReport(o); r.ModeInfo["tc+svc250"] == "" {
 		t.Errorf("no description for tc+svc250: %v", r.ModeInfo)

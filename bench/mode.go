@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/cilium/ebpf/link"
 	"github.com/kata-dp/kata-dp/bench/refprog"
@@ -63,10 +64,14 @@ func (m modeDef) runs(c caseDef) bool {
 	return true
 }
 
-// modes are all modes the harness knows, in report order: every mode of the dataplane's
+// modes returns all modes the harness knows, in report order: every mode of the dataplane's
 // registry, installed through the dataplane itself (setupKataDP), its variants (a monitor
-// listening, services loaded), then the reference rows, which are the harness's own.
-var modes = append(append(append(kataModes(), monitorModes...), svcModes...), refModes...)
+// listening, services loaded), then the reference rows, which are the harness's own. Made on
+// first use, not at package init: every kata-dp process links this package, and only
+// `kata-dp bench` needs the list.
+var modes = sync.OnceValue(func() []modeDef {
+	return append(append(append(kataModes(), monitorModes...), svcModes()...), refModes...)
+})
 
 // monitorModes measure what `kata-dp monitor` costs: the tc row again, with a monitor client
 // listening for drops and new load-balanced connections (the datapath's monitor flags on, its
@@ -117,7 +122,7 @@ var refModes = []modeDef{
 var errSkipMode = errors.New("mode not available")
 
 func modeByName(name string) (modeDef, bool) {
-	for _, m := range modes {
+	for _, m := range modes() {
 		if m.name == name {
 			return m, true
 		}

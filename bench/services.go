@@ -25,7 +25,7 @@ const maxBenchServices = ipvs.MaxRules / 4
 
 // svcModes are the +svc rows in the default mode list; any other kata-dp mode takes the
 // suffix too (--modes xdp+svc5000).
-var svcModes = []modeDef{svcMode(control.ModeTC, 5000)}
+func svcModes() []modeDef { return []modeDef{svcMode(control.ModeTC, 5000)} }
 
 // svcMode is kata-dp mode base with services loaded.
 func svcMode(base string, n int) modeDef {

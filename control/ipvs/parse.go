@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"unsafe"
 )
 
@@ -133,16 +134,18 @@ func lookupLong(name string) *optDef {
 	return nil
 }
 
-// shortToks holds "-x" for every byte x, so naming a short option does
-// not allocate.
-var shortToks = func() (t [256]string) {
-	for i := range t {
-		t[i] = "-" + string([]byte{byte(i)})
+// shortToks holds "-x" for every byte x, one after the other, so naming a short option does
+// not allocate. Made on first use: one string instead of 256 allocations at the start of
+// every kata-dp process.
+var shortToks = sync.OnceValue(func() string {
+	b := make([]byte, 512)
+	for i := range 256 {
+		b[2*i], b[2*i+1] = '-', byte(i)
 	}
-	return t
-}()
+	return string(b)
+})
 
-func shortTok(c byte) string { return shortToks[c] }
+func shortTok(c byte) string { i := 2 * int(c); return shortToks()[i : i+2] }
 
 func lookupShort(c byte) *optDef {
 	for i := range optTable {

@@ -539,7 +539,7 @@ func (m *Manager) encode(id string, t *ipvs.Table) encoded {
 	m.mu.Lock()
 	d := m.disk[id]
 	m.mu.Unlock()
-	b, err := json.Marshal(snapshot{Table: t, Seq: d.seq})
+	b, err := encodeSnapshot(t, d.seq)
 	return encoded{b: b, err: err}
 }
 

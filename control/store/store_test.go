@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -67,6 +68,19 @@ func TestBadKeys(t *testing.T) {
 	}
 	if err := s.Put(strings.Repeat("a", 201), nil); err != nil {
 		t.Errorf("Put of a 201-character key: %v", err)
+	}
+	// validKey is the pattern it replaced, written out: every key of up to three of these
+	// characters agrees with it.
+	re := regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$`)
+	alphabet := []string{"", "a", "Z", "0", "_", ".", "-", "/", " ", "\x00", "é", "\n"}
+	for _, a := range alphabet {
+		for _, b := range alphabet {
+			for _, c := range alphabet {
+				if k := a + b + c; validKey(k) != re.MatchString(k) {
+					t.Errorf("validKey(%q) = %v, the pattern says %v", k, validKey(k), re.MatchString(k))
+				}
+			}
+		}
 	}
 }
 
