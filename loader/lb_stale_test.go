@@ -149,3 +149,59 @@ func TestLBStaleReply(t *testing.T) {
 		check("scheduled again", true)
 	}
 }
+
+// TestLBSweepSlots: the sweeper and the metrics read the IPv4 connection table in place
+// (memory-mapped) and count a slot as the datapath's readers take it: in use, not being
+// written (odd seq) and within its timeout; Sweep counts connections (original entries) per
+// real server, ConnEntries every live entry.
+func TestLBSweepSlots(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	if err := r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	now := uint64(ts.Nano())
+	cfg, err := maps.ReadConfig(r.lb.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slot := func(seq uint32, port uint16, dir uint8, seen uint64, state uint8) loader.DatapathCtSlot {
+		return loader.DatapathCtSlot{Seq: seq,
+			Key: loader.DatapathCtKey{Saddr: ne32(client.Addr()), Daddr: ne32(vip.Addr()), Sport: htons(port), Dport: htons(80), Proto: unix.IPPROTO_TCP, Dir: dir},
+			E:   loader.DatapathCtEntry{LastSeen: seen, Addr: ne32(backend.Addr()), Port: htons(backend.Port()), State: state, Backend: 7, Svc: 3}}
+	}
+	buckets := map[uint32]loader.DatapathCtBucket{
+		0: {S: [4]loader.DatapathCtSlot{
+			slot(2, 1000, 0, now, maps.CTTCPEst),         // live, established
+			slot(4, 1000, 1, now, maps.CTTCPEst),         // its reply entry
+			slot(3, 1001, 0, now, maps.CTTCPEst),         // being written by a CPU: skipped
+			slot(2, 1002, 0, now-200e9, maps.CTTCPFin)}}, // closing, idle past tcpfin's 120 s
+		7: {S: [4]loader.DatapathCtSlot{
+			{},
+			slot(6, 1003, 0, now-200e9, maps.CTTCPEst), // idle 200 s of 900: live
+			{Seq: 8}, // cleared
+			slot(2, 1004, 0, now, maps.CTUDP)}},
+		r.lb.CT.MaxEntries() - 1: {S: [4]loader.DatapathCtSlot{3: slot(2, 1005, 1, now-400e9, maps.CTUDP)}}, // expired reply
+	}
+	for i, b := range buckets {
+		if err := r.lb.CT.Put(i, &b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := r.lb.Sweep(now, cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (maps.LBConns{Active: 2, Inactive: 1}); res.Live != 3 || res.Conns[7] != want {
+		t.Errorf("sweep: %d live, counts %+v; want 3 live, %+v", res.Live, res.Conns[7], want)
+	}
+	if n, err := r.lb.ConnEntries(now, cfg); err != nil || n != 4 {
+		t.Errorf("ConnEntries: %d (%v), want 4", n, err)
+	}
+	var c maps.LBConns
+	if err := r.lb.Conns.Lookup(uint32(7), &c); err != nil || c != (maps.LBConns{Active: 2, Inactive: 1}) {
+		t.Errorf("real server 7's counts after the sweep: %+v (%v)", c, err)
+	}
+}

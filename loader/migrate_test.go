@@ -7,8 +7,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"testing"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/kata-dp/kata-dp/loader"
 	"github.com/kata-dp/kata-dp/maps"
@@ -178,5 +180,82 @@ func TestMigrateConnTable(t *testing.T) {
 		if err != nil || e.Backend != uint32(i) || e.LastSeen != uint64(1+i) {
 			t.Errorf("connection %d after the migration: %+v, %v", i, e, err)
 		}
+	}
+}
+
+// TestMigrateConnTableMapped: a sandbox pinned when the IPv4 connection table was an array of
+// buckets the control plane could not map (no BPF_F_MMAPABLE, the version before) is opened
+// with a mapped table holding the same buckets, and the sweeper counts its connections by
+// reading it in place.
+func TestMigrateConnTableMapped(t *testing.T) {
+	needRoot(t)
+	root := testRoot(t)
+	const id = "migratect2"
+	sb := openSandbox(t, root, id)
+	dir := sb.Dir()
+	sb.Close()
+
+	old, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: uint32(unsafe.Sizeof(loader.DatapathCtBucket{})), MaxEntries: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	now := uint64(ts.Nano())
+	var keys []loader.DatapathCtKey
+	buckets := map[uint32]*loader.DatapathCtBucket{}
+	for i := range 50 {
+		k := loader.DatapathCtKey{Saddr: 0x0300a8c0, Daddr: 0x0a00600a, Sport: uint16(1000 + i), Dport: 0x5000, Proto: 6}
+		at := loader.CTHash(k) % 1024
+		b := buckets[at]
+		if b == nil {
+			b = &loader.DatapathCtBucket{}
+			buckets[at] = b
+		}
+		for s := range b.S {
+			if b.S[s].E.LastSeen == 0 {
+				b.S[s] = loader.DatapathCtSlot{Seq: 2, Key: k, E: loader.DatapathCtEntry{LastSeen: now, Addr: 0x0a00000a, Port: 0x901f, State: maps.CTTCPEst, Backend: 7, Svc: 3}}
+				keys = append(keys, k)
+				break
+			}
+		}
+	}
+	for at, b := range buckets {
+		if err := old.Put(at, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Remove(filepath.Join(dir, "kdp_lb_ct")); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Pin(filepath.Join(dir, "kdp_lb_ct")); err != nil {
+		t.Fatal(err)
+	}
+
+	sb, err = loader.Open(root, id)
+	if err != nil {
+		t.Fatalf("open over the unmapped connection table: %v", err)
+	}
+	defer sb.Close()
+	lb := maps.ForSandbox(sb.Maps()).LB
+	if _, err := lb.CT.Memory(); err != nil {
+		t.Fatalf("the migrated table is not mapped: %v", err)
+	}
+	if got := lb.ConnCapacity(); got != 1024*loader.CTWays {
+		t.Errorf("capacity after the migration %d, want %d", got, 1024*loader.CTWays)
+	}
+	for _, k := range keys {
+		if _, err := lb.ConnEntry(k); err != nil {
+			t.Errorf("connection %+v after the migration: %v", k, err)
+		}
+	}
+	want := len(keys)
+	res, err := lb.Sweep(now, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Live != want || res.Conns[7].Active != int64(want) {
+		t.Errorf("sweep of the migrated table: %d live, counts %+v; want %d", res.Live, res.Conns[7], want)
 	}
 }

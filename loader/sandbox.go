@@ -202,6 +202,13 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	if err := spec.LoadAndAssign(&s.objs, opts); err != nil {
 		return nil, fmt.Errorf("open sandbox %s: load collection: %w", id, err)
 	}
+	// The IPv4 connection table is read in place (maps.LB's scan): it is mapped here, once,
+	// because ebpf.Map.Memory maps on its first call without a lock, and the sweeper and the
+	// metrics read the table from goroutines of their own.
+	if _, err := s.objs.KdpLbCt.Memory(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		s.Close()
+		return nil, fmt.Errorf("open sandbox %s: map the connection table: %w", id, err)
+	}
 	if err := s.refreshLinks(linksDir); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)

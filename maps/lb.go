@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/loader"
@@ -679,17 +680,14 @@ func (l LB) ConnCapacity() int { return int(l.CT.MaxEntries()) * loader.CTWays }
 // connection) at now (CLOCK_MONOTONIC in ns): the table keeps an expired entry until its slot
 // is reused, so only those within their timeout are counted.
 func (l LB) ConnEntries(now uint64, cfg Config) (int, error) {
-	buckets, err := Dump[uint32, ctBucket](l.CT)
+	n := 0
+	err := l.scanCT(func(_ ctKey, e ctEntry) {
+		if !ctExpired(now, cfg, e.LastSeen, e.State) {
+			n++
+		}
+	})
 	if err != nil {
 		return 0, fmt.Errorf("count connections: %w", err)
-	}
-	n := 0
-	for _, b := range buckets {
-		for _, s := range b.S {
-			if s.E.LastSeen != 0 && !ctExpired(now, cfg, s.E.LastSeen, s.E.State) {
-				n++
-			}
-		}
 	}
 	return n, nil
 }
@@ -757,24 +755,20 @@ func ctExpired(now uint64, cfg Config, seen uint64, state uint8) bool {
 // IPv6 one (an LRU hash) has them deleted.
 func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, error) {
 	res := SweepResult{Conns: map[uint32]LBConns{}}
-	buckets, err := Dump[uint32, ctBucket](l.CT)
+	var kill []ctKey
+	err := l.scanCT(func(k ctKey, e ctEntry) {
+		if k.Dir == 1 || ctExpired(now, cfg, e.LastSeen, e.State) {
+			return
+		}
+		if match != nil && match(decodeConn(k, e)) {
+			kill = append(kill, k, replyKey(k, e))
+			res.Expired++
+			return
+		}
+		res.live(e.Backend, e.State)
+	})
 	if err != nil {
 		return res, fmt.Errorf("sweep connections: %w", err)
-	}
-	var kill []ctKey
-	for _, b := range buckets {
-		for _, s := range b.S {
-			k, e := s.Key, s.E
-			if e.LastSeen == 0 || k.Dir == 1 || ctExpired(now, cfg, e.LastSeen, e.State) {
-				continue
-			}
-			if match != nil && match(decodeConn(k, e)) {
-				kill = append(kill, k, replyKey(k, e))
-				res.Expired++
-				continue
-			}
-			res.live(e.Backend, e.State)
-		}
 	}
 	if err := l.clearConns(kill); err != nil {
 		return res, fmt.Errorf("sweep connections: %w", err)
@@ -1144,19 +1138,29 @@ func deleteKeys[K any](m *ebpf.Map, keys []K) {
 	}
 }
 
-// dumpBatchSize is how many entries one BPF_MAP_LOOKUP_BATCH call reads.
-const dumpBatchSize = 4096
+// How many entries one BPF_MAP_LOOKUP_BATCH call of Dump reads: the first call few, so that
+// dumping a map that is empty or nearly so (the sweeper dumps five of them every second per
+// sandbox) allocates and clears a few KiB instead of 4096 entries' worth, each further call of
+// a large map four times as many as the one before, up to dumpBatchSize.
+const (
+	dumpFirstBatch = 128
+	dumpBatchSize  = 4096
+)
 
 // Dump reads every entry of a hash map with batched lookups (a few system calls for tens of
 // thousands of entries, where iterating costs two per entry), falling back to iteration on
 // kernels without batch operations.
 func Dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
 	out := map[K]V{}
-	keys := make([]K, dumpBatchSize)
-	vals := make([]V, dumpBatchSize)
+	size := min(dumpFirstBatch, max(int(m.MaxEntries()), 1))
+	keys := make([]K, size)
+	vals := make([]V, size)
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		if errors.Is(err, unix.ENOSPC) && len(keys) < dumpBatchSize {
+			n, err = 0, nil // a hash bucket holds more entries than the batch: again, larger
+		}
 		for i := 0; i < n; i++ {
 			out[keys[i]] = vals[i]
 		}
@@ -1168,6 +1172,11 @@ func Dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
 		}
 		if err != nil {
 			return nil, err
+		}
+		if n == 0 || n == len(keys) {
+			if size = min(4*len(keys), dumpBatchSize); size > len(keys) {
+				keys, vals = make([]K, size), make([]V, size)
+			}
 		}
 	}
 	var (

@@ -129,20 +129,15 @@ func (l LB) livePrefilter() (vips, rss []uint32, err error) {
 	for _, b := range bes6 {
 		rss = append(rss, fold6(b.Ip))
 	}
-	cts, err := Dump[uint32, ctBucket](l.CT)
+	err = l.scanCT(func(k ctKey, _ ctEntry) {
+		if k.Dir == 0 {
+			vips = append(vips, k.Daddr)
+		} else {
+			rss = append(rss, k.Saddr)
+		}
+	})
 	if err != nil {
 		return nil, nil, err
-	}
-	for _, b := range cts {
-		for _, s := range b.S {
-			switch {
-			case s.E.LastSeen == 0:
-			case s.Key.Dir == 0:
-				vips = append(vips, s.Key.Daddr)
-			default:
-				rss = append(rss, s.Key.Saddr)
-			}
-		}
 	}
 	cts6, err := Dump[ct6Key, ct6Ent](l.CT6)
 	if err != nil {

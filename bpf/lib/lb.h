@@ -240,6 +240,7 @@ struct {
 	__uint(max_entries, KDP_LB_CT_SIZE / KDP_CT_WAYS); /* buckets (loader.Options.CTSize / 4) */
 	__type(key, __u32);
 	__type(value, struct ct_bucket);
+	__uint(map_flags, BPF_F_MMAPABLE); /* the control plane reads it in place (maps.LB.scanCT) */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_ct SEC(".maps");
 
