@@ -35,6 +35,10 @@ type Check struct {
 	Supported bool
 	// Fallback says what runs instead when it is missing ("" when nothing does).
 	Fallback string
+	// Required are the objects among Objects that the fallback does not serve: they need the
+	// feature itself (tcx: the datapath falls back to clsact, direct mode's node programs
+	// do not).
+	Required []string
 }
 
 // The compiled objects, as Check.Objects names them. Which dataplane mode loads which object is
@@ -45,15 +49,20 @@ const (
 )
 
 // Missing returns the checks that the given objects need and the kernel lacks, with no
-// fallback (TCX is not needed: clsact is its fallback). An object is all or nothing: every
-// program of it is loaded, the xdp ones included, whatever mode runs.
+// fallback for them (TCX is not needed by the datapath: clsact is its fallback; the node
+// object requires it). An object is all or nothing: every program of it is loaded, the xdp
+// ones included, whatever mode runs.
 func (f Features) Missing(objects ...string) []Check {
 	var out []Check
 	for _, c := range f.Checks {
-		if c.Supported || c.Fallback != "" {
+		if c.Supported {
 			continue
 		}
-		if slices.ContainsFunc(c.Objects, func(o string) bool { return slices.Contains(objects, o) }) {
+		need := c.Objects
+		if c.Fallback != "" {
+			need = c.Required
+		}
+		if slices.ContainsFunc(need, func(o string) bool { return slices.Contains(objects, o) }) {
 			out = append(out, c)
 		}
 	}
@@ -212,7 +221,10 @@ func probe() (Features, error) {
 		f.Checks = append(f.Checks, *c)
 	}
 	slices.SortFunc(f.Checks, func(a, b Check) int { return strings.Compare(a.Kind+" "+a.Name, b.Kind+" "+b.Name) })
-	f.Checks = append(f.Checks, Check{Name: "link tcx", Kind: "link", Supported: f.TCX, Fallback: "clsact + direct-action bpf filter"})
+	// The node's programs on a direct-mode uplink need links that other tc users cannot
+	// displace (ErrNoTCX): clsact is the datapath's fallback only.
+	f.Checks = append(f.Checks, Check{Name: "link tcx", Kind: "link", Objects: []string{ObjectDatapath, ObjectNode},
+		Supported: f.TCX, Fallback: "clsact + direct-action bpf filter, but not for direct mode", Required: []string{ObjectNode}})
 	return f, nil
 }
 

@@ -96,21 +96,21 @@ func TestProbeCoversObjects(t *testing.T) {
 
 // TestMissingPerObject: a kernel without bpf_loop for xdp cannot load the datapath object (it
 // is loaded whole); one without percpu_hash loses only the node object; a missing feature
-// with a fallback (tcx) stops neither.
+// with a fallback (tcx) stops only the object that requires it all the same (the node).
 func TestMissingPerObject(t *testing.T) {
 	f := Features{Checks: []Check{
 		{Name: "helper bpf_loop (xdp)", Kind: "helper", Objects: []string{"datapath"}, Supported: false},
 		{Name: "map percpu_hash", Kind: "map", Objects: []string{"node"}, Supported: false},
 		{Name: "map array", Kind: "map", Objects: []string{"datapath", "node"}, Supported: true},
-		{Name: "link tcx", Kind: "link", Supported: false, Fallback: "clsact"},
+		{Name: "link tcx", Kind: "link", Objects: []string{"datapath", "node"}, Supported: false, Fallback: "clsact", Required: []string{"node"}},
 	}}
 	for _, tc := range []struct {
 		objects []string
 		want    string
 	}{
 		{[]string{ObjectDatapath}, "helper bpf_loop (xdp)"},
-		{[]string{ObjectNode}, "map percpu_hash"},
-		{[]string{ObjectDatapath, ObjectNode}, "helper bpf_loop (xdp),map percpu_hash"},
+		{[]string{ObjectNode}, "map percpu_hash,link tcx"},
+		{[]string{ObjectDatapath, ObjectNode}, "helper bpf_loop (xdp),map percpu_hash,link tcx"},
 		{nil, ""},
 	} {
 		var got []string

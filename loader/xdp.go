@@ -242,7 +242,10 @@ const (
 // XDPRedirectTarget reports whether ifname (in the netns at nsPath) accepts frames redirected
 // by XDP (NETDEV_XDP_ACT_NDO_XMIT). A tap always does; a veth only while its peer runs XDP or
 // has GRO on, and otherwise the kernel drops what XDP redirects into it. The check reads the
-// device's xdp_features, so it never touches the peer, which kata-dp does not own.
+// device's xdp_features, so it never touches the peer, which kata-dp does not own. Kernels
+// before 6.3 have no xdp_features (no netdev generic netlink family): there it reports false,
+// and xdp mode keeps the guest's frames on tc, since a redirect into a veth whose peer cannot
+// take it drops them silently.
 func XDPRedirectTarget(nsPath, ifname string) (bool, error) {
 	var ok bool
 	err := netdev.InNetNS(nsPath, func() error {
@@ -251,6 +254,9 @@ func XDPRedirectTarget(nsPath, ifname string) (bool, error) {
 			return fmt.Errorf("find device: %w", err)
 		}
 		fam, err := netlink.GenlFamilyGet("netdev")
+		if errors.Is(err, unix.ENOENT) {
+			return nil // before 6.3: the kernel cannot say
+		}
 		if err != nil {
 			return fmt.Errorf("netdev genetlink family: %w", err)
 		}

@@ -96,7 +96,7 @@ func setXDP(sb *Sandbox, ep control.Endpoint, tap, uplink netdev.LinkInfo) (bool
 		return false, err
 	}
 	if !ok {
-		sb.dp.log.Info("xdp mode: frames from the guest stay on tc: the uplink's peer has neither XDP nor GRO on",
+		sb.dp.log.Info("xdp mode: frames from the guest stay on tc: the uplink's peer has neither XDP nor GRO on (or the kernel, before 6.3, cannot tell)",
 			"sandbox", ep.Sandbox, "nic", ep.NIC, "uplink", ep.Uplink)
 		return false, sb.xdp().Delete(uint32(tap.Index))
 	}

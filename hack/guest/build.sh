@@ -13,6 +13,10 @@ out="${KDP_GUEST_OUT:-$here/out}"
 mkdir -p "$out"
 
 modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net)
+# Modules for running kata-dp itself inside the guest (the guest-kernel tests' own /init loads
+# them, in this order, from /lib/modules/net.order; the standard /init does not): veth and tap
+# devices, clsact and the bpf / u32 filters with mirred, macvlan and macvtap.
+netmodules=(veth tun tap macvlan macvtap sch_ingress cls_bpf cls_u32 act_mirred)
 
 log() { echo "guest: $*" >&2; }
 
@@ -77,7 +81,7 @@ stage="$out/initramfs.stage"
 rm -rf "$stage"
 mkdir -p "$stage"/{bin,sbin,proc,sys,dev,tmp,run,lib/modules,etc}
 cp /bin/busybox "$stage/bin/busybox"
-for m in "${modules[@]}"; do
+for m in "${modules[@]}" "${netmodules[@]}"; do
 	f="$(find "$kdir/lib/modules/$abi" -name "$m.ko*" | head -n1)"
 	[ -n "$f" ] || { log "module $m not found"; exit 1; }
 	case "$f" in
@@ -88,6 +92,7 @@ for m in "${modules[@]}"; do
 	esac
 done
 printf '%s\n' "${modules[@]}" >"$stage/lib/modules/order"
+printf '%s\n' "${netmodules[@]}" >"$stage/lib/modules/net.order"
 install -m 0755 "$here/init" "$stage/init"
 
 (cd "$stage" && find . | sort | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -9n) >"$out/initramfs.cpio.gz.tmp"
