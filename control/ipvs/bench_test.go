@@ -36,12 +36,12 @@ func full(b *testing.B) *Table {
 func BenchmarkRestore20000(b *testing.B) {
 	in := rules20000()
 	for b.Loop() {
-		cmds, err := ParseRestore(strings.NewReader(in))
+		cmds, err := ParseRestoreChunks(strings.NewReader(in))
 		if err != nil {
 			b.Fatal(err)
 		}
 		var tb Table
-		if err := tb.Restore(cmds); err != nil {
+		if err := tb.Restore(cmds...); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -3,11 +3,13 @@ package ipvs
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -344,31 +346,60 @@ func TestParseKataParameters(t *testing.T) {
 	}
 }
 
-// TestParseRestoreHalves: an input large enough to be parsed in two halves at once gives
-// the same commands, line numbers and first error as one pass would.
-func TestParseRestoreHalves(t *testing.T) {
+// TestParseRestoreChunks: an input large enough to be parsed in several chunks as it
+// arrives gives the same commands, line numbers and first error as one pass would, however
+// the reads split it.
+func TestParseRestoreChunks(t *testing.T) {
 	var lines []string
-	for i := range 4000 {
-		lines = append(lines, fmt.Sprintf("-A -t 10.1.%d.%d:80 -s rr", i/256, i%256))
+	for i := range 20000 {
+		lines = append(lines, fmt.Sprintf("-A -t 10.%d.%d.%d:80 -s rr", i/65536, (i/256)%256, i%256))
 		if i%7 == 0 {
 			lines = append(lines, "") // blank lines count too
 		}
 	}
 	in := strings.Join(lines, "\n") + "\n"
-	if len(in) < parallelRestoreBytes {
-		t.Fatalf("input of %d bytes is parsed in one piece", len(in))
+	readers := map[string]func(string) io.Reader{
+		"whole":        func(s string) io.Reader { return strings.NewReader(s) },
+		"sized":        func(s string) io.Reader { return sized{strings.NewReader(s), len(s)} },
+		"small reads":  func(s string) io.Reader { return iotest.HalfReader(&oddReader{s: s}) },
+		"size too low": func(s string) io.Reader { return sized{&oddReader{s: s}, 100} },
 	}
-	cmds, err := ParseRestore(strings.NewReader(in))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(cmds) != 4000 {
-		t.Fatalf("%d commands, want 4000", len(cmds))
-	}
-	for i, c := range cmds {
-		if got := strings.Join(strings.Fields(lines[c.Line-1]), " "); got != fmt.Sprintf("-A -t 10.1.%d.%d:80 -s rr", i/256, i%256) {
-			t.Fatalf("command %d has line %d: %q", i, c.Line, got)
+	for name, rd := range readers {
+		_, chunks, err := readParse(rd(in))
+		if err != nil {
+			t.Fatal(err)
 		}
+		if len(chunks) < 3 {
+			t.Fatalf("%s: input of %d bytes parsed in %d chunks", name, len(in), len(chunks))
+		}
+		cmds, err := ParseRestore(rd(in))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(cmds) != 20000 {
+			t.Fatalf("%s: %d commands, want 20000", name, len(cmds))
+		}
+		runs, err := ParseRestoreChunks(rd(in))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := cmp.Diff(cmds, slices.Concat(runs...), cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); d != "" {
+			t.Fatalf("%s: ParseRestoreChunks differs from ParseRestore (-want +got):\n%s", name, d)
+		}
+		for i, c := range cmds {
+			if got := strings.Join(strings.Fields(lines[c.Line-1]), " "); got != fmt.Sprintf("-A -t 10.%d.%d.%d:80 -s rr", i/65536, (i/256)%256, i%256) {
+				t.Fatalf("%s: command %d has line %d: %q", name, i, c.Line, got)
+			}
+		}
+	}
+	// The last line without its newline.
+	in = strings.Join(lines[:len(lines)-1], "\n") // the last is blank
+	if !strings.HasSuffix(in, " rr") {
+		t.Fatalf("input ends in %q", in[len(in)-10:])
+	}
+	cmds, err := ParseRestore(sized{&oddReader{s: in}, len(in)})
+	if err != nil || len(cmds) != 20000 || cmds[19999].Line != len(lines)-1 {
+		t.Fatalf("without the last newline: %d commands, %v", len(cmds), err)
 	}
 	bad := func(at ...int) string {
 		l := slices.Clone(lines)
@@ -383,16 +414,19 @@ func TestParseRestoreHalves(t *testing.T) {
 		in   string
 		line int
 	}{
-		{"first half", bad(10), 10},
-		{"second half", bad(n - 10), n - 10},
-		{"both halves", bad(n/2-5, n-10), n/2 - 5},
+		{"first chunk", bad(10), 10},
+		{"last chunk", bad(n - 10), n - 10},
+		{"two chunks", bad(n/2-5, n-10), n/2 - 5},
+		{"three chunks", bad(n/3, n/2, n-10), n / 3},
 		{"last line", bad(n), n},
 	}
 	for _, tt := range tests {
-		_, err := ParseRestore(strings.NewReader(tt.in))
-		var e *Error
-		if !errors.As(err, &e) || e.Line != tt.line || e.Token != "10.0.0.300" {
-			t.Errorf("%s: ParseRestore = %v, want line %d", tt.name, err, tt.line)
+		for name, rd := range readers {
+			_, err := ParseRestore(rd(tt.in))
+			var e *Error
+			if !errors.As(err, &e) || e.Line != tt.line || e.Token != "10.0.0.300" {
+				t.Errorf("%s, %s: ParseRestore = %v, want line %d", tt.name, name, err, tt.line)
+			}
 		}
 	}
 	// The limit is reported at the first rule over it, before a later bad line.
@@ -411,4 +445,29 @@ func TestParseRestoreHalves(t *testing.T) {
 	if !errors.As(err, &e) || e.Line != 1 {
 		t.Errorf("a bad line, then over the limit: %v, want line 1", err)
 	}
+}
+
+// sized is a reader that tells a size (as the agent's request body does), right or not.
+type sized struct {
+	io.Reader
+	n int
+}
+
+func (s sized) Len() int { return s.n }
+
+// oddReader returns s in reads of varying length (1 byte to 40 KiB), so that reads end in
+// the middle of lines and of chunks.
+type oddReader struct {
+	s string
+	i int
+}
+
+func (r *oddReader) Read(p []byte) (int, error) {
+	if r.s == "" {
+		return 0, io.EOF
+	}
+	r.i++
+	n := copy(p[:min(len(p), 1+(r.i*7919)%(40<<10))], r.s)
+	r.s = r.s[n:]
+	return n, nil
 }

@@ -319,30 +319,40 @@ func checkServer(cmd Command) error {
 	return nil
 }
 
-// Restore replaces the rules of an empty table with cmds (from
-// ParseRestore), all or nothing: the commands are applied to a scratch
-// table and that is switched in only if every one succeeds. Errors name
-// the line. The table must hold no rule.
-func (t *Table) Restore(cmds []Command) error {
+// Restore replaces the rules of an empty table with the commands of cmds, one run after the
+// other (from ParseRestore, or the runs of ParseRestoreChunks), all or nothing: the commands
+// are applied to a scratch table and that is switched in only if every one succeeds. Errors
+// name the line. The table must hold no rule.
+func (t *Table) Restore(cmds ...[]Command) error {
 	if t.Rules() > 0 {
 		return failErr(ErrNotEmpty, "--restore -")
 	}
-	adds := 0
-	for _, c := range cmds {
-		if c.Op == OpAddService || c.Op == OpAddServer {
-			adds++
+	adds, svcs := 0, 0
+	for _, cs := range cmds {
+		for _, c := range cs {
+			switch c.Op {
+			case OpAddService:
+				adds++
+				svcs++
+			case OpAddServer:
+				adds++
+			}
 		}
 	}
 	if adds == 0 {
 		return &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Token: "--restore -", Code: ExitUsage}
 	}
-	n := &Table{ConnTimeouts: t.ConnTimeouts, LastID: t.LastID}
-	for _, c := range cmds {
-		if !c.Op.Mutates() {
-			return atLine(&Error{Kind: ErrNotInRestore, Msg: ErrNotInRestore.Error(), Token: c.Op.String(), Code: ExitUsage}, c.Line)
-		}
-		if _, err := n.Exec(c, nil); err != nil {
-			return atLine(err, c.Line)
+	// Sized for the services added, so neither grows (and copies) on the way.
+	n := &Table{ConnTimeouts: t.ConnTimeouts, LastID: t.LastID,
+		Services: make([]*Service, 0, svcs), index: make(map[ServiceKey]*Service, svcs)}
+	for _, cs := range cmds {
+		for _, c := range cs {
+			if !c.Op.Mutates() {
+				return atLine(&Error{Kind: ErrNotInRestore, Msg: ErrNotInRestore.Error(), Token: c.Op.String(), Code: ExitUsage}, c.Line)
+			}
+			if _, err := n.Exec(c, nil); err != nil {
+				return atLine(err, c.Line)
+			}
 		}
 	}
 	*t = *n

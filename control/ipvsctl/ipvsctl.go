@@ -301,7 +301,7 @@ func (m *Manager) applyToService(ctx context.Context, id string, t *ipvs.Table, 
 // applied, and the dataplane switches to the whole set at once.
 func (m *Manager) Restore(ctx context.Context, id string, r io.Reader) error {
 	defer roomyGC()()
-	cmds, err := ipvs.ParseRestore(r)
+	cmds, err := ipvs.ParseRestoreChunks(r)
 	if err != nil {
 		return err
 	}
@@ -315,7 +315,7 @@ func (m *Manager) Restore(ctx context.Context, id string, r io.Reader) error {
 		return ErrRestoreNotEmpty
 	}
 	next := &ipvs.Table{ConnTimeouts: t.ConnTimeouts}
-	if err := next.Restore(cmds); err != nil {
+	if err := next.Restore(cmds...); err != nil {
 		return err
 	}
 	return m.commit(ctx, sb.ID, t, next, true)
