@@ -707,38 +707,54 @@ func (l LB) ConnEntry(k loader.DatapathCtKey) (loader.DatapathCtEntry, error) {
 	return ctEntry{}, fmt.Errorf("read connection: %w", ebpf.ErrKeyNotExist)
 }
 
-// SetConnEntry writes entry e of key k into the IPv4 connection table: into the slot that
-// holds k, else the first free one of its bucket, else the bucket's oldest (a whole bucket is
-// written, so a concurrent datapath write into it may be lost: for tests and repairs).
+// SetConnEntry writes entry e of key k into the IPv4 connection table, into the slot the
+// datapath would give it (ctPick; now is CLOCK_MONOTONIC). A whole bucket is written, so a
+// concurrent datapath write into it may be lost: for tests and repairs.
 func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error {
+	cfg, err := ReadConfig(l.Config)
+	if err != nil {
+		return fmt.Errorf("write connection: %w", err)
+	}
 	i := loader.CTHash(k) % l.CT.MaxEntries()
 	var b ctBucket
 	if err := l.CT.Lookup(i, &b); err != nil {
 		return fmt.Errorf("write connection: %w", err)
 	}
-	at := -1
-	for s := range b.S {
-		if b.S[s].E.LastSeen != 0 && b.S[s].Key == k {
-			at = s
-			break
-		}
-		if at < 0 && b.S[s].E.LastSeen == 0 {
-			at = s
-		}
-	}
-	if at < 0 {
-		at = 0
-		for s := range b.S {
-			if int64(b.S[s].E.LastSeen-b.S[at].E.LastSeen) < 0 {
-				at = s
-			}
-		}
-	}
+	at := ctPick(&b, k, monotonicNow(), cfg)
 	b.S[at] = ctSlot{Seq: (b.S[at].Seq + 2) &^ 1, Key: k, E: e}
 	if err := l.CT.Update(i, &b, ebpf.UpdateExist); err != nil {
 		return fmt.Errorf("write connection: %w", err)
 	}
 	return nil
+}
+
+// ctPick is the datapath's ct_pick (bpf/lib/lb.h): the slot of bucket b for a new entry of
+// key k at now: the slot holding k, else the first free or expired one, else the oldest (a
+// stamp tie: the first).
+func ctPick(b *ctBucket, k ctKey, now uint64, cfg Config) int {
+	spare, victim := -1, 0
+	for i, s := range b.S {
+		seen := s.E.LastSeen
+		if seen != 0 && s.Key == k {
+			return i
+		}
+		if spare < 0 && (seen == 0 || ctExpired(now, cfg, seen, s.E.State)) {
+			spare = i
+		}
+		if int64(seen-b.S[victim].E.LastSeen) < 0 {
+			victim = i
+		}
+	}
+	if spare >= 0 {
+		return spare
+	}
+	return victim
+}
+
+func monotonicNow() uint64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
 }
 
 // ctExpired says whether an entry last seen at seen, in state, is idle past its timeout at

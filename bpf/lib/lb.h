@@ -460,30 +460,27 @@ static __always_inline struct lb_stats *lb_stats_of(__u32 kind, __u32 id)
  * real server were found, so a counter exists only for an id that was live at that moment;
  * established connections and replies count in what exists (a real server's counters are
  * deleted with it while its connections drain, as before). The rare entry created for an id
- * removed in between is deleted by the control plane's sweeper (maps.LB.PruneCounters). */
+ * removed in between is deleted by the control plane's sweeper (maps.LB's recount). lb_make
+ * is the lookup-or-create of both maps: map is kdp_lb_stats or kdp_lb_conns. */
+static __always_inline void *lb_make(void *map, const void *key)
+{
+	struct lb_stats zero = {}; /* the larger of the two maps' values */
+	void *v = bpf_map_lookup_elem(map, key);
+
+	if (v)
+		return v;
+	/* NOEXIST: a CPU that created it first keeps its entry (and what it counted). */
+	bpf_map_update_elem(map, key, &zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(map, key);
+}
+
+_Static_assert(sizeof(struct lb_conns) <= sizeof(struct lb_stats), "lb_make's zero value covers both maps");
+
 static __always_inline struct lb_stats *lb_stats_make(__u32 kind, __u32 id)
 {
 	struct lb_stats_key k = { .kind = kind, .id = id };
-	struct lb_stats *s = bpf_map_lookup_elem(&kdp_lb_stats, &k);
-	struct lb_stats zero = {};
 
-	if (s)
-		return s;
-	/* NOEXIST: a CPU that created it first keeps its entry (and what it counted). */
-	bpf_map_update_elem(&kdp_lb_stats, &k, &zero, BPF_NOEXIST);
-	return bpf_map_lookup_elem(&kdp_lb_stats, &k);
-}
-
-/* lb_conns_make is lb_stats_make for a real server's connection counts. */
-static __always_inline struct lb_conns *lb_conns_make(__u32 id)
-{
-	struct lb_conns *c = bpf_map_lookup_elem(&kdp_lb_conns, &id);
-	struct lb_conns zero = {};
-
-	if (c)
-		return c;
-	bpf_map_update_elem(&kdp_lb_conns, &id, &zero, BPF_NOEXIST);
-	return bpf_map_lookup_elem(&kdp_lb_conns, &id);
+	return lb_make(&kdp_lb_stats, &k);
 }
 
 static __always_inline void lb_count_in(struct lb_stats *s, __u32 len)
@@ -627,13 +624,14 @@ static __always_inline struct ct_slot *ct_lookup(const struct ct_key *k, struct 
 }
 
 /* ct_pick chooses the slot of bucket b for a new entry whose key's words are k1 (saddr, daddr)
- * and k2 (ports, proto, dir): the slot holding that key, else a free or expired one, else the
- * oldest. A global function of its own (verified once), which calls no helper and so needs
+ * and k2 (ports, proto, dir): the slot holding that key (expired, or the new entry would be its
+ * second one), else the first free or expired one, else the oldest (maps.ctPick is the same
+ * rule for the control plane's writes). A global function of its own (verified once), which calls no helper and so needs
  * next to no stack: the new-connection path's stack is near the programs' limit. */
 __attribute__((noinline)) int ct_pick(const struct config *cfg, struct ct_bucket *b, __u64 k1, __u64 k2, __u64 now)
 {
 	__u64 oldest = 0;
-	int i, victim = 0;
+	int i, victim = 0, spare = -1;
 
 	if (!cfg || !b)
 		return 0;
@@ -643,14 +641,16 @@ __attribute__((noinline)) int ct_pick(const struct config *cfg, struct ct_bucket
 		const __u64 *sk = (const __u64 *)&s->key;
 		__u64 seen = s->e.last_seen;
 
-		if (!seen || (sk[0] == k1 && sk[1] == k2) || !lb_fresh(now, seen, ct_timeout_ns(cfg, &s->e)))
-			return i;
+		if (seen && sk[0] == k1 && sk[1] == k2)
+			return i; /* the key's own slot (expired): never a second entry of one key */
+		if (spare < 0 && (!seen || !lb_fresh(now, seen, ct_timeout_ns(cfg, &s->e))))
+			spare = i;
 		if (i == 0 || (__s64)(seen - oldest) < 0) {
 			victim = i;
 			oldest = seen;
 		}
 	}
-	return victim;
+	return spare >= 0 ? spare : victim;
 }
 
 /* ct_insert writes a new connection's entry (see above): the original direction's, k -> v,
@@ -1192,7 +1192,7 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	if (st)
 		__sync_fetch_and_add(&st->conns, 1);
 	lb_count_in(st, len);
-	cn = lb_conns_make(be_id);
+	cn = lb_make(&kdp_lb_conns, &be_id);
 	if (cn) {
 		if (sc->ne.state == KDP_CT_TCP_EST)
 			__sync_fetch_and_add(&cn->active, 1);
@@ -1351,7 +1351,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		if (st)
 			__sync_fetch_and_add(&st->conns, 1);
 		lb_count_in(st, len);
-		cn = lb_conns_make(be_id);
+		cn = lb_make(&kdp_lb_conns, &be_id);
 		if (cn) {
 			if (ne.state == KDP_CT_TCP_EST)
 				__sync_fetch_and_add(&cn->active, 1);

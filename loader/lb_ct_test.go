@@ -205,3 +205,158 @@ func TestLBSweepSlots(t *testing.T) {
 		t.Errorf("real server 7's counts after the sweep: %+v (%v)", c, err)
 	}
 }
+
+// TestLBCTPick: a new connection's entry takes, in its bucket, the slot holding its key
+// (expired: never a second entry of one key), else the first free or expired slot, else the
+// oldest; maps.LB.SetConnEntry places an entry by the same rule. Each bucket is written, then
+// a new connection's first frame is run through the datapath, and the slot its entry took is
+// compared with the one SetConnEntry takes in the same bucket.
+func TestLBCTPick(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	if err := r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+		t.Fatal(err)
+	}
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	now := uint64(ts.Nano())
+	n := r.lb.CT.MaxEntries()
+	key := func(port uint16) loader.DatapathCtKey {
+		return loader.DatapathCtKey{Saddr: ne32(guestIP), Daddr: ne32(vip.Addr()), Sport: htons(port), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
+	}
+	other := func(i int, seen uint64) loader.DatapathCtSlot {
+		return loader.DatapathCtSlot{Seq: 2, Key: loader.DatapathCtKey{Saddr: 0x0900000a + uint32(i)<<24, Daddr: 1, Proto: unix.IPPROTO_TCP},
+			E: loader.DatapathCtEntry{LastSeen: seen, State: maps.CTTCPEst, Backend: 7, Svc: 3}}
+	}
+	old := now - 1000e9 // past the 900 s timeout
+	for _, c := range []struct {
+		name  string
+		slots func(k loader.DatapathCtKey) [4]loader.DatapathCtSlot
+		want  int
+	}{
+		{"its own expired slot before a free one", func(k loader.DatapathCtKey) [4]loader.DatapathCtSlot {
+			own := other(2, old)
+			own.Key = k
+			return [4]loader.DatapathCtSlot{{}, other(1, now), own, other(3, now)}
+		}, 2},
+		{"the first free or expired slot", func(loader.DatapathCtKey) [4]loader.DatapathCtSlot {
+			return [4]loader.DatapathCtSlot{other(0, now), other(1, old), {}, other(3, old)}
+		}, 1},
+		{"the oldest of a full bucket", func(loader.DatapathCtKey) [4]loader.DatapathCtSlot {
+			return [4]loader.DatapathCtSlot{other(0, now), other(1, now-3e9), other(2, now-5e9), other(3, now-1e9)}
+		}, 2},
+	} {
+		for i, place := range []string{"datapath", "SetConnEntry"} {
+			port := uint16(20000 + 100*i)
+			for ; loader.CTHash(key(port))%n == loader.CTHash(loader.DatapathCtKey{Saddr: ne32(backend.Addr()), Daddr: ne32(guestIP), Sport: htons(backend.Port()), Dport: htons(port), Proto: unix.IPPROTO_TCP, Dir: 1})%n; port++ {
+			} // the reply's entry in another bucket
+			k := key(port)
+			at := loader.CTHash(k) % n
+			b := loader.DatapathCtBucket{S: c.slots(k)}
+			if err := r.lb.CT.Put(at, &b); err != nil {
+				t.Fatal(err)
+			}
+			if place == "datapath" {
+				if ret, _ := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, port), vip, 0x02, 0)); ret != tcxRedirect {
+					t.Fatalf("%s: verdict %d", c.name, ret)
+				}
+			} else if err := r.lb.SetConnEntry(k, loader.DatapathCtEntry{LastSeen: now, State: maps.CTTCPEst, Backend: 7, Svc: 3}); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.lb.CT.Lookup(at, &b); err != nil {
+				t.Fatal(err)
+			}
+			got := -1
+			for s := range b.S {
+				if b.S[s].Key == k && b.S[s].E.LastSeen > now-1e9 { // written now (the datapath's coarse clock may be a tick behind)
+					if got >= 0 {
+						t.Errorf("%s, %s: the key in slots %d and %d", c.name, place, got, s)
+					}
+					got = s
+				}
+			}
+			if got != c.want {
+				t.Errorf("%s, %s: the entry took slot %d, want %d", c.name, place, got, c.want)
+			}
+			b = loader.DatapathCtBucket{}
+			r.lb.CT.Put(at, &b)
+		}
+	}
+}
+
+// TestLBSweep6: the sweeper deletes the IPv6 connection table's (an LRU hash's) expired
+// entries: a connection whose original entry is idle past its timeout loses both entries
+// (its reply's too, however recent), a reply entry without its original only once it is idle
+// past its own timeout; a cleanup's match deletes a live connection's both entries. The live
+// connections are counted for their real servers.
+func TestLBSweep6(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	now := uint64(ts.Nano())
+	cfg, err := maps.ReadConfig(r.lb.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client6 := netip.MustParseAddr("fd00:1::2")
+	vip6, be6 := netip.MustParseAddr("2001:db8::10"), netip.MustParseAddr("fd00::4")
+	gone := netip.MustParseAddr("fd00::9") // the real server a cleanup names
+	type conn struct {
+		port      uint16
+		server    netip.Addr
+		orig      uint64 // original entry's stamp; 0: none
+		reply     uint64 // reply entry's stamp; 0: none
+		state     uint8
+		keepOrig  bool
+		keepReply bool
+	}
+	old := now - 1000e9
+	conns := []conn{
+		{1, be6, now, now, maps.CTTCPEst, true, true},                   // live
+		{2, be6, now - 200e9, now, maps.CTTCPEst, true, true},           // idle 200 s of 900: live
+		{3, be6, old, now, maps.CTTCPEst, false, false},                 // expired: its fresh reply too
+		{4, be6, now - 200e9, now - 200e9, maps.CTTCPFin, false, false}, // closing, past tcpfin's 120 s
+		{5, be6, 0, old, maps.CTUDP, false, false},                      // an orphan reply, expired
+		{6, be6, 0, now, maps.CTUDP, false, true},                       // an orphan reply, live
+		{7, gone, now, now, maps.CTTCPEst, false, false},                // live, cleaned up
+	}
+	keys := func(c conn) (loader.DatapathCt6Key, loader.DatapathCt6Key) {
+		o := loader.DatapathCt6Key{Saddr: ne128(client6), Daddr: ne128(vip6), Sport: htons(c.port), Dport: htons(80), Proto: unix.IPPROTO_TCP}
+		rp := loader.DatapathCt6Key{Saddr: ne128(c.server), Daddr: ne128(client6), Sport: htons(8080), Dport: htons(c.port), Proto: unix.IPPROTO_TCP, Dir: 1}
+		return o, rp
+	}
+	for _, c := range conns {
+		o, rp := keys(c)
+		if c.orig != 0 {
+			e := loader.DatapathCt6Entry{LastSeen: c.orig, Addr: ne128(c.server), Port: htons(8080), State: c.state, Backend: 61, Svc: 60}
+			if err := r.lb.CT6.Put(&o, &e); err != nil {
+				t.Fatal(err)
+			}
+		}
+		e := loader.DatapathCt6Entry{LastSeen: c.reply, Addr: ne128(vip6), Port: htons(80), State: c.state, Backend: 61, Svc: 60}
+		if err := r.lb.CT6.Put(&rp, &e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := r.lb.Sweep(now, cfg, func(c maps.Conn) bool { return c.Server.Addr() == gone })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (maps.LBConns{Active: 2}); res.Live != 2 || res.Expired != 3 || res.Conns[61] != want {
+		t.Errorf("sweep: %d live, %d expired, counts %+v; want 2 live, 3 expired, %+v", res.Live, res.Expired, res.Conns[61], want)
+	}
+	for _, c := range conns {
+		o, rp := keys(c)
+		var e loader.DatapathCt6Entry
+		if got := r.lb.CT6.Lookup(&o, &e) == nil; got != c.keepOrig {
+			t.Errorf("connection %d: original entry kept %v, want %v", c.port, got, c.keepOrig)
+		}
+		if got := r.lb.CT6.Lookup(&rp, &e) == nil; got != c.keepReply {
+			t.Errorf("connection %d: reply entry kept %v, want %v", c.port, got, c.keepReply)
+		}
+	}
+}
