@@ -134,27 +134,51 @@ func newSlotFile(seq uint64, data []byte) (rec []byte, size int64) {
 	return slotRecord(seq, data), size
 }
 
-// putInPlace writes data into the slot of path that does not hold the newest value and
-// flushes it. It reports false (nothing written) when it cannot: no file of slots there (or
-// one that changed since k.file was read) or a value too large for a slot.
-func putInPlace(path string, k *keyLock, data []byte) (bool, error) {
+// slotWrite is the next value of a key on its way to disk, as Put and Stage write it: into the
+// slot of its file that does not hold the newest value (f set), or, when it cannot go there
+// (no file of slots yet, one changed behind the store's back, or a value too large for a
+// slot), as the first slot of a new file written whole.
+type slotWrite struct {
+	seq uint64
+	rec []byte // the slot's record, or the new file's first slot
+	// In place:
+	f      *os.File
+	target int
+	// Written whole: the new file's slot size.
+	size int64
+}
+
+// prepareWrite opens path for data's next value (with k.file up to date) and makes the
+// record that goes there. The caller closes w.f when set.
+func prepareWrite(path string, k *keyLock, data []byte) (slotWrite, error) {
 	f, err := openSlots(path, k, data)
-	if f == nil || err != nil {
-		return err != nil, err
+	if err != nil {
+		return slotWrite{}, err
 	}
-	defer f.Close()
-	target := 1 - k.file.newest
-	seq := k.file.seq + 1
-	if _, err := f.WriteAt(slotRecord(seq, data), int64(target)*k.file.size); err != nil {
-		k.file = nil // the slot may be torn: read the file again next time
-		return true, err
+	if f != nil {
+		seq := k.file.seq + 1
+		return slotWrite{seq: seq, rec: slotRecord(seq, data), f: f, target: 1 - k.file.newest}, nil
 	}
-	if err := unix.Fdatasync(int(f.Fd())); err != nil {
+	seq := uint64(1)
+	if k.file != nil {
+		seq = k.file.seq + 1
+	}
+	rec, size := newSlotFile(seq, data)
+	return slotWrite{seq: seq, rec: rec, size: size}, nil
+}
+
+// writeSlot writes w.rec into its slot and flushes it. On error the slot may be torn: k.file
+// is dropped, so the file is read again before the next write.
+func (w *slotWrite) writeSlot(k *keyLock) error {
+	if _, err := w.f.WriteAt(w.rec, int64(w.target)*k.file.size); err != nil {
 		k.file = nil
-		return true, fmt.Errorf("fdatasync: %w", err)
+		return err
 	}
-	k.file.seq, k.file.newest = seq, target
-	return true, nil
+	if err := unix.Fdatasync(int(w.f.Fd())); err != nil {
+		k.file = nil
+		return fmt.Errorf("fdatasync: %w", err)
+	}
+	return nil
 }
 
 // openSlots opens path for writing data into the slot that does not hold the newest value,

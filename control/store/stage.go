@@ -55,35 +55,24 @@ func (s *Store) Stage(key string, data []byte) (*Staged, error) {
 }
 
 func (st *Staged) write(data []byte) error {
-	k := st.k
-	f, err := openSlots(st.path, k, data)
+	w, err := prepareWrite(st.path, st.k, data)
 	if err != nil {
 		return err
 	}
-	if f != nil {
-		st.f, st.target, st.seq = f, 1-k.file.newest, k.file.seq+1
-		rec := slotRecord(st.seq, data)
-		copy(st.crc[:], rec[20:24])
-		binary.LittleEndian.PutUint32(rec[20:], ^binary.LittleEndian.Uint32(st.crc[:]))
-		if _, err := f.WriteAt(rec, int64(st.target)*k.file.size); err != nil {
-			f.Close()
-			k.file = nil // the slot may be torn: read the file again next time
+	st.seq = w.seq
+	if w.f != nil {
+		// Written with its CRC inverted: torn to a reader until Commit writes the CRC.
+		st.f, st.target = w.f, w.target
+		copy(st.crc[:], w.rec[20:24])
+		binary.LittleEndian.PutUint32(w.rec[20:], ^binary.LittleEndian.Uint32(st.crc[:]))
+		if err := w.writeSlot(st.k); err != nil {
+			w.f.Close()
 			return err
-		}
-		if err := unix.Fdatasync(int(f.Fd())); err != nil {
-			f.Close()
-			k.file = nil
-			return fmt.Errorf("fdatasync: %w", err)
 		}
 		return nil
 	}
-	st.seq = 1
-	if k.file != nil {
-		st.seq = k.file.seq + 1
-	}
-	rec, size := newSlotFile(st.seq, data)
-	st.tmp, st.ino, err = st.s.writeTemp(st.key, rec, 2*size)
-	st.size = size
+	st.tmp, st.ino, err = st.s.writeTemp(st.key, w.rec, 2*w.size)
+	st.size = w.size
 	return err
 }
 

@@ -97,20 +97,24 @@ func (s *Store) Put(key string, data []byte) error {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
 	err = s.locked(key, func(k *keyLock) error {
-		if done, err := putInPlace(path, k, data); done || err != nil {
+		w, err := prepareWrite(path, k, data)
+		if err != nil {
 			return err
 		}
-		seq := uint64(1)
-		if k.file != nil {
-			seq = k.file.seq + 1
+		if w.f != nil {
+			defer w.f.Close()
+			if err := w.writeSlot(k); err != nil {
+				return err
+			}
+			k.file.seq, k.file.newest = w.seq, w.target
+			return nil
 		}
-		rec, size := newSlotFile(seq, data)
-		ino, err := s.writeWhole(key, path, rec, 2*size)
+		ino, err := s.writeWhole(key, path, w.rec, 2*w.size)
 		if err != nil {
 			k.file = nil
 			return err
 		}
-		k.file = &slotFile{ino: ino, size: size, seq: seq, newest: 0}
+		k.file = &slotFile{ino: ino, size: w.size, seq: w.seq, newest: 0}
 		return nil
 	})
 	if err != nil {
