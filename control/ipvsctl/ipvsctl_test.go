@@ -56,19 +56,42 @@ func resolver(ids ...string) ipvsctl.Resolver {
 	}
 }
 
-func TestCommandsPersistAndFailuresChangeNothing(t *testing.T) {
-	ctx := context.Background()
-	dir := t.TempDir()
+// openStore opens a store in dir.
+func openStore(t *testing.T, dir string) *store.Store {
+	t.Helper()
 	st, err := store.Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	lb := &fakeLB{pushed: map[string]string{}}
-	sbs := []control.Sandbox{{ID: "6ec7a98abc"}}
-	m, err := ipvsctl.New(ctx, lb, st, resolver("6ec7a98abc"), sbs, nil)
-	if err != nil {
-		t.Fatal(err)
+	return st
+}
+
+// newFakeLB returns a fakeLB to which nothing was pushed.
+func newFakeLB() *fakeLB { return &fakeLB{pushed: map[string]string{}} }
+
+// newServiceLB returns a serviceLB to which nothing was pushed.
+func newServiceLB() *serviceLB { return &serviceLB{*newFakeLB()} }
+
+// newManager starts a manager, as the agent's start does, over lb and st for the registered
+// sandboxes ids (which the resolver finds by id or unique prefix).
+func newManager(t *testing.T, lb ipvsctl.LB, st ipvsctl.Store, ids ...string) *ipvsctl.Manager {
+	t.Helper()
+	sbs := make([]control.Sandbox, len(ids))
+	for i, id := range ids {
+		sbs[i] = control.Sandbox{ID: id}
 	}
+	m, err := ipvsctl.New(context.Background(), lb, st, resolver(ids...), sbs, nil)
+	if err != nil {
+		t.Fatalf("ipvsctl.New: %v", err)
+	}
+	return m
+}
+
+func TestCommandsPersistAndFailuresChangeNothing(t *testing.T) {
+	ctx := context.Background()
+	st := openStore(t, t.TempDir())
+	lb := newFakeLB()
+	m := newManager(t, lb, st, "6ec7a98abc")
 	for _, p := range []string{
 		"--add-service --tcp-service 172.17.0.7:80 --scheduler rr --persistent 3000",
 		"--add-server --tcp-service 172.17.0.7:80 --real-server 172.17.0.4:80 --weight 100",
@@ -104,11 +127,8 @@ func TestCommandsPersistAndFailuresChangeNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A new manager (agent restart) finds the rules and pushes them again.
-	lb2 := &fakeLB{pushed: map[string]string{}}
-	m2, err := ipvsctl.New(ctx, lb2, st, resolver("6ec7a98abc"), sbs, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb2 := newFakeLB()
+	m2 := newManager(t, lb2, st, "6ec7a98abc")
 	want2 := "-A -t 10.10.11.12:100 -s rr -p 3000\n-a -t 10.10.11.12:100 -r 172.16.0.1:80 -m -w 1\n"
 	if got := m2.Table("6ec7a98abc").Save(); got != want2 || lb2.pushed["6ec7a98abc"] != want2 {
 		t.Errorf("after restart: table %q, dataplane %q, want %q", got, lb2.pushed["6ec7a98abc"], want2)
@@ -129,15 +149,8 @@ func (f *serviceLB) SetLBService(_ context.Context, id string, t *ipvs.Table, _ 
 // live table; a dataplane failure puts the table back as it was.
 func TestServiceEditsInPlace(t *testing.T) {
 	ctx := context.Background()
-	st, err := store.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	lb := &serviceLB{fakeLB{pushed: map[string]string{}}}
-	m, err := ipvsctl.New(ctx, lb, st, resolver("sb1"), []control.Sandbox{{ID: "sb1"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb := newServiceLB()
+	m := newManager(t, lb, openStore(t, t.TempDir()), "sb1")
 	for _, p := range []string{"-A -t 10.0.0.1:80 -s rr -p 60", "-a -t 10.0.0.1:80 -r 10.1.0.1:80", "-A -u 10.0.0.2:53 -s sh -p 60"} {
 		if _, err := m.Ipvsadm(ctx, "sb1", p); err != nil {
 			t.Fatalf("%s: %v", p, err)
@@ -176,24 +189,16 @@ func (f lbNoSandbox) RestoreLB(ctx context.Context, id string, t *ipvs.Table) er
 // re-adopted) or cannot be decoded do not stop the manager (and so the agent) from starting;
 // the first are kept until the sandbox is forgotten, the second moved aside.
 func TestNewSurvivesBadTables(t *testing.T) {
-	ctx := context.Background()
 	dir := t.TempDir()
-	st, err := store.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st := openStore(t, dir)
 	rules := `{"services":[]}`
 	for id, b := range map[string]string{"good": rules, "lost": rules, "junk": "{not json"} {
 		if err := st.Put(id, []byte(b)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	lb := lbNoSandbox{&fakeLB{pushed: map[string]string{}}, "lost"}
-	sbs := []control.Sandbox{{ID: "good"}, {ID: "lost"}, {ID: "junk"}}
-	m, err := ipvsctl.New(ctx, lb, st, resolver("good", "lost", "junk"), sbs, nil)
-	if err != nil {
-		t.Fatalf("New: %v", err)
-	}
+	lb := lbNoSandbox{newFakeLB(), "lost"}
+	m := newManager(t, lb, st, "good", "lost", "junk")
 	if _, ok := lb.pushed["good"]; !ok || len(lb.pushed) != 1 {
 		t.Errorf("pushed %v, want good only", lb.pushed)
 	}
@@ -227,25 +232,15 @@ func (f lbDown) RestoreLB(ctx context.Context, id string, t *ipvs.Table) error {
 // rules is left alone.
 func TestReinstallAfterReadoption(t *testing.T) {
 	ctx := context.Background()
-	st, err := store.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	sbs := []control.Sandbox{{ID: "late"}, {ID: "empty"}}
-	first, err := ipvsctl.New(ctx, &fakeLB{pushed: map[string]string{}}, st, resolver("late", "empty"), sbs, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st := openStore(t, t.TempDir())
+	first := newManager(t, newFakeLB(), st, "late", "empty")
 	if _, err := first.Ipvsadm(ctx, "late", "-A -t 10.0.0.1:80 -s rr -p 300"); err != nil {
 		t.Fatal(err)
 	}
 	want := first.Table("late").Save()
 
-	lb := lbDown{&fakeLB{pushed: map[string]string{}}, map[string]bool{"late": true}}
-	m, err := ipvsctl.New(ctx, lb, st, resolver("late", "empty"), sbs, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb := lbDown{newFakeLB(), map[string]bool{"late": true}}
+	m := newManager(t, lb, st, "late", "empty")
 	if _, ok := lb.pushed["late"]; ok {
 		t.Fatal("pushed to a sandbox that is down")
 	}
@@ -283,17 +278,9 @@ func (s *countingStore) Put(key string, b []byte) error { s.puts++; return s.Sto
 func TestJournal(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	s, err := store.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openStore(t, dir)
 	st := &countingStore{Store: s}
-	sbs := []control.Sandbox{{ID: "sb1"}}
-	lb := &serviceLB{fakeLB{pushed: map[string]string{}}}
-	m, err := ipvsctl.New(ctx, lb, st, resolver("sb1"), sbs, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := newManager(t, newServiceLB(), st, "sb1")
 	run := func(m *ipvsctl.Manager, p string) {
 		t.Helper()
 		if _, err := m.Ipvsadm(ctx, "sb1", p); err != nil {
@@ -316,11 +303,8 @@ func TestJournal(t *testing.T) {
 
 	restart := func() *ipvsctl.Manager {
 		t.Helper()
-		lb := &serviceLB{fakeLB{pushed: map[string]string{}}}
-		m, err := ipvsctl.New(ctx, lb, st, resolver("sb1"), sbs, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		lb := newServiceLB()
+		m := newManager(t, lb, st, "sb1")
 		if got := m.Table("sb1").Save(); got != want {
 			t.Errorf("table after restart:\n%s\nwant:\n%s", got, want)
 		}
@@ -367,15 +351,8 @@ func TestJournal(t *testing.T) {
 // does not meet the record again.
 func TestJournalDamaged(t *testing.T) {
 	ctx := context.Background()
-	s, err := store.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	sbs := []control.Sandbox{{ID: "sb1"}}
-	m, err := ipvsctl.New(ctx, &serviceLB{fakeLB{pushed: map[string]string{}}}, s, resolver("sb1"), sbs, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openStore(t, t.TempDir())
+	m := newManager(t, newServiceLB(), s, "sb1")
 	if _, err := m.Ipvsadm(ctx, "sb1", "-A -t 10.0.0.1:80 -s rr -p 60"); err != nil {
 		t.Fatal(err)
 	}
@@ -383,10 +360,7 @@ func TestJournalDamaged(t *testing.T) {
 	s.Append("sb1", []byte(`{"seq":1,"params":"-a -t 10.9.9.9:80 -r 10.1.0.1:80"}`)) // no such service
 	s.Append("sb1", []byte(`{"seq":2,"params":"-A -t 10.0.0.3:80 -s rr -p 60"}`))
 	for range 2 {
-		m, err := ipvsctl.New(ctx, &serviceLB{fakeLB{pushed: map[string]string{}}}, s, resolver("sb1"), sbs, nil)
-		if err != nil {
-			t.Fatalf("New with a damaged journal: %v", err)
-		}
+		m := newManager(t, newServiceLB(), s, "sb1") // a damaged journal does not stop it
 		if got := m.Table("sb1").Save(); got != want {
 			t.Errorf("table %q, want the last good one %q", got, want)
 		}
@@ -429,15 +403,8 @@ func TestRestoreGC(t *testing.T) {
 	ctx := context.Background()
 	orig := debug.SetGCPercent(100)
 	t.Cleanup(func() { debug.SetGCPercent(orig) })
-	st, err := store.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	lb := &gcLB{fakeLB: fakeLB{pushed: map[string]string{}}}
-	m, err := ipvsctl.New(ctx, lb, st, resolver("a", "b"), nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb := &gcLB{fakeLB: *newFakeLB()}
+	m := newManager(t, lb, openStore(t, t.TempDir()), "a", "b")
 	restore := func(id string) error {
 		if _, err := m.Ipvsadm(ctx, id, "--clear"); err != nil {
 			return err
@@ -484,15 +451,8 @@ func TestRestoreGC(t *testing.T) {
 func TestRefusedPushSavesNothing(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	st, err := store.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lb := &fakeLB{pushed: map[string]string{}}
-	m, err := ipvsctl.New(ctx, lb, st, resolver("sb"), nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lb := newFakeLB()
+	m := newManager(t, lb, openStore(t, dir), "sb")
 	before := "-A -t 10.0.0.1:80 -s rr\n"
 	if err := m.Restore(ctx, "sb", strings.NewReader(before)); err != nil {
 		t.Fatal(err)
@@ -502,14 +462,7 @@ func TestRefusedPushSavesNothing(t *testing.T) {
 		if _, err := m.Ipvsadm(ctx, "sb", cmd); err == nil {
 			t.Fatalf("%s: the refusal was not reported", cmd)
 		}
-		st2, err := store.Open(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		m2, err := ipvsctl.New(ctx, &fakeLB{pushed: map[string]string{}}, st2, resolver("sb"), []control.Sandbox{{ID: "sb"}}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		m2 := newManager(t, newFakeLB(), openStore(t, dir), "sb")
 		if got := m2.Table("sb").Save(); got != before {
 			t.Errorf("after a refused %s, a restarted agent reads %q, want %q", cmd, got, before)
 		}
