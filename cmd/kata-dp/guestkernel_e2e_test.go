@@ -5,10 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -21,6 +23,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
+	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
 )
@@ -48,7 +51,7 @@ var guestKernelModes = []struct {
 // kata-dp attaches with clsact + direct-action bpf filters) with this test binary, iproute2,
 // iputils' ping and the libraries they link in its initramfs, and runs TestGuestKernelTraffic
 // there: frames through kata-dp in every mode, a spoofed frame dropped and counted, a
-// load-balanced connection, on the oldest kernel kata-dp supports. Everything stays inside
+// load-balanced connection, an agent restart, on the oldest kernel kata-dp supports. Everything stays inside
 // the guest, which has no network device.
 func TestTrafficOnGuestKernel(t *testing.T) {
 	g := needGuestKernel(t)
@@ -104,12 +107,12 @@ for m in $(cat /lib/modules/net.order); do
 done
 ip link set lo up
 echo KDP-DRIVER-BEGIN
-KDP_GUEST_KERNEL_DRIVER=1 /kdp.test -test.run '^TestGuestKernelTraffic$' -test.v -test.count=1 -test.timeout 5m 2>&1
+KDP_GUEST_KERNEL_DRIVER=1 /kdp.test -test.run '^TestGuestKernelTraffic$' -test.v -test.count=1 -test.timeout 8m 2>&1
 echo "KDP-DRIVER-EXIT $?"
 poweroff -f
 `
 	start := time.Now()
-	s := g.run(t, files, init, 2, 8*time.Minute)
+	s := g.run(t, files, init, 2, 10*time.Minute)
 	t.Logf("guest ran %v", time.Since(start).Round(time.Second))
 	begin, end := strings.Index(s, "KDP-DRIVER-BEGIN"), strings.Index(s, "KDP-DRIVER-EXIT")
 	if begin < 0 || end < begin {
@@ -137,7 +140,8 @@ poweroff -f
 // exchanges ping and TCP with the host side through kata-dp; in the BPF modes a spoofed frame
 // from the guest is dropped and counted, a connection to a kata-ipvs VIP reaches its real
 // server and the reply comes back, and where the kernel has no TCX the programs really sit in
-// clsact bpf filters, gone again after sandbox del. It runs only when guestKernelDriverEnv is
+// clsact bpf filters, gone again after sandbox del; in tc mode the agent is killed and
+// started again in between. It runs only when guestKernelDriverEnv is
 // set: on the build machine the ordinary tests cover this kernel.
 func TestGuestKernelTraffic(t *testing.T) {
 	if os.Getenv(guestKernelDriverEnv) != "1" {
@@ -149,12 +153,11 @@ func TestGuestKernelTraffic(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("kernel has TCX: %v", feat.TCX)
-	agentNS := topotest.MustNetNS(t, "kdptka")
-	a, p := startTestAgent(t, agentNS, agentNS, "kdptk")
+	ka := startKernelAgent(t, topotest.MustNetNS(t, "kdptka"))
 	for i, m := range guestKernelModes {
 		t.Run(m.mode, func(t *testing.T) {
 			start := time.Now()
-			guestKernelMode(t, a, p, i, m.mode, m.bpf, !feat.TCX)
+			guestKernelMode(t, ka, i, m.mode, m.bpf, !feat.TCX)
 			t.Logf("%s: %v", m.mode, time.Since(start).Round(time.Millisecond))
 		})
 	}
@@ -170,7 +173,68 @@ type kernelRig struct {
 	uplinkNS, uplink string
 }
 
-func guestKernelMode(t *testing.T, a *testAgent, p *agentProcess, i int, mode string, bpf, legacy bool) {
+// kernelAgent is the agent process of TestGuestKernelTraffic, which it kills and starts again.
+type kernelAgent struct {
+	*testAgent
+	p    *agentProcess
+	ns   *topo.NetNS
+	args []string
+	root *testing.T // the agent lives as long as this test, whichever subtest starts it
+}
+
+func startKernelAgent(t *testing.T, ns *topo.NetNS) *kernelAgent {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "kata-dp.sock")
+	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptk-", 8))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	ka := &kernelAgent{testAgent: &testAgent{sock: sock, ns: ns}, ns: ns, root: t,
+		args: []string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}}
+	ka.start(t)
+	return ka
+}
+
+// kill9 kills the agent as a crash would, leaving its pins and attachments behind.
+func (ka *kernelAgent) kill9(t *testing.T) {
+	t.Helper()
+	ka.p.cmd.Process.Kill()
+	ka.p.cmd.Wait()
+}
+
+// start starts the agent (again, over the same state and pins) in its netns, as
+// startAgentProcess does, but stopped when the whole test ends.
+func (ka *kernelAgent) start(t *testing.T) {
+	t.Helper()
+	p := &agentProcess{stderr: &syncBuffer{}}
+	p.cmd = exec.Command("nsenter", append([]string{"--net=" + ka.ns.Path(), os.Args[0], "agent"}, ka.args...)...)
+	p.cmd.Env = append(os.Environ(), "KDP_TEST_MAIN=1")
+	p.cmd.Stderr = p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ka.root.Cleanup(func() {
+		if p.cmd.ProcessState == nil {
+			p.cmd.Process.Kill()
+			p.cmd.Wait()
+		}
+	})
+	ka.p = p
+	// Under TCG the agent's start (its trial load of both objects, then each sandbox's
+	// collection loaded again) takes 10-20 s, more on a busy machine: waitAgent's 15 s is short.
+	c := api.NewClient(ka.sock)
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		if _, err := c.Version(context.Background()); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent did not come up:\n%s", p.stderr)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func guestKernelMode(t *testing.T, ka *kernelAgent, i int, mode string, bpf, legacy bool) {
+	a := ka.testAgent
 	id := "k61-" + mode + "-sb" // no id is a prefix of another
 	last := time.Now()
 	step := func(what string) { // where the time goes, under TCG
@@ -228,7 +292,7 @@ func guestKernelMode(t *testing.T, a *testAgent, p *agentProcess, i int, mode st
 		return
 	}
 	if res.code != 0 {
-		t.Fatalf("add-iface: %+v\nagent:\n%s", res, p.stderr)
+		t.Fatalf("add-iface: %+v\nagent:\n%s", res, ka.p.stderr)
 	}
 	route := `{"dest":"default","gateway":"` + r.peerAddr.Addr().String() + `","device":"eth0"}`
 	checkIn(t, a, route, []string{"kata-network", "add-route", id, "-"}, result{stdout: "[" + route + "]\n"})
@@ -276,7 +340,7 @@ func guestKernelMode(t *testing.T, a *testAgent, p *agentProcess, i int, mode st
 
 	peerIP, guestIP := r.peerAddr.Addr().String(), r.addr.Addr().String()
 	if err := r.peer.Ping(guestIP, 3, 30*time.Second); err != nil {
-		t.Fatalf("peer -> guest ping: %v\nagent:\n%s", err, p.stderr)
+		t.Fatalf("peer -> guest ping: %v\nagent:\n%s", err, ka.p.stderr)
 	}
 	if err := guest.Ping(peerIP, 3, 30*time.Second); err != nil {
 		t.Fatalf("guest -> peer ping: %v", err)
@@ -359,6 +423,10 @@ func guestKernelMode(t *testing.T, a *testAgent, p *agentProcess, i int, mode st
 	}
 	step("load-balanced connections")
 
+	if mode == control.ModeTC {
+		kernelAgentRestart(t, ka, id, r, guest, vip, legacy)
+	}
+
 	checkIn(t, a, "", []string{"sandbox", "del", id}, result{})
 	if got := kdpFilters(t, r.uplinkNS, r.uplink); len(got) != 0 {
 		t.Errorf("kata-dp's filters left on %s after sandbox del: %v", r.uplink, got)
@@ -384,30 +452,7 @@ func kernelEndpoint(t *testing.T, a *testAgent, id string) control.EndpointStatu
 // "ingress:name" and "egress:name".
 func kdpFilters(t *testing.T, nsPath, dev string) []string {
 	t.Helper()
-	var out []string
-	err := netdev.InNetNS(nsPath, func() error {
-		l, err := netlink.LinkByName(dev)
-		if err != nil {
-			return err
-		}
-		for side, parent := range map[string]uint32{"ingress": netlink.HANDLE_MIN_INGRESS, "egress": netlink.HANDLE_MIN_EGRESS} {
-			fs, err := netlink.FilterList(l, parent)
-			if err != nil {
-				continue // no clsact
-			}
-			for _, f := range fs {
-				if bf, ok := f.(*netlink.BpfFilter); ok && strings.HasPrefix(bf.Name, "kdp_") {
-					out = append(out, side+":"+bf.Name)
-				}
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("filters on %s: %v", dev, err)
-	}
-	slices.Sort(out)
-	return out
+	return slices.Sorted(maps.Keys(kdpFilterProgs(t, nsPath, dev)))
 }
 
 // emulateGuestFds puts a guest emulator behind the VM side's queues fds (a tap's, or a
@@ -436,4 +481,77 @@ func checkIn(t *testing.T, a *testAgent, stdin string, args []string, want resul
 	if got := a.runIn(stdin, args...); got != want {
 		t.Errorf("kata-dp %s: %+v, want %+v", strings.Join(args, " "), got, want)
 	}
+}
+
+// kernelAgentRestart kills the agent with -9: the sandbox keeps forwarding; started again, it
+// takes the sandbox back (re-attaching its programs from the new load: the clsact filters
+// then run other programs than before) and serves new load-balanced connections.
+func kernelAgentRestart(t *testing.T, ka *kernelAgent, id string, r kernelRig, guest *topo.NetNS, vip string, legacy bool) {
+	t.Helper()
+	ep := kernelEndpoint(t, ka.testAgent, id)
+	before := kdpFilterProgs(t, r.uplinkNS, r.uplink)
+	ka.kill9(t)
+	guestIP := r.addr.Addr().String()
+	if err := r.peer.Ping(guestIP, 3, 30*time.Second); err != nil {
+		t.Errorf("peer -> guest ping with the agent down: %v", err)
+	}
+	ka.start(t)
+	after := kernelEndpoint(t, ka.testAgent, id)
+	if after.RunningMode != ep.RunningMode || after.Stats == nil || after.Stats.FromGuest.Packets < ep.Stats.FromGuest.Packets {
+		t.Errorf("after the restart: %+v\nbefore: %+v", after, ep)
+	}
+	if err := r.peer.Ping(guestIP, 3, 30*time.Second); err != nil {
+		t.Errorf("peer -> guest ping after the restart: %v\nagent:\n%s", err, ka.p.stderr)
+	}
+	c, err := guest.Dial("tcp", vip+":80", 30*time.Second)
+	if err != nil {
+		t.Fatalf("connect to the VIP after the restart: %v", err)
+	}
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if want := "hello " + guestIP + "\n"; err != nil || line != want {
+		t.Errorf("through the VIP after the restart: %q, %v; want %q", line, err, want)
+	}
+	now := kdpFilterProgs(t, r.uplinkNS, r.uplink)
+	t.Logf("programs on %s: %v before the restart, %v after", r.uplink, before, now)
+	if legacy {
+		if len(now) != len(before) {
+			t.Errorf("filters on %s: %v after the restart, %v before", r.uplink, now, before)
+		}
+		for name, prog := range now {
+			if before[name] == prog {
+				t.Errorf("%s on %s still runs the program of the killed agent's load (id %d)", name, r.uplink, prog)
+			}
+		}
+	}
+}
+
+// kdpFilterProgs maps kata-dp's bpf filters on dev ("ingress:kdp_uplink_in") to the ids of
+// the programs they run.
+func kdpFilterProgs(t *testing.T, nsPath, dev string) map[string]int {
+	t.Helper()
+	out := map[string]int{}
+	err := netdev.InNetNS(nsPath, func() error {
+		l, err := netlink.LinkByName(dev)
+		if err != nil {
+			return err
+		}
+		for side, parent := range map[string]uint32{"ingress": netlink.HANDLE_MIN_INGRESS, "egress": netlink.HANDLE_MIN_EGRESS} {
+			fs, err := netlink.FilterList(l, parent)
+			if err != nil {
+				continue // no clsact
+			}
+			for _, f := range fs {
+				if bf, ok := f.(*netlink.BpfFilter); ok && strings.HasPrefix(bf.Name, "kdp_") {
+					out[side+":"+bf.Name] = bf.Id
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("filters on %s: %v", dev, err)
+	}
+	return out
 }

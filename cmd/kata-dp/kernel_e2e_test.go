@@ -94,7 +94,8 @@ func needGuestKernel(t *testing.T) guestKernel {
 
 // run boots the guest's kernel with the guest's initramfs plus files (guest path -> host
 // path) and init as /init, on smp vCPUs, and returns what its console printed (without
-// carriage returns) once init powered it off. The guest has no network device.
+// carriage returns) once init powered it off. The guest has no network device; its kernel
+// prints only alerts on the console, so they cannot break the lines the tests look for.
 func (g guestKernel) run(t *testing.T, files map[string]string, init string, smp int, timeout time.Duration) string {
 	t.Helper()
 	work := t.TempDir()
@@ -148,7 +149,7 @@ func (g guestKernel) run(t *testing.T, files map[string]string, init string, smp
 	defer cancel()
 	var out bytes.Buffer
 	vm := exec.CommandContext(ctx, g.qemu, "-M", "q35", "-accel", "tcg", "-m", "1024", "-smp", itoa(smp),
-		"-kernel", g.kernel, "-initrd", combined, "-append", "console=ttyS0 quiet panic=-1",
+		"-kernel", g.kernel, "-initrd", combined, "-append", "console=ttyS0 quiet loglevel=1 panic=-1",
 		"-nographic", "-no-reboot", "-nic", "none")
 	vm.Stdout, vm.Stderr = &out, &out
 	if err := vm.Run(); err != nil {
