@@ -708,14 +708,27 @@ func (l LB) ConnEntry(k loader.DatapathCtKey) (loader.DatapathCtEntry, error) {
 }
 
 // SetConnEntry writes entry e of key k into the IPv4 connection table, into the slot the
-// datapath would give it (ctPick; now is CLOCK_MONOTONIC). A whole bucket is written, so a
-// concurrent datapath write into it may be lost: for tests and repairs.
+// datapath would give it (ctPick; now is CLOCK_MONOTONIC): for tests and repairs. The slot is
+// claimed and written in place in the table's memory mapping as the datapath writes one
+// (ctSetMapped), so a connection the datapath inserts into another slot of the bucket
+// meanwhile stays. A table that cannot be mapped (an older pinned table before its migration)
+// has its whole bucket read and written back, which loses such a concurrent insert.
 func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error {
 	cfg, err := ReadConfig(l.Config)
 	if err != nil {
 		return fmt.Errorf("write connection: %w", err)
 	}
 	i := loader.CTHash(k) % l.CT.MaxEntries()
+	mem, err := l.ctMem()
+	if err == nil {
+		if err := ctSetMapped(&mem[i], k, e, monotonicNow(), cfg); err != nil {
+			return fmt.Errorf("write connection into bucket %d: %w", i, err)
+		}
+		return nil
+	}
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("write connection: %w", err)
+	}
 	var b ctBucket
 	if err := l.CT.Lookup(i, &b); err != nil {
 		return fmt.Errorf("write connection: %w", err)
@@ -798,23 +811,57 @@ func (l LB) Sweep(now uint64, cfg Config, match func(Conn) bool) (SweepResult, e
 	return res, nil
 }
 
-// clearConns clears the slots of keys in the IPv4 connection table. A bucket is read again
-// right before it is written (an array entry is written whole), and a slot a CPU is writing
-// (odd seq) is left alone; seq goes up by two, so a reader that copied the slot before sees
-// that it changed. A new connection's entry the datapath writes into another slot of the same
-// bucket between that read and the write is lost (its next frame is scheduled again): the
-// window is a few microseconds of a cleanup, which is rare (a real server removed).
+// clearConns clears the slots of keys in the IPv4 connection table, in place in its memory
+// mapping with the datapath's writers' protocol (ctClearMapped: claim by compare-and-swap of
+// seq, check the key, zero, publish with seq moved by two): only the slots asked for are
+// written, so a new connection the datapath inserts into another slot of the same bucket at
+// that moment keeps its entry. A slot that stays odd (being written) past a bounded number of
+// looks is reported after the others are cleared; the next sweep finds it again if it still
+// holds a connection to clean up.
+//
+// A table that cannot be mapped (pinned by an older agent before the loader migrated it)
+// falls back to clearConnsBatch, which reads and writes whole buckets and so has a window in
+// which such an insert is lost.
 func (l LB) clearConns(keys []ctKey) error {
 	if len(keys) == 0 {
 		return nil
 	}
+	mem, err := l.ctMem()
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return l.clearConnsBatch(keys)
+	}
+	if err != nil {
+		return fmt.Errorf("map the connection table: %w", err)
+	}
+	var busy []error
+	for i, ks := range l.ctByBucket(keys) {
+		if err := ctClearMapped(&mem[i], ks); err != nil {
+			busy = append(busy, fmt.Errorf("clear bucket %d: %w", i, err))
+		}
+	}
+	return errors.Join(busy...)
+}
+
+// ctByBucket groups keys by their bucket of the IPv4 connection table.
+func (l LB) ctByBucket(keys []ctKey) map[uint32][]ctKey {
 	n := l.CT.MaxEntries()
 	byBucket := map[uint32][]ctKey{}
 	for _, k := range keys {
 		i := loader.CTHash(k) % n
 		byBucket[i] = append(byBucket[i], k)
 	}
-	for i, ks := range byBucket {
+	return byBucket
+}
+
+// clearConnsBatch is clearConns for a table that is not memory-mapped. A bucket is read again
+// right before it is written (an array entry is written whole), and a slot a CPU is writing
+// (odd seq) is left alone; seq goes up by two, so a reader that copied the slot before sees
+// that it changed. A new connection's entry the datapath writes into another slot of the same
+// bucket between that read and the write is lost (its next frame is scheduled again): the
+// window is a few microseconds of a cleanup, which is rare (a real server removed), and only
+// tables of an older agent not yet migrated have it.
+func (l LB) clearConnsBatch(keys []ctKey) error {
+	for i, ks := range l.ctByBucket(keys) {
 		var b ctBucket
 		if err := l.CT.Lookup(i, &b); err != nil {
 			return fmt.Errorf("read bucket %d: %w", i, err)

@@ -1,0 +1,345 @@
+package maps
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/kata-dp/kata-dp/loader"
+)
+
+// TestCTSlotLayout: the in-place accesses (ctmem.go) take a slot's seq as a 4-byte word at
+// offset 0 and its key and entry as five 8-byte words from offset 8, laid out as ctKeyEntry;
+// buckets follow each other every 192 bytes (a multiple of 8: an array's values are not
+// padded), so in a page-aligned mapping every seq is 4-byte and every word 8-byte aligned.
+func TestCTSlotLayout(t *testing.T) {
+	if off, size := unsafe.Offsetof(ctSlot{}.Seq), unsafe.Sizeof(ctSlot{}.Seq); off != 0 || size != 4 {
+		t.Errorf("seq: %d bytes at %d, want 4 at 0", size, off)
+	}
+	if ctWordsOff != 8 || ctWordsOff%8 != 0 {
+		t.Errorf("key at %d, want 8", ctWordsOff)
+	}
+	if got, want := unsafe.Offsetof(ctKeyEntry{}.E), unsafe.Offsetof(ctSlot{}.E)-unsafe.Offsetof(ctSlot{}.Key); got != want {
+		t.Errorf("ctKeyEntry's entry at %d, the slot's at key+%d", got, want)
+	}
+	if ctWords != 5 || ctWordsOff+8*ctWords != ctSlotSize {
+		t.Errorf("%d words from %d in a slot of %d bytes", ctWords, ctWordsOff, ctSlotSize)
+	}
+	if ctLastSeen != 2 {
+		t.Errorf("last_seen is word %d, want 2", ctLastSeen)
+	}
+	if ctBucketSize != loader.CTWays*ctSlotSize || ctBucketSize%8 != 0 || ctSlotSize%8 != 0 {
+		t.Errorf("bucket of %d bytes, slot of %d", ctBucketSize, ctSlotSize)
+	}
+	var b [2]ctBucket
+	for i := range b {
+		for s := range b[i].S {
+			if p := uintptr(unsafe.Pointer(&b[i].S[s].Seq)) - uintptr(unsafe.Pointer(&b[0])); p%4 != 0 {
+				t.Errorf("bucket %d slot %d: seq at %d", i, s, p)
+			}
+			if p := uintptr(unsafe.Pointer(ctSlotWords(&b[i].S[s]))) - uintptr(unsafe.Pointer(&b[0])); p%8 != 0 {
+				t.Errorf("bucket %d slot %d: words at %d", i, s, p)
+			}
+		}
+	}
+}
+
+// ctRig is a sandbox's datapath loaded under a throwaway pin root, with a load balancer of one
+// UDP service (id 3, 172.17.0.7:80) and one real server (id 7, 10.0.0.10:8080), and the guest
+// tap's program to run frames through.
+type ctRig struct {
+	lb    LB
+	tapIn *ebpf.Program
+}
+
+var (
+	ctGuestMAC = [6]byte{0x02, 0x42, 0x20, 0x6f, 0xa3, 0x69}
+	ctGuestIP  = netip.MustParseAddr("172.16.0.3")
+	ctVIP      = netip.MustParseAddrPort("172.17.0.7:80")
+	ctServer   = netip.MustParseAddrPort("10.0.0.10:8080")
+)
+
+func newCTRig(t *testing.T) *ctRig {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: loads BPF programs and pins them in bpffs")
+	}
+	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-maps-%08x", rand.Uint32()))
+	t.Cleanup(func() { os.RemoveAll(root) })
+	sb, err := loader.Open(root, "ct")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		sb.Close()
+		if err := loader.Remove(root, "ct"); err != nil {
+			t.Error(err)
+		}
+	})
+	m := ForSandbox(sb.Maps())
+	r := &ctRig{lb: m.LB}
+	if r.tapIn, err = sb.Program(loader.ProgTapIn); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteConfig(sb.Maps().Config, Config{Flags: ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
+		t.Fatal(err)
+	}
+	ep := Endpoint{PeerIfindex: 42, Role: RoleTap}
+	ep.SetMAC(ctGuestMAC[:])
+	ep.Addr = netip.PrefixFrom(ctGuestIP, 16)
+	if err := m.Endpoints.Put(1, ep); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutBackend(7, Backend{Addr: ctServer, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutService(0, ServiceSpec{VIP: ctVIP, Proto: unix.IPPROTO_UDP, ID: 3, Sched: SchedRR, Slots: []uint32{7}}); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// send runs a UDP frame (no checksum) from the guest's port to the service through the tap's
+// program, as a CPU of the datapath would: a new connection's first frame inserts its entries.
+func (r *ctRig) send(t testing.TB, port uint16) {
+	ip := make([]byte, 20+8)
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:], uint16(len(ip)))
+	ip[8] = 64
+	ip[9] = unix.IPPROTO_UDP
+	sa, da := ctGuestIP.As4(), ctVIP.Addr().As4()
+	copy(ip[12:], sa[:])
+	copy(ip[16:], da[:])
+	var sum uint32
+	for i := 0; i < 20; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(ip[i:]))
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	binary.BigEndian.PutUint16(ip[10:], ^uint16(sum))
+	binary.BigEndian.PutUint16(ip[20:], port)
+	binary.BigEndian.PutUint16(ip[22:], ctVIP.Port())
+	binary.BigEndian.PutUint16(ip[24:], 8)
+	f := append([]byte{2, 0, 0, 0, 0, 0xfe}, ctGuestMAC[:]...)
+	f = append(binary.BigEndian.AppendUint16(f, unix.ETH_P_IP), ip...)
+	out := make([]byte, len(f)+256)
+	ret, err := r.tapIn.Run(&ebpf.RunOptions{Data: f, DataOut: out, Context: ctSkb{Ifindex: 1}})
+	if err != nil {
+		t.Errorf("run: %v", err)
+	} else if ret != 7 { // TC_ACT_REDIRECT: balanced to the real server
+		t.Errorf("frame from port %d: verdict %d, want a redirect", port, int32(ret))
+	}
+}
+
+// ctSkb is the head of struct __sk_buff that BPF_PROG_TEST_RUN takes (only ifindex set).
+type ctSkb struct {
+	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto, Priority uint32
+	IngressIfindex, Ifindex                                                               uint32
+}
+
+// key is the original direction's entry key of the connection from the guest's port.
+func (r *ctRig) key(port uint16) ctKey {
+	var sport, dport [2]byte
+	binary.BigEndian.PutUint16(sport[:], port)
+	binary.BigEndian.PutUint16(dport[:], ctVIP.Port())
+	return ctKey{Saddr: ne32(ctGuestIP), Daddr: ne32(ctVIP.Addr()), Sport: binary.NativeEndian.Uint16(sport[:]),
+		Dport: binary.NativeEndian.Uint16(dport[:]), Proto: unix.IPPROTO_UDP}
+}
+
+func ne32(a netip.Addr) uint32 { b := a.As4(); return binary.NativeEndian.Uint32(b[:]) }
+
+// sameBucket returns n guest ports whose connections' original entries share one bucket of
+// the IPv4 connection table while their reply entries lie elsewhere.
+func (r *ctRig) sameBucket(t *testing.T, n int) (uint32, []uint16) {
+	t.Helper()
+	buckets := r.lb.CT.MaxEntries()
+	byBucket := map[uint32][]uint16{}
+	for p := uint16(1024); p < 65535; p++ {
+		k := r.key(p)
+		at := loader.CTHash(k) % buckets
+		reply := ctKey{Saddr: ne32(ctServer.Addr()), Daddr: k.Saddr, Sport: binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, ctServer.Port())), Dport: k.Sport, Proto: k.Proto, Dir: 1}
+		if loader.CTHash(reply)%buckets == at {
+			continue
+		}
+		if byBucket[at] = append(byBucket[at], p); len(byBucket[at]) == n {
+			return at, byBucket[at]
+		}
+	}
+	t.Fatalf("no %d ports share a bucket", n)
+	return 0, nil
+}
+
+// TestCTMemMapped: the loader's IPv4 connection table is mapped writable and ctMem reaches
+// the mapping itself (shared with the kernel: a bucket written by a map update is seen in it,
+// and a slot written in it is seen by a lookup). If cilium/ebpf changes ebpf.Memory, ctMem
+// reports ErrNotSupported and the in-place paths silently fall back: this test says so.
+func TestCTMemMapped(t *testing.T) {
+	r := newCTRig(t)
+	mem, err := r.lb.ctMem()
+	if err != nil {
+		t.Fatalf("ctMem: %v", err)
+	}
+	if len(mem) != int(r.lb.CT.MaxEntries()) || uintptr(unsafe.Pointer(&mem[0]))%8 != 0 {
+		t.Fatalf("mapping of %d buckets at %p", len(mem), &mem[0])
+	}
+	last := uint32(len(mem) - 1)
+	b := ctBucket{S: [4]ctSlot{2: {Seq: 4, Key: r.key(1), E: ctEntry{LastSeen: 5, Backend: 7}}}}
+	if err := r.lb.CT.Put(last, &b); err != nil {
+		t.Fatal(err)
+	}
+	if mem[last] != b {
+		t.Errorf("mapping's last bucket %+v, want %+v", mem[last], b)
+	}
+	ctStore(&mem[last].S[0], r.key(2), ctEntry{LastSeen: 9, Svc: 3})
+	if err := r.lb.CT.Lookup(last, &b); err != nil || b.S[0].Key != r.key(2) || b.S[0].E != (ctEntry{LastSeen: 9, Svc: 3}) {
+		t.Errorf("lookup after a write in the mapping: %+v (%v)", b.S[0], err)
+	}
+}
+
+// TestClearConnsKeepsInsert: clearConns clears only the slots it was asked for, in place. A
+// bucket holds connection A; while clearConns holds A's slot (claimed, odd), the datapath
+// inserts connection B's entry into another slot of the same bucket (a frame run through the
+// real program from the hook, at the moment the old whole-bucket write lost it). B's entry
+// stays, A's is gone and its slot's seq moved by two; then SetConnEntry writes A back into the
+// freed slot without touching B's.
+func TestClearConnsKeepsInsert(t *testing.T) {
+	r := newCTRig(t)
+	at, ports := r.sameBucket(t, 2)
+	a, b := ports[0], ports[1]
+	r.send(t, a)
+	mem, err := r.lb.ctMem()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slotA := -1
+	for s := range mem[at].S {
+		if mem[at].S[s].Key == r.key(a) {
+			slotA = s
+		}
+	}
+	if slotA < 0 {
+		t.Fatalf("connection A's entry not in bucket %d: %+v", at, mem[at])
+	}
+	seqA := mem[at].S[slotA].Seq
+	ran := 0
+	ctClearHook = func(s *ctSlot) {
+		ran++
+		if s != &mem[at].S[slotA] || s.Seq&1 == 0 {
+			t.Errorf("hook on slot %p seq %d, want A's (%p) claimed", s, s.Seq, &mem[at].S[slotA])
+		}
+		r.send(t, b)
+	}
+	defer func() { ctClearHook = nil }()
+	if err := r.lb.clearConns([]ctKey{r.key(a)}); err != nil {
+		t.Fatal(err)
+	}
+	ctClearHook = nil
+	if ran != 1 {
+		t.Fatalf("hook ran %d times, want once", ran)
+	}
+	if _, err := r.lb.ConnEntry(r.key(b)); err != nil {
+		t.Errorf("B's entry, inserted during the clear: %v", err)
+	}
+	if _, err := r.lb.ConnEntry(r.key(a)); err == nil {
+		t.Error("A's entry is still there")
+	}
+	if got := mem[at].S[slotA]; got != (ctSlot{Seq: seqA + 2}) {
+		t.Errorf("A's slot after the clear: %+v, want empty with seq %d", got, seqA+2)
+	}
+	e := ctEntry{LastSeen: monotonicNow(), Addr: ne32(ctServer.Addr()), State: CTUDP, Backend: 7, Svc: 3}
+	if err := r.lb.SetConnEntry(r.key(a), e); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := r.lb.ConnEntry(r.key(a)); err != nil || got != e {
+		t.Errorf("A written back: %+v (%v), want %+v", got, err, e)
+	}
+	if got := mem[at].S[slotA]; got.Key != r.key(a) || got.Seq != seqA+4 {
+		t.Errorf("A's slot after SetConnEntry: %+v, want A's key with seq %d", got, seqA+4)
+	}
+	if _, err := r.lb.ConnEntry(r.key(b)); err != nil {
+		t.Errorf("B's entry after SetConnEntry: %v", err)
+	}
+}
+
+// TestClearConnsConcurrent: clears, writes and the datapath's inserts into one bucket at the
+// same time lose nothing. A goroutine writes connection A's entry (SetConnEntry) and clears it
+// (clearConns) in a loop, as a cleanup and a repair would; meanwhile new connections of the
+// same bucket are made through the datapath, one at a time, each kept until it is cleared,
+// and connection K is made once and kept. An entry is never seen gone before it is cleared.
+// (The datapath gives up an insert when it loses its slot to another writer, as a CPU racing
+// it would make it: the connection's next frame inserts it, so a frame is sent again until
+// its entry is there.)
+func TestClearConnsConcurrent(t *testing.T) {
+	r := newCTRig(t)
+	_, ports := r.sameBucket(t, 8)
+	ka, kk, news := r.key(ports[0]), ports[1], ports[2:]
+	insert := func(p uint16) {
+		t.Helper()
+		for range 1000 {
+			r.send(t, p)
+			if _, err := r.lb.ConnEntry(r.key(p)); err == nil {
+				return
+			}
+		}
+		t.Fatalf("connection from port %d never got its entry", p)
+	}
+	insert(kk)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var bgErr error
+	defer func() {
+		close(stop)
+		wg.Wait()
+		if bgErr != nil {
+			t.Errorf("writer of A: %v", bgErr)
+		}
+	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		e := ctEntry{Addr: ne32(ctServer.Addr()), State: CTUDP, Backend: 7, Svc: 3}
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			e.LastSeen = monotonicNow()
+			if err := r.lb.SetConnEntry(ka, e); err != nil {
+				bgErr = err
+				return
+			}
+			if err := r.lb.clearConns([]ctKey{ka}); err != nil {
+				bgErr = err
+				return
+			}
+		}
+	}()
+	for round := range 300 {
+		p := news[round%len(news)]
+		insert(p)
+		for i := range 20 {
+			for _, q := range []uint16{kk, p} {
+				if _, err := r.lb.ConnEntry(r.key(q)); err != nil {
+					t.Errorf("round %d, look %d: the entry of port %d is gone: %v", round, i, q, err)
+				}
+			}
+		}
+		if err := r.lb.clearConns([]ctKey{r.key(p)}); err != nil {
+			t.Fatal(err)
+		}
+		if t.Failed() {
+			break
+		}
+	}
+}
