@@ -63,6 +63,12 @@ type Table struct {
 
 	index map[ServiceKey]*Service // built lazily, nil after Unmarshal/Clone
 	rules int
+	// While Restore runs: the services it adds and their real servers are carved out of these
+	// (two allocations instead of one per service and two or three per real server), and
+	// nextServers is how many real servers the next service added gets room for.
+	svcSlab     []Service
+	srvSlab     []Server
+	nextServers int
 }
 
 // Timeouts returns the connection timeouts in force.
@@ -138,6 +144,29 @@ func (t *Table) Clear() {
 // datapath sets on lblc/lblcr affinity keys.
 const MaxID uint32 = 0x3fffffff
 
+// newService returns room for a service: the next of Restore's slab, else a new one.
+func (t *Table) newService() *Service {
+	if len(t.svcSlab) == 0 {
+		return new(Service)
+	}
+	s := &t.svcSlab[0]
+	t.svcSlab = t.svcSlab[1:]
+	return s
+}
+
+// newServers returns an empty list of real servers for a new service: with room for
+// nextServers of them from Restore's slab, else none (not nil: a service's list encodes as []).
+func (t *Table) newServers() []Server {
+	n := min(t.nextServers, len(t.srvSlab))
+	t.nextServers = 0
+	if n == 0 {
+		return []Server{}
+	}
+	l := t.srvSlab[:0:n]
+	t.srvSlab = t.srvSlab[n:]
+	return l
+}
+
 func (t *Table) newID() (uint32, bool) {
 	if t.LastID >= MaxID {
 		return 0, false
@@ -176,8 +205,9 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 		if !ok {
 			return "", failErr(ErrIDSpace, cmd.Service.String())
 		}
-		s := &Service{ID: id, ServiceKey: cmd.Service, Scheduler: cmd.Scheduler,
-			Persistent: cmd.Persistent, Netmask: netmaskOf(cmd), Servers: []Server{}}
+		s := t.newService()
+		*s = Service{ID: id, ServiceKey: cmd.Service, Scheduler: cmd.Scheduler,
+			Persistent: cmd.Persistent, Netmask: netmaskOf(cmd), Servers: t.newServers()}
 		t.Services = append(t.Services, s)
 		idx[s.ServiceKey] = s
 		t.rules++
@@ -342,21 +372,43 @@ func (t *Table) Restore(cmds ...[]Command) error {
 	if adds == 0 {
 		return &Error{Kind: ErrEmptyRestore, Msg: ErrEmptyRestore.Error(), Token: "--restore -", Code: ExitUsage}
 	}
-	// Sized for the services added, so neither grows (and copies) on the way.
+	// Sized for the services added, so neither grows (and copies) on the way; the services
+	// and their real servers come from two slabs (see Table.svcSlab).
 	n := &Table{ConnTimeouts: t.ConnTimeouts, LastID: t.LastID,
-		Services: make([]*Service, 0, svcs), index: make(map[ServiceKey]*Service, svcs)}
-	for _, cs := range cmds {
-		for _, c := range cs {
+		Services: make([]*Service, 0, svcs), index: make(map[ServiceKey]*Service, svcs),
+		svcSlab: make([]Service, svcs), srvSlab: make([]Server, adds-svcs)}
+	for i, cs := range cmds {
+		for j, c := range cs {
 			if !c.Op.Mutates() {
 				return atLine(&Error{Kind: ErrNotInRestore, Msg: ErrNotInRestore.Error(), Token: c.Op.String(), Code: ExitUsage}, c.Line)
+			}
+			if c.Op == OpAddService {
+				// ipvsadm-save writes a service's real servers right after it: room for those.
+				n.nextServers = serversAfter(cmds, i, j+1, c.Service)
 			}
 			if _, err := n.Exec(c, nil); err != nil {
 				return atLine(err, c.Line)
 			}
 		}
 	}
+	n.svcSlab, n.srvSlab, n.nextServers = nil, nil, 0
 	*t = *n
 	return nil
+}
+
+// serversAfter counts the add-server commands for service k that follow cmds[i][j] without
+// another command in between.
+func serversAfter(cmds [][]Command, i, j int, k ServiceKey) int {
+	n := 0
+	for ; i < len(cmds); i, j = i+1, 0 {
+		for _, c := range cmds[i][j:] {
+			if c.Op != OpAddServer || c.Service != k {
+				return n
+			}
+			n++
+		}
+	}
+	return n
 }
 
 // SnapshotService records the service with key k (or its absence) and returns a function that

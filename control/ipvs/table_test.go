@@ -625,3 +625,63 @@ func TestIPv6(t *testing.T) {
 		t.Errorf("rule 20001 (IPv6): %v", err)
 	}
 }
+
+// TestRestoreSlabs: a restored table (services and real servers carved out of two slabs, with
+// room for the real servers that follow each service) is the table the same commands make one
+// by one, and stays so through later edits: a service whose real servers come later, in
+// another run of commands or after other services, or are added afterwards, never writes
+// into its neighbour's.
+func TestRestoreSlabs(t *testing.T) {
+	in := "-A -t 10.0.0.1:80 -s rr\n" +
+		"-a -t 10.0.0.1:80 -r 10.1.0.1:80 -m\n" +
+		"-A -t 10.0.0.2:80 -s wrr\n" +
+		"-a -t 10.0.0.1:80 -r 10.1.0.2:80 -m\n" +
+		"-a -t 10.0.0.2:80 -r 10.1.0.3:80 -m -w 2\n" +
+		"-a -t 10.0.0.2:80 -r 10.1.0.4:80 -m -w 3\n" +
+		"-A -u 10.0.0.3:53 -s sh\n" +
+		"-A -t 10.0.0.4:80 -s rr\n" +
+		"-a -t 10.0.0.4:80 -r 10.1.0.5:80 -m\n"
+	cmds, err := ParseRestore(strings.NewReader(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, split := range []int{0, 1, 2, 4, 5, 8} {
+		want := &Table{}
+		for _, c := range cmds {
+			if _, err := want.Apply(c); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var got Table
+		if err := got.Restore(cmds[:split], cmds[split:]); err != nil {
+			t.Fatal(err)
+		}
+		if d := cmp.Diff(want, &got, tableOpts...); d != "" {
+			t.Fatalf("split at %d: restored table differs from the commands applied one by one (-want +got):\n%s", split, d)
+		}
+		for _, p := range []string{
+			"-a -t 10.0.0.1:80 -r 10.1.0.9:80 -m",
+			"-a -t 10.0.0.4:80 -r 10.1.0.8:80 -m",
+			"-a -u 10.0.0.3:53 -r 10.1.0.7:53 -m",
+			"-d -t 10.0.0.2:80 -r 10.1.0.3:80",
+			"-a -t 10.0.0.2:80 -r 10.1.0.6:80 -m -w 5",
+			"-e -t 10.0.0.1:80 -r 10.1.0.1:80 -m -w 7",
+			"-D -t 10.0.0.1:80",
+			"-A -t 10.0.0.5:80 -s rr",
+		} {
+			c, err := ParseParameters(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := want.Apply(c); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := got.Apply(c); err != nil {
+				t.Fatal(err)
+			}
+			if d := cmp.Diff(want, &got, tableOpts...); d != "" {
+				t.Fatalf("split at %d, after %s (-want +got):\n%s", split, p, d)
+			}
+		}
+	}
+}
