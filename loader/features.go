@@ -21,6 +21,9 @@ type Features struct {
 	SchedCLS bool // tc BPF programs (needed for the clsact fallback too)
 	LPMTrie  bool // route tables
 	DevMap   bool // XDP redirect into another device
+	// XDPFeatures: the netdev generic netlink family reports devices' xdp_features (Linux
+	// 6.3+), which xdp mode reads to know whether the veth takes redirected frames.
+	XDPFeatures bool
 	// Checks are every kernel feature the datapath and node objects use, read from the
 	// compiled objects themselves (program types, map types, and each helper per program type),
 	// plus TCX; see Missing for what each dataplane mode lacks.
@@ -30,7 +33,7 @@ type Features struct {
 // Check is one probed kernel feature.
 type Check struct {
 	Name      string   // e.g. "helper bpf_loop (xdp)", "map lpm_trie", "program sched_cls", "link tcx"
-	Kind      string   // program, map, helper or link
+	Kind      string   // program, map, helper, link or netlink
 	Objects   []string // the objects that use it: datapath, node (empty for tcx)
 	Supported bool
 	// Fallback says what runs instead when it is missing ("" when nothing does).
@@ -74,7 +77,7 @@ func (f Features) String() string {
 	for _, x := range []struct {
 		name string
 		ok   bool
-	}{{"tcx", f.TCX}, {"xdp", f.XDP}, {"sched_cls", f.SchedCLS}, {"lpm_trie", f.LPMTrie}, {"devmap", f.DevMap}} {
+	}{{"tcx", f.TCX}, {"xdp", f.XDP}, {"sched_cls", f.SchedCLS}, {"lpm_trie", f.LPMTrie}, {"devmap", f.DevMap}, {"xdp_features", f.XDPFeatures}} {
 		if b.Len() > 0 {
 			b.WriteByte(' ')
 		}
@@ -177,6 +180,7 @@ func probe() (Features, error) {
 	if _, qerr := link.QueryPrograms(link.QueryOptions{Target: 1, Attach: ebpf.AttachTCXIngress}); qerr == nil {
 		f.TCX = true
 	}
+	f.XDPFeatures = haveXDPFeatures()
 	needs, err := objectNeeds()
 	if err != nil {
 		return f, err
@@ -225,6 +229,8 @@ func probe() (Features, error) {
 	// displace (ErrNoTCX): clsact is the datapath's fallback only.
 	f.Checks = append(f.Checks, Check{Name: "link tcx", Kind: "link", Objects: []string{ObjectDatapath, ObjectNode},
 		Supported: f.TCX, Fallback: "clsact + direct-action bpf filter, but not for direct mode", Required: []string{ObjectNode}})
+	f.Checks = append(f.Checks, Check{Name: "netlink netdev xdp_features", Kind: "netlink", Supported: f.XDPFeatures,
+		Fallback: "tc for the guest's frames in xdp mode"})
 	return f, nil
 }
 

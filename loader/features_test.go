@@ -89,6 +89,9 @@ func TestProbeCoversObjects(t *testing.T) {
 	if c := names["link tcx"]; !c.Supported || c.Fallback == "" {
 		t.Errorf("tcx: %+v", c)
 	}
+	if c := names["netlink netdev xdp_features"]; !c.Supported || c.Fallback == "" || !f.XDPFeatures {
+		t.Errorf("xdp_features: %+v", c)
+	}
 	if miss := f.Missing(ObjectDatapath, ObjectNode); len(miss) != 0 {
 		t.Errorf("missing on this kernel: %v", miss)
 	}

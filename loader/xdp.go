@@ -289,6 +289,13 @@ func XDPRedirectTarget(nsPath, ifname string) (bool, error) {
 	return ok, nil
 }
 
+// haveXDPFeatures says whether the kernel has the netdev generic netlink family, which reports
+// xdp_features (Linux 6.3+).
+func haveXDPFeatures() bool {
+	_, err := netlink.GenlFamilyGet("netdev")
+	return err == nil
+}
+
 // genlHdr is struct genlmsghdr with its reserved field zeroed (nl.Genlmsg serializes stray
 // bytes there, which strictly validated families refuse).
 type genlHdr struct{ cmd, version uint8 }

@@ -63,6 +63,10 @@ poweroff -f
 			t.Errorf("mode %s cannot run on the guest's kernel", mode)
 		}
 	}
+	// Before 6.3 xdp mode cannot tell whether the veth takes XDP frames.
+	if !strings.Contains(report, "netlink netdev xdp_features") || !containsLine(report, "netlink netdev xdp_features", "NO") {
+		t.Errorf("xdp_features not reported missing, with its fallback")
+	}
 	// Direct mode's node programs need TCX links (loader.ErrNoTCX).
 	if !containsLine(report, "direct", "tcx") || !strings.Contains(report, "cannot run: missing link tcx") {
 		t.Errorf("mode direct is not reported as missing link tcx")
