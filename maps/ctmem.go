@@ -13,9 +13,10 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-// The IPv4 connection table's slots are read and written in place, in the memory the kernel
-// shares with the datapath (BPF_F_MMAPABLE), with the datapath's own protocol (bpf/lib/lb.h,
-// ct_lookup and ct_insert): seq is odd while a CPU writes the slot. The accesses are
+// The control plane writes the IPv4 connection table's slots (clearConns, SetConnEntry) in
+// place, in the memory the kernel shares with the datapath (BPF_F_MMAPABLE), with the
+// datapath's own protocol (bpf/lib/lb.h, ct_insert): seq is odd while a CPU writes the slot
+// (scanCT reads with ct_lookup's side of it). The accesses are
 // sync/atomic operations on the mapping (seq as a uint32, key and entry as five uint64
 // words), which Go orders among themselves on every architecture (sequentially consistent),
 // where plain loads are ordered only by x86-64's TSO.
@@ -29,7 +30,6 @@ const (
 	ctBucketSize = int(unsafe.Sizeof(ctBucket{}))
 	ctWordsOff   = int(unsafe.Offsetof(ctSlot{}.Key))
 	ctWords      = int(unsafe.Sizeof(ctKeyEntry{})) / 8
-	ctLastSeen   = int(unsafe.Offsetof(ctKeyEntry{}.E)+unsafe.Offsetof(ctEntry{}.LastSeen)) / 8
 )
 
 // ctKeyEntry is a slot's key and entry as they lie in it from ctWordsOff on (TestCTSlotLayout).
@@ -108,18 +108,6 @@ func ctStore(s *ctSlot, k ctKey, e ctEntry) {
 	for i := range c {
 		atomic.StoreUint64(&w[i], c[i])
 	}
-}
-
-// ctRead is the datapath readers' read of slot s (a seqlock read): seq, then the key and
-// entry, then seq again; ok is false for a slot not in use, being written (odd seq) or
-// rewritten meanwhile.
-func ctRead(s *ctSlot) (k ctKey, e ctEntry, seq uint32, ok bool) {
-	seq = atomic.LoadUint32(&s.Seq)
-	if seq&1 != 0 || atomic.LoadUint64(&ctSlotWords(s)[ctLastSeen]) == 0 {
-		return k, e, seq, false
-	}
-	k, e = ctLoad(s)
-	return k, e, seq, e.LastSeen != 0 && atomic.LoadUint32(&s.Seq) == seq
 }
 
 // ctClearMapped clears, in place, the slots of keys in bucket b: each is claimed as the
