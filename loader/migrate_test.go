@@ -50,12 +50,7 @@ func TestMigratePinnedMaps(t *testing.T) {
 				t.Fatalf("old %s: put: %v", name, err)
 			}
 		}
-		if err := os.Remove(filepath.Join(dir, name)); err != nil {
-			t.Fatal(err)
-		}
-		if err := m.Pin(filepath.Join(dir, name)); err != nil {
-			t.Fatal(err)
-		}
+		repin(t, m, filepath.Join(dir, name))
 	}
 	statsKey := bytes.Repeat([]byte{1}, int(spec.Maps["kdp_lb_stats"].KeySize))
 	statsVal := bytes.Repeat([]byte{7}, int(spec.Maps["kdp_lb_stats"].ValueSize))
@@ -159,12 +154,7 @@ func TestMigrateConnTable(t *testing.T) {
 		}
 		keys = append(keys, k)
 	}
-	if err := os.Remove(filepath.Join(dir, "kdp_lb_ct")); err != nil {
-		t.Fatal(err)
-	}
-	if err := old.Pin(filepath.Join(dir, "kdp_lb_ct")); err != nil {
-		t.Fatal(err)
-	}
+	repin(t, old, filepath.Join(dir, "kdp_lb_ct"))
 
 	sb, err = loader.Open(root, id)
 	if err != nil {
@@ -226,12 +216,7 @@ func TestMigrateConnTableMapped(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := os.Remove(filepath.Join(dir, "kdp_lb_ct")); err != nil {
-		t.Fatal(err)
-	}
-	if err := old.Pin(filepath.Join(dir, "kdp_lb_ct")); err != nil {
-		t.Fatal(err)
-	}
+	repin(t, old, filepath.Join(dir, "kdp_lb_ct"))
 
 	sb, err = loader.Open(root, id)
 	if err != nil {
@@ -257,5 +242,16 @@ func TestMigrateConnTableMapped(t *testing.T) {
 	}
 	if res.Live != want || res.Conns[7].Active != int64(want) {
 		t.Errorf("sweep of the migrated table: %d live, counts %+v; want %d", res.Live, res.Conns[7], want)
+	}
+}
+
+// repin puts m at path in place of the map pinned there: what an older agent left behind.
+func repin(t *testing.T, m *ebpf.Map, path string) {
+	t.Helper()
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Pin(path); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"os"
 	"testing"
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
@@ -18,6 +19,14 @@ func emulateGuest(t *testing.T, sbNS, tap string, guest *topo.NetNS, dev string,
 	if err != nil {
 		t.Fatal(err)
 	}
+	emulateGuestFds(t, fds, guest, dev, o)
+}
+
+// emulateGuestFds puts a guest emulator behind the VM side's queues fds (a tap's, or a
+// macvtap's character device): frames are bridged to a device named dev in guest's netns,
+// configured as o says. It takes the fds and runs until the test ends.
+func emulateGuestFds(t *testing.T, fds []*os.File, guest *topo.NetNS, dev string, o guestemu.BridgeOptions) {
+	t.Helper()
 	br, err := guestemu.NewBridge(fds, guest.Path(), dev, o)
 	for _, f := range fds {
 		f.Close()

@@ -455,25 +455,6 @@ func kdpFilters(t *testing.T, nsPath, dev string) []string {
 	return slices.Sorted(maps.Keys(kdpFilterProgs(t, nsPath, dev)))
 }
 
-// emulateGuestFds puts a guest emulator behind the VM side's queues fds (a tap's, or a
-// macvtap's character device): frames are bridged to a device named dev in guest's netns,
-// configured as o says. It takes the fds and runs until the test ends.
-func emulateGuestFds(t *testing.T, fds []*os.File, guest *topo.NetNS, dev string, o guestemu.BridgeOptions) {
-	t.Helper()
-	br, err := guestemu.NewBridge(fds, guest.Path(), dev, o)
-	for _, f := range fds {
-		f.Close()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { cancel(); br.Close() })
-	if err := br.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // checkIn runs a subcommand in-process (no process to start: the guest runs under TCG) and
 // compares its result.
 func checkIn(t *testing.T, a *testAgent, stdin string, args []string, want result) {
