@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -121,4 +122,117 @@ func BenchmarkEncodeSnapshot(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestEncodeSnapshotEveryField: the hand encoder writes every field json.Marshal writes. The
+// saved structs are filled by reflection, every exported field of every nested struct, slice
+// and pointer with a value of its kind (strings that need escaping, negative numbers, both
+// address families); then once more with each of those fields left zero in turn, so a field
+// tagged omitempty is checked both ways. A field added to ipvs.Table, Service, Server, ... that
+// encodeSnapshot does not write fails here without anyone extending the table of
+// TestEncodeSnapshot; a field of a type the filler cannot make fails with its path and asks for
+// a value in encodeValues.
+func TestEncodeSnapshotEveryField(t *testing.T) {
+	var leaves int
+	for skip := -1; skip == -1 || skip < leaves; skip++ {
+		f := &filler{skip: skip}
+		var s snapshot
+		if err := f.fill(reflect.ValueOf(&s).Elem(), "snapshot"); err != nil {
+			t.Fatal(err)
+		}
+		leaves = f.n
+		want, wantErr := json.Marshal(s)
+		got, err := encodeSnapshot(s.Table, s.Seq)
+		name := "every field set"
+		if skip >= 0 {
+			name = f.skipped + " left zero"
+		}
+		switch {
+		case wantErr != nil && err == nil:
+			t.Fatalf("%s: json.Marshal fails (%v), the hand encoder does not", name, wantErr)
+		case wantErr == nil && err != nil:
+			t.Fatalf("%s: the hand encoder fails: %v", name, err)
+		case wantErr == nil:
+			if diff := cmp.Diff(string(want), string(got)); diff != "" {
+				t.Fatalf("%s: encoding differs from json.Marshal (-want +got):\n%s", name, diff)
+			}
+		}
+	}
+	if leaves < 15 {
+		t.Errorf("the filler set %d fields; the saved table has more", leaves)
+	}
+}
+
+// encodeValues are the values the filler gives types it cannot make by their kind: types
+// whose JSON comes from a method and is valid only for some values. The filler takes them in
+// turn, so nested fields of one type get different values.
+var encodeValues = map[reflect.Type][]any{
+	reflect.TypeFor[ipvs.Proto]():     {ipvs.UDP, ipvs.TCP},
+	reflect.TypeFor[netip.Addr]():     {netip.MustParseAddr("255.255.255.0"), netip.MustParseAddr("fe80::1%e<0>")},
+	reflect.TypeFor[netip.AddrPort](): {netip.MustParseAddrPort("10.1.2.3:8080"), netip.MustParseAddrPort("[fd00::1:2]:443")},
+}
+
+// filler sets every exported field reachable from a value, counting the leaves (fields that
+// are not structs, pointers or slices); the leaf numbered skip is left zero.
+type filler struct {
+	skip    int
+	n       int
+	skipped string // path of the leaf left zero
+}
+
+func (f *filler) fill(v reflect.Value, path string) error {
+	if vals, ok := encodeValues[v.Type()]; ok {
+		return f.leaf(v, path, func() { v.Set(reflect.ValueOf(vals[f.n%len(vals)])) })
+	}
+	switch v.Kind() {
+	case reflect.Pointer:
+		v.Set(reflect.New(v.Type().Elem()))
+		return f.fill(v.Elem(), path)
+	case reflect.Slice:
+		v.Set(reflect.MakeSlice(v.Type(), 2, 2))
+		for i := range 2 {
+			if err := f.fill(v.Index(i), fmt.Sprintf("%s[%d]", path, i)); err != nil {
+				return err
+			}
+		}
+		return nil
+	case reflect.Struct:
+		exported := 0
+		for i := range v.NumField() {
+			sf := v.Type().Field(i)
+			if !sf.IsExported() {
+				continue
+			}
+			exported++
+			if err := f.fill(v.Field(i), path+"."+sf.Name); err != nil {
+				return err
+			}
+		}
+		if exported == 0 {
+			return fmt.Errorf("%s: no exported fields in %s: add values of it to encodeValues", path, v.Type())
+		}
+		return nil
+	case reflect.String:
+		return f.leaf(v, path, func() { v.SetString(fmt.Sprintf(`s%d<&>"\`, f.n)) })
+	case reflect.Bool:
+		return f.leaf(v, path, func() { v.SetBool(true) })
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		return f.leaf(v, path, func() { v.SetInt(-int64(f.n + 1)) })
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return f.leaf(v, path, func() { v.SetUint(uint64(f.n + 1)) })
+	case reflect.Float32, reflect.Float64:
+		return f.leaf(v, path, func() { v.SetFloat(float64(f.n) + 0.5) })
+	}
+	return fmt.Errorf("%s: the filler cannot make a %s: add values of it to encodeValues", path, v.Type())
+}
+
+// leaf sets one leaf, unless it is the one to leave zero.
+func (f *filler) leaf(v reflect.Value, path string, set func()) error {
+	if f.n == f.skip {
+		f.skipped = path
+	} else {
+		set()
+	}
+	f.n++
+	return nil
 }
