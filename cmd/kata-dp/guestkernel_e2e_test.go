@@ -393,16 +393,7 @@ func guestKernelMode(t *testing.T, ka *kernelAgent, i int, mode string, bpf, leg
 		t.Fatal(err)
 	}
 	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintf(c, "hello %s\n", c.RemoteAddr().(*net.TCPAddr).IP)
-			c.Close()
-		}
-	}()
+	go serveLine(l, func(c net.Conn) string { return "hello " + c.RemoteAddr().(*net.TCPAddr).IP.String() })
 	const vip = "10.96.0.10"
 	for _, params := range []string{"-A -t " + vip + ":80 -s rr -p 60", "-a -t " + vip + ":80 -r " + peerIP + ":8080 -m"} {
 		if res := a.runIn("", "kata-ipvs", "ipvsadm", "--parameters", params, id); res.code != 0 {

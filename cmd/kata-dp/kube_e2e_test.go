@@ -103,6 +103,19 @@ func serveName(l net.Listener, name string) {
 	}
 }
 
+// serveLine answers every connection with line(c) and closes it: a server whose reply says
+// the connection arrived (and, with the peer's address in it, from where after the NAT).
+func serveLine(l net.Listener, line func(net.Conn) string) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		fmt.Fprintln(c, line(c))
+		c.Close()
+	}
+}
+
 // serveUDPName answers every datagram to addr in ns with name, until the test ends.
 func serveUDPName(t *testing.T, ns *topo.NetNS, addr, name string) {
 	t.Helper()

@@ -85,16 +85,7 @@ func TestPrometheusScrapesAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintln(c, "hello")
-			c.Close()
-		}
-	}()
+	go serveLine(l, func(net.Conn) string { return "hello" })
 	const vip = "10.96.0.10"
 	for _, params := range []string{"--add-service --tcp-service " + vip + ":80 --scheduler rr --persistent 60", "-a -t " + vip + ":80 -r " + server + ":80 -m"} {
 		if r := a.cli(t, "", "kata-ipvs", "ipvsadm", "--parameters", params, "6ec"); r.code != 0 {
