@@ -2,7 +2,9 @@
 // on crafted frames, one fresh frame per run, the kernel's own timing) for an established
 // connection, a new one and a frame that is no service's, side by side in one run; and the
 // control plane's cost of restoring, editing and listing 20000 rules against real maps, and of
-// the sweeper's and the metrics' reads of the connection table (BenchmarkSweep).
+// the sweeper's and the metrics' reads of the connection table (BenchmarkSweep). BenchmarkColdEntries
+// measures what one cold map entry costs a program timed the same way (bench/refprog's
+// cold-entry probe): the unit the new connection's cost is made of.
 //
 // Run: go test -run XXX -bench . -benchtime 20000x ./bench/lbperf/   (root)
 package lbperf
