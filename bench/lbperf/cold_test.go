@@ -3,6 +3,7 @@ package lbperf
 import (
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/kata-dp/kata-dp/bench/refprog"
+	"github.com/kata-dp/kata-dp/maps"
 )
 
 // coldRounds splits a run into consecutive rounds; each reports its medians, so a run gives
@@ -25,6 +27,7 @@ type coldPlace struct {
 	name  string
 	add   bool // atomic add instead of a read (the datapath's counters)
 	chain bool // each index depends on the entry before (service master -> slot -> real server)
+	maps  bool // hash: entry i in the i-th of eight maps (refprog.ColdHashes)
 	// pick returns k indices; warm places return the same ones every frame.
 	pick func(r *rand.Rand, k int) []uint32
 }
@@ -38,7 +41,9 @@ type coldPlace struct {
 //     hash: k random keys), read, atomically added to, or chained (each index read from the
 //     entry before, so the misses cannot overlap);
 //   - in one page (array: k random lines of one random page, read or chained): a page's
-//     TLB miss paid once, each line's cache miss.
+//     TLB miss paid once, each line's cache miss;
+//   - hash: one entry in each of k distinct hash maps (maps-warm, maps-cold), as the new
+//     connection looks into three.
 //
 // Sub-benchmarks: the array at the load balancer's connection table's size (768 KiB) and at
 // 64 MiB (beyond the caches), the hash map with 20000 of its 40960 keys (kdp_lb_svc's entries
@@ -91,6 +96,12 @@ func benchCold(b *testing.B, m refprog.ColdMap, n uint32) {
 			}
 			all = all[:0]
 		}
+		if m == refprog.ColdHash { // key i of the other seven maps too
+			same := slices.Repeat([]uint32{i}, refprog.ColdMaxK)
+			if ret, err := c.Program(refprog.ColdHashes).Run(&ebpf.RunOptions{Data: refprog.ColdFrame(same, false, false)}); err != nil || ret == refprog.ColdBad {
+				b.Fatalf("warm-up run on key %d of every map: %d, %v", i, ret, err)
+			}
+		}
 	}
 	rounds := min(coldRounds, b.N)
 	b.ResetTimer()
@@ -102,7 +113,11 @@ func benchCold(b *testing.B, m refprog.ColdMap, n uint32) {
 			for ki, k := range coldKs {
 				f := refprog.ColdFrame(pl.pick(rng, k), pl.add, pl.chain)
 				s := &samples[p][ki][round]
-				*s = append(*s, measure(b, prog, 1, func(int) []byte { return f })...)
+				pp := prog
+				if pl.maps {
+					pp = c.Program(refprog.ColdHashes)
+				}
+				*s = append(*s, measure(b, pp, 1, func(int) []byte { return f })...)
 			}
 		}
 	}
@@ -172,6 +187,8 @@ func coldPlaces(m refprog.ColdMap, n uint32) []coldPlace {
 			{name: "cold", pick: cold},
 			{name: "cold-add", add: true, pick: cold},
 			{name: "cold-chain", chain: true, pick: cold},
+			{name: "maps-warm", maps: true, pick: hot},
+			{name: "maps-cold", maps: true, pick: cold},
 		}
 	}
 	for i := range warm {
@@ -201,5 +218,92 @@ func coldPlaces(m refprog.ColdMap, n uint32) []coldPlace {
 		{name: "pages-chain", chain: true, pick: inPages},
 		{name: "one-page", pick: inPage},
 		{name: "one-page-chain", chain: true, pick: inPage},
+	}
+}
+
+// BenchmarkNewConnTable is the cold-entry measurement in the datapath itself: the new
+// connection's frame (BenchmarkPerPacket's, 5000 services) over a frame to no service, in
+// three sandboxes that differ only in the size of the connection table: 64 entries (16 buckets
+// in 3 KiB: the two buckets a new connection touches are warm), the default 16384 (768 KiB,
+// random cold buckets) and 1048576 (48 MiB). All six frame kinds are interleaved; metrics as
+// BenchmarkColdEntries': <table>-ns is the new connection over no service, median of the
+// rounds' medians, with -min-ns and -max-ns; <table>-over-ct-64-ns what the table adds over
+// the warm one, round by round.
+//
+//	go test -run XXX -bench NewConnTable -benchtime 5000x ./bench/lbperf/
+func BenchmarkNewConnTable(b *testing.B) {
+	tables := []struct {
+		name string
+		size uint32
+	}{{"ct-64", 64}, {"ct-16384", 16384}, {"ct-1048576", 1 << 20}}
+	other := netip.MustParseAddrPort("172.16.0.1:80")
+	rigs := make([]*rig, len(tables))
+	for i, t := range tables {
+		rigs[i] = newRigCT(b, 5000, t.size)
+		// Touch every page of the table once (a bucket is 192 bytes): this guest maps memory
+		// in on its first touch, microseconds (see BenchmarkColdEntries).
+		ct := rigs[i].lb.CT
+		for idx := uint32(0); idx < ct.MaxEntries(); idx += 4096 / 192 {
+			if _, err := ct.LookupBytes(idx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	rounds := min(coldRounds, b.N)
+	// none[t][round], fresh[t][round]
+	none := make([][][]time.Duration, len(tables))
+	fresh := make([][][]time.Duration, len(tables))
+	for t := range tables {
+		none[t] = make([][]time.Duration, rounds)
+		fresh[t] = make([][]time.Duration, rounds)
+	}
+	b.ResetTimer()
+	for i := range b.N {
+		round := i * rounds / b.N
+		sport := uint16(1024 + i%60000)
+		for t, r := range rigs {
+			none[t][round] = append(none[t][round], measure(b, r.tapIn, 1, func(int) []byte { return tcpFrame(other, 40000, 0x10) })...)
+			fresh[t][round] = append(fresh[t][round], measure(b, r.tapIn, 1, func(int) []byte { return tcpFrame(vip, sport, 0x02) })...)
+		}
+		if i%60000 == 59999 {
+			for _, r := range rigs {
+				r.lb.Sweep(^uint64(0), maps.Config{}, func(maps.Conn) bool { return true })
+			}
+		}
+	}
+	b.StopTimer()
+	med := func(ds []time.Duration) time.Duration {
+		slices.Sort(ds)
+		return ds[len(ds)/2]
+	}
+	// over[t][round]: the new connection over no service.
+	over := make([][]time.Duration, len(tables))
+	for t := range tables {
+		for r := range rounds {
+			over[t] = append(over[t], med(fresh[t][r])-med(none[t][r]))
+		}
+	}
+	var out strings.Builder
+	fmt.Fprintf(&out, "new connection over no service, median [min..max] of %d rounds:", rounds)
+	stat := func(name string, ds []time.Duration) {
+		slices.Sort(ds)
+		lo, mid, hi := ds[0], ds[len(ds)/2], ds[len(ds)-1]
+		b.ReportMetric(float64(mid.Nanoseconds()), name+"-ns")
+		b.ReportMetric(float64(lo.Nanoseconds()), name+"-min-ns")
+		b.ReportMetric(float64(hi.Nanoseconds()), name+"-max-ns")
+		fmt.Fprintf(&out, " %s %d [%d..%d];", name, mid.Nanoseconds(), lo.Nanoseconds(), hi.Nanoseconds())
+	}
+	for t, tb := range tables {
+		if t > 0 { // what the larger table's cold buckets add, round by round
+			var d []time.Duration
+			for r := range rounds {
+				d = append(d, over[t][r]-over[0][r])
+			}
+			stat(tb.name+"-over-"+tables[0].name, d)
+		}
+		stat(tb.name, slices.Clone(over[t]))
+	}
+	if b.N > 1 { // as in BenchmarkColdEntries
+		b.Log(strings.TrimSuffix(out.String(), ";"))
 	}
 }

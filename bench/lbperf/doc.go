@@ -4,7 +4,8 @@
 // control plane's cost of restoring, editing and listing 20000 rules against real maps, and of
 // the sweeper's and the metrics' reads of the connection table (BenchmarkSweep). BenchmarkColdEntries
 // measures what one cold map entry costs a program timed the same way (bench/refprog's
-// cold-entry probe): the unit the new connection's cost is made of.
+// cold-entry probe): the unit the new connection's cost is made of; BenchmarkNewConnTable the
+// new connection with warm, default and large connection tables.
 //
 // Run: go test -run XXX -bench . -benchtime 20000x ./bench/lbperf/   (root)
 package lbperf

@@ -42,11 +42,14 @@ var (
 	vip      = netip.MustParseAddrPort("10.96.0.10:80")
 )
 
-func newRig(b *testing.B, services int) *rig {
+func newRig(b *testing.B, services int) *rig { return newRigCT(b, services, 0) }
+
+// newRigCT is newRig with a connection table of ctSize entries (0: the default).
+func newRigCT(b *testing.B, services int, ctSize uint32) *rig {
 	needRoot(b)
 	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptp-%08x", rand.Uint32()))
 	b.Cleanup(func() { os.RemoveAll(root) })
-	sb, err := loader.Open(root, "perf")
+	sb, err := loader.OpenWithOptions(root, "perf", loader.Options{CTSize: ctSize})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -22,8 +22,9 @@ const (
 type ColdMap int
 
 const (
-	ColdArray ColdMap = iota // array of 64-byte entries, page-aligned (BPF_F_MMAPABLE, as kdp_lb_ct)
-	ColdHash                 // hash map without preallocation (as kdp_lb_svc, kdp_lb_stats), 8-byte keys, 48-byte values
+	ColdArray  ColdMap = iota // array of 64-byte entries, page-aligned (BPF_F_MMAPABLE, as kdp_lb_ct)
+	ColdHash                  // hash map without preallocation (as kdp_lb_svc, kdp_lb_stats), 8-byte keys, 48-byte values
+	ColdHashes                // eight such hash maps: the i-th entry a frame names is looked up in the i-th
 )
 
 func (m ColdMap) String() string {
@@ -32,6 +33,8 @@ func (m ColdMap) String() string {
 		return "array"
 	case ColdHash:
 		return "hash"
+	case ColdHashes:
+		return "hashes"
 	}
 	return fmt.Sprintf("ColdMap(%d)", int(m))
 }
@@ -46,8 +49,8 @@ type Cold struct {
 }
 
 // LoadCold loads the probe with an array of arrayLen 64-byte entries (0: 12288, the 768 KiB
-// of the load balancer's default connection table) and a hash map holding the keys 0 ..
-// hashEntries-1 (at most 40960, the size of the load balancer's counter map).
+// of the load balancer's default connection table) and eight hash maps each holding the keys
+// 0 .. hashEntries-1 (at most 40960, the size of the load balancer's counter map).
 func LoadCold(arrayLen, hashEntries uint32) (*Cold, error) {
 	spec, err := loadCold()
 	if err != nil {
@@ -70,12 +73,19 @@ func LoadCold(arrayLen, hashEntries uint32) (*Cold, error) {
 		keys[i].Id = uint32(i)
 	}
 	if hashEntries > 0 {
-		if _, err := c.o.ColdHash.BatchUpdate(keys, vals, nil); err != nil {
-			c.Close()
-			return nil, fmt.Errorf("fill the cold-entry probe's hash map: %w", err)
+		for i, h := range c.hashes() {
+			if _, err := h.BatchUpdate(keys, vals, nil); err != nil {
+				c.Close()
+				return nil, fmt.Errorf("fill the cold-entry probe's hash map %d: %w", i, err)
+			}
 		}
 	}
 	return c, nil
+}
+
+func (c *Cold) hashes() []*ebpf.Map {
+	return []*ebpf.Map{c.o.ColdHash, c.o.ColdHash1, c.o.ColdHash2, c.o.ColdHash3,
+		c.o.ColdHash4, c.o.ColdHash5, c.o.ColdHash6, c.o.ColdHash7}
 }
 
 // Close releases the programs and maps.
@@ -84,25 +94,36 @@ func (c *Cold) Close() error { return c.o.Close() }
 // ArrayLen is the number of entries of the array map.
 func (c *Cold) ArrayLen() uint32 { return c.arrayLen }
 
-// HashEntries is the number of keys in the hash map.
+// HashEntries is the number of keys in each hash map.
 func (c *Cold) HashEntries() uint32 { return c.hashEntries }
 
 // Program is the probe's program for map m.
 func (c *Cold) Program(m ColdMap) *ebpf.Program {
-	if m == ColdHash {
+	switch m {
+	case ColdHash:
 		return c.o.ColdHashTouch
+	case ColdHashes:
+		return c.o.ColdHashesTouch
 	}
 	return c.o.ColdArrayTouch
 }
 
-// Set writes the first two words of entry idx (array index or hash key id): the probe reads
-// or adds to the first and, chained, xors the second into the next index.
+// Set writes the first two words of entry idx (array index or hash key id; ColdHashes: in
+// every hash map): the probe reads or adds to the first and, chained, xors the second into
+// the next index.
 func (c *Cold) Set(m ColdMap, idx uint32, first, second uint64) error {
 	var err error
-	if m == ColdHash {
-		err = c.o.ColdHash.Update(coldColdKey{Id: idx}, coldColdVal{N: [6]uint64{first, second}}, ebpf.UpdateExist)
-	} else {
+	switch m {
+	case ColdArray:
 		err = c.o.ColdArray.Update(idx, coldColdLine{N: [8]uint64{first, second}}, ebpf.UpdateExist)
+	case ColdHash:
+		err = c.o.ColdHash.Update(coldColdKey{Id: idx}, coldColdVal{N: [6]uint64{first, second}}, ebpf.UpdateExist)
+	default:
+		for _, h := range c.hashes() {
+			if err = h.Update(coldColdKey{Id: idx}, coldColdVal{N: [6]uint64{first, second}}, ebpf.UpdateExist); err != nil {
+				break
+			}
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("set %v entry %d: %w", m, idx, err)
@@ -110,18 +131,27 @@ func (c *Cold) Set(m ColdMap, idx uint32, first, second uint64) error {
 	return nil
 }
 
-// Get reads the first word of entry idx.
+// Get reads the first word of entry idx (ColdHashes: its sum over the hash maps).
 func (c *Cold) Get(m ColdMap, idx uint32) (uint64, error) {
 	var err error
 	var n uint64
-	if m == ColdHash {
-		var v coldColdVal
-		err = c.o.ColdHash.Lookup(coldColdKey{Id: idx}, &v)
-		n = v.N[0]
-	} else {
+	switch m {
+	case ColdArray:
 		var v coldColdLine
 		err = c.o.ColdArray.Lookup(idx, &v)
 		n = v.N[0]
+	case ColdHash:
+		var v coldColdVal
+		err = c.o.ColdHash.Lookup(coldColdKey{Id: idx}, &v)
+		n = v.N[0]
+	default:
+		for _, h := range c.hashes() {
+			var v coldColdVal
+			if err = h.Lookup(coldColdKey{Id: idx}, &v); err != nil {
+				break
+			}
+			n += v.N[0]
+		}
 	}
 	if err != nil {
 		return 0, fmt.Errorf("get %v entry %d: %w", m, idx, err)

@@ -33,10 +33,18 @@ type coldColdVal struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	coldMapColdArray       = "cold_array"
-	coldMapColdHash        = "cold_hash"
-	coldProgColdArrayTouch = "cold_array_touch"
-	coldProgColdHashTouch  = "cold_hash_touch"
+	coldMapColdArray        = "cold_array"
+	coldMapColdHash         = "cold_hash"
+	coldMapColdHash1        = "cold_hash1"
+	coldMapColdHash2        = "cold_hash2"
+	coldMapColdHash3        = "cold_hash3"
+	coldMapColdHash4        = "cold_hash4"
+	coldMapColdHash5        = "cold_hash5"
+	coldMapColdHash6        = "cold_hash6"
+	coldMapColdHash7        = "cold_hash7"
+	coldProgColdArrayTouch  = "cold_array_touch"
+	coldProgColdHashTouch   = "cold_hash_touch"
+	coldProgColdHashesTouch = "cold_hashes_touch"
 )
 
 // loadCold returns the embedded CollectionSpec for cold.
@@ -81,8 +89,9 @@ type coldSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type coldProgramSpecs struct {
-	ColdArrayTouch *ebpf.ProgramSpec `ebpf:"cold_array_touch"`
-	ColdHashTouch  *ebpf.ProgramSpec `ebpf:"cold_hash_touch"`
+	ColdArrayTouch  *ebpf.ProgramSpec `ebpf:"cold_array_touch"`
+	ColdHashTouch   *ebpf.ProgramSpec `ebpf:"cold_hash_touch"`
+	ColdHashesTouch *ebpf.ProgramSpec `ebpf:"cold_hashes_touch"`
 }
 
 // coldMapSpecs contains maps before they are loaded into the kernel.
@@ -91,6 +100,13 @@ type coldProgramSpecs struct {
 type coldMapSpecs struct {
 	ColdArray *ebpf.MapSpec `ebpf:"cold_array"`
 	ColdHash  *ebpf.MapSpec `ebpf:"cold_hash"`
+	ColdHash1 *ebpf.MapSpec `ebpf:"cold_hash1"`
+	ColdHash2 *ebpf.MapSpec `ebpf:"cold_hash2"`
+	ColdHash3 *ebpf.MapSpec `ebpf:"cold_hash3"`
+	ColdHash4 *ebpf.MapSpec `ebpf:"cold_hash4"`
+	ColdHash5 *ebpf.MapSpec `ebpf:"cold_hash5"`
+	ColdHash6 *ebpf.MapSpec `ebpf:"cold_hash6"`
+	ColdHash7 *ebpf.MapSpec `ebpf:"cold_hash7"`
 }
 
 // coldVariableSpecs contains global variables before they are loaded into the kernel.
@@ -121,12 +137,26 @@ func (o *coldObjects) Close() error {
 type coldMaps struct {
 	ColdArray *ebpf.Map `ebpf:"cold_array"`
 	ColdHash  *ebpf.Map `ebpf:"cold_hash"`
+	ColdHash1 *ebpf.Map `ebpf:"cold_hash1"`
+	ColdHash2 *ebpf.Map `ebpf:"cold_hash2"`
+	ColdHash3 *ebpf.Map `ebpf:"cold_hash3"`
+	ColdHash4 *ebpf.Map `ebpf:"cold_hash4"`
+	ColdHash5 *ebpf.Map `ebpf:"cold_hash5"`
+	ColdHash6 *ebpf.Map `ebpf:"cold_hash6"`
+	ColdHash7 *ebpf.Map `ebpf:"cold_hash7"`
 }
 
 func (m *coldMaps) Close() error {
 	return _ColdClose(
 		m.ColdArray,
 		m.ColdHash,
+		m.ColdHash1,
+		m.ColdHash2,
+		m.ColdHash3,
+		m.ColdHash4,
+		m.ColdHash5,
+		m.ColdHash6,
+		m.ColdHash7,
 	)
 }
 
@@ -140,14 +170,16 @@ type coldVariables struct {
 //
 // It can be passed to loadColdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type coldPrograms struct {
-	ColdArrayTouch *ebpf.Program `ebpf:"cold_array_touch"`
-	ColdHashTouch  *ebpf.Program `ebpf:"cold_hash_touch"`
+	ColdArrayTouch  *ebpf.Program `ebpf:"cold_array_touch"`
+	ColdHashTouch   *ebpf.Program `ebpf:"cold_hash_touch"`
+	ColdHashesTouch *ebpf.Program `ebpf:"cold_hashes_touch"`
 }
 
 func (p *coldPrograms) Close() error {
 	return _ColdClose(
 		p.ColdArrayTouch,
 		p.ColdHashTouch,
+		p.ColdHashesTouch,
 	)
 }
 

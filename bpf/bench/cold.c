@@ -11,6 +11,8 @@
  *               entries (one cache line each, page-aligned: BPF_F_MMAPABLE, as kdp_lb_ct)
  *   cold_hash   the same with k entries of cold_hash, a hash map without preallocation (as
  *               the load balancer's kdp_lb_svc, kdp_lb_stats, ...), keyed {0, id}
+ *   cold_hashes the same with entry i in the i-th of eight such maps: what a lookup in one
+ *               more map costs (the datapath's new connection looks into three hash maps)
  *
  * Chained (cold_req.chain), each entry's index depends on what the previous one holds, as the
  * load balancer's service master -> slot -> real server lookups do: the misses cannot overlap.
@@ -53,13 +55,24 @@ struct cold_val {
 	__u64 n[6];
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 40960); /* KDP_LB_MAX_STATS */
-	__type(key, struct cold_key);
-	__type(value, struct cold_val);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} cold_hash SEC(".maps");
+#define COLD_HASH_MAP(name)                                                                        \
+	struct {                                                                                   \
+		__uint(type, BPF_MAP_TYPE_HASH);                                                   \
+		__uint(max_entries, 40960); /* KDP_LB_MAX_STATS */                                 \
+		__type(key, struct cold_key);                                                      \
+		__type(value, struct cold_val);                                                    \
+		__uint(map_flags, BPF_F_NO_PREALLOC);                                              \
+	} name SEC(".maps")
+
+/* cold_hash, and seven more of the same for cold_hashes_touch. */
+COLD_HASH_MAP(cold_hash);
+COLD_HASH_MAP(cold_hash1);
+COLD_HASH_MAP(cold_hash2);
+COLD_HASH_MAP(cold_hash3);
+COLD_HASH_MAP(cold_hash4);
+COLD_HASH_MAP(cold_hash5);
+COLD_HASH_MAP(cold_hash6);
+COLD_HASH_MAP(cold_hash7);
 
 struct cold_req {
 	__u8 k;   /* entries to touch, 0..COLD_MAX_K */
@@ -111,33 +124,51 @@ int cold_array_touch(struct __sk_buff *skb)
 	return sum;
 }
 
-SEC("tc")
-int cold_hash_touch(struct __sk_buff *skb)
-{
-	struct cold_req *r = cold_req(skb);
-	__u32 sum = 0, link = 0;
-	int i;
-
-	if (!r)
-		return COLD_BAD;
-#pragma unroll
-	for (i = 0; i < COLD_MAX_K; i++) {
-		struct cold_key key = { .id = r->idx[i] ^ link };
-		struct cold_val *v;
-
-		if (i >= r->k)
-			break;
-		v = bpf_map_lookup_elem(&cold_hash, &key);
-		if (!v)
-			return COLD_BAD;
-		if (r->add) {
-			__sync_fetch_and_add(&v->n[0], 1);
-			sum++;
-		} else {
-			sum += v->n[0];
-		}
-		if (r->chain)
-			link = v->n[1];
+/* cold_hash_touch looks every entry up in cold_hash, cold_hashes_touch entry i in the i-th of
+ * the eight hash maps (each call site keeps its one map, so the verifier inlines every lookup as
+ * it does the datapath's). */
+#define COLD_HASH_TOUCH(name, map_of)                                                              \
+	SEC("tc")                                                                                  \
+	int name(struct __sk_buff *skb)                                                            \
+	{                                                                                          \
+		struct cold_req *r = cold_req(skb);                                                \
+		__u32 sum = 0, link = 0;                                                           \
+		int i;                                                                             \
+                                                                                                   \
+		if (!r)                                                                            \
+			return COLD_BAD;                                                           \
+		_Pragma("unroll") for (i = 0; i < COLD_MAX_K; i++)                                 \
+		{                                                                                  \
+			struct cold_key key = { .id = r->idx[i] ^ link };                          \
+			struct cold_val *v;                                                        \
+                                                                                                   \
+			if (i >= r->k)                                                             \
+				break;                                                             \
+			v = bpf_map_lookup_elem(map_of(i), &key);                                  \
+			if (!v)                                                                    \
+				return COLD_BAD;                                                   \
+			if (r->add) {                                                              \
+				__sync_fetch_and_add(&v->n[0], 1);                                 \
+				sum++;                                                             \
+			} else {                                                                   \
+				sum += v->n[0];                                                    \
+			}                                                                          \
+			if (r->chain)                                                              \
+				link = v->n[1];                                                    \
+		}                                                                                  \
+		return sum;                                                                        \
 	}
-	return sum;
-}
+
+#define COLD_ONE_MAP(i) (&cold_hash)
+#define COLD_MAP_I(i)                                                                              \
+	((i) == 0 ? (void *)&cold_hash :                                                           \
+	 (i) == 1 ? (void *)&cold_hash1 :                                                          \
+	 (i) == 2 ? (void *)&cold_hash2 :                                                          \
+	 (i) == 3 ? (void *)&cold_hash3 :                                                          \
+	 (i) == 4 ? (void *)&cold_hash4 :                                                          \
+	 (i) == 5 ? (void *)&cold_hash5 :                                                          \
+	 (i) == 6 ? (void *)&cold_hash6 :                                                          \
+		    (void *)&cold_hash7)
+
+COLD_HASH_TOUCH(cold_hash_touch, COLD_ONE_MAP)
+COLD_HASH_TOUCH(cold_hashes_touch, COLD_MAP_I)
