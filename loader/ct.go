@@ -1,9 +1,12 @@
 package loader
 
 import (
+	"errors"
 	"fmt"
+	"os"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // CTWays is the number of slots in a bucket of the IPv4 connection table (KDP_CT_WAYS): the
@@ -83,4 +86,40 @@ func convertCT(old, m *ebpf.Map) (copied, dropped int, err error) {
 // isOldCT reports whether m is an IPv4 connection table of the LRU hash layout.
 func isOldCT(m *ebpf.Map) bool {
 	return m.Type() != ebpf.Array && m.KeySize() == 16 && m.ValueSize() == 24
+}
+
+// mapCT maps the IPv4 connection table m (an array with BPF_F_MMAPABLE, bpf/lib/lb.h) into
+// this process, readable and writable and shared with the kernel: maps.LB reads and writes
+// its slots in place with atomic operations (maps/ctmem.go), which the library's own mapping
+// (ebpf.Map.Memory, copies only) does not offer. The caller owns the mapping and unmaps it
+// (unix.Munmap) exactly once, after its last use (Sandbox.Close).
+//
+// A table that cannot be mapped is an error wrapping ebpf.ErrNotSupported: one without the
+// flag (pinned by an older agent and not migrated, which Open does not leave), and one the
+// kernel maps only read-only (frozen, or read-only for programs: EPERM, EACCES). Its users
+// then take their batched paths.
+func mapCT(m *ebpf.Map) ([]byte, error) {
+	if m.Type() != ebpf.Array || m.Flags()&unix.BPF_F_MMAPABLE == 0 {
+		return nil, fmt.Errorf("connection table (%s, flags %#x) is not a mmapable array: %w", m.Type(), m.Flags(), ebpf.ErrNotSupported)
+	}
+	size := arrayMapSize(m.ValueSize(), m.MaxEntries(), os.Getpagesize())
+	b, err := unix.Mmap(m.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return nil, fmt.Errorf("connection table cannot be mapped writable: %w (%w)", ebpf.ErrNotSupported, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("map %d bytes of the connection table: %w", size, err)
+	}
+	return b, nil
+}
+
+// arrayMapSize is the size of the value area of a BPF_F_MMAPABLE array, what mmap can map
+// from offset 0: the kernel lays values out every round_up(value_size, 8) bytes and starts
+// and pads the area to pages (kernel/bpf/arraymap.c: array_map_alloc; array_map_mmap refuses
+// more than PAGE_ALIGN(max_entries * elem_size) bytes).
+func arrayMapSize(valueSize, maxEntries uint32, pageSize int) int {
+	elem := (uint64(valueSize) + 7) &^ 7
+	n := elem * uint64(maxEntries)
+	p := uint64(pageSize)
+	return int((n + p - 1) / p * p)
 }

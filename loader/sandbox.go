@@ -60,6 +60,10 @@ type Maps struct {
 	LBStats    *ebpf.Map
 	LBConns    *ebpf.Map
 	LBCT       *ebpf.Map
+	// LBCTMem is LBCT's memory, mapped once by Open (mapCT) and unmapped by Close, or nil
+	// when the table cannot be mapped. It is valid only while the Sandbox is open: see
+	// Sandbox.Close.
+	LBCTMem    []byte
 	LBAff      *ebpf.Map
 	LBSvc6     *ebpf.Map // IPv6 service masters
 	LBBackend6 *ebpf.Map // IPv6 real server addresses
@@ -104,8 +108,9 @@ type Sandbox struct {
 	ID         string
 	dir        string
 	objs       DatapathObjects
-	legacy     bool // Options.LegacyTC
-	genericXDP bool // Options.GenericXDP
+	ctMem      []byte // the IPv4 connection table's mapping (mapCT); nil: not mapped or closed
+	legacy     bool   // Options.LegacyTC
+	genericXDP bool   // Options.GenericXDP
 }
 
 // Dir is the sandbox's pin directory.
@@ -117,7 +122,7 @@ func (s *Sandbox) Maps() Maps {
 	return Maps{
 		Endpoints: o.KdpEndpoints, Endpoints6: o.KdpEndpoints6, Stats: o.KdpStats, DropsExt: o.KdpDropsExt,
 		Routes: o.KdpRoutes, Routes6: o.KdpRoutes6, Config: o.KdpConfig,
-		LBSvc: o.KdpLbSvc, LBHash: o.KdpLbHash, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBAff: o.KdpLbAff,
+		LBSvc: o.KdpLbSvc, LBHash: o.KdpLbHash, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBCTMem: s.ctMem, LBAff: o.KdpLbAff,
 		LBSvc6: o.KdpLbSvc6, LBBackend6: o.KdpLbBe6, LBCT6: o.KdpLbCt6, LBAff6: o.KdpLbAff6, LBVIPs: o.KdpLbVips,
 		XDPPorts: o.KdpXdpPorts, XDPTx: o.KdpXdpTx,
 		Mon: o.KdpMon, MonRL: o.KdpMonRl, MonEvents: o.KdpMonEvents,
@@ -202,13 +207,16 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	if err := spec.LoadAndAssign(&s.objs, opts); err != nil {
 		return nil, fmt.Errorf("open sandbox %s: load collection: %w", id, err)
 	}
-	// The IPv4 connection table is read in place (maps.LB's scan): it is mapped here, once,
-	// because ebpf.Map.Memory maps on its first call without a lock, and the sweeper and the
-	// metrics read the table from goroutines of their own.
-	if _, err := s.objs.KdpLbCt.Memory(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+	// The IPv4 connection table is read and written in place (maps.LB's scan and clears): it
+	// is mapped here, once, and unmapped by Close, so every reader (the sweeper and the
+	// metrics, from goroutines of their own) uses the one mapping the Sandbox owns. Every
+	// error below goes through Close, which unmaps it.
+	mem, err := mapCT(s.objs.KdpLbCt)
+	if err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
 		s.Close()
-		return nil, fmt.Errorf("open sandbox %s: map the connection table: %w", id, err)
+		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
 	}
+	s.ctMem = mem
 	if err := s.refreshLinks(linksDir); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
@@ -220,9 +228,23 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	return s, nil
 }
 
-// Close releases the sandbox's file descriptors. Pins stay: the datapath keeps running.
+// Close releases the sandbox's file descriptors and unmaps its connection table
+// (Maps.LBCTMem). Pins stay: the datapath keeps running. A second Close does nothing.
+//
+// Close must not run while anything still uses the Sandbox's Maps: a closed map's file
+// descriptor fails (or, reused, names another file), and a read of the unmapped table is a
+// SIGSEGV of the process. The owner of the Sandbox orders the two: the agent's dataplane
+// (control/dataplane, Sandbox.closing) takes a lock for writing before Close that every
+// reader of the maps holds for reading while it reads, and the tests close last.
 func (s *Sandbox) Close() error {
-	return s.objs.Close()
+	var err error
+	if s.ctMem != nil {
+		if e := unix.Munmap(s.ctMem); e != nil {
+			err = fmt.Errorf("close sandbox %s: unmap the connection table: %w", s.ID, e)
+		}
+		s.ctMem = nil // never unmapped twice: the range may be another mapping by then
+	}
+	return errors.Join(err, s.objs.Close())
 }
 
 // Remove detaches every program kata-dp attached for sandbox id and deletes its pins. It is

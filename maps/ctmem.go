@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"reflect"
 	"runtime"
 	"slices"
 	"sync/atomic"
@@ -48,36 +47,27 @@ const ctClaimTries = 1000
 // errCTBusy says a slot stayed odd (being written) for ctClaimTries looks.
 var errCTBusy = errors.New("slot is being written by another CPU")
 
-// ctMem is the IPv4 connection table's memory mapping, writable and shared with the kernel,
-// or an error wrapping ebpf.ErrNotSupported for a table that cannot be mapped (pinned by an
-// older agent before the loader migrated it, a kernel without the flag) or mapped read-only.
+// ctMem is the IPv4 connection table's memory mapping (LB.CTMem) as its buckets, writable
+// and shared with the kernel, or an error wrapping ebpf.ErrNotSupported for a table that is
+// not mapped (pinned by an older agent before the loader migrated it, a kernel without the
+// flag, a table the kernel maps only read-only: loader.mapCT).
 //
-// The mapping is the one cilium/ebpf keeps for the map (ebpf.Map.Memory, unmapped when the map
-// is closed): ebpf.Memory offers only copies (ReadAt, WriteAt), not the atomic access a slot's
-// seq needs, so its byte slice is taken by reflection (its field b, the mapping itself). When
-// a version of the library lays Memory out otherwise, this reports ErrNotSupported and the
-// callers take their batched fallbacks (slower, and clearConns' and SetConnEntry's with a
-// window); TestCTMemMapped fails then, so that the change is noticed.
+// The mapping is the loader's (mapped with unix.Mmap when it opens the sandbox, unmapped
+// when it closes it): the atomic accesses a slot's seq needs take pointers into it, which
+// the library's ebpf.Memory (copies only) does not give. It is used only while the sandbox
+// is open, as the maps' file descriptors are (see loader.Sandbox.Close).
 func (l LB) ctMem() ([]ctBucket, error) {
-	mem, err := l.CT.Memory()
-	if err != nil {
-		return nil, err
-	}
-	if mem.ReadOnly() {
-		return nil, fmt.Errorf("connection table mapped read-only: %w", ebpf.ErrNotSupported)
+	if l.CTMem == nil {
+		return nil, fmt.Errorf("connection table not memory-mapped: %w", ebpf.ErrNotSupported)
 	}
 	if uint32(ctBucketSize) != l.CT.ValueSize() {
 		return nil, fmt.Errorf("connection table: buckets of %d bytes, want %d", l.CT.ValueSize(), ctBucketSize)
 	}
-	v := reflect.ValueOf(mem).Elem().FieldByName("b")
-	if !v.IsValid() || v.Kind() != reflect.Slice || v.Type().Elem().Kind() != reflect.Uint8 || v.Len() != int(mem.Size()) {
-		return nil, fmt.Errorf("connection table: ebpf.Memory holds no byte slice b of its mapping: %w", ebpf.ErrNotSupported)
-	}
 	n := int(l.CT.MaxEntries())
-	if n*ctBucketSize > v.Len() {
-		return nil, fmt.Errorf("connection table: mapping of %d bytes for %d buckets", v.Len(), n)
+	if n*ctBucketSize > len(l.CTMem) {
+		return nil, fmt.Errorf("connection table: mapping of %d bytes for %d buckets", len(l.CTMem), n)
 	}
-	p := v.UnsafePointer()
+	p := unsafe.Pointer(unsafe.SliceData(l.CTMem))
 	if uintptr(p)%8 != 0 {
 		return nil, fmt.Errorf("connection table: mapping at %p is not 8-byte aligned", p)
 	}

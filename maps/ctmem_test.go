@@ -2,11 +2,13 @@ package maps
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"unsafe"
@@ -176,10 +178,9 @@ func (r *ctRig) sameBucket(t *testing.T, n int) (uint32, []uint16) {
 	return 0, nil
 }
 
-// TestCTMemMapped: the loader's IPv4 connection table is mapped writable and ctMem reaches
-// the mapping itself (shared with the kernel: a bucket written by a map update is seen in it,
-// and a slot written in it is seen by a lookup). If cilium/ebpf changes ebpf.Memory, ctMem
-// reports ErrNotSupported and the in-place paths silently fall back: this test says so.
+// TestCTMemMapped: the loader maps the IPv4 connection table writable and ctMem reaches the
+// mapping itself (shared with the kernel: a bucket written by a map update is seen in it,
+// and a slot written in it is seen by a lookup), its last bucket included.
 func TestCTMemMapped(t *testing.T) {
 	r := newCTRig(t)
 	mem, err := r.lb.ctMem()
@@ -200,6 +201,150 @@ func TestCTMemMapped(t *testing.T) {
 	ctStore(&mem[last].S[0], r.key(2), ctEntry{LastSeen: 9, Svc: 3})
 	if err := r.lb.CT.Lookup(last, &b); err != nil || b.S[0].Key != r.key(2) || b.S[0].E != (ctEntry{LastSeen: 9, Svc: 3}) {
 		t.Errorf("lookup after a write in the mapping: %+v (%v)", b.S[0], err)
+	}
+}
+
+// TestCTMemUnmappedAtClose: the connection table's mapping belongs to the loader's Sandbox:
+// it is in the process's address space (/proc/self/maps) while the sandbox is open and used
+// (a sweep reads it in place), gone once the sandbox is closed, and a second Close neither
+// fails nor unmaps anything again. The table is sized so that the kernel pads it (100
+// buckets of 192 bytes in 5 pages): the mapping is the kernel's whole area.
+func TestCTMemUnmappedAtClose(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: loads BPF programs and pins them in bpffs")
+	}
+	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-maps-%08x", rand.Uint32()))
+	t.Cleanup(func() { os.RemoveAll(root) })
+	sb, err := loader.OpenWithOptions(root, "ctclose", loader.Options{CTSize: 100 * loader.CTWays})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	t.Cleanup(func() {
+		if !closed {
+			sb.Close()
+		}
+		if err := loader.Remove(root, "ctclose"); err != nil {
+			t.Error(err)
+		}
+	})
+	lb := ForSandbox(sb.Maps()).LB
+	page := os.Getpagesize()
+	if want := (100*ctBucketSize + page - 1) / page * page; len(lb.CTMem) != want {
+		t.Errorf("mapping of %d bytes, want %d", len(lb.CTMem), want)
+	}
+	if lb.CTMem == nil {
+		t.FailNow()
+	}
+	addr := uintptr(unsafe.Pointer(&lb.CTMem[0]))
+	if got := procMapping(t, addr); got == "" || !strings.Contains(got, "bpf") {
+		t.Fatalf("mapping at %#x not in /proc/self/maps (%q)", addr, got)
+	}
+	if err := WriteConfig(sb.Maps().Config, Config{Flags: ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
+		t.Fatal(err)
+	}
+	k := ctKey{Saddr: 1, Daddr: 2, Sport: 3, Dport: 4, Proto: unix.IPPROTO_TCP}
+	if err := lb.SetConnEntry(k, ctEntry{LastSeen: monotonicNow(), State: CTTCPEst, Backend: 7, Svc: 3}); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := ReadConfig(lb.Config)
+	if res, err := lb.Sweep(monotonicNow(), cfg, nil); err != nil || res.Live != 1 {
+		t.Errorf("sweep of the mapped table: %d live (%v), want 1", res.Live, err)
+	}
+	if err := sb.Close(); err != nil {
+		t.Fatal(err)
+	}
+	closed = true
+	if got := procMapping(t, addr); strings.Contains(got, "bpf") {
+		t.Errorf("mapping at %#x still in /proc/self/maps after Close: %q", addr, got)
+	}
+	if sb.Maps().LBCTMem != nil {
+		t.Error("a closed sandbox still hands out its mapping")
+	}
+	if err := sb.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}
+
+func sameEntries(x, y map[ctKey]ctEntry) bool {
+	for k, e := range x {
+		if f, ok := y[k]; !ok || f != e {
+			return false
+		}
+	}
+	return len(x) == len(y)
+}
+
+// procMapping returns the line of /proc/self/maps of the mapping that starts at addr, or "".
+func procMapping(t *testing.T, addr uintptr) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := fmt.Sprintf("%x-", addr)
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, start) {
+			return line
+		}
+	}
+	return ""
+}
+
+// TestCTUnmappedFallback: a connection table that is not mapped (LB.CTMem nil: an older
+// agent's table before its migration, or one the kernel maps only read-only) is read and
+// written with the batched paths, with the same results: the scan sees what the mapped scan
+// sees, the sweep and the count find the connections the datapath made, a cleanup clears one
+// connection's entries and keeps the other's, and SetConnEntry writes an entry back.
+func TestCTUnmappedFallback(t *testing.T) {
+	r := newCTRig(t)
+	_, ports := r.sameBucket(t, 2)
+	a, b := ports[0], ports[1]
+	r.send(t, a)
+	r.send(t, b)
+	scan := func(l LB) map[ctKey]ctEntry {
+		got := map[ctKey]ctEntry{}
+		if err := l.scanCT(func(k ctKey, e ctEntry) { got[k] = e }); err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	mapped := scan(r.lb)
+	lb := r.lb
+	lb.CTMem = nil
+	if _, err := lb.ctMem(); !errors.Is(err, ebpf.ErrNotSupported) {
+		t.Fatalf("ctMem of an unmapped table: %v, want ErrNotSupported", err)
+	}
+	if got := scan(lb); len(got) != 4 || len(mapped) != 4 || !sameEntries(got, mapped) {
+		t.Errorf("batched scan %v, mapped scan %v (want both with 4 entries)", got, mapped)
+	}
+	cfg, err := ReadConfig(lb.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := monotonicNow()
+	if n, err := lb.ConnEntries(now, cfg); err != nil || n != 4 {
+		t.Errorf("ConnEntries: %d (%v), want 4", n, err)
+	}
+	res, err := lb.Sweep(now, cfg, func(c Conn) bool { return c.Proto == unix.IPPROTO_UDP && c.Client.Port() == a })
+	if err != nil || res.Expired != 1 || res.Live != 1 {
+		t.Errorf("cleanup of A: %d cleared, %d live (%v), want 1 and 1", res.Expired, res.Live, err)
+	}
+	if _, err := lb.ConnEntry(r.key(a)); err == nil {
+		t.Error("A's entry is still there")
+	}
+	if _, err := lb.ConnEntry(r.key(b)); err != nil {
+		t.Errorf("B's entry after the cleanup of A: %v", err)
+	}
+	e := ctEntry{LastSeen: monotonicNow(), Addr: ne32(ctServer.Addr()), State: CTUDP, Backend: 7, Svc: 3}
+	if err := lb.SetConnEntry(r.key(a), e); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := lb.ConnEntry(r.key(a)); err != nil || got != e {
+		t.Errorf("A written back: %+v (%v), want %+v", got, err, e)
+	}
+	if _, err := lb.ConnEntry(r.key(b)); err != nil {
+		t.Errorf("B's entry after SetConnEntry: %v", err)
 	}
 }
 

@@ -125,6 +125,12 @@ type LB struct {
 	Aff     *ebpf.Map
 	Config  *ebpf.Map
 	VIPs    *ebpf.Map // the VIP prefilter (lbvips.go); nil: none kept
+
+	// CTMem is CT's memory mapping (loader.Maps.LBCTMem), through which the table is read
+	// and written in place (ctmem.go); nil: CT is not mapped, and the batched paths are
+	// taken. The loader's Sandbox owns it and unmaps it when it closes: like the maps' file
+	// descriptors, an LB is used only while its Sandbox is open.
+	CTMem []byte
 }
 
 // ReadConfig reads the sandbox's config entry.

@@ -442,16 +442,27 @@ func (d *Dataplane) MapMemory(ctx context.Context, id string) (map[string]uint64
 // CleanupConns deletes the connection entries whose original destination (the virtual
 // service the guest addressed, or the real server it was sent to) is dst, for protocol proto,
 // so that the next packet of those flows is scheduled afresh. It returns how many it deleted.
+//
+// It runs under Dataplane.read, as the sweeper does: its callers (kata-ipvs' cleanup, the
+// cluster tables) hold locks of their own, not the one a sandbox's removal takes, and the
+// clears write into the connection table's mapping, which closing the sandbox unmaps.
 func (d *Dataplane) CleanupConns(ctx context.Context, id string, dst netip.Addr, proto uint8) (int, error) {
-	sb, err := d.get(id)
-	if err != nil {
+	var res maps.SweepResult
+	err := d.read(id, func(sb *Sandbox) error {
+		var err error
+		res, err = d.sweep(sb, func(c maps.Conn) bool {
+			return c.Proto == proto && (c.Service.Addr() == dst || c.Server.Addr() == dst)
+		})
+		if err != nil {
+			return fmt.Errorf("cleanup of %s: %w", id, err)
+		}
+		return nil
+	})
+	if errors.Is(err, ErrNoSandbox) {
 		return 0, fmt.Errorf("cleanup: %w", err)
 	}
-	res, err := d.sweep(sb, func(c maps.Conn) bool {
-		return c.Proto == proto && (c.Service.Addr() == dst || c.Server.Addr() == dst)
-	})
 	if err != nil {
-		return 0, fmt.Errorf("cleanup of %s: %w", id, err)
+		return 0, err
 	}
 	return res.Expired, nil
 }
