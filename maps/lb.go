@@ -699,7 +699,8 @@ func (l LB) ConnEntries(now uint64, cfg Config) (int, error) {
 }
 
 // ConnEntry returns the IPv4 connection table's entry of key k (ebpf.ErrKeyNotExist when
-// there is none), whether expired or not, as the datapath's ct_lookup finds it.
+// there is none), whether expired or not: the datapath's ct_lookup takes an expired one for
+// no connection, its slot stays until reused.
 func (l LB) ConnEntry(k loader.DatapathCtKey) (loader.DatapathCtEntry, error) {
 	var b ctBucket
 	if err := l.CT.Lookup(loader.CTHash(k)%l.CT.MaxEntries(), &b); err != nil {

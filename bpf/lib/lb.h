@@ -551,11 +551,13 @@ static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struc
  * place, like the hash map's readers did, so a write racing a slot's reuse by another CPU can
  * at worst freshen the new entry's time stamp. The control plane (maps.LB.Sweep) counts the
  * live entries, never deletes expired ones (they are reused) and clears the slots it cleans up.
- * So an entry found is not a live connection: every reader judges its freshness (lb_fresh
- * against its own state's timeout) and takes an expired one for a miss, the reverse NAT and
- * the ICMP error translation too (a late reply to a dead connection goes on untranslated).
- * IPv6 keeps its LRU hash (kdp_lb_ct6), whose expired entries the sweeper deletes; its readers
- * judge freshness all the same.
+ * So an entry in the table is not necessarily a live connection: ct_lookup judges its
+ * freshness (lb_fresh against its state's timeout) and reports an expired one as no
+ * connection, to every reader alike (the new-connection path, the reverse NAT and the ICMP
+ * error translation: a late reply to a dead connection goes on untranslated). Only ct_pick,
+ * which reuses slots, looks at expired entries. IPv6 keeps its LRU hash (kdp_lb_ct6), whose
+ * expired entries the sweeper deletes a while after they expire; its readers look entries up
+ * through lb_ct6_live, which judges them the same way.
  */
 #define KDP_READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 #define kdp_barrier() asm volatile("" ::: "memory")
@@ -595,9 +597,12 @@ static __always_inline bool ct_key_is(const struct ct_key *a, __u32 w0, __u32 w1
 	return x[0] == w0 && x[1] == w1 && x[2] == w2 && x[3] == w3;
 }
 
-/* ct_lookup finds the entry of k (fresh or not: the caller judges), copies it to out and
- * returns its slot, or NULL. */
-static __always_inline struct ct_slot *ct_lookup(const struct ct_key *k, struct ct_entry *out)
+/* ct_lookup finds the live entry of k at now: it copies it to out and returns its slot, or
+ * NULL when there is none, when the entry expired (cfg's timeout for its state: its slot is
+ * kept until reused, and an expired entry is no connection) or when it was being written. On
+ * NULL out holds anything (a copy that did not hold). */
+static __always_inline struct ct_slot *ct_lookup(const struct config *cfg, __u64 now, const struct ct_key *k,
+						 struct ct_entry *out)
 {
 	const __u32 *w = (const __u32 *)k;
 	struct ct_bucket *b = ct_bucket(w[0], w[1], w[2], w[3]);
@@ -618,9 +623,22 @@ static __always_inline struct ct_slot *ct_lookup(const struct ct_key *k, struct 
 		kdp_barrier();
 		if (KDP_READ_ONCE(s->seq) != seq || !out->last_seen)
 			return NULL; /* rewritten meanwhile, or cleared */
+		if (!lb_fresh(now, out->last_seen, ct_timeout_ns(cfg, out)))
+			return NULL;
 		return s;
 	}
 	return NULL;
+}
+
+/* lb_ct6_live is ct_lookup for IPv6's LRU hash: the entry of k if it is live at now, else
+ * NULL (an expired entry stays until the sweeper deletes it). */
+static __always_inline struct ct6_entry *lb_ct6_live(const struct config *cfg, __u64 now, const struct ct6_key *k)
+{
+	struct ct6_entry *e = bpf_map_lookup_elem(&kdp_lb_ct6, k);
+
+	if (!e || !lb_fresh(now, e->last_seen, ct_state_timeout_ns(cfg, e->state)))
+		return NULL;
+	return e;
 }
 
 /* ct_pick chooses the slot of bucket b for a new entry whose key's words are k1 (saddr, daddr)
@@ -1100,8 +1118,8 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	sc->ck.sport = f->sport;
 	sc->ck.dport = f->dport;
 	sc->ck.proto = f->proto;
-	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
-	if (e && lb_fresh(now, e->last_seen, ct_state_timeout_ns(cfg, e->state))) {
+	e = lb_ct6_live(cfg, now, &sc->ck);
+	if (e) {
 		e->last_seen = now;
 		if (e->state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
 			cn = bpf_map_lookup_elem(&kdp_lb_conns, &e->backend);
@@ -1233,10 +1251,9 @@ static __always_inline int lb_to_guest6(void *ctx, const bool xdp, const struct 
 	sc->ck.dport = f->dport;
 	sc->ck.proto = f->proto;
 	sc->ck.dir = 1;
-	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
 	now = lb_now();
-	/* Expired and not yet deleted by the sweeper: no connection (as lb_to_guest). */
-	if (!e || !lb_fresh(now, e->last_seen, ct_state_timeout_ns(cfg, e->state)))
+	e = lb_ct6_live(cfg, now, &sc->ck);
+	if (!e)
 		return -1;
 	e->last_seen = now;
 	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
@@ -1280,8 +1297,8 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	ck.sport = f->sport;
 	ck.dport = f->dport;
 	ck.proto = f->proto;
-	e = ct_lookup(&ck, &ne);
-	if (e && lb_fresh(now, ne.last_seen, ct_timeout_ns(cfg, &ne))) {
+	e = ct_lookup(cfg, now, &ck, &ne);
+	if (e) {
 		e->e.last_seen = now;
 		if (ne.state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
 			cn = bpf_map_lookup_elem(&kdp_lb_conns, &ne.backend);
@@ -1303,7 +1320,9 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	m = bpf_map_lookup_elem(&kdp_lb_svc, &mk);
 	if (!m)
 		return -1; /* not a service (and no connection): not ours */
-	__builtin_memset(&ne, 0, sizeof(ne)); /* ct_lookup may have copied an expired entry */
+	/* After a miss ne holds nothing or a copy that did not hold; lb_schedule's pick starts
+	 * from zeros. */
+	__builtin_memset(&ne, 0, sizeof(ne));
 
 	{
 		/* Persistence: the client's template holds while its real server exists. */
@@ -1512,8 +1531,7 @@ static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, st
 	ck.proto = eip->protocol;
 	ck.dir = to ? 1 : 0;
 	cfg = config_get();
-	/* An expired entry (kept until its slot is reused) is no connection any more. */
-	if (!cfg || !ct_lookup(&ck, &ce) || !lb_fresh(lb_now(), ce.last_seen, ct_timeout_ns(cfg, &ce)))
+	if (!cfg || !ct_lookup(cfg, lb_now(), &ck, &ce))
 		return -1;
 	new_a = ce.addr;
 	new_p = ce.port;
@@ -1609,9 +1627,9 @@ static __always_inline int lb_icmp6(void *ctx, const bool xdp, const bool to, st
 	sc->ck.dport = *(__be16 *)el4;
 	sc->ck.proto = eip->nexthdr;
 	sc->ck.dir = to ? 1 : 0;
-	e = bpf_map_lookup_elem(&kdp_lb_ct6, &sc->ck);
 	cfg = config_get();
-	if (!e || !cfg || !lb_fresh(lb_now(), e->last_seen, ct_state_timeout_ns(cfg, e->state)))
+	e = cfg ? lb_ct6_live(cfg, lb_now(), &sc->ck) : NULL;
+	if (!e)
 		return -1; /* no connection, or an expired one the sweeper has not deleted yet */
 	__builtin_memcpy(sc->ne.addr, e->addr, 16);
 	new_p = e->port;
@@ -1753,11 +1771,11 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	ck.dport = f->dport;
 	ck.proto = f->proto;
 	ck.dir = 1;
-	e = ct_lookup(&ck, &ce);
 	now = lb_now();
-	/* The table keeps an expired entry until its slot is reused: a late reply to a dead
-	 * connection goes on untranslated, as it did when the sweeper deleted the entry. */
-	if (!e || !lb_fresh(now, ce.last_seen, ct_timeout_ns(cfg, &ce)))
+	/* An expired entry is no connection (ct_lookup): a late reply to a dead connection goes
+	 * on untranslated, as it did when the sweeper deleted the entry. */
+	e = ct_lookup(cfg, now, &ck, &ce);
+	if (!e)
 		return -1;
 	e->e.last_seen = now;
 	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
