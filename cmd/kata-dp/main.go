@@ -18,6 +18,9 @@ import (
 	"syscall"
 
 	"github.com/kata-dp/kata-dp/control/api"
+	// Maps the heap and binary pages the packages' init touches in a few calls instead of a
+	// page fault each (every kata-network and kata-ipvs call is a process of its own).
+	_ "github.com/kata-dp/kata-dp/internal/prefault"
 	"github.com/spf13/pflag"
 )
 
