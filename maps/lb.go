@@ -1037,7 +1037,7 @@ func (l LB) sweep6(now uint64, cfg Config, match func(Conn) bool, res *SweepResu
 // caller switches to it. The maps are written at once (see concurrently): their order does not
 // matter before the switch.
 func (l LB) PutServices(gen uint8, specs []ServiceSpec) error {
-	// The batches are made at their final size (25000 entries at 20000 rules: grown by
+	// The batches are made at their final size (20000 entries at 20000 rules: grown by
 	// appends, they were copied about 20 times).
 	n, nHash := len(specs), 0
 	for _, s := range specs {

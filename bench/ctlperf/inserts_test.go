@@ -22,16 +22,17 @@ import (
 )
 
 // BenchmarkRestoreInserts is the kernel's floor under a restore's push: the entries a restore of
-// 20000 rules (5000 services with three real servers each) writes, 25000 into a fresh map of
-// kdp_lb_svc's spec (5000 masters and 20000 slots) and 15000 into one of kdp_lb_be's, with
-// nothing of the agent around them. The keys are distinct byte strings of the maps' key sizes
-// (a hash map's cost does not depend on what the bytes say). Ways of writing them:
+// 20000 rules (5000 rr services with three real servers each) writes, 20000 into a fresh map of
+// kdp_lb_svc's spec (5000 masters and 15000 slots, an rr service's pick sequence of three) and
+// 15000 into one of kdp_lb_be's, with nothing of the agent around them. The keys are distinct
+// byte strings of the maps' key sizes (a hash map's cost does not depend on what the bytes
+// say). Ways of writing them:
 //
 //   - single: one BPF_MAP_UPDATE_ELEM per entry, one CPU;
 //   - batch: one BPF_MAP_UPDATE_BATCH per map, one CPU;
 //   - batch-4way: as maps.LB.PutServices and PutBackends write a fresh restore: both maps at
 //     once, each in two halves (four writers on however many CPUs are free);
-//   - services-only-batch-2way: the service map's 25000 alone, in two halves at once (what is
+//   - services-only-batch-2way: the service map's 20000 alone, in two halves at once (what is
 //     left if the real servers' entries were not written before the switch: the slots of rr
 //     and wrr services carry their IPv4 real server's address, see KDP_SLOT_ADDR in lb.h);
 //   - prealloc-batch-4way: batch-4way into maps without BPF_F_NO_PREALLOC (the datapath's maps
@@ -45,7 +46,7 @@ func BenchmarkRestoreInserts(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	const nSvc, nBE = 25000, 15000
+	const nSvc, nBE = 20000, 15000
 	for _, c := range []struct {
 		name     string
 		prealloc bool
