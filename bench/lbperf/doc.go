@@ -5,7 +5,8 @@
 // the sweeper's and the metrics' reads of the connection table (BenchmarkSweep). BenchmarkColdEntries
 // measures what one cold map entry costs a program timed the same way (bench/refprog's
 // cold-entry probe): the unit the new connection's cost is made of; BenchmarkNewConnTable the
-// new connection with warm, default and large connection tables.
+// new connection with warm, default and large connection tables (BenchmarkNewConnWarmBuckets:
+// the warm case alone, to profile).
 //
 // Run: go test -run XXX -bench . -benchtime 20000x ./bench/lbperf/   (root)
 package lbperf
