@@ -65,6 +65,11 @@ type Options struct {
 	// Nice is the nice value of the generator and emulator threads: -20
 	// (the default) keeps a busy neighbour from taking their CPUs.
 	Nice int
+	// Batch is the host-side generator's frames per sendmmsg (host->guest
+	// cases): the fewer, the more syscalls, and user/kernel switches, per
+	// frame. Guest->host the emulator writes one frame per write() whatever
+	// Batch says, as QEMU without vhost does. 0 means DefaultBatch.
+	Batch int
 
 	cases []caseDef
 }
@@ -135,12 +140,16 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	fs.IntVar(&o.Requests, "requests", 5000, "requests per latency case (2000 with --quick unless set)")
 	fs.DurationVar(&o.WaitQuiet, "wait-quiet", 5*time.Second, "before each run, wait up to this long for other processes to use less than --max-other of a CPU")
 	fs.IntVar(&o.Nice, "nice", -20, "nice value of the generator and guest emulator threads")
+	fs.IntVar(&o.Batch, "batch", DefaultBatch, "frames per sendmmsg of the host-side generator (host->guest cases), 1.."+strconv.Itoa(maxBatch)+"; guest->host is always one write per frame")
 	fs.Float64Var(&o.MaxOther, "max-other", 0.15, "flag a sample when other processes used more than this share of a CPU")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
 	if fs.NArg() > 0 {
 		return o, fmt.Errorf("bench: unexpected arguments %q", fs.Args())
+	}
+	if o.Batch == 0 { // validate reads 0 as the default; on the command line it is a mistake
+		return o, fmt.Errorf("bench: batch 0: want 1..%d frames per sendmmsg", maxBatch)
 	}
 	if o.Quick {
 		if !fs.Changed("rounds") {
@@ -181,6 +190,12 @@ func (o *Options) validate() error {
 	}
 	if o.Nice < -20 || o.Nice > 19 {
 		return fmt.Errorf("bench: nice %d: want -20..19", o.Nice)
+	}
+	if o.Batch == 0 {
+		o.Batch = DefaultBatch
+	}
+	if o.Batch < 1 || o.Batch > maxBatch {
+		return fmt.Errorf("bench: batch %d: want 1..%d frames per sendmmsg", o.Batch, maxBatch)
 	}
 	if len(o.Modes) == 0 {
 		return errors.New("bench: no modes")

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -108,6 +109,9 @@ func TestFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if o.Batch != DefaultBatch || slices.ContainsFunc(commandArgs(o), func(a string) bool { return strings.HasPrefix(a, "--batch") }) {
+		t.Errorf("default batch %d (want %d), command %q", o.Batch, DefaultBatch, commandArgs(o))
+	}
 	var cases []string
 	for _, c := range o.cases {
 		cases = append(cases, c.name)
@@ -117,6 +121,17 @@ func TestFlags(t *testing.T) {
 	}
 	if o.Rounds != 3 || o.Duration != time.Second {
 		t.Errorf("quick: rounds %d duration %s, want 3 and 1s", o.Rounds, o.Duration)
+	}
+	for _, n := range []int{1, 7, maxBatch} {
+		b, err := parseFlags([]string{"--batch", strconv.Itoa(n)}, &bytes.Buffer{})
+		if err != nil || b.Batch != n || !slices.Contains(commandArgs(b), "--batch "+strconv.Itoa(n)) {
+			t.Errorf("--batch %d: batch %d, command %q, err %v", n, b.Batch, commandArgs(b), err)
+		}
+	}
+	// A zero Options.Batch (a caller that does not set it) is the default.
+	z := Options{Modes: []string{"tc"}, Rounds: 1, Output: "table", CPUGen: 0, CPUGuest: 1, Duration: time.Second, Requests: 10}
+	if err := z.validate(); err != nil || z.Batch != DefaultBatch {
+		t.Errorf("zero batch: %d, %v; want %d", z.Batch, err, DefaultBatch)
 	}
 	for _, bad := range [][]string{
 		{"--modes", "nosuch"},
@@ -132,6 +147,10 @@ func TestFlags(t *testing.T) {
 		{"--modes", "nosuch+svc5"},
 		{"--modes", "ref-drop+svc5"},
 		{"--modes", "tc+monitor+svc5"},
+		{"--batch", "0"},
+		{"--batch", "-1"},
+		{"--batch", "1025"},
+		{"--batch", "x"},
 	} {
 		if _, err := parseFlags(bad, &bytes.Buffer{}); err == nil {
 			t.Errorf("flags %q accepted", bad)

@@ -65,15 +65,20 @@ func pinnedNice(nsPath string, cpu, nice int, fn func(tid int) error) (cpuNS uin
 	return r.ns, r.err
 }
 
-// sendBatch is the number of frames per sendmmsg.
-const sendBatch = 64
+// DefaultBatch is the generator's frames per sendmmsg unless Options.Batch
+// says otherwise.
+const DefaultBatch = 64
+
+// maxBatch is the most messages one sendmmsg takes (the kernel's UIO_MAXIOV).
+const maxBatch = 1024
 
 // blast sends frame out of device ifname (in the netns at nsPath) through
 // an AF_PACKET socket with sendmmsg, as fast as it can, for d. The socket
 // has a large send buffer and bypasses the qdisc layer, so the generator
-// measures the path and not its own backpressure. It returns the frames the
-// kernel accepted and the sending thread's CPU time.
-func blast(ctx context.Context, nsPath, ifname string, cpu int, frame []byte, d time.Duration) (sent uint64, cpuNS uint64, err error) {
+// measures the path and not its own backpressure. Each sendmmsg carries
+// batch frames: the fewer, the more user/kernel switches per frame. It
+// returns the frames the kernel accepted and the sending thread's CPU time.
+func blast(ctx context.Context, nsPath, ifname string, cpu, batch int, frame []byte, d time.Duration) (sent uint64, cpuNS uint64, err error) {
 	li, err := netdev.LookupLink(nsPath, ifname)
 	if err != nil {
 		return 0, 0, err
@@ -98,7 +103,7 @@ func blast(ctx context.Context, nsPath, ifname string, cpu int, frame []byte, d 
 		sa.Ifindex = int32(li.Index)
 		sa.Halen = 6
 		copy(sa.Addr[:], frame[0:6])
-		msgs := make([]unix.Mmsghdr, sendBatch)
+		msgs := make([]unix.Mmsghdr, batch)
 		for i := range msgs {
 			msgs[i].Hdr.Name = (*byte)(unsafe.Pointer(&sa))
 			msgs[i].Hdr.Namelen = uint32(unsafe.Sizeof(sa))
@@ -120,7 +125,8 @@ func blast(ctx context.Context, nsPath, ifname string, cpu int, frame []byte, d 
 // blastUDP sends payload bytes datagrams from a plain UDP socket in the
 // netns at nsPath to dst:port with sendmmsg, as fast as it can, for d: the
 // kernel builds the frames, with checksum offload as any application gets.
-func blastUDP(ctx context.Context, nsPath string, cpu int, src, dst [4]byte, port, payload int, d time.Duration) (sent uint64, cpuNS uint64, err error) {
+// Each sendmmsg carries batch datagrams.
+func blastUDP(ctx context.Context, nsPath string, cpu, batch int, src, dst [4]byte, port, payload int, d time.Duration) (sent uint64, cpuNS uint64, err error) {
 	cpuNS, err = pinned(nsPath, cpu, func(int) error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
@@ -139,7 +145,7 @@ func blastUDP(ctx context.Context, nsPath string, cpu int, src, dst [4]byte, por
 		buf := make([]byte, payload)
 		iov := unix.Iovec{Base: &buf[0]}
 		iov.SetLen(len(buf))
-		msgs := make([]unix.Mmsghdr, sendBatch)
+		msgs := make([]unix.Mmsghdr, batch)
 		for i := range msgs {
 			msgs[i].Hdr.Iov = &iov
 			msgs[i].Hdr.SetIovlen(1)

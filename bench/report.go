@@ -134,6 +134,9 @@ func commandArgs(o Options) []string {
 	}
 	a = append(a, fmt.Sprintf("--rounds %d", o.Rounds), fmt.Sprintf("--duration %s", o.Duration), fmt.Sprintf("--requests %d", o.Requests),
 		"--modes "+strings.Join(o.Modes, ","), fmt.Sprintf("--cpu-gen %d --cpu-guest %d", o.CPUGen, o.CPUGuest))
+	if o.Batch != DefaultBatch {
+		a = append(a, fmt.Sprintf("--batch %d", o.Batch))
+	}
 	if o.Output == "json" {
 		a = append(a, "-o json")
 	}

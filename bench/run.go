@@ -326,9 +326,9 @@ func (r *runner) oneWayH2G(ctx context.Context, e *env, m modeDef, c caseDef, sm
 	t0 := time.Now()
 	var sent, genNS uint64
 	if c.sock {
-		sent, genNS, err = blastUDP(ctx, s.Host.Path(), r.o.CPUGen, s.HostAddr.Addr().As4(), s.GuestAddr.Addr().As4(), 40002, c.payload, r.o.Duration)
+		sent, genNS, err = blastUDP(ctx, s.Host.Path(), r.o.CPUGen, r.o.Batch, s.HostAddr.Addr().As4(), s.GuestAddr.Addr().As4(), 40002, c.payload, r.o.Duration)
 	} else {
-		sent, genNS, err = blast(ctx, s.Host.Path(), e.hostDev, r.o.CPUGen, frame, r.o.Duration)
+		sent, genNS, err = blast(ctx, s.Host.Path(), e.hostDev, r.o.CPUGen, r.o.Batch, frame, r.o.Duration)
 	}
 	elapsed := time.Since(t0)
 	if err != nil {
