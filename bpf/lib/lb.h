@@ -547,10 +547,13 @@ static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struc
  * (odd while written) and published by incrementing it again. No lock, no interrupts turned
  * off: an insert into the LRU hash it replaces cost about 210 ns on this kind of host (two
  * raw_spin_lock_irqsave, docs/performance.md), two per new connection. A reader copies the
- * entry and checks that seq did not change meanwhile; it updates last_seen and the state in
- * place, like the hash map's readers did, so a write racing a slot's reuse by another CPU can
- * at worst freshen the new entry's time stamp. The control plane (maps.LB.Sweep) counts the
- * live entries, never deletes expired ones (they are reused) and clears the slots it cleans up.
+ * entry and checks that seq did not change meanwhile; it updates last_seen (ct_refresh) and
+ * the state in place, like the hash map's readers did, without claiming the slot: last_seen
+ * with a compare-and-swap from the value it copied, so that a slot the control plane cleared
+ * meanwhile stays empty, and a write racing a slot's reuse by another CPU can at worst
+ * freshen the new entry's time stamp (or, for a FIN, mark it closing). The control plane
+ * (maps.LB.Sweep) counts the live entries, never deletes expired ones (they are reused) and
+ * clears the slots it cleans up.
  * So an entry in the table is not necessarily a live connection: ct_lookup judges its
  * freshness (lb_fresh against its state's timeout) and reports an expired one as no
  * connection, to every reader alike (the new-connection path, the reverse NAT and the ICMP
@@ -628,6 +631,21 @@ static __always_inline struct ct_slot *ct_lookup(const struct config *cfg, __u64
 		return s;
 	}
 	return NULL;
+}
+
+/* ct_refresh moves the last_seen of slot s, whose entry ct_lookup copied when it held seen,
+ * to now. Not a plain store: the control plane may have cleared the slot since the copy
+ * (maps.ctClearMapped zeroes key and entry, last_seen 0 = unused), and a store would give the
+ * emptied slot a time stamp again, a ghost entry under a zero key that holds its slot and
+ * counts as a live connection (maps.LB.ConnEntries) until it expires. The compare-and-swap
+ * from seen writes only while last_seen is still the copied one; a cleared slot's 0 never is
+ * (ct_lookup returns no entry with 0). Within a tick of the coarse clock now equals seen and
+ * nothing is written at all: an established connection's frames mostly leave the slot's cache
+ * line alone, where the plain store dirtied it on every frame. */
+static __always_inline void ct_refresh(struct ct_slot *s, __u64 seen, __u64 now)
+{
+	if (seen != now)
+		__sync_val_compare_and_swap(&s->e.last_seen, seen, now);
 }
 
 /* lb_ct6_live is ct_lookup for IPv6's LRU hash: the entry of k if it is live at now, else
@@ -1299,7 +1317,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	ck.proto = f->proto;
 	e = ct_lookup(cfg, now, &ck, &ne);
 	if (e) {
-		e->e.last_seen = now;
+		ct_refresh(e, ne.last_seen, now);
 		if (ne.state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
 			cn = bpf_map_lookup_elem(&kdp_lb_conns, &ne.backend);
 			e->e.state = KDP_CT_TCP_FIN;
@@ -1777,7 +1795,7 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	e = ct_lookup(cfg, now, &ck, &ce);
 	if (!e)
 		return -1;
-	e->e.last_seen = now;
+	ct_refresh(e, ce.last_seen, now);
 	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
 		e->e.state = KDP_CT_TCP_FIN;
 	vip = ce.addr;
