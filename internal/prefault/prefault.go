@@ -8,8 +8,8 @@
 // (docs/benchmarks.md, "The profile") an anonymous page fault costs 10-20 us and a fault on
 // the binary (which maps 16 pages around it) about 30 us, mostly the hypervisor's interrupt
 // re-enabling, while MADV_POPULATE_WRITE and MADV_POPULATE_READ map pages for about 1 us and
-// 0.1 us each in one call. `kata-dp --version`, 150 runs interleaved with the build before
-// (docs/performance.md, "Round 5"): 5-7 ms less CPU per process, 28-31 instead of 35-38 ms.
+// 0.1 us each in one call. `kata-dp --version`, 100-150 runs interleaved with the build before
+// (docs/performance.md, "Round 5"): 3-7 ms less CPU per process in four comparisons.
 //
 // cmd/kata-dp imports this package for its init alone. It imports nothing but syscall and
 // unsafe, so it is initialised before the packages whose work it serves. The agent (argument
