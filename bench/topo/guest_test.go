@@ -35,7 +35,13 @@ func TestSandboxGuestThroughTCFilter(t *testing.T) {
 			if err := topo.TCPTransfer(g.NS, s.Host, hostIP+":5301", 1<<20, 20*time.Second); err != nil {
 				t.Fatal(err)
 			}
+			// The bridge counts a frame after its write returns, so the receiver can have
+			// read the last bytes before they are counted: wait for the counters.
 			st := g.Bridge.Stats()
+			for deadline := time.Now().Add(5 * time.Second); (st.RxBytes < 1<<20 || st.TxBytes < 1<<20) && time.Now().Before(deadline); {
+				time.Sleep(10 * time.Millisecond)
+				st = g.Bridge.Stats()
+			}
 			if st.WriteErrors != 0 || st.RxBytes < 1<<20 || st.TxBytes < 1<<20 {
 				t.Errorf("bridge stats: %+v", st)
 			}
