@@ -4,11 +4,13 @@
 // Every kata-network and kata-ipvs call of the runtime is a kata-dp process of its own, and it
 // runs the init of every package the binary links (the Kubernetes client, prometheus, ...)
 // before main: about 1 MB of allocations on 250-350 fresh heap pages, and code and tables read
-// from 200-250 places of the 33 MB binary. On the paravirtualized hosts kata-dp runs on
-// (docs/benchmarks.md, "The profile") an anonymous page fault costs 10-20 us and a fault on
-// the binary (which maps 16 pages around it) about 30 us, mostly the hypervisor's interrupt
-// re-enabling, while MADV_POPULATE_WRITE and MADV_POPULATE_READ map pages for about 1 us and
-// 0.1 us each in one call. `kata-dp --version`, 100-150 runs interleaved with the build before
+// from 200-250 places of the 33 MB binary. On a paravirtualized host like the one kata-dp is
+// measured on (a PVM guest, docs/benchmarks.md, "The profile") an anonymous page fault costs
+// 10-20 us and a fault on the binary (which maps 16 pages around it) about 30 us, mostly the
+// hypervisor's interrupt re-enabling, while MADV_POPULATE_WRITE and MADV_POPULATE_READ map
+// pages for about 1 us and 0.1 us each in one call. On a host where a fault costs a
+// microsecond or two the calls gain little and cost about as little (they map what the start
+// would fault in anyway, plus the code it does not touch); that has not been measured here. `kata-dp --version`, 100-150 runs interleaved with the build before
 // (docs/performance.md, "Round 5"): 3-7 ms less CPU per process in four comparisons.
 //
 // cmd/kata-dp imports this package for its init alone. It imports nothing but syscall and
