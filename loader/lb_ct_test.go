@@ -360,3 +360,115 @@ func TestLBSweep6(t *testing.T) {
 		}
 	}
 }
+
+// TestLBFinOnce: a connection's FIN or RST marks its entry closing and moves its real server's
+// count from active to inactive once (the state changes by a compare-and-swap, and only the
+// CPU that made it moves the count): the real server's FIN marks the reply entry and moves
+// nothing, the guest's first FIN marks the original entry and moves the count, and a second
+// FIN and an RST after it move nothing again. IPv4 (the array's slots) and IPv6 (the LRU hash)
+// alike.
+func TestLBFinOnce(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	vip6 := netip.MustParseAddrPort("[2001:db8::10]:80")
+	be6 := netip.MustParseAddrPort("[fd00::4]:8080")
+	client6 := netip.MustParseAddrPort("[fd00:1::2]:40000")
+	if err := r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutBackend(61, maps.Backend{Addr: be6, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip6, Proto: unix.IPPROTO_TCP, ID: 60, Sched: maps.SchedRR, Slots: []uint32{61}}); err != nil {
+		t.Fatal(err)
+	}
+	const syn, ack, fin, rst = 0x02, 0x10, 0x11, 0x04
+
+	type family struct {
+		name         string
+		id           uint32
+		fromGuest    func(flags uint8) []byte
+		fromServer   func(flags uint8) []byte
+		fromGuestRun func(*testing.T, []byte) (int32, []byte)
+		states       func() (orig, reply uint8)
+	}
+	ck := loader.DatapathCtKey{Saddr: ne32(client.Addr()), Daddr: ne32(vip.Addr()), Sport: htons(client.Port()), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
+	cr := loader.DatapathCtKey{Saddr: ne32(backend.Addr()), Daddr: ne32(client.Addr()), Sport: htons(backend.Port()), Dport: htons(client.Port()), Proto: unix.IPPROTO_TCP, Dir: 1}
+	ck6 := loader.DatapathCt6Key{Saddr: ne128(client6.Addr()), Daddr: ne128(vip6.Addr()), Sport: htons(client6.Port()), Dport: htons(vip6.Port()), Proto: unix.IPPROTO_TCP}
+	cr6 := loader.DatapathCt6Key{Saddr: ne128(be6.Addr()), Daddr: ne128(client6.Addr()), Sport: htons(be6.Port()), Dport: htons(client6.Port()), Proto: unix.IPPROTO_TCP, Dir: 1}
+	families := []family{
+		{
+			name:         "IPv4",
+			id:           7,
+			fromGuest:    func(flags uint8) []byte { return l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, flags, 0) },
+			fromServer:   func(flags uint8) []byte { return l4Frame(unix.IPPROTO_TCP, otherMAC, backend, client, flags, 0) },
+			fromGuestRun: r.fromGuest,
+			states: func() (uint8, uint8) {
+				o, err := r.lb.ConnEntry(ck)
+				if err != nil {
+					t.Fatalf("original entry: %v", err)
+				}
+				rp, err := r.lb.ConnEntry(cr)
+				if err != nil {
+					t.Fatalf("reply entry: %v", err)
+				}
+				return o.State, rp.State
+			},
+		},
+		{
+			name:         "IPv6",
+			id:           61,
+			fromGuest:    func(flags uint8) []byte { return lbFrame6(unix.IPPROTO_TCP, guestMAC, client6, vip6, flags, 0) },
+			fromServer:   func(flags uint8) []byte { return lbFrame6(unix.IPPROTO_TCP, guestMAC, be6, client6, flags, 0) },
+			fromGuestRun: r.fromGuest6,
+			states: func() (uint8, uint8) {
+				var o, rp loader.DatapathCt6Entry
+				if err := r.lb.CT6.Lookup(&ck6, &o); err != nil {
+					t.Fatalf("original entry: %v", err)
+				}
+				if err := r.lb.CT6.Lookup(&cr6, &rp); err != nil {
+					t.Fatalf("reply entry: %v", err)
+				}
+				return o.State, rp.State
+			},
+		},
+	}
+	for _, fam := range families {
+		conns := func() maps.LBConns {
+			t.Helper()
+			var c maps.LBConns
+			if err := r.lb.Conns.Lookup(fam.id, &c); err != nil {
+				t.Fatalf("%s: connection counts: %v", fam.name, err)
+			}
+			return c
+		}
+		step := func(what string, guest bool, flags uint8, wantOrig, wantReply uint8, want maps.LBConns) {
+			t.Helper()
+			var ret int32
+			if guest {
+				ret, _ = fam.fromGuestRun(t, fam.fromGuest(flags))
+			} else {
+				ret, _ = r.toGuest(t, fam.fromServer(flags))
+			}
+			if ret != tcxRedirect {
+				t.Fatalf("%s: %s: verdict %d", fam.name, what, ret)
+			}
+			if o, rp := fam.states(); o != wantOrig || rp != wantReply {
+				t.Errorf("%s: after %s: states original %d reply %d, want %d %d", fam.name, what, o, rp, wantOrig, wantReply)
+			}
+			if got := conns(); got != want {
+				t.Errorf("%s: after %s: counts %+v, want %+v", fam.name, what, got, want)
+			}
+		}
+		step("the guest's SYN", true, syn, maps.CTTCPEst, maps.CTTCPEst, maps.LBConns{Active: 1})
+		step("the server's ACK", false, ack, maps.CTTCPEst, maps.CTTCPEst, maps.LBConns{Active: 1})
+		step("the server's FIN", false, fin, maps.CTTCPEst, maps.CTTCPFin, maps.LBConns{Active: 1})
+		step("the guest's FIN", true, fin, maps.CTTCPFin, maps.CTTCPFin, maps.LBConns{Inactive: 1})
+		step("the guest's second FIN", true, fin, maps.CTTCPFin, maps.CTTCPFin, maps.LBConns{Inactive: 1})
+		step("the guest's RST", true, rst, maps.CTTCPFin, maps.CTTCPFin, maps.LBConns{Inactive: 1})
+		step("the server's second FIN", false, fin, maps.CTTCPFin, maps.CTTCPFin, maps.LBConns{Inactive: 1})
+	}
+}

@@ -551,8 +551,8 @@ static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struc
  * the state in place, like the hash map's readers did, without claiming the slot: last_seen
  * with a compare-and-swap from the value it copied, so that a slot the control plane cleared
  * meanwhile stays empty, and a write racing a slot's reuse by another CPU can at worst
- * freshen the new entry's time stamp (or, for a FIN, mark it closing). The control plane
- * (maps.LB.Sweep) counts the live entries, never deletes expired ones (they are reused) and
+ * freshen the new entry's time stamp; the state with a compare-and-swap too (ct_set_fin).
+ * The control plane (maps.LB.Sweep) counts the live entries, never deletes expired ones (they are reused) and
  * clears the slots it cleans up.
  * So an entry in the table is not necessarily a live connection: ct_lookup judges its
  * freshness (lb_fresh against its state's timeout) and reports an expired one as no
@@ -646,6 +646,59 @@ static __always_inline void ct_refresh(struct ct_slot *s, __u64 seen, __u64 now)
 {
 	if (seen != now)
 		__sync_val_compare_and_swap(&s->e.last_seen, seen, now);
+}
+
+/* A connection's FIN or RST moves its entry's state to KDP_CT_TCP_FIN in place, without
+ * claiming the slot (readers do not), and the original direction's moves its real server's
+ * count from active to inactive (kdp_lb_conns). Not a plain store of the state byte: two CPUs
+ * seeing a FIN or RST of one connection at once would both move the count (active would
+ * undercount, which lc/wlc and their kin schedule by), and a store racing the slot's reuse by
+ * another CPU (or its clearing by the control plane) would mark the new entry closing. The
+ * state is swapped in the entry's aligned 8-byte word that holds it, from the word as the
+ * reader saw it (ct_lookup's copy; for IPv6's LRU hash, one read of the value), and only the
+ * CPU whose swap won moves the count. The word holds the state with fields that only a write
+ * of the whole entry changes (IPv4: real server address, port and flags; IPv6: port, flags
+ * and real server id), so a rewritten or cleared entry fails the swap unless it holds the
+ * same values, which only the same connection's entry does. */
+#define KDP_CT_WORD_SHIFT(type, word)                                                                     \
+	((__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__                                                        \
+		  ? (__builtin_offsetof(type, state) - __builtin_offsetof(type, word))                       \
+		  : (7 - (__builtin_offsetof(type, state) - __builtin_offsetof(type, word)))) *              \
+	 8)
+#define KDP_CT_STATE_SHIFT KDP_CT_WORD_SHIFT(struct ct_entry, addr)
+#define KDP_CT6_STATE_SHIFT KDP_CT_WORD_SHIFT(struct ct6_entry, port)
+_Static_assert(__builtin_offsetof(struct ct_slot, e.addr) % 8 == 0 && sizeof(struct ct_slot) % 8 == 0,
+	       "the IPv4 entry's state word is 8-byte aligned in every slot");
+_Static_assert(__builtin_offsetof(struct ct_entry, state) - __builtin_offsetof(struct ct_entry, addr) < 8,
+	       "the IPv4 entry's state word holds its state");
+_Static_assert(__builtin_offsetof(struct ct6_entry, port) % 8 == 0 &&
+		       __builtin_offsetof(struct ct6_entry, state) - __builtin_offsetof(struct ct6_entry, port) < 8,
+	       "the IPv6 entry's state word is 8-byte aligned and holds its state");
+
+/* ct_state_of is the state in an entry's state word w (shift: KDP_CT_STATE_SHIFT or
+ * KDP_CT6_STATE_SHIFT). */
+static __always_inline __u8 ct_state_of(__u64 w, int shift)
+{
+	return (__u8)(w >> shift);
+}
+
+/* ct_set_fin swaps the state word at p from seen, as the caller read it, to the same word
+ * with the state KDP_CT_TCP_FIN, and says whether this CPU's swap did it (see above). The
+ * caller checks that seen's state is not KDP_CT_TCP_FIN already. */
+static __always_inline bool ct_set_fin(__u64 *p, __u64 seen, int shift)
+{
+	__u64 fin = (seen & ~(0xffULL << shift)) | ((__u64)KDP_CT_TCP_FIN << shift);
+
+	return __sync_val_compare_and_swap(p, seen, fin) == seen;
+}
+
+/* ct_word is the IPv4 entry's state word as ct_lookup copied it to e. */
+static __always_inline __u64 ct_word(const struct ct_entry *e)
+{
+	__u64 w;
+
+	__builtin_memcpy(&w, &e->addr, sizeof(w));
+	return w;
 }
 
 /* lb_ct6_live is ct_lookup for IPv6's LRU hash: the entry of k if it is live at now, else
@@ -1138,10 +1191,12 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	sc->ck.proto = f->proto;
 	e = lb_ct6_live(cfg, now, &sc->ck);
 	if (e) {
+		__u64 *sw = (__u64 *)&e->port, seen = KDP_READ_ONCE(*sw);
+
 		e->last_seen = now;
-		if (e->state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
+		if (ct_state_of(seen, KDP_CT6_STATE_SHIFT) == KDP_CT_TCP_EST &&
+		    (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) && ct_set_fin(sw, seen, KDP_CT6_STATE_SHIFT)) {
 			cn = bpf_map_lookup_elem(&kdp_lb_conns, &e->backend);
-			e->state = KDP_CT_TCP_FIN;
 			if (cn) {
 				__sync_fetch_and_add(&cn->active, -1);
 				__sync_fetch_and_add(&cn->inactive, 1);
@@ -1274,8 +1329,12 @@ static __always_inline int lb_to_guest6(void *ctx, const bool xdp, const struct 
 	if (!e)
 		return -1;
 	e->last_seen = now;
-	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
-		e->state = KDP_CT_TCP_FIN;
+	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) {
+		__u64 *sw = (__u64 *)&e->port, seen = KDP_READ_ONCE(*sw);
+
+		if (ct_state_of(seen, KDP_CT6_STATE_SHIFT) != KDP_CT_TCP_FIN)
+			ct_set_fin(sw, seen, KDP_CT6_STATE_SHIFT);
+	}
 	__builtin_memcpy(vip, e->addr, 16);
 	vport = e->port;
 	lb_count(KDP_LB_STATS_BACKEND, e->backend, false, len);
@@ -1318,9 +1377,9 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	e = ct_lookup(cfg, now, &ck, &ne);
 	if (e) {
 		ct_refresh(e, ne.last_seen, now);
-		if (ne.state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))) {
+		if (ne.state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) &&
+		    ct_set_fin((__u64 *)&e->e.addr, ct_word(&ne), KDP_CT_STATE_SHIFT)) {
 			cn = bpf_map_lookup_elem(&kdp_lb_conns, &ne.backend);
-			e->e.state = KDP_CT_TCP_FIN;
 			if (cn) {
 				__sync_fetch_and_add(&cn->active, -1);
 				__sync_fetch_and_add(&cn->inactive, 1);
@@ -1796,8 +1855,8 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	if (!e)
 		return -1;
 	ct_refresh(e, ce.last_seen, now);
-	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
-		e->e.state = KDP_CT_TCP_FIN;
+	if ((f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) && ce.state != KDP_CT_TCP_FIN)
+		ct_set_fin((__u64 *)&e->e.addr, ct_word(&ce), KDP_CT_STATE_SHIFT);
 	vip = ce.addr;
 	vport = ce.port;
 	lb_count(KDP_LB_STATS_BACKEND, ce.backend, false, len);
