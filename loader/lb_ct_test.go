@@ -2,9 +2,13 @@ package loader_test
 
 import (
 	"bytes"
+	"fmt"
 	"net/netip"
+	"sync"
+	"sync/atomic"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/kata-dp/kata-dp/loader"
@@ -470,5 +474,92 @@ func TestLBFinOnce(t *testing.T) {
 		step("the guest's second FIN", true, fin, maps.CTTCPFin, maps.CTTCPFin, maps.LBConns{Inactive: 1})
 		step("the guest's RST", true, rst, maps.CTTCPFin, maps.CTTCPFin, maps.LBConns{Inactive: 1})
 		step("the server's second FIN", false, fin, maps.CTTCPFin, maps.CTTCPFin, maps.LBConns{Inactive: 1})
+	}
+}
+
+// TestLBFinRace: CPUs running a connection's FIN at the same moment move its real server's
+// count from active once per time its entry was established, never more. Two goroutines
+// run the guest's FIN through the tap's program in a loop while a third sets the entry back
+// to established (maps.LB.SetConnEntry, the datapath's slot protocol) each time it finds it
+// closing: the active count goes down at most once per reset, plus once for the first entry. (A FIN
+// that finds the entry being written takes it for a new connection, closing from the
+// start: that moves only the inactive count.) The invariant holds whatever the
+// interleaving; the race it guards against is narrow, so the test does not prove its
+// absence on every run, but it fails as soon as a run meets it.
+func TestLBFinRace(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	if err := r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+		t.Fatal(err)
+	}
+	r.eps.Put(1, tapEndpoint(0, 42, maps.FlagAntiSpoof))
+	k := loader.DatapathCtKey{Saddr: ne32(client.Addr()), Daddr: ne32(vip.Addr()), Sport: htons(client.Port()), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
+	est := func() error {
+		var ts unix.Timespec
+		unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+		return r.lb.SetConnEntry(k, loader.DatapathCtEntry{LastSeen: uint64(ts.Nano()), Addr: ne32(backend.Addr()),
+			Port: htons(backend.Port()), State: maps.CTTCPEst, Backend: 7, Svc: 3})
+	}
+	if err := est(); err != nil {
+		t.Fatal(err)
+	}
+	const start = 1 << 40
+	if err := r.lb.Conns.Put(uint32(7), &maps.LBConns{Active: start}); err != nil {
+		t.Fatal(err)
+	}
+	frame := l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, 0x11, 0) // FIN|ACK
+	const runs = 20000
+	var (
+		wg      sync.WaitGroup
+		running atomic.Int32
+		errs    = make(chan error, 3)
+	)
+	running.Store(2)
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer running.Add(-1)
+			data, out := append([]byte(nil), frame...), make([]byte, len(frame)+256)
+			for range runs {
+				copy(data, frame)
+				if _, err := r.tapIn.Run(&ebpf.RunOptions{Data: data, DataOut: out, Context: skbCtx{Ifindex: 1}}); err != nil {
+					errs <- fmt.Errorf("run: %w", err)
+					return
+				}
+			}
+		}()
+	}
+	resets := 0
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for running.Load() > 0 {
+			if e, err := r.lb.ConnEntry(k); err != nil || e.State != maps.CTTCPFin {
+				continue // established still (or being written): a reset now would add no epoch
+			}
+			if err := est(); err != nil {
+				errs <- fmt.Errorf("reset %d: %w", resets, err)
+				return
+			}
+			resets++
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	var c maps.LBConns
+	if err := r.lb.Conns.Lookup(uint32(7), &c); err != nil {
+		t.Fatal(err)
+	}
+	moved := start - c.Active
+	t.Logf("%d resets, %d moves from active", resets, moved)
+	if moved < 1 || moved > int64(resets)+1 {
+		t.Errorf("active count moved %d times for %d resets, want 1 to %d", moved, resets, resets+1)
 	}
 }
