@@ -218,12 +218,7 @@ func TestLBSweepSlots(t *testing.T) {
 func TestLBCTPick(t *testing.T) {
 	needRoot(t)
 	r := newLBRig(t)
-	if err := r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
-		t.Fatal(err)
-	}
+	r.putRRService(t)
 	var ts unix.Timespec
 	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
 	now := uint64(ts.Nano())
@@ -489,12 +484,7 @@ func TestLBFinOnce(t *testing.T) {
 func TestLBFinRace(t *testing.T) {
 	needRoot(t)
 	r := newLBRig(t)
-	if err := r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
-		t.Fatal(err)
-	}
+	r.putRRService(t)
 	r.eps.Put(1, tapEndpoint(0, 42, maps.FlagAntiSpoof))
 	k := loader.DatapathCtKey{Saddr: ne32(client.Addr()), Daddr: ne32(vip.Addr()), Sport: htons(client.Port()), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
 	est := func() error {

@@ -131,6 +131,18 @@ type lbRig struct {
 	tapIn, upIn *ebpf.Program
 }
 
+// putRRService writes real server 7 (backend) and service 3 (vip, TCP, rr) with it as its
+// one slot: the service most of the load balancer's tests run their frames through.
+func (r *lbRig) putRRService(t *testing.T) {
+	t.Helper()
+	if err := r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func newLBRig(t *testing.T) *lbRig {
 	sb := openSandbox(t, testRoot(t), "lb")
 	m := sb.Maps()

@@ -134,12 +134,7 @@ func TestMonitorEvents(t *testing.T) {
 	}
 	// A new load-balanced connection: one lb event with the VIP and the real server (and the
 	// trace of the frame, now addressed to the real server).
-	if err := r.lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
-		t.Fatal(err)
-	}
+	r.putRRService(t)
 	run1(l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, 0x02, 0))
 	run1(l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, 0x10, 0)) // the same connection: no new lb event
 	ev = drain(t, rd)
