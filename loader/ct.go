@@ -1,9 +1,12 @@
 package loader
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -11,8 +14,9 @@ import (
 
 // CTWays is the number of slots in a bucket of the IPv4 connection table (KDP_CT_WAYS): the
 // table (kdp_lb_ct) is an array of buckets that the datapath manages itself (bpf/lib/lb.h),
-// so Options.CTSize entries make CTSize/CTWays buckets.
-const CTWays = 4
+// so Options.CTSize entries make CTSize/CTWays buckets. A connection's two entries lie in one
+// bucket, as a pair of slots: the original direction's in slot 2p, the reply's in 2p+1.
+const CTWays = 8
 
 // ctBuckets is the number of buckets that hold size entries.
 func ctBuckets(size uint32) uint32 { return max(size/CTWays, 1) }
@@ -30,50 +34,171 @@ func Mix32(w uint32) uint32 {
 	return w
 }
 
-// CTHash is ct_hash (bpf/lib/lb.h) of a connection key: its four words as they lie in memory.
-// A key's bucket is CTHash(k) % the table's buckets.
+// CTHash is ct_hash (bpf/lib/lb.h) of a connection key: the hash of the guest's side of it,
+// which both directions' keys carry (the source address and port of an original key, the
+// destination's of a reply key, and the protocol), as they lie in memory. A key's bucket is
+// CTHash(k) % the table's buckets, the same for both entries of a connection.
+//
+// Changing it moves every connection to another bucket: an upgraded agent's loader must then
+// re-place a pinned table's entries (convertCT), or the connections are scheduled again.
 func CTHash(k DatapathCtKey) uint32 {
-	h := Mix32(k.Saddr ^ 0x9e3779b9)
-	h = Mix32(h ^ k.Daddr)
-	h = Mix32(h ^ (uint32(k.Sport) | uint32(k.Dport)<<16))
-	return Mix32(h ^ (uint32(k.Proto) | uint32(k.Dir)<<8 | uint32(k.Pad)<<16))
+	addr, port := k.Saddr, k.Sport
+	if k.Dir&1 != 0 {
+		addr, port = k.Daddr, k.Dport
+	}
+	h := Mix32(addr ^ 0x9e3779b9)
+	return Mix32(h ^ (uint32(port) | uint32(k.Proto)<<16))
 }
 
-// convertCT moves the entries of an IPv4 connection table of the LRU hash layout (before the
-// array of buckets) into m, each into a free slot of its bucket, so that an agent upgraded
-// across the change keeps its established connections. An entry whose bucket is full is
-// dropped (the hash's entries are spread like new ones; at most a few of a full table).
+// CTSlot is the slot of a bucket where an entry of key k lies when its connection holds pair
+// p of the bucket (see CTWays).
+func CTSlot(k DatapathCtKey, p int) int { return 2*p + int(k.Dir&1) }
+
+// CTReplyKey is the reply direction's key of the connection whose original key is k and whose
+// original entry is e (e holds the real server), as ct_insert makes it.
+func CTReplyKey(k DatapathCtKey, e DatapathCtEntry) DatapathCtKey {
+	return DatapathCtKey{Saddr: e.Addr, Daddr: k.Saddr, Sport: e.Port, Dport: k.Sport, Proto: k.Proto, Dir: 1}
+}
+
+// The IPv4 connection table's earlier layouts, which convertCT moves into the current one:
+// an LRU hash of one entry per direction (kata-dp before the array of buckets), and an array
+// of buckets of four slots whose entries were placed by a hash of each direction's whole key
+// (oldCTHash), so a connection's two entries were in unrelated buckets.
+const (
+	oldCTWays        = 4
+	ctLayoutLRU      = "lru hash"
+	ctLayoutBuckets4 = "buckets of 4"
+)
+
+type oldCTBucket struct{ S [oldCTWays]DatapathCtSlot }
+
+// oldCTLayout names the earlier layout of the IPv4 connection table m and the number of
+// entries it holds, or "" when m is not one of them.
+func oldCTLayout(m *ebpf.Map) (layout string, entries uint32) {
+	switch {
+	case m.Type() != ebpf.Array && m.KeySize() == 16 && m.ValueSize() == 24:
+		return ctLayoutLRU, m.MaxEntries()
+	case m.Type() == ebpf.Array && m.KeySize() == 4 && m.ValueSize() == uint32(unsafe.Sizeof(oldCTBucket{})):
+		return ctLayoutBuckets4, m.MaxEntries() * oldCTWays
+	}
+	return "", 0
+}
+
+// convertCT moves the entries of an IPv4 connection table of an earlier layout (oldCTLayout)
+// into m, the current one: each connection's two entries into a free pair of slots of their
+// bucket, so that an agent upgraded across the change keeps its established connections on
+// their real servers. An entry whose partner is not in the table (its connection half
+// evicted, or one the control plane wrote alone) takes a pair of its own, after the whole
+// connections. Connections whose bucket is full are dropped, the least recently seen first:
+// the old layout spread a connection's entries over two buckets, so a bucket of the new one
+// can receive more connections than it holds, rarely (docs/performance.md's figures).
 func convertCT(old, m *ebpf.Map) (copied, dropped int, err error) {
-	n := m.MaxEntries()
-	buckets := map[uint32]*DatapathCtBucket{}
-	var (
+	type entry struct {
 		k DatapathCtKey
 		e DatapathCtEntry
-	)
-	it := old.Iterate()
-	for it.Next(&k, &e) {
-		i := CTHash(k) % n
-		b := buckets[i]
+	}
+	var all []entry
+	switch layout, _ := oldCTLayout(old); layout {
+	case ctLayoutLRU:
+		var (
+			k DatapathCtKey
+			e DatapathCtEntry
+		)
+		it := old.Iterate()
+		for it.Next(&k, &e) {
+			all = append(all, entry{k, e})
+		}
+		if err := it.Err(); err != nil {
+			return 0, 0, fmt.Errorf("read the connection table: %w", err)
+		}
+	case ctLayoutBuckets4:
+		var (
+			i uint32
+			b oldCTBucket
+		)
+		it := old.Iterate()
+		for it.Next(&i, &b) {
+			for _, s := range b.S {
+				if s.E.LastSeen != 0 && s.Seq&1 == 0 {
+					all = append(all, entry{s.Key, s.E})
+				}
+			}
+		}
+		if err := it.Err(); err != nil {
+			return 0, 0, fmt.Errorf("read the connection table: %w", err)
+		}
+	default:
+		return 0, 0, fmt.Errorf("connection table of an unknown layout (%s, key %d, value %d bytes)", old.Type(), old.KeySize(), old.ValueSize())
+	}
+
+	// Pair each original entry with its reply entry; the rest are alone.
+	byKey := make(map[DatapathCtKey]int, len(all))
+	for i, x := range all {
+		byKey[x.k] = i
+	}
+	type conn struct {
+		e     [2]*entry // original, reply (either may be nil)
+		newer uint64
+	}
+	var conns []conn
+	used := make([]bool, len(all))
+	for i := range all {
+		if all[i].k.Dir != 0 {
+			continue
+		}
+		c := conn{newer: all[i].e.LastSeen}
+		c.e[0] = &all[i]
+		used[i] = true
+		if j, ok := byKey[CTReplyKey(all[i].k, all[i].e)]; ok && !used[j] {
+			c.e[1] = &all[j]
+			used[j] = true
+			c.newer = max(c.newer, all[j].e.LastSeen)
+		}
+		conns = append(conns, c)
+	}
+	whole := len(conns)
+	for i := range all {
+		if !used[i] && all[i].k.Dir == 1 {
+			conns = append(conns, conn{e: [2]*entry{nil, &all[i]}, newer: all[i].e.LastSeen})
+		} else if !used[i] {
+			dropped++ // neither direction: not an entry the datapath writes
+		}
+	}
+	// Whole connections first, each group the most recently seen first.
+	slices.SortStableFunc(conns[:whole], func(a, b conn) int { return cmp.Compare(b.newer, a.newer) })
+	slices.SortStableFunc(conns[whole:], func(a, b conn) int { return cmp.Compare(b.newer, a.newer) })
+
+	n := m.MaxEntries()
+	buckets := map[uint32]*DatapathCtBucket{}
+	for _, c := range conns {
+		x := c.e[0]
+		if x == nil {
+			x = c.e[1]
+		}
+		at := CTHash(x.k) % n
+		b := buckets[at]
 		if b == nil {
 			b = &DatapathCtBucket{}
-			buckets[i] = b
+			buckets[at] = b
 		}
-		placed := false
-		for s := range b.S {
-			if b.S[s].E.LastSeen == 0 {
-				b.S[s] = DatapathCtSlot{Key: k, E: e}
-				placed = true
+		p := -1 // the first pair with both slots free
+		for q := range CTWays / 2 {
+			if b.S[2*q].E.LastSeen == 0 && b.S[2*q+1].E.LastSeen == 0 {
+				p = q
 				break
 			}
 		}
-		if placed {
+		for _, y := range c.e {
+			if y == nil {
+				continue
+			}
+			if p < 0 {
+				dropped++
+				continue
+			}
+			b.S[CTSlot(y.k, p)] = DatapathCtSlot{Key: y.k, E: y.e}
 			copied++
-		} else {
-			dropped++
 		}
-	}
-	if err := it.Err(); err != nil {
-		return 0, 0, fmt.Errorf("read the connection table: %w", err)
 	}
 	for i, b := range buckets {
 		if err := m.Put(i, b); err != nil {
@@ -81,11 +206,6 @@ func convertCT(old, m *ebpf.Map) (copied, dropped int, err error) {
 		}
 	}
 	return copied, dropped, nil
-}
-
-// isOldCT reports whether m is an IPv4 connection table of the LRU hash layout.
-func isOldCT(m *ebpf.Map) bool {
-	return m.Type() != ebpf.Array && m.KeySize() == 16 && m.ValueSize() == 24
 }
 
 // mapCT maps the IPv4 connection table m (an array with BPF_F_MMAPABLE, bpf/lib/lb.h) into

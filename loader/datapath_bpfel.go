@@ -76,7 +76,7 @@ type DatapathCt6Key struct {
 
 type DatapathCtBucket struct {
 	_ structs.HostLayout
-	S [4]DatapathCtSlot
+	S [8]DatapathCtSlot
 }
 
 type DatapathCtEntry struct {

@@ -177,17 +177,17 @@ func TestLBSweepSlots(t *testing.T) {
 			E:   loader.DatapathCtEntry{LastSeen: seen, Addr: ne32(backend.Addr()), Port: htons(backend.Port()), State: state, Backend: 7, Svc: 3}}
 	}
 	buckets := map[uint32]loader.DatapathCtBucket{
-		0: {S: [4]loader.DatapathCtSlot{
+		0: {S: [loader.CTWays]loader.DatapathCtSlot{
 			slot(2, 1000, 0, now, maps.CTTCPEst),         // live, established
 			slot(4, 1000, 1, now, maps.CTTCPEst),         // its reply entry
 			slot(3, 1001, 0, now, maps.CTTCPEst),         // being written by a CPU: skipped
 			slot(2, 1002, 0, now-200e9, maps.CTTCPFin)}}, // closing, idle past tcpfin's 120 s
-		7: {S: [4]loader.DatapathCtSlot{
+		7: {S: [loader.CTWays]loader.DatapathCtSlot{
 			{},
 			slot(6, 1003, 0, now-200e9, maps.CTTCPEst), // idle 200 s of 900: live
 			{Seq: 8}, // cleared
 			slot(2, 1004, 0, now, maps.CTUDP)}},
-		r.lb.CT.MaxEntries() - 1: {S: [4]loader.DatapathCtSlot{3: slot(2, 1005, 1, now-400e9, maps.CTUDP)}}, // expired reply
+		r.lb.CT.MaxEntries() - 1: {S: [loader.CTWays]loader.DatapathCtSlot{3: slot(2, 1005, 1, now-400e9, maps.CTUDP)}}, // expired reply
 	}
 	for i, b := range buckets {
 		if err := r.lb.CT.Put(i, &b); err != nil {
@@ -210,11 +210,14 @@ func TestLBSweepSlots(t *testing.T) {
 	}
 }
 
-// TestLBCTPick: a new connection's entry takes, in its bucket, the slot holding its key
-// (expired: never a second entry of one key), else the first free or expired slot, else the
-// oldest; maps.LB.SetConnEntry places an entry by the same rule. Each bucket is written, then
-// a new connection's first frame is run through the datapath, and the slot its entry took is
-// compared with the one SetConnEntry takes in the same bucket.
+// TestLBCTPick: a new connection's two entries take, in the bucket of the guest's port, a
+// pair of slots (original in the even one, reply in the odd one): the pair holding either of
+// its keys (expired: never a second entry of one key), else the first pair whose two slots
+// are free or expired, else the pair whose newer entry is the oldest (one whole connection
+// evicted, even where another pair holds the single oldest entry); maps.LB.SetConnEntry
+// places an entry by the same rule. Each bucket is written, then a new connection's first
+// frame is run through the datapath, and the slots its entries took are compared with the
+// ones SetConnEntry takes in the same bucket (both directions written, one after the other).
 func TestLBCTPick(t *testing.T) {
 	needRoot(t)
 	r := newLBRig(t)
@@ -226,34 +229,51 @@ func TestLBCTPick(t *testing.T) {
 	key := func(port uint16) loader.DatapathCtKey {
 		return loader.DatapathCtKey{Saddr: ne32(guestIP), Daddr: ne32(vip.Addr()), Sport: htons(port), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
 	}
+	entry := loader.DatapathCtEntry{Addr: ne32(backend.Addr()), Port: htons(backend.Port()), State: maps.CTTCPEst, Backend: 7, Svc: 3}
+	// other is an entry of another connection in slot i (of i's direction).
 	other := func(i int, seen uint64) loader.DatapathCtSlot {
-		return loader.DatapathCtSlot{Seq: 2, Key: loader.DatapathCtKey{Saddr: 0x0900000a + uint32(i)<<24, Daddr: 1, Proto: unix.IPPROTO_TCP},
+		return loader.DatapathCtSlot{Seq: 2, Key: loader.DatapathCtKey{Saddr: 0x0900000a + uint32(i)<<24, Daddr: 1, Proto: unix.IPPROTO_TCP, Dir: uint8(i % 2)},
 			E: loader.DatapathCtEntry{LastSeen: seen, State: maps.CTTCPEst, Backend: 7, Svc: 3}}
+	}
+	pairs := func(seen ...uint64) (s [loader.CTWays]loader.DatapathCtSlot) {
+		for i, x := range seen {
+			if x != 0 {
+				s[i] = other(i, x)
+			}
+		}
+		return s
 	}
 	old := now - 1000e9 // past the 900 s timeout
 	for _, c := range []struct {
 		name  string
-		slots func(k loader.DatapathCtKey) [4]loader.DatapathCtSlot
-		want  int
+		slots func(k loader.DatapathCtKey) [loader.CTWays]loader.DatapathCtSlot
+		want  int // the pair
 	}{
-		{"its own expired slot before a free one", func(k loader.DatapathCtKey) [4]loader.DatapathCtSlot {
-			own := other(2, old)
-			own.Key = k
-			return [4]loader.DatapathCtSlot{{}, other(1, now), own, other(3, now)}
+		{"the pair of its own expired original entry before a free one", func(k loader.DatapathCtKey) [loader.CTWays]loader.DatapathCtSlot {
+			s := pairs(0, 0, now, now, old, old, now, now)
+			s[4].Key = k
+			return s
 		}, 2},
-		{"the first free or expired slot", func(loader.DatapathCtKey) [4]loader.DatapathCtSlot {
-			return [4]loader.DatapathCtSlot{other(0, now), other(1, old), {}, other(3, old)}
-		}, 1},
-		{"the oldest of a full bucket", func(loader.DatapathCtKey) [4]loader.DatapathCtSlot {
-			return [4]loader.DatapathCtSlot{other(0, now), other(1, now-3e9), other(2, now-5e9), other(3, now-1e9)}
+		{"the pair of its own expired reply entry before a free one", func(k loader.DatapathCtKey) [loader.CTWays]loader.DatapathCtSlot {
+			s := pairs(0, 0, now, now, now, now, now, old)
+			s[7].Key = loader.CTReplyKey(k, entry)
+			return s
+		}, 3},
+		{"the first pair whose both slots are free or expired", func(loader.DatapathCtKey) [loader.CTWays]loader.DatapathCtSlot {
+			return pairs(now, 0, old, now, old, old, 0, 0) // pair 0 half free, pair 1 half expired
 		}, 2},
+		{"the pair whose newer entry is the oldest", func(loader.DatapathCtKey) [loader.CTWays]loader.DatapathCtSlot {
+			return pairs(now, now-9e9, now-3e9, now-1e9, now-5e9, now-4e9, now-6e9, now-2e9)
+		}, 2}, // pair 3 holds the oldest entry, but its reply was seen after pair 2's last
 	} {
 		for i, place := range []string{"datapath", "SetConnEntry"} {
 			port := uint16(20000 + 100*i)
-			for ; loader.CTHash(key(port))%n == loader.CTHash(loader.DatapathCtKey{Saddr: ne32(backend.Addr()), Daddr: ne32(guestIP), Sport: htons(backend.Port()), Dport: htons(port), Proto: unix.IPPROTO_TCP, Dir: 1})%n; port++ {
-			} // the reply's entry in another bucket
 			k := key(port)
 			at := loader.CTHash(k) % n
+			reply := loader.CTReplyKey(k, entry)
+			if got := loader.CTHash(reply) % n; got != at {
+				t.Fatalf("original entry's bucket %d, reply's %d", at, got)
+			}
 			b := loader.DatapathCtBucket{S: c.slots(k)}
 			if err := r.lb.CT.Put(at, &b); err != nil {
 				t.Fatal(err)
@@ -262,23 +282,32 @@ func TestLBCTPick(t *testing.T) {
 				if ret, _ := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, port), vip, 0x02, 0)); ret != tcxRedirect {
 					t.Fatalf("%s: verdict %d", c.name, ret)
 				}
-			} else if err := r.lb.SetConnEntry(k, loader.DatapathCtEntry{LastSeen: now, State: maps.CTTCPEst, Backend: 7, Svc: 3}); err != nil {
-				t.Fatal(err)
+			} else {
+				e := entry
+				e.LastSeen = now
+				if err := r.lb.SetConnEntry(reply, loader.DatapathCtEntry{LastSeen: now, Addr: k.Daddr, Port: k.Dport, State: maps.CTTCPEst, Backend: 7, Svc: 3}); err != nil {
+					t.Fatal(err)
+				}
+				if err := r.lb.SetConnEntry(k, e); err != nil {
+					t.Fatal(err)
+				}
 			}
 			if err := r.lb.CT.Lookup(at, &b); err != nil {
 				t.Fatal(err)
 			}
-			got := -1
-			for s := range b.S {
-				if b.S[s].Key == k && b.S[s].E.LastSeen > now-1e9 { // written now (the datapath's coarse clock may be a tick behind)
-					if got >= 0 {
-						t.Errorf("%s, %s: the key in slots %d and %d", c.name, place, got, s)
+			for _, want := range []loader.DatapathCtKey{k, reply} {
+				got := -1
+				for s := range b.S {
+					if b.S[s].Key == want && b.S[s].E.LastSeen > now-1e9 { // written now (the datapath's coarse clock may be a tick behind)
+						if got >= 0 {
+							t.Errorf("%s, %s: key %+v in slots %d and %d", c.name, place, want, got, s)
+						}
+						got = s
 					}
-					got = s
 				}
-			}
-			if got != c.want {
-				t.Errorf("%s, %s: the entry took slot %d, want %d", c.name, place, got, c.want)
+				if w := loader.CTSlot(want, c.want); got != w {
+					t.Errorf("%s, %s: the entry of direction %d took slot %d, want %d", c.name, place, want.Dir, got, w)
+				}
 			}
 			b = loader.DatapathCtBucket{}
 			r.lb.CT.Put(at, &b)

@@ -316,9 +316,12 @@ func TestLBCountersLazy(t *testing.T) {
 }
 
 // TestLBConnTableFullBucket: the IPv4 connection table is an array of buckets of
-// loader.CTWays slots; a new connection whose bucket is full takes the oldest slot (a stamp
-// tie: the first), so new connections are never refused, and the others keep their entries
-// and real servers.
+// loader.CTWays slots, a connection's two entries in a pair of slots of the bucket of the
+// guest's port (maps and the datapath choose it alike: the ports are found with
+// loader.CTHash); a new connection whose bucket is full takes the pair whose newer entry is
+// the oldest (a stamp tie: the first), so new connections are never refused, the evicted
+// connection loses both entries, and the others keep theirs, their real servers and their
+// reverse NAT.
 func TestLBConnTableFullBucket(t *testing.T) {
 	needRoot(t)
 	r := newLBRig(t)
@@ -334,16 +337,16 @@ func TestLBConnTableFullBucket(t *testing.T) {
 	key := func(port uint16) loader.DatapathCtKey {
 		return loader.DatapathCtKey{Saddr: ne32(guestIP), Daddr: ne32(vip.Addr()), Sport: htons(port), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
 	}
-	// CTWays+1 client ports whose original entries share a bucket.
+	// CTWays/2+1 client ports whose connections share a bucket.
 	n := r.lb.CT.MaxEntries()
 	want := loader.CTHash(key(1024)) % n
 	ports := []uint16{1024}
-	for p := uint16(1025); len(ports) <= loader.CTWays && p < 65535; p++ {
+	for p := uint16(1025); len(ports) <= loader.CTWays/2 && p < 65535; p++ {
 		if loader.CTHash(key(p))%n == want {
 			ports = append(ports, p)
 		}
 	}
-	if len(ports) <= loader.CTWays {
+	if len(ports) <= loader.CTWays/2 {
 		t.Fatalf("found only %d ports of one bucket", len(ports))
 	}
 	picked := map[uint16]netip.AddrPort{}
@@ -356,13 +359,20 @@ func TestLBConnTableFullBucket(t *testing.T) {
 	}
 	for i, p := range ports {
 		_, err := r.lb.ConnEntry(key(p))
-		if evicted := i == 0; evicted != (err != nil) {
-			t.Errorf("connection %d (port %d): entry lookup %v, want evicted %v", i, p, err, evicted)
+		_, rerr := r.lb.ConnEntry(loader.DatapathCtKey{Saddr: ne32(picked[p].Addr()), Daddr: ne32(guestIP),
+			Sport: htons(picked[p].Port()), Dport: htons(p), Proto: unix.IPPROTO_TCP, Dir: 1})
+		if evicted := i == 0; evicted != (err != nil) || evicted != (rerr != nil) {
+			t.Errorf("connection %d (port %d): entry lookups %v, %v (reply), want evicted %v", i, p, err, rerr, evicted)
 		}
 		if i == 0 {
 			continue
 		}
-		_, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, p), vip, 0x10, 0))
+		// The reply first: the original's frame below refreshes its entry.
+		ret, out := r.toGuest(t, l4Frame(unix.IPPROTO_TCP, otherMAC, picked[p], netip.AddrPortFrom(guestIP, p), 0x10, 0))
+		if want := (tuple{vip, netip.AddrPortFrom(guestIP, p)}); ret != tcxRedirect || checkFrame(t, out) != want {
+			t.Errorf("connection %d (port %d): reply verdict %d, reverse NAT gave %v, want %v", i, p, ret, checkFrame(t, out), want)
+		}
+		_, out = r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, p), vip, 0x10, 0))
 		if got := checkFrame(t, out).dst; got != picked[p] {
 			t.Errorf("connection %d (port %d) moved from %v to %v", i, p, picked[p], got)
 		}

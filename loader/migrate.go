@@ -23,9 +23,10 @@ const migrateSuffix = "_migrating"
 //
 // The new map gets the entries of the old one where their layout is unchanged (same key and
 // value size: a hash whose flags or type changed, a hash that became an array indexed by the
-// same u32 keys); entries that do not fit are counted and dropped. The IPv4 connection table,
-// an LRU hash before it became an array of buckets, is converted (convertCT): established
-// connections survive the upgrade. A map whose layout did
+// same u32 keys); entries that do not fit are counted and dropped. The IPv4 connection table
+// of an earlier layout (an LRU hash, then an array of buckets of four slots that placed each
+// direction's entry by its own key) is converted (convertCT): established connections
+// survive the upgrade. A map whose layout did
 // change starts empty, and its owner writes it again: the agent's reconcile rewrites every
 // endpoint, route and load-balancer entry at start. The old map lives on while the programs
 // pinned in links still use it; Open moves the links onto the new programs right after, so
@@ -81,8 +82,8 @@ func migrateMap(ms *ebpf.MapSpec, path string) error {
 	}
 	defer m.Close()
 	fill := copyEntries
-	if filepath.Base(path) == "kdp_lb_ct" && isOldCT(old) {
-		fill = convertCT // the LRU hash became an array of buckets: entries are moved, not dropped
+	if layout, _ := oldCTLayout(old); filepath.Base(path) == "kdp_lb_ct" && layout != "" {
+		fill = convertCT // an earlier layout of the connection table: entries are moved, not dropped
 	}
 	copied, dropped, err := fill(old, m)
 	if err != nil {

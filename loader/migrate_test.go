@@ -3,9 +3,12 @@ package loader_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"testing"
 	"unsafe"
 
@@ -128,10 +131,68 @@ func TestMigratePinnedMaps(t *testing.T) {
 	runtime.KeepAlive(sb)
 }
 
+// migratedConns are the connections of the migration tests: n connections from the guest's
+// ports 1000.. to the VIP, each with its original and reply entries, both live at now, on the
+// real server of the rig (real server id i), and one reply entry whose original is gone.
+func migratedConns(n int, now uint64) (keys []loader.DatapathCtKey, entries []loader.DatapathCtEntry) {
+	for i := range n {
+		k := loader.DatapathCtKey{Saddr: ne32(guestIP), Daddr: ne32(vip.Addr()), Sport: htons(uint16(1000 + i)), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
+		e := loader.DatapathCtEntry{LastSeen: now - uint64(i)*1e6, Addr: ne32(backend.Addr()), Port: htons(backend.Port()), State: maps.CTTCPEst, Backend: uint32(i + 1), Svc: 3}
+		re := e
+		re.Addr, re.Port = k.Daddr, k.Dport
+		keys = append(keys, k, loader.CTReplyKey(k, e))
+		entries = append(entries, e, re)
+	}
+	lone := loader.CTReplyKey(loader.DatapathCtKey{Saddr: ne32(guestIP), Sport: htons(999), Proto: unix.IPPROTO_TCP}, loader.DatapathCtEntry{Addr: ne32(backend.Addr()), Port: htons(backend.Port())})
+	keys = append(keys, lone)
+	entries = append(entries, loader.DatapathCtEntry{LastSeen: now, Addr: ne32(vip.Addr()), Port: htons(vip.Port()), State: maps.CTTCPEst, Backend: 999, Svc: 3})
+	return keys, entries
+}
+
+// checkMigratedConns: after the migration every entry of keys is where maps and the datapath
+// look for it (ConnEntry), with its values, and the connections' frames take their entries:
+// the guest's is sent to the real server with no service in the maps (the established path
+// only), the real server's reply gets the VIP back.
+func checkMigratedConns(t *testing.T, sb *loader.Sandbox, keys []loader.DatapathCtKey, entries []loader.DatapathCtEntry) {
+	t.Helper()
+	m := sb.Maps()
+	lb := maps.ForSandbox(m).LB
+	for i, k := range keys {
+		e, err := lb.ConnEntry(k)
+		if err != nil || e != entries[i] {
+			t.Errorf("entry %d (%+v) after the migration: %+v, %v; want %+v", i, k, e, err, entries[i])
+		}
+	}
+	if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
+		t.Fatal(err)
+	}
+	eps := maps.ForSandbox(m).Endpoints
+	tapIn, _ := sb.Program(loader.ProgTapIn)
+	upIn, _ := sb.Program(loader.ProgUplinkIn)
+	for _, port := range []uint16{1000, 1001, 1000 + uint16(len(keys)/2-1)} {
+		g := netip.AddrPortFrom(guestIP, port)
+		eps.Put(1, tapEndpoint(0, 42, maps.FlagAntiSpoof))
+		if ret, out := runOut(t, tapIn, l4Frame(unix.IPPROTO_TCP, guestMAC, g, vip, 0x10, 0)); ret != tcxRedirect || checkFrame(t, out) != (tuple{g, backend}) {
+			t.Errorf("port %d: the guest's frame: verdict %d, %v, want %v -> %v", port, ret, checkFrame(t, out), g, backend)
+		}
+		eps.Put(1, maps.Endpoint{PeerIfindex: 42, Role: maps.RoleUplink})
+		if ret, out := runOut(t, upIn, l4Frame(unix.IPPROTO_TCP, otherMAC, backend, g, 0x10, 0)); ret != tcxRedirect || checkFrame(t, out) != (tuple{vip, g}) {
+			t.Errorf("port %d: the reply: verdict %d, %v, want %v -> %v", port, ret, checkFrame(t, out), vip, g)
+		}
+	}
+}
+
+func monotonic() uint64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
+}
+
 // TestMigrateConnTable: a sandbox pinned when the IPv4 connection table was an LRU hash (one
 // entry per direction, keyed by the connection) is opened with its entries moved into the
-// array of buckets, each where the datapath looks for it: established connections survive
-// the upgrade. The table keeps its capacity (entries, now CTWays per bucket).
+// array of buckets, each connection's two entries in a pair of slots of the bucket of the
+// guest's side, where the datapath looks for them: established connections survive the
+// upgrade. The table keeps its capacity (entries, now CTWays per bucket).
 func TestMigrateConnTable(t *testing.T) {
 	needRoot(t)
 	root := testRoot(t)
@@ -145,14 +206,11 @@ func TestMigrateConnTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer old.Close()
-	var keys []loader.DatapathCtKey
-	for i := range 100 {
-		k := loader.DatapathCtKey{Saddr: 0x0300a8c0, Daddr: 0x0a00600a, Sport: uint16(1000 + i), Dport: 0x5000, Proto: 6, Dir: uint8(i % 2)}
-		e := loader.DatapathCtEntry{LastSeen: uint64(1 + i), Addr: 0x0a00000a, Port: 0x901f, State: 1, Backend: uint32(i), Svc: 3}
-		if err := old.Put(&k, &e); err != nil {
+	keys, entries := migratedConns(100, monotonic())
+	for i := range keys {
+		if err := old.Put(&keys[i], &entries[i]); err != nil {
 			t.Fatal(err)
 		}
-		keys = append(keys, k)
 	}
 	repin(t, old, filepath.Join(dir, "kdp_lb_ct"))
 
@@ -161,87 +219,88 @@ func TestMigrateConnTable(t *testing.T) {
 		t.Fatalf("open over the LRU connection table: %v", err)
 	}
 	defer sb.Close()
-	lb := maps.ForSandbox(sb.Maps()).LB
-	if got := lb.ConnCapacity(); got != 8192 {
+	if got := maps.ForSandbox(sb.Maps()).LB.ConnCapacity(); got != 8192 {
 		t.Errorf("capacity after the migration %d, want 8192", got)
 	}
-	for i, k := range keys {
-		e, err := lb.ConnEntry(k)
-		if err != nil || e.Backend != uint32(i) || e.LastSeen != uint64(1+i) {
-			t.Errorf("connection %d after the migration: %+v, %v", i, e, err)
-		}
-	}
+	checkMigratedConns(t, sb, keys, entries)
 }
 
-// TestMigrateConnTableMapped: a sandbox pinned when the IPv4 connection table was an array of
-// buckets the control plane could not map (no BPF_F_MMAPABLE, the version before) is opened
-// with a mapped table holding the same buckets, and the sweeper counts its connections by
-// reading it in place.
-func TestMigrateConnTableMapped(t *testing.T) {
+// oldCTHash is how the array of buckets of four slots placed an entry (kata-dp before a
+// connection's entries shared a bucket): a hash of the whole key, each direction's own.
+func oldCTHash(k loader.DatapathCtKey) uint32 {
+	h := loader.Mix32(k.Saddr ^ 0x9e3779b9)
+	h = loader.Mix32(h ^ k.Daddr)
+	h = loader.Mix32(h ^ (uint32(k.Sport) | uint32(k.Dport)<<16))
+	return loader.Mix32(h ^ (uint32(k.Proto) | uint32(k.Dir)<<8))
+}
+
+// TestMigrateConnTableBuckets: a sandbox pinned when the IPv4 connection table was an array
+// of buckets of four slots, each direction's entry in the bucket of its own key (so a
+// connection's two entries in unrelated buckets), mapped (BPF_F_MMAPABLE) or not (the version
+// before), is opened with a mapped table of this layout holding every entry, a connection's
+// two in a pair of slots of one bucket: the datapath finds them (established connections stay
+// on their real servers), the sweeper counts them reading the table in place, and the table
+// keeps its capacity in entries.
+func TestMigrateConnTableBuckets(t *testing.T) {
 	needRoot(t)
-	root := testRoot(t)
-	const id = "migratect2"
-	sb := openSandbox(t, root, id)
-	dir := sb.Dir()
-	sb.Close()
+	for _, flags := range []uint32{0, unix.BPF_F_MMAPABLE} {
+		t.Run(fmt.Sprintf("flags=%#x", flags), func(t *testing.T) {
+			root := testRoot(t)
+			const id = "migratect2"
+			sb := openSandbox(t, root, id)
+			dir := sb.Dir()
+			sb.Close()
 
-	old, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: uint32(unsafe.Sizeof(loader.DatapathCtBucket{})), MaxEntries: 1024})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer old.Close()
-	var ts unix.Timespec
-	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	now := uint64(ts.Nano())
-	var keys []loader.DatapathCtKey
-	buckets := map[uint32]*loader.DatapathCtBucket{}
-	for i := range 50 {
-		k := loader.DatapathCtKey{Saddr: 0x0300a8c0, Daddr: 0x0a00600a, Sport: uint16(1000 + i), Dport: 0x5000, Proto: 6}
-		at := loader.CTHash(k) % 1024
-		b := buckets[at]
-		if b == nil {
-			b = &loader.DatapathCtBucket{}
-			buckets[at] = b
-		}
-		for s := range b.S {
-			if b.S[s].E.LastSeen == 0 {
-				b.S[s] = loader.DatapathCtSlot{Seq: 2, Key: k, E: loader.DatapathCtEntry{LastSeen: now, Addr: 0x0a00000a, Port: 0x901f, State: maps.CTTCPEst, Backend: 7, Svc: 3}}
-				keys = append(keys, k)
-				break
+			type bucket4 struct{ S [4]loader.DatapathCtSlot }
+			old, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: uint32(unsafe.Sizeof(bucket4{})), MaxEntries: 1024, Flags: flags})
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
-	}
-	for at, b := range buckets {
-		if err := old.Put(at, b); err != nil {
-			t.Fatal(err)
-		}
-	}
-	repin(t, old, filepath.Join(dir, "kdp_lb_ct"))
+			defer old.Close()
+			now := monotonic()
+			keys, entries := migratedConns(50, now)
+			buckets := map[uint32]*bucket4{}
+			for i, k := range keys {
+				at := oldCTHash(k) % 1024
+				b := buckets[at]
+				if b == nil {
+					b = &bucket4{}
+					buckets[at] = b
+				}
+				s := slices.IndexFunc(b.S[:], func(s loader.DatapathCtSlot) bool { return s.E.LastSeen == 0 })
+				if s < 0 {
+					t.Fatalf("bucket %d of the old table is full", at)
+				}
+				b.S[s] = loader.DatapathCtSlot{Seq: 2, Key: k, E: entries[i]}
+			}
+			for at, b := range buckets {
+				if err := old.Put(at, b); err != nil {
+					t.Fatal(err)
+				}
+			}
+			repin(t, old, filepath.Join(dir, "kdp_lb_ct"))
 
-	sb, err = loader.Open(root, id)
-	if err != nil {
-		t.Fatalf("open over the unmapped connection table: %v", err)
-	}
-	defer sb.Close()
-	lb := maps.ForSandbox(sb.Maps()).LB
-	if lb.CTMem == nil {
-		t.Fatal("the migrated table is not mapped")
-	}
-	if got := lb.ConnCapacity(); got != 1024*loader.CTWays {
-		t.Errorf("capacity after the migration %d, want %d", got, 1024*loader.CTWays)
-	}
-	for _, k := range keys {
-		if _, err := lb.ConnEntry(k); err != nil {
-			t.Errorf("connection %+v after the migration: %v", k, err)
-		}
-	}
-	want := len(keys)
-	res, err := lb.Sweep(now, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if res.Live != want || res.Conns[7].Active != int64(want) {
-		t.Errorf("sweep of the migrated table: %d live, counts %+v; want %d", res.Live, res.Conns[7], want)
+			sb, err = loader.Open(root, id)
+			if err != nil {
+				t.Fatalf("open over the old connection table: %v", err)
+			}
+			defer sb.Close()
+			lb := maps.ForSandbox(sb.Maps()).LB
+			if lb.CTMem == nil {
+				t.Fatal("the migrated table is not mapped")
+			}
+			if got := lb.ConnCapacity(); got != 1024*4 {
+				t.Errorf("capacity after the migration %d, want %d", got, 1024*4)
+			}
+			res, err := lb.Sweep(now, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Live != 50 || res.Conns[1].Active != 1 || res.Conns[50].Active != 1 {
+				t.Errorf("sweep of the migrated table: %d live, counts %+v; want 50, one per real server", res.Live, res.Conns)
+			}
+			checkMigratedConns(t, sb, keys, entries)
+		})
 	}
 }
 

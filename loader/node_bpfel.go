@@ -73,7 +73,7 @@ type NodeCt6Key struct {
 
 type NodeCtBucket struct {
 	_ structs.HostLayout
-	S [4]struct {
+	S [8]struct {
 		_   structs.HostLayout
 		Seq uint32
 		Pad uint32

@@ -193,8 +193,8 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 		}
 		if m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil); err == nil {
 			ms.MaxEntries = m.MaxEntries()
-			if name == "kdp_lb_ct" && isOldCT(m) { // entries then, buckets now
-				ms.MaxEntries = ctBuckets(m.MaxEntries())
+			if layout, n := oldCTLayout(m); name == "kdp_lb_ct" && layout != "" {
+				ms.MaxEntries = ctBuckets(n) // the same number of entries in this layout's buckets
 			}
 			m.Close()
 		}

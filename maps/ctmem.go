@@ -10,6 +10,8 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kata-dp/kata-dp/loader"
 )
 
 // The control plane writes the IPv4 connection table's slots (clearConns, SetConnEntry) in
@@ -22,7 +24,7 @@ import (
 //
 // Layout, checked by TestCTSlotLayout: a slot is seq (4 bytes at offset 0), padding, key (16
 // bytes at 8) and entry (24 bytes at 24); buckets follow each other in the mapping (an
-// array's values lie on 8-byte boundaries and a bucket is 192 bytes), and the mapping starts
+// array's values lie on 8-byte boundaries and a bucket is 384 bytes), and the mapping starts
 // on a page: seq is 4-byte aligned, the words 8-byte aligned.
 const (
 	ctSlotSize   = int(unsafe.Sizeof(ctSlot{}))
@@ -152,12 +154,13 @@ func ctClearMapped(b *ctBucket, keys []ctKey) error {
 // could at that moment.
 var ctClearHook func(s *ctSlot)
 
-// ctSetMapped writes key k and entry e, in place, into the slot of bucket b that ctPick
-// chooses at now among the slots no other writer holds (odd seq: taken for a fresh entry of
-// another key), claimed as the datapath's writers claim one; the bucket's other slots are not
-// written. A slot rewritten between the choice and the claim makes it choose again, up to
-// ctClaimTries times (yielding when every slot is held).
-func ctSetMapped(b *ctBucket, k ctKey, e ctEntry, now uint64, cfg Config) error {
+// ctSetMapped writes key k and entry e, in place, into k's slot of the pair of bucket b that
+// ctPick chooses at now for the connection of keys orig and reply (one of them k), among the
+// slots no other writer holds (odd seq: taken for a fresh entry of another key), claimed as
+// the datapath's writers claim one; the bucket's other slots are not written. A slot
+// rewritten between the choice and the claim makes it choose again, up to ctClaimTries times
+// (yielding when the slot is held).
+func ctSetMapped(b *ctBucket, k ctKey, e ctEntry, orig, reply ctKey, now uint64, cfg Config) error {
 	for range ctClaimTries {
 		var snap ctBucket
 		for i := range b.S {
@@ -167,10 +170,10 @@ func ctSetMapped(b *ctBucket, k ctKey, e ctEntry, now uint64, cfg Config) error 
 				snap.S[i].Key, snap.S[i].E = ctKey{}, ctEntry{LastSeen: math.MaxInt64}
 			}
 		}
-		at := ctPick(&snap, k, now, cfg)
+		at := loader.CTSlot(k, ctPick(&snap, orig, reply, now, cfg))
 		s, seq := &b.S[at], snap.S[at].Seq
 		if seq&1 != 0 {
-			runtime.Gosched() // every slot is held
+			runtime.Gosched() // the slot is held
 			continue
 		}
 		if !atomic.CompareAndSwapUint32(&s.Seq, seq, seq+1) {

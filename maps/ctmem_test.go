@@ -22,7 +22,7 @@ import (
 
 // TestCTSlotLayout: the in-place accesses (ctmem.go) take a slot's seq as a 4-byte word at
 // offset 0 and its key and entry as five 8-byte words from offset 8, laid out as ctKeyEntry;
-// buckets follow each other every 192 bytes (a multiple of 8: an array's values are not
+// buckets follow each other every 384 bytes (a multiple of 8: an array's values are not
 // padded), so in a page-aligned mapping every seq is 4-byte and every word 8-byte aligned.
 func TestCTSlotLayout(t *testing.T) {
 	if off, size := unsafe.Offsetof(ctSlot{}.Seq), unsafe.Sizeof(ctSlot{}.Seq); off != 0 || size != 4 {
@@ -161,10 +161,21 @@ func (r *ctRig) key(port uint16) ctKey {
 		Dport: binary.NativeEndian.Uint16(dport[:]), Proto: unix.IPPROTO_UDP}
 }
 
+// replyKey is the reply direction's entry key of the connection from the guest's port.
+func (r *ctRig) replyKey(port uint16) ctKey { return replyKey(r.key(port), r.entry(0)) }
+
+// entry is the original direction's entry of a connection to the rig's real server, last
+// seen at seen.
+func (r *ctRig) entry(seen uint64) ctEntry {
+	return ctEntry{LastSeen: seen, Addr: ne32(ctServer.Addr()), Port: ne16(ctServer.Port()), State: CTUDP, Backend: 7, Svc: 3}
+}
+
+func ne16(p uint16) uint16 { return binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, p)) }
+
 func ne32(a netip.Addr) uint32 { b := a.As4(); return binary.NativeEndian.Uint32(b[:]) }
 
-// sameBucket returns n guest ports whose connections' original entries share one bucket of
-// the IPv4 connection table while their reply entries lie elsewhere.
+// sameBucket returns n guest ports whose connections share one bucket of the IPv4 connection
+// table (both entries of a connection lie in the bucket of the guest's port).
 func (r *ctRig) sameBucket(t *testing.T, n int) (uint32, []uint16) {
 	t.Helper()
 	buckets := r.lb.CT.MaxEntries()
@@ -172,9 +183,8 @@ func (r *ctRig) sameBucket(t *testing.T, n int) (uint32, []uint16) {
 	for p := uint16(1024); p < 65535; p++ {
 		k := r.key(p)
 		at := loader.CTHash(k) % buckets
-		reply := ctKey{Saddr: ne32(ctServer.Addr()), Daddr: k.Saddr, Sport: binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, ctServer.Port())), Dport: k.Sport, Proto: k.Proto, Dir: 1}
-		if loader.CTHash(reply)%buckets == at {
-			continue
+		if at != loader.CTHash(r.replyKey(p))%buckets {
+			t.Fatalf("port %d: original entry in bucket %d, reply entry in %d", p, at, loader.CTHash(r.replyKey(p))%buckets)
 		}
 		if byBucket[at] = append(byBucket[at], p); len(byBucket[at]) == n {
 			return at, byBucket[at]
@@ -197,7 +207,7 @@ func TestCTMemMapped(t *testing.T) {
 		t.Fatalf("mapping of %d buckets at %p", len(mem), &mem[0])
 	}
 	last := uint32(len(mem) - 1)
-	b := ctBucket{S: [4]ctSlot{2: {Seq: 4, Key: r.key(1), E: ctEntry{LastSeen: 5, Backend: 7}}}}
+	b := ctBucket{S: [loader.CTWays]ctSlot{2: {Seq: 4, Key: r.key(1), E: ctEntry{LastSeen: 5, Backend: 7}}}}
 	if err := r.lb.CT.Put(last, &b); err != nil {
 		t.Fatal(err)
 	}
@@ -214,7 +224,7 @@ func TestCTMemMapped(t *testing.T) {
 // it is in the process's address space (/proc/self/maps) while the sandbox is open and used
 // (a sweep reads it in place), gone once the sandbox is closed, and a second Close neither
 // fails nor unmaps anything again. The table is sized so that the kernel pads it (100
-// buckets of 192 bytes in 5 pages): the mapping is the kernel's whole area.
+// buckets of 384 bytes in 10 pages): the mapping is the kernel's whole area.
 func TestCTMemUnmappedAtClose(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loads BPF programs and pins them in bpffs")
@@ -342,7 +352,7 @@ func TestCTUnmappedFallback(t *testing.T) {
 	if _, err := lb.ConnEntry(r.key(b)); err != nil {
 		t.Errorf("B's entry after the cleanup of A: %v", err)
 	}
-	e := ctEntry{LastSeen: monotonicNow(), Addr: ne32(ctServer.Addr()), State: CTUDP, Backend: 7, Svc: 3}
+	e := r.entry(monotonicNow())
 	if err := lb.SetConnEntry(r.key(a), e); err != nil {
 		t.Fatal(err)
 	}
@@ -404,7 +414,7 @@ func TestClearConnsKeepsInsert(t *testing.T) {
 	if got := mem[at].S[slotA]; got != (ctSlot{Seq: seqA + 2}) {
 		t.Errorf("A's slot after the clear: %+v, want empty with seq %d", got, seqA+2)
 	}
-	e := ctEntry{LastSeen: monotonicNow(), Addr: ne32(ctServer.Addr()), State: CTUDP, Backend: 7, Svc: 3}
+	e := r.entry(monotonicNow())
 	if err := r.lb.SetConnEntry(r.key(a), e); err != nil {
 		t.Fatal(err)
 	}
@@ -422,7 +432,8 @@ func TestClearConnsKeepsInsert(t *testing.T) {
 // TestClearConnsConcurrent: clears, writes and the datapath's inserts into one bucket at the
 // same time lose nothing. A goroutine writes connection A's entry (SetConnEntry) and clears it
 // (clearConns) in a loop, as a cleanup and a repair would; meanwhile new connections of the
-// same bucket are made through the datapath, one at a time, each kept until it is cleared,
+// same bucket are made through the datapath, one at a time, each kept until it is cleared
+// (both its entries, as a cleanup clears them),
 // and connection K is made once and kept. An entry is never seen gone before it is cleared.
 // (The datapath gives up an insert when it loses its slot to another writer, as a CPU racing
 // it would make it: the connection's next frame inserts it, so a frame is sent again until
@@ -455,7 +466,7 @@ func TestClearConnsConcurrent(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		e := ctEntry{Addr: ne32(ctServer.Addr()), State: CTUDP, Backend: 7, Svc: 3}
+		e := r.entry(0)
 		for {
 			select {
 			case <-stop:
@@ -483,7 +494,7 @@ func TestClearConnsConcurrent(t *testing.T) {
 				}
 			}
 		}
-		if err := r.lb.clearConns([]ctKey{r.key(p)}); err != nil {
+		if err := r.lb.clearConns([]ctKey{r.key(p), r.replyKey(p)}); err != nil {
 			t.Fatal(err)
 		}
 		if t.Failed() {

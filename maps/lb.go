@@ -683,8 +683,16 @@ func ctTimeout(c Config, state uint8) uint64 {
 	return uint64(s) * 1e9
 }
 
-func replyKey(k ctKey, e ctEntry) ctKey {
-	return ctKey{Saddr: e.Addr, Daddr: k.Saddr, Sport: e.Port, Dport: k.Sport, Proto: k.Proto, Dir: 1}
+func replyKey(k ctKey, e ctEntry) ctKey { return loader.CTReplyKey(k, e) }
+
+// connKeys are the original and reply keys of the connection that an entry e of key k (either
+// direction) belongs to: the other key is made from k and e (an original entry holds the real
+// server, a reply entry the VIP).
+func connKeys(k ctKey, e ctEntry) (orig, reply ctKey) {
+	if k.Dir == 0 {
+		return k, replyKey(k, e)
+	}
+	return ctKey{Saddr: k.Daddr, Daddr: e.Addr, Sport: k.Dport, Dport: e.Port, Proto: k.Proto}, k
 }
 
 // ConnCapacity returns how many entries the connection table can hold (two per connection).
@@ -714,7 +722,8 @@ func (l LB) ConnEntry(k loader.DatapathCtKey) (loader.DatapathCtEntry, error) {
 	if err := l.CT.Lookup(loader.CTHash(k)%l.CT.MaxEntries(), &b); err != nil {
 		return ctEntry{}, fmt.Errorf("read connection: %w", err)
 	}
-	for _, s := range b.S {
+	for p := range loader.CTWays / 2 {
+		s := b.S[loader.CTSlot(k, p)] // where the datapath looks for k
 		if s.Seq&1 == 0 && s.E.LastSeen != 0 && s.Key == k {
 			return s.E, nil
 		}
@@ -723,7 +732,10 @@ func (l LB) ConnEntry(k loader.DatapathCtKey) (loader.DatapathCtEntry, error) {
 }
 
 // SetConnEntry writes entry e of key k into the IPv4 connection table, into the slot the
-// datapath would give it (ctPick; now is CLOCK_MONOTONIC): for tests and repairs. The slot is
+// datapath would give it: its direction's slot of the pair that ctPick chooses for its
+// connection (the other key made from k and e, connKeys; now is CLOCK_MONOTONIC), so that
+// writing both of a connection's entries puts them where the datapath looks for them. For
+// tests and repairs. The slot is
 // claimed and written in place in the table's memory mapping as the datapath writes one
 // (ctSetMapped), so a connection the datapath inserts into another slot of the bucket
 // meanwhile stays. A table that cannot be mapped (an older pinned table before its migration)
@@ -734,9 +746,10 @@ func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error
 		return fmt.Errorf("write connection: %w", err)
 	}
 	i := loader.CTHash(k) % l.CT.MaxEntries()
+	orig, reply := connKeys(k, e)
 	mem, err := l.ctMem()
 	if err == nil {
-		if err := ctSetMapped(&mem[i], k, e, monotonicNow(), cfg); err != nil {
+		if err := ctSetMapped(&mem[i], k, e, orig, reply, monotonicNow(), cfg); err != nil {
 			return fmt.Errorf("write connection into bucket %d: %w", i, err)
 		}
 		return nil
@@ -748,7 +761,7 @@ func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error
 	if err := l.CT.Lookup(i, &b); err != nil {
 		return fmt.Errorf("write connection: %w", err)
 	}
-	at := ctPick(&b, k, monotonicNow(), cfg)
+	at := loader.CTSlot(k, ctPick(&b, orig, reply, monotonicNow(), cfg))
 	b.S[at] = ctSlot{Seq: (b.S[at].Seq + 2) &^ 1, Key: k, E: e}
 	if err := l.CT.Update(i, &b, ebpf.UpdateExist); err != nil {
 		return fmt.Errorf("write connection: %w", err)
@@ -756,21 +769,28 @@ func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error
 	return nil
 }
 
-// ctPick is the datapath's ct_pick (bpf/lib/lb.h): the slot of bucket b for a new entry of
-// key k at now: the slot holding k, else the first free or expired one, else the oldest (a
-// stamp tie: the first).
-func ctPick(b *ctBucket, k ctKey, now uint64, cfg Config) int {
+// ctPick is the datapath's ct_pick (bpf/lib/lb.h): the pair of slots of bucket b for a new
+// connection of keys orig and reply at now: the pair holding either key (original in its even
+// slot, reply in its odd one), else the first pair whose two slots are free or expired, else
+// the pair whose newer entry is the oldest (a stamp tie: the first).
+func ctPick(b *ctBucket, orig, reply ctKey, now uint64, cfg Config) int {
 	spare, victim := -1, 0
-	for i, s := range b.S {
-		seen := s.E.LastSeen
-		if seen != 0 && s.Key == k {
-			return i
+	var oldest uint64
+	for p := range loader.CTWays / 2 {
+		so, sr := &b.S[2*p], &b.S[2*p+1]
+		if (so.E.LastSeen != 0 && so.Key == orig) || (sr.E.LastSeen != 0 && sr.Key == reply) {
+			return p
 		}
-		if spare < 0 && (seen == 0 || ctExpired(now, cfg, seen, s.E.State)) {
-			spare = i
+		free := func(s *ctSlot) bool { return s.E.LastSeen == 0 || ctExpired(now, cfg, s.E.LastSeen, s.E.State) }
+		if spare < 0 && free(so) && free(sr) {
+			spare = p
 		}
-		if int64(seen-b.S[victim].E.LastSeen) < 0 {
-			victim = i
+		newer := sr.E.LastSeen
+		if int64(so.E.LastSeen-sr.E.LastSeen) > 0 {
+			newer = so.E.LastSeen
+		}
+		if p == 0 || int64(newer-oldest) < 0 {
+			victim, oldest = p, newer
 		}
 	}
 	if spare >= 0 {

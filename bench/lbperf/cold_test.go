@@ -223,8 +223,8 @@ func coldPlaces(m refprog.ColdMap, n uint32) []coldPlace {
 
 // BenchmarkNewConnTable is the cold-entry measurement in the datapath itself: the new
 // connection's frame (BenchmarkPerPacket's, 5000 services) over a frame to no service, in
-// three sandboxes that differ only in the size of the connection table: 64 entries (16 buckets
-// in 3 KiB: the two buckets a new connection touches are warm), the default 16384 (768 KiB,
+// three sandboxes that differ only in the size of the connection table: 64 entries (8 buckets
+// in 3 KiB: the bucket a new connection touches is warm), the default 16384 (768 KiB,
 // random cold buckets) and 1048576 (48 MiB). All six frame kinds are interleaved; metrics as
 // BenchmarkColdEntries': <table>-ns is the new connection over no service, median of the
 // rounds' medians, with -min-ns and -max-ns; <table>-over-ct-64-ns what the table adds over
@@ -240,10 +240,10 @@ func BenchmarkNewConnTable(b *testing.B) {
 	rigs := make([]*rig, len(tables))
 	for i, t := range tables {
 		rigs[i] = newRigCT(b, 5000, t.size)
-		// Touch every page of the table once (a bucket is 192 bytes): this guest maps memory
-		// in on its first touch, microseconds (see BenchmarkColdEntries).
+		// Touch every page of the table once: this guest maps memory in on its first touch,
+		// microseconds (see BenchmarkColdEntries).
 		ct := rigs[i].lb.CT
-		for idx := uint32(0); idx < ct.MaxEntries(); idx += 4096 / 192 {
+		for idx := uint32(0); idx < ct.MaxEntries(); idx += max(4096/ct.ValueSize(), 1) {
 			if _, err := ct.LookupBytes(idx); err != nil {
 				b.Fatal(err)
 			}
@@ -309,8 +309,8 @@ func BenchmarkNewConnTable(b *testing.B) {
 }
 
 // BenchmarkNewConnWarmBuckets is BenchmarkNewConnTable's warm case alone, for a profile of what
-// a new connection costs beside its two buckets: a frame to no service and a new connection's,
-// alternating, in a sandbox whose connection table has 64 entries (16 buckets, 3 KiB).
+// a new connection costs beside its bucket: a frame to no service and a new connection's,
+// alternating, in a sandbox whose connection table has 64 entries (8 buckets, 3 KiB).
 //
 //	go test -c -o lbperf.test ./bench/lbperf
 //	perf record -F 10000 -g ./lbperf.test -test.run XXX -test.bench NewConnWarmBuckets -test.benchtime 200000x

@@ -227,7 +227,9 @@ struct ct_slot {
 	struct ct_entry e;
 };
 
-#define KDP_CT_WAYS 4
+/* Slots per bucket: four connections, each in a pair of slots (original direction in the even
+ * slot, reply in the odd one; see ct_lookup). */
+#define KDP_CT_WAYS 8
 
 /* A bucket of the IPv4 connection table: one array entry, so that one lookup reaches all its
  * slots. */
@@ -237,7 +239,7 @@ struct ct_bucket {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, KDP_LB_CT_SIZE / KDP_CT_WAYS); /* buckets (loader.Options.CTSize / 4) */
+	__uint(max_entries, KDP_LB_CT_SIZE / KDP_CT_WAYS); /* buckets (loader.Options.CTSize / 8) */
 	__type(key, __u32);
 	__type(value, struct ct_bucket);
 	__uint(map_flags, BPF_F_MMAPABLE); /* the control plane reads it in place (maps.LB.scanCT) */
@@ -540,13 +542,19 @@ static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struc
 
 /*
  * The IPv4 connection table, kdp_lb_ct, is an array the datapath manages itself: open
- * addressing in buckets of KDP_CT_WAYS slots, a key's bucket chosen by ct_hash (maps.ctHash
- * computes the same). A new connection's entry takes, in its bucket, the slot of the same key,
- * else a free or expired one, else the oldest (the table never refuses a new connection; a
- * full bucket evicts, as the LRU did): the slot is claimed with a compare-and-swap of its seq
- * (odd while written) and published by incrementing it again. No lock, no interrupts turned
- * off: an insert into the LRU hash it replaces cost about 210 ns on this kind of host (two
- * raw_spin_lock_irqsave, docs/performance.md), two per new connection. A reader copies the
+ * addressing in buckets of KDP_CT_WAYS slots. A connection's bucket is chosen by what both of
+ * its keys carry, the guest's side: its address, port and protocol (ct_hash; loader.CTHash
+ * computes the same), so its two entries lie in one bucket, as a pair of slots (the original
+ * direction's in slot 2p, the reply's in 2p + 1), and a new connection reads one cold bucket
+ * where it read two in unrelated places (docs/performance.md). A lookup compares only the
+ * slots of its key's direction. A new connection takes, in its bucket, the pair holding one
+ * of its keys, else one whose two entries are free or expired, else the pair whose newest
+ * entry is the oldest (the table never refuses a new connection; a full bucket evicts one
+ * whole connection, the least recently active one, never half of two). Both slots are claimed
+ * with a compare-and-swap of their seq (odd while written) and published by incrementing it
+ * again. No lock, no interrupts turned off: an insert into the LRU hash it replaces cost about
+ * 210 ns on this kind of host (two raw_spin_lock_irqsave, docs/performance.md), two per new
+ * connection. A reader copies the
  * entry and checks that seq did not change meanwhile; it updates last_seen (ct_refresh) and
  * the state in place, like the hash map's readers did, without claiming the slot: last_seen
  * with a compare-and-swap from the value it copied, so that a slot the control plane cleared
@@ -561,6 +569,13 @@ static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struc
  * which reuses slots, looks at expired entries. IPv6 keeps its LRU hash (kdp_lb_ct6), whose
  * expired entries the sweeper deletes a while after they expire; its readers look entries up
  * through lb_ct6_live, which judges them the same way.
+ *
+ * Buckets of four connections, not two: with two per bucket, 1024 connections of one guest
+ * (an eighth of the default table's 8192) would lose about 0.9% of them to collisions
+ * (evicted while live), against 0.05% with four per bucket and 0.09% with the earlier
+ * layout's independent entries, which lost a connection when either of its two did not fit
+ * (loader's TestCTCollisions, docs/performance.md). Four also leave room for a guest port
+ * that talks to several services at once (a UDP socket): its connections share one bucket.
  */
 #define KDP_READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 #define kdp_barrier() asm volatile("" ::: "memory")
@@ -571,25 +586,25 @@ struct bpf_map___kdp {
 	__u32 max_entries;
 } __attribute__((preserve_access_index));
 
-/* ct_hash mixes the key's four words (as they lie in memory: saddr, daddr, sport | dport << 16
- * and proto | dir << 8 on a little-endian machine) with the prefilter's integer hash. */
-static __always_inline __u32 ct_hash(__u32 w0, __u32 w1, __u32 w2, __u32 w3)
+/* ct_hash mixes the guest's side of a connection key (both directions carry it): the guest's
+ * address, port (as they lie in memory) and protocol, with the prefilter's integer hash. */
+static __always_inline __u32 ct_hash(__u32 addr, __u32 port, __u32 proto)
 {
-	__u32 h = lb_vip_hash(w0 ^ 0x9e3779b9U);
+	__u32 h = lb_vip_hash(addr ^ 0x9e3779b9U);
 
-	h = lb_vip_hash(h ^ w1);
-	h = lb_vip_hash(h ^ w2);
-	return lb_vip_hash(h ^ w3);
+	return lb_vip_hash(h ^ (port | proto << 16));
 }
 
-/* ct_bucket is the bucket of the key of words w0..w3, or NULL. */
-static __always_inline struct ct_bucket *ct_bucket(__u32 w0, __u32 w1, __u32 w2, __u32 w3)
+/* ct_bucket is the bucket of a key of words w0..w3 (saddr, daddr, sport | dport << 16 and
+ * proto | dir << 8 on a little-endian machine) and direction d (0 or 1: the guest is the
+ * source of an original key, the destination of a reply key), or NULL. */
+static __always_inline struct ct_bucket *ct_bucket(__u32 w0, __u32 w1, __u32 w2, __u32 w3, __u32 d)
 {
 	__u32 n = ((struct bpf_map___kdp *)&kdp_lb_ct)->max_entries, idx;
 
 	if (!n)
 		return NULL;
-	idx = ct_hash(w0, w1, w2, w3) % n;
+	idx = ct_hash(d ? w1 : w0, d ? w2 >> 16 : w2 & 0xffff, w3 & 0xff) % n;
 	return bpf_map_lookup_elem(&kdp_lb_ct, &idx);
 }
 
@@ -608,14 +623,15 @@ static __always_inline struct ct_slot *ct_lookup(const struct config *cfg, __u64
 						 struct ct_entry *out)
 {
 	const __u32 *w = (const __u32 *)k;
-	struct ct_bucket *b = ct_bucket(w[0], w[1], w[2], w[3]);
+	__u32 d = (w[3] >> 8) & 1;
+	struct ct_bucket *b = ct_bucket(w[0], w[1], w[2], w[3], d);
 	int i;
 
 	if (!b)
 		return NULL;
 #pragma unroll
-	for (i = 0; i < KDP_CT_WAYS; i++) {
-		struct ct_slot *s = &b->s[i];
+	for (i = 0; i < KDP_CT_WAYS / 2; i++) {
+		struct ct_slot *s = &b->s[2 * i + d]; /* the slots of k's direction */
 		__u32 seq;
 
 		seq = KDP_READ_ONCE(s->seq);
@@ -712,74 +728,120 @@ static __always_inline struct ct6_entry *lb_ct6_live(const struct config *cfg, _
 	return e;
 }
 
-/* ct_pick chooses the slot of bucket b for a new entry whose key's words are k1 (saddr, daddr)
- * and k2 (ports, proto, dir): the slot holding that key (expired, or the new entry would be its
- * second one), else the first free or expired one, else the oldest (maps.ctPick is the same
- * rule for the control plane's writes). A global function of its own (verified once), which calls no helper and so needs
- * next to no stack: the new-connection path's stack is near the programs' limit. */
-__attribute__((noinline)) int ct_pick(const struct config *cfg, struct ct_bucket *b, __u64 k1, __u64 k2, __u64 now)
+/* ct_is_orig says whether slot s holds an entry (expired or not) of original key k. */
+static __always_inline bool ct_is_orig(const struct ct_slot *s, const struct ct_key *k)
+{
+	const __u32 *x = (const __u32 *)&s->key, *y = (const __u32 *)k;
+
+	return s->e.last_seen && x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+/* ct_is_reply says whether slot s holds an entry (expired or not) of the reply key of the
+ * connection of original key k and entry v (as ct_insert makes it). */
+static __always_inline bool ct_is_reply(const struct ct_slot *s, const struct ct_key *k, const struct ct_entry *v)
+{
+	const __u32 *x = (const __u32 *)&s->key;
+
+	return s->e.last_seen && x[0] == v->addr && x[1] == k->saddr &&
+	       x[2] == ((__u32)v->port | (__u32)k->sport << 16) && x[3] == ((__u32)k->proto | 1U << 8);
+}
+
+/* ct_slot_spare says whether slot s is free or its entry expired at now. */
+static __always_inline bool ct_slot_spare(const struct config *cfg, const struct ct_slot *s, __u64 now)
+{
+	__u64 seen = s->e.last_seen;
+
+	return !seen || !lb_fresh(now, seen, ct_timeout_ns(cfg, &s->e));
+}
+
+/* ct_pick chooses the pair of slots of bucket b for a new connection of original key k and
+ * entry v (its reply key is made from both, as ct_insert makes it): the pair holding either
+ * key (expired, or the new entries would be their keys' second ones; a reply key can recur
+ * when one guest port reaches two services that share a real server, and the later
+ * connection takes the earlier one's place, as its reply entry did before), else the first
+ * pair whose two slots are free or expired, else the pair whose newer entry is the oldest
+ * (maps.ctPick is the same rule for the control plane's writes). A global function of its own
+ * (verified once), which calls no helper and so needs little stack: the new-connection
+ * path's stack is near the programs' limit (the keys are compared through k and v, not held). */
+__attribute__((noinline)) int ct_pick(const struct config *cfg, struct ct_bucket *b, const struct ct_key *k,
+				      const struct ct_entry *v, __u64 now)
 {
 	__u64 oldest = 0;
-	int i, victim = 0, spare = -1;
+	int p, victim = 0, spare = -1;
 
-	if (!cfg || !b)
+	if (!cfg || !b || !k || !v)
 		return 0;
 #pragma unroll
-	for (i = 0; i < KDP_CT_WAYS; i++) {
-		const struct ct_slot *s = &b->s[i];
-		const __u64 *sk = (const __u64 *)&s->key;
-		__u64 seen = s->e.last_seen;
+	for (p = 0; p < KDP_CT_WAYS / 2; p++) {
+		const struct ct_slot *so = &b->s[2 * p], *sr = &b->s[2 * p + 1];
+		__u64 newer;
 
-		if (seen && sk[0] == k1 && sk[1] == k2)
-			return i; /* the key's own slot (expired): never a second entry of one key */
-		if (spare < 0 && (!seen || !lb_fresh(now, seen, ct_timeout_ns(cfg, &s->e))))
-			spare = i;
-		if (i == 0 || (__s64)(seen - oldest) < 0) {
-			victim = i;
-			oldest = seen;
+		if (ct_is_orig(so, k) || ct_is_reply(sr, k, v))
+			return p;
+		if (spare < 0 && ct_slot_spare(cfg, so, now) && ct_slot_spare(cfg, sr, now))
+			spare = p;
+		newer = so->e.last_seen;
+		if ((__s64)(sr->e.last_seen - newer) > 0)
+			newer = sr->e.last_seen;
+		if (p == 0 || (__s64)(newer - oldest) < 0) {
+			victim = p;
+			oldest = newer;
 		}
 	}
 	return spare >= 0 ? spare : victim;
 }
 
-/* ct_insert writes a new connection's entry (see above): the original direction's, k -> v,
- * or with reply its reply direction's (real server -> guest, holding the VIP), made from the
- * same two in place, so that neither the reply's key nor its entry takes room on the caller's
- * stack. A CPU that loses the slot to another one writing it at the same moment gives up: the
- * connection's next frame looks again. */
+/* ct_claim claims slot s for a write (seq from even to odd) and says whether it did. */
+static __always_inline bool ct_claim(struct ct_slot *s)
+{
+	__u32 seq = KDP_READ_ONCE(s->seq);
+
+	return !(seq & 1) && __sync_val_compare_and_swap(&s->seq, seq, seq + 1) == seq;
+}
+
+/* ct_insert writes a new connection's two entries (see above) into the pair of slots ct_pick
+ * chooses in its bucket: the original direction's, k -> v, and the reply direction's (real
+ * server -> guest, holding the VIP), made from the same two in place, so that neither the
+ * reply's key nor its entry takes room on the caller's stack. The reply's is published first:
+ * a frame that finds the original entry finds the reply's too. A CPU that loses either slot
+ * to another one writing it at the same moment gives both up (the reply's slot unwritten,
+ * its seq moved by two): the connection's next frame looks again. */
 static __always_inline void ct_insert(const struct config *cfg, const struct ct_key *k, const struct ct_entry *v,
-				      __u64 now, bool reply)
+				      __u64 now)
 {
 	const __u32 *kw = (const __u32 *)k;
-	__u32 w0 = kw[0], w1 = kw[1], w2 = kw[2], w3 = kw[3], seq;
-	struct ct_bucket *b;
-	struct ct_slot *s;
+	struct ct_bucket *b = ct_bucket(kw[0], kw[1], kw[2], kw[3], 0);
+	struct ct_slot *so, *sr;
 	__u32 *sk;
+	int p;
 
-	if (reply) {
-		w0 = v->addr;
-		w1 = k->saddr;
-		w2 = (__u32)v->port | (__u32)k->sport << 16;
-		w3 = (__u32)k->proto | 1U << 8;
-	}
-	b = ct_bucket(w0, w1, w2, w3);
 	if (!b)
 		return;
-	s = &b->s[ct_pick(cfg, b, (__u64)w0 | (__u64)w1 << 32, (__u64)w2 | (__u64)w3 << 32, now) & (KDP_CT_WAYS - 1)];
-	seq = KDP_READ_ONCE(s->seq);
-	if ((seq & 1) || __sync_val_compare_and_swap(&s->seq, seq, seq + 1) != seq)
+	p = ct_pick(cfg, b, k, v, now) & (KDP_CT_WAYS / 2 - 1);
+	so = &b->s[2 * p];
+	sr = &b->s[2 * p + 1];
+	if (!ct_claim(sr))
 		return;
-	sk = (__u32 *)&s->key;
-	sk[0] = w0;
-	sk[1] = w1;
-	sk[2] = w2;
-	sk[3] = w3;
-	s->e = *v;
-	if (reply) {
-		s->e.addr = k->daddr;
-		s->e.port = k->dport;
+	if (!ct_claim(so)) {
+		__sync_fetch_and_add(&sr->seq, 1);
+		return;
 	}
-	__sync_fetch_and_add(&s->seq, 1);
+	sk = (__u32 *)&sr->key;
+	sk[0] = v->addr;
+	sk[1] = k->saddr;
+	sk[2] = (__u32)v->port | (__u32)k->sport << 16;
+	sk[3] = (__u32)k->proto | 1U << 8;
+	sr->e = *v;
+	sr->e.addr = k->daddr;
+	sr->e.port = k->dport;
+	__sync_fetch_and_add(&sr->seq, 1);
+	sk = (__u32 *)&so->key;
+	sk[0] = kw[0];
+	sk[1] = kw[1];
+	sk[2] = kw[2];
+	sk[3] = kw[3];
+	so->e = *v;
+	__sync_fetch_and_add(&so->seq, 1);
 }
 
 /* sh_hash is ip_vs_sh_hashkey for IPv4 without the port flag: hash_32(ntohl(addr), 8). */
@@ -1439,8 +1501,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		ne.backend = be_id;
 		ne.svc = m->id;
 
-		ct_insert(cfg, &ck, &ne, now, true);
-		ct_insert(cfg, &ck, &ne, now, false);
+		ct_insert(cfg, &ck, &ne, now);
 
 		/* The new connection's counters, in the entries looked up once. */
 		st = lb_stats_make(KDP_LB_STATS_BACKEND, be_id);
