@@ -29,8 +29,7 @@ type Dataplane struct {
 
 	mu        sync.Mutex
 	sandboxes map[string]*Sandbox
-	monMu     sync.Mutex                           // guards mons (monitor.go)
-	mons      map[string]map[maps.MonitorFlags]int // monitor streams per sandbox and event type
+	monMu     sync.Mutex // guards the monitor's state (monitor.go): Sandbox.mon, monWant, the hubs
 }
 
 // Sandbox is one sandbox's loaded collection, as the modes see it. Its fields are the
@@ -43,6 +42,11 @@ type Sandbox struct {
 	rates map[maps.LBStatsKey]ipvs.Stats // set by Sweep under Dataplane.mu
 	swept lbSample                       // the counters Sweep last read, under Dataplane.mu
 	modes map[uint32]*State              // by endpoint slot, under Dataplane.mu (mode.go)
+
+	// The monitor (monitor.go), under Dataplane.monMu: the reader of the ring while a stream
+	// watches, and how many open streams want each event type.
+	mon     *monHub
+	monWant map[maps.MonitorFlags]int
 
 	// closing guards lsb against readers that do not hold the control plane's sandbox lock
 	// (the metrics scrape, the listings, the sweep): they hold it for reading (Dataplane.read)

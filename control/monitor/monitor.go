@@ -14,8 +14,9 @@
 // a node's operator expects of `kata-dp monitor` left running while sandboxes come and go. A
 // session on one sandbox ends when that sandbox goes (ErrGone).
 //
-// Run is safe for concurrent use (each call is one session); sessions on one sandbox share its
-// ring: each event goes to one of them, so watch a sandbox from one client at a time.
+// Run is safe for concurrent use (each call is one session); every session on a sandbox gets
+// each of its events (the dataplane reads a sandbox's ring once and hands each event to every
+// stream that asked for its type), from the moment the session opened its stream.
 package monitor
 
 import (
@@ -58,8 +59,9 @@ type Event struct {
 	Dst       string    `json:"dst,omitempty"`       // for lb: the VIP
 	Server    string    `json:"server,omitempty"`    // lb: the real server chosen
 	Len       uint32    `json:"len,omitempty"`
-	// Suppressed is how many events the datapath's rate limit dropped before this one (on the
-	// same CPU); for a "suppressed" record, how many it dropped that no event reported.
+	// Suppressed is how many events the session missed before this one: those the datapath's
+	// rate limit dropped (on the same CPU) and those the session was too slow to take; for a
+	// "suppressed" record, how many it missed that no event reported.
 	Suppressed uint64 `json:"suppressed,omitempty"`
 }
 
@@ -196,9 +198,8 @@ func Run(ctx context.Context, reg Registry, src Source, f Filter, emit func(Even
 	var wg sync.WaitGroup
 	watched := map[string]Stream{}
 	defer func() {
-		// Closing the streams interrupts the readers' waits at once: a session whose client
-		// left must not read (and lose) events for up to a poll interval, which the next
-		// session on the sandbox would miss, and the datapath stops reporting now.
+		// Closing the streams interrupts the readers' waits at once: the datapath stops
+		// reporting what no other session asks for now, not up to a poll interval later.
 		cancel()
 		for _, s := range watched {
 			s.Close()
