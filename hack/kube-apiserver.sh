@@ -15,6 +15,12 @@ CACHE=${KDP_KUBE_CACHE:-/var/cache/kata-dp/kube}
 OUT=$CACHE/$VERSION/kube-apiserver
 if [ -x "$OUT" ]; then echo "$OUT"; exit 0; fi
 mkdir -p "$CACHE/$VERSION"
+# One build at a time: two test runs started together (helpers' worktrees, a developer's
+# second shell) would otherwise both build for 12 minutes and race on the result. The second
+# waits for the first and finds the binary.
+exec 9>"$CACHE/.lock"
+flock 9
+if [ -x "$OUT" ]; then echo "$OUT"; exit 0; fi
 work=$(mktemp -d "$CACHE/build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -44,6 +50,6 @@ for m in $(awk '/^\tk8s.io\/[^ ]+ v0.0.0$/ {print $1}' "$gomod" | sort -u); do
 done
 GOFLAGS=-mod=mod go mod tidy >/dev/null
 go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$VERSION" \
-	-o "$OUT.tmp" k8s.io/kubernetes/cmd/kube-apiserver
-mv "$OUT.tmp" "$OUT"
+	-o "$work/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+mv "$work/kube-apiserver" "$OUT"
 echo "$OUT"
