@@ -461,16 +461,10 @@ func (d *Dataplane) CleanupConns(ctx context.Context, id string, dst netip.Addr,
 		res, err = d.sweep(sb, func(c maps.Conn) bool {
 			return c.Proto == proto && (c.Service.Addr() == dst || c.Server.Addr() == dst)
 		})
-		if err != nil {
-			return fmt.Errorf("cleanup of %s: %w", id, err)
-		}
-		return nil
+		return err
 	})
-	if errors.Is(err, ErrNoSandbox) {
-		return 0, fmt.Errorf("cleanup: %w", err)
-	}
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("cleanup of %s: %w", id, err)
 	}
 	return res.Expired, nil
 }

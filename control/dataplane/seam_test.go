@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -122,5 +124,21 @@ func TestModeDispatch(t *testing.T) {
 	}
 	if _, _, err := d.Mode(ep); err == nil {
 		t.Error("a failed add left a state")
+	}
+}
+
+// TestCleanupConnsNoSandbox: CleanupConns of a sandbox never loaded, or one closed meanwhile,
+// is ErrNoSandbox, wrapped with the sandbox's name like its other errors.
+func TestCleanupConnsNoSandbox(t *testing.T) {
+	d := &Dataplane{log: slog.Default(), sandboxes: map[string]*Sandbox{}}
+	d.sandboxes["gone"] = &Sandbox{dp: d, closed: true}
+	for _, id := range []string{"nosuch", "gone"} {
+		n, err := d.CleanupConns(context.Background(), id, netip.MustParseAddr("10.0.0.1"), 6)
+		if !errors.Is(err, ErrNoSandbox) || n != 0 {
+			t.Errorf("CleanupConns of %s = %d, %v; want 0, ErrNoSandbox", id, n, err)
+		}
+		if want := "cleanup of " + id + ": "; err == nil || !strings.HasPrefix(err.Error(), want) {
+			t.Errorf("CleanupConns of %s: error %q, want it to start with %q", id, err, want)
+		}
 	}
 }
