@@ -559,7 +559,7 @@ static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struc
  * the state in place, like the hash map's readers did, without claiming the slot: last_seen
  * with a compare-and-swap from the value it copied, so that a slot the control plane cleared
  * meanwhile stays empty, and a write racing a slot's reuse by another CPU can at worst
- * freshen the new entry's time stamp; the state with a compare-and-swap too (ct_set_fin).
+ * freshen the new entry's time stamp; the state with a compare-and-swap too (ct_close).
  * The control plane (maps.LB.Sweep) counts the live entries, never deletes expired ones (they are reused) and
  * clears the slots it cleans up.
  * So an entry in the table is not necessarily a live connection: ct_lookup judges its
@@ -649,22 +649,28 @@ static __always_inline struct ct_slot *ct_lookup(const struct config *cfg, __u64
 	return NULL;
 }
 
-/* ct_refresh moves the last_seen of slot s, whose entry ct_lookup copied when it held seen,
- * to now. Not a plain store: the control plane may have cleared the slot since the copy
+/* ct_refresh moves an entry's last_seen at p, which the reader saw holding seen, to now; for
+ * both tables. Not a plain store: the entry may have gone since the reader judged it live, and
+ * its memory may hold something else. IPv4: the control plane may have cleared the slot
  * (maps.ctClearMapped zeroes key and entry, last_seen 0 = unused), and a store would give the
  * emptied slot a time stamp again, a ghost entry under a zero key that holds its slot and
- * counts as a live connection (maps.LB.ConnEntries) until it expires. The compare-and-swap
- * from seen writes only while last_seen is still the copied one; a cleared slot's 0 never is
- * (ct_lookup returns no entry with 0). Within a tick of the coarse clock now equals seen and
- * nothing is written at all: an established connection's frames mostly leave the slot's cache
- * line alone, where the plain store dirtied it on every frame. */
-static __always_inline void ct_refresh(struct ct_slot *s, __u64 seen, __u64 now)
+ * counts as a live connection (maps.LB.ConnEntries) until it expires; ct_lookup returns no
+ * entry with 0, so the swap never writes into a cleared slot. IPv6: the sweeper deletes expired
+ * entries and the LRU hash evicts, and an LRU hash's deleted element is reused for the next new
+ * key at once, without waiting for the readers that still hold it (no RCU grace period), so a
+ * store could stamp another connection's entry, or one the control plane is writing; the swap
+ * writes only while last_seen is still the one this reader judged. last_seen is a word of its
+ * own, apart from the state word (ct_close), so the two swaps never meet. Within a tick of the
+ * coarse clock now equals seen and nothing is written at all: an established connection's
+ * frames mostly leave the entry's cache line alone, where a plain store dirtied it on every
+ * frame. */
+static __always_inline void ct_refresh(__u64 *p, __u64 seen, __u64 now)
 {
 	if (seen != now)
-		__sync_val_compare_and_swap(&s->e.last_seen, seen, now);
+		__sync_val_compare_and_swap(p, seen, now);
 }
 
-/* A connection's FIN or RST moves its entry's state to KDP_CT_TCP_FIN in place, without
+/* ct_close: a connection's FIN or RST moves its entry's state to KDP_CT_TCP_FIN in place, without
  * claiming the slot (readers do not), and the original direction's moves its real server's
  * count from active to inactive (kdp_lb_conns). Not a plain store of the state byte: two CPUs
  * seeing a FIN or RST of one connection at once would both move the count (active would
@@ -698,14 +704,26 @@ static __always_inline __u8 ct_state_of(__u64 w, int shift)
 	return (__u8)(w >> shift);
 }
 
-/* ct_set_fin swaps the state word at p from seen, as the caller read it, to the same word
- * with the state KDP_CT_TCP_FIN, and says whether this CPU's swap did it (see above). The
- * caller checks that seen's state is not KDP_CT_TCP_FIN already. */
-static __always_inline bool ct_set_fin(__u64 *p, __u64 seen, int shift)
+/* ct_close closes an entry on its connection's FIN or RST (see above): when seen, the state
+ * word at p as the reader saw it, holds KDP_CT_TCP_EST, it swaps the word to the same one with
+ * KDP_CT_TCP_FIN, and when this CPU's swap did it, moves real server backend's count from
+ * active to inactive. Every other CPU (its swap lost, or it saw the entry closed already)
+ * moves nothing. backend 0 (no real server has id 0) moves no count: the reply direction's
+ * entry, whose closing only shortens its timeout. The caller tests the frame's flags, so an
+ * established connection's other frames do not come here. */
+static __always_inline void ct_close(__u64 *p, __u64 seen, int shift, __u32 backend)
 {
 	__u64 fin = (seen & ~(0xffULL << shift)) | ((__u64)KDP_CT_TCP_FIN << shift);
+	struct lb_conns *cn;
 
-	return __sync_val_compare_and_swap(p, seen, fin) == seen;
+	if (ct_state_of(seen, shift) != KDP_CT_TCP_EST || __sync_val_compare_and_swap(p, seen, fin) != seen ||
+	    !backend)
+		return;
+	cn = bpf_map_lookup_elem(&kdp_lb_conns, &backend);
+	if (cn) {
+		__sync_fetch_and_add(&cn->active, -1);
+		__sync_fetch_and_add(&cn->inactive, 1);
+	}
 }
 
 /* ct_word is the IPv4 entry's state word as ct_lookup copied it to e. */
@@ -717,13 +735,18 @@ static __always_inline __u64 ct_word(const struct ct_entry *e)
 	return w;
 }
 
-/* lb_ct6_live is ct_lookup for IPv6's LRU hash: the entry of k if it is live at now, else
- * NULL (an expired entry stays until the sweeper deletes it). */
-static __always_inline struct ct6_entry *lb_ct6_live(const struct config *cfg, __u64 now, const struct ct6_key *k)
+/* lb_ct6_live is ct_lookup for IPv6's LRU hash: the entry of k if it is live at now, with
+ * the last_seen it was judged by in *seen (for ct_refresh), else NULL (an expired entry stays
+ * until the sweeper deletes it). */
+static __always_inline struct ct6_entry *lb_ct6_live(const struct config *cfg, __u64 now, const struct ct6_key *k,
+						     __u64 *seen)
 {
 	struct ct6_entry *e = bpf_map_lookup_elem(&kdp_lb_ct6, k);
 
-	if (!e || !lb_fresh(now, e->last_seen, ct_state_timeout_ns(cfg, e->state)))
+	if (!e)
+		return NULL;
+	*seen = KDP_READ_ONCE(e->last_seen);
+	if (!lb_fresh(now, *seen, ct_state_timeout_ns(cfg, e->state)))
 		return NULL;
 	return e;
 }
@@ -1239,7 +1262,7 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	struct lb_svc *m;
 	struct lb_stats *st, *ss;
 	struct lb_conns *cn;
-	__u64 now = lb_now();
+	__u64 now = lb_now(), seen;
 	bool udp = f->proto == IPPROTO_UDP;
 	int i;
 
@@ -1251,18 +1274,13 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	sc->ck.sport = f->sport;
 	sc->ck.dport = f->dport;
 	sc->ck.proto = f->proto;
-	e = lb_ct6_live(cfg, now, &sc->ck);
+	e = lb_ct6_live(cfg, now, &sc->ck, &seen);
 	if (e) {
-		__u64 *sw = (__u64 *)&e->port, seen = KDP_READ_ONCE(*sw);
+		ct_refresh(&e->last_seen, seen, now);
+		if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) {
+			__u64 *sw = (__u64 *)&e->port;
 
-		e->last_seen = now;
-		if (ct_state_of(seen, KDP_CT6_STATE_SHIFT) == KDP_CT_TCP_EST &&
-		    (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) && ct_set_fin(sw, seen, KDP_CT6_STATE_SHIFT)) {
-			cn = bpf_map_lookup_elem(&kdp_lb_conns, &e->backend);
-			if (cn) {
-				__sync_fetch_and_add(&cn->active, -1);
-				__sync_fetch_and_add(&cn->inactive, 1);
-			}
+			ct_close(sw, KDP_READ_ONCE(*sw), KDP_CT6_STATE_SHIFT, e->backend);
 		}
 		sc->ne = *e;
 		lb_count(KDP_LB_STATS_BACKEND, sc->ne.backend, true, len);
@@ -1374,7 +1392,7 @@ static __always_inline int lb_to_guest6(void *ctx, const bool xdp, const struct 
 	__be32 vip[4];
 	__be16 vport;
 	__u32 csum_off;
-	__u64 now;
+	__u64 now, seen;
 	bool udp = f->proto == IPPROTO_UDP;
 
 	if (!sc)
@@ -1387,15 +1405,14 @@ static __always_inline int lb_to_guest6(void *ctx, const bool xdp, const struct 
 	sc->ck.proto = f->proto;
 	sc->ck.dir = 1;
 	now = lb_now();
-	e = lb_ct6_live(cfg, now, &sc->ck);
+	e = lb_ct6_live(cfg, now, &sc->ck, &seen);
 	if (!e)
 		return -1;
-	e->last_seen = now;
+	ct_refresh(&e->last_seen, seen, now);
 	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) {
-		__u64 *sw = (__u64 *)&e->port, seen = KDP_READ_ONCE(*sw);
+		__u64 *sw = (__u64 *)&e->port;
 
-		if (ct_state_of(seen, KDP_CT6_STATE_SHIFT) != KDP_CT_TCP_FIN)
-			ct_set_fin(sw, seen, KDP_CT6_STATE_SHIFT);
+		ct_close(sw, KDP_READ_ONCE(*sw), KDP_CT6_STATE_SHIFT, 0); /* the reply entry: no count */
 	}
 	__builtin_memcpy(vip, e->addr, 16);
 	vport = e->port;
@@ -1438,15 +1455,9 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	ck.proto = f->proto;
 	e = ct_lookup(cfg, now, &ck, &ne);
 	if (e) {
-		ct_refresh(e, ne.last_seen, now);
-		if (ne.state == KDP_CT_TCP_EST && (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) &&
-		    ct_set_fin((__u64 *)&e->e.addr, ct_word(&ne), KDP_CT_STATE_SHIFT)) {
-			cn = bpf_map_lookup_elem(&kdp_lb_conns, &ne.backend);
-			if (cn) {
-				__sync_fetch_and_add(&cn->active, -1);
-				__sync_fetch_and_add(&cn->inactive, 1);
-			}
-		}
+		ct_refresh(&e->e.last_seen, ne.last_seen, now);
+		if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
+			ct_close((__u64 *)&e->e.addr, ct_word(&ne), KDP_CT_STATE_SHIFT, ne.backend);
 		lb_count(KDP_LB_STATS_BACKEND, ne.backend, true, len);
 		lb_count(KDP_LB_STATS_SVC, ne.svc, true, len);
 		goto nat;
@@ -1737,6 +1748,7 @@ static __always_inline int lb_icmp6(void *ctx, const bool xdp, const bool to, st
 	__sum16 icmpc, l4c = 0;
 	__be32 *ea, *oa, old_a[4];
 	__be16 old_p, new_p;
+	__u64 seen; /* not refreshed: an ICMP error is no sign of the connection's life */
 	bool udp, has_l4c, outer;
 
 	if (!sc)
@@ -1766,7 +1778,7 @@ static __always_inline int lb_icmp6(void *ctx, const bool xdp, const bool to, st
 	sc->ck.proto = eip->nexthdr;
 	sc->ck.dir = to ? 1 : 0;
 	cfg = config_get();
-	e = cfg ? lb_ct6_live(cfg, lb_now(), &sc->ck) : NULL;
+	e = cfg ? lb_ct6_live(cfg, lb_now(), &sc->ck, &seen) : NULL;
 	if (!e)
 		return -1; /* no connection, or an expired one the sweeper has not deleted yet */
 	__builtin_memcpy(sc->ne.addr, e->addr, 16);
@@ -1915,9 +1927,9 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	e = ct_lookup(cfg, now, &ck, &ce);
 	if (!e)
 		return -1;
-	ct_refresh(e, ce.last_seen, now);
-	if ((f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) && ce.state != KDP_CT_TCP_FIN)
-		ct_set_fin((__u64 *)&e->e.addr, ct_word(&ce), KDP_CT_STATE_SHIFT);
+	ct_refresh(&e->e.last_seen, ce.last_seen, now);
+	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
+		ct_close((__u64 *)&e->e.addr, ct_word(&ce), KDP_CT_STATE_SHIFT, 0); /* the reply entry: no count */
 	vip = ce.addr;
 	vport = ce.port;
 	lb_count(KDP_LB_STATS_BACKEND, ce.backend, false, len);
