@@ -1297,6 +1297,27 @@ func Dump[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
 	return out, it.Err()
 }
 
+// MarkRealServers sets the prefilter's real-server bits of bes without writing their entries:
+// for real servers whose kdp_lb_be entries a restore writes after its switch (control/dataplane,
+// RestoreLB), whose replies must pass the prefilter from the switch on.
+func (l LB) MarkRealServers(bes map[uint32]Backend) error {
+	if len(bes) == 0 {
+		return nil
+	}
+	rss := make([]uint32, 0, len(bes))
+	for _, be := range bes {
+		b, b6, err := be.encode()
+		if err != nil {
+			return fmt.Errorf("mark real servers: %w", err)
+		}
+		rss = append(rss, rsWord(b, b6))
+	}
+	if err := l.markRealServers(rss...); err != nil {
+		return fmt.Errorf("mark real servers: %w", err)
+	}
+	return nil
+}
+
 // PutBackends installs many real servers at once. fresh says the ids are new (a restore into
 // an empty table): both address maps are written at once (no live slot names a new id, so the
 // order does not matter); otherwise an IPv6 address is written before the entry the

@@ -54,6 +54,11 @@ type Sandbox struct {
 	// lsb, so no reader ever uses a closed (or, worse, reused) map file descriptor.
 	closing sync.RWMutex
 	closed  bool // under closing
+
+	// late is closed when the real servers the last restore writes after its switch are
+	// written (lb.go, RestoreLB); nil when no restore deferred any. Under lateMu.
+	lateMu sync.Mutex
+	late   chan struct{}
 }
 
 var (

@@ -484,6 +484,10 @@ func TestLBRestore20000EveryScheduler(t *testing.T) {
 	}
 	defer sbm.Close()
 	lb := maps.ForSandbox(sbm.Maps()).LB
+	// Each restore's late write (the real servers of its rr and wrr services) is held while
+	// the maps are checked and the VIP is reached.
+	g := holdLate(t)
+	g.release()
 	for _, tt := range []struct {
 		name  string
 		sched func(int) string
@@ -514,11 +518,14 @@ func TestLBRestore20000EveryScheduler(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		g.hold()
 		start := time.Now()
 		if err := r.dp.RestoreLB(ctx, r.ep.Sandbox, r.table); err != nil {
 			t.Fatalf("%s: restore of 20000 rules: %v", tt.name, err)
 		}
 		t.Logf("%s: restore of 20000 rules: %v", tt.name, time.Since(start))
+		// Nothing a service other than IPv4 rr and wrr without persistence reads is deferred.
+		checkBackends(t, lb, r.table, true, tt.name+": late write held")
 		after, err := maps.ReadConfig(lb.Config)
 		if err != nil {
 			t.Fatal(err)
@@ -548,6 +555,11 @@ func TestLBRestore20000EveryScheduler(t *testing.T) {
 		if got := r.tcpPick(t); !strings.HasPrefix(got, "10.199.0.1") {
 			t.Errorf("%s: VIP after the restore answered by %q", tt.name, got)
 		}
+		g.release()
+		if _, err := r.dp.LBCounters(ctx, r.ep.Sandbox); err != nil { // waits for the late write
+			t.Fatal(err)
+		}
+		checkBackends(t, lb, r.table, false, tt.name+": after the late write")
 	}
 }
 
