@@ -394,6 +394,29 @@ func (d *Dataplane) writeLate(sb *Sandbox, id string, late map[uint32]maps.Backe
 	}()
 }
 
+// WaitLB waits until every entry of the sandbox's load-balancer table is written: a restore
+// answers once the datapath serves its table, and writes the real servers the datapath does
+// not read for it after that (RestoreLB, writeLate). For what times or checks the whole write
+// (benchmarks, tests); every operation that needs those entries waits for them itself.
+func (d *Dataplane) WaitLB(ctx context.Context, id string) error {
+	sb, err := d.get(id)
+	if err != nil {
+		return fmt.Errorf("wait lb: %w", err)
+	}
+	sb.lateMu.Lock()
+	done := sb.late
+	sb.lateMu.Unlock()
+	if done == nil {
+		return nil
+	}
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // waitLate waits until the real servers of the sandbox's last restore are written (writeLate).
 func (sb *Sandbox) waitLate() {
 	sb.lateMu.Lock()
