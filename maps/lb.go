@@ -1318,6 +1318,44 @@ func (l LB) MarkRealServers(bes map[uint32]Backend) error {
 	return nil
 }
 
+// PutLateBackends installs real servers that no live slot needs the entries of yet (a
+// restore's, written after its switch: control/dataplane), with one writer: it runs beside the
+// restore's answer (the save, the reply, the client's exit), which needs the other CPU. Their
+// prefilter bits are set too, though the restore set them before its switch. The entries are
+// written in one batch per map, IPv6 addresses first.
+func (l LB) PutLateBackends(bes map[uint32]Backend) error {
+	if len(bes) == 0 {
+		return nil
+	}
+	ids := make([]uint32, 0, len(bes))
+	vals := make([]backend, 0, len(bes))
+	rss := make([]uint32, 0, len(bes))
+	var ids6 []uint32
+	var vals6 []be6
+	for id, be := range bes {
+		b, b6, err := be.encode()
+		if err != nil {
+			return fmt.Errorf("put real servers: %w", err)
+		}
+		ids, vals, rss = append(ids, id), append(vals, b), append(rss, rsWord(b, b6))
+		if b6 != nil {
+			ids6, vals6 = append(ids6, id), append(vals6, *b6)
+		}
+	}
+	if err := l.markRealServers(rss...); err != nil {
+		return fmt.Errorf("put real servers: %w", err)
+	}
+	if len(ids6) > 0 {
+		if _, err := l.Backend6.BatchUpdate(ids6, vals6, nil); err != nil {
+			return fmt.Errorf("put real servers: IPv6 addresses: %w", err)
+		}
+	}
+	if _, err := l.Backend.BatchUpdate(ids, vals, nil); err != nil {
+		return fmt.Errorf("put real servers: %w", err)
+	}
+	return nil
+}
+
 // PutBackends installs many real servers at once. fresh says the ids are new (a restore into
 // an empty table): both address maps are written at once (no live slot names a new id, so the
 // order does not matter); otherwise an IPv6 address is written before the entry the

@@ -382,7 +382,7 @@ func (d *Dataplane) writeLate(sb *Sandbox, id string, late map[uint32]maps.Backe
 			err = hook(id)
 		}
 		if err == nil {
-			err = lb.PutBackends(late, true) // IPv4 only: nothing for kdp_lb_be6
+			err = lb.PutLateBackends(late)
 		}
 		if err != nil {
 			d.log.Error("restore lb: real servers not written after the switch; the next change rewrites the whole table",
