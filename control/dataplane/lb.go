@@ -199,7 +199,10 @@ func applyTimeouts(cfg *maps.Config, to ipvs.Timeouts) {
 // RestoreLB installs table t as a whole: every service is written under the next generation
 // beside the live one and the datapath is switched to it with one write, so it sees either
 // none of the new rules or all of them. It is how a restore, a clear and the first sync
-// after a start are applied.
+// after a start are applied. It returns once the datapath serves t: the real servers the
+// datapath does not read for t (those of IPv4 rr and wrr services without persistence, see
+// splitLate) are written after the switch, and whatever reads them waits for that (writeLate,
+// WaitLB).
 func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) error {
 	sb, err := d.get(id)
 	if err != nil {
