@@ -11,8 +11,8 @@ import (
 )
 
 // ctScanBuckets is how many buckets of the IPv4 connection table one step of a scan copies
-// (12 KiB: the copy stays in the CPU's first-level cache), and how many the batched fallback
-// (scanCTBatch) reads at a time.
+// (24 KiB: the copy stays in the CPU's first-level cache, 48 KiB here), and how many the
+// batched fallback (scanCTBatch) reads at a time.
 const ctScanBuckets = 64
 
 // scanCT calls f with every entry of the IPv4 connection table (kdp_lb_ct) that is in use,
@@ -20,7 +20,7 @@ const ctScanBuckets = 64
 //
 // The table is memory-mapped (BPF_F_MMAPABLE, bpf/lib/lb.h): the sweeper (once a second per
 // sandbox with a load balancer) and the metrics' count (every scrape) read it in place instead
-// of a batched lookup of the whole table (4096 buckets of 192 bytes by default, copied by the
+// of a batched lookup of the whole table (2048 buckets of 384 bytes by default, copied by the
 // kernel and decoded into a Go map: about 5 ms each time, whatever the number of connections,
 // docs/performance.md). A slot is read as the datapath's readers read it (ct_lookup), a
 // seqlock read done a step of ctScanBuckets buckets at a time: every slot's seq is loaded

@@ -615,15 +615,16 @@ static __always_inline bool ct_key_is(const struct ct_key *a, __u32 w0, __u32 w1
 	return x[0] == w0 && x[1] == w1 && x[2] == w2 && x[3] == w3;
 }
 
-/* ct_lookup finds the live entry of k at now: it copies it to out and returns its slot, or
- * NULL when there is none, when the entry expired (cfg's timeout for its state: its slot is
- * kept until reused, and an expired entry is no connection) or when it was being written. On
- * NULL out holds anything (a copy that did not hold). */
+/* ct_lookup finds the live entry of k, whose direction is d (k->dir, which the callers know
+ * as a constant: the bucket's and the slots' choice by it then compiles to none), at now: it
+ * copies it to out and returns its slot, or NULL when there is none, when the entry expired
+ * (cfg's timeout for its state: its slot is kept until reused, and an expired entry is no
+ * connection) or when it was being written. On NULL out holds anything (a copy that did not
+ * hold). */
 static __always_inline struct ct_slot *ct_lookup(const struct config *cfg, __u64 now, const struct ct_key *k,
-						 struct ct_entry *out)
+						 const __u32 d, struct ct_entry *out)
 {
 	const __u32 *w = (const __u32 *)k;
-	__u32 d = (w[3] >> 8) & 1;
 	struct ct_bucket *b = ct_bucket(w[0], w[1], w[2], w[3], d);
 	int i;
 
@@ -1453,7 +1454,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	ck.sport = f->sport;
 	ck.dport = f->dport;
 	ck.proto = f->proto;
-	e = ct_lookup(cfg, now, &ck, &ne);
+	e = ct_lookup(cfg, now, &ck, 0, &ne);
 	if (e) {
 		ct_refresh(&e->e.last_seen, ne.last_seen, now);
 		if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
@@ -1680,7 +1681,7 @@ static __always_inline int lb_icmp4(void *ctx, const bool xdp, const bool to, st
 	ck.proto = eip->protocol;
 	ck.dir = to ? 1 : 0;
 	cfg = config_get();
-	if (!cfg || !ct_lookup(cfg, lb_now(), &ck, &ce))
+	if (!cfg || !ct_lookup(cfg, lb_now(), &ck, to ? 1 : 0, &ce))
 		return -1;
 	new_a = ce.addr;
 	new_p = ce.port;
@@ -1924,7 +1925,7 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	now = lb_now();
 	/* An expired entry is no connection (ct_lookup): a late reply to a dead connection goes
 	 * on untranslated, as it did when the sweeper deleted the entry. */
-	e = ct_lookup(cfg, now, &ck, &ce);
+	e = ct_lookup(cfg, now, &ck, 1, &ce);
 	if (!e)
 		return -1;
 	ct_refresh(&e->e.last_seen, ce.last_seen, now);
