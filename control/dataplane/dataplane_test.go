@@ -25,6 +25,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
+	"github.com/kata-dp/kata-dp/maps"
 )
 
 // rig is the standard sandbox topology with a guest behind the tap:
@@ -45,6 +46,18 @@ func newRig(t *testing.T, id string) *rig {
 }
 
 // newRigWith is newRig with the loader options of the dataplane's sandboxes.
+// lbMaps opens the sandbox's pinned maps, as another process would (closed at the test's
+// end), and returns its load balancer's: what the datapath reads, for the tests to check.
+func (r *rig) lbMaps(t *testing.T) maps.LB {
+	t.Helper()
+	sbm, err := loader.Open(r.root, r.ep.Sandbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sbm.Close() })
+	return maps.ForSandbox(sbm.Maps()).LB
+}
+
 func newRigWith(t *testing.T, id string, o loader.Options) *rig {
 	t.Helper()
 	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")

@@ -478,12 +478,7 @@ func restoreRulesFamilies(sched func(i int) string, v6 bool) string {
 func TestLBRestore20000EveryScheduler(t *testing.T) {
 	r := newLBRig(t, "lb20k")
 	ctx := context.Background()
-	sbm, err := loader.Open(r.root, r.ep.Sandbox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sbm.Close()
-	lb := maps.ForSandbox(sbm.Maps()).LB
+	lb := r.lbMaps(t)
 	// Each restore's late write (the real servers of its rr and wrr services) is held while
 	// the maps are checked and the VIP is reached.
 	g := holdLate(t)
@@ -569,12 +564,7 @@ func TestLBRestore20000EveryScheduler(t *testing.T) {
 func TestLBRestoreFailsWhole(t *testing.T) {
 	r := newLBRig(t, "lbfail")
 	ctx := context.Background()
-	sbm, err := loader.Open(r.root, r.ep.Sandbox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sbm.Close()
-	lb := maps.ForSandbox(sbm.Maps()).LB
+	lb := r.lbMaps(t)
 	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr")
 	r.ipvsadm(t, "-a -t "+vipAddr+":80 -r 10.199.0.11:80")
 	live, err := lb.Usage()

@@ -176,12 +176,7 @@ func returnsWithin(done <-chan struct{}, d time.Duration) bool {
 func TestLBRestoreLateServers(t *testing.T) {
 	r := newLBRig(t, "lblate")
 	ctx := context.Background()
-	sbm, err := loader.Open(r.root, r.ep.Sandbox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sbm.Close()
-	lb := maps.ForSandbox(sbm.Maps()).LB
+	lb := r.lbMaps(t)
 	g := holdLate(t)
 	r.table = r.restoreTable(t, lateTable)
 	if err := r.dp.RestoreLB(ctx, r.ep.Sandbox, r.table); err != nil {
@@ -258,12 +253,7 @@ func TestLBRestoreLateServers(t *testing.T) {
 func TestLBRestoreLateFails(t *testing.T) {
 	r := newLBRig(t, "lblatefail")
 	ctx := context.Background()
-	sbm, err := loader.Open(r.root, r.ep.Sandbox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sbm.Close()
-	lb := maps.ForSandbox(sbm.Maps()).LB
+	lb := r.lbMaps(t)
 	g := holdLate(t)
 	g.fail(errors.New("injected"))
 	g.release()
@@ -306,12 +296,7 @@ func TestLBRestoreLateFails(t *testing.T) {
 func TestLBRestoreLateRestart(t *testing.T) {
 	r := newLBRig(t, "lblatekill")
 	ctx := context.Background()
-	sbm, err := loader.Open(r.root, r.ep.Sandbox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sbm.Close()
-	lb := maps.ForSandbox(sbm.Maps()).LB
+	lb := r.lbMaps(t)
 	g := holdLate(t)
 	g.fail(errors.New("agent killed"))
 	r.table = r.restoreTable(t, lateTable)
