@@ -1350,39 +1350,52 @@ func (l LB) MarkRealServers(bes map[uint32]Backend) error {
 // PutLateBackends installs real servers that no live slot needs the entries of yet (a
 // restore's, written after its switch: control/dataplane), with one writer: it runs beside the
 // restore's answer (the save, the reply, the client's exit), which needs the other CPU. Their
-// prefilter bits are set too, though the restore set them before its switch. The entries are
-// written in one batch per map, IPv6 addresses first.
+// prefilter bits are not set here: the restore set them before its switch (MarkRealServers),
+// as their replies pass the prefilter from then on. The entries are written in one batch per
+// map, IPv6 addresses first.
 func (l LB) PutLateBackends(bes map[uint32]Backend) error {
-	if len(bes) == 0 {
-		return nil
-	}
-	ids := make([]uint32, 0, len(bes))
-	vals := make([]backend, 0, len(bes))
-	rss := make([]uint32, 0, len(bes))
-	var ids6 []uint32
-	var vals6 []be6
-	for id, be := range bes {
-		b, b6, err := be.encode()
-		if err != nil {
-			return fmt.Errorf("put real servers: %w", err)
-		}
-		ids, vals, rss = append(ids, id), append(vals, b), append(rss, rsWord(b, b6))
-		if b6 != nil {
-			ids6, vals6 = append(ids6, id), append(vals6, *b6)
-		}
-	}
-	if err := l.markRealServers(rss...); err != nil {
+	enc, err := encodeBackends(bes)
+	if err != nil {
 		return fmt.Errorf("put real servers: %w", err)
 	}
-	if len(ids6) > 0 {
-		if _, err := l.Backend6.BatchUpdate(ids6, vals6, nil); err != nil {
+	if len(enc.ids6) > 0 {
+		if _, err := l.Backend6.BatchUpdate(enc.ids6, enc.vals6, nil); err != nil {
 			return fmt.Errorf("put real servers: IPv6 addresses: %w", err)
 		}
 	}
-	if _, err := l.Backend.BatchUpdate(ids, vals, nil); err != nil {
-		return fmt.Errorf("put real servers: %w", err)
+	if len(enc.ids) > 0 {
+		if _, err := l.Backend.BatchUpdate(enc.ids, enc.vals, nil); err != nil {
+			return fmt.Errorf("put real servers: %w", err)
+		}
 	}
 	return nil
+}
+
+// encodedBackends are real servers as the maps hold them: kdp_lb_be's ids and entries, the
+// IPv6 ones' addresses for kdp_lb_be6, and every one's prefilter word.
+type encodedBackends struct {
+	ids   []uint32
+	vals  []backend
+	ids6  []uint32
+	vals6 []be6
+	rss   []uint32
+}
+
+// encodeBackends encodes bes for the maps (PutBackends, PutLateBackends).
+func encodeBackends(bes map[uint32]Backend) (encodedBackends, error) {
+	enc := encodedBackends{ids: make([]uint32, 0, len(bes)), vals: make([]backend, 0, len(bes)),
+		rss: make([]uint32, 0, len(bes))}
+	for id, be := range bes {
+		b, b6, err := be.encode()
+		if err != nil {
+			return encodedBackends{}, err
+		}
+		enc.ids, enc.vals, enc.rss = append(enc.ids, id), append(enc.vals, b), append(enc.rss, rsWord(b, b6))
+		if b6 != nil {
+			enc.ids6, enc.vals6 = append(enc.ids6, id), append(enc.vals6, *b6)
+		}
+	}
+	return enc, nil
 }
 
 // PutBackends installs many real servers at once. fresh says the ids are new (a restore into
@@ -1394,36 +1407,22 @@ func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 	if len(bes) == 0 {
 		return nil
 	}
-	ids := make([]uint32, 0, len(bes))
-	vals := make([]backend, 0, len(bes))
-	var ids6 []uint32
-	var vals6 []be6
-	rss := make([]uint32, 0, len(bes))
-	for id, be := range bes {
-		b, b6, err := be.encode()
-		if err != nil {
-			return fmt.Errorf("put real servers: %w", err)
-		}
-		ids = append(ids, id)
-		vals = append(vals, b)
-		rss = append(rss, rsWord(b, b6))
-		if b6 != nil {
-			ids6 = append(ids6, id)
-			vals6 = append(vals6, *b6)
-		}
+	enc, err := encodeBackends(bes)
+	if err != nil {
+		return fmt.Errorf("put real servers: %w", err)
 	}
-	if err := l.markRealServers(rss...); err != nil {
+	if err := l.markRealServers(enc.rss...); err != nil {
 		return fmt.Errorf("put real servers: %w", err)
 	}
 	if fresh {
 		return concurrently("put real servers",
-			named("IPv6 addresses", func() error { return batchUpdate(l.Backend6, ids6, vals6) }),
-			func() error { return batchUpdate(l.Backend, ids, vals) })
+			named("IPv6 addresses", func() error { return batchUpdate(l.Backend6, enc.ids6, enc.vals6) }),
+			func() error { return batchUpdate(l.Backend, enc.ids, enc.vals) })
 	}
-	if err := batchUpdate(l.Backend6, ids6, vals6); err != nil {
+	if err := batchUpdate(l.Backend6, enc.ids6, enc.vals6); err != nil {
 		return fmt.Errorf("put real servers: IPv6 addresses: %w", err)
 	}
-	if err := batchUpdate(l.Backend, ids, vals); err != nil {
+	if err := batchUpdate(l.Backend, enc.ids, enc.vals); err != nil {
 		return fmt.Errorf("put real servers: %w", err)
 	}
 	return nil
