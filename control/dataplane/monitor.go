@@ -10,7 +10,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
-	"golang.org/x/sys/unix"
 
 	"github.com/kata-dp/kata-dp/maps"
 )
@@ -78,11 +77,10 @@ func (d *Dataplane) Monitor(ctx context.Context, id string, flags maps.MonitorFl
 		d.monMu.Lock()
 		defer d.monMu.Unlock()
 		// Taken under the lock the hub hands events out under: an event stamped later was
-		// committed later, so the hub hands it out after this stream joined.
+		// committed later, so the hub hands it out after this stream joined. CLOCK_MONOTONIC
+		// is bpf_ktime_get_ns's clock, which stamps the events.
+		s.since = time.Duration(monotonicNow())
 		var err error
-		if s.since, err = monotonic(); err != nil {
-			return err
-		}
 		if sb.mon == nil {
 			if sb.mon, err = openHub(d, sb); err != nil {
 				return err
@@ -311,13 +309,4 @@ func (s *MonitorStream) Close() error {
 		return fmt.Errorf("close monitor of %s: %w", s.id, err)
 	}
 	return nil
-}
-
-// monotonic is the clock of bpf_ktime_get_ns, which stamps the events.
-func monotonic() (time.Duration, error) {
-	var t unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &t); err != nil {
-		return 0, fmt.Errorf("read the monotonic clock: %w", err)
-	}
-	return time.Duration(t.Nano()), nil
 }
