@@ -118,6 +118,18 @@ type monRig struct {
 	tapIn *ebpf.Program
 }
 
+// dropStream opens a stream of the rig's drops, closed at the test's end (Close may be
+// called again before that).
+func (r *monRig) dropStream(t *testing.T) *dataplane.MonitorStream {
+	t.Helper()
+	s, err := r.dp.Monitor(context.Background(), "mon", maps.MonitorDrop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
 func newMonRig(t *testing.T) *monRig {
 	t.Helper()
 	topotest.RequireRoot(t, "loads BPF programs")
@@ -255,16 +267,8 @@ func TestMonitorCloseBesideOpen(t *testing.T) {
 // holds back no other stream.
 func TestMonitorFanOut(t *testing.T) {
 	r := newMonRig(t)
-	ctx := context.Background()
-	a, err := r.dp.Monitor(ctx, "mon", maps.MonitorDrop)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	b, err := r.dp.Monitor(ctx, "mon", maps.MonitorDrop)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := r.dropStream(t)
+	b := r.dropStream(t)
 	r.drop(t, 1)
 	r.drop(t, 2)
 	if ev := events(t, a, 2); !slices.Equal(ev, []uint8{1, 2}) {
@@ -276,11 +280,7 @@ func TestMonitorFanOut(t *testing.T) {
 	// b leaves with events unread; c opens: it sees the new event only.
 	r.drop(t, 3)
 	r.drop(t, 4)
-	c, err := r.dp.Monitor(ctx, "mon", maps.MonitorDrop)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := r.dropStream(t)
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -297,21 +297,13 @@ func TestMonitorFanOut(t *testing.T) {
 // opened afterwards sees the new events only.
 func TestMonitorReopen(t *testing.T) {
 	r := newMonRig(t)
-	ctx := context.Background()
-	a, err := r.dp.Monitor(ctx, "mon", maps.MonitorDrop)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := r.dropStream(t)
 	r.drop(t, 1)
 	r.drop(t, 2)
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	b, err := r.dp.Monitor(ctx, "mon", maps.MonitorDrop)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := r.dropStream(t)
 	r.drop(t, 3)
 	if ev := events(t, b, 1); !slices.Equal(ev, []uint8{3}) {
 		t.Errorf("stream opened after the last one closed got %v, want [3]", ev)
@@ -323,17 +315,8 @@ func TestMonitorReopen(t *testing.T) {
 // when no event came); the other streams of the sandbox get every event meanwhile.
 func TestMonitorSlowStream(t *testing.T) {
 	r := newMonRig(t)
-	ctx := context.Background()
-	slow, err := r.dp.Monitor(ctx, "mon", maps.MonitorDrop)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slow.Close()
-	fast, err := r.dp.Monitor(ctx, "mon", maps.MonitorDrop)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fast.Close()
+	slow := r.dropStream(t)
+	fast := r.dropStream(t)
 	// A rate limit the test's floods stay under, so every drop is reported.
 	if err := (maps.MonitorConfig{Map: r.pins.Maps().Mon}).Set(maps.MonitorDrop, 1000000, 100000); err != nil {
 		t.Fatal(err)
