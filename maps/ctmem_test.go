@@ -260,11 +260,11 @@ func TestCTMemUnmappedAtClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	k := ctKey{Saddr: 1, Daddr: 2, Sport: 3, Dport: 4, Proto: unix.IPPROTO_TCP}
-	if err := lb.SetConnEntry(k, ctEntry{LastSeen: monotonicNow(), State: CTTCPEst, Backend: 7, Svc: 3}); err != nil {
+	if err := lb.SetConnEntry(k, ctEntry{LastSeen: MonotonicNow(), State: CTTCPEst, Backend: 7, Svc: 3}); err != nil {
 		t.Fatal(err)
 	}
 	cfg, _ := ReadConfig(lb.Config)
-	if res, err := lb.Sweep(monotonicNow(), cfg, nil); err != nil || res.Live != 1 {
+	if res, err := lb.Sweep(MonotonicNow(), cfg, nil); err != nil || res.Live != 1 {
 		t.Errorf("sweep of the mapped table: %d live (%v), want 1", res.Live, err)
 	}
 	if err := sb.Close(); err != nil {
@@ -338,7 +338,7 @@ func TestCTUnmappedFallback(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	now := monotonicNow()
+	now := MonotonicNow()
 	if n, err := lb.ConnEntries(now, cfg); err != nil || n != 4 {
 		t.Errorf("ConnEntries: %d (%v), want 4", n, err)
 	}
@@ -352,7 +352,7 @@ func TestCTUnmappedFallback(t *testing.T) {
 	if _, err := lb.ConnEntry(r.key(b)); err != nil {
 		t.Errorf("B's entry after the cleanup of A: %v", err)
 	}
-	e := r.entry(monotonicNow())
+	e := r.entry(MonotonicNow())
 	if err := lb.SetConnEntry(r.key(a), e); err != nil {
 		t.Fatal(err)
 	}
@@ -414,7 +414,7 @@ func TestClearConnsKeepsInsert(t *testing.T) {
 	if got := mem[at].S[slotA]; got != (ctSlot{Seq: seqA + 2}) {
 		t.Errorf("A's slot after the clear: %+v, want empty with seq %d", got, seqA+2)
 	}
-	e := r.entry(monotonicNow())
+	e := r.entry(MonotonicNow())
 	if err := r.lb.SetConnEntry(r.key(a), e); err != nil {
 		t.Fatal(err)
 	}
@@ -473,7 +473,7 @@ func TestClearConnsConcurrent(t *testing.T) {
 				return
 			default:
 			}
-			e.LastSeen = monotonicNow()
+			e.LastSeen = MonotonicNow()
 			if err := r.lb.SetConnEntry(ka, e); err != nil {
 				bgErr = err
 				return

@@ -749,7 +749,7 @@ func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error
 	orig, reply := connKeys(k, e)
 	mem, err := l.ctMem()
 	if err == nil {
-		if err := ctSetMapped(&mem[i], k, e, orig, reply, monotonicNow(), cfg); err != nil {
+		if err := ctSetMapped(&mem[i], k, e, orig, reply, MonotonicNow(), cfg); err != nil {
 			return fmt.Errorf("write connection into bucket %d: %w", i, err)
 		}
 		return nil
@@ -761,7 +761,7 @@ func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error
 	if err := l.CT.Lookup(i, &b); err != nil {
 		return fmt.Errorf("write connection: %w", err)
 	}
-	at := loader.CTSlot(k, ctPick(&b, orig, reply, monotonicNow(), cfg))
+	at := loader.CTSlot(k, ctPick(&b, orig, reply, MonotonicNow(), cfg))
 	b.S[at] = ctSlot{Seq: (b.S[at].Seq + 2) &^ 1, Key: k, E: e}
 	if err := l.CT.Update(i, &b, ebpf.UpdateExist); err != nil {
 		return fmt.Errorf("write connection: %w", err)
@@ -797,12 +797,6 @@ func ctPick(b *ctBucket, orig, reply ctKey, now uint64, cfg Config) int {
 		return spare
 	}
 	return victim
-}
-
-func monotonicNow() uint64 {
-	var ts unix.Timespec
-	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	return uint64(ts.Nano())
 }
 
 // ctExpired says whether an entry last seen at seen, in state, is idle past its timeout at

@@ -8,8 +8,6 @@ import (
 	"slices"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/kata-dp/kata-dp/control/ipvs"
 	"github.com/kata-dp/kata-dp/maps"
 )
@@ -558,7 +556,7 @@ func (d *Dataplane) ConnTable(ctx context.Context, id string) (entries, capacity
 		if err != nil {
 			return err
 		}
-		entries, err = lb.ConnEntries(monotonicNow(), cfg)
+		entries, err = lb.ConnEntries(maps.MonotonicNow(), cfg)
 		return err
 	})
 	if err != nil {
@@ -602,12 +600,6 @@ func (d *Dataplane) CleanupConns(ctx context.Context, id string, dst netip.Addr,
 	return res.Expired, nil
 }
 
-func monotonicNow() uint64 {
-	var ts unix.Timespec
-	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	return uint64(ts.Nano())
-}
-
 func (d *Dataplane) sweep(sb *Sandbox, match func(maps.Conn) bool) (maps.SweepResult, error) {
 	sb.waitLate() // the recount deletes the counters of real servers it does not find
 	lb := sb.lbMaps()
@@ -618,7 +610,7 @@ func (d *Dataplane) sweep(sb *Sandbox, match func(maps.Conn) bool) (maps.SweepRe
 	if cfg.Flags&maps.ConfigLB == 0 && match == nil {
 		return maps.SweepResult{}, nil
 	}
-	return lb.Sweep(monotonicNow(), cfg, match)
+	return lb.Sweep(maps.MonotonicNow(), cfg, match)
 }
 
 // lbSample is the load balancer's counters as read at one time.

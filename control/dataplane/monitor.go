@@ -79,7 +79,7 @@ func (d *Dataplane) Monitor(ctx context.Context, id string, flags maps.MonitorFl
 		// Taken under the lock the hub hands events out under: an event stamped later was
 		// committed later, so the hub hands it out after this stream joined. CLOCK_MONOTONIC
 		// is bpf_ktime_get_ns's clock, which stamps the events.
-		s.since = time.Duration(monotonicNow())
+		s.since = time.Duration(maps.MonotonicNow())
 		var err error
 		if sb.mon == nil {
 			if sb.mon, err = openHub(d, sb); err != nil {

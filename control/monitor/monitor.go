@@ -385,9 +385,5 @@ func (n *names) nic(id string, slot uint32) string {
 
 // bootTime is the wall time of the monotonic clock's zero (bpf_ktime_get_ns counts from boot).
 func bootTime() time.Time {
-	var ts [2]int64
-	if err := clockMonotonic(&ts); err != nil {
-		return time.Now()
-	}
-	return time.Now().Add(-time.Duration(ts[0]*1e9 + ts[1]))
+	return time.Now().Add(-time.Duration(maps.MonotonicNow()))
 }
