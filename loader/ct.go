@@ -13,10 +13,28 @@ import (
 )
 
 // CTWays is the number of slots in a bucket of the IPv4 connection table (KDP_CT_WAYS): the
-// table (kdp_lb_ct) is an array of buckets that the datapath manages itself (bpf/lib/lb.h),
-// so Options.CTSize entries make CTSize/CTWays buckets. A connection's two entries lie in one
-// bucket, as a pair of slots: the original direction's in slot 2p, the reply's in 2p+1.
+// table (CTPin) is an array of buckets that the datapath manages itself (bpf/lib/lb.h), so
+// Options.CTSize entries make CTSize/CTWays buckets. A connection's two entries lie in one
+// bucket, as a pair of slots grouped by direction: the original direction's in slot p of the
+// bucket's first half, the reply's in slot p of its second half (CTSlot), so that a lookup
+// reads only its direction's half.
 const CTWays = 8
+
+// ctConns is the number of connections a bucket holds: pairs of slots.
+const ctConns = CTWays / 2
+
+// CTPin is the IPv4 connection table's map and pin name, kdp_lb_ct2. The name is the layout's
+// version: the table's shape cannot tell this layout from the one before it (buckets of
+// eight slots with a connection's two side by side), so the earlier layouts were all pinned
+// as oldCTPin and this one under a name of its own. A version word kept beside the table
+// (another pin, or an entry of the config map) would have to change together with the table
+// it describes, and a crash between the two leaves a table read in the wrong layout; a new
+// name commits a migration in one rename (migrateCTPin).
+const CTPin = "kdp_lb_ct2"
+
+// oldCTPin is the name the IPv4 connection table had in its earlier layouts, which
+// oldCTLayout tells apart by shape.
+const oldCTPin = "kdp_lb_ct"
 
 // ctBuckets is the number of buckets that hold size entries.
 func ctBuckets(size uint32) uint32 { return max(size/CTWays, 1) }
@@ -52,7 +70,10 @@ func CTHash(k DatapathCtKey) uint32 {
 
 // CTSlot is the slot of a bucket where an entry of key k lies when its connection holds pair
 // p of the bucket (see CTWays).
-func CTSlot(k DatapathCtKey, p int) int { return 2*p + int(k.Dir&1) }
+func CTSlot(k DatapathCtKey, p int) int { return ctSlotOf(k.Dir, p) }
+
+// ctSlotOf is the slot of direction dir (0 original, 1 reply) of pair p.
+func ctSlotOf(dir uint8, p int) int { return int(dir&1)*ctConns + p }
 
 // CTReplyKey is the reply direction's key of the connection whose original key is k and whose
 // original entry is e (e holds the real server), as ct_insert makes it.
@@ -60,26 +81,31 @@ func CTReplyKey(k DatapathCtKey, e DatapathCtEntry) DatapathCtKey {
 	return DatapathCtKey{Saddr: e.Addr, Daddr: k.Saddr, Sport: e.Port, Dport: k.Sport, Proto: k.Proto, Dir: 1}
 }
 
-// The IPv4 connection table's earlier layouts, which convertCT moves into the current one:
-// an LRU hash of one entry per direction (kata-dp before the array of buckets), and an array
-// of buckets of four slots whose entries were placed by a hash of each direction's whole key
-// (oldCTHash), so a connection's two entries were in unrelated buckets.
+// The IPv4 connection table's earlier layouts, all pinned as oldCTPin, which convertCT moves
+// into the current one: an LRU hash of one entry per direction (kata-dp before the array of
+// buckets); an array of buckets of four slots whose entries were placed by a hash of each
+// direction's whole key (oldCTHash), so a connection's two entries were in unrelated buckets;
+// and buckets of eight slots placed as today's (CTHash), a connection's two side by side
+// (original in slot 2p, reply in 2p+1), so each direction's slots spread over the bucket.
 const (
 	oldCTWays        = 4
 	ctLayoutLRU      = "lru hash"
 	ctLayoutBuckets4 = "buckets of 4"
+	ctLayoutPairs    = "buckets of 8, pairs side by side"
 )
 
 type oldCTBucket struct{ S [oldCTWays]DatapathCtSlot }
 
-// oldCTLayout names the earlier layout of the IPv4 connection table m and the number of
-// entries it holds, or "" when m is not one of them.
+// oldCTLayout names the earlier layout of the IPv4 connection table m, pinned as oldCTPin,
+// and the number of entries it holds, or "" when m is not one of them.
 func oldCTLayout(m *ebpf.Map) (layout string, entries uint32) {
 	switch {
 	case m.Type() != ebpf.Array && m.KeySize() == 16 && m.ValueSize() == 24:
 		return ctLayoutLRU, m.MaxEntries()
 	case m.Type() == ebpf.Array && m.KeySize() == 4 && m.ValueSize() == uint32(unsafe.Sizeof(oldCTBucket{})):
 		return ctLayoutBuckets4, m.MaxEntries() * oldCTWays
+	case m.Type() == ebpf.Array && m.KeySize() == 4 && m.ValueSize() == uint32(unsafe.Sizeof(DatapathCtBucket{})):
+		return ctLayoutPairs, m.MaxEntries() * CTWays
 	}
 	return "", 0
 }
@@ -90,15 +116,17 @@ func oldCTLayout(m *ebpf.Map) (layout string, entries uint32) {
 // their real servers. An entry whose partner is not in the table (its connection half
 // evicted, or one the control plane wrote alone) takes a pair of its own, after the whole
 // connections. Connections whose bucket is full are dropped, the least recently seen first:
-// the old layout spread a connection's entries over two buckets, so a bucket of the new one
-// can receive more connections than it holds, rarely (docs/performance.md's figures).
+// the LRU hash and the buckets of four spread a connection's entries over two buckets, so a
+// bucket of the new layout can receive more connections than it holds, rarely
+// (docs/performance.md's figures); the pairs side by side move within their bucket.
 func convertCT(old, m *ebpf.Map) (copied, dropped int, err error) {
 	type entry struct {
 		k DatapathCtKey
 		e DatapathCtEntry
 	}
 	var all []entry
-	switch layout, _ := oldCTLayout(old); layout {
+	layout, _ := oldCTLayout(old)
+	switch layout {
 	case ctLayoutLRU:
 		var (
 			k DatapathCtKey
@@ -111,16 +139,29 @@ func convertCT(old, m *ebpf.Map) (copied, dropped int, err error) {
 		if err := it.Err(); err != nil {
 			return 0, 0, fmt.Errorf("read the connection table: %w", err)
 		}
-	case ctLayoutBuckets4:
+	case ctLayoutBuckets4, ctLayoutPairs:
+		// Every slot in use, wherever it lies: the pairs are found again by their keys.
+		add := func(s DatapathCtSlot) {
+			if s.E.LastSeen != 0 && s.Seq&1 == 0 {
+				all = append(all, entry{s.Key, s.E})
+			}
+		}
 		var (
-			i uint32
-			b oldCTBucket
+			i  uint32
+			b4 oldCTBucket
+			b8 DatapathCtBucket
 		)
 		it := old.Iterate()
-		for it.Next(&i, &b) {
-			for _, s := range b.S {
-				if s.E.LastSeen != 0 && s.Seq&1 == 0 {
-					all = append(all, entry{s.Key, s.E})
+		if layout == ctLayoutBuckets4 {
+			for it.Next(&i, &b4) {
+				for _, s := range b4.S {
+					add(s)
+				}
+			}
+		} else {
+			for it.Next(&i, &b8) {
+				for _, s := range b8.S {
+					add(s)
 				}
 			}
 		}
@@ -182,8 +223,8 @@ func convertCT(old, m *ebpf.Map) (copied, dropped int, err error) {
 			buckets[at] = b
 		}
 		p := -1 // the first pair with both slots free
-		for q := range CTWays / 2 {
-			if b.S[2*q].E.LastSeen == 0 && b.S[2*q+1].E.LastSeen == 0 {
+		for q := range ctConns {
+			if b.S[ctSlotOf(0, q)].E.LastSeen == 0 && b.S[ctSlotOf(1, q)].E.LastSeen == 0 {
 				p = q
 				break
 			}

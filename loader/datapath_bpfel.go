@@ -292,7 +292,7 @@ const (
 	DatapathMapKdpLbBe       = "kdp_lb_be"
 	DatapathMapKdpLbBe6      = "kdp_lb_be6"
 	DatapathMapKdpLbConns    = "kdp_lb_conns"
-	DatapathMapKdpLbCt       = "kdp_lb_ct"
+	DatapathMapKdpLbCt2      = "kdp_lb_ct2"
 	DatapathMapKdpLbCt6      = "kdp_lb_ct6"
 	DatapathMapKdpLbHash     = "kdp_lb_hash"
 	DatapathMapKdpLbStats    = "kdp_lb_stats"
@@ -375,7 +375,7 @@ type DatapathMapSpecs struct {
 	KdpLbBe       *ebpf.MapSpec `ebpf:"kdp_lb_be"`
 	KdpLbBe6      *ebpf.MapSpec `ebpf:"kdp_lb_be6"`
 	KdpLbConns    *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
-	KdpLbCt       *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
+	KdpLbCt2      *ebpf.MapSpec `ebpf:"kdp_lb_ct2"`
 	KdpLbCt6      *ebpf.MapSpec `ebpf:"kdp_lb_ct6"`
 	KdpLbHash     *ebpf.MapSpec `ebpf:"kdp_lb_hash"`
 	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
@@ -428,7 +428,7 @@ type DatapathMaps struct {
 	KdpLbBe       *ebpf.Map `ebpf:"kdp_lb_be"`
 	KdpLbBe6      *ebpf.Map `ebpf:"kdp_lb_be6"`
 	KdpLbConns    *ebpf.Map `ebpf:"kdp_lb_conns"`
-	KdpLbCt       *ebpf.Map `ebpf:"kdp_lb_ct"`
+	KdpLbCt2      *ebpf.Map `ebpf:"kdp_lb_ct2"`
 	KdpLbCt6      *ebpf.Map `ebpf:"kdp_lb_ct6"`
 	KdpLbHash     *ebpf.Map `ebpf:"kdp_lb_hash"`
 	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
@@ -457,7 +457,7 @@ func (m *DatapathMaps) Close() error {
 		m.KdpLbBe,
 		m.KdpLbBe6,
 		m.KdpLbConns,
-		m.KdpLbCt,
+		m.KdpLbCt2,
 		m.KdpLbCt6,
 		m.KdpLbHash,
 		m.KdpLbStats,

@@ -212,7 +212,8 @@ func TestLBSweepSlots(t *testing.T) {
 }
 
 // TestLBCTPick: a new connection's two entries take, in the bucket of the guest's port, a
-// pair of slots (original in the even one, reply in the odd one): the pair holding either of
+// pair of slots (original in slot p of the bucket's first half, reply in slot p of its
+// second, loader.CTSlot): the pair holding either of
 // its keys (expired: never a second entry of one key), else the first pair whose two slots
 // are free or expired, else the pair whose newer entry is the oldest (one whole connection
 // evicted, even where another pair holds the single oldest entry); maps.LB.SetConnEntry
@@ -231,15 +232,18 @@ func TestLBCTPick(t *testing.T) {
 		return loader.DatapathCtKey{Saddr: ne32(guestIP), Daddr: ne32(vip.Addr()), Sport: htons(port), Dport: htons(vip.Port()), Proto: unix.IPPROTO_TCP}
 	}
 	entry := loader.DatapathCtEntry{Addr: ne32(backend.Addr()), Port: htons(backend.Port()), State: maps.CTTCPEst, Backend: 7, Svc: 3}
-	// other is an entry of another connection in slot i (of i's direction).
+	// other is an entry of another connection, of direction i%2.
 	other := func(i int, seen uint64) loader.DatapathCtSlot {
 		return loader.DatapathCtSlot{Seq: 2, Key: loader.DatapathCtKey{Saddr: 0x0900000a + uint32(i)<<24, Daddr: 1, Proto: unix.IPPROTO_TCP, Dir: uint8(i % 2)},
 			E: loader.DatapathCtEntry{LastSeen: seen, State: maps.CTTCPEst, Backend: 7, Svc: 3}}
 	}
+	// pairs fills a bucket's pairs: seen holds the stamps of pair 0's original and reply
+	// entries, then pair 1's and so on (0: a free slot).
 	pairs := func(seen ...uint64) (s [loader.CTWays]loader.DatapathCtSlot) {
 		for i, x := range seen {
 			if x != 0 {
-				s[i] = other(i, x)
+				o := other(i, x)
+				s[loader.CTSlot(o.Key, i/2)] = o
 			}
 		}
 		return s
@@ -252,12 +256,13 @@ func TestLBCTPick(t *testing.T) {
 	}{
 		{"the pair of its own expired original entry before a free one", func(k loader.DatapathCtKey) [loader.CTWays]loader.DatapathCtSlot {
 			s := pairs(0, 0, now, now, old, old, now, now)
-			s[4].Key = k
+			s[loader.CTSlot(k, 2)].Key = k
 			return s
 		}, 2},
 		{"the pair of its own expired reply entry before a free one", func(k loader.DatapathCtKey) [loader.CTWays]loader.DatapathCtSlot {
 			s := pairs(0, 0, now, now, now, now, now, old)
-			s[7].Key = loader.CTReplyKey(k, entry)
+			r := loader.CTReplyKey(k, entry)
+			s[loader.CTSlot(r, 3)].Key = r
 			return s
 		}, 3},
 		{"the first pair whose both slots are free or expired", func(loader.DatapathCtKey) [loader.CTWays]loader.DatapathCtSlot {

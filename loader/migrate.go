@@ -24,9 +24,8 @@ const migrateSuffix = "_migrating"
 // The new map gets the entries of the old one where their layout is unchanged (same key and
 // value size: a hash whose flags or type changed, a hash that became an array indexed by the
 // same u32 keys); entries that do not fit are counted and dropped. The IPv4 connection table
-// of an earlier layout (an LRU hash, then an array of buckets of four slots that placed each
-// direction's entry by its own key) is converted (convertCT): established connections
-// survive the upgrade. A map whose layout did
+// of an earlier layout is converted under its new name first (migrateCTPin): established
+// connections survive the upgrade. A map whose layout did
 // change starts empty, and its owner writes it again: the agent's reconcile rewrites every
 // endpoint, route and load-balancer entry at start. The old map lives on while the programs
 // pinned in links still use it; Open moves the links onto the new programs right after, so
@@ -44,6 +43,9 @@ func migratePinned(spec *ebpf.CollectionSpec, dir string) error {
 		if err := os.Remove(p); err != nil {
 			return fmt.Errorf("migrate pinned maps: remove the leftover %s: %w", p, err)
 		}
+	}
+	if err := migrateCTPin(spec, dir); err != nil {
+		return fmt.Errorf("migrate the connection table: %w", err)
 	}
 	names := make([]string, 0, len(spec.Maps))
 	for name, ms := range spec.Maps {
@@ -81,11 +83,7 @@ func migrateMap(ms *ebpf.MapSpec, path string) error {
 		return fmt.Errorf("create the new map: %w", err)
 	}
 	defer m.Close()
-	fill := copyEntries
-	if layout, _ := oldCTLayout(old); filepath.Base(path) == "kdp_lb_ct" && layout != "" {
-		fill = convertCT // an earlier layout of the connection table: entries are moved, not dropped
-	}
-	copied, dropped, err := fill(old, m)
+	copied, dropped, err := copyEntries(old, m)
 	if err != nil {
 		return fmt.Errorf("copy entries: %w", err)
 	}
@@ -99,6 +97,68 @@ func migrateMap(ms *ebpf.MapSpec, path string) error {
 	}
 	slog.Info("migrated a pinned map to this version's definition", "map", path, "change", why.Error(),
 		"entries_copied", copied, "entries_dropped", dropped)
+	return nil
+}
+
+// migrateCTPin moves an IPv4 connection table that an earlier agent pinned in dir as oldCTPin
+// (any of oldCTLayout's layouts) into a new table of spec's layout pinned as CTPin, with the
+// same capacity in entries (convertCT; spec's CTPin takes its size), and removes the old pin. The new pin is the commit
+// point: it is made under a temporary name and renamed into place, and only then is the old
+// one removed, so a crash before the rename leaves the old pin to migrate again, and one
+// after it leaves both, of which the next open removes the old. The programs pinned in links
+// write into the old table until Open moves the links onto the new programs: a connection
+// they make in that moment is lost, as in migrateMap.
+func migrateCTPin(spec *ebpf.CollectionSpec, dir string) error {
+	oldPath, path := filepath.Join(dir, oldCTPin), filepath.Join(dir, CTPin)
+	old, err := ebpf.LoadPinnedMap(oldPath, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open %s: %w", oldCTPin, err)
+	}
+	defer old.Close()
+	if _, err := os.Stat(path); err == nil {
+		// Migrated, but not yet unpinned: a crash between the two.
+		if err := os.Remove(oldPath); err != nil {
+			return fmt.Errorf("remove the migrated %s: %w", oldCTPin, err)
+		}
+		return nil
+	}
+	layout, entries := oldCTLayout(old)
+	if layout == "" {
+		return fmt.Errorf("%s of an unknown layout (%s, key %d, value %d bytes)", oldCTPin, old.Type(), old.KeySize(), old.ValueSize())
+	}
+	ms, ok := spec.Maps[CTPin]
+	if !ok {
+		return fmt.Errorf("the datapath has no map %s", CTPin)
+	}
+	ns := ms.Copy()
+	ns.Pinning = ebpf.PinNone
+	ns.MaxEntries = ctBuckets(entries)
+	m, err := ebpf.NewMap(ns)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", CTPin, err)
+	}
+	defer m.Close()
+	copied, dropped, err := convertCT(old, m)
+	if err != nil {
+		return fmt.Errorf("convert %s (%s): %w", oldCTPin, layout, err)
+	}
+	tmp := path + migrateSuffix
+	if err := m.Pin(tmp); err != nil {
+		return fmt.Errorf("pin %s: %w", CTPin, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("pin %s: %w", CTPin, err)
+	}
+	ms.MaxEntries = ns.MaxEntries
+	if err := os.Remove(oldPath); err != nil {
+		return fmt.Errorf("remove the migrated %s: %w", oldCTPin, err)
+	}
+	slog.Info("migrated the connection table to this version's layout", "from", oldPath, "layout", layout,
+		"to", path, "entries_copied", copied, "entries_dropped", dropped)
 	return nil
 }
 

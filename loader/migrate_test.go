@@ -3,7 +3,6 @@ package loader_test
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -212,13 +211,14 @@ func TestMigrateConnTable(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	repin(t, old, filepath.Join(dir, "kdp_lb_ct"))
+	pinOldCT(t, old, dir)
 
 	sb, err = loader.Open(root, id)
 	if err != nil {
 		t.Fatalf("open over the LRU connection table: %v", err)
 	}
 	defer sb.Close()
+	checkOldCTUnpinned(t, dir)
 	if got := maps.ForSandbox(sb.Maps()).LB.ConnCapacity(); got != 8192 {
 		t.Errorf("capacity after the migration %d, want 8192", got)
 	}
@@ -235,62 +235,122 @@ func oldCTHash(k loader.DatapathCtKey) uint32 {
 }
 
 // TestMigrateConnTableBuckets: a sandbox pinned when the IPv4 connection table was an array
-// of buckets of four slots, each direction's entry in the bucket of its own key (so a
-// connection's two entries in unrelated buckets), mapped (BPF_F_MMAPABLE) or not (the version
-// before), is opened with a mapped table of this layout holding every entry, a connection's
-// two in a pair of slots of one bucket: the datapath finds them (established connections stay
+// of buckets, in one of its earlier layouts under the name kdp_lb_ct, is opened with a mapped
+// table of this layout, kdp_lb_ct2, holding every entry, a connection's two in a pair of slots
+// of one bucket, and the old pin gone: the datapath finds them (established connections stay
 // on their real servers), the sweeper counts them reading the table in place, and the table
-// keeps its capacity in entries.
+// keeps its capacity in entries. The layouts: buckets of four slots, each direction's entry
+// in the bucket of its own key (so a connection's two entries in unrelated buckets), mapped
+// (BPF_F_MMAPABLE) or not (the version before); and buckets of eight slots in this layout's
+// buckets, a connection's two side by side (original in slot 2p, reply in 2p+1), which has
+// this layout's shape and is told from it by its name alone.
 func TestMigrateConnTableBuckets(t *testing.T) {
 	needRoot(t)
-	for _, flags := range []uint32{0, unix.BPF_F_MMAPABLE} {
-		t.Run(fmt.Sprintf("flags=%#x", flags), func(t *testing.T) {
+	type bucket4 struct{ S [4]loader.DatapathCtSlot }
+	for _, c := range []struct {
+		name    string
+		ways    int
+		buckets uint32
+		flags   uint32
+	}{
+		{"buckets of 4", 4, 1024, 0},
+		{"buckets of 4, mapped", 4, 1024, unix.BPF_F_MMAPABLE},
+		// 64 buckets: some hold two or three of the 50 connections, whose pairs move.
+		{"buckets of 8, pairs side by side", 8, 64, unix.BPF_F_MMAPABLE},
+	} {
+		t.Run(c.name, func(t *testing.T) {
 			root := testRoot(t)
 			const id = "migratect2"
 			sb := openSandbox(t, root, id)
 			dir := sb.Dir()
 			sb.Close()
 
-			type bucket4 struct{ S [4]loader.DatapathCtSlot }
-			old, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: uint32(unsafe.Sizeof(bucket4{})), MaxEntries: 1024, Flags: flags})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer old.Close()
 			now := monotonic()
 			keys, entries := migratedConns(50, now)
-			buckets := map[uint32]*bucket4{}
-			for i, k := range keys {
-				at := oldCTHash(k) % 1024
-				b := buckets[at]
-				if b == nil {
-					b = &bucket4{}
-					buckets[at] = b
-				}
-				s := slices.IndexFunc(b.S[:], func(s loader.DatapathCtSlot) bool { return s.E.LastSeen == 0 })
-				if s < 0 {
-					t.Fatalf("bucket %d of the old table is full", at)
-				}
-				b.S[s] = loader.DatapathCtSlot{Seq: 2, Key: k, E: entries[i]}
-			}
-			for at, b := range buckets {
-				if err := old.Put(at, b); err != nil {
+			var (
+				old    *ebpf.Map
+				shared int // buckets of the pairs' table holding more than one connection
+				err    error
+			)
+			if c.ways == 4 {
+				old, err = ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: uint32(unsafe.Sizeof(bucket4{})), MaxEntries: c.buckets, Flags: c.flags})
+				if err != nil {
 					t.Fatal(err)
 				}
+				defer old.Close()
+				buckets := map[uint32]*bucket4{}
+				for i, k := range keys {
+					at := oldCTHash(k) % c.buckets
+					b := buckets[at]
+					if b == nil {
+						b = &bucket4{}
+						buckets[at] = b
+					}
+					s := slices.IndexFunc(b.S[:], func(s loader.DatapathCtSlot) bool { return s.E.LastSeen == 0 })
+					if s < 0 {
+						t.Fatalf("bucket %d of the old table is full", at)
+					}
+					b.S[s] = loader.DatapathCtSlot{Seq: 2, Key: k, E: entries[i]}
+				}
+				for at, b := range buckets {
+					if err := old.Put(at, b); err != nil {
+						t.Fatal(err)
+					}
+				}
+			} else {
+				old, err = ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: uint32(unsafe.Sizeof(loader.DatapathCtBucket{})), MaxEntries: c.buckets, Flags: c.flags})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer old.Close()
+				buckets := map[uint32]*loader.DatapathCtBucket{}
+				conns := map[uint32]int{}
+				for i := 0; i < len(keys); i++ {
+					at := loader.CTHash(keys[i]) % c.buckets
+					b := buckets[at]
+					if b == nil {
+						b = &loader.DatapathCtBucket{}
+						buckets[at] = b
+					}
+					p := conns[at]
+					if p == loader.CTWays/2 {
+						t.Fatalf("bucket %d of the old table is full", at)
+					}
+					conns[at]++
+					b.S[2*p+int(keys[i].Dir)] = loader.DatapathCtSlot{Seq: 2, Key: keys[i], E: entries[i]}
+					if keys[i].Dir == 0 { // its reply follows it (migratedConns)
+						i++
+						b.S[2*p+1] = loader.DatapathCtSlot{Seq: 4, Key: keys[i], E: entries[i]}
+					}
+				}
+				for at, b := range buckets {
+					if err := old.Put(at, b); err != nil {
+						t.Fatal(err)
+					}
+				}
+				for _, n := range conns {
+					if n > 1 {
+						shared++
+					}
+				}
+				if shared == 0 {
+					t.Fatal("no bucket of the old table holds two connections: the test moves no pair")
+				}
 			}
-			repin(t, old, filepath.Join(dir, "kdp_lb_ct"))
+			pinOldCT(t, old, dir)
 
 			sb, err = loader.Open(root, id)
 			if err != nil {
 				t.Fatalf("open over the old connection table: %v", err)
 			}
 			defer sb.Close()
+			checkOldCTUnpinned(t, dir)
 			lb := maps.ForSandbox(sb.Maps()).LB
 			if lb.CTMem == nil {
 				t.Fatal("the migrated table is not mapped")
 			}
-			if got := lb.ConnCapacity(); got != 1024*4 {
-				t.Errorf("capacity after the migration %d, want %d", got, 1024*4)
+			if got, want := lb.ConnCapacity(), int(c.buckets)*c.ways; got != want {
+				t.Errorf("capacity after the migration %d, want %d", got, want)
 			}
 			res, err := lb.Sweep(now, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}, nil)
 			if err != nil {
@@ -301,6 +361,78 @@ func TestMigrateConnTableBuckets(t *testing.T) {
 			}
 			checkMigratedConns(t, sb, keys, entries)
 		})
+	}
+}
+
+// TestMigrateConnTableCrash: a crash after a migration pinned the new connection table
+// (kdp_lb_ct2) and before it removed the old pin (kdp_lb_ct) leaves both; the next open keeps
+// the new table as it is, with its entries, and removes the old pin without reading it.
+func TestMigrateConnTableCrash(t *testing.T) {
+	needRoot(t)
+	root := testRoot(t)
+	const id = "migratect3"
+	sb := openSandbox(t, root, id)
+	dir := sb.Dir()
+	lb := maps.ForSandbox(sb.Maps()).LB
+	keys, entries := migratedConns(3, monotonic())
+	for i := range keys {
+		if err := lb.SetConnEntry(keys[i], entries[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	info, err := lb.CT.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := info.ID()
+	sb.Close()
+
+	old, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: uint32(unsafe.Sizeof(loader.DatapathCtBucket{})), MaxEntries: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	if err := old.Pin(filepath.Join(dir, "kdp_lb_ct")); err != nil {
+		t.Fatal(err)
+	}
+
+	sb, err = loader.Open(root, id)
+	if err != nil {
+		t.Fatalf("open over both tables: %v", err)
+	}
+	defer sb.Close()
+	checkOldCTUnpinned(t, dir)
+	info, err = maps.ForSandbox(sb.Maps()).LB.CT.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := info.ID(); got != want {
+		t.Errorf("the connection table after the open is map %d, want the one pinned before, %d", got, want)
+	}
+	checkMigratedConns(t, sb, keys, entries)
+}
+
+// pinOldCT pins m as an earlier agent's IPv4 connection table (kdp_lb_ct) in the sandbox's
+// pin directory dir in place of this build's (kdp_lb_ct2): what an older agent left behind.
+func pinOldCT(t *testing.T, m *ebpf.Map, dir string) {
+	t.Helper()
+	if err := os.Remove(filepath.Join(dir, loader.CTPin)); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Pin(filepath.Join(dir, "kdp_lb_ct")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// checkOldCTUnpinned: after an open, the earlier connection table's pin is gone and this
+// build's is there.
+func checkOldCTUnpinned(t *testing.T, dir string) {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(dir, "kdp_lb_ct")); !os.IsNotExist(err) {
+		t.Errorf("the old connection table's pin is still there: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, loader.CTPin)); err != nil {
+		t.Errorf("the connection table's pin: %v", err)
 	}
 }
 

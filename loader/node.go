@@ -343,7 +343,7 @@ func (s *Sandbox) DirectRNATProgram() (*ebpf.Program, error) {
 	o := &s.objs
 	repl := map[string]*ebpf.Map{
 		"kdp_config": o.KdpConfig, "kdp_lb_svc": o.KdpLbSvc, "kdp_lb_hash": o.KdpLbHash, "kdp_lb_be": o.KdpLbBe, "kdp_lb_stats": o.KdpLbStats,
-		"kdp_lb_conns": o.KdpLbConns, "kdp_lb_ct": o.KdpLbCt, "kdp_lb_aff": o.KdpLbAff,
+		"kdp_lb_conns": o.KdpLbConns, CTPin: o.KdpLbCt2, "kdp_lb_aff": o.KdpLbAff,
 		"kdp_lb_svc6": o.KdpLbSvc6, "kdp_lb_be6": o.KdpLbBe6, "kdp_lb_ct6": o.KdpLbCt6, "kdp_lb_aff6": o.KdpLbAff6,
 		"kdp_lb_vips": o.KdpLbVips, // the reverse NAT reads the real servers' prefilter bits
 	}

@@ -236,7 +236,7 @@ const (
 	NodeMapKdpLbBe        = "kdp_lb_be"
 	NodeMapKdpLbBe6       = "kdp_lb_be6"
 	NodeMapKdpLbConns     = "kdp_lb_conns"
-	NodeMapKdpLbCt        = "kdp_lb_ct"
+	NodeMapKdpLbCt2       = "kdp_lb_ct2"
 	NodeMapKdpLbCt6       = "kdp_lb_ct6"
 	NodeMapKdpLbHash      = "kdp_lb_hash"
 	NodeMapKdpLbStats     = "kdp_lb_stats"
@@ -312,7 +312,7 @@ type NodeMapSpecs struct {
 	KdpLbBe       *ebpf.MapSpec `ebpf:"kdp_lb_be"`
 	KdpLbBe6      *ebpf.MapSpec `ebpf:"kdp_lb_be6"`
 	KdpLbConns    *ebpf.MapSpec `ebpf:"kdp_lb_conns"`
-	KdpLbCt       *ebpf.MapSpec `ebpf:"kdp_lb_ct"`
+	KdpLbCt2      *ebpf.MapSpec `ebpf:"kdp_lb_ct2"`
 	KdpLbCt6      *ebpf.MapSpec `ebpf:"kdp_lb_ct6"`
 	KdpLbHash     *ebpf.MapSpec `ebpf:"kdp_lb_hash"`
 	KdpLbStats    *ebpf.MapSpec `ebpf:"kdp_lb_stats"`
@@ -360,7 +360,7 @@ type NodeMaps struct {
 	KdpLbBe       *ebpf.Map `ebpf:"kdp_lb_be"`
 	KdpLbBe6      *ebpf.Map `ebpf:"kdp_lb_be6"`
 	KdpLbConns    *ebpf.Map `ebpf:"kdp_lb_conns"`
-	KdpLbCt       *ebpf.Map `ebpf:"kdp_lb_ct"`
+	KdpLbCt2      *ebpf.Map `ebpf:"kdp_lb_ct2"`
 	KdpLbCt6      *ebpf.Map `ebpf:"kdp_lb_ct6"`
 	KdpLbHash     *ebpf.Map `ebpf:"kdp_lb_hash"`
 	KdpLbStats    *ebpf.Map `ebpf:"kdp_lb_stats"`
@@ -384,7 +384,7 @@ func (m *NodeMaps) Close() error {
 		m.KdpLbBe,
 		m.KdpLbBe6,
 		m.KdpLbConns,
-		m.KdpLbCt,
+		m.KdpLbCt2,
 		m.KdpLbCt6,
 		m.KdpLbHash,
 		m.KdpLbStats,

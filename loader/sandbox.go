@@ -122,7 +122,7 @@ func (s *Sandbox) Maps() Maps {
 	return Maps{
 		Endpoints: o.KdpEndpoints, Endpoints6: o.KdpEndpoints6, Stats: o.KdpStats, DropsExt: o.KdpDropsExt,
 		Routes: o.KdpRoutes, Routes6: o.KdpRoutes6, Config: o.KdpConfig,
-		LBSvc: o.KdpLbSvc, LBHash: o.KdpLbHash, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt, LBCTMem: s.ctMem, LBAff: o.KdpLbAff,
+		LBSvc: o.KdpLbSvc, LBHash: o.KdpLbHash, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt2, LBCTMem: s.ctMem, LBAff: o.KdpLbAff,
 		LBSvc6: o.KdpLbSvc6, LBBackend6: o.KdpLbBe6, LBCT6: o.KdpLbCt6, LBAff6: o.KdpLbAff6, LBVIPs: o.KdpLbVips,
 		XDPPorts: o.KdpXdpPorts, XDPTx: o.KdpXdpTx,
 		Mon: o.KdpMon, MonRL: o.KdpMonRl, MonEvents: o.KdpMonEvents,
@@ -174,7 +174,7 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 		return nil, fmt.Errorf("open sandbox %s: load spec: %w", id, err)
 	}
 	if o.CTSize > 0 {
-		spec.Maps["kdp_lb_ct"].MaxEntries = ctBuckets(o.CTSize)
+		spec.Maps[CTPin].MaxEntries = ctBuckets(o.CTSize)
 		spec.Maps["kdp_lb_ct6"].MaxEntries = o.CTSize
 	}
 	if x := o.ExtraLBRules; x > 0 {
@@ -186,16 +186,14 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 		}
 	}
 	// A pinned map keeps the size it was created with: a sandbox created by a run with other
-	// Options (CTSize, ExtraLBRules) is re-adopted with its maps as they are.
+	// Options (CTSize, ExtraLBRules) is re-adopted with its maps as they are (an earlier
+	// connection table's successor is sized by migratePinned, after the table it replaces).
 	for name, ms := range spec.Maps {
 		if ms.Pinning != ebpf.PinByName {
 			continue
 		}
 		if m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil); err == nil {
 			ms.MaxEntries = m.MaxEntries()
-			if layout, n := oldCTLayout(m); name == "kdp_lb_ct" && layout != "" {
-				ms.MaxEntries = ctBuckets(n) // the same number of entries in this layout's buckets
-			}
 			m.Close()
 		}
 	}
@@ -211,7 +209,7 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	// is mapped here, once, and unmapped by Close, so every reader (the sweeper and the
 	// metrics, from goroutines of their own) uses the one mapping the Sandbox owns. Every
 	// error below goes through Close, which unmaps it.
-	mem, err := mapCT(s.objs.KdpLbCt)
+	mem, err := mapCT(s.objs.KdpLbCt2)
 	if err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
 		s.Close()
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)

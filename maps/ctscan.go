@@ -15,7 +15,7 @@ import (
 // batched fallback (scanCTBatch) reads at a time.
 const ctScanBuckets = 64
 
-// scanCT calls f with every entry of the IPv4 connection table (kdp_lb_ct) that is in use,
+// scanCT calls f with every entry of the IPv4 connection table (kdp_lb_ct2) that is in use,
 // whether expired or not, in bucket order.
 //
 // The table is memory-mapped (BPF_F_MMAPABLE, bpf/lib/lb.h): the sweeper (once a second per

@@ -770,14 +770,15 @@ func (l LB) SetConnEntry(k loader.DatapathCtKey, e loader.DatapathCtEntry) error
 }
 
 // ctPick is the datapath's ct_pick (bpf/lib/lb.h): the pair of slots of bucket b for a new
-// connection of keys orig and reply at now: the pair holding either key (original in its even
-// slot, reply in its odd one), else the first pair whose two slots are free or expired, else
-// the pair whose newer entry is the oldest (a stamp tie: the first).
+// connection of keys orig and reply at now: the pair holding either key (original in its slot
+// of the bucket's first half, reply in its slot of the second, loader.CTSlot), else the first
+// pair whose two slots are free or expired, else the pair whose newer entry is the oldest (a
+// stamp tie: the first).
 func ctPick(b *ctBucket, orig, reply ctKey, now uint64, cfg Config) int {
 	spare, victim := -1, 0
 	var oldest uint64
 	for p := range loader.CTWays / 2 {
-		so, sr := &b.S[2*p], &b.S[2*p+1]
+		so, sr := &b.S[loader.CTSlot(orig, p)], &b.S[loader.CTSlot(reply, p)]
 		if (so.E.LastSeen != 0 && so.Key == orig) || (sr.E.LastSeen != 0 && sr.Key == reply) {
 			return p
 		}

@@ -15,14 +15,15 @@ import (
 func fillCT(b *testing.B, l maps.LB, conns int, now uint64) {
 	b.Helper()
 	n := int(l.CT.MaxEntries())
-	per := 2 * ((conns + n - 1) / n) // slots used per bucket: a connection's two entries side by side
+	per := 2 * ((conns + n - 1) / n) // slots used per bucket: a connection's two entries, a pair
 	left := 2 * conns
 	for i := 0; i < n && left > 0; i++ {
 		var bk loader.DatapathCtBucket
 		for s := 0; s < per && s < loader.CTWays && left > 0; s++ {
 			id := uint32(i*loader.CTWays + s)
-			bk.S[s] = loader.DatapathCtSlot{
-				Key: loader.DatapathCtKey{Saddr: 0x0300a8c0 + id<<24, Daddr: 0x0a00600a, Sport: uint16(id), Dport: 0x5000, Proto: unix.IPPROTO_TCP, Dir: uint8(s & 1)},
+			k := loader.DatapathCtKey{Saddr: 0x0300a8c0 + id<<24, Daddr: 0x0a00600a, Sport: uint16(id), Dport: 0x5000, Proto: unix.IPPROTO_TCP, Dir: uint8(s & 1)}
+			bk.S[loader.CTSlot(k, s/2)] = loader.DatapathCtSlot{
+				Key: k,
 				E:   loader.DatapathCtEntry{LastSeen: now, Addr: 0x0a00000a, Port: 0x901f, State: maps.CTTCPEst, Backend: 1 + id%100, Svc: 1},
 			}
 			left--

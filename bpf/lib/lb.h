@@ -13,7 +13,7 @@
  * whole table carries a generation (config.lb_gen), so a restore or a clear switches every
  * service at once.
  *
- * kdp_lb_ct is the IPv4 connection table (an array of buckets the datapath manages itself,
+ * kdp_lb_ct2 is the IPv4 connection table (an array of buckets the datapath manages itself,
  * ct_lookup; kdp_lb_ct6, IPv6's, is an LRU hash): one entry per direction, the original one
  * (guest -> VIP) holding the real server, the reply one (real server -> guest) holding the VIP
  * for the reverse NAT. Connections keep their real server whatever happens to the rules, until
@@ -227,15 +227,25 @@ struct ct_slot {
 	struct ct_entry e;
 };
 
-/* Slots per bucket: four connections, each in a pair of slots (original direction in the even
- * slot, reply in the odd one; see ct_lookup). */
+/* Slots per bucket: four connections, each in a pair of slots, grouped by direction: the
+ * original entries in slots 0-3, the replies in 4-7, connection p in slots p and p + 4 (see
+ * ct_lookup). */
 #define KDP_CT_WAYS 8
+#define KDP_CT_CONNS (KDP_CT_WAYS / 2)
 
 /* A bucket of the IPv4 connection table: one array entry, so that one lookup reaches all its
- * slots. */
+ * slots. 384 bytes, six cache lines (an mmapable array's values start on a page): a
+ * direction's four slots are its three. */
 struct ct_bucket {
 	struct ct_slot s[KDP_CT_WAYS];
 };
+_Static_assert(sizeof(struct ct_bucket) == 384 && sizeof(struct ct_slot) * KDP_CT_CONNS == 192,
+	       "a direction's slots fill three cache lines of the bucket");
+
+/* The table's name is its layout's version: kdp_lb_ct held the earlier ones (an LRU hash,
+ * buckets of four slots, then buckets of eight with a connection's slots side by side, the
+ * same shape as this one), which the loader converts into a new table pinned under this name
+ * and then unpins (loader.migrateCTPin, loader.CTPin). */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -244,7 +254,7 @@ struct {
 	__type(value, struct ct_bucket);
 	__uint(map_flags, BPF_F_MMAPABLE); /* the control plane reads it in place (maps.LB.scanCT) */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kdp_lb_ct SEC(".maps");
+} kdp_lb_ct2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -541,13 +551,15 @@ static __always_inline __u64 ct_timeout_ns(const struct config *cfg, const struc
 }
 
 /*
- * The IPv4 connection table, kdp_lb_ct, is an array the datapath manages itself: open
+ * The IPv4 connection table, kdp_lb_ct2, is an array the datapath manages itself: open
  * addressing in buckets of KDP_CT_WAYS slots. A connection's bucket is chosen by what both of
  * its keys carry, the guest's side: its address, port and protocol (ct_hash; loader.CTHash
  * computes the same), so its two entries lie in one bucket, as a pair of slots (the original
- * direction's in slot 2p, the reply's in 2p + 1), and a new connection reads one cold bucket
+ * direction's in slot p, the reply's in p + 4), and a new connection reads one cold bucket
  * where it read two in unrelated places (docs/performance.md). A lookup compares only the
- * slots of its key's direction. A new connection takes, in its bucket, the pair holding one
+ * slots of its key's direction, which lie together in the half of the bucket that is its
+ * direction's (192 bytes, three cache lines, where pairs side by side spread them over all
+ * six). A new connection takes, in its bucket, the pair holding one
  * of its keys, else one whose two entries are free or expired, else the pair whose newest
  * entry is the oldest (the table never refuses a new connection; a full bucket evicts one
  * whole connection, the least recently active one, never half of two). Both slots are claimed
@@ -600,12 +612,12 @@ static __always_inline __u32 ct_hash(__u32 addr, __u32 port, __u32 proto)
  * source of an original key, the destination of a reply key), or NULL. */
 static __always_inline struct ct_bucket *ct_bucket(__u32 w0, __u32 w1, __u32 w2, __u32 w3, __u32 d)
 {
-	__u32 n = ((struct bpf_map___kdp *)&kdp_lb_ct)->max_entries, idx;
+	__u32 n = ((struct bpf_map___kdp *)&kdp_lb_ct2)->max_entries, idx;
 
 	if (!n)
 		return NULL;
 	idx = ct_hash(d ? w1 : w0, d ? w2 >> 16 : w2 & 0xffff, w3 & 0xff) % n;
-	return bpf_map_lookup_elem(&kdp_lb_ct, &idx);
+	return bpf_map_lookup_elem(&kdp_lb_ct2, &idx);
 }
 
 static __always_inline bool ct_key_is(const struct ct_key *a, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
@@ -631,8 +643,8 @@ static __always_inline struct ct_slot *ct_lookup(const struct config *cfg, __u64
 	if (!b)
 		return NULL;
 #pragma unroll
-	for (i = 0; i < KDP_CT_WAYS / 2; i++) {
-		struct ct_slot *s = &b->s[2 * i + d]; /* the slots of k's direction */
+	for (i = 0; i < KDP_CT_CONNS; i++) {
+		struct ct_slot *s = &b->s[d * KDP_CT_CONNS + i]; /* the slots of k's direction */
 		__u32 seq;
 
 		seq = KDP_READ_ONCE(s->seq);
@@ -727,13 +739,19 @@ static __always_inline void ct_close(__u64 *p, __u64 seen, int shift, __u32 back
 	}
 }
 
-/* ct_word is the IPv4 entry's state word as ct_lookup copied it to e. */
-static __always_inline __u64 ct_word(const struct ct_entry *e)
+/* ct_touch is what a frame of a live connection does to its entry, in either table and
+ * direction: it refreshes last_seen at ls, which the reader judged the entry by when it held
+ * seen (ct_refresh), and on a FIN or RST in tcpflags closes it (ct_close) through its state
+ * word at sw, as the reader saw it at seen_sw: in the IPv4 reader's copy of the entry
+ * (ct_lookup copied it whole, behind a compiler barrier), or sw itself for IPv6's LRU hash,
+ * whose word is then read once, and only for such a frame. backend: the real server whose
+ * count moves, 0 for a reply entry. */
+static __always_inline void ct_touch(__u8 tcpflags, __u64 *ls, __u64 seen, __u64 now, __u64 *sw,
+				     const __u64 *seen_sw, int shift, __u32 backend)
 {
-	__u64 w;
-
-	__builtin_memcpy(&w, &e->addr, sizeof(w));
-	return w;
+	ct_refresh(ls, seen, now);
+	if (tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
+		ct_close(sw, KDP_READ_ONCE(*seen_sw), shift, backend);
 }
 
 /* lb_ct6_live is ct_lookup for IPv6's LRU hash: the entry of k if it is live at now, with
@@ -796,8 +814,8 @@ __attribute__((noinline)) int ct_pick(const struct config *cfg, struct ct_bucket
 	if (!cfg || !b || !k || !v)
 		return 0;
 #pragma unroll
-	for (p = 0; p < KDP_CT_WAYS / 2; p++) {
-		const struct ct_slot *so = &b->s[2 * p], *sr = &b->s[2 * p + 1];
+	for (p = 0; p < KDP_CT_CONNS; p++) {
+		const struct ct_slot *so = &b->s[p], *sr = &b->s[p + KDP_CT_CONNS];
 		__u64 newer;
 
 		if (ct_is_orig(so, k) || ct_is_reply(sr, k, v))
@@ -841,9 +859,9 @@ static __always_inline void ct_insert(const struct config *cfg, const struct ct_
 
 	if (!b)
 		return;
-	p = ct_pick(cfg, b, k, v, now) & (KDP_CT_WAYS / 2 - 1);
-	so = &b->s[2 * p];
-	sr = &b->s[2 * p + 1];
+	p = ct_pick(cfg, b, k, v, now) & (KDP_CT_CONNS - 1);
+	so = &b->s[p];
+	sr = &b->s[p + KDP_CT_CONNS];
 	if (!ct_claim(sr))
 		return;
 	if (!ct_claim(so)) {
@@ -1277,12 +1295,8 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	sc->ck.proto = f->proto;
 	e = lb_ct6_live(cfg, now, &sc->ck, &seen);
 	if (e) {
-		ct_refresh(&e->last_seen, seen, now);
-		if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) {
-			__u64 *sw = (__u64 *)&e->port;
-
-			ct_close(sw, KDP_READ_ONCE(*sw), KDP_CT6_STATE_SHIFT, e->backend);
-		}
+		ct_touch(f->tcpflags, &e->last_seen, seen, now, (__u64 *)&e->port, (const __u64 *)&e->port,
+			 KDP_CT6_STATE_SHIFT, e->backend);
 		sc->ne = *e;
 		lb_count(KDP_LB_STATS_BACKEND, sc->ne.backend, true, len);
 		lb_count(KDP_LB_STATS_SVC, sc->ne.svc, true, len);
@@ -1409,12 +1423,8 @@ static __always_inline int lb_to_guest6(void *ctx, const bool xdp, const struct 
 	e = lb_ct6_live(cfg, now, &sc->ck, &seen);
 	if (!e)
 		return -1;
-	ct_refresh(&e->last_seen, seen, now);
-	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST)) {
-		__u64 *sw = (__u64 *)&e->port;
-
-		ct_close(sw, KDP_READ_ONCE(*sw), KDP_CT6_STATE_SHIFT, 0); /* the reply entry: no count */
-	}
+	ct_touch(f->tcpflags, &e->last_seen, seen, now, (__u64 *)&e->port, (const __u64 *)&e->port,
+		 KDP_CT6_STATE_SHIFT, 0); /* the reply entry: no count */
 	__builtin_memcpy(vip, e->addr, 16);
 	vport = e->port;
 	lb_count(KDP_LB_STATS_BACKEND, e->backend, false, len);
@@ -1456,9 +1466,8 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	ck.proto = f->proto;
 	e = ct_lookup(cfg, now, &ck, 0, &ne);
 	if (e) {
-		ct_refresh(&e->e.last_seen, ne.last_seen, now);
-		if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
-			ct_close((__u64 *)&e->e.addr, ct_word(&ne), KDP_CT_STATE_SHIFT, ne.backend);
+		ct_touch(f->tcpflags, &e->e.last_seen, ne.last_seen, now, (__u64 *)&e->e.addr,
+			 (const __u64 *)&ne.addr, KDP_CT_STATE_SHIFT, ne.backend);
 		lb_count(KDP_LB_STATS_BACKEND, ne.backend, true, len);
 		lb_count(KDP_LB_STATS_SVC, ne.svc, true, len);
 		goto nat;
@@ -1928,9 +1937,8 @@ static __always_inline int lb_to_guest(void *ctx, const bool xdp, const struct c
 	e = ct_lookup(cfg, now, &ck, 1, &ce);
 	if (!e)
 		return -1;
-	ct_refresh(&e->e.last_seen, ce.last_seen, now);
-	if (f->tcpflags & (KDP_TCP_FIN | KDP_TCP_RST))
-		ct_close((__u64 *)&e->e.addr, ct_word(&ce), KDP_CT_STATE_SHIFT, 0); /* the reply entry: no count */
+	ct_touch(f->tcpflags, &e->e.last_seen, ce.last_seen, now, (__u64 *)&e->e.addr, (const __u64 *)&ce.addr,
+		 KDP_CT_STATE_SHIFT, 0); /* the reply entry: no count */
 	vip = ce.addr;
 	vport = ce.port;
 	lb_count(KDP_LB_STATS_BACKEND, ce.backend, false, len);

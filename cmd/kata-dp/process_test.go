@@ -126,7 +126,7 @@ func TestAgentProcessKill9(t *testing.T) {
 		`kata_dp_endpoints{sandbox="` + sandboxID + `"} 1`,
 		`kata_dp_sandboxes{state="ready"} 1`,
 		`kata_dp_conntrack_capacity{sandbox="` + sandboxID + `"} 16384`,
-		`kata_dp_bpf_map_memory_bytes{map="kdp_lb_ct",sandbox="` + sandboxID + `"}`,
+		`kata_dp_bpf_map_memory_bytes{map="kdp_lb_ct2",sandbox="` + sandboxID + `"}`,
 		`kata_dp_reconciles_total{result="error"} 0`,
 	} {
 		if !bytes.Contains(body, []byte(want)) {

@@ -50,7 +50,7 @@ type fakeDatapath struct{}
 
 func (fakeDatapath) ConnTable(context.Context, string) (int, int, error) { return 10, 16384, nil }
 func (fakeDatapath) MapMemory(context.Context, string) (map[string]uint64, error) {
-	return map[string]uint64{"kdp_lb_ct": 4096}, nil
+	return map[string]uint64{"kdp_lb_ct2": 4096}, nil
 }
 
 func newController(t *testing.T) *control.Controller {
@@ -120,7 +120,7 @@ func TestMetrics(t *testing.T) {
 		`kata_dp_lb_server_weight{protocol="TCP",sandbox="m1",server="10.0.0.11:80",service="10.96.0.10:80"} 2`,
 		`kata_dp_conntrack_entries{sandbox="m1"} 10`,
 		`kata_dp_conntrack_capacity{sandbox="m1"} 16384`,
-		`kata_dp_bpf_map_memory_bytes{map="kdp_lb_ct",sandbox="m1"} 4096`,
+		`kata_dp_bpf_map_memory_bytes{map="kdp_lb_ct2",sandbox="m1"} 4096`,
 		`kata_dp_reconciles_total{result="ok"} 1`,
 		`kata_dp_qmp_errors_total{call="plug"} 0`,
 		`kata_dp_task_runs_total{result="error",task="lb-sweep"} 1`,
