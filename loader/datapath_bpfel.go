@@ -168,6 +168,20 @@ type DatapathLbBackend6 struct {
 	Weight uint16
 }
 
+type DatapathLbCnc struct {
+	_   structs.HostLayout
+	Id  uint32
+	Pad uint32
+	C   DatapathLbConns
+}
+
+type DatapathLbCnt struct {
+	_    structs.HostLayout
+	Id   uint32
+	Kind uint32
+	S    DatapathLbStats
+}
+
 type DatapathLbConns struct {
 	_        structs.HostLayout
 	Active   int64
@@ -187,12 +201,6 @@ type DatapathLbStats struct {
 	Inbytes  uint64
 	Outbytes uint64
 	Sched    uint64
-}
-
-type DatapathLbStatsKey struct {
-	_    structs.HostLayout
-	Kind uint32
-	Id   uint32
 }
 
 type DatapathLbSvc struct {

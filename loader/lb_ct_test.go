@@ -205,8 +205,7 @@ func TestLBSweepSlots(t *testing.T) {
 	if n, err := r.lb.ConnEntries(now, cfg); err != nil || n != 4 {
 		t.Errorf("ConnEntries: %d (%v), want 4", n, err)
 	}
-	var c maps.LBConns
-	if err := r.lb.Conns.Lookup(uint32(7), &c); err != nil || c != (maps.LBConns{Active: 2, Inactive: 1}) {
+	if c, err := r.lb.ReadConns(7); err != nil || c != (maps.LBConns{Active: 2, Inactive: 1}) {
 		t.Errorf("real server 7's counts after the sweep: %+v (%v)", c, err)
 	}
 }
@@ -536,8 +535,8 @@ func TestLBFinOnce(t *testing.T) {
 	for _, fam := range families {
 		conns := func() maps.LBConns {
 			t.Helper()
-			var c maps.LBConns
-			if err := r.lb.Conns.Lookup(fam.id, &c); err != nil {
+			c, err := r.lb.ReadConns(fam.id)
+			if err != nil {
 				t.Fatalf("%s: connection counts: %v", fam.name, err)
 			}
 			return c
@@ -599,7 +598,7 @@ func TestLBFinRace(t *testing.T) {
 			Port: htons(backend.Port()), State: maps.CTTCPEst, Backend: 7, Svc: 3})
 	}
 	const start = 1 << 40
-	if err := r.lb.Conns.Put(uint32(7), &maps.LBConns{Active: start}); err != nil {
+	if err := r.lb.SetConns(7, maps.LBConns{Active: start}); err != nil {
 		t.Fatal(err)
 	}
 	frame := l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, 0x11, 0) // FIN|ACK
@@ -654,8 +653,8 @@ func TestLBFinRace(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	var c maps.LBConns
-	if err := r.lb.Conns.Lookup(uint32(7), &c); err != nil {
+	c, err := r.lb.ReadConns(7)
+	if err != nil {
 		t.Fatal(err)
 	}
 	moved := start - c.Active

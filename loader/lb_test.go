@@ -220,12 +220,15 @@ func TestLBNAT(t *testing.T) {
 	}
 }
 
-// TestLBCountersLazy: installing services and real servers writes no counters; a new
-// connection creates the ones it counts in (its service's and real server's, and the real
-// server's connection counts), and the sweeper recounts without creating entries for idle real
-// servers and deletes counters whose service or real server is gone (the datapath re-creates
-// one when a new connection races its real server's removal).
-func TestLBCountersLazy(t *testing.T) {
+// TestLBCountersArrays: the counters are arrays whose entries name their owner
+// (bpf/lib/lb.h, lb_cnt_slot). Installing a service or real server claims its entry with zero
+// counters, a restore's ids are claimed at once (ClaimCounters) and a claim of an id that owns
+// its entry already keeps its counters (an edit, a restore of the same ids). The datapath
+// counts new connections, established frames and replies in the entries of their ids only; the
+// sweeper fixes a wrong count of a live real server and leaves a deleted one's entry alone. A
+// deleted real server's entry is claimed by the next id of its slot: that id starts from zero,
+// and the deleted one's draining connection counts in nothing of it.
+func TestLBCountersArrays(t *testing.T) {
 	needRoot(t)
 	r := newLBRig(t)
 	for id := uint32(7); id <= 8; id++ {
@@ -244,21 +247,32 @@ func TestLBCountersLazy(t *testing.T) {
 	}
 	counters := func() (map[maps.LBStatsKey]maps.LBStats, map[uint32]maps.LBConns) {
 		t.Helper()
-		st, err := maps.Dump[maps.LBStatsKey, maps.LBStats](r.lb.Stats)
+		st, err := r.lb.AllStats()
 		if err != nil {
 			t.Fatal(err)
 		}
-		cn, err := maps.Dump[uint32, maps.LBConns](r.lb.Conns)
+		cn, err := r.lb.AllConns()
 		if err != nil {
 			t.Fatal(err)
 		}
 		return st, cn
 	}
-	if st, cn := counters(); len(st) != 0 || len(cn) != 0 {
-		t.Fatalf("counters written with the rules: %v %v", st, cn)
+	svcKey := func(id uint32) maps.LBStatsKey { return maps.LBStatsKey{Kind: maps.StatsService, Id: id} }
+	beKey := func(id uint32) maps.LBStatsKey { return maps.LBStatsKey{Kind: maps.StatsBackend, Id: id} }
+	if st, cn := counters(); len(st) != 3 || len(cn) != 2 || st[svcKey(3)] != (maps.LBStats{}) || st[beKey(7)] != (maps.LBStats{}) {
+		t.Fatalf("entries claimed by PutService and PutBackend: %v %v, want service 3 and real servers 7, 8, all zero", st, cn)
 	}
-	if st, err := r.lb.ReadStats(maps.StatsService, 3); err != nil || st != (maps.LBStats{}) {
-		t.Errorf("missing counters read as %+v, %v; want zero", st, err)
+	// The batched writers leave the claims to the restore, which claims many ids at once (more
+	// than ClaimCounters looks up one by one).
+	var many []uint32
+	for id := uint32(100); id < 200; id++ {
+		many = append(many, id)
+	}
+	if err := r.lb.ClaimCounters([]uint32{4}, append(many, 9)); err != nil {
+		t.Fatal(err)
+	}
+	if st, cn := counters(); len(st) != 105 || len(cn) != 103 {
+		t.Fatalf("entries after the restore's claim: %d counters, %d connection counts; want 105 and 103", len(st), len(cn))
 	}
 
 	for i := range 2 {
@@ -268,50 +282,98 @@ func TestLBCountersLazy(t *testing.T) {
 		}
 	}
 	st, cn := counters()
-	svc, be := st[maps.LBStatsKey{Kind: maps.StatsService, Id: 3}], st[maps.LBStatsKey{Kind: maps.StatsBackend, Id: 7}]
-	if len(st) != 2 || svc.Conns != 2 || svc.Inpkts != 2 || be.Conns != 2 || be.Inbytes != svc.Inbytes {
+	svc, be := st[svcKey(3)], st[beKey(7)]
+	if svc.Conns != 2 || svc.Inpkts != 2 || be.Conns != 2 || be.Inbytes != svc.Inbytes || st[beKey(8)] != (maps.LBStats{}) {
 		t.Errorf("counters after two connections: %+v, want service 3 and real server 7 with 2 connections each", st)
 	}
-	if len(cn) != 1 || cn[7] != (maps.LBConns{Active: 2}) {
-		t.Errorf("connection counts after two connections: %+v, want only 7: 2 active", cn)
+	if cn[7] != (maps.LBConns{Active: 2}) || cn[8] != (maps.LBConns{}) {
+		t.Errorf("connection counts after two connections: %+v, want 7: 2 active", cn)
+	}
+	// A claim of ids that own their entries (a restore of the same table) keeps the counters.
+	if err := r.lb.ClaimCounters([]uint32{3}, []uint32{7}); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := r.lb.ReadStats(maps.StatsService, 3); st != svc {
+		t.Errorf("service 3's counters after claiming them again: %+v, want %+v", st, svc)
 	}
 
-	// Counters of ids that are gone, and a wrong count: the sweep deletes the first, fixes the
-	// second and creates nothing for the idle real servers 8 and 9.
-	r.lb.Stats.Put(&maps.LBStatsKey{Kind: maps.StatsBackend, Id: 99}, &maps.LBStats{Conns: 1})
-	r.lb.Stats.Put(&maps.LBStatsKey{Kind: maps.StatsService, Id: 98}, &maps.LBStats{Conns: 1})
-	r.lb.Conns.Put(uint32(99), &maps.LBConns{Active: 1})
-	r.lb.Conns.Put(uint32(7), &maps.LBConns{Active: 5, Inactive: 1})
+	// A wrong count of a live real server is fixed by the sweep; a deleted real server's
+	// entry (99: no real server) is left as it is.
+	if err := r.lb.SetConns(7, maps.LBConns{Active: 5, Inactive: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.SetConns(99, maps.LBConns{Active: 1}); err != nil {
+		t.Fatal(err)
+	}
 	cfg, err := maps.ReadConfig(r.lb.Config)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ts unix.Timespec
-	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	res, err := r.lb.Sweep(uint64(ts.Nano()), cfg, nil)
+	res, err := r.lb.Sweep(maps.MonotonicNow(), cfg, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if res.Live != 2 {
 		t.Errorf("sweep found %d live connections, want 2", res.Live)
 	}
-	st, cn = counters()
-	if _, ok := st[maps.LBStatsKey{Kind: maps.StatsService, Id: 3}]; len(st) != 2 || !ok {
-		t.Errorf("counters after the sweep: %+v, want only service 3's and real server 7's", st)
+	if c, _ := r.lb.ReadConns(7); c != (maps.LBConns{Active: 2}) {
+		t.Errorf("real server 7's counts after the sweep: %+v, want 2 active", c)
 	}
-	if len(cn) != 1 || cn[7] != (maps.LBConns{Active: 2}) {
-		t.Errorf("connection counts after the sweep: %+v, want only 7: 2 active", cn)
+	if c, _ := r.lb.ReadConns(99); c != (maps.LBConns{Active: 1}) {
+		t.Errorf("deleted real server 99's entry after the sweep: %+v, want it untouched", c)
 	}
 
-	// Removing the real server removes its counters; its connections drain without them.
+	// Real server 7 is deleted; its connections drain and count on in its entry, unseen.
 	if err := r.lb.DeleteBackend(7); err != nil {
 		t.Fatal(err)
 	}
 	if ret, _ := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, 40000), vip, 0x10, 10)); ret != tcxRedirect {
 		t.Errorf("established connection after its real server's removal: verdict %d", ret)
 	}
-	if st, cn = counters(); len(st) != 1 || len(cn) != 0 {
-		t.Errorf("counters after the real server's removal: %+v %+v, want only service 3's", st, cn)
+	// The next id of its slot takes the entry over from zero, and the service is moved to it.
+	next := uint32(7 + loader.CounterHalf)
+	if loader.CounterSlot(next) != loader.CounterSlot(7) {
+		t.Fatalf("ids %d and 7 do not share a slot", next)
+	}
+	if err := r.lb.PutBackend(next, maps.Backend{Addr: netip.MustParseAddrPort("10.0.0.12:8080"), Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{next}}); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := r.lb.ReadStats(maps.StatsBackend, next); st != (maps.LBStats{}) {
+		t.Errorf("counters of %d, which took 7's slot: %+v, want zero", next, st)
+	}
+	if st, _ := r.lb.ReadStats(maps.StatsBackend, 7); st != (maps.LBStats{}) {
+		t.Errorf("counters of the deleted 7 after its slot was taken: %+v, want none", st)
+	}
+	// 7's draining connection: the frame goes on to 7, the reply comes back, neither counts
+	// for the slot's new owner; the service counts both.
+	ret, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, 40000), vip, 0x10, 10))
+	if got := checkFrame(t, out); ret != tcxRedirect || got.dst != netip.AddrPortFrom(backend.Addr(), 8087) {
+		t.Errorf("draining connection: verdict %d, sent to %v, want %v", ret, got.dst, netip.AddrPortFrom(backend.Addr(), 8087))
+	}
+	if ret, _ := r.toGuest(t, l4Frame(unix.IPPROTO_TCP, otherMAC, netip.AddrPortFrom(backend.Addr(), 8087), netip.AddrPortFrom(guestIP, 40000), 0x10, 5)); ret != tcxRedirect {
+		t.Errorf("draining connection's reply: verdict %d", ret)
+	}
+	if st, _ := r.lb.ReadStats(maps.StatsBackend, next); st != (maps.LBStats{}) {
+		t.Errorf("counters of %d after frames of 7's draining connection: %+v, want zero", next, st)
+	}
+	if c, _ := r.lb.ReadConns(next); c != (maps.LBConns{}) {
+		t.Errorf("connection counts of %d after 7's drain: %+v, want zero", next, c)
+	}
+	// A new connection counts in the new owner's entry.
+	if ret, _ := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, 40100), vip, 0x02, 10)); ret != tcxRedirect {
+		t.Fatalf("new connection to %d: verdict %d", next, ret)
+	}
+	if st, _ := r.lb.ReadStats(maps.StatsBackend, next); st.Conns != 1 || st.Inpkts != 1 {
+		t.Errorf("counters of %d after its first connection: %+v, want 1 connection, 1 frame", next, st)
+	}
+	if c, _ := r.lb.ReadConns(next); c != (maps.LBConns{Active: 1}) {
+		t.Errorf("connection counts of %d after its first connection: %+v, want 1 active", next, c)
+	}
+	if st, _ := r.lb.ReadStats(maps.StatsService, 3); st.Conns != 3 || st.Inpkts != 5 || st.Outpkts != 1 {
+		t.Errorf("service 3's counters: %+v, want 3 connections, 5 frames in, 1 out", st)
 	}
 }
 
@@ -489,21 +551,21 @@ func TestLBSchedulers(t *testing.T) {
 	}
 
 	// wlc: overhead (active*256+inactive)/weight, least wins, kernel order breaks ties.
-	r.lb.Conns.Update(uint32(1), &maps.LBConns{Active: 1}, ebpf.UpdateAny) // 256/1
-	r.lb.Conns.Update(uint32(2), &maps.LBConns{Active: 2}, ebpf.UpdateAny) // 512/2
-	r.lb.Conns.Update(uint32(3), &maps.LBConns{Active: 2}, ebpf.UpdateAny) // 512/3
+	r.lb.SetConns(1, maps.LBConns{Active: 1}) // 256/1
+	r.lb.SetConns(2, maps.LBConns{Active: 2}) // 512/2
+	r.lb.SetConns(3, maps.LBConns{Active: 2}) // 512/3
 	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedWLC, Slots: []uint32{3, 2, 1}})
 	if got := pick(3000); got != servers[3] {
 		t.Errorf("wlc picked %v, want %v", got, servers[3])
 	}
 	// lc ignores weights: 1 has the fewest.
-	r.lb.Conns.Update(uint32(3), &maps.LBConns{Active: 2}, ebpf.UpdateAny)
+	r.lb.SetConns(3, maps.LBConns{Active: 2})
 	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedLC, Slots: []uint32{3, 2, 1}})
 	if got := pick(3001); got != servers[1] {
 		t.Errorf("lc picked %v, want %v", got, servers[1])
 	}
 	// nq: an idle server wins at once.
-	r.lb.Conns.Update(uint32(2), &maps.LBConns{}, ebpf.UpdateAny)
+	r.lb.SetConns(2, maps.LBConns{})
 	r.lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 10, Sched: maps.SchedNQ, Slots: []uint32{3, 2, 1}})
 	if got := pick(3002); got != servers[2] {
 		t.Errorf("nq picked %v, want the idle %v", got, servers[2])

@@ -25,7 +25,8 @@ const migrateSuffix = "_migrating"
 // value size: a hash whose flags or type changed, a hash that became an array indexed by the
 // same u32 keys); entries that do not fit are counted and dropped. The IPv4 connection table
 // of an earlier layout is converted under its new name first (migrateCTPin): established
-// connections survive the upgrade. A map whose layout did
+// connections survive the upgrade; so do the load balancer's counters, moved from the hash
+// maps of earlier versions into arrays (convertCounters). A map whose layout did
 // change starts empty, and its owner writes it again: the agent's reconcile rewrites every
 // endpoint, route and load-balancer entry at start. The old map lives on while the programs
 // pinned in links still use it; Open moves the links onto the new programs right after, so
@@ -83,7 +84,11 @@ func migrateMap(ms *ebpf.MapSpec, path string) error {
 		return fmt.Errorf("create the new map: %w", err)
 	}
 	defer m.Close()
-	copied, dropped, err := copyEntries(old, m)
+	fill := copyEntries
+	if isOldCounters(filepath.Base(path), old) {
+		fill = convertCounters // the counters' hash maps became arrays: the counts carry over
+	}
+	copied, dropped, err := fill(old, m)
 	if err != nil {
 		return fmt.Errorf("copy entries: %w", err)
 	}

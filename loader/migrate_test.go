@@ -54,9 +54,9 @@ func TestMigratePinnedMaps(t *testing.T) {
 		}
 		repin(t, m, filepath.Join(dir, name))
 	}
-	statsKey := bytes.Repeat([]byte{1}, int(spec.Maps["kdp_lb_stats"].KeySize))
-	statsVal := bytes.Repeat([]byte{7}, int(spec.Maps["kdp_lb_stats"].ValueSize))
-	replace("kdp_lb_stats", func(ms *ebpf.MapSpec) { ms.Flags = 0 }, map[string]any{string(statsKey): statsVal})
+	statsKey := bytes.Repeat([]byte{1}, int(spec.Maps["kdp_lb_hash"].KeySize))
+	statsVal := bytes.Repeat([]byte{7}, int(spec.Maps["kdp_lb_hash"].ValueSize))
+	replace("kdp_lb_hash", func(ms *ebpf.MapSpec) { ms.Flags = 0 }, map[string]any{string(statsKey): statsVal})
 
 	beKey := []byte{5, 0, 0, 0}
 	replace("kdp_lb_be", func(ms *ebpf.MapSpec) { ms.ValueSize += 4 },
@@ -91,7 +91,7 @@ func TestMigratePinnedMaps(t *testing.T) {
 	}
 	sb.Close()
 
-	for _, name := range []string{"kdp_lb_stats", "kdp_lb_be", "kdp_stats"} {
+	for _, name := range []string{"kdp_lb_hash", "kdp_lb_be", "kdp_stats"} {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
 		if err != nil {
 			t.Fatal(err)
@@ -103,10 +103,10 @@ func TestMigratePinnedMaps(t *testing.T) {
 			t.Errorf("%s after the open: %v", name, err)
 		}
 		switch name {
-		case "kdp_lb_stats":
+		case "kdp_lb_hash":
 			got := make([]byte, len(statsVal))
 			if err := m.Lookup(statsKey, got); err != nil || !bytes.Equal(got, statsVal) {
-				t.Errorf("kdp_lb_stats: the entry was not kept: %v %x", err, got)
+				t.Errorf("kdp_lb_hash: the entry was not kept: %v %x", err, got)
 			}
 		case "kdp_lb_be":
 			if err := m.NextKey(nil, make([]byte, m.KeySize())); !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -445,4 +445,105 @@ func repin(t *testing.T, m *ebpf.Map, path string) {
 	if err := m.Pin(path); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestMigrateCounters: a sandbox pinned when the load balancer's counters were hash maps
+// (kdp_lb_stats keyed by {kind, id}, kdp_lb_conns by real server id) is opened with every
+// counter in its id's entry of this version's arrays, owned by its id (kata-ipvs and cluster
+// ids alike); installing the same service and real server again (the agent's first sync)
+// keeps them, and the datapath's next connection counts on from them.
+func TestMigrateCounters(t *testing.T) {
+	needRoot(t)
+	root := testRoot(t)
+	const id = "migratecnt"
+	sb := openSandbox(t, root, id)
+	dir := sb.Dir()
+	sb.Close()
+
+	type statsKey struct{ Kind, ID uint32 }
+	const clusterID = 0x40000005
+	oldStats := map[statsKey]maps.LBStats{
+		{maps.StatsService, 3}:         {Conns: 5, Inpkts: 50, Outpkts: 40, Inbytes: 5000, Outbytes: 4000, Sched: 5},
+		{maps.StatsBackend, 7}:         {Conns: 5, Inpkts: 50, Outpkts: 40, Inbytes: 5000, Outbytes: 4000},
+		{maps.StatsBackend, clusterID}: {Conns: 9},
+	}
+	oldConns := map[uint32]maps.LBConns{7: {Active: 2, Inactive: 1}, clusterID: {Inactive: 4}}
+	st, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 8, ValueSize: uint32(unsafe.Sizeof(maps.LBStats{})), MaxEntries: 40960, Flags: unix.BPF_F_NO_PREALLOC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for k, v := range oldStats {
+		if err := st.Put(&k, &v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cn, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: uint32(unsafe.Sizeof(maps.LBConns{})), MaxEntries: 20480, Flags: unix.BPF_F_NO_PREALLOC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cn.Close()
+	for k, v := range oldConns {
+		if err := cn.Put(k, &v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	repin(t, st, filepath.Join(dir, "kdp_lb_stats"))
+	repin(t, cn, filepath.Join(dir, "kdp_lb_conns"))
+
+	sb, err = loader.OpenWithOptions(root, id, loader.Options{ExtraLBRules: 1000}) // a cluster table's half
+	if err != nil {
+		t.Fatalf("open over the counters' hash maps: %v", err)
+	}
+	defer sb.Close()
+	m := sb.Maps()
+	lb := maps.ForSandbox(m).LB
+	if m.LBStats.Type() != ebpf.Array || m.LBConns.Type() != ebpf.Array {
+		t.Fatalf("counters after the open: %v and %v, want arrays", m.LBStats.Type(), m.LBConns.Type())
+	}
+	check := func(when string, want map[statsKey]maps.LBStats, wantConns map[uint32]maps.LBConns) {
+		t.Helper()
+		for k, v := range want {
+			if got, err := lb.ReadStats(k.Kind, k.ID); err != nil || got != v {
+				t.Errorf("%s: counters of %d (kind %d): %+v, %v; want %+v", when, k.ID, k.Kind, got, err, v)
+			}
+		}
+		for id, v := range wantConns {
+			if got, err := lb.ReadConns(id); err != nil || got != v {
+				t.Errorf("%s: connection counts of %d: %+v, %v; want %+v", when, id, got, err, v)
+			}
+		}
+	}
+	check("after the migration", oldStats, oldConns)
+	if n := m.LBStats.MaxEntries(); n != 2*loader.CounterHalf {
+		t.Errorf("counters of a sandbox with a cluster table: %d entries, want %d", n, 2*loader.CounterHalf)
+	}
+
+	// The first sync installs the same ids again: the counters stay, and count on.
+	if err := lb.PutBackend(7, maps.Backend{Addr: backend, Weight: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := lb.ClaimCounters(nil, []uint32{clusterID}); err != nil {
+		t.Fatal(err)
+	}
+	check("after the first sync", oldStats, oldConns)
+	if err := maps.WriteConfig(m.Config, maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}); err != nil {
+		t.Fatal(err)
+	}
+	if err := maps.ForSandbox(m).Endpoints.Put(1, tapEndpoint(0, 42, maps.FlagAntiSpoof)); err != nil {
+		t.Fatal(err)
+	}
+	tapIn, _ := sb.Program(loader.ProgTapIn)
+	frame := l4Frame(unix.IPPROTO_TCP, guestMAC, client, vip, 0x02, 10)
+	if ret, out := runOut(t, tapIn, frame); ret != tcxRedirect || checkFrame(t, out) != (tuple{client, backend}) {
+		t.Fatalf("a new connection after the upgrade: verdict %d, %v", ret, checkFrame(t, out))
+	}
+	svc, be := oldStats[statsKey{maps.StatsService, 3}], oldStats[statsKey{maps.StatsBackend, 7}]
+	svc.Conns, svc.Inpkts, svc.Inbytes, svc.Sched = 6, 51, svc.Inbytes+uint64(len(frame)), 6
+	be.Conns, be.Inpkts, be.Inbytes = 6, 51, be.Inbytes+uint64(len(frame))
+	check("after a new connection", map[statsKey]maps.LBStats{{maps.StatsService, 3}: svc, {maps.StatsBackend, 7}: be},
+		map[uint32]maps.LBConns{7: {Active: 3, Inactive: 1}})
 }

@@ -139,31 +139,35 @@ type NodeLbBackend6 struct {
 	Weight uint16
 }
 
-type NodeLbConns struct {
-	_        structs.HostLayout
-	Active   int64
-	Inactive int64
+type NodeLbCnc struct {
+	_   structs.HostLayout
+	Id  uint32
+	Pad uint32
+	C   struct {
+		_        structs.HostLayout
+		Active   int64
+		Inactive int64
+	}
+}
+
+type NodeLbCnt struct {
+	_    structs.HostLayout
+	Id   uint32
+	Kind uint32
+	S    struct {
+		_        structs.HostLayout
+		Conns    uint64
+		Inpkts   uint64
+		Outpkts  uint64
+		Inbytes  uint64
+		Outbytes uint64
+		Sched    uint64
+	}
 }
 
 type NodeLbHash struct {
 	_  structs.HostLayout
 	Be [256]uint32
-}
-
-type NodeLbStats struct {
-	_        structs.HostLayout
-	Conns    uint64
-	Inpkts   uint64
-	Outpkts  uint64
-	Inbytes  uint64
-	Outbytes uint64
-	Sched    uint64
-}
-
-type NodeLbStatsKey struct {
-	_    structs.HostLayout
-	Kind uint32
-	Id   uint32
 }
 
 type NodeLbSvc struct {

@@ -180,17 +180,20 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	if x := o.ExtraLBRules; x > 0 {
 		for name, n := range map[string]uint32{
 			"kdp_lb_svc": 2 * x, "kdp_lb_svc6": 2 * x, "kdp_lb_hash": x, // two tables
-			"kdp_lb_be": x, "kdp_lb_be6": x, "kdp_lb_conns": x, "kdp_lb_stats": 2 * x,
+			"kdp_lb_be": x, "kdp_lb_be6": x,
 		} {
 			spec.Maps[name].MaxEntries += n
 		}
+		// The counter arrays get their second half, the cluster table's ids' (CounterSlot).
+		spec.Maps["kdp_lb_stats"].MaxEntries = 2 * CounterHalf
+		spec.Maps["kdp_lb_conns"].MaxEntries = 2 * CounterHalf
 	}
 	// A pinned map keeps the size it was created with: a sandbox created by a run with other
 	// Options (CTSize, ExtraLBRules) is re-adopted with its maps as they are (an earlier
 	// connection table's successor is sized by migratePinned, after the table it replaces).
 	for name, ms := range spec.Maps {
-		if ms.Pinning != ebpf.PinByName {
-			continue
+		if ms.Pinning != ebpf.PinByName || isCounters(name) {
+			continue // the counter arrays take the size of these Options: migrated when it changes
 		}
 		if m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil); err == nil {
 			ms.MaxEntries = m.MaxEntries()

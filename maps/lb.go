@@ -57,6 +57,13 @@ const (
 	CTTCPFin uint8 = 2
 )
 
+// LBStatsKey names the counters of a service (Kind StatsService) or a real server
+// (StatsBackend): the owner an entry of the counter array names.
+type LBStatsKey struct {
+	Kind uint32
+	Id   uint32
+}
+
 // LB stats kinds (enum kdp_lb_stats_kind).
 const (
 	StatsService uint32 = 1
@@ -66,12 +73,13 @@ const (
 // The load balancer's keys and values as the generated types of the object: counters are
 // used as they are; entries holding addresses are encoded from Backend, ServiceSpec and Conn.
 type (
-	// LBStatsKey is struct lb_stats_key: Kind (StatsService, StatsBackend) and Id.
-	LBStatsKey = loader.DatapathLbStatsKey
 	// LBStats is struct lb_stats: the counters of a service or a real server.
 	LBStats = loader.DatapathLbStats
 	// LBConns is struct lb_conns: a real server's connection counts.
 	LBConns = loader.DatapathLbConns
+
+	lbCnt = loader.DatapathLbCnt // an entry of the counter array (kdp_lb_stats)
+	lbCnc = loader.DatapathLbCnc // an entry of the connection count array (kdp_lb_conns)
 
 	svcKey   = loader.DatapathLbSvcKey
 	svc      = loader.DatapathLbSvc
@@ -150,14 +158,199 @@ func WriteConfig(m *ebpf.Map, c Config) error {
 	return nil
 }
 
-// ReadStats reads the counters of a service (StatsService) or real server (StatsBackend).
+// ReadStats reads the counters of a service (StatsService) or real server (StatsBackend):
+// zero when the id owns no entry (see ClaimCounters), or its half of the arrays is not there (a
+// cluster id in a sandbox made without a cluster table).
 func (l LB) ReadStats(kind, id uint32) (LBStats, error) {
-	var s LBStats
-	err := l.Stats.Lookup(&LBStatsKey{Kind: kind, Id: id}, &s)
+	var c lbCnt
+	err := l.Stats.Lookup(loader.CounterSlot(id), &c)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return s, nil
+		return LBStats{}, nil
 	}
-	return s, err
+	if err != nil {
+		return LBStats{}, fmt.Errorf("read counters of %d: %w", id, err)
+	}
+	if c.Id != id || c.Kind != kind {
+		return LBStats{}, nil
+	}
+	return c.S, nil
+}
+
+// ReadConns reads the connection counts of real server id: zero when it owns no entry.
+func (l LB) ReadConns(id uint32) (LBConns, error) {
+	var c lbCnc
+	err := l.Conns.Lookup(loader.CounterSlot(id), &c)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return LBConns{}, nil
+	}
+	if err != nil {
+		return LBConns{}, fmt.Errorf("read connection counts of %d: %w", id, err)
+	}
+	if c.Id != id {
+		return LBConns{}, nil
+	}
+	return c.C, nil
+}
+
+// SetConns writes the connection counts of real server id into its entry, claiming it (for
+// tests and repairs; the sweeper's recount keeps them exact).
+func (l LB) SetConns(id uint32, n LBConns) error {
+	if err := l.Conns.Update(loader.CounterSlot(id), &lbCnc{Id: id, C: n}, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write connection counts of %d: %w", id, err)
+	}
+	return nil
+}
+
+// The counters of services and real servers are arrays indexed by id (loader.CounterSlot),
+// each entry naming the id that owns it; the datapath counts in an entry only for its owner
+// (bpf/lib/lb.h, lb_cnt_slot, which says why arrays). Only the control plane claims entries:
+// ClaimCounters, when a service or real server is installed. An entry its id owns already is
+// left alone, so a service edited, a table pushed again with the same ids after an agent
+// restart, and an upgrade's counters carried over from the hash maps (loader, convertCounters)
+// count on; an entry of another id (deleted: live ids never share one) is rewritten with zero
+// counters. Nothing is freed when a service or real server is deleted: its entry stays its
+// own, its draining connections count on there unseen, until a new id claims it; a clear and
+// a restore delete no counters.
+
+// ClaimCounters makes the counter entries of services svcs and real servers bes theirs
+// (their connection counts too for real servers), with zero counters where another id owned
+// the entry. Few ids are looked up one by one; many (a restore) read both arrays once.
+func (l LB) ClaimCounters(svcs, bes []uint32) error {
+	if len(svcs)+len(bes) <= claimDirectMax {
+		return l.claimEach(svcs, bes)
+	}
+	var stats []lbCnt
+	var conns []lbCnc
+	err := concurrently("", func() (err error) { stats, err = dumpArray[lbCnt](l.Stats); return err },
+		func() (err error) { conns, err = dumpArray[lbCnc](l.Conns); return err })
+	if err != nil {
+		return fmt.Errorf("claim counters: %w", err)
+	}
+	var sk, ck []uint32
+	var sv []lbCnt
+	var cv []lbCnc
+	claim := func(kind, id uint32) {
+		i := loader.CounterSlot(id)
+		if int(i) < len(stats) && (stats[i].Id != id || stats[i].Kind != kind) {
+			sk, sv = append(sk, i), append(sv, lbCnt{Id: id, Kind: kind})
+		}
+		if kind == StatsBackend && int(i) < len(conns) && conns[i].Id != id {
+			ck, cv = append(ck, i), append(cv, lbCnc{Id: id})
+		}
+	}
+	for _, id := range svcs {
+		claim(StatsService, id)
+	}
+	for _, id := range bes {
+		claim(StatsBackend, id)
+	}
+	return concurrently("claim counters", func() error { return batchUpdate(l.Stats, sk, sv) },
+		func() error { return batchUpdate(l.Conns, ck, cv) })
+}
+
+// claimDirectMax is the most ids ClaimCounters looks up one by one (two lookups each) rather
+// than reading both arrays (about 3 MiB).
+const claimDirectMax = 64
+
+// claimEach is ClaimCounters for a few ids.
+func (l LB) claimEach(svcs, bes []uint32) error {
+	one := func(kind, id uint32) error {
+		i := loader.CounterSlot(id)
+		if i >= l.Stats.MaxEntries() {
+			return nil // a cluster id without the cluster half: never counted (ReadStats)
+		}
+		var c lbCnt
+		if err := l.Stats.Lookup(i, &c); err != nil {
+			return fmt.Errorf("claim counters of %d: %w", id, err)
+		}
+		if c.Id != id || c.Kind != kind {
+			if err := l.Stats.Update(i, &lbCnt{Id: id, Kind: kind}, ebpf.UpdateAny); err != nil {
+				return fmt.Errorf("claim counters of %d: %w", id, err)
+			}
+		}
+		if kind != StatsBackend {
+			return nil
+		}
+		var n lbCnc
+		if err := l.Conns.Lookup(i, &n); err != nil {
+			return fmt.Errorf("claim connection counts of %d: %w", id, err)
+		}
+		if n.Id != id {
+			if err := l.Conns.Update(i, &lbCnc{Id: id}, ebpf.UpdateAny); err != nil {
+				return fmt.Errorf("claim connection counts of %d: %w", id, err)
+			}
+		}
+		return nil
+	}
+	for _, id := range svcs {
+		if err := one(StatsService, id); err != nil {
+			return err
+		}
+	}
+	for _, id := range bes {
+		if err := one(StatsBackend, id); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// AllStats reads the counters of every service and real server that owns an entry (deleted
+// ones too, until their entry is claimed again: callers look up the ids they list).
+func (l LB) AllStats() (map[LBStatsKey]LBStats, error) {
+	all, err := dumpArray[lbCnt](l.Stats)
+	if err != nil {
+		return nil, fmt.Errorf("read counters: %w", err)
+	}
+	out := map[LBStatsKey]LBStats{}
+	for _, c := range all {
+		if c.Id != 0 {
+			out[LBStatsKey{Kind: c.Kind, Id: c.Id}] = c.S
+		}
+	}
+	return out, nil
+}
+
+// AllConns reads the connection counts of every real server that owns an entry.
+func (l LB) AllConns() (map[uint32]LBConns, error) {
+	all, err := dumpArray[lbCnc](l.Conns)
+	if err != nil {
+		return nil, fmt.Errorf("read connection counts: %w", err)
+	}
+	out := map[uint32]LBConns{}
+	for _, c := range all {
+		if c.Id != 0 {
+			out[c.Id] = c.C
+		}
+	}
+	return out, nil
+}
+
+// dumpArray reads every entry of an array map, in order, with batched lookups.
+func dumpArray[V any](m *ebpf.Map) ([]V, error) {
+	n := int(m.MaxEntries())
+	out := make([]V, n)
+	keys := make([]uint32, min(n, dumpBatchSize))
+	var cursor ebpf.MapBatchCursor
+	for at := 0; at < n; {
+		got, err := m.BatchLookup(&cursor, keys, out[at:at+min(len(keys), n-at)], nil)
+		at += got
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			for i := at; i < n; i++ {
+				if err := m.Lookup(uint32(i), &out[i]); err != nil {
+					return nil, err
+				}
+			}
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
 // ServiceSpec is what the datapath needs of one service. A service takes 1 + len(Slots)
@@ -457,6 +650,10 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 			return fmt.Errorf("put service %s: buckets: %w", s.VIP, err)
 		}
 	}
+	if err := l.ClaimCounters([]uint32{s.ID}, nil); err != nil {
+		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
+		return fmt.Errorf("put service %s: %w", s.VIP, err)
+	}
 	m.Rev = rev
 	if err := ref.update(l, &m); err != nil {
 		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
@@ -464,9 +661,6 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 	}
 	if hadOld {
 		l.deleteSlots(ref.base(old.Id), old.Rev, old.Count)
-		if old.Id != s.ID {
-			l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: old.Id})
-		}
 	}
 	return nil
 }
@@ -489,7 +683,6 @@ func (l LB) DeleteService(gen uint8, vip netip.AddrPort, proto uint8) error {
 		return fmt.Errorf("delete service %s: %w", vip, err)
 	}
 	l.deleteSlots(ref.base(old.Id), old.Rev, old.Count)
-	l.Stats.Delete(&LBStatsKey{Kind: StatsService, Id: old.Id})
 	return nil
 }
 
@@ -519,6 +712,9 @@ func (l LB) PutBackend(id uint32, be Backend) error {
 	if err := l.markRealServers(rsWord(b, b6)); err != nil {
 		return fmt.Errorf("put real server %s: %w", be.Addr, err)
 	}
+	if err := l.ClaimCounters(nil, []uint32{id}); err != nil {
+		return fmt.Errorf("put real server %s: %w", be.Addr, err)
+	}
 	if b6 != nil {
 		if err := l.Backend6.Update(id, b6, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("put real server %s: %w", be.Addr, err)
@@ -530,22 +726,20 @@ func (l LB) PutBackend(id uint32, be Backend) error {
 	return nil
 }
 
-// DeleteBackend removes a real server and its counters. Connections to it drain: they hold
-// its address in the connection table.
+// DeleteBackend removes a real server. Connections to it drain: they hold its address in the
+// connection table, and count on in its counters' entry until a new id claims it.
 func (l LB) DeleteBackend(id uint32) error {
 	if err := l.Backend.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete real server %d: %w", id, err)
 	}
 	l.Backend6.Delete(id)
-	l.Stats.Delete(&LBStatsKey{Kind: StatsBackend, Id: id})
-	l.Conns.Delete(id)
 	return nil
 }
 
 // DeleteGeneration removes every service entry and bucket table of generation gen (after a
-// switch away from it, or when a restore into it failed), and the counters of its services
-// unless a service of another generation has the same id (a table pushed again after an
-// agent restart keeps its ids: its counters go on).
+// switch away from it, or when a restore into it failed). Its services' counters stay in their
+// entries (see ClaimCounters): a table pushed again after an agent restart keeps its ids, and
+// its counters go on.
 func (l LB) DeleteGeneration(gen uint8) error {
 	all, err := Dump[svcKey, svc](l.Svc)
 	if err != nil {
@@ -556,36 +750,18 @@ func (l LB) DeleteGeneration(gen uint8) error {
 		return fmt.Errorf("delete generation %d: %w", gen, err)
 	}
 	var stale []svcKey
-	ids, kept := map[uint32]bool{}, map[uint32]bool{}
-	for k, v := range all {
+	for k := range all {
 		if k.Gen == gen {
 			stale = append(stale, k)
 		}
-		if k.Slot == 0 {
-			if k.Gen == gen {
-				ids[v.Id] = true
-			} else {
-				kept[v.Id] = true
-			}
-		}
 	}
 	var stale6 []svc6Key
-	for k, v := range all6 {
+	for k := range all6 {
 		if k.Gen == gen {
 			stale6 = append(stale6, k)
-			ids[v.Id] = true
-		} else {
-			kept[v.Id] = true
-		}
-	}
-	var counters []LBStatsKey
-	for id := range ids {
-		if !kept[id] {
-			counters = append(counters, LBStatsKey{Kind: StatsService, Id: id})
 		}
 	}
 	l.batchDelete(l.Svc, stale)
-	deletePresent[LBStatsKey, LBStats](l.Stats, counters)
 	if len(stale6) > 0 {
 		if _, err := l.Svc6.BatchDelete(stale6, nil); err != nil {
 			for i := range stale6 {
@@ -912,93 +1088,40 @@ func (l LB) clearConnsBatch(keys []ctKey) error {
 	return nil
 }
 
-// recount makes every real server's connection counts those of the connection table (counts,
-// by real server id) and deletes the counters of ids that are gone. The datapath creates
-// counters lazily (bpf/lib/lb.h, lb_stats_make), so a real server without connections may have
-// none: only counts that differ from the map are written (an entry that is not there counts
-// as zero), not one entry per real server, which at 15000 real servers cost as many hash
-// inserts every second.
-//
-// The counters are read before the ids that are live: the datapath creates a counter only
-// after it found its service's master and its real server, and ids are never reused, so a
-// counter whose id is missing from the later read was made for an id removed since (a new
-// connection racing its real server's removal) and is deleted.
+// recount makes the connection counts of every real server that owns its entry those of the
+// connection table (counts, by real server id): only the entries whose counts differ are
+// written, so a sweep of a sandbox whose connections did not change writes nothing. Only the
+// entries of real servers that are live after the entries were read are written: a deleted
+// one's entry (its connections drain, uncounted) may be claimed by a new id at any time, and
+// writing its old owner back would take the entry from the new one. (A real server deleted
+// and its entry claimed again in the microseconds between the read of the real servers and
+// the write is the one case left; a live real server always owns its entry, as PutBackend and
+// the restore claim it before any slot names it.)
 func (l LB) recount(counts map[uint32]LBConns) error {
-	conns, err := Dump[uint32, LBConns](l.Conns)
+	all, err := dumpArray[lbCnc](l.Conns)
 	if err != nil {
 		return fmt.Errorf("read connection counts: %w", err)
-	}
-	stats, err := Dump[LBStatsKey, LBStats](l.Stats)
-	if err != nil {
-		return fmt.Errorf("read counters: %w", err)
 	}
 	bes, err := Dump[uint32, backend](l.Backend)
 	if err != nil {
 		return fmt.Errorf("read real servers: %w", err)
 	}
-	var ids, gone []uint32
-	var vals []LBConns
-	for id, n := range counts {
-		if _, ok := bes[id]; ok && conns[id] != n {
-			ids, vals = append(ids, id), append(vals, n)
+	var slots []uint32
+	var vals []lbCnc
+	for i, c := range all {
+		if _, live := bes[c.Id]; c.Id == 0 || !live {
+			continue
+		}
+		if n := counts[c.Id]; n != c.C && loader.CounterSlot(c.Id) == uint32(i) {
+			slots, vals = append(slots, uint32(i)), append(vals, lbCnc{Id: c.Id, C: n})
 		}
 	}
-	for id, c := range conns {
-		if _, ok := bes[id]; !ok {
-			gone = append(gone, id)
-		} else if _, ok := counts[id]; !ok && c != (LBConns{}) {
-			ids, vals = append(ids, id), append(vals, LBConns{})
-		}
-	}
-	if len(ids) > 0 {
-		if _, err := l.Conns.BatchUpdate(ids, vals, nil); err != nil {
+	if len(slots) > 0 {
+		if _, err := l.Conns.BatchUpdate(slots, vals, nil); err != nil {
 			return fmt.Errorf("write connection counts: %w", err)
 		}
 	}
-	deleteKeys(l.Conns, gone)
-	var stale []LBStatsKey
-	var svcs map[uint32]bool
-	for k := range stats {
-		switch k.Kind {
-		case StatsBackend:
-			if _, ok := bes[k.Id]; !ok {
-				stale = append(stale, k)
-			}
-		case StatsService:
-			if svcs == nil {
-				if svcs, err = l.serviceIDs(); err != nil {
-					return err
-				}
-			}
-			if !svcs[k.Id] {
-				stale = append(stale, k)
-			}
-		}
-	}
-	deleteKeys(l.Stats, stale)
 	return nil
-}
-
-// serviceIDs returns the ids of the services of every generation in the maps.
-func (l LB) serviceIDs() (map[uint32]bool, error) {
-	all, err := Dump[svcKey, svc](l.Svc)
-	if err != nil {
-		return nil, fmt.Errorf("read services: %w", err)
-	}
-	all6, err := Dump[svc6Key, svc](l.Svc6)
-	if err != nil {
-		return nil, fmt.Errorf("read IPv6 services: %w", err)
-	}
-	ids := make(map[uint32]bool, len(all)/4+len(all6))
-	for k, v := range all {
-		if k.Slot == 0 && k.Proto != v6SlotsProto {
-			ids[v.Id] = true
-		}
-	}
-	for _, v := range all6 {
-		ids[v.Id] = true
-	}
-	return ids, nil
 }
 
 // sweep6 is Sweep's pass over the IPv6 connection table, adding to res.
@@ -1172,7 +1295,8 @@ func (l LB) BackendIDs() (map[uint32]bool, error) {
 	return ids, nil
 }
 
-// DeleteBackendsExcept removes every real server (and its counters) not in keep.
+// DeleteBackendsExcept removes every real server not in keep (their counters stay, see
+// ClaimCounters).
 func (l LB) DeleteBackendsExcept(keep map[uint32]Backend) error {
 	all, err := Dump[uint32, backend](l.Backend)
 	if err != nil {
@@ -1187,10 +1311,6 @@ func (l LB) DeleteBackendsExcept(keep map[uint32]Backend) error {
 	if len(stale) == 0 {
 		return nil
 	}
-	sk := make([]LBStatsKey, len(stale))
-	for i, id := range stale {
-		sk[i] = LBStatsKey{Kind: StatsBackend, Id: id}
-	}
 	if _, err := l.Backend.BatchDelete(stale, nil); err != nil {
 		for _, id := range stale {
 			if err := l.DeleteBackend(id); err != nil {
@@ -1199,8 +1319,6 @@ func (l LB) DeleteBackendsExcept(keep map[uint32]Backend) error {
 		}
 		return nil
 	}
-	deletePresent[LBStatsKey, LBStats](l.Stats, sk)
-	deletePresent[uint32, LBConns](l.Conns, stale)
 	// Few real servers are IPv6: delete the addresses that are there (one batched read)
 	// instead of trying every id.
 	if six, err := Dump[uint32, be6](l.Backend6); err == nil && len(six) > 0 {
@@ -1239,35 +1357,6 @@ func deleteKeys[K any](m *ebpf.Map, keys []K) {
 		keys = keys[n+1:]
 	}
 }
-
-// deletePresent deletes those of keys that are in m, whose values are V. A batched delete
-// stops at the first key that is not in the map, so deleteKeys costs one system call per
-// missing key; the counters of services and real servers are made lazily by the datapath
-// (bpf/lib/lb.h, lb_stats_make), and a clear or restore of 20000 rules deletes the counters of
-// about 20000 ids of which most never had one: 30000 calls, about 190 ms of the agent's CPU.
-// One batched read of what is there makes it a few calls. Short lists are deleted directly.
-func deletePresent[K comparable, V any](m *ebpf.Map, keys []K) {
-	if len(keys) <= deleteDirectMax {
-		deleteKeys(m, keys)
-		return
-	}
-	have, err := Dump[K, V](m)
-	if err != nil {
-		deleteKeys(m, keys)
-		return
-	}
-	var del []K
-	for _, k := range keys {
-		if _, ok := have[k]; ok {
-			del = append(del, k)
-		}
-	}
-	deleteKeys(m, del)
-}
-
-// deleteDirectMax is the longest list of keys deletePresent deletes without reading the map
-// first: a handful of missing keys cost less than the read.
-const deleteDirectMax = 32
 
 // How many entries one BPF_MAP_LOOKUP_BATCH call of Dump reads: the first call few, so that
 // dumping a map that is empty or nearly so (the sweeper dumps five of them every second per
@@ -1396,8 +1485,8 @@ func encodeBackends(bes map[uint32]Backend) (encodedBackends, error) {
 // PutBackends installs many real servers at once. fresh says the ids are new (a restore into
 // an empty table): both address maps are written at once (no live slot names a new id, so the
 // order does not matter); otherwise an IPv6 address is written before the entry the
-// schedulers read. Counters are not written: the datapath creates them at a real server's
-// first connection (bpf/lib/lb.h, lb_stats_make).
+// schedulers read. Their counters' entries are not claimed here: the restore claims every
+// id's at once (ClaimCounters).
 func (l LB) PutBackends(bes map[uint32]Backend, fresh bool) error {
 	if len(bes) == 0 {
 		return nil

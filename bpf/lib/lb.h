@@ -22,8 +22,8 @@
  * persistence (client -> real server per service) and lblc/lblcr's destination affinity.
  * kdp_lb_stats holds IPVS's counters per service and real server; kdp_lb_conns the active and
  * inactive connection counts, kept by the datapath and re-counted by the control plane's
- * sweeper, which also expires idle IPv6 connections. Both are created by the datapath at the first
- * new connection that counts in them (lb_stats_make), not by the control plane.
+ * sweeper, which also expires idle IPv6 connections. Both are arrays indexed by id (lb_cnt_slot),
+ * each entry naming the id that owns it (see lb_cnt_slot).
  */
 #ifndef __KDP_LB_H
 #define __KDP_LB_H
@@ -45,7 +45,12 @@
 #define KDP_LB_MAX_SVC_SLOTS 65536 /* masters + slots of all services, two tables (2 x 20000) and an edit */
 #define KDP_LB_MAX_HASH 20480      /* sh/dh bucket tables, two tables (2 x 10000) and an edit */
 #define KDP_LB_MAX_BACKENDS 20480  /* real servers: every one is a rule */
-#define KDP_LB_MAX_STATS 40960     /* counters of services and real servers */
+/* Counters of services and real servers (kdp_lb_stats, kdp_lb_conns; see lb_cnt_slot): a half
+ * of KDP_LB_CNT_HALF entries per id space, kata-ipvs ids (below 0x40000000) in the first, the
+ * cluster table's above in the second, each half room for a table's 20000 rules. The maps hold
+ * the first half; the loader gives them the second with a cluster table
+ * (loader.Options.ExtraLBRules). */
+#define KDP_LB_CNT_HALF 20480
 #define KDP_LB_CT_SIZE 16384        /* default; loader.Options.CTSize resizes it per sandbox */
 #define KDP_LB_AFF_SIZE 8192
 /* KDP_LB_NEW_CONN is called for each new connection with the flow before the NAT and the real
@@ -120,11 +125,6 @@ struct lb_backend {
 	__u16 weight; /* 0 = quiesced: no new connections */
 };
 
-struct lb_stats_key {
-	__u32 kind; /* enum kdp_lb_stats_kind */
-	__u32 id;
-};
-
 struct lb_stats {
 	__u64 conns;
 	__u64 inpkts;
@@ -140,6 +140,22 @@ struct lb_stats {
 struct lb_conns {
 	__s64 active;
 	__s64 inactive;
+};
+
+/* An entry of kdp_lb_stats: the counters s of the service or real server (kind, id) that owns
+ * the entry; id 0 = owned by none. */
+struct lb_cnt {
+	__u32 id;
+	__u32 kind; /* enum kdp_lb_stats_kind */
+	struct lb_stats s;
+};
+
+/* An entry of kdp_lb_conns: the connection counts c of real server id, which owns the entry
+ * (0 = none). */
+struct lb_cnc {
+	__u32 id;
+	__u32 pad;
+	struct lb_conns c;
 };
 
 struct ct_key {
@@ -201,20 +217,18 @@ struct {
 } kdp_lb_be SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, KDP_LB_MAX_STATS);
-	__type(key, struct lb_stats_key);
-	__type(value, struct lb_stats);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KDP_LB_CNT_HALF); /* 2 x with a cluster table (loader) */
+	__type(key, __u32);
+	__type(value, struct lb_cnt);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_stats SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, KDP_LB_MAX_BACKENDS);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KDP_LB_CNT_HALF); /* 2 x with a cluster table (loader) */
 	__type(key, __u32);
-	__type(value, struct lb_conns);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(value, struct lb_cnc);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_conns SEC(".maps");
 
@@ -457,42 +471,47 @@ static __always_inline bool lb_prefilter(const struct flow *f, const bool rs)
 #define KDP_IP_SADDR_OFF (ETH_HLEN + 12)
 #define KDP_IP_DADDR_OFF (ETH_HLEN + 16)
 
+/*
+ * The counters live in arrays (kdp_lb_stats, kdp_lb_conns) indexed by id: an array entry is
+ * found without hashing or comparing keys, under 10 ns warm where a hash entry took about 50
+ * (docs/performance.md, "Counters in arrays"), and a new connection looked up three of them.
+ * An id's entry is lb_cnt_slot(id); each entry names the id that owns it, and the datapath
+ * counts in an entry only when its owner is the id it counts for. Ids are never reused while
+ * their table lives, and the tables hand out only ids whose entry no live id of the same table
+ * holds (control/ipvs Table.newID, control/kube Table.id), so live ids never share an entry.
+ *
+ * Only the control plane claims an entry (maps.LB.claimCounters: it writes the owner with
+ * zeroed counters when it installs a service or real server whose entry another id owns; an
+ * entry its id owns already is left alone, so an edit, a restore of the same ids after an agent
+ * restart and an upgrade's first sync keep counting on). The datapath never writes an owner:
+ * no compare-and-swap on a new connection's path, and an entry can never be taken by an id
+ * removed a moment before (a new connection racing its real server's removal). Nothing is
+ * released on a removal: the entry of a deleted service or real server keeps its owner, and
+ * its draining connections go on counting there, unseen (no listing shows a deleted id), until
+ * a new id claims the entry. A clear or a restore thus deletes no counters at all. The one
+ * inexactness: a frame of a removed id's draining connection that passed the owner check in
+ * the nanoseconds before a claim of the same entry adds its packet to the new owner's zeroes.
+ */
+static __always_inline __u32 lb_cnt_slot(__u32 id)
+{
+	return id % KDP_LB_CNT_HALF + (id & 0x40000000U ? KDP_LB_CNT_HALF : 0);
+}
+
 static __always_inline struct lb_stats *lb_stats_of(__u32 kind, __u32 id)
 {
-	struct lb_stats_key k = { .kind = kind, .id = id };
+	__u32 k = lb_cnt_slot(id);
+	struct lb_cnt *c = bpf_map_lookup_elem(&kdp_lb_stats, &k);
 
-	return bpf_map_lookup_elem(&kdp_lb_stats, &k);
+	return c && c->id == id && c->kind == kind ? &c->s : NULL;
 }
 
-/* Counters are created lazily: the control plane writes no kdp_lb_stats or kdp_lb_conns entry
- * when it installs a service or real server (a restore of 20000 rules would insert 35000 of
- * them, about 0.6 us each on this kind of host, docs/performance.md); a new connection makes
- * the ones it counts in, here. An entry that is not there reads as zero everywhere (listings,
- * metrics, the schedulers). Only new connections create them, after their service's master and
- * real server were found, so a counter exists only for an id that was live at that moment;
- * established connections and replies count in what exists (a real server's counters are
- * deleted with it while its connections drain, as before). The rare entry created for an id
- * removed in between is deleted by the control plane's sweeper (maps.LB's recount). lb_make
- * is the lookup-or-create of both maps: map is kdp_lb_stats or kdp_lb_conns. */
-static __always_inline void *lb_make(void *map, const void *key)
+/* lb_conns_of is real server id's connection counts, NULL when it owns no entry. */
+static __always_inline struct lb_conns *lb_conns_of(__u32 id)
 {
-	struct lb_stats zero = {}; /* the larger of the two maps' values */
-	void *v = bpf_map_lookup_elem(map, key);
+	__u32 k = lb_cnt_slot(id);
+	struct lb_cnc *c = bpf_map_lookup_elem(&kdp_lb_conns, &k);
 
-	if (v)
-		return v;
-	/* NOEXIST: a CPU that created it first keeps its entry (and what it counted). */
-	bpf_map_update_elem(map, key, &zero, BPF_NOEXIST);
-	return bpf_map_lookup_elem(map, key);
-}
-
-_Static_assert(sizeof(struct lb_conns) <= sizeof(struct lb_stats), "lb_make's zero value covers both maps");
-
-static __always_inline struct lb_stats *lb_stats_make(__u32 kind, __u32 id)
-{
-	struct lb_stats_key k = { .kind = kind, .id = id };
-
-	return lb_make(&kdp_lb_stats, &k);
+	return c && c->id == id ? &c->c : NULL;
 }
 
 static __always_inline void lb_count_in(struct lb_stats *s, __u32 len)
@@ -732,7 +751,7 @@ static __always_inline void ct_close(__u64 *p, __u64 seen, int shift, __u32 back
 	if (ct_state_of(seen, shift) != KDP_CT_TCP_EST || __sync_val_compare_and_swap(p, seen, fin) != seen ||
 	    !backend)
 		return;
-	cn = bpf_map_lookup_elem(&kdp_lb_conns, &backend);
+	cn = lb_conns_of(backend);
 	if (cn) {
 		__sync_fetch_and_add(&cn->active, -1);
 		__sync_fetch_and_add(&cn->inactive, 1);
@@ -934,7 +953,7 @@ static long lc_step(__u64 i, void *arg)
 	be = bpf_map_lookup_elem(&kdp_lb_be, &sl->id);
 	if (!be || be->weight == 0)
 		return 0;
-	st = bpf_map_lookup_elem(&kdp_lb_conns, &sl->id);
+	st = lb_conns_of(sl->id);
 	active = st && st->active > 0 ? st->active : 0;
 	w = be->weight;
 	if (s->sched == KDP_SCHED_SED || s->sched == KDP_SCHED_NQ) {
@@ -1051,9 +1070,11 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 
 	switch (m->sched) {
 	case KDP_SCHED_RR:
-		if (!ss || !m->count)
+		if (!m->count)
 			return 0;
-		idx = __sync_fetch_and_add(&ss->sched, 1) % m->count + 1;
+		/* No counters (ss NULL): the service's entry is not claimed yet (see lb_cnt_slot:
+		 * only between an upgrade's migration and its first sync): a random slot. */
+		idx = (ss ? __sync_fetch_and_add(&ss->sched, 1) : bpf_get_prandom_u32()) % m->count + 1;
 		sl = svc_slot(mk, m->rev, idx);
 		if (!sl)
 			return 0;
@@ -1063,7 +1084,12 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 		}
 		return sl->id;
 	case KDP_SCHED_WRR:
-		return ss ? wrr_schedule(mk, m, ss, pick) : 0;
+		if (ss)
+			return wrr_schedule(mk, m, ss, pick);
+		if (!m->count) /* unclaimed counters, as rr above: a random server of weight > 0 */
+			return 0;
+		sl = svc_slot(mk, m->rev, bpf_get_prandom_u32() % m->count + 1);
+		return sl && sl->wmax ? sl->id : 0;
 	case KDP_SCHED_SH:
 	case KDP_SCHED_DH: {
 		struct lb_svc_key hk = *mk;
@@ -1082,7 +1108,7 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 
 		if (ae) {
 			struct lb_backend *be = bpf_map_lookup_elem(&kdp_lb_be, &ae->backend);
-			struct lb_conns *st = bpf_map_lookup_elem(&kdp_lb_conns, &ae->backend);
+			struct lb_conns *st = lb_conns_of(ae->backend);
 
 			/* Keep the locality unless the server is gone, quiesced or overloaded
 			 * (more active connections than its weight, as ip_vs_lblc does). */
@@ -1335,7 +1361,7 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 		    bpf_map_lookup_elem(&kdp_lb_be6, &ae->backend))
 			be_id = ae->backend;
 	}
-	ss = lb_stats_make(KDP_LB_STATS_SVC, m->id);
+	ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 	if (!be_id)
 		be_id = lb_schedule(&sc->base, m, ss, fold6(f->saddr.v6), fold6(f->daddr.v6), now, NULL);
 	if (m->persist && be_id) {
@@ -1374,11 +1400,11 @@ static __always_inline int lb_from_guest6(void *ctx, const bool xdp, const struc
 	bpf_map_update_elem(&kdp_lb_ct6, &sc->rk, &sc->re, BPF_ANY);
 	bpf_map_update_elem(&kdp_lb_ct6, &sc->ck, &sc->ne, BPF_ANY);
 	/* The new connection's counters, in the entries looked up once. */
-	st = lb_stats_make(KDP_LB_STATS_BACKEND, be_id);
+	st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
 	if (st)
 		__sync_fetch_and_add(&st->conns, 1);
 	lb_count_in(st, len);
-	cn = lb_make(&kdp_lb_conns, &be_id);
+	cn = lb_conns_of(be_id);
 	if (cn) {
 		if (sc->ne.state == KDP_CT_TCP_EST)
 			__sync_fetch_and_add(&cn->active, 1);
@@ -1495,7 +1521,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 			    bpf_map_lookup_elem(&kdp_lb_be, &ae->backend))
 				be_id = ae->backend;
 		}
-		ss = lb_stats_make(KDP_LB_STATS_SVC, m->id);
+		ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 		if (!be_id)
 			be_id = lb_schedule(&mk, m, ss, f->saddr.v4, f->daddr.v4, now, &ne);
 		if (m->persist && be_id) {
@@ -1525,11 +1551,11 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		ct_insert(cfg, &ck, &ne, now);
 
 		/* The new connection's counters, in the entries looked up once. */
-		st = lb_stats_make(KDP_LB_STATS_BACKEND, be_id);
+		st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
 		if (st)
 			__sync_fetch_and_add(&st->conns, 1);
 		lb_count_in(st, len);
-		cn = lb_make(&kdp_lb_conns, &be_id);
+		cn = lb_conns_of(be_id);
 		if (cn) {
 			if (ne.state == KDP_CT_TCP_EST)
 				__sync_fetch_and_add(&cn->active, 1);

@@ -276,12 +276,22 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 	// no new real server): write them at once, on both CPUs. The real servers the new
 	// generation does not read (splitLate) are written after the switch; their prefilter bits
 	// are set now, as replies from them pass the prefilter from the switch on.
-	beErr := make(chan error, 1)
+	// The counters' entries of every id are claimed before the switch too (maps.LB.ClaimCounters:
+	// the datapath counts only in entries its ids own), the late real servers' as well.
+	svcIDs, beIDs := make([]uint32, 0, len(specs)), make([]uint32, 0, len(st.backends))
+	for _, s := range specs {
+		svcIDs = append(svcIDs, s.ID)
+	}
+	for beID := range st.backends {
+		beIDs = append(beIDs, beID)
+	}
+	beErr, claimErr := make(chan error, 1), make(chan error, 1)
 	go func() {
 		beErr <- errors.Join(lb.PutBackends(now, fresh), lb.MarkRealServers(late))
 	}()
+	go func() { claimErr <- lb.ClaimCounters(svcIDs, beIDs) }()
 	svcErr := lb.PutServices(gen, specs)
-	if err := errors.Join(<-beErr, svcErr); err != nil {
+	if err := errors.Join(<-beErr, <-claimErr, svcErr); err != nil {
 		undo()
 		return fmt.Errorf("restore lb of %s: %w", id, err)
 	}
@@ -527,10 +537,10 @@ func (d *Dataplane) LBCounters(ctx context.Context, id string) (ipvs.Counters, e
 			return err
 		}
 		var err error
-		if c.stats, err = maps.Dump[maps.LBStatsKey, maps.LBStats](lb.Stats); err != nil {
+		if c.stats, err = lb.AllStats(); err != nil {
 			return fmt.Errorf("lb counters of %s: %w", id, err)
 		}
-		if c.conns, err = maps.Dump[uint32, maps.LBConns](lb.Conns); err != nil {
+		if c.conns, err = lb.AllConns(); err != nil {
 			return fmt.Errorf("lb counters of %s: %w", id, err)
 		}
 		d.mu.Lock()
@@ -642,8 +652,15 @@ func (d *Dataplane) Sweep(ctx context.Context) error {
 				return fmt.Errorf("sweep connections of %s: %w", id, err)
 			}
 			now = time.Now()
-			var err error
-			if cur, err = maps.Dump[maps.LBStatsKey, maps.LBStats](sb.lbMaps().Stats); err != nil {
+			lb := sb.lbMaps()
+			cfg, err := maps.ReadConfig(lb.Config)
+			if err != nil {
+				return fmt.Errorf("read lb config of %s: %w", id, err)
+			}
+			if cfg.Flags&maps.ConfigLB == 0 {
+				return nil // no services: no counter moves, and the arrays are not read
+			}
+			if cur, err = sb.lbMaps().AllStats(); err != nil {
 				return fmt.Errorf("read lb counters of %s: %w", id, err)
 			}
 			return nil

@@ -69,6 +69,9 @@ type Table struct {
 	svcSlab     []Service
 	srvSlab     []Server
 	nextServers int
+	// slots marks the counter entries (CounterSlot) that live ids hold, for newID; nil when
+	// not built yet or dropped by a removal (rebuilt at the next newID).
+	slots []bool
 }
 
 // Timeouts returns the connection timeouts in force.
@@ -137,6 +140,7 @@ func (t *Table) Clear() {
 	t.Services = nil
 	t.index = map[ServiceKey]*Service{}
 	t.rules = 0
+	t.slots = nil
 }
 
 // MaxID is the largest id a table gives out: the ids above it belong to the cluster table
@@ -167,12 +171,37 @@ func (t *Table) newServers() []Server {
 	return l
 }
 
+// CounterSlots is how many counter entries a table's ids map to: KDP_LB_CNT_HALF
+// (bpf/lib/lb.h), the half of the datapath's counter arrays that kata-ipvs ids use. It is
+// larger than MaxRules, so a table always has a free one.
+const CounterSlots = 20480
+
+// CounterSlot is the counter entry of a kata-ipvs id (the datapath's lb_cnt_slot).
+func CounterSlot(id uint32) uint32 { return id % CounterSlots }
+
+// newID hands out the next id: the first after LastID whose counter entry (CounterSlot) no
+// live id of the table holds. The datapath keeps each id's counters in the entry of its slot,
+// owned by one id at a time (bpf/lib/lb.h, lb_cnt_slot), so live ids must never share one; ids
+// are still never reused, as LastID only grows. Ids taken in order mostly find their slot
+// free at once: a table's live ids are at most MaxRules of CounterSlots slots.
 func (t *Table) newID() (uint32, bool) {
-	if t.LastID >= MaxID {
-		return 0, false
+	if t.slots == nil {
+		t.slots = make([]bool, CounterSlots)
+		for _, s := range t.Services {
+			t.slots[CounterSlot(s.ID)] = true
+			for _, d := range s.Servers {
+				t.slots[CounterSlot(d.ID)] = true
+			}
+		}
 	}
-	t.LastID++
-	return t.LastID, true
+	for id := t.LastID + 1; id <= MaxID && id-t.LastID <= CounterSlots; id++ {
+		if !t.slots[CounterSlot(id)] {
+			t.slots[CounterSlot(id)] = true
+			t.LastID = id
+			return id, true
+		}
+	}
+	return 0, false
 }
 
 // Apply executes one command, as ipvsadm would against the kernel, and
@@ -228,6 +257,7 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 		i := slices.Index(t.Services, s)
 		t.Services = slices.Delete(t.Services, i, i+1)
 		delete(idx, cmd.Service)
+		t.slots = nil
 		t.rules -= 1 + len(s.Servers)
 	case OpAddServer:
 		s, ok := idx[cmd.Service]
@@ -260,6 +290,7 @@ func (t *Table) Exec(cmd Command, c Counters) (stdout string, err error) {
 		}
 		if cmd.Op == OpDeleteServer {
 			s.Servers = slices.Delete(s.Servers, i, i+1)
+			t.slots = nil
 			t.rules--
 			break
 		}
@@ -431,6 +462,7 @@ func (t *Table) SnapshotService(k ServiceKey) (undo func()) {
 			t.Services = slices.Delete(t.Services, i, i+1)
 			t.rules -= 1 + len(cur.Servers)
 			delete(idx, k)
+			t.slots = nil
 		}
 		if !existed {
 			return

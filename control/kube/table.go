@@ -30,13 +30,15 @@ type Table struct {
 	keys     map[string][]ipvs.ServiceKey // the keys of each Service
 	ids      map[uint32]string            // id -> what it names (for probing on collisions)
 	idOf     map[string]uint32            // what -> id
+	slots    []bool                       // counter entries (ipvs.CounterSlot) that ids hold
 	skipped  map[string][]string          // namespace/name -> what was left out and why
 }
 
 // NewTable returns an empty cluster table holding at most maxRules rules (0: no limit).
 func NewTable(maxRules int) *Table {
 	return &Table{max: maxRules, services: map[ipvs.ServiceKey]*ipvs.Service{}, owner: map[ipvs.ServiceKey]string{},
-		keys: map[string][]ipvs.ServiceKey{}, ids: map[uint32]string{}, idOf: map[string]uint32{}, skipped: map[string][]string{}}
+		keys: map[string][]ipvs.ServiceKey{}, ids: map[uint32]string{}, idOf: map[string]uint32{}, skipped: map[string][]string{},
+		slots: make([]bool, ipvs.CounterSlots)}
 }
 
 // Rules returns the number of rules in the table: services plus real servers.
@@ -184,6 +186,10 @@ func (t *Table) drop(k ipvs.ServiceKey) {
 
 // id returns the id of what: the one it has, or a new one derived from its hash (the next
 // free one after it when another holds it), so the same table gets the same ids in every run.
+// An id is free when no id of the table holds it or its counter entry (ipvs.CounterSlot: the
+// cluster table's ids have the second half of the datapath's counter arrays, where each entry
+// counts for one id, bpf/lib/lb.h lb_cnt_slot). A table of more ids than entries (only
+// without a rule limit) gives the rest ids that share entries: their counters are not kept.
 func (t *Table) id(what string) uint32 {
 	if id, ok := t.idOf[what]; ok {
 		return id
@@ -192,11 +198,13 @@ func (t *Table) id(what string) uint32 {
 	h.Write([]byte(what))
 	span := uint64(IDLimit - IDBase)
 	off := h.Sum64() % span
+	full := len(t.ids) >= ipvs.CounterSlots
 	for {
 		id := IDBase + uint32(off)
-		if _, taken := t.ids[id]; !taken {
+		if _, taken := t.ids[id]; !taken && (full || !t.slots[ipvs.CounterSlot(id)]) {
 			t.ids[id] = what
 			t.idOf[what] = id
+			t.slots[ipvs.CounterSlot(id)] = true
 			return id
 		}
 		off = (off + 1) % span
@@ -207,6 +215,7 @@ func (t *Table) release(what string) {
 	if id, ok := t.idOf[what]; ok {
 		delete(t.ids, id)
 		delete(t.idOf, what)
+		t.slots[ipvs.CounterSlot(id)] = false
 	}
 }
 
