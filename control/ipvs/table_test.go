@@ -685,3 +685,55 @@ func TestRestoreSlabs(t *testing.T) {
 		}
 	}
 }
+
+// TestIDsAvoidLiveSlots: a new id is the first after LastID whose counter entry (CounterSlot)
+// no live id of the table holds, so live ids never share the datapath's counters; a removed
+// id's entry is free again, ids are never reused, and a table decoded from JSON (its entries
+// rebuilt from its ids) keeps to it.
+func TestIDsAvoidLiveSlots(t *testing.T) {
+	var tb Table
+	run(t, &tb, "-A -t 10.0.0.1:80", "-a -t 10.0.0.1:80 -r 10.1.0.1") // ids 1, 2
+	tb.LastID = CounterSlots                                         // the next id, CounterSlots+1, has slot 1
+	run(t, &tb, "-a -t 10.0.0.1:80 -r 10.1.0.2")
+	k := ServiceKey{TCP, netip.MustParseAddrPort("10.0.0.1:80")}
+	s, _ := tb.Service(k)
+	if got := s.Servers[0].ID; got != CounterSlots+3 {
+		t.Errorf("id after slots 1 and 2 (held by ids 1 and 2): %d, want %d", got, CounterSlots+3)
+	}
+	// Removing id 2 frees slot 2, but not for an id at or below LastID.
+	run(t, &tb, "-d -t 10.0.0.1:80 -r 10.1.0.1")
+	tb.LastID = 2*CounterSlots + 1 // next: slot 2 (free now), then slot 3 (held)
+	run(t, &tb, "-a -t 10.0.0.1:80 -r 10.1.0.3", "-a -t 10.0.0.1:80 -r 10.1.0.4")
+	s, _ = tb.Service(k)
+	if a, b := s.Servers[1].ID, s.Servers[0].ID; a != 2*CounterSlots+2 || b != 2*CounterSlots+4 {
+		t.Errorf("ids after slot 2 was freed: %d, %d; want %d, %d", a, b, 2*CounterSlots+2, 2*CounterSlots+4)
+	}
+	// A decoded table rebuilds which entries its ids hold.
+	raw, err := json.Marshal(&tb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dec Table
+	if err := json.Unmarshal(raw, &dec); err != nil {
+		t.Fatal(err)
+	}
+	dec.LastID = 3*CounterSlots // next: slot 1 (service 1), then slot 2 (held), 3 (held), 4 (held): 5
+	run(t, &dec, "-A -u 10.0.0.1:80")
+	if s, _ := dec.Service(ServiceKey{UDP, netip.MustParseAddrPort("10.0.0.1:80")}); s.ID != 3*CounterSlots+5 {
+		t.Errorf("decoded table's next id %d, want %d", s.ID, 3*CounterSlots+5)
+	}
+	live := map[uint32]uint32{}
+	for _, s := range dec.Services {
+		for _, id := range append([]uint32{s.ID}, func() (ids []uint32) {
+			for _, d := range s.Servers {
+				ids = append(ids, d.ID)
+			}
+			return
+		}()...) {
+			if o, ok := live[CounterSlot(id)]; ok {
+				t.Errorf("ids %d and %d share counter entry %d", o, id, CounterSlot(id))
+			}
+			live[CounterSlot(id)] = id
+		}
+	}
+}
