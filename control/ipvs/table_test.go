@@ -693,7 +693,7 @@ func TestRestoreSlabs(t *testing.T) {
 func TestIDsAvoidLiveSlots(t *testing.T) {
 	var tb Table
 	run(t, &tb, "-A -t 10.0.0.1:80", "-a -t 10.0.0.1:80 -r 10.1.0.1") // ids 1, 2
-	tb.LastID = CounterSlots                                         // the next id, CounterSlots+1, has slot 1
+	tb.LastID = CounterSlots                                          // the next id, CounterSlots+1, has slot 1
 	run(t, &tb, "-a -t 10.0.0.1:80 -r 10.1.0.2")
 	k := ServiceKey{TCP, netip.MustParseAddrPort("10.0.0.1:80")}
 	s, _ := tb.Service(k)
@@ -717,7 +717,7 @@ func TestIDsAvoidLiveSlots(t *testing.T) {
 	if err := json.Unmarshal(raw, &dec); err != nil {
 		t.Fatal(err)
 	}
-	dec.LastID = 3*CounterSlots // next: slot 1 (service 1), then slot 2 (held), 3 (held), 4 (held): 5
+	dec.LastID = 3 * CounterSlots // next: slot 1 (service 1), then slot 2 (held), 3 (held), 4 (held): 5
 	run(t, &dec, "-A -u 10.0.0.1:80")
 	if s, _ := dec.Service(ServiceKey{UDP, netip.MustParseAddrPort("10.0.0.1:80")}); s.ID != 3*CounterSlots+5 {
 		t.Errorf("decoded table's next id %d, want %d", s.ID, 3*CounterSlots+5)
