@@ -259,17 +259,21 @@ func convertCT(old, m *ebpf.Map) (copied, dropped int, err error) {
 // flag (pinned by an older agent and not migrated, which Open does not leave), and one the
 // kernel maps only read-only (frozen, or read-only for programs: EPERM, EACCES). Its users
 // then take their batched paths.
-func mapCT(m *ebpf.Map) ([]byte, error) {
+func mapCT(m *ebpf.Map) ([]byte, error) { return mapArray(m, "connection table") }
+
+// mapArray maps the values of a BPF_F_MMAPABLE array m (named what in errors) writable, or
+// fails with ebpf.ErrNotSupported when m is not one or cannot be mapped writable.
+func mapArray(m *ebpf.Map, what string) ([]byte, error) {
 	if m.Type() != ebpf.Array || m.Flags()&unix.BPF_F_MMAPABLE == 0 {
-		return nil, fmt.Errorf("connection table (%s, flags %#x) is not a mmapable array: %w", m.Type(), m.Flags(), ebpf.ErrNotSupported)
+		return nil, fmt.Errorf("%s (%s, flags %#x) is not a mmapable array: %w", what, m.Type(), m.Flags(), ebpf.ErrNotSupported)
 	}
 	size := arrayMapSize(m.ValueSize(), m.MaxEntries(), os.Getpagesize())
 	b, err := unix.Mmap(m.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-		return nil, fmt.Errorf("connection table cannot be mapped writable: %w (%w)", ebpf.ErrNotSupported, err)
+		return nil, fmt.Errorf("%s cannot be mapped writable: %w (%w)", what, ebpf.ErrNotSupported, err)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("map %d bytes of the connection table: %w", size, err)
+		return nil, fmt.Errorf("map %d bytes of the %s: %w", size, what, err)
 	}
 	return b, nil
 }

@@ -268,7 +268,7 @@ func TestLBCountersArrays(t *testing.T) {
 	for id := uint32(100); id < 200; id++ {
 		many = append(many, id)
 	}
-	if err := r.lb.ClaimCounters([]uint32{4}, append(many, 9)); err != nil {
+	if err := r.lb.ClaimCounters([]uint32{4}, append(many, 9), false); err != nil {
 		t.Fatal(err)
 	}
 	if st, cn := counters(); len(st) != 105 || len(cn) != 103 {
@@ -290,7 +290,7 @@ func TestLBCountersArrays(t *testing.T) {
 		t.Errorf("connection counts after two connections: %+v, want 7: 2 active", cn)
 	}
 	// A claim of ids that own their entries (a restore of the same table) keeps the counters.
-	if err := r.lb.ClaimCounters([]uint32{3}, []uint32{7}); err != nil {
+	if err := r.lb.ClaimCounters([]uint32{3}, []uint32{7}, false); err != nil {
 		t.Fatal(err)
 	}
 	if st, _ := r.lb.ReadStats(maps.StatsService, 3); st != svc {
@@ -374,6 +374,50 @@ func TestLBCountersArrays(t *testing.T) {
 	}
 	if st, _ := r.lb.ReadStats(maps.StatsService, 3); st.Conns != 3 || st.Inpkts != 5 || st.Outpkts != 1 {
 		t.Errorf("service 3's counters: %+v, want 3 connections, 5 frames in, 1 out", st)
+	}
+
+	// The arrays are read and claimed in their memory mappings; without them (StatsMem and
+	// ConnsMem nil), with system calls: both ways see and do the same.
+	if r.lb.StatsMem == nil || r.lb.ConnsMem == nil {
+		t.Fatal("the counter arrays are not mapped")
+	}
+	plain := r.lb
+	plain.StatsMem, plain.ConnsMem = nil, nil
+	st, cn = counters()
+	pst, err := plain.AllStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pcn, err := plain.AllConns()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(pst) != fmt.Sprint(st) || fmt.Sprint(pcn) != fmt.Sprint(cn) {
+		t.Errorf("counters read with system calls:\n%v %v\nin place:\n%v %v", pst, pcn, st, cn)
+	}
+	for _, fresh := range []bool{false, true} {
+		lb, ids := plain, []uint32{100 + loader.CounterHalf} // the entries of 100..199 (many, above)
+		if fresh {
+			lb, ids = r.lb, []uint32{100 + 2*loader.CounterHalf} // the same entries again
+		}
+		for i := range 100 {
+			ids = append(ids, ids[0]+uint32(i)+1)
+		}
+		if err := lb.ClaimCounters(nil, ids, fresh); err != nil {
+			t.Fatal(err)
+		}
+		st, cn := counters()
+		for _, id := range ids {
+			if _, ok := st[beKey(id)]; !ok {
+				t.Errorf("fresh %v: %d did not claim its counters", fresh, id)
+			}
+			if _, ok := cn[id]; !ok {
+				t.Errorf("fresh %v: %d did not claim its connection counts", fresh, id)
+			}
+			if _, ok := cn[id-loader.CounterHalf]; ok {
+				t.Errorf("fresh %v: %d still owns its entry after %d claimed it", fresh, id-loader.CounterHalf, id)
+			}
+		}
 	}
 }
 

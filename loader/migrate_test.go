@@ -526,7 +526,7 @@ func TestMigrateCounters(t *testing.T) {
 	if err := lb.PutService(0, maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 3, Sched: maps.SchedRR, Slots: []uint32{7}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := lb.ClaimCounters(nil, []uint32{clusterID}); err != nil {
+	if err := lb.ClaimCounters(nil, []uint32{clusterID}, false); err != nil {
 		t.Fatal(err)
 	}
 	check("after the first sync", oldStats, oldConns)

@@ -64,6 +64,10 @@ type Maps struct {
 	// when the table cannot be mapped. It is valid only while the Sandbox is open: see
 	// Sandbox.Close.
 	LBCTMem    []byte
+	// LBStatsMem and LBConnsMem are LBStats' and LBConns' memory (the counter arrays), mapped
+	// and unmapped as LBCTMem, or nil when they cannot be mapped.
+	LBStatsMem []byte
+	LBConnsMem []byte
 	LBAff      *ebpf.Map
 	LBSvc6     *ebpf.Map // IPv6 service masters
 	LBBackend6 *ebpf.Map // IPv6 real server addresses
@@ -109,6 +113,8 @@ type Sandbox struct {
 	dir        string
 	objs       DatapathObjects
 	ctMem      []byte // the IPv4 connection table's mapping (mapCT); nil: not mapped or closed
+	statsMem   []byte // the counter arrays' mappings (mapArray); nil: not mapped or closed
+	connsMem   []byte
 	legacy     bool   // Options.LegacyTC
 	genericXDP bool   // Options.GenericXDP
 }
@@ -122,7 +128,8 @@ func (s *Sandbox) Maps() Maps {
 	return Maps{
 		Endpoints: o.KdpEndpoints, Endpoints6: o.KdpEndpoints6, Stats: o.KdpStats, DropsExt: o.KdpDropsExt,
 		Routes: o.KdpRoutes, Routes6: o.KdpRoutes6, Config: o.KdpConfig,
-		LBSvc: o.KdpLbSvc, LBHash: o.KdpLbHash, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt2, LBCTMem: s.ctMem, LBAff: o.KdpLbAff,
+		LBSvc: o.KdpLbSvc, LBHash: o.KdpLbHash, LBBackend: o.KdpLbBe, LBStats: o.KdpLbStats, LBConns: o.KdpLbConns, LBCT: o.KdpLbCt2, LBCTMem: s.ctMem,
+		LBStatsMem: s.statsMem, LBConnsMem: s.connsMem, LBAff: o.KdpLbAff,
 		LBSvc6: o.KdpLbSvc6, LBBackend6: o.KdpLbBe6, LBCT6: o.KdpLbCt6, LBAff6: o.KdpLbAff6, LBVIPs: o.KdpLbVips,
 		XDPPorts: o.KdpXdpPorts, XDPTx: o.KdpXdpTx,
 		Mon: o.KdpMon, MonRL: o.KdpMonRl, MonEvents: o.KdpMonEvents,
@@ -218,6 +225,19 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
 	}
 	s.ctMem = mem
+	// So are the counter arrays (claimed and read in place by maps.LB).
+	for _, a := range []struct {
+		m    *ebpf.Map
+		mem  *[]byte
+		what string
+	}{{s.objs.KdpLbStats, &s.statsMem, "counters"}, {s.objs.KdpLbConns, &s.connsMem, "connection counts"}} {
+		mem, err := mapArray(a.m, a.what)
+		if err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+			s.Close()
+			return nil, fmt.Errorf("open sandbox %s: %w", id, err)
+		}
+		*a.mem = mem
+	}
 	if err := s.refreshLinks(linksDir); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("open sandbox %s: %w", id, err)
@@ -229,8 +249,8 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 	return s, nil
 }
 
-// Close releases the sandbox's file descriptors and unmaps its connection table
-// (Maps.LBCTMem). Pins stay: the datapath keeps running. A second Close does nothing.
+// Close releases the sandbox's file descriptors and unmaps its connection table and counter
+// arrays (Maps.LBCTMem, LBStatsMem, LBConnsMem). Pins stay: the datapath keeps running. A second Close does nothing.
 //
 // Close must not run while anything still uses the Sandbox's Maps: a closed map's file
 // descriptor fails (or, reused, names another file), and a read of the unmapped table is a
@@ -238,14 +258,19 @@ func OpenWithOptions(root, id string, o Options) (*Sandbox, error) {
 // (control/dataplane, Sandbox.closing) takes a lock for writing before Close that every
 // reader of the maps holds for reading while it reads, and the tests close last.
 func (s *Sandbox) Close() error {
-	var err error
-	if s.ctMem != nil {
-		if e := unix.Munmap(s.ctMem); e != nil {
-			err = fmt.Errorf("close sandbox %s: unmap the connection table: %w", s.ID, e)
+	var errs []error
+	for _, m := range []struct {
+		mem  *[]byte
+		what string
+	}{{&s.ctMem, "connection table"}, {&s.statsMem, "counters"}, {&s.connsMem, "connection counts"}} {
+		if *m.mem != nil {
+			if e := unix.Munmap(*m.mem); e != nil {
+				errs = append(errs, fmt.Errorf("close sandbox %s: unmap the %s: %w", s.ID, m.what, e))
+			}
+			*m.mem = nil // never unmapped twice: the range may be another mapping by then
 		}
-		s.ctMem = nil // never unmapped twice: the range may be another mapping by then
 	}
-	return errors.Join(err, s.objs.Close())
+	return errors.Join(append(errs, s.objs.Close())...)
 }
 
 // Remove detaches every program kata-dp attached for sandbox id and deletes its pins. It is

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -139,6 +141,12 @@ type LB struct {
 	// taken. The loader's Sandbox owns it and unmaps it when it closes: like the maps' file
 	// descriptors, an LB is used only while its Sandbox is open.
 	CTMem []byte
+	// StatsMem and ConnsMem are the counter arrays' (Stats', Conns') memory mappings
+	// (loader.Maps.LBStatsMem, LBConnsMem), owned like CTMem: a restore claims its ids'
+	// entries, and the sweeper and the listings read them, in place. nil: not mapped, the
+	// arrays are read and written with system calls.
+	StatsMem []byte
+	ConnsMem []byte
 }
 
 // ReadConfig reads the sandbox's config entry.
@@ -214,27 +222,44 @@ func (l LB) SetConns(id uint32, n LBConns) error {
 
 // ClaimCounters makes the counter entries of services svcs and real servers bes theirs
 // (their connection counts too for real servers), with zero counters where another id owned
-// the entry. Few ids are looked up one by one; many (a restore) read both arrays once.
-func (l LB) ClaimCounters(svcs, bes []uint32) error {
-	if len(svcs)+len(bes) <= claimDirectMax {
+// the entry. Few ids are looked up one by one; many (a restore) read both arrays once. fresh
+// says every id is new (a restore into a table this process knows was empty: ids are never
+// reused, so none owns its entry yet): the entries are written without reading them first.
+func (l LB) ClaimCounters(svcs, bes []uint32, fresh bool) error {
+	if len(svcs)+len(bes) <= claimDirectMax && !fresh {
 		return l.claimEach(svcs, bes)
+	}
+	if stats, conns := l.statsMem(), l.connsMem(); stats != nil && conns != nil {
+		for _, id := range svcs {
+			claimMapped(stats, nil, StatsService, id, fresh)
+		}
+		for _, id := range bes {
+			claimMapped(stats, conns, StatsBackend, id, fresh)
+		}
+		return nil
 	}
 	var stats []lbCnt
 	var conns []lbCnc
-	err := concurrently("", func() (err error) { stats, err = dumpArray[lbCnt](l.Stats); return err },
-		func() (err error) { conns, err = dumpArray[lbCnc](l.Conns); return err })
-	if err != nil {
-		return fmt.Errorf("claim counters: %w", err)
+	if !fresh {
+		err := concurrently("", func() (err error) { stats, err = dumpArray[lbCnt](l.Stats); return err },
+			func() (err error) { conns, err = dumpArray[lbCnc](l.Conns); return err })
+		if err != nil {
+			return fmt.Errorf("claim counters: %w", err)
+		}
 	}
+	size := l.Stats.MaxEntries()
 	var sk, ck []uint32
 	var sv []lbCnt
 	var cv []lbCnc
 	claim := func(kind, id uint32) {
 		i := loader.CounterSlot(id)
-		if int(i) < len(stats) && (stats[i].Id != id || stats[i].Kind != kind) {
+		if i >= size {
+			return // a cluster id without the cluster half: never counted (ReadStats)
+		}
+		if fresh || stats[i].Id != id || stats[i].Kind != kind {
 			sk, sv = append(sk, i), append(sv, lbCnt{Id: id, Kind: kind})
 		}
-		if kind == StatsBackend && int(i) < len(conns) && conns[i].Id != id {
+		if kind == StatsBackend && (fresh || conns[i].Id != id) {
 			ck, cv = append(ck, i), append(cv, lbCnc{Id: id})
 		}
 	}
@@ -246,6 +271,53 @@ func (l LB) ClaimCounters(svcs, bes []uint32) error {
 	}
 	return concurrently("claim counters", func() error { return batchUpdate(l.Stats, sk, sv) },
 		func() error { return batchUpdate(l.Conns, ck, cv) })
+}
+
+// statsMem is the counter array's memory mapping as its entries, nil when it is not mapped.
+func (l LB) statsMem() []lbCnt { return mapped[lbCnt](l.StatsMem, l.Stats) }
+
+// connsMem is the connection count array's memory mapping as its entries, nil when not mapped.
+func (l LB) connsMem() []lbCnc { return mapped[lbCnc](l.ConnsMem, l.Conns) }
+
+// mapped views mem, the mapping of array m, as m's entries; nil when mem does not hold them
+// all. The kernel lays entries out every round_up(value size, 8) bytes: both counter entries
+// are multiples of 8.
+func mapped[V any](mem []byte, m *ebpf.Map) []V {
+	var v V
+	n := int(m.MaxEntries())
+	if n == 0 || unsafe.Sizeof(v)%8 != 0 || uintptr(m.ValueSize()) != unsafe.Sizeof(v) || len(mem) < n*int(unsafe.Sizeof(v)) {
+		return nil
+	}
+	return unsafe.Slice((*V)(unsafe.Pointer(&mem[0])), n)
+}
+
+// claimMapped claims id's entry of kind in place in the mapped arrays (conns nil: no
+// connection counts, a service), unless fresh is false and id owns it already. The owner goes
+// to 0 first, so the datapath stops counting in the entry for the one before, then the
+// counters are zeroed and the new owner written last: no frame counts for id in counters that
+// are not yet zero.
+func claimMapped(stats []lbCnt, conns []lbCnc, kind, id uint32, fresh bool) {
+	i := loader.CounterSlot(id)
+	if int(i) >= len(stats) || (conns != nil && int(i) >= len(conns)) {
+		return // a cluster id without the cluster half: never counted (ReadStats)
+	}
+	if e := &stats[i]; fresh || atomic.LoadUint32(&e.Id) != id || atomic.LoadUint32(&e.Kind) != kind {
+		atomic.StoreUint32(&e.Id, 0)
+		atomic.StoreUint32(&e.Kind, kind)
+		for _, p := range []*uint64{&e.S.Conns, &e.S.Inpkts, &e.S.Outpkts, &e.S.Inbytes, &e.S.Outbytes, &e.S.Sched} {
+			atomic.StoreUint64(p, 0)
+		}
+		atomic.StoreUint32(&e.Id, id)
+	}
+	if conns == nil {
+		return
+	}
+	if e := &conns[i]; fresh || atomic.LoadUint32(&e.Id) != id {
+		atomic.StoreUint32(&e.Id, 0)
+		atomic.StoreInt64(&e.C.Active, 0)
+		atomic.StoreInt64(&e.C.Inactive, 0)
+		atomic.StoreUint32(&e.Id, id)
+	}
 }
 
 // claimDirectMax is the most ids ClaimCounters looks up one by one (two lookups each) rather
@@ -298,14 +370,17 @@ func (l LB) claimEach(svcs, bes []uint32) error {
 // AllStats reads the counters of every service and real server that owns an entry (deleted
 // ones too, until their entry is claimed again: callers look up the ids they list).
 func (l LB) AllStats() (map[LBStatsKey]LBStats, error) {
-	all, err := dumpArray[lbCnt](l.Stats)
-	if err != nil {
-		return nil, fmt.Errorf("read counters: %w", err)
+	all := l.statsMem()
+	if all == nil {
+		var err error
+		if all, err = dumpArray[lbCnt](l.Stats); err != nil {
+			return nil, fmt.Errorf("read counters: %w", err)
+		}
 	}
 	out := map[LBStatsKey]LBStats{}
-	for _, c := range all {
-		if c.Id != 0 {
-			out[LBStatsKey{Kind: c.Kind, Id: c.Id}] = c.S
+	for i := range all {
+		if id := atomic.LoadUint32(&all[i].Id); id != 0 {
+			out[LBStatsKey{Kind: all[i].Kind, Id: id}] = all[i].S
 		}
 	}
 	return out, nil
@@ -313,14 +388,17 @@ func (l LB) AllStats() (map[LBStatsKey]LBStats, error) {
 
 // AllConns reads the connection counts of every real server that owns an entry.
 func (l LB) AllConns() (map[uint32]LBConns, error) {
-	all, err := dumpArray[lbCnc](l.Conns)
-	if err != nil {
-		return nil, fmt.Errorf("read connection counts: %w", err)
+	all := l.connsMem()
+	if all == nil {
+		var err error
+		if all, err = dumpArray[lbCnc](l.Conns); err != nil {
+			return nil, fmt.Errorf("read connection counts: %w", err)
+		}
 	}
 	out := map[uint32]LBConns{}
-	for _, c := range all {
-		if c.Id != 0 {
-			out[c.Id] = c.C
+	for i := range all {
+		if id := atomic.LoadUint32(&all[i].Id); id != 0 {
+			out[id] = all[i].C
 		}
 	}
 	return out, nil
@@ -650,7 +728,7 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 			return fmt.Errorf("put service %s: buckets: %w", s.VIP, err)
 		}
 	}
-	if err := l.ClaimCounters([]uint32{s.ID}, nil); err != nil {
+	if err := l.ClaimCounters([]uint32{s.ID}, nil, false); err != nil {
 		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
 		return fmt.Errorf("put service %s: %w", s.VIP, err)
 	}
@@ -712,7 +790,7 @@ func (l LB) PutBackend(id uint32, be Backend) error {
 	if err := l.markRealServers(rsWord(b, b6)); err != nil {
 		return fmt.Errorf("put real server %s: %w", be.Addr, err)
 	}
-	if err := l.ClaimCounters(nil, []uint32{id}); err != nil {
+	if err := l.ClaimCounters(nil, []uint32{id}, false); err != nil {
 		return fmt.Errorf("put real server %s: %w", be.Addr, err)
 	}
 	if b6 != nil {
@@ -1098,6 +1176,9 @@ func (l LB) clearConnsBatch(keys []ctKey) error {
 // the write is the one case left; a live real server always owns its entry, as PutBackend and
 // the restore claim it before any slot names it.)
 func (l LB) recount(counts map[uint32]LBConns) error {
+	if mem := l.connsMem(); mem != nil {
+		return l.recountMapped(mem, counts)
+	}
 	all, err := dumpArray[lbCnc](l.Conns)
 	if err != nil {
 		return fmt.Errorf("read connection counts: %w", err)
@@ -1119,6 +1200,42 @@ func (l LB) recount(counts map[uint32]LBConns) error {
 	if len(slots) > 0 {
 		if _, err := l.Conns.BatchUpdate(slots, vals, nil); err != nil {
 			return fmt.Errorf("write connection counts: %w", err)
+		}
+	}
+	return nil
+}
+
+// recountMapped is recount in the mapped array (mem): the entries' owners are read before the
+// live real servers, and a count is stored only while its entry's owner is still the one read,
+// which leaves a claim's window at the nanoseconds between that check and the store.
+func (l LB) recountMapped(mem []lbCnc, counts map[uint32]LBConns) error {
+	owners := map[uint32]uint32{} // slot -> owner, of the entries whose counts differ
+	for i := range mem {
+		id := atomic.LoadUint32(&mem[i].Id)
+		if id == 0 || loader.CounterSlot(id) != uint32(i) {
+			continue
+		}
+		cur := LBConns{Active: atomic.LoadInt64(&mem[i].C.Active), Inactive: atomic.LoadInt64(&mem[i].C.Inactive)}
+		if counts[id] != cur {
+			owners[uint32(i)] = id
+		}
+	}
+	if len(owners) == 0 {
+		return nil
+	}
+	bes, err := Dump[uint32, backend](l.Backend)
+	if err != nil {
+		return fmt.Errorf("read real servers: %w", err)
+	}
+	for i, id := range owners {
+		if _, live := bes[id]; !live {
+			continue
+		}
+		e := &mem[i]
+		n := counts[id]
+		if atomic.LoadUint32(&e.Id) == id {
+			atomic.StoreInt64(&e.C.Active, n.Active)
+			atomic.StoreInt64(&e.C.Inactive, n.Inactive)
 		}
 	}
 	return nil

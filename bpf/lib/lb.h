@@ -221,6 +221,7 @@ struct {
 	__uint(max_entries, KDP_LB_CNT_HALF); /* 2 x with a cluster table (loader) */
 	__type(key, __u32);
 	__type(value, struct lb_cnt);
+	__uint(map_flags, BPF_F_MMAPABLE); /* the control plane claims and reads in place (maps.LB) */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_stats SEC(".maps");
 
@@ -229,6 +230,7 @@ struct {
 	__uint(max_entries, KDP_LB_CNT_HALF); /* 2 x with a cluster table (loader) */
 	__type(key, __u32);
 	__type(value, struct lb_cnc);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kdp_lb_conns SEC(".maps");
 

@@ -289,7 +289,7 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 	go func() {
 		beErr <- errors.Join(lb.PutBackends(now, fresh), lb.MarkRealServers(late))
 	}()
-	go func() { claimErr <- lb.ClaimCounters(svcIDs, beIDs) }()
+	go func() { claimErr <- lb.ClaimCounters(svcIDs, beIDs, fresh) }()
 	svcErr := lb.PutServices(gen, specs)
 	if err := errors.Join(<-beErr, <-claimErr, svcErr); err != nil {
 		undo()
