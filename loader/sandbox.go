@@ -63,7 +63,7 @@ type Maps struct {
 	// LBCTMem is LBCT's memory, mapped once by Open (mapCT) and unmapped by Close, or nil
 	// when the table cannot be mapped. It is valid only while the Sandbox is open: see
 	// Sandbox.Close.
-	LBCTMem    []byte
+	LBCTMem []byte
 	// LBStatsMem and LBConnsMem are LBStats' and LBConns' memory (the counter arrays), mapped
 	// and unmapped as LBCTMem, or nil when they cannot be mapped.
 	LBStatsMem []byte
@@ -115,8 +115,8 @@ type Sandbox struct {
 	ctMem      []byte // the IPv4 connection table's mapping (mapCT); nil: not mapped or closed
 	statsMem   []byte // the counter arrays' mappings (mapArray); nil: not mapped or closed
 	connsMem   []byte
-	legacy     bool   // Options.LegacyTC
-	genericXDP bool   // Options.GenericXDP
+	legacy     bool // Options.LegacyTC
+	genericXDP bool // Options.GenericXDP
 }
 
 // Dir is the sandbox's pin directory.

@@ -461,9 +461,9 @@ func ForSandbox(m loader.Maps) Sandbox {
 		Endpoints: EndpointMap{Map: m.Endpoints, V6: m.Endpoints6},
 		Stats:     StatsMap{Map: m.Stats, Ext: m.DropsExt},
 		Routes:    RouteTable{Routes: m.Routes, Routes6: m.Routes6, Config: m.Config},
-		LB:        LB{Svc6: m.LBSvc6, Backend6: m.LBBackend6, CT6: m.LBCT6, Aff6: m.LBAff6, Svc: m.LBSvc, Hash: m.LBHash, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, CTMem: m.LBCTMem,
+		LB: LB{Svc6: m.LBSvc6, Backend6: m.LBBackend6, CT6: m.LBCT6, Aff6: m.LBAff6, Svc: m.LBSvc, Hash: m.LBHash, Backend: m.LBBackend, Stats: m.LBStats, Conns: m.LBConns, CT: m.LBCT, CTMem: m.LBCTMem,
 			StatsMem: m.LBStatsMem, ConnsMem: m.LBConnsMem, Aff: m.LBAff, Config: m.Config, VIPs: m.LBVIPs},
-		XDP:       XDPPorts{Ports: m.XDPPorts, Tx: m.XDPTx},
+		XDP: XDPPorts{Ports: m.XDPPorts, Tx: m.XDPTx},
 	}
 }
 
