@@ -256,6 +256,51 @@ func TestLBCountersSurviveRestart(t *testing.T) {
 	}
 }
 
+// TestLBCountersSlotReuse: a real server is deleted and a new one gets its counter entry (an
+// id ipvs.CounterSlots later, as a table hands out after that many): with real connections, the
+// listing shows the new server from zero and then its own connections only, the service all.
+func TestLBCountersSlotReuse(t *testing.T) {
+	r := newLBRig(t, "lbslot")
+	ctx := context.Background()
+	r.ipvsadm(t, "-A -t "+vipAddr+":80 -s rr")
+	r.ipvsadm(t, "-a -t "+vipAddr+":80 -r 10.199.0.11:80 -m")
+	for range 2 {
+		if got := r.tcpPick(t); got != "10.199.0.11" {
+			t.Fatalf("picked %s, want 10.199.0.11", got)
+		}
+	}
+	old := r.table.Services[0].Servers[0].ID
+	r.ipvsadm(t, "-d -t "+vipAddr+":80 -r 10.199.0.11:80")
+	r.table.LastID = old + ipvs.CounterSlots - 1 // the next id is the first free one: old's entry
+	r.ipvsadm(t, "-a -t "+vipAddr+":80 -r 10.199.0.12:80 -m")
+	next := r.table.Services[0].Servers[0].ID
+	if ipvs.CounterSlot(next) != ipvs.CounterSlot(old) || next == old {
+		t.Fatalf("new real server's id %d does not take %d's entry", next, old)
+	}
+	counters := func() ipvs.Counters {
+		t.Helper()
+		c, err := r.dp.LBCounters(ctx, r.ep.Sandbox)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	if s := counters().Server(next); s.Conns != 0 || s.InPkts != 0 || s.ActiveConn != 0 || s.InActConn != 0 {
+		t.Errorf("the new real server's counters before any connection: %+v, want zero", s)
+	}
+	if got := r.tcpPick(t); got != "10.199.0.12" {
+		t.Fatalf("picked %s, want 10.199.0.12", got)
+	}
+	c := counters()
+	if s := c.Server(next); s.Conns != 1 || s.InPkts == 0 {
+		t.Errorf("the new real server's counters after one connection: %+v, want 1 connection", s)
+	}
+	if got := c.Service(r.table.Services[0].ID).Conns; got != 3 {
+		t.Errorf("service connections: %d, want 3", got)
+	}
+	t.Log("\n" + r.table.List(ipvs.FormatStats, c))
+}
+
 // TestLBWeightedUDP: wrr with weights 1:2:3 spreads 600 flows exactly in that ratio.
 func TestLBWeightedUDP(t *testing.T) {
 	r := newLBRig(t, "lbwrr")
