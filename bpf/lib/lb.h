@@ -22,8 +22,8 @@
  * persistence (client -> real server per service) and lblc/lblcr's destination affinity.
  * kdp_lb_stats holds IPVS's counters per service and real server; kdp_lb_conns the active and
  * inactive connection counts, kept by the datapath and re-counted by the control plane's
- * sweeper, which also expires idle IPv6 connections. Both are arrays indexed by id (lb_cnt_slot),
- * each entry naming the id that owns it (see lb_cnt_slot).
+ * sweeper, which also expires idle IPv6 connections. Both are arrays indexed by id, each entry
+ * naming the id that owns it (see lb_cnt_slot).
  */
 #ifndef __KDP_LB_H
 #define __KDP_LB_H
@@ -482,7 +482,7 @@ static __always_inline bool lb_prefilter(const struct flow *f, const bool rs)
  * their table lives, and the tables hand out only ids whose entry no live id of the same table
  * holds (control/ipvs Table.newID, control/kube Table.id), so live ids never share an entry.
  *
- * Only the control plane claims an entry (maps.LB.claimCounters: it writes the owner with
+ * Only the control plane claims an entry (maps.LB.ClaimCounters: it writes the owner with
  * zeroed counters when it installs a service or real server whose entry another id owns; an
  * entry its id owns already is left alone, so an edit, a restore of the same ids after an agent
  * restart and an upgrade's first sync keep counting on). The datapath never writes an owner:
@@ -1074,8 +1074,9 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 	case KDP_SCHED_RR:
 		if (!m->count)
 			return 0;
-		/* No counters (ss NULL): the service's entry is not claimed yet (see lb_cnt_slot:
-		 * only between an upgrade's migration and its first sync): a random slot. */
+		/* No counters (ss NULL): the service's entry is not claimed (see lb_cnt_slot: between
+		 * an upgrade's migration and its first sync, or an older table's ids that share an
+		 * entry): a random slot rather than no server. */
 		idx = (ss ? __sync_fetch_and_add(&ss->sched, 1) : bpf_get_prandom_u32()) % m->count + 1;
 		sl = svc_slot(mk, m->rev, idx);
 		if (!sl)
