@@ -30,7 +30,7 @@ type Table struct {
 	keys     map[string][]ipvs.ServiceKey // the keys of each Service
 	ids      map[uint32]string            // id -> what it names (for probing on collisions)
 	idOf     map[string]uint32            // what -> id
-	slots    []bool                       // counter entries (ipvs.CounterSlot) that ids hold
+	slots    []int32                      // how many ids hold each counter entry (ipvs.CounterSlot)
 	skipped  map[string][]string          // namespace/name -> what was left out and why
 }
 
@@ -38,7 +38,7 @@ type Table struct {
 func NewTable(maxRules int) *Table {
 	return &Table{max: maxRules, services: map[ipvs.ServiceKey]*ipvs.Service{}, owner: map[ipvs.ServiceKey]string{},
 		keys: map[string][]ipvs.ServiceKey{}, ids: map[uint32]string{}, idOf: map[string]uint32{}, skipped: map[string][]string{},
-		slots: make([]bool, ipvs.CounterSlots)}
+		slots: make([]int32, ipvs.CounterSlots)}
 }
 
 // Rules returns the number of rules in the table: services plus real servers.
@@ -201,10 +201,10 @@ func (t *Table) id(what string) uint32 {
 	full := len(t.ids) >= ipvs.CounterSlots
 	for {
 		id := IDBase + uint32(off)
-		if _, taken := t.ids[id]; !taken && (full || !t.slots[ipvs.CounterSlot(id)]) {
+		if _, taken := t.ids[id]; !taken && (full || t.slots[ipvs.CounterSlot(id)] == 0) {
 			t.ids[id] = what
 			t.idOf[what] = id
-			t.slots[ipvs.CounterSlot(id)] = true
+			t.slots[ipvs.CounterSlot(id)]++
 			return id
 		}
 		off = (off + 1) % span
@@ -215,7 +215,7 @@ func (t *Table) release(what string) {
 	if id, ok := t.idOf[what]; ok {
 		delete(t.ids, id)
 		delete(t.idOf, what)
-		t.slots[ipvs.CounterSlot(id)] = false
+		t.slots[ipvs.CounterSlot(id)]--
 	}
 }
 
