@@ -193,6 +193,14 @@ type DatapathLbHash struct {
 	Be [256]uint32
 }
 
+type DatapathLbSlot struct {
+	_      structs.HostLayout
+	Id     uint32
+	Addr   uint32
+	Port   uint16
+	Weight uint16
+}
+
 type DatapathLbStats struct {
 	_        structs.HostLayout
 	Conns    uint64
@@ -211,8 +219,9 @@ type DatapathLbSvc struct {
 	Persist uint32
 	Pmask   uint32
 	Sched   uint8
-	Flags   uint8
+	Pad     uint8
 	Wmax    uint16
+	S       [8]DatapathLbSlot
 }
 
 type DatapathLbSvc6Key struct {

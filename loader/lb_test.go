@@ -642,7 +642,8 @@ func TestLBSchedulers(t *testing.T) {
 
 // TestLBWRRWalk: the datapath's wrr walk picks exactly ipvs.WRRSequence for weights whose
 // period is long, from the first pick, and starts again from it after an edit (a new
-// revision); a service takes one slot per real server whatever its weights.
+// revision); a service of five real servers is one service-map entry (its master holds its
+// slots) whatever its weights.
 func TestLBWRRWalk(t *testing.T) {
 	needRoot(t)
 	r := newLBRig(t)
@@ -682,8 +683,178 @@ func TestLBWRRWalk(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.slots = len(all)
-	if m.slots != 1+len(weights) {
-		t.Errorf("wrr service takes %d service-map entries, want %d", m.slots, 1+len(weights))
+	if m.slots != 1 {
+		t.Errorf("wrr service takes %d service-map entries, want 1", m.slots)
+	}
+}
+
+// TestLBSlotBlocks: services of every size pick as their slots say, whether the slots are all
+// in the master (up to maps.InlineSlots) or partly in slot blocks: rr's sequence, wrr's walk
+// and the least-connection scan (its least loaded server placed last, in the last block), over
+// IPv4 and IPv6, written one by one (PutService) or in a restore (PutServices); a service
+// takes its master and its blocks in the service map, and an edit that shrinks it leaves no
+// block behind.
+func TestLBSlotBlocks(t *testing.T) {
+	needRoot(t)
+	r := newLBRig(t)
+	const most = 64
+	addr4 := func(i int) netip.AddrPort { return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 3, byte(i >> 8), byte(i)}), 80) }
+	addr6 := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.MustParseAddr(fmt.Sprintf("fd00:3::%x", i)), 8080)
+	}
+	for i := 1; i <= most; i++ {
+		if err := r.lb.PutBackend(uint32(i), maps.Backend{Addr: addr4(i), Weight: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.lb.PutBackend(uint32(1000+i), maps.Backend{Addr: addr6(i), Weight: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vip6 := netip.MustParseAddrPort("[2001:db8::30]:80")
+	sport := uint16(1000)
+	pick := func(v6 bool) netip.AddrPort {
+		t.Helper()
+		sport++
+		if v6 {
+			ret, out := r.fromGuest6(t, lbFrame6(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(netip.MustParseAddr("fd00:1::2"), sport), vip6, 0x02, 0))
+			if ret != tcxRedirect {
+				t.Fatalf("verdict %d", ret)
+			}
+			return lbCheckFrame6(t, out).dst
+		}
+		ret, out := r.fromGuest(t, l4Frame(unix.IPPROTO_TCP, guestMAC, netip.AddrPortFrom(guestIP, sport), vip, 0x02, 0))
+		if ret != tcxRedirect {
+			t.Fatalf("verdict %d", ret)
+		}
+		return checkFrame(t, out).dst
+	}
+	entries := func() int {
+		t.Helper()
+		all, err := maps.Dump[loader.DatapathLbSvcKey, loader.DatapathLbSvc](r.lb.Svc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(all)
+	}
+	id := uint32(10)
+	for _, n := range []int{1, maps.InlineSlots, maps.InlineSlots + 1, 20, most} {
+		for _, v6 := range []bool{false, true} {
+			for _, restore := range []bool{false, true} {
+				name := fmt.Sprintf("%d servers, IPv6 %v, restore %v", n, v6, restore)
+				// Slots in reverse id order, with their addresses for IPv4.
+				spec := maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, Sched: maps.SchedRR}
+				at := addr4
+				if v6 {
+					spec.VIP, at = vip6, addr6
+				}
+				srv := func(i int) uint32 { // server i's id
+					if v6 {
+						return uint32(1000 + i)
+					}
+					return uint32(i)
+				}
+				for i := n; i >= 1; i-- {
+					spec.Slots = append(spec.Slots, srv(i))
+					spec.Addrs = append(spec.Addrs, at(i))
+				}
+				put := func(s maps.ServiceSpec) {
+					t.Helper()
+					id++
+					s.ID = id
+					var err error
+					if restore {
+						r.lb.DeleteGeneration(0)
+						err = r.lb.PutServices(0, []maps.ServiceSpec{s})
+					} else {
+						err = r.lb.PutService(0, s)
+					}
+					if err != nil {
+						t.Fatalf("%s: %v", name, err)
+					}
+				}
+				// The master (IPv4; IPv6's is in its own map) and the slot blocks.
+				want := (n - 1) / maps.InlineSlots
+				if !v6 {
+					want++
+				}
+				count := func(after string) {
+					t.Helper()
+					if got := entries(); got != want {
+						t.Errorf("%s, after %s: %d service-map entries, want %d", name, after, got, want)
+					}
+				}
+				r.lb.DeleteGeneration(0)
+				// rr: the sequence, twice round.
+				put(spec)
+				count("rr")
+				for i := range 2 * n {
+					if got, want := pick(v6), at(n-i%n); got != want {
+						t.Fatalf("%s: rr connection %d went to %v, want %v", name, i, got, want)
+					}
+				}
+				// wrr, weights 1..n reduced by their gcd (1): ipvs.WRRSequence.
+				w := make([]int, n)
+				wrr := spec
+				wrr.Sched, wrr.Weights = maps.SchedWRR, make([]uint16, n)
+				for i := range w {
+					w[i] = 1 + i%3
+					wrr.Weights[i] = uint16(w[i])
+				}
+				put(wrr)
+				count("wrr")
+				seq := ipvs.WRRSequence(w)
+				for i := range min(len(seq), 3*most) {
+					if got, want := pick(v6), at(n-seq[i]); got != want {
+						t.Fatalf("%s: wrr connection %d went to %v, want %v", name, i, got, want)
+					}
+				}
+				// wlc without the slots' addresses: every server has one active connection
+				// but the last slot's.
+				lc := spec
+				lc.Sched, lc.Addrs = maps.SchedWLC, nil
+				for i := 1; i <= n; i++ {
+					c := maps.LBConns{Active: 1}
+					if i == 1 {
+						c = maps.LBConns{}
+					}
+					if err := r.lb.Conns.Update(srv(i), &c, ebpf.UpdateAny); err != nil {
+						t.Fatal(err)
+					}
+				}
+				put(lc)
+				count("wlc")
+				if got, want := pick(v6), at(1); got != want {
+					t.Errorf("%s: wlc picked %v, want the idle %v", name, got, want)
+				}
+			}
+		}
+	}
+	// Shrinking a service frees its blocks; the master takes the new slots.
+	r.lb.DeleteGeneration(0)
+	big := maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 99, Sched: maps.SchedRR}
+	for i := 1; i <= most; i++ {
+		big.Slots = append(big.Slots, uint32(i))
+	}
+	if err := r.lb.PutService(0, big); err != nil {
+		t.Fatal(err)
+	}
+	small := maps.ServiceSpec{VIP: vip, Proto: unix.IPPROTO_TCP, ID: 99, Sched: maps.SchedRR, Slots: []uint32{2, 1}, Addrs: []netip.AddrPort{addr4(2), addr4(1)}}
+	if err := r.lb.PutService(0, small); err != nil {
+		t.Fatal(err)
+	}
+	if got := entries(); got != 1 {
+		t.Errorf("after shrinking to 2 servers: %d service-map entries, want 1", got)
+	}
+	for i := range 4 {
+		if got, want := pick(false), small.Addrs[i%2]; got != want {
+			t.Errorf("after shrinking: connection %d went to %v, want %v", i, got, want)
+		}
+	}
+	if err := r.lb.DeleteService(0, vip, unix.IPPROTO_TCP); err != nil {
+		t.Fatal(err)
+	}
+	if got := entries(); got != 0 {
+		t.Errorf("after deleting the services: %d service-map entries, want 0", got)
 	}
 }
 

@@ -178,8 +178,15 @@ type NodeLbSvc struct {
 	Persist uint32
 	Pmask   uint32
 	Sched   uint8
-	Flags   uint8
+	Pad     uint8
 	Wmax    uint16
+	S       [8]struct {
+		_      structs.HostLayout
+		Id     uint32
+		Addr   uint32
+		Port   uint16
+		Weight uint16
+	}
 }
 
 type NodeLbSvc6Key struct {

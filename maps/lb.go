@@ -435,9 +435,10 @@ func dumpArray[V any](m *ebpf.Map) ([]V, error) {
 	return out, nil
 }
 
-// ServiceSpec is what the datapath needs of one service. A service takes 1 + len(Slots)
-// entries of the service map, and one bucket table for sh and dh: never more than one entry
-// per rule it is made of, so the maps sized for 20000 rules hold any mix of schedulers.
+// ServiceSpec is what the datapath needs of one service. A service takes its master entry of
+// the service map, which holds its first InlineSlots slots, and one slot block per further
+// InlineSlots (Budget), and one bucket table for sh and dh: never more than one entry per rule
+// it is made of, so the maps sized for 20000 rules hold any mix of schedulers.
 type ServiceSpec struct {
 	VIP     netip.AddrPort
 	Proto   uint8
@@ -450,8 +451,8 @@ type ServiceSpec struct {
 	Slots []uint32
 	// Addrs, when not nil, are the slots' real servers' addresses (the ids' kdp_lb_be
 	// entries): an IPv4 one is written into its slot, from which rr and wrr take it without
-	// looking the real server up (KDP_SLOT_ADDR in bpf/lib/lb.h). A real server's address never
-	// changes under its id.
+	// looking the real server up (struct lb_slot in bpf/lib/lb.h). A real server's address
+	// never changes under its id.
 	Addrs []netip.AddrPort
 	// Weights (wrr): each slot's weight divided by the gcd of the weights (ipvs.WRRWeights),
 	// which the datapath's wrr walk compares as the kernel's does.
@@ -461,11 +462,23 @@ type ServiceSpec struct {
 	Buckets []uint32
 }
 
-// MaxSlots bounds the slots of one service (the slot index is 16 bits).
+// MaxSlots bounds the slots of one service (the slot block number is 16 bits).
 const MaxSlots = 65535
 
-// Budget counts entries of the load balancer's service map (IPv4 masters and every slot),
-// bucket map (sh/dh tables) and IPv6 master map.
+// InlineSlots is KDP_LB_INLINE: the slots a master entry holds itself, and a slot block
+// holds.
+const InlineSlots = len(svc{}.S)
+
+// slotBlocks is the number of slot blocks a service of n slots takes beside its master.
+func slotBlocks(n int) int {
+	if n <= InlineSlots {
+		return 0
+	}
+	return (n - 1) / InlineSlots
+}
+
+// Budget counts entries of the load balancer's service map (IPv4 masters and the slot blocks
+// of both families), bucket map (sh/dh tables) and IPv6 master map.
 type Budget struct {
 	Slots    int
 	Buckets  int
@@ -488,9 +501,9 @@ func (b Budget) String() string {
 
 // Budget returns the entries the service takes.
 func (s ServiceSpec) Budget() Budget {
-	b := Budget{Slots: 1 + len(s.Slots)}
+	b := Budget{Slots: 1 + slotBlocks(len(s.Slots))}
 	if s.VIP.Addr().Is6() {
-		b = Budget{Slots: len(s.Slots), Masters6: 1}
+		b = Budget{Slots: slotBlocks(len(s.Slots)), Masters6: 1}
 	}
 	if s.Buckets != nil {
 		b.Buckets = 1
@@ -610,17 +623,21 @@ func (r svcRef) delete(l LB) error {
 	return l.Svc.Delete(&r.k4)
 }
 
-func slotKey(master svcKey, rev, idx uint32) svcKey {
-	k := master
-	k.Slot = rev<<16 | idx&0xffff
+// blockKey is the key of slot block n (1-based) of revision rev of the service whose blocks
+// are keyed under base (svcRef.base).
+func blockKey(base svcKey, rev, n uint32) svcKey {
+	k := base
+	k.Slot = rev<<16 | n&0xffff
 	return k
 }
 
+// master returns the service's master entry, with its first InlineSlots slots.
 func (s ServiceSpec) master(rev uint32) (svc, error) {
 	m := svc{Id: s.ID, Count: uint32(len(s.Slots)), Rev: rev, Persist: s.Persist, Sched: uint8(s.Sched), Pmask: 0xffffffff}
 	for _, w := range s.Weights {
 		m.Wmax = max(m.Wmax, w)
 	}
+	s.fillSlots(&m, 0)
 	if s.VIP.Addr().Is6() {
 		// IPv6: the datapath takes the persistence granularity as a prefix length.
 		m.Pmask = 128
@@ -654,33 +671,39 @@ func (s ServiceSpec) validate() error {
 	return nil
 }
 
-// slotAddr is KDP_SLOT_ADDR: the slot carries its real server's IPv4 address (in Pmask) and
-// port (in Count).
-const slotAddr = 1
-
-// slotVals returns the slot entries of s.
-func (s ServiceSpec) slotVals() []svc {
-	return s.appendSlotVals(make([]svc, 0, len(s.Slots)))
-}
-
-// appendSlotVals appends the slot entries of s to vals.
-func (s ServiceSpec) appendSlotVals(vals []svc) []svc {
-	n := len(vals)
-	vals = slices.Grow(vals, len(s.Slots))[:n+len(s.Slots)]
-	clear(vals[n:])
-	for i, id := range s.Slots {
-		v := &vals[n+i]
-		v.Id = id
+// fillSlots writes slots from..from+InlineSlots-1 of s (those there are) into e's slots: a
+// master's (from 0) or a slot block's.
+func (s ServiceSpec) fillSlots(e *svc, from int) {
+	for j := range e.S {
+		i := from + j
+		if i >= len(s.Slots) {
+			return
+		}
+		sl := &e.S[j]
+		sl.Id = s.Slots[i]
 		if s.Weights != nil {
-			v.Wmax = s.Weights[i]
+			sl.Weight = s.Weights[i]
 		}
 		if s.Addrs != nil {
 			if a, err := v4(s.Addrs[i].Addr()); err == nil {
-				v.Pmask, v.Count, v.Flags = a, uint32(be16(s.Addrs[i].Port())), slotAddr
+				sl.Addr, sl.Port = a, be16(s.Addrs[i].Port())
 			}
 		}
 	}
-	return vals
+}
+
+// appendBlocks appends the keys and entries of the slot blocks of s, revision rev, keyed
+// under base.
+func (s ServiceSpec) appendBlocks(keys []svcKey, vals []svc, base svcKey, rev uint32) ([]svcKey, []svc) {
+	nb := slotBlocks(len(s.Slots))
+	n := len(vals)
+	vals = slices.Grow(vals, nb)[:n+nb]
+	clear(vals[n:])
+	for b := range nb {
+		keys = append(keys, blockKey(base, rev, uint32(b+1)))
+		s.fillSlots(&vals[n+b], (b+1)*InlineSlots)
+	}
+	return keys, vals
 }
 
 func (s ServiceSpec) hashVal() *hashTab {
@@ -690,9 +713,10 @@ func (s ServiceSpec) hashVal() *hashTab {
 }
 
 // PutService installs or changes a service of generation gen without a moment where the
-// datapath could see half of it: the slots are written under the next revision beside the live
-// ones, the master entry is switched to that revision in one update, and the old slots are
-// deleted afterwards.
+// datapath could see half of it: the slot blocks and bucket table (when it has them) are
+// written under the next revision beside the live ones, the master entry, with the first
+// slots in it, is switched to that revision in one update (a hash map's update replaces the
+// element whole for readers), and the old blocks are deleted afterwards.
 func (l LB) PutService(gen uint8, s ServiceSpec) error {
 	if err := s.validate(); err != nil {
 		return fmt.Errorf("put service: %w", err)
@@ -718,13 +742,11 @@ func (l LB) PutService(gen uint8, s ServiceSpec) error {
 			rev = 1
 		}
 	}
-	keys := make([]svcKey, 0, len(s.Slots))
-	for i := range s.Slots {
-		keys = append(keys, slotKey(mk, rev, uint32(i+1)))
-	}
-	if err := l.batchPut(keys, s.slotVals()); err != nil {
-		l.deleteSlots(mk, rev, uint32(len(s.Slots)))
-		return fmt.Errorf("put service %s: slots: %w", s.VIP, err)
+	if keys, vals := s.appendBlocks(nil, nil, mk, rev); len(keys) > 0 {
+		if err := l.batchPut(keys, vals); err != nil {
+			l.deleteSlots(mk, rev, uint32(len(s.Slots)))
+			return fmt.Errorf("put service %s: slots: %w", s.VIP, err)
+		}
 	}
 	if s.Buckets != nil {
 		if err := l.Hash.Update(hashKey(mk, rev), s.hashVal(), ebpf.UpdateAny); err != nil {
@@ -768,20 +790,22 @@ func (l LB) DeleteService(gen uint8, vip netip.AddrPort, proto uint8) error {
 	return nil
 }
 
-// deleteSlots removes the slots and the bucket table of revision rev of a service.
+// deleteSlots removes the slot blocks and the bucket table of revision rev of a service of
+// count slots.
 func (l LB) deleteSlots(mk svcKey, rev, count uint32) {
-	keys := make([]svcKey, 0, count)
-	for i := uint32(1); i <= count; i++ {
-		keys = append(keys, slotKey(mk, rev, i))
+	nb := slotBlocks(int(count))
+	keys := make([]svcKey, 0, nb)
+	for b := range nb {
+		keys = append(keys, blockKey(mk, rev, uint32(b+1)))
 	}
 	l.batchDelete(l.Svc, keys)
 	l.Hash.Delete(hashKey(mk, rev))
 }
 
-// hashKey is the key of a service's bucket table: its master key with slot = rev << 16 (slot
-// index 0, which no slot uses).
+// hashKey is the key of a service's bucket table: its master key with slot = rev << 16 (block
+// 0, which no block uses).
 func hashKey(mk svcKey, rev uint32) *svcKey {
-	k := slotKey(mk, rev, 0)
+	k := blockKey(mk, rev, 0)
 	return &k
 }
 
@@ -1292,15 +1316,15 @@ func (l LB) sweep6(now uint64, cfg Config, match func(Conn) bool, res *SweepResu
 }
 
 // PutServices writes many services of a generation that is not live yet (a restore), with
-// batched map updates: masters and slots together, as nothing reads the generation until the
-// caller switches to it. The maps are written at once (see concurrently): their order does not
-// matter before the switch.
+// batched map updates: masters and slot blocks together, as nothing reads the generation until
+// the caller switches to it. The maps are written at once (see concurrently): their order does
+// not matter before the switch. A service of up to InlineSlots real servers is one entry.
 func (l LB) PutServices(gen uint8, specs []ServiceSpec) error {
-	// The batches are made at their final size (20000 entries at 20000 rules: grown by
-	// appends, they were copied about 20 times).
+	// The batches are made at their final size (grown by appends, they were copied about 20
+	// times at 20000 rules).
 	n, nHash := len(specs), 0
 	for _, s := range specs {
-		n += len(s.Slots)
+		n += slotBlocks(len(s.Slots))
 		if s.Buckets != nil {
 			nHash++
 		}
@@ -1328,10 +1352,7 @@ func (l LB) PutServices(gen uint8, specs []ServiceSpec) error {
 		if err != nil {
 			return fmt.Errorf("put services: %w", err)
 		}
-		for i := range s.Slots {
-			keys = append(keys, slotKey(mk, 1, uint32(i+1)))
-		}
-		vals = s.appendSlotVals(vals)
+		keys, vals = s.appendBlocks(keys, vals, mk, 1)
 		if ref.v6 {
 			keys6 = append(keys6, ref.k6)
 			vals6 = append(vals6, m)

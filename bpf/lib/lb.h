@@ -2,16 +2,22 @@
 /*
  * IPVS NAT mode, rebuilt on maps in the style of Cilium's load balancer.
  *
- * kdp_lb_svc holds, per service (VIP, port, proto), a master entry (slot 0) and slot entries
- * whose meaning depends on the scheduler: the pick sequence for rr (its servers of weight > 0),
- * the real servers in kernel order for wrr (with their weights reduced by the gcd: wrr walks
- * them as the kernel does) and for the least-connection family. So a service takes at most one
- * entry per rule it is made of, whatever its scheduler, and 20000 rules fit in any mix. sh and
- * dh keep their 256 buckets in one kdp_lb_hash entry per service instead of 256 slots. Slot
- * and bucket keys carry the service's revision, so an edit writes the new ones beside the old
- * and switches by rewriting the master last: the datapath never sees half a service. The
- * whole table carries a generation (config.lb_gen), so a restore or a clear switches every
- * service at once.
+ * kdp_lb_svc holds, per service (VIP, port, proto), a master entry (key slot 0) with the
+ * service's slots, whose meaning depends on the scheduler: the pick sequence for rr (its
+ * servers of weight > 0), the real servers in kernel order for wrr (with their weights reduced
+ * by the gcd: wrr walks them as the kernel does) and for the least-connection family. The
+ * first KDP_LB_INLINE slots live in the master itself (struct lb_svc's s[]), which is every
+ * slot of a service of up to KDP_LB_INLINE real servers, as most IPVS services are: a new
+ * connection then takes one kdp_lb_svc lookup and a restore writes one entry per service
+ * (docs/performance.md, "Slots in the master"). A larger service's further slots are in slot
+ * blocks of KDP_LB_INLINE each (block n holds slots n * KDP_LB_INLINE..., key slot rev << 16 |
+ * n), so a service takes at most one entry per rule it is made of, whatever its scheduler,
+ * and 20000 rules fit in any mix. sh and dh keep their 256 buckets in one kdp_lb_hash entry
+ * per service. Block and bucket keys carry the service's revision, so an edit writes the new
+ * ones beside the old and switches by rewriting the master last: the master's update replaces
+ * its element whole for readers (a hash map's update links a new element), so the datapath
+ * never sees half a service. The whole table carries a generation (config.lb_gen), so a
+ * restore or a clear switches every service at once.
  *
  * kdp_lb_ct2 is the IPv4 connection table (an array of buckets the datapath manages itself,
  * ct_lookup; kdp_lb_ct6, IPv6's, is an LRU hash): one entry per direction, the original one
@@ -39,10 +45,11 @@
  * preallocated entries, so every entry of max_entries costs about 16 bytes from the start.
  * They are sized for the 20000-rule contract with room for two full tables at once (the first
  * sync after an agent restart writes the whole table under a new generation beside the live
- * one; an edit writes one service twice for a moment): a service takes 1 + at most one slot
- * per real server, so 20000 rules take at most 20000 entries of kdp_lb_svc, and at most 10000
+ * one; an edit writes one service twice for a moment): a service takes its master and a slot
+ * block per KDP_LB_INLINE real servers beyond the master's, so 20000 rules take at most 20000
+ * entries of kdp_lb_svc (5000 at three real servers per service), and at most 10000
  * sh/dh services can have real servers, each one kdp_lb_hash entry. */
-#define KDP_LB_MAX_SVC_SLOTS 65536 /* masters + slots of all services, two tables (2 x 20000) and an edit */
+#define KDP_LB_MAX_SVC_SLOTS 65536 /* masters + slot blocks of all services, two tables (2 x 20000) and an edit */
 #define KDP_LB_MAX_HASH 20480      /* sh/dh bucket tables, two tables (2 x 10000) and an edit */
 #define KDP_LB_MAX_BACKENDS 20480  /* real servers: every one is a rule */
 /* Counters of services and real servers (kdp_lb_stats, kdp_lb_conns; see lb_cnt_slot): a half
@@ -92,26 +99,37 @@ struct lb_svc_key {
 	__be16 vport;
 	__u8 proto;
 	__u8 gen;  /* config.lb_gen the entry belongs to */
-	__u32 slot; /* 0 = master; else rev << 16 | index (1-based) */
+	__u32 slot; /* 0 = master; else rev << 16 | n: slot block n (1-based) of revision rev */
+};
+
+/* Slots a master holds itself, and a slot block holds. 8: IPVS services have a handful of
+ * real servers; the master is then 120 bytes (two cache lines), where 16 would make it 216
+ * and its insert dearer for the slots few services use (docs/performance.md). */
+#define KDP_LB_INLINE 8
+
+/* A slot: a real server of the service's sequence. An IPv4 real server's address and port are
+ * in the slot (a real server's address never changes under its id): rr and wrr take them from
+ * the slot they picked instead of looking the real server up in kdp_lb_be, one cold hash
+ * lookup less per new connection. addr 0 (an IPv6 real server) has it looked up. */
+struct lb_slot {
+	__u32 id;     /* real server id, 0 = empty */
+	__be32 addr;  /* its IPv4 address, 0 = not carried */
+	__be16 port;  /* its port, with addr */
+	__u16 weight; /* wrr: its weight reduced by the gcd */
 };
 
 struct lb_svc {
-	__u32 id;      /* master: service id (stats, affinity); slot: real server id, 0 = empty */
-	__u32 count;   /* master: number of slots; slot with KDP_SLOT_ADDR: the real server's port (__be16) */
-	__u32 rev;     /* master: revision of the live slots */
+	__u32 id;      /* master: service id (stats, affinity) */
+	__u32 count;   /* master: number of slots */
+	__u32 rev;     /* master: revision of the live slot blocks and bucket table */
 	__u32 persist; /* master: persistence timeout in seconds, 0 = none */
-	__be32 pmask;  /* master: persistence netmask; slot with KDP_SLOT_ADDR: the real server's IPv4 address */
+	__be32 pmask;  /* master: persistence netmask (IPv6: prefix length) */
 	__u8 sched;    /* master: enum kdp_sched */
-	__u8 flags;    /* slot: KDP_SLOT_ADDR */
-	__u16 wmax;    /* master (wrr): largest reduced weight; slot (wrr): the server's reduced weight */
+	__u8 pad;
+	__u16 wmax;    /* master (wrr): largest reduced weight */
+	/* master: slots 0..KDP_LB_INLINE-1; slot block n: slots n * KDP_LB_INLINE... */
+	struct lb_slot s[KDP_LB_INLINE];
 };
-
-/* A slot that carries its IPv4 real server's address and port (a real server's address never
- * changes under its id): rr and wrr then take them from the slot they picked instead of
- * looking the real server up in kdp_lb_be, one cold hash lookup less per new connection
- * (docs/performance.md). A slot an older agent wrote does not have it and the real server is
- * looked up as before. */
-#define KDP_SLOT_ADDR 1
 
 /* The 256 buckets of an sh or dh service (ip_vs_sh/ip_vs_dh's table): real server ids, 0 = no
  * destination. Keyed by the service's master key with slot = rev << 16. */
@@ -284,8 +302,9 @@ struct {
  * maps of its own where an address is part of an entry: kdp_lb_svc6 (masters by VIP), kdp_lb_be6
  * (real server addresses; kdp_lb_be keeps every real server's weight, with address 0 for an
  * IPv6 one, so the schedulers read weights in one place), kdp_lb_ct6 and kdp_lb_aff6
- * (persistence). An IPv6 service's slots and bucket table live in kdp_lb_svc and kdp_lb_hash
- * under a key of its own: vip = service id, vport 0, proto KDP_LB_V6_SLOTS. */
+ * (persistence). An IPv6 service's master (in kdp_lb_svc6) holds its first slots as an IPv4
+ * one does; its slot blocks and bucket table live in kdp_lb_svc and kdp_lb_hash under a key of
+ * its own: vip = service id, vport 0, proto KDP_LB_V6_SLOTS. */
 #define KDP_LB_V6_SLOTS 0xff
 #define KDP_LB_MAX_SVC6 40960 /* IPv6 masters: two tables of up to 20000 services */
 
@@ -919,17 +938,36 @@ static __always_inline __u32 dh_hash(__be32 addr)
 	return (bpf_ntohl(addr) * 2654435761U) & 0xff;
 }
 
-static __always_inline struct lb_svc *svc_slot(const struct lb_svc_key *master, __u32 rev, __u32 idx)
+/* svc_slot is slot idx (0-based) of the service of master m, whose slot blocks are keyed under
+ * base: in m itself below KDP_LB_INLINE, else in its block (one lookup), or NULL. */
+static __always_inline const struct lb_slot *svc_slot(const struct lb_svc_key *base, const struct lb_svc *m,
+						      __u32 idx)
 {
-	struct lb_svc_key k = *master;
+	struct lb_svc_key k;
+	struct lb_svc *b;
 
-	k.slot = (rev << 16) | (idx & 0xffff);
-	return bpf_map_lookup_elem(&kdp_lb_svc, &k);
+	/* Hidden from clang, which would drop the masks below where it knows idx's range (a
+	 * 64-bit remainder it knows fits in 32 bits, which the verifier does not). */
+	asm volatile("" : "+r"(idx));
+	if (idx < KDP_LB_INLINE)
+		return &m->s[idx & (KDP_LB_INLINE - 1)];
+	k = *base;
+	k.slot = (m->rev << 16) | ((idx / KDP_LB_INLINE) & 0xffff);
+	b = bpf_map_lookup_elem(&kdp_lb_svc, &k);
+	if (!b)
+		return NULL;
+	/* After the check: clang would offset the pointer before it, which the verifier refuses
+	 * on a pointer that may be NULL. */
+	asm volatile("" : "+r"(b));
+	return &b->s[idx & (KDP_LB_INLINE - 1)];
 }
 
+/* The schedulers' bpf_loop callbacks read the master through a pointer in their context (the
+ * verifier follows a map value pointer spilled to the caller's stack), not a copy: its slots
+ * would take 96 bytes of a stack that is near its limit. */
 struct lc_scan {
-	struct lb_svc_key mk; /* the service's master key */
-	__u32 rev;
+	struct lb_svc_key mk; /* the key base of the service's slot blocks */
+	const struct lb_svc *m;
 	__u32 count;
 	__u8 sched;
 	__u32 best;    /* id of the best real server so far, 0 = none */
@@ -943,13 +981,13 @@ static long lc_step(__u64 i, void *arg)
 	struct lc_scan *s = arg;
 	struct lb_backend *be;
 	struct lb_conns *st;
-	struct lb_svc *sl;
+	const struct lb_slot *sl;
 	__u64 oh, active;
 	__u32 w;
 
 	if (i >= s->count)
 		return 1;
-	sl = svc_slot(&s->mk, s->rev, i + 1);
+	sl = svc_slot(&s->mk, s->m, i);
 	if (!sl || !sl->id)
 		return 0;
 	be = bpf_map_lookup_elem(&kdp_lb_be, &sl->id);
@@ -982,15 +1020,15 @@ static long lc_step(__u64 i, void *arg)
 /* wrr_walk is IPVS's wrr state machine (ip_vs_wrr_schedule) over a service's real servers in
  * kernel order: pos is the cursor (-1: the list head), cw the current weight. */
 struct wrr_walk {
-	struct lb_svc_key mk;
-	__u32 rev;
+	struct lb_svc_key mk; /* the key base of the service's slot blocks */
+	const struct lb_svc *m;
 	__u32 count;
 	__s32 mw;
 	__s32 pos;
 	__s32 cw;
 	__u32 pick;
-	__be32 addr; /* the pick's address and port when its slot has them (KDP_SLOT_ADDR), else 0 */
-	__u32 port;
+	__be32 addr; /* the pick's address and port when its slot has them, else 0 */
+	__be16 port;
 };
 
 /* wrr_step advances the cursor by one server (bpf_loop callback). Every pass over the list
@@ -998,7 +1036,7 @@ struct wrr_walk {
 static long wrr_step(__u64 i, void *arg)
 {
 	struct wrr_walk *w = arg;
-	struct lb_svc *sl;
+	const struct lb_slot *sl;
 
 	w->pos++;
 	if (w->pos >= (__s32)w->count) {
@@ -1007,11 +1045,11 @@ static long wrr_step(__u64 i, void *arg)
 			w->cw = w->mw;
 		return 0;
 	}
-	sl = svc_slot(&w->mk, w->rev, w->pos + 1);
-	if (sl && sl->id && (__s32)sl->wmax >= w->cw) {
+	sl = svc_slot(&w->mk, w->m, w->pos);
+	if (sl && sl->id && (__s32)sl->weight >= w->cw) {
 		w->pick = sl->id;
-		w->addr = sl->flags & KDP_SLOT_ADDR ? sl->pmask : 0;
-		w->port = sl->count;
+		w->addr = sl->addr;
+		w->port = sl->port;
 		return 1;
 	}
 	return 0;
@@ -1026,7 +1064,7 @@ static long wrr_step(__u64 i, void *arg)
 static __always_inline __u32 wrr_schedule(const struct lb_svc_key *mk, const struct lb_svc *m, struct lb_stats *ss,
 					   struct ct_entry *pick)
 {
-	struct wrr_walk w = { .mk = *mk, .rev = m->rev, .count = m->count, .mw = m->wmax };
+	struct wrr_walk w = { .mk = *mk, .m = m, .count = m->count, .mw = m->wmax };
 	__u64 old, next;
 	int try;
 
@@ -1052,22 +1090,23 @@ static __always_inline __u32 wrr_schedule(const struct lb_svc_key *mk, const str
 	}
 	if (pick) {
 		pick->addr = w.addr;
-		pick->port = (__be16)w.port;
+		pick->port = w.port;
 	}
 	return w.pick;
 }
 
 /* lb_schedule picks a real server for a new connection of service m (0 if none can take it);
- * ss is the service's counters (rr and wrr keep their position there), looked up once by the
- * caller, which counts the connection in them too. When the picked slot carries the real
- * server's address and port (KDP_SLOT_ADDR) they are written to pick's addr and port (IPv4
- * callers; pick NULL for IPv6), which the caller has zeroed. */
+ * mk is the key base of its slot blocks (and bucket table). ss is the service's counters (rr
+ * and wrr keep their position there), looked up once by the caller, which counts the
+ * connection in them too. When the picked slot carries the real server's address and port
+ * they are written to pick's addr and port (IPv4 callers; pick NULL for IPv6), which the
+ * caller has zeroed. */
 static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const struct lb_svc *m, struct lb_stats *ss,
 					 __be32 saddr, __be32 daddr, __u64 now, struct ct_entry *pick)
 {
 	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = daddr };
 	__u8 sched = m->sched; /* of the scan: lblc/lblcr scan as wlc */
-	struct lb_svc *sl;
+	const struct lb_slot *sl;
 	__u32 idx;
 
 	switch (m->sched) {
@@ -1077,13 +1116,13 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 		/* No counters (ss NULL): the service's entry is not claimed (see lb_cnt_slot: between
 		 * an upgrade's migration and its first sync, or an older table's ids that share an
 		 * entry): a random slot rather than no server. */
-		idx = (ss ? __sync_fetch_and_add(&ss->sched, 1) : bpf_get_prandom_u32()) % m->count + 1;
-		sl = svc_slot(mk, m->rev, idx);
+		idx = (ss ? __sync_fetch_and_add(&ss->sched, 1) : bpf_get_prandom_u32()) % m->count;
+		sl = svc_slot(mk, m, idx);
 		if (!sl)
 			return 0;
-		if (pick && (sl->flags & KDP_SLOT_ADDR)) {
-			pick->addr = sl->pmask;
-			pick->port = (__be16)sl->count;
+		if (pick) {
+			pick->addr = sl->addr;
+			pick->port = sl->port;
 		}
 		return sl->id;
 	case KDP_SCHED_WRR:
@@ -1091,8 +1130,14 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 			return wrr_schedule(mk, m, ss, pick);
 		if (!m->count) /* unclaimed counters, as rr above: a random server of weight > 0 */
 			return 0;
-		sl = svc_slot(mk, m->rev, bpf_get_prandom_u32() % m->count + 1);
-		return sl && sl->wmax ? sl->id : 0;
+		sl = svc_slot(mk, m, bpf_get_prandom_u32() % m->count);
+		if (!sl || !sl->weight)
+			return 0;
+		if (pick) {
+			pick->addr = sl->addr;
+			pick->port = sl->port;
+		}
+		return sl->id;
 	case KDP_SCHED_SH:
 	case KDP_SCHED_DH: {
 		struct lb_svc_key hk = *mk;
@@ -1129,7 +1174,7 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 	/* The scan's state lives from here on only, so the compiler can give its stack to wrr's
 	 * walk above: Linux 6.1's verifier counts the bpf_loop callback's frame on top of the
 	 * caller's, and the IPv6 path must stay within 512 bytes there. */
-	struct lc_scan scan = { .mk = *mk, .rev = m->rev, .count = m->count, .sched = sched };
+	struct lc_scan scan = { .mk = *mk, .m = m, .count = m->count, .sched = sched };
 
 	bpf_loop(KDP_LB_MAX_SCAN, lc_step, &scan, 0);
 	if (scan.best && (m->sched == KDP_SCHED_LBLC || m->sched == KDP_SCHED_LBLCR)) {
@@ -1536,7 +1581,7 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	{
 		if (!be_id)
 			return KDP_DROP_LB_NO_BACKEND;
-		if (!ne.addr) { /* not in the slot: persistence, sh/dh, the lc family, an older slot */
+		if (!ne.addr) { /* not in the slot: persistence, sh/dh, the lc family */
 			struct lb_backend *be = bpf_map_lookup_elem(&kdp_lb_be, &be_id);
 
 			if (!be)
