@@ -698,7 +698,9 @@ func TestLBSlotBlocks(t *testing.T) {
 	needRoot(t)
 	r := newLBRig(t)
 	const most = 64
-	addr4 := func(i int) netip.AddrPort { return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 3, byte(i >> 8), byte(i)}), 80) }
+	addr4 := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 3, byte(i >> 8), byte(i)}), 80)
+	}
 	addr6 := func(i int) netip.AddrPort {
 		return netip.AddrPortFrom(netip.MustParseAddr(fmt.Sprintf("fd00:3::%x", i)), 8080)
 	}

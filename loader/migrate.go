@@ -26,7 +26,9 @@ const migrateSuffix = "_migrating"
 // same u32 keys); entries that do not fit are counted and dropped. The IPv4 connection table
 // of an earlier layout is converted under its new name first (migrateCTPin): established
 // connections survive the upgrade; so do the load balancer's counters, moved from the hash
-// maps of earlier versions into arrays (convertCounters). A map whose layout did
+// maps of earlier versions into arrays (convertCounters), and the service maps from before the
+// slots moved into the masters (svcConversion): new connections stay balanced. A map whose
+// layout did
 // change starts empty, and its owner writes it again: the agent's reconcile rewrites every
 // endpoint, route and load-balancer entry at start. The old map lives on while the programs
 // pinned in links still use it; Open moves the links onto the new programs right after, so
@@ -55,16 +57,21 @@ func migratePinned(spec *ebpf.CollectionSpec, dir string) error {
 		}
 	}
 	slices.Sort(names)
+	svcs, err := readOldServices(dir)
+	if err != nil {
+		return fmt.Errorf("migrate pinned maps: %w", err)
+	}
 	for _, name := range names {
-		if err := migrateMap(spec.Maps[name], filepath.Join(dir, name)); err != nil {
+		if err := migrateMap(spec.Maps[name], filepath.Join(dir, name), svcs); err != nil {
 			return fmt.Errorf("migrate pinned map %s: %w", name, err)
 		}
 	}
 	return nil
 }
 
-// migrateMap replaces the map pinned at path if ms cannot reuse it; see migratePinned.
-func migrateMap(ms *ebpf.MapSpec, path string) error {
+// migrateMap replaces the map pinned at path if ms cannot reuse it; see migratePinned. svcs,
+// when not nil, converts the service maps of the older layout.
+func migrateMap(ms *ebpf.MapSpec, path string, svcs *svcConversion) error {
 	old, err := ebpf.LoadPinnedMap(path, nil)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -85,8 +92,14 @@ func migrateMap(ms *ebpf.MapSpec, path string) error {
 	}
 	defer m.Close()
 	fill := copyEntries
-	if isOldCounters(filepath.Base(path), old) {
+	name := filepath.Base(path)
+	if isOldCounters(name, old) {
 		fill = convertCounters // the counters' hash maps became arrays: the counts carry over
+	}
+	if svcs != nil && old.ValueSize() == oldLbSvcSize && (name == "kdp_lb_svc" || name == "kdp_lb_svc6") {
+		// The service maps before the slots moved into the masters: converted, so the
+		// services stay balanced until the agent's first sync writes them again.
+		fill = func(_, m *ebpf.Map) (int, int, error) { return svcs.convert(name, m) }
 	}
 	copied, dropped, err := fill(old, m)
 	if err != nil {

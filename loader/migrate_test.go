@@ -3,6 +3,7 @@ package loader_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
 	"github.com/kata-dp/kata-dp/loader"
@@ -546,4 +548,145 @@ func TestMigrateCounters(t *testing.T) {
 	be.Conns, be.Inpkts, be.Inbytes = 6, 51, be.Inbytes+uint64(len(frame))
 	check("after a new connection", map[statsKey]maps.LBStats{{maps.StatsService, 3}: svc, {maps.StatsBackend, 7}: be},
 		map[uint32]maps.LBConns{7: {Active: 3, Inactive: 1}})
+}
+
+// oldLbSvc is struct lb_svc before a service's slots moved into its master: a 24-byte master
+// header or one slot (its real server's id, wrr weight in Wmax and, with Flags 1, IPv4 address
+// in Pmask and port in Count), keyed rev << 16 | index (1-based).
+type oldLbSvc struct {
+	Id, Count, Rev, Persist, Pmask uint32
+	Sched, Flags                   uint8
+	Wmax                           uint16
+}
+
+// TestMigrateServiceMaps: a sandbox pinned when kdp_lb_svc and kdp_lb_svc6 held one entry per
+// slot (24-byte values) is opened with both converted, not emptied: every service of every
+// generation, IPv4 and IPv6, small (all slots in the master) and large (slot blocks), with its
+// revision, persistence, wrr weights and the slots' addresses, comes out exactly as this
+// version writes it, so an upgraded agent's programs balance new connections before its first
+// sync rewrites the table; a slot of a revision no master names is dropped.
+func TestMigrateServiceMaps(t *testing.T) {
+	needRoot(t)
+	root := testRoot(t)
+	const id = "migratesvc"
+	sb := openSandbox(t, root, id)
+	dir := sb.Dir()
+	lb := maps.ForSandbox(sb.Maps()).LB
+	rs := func(i int) netip.AddrPort { return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 4, 0, byte(i)}), 80) }
+	rs6 := func(i int) netip.AddrPort { return netip.MustParseAddrPort(fmt.Sprintf("[fd00:4::%x]:80", i)) }
+	spec := func(vip string, id uint32, sched maps.Scheduler, n int, at func(int) netip.AddrPort) maps.ServiceSpec {
+		s := maps.ServiceSpec{VIP: netip.MustParseAddrPort(vip), Proto: unix.IPPROTO_TCP, ID: id, Sched: sched}
+		for i := 1; i <= n; i++ {
+			s.Slots, s.Addrs = append(s.Slots, uint32(i)), append(s.Addrs, at(i))
+			if sched == maps.SchedWRR {
+				s.Weights = append(s.Weights, uint16(i))
+			}
+		}
+		return s
+	}
+	for _, s := range []maps.ServiceSpec{
+		spec("10.96.0.1:80", 1, maps.SchedRR, 3, rs),
+		spec("10.96.0.2:80", 2, maps.SchedWRR, 20, rs),
+		spec("10.96.0.3:80", 3, maps.SchedWLC, 8, rs),
+		spec("[2001:db8::1]:80", 4, maps.SchedRR, 2, rs6),
+		spec("[2001:db8::2]:80", 5, maps.SchedWLC, 12, rs6),
+	} {
+		// Twice: the live revision is 2 (the first one's blocks are gone).
+		for range 2 {
+			if err := lb.PutService(0, s); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	persist := spec("10.96.0.4:80", 6, maps.SchedRR, 9, rs)
+	persist.Persist, persist.PMask = 300, netip.MustParseAddr("255.255.255.0")
+	if err := lb.PutServices(1, []maps.ServiceSpec{persist, spec("[2001:db8::3]:80", 7, maps.SchedWRR, 17, rs6)}); err != nil {
+		t.Fatal(err)
+	}
+	want, err := maps.Dump[loader.DatapathLbSvcKey, loader.DatapathLbSvc](lb.Svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want6, err := maps.Dump[loader.DatapathLbSvc6Key, loader.DatapathLbSvc](lb.Svc6)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// The same services as the older version wrote them, and a stale slot (revision 9).
+	newOld := func(keySize uint32) *ebpf.Map {
+		m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: keySize, ValueSize: 24, MaxEntries: 65536, Flags: unix.BPF_F_NO_PREALLOC})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	old, old6 := newOld(lb.Svc.KeySize()), newOld(lb.Svc6.KeySize())
+	// slotOf is slot i (0-based) of the service of master m whose blocks are keyed under base.
+	slotOf := func(base loader.DatapathLbSvcKey, m loader.DatapathLbSvc, i int) loader.DatapathLbSlot {
+		if i < maps.InlineSlots {
+			return m.S[i]
+		}
+		base.Slot = m.Rev<<16 | uint32(i/maps.InlineSlots)
+		return want[base].S[i%maps.InlineSlots]
+	}
+	putOld := func(to *ebpf.Map, k any, base loader.DatapathLbSvcKey, m loader.DatapathLbSvc) {
+		t.Helper()
+		if err := to.Put(k, &oldLbSvc{Id: m.Id, Count: m.Count, Rev: m.Rev, Persist: m.Persist, Pmask: m.Pmask, Sched: m.Sched, Wmax: m.Wmax}); err != nil {
+			t.Fatal(err)
+		}
+		for i := range int(m.Count) {
+			s := slotOf(base, m, i)
+			o := oldLbSvc{Id: s.Id, Wmax: s.Weight}
+			if s.Addr != 0 {
+				o.Pmask, o.Count, o.Flags = s.Addr, uint32(s.Port), 1
+			}
+			sk := base
+			sk.Slot = m.Rev<<16 | uint32(i+1)
+			if err := old.Put(&sk, &o); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	masters := 0
+	for k, m := range want {
+		if k.Slot == 0 {
+			putOld(old, &k, k, m)
+			masters++
+		}
+	}
+	for k, m := range want6 {
+		putOld(old6, &k, loader.DatapathLbSvcKey{Vip: m.Id, Proto: 0xff, Gen: k.Gen}, m)
+	}
+	if masters != 4 || len(want6) != 3 || len(want) == masters {
+		t.Fatalf("the test's services: %d IPv4 masters, %d IPv6, %d service-map entries", masters, len(want6), len(want))
+	}
+	stale := loader.DatapathLbSvcKey{Vip: ne32(netip.MustParseAddr("10.96.0.1")), Vport: htons(80), Proto: unix.IPPROTO_TCP, Slot: 9<<16 | 1}
+	if err := old.Put(&stale, &oldLbSvc{Id: 1}); err != nil {
+		t.Fatal(err)
+	}
+	sb.Close()
+	repin(t, old, filepath.Join(dir, "kdp_lb_svc"))
+	repin(t, old6, filepath.Join(dir, "kdp_lb_svc6"))
+
+	sb2, err := loader.Open(root, id)
+	if err != nil {
+		t.Fatalf("open over the older service maps: %v", err)
+	}
+	defer sb2.Close()
+	lb = maps.ForSandbox(sb2.Maps()).LB
+	got, err := maps.Dump[loader.DatapathLbSvcKey, loader.DatapathLbSvc](lb.Svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got6, err := maps.Dump[loader.DatapathLbSvc6Key, loader.DatapathLbSvc](lb.Svc6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("kdp_lb_svc after the migration (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(want6, got6); diff != "" {
+		t.Errorf("kdp_lb_svc6 after the migration (-want +got):\n%s", diff)
+	}
 }

@@ -22,8 +22,8 @@ import (
 )
 
 // BenchmarkRestoreInserts is the kernel's floor under a restore's push: the entries a restore of
-// 20000 rules (5000 rr services with three real servers each) writes, 20000 into a fresh map of
-// kdp_lb_svc's spec (5000 masters and 15000 slots, an rr service's pick sequence of three) and
+// 20000 rules (5000 rr services with three real servers each) writes, 5000 into a fresh map of
+// kdp_lb_svc's spec (one master per service, with its pick sequence of three inside) and
 // 15000 into one of kdp_lb_be's, with nothing of the agent around them. The keys are distinct
 // byte strings of the maps' key sizes (a hash map's cost does not depend on what the bytes
 // say). Ways of writing them:
@@ -32,9 +32,9 @@ import (
 //   - batch: one BPF_MAP_UPDATE_BATCH per map, one CPU;
 //   - batch-4way: as maps.LB.PutServices and PutBackends write a fresh restore: both maps at
 //     once, each in two halves (four writers on however many CPUs are free);
-//   - services-only-batch-2way: the service map's 20000 alone, in two halves at once (what is
-//     left if the real servers' entries were not written before the switch: the slots of rr
-//     and wrr services carry their IPv4 real server's address, see KDP_SLOT_ADDR in lb.h);
+//   - services-only-batch-2way: the service map's 5000 alone, in two halves at once (what is
+//     left when the real servers' entries are written after the switch: the slots of rr and
+//     wrr services carry their IPv4 real server's address, see struct lb_slot in lb.h);
 //   - prealloc-batch-4way: batch-4way into maps without BPF_F_NO_PREALLOC (the datapath's maps
 //     are not preallocated; this says what preallocation would change, and memlock-MiB what
 //     it costs: a preallocated map takes its capacity, 65536 and 20480 entries, at creation).
@@ -46,7 +46,7 @@ func BenchmarkRestoreInserts(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	const nSvc, nBE = 20000, 15000
+	const nSvc, nBE = 5000, 15000
 	for _, c := range []struct {
 		name     string
 		prealloc bool
@@ -115,6 +115,56 @@ func BenchmarkRestoreInserts(b *testing.B) {
 			b.StopTimer()
 			stats(b, ds)
 			b.ReportMetric(float64(memlock)/(1<<20), "memlock-MiB")
+		})
+	}
+}
+
+// BenchmarkServiceEntries is what the service map's value size costs a restore of 20000
+// rules (5000 rr services of three real servers): its entries written as maps.LB.PutServices
+// writes them (one batch in two halves at once) into a fresh map of kdp_lb_svc's spec with
+// the value size of each layout: 20000 of 24 bytes (a master and one entry per slot, before
+// the slots moved into the master), 5000 of 120 (a master holding eight slots, this layout)
+// and 5000 of 216 (sixteen).
+//
+// Run (root): go test -run XXX -bench ServiceEntries -benchtime 50x ./bench/ctlperf/
+func BenchmarkServiceEntries(b *testing.B) {
+	topotest.RequireRoot(b, "creates BPF maps")
+	spec, err := loader.Spec()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, c := range []struct {
+		n     int
+		value uint32
+	}{{20000, 24}, {5000, 120}, {5000, 216}} {
+		b.Run(fmt.Sprintf("%dx%dB", c.n, c.value), func(b *testing.B) {
+			var ds []time.Duration
+			for range b.N {
+				b.StopTimer()
+				ms := spec.Maps["kdp_lb_svc"].Copy()
+				ms.Pinning, ms.ValueSize = ebpf.PinNone, c.value
+				m, err := ebpf.NewMap(ms)
+				if err != nil {
+					b.Fatal(err)
+				}
+				keys, vals := distinctEntries(m, c.n)
+				h := c.n / 2
+				b.StartTimer()
+				start := time.Now()
+				err = allAtOnce([]func() error{
+					func() error { return updateBatch(m, keys.Slice(0, h), vals.Slice(0, h)) },
+					func() error { return updateBatch(m, keys.Slice(h, c.n), vals.Slice(h, c.n)) },
+				})
+				ds = append(ds, time.Since(start))
+				b.StopTimer()
+				m.Close()
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+			b.StopTimer()
+			stats(b, ds)
 		})
 	}
 }
