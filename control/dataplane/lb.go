@@ -324,13 +324,13 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 //
 // A real server is late when every service naming it has an IPv4 VIP, is rr or wrr, and has
 // no persistence, and its own address is IPv4: such a service's slots carry their real
-// server's address and port (maps.ServiceSpec.Addrs, KDP_SLOT_ADDR in bpf/lib/lb.h), and its
+// server's address and port (maps.ServiceSpec.Addrs, struct lb_slot in bpf/lib/lb.h), and its
 // new connections take them from the slot. Every other reader of kdp_lb_be in the datapath is
 // on a path such a service never takes: the lc family's scan (lc, wlc, sed, nq, and lblc and
 // lblcr, which also check their locality's real server), persistence (its template's real
 // server must exist), sh and dh (bucket tables of ids), IPv6 services (addresses in
 // kdp_lb_be6, and pick without an address), and a slot without an address (one an older
-// agent wrote; never one written from t).
+// agent wrote, converted by the loader's migration; never one written from t).
 func splitLate(t *ipvs.Table, all map[uint32]maps.Backend) (now, late map[uint32]maps.Backend) {
 	late = make(map[uint32]maps.Backend, len(all))
 	need := map[uint32]bool{}
