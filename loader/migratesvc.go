@@ -31,7 +31,9 @@ const (
 // are converted (convert) rather than started empty: the IPv6 masters' first slots are in the
 // old kdp_lb_svc, which is migrated first. Without it an upgraded agent's programs would find
 // no service from the moment Open moves the links onto them until its first sync writes the
-// table again: new connections to a VIP would go out unbalanced meanwhile.
+// table again: new connections to a VIP would go out unbalanced meanwhile. (A crash between
+// the two maps' replacements leaves the older kdp_lb_svc6 without the slots it needs: the next
+// open starts it empty, and the IPv6 services are back at the first sync.)
 type svcConversion struct {
 	svc  map[DatapathLbSvcKey]oldLbSvc
 	svc6 map[DatapathLbSvc6Key]oldLbSvc
