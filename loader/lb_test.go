@@ -2,6 +2,7 @@ package loader_test
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -764,9 +765,9 @@ func TestLBSlotBlocks(t *testing.T) {
 					id++
 					s.ID = id
 					var err error
-					if restore {
+					if restore { // as control/dataplane's RestoreLB: the counters claimed beside
 						r.lb.DeleteGeneration(0)
-						err = r.lb.PutServices(0, []maps.ServiceSpec{s})
+						err = errors.Join(r.lb.PutServices(0, []maps.ServiceSpec{s}), r.lb.ClaimCounters([]uint32{id}, nil, false))
 					} else {
 						err = r.lb.PutService(0, s)
 					}
@@ -819,7 +820,7 @@ func TestLBSlotBlocks(t *testing.T) {
 					if i == 1 {
 						c = maps.LBConns{}
 					}
-					if err := r.lb.Conns.Update(srv(i), &c, ebpf.UpdateAny); err != nil {
+					if err := r.lb.SetConns(srv(i), c); err != nil {
 						t.Fatal(err)
 					}
 				}
