@@ -63,7 +63,7 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 
 	done := make(chan string, 1)
 	go func() {
-		out, _ := sb.Host.Exec("ping", "-n", "-q", "-c", "2000", "-i", "0.002", "-W", "2", addr)
+		out, _ := sb.Host.Exec("ping", "-n", "-q", "-c", "2000", "-i", "0.002", "-w", "30", addr)
 		done <- out
 	}()
 	time.Sleep(time.Second) // the flood is under way

@@ -371,7 +371,9 @@ func reloadUnderFlood(t *testing.T, host *topo.NetNS, root, id, dst string) (rel
 		var once sync.Once
 		for {
 			once.Do(func() { close(started) })
-			out, _ := host.Exec("ping", "-n", "-q", "-c", "300", "-i", "0.001", "-W", "2", dst)
+			// -w: wait for every reply (with -W ping waits two round trips for the last ones,
+			// which a loaded machine can exceed without a frame being lost).
+			out, _ := host.Exec("ping", "-n", "-q", "-c", "300", "-i", "0.001", "-w", "10", dst)
 			m := pingRe.FindStringSubmatch(out)
 			if m == nil {
 				done <- fmt.Errorf("ping: no summary in %q", out)
