@@ -660,7 +660,7 @@ func (d *Dataplane) Sweep(ctx context.Context) error {
 			if cfg.Flags&maps.ConfigLB == 0 {
 				return nil // no services: no counter moves, and the arrays are not read
 			}
-			if cur, err = sb.lbMaps().AllStats(); err != nil {
+			if cur, err = lb.AllStats(); err != nil {
 				return fmt.Errorf("read lb counters of %s: %w", id, err)
 			}
 			return nil
