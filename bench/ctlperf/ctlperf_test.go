@@ -30,6 +30,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 type agent struct {
@@ -59,7 +60,7 @@ func startAgent(b *testing.B) *agent {
 	a := &agent{bpffs: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptcp-%08x", rand.Uint32())), bin: bin, sock: sock}
 	a.cmd = exec.Command(bin, "agent", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", a.bpffs, "--log-level", "warn")
 	a.cmd.Stderr = os.Stderr
-	if err := a.cmd.Start(); err != nil {
+	if err := proctest.Start(a.cmd); err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() {

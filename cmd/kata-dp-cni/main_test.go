@@ -37,6 +37,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/control/netspec"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 const (
@@ -155,7 +156,7 @@ func (a *agentProc) start() {
 	a.cmd = exec.Command(agentBin, "agent", "--socket", a.socket, "--state-dir", a.stateDir, "--bpffs-root", a.bpffs, "--log-level", "debug")
 	a.cmd.Stderr = a.stderr
 	a.cmd.Stdout = a.stderr
-	if err := a.cmd.Start(); err != nil {
+	if err := proctest.Start(a.cmd); err != nil {
 		a.t.Fatalf("start agent: %v", err)
 	}
 	deadline := time.Now().Add(15 * time.Second)

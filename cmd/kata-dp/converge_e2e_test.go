@@ -14,6 +14,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
 	"github.com/kata-dp/kata-dp/control/qmp"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 // killSteps are the fault points of control (internal/faultinject), in the order the script
@@ -141,7 +142,7 @@ func startKillable(t *testing.T, ns *topo.NetNS, step string, args ...string) *k
 	p.cmd = exec.Command("nsenter", append([]string{"--net=" + ns.Path(), os.Args[0], "agent"}, args...)...)
 	p.cmd.Env = append(os.Environ(), "KDP_TEST_MAIN=1", "KDP_TEST_KILL_AT="+step)
 	p.cmd.Stderr = p.stderr
-	if err := p.cmd.Start(); err != nil {
+	if err := proctest.Start(p.cmd); err != nil {
 		t.Fatal(err)
 	}
 	k := &killable{agentProcess: p, done: make(chan struct{})}

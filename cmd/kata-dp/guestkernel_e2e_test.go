@@ -25,6 +25,7 @@ import (
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
 	"github.com/kata-dp/kata-dp/control/netdev"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 	"github.com/kata-dp/kata-dp/loader"
 )
 
@@ -208,7 +209,7 @@ func (ka *kernelAgent) start(t *testing.T) {
 	p.cmd = exec.Command("nsenter", append([]string{"--net=" + ka.ns.Path(), os.Args[0], "agent"}, ka.args...)...)
 	p.cmd.Env = append(os.Environ(), "KDP_TEST_MAIN=1")
 	p.cmd.Stderr = p.stderr
-	if err := p.cmd.Start(); err != nil {
+	if err := proctest.Start(p.cmd); err != nil {
 		t.Fatal(err)
 	}
 	ka.root.Cleanup(func() {

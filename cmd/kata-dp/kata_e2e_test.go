@@ -27,6 +27,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/kata"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/control/qmp"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 // podNet is a pod's network as the test needs it: the host side, the pod netns and what the
@@ -380,7 +381,7 @@ func startFlood(t *testing.T, ns *topo.NetNS, ip string) *pingFlood {
 	f := &pingFlood{out: &syncBuffer{}}
 	f.cmd = exec.Command("ip", "netns", "exec", ns.Name(), "ping", "-n", "-i", "0.005", ip)
 	f.cmd.Stdout = f.out
-	if err := f.cmd.Start(); err != nil {
+	if err := proctest.Start(f.cmd); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { f.cmd.Process.Kill(); f.cmd.Wait() })

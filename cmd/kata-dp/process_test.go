@@ -17,6 +17,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 // agentProcess is the real agent binary (this test binary in main mode, with the production
@@ -39,7 +40,7 @@ func startAgentProcess(t *testing.T, ns *topo.NetNS, args ...string) *agentProce
 	p.cmd = exec.Command(argv[0], argv[1:]...)
 	p.cmd.Env = append(os.Environ(), "KDP_TEST_MAIN=1")
 	p.cmd.Stderr = p.stderr
-	if err := p.cmd.Start(); err != nil {
+	if err := proctest.Start(p.cmd); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {

@@ -20,6 +20,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 // TestPrometheusScrapesAgent: a real Prometheus (Debian's 2.42) on the loopback of the test
@@ -112,7 +113,7 @@ func TestPrometheusScrapesAgent(t *testing.T) {
 	prom := exec.Command("nsenter", "--net="+sb.Host.Path(), promBin, "--config.file="+cfg, "--storage.tsdb.path="+filepath.Join(dir, "tsdb"),
 		"--web.listen-address="+promAddr)
 	prom.Stdout, prom.Stderr = &promErr, &promErr
-	if err := prom.Start(); err != nil {
+	if err := proctest.Start(prom); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {

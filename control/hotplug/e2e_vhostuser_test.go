@@ -8,13 +8,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/kata-dp/kata-dp/control/hotplug"
 	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
 	"github.com/kata-dp/kata-dp/control/qmp"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 // vhostUserDir is a short directory for vhost-user sockets (unix socket paths are limited to
@@ -160,8 +160,7 @@ func TestE2EVhostUserPrivateMemory(t *testing.T) {
 	cmd := exec.Command(bin, "-M", "q35", "-accel", "tcg", "-m", "128", "-S", "-nodefaults", "-no-user-config",
 		"-display", "none", "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1",
 		"-qmp", "unix:"+qmpPath+",server=on,wait=on")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := proctest.Start(cmd); err != nil {
 		t.Fatalf("qemu: %v", err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })

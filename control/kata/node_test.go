@@ -29,6 +29,7 @@ import (
 	"github.com/kata-dp/kata-dp/control/kata"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/control/store"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 	"github.com/vishvananda/netlink"
 )
 
@@ -122,7 +123,7 @@ func newNodeWith(t *testing.T, writeState bool) *node {
 	}
 	// The stand-in hypervisor: its command line names the sandbox.
 	n.hv = exec.Command("sh", "-c", `exec -a "qemu-system-x86_64 -name sandbox-`+n.id+`" sleep 3600`)
-	if err := n.hv.Start(); err != nil {
+	if err := proctest.Start(n.hv); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.hv.Process.Kill(); n.hv.Wait() })
@@ -253,7 +254,7 @@ func (n *node) flood(t *testing.T) func() (sent, lost int) {
 	cmd := exec.Command("ip", "netns", "exec", n.sb.Host.Name(), "ping", "-n", "-i", "0.005", n.sb.GuestAddr.Addr().String())
 	var out syncBuffer
 	cmd.Stdout = &out
-	if err := cmd.Start(); err != nil {
+	if err := proctest.Start(cmd); err != nil {
 		t.Fatal(err)
 	}
 	// Let the flood settle before the change under test.

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 func TestPutGetDelete(t *testing.T) {
@@ -156,7 +157,7 @@ func TestKill9LeavesOldOrNew(t *testing.T) {
 	for i := range 10 {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestHelperWriter$")
 		cmd.Env = append(os.Environ(), "KDP_STORE_WRITER_DIR="+dir)
-		if err := cmd.Start(); err != nil {
+		if err := proctest.Start(cmd); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(time.Duration(20+i*13) * time.Millisecond)

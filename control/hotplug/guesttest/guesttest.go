@@ -33,11 +33,11 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/kata-dp/kata-dp/control/qmp"
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 // Ports the guest serves on each address.
@@ -193,25 +193,17 @@ func Boot(t testing.TB, cfg GuestConfig) *Guest {
 	g.cmd = exec.Command(bin, args...)
 	g.cmd.Stdin = nil
 	g.cmd.ExtraFiles = cfg.ExtraFiles
-	// QEMU dies with the test binary even when cleanups do not run.
-	g.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdout, err := g.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatalf("guest: %v", err)
 	}
 	g.cmd.Stderr = &lockedWriter{g: g}
-	// Pdeathsig fires when the thread that forked QEMU exits, so fork from a thread locked
-	// to a goroutine that lives until QEMU is gone.
-	started := make(chan error, 1)
+	// QEMU dies with the test binary even when cleanups do not run.
+	if err := proctest.Start(g.cmd); err != nil {
+		t.Fatalf("guest: start qemu: %v", err)
+	}
 	readerDone := make(chan struct{})
 	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		if err := g.cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
 		<-readerDone
 		err := g.cmd.Wait()
 		g.mu.Lock()
@@ -220,9 +212,6 @@ func Boot(t testing.TB, cfg GuestConfig) *Guest {
 		close(g.exited)
 		g.console.wake()
 	}()
-	if err := <-started; err != nil {
-		t.Fatalf("guest: start qemu: %v", err)
-	}
 	t.Cleanup(g.cleanup)
 	go func() {
 		defer close(readerDone)

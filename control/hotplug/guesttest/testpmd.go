@@ -9,10 +9,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
 // Testpmd is a running dpdk-testpmd serving vhost-user sockets: a real vhost-user switch for
@@ -53,7 +53,6 @@ func StartTestpmd(t testing.TB, dir string, sockets, queues int) *Testpmd {
 	args = append(args, "--", "-i", "--forward-mode=io", fmt.Sprintf("--rxq=%d", queues), fmt.Sprintf("--txq=%d", queues),
 		"--total-num-mbufs=8192")
 	p.cmd = exec.Command(bin, args...)
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if p.stdin, err = p.cmd.StdinPipe(); err != nil {
 		t.Fatalf("testpmd: %v", err)
 	}
@@ -62,25 +61,17 @@ func StartTestpmd(t testing.TB, dir string, sockets, queues int) *Testpmd {
 		t.Fatalf("testpmd: %v", err)
 	}
 	p.cmd.Stderr = p.cmd.Stdout
-	started := make(chan error, 1)
+	// testpmd dies with the test binary even when cleanups do not run.
+	if err := proctest.Start(p.cmd); err != nil {
+		t.Fatalf("testpmd: start: %v", err)
+	}
 	readerDone := make(chan struct{})
 	go func() {
-		// Pdeathsig follows the forking thread: keep it until testpmd is gone.
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		if err := p.cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
 		<-readerDone
 		p.cmd.Wait()
 		close(p.exited)
 		p.out.wake()
 	}()
-	if err := <-started; err != nil {
-		t.Fatalf("testpmd: start: %v", err)
-	}
 	t.Cleanup(p.cleanup)
 	go func() {
 		defer close(readerDone)

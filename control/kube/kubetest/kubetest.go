@@ -25,13 +25,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/kata-dp/kata-dp/internal/proctest"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )
@@ -242,12 +242,8 @@ func (c *Cluster) run(bin string, args ...string) *process {
 	w := &syncWriter{b: p.log}
 	p.cmd.Stdout, p.cmd.Stderr = w, w
 	// Killed with the test binary if it dies without running its cleanups.
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	runtime.LockOSThread() // Pdeathsig follows the thread that forked
-	err := p.cmd.Start()
-	runtime.UnlockOSThread()
-	if err != nil {
-		c.t.Fatalf("kubetest: start %s: %v", bin, err)
+	if err := proctest.Start(p.cmd); err != nil {
+		c.t.Fatalf("kubetest: %v", err)
 	}
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
 	return p
