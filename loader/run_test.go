@@ -2,17 +2,15 @@ package loader_test
 
 import (
 	"encoding/binary"
-	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/loader"
 	"github.com/kata-dp/kata-dp/maps"
 )
@@ -27,9 +25,7 @@ func needRoot(t testing.TB) {
 // testRoot is a throwaway pin root for one test, removed with everything under it.
 func testRoot(t testing.TB) string {
 	t.Helper()
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-loader-%08x", rand.Uint32()))
-	t.Cleanup(func() { os.RemoveAll(root) })
-	return root
+	return topotest.BPFFS(t, "kdpt-loader")
 }
 
 func openSandbox(t testing.TB, root, id string) *loader.Sandbox {

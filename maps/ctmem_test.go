@@ -4,10 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,6 +15,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/loader"
 )
 
@@ -73,8 +72,7 @@ func newCTRig(t *testing.T) *ctRig {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loads BPF programs and pins them in bpffs")
 	}
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-maps-%08x", rand.Uint32()))
-	t.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(t, "kdpt-maps")
 	sb, err := loader.Open(root, "ct")
 	if err != nil {
 		t.Fatal(err)
@@ -229,8 +227,7 @@ func TestCTMemUnmappedAtClose(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loads BPF programs and pins them in bpffs")
 	}
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-maps-%08x", rand.Uint32()))
-	t.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(t, "kdpt-maps")
 	sb, err := loader.OpenWithOptions(root, "ctclose", loader.Options{CTSize: 100 * loader.CTWays})
 	if err != nil {
 		t.Fatal(err)

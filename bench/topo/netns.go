@@ -53,14 +53,38 @@ func UniqueName(prefix string, n int) string {
 	return prefix + hex.EncodeToString(b)[:n]
 }
 
-// NewNetNS creates a named network namespace called
-// "<prefix>.<pid>.<6 random hex digits>", with its loopback up. The caller
-// must Close it; SweepStale removes the ones a killed process left.
-func NewNetNS(prefix string) (*NetNS, error) {
-	if prefix == "" || strings.ContainsAny(prefix, "/. \t\n\x00") || len(prefix) > 40 {
-		return nil, fmt.Errorf("new netns: prefix %q: %w", prefix, ErrInvalid)
+// OwnedName returns "<prefix>_<pid>_<6 random hex digits>": a name for a kernel object (a
+// network namespace, a bpffs directory) that says which process made it, so that SweepStale
+// can remove what a killed process left and nothing of a live one. prefix must be 1-40
+// characters without '/', '.', '_' or white space (bpffs refuses names with a dot).
+func OwnedName(prefix string) (string, error) {
+	if prefix == "" || strings.ContainsAny(prefix, "/._ \t\n\x00") || len(prefix) > 40 {
+		return "", fmt.Errorf("prefix %q: %w", prefix, ErrInvalid)
 	}
-	name := UniqueName(fmt.Sprintf("%s.%d.", prefix, os.Getpid()), 6)
+	return UniqueName(fmt.Sprintf("%s_%d_", prefix, os.Getpid()), 6), nil
+}
+
+// ownerGone reports whether name is an OwnedName starting with prefix whose process is gone.
+func ownerGone(name, prefix string) bool {
+	f := strings.Split(name, "_")
+	if !strings.HasPrefix(name, prefix) || len(f) != 3 {
+		return false
+	}
+	pid, rnd := f[1], f[2]
+	if pid == "" || strings.Trim(pid, "0123456789") != "" || len(rnd) != 6 || strings.Trim(rnd, "0123456789abcdef") != "" {
+		return false
+	}
+	_, err := os.Stat(filepath.Join("/proc", pid))
+	return errors.Is(err, os.ErrNotExist)
+}
+
+// NewNetNS creates a named network namespace called OwnedName(prefix), with its loopback up.
+// The caller must Close it; SweepStale removes the ones a killed process left.
+func NewNetNS(prefix string) (*NetNS, error) {
+	name, err := OwnedName(prefix)
+	if err != nil {
+		return nil, fmt.Errorf("new netns: %w", err)
+	}
 	if out, err := run("ip", "netns", "add", name); err != nil {
 		return nil, fmt.Errorf("new netns %s: %w: %s", name, err, out)
 	}
@@ -152,39 +176,42 @@ func (n *NetNS) Close() error {
 	return nil
 }
 
-// SweepStale deletes the namespaces made by NewNetNS whose names start with
-// prefix
-// whose creating process is gone (a test binary that was killed before its
-// cleanups ran) and returns their names. Namespaces of live processes are
-// left alone.
+// BPFFSDir is where the BPF filesystem is mounted; kata-dp's tests pin under directories
+// of it named with OwnedName.
+const BPFFSDir = "/sys/fs/bpf"
+
+// SweepStale removes what a process that was killed before its cleanups ran (a test binary
+// at go test's timeout) left behind: the network namespaces made by NewNetNS and the
+// directories of BPFFSDir whose OwnedName starts with prefix and names a process that is
+// gone. Removing a bpffs directory unpins its maps, programs and links, and a link no process
+// holds detaches. What live processes made is left alone. It returns what it removed.
 func SweepStale(prefix string) ([]string, error) {
-	ents, err := os.ReadDir(NetnsDir)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("sweep: %w", err)
-	}
 	var swept []string
 	var errs []error
-	for _, e := range ents {
-		f := strings.Split(e.Name(), ".")
-		if !strings.HasPrefix(e.Name(), prefix) || len(f) < 3 {
+	for _, dir := range []string{NetnsDir, BPFFSDir} {
+		ents, err := os.ReadDir(dir)
+		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
-		pid, rnd := f[len(f)-2], f[len(f)-1]
-		if pid == "" || strings.Trim(pid, "0123456789") != "" || len(rnd) != 6 || strings.Trim(rnd, "0123456789abcdef") != "" {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("sweep %s: %w", dir, err))
 			continue
 		}
-		if _, err := os.Stat(filepath.Join("/proc", pid)); err == nil {
-			continue
+		for _, e := range ents {
+			if !ownerGone(e.Name(), prefix) {
+				continue
+			}
+			if dir == NetnsDir {
+				err = (&NetNS{name: e.Name()}).Close()
+			} else {
+				err = os.RemoveAll(filepath.Join(dir, e.Name()))
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("sweep: %w", err))
+				continue
+			}
+			swept = append(swept, filepath.Join(dir, e.Name()))
 		}
-		n := &NetNS{name: e.Name()}
-		if err := n.Close(); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		swept = append(swept, e.Name())
 	}
 	return swept, errors.Join(errs...)
 }

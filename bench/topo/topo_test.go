@@ -4,10 +4,12 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/google/go-cmp/cmp"
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
@@ -125,22 +127,58 @@ func TestSandboxConfigInvalid(t *testing.T) {
 	}
 }
 
+// TestSweepStale: what a gone process made under a prefix (a netns and a bpffs directory with
+// a pin in it) is removed; what this live process made, and what does not carry an owner, is
+// not. The prefix is not under topotest.Prefix, so the sweep of another test binary running
+// beside this one cannot take the fake stale objects first.
 func TestSweepStale(t *testing.T) {
 	topotest.RequireRoot(t, "creates network namespaces")
-	live := topotest.MustNetNS(t, "kdptt-sw")
-	stale := "kdptt-sw.999999999.abcdef"
+	const prefix = "kdpxsweep"
+	live, err := topo.NewNetNS(prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { live.Close() })
+	name, err := topo.OwnedName(prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	liveDir := filepath.Join(topo.BPFFSDir, name)
+	if err := os.Mkdir(liveDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(liveDir) })
+	stale := prefix + "_999999999_abcdef"
 	if out, err := exec.Command("ip", "netns", "add", stale).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add: %v: %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", stale).Run() })
-	swept, err := topo.SweepStale("kdptt-sw")
+	staleDir := filepath.Join(topo.BPFFSDir, stale)
+	unowned := filepath.Join(topo.BPFFSDir, prefix+"-unowned")
+	for _, d := range []string{staleDir, unowned} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(d) })
+	}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if diff := cmp.Diff([]string{stale}, swept); diff != "" {
+	defer m.Close()
+	if err := m.Pin(filepath.Join(staleDir, "m")); err != nil {
+		t.Fatal(err)
+	}
+	swept, err := topo.SweepStale(prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{filepath.Join(topo.NetnsDir, stale), staleDir}, swept); diff != "" {
 		t.Errorf("swept (-want +got):\n%s", diff)
 	}
-	if _, err := os.Stat(live.Path()); err != nil {
-		t.Errorf("live netns swept: %v", err)
+	for _, p := range []string{live.Path(), liveDir, unowned} {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("swept what it must not: %v", err)
+		}
 	}
 }

@@ -67,9 +67,6 @@ func runTests(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(tmp)
-	if swept, err := topo.SweepStale(nsPrefix); err != nil || len(swept) > 0 {
-		fmt.Fprintf(os.Stderr, "swept stale namespaces %v: %v\n", swept, err)
-	}
 	binDir = filepath.Join(tmp, "cni")
 	agentBin = filepath.Join(tmp, "kata-dp")
 	buildErr = errors.Join(

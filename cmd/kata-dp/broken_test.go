@@ -34,8 +34,7 @@ func TestAgentStartsWithBrokenState(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
 	state := filepath.Join(dir, "state")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptb-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptb")
 	args := []string{"--socket", sock, "--state-dir", state, "--bpffs-root", bpffs}
 	p := startAgentProcess(t, ns, args...)
 	waitAgent(t, sock, p)

@@ -38,8 +38,7 @@ func TestE2EKillAtEveryStep(t *testing.T) {
 	g := guesttest.Boot(t, guesttest.GuestConfig{NetNS: sb.NS.Path(), NetTable: map[string]string{mac: "10.199.0.2/24"}})
 	dir := t.TempDir()
 	sock, state := filepath.Join(dir, "kata-dp.sock"), filepath.Join(dir, "state")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptk-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptk")
 	args := []string{"--socket", sock, "--state-dir", state, "--bpffs-root", bpffs}
 	a := &testAgent{sock: sock, ns: sb.NS}
 	const id = "kill9"

@@ -186,8 +186,7 @@ type kernelAgent struct {
 func startKernelAgent(t *testing.T, ns *topo.NetNS) *kernelAgent {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptk-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptk")
 	ka := &kernelAgent{testAgent: &testAgent{sock: sock, ns: ns}, ns: ns, root: t,
 		args: []string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}}
 	ka.start(t)

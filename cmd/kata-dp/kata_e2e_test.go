@@ -200,8 +200,7 @@ func TestE2EKata(t *testing.T) {
 
 	// The agent arrives on the node under a ping flood.
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptk-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptk")
 	flood := startFlood(t, sb.Host, guestIP)
 	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs, "--kata-dir", kataDir)
 	waitAgent(t, sock, p)

@@ -1,12 +1,10 @@
 package main
 
 import (
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 )
 
@@ -18,8 +16,7 @@ func TestKataIPVSUserGuide(t *testing.T) {
 	ns := topotest.MustNetNS(t, "kdptv")
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptv-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptv")
 	args := []string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}
 	p := startAgentProcess(t, ns, args...)
 	waitAgent(t, sock, p)

@@ -74,8 +74,7 @@ func TestKill9UnderTraffic(t *testing.T) {
 
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptk-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptk")
 	args := []string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}
 	p := startAgentProcess(t, sb.Host, args...)
 	waitAgent(t, sock, p)

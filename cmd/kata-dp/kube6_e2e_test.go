@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -74,8 +73,7 @@ func TestKubernetesDualStack(t *testing.T) {
 
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptk-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptk")
 	p := startAgentProcess(t, nil, "--config", "", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs,
 		"--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a")
 	waitAgent(t, sock, p)

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -231,8 +230,7 @@ func TestKubernetesServices(t *testing.T) {
 
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptk-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptk")
 	agentArgs := []string{"--config", "", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs,
 		"--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a"}
 	p := startAgentProcess(t, nil, agentArgs...)

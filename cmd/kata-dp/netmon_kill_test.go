@@ -25,8 +25,7 @@ func TestNetmonKill9MidJoin(t *testing.T) {
 	sb := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptk", NoTap: true})
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptk-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptk")
 	args := []string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}
 	p := startAgentProcess(t, sb.Host, args...)
 	waitAgent(t, sock, p)

@@ -59,8 +59,7 @@ func startTestAgent(t *testing.T, host, ns *topo.NetNS, prefix string, extra ...
 	t.Helper()
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName(prefix+"-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, prefix)
 	args := append([]string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}, extra...)
 	p := startAgentProcess(t, host, args...)
 	waitAgent(t, sock, p)
@@ -92,8 +91,7 @@ func TestAgentProcessKill9(t *testing.T) {
 	}
 	dir := t.TempDir()
 	sock, state := filepath.Join(dir, "kata-dp.sock"), filepath.Join(dir, "state")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptc-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptc")
 	args := []string{"--socket", sock, "--state-dir", state, "--bpffs-root", bpffs, "--metrics-addr", "127.0.0.1:19400"}
 	p := startAgentProcess(t, ns, args...)
 	waitAgent(t, sock, p)

@@ -38,8 +38,7 @@ func TestPrometheusScrapesAgent(t *testing.T) {
 	guest.DisableIPv6()
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptp-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptp")
 	// The netns is the test's own: these ports are free on its loopback.
 	const agentAddr, promAddr = "127.0.0.1:19401", "127.0.0.1:19402"
 	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs,

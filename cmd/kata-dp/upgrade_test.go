@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strconv"
 	"syscall"
@@ -32,8 +31,7 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 	guest.DisableIPv6()
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptu-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptu")
 	args := []string{"--config", "", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}
 
 	t.Setenv("KDP_TEST_VERSION", "1.0.0-a")

@@ -54,8 +54,7 @@ func TestE2EVhostUser(t *testing.T) {
 	}
 
 	sock := filepath.Join(dir, "agent.sock")
-	bpffs := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptu-", 8))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := topotest.BPFFS(t, "kdptu")
 	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock, ns: sb.NS}

@@ -3,9 +3,7 @@ package dataplane_test
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -61,8 +59,7 @@ func (r *rig) lbMaps(t *testing.T) maps.LB {
 func newRigWith(t *testing.T, id string, o loader.Options) *rig {
 	t.Helper()
 	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
-	r := &rig{root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-dp-%08x", rand.Uint32()))}
-	t.Cleanup(func() { os.RemoveAll(r.root) })
+	r := &rig{root: topotest.BPFFS(t, "kdpt-dp")}
 	r.sb = topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdpt-dp"})
 	r.guest = topotest.MustNetNS(t, "kdpt-dpg")
 	for _, n := range []*topo.NetNS{r.sb.Host, r.sb.NS, r.guest} {

@@ -6,11 +6,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -72,8 +69,7 @@ var (
 func newDirectRigWith(t *testing.T, ipv6 bool) *directRig {
 	t.Helper()
 	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-%08x", rand.Uint32()))
-	t.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(t, "kdptd")
 	r := &directRig{host: topotest.MustNetNS(t, "kdptd-h"), client: topotest.MustNetNS(t, "kdptd-c"), root: root}
 	for i := range r.guests {
 		r.guests[i] = topotest.MustNetNS(t, fmt.Sprintf("kdptd-g%d", i))
@@ -567,8 +563,7 @@ func TestDirectController(t *testing.T) {
 	mustExec(t, client, "ip", "addr", "add", directClient+"/24", "dev", "cl0")
 	mustExec(t, client, "ip", "link", "set", "cl0", "up")
 
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-%08x", rand.Uint32()))
-	t.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(t, "kdptd")
 	dp, err := dataplane.New(root)
 	if err != nil {
 		t.Fatal(err)

@@ -4,12 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -36,8 +33,7 @@ var (
 func newRig6(t *testing.T, id string, o rigOpts) *modeRig {
 	t.Helper()
 	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
-	r := &modeRig{root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt6-%08x", rand.Uint32()))}
-	t.Cleanup(func() { os.RemoveAll(r.root) })
+	r := &modeRig{root: topotest.BPFFS(t, "kdpt6")}
 	r.sb = topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdpt6-", IPv6: true})
 	r.guest = topotest.MustNetNS(t, "kdpt6-g")
 	if err := r.sb.Host.AddAddr(r.sb.HostVeth.Name, host6.String()); err != nil {

@@ -3,12 +3,9 @@ package dataplane_test
 import (
 	"bytes"
 	"context"
-	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -48,8 +45,7 @@ type rigOpts struct {
 func newModeRig(t *testing.T, id string, o rigOpts) *modeRig {
 	t.Helper()
 	topotest.RequireRoot(t, "loads BPF programs and builds namespaces")
-	r := &modeRig{root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptx-%08x", rand.Uint32()))}
-	t.Cleanup(func() { os.RemoveAll(r.root) })
+	r := &modeRig{root: topotest.BPFFS(t, "kdptx")}
 	r.sb = topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptx-"})
 	r.guest = topotest.MustNetNS(t, "kdptx-g")
 	if o.peerGRO {

@@ -4,12 +4,9 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -29,8 +26,7 @@ import (
 // ErrNoSandbox.
 func TestMonitorStreams(t *testing.T) {
 	topotest.RequireRoot(t, "loads BPF programs")
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-dpmon-%08x", rand.Uint32()))
-	t.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(t, "kdpt-dpmon")
 	dp, err := dataplane.New(root)
 	if err != nil {
 		t.Fatal(err)
@@ -133,8 +129,7 @@ func (r *monRig) dropStream(t *testing.T) *dataplane.MonitorStream {
 func newMonRig(t *testing.T) *monRig {
 	t.Helper()
 	topotest.RequireRoot(t, "loads BPF programs")
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-dpmon-%08x", rand.Uint32()))
-	t.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(t, "kdpt-dpmon")
 	dp, err := dataplane.New(root)
 	if err != nil {
 		t.Fatal(err)

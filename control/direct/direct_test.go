@@ -2,12 +2,9 @@ package direct_test
 
 import (
 	"errors"
-	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/kata-dp/kata-dp/bench/topo"
@@ -32,8 +29,7 @@ func rig(t *testing.T) (*direct.Manager, *topo.NetNS, string) {
 			t.Fatal(err)
 		}
 	}
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptd-m%08x", rand.Uint32()))
-	t.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(t, "kdptd-m")
 	return direct.New(root), n, root
 }
 

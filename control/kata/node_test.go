@@ -72,10 +72,9 @@ func newNodeWith(t *testing.T, writeState bool) *node {
 		id:    fmt.Sprintf("kdpt%08x", rand.Uint32()),
 		dir:   t.TempDir(),
 		state: t.TempDir(),
-		root:  filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdpt-kata-%08x", rand.Uint32())),
+		root:  topotest.BPFFS(t, "kdpt-kata"),
 		logs:  &syncBuffer{},
 	}
-	t.Cleanup(func() { os.RemoveAll(n.root) })
 	n.sb = topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdpt-kt"})
 	n.guest = topotest.MustNetNS(t, "kdpt-ktg")
 	n.guest.Exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")

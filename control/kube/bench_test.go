@@ -5,8 +5,6 @@ import (
 	"flag"
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"sync"
@@ -20,7 +18,6 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 
-	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/clusterlb"
 	"github.com/kata-dp/kata-dp/control/dataplane"
@@ -136,8 +133,7 @@ func BenchmarkClusterSync(b *testing.B) {
 	}
 	b.Logf("created %d Services and EndpointSlices in %v", n, time.Since(start).Round(time.Millisecond))
 
-	root := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptkb-", 8))
-	b.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(b, "kdptkb")
 	dp, err := dataplane.New(root)
 	if err != nil {
 		b.Fatal(err)

@@ -2,7 +2,6 @@ package netdev_test
 
 import (
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -11,33 +10,22 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"golang.org/x/sys/unix"
 )
 
-// newNS makes a named netns "kdptn-..." and deletes it when the test ends.
+// newNS makes a named netns "kdptn_<pid>_..." and deletes it when the test ends.
 func newNS(t *testing.T) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces and taps")
-	}
-	name := fmt.Sprintf("kdptn-%d-%s", os.Getpid(), strings.ReplaceAll(strings.ToLower(t.Name()), "/", "-"))
-	if len(name) > 60 {
-		name = name[:60]
-	}
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
-	}
+	n := topotest.MustNetNS(t, "kdptn")
 	t.Cleanup(func() {
 		// Delete links first so a leaked fd cannot keep a tap alive.
-		exec.Command("ip", "-n", name, "link", "del", "kdptap0").Run()
-		exec.Command("ip", "-n", name, "link", "del", "kdptap1").Run()
-		exec.Command("ip", "-n", name, "link", "del", "kv0").Run()
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", name, err, out)
+		for _, l := range []string{"kdptap0", "kdptap1", "kv0"} {
+			exec.Command("ip", "-n", n.Name(), "link", "del", l).Run()
 		}
 	})
-	return filepath.Join("/run/netns", name)
+	return n.Path()
 }
 
 func TestCreateOpenDeleteTap(t *testing.T) {

@@ -40,9 +40,8 @@ type rig struct {
 
 func newRig(t *testing.T) *rig {
 	topotest.RequireRoot(t, "creates network namespaces, veths, taps and BPF programs")
-	r := &rig{t: t, dir: t.TempDir(), root: filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptnm-", 8)),
+	r := &rig{t: t, dir: t.TempDir(), root: topotest.BPFFS(t, "kdptnm"),
 		log: &syncBuffer{}, rounds: map[string]int{}, errs: map[string]error{}, wake: make(chan struct{}, 1)}
-	t.Cleanup(func() { os.RemoveAll(r.root) })
 	r.start()
 	t.Cleanup(func() {
 		r.halt()
