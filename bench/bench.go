@@ -42,6 +42,8 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+
+	"github.com/kata-dp/kata-dp/bench/topo"
 )
 
 // Options configure a benchmark.
@@ -235,6 +237,11 @@ func modeNames(keep func(modeDef) bool) []string {
 func Run(ctx context.Context, o Options, log *slog.Logger) (*Report, error) {
 	if err := o.validate(); err != nil {
 		return nil, err
+	}
+	// A run killed before its undo (kill -9, a reboot of the agent's cgroup) left its
+	// namespaces and pins; they carry its pid, and the next run removes them.
+	if swept, err := topo.SweepStale(sweepPrefix); len(swept) > 0 || err != nil {
+		log.Info("removed what an earlier, killed run left", "removed", swept, "error", err)
 	}
 	r := &runner{o: o, ksoft: ksoftirqds()}
 	benchNice = o.Nice

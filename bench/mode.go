@@ -202,7 +202,11 @@ func setupKataDPWith(e *env, mode string, mon maps.MonitorFlags, services int) e
 		return err
 	}
 	ctx := context.Background()
-	root := filepath.Join("/sys/fs/bpf", topo.UniqueName("kdptb-", 8))
+	name, err := topo.OwnedName(sweepPrefix + "-dp")
+	if err != nil {
+		return err
+	}
+	root := filepath.Join(topo.BPFFSDir, name)
 	dp, err := dataplane.New(root)
 	if err != nil {
 		return err

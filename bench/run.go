@@ -104,6 +104,11 @@ type Sample struct {
 
 func (s *Sample) flag(format string, a ...any) { s.Flags = append(s.Flags, fmt.Sprintf(format, a...)) }
 
+// sweepPrefix starts the names of the namespaces and bpffs directories a run makes
+// (docs/benchmarks.md, kdptb-*): topo.OwnedName's, which carry the run's pid, so the next run
+// removes what a killed one left (topo.SweepStale) and nothing of one still running.
+const sweepPrefix = "kdptb"
+
 // runner measures; one per Main.
 type runner struct {
 	o     Options
@@ -113,7 +118,7 @@ type runner struct {
 // runMode builds a fresh topology, installs mode m, measures every case
 // and tears everything down.
 func (r *runner) runMode(ctx context.Context, m modeDef, round int) (out []Sample, err error) {
-	s, err := topo.NewSandbox(topo.SandboxConfig{Prefix: "kdptb-"})
+	s, err := topo.NewSandbox(topo.SandboxConfig{Prefix: sweepPrefix + "-"})
 	if err != nil {
 		return nil, err
 	}
