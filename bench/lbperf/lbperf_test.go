@@ -34,6 +34,7 @@ func needRoot(b testing.TB) {
 type rig struct {
 	tapIn *ebpf.Program
 	lb    maps.LB
+	dir   string // the sandbox's pin directory
 }
 
 var (
@@ -55,7 +56,7 @@ func newRigCT(b *testing.B, services int, ctSize uint32) *rig {
 	}
 	b.Cleanup(func() { sb.Close(); loader.Remove(root, "perf") })
 	m := sb.Maps()
-	r := &rig{lb: maps.ForSandbox(m).LB}
+	r := &rig{lb: maps.ForSandbox(m).LB, dir: sb.Dir()}
 	r.tapIn, _ = sb.Program(loader.ProgTapIn)
 	// BPF_PROG_TEST_RUN without a context runs the frame "on" the loopback device.
 	ep := maps.Endpoint{PeerIfindex: 42, Role: maps.RoleTap, Flags: maps.FlagAntiSpoof | maps.FlagStrictEgress, MAC: guestMAC}

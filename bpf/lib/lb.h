@@ -67,6 +67,47 @@
 #ifndef KDP_LB_NEW_CONN
 #define KDP_LB_NEW_CONN(ctx, xdp, len, f, addr, port, v6) do { } while (0)
 #endif
+/*
+ * The breakdown build (bench/lbcost, BenchmarkLBCost): compiled with KDP_LB_COST, the object
+ * has a constant kdp_lb_cost_skip, set at load time, whose bits each leave one part of the
+ * per-packet paths out (or, for a part that cannot be left out, do it twice), so that what a
+ * part costs is measured as the difference of two loads of one object, not estimated. The
+ * verifier removes the branches of the parts kept (the constant is known to it), so each
+ * variant runs the product's code less the one part. Only that benchmark's object defines
+ * KDP_LB_COST: in the product (loader/) every KDP_LB_COST_SKIP is the constant 0 and compiles
+ * to nothing, and nothing is ever left out.
+ */
+#define KDP_COST_PREFILTER 0x1 /* lb_prefilter says "may be" without looking */
+#define KDP_COST_CTLOOKUP2 0x2 /* an established frame looks its connection up twice */
+#define KDP_COST_REFRESH 0x4   /* no ct_touch (last_seen, the FIN/RST close) */
+#define KDP_COST_COUNT 0x8     /* no counters: neither their lookups nor their adds */
+#define KDP_COST_PLAIN 0x10    /* the counters' adds plain, not atomic (loses counts across CPUs) */
+#define KDP_COST_REWRITE 0x20  /* no DNAT of the frame (f is updated as if) */
+#define KDP_COST_LB 0x40       /* lb_from_guest returns at once: no load balancer at all */
+#define KDP_COST_CTMISS 0x80   /* a SYN skips the connection lookup (a new connection's miss) */
+#define KDP_COST_MASTER2 0x100 /* a new connection looks its service's master up twice */
+#define KDP_COST_SCHED 0x200   /* no lb_schedule: the master's first slot */
+#define KDP_COST_PICK 0x400    /* no ct_pick: the bucket's first pair */
+#define KDP_COST_CLAIM 0x800   /* the two slots taken and published with plain stores, no CAS */
+#define KDP_COST_INSERT 0x1000 /* no ct_insert at all (bucket, pick, claim, writes) */
+#define KDP_COST_MON 0x2000    /* no KDP_LB_NEW_CONN (the monitor's check) */
+#define KDP_COST_POW2 0x4000   /* the bucket by a mask, not a remainder (the bench's tables are 2^n) */
+#ifdef KDP_LB_COST
+volatile const __u32 kdp_lb_cost_skip = 0;
+#define KDP_LB_COST_SKIP(part) (kdp_lb_cost_skip & (part))
+#else
+#define KDP_LB_COST_SKIP(part) 0
+#endif
+
+/* lb_add is the counters' add: atomic, as every CPU counts into the same entry. */
+#define lb_add(p, v)                                      \
+	do {                                              \
+		if (KDP_LB_COST_SKIP(KDP_COST_PLAIN))     \
+			*(p) += (v);                      \
+		else                                      \
+			__sync_fetch_and_add((p), (v));   \
+	} while (0)
+
 #define KDP_LB_MAX_SCAN 64          /* real servers the least-connection schedulers compare */
 #define KDP_LB_HASH_BUCKETS 256     /* sh/dh table size (IP_VS_SH_TAB_SIZE) */
 
@@ -480,8 +521,11 @@ static __always_inline bool lb_prefilter_word(__u8 family, const union kdp_addr 
 static __always_inline bool lb_prefilter(const struct flow *f, const bool rs)
 {
 	__u32 zero = 0, w;
-	struct lb_vipset *v = bpf_map_lookup_elem(&kdp_lb_vips, &zero);
+	struct lb_vipset *v;
 
+	if (KDP_LB_COST_SKIP(KDP_COST_PREFILTER))
+		return true;
+	v = bpf_map_lookup_elem(&kdp_lb_vips, &zero);
 	if (!v || v->valid != KDP_LB_PREFILTER_VERSION || !lb_prefilter_word(f->family, rs ? &f->saddr : &f->daddr, &w))
 		return true;
 	return lb_bits_have(rs ? v->rbits : v->bits, lb_vip_hash(w));
@@ -538,23 +582,26 @@ static __always_inline struct lb_conns *lb_conns_of(__u32 id)
 static __always_inline void lb_count_in(struct lb_stats *s, __u32 len)
 {
 	if (s) {
-		__sync_fetch_and_add(&s->inpkts, 1);
-		__sync_fetch_and_add(&s->inbytes, len);
+		lb_add(&s->inpkts, 1);
+		lb_add(&s->inbytes, len);
 	}
 }
 
 static __always_inline void lb_count(__u32 kind, __u32 id, bool in, __u32 len)
 {
-	struct lb_stats *s = lb_stats_of(kind, id);
+	struct lb_stats *s;
 
+	if (KDP_LB_COST_SKIP(KDP_COST_COUNT))
+		return;
+	s = lb_stats_of(kind, id);
 	if (!s)
 		return;
 	if (in) {
-		__sync_fetch_and_add(&s->inpkts, 1);
-		__sync_fetch_and_add(&s->inbytes, len);
+		lb_add(&s->inpkts, 1);
+		lb_add(&s->inbytes, len);
 	} else {
-		__sync_fetch_and_add(&s->outpkts, 1);
-		__sync_fetch_and_add(&s->outbytes, len);
+		lb_add(&s->outpkts, 1);
+		lb_add(&s->outbytes, len);
 	}
 }
 
@@ -656,7 +703,8 @@ static __always_inline struct ct_bucket *ct_bucket(__u32 w0, __u32 w1, __u32 w2,
 
 	if (!n)
 		return NULL;
-	idx = ct_hash(d ? w1 : w0, d ? w2 >> 16 : w2 & 0xffff, w3 & 0xff) % n;
+	idx = ct_hash(d ? w1 : w0, d ? w2 >> 16 : w2 & 0xffff, w3 & 0xff);
+	idx = KDP_LB_COST_SKIP(KDP_COST_POW2) ? idx & (n - 1) : idx % n;
 	return bpf_map_lookup_elem(&kdp_lb_ct2, &idx);
 }
 
@@ -878,7 +926,20 @@ static __always_inline bool ct_claim(struct ct_slot *s)
 {
 	__u32 seq = KDP_READ_ONCE(s->seq);
 
+	if (KDP_LB_COST_SKIP(KDP_COST_CLAIM)) {
+		s->seq = seq + 1;
+		return !(seq & 1);
+	}
 	return !(seq & 1) && __sync_val_compare_and_swap(&s->seq, seq, seq + 1) == seq;
+}
+
+/* ct_publish publishes slot s, claimed by ct_claim (seq from odd to even). */
+static __always_inline void ct_publish(struct ct_slot *s)
+{
+	if (KDP_LB_COST_SKIP(KDP_COST_CLAIM))
+		s->seq += 1;
+	else
+		__sync_fetch_and_add(&s->seq, 1);
 }
 
 /* ct_insert writes a new connection's two entries (see above) into the pair of slots ct_pick
@@ -899,13 +960,13 @@ static __always_inline void ct_insert(const struct config *cfg, const struct ct_
 
 	if (!b)
 		return;
-	p = ct_pick(cfg, b, k, v, now) & (KDP_CT_CONNS - 1);
+	p = KDP_LB_COST_SKIP(KDP_COST_PICK) ? 0 : ct_pick(cfg, b, k, v, now) & (KDP_CT_CONNS - 1);
 	so = &b->s[p];
 	sr = &b->s[p + KDP_CT_CONNS];
 	if (!ct_claim(sr))
 		return;
 	if (!ct_claim(so)) {
-		__sync_fetch_and_add(&sr->seq, 1);
+		ct_publish(sr);
 		return;
 	}
 	sk = (__u32 *)&sr->key;
@@ -916,14 +977,14 @@ static __always_inline void ct_insert(const struct config *cfg, const struct ct_
 	sr->e = *v;
 	sr->e.addr = k->daddr;
 	sr->e.port = k->dport;
-	__sync_fetch_and_add(&sr->seq, 1);
+	ct_publish(sr);
 	sk = (__u32 *)&so->key;
 	sk[0] = kw[0];
 	sk[1] = kw[1];
 	sk[2] = kw[2];
 	sk[3] = kw[3];
 	so->e = *v;
-	__sync_fetch_and_add(&so->seq, 1);
+	ct_publish(so);
 }
 
 /* sh_hash is ip_vs_sh_hashkey for IPv4 without the port flag: hash_32(ntohl(addr), 8). */
@@ -1095,6 +1156,36 @@ static __always_inline __u32 wrr_schedule(const struct lb_svc_key *mk, const str
 	return w.pick;
 }
 
+/* lb_slot_take is the real server of slot sl (0 for none), whose address and port, when the slot
+ * carries them, go to pick's (see lb_schedule). */
+static __always_inline __u32 lb_slot_take(const struct lb_slot *sl, struct ct_entry *pick)
+{
+	if (!sl)
+		return 0;
+	if (pick) {
+		pick->addr = sl->addr;
+		pick->port = sl->port;
+	}
+	return sl->id;
+}
+
+/* lb_random_slot schedules a new connection of an rr or wrr service m whose counters, where
+ * their position lives, are not claimed (see lb_cnt_slot: between an upgrade's migration and
+ * its first sync, or an older table's ids that share an entry): a random slot rather than no
+ * server; for wrr one of weight > 0 (0 when the draw hits another), as rr's slots are. */
+static __always_inline __u32 lb_random_slot(const struct lb_svc_key *mk, const struct lb_svc *m,
+					     struct ct_entry *pick)
+{
+	const struct lb_slot *sl;
+
+	if (!m->count)
+		return 0;
+	sl = svc_slot(mk, m, bpf_get_prandom_u32() % m->count);
+	if (sl && m->sched == KDP_SCHED_WRR && !sl->weight)
+		return 0;
+	return lb_slot_take(sl, pick);
+}
+
 /* lb_schedule picks a real server for a new connection of service m (0 if none can take it);
  * mk is the key base of its slot blocks (and bucket table). ss is the service's counters (rr
  * and wrr keep their position there), looked up once by the caller, which counts the
@@ -1106,38 +1197,18 @@ static __always_inline __u32 lb_schedule(const struct lb_svc_key *mk, const stru
 {
 	struct aff_key ak = { .svc = m->id | 0x80000000U, .addr = daddr };
 	__u8 sched = m->sched; /* of the scan: lblc/lblcr scan as wlc */
-	const struct lb_slot *sl;
 	__u32 idx;
 
 	switch (m->sched) {
 	case KDP_SCHED_RR:
+	case KDP_SCHED_WRR:
+		if (!ss)
+			return lb_random_slot(mk, m, pick);
+		if (m->sched == KDP_SCHED_WRR)
+			return wrr_schedule(mk, m, ss, pick);
 		if (!m->count)
 			return 0;
-		/* No counters (ss NULL): the service's entry is not claimed (see lb_cnt_slot: between
-		 * an upgrade's migration and its first sync, or an older table's ids that share an
-		 * entry): a random slot rather than no server. */
-		idx = (ss ? __sync_fetch_and_add(&ss->sched, 1) : bpf_get_prandom_u32()) % m->count;
-		sl = svc_slot(mk, m, idx);
-		if (!sl)
-			return 0;
-		if (pick) {
-			pick->addr = sl->addr;
-			pick->port = sl->port;
-		}
-		return sl->id;
-	case KDP_SCHED_WRR:
-		if (ss)
-			return wrr_schedule(mk, m, ss, pick);
-		if (!m->count) /* unclaimed counters, as rr above: a random server of weight > 0 */
-			return 0;
-		sl = svc_slot(mk, m, bpf_get_prandom_u32() % m->count);
-		if (!sl || !sl->weight)
-			return 0;
-		if (pick) {
-			pick->addr = sl->addr;
-			pick->port = sl->port;
-		}
-		return sl->id;
+		return lb_slot_take(svc_slot(mk, m, __sync_fetch_and_add(&ss->sched, 1) % m->count), pick);
 	case KDP_SCHED_SH:
 	case KDP_SCHED_DH: {
 		struct lb_svc_key hk = *mk;
@@ -1538,10 +1609,16 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	ck.sport = f->sport;
 	ck.dport = f->dport;
 	ck.proto = f->proto;
-	e = ct_lookup(cfg, now, &ck, 0, &ne);
+	if (KDP_LB_COST_SKIP(KDP_COST_CTMISS) && (f->tcpflags & KDP_TCP_SYN))
+		e = NULL;
+	else
+		e = ct_lookup(cfg, now, &ck, 0, &ne);
+	if (KDP_LB_COST_SKIP(KDP_COST_CTLOOKUP2) && e)
+		e = ct_lookup(cfg, now, &ck, 0, &ne);
 	if (e) {
-		ct_touch(f->tcpflags, &e->e.last_seen, ne.last_seen, now, (__u64 *)&e->e.addr,
-			 (const __u64 *)&ne.addr, KDP_CT_STATE_SHIFT, ne.backend);
+		if (!KDP_LB_COST_SKIP(KDP_COST_REFRESH))
+			ct_touch(f->tcpflags, &e->e.last_seen, ne.last_seen, now, (__u64 *)&e->e.addr,
+				 (const __u64 *)&ne.addr, KDP_CT_STATE_SHIFT, ne.backend);
 		lb_count(KDP_LB_STATS_BACKEND, ne.backend, true, len);
 		lb_count(KDP_LB_STATS_SVC, ne.svc, true, len);
 		goto nat;
@@ -1552,6 +1629,8 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	mk.proto = f->proto;
 	mk.gen = cfg->lb_gen;
 	m = bpf_map_lookup_elem(&kdp_lb_svc, &mk);
+	if (KDP_LB_COST_SKIP(KDP_COST_MASTER2) && m)
+		m = bpf_map_lookup_elem(&kdp_lb_svc, &mk);
 	if (!m)
 		return -1; /* not a service (and no connection): not ours */
 	/* After a miss ne holds nothing or a copy that did not hold; lb_schedule's pick starts
@@ -1571,7 +1650,8 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		}
 		ss = lb_stats_of(KDP_LB_STATS_SVC, m->id);
 		if (!be_id)
-			be_id = lb_schedule(&mk, m, ss, f->saddr.v4, f->daddr.v4, now, &ne);
+			be_id = KDP_LB_COST_SKIP(KDP_COST_SCHED) ? lb_slot_take(&m->s[0], &ne) :
+								   lb_schedule(&mk, m, ss, f->saddr.v4, f->daddr.v4, now, &ne);
 		if (m->persist && be_id) {
 			struct aff_entry na = { .last_seen = now, .backend = be_id };
 
@@ -1596,28 +1676,32 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		ne.backend = be_id;
 		ne.svc = m->id;
 
-		ct_insert(cfg, &ck, &ne, now);
+		if (!KDP_LB_COST_SKIP(KDP_COST_INSERT))
+			ct_insert(cfg, &ck, &ne, now);
 
 		/* The new connection's counters, in the entries looked up once. */
-		st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
-		if (st)
-			__sync_fetch_and_add(&st->conns, 1);
-		lb_count_in(st, len);
-		cn = lb_conns_of(be_id);
-		if (cn) {
-			if (ne.state == KDP_CT_TCP_EST)
-				__sync_fetch_and_add(&cn->active, 1);
-			else
-				__sync_fetch_and_add(&cn->inactive, 1);
+		if (!KDP_LB_COST_SKIP(KDP_COST_COUNT)) {
+			st = lb_stats_of(KDP_LB_STATS_BACKEND, be_id);
+			if (st)
+				lb_add(&st->conns, 1);
+			lb_count_in(st, len);
+			cn = lb_conns_of(be_id);
+			if (cn) {
+				if (ne.state == KDP_CT_TCP_EST)
+					lb_add(&cn->active, 1);
+				else
+					lb_add(&cn->inactive, 1);
+			}
+			if (ss)
+				lb_add(&ss->conns, 1);
+			lb_count_in(ss, len);
 		}
-		if (ss)
-			__sync_fetch_and_add(&ss->conns, 1);
-		lb_count_in(ss, len);
-		KDP_LB_NEW_CONN(ctx, xdp, len, f, &ne.addr, ne.port, false);
+		if (!KDP_LB_COST_SKIP(KDP_COST_MON))
+			KDP_LB_NEW_CONN(ctx, xdp, len, f, &ne.addr, ne.port, false);
 	}
 
 nat:
-	if (lb_dnat4(ctx, xdp, f, ne.addr, ne.port, udp))
+	if (!KDP_LB_COST_SKIP(KDP_COST_REWRITE) && lb_dnat4(ctx, xdp, f, ne.addr, ne.port, udp))
 		return KDP_DROP_LB_REWRITE;
 	f->daddr.v4 = ne.addr;
 	f->dport = ne.port;
@@ -1954,6 +2038,8 @@ __attribute__((noinline)) int lb_icmp_out_xdp(struct xdp_md *ctx, struct flow *f
 static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct config *cfg, __u32 len,
 					 struct flow *f)
 {
+	if (KDP_LB_COST_SKIP(KDP_COST_LB))
+		return -1;
 	if (!lb_active(cfg) || !lb_prefilter(f, false))
 		return -1;
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
