@@ -33,6 +33,24 @@ const (
 	Pow2      Part = 0x4000 // the bucket by a mask, not a remainder (tables of 2^n buckets)
 )
 
+// Stops: the load balancer returns "not ours" at that point of its path (bits 16-19 of
+// kdp_lb_cost_skip, KDP_STOP_* in bpf/lib/lb.h). Taken in turn, they split a path's cost into
+// consecutive parts that add up to it.
+const (
+	StopPorts  Part = 2 << 16 // after the port parse
+	StopLookup Part = 3 << 16 // after the connection lookup, hit or miss
+	StopTouch  Part = 4 << 16 // established: after ct_touch
+	StopMaster Part = 5 << 16 // new: after the master lookup
+	StopSched  Part = 6 << 16 // new: after persistence, the service's counters and the schedule
+	StopInsert Part = 7 << 16 // new: after the entry is made and inserted
+	StopNAT    Part = 8 << 16 // both: before the DNAT
+)
+
+var stopNames = map[Part]string{
+	StopPorts: "stop-ports", StopLookup: "stop-lookup", StopTouch: "stop-touch", StopMaster: "stop-master",
+	StopSched: "stop-sched", StopInsert: "stop-insert", StopNAT: "stop-nat",
+}
+
 var partNames = []struct {
 	p    Part
 	name string
@@ -48,6 +66,12 @@ func (p Part) String() string {
 		return "full"
 	}
 	var out []string
+	if st := p & (0xf << 16); st != 0 {
+		if n, ok := stopNames[st]; ok {
+			out = append(out, n)
+			p &^= st
+		}
+	}
 	for _, n := range partNames {
 		if p&n.p != 0 {
 			out = append(out, n.name)

@@ -21,6 +21,15 @@ var costVariants = []lbcost.Part{
 	0, lbcost.Prefilter, lbcost.CTMiss, lbcost.Master2, lbcost.Sched, lbcost.Pick, lbcost.Claim,
 	lbcost.Insert, lbcost.Count, lbcost.Plain, lbcost.Mon, lbcost.Rewrite, lbcost.Pow2,
 	lbcost.CTLookup2, lbcost.Refresh, lbcost.LB,
+	lbcost.StopPorts, lbcost.StopLookup, lbcost.StopTouch, lbcost.StopMaster, lbcost.StopSched,
+	lbcost.StopInsert, lbcost.StopNAT,
+}
+
+// costChains are the stops each path passes, in order, from no load balancer to the whole
+// path: the consecutive differences are its parts, and they add up to it.
+var costChains = map[string][]lbcost.Part{
+	"new": {lbcost.LB, lbcost.StopPorts, lbcost.StopLookup, lbcost.StopMaster, lbcost.StopSched, lbcost.StopInsert, lbcost.StopNAT, 0},
+	"est": {lbcost.LB, lbcost.StopPorts, lbcost.StopLookup, lbcost.StopTouch, lbcost.StopNAT, 0},
 }
 
 // Frames per variant and round: fresh frames of new connections (each after a frame to no
@@ -42,7 +51,10 @@ const (
 //     BenchmarkPerPacketRepeat times it (the ring of two services), beside the repeated
 //     frame to no service.
 //
-// A round runs every variant, frame by frame in turn; b.N is the number of rounds.
+// A round runs every variant, frame by frame in turn; b.N is the number of rounds. Beside
+// the parts left out one at a time, the stops (lbcost.StopPorts...) end the path at one point
+// each: the steps from one stop to the next split the path into consecutive parts that add up
+// to it (the log's "chain" lines).
 // What a part costs is the paired difference, round by round, between the build with
 // nothing left out and the build without the part (or the build doing it twice less the
 // full one): min / median / max over the rounds. Metrics: <kind>-<variant>-ns, the median
@@ -164,6 +176,29 @@ func BenchmarkLBCost(b *testing.B) {
 			b.ReportMetric(float64(m.Nanoseconds()), k.kind+"-"+v.name+"-ns")
 			b.ReportMetric(float64(pm.Nanoseconds()), k.kind+"-"+v.name+"-part-ns")
 			fmt.Fprintf(&out, "%s %-10s %5d ns (over no service %+5d)  part %+4d / %+4d / %+4d\n", k.kind, v.name, m.Nanoseconds(), om.Nanoseconds(), plo.Nanoseconds(), pm.Nanoseconds(), phi.Nanoseconds())
+		}
+	}
+	byPart := map[lbcost.Part]*variant{}
+	for _, v := range vs[1:] {
+		byPart[v.part] = v
+	}
+	for _, kind := range []string{"new", "est"} {
+		chain := costChains[kind]
+		var sum time.Duration
+		for i := 1; i < len(chain); i++ {
+			from, to := byPart[chain[i-1]], byPart[chain[i]]
+			fd, td := from.fresh, to.fresh
+			if kind == "est" {
+				fd, td = from.estDNA, to.estDNA
+			}
+			var d []time.Duration
+			for r := range fd {
+				d = append(d, td[r]-fd[r])
+			}
+			lo, m, hi := mmm(d)
+			sum += m
+			b.ReportMetric(float64(m.Nanoseconds()), kind+"-step-"+to.name+"-ns")
+			fmt.Fprintf(&out, "chain %s %-11s -> %-11s %+4d / %+4d / %+4d  (sum %+d)\n", kind, from.name, to.name, lo.Nanoseconds(), m.Nanoseconds(), hi.Nanoseconds(), sum.Nanoseconds())
 		}
 	}
 	if b.N > 1 {

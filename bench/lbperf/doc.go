@@ -6,7 +6,10 @@
 // measures what one cold map entry costs a program timed the same way (bench/refprog's
 // cold-entry probe): the unit the new connection's cost is made of; BenchmarkNewConnTable the
 // new connection with warm, default and large connection tables (BenchmarkNewConnWarmBuckets:
-// the warm case alone, to profile).
+// the warm case alone, to profile). BenchmarkLBCost says where the new connection's and the
+// established frame's nanoseconds go, part by part: the breakdown build (bench/lbcost) with one
+// part left out at a time, or the path ended at one point, against the full path, interleaved
+// frame by frame.
 //
 // Run: go test -run XXX -bench . -benchtime 20000x ./bench/lbperf/   (root)
 package lbperf

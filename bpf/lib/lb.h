@@ -92,11 +92,22 @@
 #define KDP_COST_INSERT 0x1000 /* no ct_insert at all (bucket, pick, claim, writes) */
 #define KDP_COST_MON 0x2000    /* no KDP_LB_NEW_CONN (the monitor's check) */
 #define KDP_COST_POW2 0x4000   /* the bucket by a mask, not a remainder (the bench's tables are 2^n) */
+/* Stops, in bits 16-19: the load balancer returns "not ours" at that point of its path, so that
+ * the stops taken in turn split a path's cost into consecutive parts that add up to it. */
+#define KDP_STOP_PORTS 2  /* after the port parse (lb_from_guest) */
+#define KDP_STOP_LOOKUP 3 /* after the connection lookup, hit or miss */
+#define KDP_STOP_TOUCH 4  /* established: after ct_touch */
+#define KDP_STOP_MASTER 5 /* new: after the master lookup */
+#define KDP_STOP_SCHED 6  /* new: after persistence, the service's counters and the schedule */
+#define KDP_STOP_INSERT 7 /* new: after the entry is made and inserted */
+#define KDP_STOP_NAT 8    /* both: before the DNAT (after the counters, and the monitor's report) */
 #ifdef KDP_LB_COST
 volatile const __u32 kdp_lb_cost_skip = 0;
 #define KDP_LB_COST_SKIP(part) (kdp_lb_cost_skip & (part))
+#define KDP_LB_COST_STOP(at) (((kdp_lb_cost_skip >> 16) & 0xf) == (at))
 #else
 #define KDP_LB_COST_SKIP(part) 0
+#define KDP_LB_COST_STOP(at) 0
 #endif
 
 /* lb_add is the counters' add: atomic, as every CPU counts into the same entry. */
@@ -1615,10 +1626,14 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 		e = ct_lookup(cfg, now, &ck, 0, &ne);
 	if (KDP_LB_COST_SKIP(KDP_COST_CTLOOKUP2) && e)
 		e = ct_lookup(cfg, now, &ck, 0, &ne);
+	if (KDP_LB_COST_STOP(KDP_STOP_LOOKUP))
+		return -1;
 	if (e) {
 		if (!KDP_LB_COST_SKIP(KDP_COST_REFRESH))
 			ct_touch(f->tcpflags, &e->e.last_seen, ne.last_seen, now, (__u64 *)&e->e.addr,
 				 (const __u64 *)&ne.addr, KDP_CT_STATE_SHIFT, ne.backend);
+		if (KDP_LB_COST_STOP(KDP_STOP_TOUCH))
+			return -1;
 		lb_count(KDP_LB_STATS_BACKEND, ne.backend, true, len);
 		lb_count(KDP_LB_STATS_SVC, ne.svc, true, len);
 		goto nat;
@@ -1636,6 +1651,8 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	/* After a miss ne holds nothing or a copy that did not hold; lb_schedule's pick starts
 	 * from zeros. */
 	__builtin_memset(&ne, 0, sizeof(ne));
+	if (KDP_LB_COST_STOP(KDP_STOP_MASTER))
+		return -1;
 
 	{
 		/* Persistence: the client's template holds while its real server exists. */
@@ -1658,6 +1675,8 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 			bpf_map_update_elem(&kdp_lb_aff, &ak, &na, BPF_ANY);
 		}
 	}
+	if (KDP_LB_COST_STOP(KDP_STOP_SCHED))
+		return -1;
 	{
 		if (!be_id)
 			return KDP_DROP_LB_NO_BACKEND;
@@ -1678,6 +1697,8 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 
 		if (!KDP_LB_COST_SKIP(KDP_COST_INSERT))
 			ct_insert(cfg, &ck, &ne, now);
+		if (KDP_LB_COST_STOP(KDP_STOP_INSERT))
+			return -1;
 
 		/* The new connection's counters, in the entries looked up once. */
 		if (!KDP_LB_COST_SKIP(KDP_COST_COUNT)) {
@@ -1701,6 +1722,8 @@ static __always_inline int lb_from_guest4(void *ctx, const bool xdp, const struc
 	}
 
 nat:
+	if (KDP_LB_COST_STOP(KDP_STOP_NAT))
+		return -1;
 	if (!KDP_LB_COST_SKIP(KDP_COST_REWRITE) && lb_dnat4(ctx, xdp, f, ne.addr, ne.port, udp))
 		return KDP_DROP_LB_REWRITE;
 	f->daddr.v4 = ne.addr;
@@ -2043,6 +2066,8 @@ static __always_inline int lb_from_guest(void *ctx, const bool xdp, const struct
 	if (!lb_active(cfg) || !lb_prefilter(f, false))
 		return -1;
 	flow_ports(ctx_data(ctx, xdp), ctx_data_end(ctx, xdp), f);
+	if (KDP_LB_COST_STOP(KDP_STOP_PORTS))
+		return -1;
 	if (!(f->flags & KDP_FLOW_PORTS)) {
 		if (lb_icmp_candidate(f))
 			return lb_icmp_verdict(xdp ? lb_icmp_out_xdp(ctx, f) : lb_icmp_out_tc(ctx, f));
