@@ -45,7 +45,9 @@ func monoNow() uint64 {
 // connection entries (maps.LB.ConnEntries, every scrape), on an IPv4 connection table of the
 // default size (16384 entries) that is empty, holds 10 connections, or is full.
 func BenchmarkSweep(b *testing.B) {
-	for _, conns := range []int{0, 10, loader.CTWays * 4096 / 2} {
+	// Full: the default table's 16384 entries, two per connection (2048 buckets of
+	// loader.CTWays slots).
+	for _, conns := range []int{0, 10, loader.CTWays * 2048 / 2} {
 		r := newRig(b, 0)
 		cfg := maps.Config{Flags: maps.ConfigLB, TcpTimeout: 900, TcpfinTimeout: 120, UdpTimeout: 300}
 		now := monoNow()
