@@ -11,10 +11,9 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/loader"
 	"github.com/kata-dp/kata-dp/maps"
 )
@@ -175,30 +174,7 @@ func TestNodeAttach(t *testing.T) {
 	if !n.Attached() {
 		t.Fatal("not attached")
 	}
-	count := func() (in, out int) {
-		t.Helper()
-		err := ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
-			l, err := netlink.LinkByName("kdptxa")
-			if err != nil {
-				return err
-			}
-			for _, x := range []struct {
-				at ebpf.AttachType
-				n  *int
-			}{{ebpf.AttachTCXIngress, &in}, {ebpf.AttachTCXEgress, &out}} {
-				r, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: x.at})
-				if err != nil {
-					return err
-				}
-				*x.n = len(r.Programs)
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
+	count := func() (in, out int) { t.Helper(); return topotest.TCXCount(t, nsPath, "kdptxa") }
 	if i, o := count(); i != 1 || o != 1 {
 		t.Fatalf("programs: ingress %d egress %d", i, o)
 	}

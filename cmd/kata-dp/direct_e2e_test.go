@@ -6,40 +6,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control/hotplug/guesttest"
-	"github.com/kata-dp/kata-dp/control/netdev"
 )
-
-// tcxCount counts the TCX programs on dev's ingress and egress.
-func tcxCount(t *testing.T, nsPath, dev string) (in, out int) {
-	t.Helper()
-	err := netdev.InNetNS(nsPath, func() error {
-		l, err := netdev.LookupLink("", dev)
-		if err != nil {
-			return err
-		}
-		for _, x := range []struct {
-			at ebpf.AttachType
-			n  *int
-		}{{ebpf.AttachTCXIngress, &in}, {ebpf.AttachTCXEgress, &out}} {
-			res, err := link.QueryPrograms(link.QueryOptions{Target: l.Index, Attach: x.at})
-			if err != nil {
-				return err
-			}
-			*x.n = len(res.Programs)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return in, out
-}
 
 // TestE2EDirectQEMU: a direct-mode sandbox with a real QEMU guest, through the real CLI and
 // agent: the tap is created beside the uplink (no bridge, no veth pair into a sandbox netns),
@@ -82,7 +52,7 @@ func TestE2EDirectQEMU(t *testing.T) {
 	if _, err := g.WaitNICUp(ctx, from, mac); err != nil {
 		t.Fatalf("guest never saw the NIC: %v", err)
 	}
-	if in, out := tcxCount(t, host.Path(), "up0"); in != 1 || out != 1 {
+	if in, out := topotest.TCXCount(t, host.Path(), "up0"); in != 1 || out != 1 {
 		t.Errorf("programs on the uplink: ingress %d, egress %d; want kata-dp's two", in, out)
 	}
 	if err := client.Ping("10.77.0.2", 3, 10*time.Second); err != nil {
@@ -105,7 +75,7 @@ func TestE2EDirectQEMU(t *testing.T) {
 	if _, err := host.Link("tapd0"); err == nil {
 		t.Error("tap survived del-iface")
 	}
-	if in, out := tcxCount(t, host.Path(), "up0"); in != 0 || out != 0 {
+	if in, out := topotest.TCXCount(t, host.Path(), "up0"); in != 0 || out != 0 {
 		t.Errorf("programs left on the uplink: ingress %d, egress %d", in, out)
 	}
 	if err := client.Ping("10.77.0.254", 2, 5*time.Second); err != nil {

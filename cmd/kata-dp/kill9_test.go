@@ -19,7 +19,6 @@ import (
 	"github.com/kata-dp/kata-dp/bench/guestemu"
 	"github.com/kata-dp/kata-dp/bench/topo"
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
-	"github.com/kata-dp/kata-dp/control/netdev"
 )
 
 // pingSummary reads ping's summary. The floods that assert no echo is lost run ping with a
@@ -34,24 +33,10 @@ var pingSummary = regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`
 func tcxLinkIDs(t *testing.T, nsPath, dev string) []link.ID {
 	t.Helper()
 	var ids []link.ID
-	err := netdev.InNetNS(nsPath, func() error {
-		l, err := netdev.LookupLink("", dev)
-		if err != nil {
-			return err
+	for _, p := range topotest.TCX(t, nsPath, dev, ebpf.AttachTCXIngress) {
+		if p.Link != 0 {
+			ids = append(ids, p.Link)
 		}
-		res, err := link.QueryPrograms(link.QueryOptions{Target: l.Index, Attach: ebpf.AttachTCXIngress})
-		if err != nil {
-			return err
-		}
-		for _, p := range res.Programs {
-			if id, ok := p.LinkID(); ok {
-				ids = append(ids, id)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
 	}
 	return ids
 }

@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -158,32 +156,6 @@ func pingOK(t *testing.T, from *topo.NetNS, to string) {
 	}
 }
 
-// tcxCount is the number of TCX programs on dev's ingress and egress.
-func tcxCount(t *testing.T, n *topo.NetNS, dev string) (in, out int) {
-	t.Helper()
-	err := n.Do(func() error {
-		l, err := netlink.LinkByName(dev)
-		if err != nil {
-			return err
-		}
-		for _, x := range []struct {
-			at ebpf.AttachType
-			n  *int
-		}{{ebpf.AttachTCXIngress, &in}, {ebpf.AttachTCXEgress, &out}} {
-			r, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: x.at})
-			if err != nil {
-				return err
-			}
-			*x.n = len(r.Programs)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return in, out
-}
-
 const probeType = 0x88b5 // IEEE local experimental: nothing in the namespaces answers it
 
 // probeSock is a packet socket for probeType frames on eth-like device dev in netns n.
@@ -267,7 +239,7 @@ func TestDirect(t *testing.T) {
 		return m
 	}()
 
-	if in, out := tcxCount(t, r.host, "up0"); in != 1 || out != 1 {
+	if in, out := topotest.TCXCount(t, r.host.Path(), "up0"); in != 1 || out != 1 {
 		t.Fatalf("node programs on up0: ingress %d egress %d", in, out)
 	}
 	t.Run("reachability", func(t *testing.T) {
@@ -409,10 +381,10 @@ func TestDirect(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if in, out := tcxCount(t, r.host, "up0"); in != 1 || out != 1 {
+		if in, out := topotest.TCXCount(t, r.host.Path(), "up0"); in != 1 || out != 1 {
 			t.Fatalf("node programs on up0 after re-adoption: ingress %d egress %d", in, out)
 		}
-		if in, _ := tcxCount(t, r.host, "tapa"); in != 1 {
+		if in, _ := topotest.TCXCount(t, r.host.Path(), "tapa"); in != 1 {
 			t.Fatalf("tapa has %d programs after re-adoption", in)
 		}
 		after, err := dp2.Stats(ctx, r.eps[0])
@@ -431,10 +403,10 @@ func TestDirect(t *testing.T) {
 		if err := r.dp.RemoveSandbox(ctx, r.eps[0].Sandbox); err != nil {
 			t.Fatal(err)
 		}
-		if in, out := tcxCount(t, r.host, "up0"); in != 1 || out != 1 {
+		if in, out := topotest.TCXCount(t, r.host.Path(), "up0"); in != 1 || out != 1 {
 			t.Fatalf("node programs on up0 after one sandbox left: ingress %d egress %d", in, out)
 		}
-		if in, _ := tcxCount(t, r.host, "tapb"); in != 1 {
+		if in, _ := topotest.TCXCount(t, r.host.Path(), "tapb"); in != 1 {
 			t.Fatalf("tapb lost its program")
 		}
 		pingOK(t, r.guests[1], directClient)
@@ -451,7 +423,7 @@ func TestDirect(t *testing.T) {
 		if err := r.dp.DelEndpoint(ctx, r.eps[1]); err != nil {
 			t.Fatal(err)
 		}
-		if in, out := tcxCount(t, r.host, "up0"); in != 0 || out != 0 {
+		if in, out := topotest.TCXCount(t, r.host.Path(), "up0"); in != 0 || out != 0 {
 			t.Fatalf("node programs left on up0: ingress %d egress %d", in, out)
 		}
 		pingOK(t, r.host, directClient)
@@ -592,7 +564,7 @@ func TestDirectController(t *testing.T) {
 	if _, err := netdev.LookupLink(host.Path(), "tapdctl"); err != nil {
 		t.Fatalf("tap not created beside the uplink: %v", err)
 	}
-	if in, out := tcxCount(t, host, "up0"); in != 1 || out != 1 {
+	if in, out := topotest.TCXCount(t, host.Path(), "up0"); in != 1 || out != 1 {
 		t.Fatalf("node programs on up0: ingress %d egress %d", in, out)
 	}
 	fds, err := netdev.OpenTap(host.Path(), "tapdctl", 1, true, true)
@@ -628,7 +600,7 @@ func TestDirectController(t *testing.T) {
 	if _, err := netdev.LookupLink(host.Path(), "tapdctl"); err == nil {
 		t.Error("tap kata-dp created is still there")
 	}
-	if in, out := tcxCount(t, host, "up0"); in != 0 || out != 0 {
+	if in, out := topotest.TCXCount(t, host.Path(), "up0"); in != 0 || out != 0 {
 		t.Errorf("node programs left on up0: ingress %d egress %d", in, out)
 	}
 	if _, err := netdev.LookupLink(host.Path(), "up0"); err != nil {

@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/kata-dp/kata-dp/bench/guestemu"
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/netdev"
 	"github.com/kata-dp/kata-dp/loader"
@@ -249,7 +250,7 @@ func TestMacvtapBPFSwitch(t *testing.T) {
 	check(control.ModeMacvtapBPF)
 	sw(control.ModeMacvtap)
 	check(control.ModeMacvtap)
-	if in, out := tcxCount(t, r.sb.NS, "kdpmv0"); in != 0 || out != 0 {
+	if in, out := topotest.TCXCount(t, r.sb.NS.Path(), "kdpmv0"); in != 0 || out != 0 {
 		t.Errorf("macvtap mode: kdpmv0 tcx in %d out %d", in, out)
 	}
 	sw(control.ModeMacvtapBPF)
@@ -329,7 +330,7 @@ func TestLegacyClsactMacvtapBPF(t *testing.T) {
 		t.Fatalf("guest->host ping: %d/%d", rx, tx)
 	}
 	for _, c := range []struct{ dev, dir string }{{r.ep.Uplink, "ingress"}, {"kdpmv0", "egress"}} {
-		if in, out := tcxCount(t, r.sb.NS, c.dev); in != 0 || out != 0 {
+		if in, out := topotest.TCXCount(t, r.sb.NS.Path(), c.dev); in != 0 || out != 0 {
 			t.Errorf("TCX programs on %s in legacy mode: in %d out %d", c.dev, in, out)
 		}
 		out, _ := r.sb.NS.Exec("tc", "filter", "show", "dev", c.dev, c.dir)

@@ -369,14 +369,14 @@ func checkPlumbing(t *testing.T, r *modeRig, mode string, peerGRO, generic bool)
 		case control.ModeMacvtapBPF:
 			// The uplink's program at ingress; the VM's tap, unused, has none.
 			want := map[bool]int{true: 1, false: 0}[dev == r.ep.Uplink]
-			if in, out := tcxCount(t, r.sb.NS, dev); in != want || out != 0 || xdp != "" || hasIngress {
+			if in, out := topotest.TCXCount(t, r.sb.NS.Path(), dev); in != want || out != 0 || xdp != "" || hasIngress {
 				t.Errorf("%s: tcx in %d out %d (want %d, 0) xdp %q ingress %v", dev, in, out, want, xdp, hasIngress)
 			}
 		}
 	}
 	if mode == control.ModeMacvtapBPF {
 		// The guest's program at the macvtap's egress.
-		if in, out := tcxCount(t, r.sb.NS, "kdpmv0"); in != 0 || out != 1 {
+		if in, out := topotest.TCXCount(t, r.sb.NS.Path(), "kdpmv0"); in != 0 || out != 1 {
 			t.Errorf("kdpmv0: tcx in %d out %d, want 0, 1", in, out)
 		}
 	}
