@@ -2,8 +2,10 @@ package main
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/internal/headstart"
 )
 
 const kataIPVSUse = `NAME:
@@ -76,6 +78,14 @@ func runKataIPVS(e *env, args []string) error {
 		}
 		if fs.Changed("parameters") {
 			return fmt.Errorf("kata-ipvs ipvsadm: --restore and --parameters exclude each other")
+		}
+		if u := headstart.Restore(); u != nil && e.stdin == os.Stdin {
+			// The rules went to the agent while this process started (package headstart),
+			// from the same command line; it cannot have read another one.
+			if u.Socket != c.Path() || u.ID != id {
+				return fmt.Errorf("kata-ipvs ipvsadm: internal error: the restore started for %q at %s, the command line names %q at %s", u.ID, u.Socket, id, c.Path())
+			}
+			return c.FinishRestore(e.ctx, u, e.stdin)
 		}
 		return c.KataIPVSRestore(e.ctx, id, e.stdin)
 	case fs.Changed("parameters"):

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -76,4 +78,61 @@ func TestKataIPVSUserGuide(t *testing.T) {
 	waitAgent(t, sock, p)
 	ipvsadm("--save", result{stdout: saved})
 	a.check(t, "", []string{"sandbox", "del", sandboxID}, ok)
+}
+
+// TestKataIPVSRestoreShapes: a restore from the command line, which the CLI sends to the agent
+// while it starts (internal/headstart reads the command line before main does), in every
+// form of the command line that it takes, from a pipe and from a regular file, and in forms it
+// leaves to main; each must restore the rules as the command line says (the CLI fails if the
+// two readings of the command line disagree).
+func TestKataIPVSRestoreShapes(t *testing.T) {
+	topotest.RequireRoot(t, "runs the agent with the BPF dataplane")
+	ns := topotest.MustNetNS(t, "kdptr")
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "kata-dp.sock")
+	bpffs := topotest.BPFFS(t, "kdptr")
+	p := startAgentProcess(t, ns, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
+	waitAgent(t, sock, p)
+	a := &testAgent{sock: sock, ns: ns}
+	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", ns.Path()}, result{stdout: sandboxID + "\n"})
+	rules := "-A -t 10.10.11.12:100 -s rr\n-a -t 10.10.11.12:100 -r 172.16.0.1:80 -m\n"
+	saved := "-A -t 10.10.11.12:100 -s rr\n-a -t 10.10.11.12:100 -r 172.16.0.1:80 -m -w 1\n"
+	ok := result{}
+	for _, args := range [][]string{
+		{"kata-ipvs", "ipvsadm", "--restore", "-", "6ec7a98"},
+		{"kata-ipvs", "ipvsadm", "--restore=-", "6ec7a98"},
+		{"kata-ipvs", "--restore", "-", "ipvsadm", "6ec7a98"},
+		{"kata-ipvs", "ipvsadm", "6ec7a98", "--restore", "-", "--socket", a.sock},
+		{"kata-ipvs", "--socket=" + a.sock, "ipvsadm", "--restore", "-", sandboxID},
+		{"kata-ipvs", "ipvsadm", "--restore", "-", "--timeout", "10s", "6ec7a98"}, // left to main
+	} {
+		for _, from := range []string{"pipe", "file"} {
+			if from == "pipe" {
+				a.check(t, rules, args, ok)
+			} else {
+				f, err := os.Create(filepath.Join(t.TempDir(), "rules"))
+				if err == nil {
+					_, err = f.WriteString("# skipped\n" + rules)
+				}
+				if err == nil {
+					_, err = f.Seek(int64(len("# skipped\n")), 0)
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				cmd := exec.Command(os.Args[0], args...)
+				cmd.Env = append(os.Environ(), "KDP_TEST_MAIN=1", "KATA_DP_SOCKET="+a.sock)
+				cmd.Stdin = f
+				if out, err := cmd.CombinedOutput(); err != nil || len(out) > 0 {
+					t.Errorf("kata-dp %s < file: %v\n%s", strings.Join(args, " "), err, out)
+				}
+				f.Close()
+			}
+			a.check(t, "", []string{"kata-ipvs", "ipvsadm", "--parameters", "-S", "6ec7a98"}, result{stdout: saved})
+			a.check(t, rules, args, result{stderr: "restore refused: the sandbox has rules (run --clear first)\n", code: 1})
+			a.check(t, "", []string{"kata-ipvs", "ipvsadm", "--parameters", "--clear", "6ec7a98"}, ok)
+		}
+	}
+	a.check(t, rules, []string{"kata-ipvs", "ipvsadm", "--restore", "-", "nosuch"}, result{stderr: "no such container ID (nosuch)\n", code: 1})
+	a.check(t, "-A -t 10.10.11.12:100 -s nope\n", []string{"kata-ipvs", "ipvsadm", "--restore", "-", "6ec7a98"}, result{stderr: "line 1: Scheduler or persistence engine not found: \"nope\"\n", code: 1})
 }

@@ -69,19 +69,27 @@ func NewClient(path string) *Client {
 // anything else: JSON) and decodes a success response into out (nil: ignored). A failure
 // response is returned as *Error.
 func (c *Client) Do(ctx context.Context, method, path string, in, out any) error {
+	return c.bounded(ctx, method, path, func(ctx context.Context) error { return c.do(ctx, method, path, in, out) })
+}
+
+// bounded runs call, the call of method path, within c.Timeout when ctx has no deadline.
+func (c *Client) bounded(ctx context.Context, method, path string, call func(context.Context) error) error {
 	if _, ok := ctx.Deadline(); !ok && c.Timeout > 0 {
 		parent := ctx
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.Timeout)
 		defer cancel()
-		err := c.do(ctx, method, path, in, out)
+		err := call(ctx)
 		if errors.Is(err, context.DeadlineExceeded) && parent.Err() == nil {
 			return fmt.Errorf("%s %s: no answer from the agent at %s within %v: %w", method, path, c.path, c.Timeout, context.DeadlineExceeded)
 		}
 		return err
 	}
-	return c.do(ctx, method, path, in, out)
+	return call(ctx)
 }
+
+// Path returns the socket the client calls.
+func (c *Client) Path() string { return c.path }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
@@ -118,6 +126,12 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		}
 		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.path, unwrapURL(err))
 	}
+	return answer(method, path, resp, out)
+}
+
+// answer reads the agent's answer to method path and decodes a success into out (nil:
+// ignored); a failure is returned as *Error (or *answerError without the API's error body).
+func answer(method, path string, resp *http.Response, out any) error {
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {

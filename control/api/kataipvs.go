@@ -1,11 +1,14 @@
 package api
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -14,6 +17,7 @@ import (
 	"time"
 
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
+	"github.com/kata-dp/kata-dp/internal/headstart"
 )
 
 // The kata-ipvs operations (spec/kata-ipvs.md): `ipvsadm --parameters`, `ipvsadm --restore -`
@@ -141,8 +145,15 @@ func (c *Client) KataIPVSRestore(ctx context.Context, id string, rules io.Reader
 		// The rules could not be read (or were too many): that, not how the request ended.
 		return rerr
 	}
+	return c.olderAgent(ctx, id, rules, n == 0, err)
+}
+
+// olderAgent handles the answer err to a restore-rules call: an agent without that call (an
+// older one) answers 404, and when it did so before any rule was read (unread) the rules are
+// read whole and sent in IPVSRequest (IPVSOpRestore), as before that call.
+func (c *Client) olderAgent(ctx context.Context, id string, rules io.Reader, unread bool, err error) error {
 	if ae := (*answerError)(nil); errors.As(err, &ae) && ae.status == http.StatusNotFound {
-		if n > 0 {
+		if !unread {
 			return fmt.Errorf("kata-ipvs: the agent has no restore-rules call and did not wait for the rules: %w", err)
 		}
 		b, rerr := readAllRules(rules)
@@ -153,6 +164,65 @@ func (c *Client) KataIPVSRestore(ctx context.Context, id string, rules io.Reader
 	}
 	return err
 }
+
+// FinishRestore ends the restore that internal/headstart started at this process's start,
+// u, with rules its standard input: it waits for the upload and reads the agent's answer
+// from the upload's connection, and returns what KataIPVSRestore(ctx, u.ID, rules) would
+// have. An upload that read nothing (Declined: no agent, or it went away before asking for
+// the rules) leaves the restore to KataIPVSRestore; an older agent's 404 to the JSON call.
+// The restore's time from the command line is the reason (package headstart): the agent
+// works on the rules while this process initialises its packages.
+func (c *Client) FinishRestore(ctx context.Context, u *headstart.Upload, rules io.Reader) error {
+	path := "/v1/sandboxes/" + url.PathEscape(u.ID) + "/kata-ipvs/" + ipvsRestoreRules
+	err := c.bounded(ctx, http.MethodPost, path, func(ctx context.Context) error {
+		select {
+		case <-u.Done():
+		case <-ctx.Done():
+			u.Abort()
+			return ctx.Err()
+		}
+		if u.Declined {
+			return errDeclined
+		}
+		f := os.NewFile(uintptr(u.Fd()), "kata-dp agent")
+		defer f.Close()
+		switch {
+		case errors.Is(u.ReadErr, headstart.ErrTooBig):
+			return errRulesTooBig
+		case u.ReadErr != nil:
+			return fmt.Errorf("kata-ipvs: read rules: %w", u.ReadErr)
+		}
+		conn, err := net.FileConn(f)
+		if err != nil {
+			return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.path, err)
+		}
+		defer conn.Close()
+		stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+		defer stop()
+		resp, err := http.ReadResponse(bufio.NewReader(io.MultiReader(bytes.NewReader(u.Head), conn)), nil)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if u.SendErr != nil {
+				err = u.SendErr
+			}
+			return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.path, err)
+		}
+		err = answer(http.MethodPost, path, resp, nil)
+		if err != nil && ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return err
+	})
+	if errors.Is(err, errDeclined) {
+		return c.KataIPVSRestore(ctx, u.ID, rules)
+	}
+	return c.olderAgent(ctx, u.ID, rules, u.Early, err)
+}
+
+// errDeclined: the upload read no rules and left the restore to KataIPVSRestore.
+var errDeclined = errors.New("kata-ipvs: restore not started")
 
 var errRulesTooBig = fmt.Errorf("kata-ipvs: rules file too big (more than %d bytes)", MaxRestoreSize)
 
