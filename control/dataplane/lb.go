@@ -332,22 +332,33 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 // kdp_lb_be6, and pick without an address), and a slot without an address (one an older
 // agent wrote, converted by the loader's migration; never one written from t).
 func splitLate(t *ipvs.Table, all map[uint32]maps.Backend) (now, late map[uint32]maps.Backend) {
-	late = make(map[uint32]maps.Backend, len(all))
-	need := map[uint32]bool{}
+	// The real servers the datapath reads: usually none (a restore of rr services), and then
+	// late is all itself. A map of its own (15000 entries, 1.8 MB, one by one with a lookup in
+	// all and in need each) cost the restore as much CPU as the writes of its 5000 service
+	// entries, mostly the page faults of its fresh memory (perf record of BenchmarkRestoreCLI's
+	// agent). Sharing all is safe: the late write only reads it, and whatever changes the
+	// table's real servers (SetLB, SetLBService, the next RestoreLB) waits for that write first.
+	var need []uint32
 	for _, s := range t.Services {
 		ok := s.Addr.Addr().Is4() && (s.Scheduler == "rr" || s.Scheduler == "wrr") && s.Persistent == 0
 		for _, dst := range s.Servers {
-			if ok && dst.Addr.Addr().Is4() && !need[dst.ID] {
-				late[dst.ID] = all[dst.ID]
-				continue
+			if !ok || !dst.Addr.Addr().Is4() {
+				need = append(need, dst.ID)
 			}
-			need[dst.ID] = true
-			delete(late, dst.ID)
 		}
 	}
 	now = make(map[uint32]maps.Backend, len(need))
-	for id := range need {
+	if len(need) == 0 {
+		return now, all
+	}
+	late = make(map[uint32]maps.Backend, len(all)-len(need))
+	for _, id := range need {
 		now[id] = all[id]
+	}
+	for id, be := range all {
+		if _, ok := now[id]; !ok {
+			late[id] = be
+		}
 	}
 	return now, late
 }
