@@ -30,7 +30,7 @@ const (
 	Claim     Part = 0x800  // the two slots taken and published with plain stores
 	Insert    Part = 0x1000 // no ct_insert at all
 	Mon       Part = 0x2000 // no new-connection report to the monitor
-	Pow2      Part = 0x4000 // the bucket by a mask, not a remainder (tables of 2^n buckets)
+	Rem       Part = 0x4000 // the bucket by the remainder always, never the mask
 )
 
 // Stops: the load balancer returns "not ours" at that point of its path (bits 16-19 of
@@ -57,7 +57,7 @@ var partNames = []struct {
 }{
 	{Prefilter, "prefilter"}, {CTLookup2, "ctlookup2"}, {Refresh, "refresh"}, {Count, "count"},
 	{Plain, "plain"}, {Rewrite, "rewrite"}, {LB, "lb"}, {CTMiss, "ctmiss"}, {Master2, "master2"},
-	{Sched, "sched"}, {Pick, "pick"}, {Claim, "claim"}, {Insert, "insert"}, {Mon, "mon"}, {Pow2, "pow2"},
+	{Sched, "sched"}, {Pick, "pick"}, {Claim, "claim"}, {Insert, "insert"}, {Mon, "mon"}, {Rem, "rem"},
 }
 
 // String names the parts joined by "+", "full" for none.

@@ -91,7 +91,7 @@
 #define KDP_COST_CLAIM 0x800   /* the two slots taken and published with plain stores, no CAS */
 #define KDP_COST_INSERT 0x1000 /* no ct_insert at all (bucket, pick, claim, writes) */
 #define KDP_COST_MON 0x2000    /* no KDP_LB_NEW_CONN (the monitor's check) */
-#define KDP_COST_POW2 0x4000   /* the bucket by a mask, not a remainder (the bench's tables are 2^n) */
+#define KDP_COST_REM 0x4000    /* the bucket by the remainder always, never the mask (twice: the part is what the mask saves) */
 /* Stops, in bits 16-19: the load balancer returns "not ours" at that point of its path, so that
  * the stops taken in turn split a path's cost into consecutive parts that add up to it. */
 #define KDP_STOP_PORTS 2  /* after the port parse (lb_from_guest) */
@@ -715,7 +715,10 @@ static __always_inline struct ct_bucket *ct_bucket(__u32 w0, __u32 w1, __u32 w2,
 	if (!n)
 		return NULL;
 	idx = ct_hash(d ? w1 : w0, d ? w2 >> 16 : w2 & 0xffff, w3 & 0xff);
-	idx = KDP_LB_COST_SKIP(KDP_COST_POW2) ? idx & (n - 1) : idx % n;
+	/* A table of 2^k buckets (the default's 2048, any power-of-two CTSize) takes the remainder
+	 * as a mask, the same bucket without the division, which cost the established frame 3-4
+	 * ns (docs/performance.md, "Where the load balancer's nanoseconds go"). */
+	idx = !KDP_LB_COST_SKIP(KDP_COST_REM) && !(n & (n - 1)) ? idx & (n - 1) : idx % n;
 	return bpf_map_lookup_elem(&kdp_lb_ct2, &idx);
 }
 
