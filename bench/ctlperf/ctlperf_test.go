@@ -13,7 +13,6 @@ package ctlperf
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -57,7 +56,7 @@ func startAgent(b *testing.B) *agent {
 		}
 	}
 	sock := filepath.Join(dir, "s.sock")
-	a := &agent{bpffs: filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptcp-%08x", rand.Uint32())), bin: bin, sock: sock}
+	a := &agent{bpffs: topotest.BPFFS(b, "kdptcp"), bin: bin, sock: sock}
 	a.cmd = exec.Command(bin, "agent", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", a.bpffs, "--log-level", "warn")
 	a.cmd.Stderr = os.Stderr
 	if err := proctest.Start(a.cmd); err != nil {
@@ -66,7 +65,6 @@ func startAgent(b *testing.B) *agent {
 	b.Cleanup(func() {
 		a.cmd.Process.Kill()
 		a.cmd.Wait()
-		os.RemoveAll(a.bpffs)
 	})
 	a.c = api.NewClient(sock)
 	for i := 0; ; i++ {

@@ -4,9 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"math/rand/v2"
-	"os"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
@@ -180,8 +177,7 @@ func BenchmarkServiceEntries(b *testing.B) {
 // Run (root): go test -run XXX -bench RestorePush -benchtime 20x ./bench/ctlperf/
 func BenchmarkRestorePush(b *testing.B) {
 	topotest.RequireRoot(b, "loads the datapath")
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptcp-%08x", rand.Uint32()))
-	b.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(b, "kdptcp")
 	dp, err := dataplane.New(root)
 	if err != nil {
 		b.Fatal(err)

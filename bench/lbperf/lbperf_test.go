@@ -4,10 +4,8 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"math/rand/v2"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -16,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/ipvs"
@@ -48,8 +47,7 @@ func newRig(b *testing.B, services int) *rig { return newRigCT(b, services, 0) }
 // newRigCT is newRig with a connection table of ctSize entries (0: the default).
 func newRigCT(b *testing.B, services int, ctSize uint32) *rig {
 	needRoot(b)
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptp-%08x", rand.Uint32()))
-	b.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(b, "kdptp")
 	sb, err := loader.OpenWithOptions(root, "perf", loader.Options{CTSize: ctSize})
 	if err != nil {
 		b.Fatal(err)
@@ -193,8 +191,7 @@ func table20000(tb testing.TB) (*ipvs.Table, string) {
 
 func newDataplane(b *testing.B) (*dataplane.Dataplane, string) {
 	needRoot(b)
-	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("kdptp-%08x", rand.Uint32()))
-	b.Cleanup(func() { os.RemoveAll(root) })
+	root := topotest.BPFFS(b, "kdptp")
 	dp, err := dataplane.New(root)
 	if err != nil {
 		b.Fatal(err)
