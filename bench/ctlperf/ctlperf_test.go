@@ -29,6 +29,7 @@ import (
 	"github.com/kata-dp/kata-dp/bench/topo/topotest"
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/api"
+	"github.com/kata-dp/kata-dp/control/ipvs/ipvstest"
 	"github.com/kata-dp/kata-dp/internal/proctest"
 )
 
@@ -120,15 +121,7 @@ func BenchmarkAddIface(b *testing.B) {
 // rules20000 is a kata-ipvs restore file of 20000 rules: 5000 rr services with three real
 // servers each (bench/lbperf's table).
 func rules20000() string {
-	var sb strings.Builder
-	for i := range 5000 {
-		svc := fmt.Sprintf("10.%d.%d.%d:80", 100+i/65536, (i/256)%256, i%256)
-		fmt.Fprintf(&sb, "-A -t %s -s rr\n", svc)
-		for j := 1; j <= 3; j++ {
-			fmt.Fprintf(&sb, "-a -t %s -r 172.16.%d.%d:80 -m -w 1\n", svc, j, i%250+1)
-		}
-	}
-	return sb.String()
+	return ipvstest.Rules(5000)
 }
 
 // BenchmarkRestoreCLI: `kata-dp kata-ipvs ipvsadm --restore -` of 20000 rules, timed from the

@@ -3,7 +3,6 @@ package lbperf
 import (
 	"context"
 	"encoding/binary"
-	"fmt"
 	"net/netip"
 	"os"
 	"slices"
@@ -18,6 +17,7 @@ import (
 	"github.com/kata-dp/kata-dp/control"
 	"github.com/kata-dp/kata-dp/control/dataplane"
 	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/control/ipvs/ipvstest"
 	"github.com/kata-dp/kata-dp/control/ipvsctl"
 	"github.com/kata-dp/kata-dp/control/store"
 	"github.com/kata-dp/kata-dp/loader"
@@ -170,15 +170,8 @@ func BenchmarkPerPacket(b *testing.B) {
 
 // table20000 is 5000 services with three real servers each: the user guide's limit.
 func table20000(tb testing.TB) (*ipvs.Table, string) {
-	var sb strings.Builder
-	for i := range 5000 {
-		svc := fmt.Sprintf("10.%d.%d.%d:80", 100+i/65536, (i/256)%256, i%256)
-		fmt.Fprintf(&sb, "-A -t %s -s rr\n", svc)
-		for j := 1; j <= 3; j++ {
-			fmt.Fprintf(&sb, "-a -t %s -r 172.16.%d.%d:80 -m -w 1\n", svc, j, i%250+1)
-		}
-	}
-	cmds, err := ipvs.ParseRestore(strings.NewReader(sb.String()))
+	rules := ipvstest.Rules(5000)
+	cmds, err := ipvs.ParseRestore(strings.NewReader(rules))
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -186,7 +179,7 @@ func table20000(tb testing.TB) (*ipvs.Table, string) {
 	if err := t.Restore(cmds); err != nil {
 		tb.Fatal(err)
 	}
-	return t, sb.String()
+	return t, rules
 }
 
 func newDataplane(b *testing.B) (*dataplane.Dataplane, string) {

@@ -2,11 +2,9 @@ package api
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -118,24 +116,9 @@ func TestFinishRestore(t *testing.T) {
 	}
 
 	// An older agent: 404 before any rule is read, then the JSON call.
-	old := filepath.Join(t.TempDir(), "old.sock")
-	l, err := net.Listen("unix", old)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got IPVSRequest
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/sandboxes/{id}/kata-ipvs/restore", func(w http.ResponseWriter, r *http.Request) {
-		if err := json.NewDecoder(r.Body).Decode(&got); err != nil {
-			t.Error(err)
-		}
-		WriteJSON(w, http.StatusOK, IPVSResult{})
-	})
-	srv := &http.Server{Handler: mux}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
+	old, got := olderAgent(t)
 	for _, from := range []string{"pipe", "file"} {
-		got = IPVSRequest{}
+		*got = IPVSRequest{}
 		in := pipe(rules)
 		if from == "file" {
 			in = file("", rules)

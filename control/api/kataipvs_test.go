@@ -166,15 +166,28 @@ func TestKataIPVSRestoreRules(t *testing.T) {
 	}
 
 	// An older agent: only the JSON call.
-	sock := filepath.Join(t.TempDir(), "old.sock")
+	sock, got := olderAgent(t)
+	if err := NewClient(sock).KataIPVSRestore(ctx, "x", strings.NewReader(rules)); err != nil {
+		t.Fatal(err)
+	}
+	if got.Rules != rules {
+		t.Errorf("older agent got rules %q, want %q", got.Rules, rules)
+	}
+}
+
+// olderAgent serves, on a socket of the test's, what an agent before restore-rules serves of a
+// restore: only the JSON call (every other path is a 404). got is the request it was sent.
+func olderAgent(t *testing.T) (sock string, got *IPVSRequest) {
+	t.Helper()
+	sock = filepath.Join(t.TempDir(), "old.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var got IPVSRequest
+	got = new(IPVSRequest)
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/sandboxes/{id}/kata-ipvs/restore", func(w http.ResponseWriter, r *http.Request) {
-		if err := json.NewDecoder(r.Body).Decode(&got); err != nil {
+		if err := json.NewDecoder(r.Body).Decode(got); err != nil {
 			t.Error(err)
 		}
 		WriteJSON(w, http.StatusOK, IPVSResult{})
@@ -182,10 +195,5 @@ func TestKataIPVSRestoreRules(t *testing.T) {
 	srv := &http.Server{Handler: mux}
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
-	if err := NewClient(sock).KataIPVSRestore(ctx, "x", strings.NewReader(rules)); err != nil {
-		t.Fatal(err)
-	}
-	if got.Rules != rules {
-		t.Errorf("older agent got rules %q, want %q", got.Rules, rules)
-	}
+	return sock, got
 }

@@ -1,13 +1,13 @@
 package dataplane
 
 import (
-	"fmt"
 	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/control/ipvs/ipvstest"
 	"github.com/kata-dp/kata-dp/maps"
 )
 
@@ -98,15 +98,7 @@ func TestSplitLate(t *testing.T) {
 
 // BenchmarkSplitLate: bench/ctlperf's restore table (5000 rr services of three real servers).
 func BenchmarkSplitLate(b *testing.B) {
-	var sb strings.Builder
-	for i := range 5000 {
-		svc := fmt.Sprintf("10.%d.%d.%d:80", 100+i/65536, (i/256)%256, i%256)
-		fmt.Fprintf(&sb, "-A -t %s -s rr\n", svc)
-		for j := 1; j <= 3; j++ {
-			fmt.Fprintf(&sb, "-a -t %s -r 172.16.%d.%d:80 -m -w 1\n", svc, j, i%250+1)
-		}
-	}
-	tbl, all := restoredTable(b, sb.String())
+	tbl, all := restoredTable(b, ipvstest.Rules(5000))
 	b.ResetTimer()
 	for range b.N {
 		splitLate(tbl, all)

@@ -11,6 +11,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/kata-dp/kata-dp/control/ipvs"
+	"github.com/kata-dp/kata-dp/control/ipvs/ipvstest"
 )
 
 // TestEncodeSnapshot: the hand-written encoding of a saved table is json.Marshal's, byte for
@@ -92,15 +93,8 @@ func TestEncodeSnapshot(t *testing.T) {
 // BenchmarkEncodeSnapshot: the save's encoding of 20000 rules (5000 rr services with three
 // real servers each), hand-written against encoding/json.
 func BenchmarkEncodeSnapshot(b *testing.B) {
-	var rules strings.Builder
-	for i := range 5000 {
-		svc := fmt.Sprintf("10.%d.%d.%d:80", 100+i/65536, (i/256)%256, i%256)
-		fmt.Fprintf(&rules, "-A -t %s -s rr\n", svc)
-		for j := 1; j <= 3; j++ {
-			fmt.Fprintf(&rules, "-a -t %s -r 172.16.%d.%d:80 -m -w 1\n", svc, j, i%250+1)
-		}
-	}
-	cmds, err := ipvs.ParseRestore(strings.NewReader(rules.String()))
+	rules := ipvstest.Rules(5000)
+	cmds, err := ipvs.ParseRestore(strings.NewReader(rules))
 	if err != nil {
 		b.Fatal(err)
 	}

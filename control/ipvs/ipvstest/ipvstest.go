@@ -1,5 +1,6 @@
-// Package ipvstest provides a fake of the datapath's counters for tests of
-// code that prints ipvsadm listings, so they need no BPF maps.
+// Package ipvstest provides what tests of ipvs tables share: a fake of the datapath's counters
+// for code that prints ipvsadm listings (so they need no BPF maps), and the benchmarks' standard
+// restore file.
 package ipvstest
 
 import "github.com/kata-dp/kata-dp/control/ipvs"
