@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -184,11 +183,8 @@ type kernelAgent struct {
 }
 
 func startKernelAgent(t *testing.T, ns *topo.NetNS) *kernelAgent {
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := topotest.BPFFS(t, "kdptk")
-	ka := &kernelAgent{testAgent: &testAgent{sock: sock, ns: ns}, ns: ns, root: t,
-		args: []string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}}
+	sock, args := agentFiles(t, "kdptk")
+	ka := &kernelAgent{testAgent: &testAgent{sock: sock, ns: ns}, ns: ns, root: t, args: args}
 	ka.start(t)
 	return ka
 }

@@ -16,10 +16,7 @@ import (
 func TestKataIPVSUserGuide(t *testing.T) {
 	topotest.RequireRoot(t, "runs the agent with the BPF dataplane")
 	ns := topotest.MustNetNS(t, "kdptv")
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := topotest.BPFFS(t, "kdptv")
-	args := []string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}
+	sock, args := agentFiles(t, "kdptv")
 	p := startAgentProcess(t, ns, args...)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock, ns: ns}
@@ -88,10 +85,8 @@ func TestKataIPVSUserGuide(t *testing.T) {
 func TestKataIPVSRestoreShapes(t *testing.T) {
 	topotest.RequireRoot(t, "runs the agent with the BPF dataplane")
 	ns := topotest.MustNetNS(t, "kdptr")
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := topotest.BPFFS(t, "kdptr")
-	p := startAgentProcess(t, ns, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs)
+	sock, args := agentFiles(t, "kdptr")
+	p := startAgentProcess(t, ns, args...)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock, ns: ns}
 	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", ns.Path()}, result{stdout: sandboxID + "\n"})

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -71,11 +70,8 @@ func TestKubernetesDualStack(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := topotest.BPFFS(t, "kdptk")
-	p := startAgentProcess(t, nil, "--config", "", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs,
-		"--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a")
+	sock, args := agentFiles(t, "kdptk", "--config", "", "--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a")
+	p := startAgentProcess(t, nil, args...)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock}
 

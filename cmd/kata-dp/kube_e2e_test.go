@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -228,11 +227,7 @@ func TestKubernetesServices(t *testing.T) {
 		}
 	}
 
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := topotest.BPFFS(t, "kdptk")
-	agentArgs := []string{"--config", "", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs,
-		"--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a"}
+	sock, agentArgs := agentFiles(t, "kdptk", "--config", "", "--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a")
 	p := startAgentProcess(t, nil, agentArgs...)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock}

@@ -23,10 +23,7 @@ import (
 func TestNetmonKill9MidJoin(t *testing.T) {
 	topotest.RequireRoot(t, "runs the agent with the BPF dataplane in namespaces")
 	sb := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptk", NoTap: true})
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := topotest.BPFFS(t, "kdptk")
-	args := []string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}
+	sock, args := agentFiles(t, "kdptk")
 	p := startAgentProcess(t, sb.Host, args...)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock, ns: sb.NS}

@@ -52,15 +52,23 @@ func startAgentProcess(t *testing.T, ns *topo.NetNS, args ...string) *agentProce
 	return p
 }
 
+// agentFiles gives an agent of the test a socket and a state directory in a directory of the
+// test's, and a bpffs root named from prefix (removed when the test ends); args are the agent's
+// flags for them, then extra. A test that restarts the agent starts it with args again.
+func agentFiles(t *testing.T, prefix string, extra ...string) (sock string, args []string) {
+	t.Helper()
+	dir := t.TempDir()
+	sock = filepath.Join(dir, "kata-dp.sock")
+	args = append([]string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", topotest.BPFFS(t, prefix)}, extra...)
+	return sock, args
+}
+
 // startTestAgent starts the agent in host with a socket, state directory and bpffs root of its own
 // (the root named from prefix, removed when the test ends), plus extra flags, and waits until
 // it serves; the CLI of the returned testAgent talks to it, its kata-network calls naming ns.
 func startTestAgent(t *testing.T, host, ns *topo.NetNS, prefix string, extra ...string) (*testAgent, *agentProcess) {
 	t.Helper()
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := topotest.BPFFS(t, prefix)
-	args := append([]string{"--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}, extra...)
+	sock, args := agentFiles(t, prefix, extra...)
 	p := startAgentProcess(t, host, args...)
 	waitAgent(t, sock, p)
 	return &testAgent{sock: sock, ns: ns}, p
@@ -89,10 +97,7 @@ func TestAgentProcessKill9(t *testing.T) {
 	if _, err := ns.Exec("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "kdptc-peer"); err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	sock, state := filepath.Join(dir, "kata-dp.sock"), filepath.Join(dir, "state")
-	bpffs := topotest.BPFFS(t, "kdptc")
-	args := []string{"--socket", sock, "--state-dir", state, "--bpffs-root", bpffs, "--metrics-addr", "127.0.0.1:19400"}
+	sock, args := agentFiles(t, "kdptc", "--metrics-addr", "127.0.0.1:19400")
 	p := startAgentProcess(t, ns, args...)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock, ns: ns}

@@ -37,12 +37,10 @@ func TestPrometheusScrapesAgent(t *testing.T) {
 	guest := topotest.MustNetNS(t, "kdptpg")
 	guest.DisableIPv6()
 	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := topotest.BPFFS(t, "kdptp")
 	// The netns is the test's own: these ports are free on its loopback.
 	const agentAddr, promAddr = "127.0.0.1:19401", "127.0.0.1:19402"
-	p := startAgentProcess(t, sb.Host, "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs,
-		"--metrics-addr", agentAddr)
+	sock, args := agentFiles(t, "kdptp", "--metrics-addr", agentAddr)
+	p := startAgentProcess(t, sb.Host, args...)
 	waitAgent(t, sock, p)
 	a := &testAgent{sock: sock, ns: sb.NS}
 

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"strconv"
 	"syscall"
 	"testing"
@@ -29,10 +28,7 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 	sb := topotest.MustSandbox(t, topo.SandboxConfig{Prefix: "kdptu", NoTap: true})
 	guest := topotest.MustNetNS(t, "kdptug")
 	guest.DisableIPv6()
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "kata-dp.sock")
-	bpffs := topotest.BPFFS(t, "kdptu")
-	args := []string{"--config", "", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--bpffs-root", bpffs}
+	sock, args := agentFiles(t, "kdptu", "--config", "")
 
 	t.Setenv("KDP_TEST_VERSION", "1.0.0-a")
 	p := startAgentProcess(t, sb.Host, args...)
