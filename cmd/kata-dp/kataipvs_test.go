@@ -85,10 +85,7 @@ func TestKataIPVSUserGuide(t *testing.T) {
 func TestKataIPVSRestoreShapes(t *testing.T) {
 	topotest.RequireRoot(t, "runs the agent with the BPF dataplane")
 	ns := topotest.MustNetNS(t, "kdptr")
-	sock, args := agentFiles(t, "kdptr")
-	p := startAgentProcess(t, ns, args...)
-	waitAgent(t, sock, p)
-	a := &testAgent{sock: sock, ns: ns}
+	a, _ := startTestAgent(t, ns, ns, "kdptr")
 	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", ns.Path()}, result{stdout: sandboxID + "\n"})
 	rules := "-A -t 10.10.11.12:100 -s rr\n-a -t 10.10.11.12:100 -r 172.16.0.1:80 -m\n"
 	saved := "-A -t 10.10.11.12:100 -s rr\n-a -t 10.10.11.12:100 -r 172.16.0.1:80 -m -w 1\n"

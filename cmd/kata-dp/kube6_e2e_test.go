@@ -70,10 +70,7 @@ func TestKubernetesDualStack(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	sock, args := agentFiles(t, "kdptk", "--config", "", "--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a")
-	p := startAgentProcess(t, nil, args...)
-	waitAgent(t, sock, p)
-	a := &testAgent{sock: sock}
+	a, p := startTestAgent(t, nil, nil, "kdptk", "--config", "", "--kata-dir", "", "--kubeconfig", kc.Kubeconfig, "--node-name", "node-a")
 
 	// One dual-stack sandbox: the guest emulator has 10.198.0.2 and fd00:198::2, the host side
 	// 10.198.0.1 and fd00:198::1 and the backends' addresses.

@@ -39,10 +39,7 @@ func TestPrometheusScrapesAgent(t *testing.T) {
 	dir := t.TempDir()
 	// The netns is the test's own: these ports are free on its loopback.
 	const agentAddr, promAddr = "127.0.0.1:19401", "127.0.0.1:19402"
-	sock, args := agentFiles(t, "kdptp", "--metrics-addr", agentAddr)
-	p := startAgentProcess(t, sb.Host, args...)
-	waitAgent(t, sock, p)
-	a := &testAgent{sock: sock, ns: sb.NS}
+	a, p := startTestAgent(t, sb.Host, sb.NS, "kdptp", "--metrics-addr", agentAddr)
 
 	a.check(t, "", []string{"sandbox", "add", sandboxID, "--netns", sb.NS.Path()}, result{stdout: sandboxID + "\n"})
 	const mac = "02:42:20:6f:a3:69"
