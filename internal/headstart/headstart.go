@@ -9,14 +9,14 @@
 // timeline"). Started here, the two overlap: main finds the agent's answer on its way or
 // already in the socket's buffer.
 //
-// The package imports nothing but syscall, so that it is initialised before every package
-// whose start it overlaps (Go initialises the packages whose imports are done in the order of
-// their import paths; this one comes right after the standard library's first packages). It
-// speaks just enough HTTP/1.1 to send one request (the agent's restore-rules call, as
-// control/api's client sends it: the length of a regular file, else chunked, and
-// `Expect: 100-continue` so that an older agent without the call answers 404 before any rule is
-// read) and leaves the answer, unread, to control/api (Client.FinishRestore), which reads it
-// with net/http once main runs.
+// The package imports nothing but syscall, sync and internal/procself (syscall only), so that
+// it is initialised before every package whose start it overlaps (Go initialises the packages
+// whose imports are done in the order of their import paths; this one comes right after the
+// standard library's first packages). It speaks just enough HTTP/1.1 to send one request (the
+// agent's restore-rules call, as control/api's client sends it: the length of a regular file,
+// else chunked, and `Expect: 100-continue` so that an older agent without the call answers 404
+// before any rule is read) and leaves the answer, unread, to control/api
+// (Client.FinishRestore), which reads it with net/http once main runs.
 //
 // It starts only for a command line it reads exactly as the command does: `kata-ipvs`, then
 // `ipvsadm`, `--restore -` (or `--restore=-`), at most one `--socket PATH` (or `--socket=PATH`)
@@ -29,6 +29,8 @@ package headstart
 import (
 	"sync"
 	"syscall"
+
+	"github.com/kata-dp/kata-dp/internal/procself"
 )
 
 // What Upload knows of the command line and of the agent, duplicated here because the
@@ -117,7 +119,7 @@ func Restore() *Upload {
 
 func init() {
 	var buf [4096]byte
-	args := splitArgs(buf[:readFile("/proc/self/cmdline", buf[:])])
+	args := splitArgs(buf[:procself.ReadFile("/proc/self/cmdline", buf[:])])
 	if len(args) < 2 {
 		return
 	}
@@ -403,22 +405,4 @@ func splitArgs(b []byte) []string {
 		}
 	}
 	return args
-}
-
-// readFile reads up to len(b) bytes of a small file (procfs) and returns how many it read.
-func readFile(name string, b []byte) int {
-	fd, err := syscall.Open(name, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
-	if err != nil {
-		return 0
-	}
-	defer syscall.Close(fd)
-	n := 0
-	for n < len(b) {
-		m, err := syscall.Read(fd, b[n:])
-		if err != nil || m <= 0 {
-			break
-		}
-		n += m
-	}
-	return n
 }

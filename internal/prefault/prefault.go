@@ -13,10 +13,10 @@
 // would fault in anyway, plus the code it does not touch); that has not been measured here. `kata-dp --version`, 100-150 runs interleaved with the build before
 // (docs/performance.md, "Round 5"): 3-7 ms less CPU per process in four comparisons.
 //
-// cmd/kata-dp imports this package for its init alone. It imports nothing but syscall and
-// unsafe, so it is initialised before the packages whose work it serves. The agent (argument
-// "agent") is left alone: it starts once, and the binary's pages mapped would only make its
-// resident size look larger.
+// cmd/kata-dp imports this package for its init alone. It imports nothing but syscall, unsafe
+// and internal/procself (syscall only), so it is initialised before the packages whose work it
+// serves. The agent (argument "agent") is left alone: it starts once, and the binary's pages
+// mapped would only make its resident size look larger.
 //
 // What it relies on: the runtime grows the heap upwards from where it allocates, in chunks of
 // 4 MiB mapped read-write as a whole (runtime.mheap.grow); the binary's read-only segments are
@@ -28,6 +28,8 @@ package prefault
 import (
 	"syscall"
 	"unsafe"
+
+	"github.com/kata-dp/kata-dp/internal/procself"
 )
 
 const (
@@ -82,7 +84,7 @@ func span(p uintptr) (start, end uintptr) {
 // /proc/self/cmdline: os.Args is not set up yet).
 func isAgent() bool {
 	var buf [256]byte
-	return agentCmdline(buf[:readFile("/proc/self/cmdline", buf[:])])
+	return agentCmdline(buf[:procself.ReadFile("/proc/self/cmdline", buf[:])])
 }
 
 // agentCmdline reports whether a command line as /proc/<pid>/cmdline has it (arguments ended
@@ -115,7 +117,7 @@ const (
 // it mapped. Writable data is left alone: populating it would copy every page.
 func warmImage() int {
 	var buf [512]byte
-	n := readFile("/proc/self/auxv", buf[:])
+	n := procself.ReadFile("/proc/self/auxv", buf[:])
 	var phdr, phnum uintptr
 	for i := 0; i+16 <= n; i += 16 {
 		v := *(*uintptr)(unsafe.Pointer(&buf[i+8]))
@@ -154,18 +156,4 @@ func warmImage() int {
 		}
 	}
 	return warmed
-}
-
-// readFile reads up to len(b) bytes of a small file (procfs) and returns how many it read.
-func readFile(name string, b []byte) int {
-	fd, err := syscall.Open(name, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
-	if err != nil {
-		return 0
-	}
-	defer syscall.Close(fd)
-	n, err := syscall.Read(fd, b)
-	if err != nil || n < 0 {
-		return 0
-	}
-	return n
 }
