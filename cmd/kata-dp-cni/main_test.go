@@ -133,13 +133,10 @@ func startAgent(t *testing.T) *agentProc {
 	t.Helper()
 	dir := t.TempDir()
 	a := &agentProc{t: t, socket: filepath.Join(dir, "s.sock"), stateDir: filepath.Join(dir, "state"),
-		bpffs: "/sys/fs/bpf/" + topo.UniqueName("kdptc-", 10), stderr: &syncBuffer{}}
+		bpffs: topotest.BPFFS(t, "kdptc"), stderr: &syncBuffer{}}
 	a.client = api.NewClient(a.socket)
 	t.Cleanup(func() {
 		a.stop()
-		if err := os.RemoveAll(a.bpffs); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
 		if t.Failed() {
 			t.Logf("agent log:\n%s", a.stderr)
 		}

@@ -116,7 +116,7 @@ func TestFinishRestore(t *testing.T) {
 	}
 
 	// An older agent: 404 before any rule is read, then the JSON call.
-	old, got := olderAgent(t)
+	old, got := fakeOlderAgent(t)
 	for _, from := range []string{"pipe", "file"} {
 		*got = IPVSRequest{}
 		in := pipe(rules)

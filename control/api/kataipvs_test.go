@@ -166,7 +166,7 @@ func TestKataIPVSRestoreRules(t *testing.T) {
 	}
 
 	// An older agent: only the JSON call.
-	sock, got := olderAgent(t)
+	sock, got := fakeOlderAgent(t)
 	if err := NewClient(sock).KataIPVSRestore(ctx, "x", strings.NewReader(rules)); err != nil {
 		t.Fatal(err)
 	}
@@ -175,9 +175,9 @@ func TestKataIPVSRestoreRules(t *testing.T) {
 	}
 }
 
-// olderAgent serves, on a socket of the test's, what an agent before restore-rules serves of a
+// fakeOlderAgent serves, on a socket of the test's, what an agent before restore-rules serves of a
 // restore: only the JSON call (every other path is a 404). got is the request it was sent.
-func olderAgent(t *testing.T) (sock string, got *IPVSRequest) {
+func fakeOlderAgent(t *testing.T) (sock string, got *IPVSRequest) {
 	t.Helper()
 	sock = filepath.Join(t.TempDir(), "old.sock")
 	l, err := net.Listen("unix", sock)

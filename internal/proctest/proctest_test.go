@@ -98,7 +98,7 @@ func exited(t *testing.T, fd int, d time.Duration) bool {
 	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	deadline := time.Now().Add(d)
 	for {
-		n, err := unix.Poll(fds, int(time.Until(deadline).Milliseconds()))
+		n, err := unix.Poll(fds, max(0, int(time.Until(deadline).Milliseconds()))) // never -1: that waits for ever
 		if err == unix.EINTR {
 			continue
 		}
