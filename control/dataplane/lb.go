@@ -113,6 +113,22 @@ func backendOf(d ipvs.Server) maps.Backend {
 	return maps.Backend{Addr: d.Addr, Weight: uint16(d.Weight)}
 }
 
+// backendsOf is every real server of t by id, in a map made at its final size (RestoreLB
+// says why).
+func backendsOf(t *ipvs.Table) map[uint32]maps.Backend {
+	n := 0
+	for _, s := range t.Services {
+		n += len(s.Servers)
+	}
+	out := make(map[uint32]maps.Backend, n)
+	for _, s := range t.Services {
+		for _, dst := range s.Servers {
+			out[dst.ID] = backendOf(dst)
+		}
+	}
+	return out
+}
+
 func sameService(a, b ipvs.Service) bool {
 	return a.ID == b.ID && a.Scheduler == b.Scheduler && a.Persistent == b.Persistent && a.Netmask == b.Netmask &&
 		slices.Equal(a.Servers, b.Servers)
@@ -136,13 +152,10 @@ func (d *Dataplane) SetLB(ctx context.Context, id string, t *ipvs.Table) error {
 	}
 	gen := uint8(cfg.LbGen)
 	want := map[ipvs.ServiceKey]ipvs.Service{}
-	wantBE := map[uint32]maps.Backend{}
 	for _, s := range t.Services {
 		want[s.ServiceKey] = *s
-		for _, dst := range s.Servers {
-			wantBE[dst.ID] = backendOf(dst)
-		}
 	}
+	wantBE := backendsOf(t)
 	// Real servers first, so every slot written next points at an existing one.
 	for beID, b := range wantBE {
 		if old, ok := sb.lb.backends[beID]; ok && old == b {
@@ -217,18 +230,9 @@ func (d *Dataplane) RestoreLB(ctx context.Context, id string, t *ipvs.Table) err
 	// The maps are made at their final size: grown from empty, their rehashing took 3-4 ms of
 	// CPU per 20000-rule restore before the first entry was written (bench/ctlperf,
 	// BenchmarkRestorePush).
-	nServers := 0
-	for _, s := range t.Services {
-		nServers += len(s.Servers)
-	}
 	st := &lbState{services: make(map[ipvs.ServiceKey]ipvs.Service, len(t.Services)),
 		budgets:  make(map[ipvs.ServiceKey]maps.Budget, len(t.Services)),
-		backends: make(map[uint32]maps.Backend, nServers), timeouts: t.Timeouts()}
-	for _, s := range t.Services {
-		for _, dst := range s.Servers {
-			st.backends[dst.ID] = backendOf(dst)
-		}
-	}
+		backends: backendsOf(t), timeouts: t.Timeouts()}
 	now, late := splitLate(t, st.backends)
 	specs := make([]maps.ServiceSpec, 0, len(t.Services))
 	for _, s := range t.Services {

@@ -23,13 +23,7 @@ func restoredTable(tb testing.TB, rules string) (*ipvs.Table, map[uint32]maps.Ba
 	if err := t.Restore(cmds...); err != nil {
 		tb.Fatal(err)
 	}
-	all := map[uint32]maps.Backend{}
-	for _, s := range t.Services {
-		for _, dst := range s.Servers {
-			all[dst.ID] = backendOf(dst)
-		}
-	}
-	return t, all
+	return t, backendsOf(t)
 }
 
 // TestSplitLate: a real server is written after the switch only when every service naming it
